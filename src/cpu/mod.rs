@@ -1,0 +1,37 @@
+//! The fast CPU backend: f32 arithmetic, rayon over rows, vectorised inner loops with runtime
+//! CPU-feature dispatch. Same online algorithms as the CUDA kernels.
+//!
+//! Every function writes into caller-provided buffers and is deterministic: the reduction
+//! order inside a row depends only on the row length, never on the thread count, the batch
+//! or the CPU's vector width.
+
+mod logprobs;
+pub(crate) mod simd;
+
+pub use logprobs::{log_softmax, log_softmax_backward};
+
+/// A short description of the CPU backend: worker threads and vector instruction set.
+pub fn describe() -> String {
+    format!(
+        "cpu ({} threads, {})",
+        rayon::current_num_threads(),
+        simd::level_name()
+    )
+}
+
+/// The lowest-row problem of a parallel map over rows (deterministic whatever the schedule).
+pub(crate) fn first_problem<P: Copy>(
+    a: Option<(usize, P)>,
+    b: Option<(usize, P)>,
+) -> Option<(usize, P)> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if y.0 < x.0 { y } else { x }),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// Rows per rayon task so that each task touches at least ~32k elements.
+pub(crate) fn rows_per_task(cols: usize) -> usize {
+    (32 * 1024 / cols.max(1)).max(1)
+}

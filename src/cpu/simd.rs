@@ -1,0 +1,159 @@
+//! Vectorisable building blocks of the CPU backend and the runtime CPU-feature dispatch.
+//!
+//! The inner loops are plain Rust written so that LLVM vectorises them (fixed lane arrays,
+//! no early exits, no libm calls). [`dispatch!`] compiles each row kernel three times —
+//! baseline x86-64, AVX2 + FMA and AVX-512 — and picks one at run time, once per process
+//! (as the `gemm` crate does). No explicit `mul_add` is used, so every variant performs the
+//! same roundings and the results are bitwise identical across machines.
+
+use std::sync::OnceLock;
+
+/// Number of independent accumulators in every reduction: one AVX-512 register of f32, two
+/// AVX2 registers. The summation order depends on this constant only.
+pub(crate) const LANES: usize = 16;
+
+/// log2(e).
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+
+/// The instruction-set level the row kernels run at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Level {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+/// Detected once per process.
+pub(crate) fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+            {
+                return Level::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Level::Avx2;
+            }
+        }
+        Level::Baseline
+    })
+}
+
+/// Short description for backend reports ("avx512", "avx2", "baseline").
+pub(crate) fn level_name() -> &'static str {
+    match level() {
+        Level::Baseline => "baseline",
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => "avx512",
+    }
+}
+
+/// Defines `$name` as a dispatcher over three compilations of the `#[inline(always)]`
+/// function `$generic` with the same signature.
+macro_rules! dispatch {
+    ($vis:vis fn $name:ident<$T:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $generic:ident) => {
+        $vis fn $name<$T: $bound>($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                fn avx2<$T: $bound>($($arg: $ty),*) -> $ret {
+                    $generic::<$T>($($arg),*)
+                }
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                fn avx512<$T: $bound>($($arg: $ty),*) -> $ret {
+                    $generic::<$T>($($arg),*)
+                }
+                match $crate::cpu::simd::level() {
+                    // SAFETY: `level()` returned Avx512 only after detecting avx512f and
+                    // avx512bw at run time (and AVX-512 implies avx2, fma and f16c).
+                    $crate::cpu::simd::Level::Avx512 => return unsafe { avx512::<$T>($($arg),*) },
+                    // SAFETY: `level()` returned Avx2 only after detecting avx2 and fma; every
+                    // x86-64 CPU with AVX2 has F16C.
+                    $crate::cpu::simd::Level::Avx2 => return unsafe { avx2::<$T>($($arg),*) },
+                    $crate::cpu::simd::Level::Baseline => {}
+                }
+            }
+            $generic::<$T>($($arg),*)
+        }
+    };
+}
+pub(crate) use dispatch;
+
+/// 2^x for x in [-127, 127] (relative error about 2e-7), written to vectorise.
+///
+/// Below -127 it returns 0 (the true value is under 2^-127, which never matters next to a
+/// running maximum of 2^0). NaN gives NaN: callers flag NaN inputs separately. Polynomial: Cephes `exp2f`, degree 6 on [-1/2, 1/2].
+#[inline(always)]
+pub(crate) fn exp2(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = x.clamp(-127.0, 127.0);
+    let t = x + ROUND;
+    let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let f = x - (t - ROUND);
+    let p = ((((((1.535_336_2e-4 * f + 1.339_887_4e-3) * f + 9.618_437_4e-3) * f
+        + 5.550_332_5e-2)
+        * f
+        + 2.402_264_8e-1)
+        * f
+        + 6.931_472e-1)
+        * f)
+        + 1.0;
+    p * f32::from_bits(((n + 127) as u32) << 23)
+}
+
+/// Sums `lanes` in a fixed pairwise order.
+#[inline(always)]
+pub(crate) fn sum_lanes(lanes: &[f32; LANES]) -> f32 {
+    let mut v = *lanes;
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            v[i] += v[i + width];
+        }
+        width /= 2;
+    }
+    v[0]
+}
+
+/// Max of `lanes` (NaN-ignoring).
+#[inline(always)]
+pub(crate) fn max_lanes(lanes: &[f32; LANES]) -> f32 {
+    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp2_is_accurate_on_the_domain_used() {
+        let mut worst = 0.0f64;
+        let mut x = -126.0f32;
+        while x <= 20.0 {
+            let exact = (x as f64).exp2();
+            let rel = ((exp2(x) as f64 - exact) / exact).abs();
+            worst = worst.max(rel);
+            x += 0.001_37;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp2(0.0), 1.0);
+        assert_eq!(exp2(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp2(-1000.0), 0.0);
+    }
+
+    #[test]
+    fn lane_reductions() {
+        let mut l = [0.0f32; LANES];
+        for (i, v) in l.iter_mut().enumerate() {
+            *v = i as f32;
+        }
+        assert_eq!(sum_lanes(&l), 120.0);
+        assert_eq!(max_lanes(&l), 15.0);
+    }
+}

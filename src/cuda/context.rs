@@ -1,0 +1,126 @@
+//! Finding a usable GPU without ever letting cudarc panic, and the primary contexts.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaStream, sys};
+
+use super::{driver_error, module};
+use crate::{Error, Result};
+
+/// A GPU ready to run the kernels: a context with the modules loaded and a stream.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::CudaDevice;
+/// let device = CudaDevice::new(0)?;
+/// println!("{}", device.describe());
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct CudaDevice {
+    stream: Arc<CudaStream>,
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal` (its primary context, shared with the CUDA runtime, PyTorch and
+    /// candle), loads every kernel module, and uses the context's default stream.
+    ///
+    /// Errors, checked in this order: [`Error::KernelsNotBuilt`], [`Error::NoDriver`],
+    /// [`Error::NoDevice`], [`Error::Driver`] (including a GPU the embedded kernels have no
+    /// code for).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !module::kernels_built() {
+            return Err(Error::KernelsNotBuilt);
+        }
+        let ctx = primary_context(ordinal)?;
+        module::load_all(&ctx)?;
+        Ok(CudaDevice {
+            stream: ctx.default_stream(),
+        })
+    }
+
+    /// Uses a stream the caller already has (e.g. candle's `CudaDevice::cuda_stream()`);
+    /// loads the kernel modules into its context.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        module::load_all(stream.context())?;
+        Ok(CudaDevice { stream })
+    }
+
+    /// The stream every op of this device is enqueued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.stream.context().ordinal()
+    }
+
+    /// Compute capability, e.g. `(9, 0)` for an H100.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        self.stream
+            .context()
+            .compute_capability()
+            .map_err(driver_error("querying the compute capability"))
+    }
+
+    /// "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)".
+    pub fn describe(&self) -> String {
+        let ctx = self.stream.context();
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        match self.compute_capability() {
+            Ok((major, minor)) => format!("cuda:{} {name} (sm_{major}{minor})", ctx.ordinal()),
+            Err(_) => format!("cuda:{} {name}", ctx.ordinal()),
+        }
+    }
+}
+
+/// A stream owned by someone else, for the raw layer: the device ordinal and the `CUstream`
+/// handle (null for the legacy default stream).
+#[derive(Debug, Clone, Copy)]
+pub struct RawStream {
+    /// Device ordinal; the stream must belong to this device's primary context.
+    pub ordinal: usize,
+    /// The stream handle, e.g. `torch.cuda.current_stream().cuda_stream`.
+    pub stream: sys::CUstream,
+}
+
+impl RawStream {
+    /// Wraps the stream without taking ownership.
+    ///
+    /// # Safety
+    /// `self.stream` must be a valid stream of device `ordinal`'s primary context (or null),
+    /// alive for as long as the returned handle is used.
+    pub(crate) unsafe fn borrow(self) -> Result<Arc<CudaStream>> {
+        let ctx = primary_context(self.ordinal)?;
+        // SAFETY: the caller guarantees the stream belongs to this primary context and
+        // outlives the wrapper, which does not destroy it on drop.
+        Ok(unsafe { ctx.wrap_borrowed_stream(self.stream) })
+    }
+}
+
+/// The primary context of `ordinal`, retained once per process and cached.
+///
+/// Probes for libcuda before any other cudarc call: cudarc panics when it is absent.
+pub(crate) fn primary_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    static CONTEXTS: Mutex<Vec<Arc<CudaContext>>> = Mutex::new(Vec::new());
+    let mut contexts = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ctx) = contexts.iter().find(|c| c.ordinal() == ordinal) {
+        return Ok(ctx.clone());
+    }
+    // SAFETY: only tries to dlopen libcuda under its usual names and closes it again; no
+    // driver function is called.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::NoDriver);
+    }
+    let count = match CudaContext::device_count() {
+        Ok(n) => n.max(0) as usize,
+        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => 0,
+        Err(e) => return Err(driver_error("initialising the CUDA driver")(e)),
+    };
+    if ordinal >= count {
+        return Err(Error::NoDevice { ordinal, count });
+    }
+    let ctx = CudaContext::new(ordinal).map_err(driver_error("creating the CUDA context"))?;
+    contexts.push(ctx.clone());
+    Ok(ctx)
+}

@@ -1,0 +1,352 @@
+//! CUDA log-softmax: safe wrappers over cudarc buffers and the raw pointer layer, both ending
+//! in the same launches of `kernels/logprobs.cu`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, sys};
+
+use super::module::{Module, function};
+use super::{CudaStatus, driver_error};
+use crate::{DType, Element, Error, LogSoftmaxOptions, Result, RowShape};
+
+/// Threads per block for rows of `cols` elements of `dtype`: a function of the row length and
+/// dtype only, which keeps results batch-invariant (see kernels/common.cuh).
+pub(crate) fn row_block_threads(cols: usize, dtype: DType) -> u32 {
+    match cols.div_ceil(16 / dtype.size_bytes()) {
+        0..=64 => 32,
+        65..=256 => 64,
+        257..=1024 => 128,
+        1025..=4096 => 256,
+        4097..=16384 => 512,
+        _ => 1024,
+    }
+}
+
+fn row_launch(shape: RowShape, dtype: DType) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (shape.rows as u32, 1, 1),
+        block_dim: (row_block_threads(shape.cols, dtype), 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Log-softmax of every row of `logits` (f32, f16 or bf16, `shape`, row stride ≥ cols) with
+/// temperature τ into the dense `[rows, cols]` f32 buffer `out`, enqueued on `stream`:
+///
+/// `out_v = (x_v − max x)/τ − ln Σ_u exp((x_u − max x)/τ)` (nats; `-inf` logits give `-inf`).
+///
+/// One block per row reads the row twice (online max and sum, then the output) with 16-byte
+/// loads where the row is aligned. A row with a NaN, a `+inf` or only `-inf` gets NaN outputs
+/// and is reported in `status`. Shape and option errors are returned at once.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::{LogSoftmaxOptions, RowShape};
+/// let device = CudaDevice::new(0)?;
+/// let stream = device.stream();
+/// let logits = stream.clone_htod(&[1.0f32, 2.0, 3.0]).unwrap();
+/// let mut out = stream.alloc_zeros::<f32>(3).unwrap();
+/// let mut status = CudaStatus::new(stream)?;
+/// cuda::log_softmax(stream, &logits, RowShape::new(1, 3), &mut out, &mut status,
+///                   &LogSoftmaxOptions::default())?;
+/// status.check(stream)?;
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn log_softmax<T: Element>(
+    stream: &Arc<CudaStream>,
+    logits: &impl DevicePtr<T>,
+    shape: RowShape,
+    out: &mut impl DevicePtrMut<f32>,
+    status: &mut CudaStatus,
+    opts: &LogSoftmaxOptions,
+) -> Result<()> {
+    check_forward(shape, logits.len(), out.len())?;
+    let inv_tau = opts.inv_temperature()?;
+    let (x, _read_x) = logits.device_ptr(stream);
+    let (y, _write_y) = out.device_ptr_mut(stream);
+    let (st, _write_st) = status.device_ptr(stream);
+    // SAFETY: the three pointers come from live cudarc buffers of `stream`'s context whose
+    // lengths were checked against `shape` above (logits ≥ min_len, out = rows·cols f32,
+    // status one u64); `out` is borrowed mutably so it cannot alias `logits`; the guards
+    // keep cudarc's event tracking in order until the launch is enqueued.
+    unsafe { launch_forward(stream, T::DTYPE, shape, x, y, st, inv_tau) }
+}
+
+/// Backward of [`log_softmax`]: from its output `out` and the upstream gradient `grad_out`
+/// (dense `[rows, cols]` f32) writes `grad_logits_v = (g_v − exp(out_v)·Σ_u g_u) / τ` into
+/// `grad_logits` (the logits' dtype and `shape`), enqueued on `stream`.
+///
+/// A row whose `grad_out` is not finite (or whose `out` has a NaN) gets NaN outputs and is
+/// reported in `status`.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::{LogSoftmaxOptions, RowShape};
+/// let device = CudaDevice::new(0)?;
+/// let stream = device.stream();
+/// let out = stream.clone_htod(&[0.5f32.ln(), 0.5f32.ln()]).unwrap();
+/// let grad_out = stream.clone_htod(&[1.0f32, 0.0]).unwrap();
+/// let mut grad = stream.alloc_zeros::<f32>(2).unwrap();
+/// let mut status = CudaStatus::new(stream)?;
+/// cuda::log_softmax_backward(stream, &out, &grad_out, RowShape::new(1, 2), &mut grad,
+///                            &mut status, &LogSoftmaxOptions::default())?;
+/// status.check(stream)?; // grad = [0.5, -0.5]
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn log_softmax_backward<T: Element>(
+    stream: &Arc<CudaStream>,
+    out: &impl DevicePtr<f32>,
+    grad_out: &impl DevicePtr<f32>,
+    shape: RowShape,
+    grad_logits: &mut impl DevicePtrMut<T>,
+    status: &mut CudaStatus,
+    opts: &LogSoftmaxOptions,
+) -> Result<()> {
+    check_backward(shape, out.len(), grad_out.len(), grad_logits.len())?;
+    let inv_tau = opts.inv_temperature()?;
+    let (y, _read_y) = out.device_ptr(stream);
+    let (g, _read_g) = grad_out.device_ptr(stream);
+    let (dx, _write_dx) = grad_logits.device_ptr_mut(stream);
+    let (st, _write_st) = status.device_ptr(stream);
+    // SAFETY: as in `log_softmax`: live cudarc buffers of this context, lengths checked
+    // against `shape`, the output borrowed mutably (no alias with the inputs).
+    unsafe { launch_backward(stream, T::DTYPE, shape, [y, g, dx], st, inv_tau) }
+}
+
+fn check_forward(shape: RowShape, logits_len: usize, out_len: usize) -> Result<()> {
+    shape.check_buffer("logits", logits_len)?;
+    shape.dense().check_buffer("out", out_len)
+}
+
+fn check_backward(
+    shape: RowShape,
+    out_len: usize,
+    grad_out_len: usize,
+    grad_len: usize,
+) -> Result<()> {
+    shape.dense().check_buffer("out", out_len)?;
+    shape.dense().check_buffer("grad_out", grad_out_len)?;
+    shape.check_buffer("grad_logits", grad_len)
+}
+
+/// # Safety
+/// `logits` covers `shape` (dtype `dtype`), `out` covers `rows·cols` f32 and does not overlap
+/// `logits`, `status` is one u64; all are device memory of `stream`'s context.
+unsafe fn launch_forward(
+    stream: &CudaStream,
+    dtype: DType,
+    shape: RowShape,
+    logits: sys::CUdeviceptr,
+    out: sys::CUdeviceptr,
+    status: sys::CUdeviceptr,
+    inv_tau: f32,
+) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "log_softmax_forward_f32",
+        DType::F16 => "log_softmax_forward_f16",
+        DType::BF16 => "log_softmax_forward_bf16",
+    };
+    let func = function(stream.context(), Module::Logprobs, name)?;
+    let (ld_x, ld_y) = (shape.row_stride as i64, shape.cols as i64);
+    let (rows, cols) = (shape.rows as i32, shape.cols as i32);
+    let mut launch = stream.launch_builder(&func);
+    launch
+        .arg(&logits)
+        .arg(&ld_x)
+        .arg(&out)
+        .arg(&ld_y)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&inv_tau)
+        .arg(&status);
+    // SAFETY: argument list matches `log_softmax_forward_<dtype>(const T*, long long, float*,
+    // long long, int, int, float, unsigned long long*)`; grid = rows ≤ i32::MAX and the
+    // block size are those the kernel expects (one block per row, 32..=1024 threads, a
+    // multiple of 32); the caller guarantees the pointers cover the shape, which the kernel
+    // reads and writes within `row * ld + [0, cols)` only.
+    unsafe { launch.launch(row_launch(shape, dtype)) }
+        .map_err(driver_error("launching log_softmax_forward"))?;
+    Ok(())
+}
+
+/// # Safety
+/// `[out, grad_out]` cover `rows·cols` f32 each, `grad` covers `shape` (dtype `dtype`) and
+/// overlaps neither, `status` is one u64; all device memory of `stream`'s context.
+unsafe fn launch_backward(
+    stream: &CudaStream,
+    dtype: DType,
+    shape: RowShape,
+    [out, grad_out, grad]: [sys::CUdeviceptr; 3],
+    status: sys::CUdeviceptr,
+    inv_tau: f32,
+) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "log_softmax_backward_f32",
+        DType::F16 => "log_softmax_backward_f16",
+        DType::BF16 => "log_softmax_backward_bf16",
+    };
+    let func = function(stream.context(), Module::Logprobs, name)?;
+    let (ld_dense, ld_grad) = (shape.cols as i64, shape.row_stride as i64);
+    let (rows, cols) = (shape.rows as i32, shape.cols as i32);
+    let mut launch = stream.launch_builder(&func);
+    launch
+        .arg(&out)
+        .arg(&ld_dense)
+        .arg(&grad_out)
+        .arg(&ld_dense)
+        .arg(&grad)
+        .arg(&ld_grad);
+    launch.arg(&rows).arg(&cols).arg(&inv_tau).arg(&status);
+    // SAFETY: argument list matches `log_softmax_backward_<dtype>(const float*, long long,
+    // const float*, long long, T*, long long, int, int, float, unsigned long long*)`; launch
+    // shape as in `launch_forward`; the caller guarantees the pointers cover the shape.
+    unsafe { launch.launch(row_launch(shape, dtype)) }
+        .map_err(driver_error("launching log_softmax_backward"))?;
+    Ok(())
+}
+
+pub mod raw {
+    //! Raw-pointer entry points (see [`crate::cuda::raw`]).
+
+    use super::*;
+    use crate::cuda::context::RawStream;
+
+    /// Buffers of a raw [`log_softmax`] call: device addresses (byte offsets included).
+    #[derive(Debug, Clone, Copy)]
+    pub struct LogSoftmaxArgs {
+        /// Logits, `dtype`, laid out as `shape`.
+        pub logits: u64,
+        /// Dtype of the logits.
+        pub dtype: DType,
+        /// Shape of the logits (row stride ≥ cols).
+        pub shape: RowShape,
+        /// Output, dense `[rows, cols]` f32.
+        pub out: u64,
+        /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+        pub status: u64,
+    }
+
+    /// Buffers of a raw [`log_softmax_backward`] call.
+    #[derive(Debug, Clone, Copy)]
+    pub struct LogSoftmaxBackwardArgs {
+        /// Forward output, dense `[rows, cols]` f32.
+        pub out: u64,
+        /// Upstream gradient, dense `[rows, cols]` f32.
+        pub grad_out: u64,
+        /// Gradient with respect to the logits, `dtype`, laid out as `shape`.
+        pub grad_logits: u64,
+        /// Dtype of `grad_logits`.
+        pub dtype: DType,
+        /// Shape of `grad_logits` (row stride ≥ cols).
+        pub shape: RowShape,
+        /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+        pub status: u64,
+    }
+
+    fn non_null(ptrs: &[(&'static str, u64)]) -> Result<()> {
+        match ptrs.iter().find(|(_, p)| *p == 0) {
+            Some((what, _)) => Err(Error::InvalidOption {
+                name: what,
+                value: "null".into(),
+                expected: "a device pointer",
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// [`cuda::log_softmax`](crate::cuda::log_softmax) on raw device pointers, enqueued on a
+    /// stream owned by the caller (PyTorch's current stream, a burn/cubecl stream, …).
+    /// Returns once the kernel is enqueued; problems in the data land in `args.status`
+    /// (read it back and pass it to [`decode_status`](crate::cuda::raw::decode_status)).
+    ///
+    /// # Safety
+    /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or
+    ///   null for the legacy default stream);
+    /// - `args.logits` points to device memory of that context holding at least
+    ///   `args.shape.min_len()` elements of `args.dtype`; `args.out` to `rows·cols` f32 that
+    ///   overlap nothing else; `args.status` to one u64;
+    /// - every buffer stays allocated and untouched by other streams until the kernel has
+    ///   run (order with the stream's owner as usual).
+    ///
+    /// ```no_run
+    /// use rlhf_kernels::cuda::raw::{self, LogSoftmaxArgs, RawStream};
+    /// use rlhf_kernels::{DType, LogSoftmaxOptions, RowShape};
+    /// # let (logits_ptr, out_ptr, status_ptr, cu_stream) = (0u64, 0u64, 0u64, std::ptr::null_mut());
+    /// let args = LogSoftmaxArgs { logits: logits_ptr, dtype: DType::BF16,
+    ///     shape: RowShape::new(8, 151936), out: out_ptr, status: status_ptr };
+    /// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
+    /// unsafe { raw::log_softmax(RawStream { ordinal: 0, stream: cu_stream }, &args,
+    ///                           &LogSoftmaxOptions::default())? };
+    /// # Ok::<(), rlhf_kernels::Error>(())
+    /// ```
+    pub unsafe fn log_softmax(
+        stream: RawStream,
+        args: &LogSoftmaxArgs,
+        opts: &LogSoftmaxOptions,
+    ) -> Result<()> {
+        let shape = args.shape;
+        check_forward(shape, shape.min_len(), shape.len())?;
+        non_null(&[
+            ("logits", args.logits),
+            ("out", args.out),
+            ("status", args.status),
+        ])?;
+        let inv_tau = opts.inv_temperature()?;
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        // SAFETY: the caller guarantees what `launch_forward` needs (see # Safety).
+        unsafe {
+            launch_forward(
+                &stream,
+                args.dtype,
+                shape,
+                args.logits,
+                args.out,
+                args.status,
+                inv_tau,
+            )
+        }
+    }
+
+    /// [`cuda::log_softmax_backward`](crate::cuda::log_softmax_backward) on raw device
+    /// pointers, enqueued on a stream owned by the caller.
+    ///
+    /// # Safety
+    /// As [`log_softmax`]: a live stream of the ordinal's primary context; `args.out` and
+    /// `args.grad_out` hold `rows·cols` f32; `args.grad_logits` holds `shape.min_len()`
+    /// elements of `args.dtype` and overlaps neither input; `args.status` is one u64; all
+    /// stay allocated until the kernel has run.
+    ///
+    /// ```no_run
+    /// use rlhf_kernels::cuda::raw::{self, LogSoftmaxBackwardArgs, RawStream};
+    /// use rlhf_kernels::{DType, LogSoftmaxOptions, RowShape};
+    /// # let (out, grad_out, grad, status, cu_stream) = (0u64, 0u64, 0u64, 0u64, std::ptr::null_mut());
+    /// let args = LogSoftmaxBackwardArgs { out, grad_out, grad_logits: grad, dtype: DType::F32,
+    ///     shape: RowShape::new(8, 1000), status };
+    /// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
+    /// unsafe { raw::log_softmax_backward(RawStream { ordinal: 0, stream: cu_stream }, &args,
+    ///                                    &LogSoftmaxOptions::default())? };
+    /// # Ok::<(), rlhf_kernels::Error>(())
+    /// ```
+    pub unsafe fn log_softmax_backward(
+        stream: RawStream,
+        args: &LogSoftmaxBackwardArgs,
+        opts: &LogSoftmaxOptions,
+    ) -> Result<()> {
+        let shape = args.shape;
+        check_backward(shape, shape.len(), shape.len(), shape.min_len())?;
+        let ptrs = [
+            ("out", args.out),
+            ("grad_out", args.grad_out),
+            ("grad_logits", args.grad_logits),
+        ];
+        non_null(&ptrs)?;
+        non_null(&[("status", args.status)])?;
+        let inv_tau = opts.inv_temperature()?;
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        let ptrs = [args.out, args.grad_out, args.grad_logits];
+        // SAFETY: the caller guarantees what `launch_backward` needs (see # Safety).
+        unsafe { launch_backward(&stream, args.dtype, shape, ptrs, args.status, inv_tau) }
+    }
+}

@@ -1,0 +1,44 @@
+//! The CUDA backend: kernels from `kernels/*.cu`, compiled by `build.rs` into fatbins that
+//! are embedded in the binary and loaded once per CUDA context.
+//!
+//! Two layers per op:
+//! - **safe** (this module): cudarc buffers ([`CudaSlice`](cudarc::driver::CudaSlice),
+//!   [`CudaView`](cudarc::driver::CudaView), [`CudaViewMut`](cudarc::driver::CudaViewMut))
+//!   and an `Arc<CudaStream>`. candle 0.11 uses the same cudarc 0.19, so its `CudaStorage`
+//!   slices and `CudaDevice::cuda_stream()` pass straight in.
+//! - **raw** ([`raw`]): `unsafe` functions taking device pointers, a device ordinal and a
+//!   `CUstream`, for tch-rs, burn/cubecl and Python callers that own their memory.
+//!
+//! Every op is asynchronous: it enqueues kernels on the caller's stream and returns. Nothing
+//! synchronises behind the caller's back. Input problems that only the kernel can see (a NaN
+//! row, a row of only `-inf`) are recorded in a [`CudaStatus`] that the caller checks when it
+//! chooses (once per training step is enough); the outputs of such a row are NaN.
+
+mod context;
+mod logprobs;
+mod module;
+mod status;
+
+use cudarc::driver::DriverError;
+
+pub use context::CudaDevice;
+pub use logprobs::{log_softmax, log_softmax_backward};
+pub use status::CudaStatus;
+
+/// The raw layer: device pointers, an ordinal and a `CUstream` (see each function's
+/// contract). The safe functions of [`cuda`](crate::cuda) are built on the same launches.
+pub mod raw {
+    pub use super::context::RawStream;
+    pub use super::logprobs::raw::{
+        LogSoftmaxArgs, LogSoftmaxBackwardArgs, log_softmax, log_softmax_backward,
+    };
+    pub use super::status::{STATUS_CLEAR, decode_status};
+}
+
+/// Turns a driver error into [`Error::Driver`](crate::Error::Driver), naming what failed.
+pub(crate) fn driver_error(during: &'static str) -> impl Fn(DriverError) -> crate::Error {
+    move |e| crate::Error::Driver {
+        during,
+        message: format!("{e:?}"),
+    }
+}

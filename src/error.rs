@@ -1,0 +1,265 @@
+//! The crate's one error type. Every message says what went wrong and what to do about it.
+
+use std::fmt;
+
+/// Result alias used by every fallible function of the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, from bad shapes to a missing GPU.
+///
+/// Numerically hostile but *valid* input (banned `-inf` logits, huge logits, all-masked rows)
+/// is not an error: it gives the result `MATH.md` defines. Input that has no defined result
+/// (a row of only `-inf`, a NaN) is reported as [`Error::InvalidRow`], never as a silent NaN.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A buffer's length does not match the shape it was passed with.
+    #[error(
+        "{what}: the shape needs {min}..={max} elements, the buffer has {actual}; \
+         a strided buffer must cover (rows - 1) * row_stride + cols elements"
+    )]
+    ShapeMismatch {
+        /// Which argument.
+        what: &'static str,
+        /// Fewest elements the shape can live in.
+        min: usize,
+        /// Most elements the shape can live in (`rows * row_stride`).
+        max: usize,
+        /// Elements the buffer has.
+        actual: usize,
+    },
+
+    /// The distance between row starts is smaller than a row.
+    #[error(
+        "{what}: row stride {row_stride} is smaller than the row length {cols}; the stride is \
+         the distance between row starts and must be at least cols"
+    )]
+    RowStrideTooSmall {
+        /// Which argument.
+        what: &'static str,
+        /// The stride given.
+        row_stride: usize,
+        /// The row length.
+        cols: usize,
+    },
+
+    /// A shape with no rows or no columns.
+    #[error("{what} is empty ({rows} rows x {cols} cols); every op needs at least one element")]
+    EmptyInput {
+        /// Which argument.
+        what: &'static str,
+        /// Rows given.
+        rows: usize,
+        /// Columns given.
+        cols: usize,
+    },
+
+    /// A dimension beyond what the kernels index (rows and cols are 32-bit on the GPU).
+    #[error("{what} = {value} is larger than the supported maximum {max}; split the batch")]
+    TooLarge {
+        /// Which dimension.
+        what: &'static str,
+        /// The value given.
+        value: usize,
+        /// The largest supported value.
+        max: usize,
+    },
+
+    /// A target token id outside the vocabulary (and not the ignore index).
+    #[error(
+        "target {target} at row {row} is outside the vocabulary [0, {vocab}); mark padding \
+         with the ignore index or the mask instead"
+    )]
+    TargetOutOfRange {
+        /// Row of the offending target.
+        row: usize,
+        /// Its value.
+        target: i64,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+
+    /// A dtype the op does not implement.
+    #[error("unsupported dtype {dtype} for {what}; supported: {supported}")]
+    UnsupportedDtype {
+        /// Which argument.
+        what: &'static str,
+        /// The dtype that was asked for.
+        dtype: String,
+        /// What would work.
+        supported: &'static str,
+    },
+
+    /// An option outside its valid range.
+    #[error("invalid option {name} = {value}: {expected}")]
+    InvalidOption {
+        /// Option name.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+
+    /// A row whose result is undefined (MATH.md §1): only `-inf`, a NaN, a `+inf`, or a
+    /// non-finite upstream gradient. The lowest such row is reported.
+    #[error("{op}: row {row} {problem}")]
+    InvalidRow {
+        /// The op that found it.
+        op: &'static str,
+        /// Row index (0-based) in the batch.
+        row: usize,
+        /// What is wrong with it.
+        problem: RowProblem,
+    },
+
+    /// `libcuda` could not be loaded.
+    #[error(
+        "the CUDA driver library (libcuda) was not found: install the NVIDIA driver or add its \
+         directory to LD_LIBRARY_PATH, or use Backend::Cpu"
+    )]
+    NoDriver,
+
+    /// The driver is there but the requested device is not.
+    #[error(
+        "no CUDA device with ordinal {ordinal} ({count} visible): check CUDA_VISIBLE_DEVICES \
+         and nvidia-smi, or use Backend::Cpu"
+    )]
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// Devices the driver reports.
+        count: usize,
+    },
+
+    /// The crate was built without nvcc, so no kernel is embedded.
+    #[error(
+        "the CUDA kernels are not built into this binary (no nvcc when it was compiled): run \
+         scripts/install-nvcc.sh and rebuild, or use Backend::Cpu"
+    )]
+    KernelsNotBuilt,
+
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error while {during}: {message}")]
+    Driver {
+        /// What the crate was doing.
+        during: &'static str,
+        /// The driver's error name and description.
+        message: String,
+    },
+}
+
+/// Why a row has no defined result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RowProblem {
+    /// A NaN logit (or a NaN in a saved forward output).
+    NaN,
+    /// A `+inf` logit.
+    PosInf,
+    /// Every entry is `-inf`: no token has positive probability.
+    AllNegInf,
+    /// The upstream gradient of the row is not finite (NaN or infinite, or its sum overflows).
+    GradNonFinite,
+}
+
+impl RowProblem {
+    /// Code shared with the kernels (`kernels/common.cuh`, enum `Problem`).
+    pub(crate) const fn code(self) -> u8 {
+        match self {
+            RowProblem::NaN => 1,
+            RowProblem::PosInf => 2,
+            RowProblem::AllNegInf => 3,
+            RowProblem::GradNonFinite => 4,
+        }
+    }
+
+    /// Every problem, in code order.
+    pub(crate) const ALL: [RowProblem; 4] = [
+        RowProblem::NaN,
+        RowProblem::PosInf,
+        RowProblem::AllNegInf,
+        RowProblem::GradNonFinite,
+    ];
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.code() == code)
+    }
+}
+
+impl fmt::Display for RowProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RowProblem::NaN => "contains NaN: find where the NaN came from upstream",
+            RowProblem::PosInf => "contains +inf: a logit must be finite or -inf",
+            RowProblem::AllNegInf => {
+                "has only -inf logits, so no token is possible: leave at least one token allowed \
+                 or mask the row out"
+            }
+            RowProblem::GradNonFinite => "has a NaN or infinite upstream gradient",
+        })
+    }
+}
+
+/// The ops that report problems through the status word, with the ids the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    LogSoftmax = 1,
+    LogSoftmaxBackward = 2,
+}
+
+impl Op {
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Op::LogSoftmax => "log_softmax",
+            Op::LogSoftmaxBackward => "log_softmax_backward",
+        }
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) const fn from_id(id: u8) -> Option<Self> {
+        match id {
+            1 => Some(Op::LogSoftmax),
+            2 => Some(Op::LogSoftmaxBackward),
+            _ => None,
+        }
+    }
+
+    /// The error for `row` of this op.
+    pub(crate) fn invalid_row(self, row: usize, problem: RowProblem) -> Error {
+        Error::InvalidRow {
+            op: self.name(),
+            row,
+            problem,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels report problems by number: the numbers in kernels/common.cuh must be ours.
+    #[test]
+    fn problem_codes_match_the_kernels() {
+        let header = include_str!("../kernels/common.cuh");
+        for (name, problem) in [
+            ("PROBLEM_NAN", RowProblem::NaN),
+            ("PROBLEM_POS_INF", RowProblem::PosInf),
+            ("PROBLEM_ALL_NEG_INF", RowProblem::AllNegInf),
+            ("PROBLEM_GRAD_NON_FINITE", RowProblem::GradNonFinite),
+        ] {
+            let line = format!("{name} = {},", problem.code());
+            assert!(header.contains(&line), "kernels/common.cuh lacks `{line}`");
+            assert_eq!(RowProblem::from_code(problem.code()), Some(problem));
+        }
+        let kernel = include_str!("../kernels/logprobs.cu");
+        for op in [Op::LogSoftmax, Op::LogSoftmaxBackward] {
+            let line = format!("OP_{} = {};", op.name().to_uppercase(), op as u8);
+            let line = line.replace("OP_LOG_SOFTMAX =", "OP_LOG_SOFTMAX_FORWARD =");
+            assert!(kernel.contains(&line), "kernels/logprobs.cu lacks `{line}`");
+            assert_eq!(Op::from_id(op as u8), Some(op));
+        }
+    }
+}

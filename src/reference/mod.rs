@@ -1,0 +1,10 @@
+//! The float64 reference: every op written for obviousness, not speed.
+//!
+//! It reads exactly the values the fast backends read (inputs converted to f64 exactly) and
+//! computes in f64, so `cpu` and `cuda` results are held to it with tolerances scaled to the
+//! dtype (see [`testing`](crate::testing)). It is public so that downstream trainers can test
+//! their own code against it too.
+
+mod logprobs;
+
+pub use logprobs::{log_softmax, log_softmax_backward};

@@ -96,8 +96,12 @@ fn flag(name: &str) -> bool {
 }
 
 /// `RLHF_KERNELS_NVCC`, `NVCC`, `CUDA_HOME/bin`, `CUDA_PATH/bin`, `PATH`, then the virtual
-/// environment made by `scripts/install-nvcc.sh`.
+/// environment made by `scripts/install-nvcc.sh`. `RLHF_KERNELS_NVCC=none` builds without
+/// kernels even where nvcc is installed.
 fn find_nvcc() -> Option<PathBuf> {
+    if env::var("RLHF_KERNELS_NVCC").is_ok_and(|v| v == "none") {
+        return None;
+    }
     let explicit = ["RLHF_KERNELS_NVCC", "NVCC"]
         .iter()
         .filter_map(env::var_os)

@@ -97,7 +97,7 @@ impl Backend {
         }
     }
 
-    /// True for [`Backend::Cuda`].
+    /// True when the backend is a GPU.
     pub fn is_cuda(&self) -> bool {
         !matches!(self, Backend::Cpu)
     }

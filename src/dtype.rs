@@ -100,6 +100,11 @@ impl FromStr for DType {
 }
 
 mod sealed {
+    /// With the `cuda` feature every element type is also a cudarc device type, so generic
+    /// code can move `T: Element` buffers to and from the GPU.
+    #[cfg(feature = "cuda")]
+    pub trait Sealed: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+    #[cfg(not(feature = "cuda"))]
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
@@ -125,6 +130,16 @@ pub trait Element:
     }
     /// Converts a slice to f32; `dst.len()` must equal `src.len()`.
     fn slice_to_f32(src: &[Self], dst: &mut [f32]);
+    /// The slice itself when `Self` is f32 (no conversion needed), else `None`.
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        let _ = src;
+        None
+    }
+    /// The slice itself when `Self` is f32, else `None`.
+    fn as_f32_mut(dst: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = dst;
+        None
+    }
     /// Converts f32 to this type (nearest-even); `dst.len()` must equal `src.len()`.
     fn slice_from_f32(src: &[f32], dst: &mut [Self]);
 }
@@ -142,6 +157,14 @@ impl Element for f32 {
     #[inline(always)]
     fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
+    }
+    #[inline(always)]
+    fn as_f32_mut(dst: &mut [Self]) -> Option<&mut [f32]> {
+        Some(dst)
     }
     #[inline(always)]
     fn slice_from_f32(src: &[f32], dst: &mut [Self]) {

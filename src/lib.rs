@@ -8,9 +8,9 @@
 //!
 //! | module | what | precision |
 //! | --- | --- | --- |
-//! | [`reference`] | obvious code, the oracle for tests (yours too) | f64 |
+//! | [`reference`](mod@reference) | obvious code, the oracle for tests (yours too) | f64 |
 //! | [`cpu`] | rayon over rows, vectorised inner loops, runtime SIMD dispatch | f32 |
-//! | [`cuda`] (feature `cuda`) | kernels from `kernels/*.cu`, safe cudarc layer + raw pointer layer | f32 accumulation |
+//! | `cuda` (feature `cuda`) | kernels from `kernels/*.cu`, safe cudarc layer + raw pointer layer | f32 accumulation |
 //!
 //! Ops take caller-provided buffers plus an explicit [`RowShape`], allocate nothing in the
 //! hot path, and never synchronise the GPU behind the caller's back. Bad input is an

@@ -201,6 +201,9 @@ pub fn gpu_required() -> bool {
 /// `cargo test` output, or panics when [`gpu_required`].
 #[track_caller]
 pub fn skip(test: &str, reason: &str) {
+    // The test harness names each test's thread after the test.
+    let thread = std::thread::current();
+    let test = thread.name().filter(|n| *n != "main").unwrap_or(test);
     if gpu_required() {
         panic!("{test}: RLHF_KERNELS_REQUIRE_GPU=1 but the GPU test cannot run: {reason}");
     }

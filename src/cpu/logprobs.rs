@@ -3,13 +3,10 @@
 
 use rayon::prelude::*;
 
-use super::simd::{self, LANES, LOG2E, dispatch};
+use super::simd::{self, BLOCK, Blocks, LANES, LOG2E, dispatch};
 use super::{first_problem, rows_per_task};
 use crate::error::Op;
 use crate::{Element, LogSoftmaxOptions, Result, RowProblem, RowShape};
-
-/// Elements converted to f32 and processed per step of a row (a multiple of [`LANES`]).
-const BLOCK: usize = 512;
 
 /// Log-softmax of every row of `logits` with temperature τ, into the dense `[rows, cols]` f32
 /// buffer `out`:
@@ -100,36 +97,24 @@ pub fn log_softmax_backward<T: Element>(
 dispatch!(fn forward_row<T: Element>(x: &[T], y: &mut [f32], inv_tau: f32) -> Option<RowProblem> = forward_row_generic);
 dispatch!(fn backward_row<T: Element>(y: &[f32], g: &[f32], dx: &mut [T], inv_tau: f32) -> Option<RowProblem> = backward_row_generic);
 
-/// Online (max, Σ 2^((x − max)·c)) over one row, c = log2(e)/τ, in blocks of [`BLOCK`]
-/// elements and [`LANES`] accumulators. Returns (max, sum, nan seen, +inf seen).
+/// Online (max, Σ 2^((x − max)·c)) over one row, c = log2(e)/τ, [`LANES`] accumulators.
+///
+/// The hot loop carries no NaN/inf flags: a NaN or `+inf` input always turns the sum into
+/// NaN (NaN directly, `+inf` through `inf − inf`), and only then is the row scanned again to
+/// name the problem.
 #[inline(always)]
-fn online_lse<T: Element>(x: &[T], c: f32) -> (f32, f32, bool, bool) {
-    let mut buf = [0.0f32; BLOCK];
+fn online_lse<T: Element>(x: &[T], c: f32) -> Result<(f32, f32), RowProblem> {
     let mut m = f32::NEG_INFINITY;
     let mut acc = [0.0f32; LANES];
-    let (mut nan, mut pos_inf) = (false, false);
-    for chunk in x.chunks(BLOCK) {
-        let n = chunk.len();
-        T::slice_to_f32(chunk, &mut buf[..n]);
-        let padded = n.next_multiple_of(LANES);
-        buf[n..padded].fill(f32::NEG_INFINITY);
-        let block = &buf[..padded];
-
+    let mut blocks = Blocks::new(x, f32::NEG_INFINITY);
+    while let Some(block) = blocks.next() {
         let mut mx = [f32::NEG_INFINITY; LANES];
-        let (mut any_nan, mut any_inf) = ([false; LANES], [false; LANES]);
         for v in block.chunks_exact(LANES) {
             for j in 0..LANES {
                 mx[j] = mx[j].max(v[j]);
-                any_nan[j] |= v[j].is_nan();
-                any_inf[j] |= v[j] == f32::INFINITY;
             }
         }
-        nan |= any_nan.contains(&true);
-        pos_inf |= any_inf.contains(&true);
         let bm = simd::max_lanes(&mx);
-        if bm == f32::NEG_INFINITY {
-            continue; // the whole block is -inf: contributes 0
-        }
         if bm > m {
             let scale = if m == f32::NEG_INFINITY {
                 0.0
@@ -139,38 +124,49 @@ fn online_lse<T: Element>(x: &[T], c: f32) -> (f32, f32, bool, bool) {
             acc.iter_mut().for_each(|a| *a *= scale);
             m = bm;
         }
-        for v in block.chunks_exact(LANES) {
-            for j in 0..LANES {
-                acc[j] += simd::exp2((v[j] - m) * c);
+        if m != f32::NEG_INFINITY {
+            for v in block.chunks_exact(LANES) {
+                for j in 0..LANES {
+                    acc[j] += simd::exp2((v[j] - m) * c);
+                }
             }
         }
     }
-    (m, simd::sum_lanes(&acc), nan, pos_inf)
+    let s = simd::sum_lanes(&acc);
+    if s.is_nan() || m == f32::INFINITY {
+        return Err(classify(x));
+    }
+    if m == f32::NEG_INFINITY {
+        return Err(RowProblem::AllNegInf);
+    }
+    Ok((m, s))
+}
+
+/// Names the problem of a row known to hold a NaN or a `+inf` (NaN first).
+#[cold]
+fn classify<T: Element>(x: &[T]) -> RowProblem {
+    if x.iter().any(|v| v.to_f32().is_nan()) {
+        RowProblem::NaN
+    } else {
+        RowProblem::PosInf
+    }
 }
 
 #[inline(always)]
 fn forward_row_generic<T: Element>(x: &[T], y: &mut [f32], inv_tau: f32) -> Option<RowProblem> {
-    let (m, s, nan, pos_inf) = online_lse(x, inv_tau * LOG2E);
-    let problem = if nan {
-        Some(RowProblem::NaN)
-    } else if pos_inf {
-        Some(RowProblem::PosInf)
-    } else if m == f32::NEG_INFINITY {
-        Some(RowProblem::AllNegInf)
-    } else {
-        None
+    let (m, s) = match online_lse(x, inv_tau * LOG2E) {
+        Ok(ms) => ms,
+        Err(problem) => return Some(problem),
     };
-    if problem.is_some() {
-        return problem;
-    }
     let ln_s = s.ln();
-    let mut buf = [0.0f32; BLOCK];
-    for (xs, ys) in x.chunks(BLOCK).zip(y.chunks_mut(BLOCK)) {
-        let b = &mut buf[..xs.len()];
-        T::slice_to_f32(xs, b);
-        for (o, &v) in ys.iter_mut().zip(b.iter()) {
+    let mut done = 0;
+    let mut blocks = Blocks::new(x, f32::NEG_INFINITY);
+    while let Some(block) = blocks.next() {
+        let n = block.len().min(y.len() - done);
+        for (o, &v) in y[done..done + n].iter_mut().zip(block) {
             *o = (v - m) * inv_tau - ln_s;
         }
+        done += n;
     }
     None
 }
@@ -182,39 +178,47 @@ fn backward_row_generic<T: Element>(
     dx: &mut [T],
     inv_tau: f32,
 ) -> Option<RowProblem> {
-    let mut acc = [0.0f32; LANES];
-    let mut bad = [false; LANES];
-    let (body, tail) = (g.chunks_exact(LANES), g.len() % LANES);
-    let ys = y.chunks_exact(LANES);
-    for (gv, yv) in body.zip(ys) {
+    // Σ g, and Σ y as a NaN/+inf detector: it is NaN or +inf exactly when y holds a NaN or a
+    // +inf (-inf entries, banned tokens, only drive it to -inf).
+    let (mut acc, mut check) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let mut ys = y.chunks_exact(LANES);
+    for (gv, yv) in g.chunks_exact(LANES).zip(&mut ys) {
         for j in 0..LANES {
             acc[j] += gv[j];
-            bad[j] |= yv[j].is_nan() || yv[j] == f32::INFINITY;
+            check[j] += yv[j];
         }
     }
-    let start = g.len() - tail;
-    for j in 0..tail {
-        acc[j] += g[start + j];
-        bad[j] |= y[start + j].is_nan() || y[start + j] == f32::INFINITY;
+    let start = g.len() - g.len() % LANES;
+    for (j, (&gv, &yv)) in g[start..].iter().zip(ys.remainder()).enumerate() {
+        acc[j] += gv;
+        check[j] += yv;
     }
-    if bad.contains(&true) {
+    let check = simd::sum_lanes(&check);
+    if check.is_nan() || check == f32::INFINITY {
         return Some(RowProblem::NaN);
     }
     let total = simd::sum_lanes(&acc);
     if !total.is_finite() {
         return Some(RowProblem::GradNonFinite);
     }
-    let mut buf = [0.0f32; BLOCK];
-    for ((yb, gb), db) in y
-        .chunks(BLOCK)
-        .zip(g.chunks(BLOCK))
-        .zip(dx.chunks_mut(BLOCK))
-    {
-        let b = &mut buf[..yb.len()];
-        for ((o, &yv), &gv) in b.iter_mut().zip(yb).zip(gb) {
-            *o = (gv - simd::exp2(yv * LOG2E) * total) * inv_tau;
+    let grad = |o: &mut f32, y: f32, g: f32| *o = (g - simd::exp2(y * LOG2E) * total) * inv_tau;
+    if let Some(direct) = T::as_f32_mut(dx) {
+        for ((o, &yv), &gv) in direct.iter_mut().zip(y).zip(g) {
+            grad(o, yv, gv);
         }
-        T::slice_from_f32(b, db);
+    } else {
+        let mut buf = [0.0f32; BLOCK];
+        for ((yb, gb), db) in y
+            .chunks(BLOCK)
+            .zip(g.chunks(BLOCK))
+            .zip(dx.chunks_mut(BLOCK))
+        {
+            let b = &mut buf[..yb.len()];
+            for ((o, &yv), &gv) in b.iter_mut().zip(yb).zip(gb) {
+                grad(o, yv, gv);
+            }
+            T::slice_from_f32(b, db);
+        }
     }
     None
 }

@@ -3,14 +3,16 @@
 //! The inner loops are plain Rust written so that LLVM vectorises them (fixed lane arrays,
 //! no early exits, no libm calls). [`dispatch!`] compiles each row kernel three times —
 //! baseline x86-64, AVX2 + FMA and AVX-512 — and picks one at run time, once per process
-//! (as the `gemm` crate does). No explicit `mul_add` is used, so every variant performs the
-//! same roundings and the results are bitwise identical across machines.
+//! (as the `gemm` crate does). The exp2 polynomial uses `mul_add`, a fused multiply-add on
+//! every CPU this dispatch targets (and on aarch64), so results are bitwise reproducible on a
+//! given machine; machines with and without FMA may differ in the last bit.
 
 use std::sync::OnceLock;
 
-/// Number of independent accumulators in every reduction: one AVX-512 register of f32, two
-/// AVX2 registers. The summation order depends on this constant only.
-pub(crate) const LANES: usize = 16;
+/// Number of independent accumulators in every reduction: four AVX-512 registers of f32
+/// (eight AVX2 registers), enough to hide the latency of the adds. The summation order
+/// depends on this constant only.
+pub(crate) const LANES: usize = 64;
 
 /// log2(e).
 pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -96,14 +98,12 @@ pub(crate) fn exp2(x: f32) -> f32 {
     let t = x + ROUND;
     let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let f = x - (t - ROUND);
-    let p = ((((((1.535_336_2e-4 * f + 1.339_887_4e-3) * f + 9.618_437_4e-3) * f
-        + 5.550_332_5e-2)
-        * f
-        + 2.402_264_8e-1)
-        * f
-        + 6.931_472e-1)
-        * f)
-        + 1.0;
+    let p = 1.535_336_2e-4f32.mul_add(f, 1.339_887_4e-3);
+    let p = p.mul_add(f, 9.618_437e-3);
+    let p = p.mul_add(f, 5.550_332_5e-2);
+    let p = p.mul_add(f, 2.402_264_8e-1);
+    let p = p.mul_add(f, 6.931_472e-1);
+    let p = p.mul_add(f, 1.0);
     p * f32::from_bits(((n + 127) as u32) << 23)
 }
 
@@ -125,6 +125,62 @@ pub(crate) fn sum_lanes(lanes: &[f32; LANES]) -> f32 {
 #[inline(always)]
 pub(crate) fn max_lanes(lanes: &[f32; LANES]) -> f32 {
     lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Elements per block handed to [`for_each_block`]: small enough to stay in L1.
+pub(crate) const BLOCK: usize = 16 * LANES;
+
+/// Consecutive blocks of a row as f32, in order. Every block's length is a multiple of
+/// [`LANES`], at most [`BLOCK`]; the last one is padded with `pad`. f32 input is passed
+/// through without a copy; f16/bf16 are converted into a buffer that stays in L1.
+///
+/// A lending iterator (`while let Some(block) = blocks.next()`) rather than a closure, so that
+/// the loop body is compiled inside the caller's `#[target_feature]` function.
+pub(crate) struct Blocks<'a, T> {
+    x: &'a [T],
+    pos: usize,
+    pad: f32,
+    buf: [f32; BLOCK],
+}
+
+impl<'a, T: crate::Element> Blocks<'a, T> {
+    #[inline(always)]
+    pub(crate) fn new(x: &'a [T], pad: f32) -> Self {
+        Blocks {
+            x,
+            pos: 0,
+            pad,
+            buf: [0.0; BLOCK],
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::should_implement_trait)] // lends from self: not an Iterator
+    pub(crate) fn next(&mut self) -> Option<&[f32]> {
+        let rest = self.x.len() - self.pos;
+        if rest == 0 {
+            return None;
+        }
+        let full = rest - rest % LANES;
+        let start = self.pos;
+        if full == 0 {
+            let last = &mut self.buf[..LANES];
+            last.fill(self.pad);
+            T::slice_to_f32(&self.x[start..], &mut last[..rest]);
+            self.pos = self.x.len();
+            return Some(last);
+        }
+        let n = full.min(BLOCK);
+        self.pos += n;
+        let src = &self.x[start..start + n];
+        match T::as_f32(src) {
+            Some(direct) => Some(direct),
+            None => {
+                T::slice_to_f32(src, &mut self.buf[..n]);
+                Some(&self.buf[..n])
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -153,7 +209,7 @@ mod tests {
         for (i, v) in l.iter_mut().enumerate() {
             *v = i as f32;
         }
-        assert_eq!(sum_lanes(&l), 120.0);
-        assert_eq!(max_lanes(&l), 15.0);
+        assert_eq!(sum_lanes(&l), (LANES * (LANES - 1) / 2) as f32);
+        assert_eq!(max_lanes(&l), (LANES - 1) as f32);
     }
 }

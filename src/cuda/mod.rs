@@ -23,6 +23,7 @@ use cudarc::driver::DriverError;
 
 pub use context::CudaDevice;
 pub use logprobs::{log_softmax, log_softmax_backward};
+pub use module::kernels_built;
 pub use status::CudaStatus;
 
 /// The raw layer: device pointers, an ordinal and a `CUstream` (see each function's

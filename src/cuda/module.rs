@@ -27,8 +27,9 @@ impl Module {
     }
 }
 
-/// True when build.rs compiled every kernel file.
-pub(crate) fn kernels_built() -> bool {
+/// True when this binary embeds the compiled kernels (build.rs found nvcc); without them
+/// every CUDA entry point returns [`Error::KernelsNotBuilt`].
+pub fn kernels_built() -> bool {
     Module::ALL.iter().all(|m| m.fatbin().is_some())
 }
 

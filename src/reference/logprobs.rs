@@ -92,7 +92,7 @@ pub(crate) fn row_lse(z: &[f64]) -> Result<(f64, f64), RowProblem> {
     if z.iter().any(|z| z.is_nan()) {
         return Err(RowProblem::NaN);
     }
-    if z.iter().any(|&z| z == f64::INFINITY) {
+    if z.contains(&f64::INFINITY) {
         return Err(RowProblem::PosInf);
     }
     let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""PyTorch baseline for the crate's benchmarks: the same shapes (benches/shapes.txt), the
+same work, timed the way each device is best timed.
+
+What is timed is what a PyTorch user writes:
+  log_softmax fwd:  torch.log_softmax(x, -1, dtype=torch.float32)           (f32 out)
+  log_softmax bwd:  torch.ops.aten._log_softmax_backward_data(g, y, -1, x.dtype)
+                    (what autograd runs; gradient in the logits' dtype)
+
+One line per case on stdout:
+  op=log_softmax_fwd device=cpu dtype=bf16 shape=256x32000 median_ms=... gbps=...
+With --json, one JSON object per line instead. Bytes counted as in the Rust benches: each
+input read once, each output written once.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+SIZE = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+def shapes(path, device):
+    for line in open(path):
+        line = line.split("#")[0].split()
+        if len(line) == 5 and line[1] == device:
+            op, _, rows, cols, dtype = line
+            yield op, int(rows), int(cols), dtype
+
+
+def time_cpu(fn, min_time=1.0, min_runs=10):
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def time_cuda(fn, reps=20, rounds=5):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    results = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        results.append(start.elapsed_time(end) / reps)
+    return statistics.median(results)
+
+
+def cases(op, rows, cols, dtype, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(rows, cols, generator=gen) * 3).to(DTYPES[dtype]).to(device)
+    g = torch.randn(rows, cols, generator=gen).to(device)
+    n, size = rows * cols, SIZE[dtype]
+    if op == "log_softmax":
+        y = torch.log_softmax(x, -1, dtype=torch.float32)
+        yield "log_softmax_fwd", lambda: torch.log_softmax(x, -1, dtype=torch.float32), n * (size + 4)
+        bwd = torch.ops.aten._log_softmax_backward_data
+        yield "log_softmax_bwd", lambda: bwd(g, y, -1, x.dtype), n * (4 + 4 + size)
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default=os.path.join(here, "shapes.txt"))
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--filter", default="", help="only ops whose name contains this")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("torch_baseline.py: --device cuda but torch.cuda.is_available() is False")
+    timer = time_cuda if args.device == "cuda" else time_cpu
+    print(f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}", file=sys.stderr)
+    for op, rows, cols, dtype in shapes(args.shapes, args.device):
+        with torch.no_grad():
+            for name, fn, nbytes in cases(op, rows, cols, dtype, args.device):
+                if args.filter not in name:
+                    continue
+                ms = timer(fn)
+                rec = dict(op=name, device=args.device, dtype=dtype, shape=f"{rows}x{cols}",
+                           median_ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1))
+                print(json.dumps(rec) if args.json else " ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -172,53 +172,53 @@ fn forward_row_generic<T: Element>(x: &[T], y: &mut [f32], inv_tau: f32) -> Opti
 }
 
 #[inline(always)]
-fn backward_row_generic<T: Element>(
-    y: &[f32],
-    g: &[f32],
-    dx: &mut [T],
-    inv_tau: f32,
-) -> Option<RowProblem> {
-    // Σ g, and Σ y as a NaN/+inf detector: it is NaN or +inf exactly when y holds a NaN or a
-    // +inf (-inf entries, banned tokens, only drive it to -inf).
-    let (mut acc, mut check) = ([0.0f32; LANES], [0.0f32; LANES]);
-    let mut ys = y.chunks_exact(LANES);
-    for (gv, yv) in g.chunks_exact(LANES).zip(&mut ys) {
+fn backward_row_generic<T: Element>(y: &[f32], g: &[f32], dx: &mut [T], inv_tau: f32) -> Option<RowProblem> {
+    let mut acc = [0.0f32; LANES];
+    let mut gs = g.chunks_exact(LANES);
+    for gv in &mut gs {
         for j in 0..LANES {
             acc[j] += gv[j];
-            check[j] += yv[j];
         }
     }
-    let start = g.len() - g.len() % LANES;
-    for (j, (&gv, &yv)) in g[start..].iter().zip(ys.remainder()).enumerate() {
-        acc[j] += gv;
-        check[j] += yv;
+    for (a, &gv) in acc.iter_mut().zip(gs.remainder()) {
+        *a += gv;
+    }
+    let total = simd::sum_lanes(&acc);
+    // Σ y as a NaN/+inf detector, accumulated while the gradient is written: it is NaN or
+    // +inf exactly when y holds a NaN or a +inf (-inf entries, banned tokens, only drive it
+    // to -inf). Such a row is reported and its output discarded.
+    let mut check = [0.0f32; LANES];
+    let mut buf = [0.0f32; BLOCK];
+    for ((yb, gb), db) in y.chunks(BLOCK).zip(g.chunks(BLOCK)).zip(dx.chunks_mut(BLOCK)) {
+        let direct = T::as_f32(db).is_some();
+        {
+            let out = match T::as_f32_mut(db) {
+                Some(direct) => direct,
+                None => &mut buf[..yb.len()],
+            };
+            let (mut os, mut ys, mut gs) = (out.chunks_exact_mut(LANES), yb.chunks_exact(LANES), gb.chunks_exact(LANES));
+            for ((o, yv), gv) in (&mut os).zip(&mut ys).zip(&mut gs) {
+                for j in 0..LANES {
+                    o[j] = (gv[j] - simd::exp2(yv[j] * LOG2E) * total) * inv_tau;
+                    check[j] += yv[j];
+                }
+            }
+            let tail = os.into_remainder().iter_mut().zip(ys.remainder()).zip(gs.remainder());
+            for (j, ((o, &yv), &gv)) in tail.enumerate() {
+                *o = (gv - simd::exp2(yv * LOG2E) * total) * inv_tau;
+                check[j] += yv;
+            }
+        }
+        if !direct {
+            T::slice_from_f32(&buf[..yb.len()], db);
+        }
     }
     let check = simd::sum_lanes(&check);
     if check.is_nan() || check == f32::INFINITY {
         return Some(RowProblem::NaN);
     }
-    let total = simd::sum_lanes(&acc);
     if !total.is_finite() {
         return Some(RowProblem::GradNonFinite);
-    }
-    let grad = |o: &mut f32, y: f32, g: f32| *o = (g - simd::exp2(y * LOG2E) * total) * inv_tau;
-    if let Some(direct) = T::as_f32_mut(dx) {
-        for ((o, &yv), &gv) in direct.iter_mut().zip(y).zip(g) {
-            grad(o, yv, gv);
-        }
-    } else {
-        let mut buf = [0.0f32; BLOCK];
-        for ((yb, gb), db) in y
-            .chunks(BLOCK)
-            .zip(g.chunks(BLOCK))
-            .zip(dx.chunks_mut(BLOCK))
-        {
-            let b = &mut buf[..yb.len()];
-            for ((o, &yv), &gv) in b.iter_mut().zip(yb).zip(gb) {
-                grad(o, yv, gv);
-            }
-            T::slice_from_f32(b, db);
-        }
     }
     None
 }

@@ -31,9 +31,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(rlhf_kernels_built)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=kernels");
-    ENV_VARS
-        .iter()
-        .for_each(|v| println!("cargo::rerun-if-env-changed={v}"));
+    ENV_VARS.iter().for_each(|v| println!("cargo::rerun-if-env-changed={v}"));
 
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let mut sources: Vec<PathBuf> = fs::read_dir("kernels")
@@ -75,11 +73,7 @@ fn main() {
             "None".to_string()
         };
         let konst = name.to_uppercase();
-        writeln!(
-            generated,
-            "pub(crate) const {konst}: Option<&[u8]> = {value};"
-        )
-        .unwrap();
+        writeln!(generated, "pub(crate) const {konst}: Option<&[u8]> = {value};").unwrap();
     }
     fs::write(out_dir.join("kernels.rs"), generated).expect("write kernels.rs");
 }
@@ -102,81 +96,43 @@ fn find_nvcc() -> Option<PathBuf> {
     if env::var("RLHF_KERNELS_NVCC").is_ok_and(|v| v == "none") {
         return None;
     }
-    let explicit = ["RLHF_KERNELS_NVCC", "NVCC"]
-        .iter()
-        .filter_map(env::var_os)
-        .map(PathBuf::from);
+    let explicit = ["RLHF_KERNELS_NVCC", "NVCC"].iter().filter_map(env::var_os).map(PathBuf::from);
     let homes = ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(env::var_os);
     let homes = homes.map(|h| PathBuf::from(h).join("bin/nvcc"));
-    let path = env::var_os("PATH").into_iter().flat_map(|p| {
-        env::split_paths(&p)
-            .map(|d| d.join("nvcc"))
-            .collect::<Vec<_>>()
-    });
+    let path = env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| env::split_paths(&p).map(|d| d.join("nvcc")).collect::<Vec<_>>());
     let venv = env::var_os("RLHF_KERNELS_NVCC_VENV")
         .map(PathBuf::from)
-        .or_else(|| {
-            env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rlhf-kernels/nvcc-venv"))
-        });
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rlhf-kernels/nvcc-venv")));
     let venv = venv.into_iter().flat_map(|v| {
         let lib = fs::read_dir(v.join("lib")).into_iter().flatten().flatten();
-        lib.map(|py| py.path().join("site-packages/nvidia/cu13/bin/nvcc"))
-            .collect::<Vec<_>>()
+        lib.map(|py| py.path().join("site-packages/nvidia/cu13/bin/nvcc")).collect::<Vec<_>>()
     });
-    explicit
-        .chain(homes)
-        .chain(path)
-        .chain(venv)
-        .find(|p| p.is_file())
+    explicit.chain(homes).chain(path).chain(venv).find(|p| p.is_file())
 }
 
 fn target_archs(nvcc: &Path) -> Vec<String> {
     if let Ok(list) = env::var("RLHF_KERNELS_CUDA_ARCHS") {
-        return list
-            .split([',', ' ', ';'])
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
+        return list.split([',', ' ', ';']).filter(|s| !s.is_empty()).map(String::from).collect();
     }
     let known = Command::new(nvcc).arg("--list-gpu-arch").output();
-    let known = known
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let newer = NEWER_ARCHS
-        .iter()
-        .filter(|a| known.lines().any(|l| l == format!("compute_{a}")));
-    DEFAULT_ARCHS
-        .iter()
-        .chain(newer)
-        .map(|a| a.to_string())
-        .collect()
+    let known = known.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let newer = NEWER_ARCHS.iter().filter(|a| known.lines().any(|l| l == format!("compute_{a}")));
+    DEFAULT_ARCHS.iter().chain(newer).map(|a| a.to_string()).collect()
 }
 
 /// Compiles one .cu file to `$OUT_DIR/<name>.fatbin`; returns its ptxas resource report.
 fn compile(nvcc: &Path, src: &Path, archs: &[String], out_dir: &Path) -> String {
     let name = stem(src);
     let mut cmd = Command::new(nvcc);
-    cmd.args([
-        "-fatbin",
-        "-O3",
-        "-std=c++17",
-        "-Xptxas",
-        "-v",
-        "-t",
-        "0",
-        "-I",
-        "kernels",
-    ]);
+    cmd.args(["-fatbin", "-O3", "-std=c++17", "-Xptxas", "-v", "-t", "0", "-I", "kernels"]);
     for a in archs {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
     cmd.arg("-gencode=arch=compute_90,code=compute_90");
-    cmd.arg("-o")
-        .arg(out_dir.join(format!("{name}.fatbin")))
-        .arg(src);
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+    cmd.arg("-o").arg(out_dir.join(format!("{name}.fatbin"))).arg(src);
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
         eprintln!("{log}");
@@ -187,9 +143,7 @@ fn compile(nvcc: &Path, src: &Path, archs: &[String], out_dir: &Path) -> String 
     for line in log.lines() {
         if line.contains("Compiling entry function") {
             entry = line.trim_start_matches("ptxas info    : ");
-        } else if line.contains("spill")
-            && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
-        {
+        } else if line.contains("spill") && !line.contains(" 0 bytes spill stores, 0 bytes spill loads") {
             spills.push(format!("{entry}: {}", line.trim()));
         }
     }

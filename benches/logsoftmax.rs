@@ -16,20 +16,9 @@ use rlhf_kernels::{DType, Element, LogSoftmaxOptions, RowShape, bf16, cpu, f16};
 fn shapes(device: &str) -> Vec<(RowShape, DType)> {
     include_str!("shapes.txt")
         .lines()
-        .map(|l| {
-            l.split('#')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-        })
+        .map(|l| l.split('#').next().unwrap_or("").split_whitespace().collect::<Vec<_>>())
         .filter(|w| w.len() == 5 && w[0] == "log_softmax" && w[1] == device)
-        .map(|w| {
-            (
-                RowShape::new(w[2].parse().unwrap(), w[3].parse().unwrap()),
-                w[4].parse().unwrap(),
-            )
-        })
+        .map(|w| (RowShape::new(w[2].parse().unwrap(), w[3].parse().unwrap()), w[4].parse().unwrap()))
         .collect()
 }
 
@@ -150,9 +139,7 @@ mod gpu {
         g.throughput(Throughput::Bytes(fwd_bytes));
         g.bench_function(id("cuda", shape, T::DTYPE), |b| {
             b.iter_custom(|iters| {
-                time_events(s, iters, || {
-                    cuda::log_softmax(s, &x, shape, &mut y, &mut status, &opts).unwrap()
-                })
+                time_events(s, iters, || cuda::log_softmax(s, &x, shape, &mut y, &mut status, &opts).unwrap())
             })
         });
         g.finish();
@@ -162,8 +149,7 @@ mod gpu {
         g.bench_function(id("cuda", shape, T::DTYPE), |b| {
             b.iter_custom(|iters| {
                 time_events(s, iters, || {
-                    cuda::log_softmax_backward(s, &y, &g_out, shape, &mut dx, &mut status, &opts)
-                        .unwrap()
+                    cuda::log_softmax_backward(s, &y, &g_out, shape, &mut dx, &mut status, &opts).unwrap()
                 })
             })
         });

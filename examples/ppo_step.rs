@@ -13,9 +13,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use rlhf_kernels::testing::{Rng, Tolerance, check_close};
-use rlhf_kernels::{
-    Backend, DType, Element, Error, LogSoftmaxOptions, RowShape, bf16, cpu, f16, reference,
-};
+use rlhf_kernels::{Backend, DType, Element, Error, LogSoftmaxOptions, RowShape, bf16, cpu, f16, reference};
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -147,17 +145,10 @@ fn run<T: Element>(args: &Args) -> Result<bool, Error> {
     // Hold a spread of rows (all of them for small batches) to the f64 reference.
     let check_rows: Vec<usize> = (0..shape.rows).step_by(shape.rows.div_ceil(256)).collect();
     let sub = |r: &[usize]| RowShape::new(r.len(), shape.cols);
-    let pick = |v: &[T]| {
-        check_rows
-            .iter()
-            .flat_map(|&r| v[shape.row_range(r)].iter().copied())
-            .collect::<Vec<T>>()
-    };
+    let pick =
+        |v: &[T]| check_rows.iter().flat_map(|&r| v[shape.row_range(r)].iter().copied()).collect::<Vec<T>>();
     let pick_f32 = |v: &[f32]| {
-        check_rows
-            .iter()
-            .flat_map(|&r| v[shape.row_range(r)].iter().copied())
-            .collect::<Vec<f32>>()
+        check_rows.iter().flat_map(|&r| v[shape.row_range(r)].iter().copied()).collect::<Vec<f32>>()
     };
     let (x, g) = (pick(&logits), pick_f32(&grad_out));
     let started = Instant::now();
@@ -167,8 +158,7 @@ fn run<T: Element>(args: &Args) -> Result<bool, Error> {
     stages[0].max_error = max_error(&pick_f32(&out), &expected_out);
     stages[1].max_error = max_error(&pick(&grad), &expected_grad);
     let scale = expected_grad.iter().fold(0.0f64, |m, e| m.max(e.abs()));
-    stages[0].tolerance =
-        Tolerance::for_dtype(DType::F32).scaled(12.0 * 3.0 / args.temperature as f64);
+    stages[0].tolerance = Tolerance::for_dtype(DType::F32).scaled(12.0 * 3.0 / args.temperature as f64);
     stages[1].tolerance = Tolerance::for_dtype(T::DTYPE).scaled(scale);
     let ok = [
         check_close(&pick_f32(&out), &expected_out, stages[0].tolerance),
@@ -176,10 +166,7 @@ fn run<T: Element>(args: &Args) -> Result<bool, Error> {
     ];
 
     println!();
-    println!(
-        "{:<22} {:>10} {:>10} {:>12} {:>12}  check",
-        "stage", "ms", "GB/s", "extra MiB", "max |err|"
-    );
+    println!("{:<22} {:>10} {:>10} {:>12} {:>12}  check", "stage", "ms", "GB/s", "extra MiB", "max |err|");
     for (stage, ok) in stages.iter().zip(&ok) {
         println!(
             "{:<22} {:>10.3} {:>10.1} {:>12.1} {:>12.2e}  {}",
@@ -218,14 +205,7 @@ fn max_error<A: Element>(actual: &[A], expected: &[f64]) -> f64 {
 fn stage(name: &'static str, times_ms: &mut [f64], bytes: usize) -> Stage {
     times_ms.sort_by(f64::total_cmp);
     let millis = times_ms[times_ms.len() / 2];
-    Stage {
-        name,
-        millis,
-        bytes,
-        extra_bytes: 0,
-        max_error: 0.0,
-        tolerance: Tolerance { rel: 0.0, abs: 0.0 },
-    }
+    Stage { name, millis, bytes, extra_bytes: 0, max_error: 0.0, tolerance: Tolerance { rel: 0.0, abs: 0.0 } }
 }
 
 fn bytes_moved<T: Element>(shape: RowShape) -> (usize, usize) {
@@ -259,10 +239,7 @@ fn run_cpu<T: Element>(
     Ok((
         out,
         grad,
-        vec![
-            stage("log_softmax forward", &mut fwd, fb),
-            stage("log_softmax backward", &mut bwd, bb),
-        ],
+        vec![stage("log_softmax forward", &mut fwd, fb), stage("log_softmax backward", &mut bwd, bb)],
     ))
 }
 
@@ -287,18 +264,11 @@ fn run_cuda<T: Element>(
     };
     let x = s.clone_htod(logits).map_err(drv("uploading logits"))?;
     let g = s.clone_htod(grad_out).map_err(drv("uploading grad_out"))?;
-    let mut y = s
-        .alloc_zeros::<f32>(shape.len())
-        .map_err(drv("allocating out"))?;
-    let mut dx = s
-        .alloc_zeros::<T>(shape.len())
-        .map_err(drv("allocating grad"))?;
+    let mut y = s.alloc_zeros::<f32>(shape.len()).map_err(drv("allocating out"))?;
+    let mut dx = s.alloc_zeros::<T>(shape.len()).map_err(drv("allocating grad"))?;
     let mut status = CudaStatus::new(s)?;
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-    let event = || {
-        s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(drv("recording an event"))
-    };
+    let event = || s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
     // One untimed warm-up, then `iters` timed runs of each kernel with CUDA events.
     for i in 0..=iters {
         let e0 = event()?;
@@ -318,9 +288,6 @@ fn run_cuda<T: Element>(
     Ok((
         out,
         grad,
-        vec![
-            stage("log_softmax forward", &mut fwd, fb),
-            stage("log_softmax backward", &mut bwd, bb),
-        ],
+        vec![stage("log_softmax forward", &mut fwd, fb), stage("log_softmax backward", &mut bwd, bb)],
     ))
 }

@@ -75,10 +75,7 @@ impl Backend {
         }
         #[cfg(feature = "cuda")]
         {
-            let ordinal = std::env::var("RLHF_KERNELS_DEVICE")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let ordinal = std::env::var("RLHF_KERNELS_DEVICE").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
             match crate::cuda::CudaDevice::new(ordinal) {
                 Ok(device) => (Backend::Cuda(device), None),
                 Err(e) => (Backend::Cpu, Some(CudaUnavailable::from_error(&e))),

@@ -90,11 +90,7 @@ impl FromStr for DType {
             "f32" | "float32" | "fp32" | "float" => Ok(DType::F32),
             "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
             "bf16" | "bfloat16" => Ok(DType::BF16),
-            _ => Err(Error::UnsupportedDtype {
-                what: "dtype name",
-                dtype: s.into(),
-                supported: SUPPORTED,
-            }),
+            _ => Err(Error::UnsupportedDtype { what: "dtype name", dtype: s.into(), supported: SUPPORTED }),
         }
     }
 }
@@ -219,19 +215,13 @@ impl Element for bf16 {
             let x = s.to_bits();
             let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
             let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
-            *d = bf16::from_bits(if nan {
-                ((x >> 16) | 0x40) as u16
-            } else {
-                rounded as u16
-            });
+            *d = bf16::from_bits(if nan { ((x >> 16) | 0x40) as u16 } else { rounded as u16 });
         }
     }
 }
 
 /// Integer types accepted for target token ids: `i32`, `u32`, `i64` (PyTorch's default).
-pub trait TargetIndex:
-    Copy + Send + Sync + fmt::Debug + bytemuck::Pod + 'static + sealed::Sealed
-{
+pub trait TargetIndex: Copy + Send + Sync + fmt::Debug + bytemuck::Pod + 'static + sealed::Sealed {
     /// The runtime tag.
     const INDEX_TYPE: IndexType;
     /// The id as i64 (exact for all three types).
@@ -298,11 +288,7 @@ pub fn validate_targets<I: TargetIndex>(
     for (row, &t) in targets.iter().enumerate() {
         let t = t.to_i64();
         if Some(t) != ignore_index && !(0..vocab as i64).contains(&t) {
-            return Err(Error::TargetOutOfRange {
-                row,
-                target: t,
-                vocab,
-            });
+            return Err(Error::TargetOutOfRange { row, target: t, vocab });
         }
     }
     Ok(())

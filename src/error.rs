@@ -175,12 +175,8 @@ impl RowProblem {
     }
 
     /// Every problem, in code order.
-    pub(crate) const ALL: [RowProblem; 4] = [
-        RowProblem::NaN,
-        RowProblem::PosInf,
-        RowProblem::AllNegInf,
-        RowProblem::GradNonFinite,
-    ];
+    pub(crate) const ALL: [RowProblem; 4] =
+        [RowProblem::NaN, RowProblem::PosInf, RowProblem::AllNegInf, RowProblem::GradNonFinite];
 
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn from_code(code: u8) -> Option<Self> {
@@ -228,11 +224,7 @@ impl Op {
 
     /// The error for `row` of this op.
     pub(crate) fn invalid_row(self, row: usize, problem: RowProblem) -> Error {
-        Error::InvalidRow {
-            op: self.name(),
-            row,
-            problem,
-        }
+        Error::InvalidRow { op: self.name(), row, problem }
     }
 }
 

@@ -48,3 +48,8 @@ pub use error::{Error, Result, RowProblem};
 pub use half::{bf16, f16};
 pub use logprobs::LogSoftmaxOptions;
 pub use shape::{MAX_DIM, RowShape};
+
+/// The README's code runs as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

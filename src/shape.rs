@@ -34,11 +34,7 @@ pub const MAX_DIM: usize = i32::MAX as usize;
 impl RowShape {
     /// A dense shape: `row_stride == cols`.
     pub const fn new(rows: usize, cols: usize) -> Self {
-        RowShape {
-            rows,
-            cols,
-            row_stride: cols,
-        }
+        RowShape { rows, cols, row_stride: cols }
     }
 
     /// The same rows with another stride.
@@ -63,11 +59,7 @@ impl RowShape {
 
     /// Fewest elements a buffer needs: `(rows - 1) * row_stride + cols`.
     pub const fn min_len(self) -> usize {
-        if self.is_empty() {
-            0
-        } else {
-            (self.rows - 1) * self.row_stride + self.cols
-        }
+        if self.is_empty() { 0 } else { (self.rows - 1) * self.row_stride + self.cols }
     }
 
     /// Element range of row `r`.
@@ -80,33 +72,17 @@ impl RowShape {
     /// kernels' 32-bit limits and no overflow of `rows * row_stride`.
     pub fn validate(self, what: &'static str) -> Result<()> {
         if self.is_empty() {
-            return Err(Error::EmptyInput {
-                what,
-                rows: self.rows,
-                cols: self.cols,
-            });
+            return Err(Error::EmptyInput { what, rows: self.rows, cols: self.cols });
         }
         if self.row_stride < self.cols {
-            return Err(Error::RowStrideTooSmall {
-                what,
-                row_stride: self.row_stride,
-                cols: self.cols,
-            });
+            return Err(Error::RowStrideTooSmall { what, row_stride: self.row_stride, cols: self.cols });
         }
         for (name, value) in [("rows", self.rows), ("cols", self.cols)] {
             if value > MAX_DIM {
-                return Err(Error::TooLarge {
-                    what: name,
-                    value,
-                    max: MAX_DIM,
-                });
+                return Err(Error::TooLarge { what: name, value, max: MAX_DIM });
             }
         }
-        if self
-            .rows
-            .checked_mul(self.row_stride)
-            .is_none_or(|n| n > isize::MAX as usize)
-        {
+        if self.rows.checked_mul(self.row_stride).is_none_or(|n| n > isize::MAX as usize) {
             return Err(Error::TooLarge {
                 what: "rows * row_stride",
                 value: usize::MAX,
@@ -122,12 +98,7 @@ impl RowShape {
         self.validate(what)?;
         let (min, max) = (self.min_len(), self.rows * self.row_stride);
         if len < min || len > max {
-            return Err(Error::ShapeMismatch {
-                what,
-                min,
-                max,
-                actual: len,
-            });
+            return Err(Error::ShapeMismatch { what, min, max, actual: len });
         }
         Ok(())
     }

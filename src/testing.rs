@@ -31,10 +31,7 @@ impl Tolerance {
     /// Scales the absolute part by the inputs' magnitude (at least 1): an error of a few ulps
     /// of the largest input is legitimate wherever such inputs were subtracted.
     pub fn scaled(self, scale: f64) -> Self {
-        Tolerance {
-            abs: self.abs * scale.abs().max(1.0),
-            ..self
-        }
+        Tolerance { abs: self.abs * scale.abs().max(1.0), ..self }
     }
 }
 
@@ -80,11 +77,7 @@ fn equal_specials(a: f64, e: f64) -> Option<bool> {
 
 /// Compares `actual` (any [`Element`]) to `expected` (f64). NaN equals NaN, ±inf equals
 /// itself only.
-pub fn check_close<A: Element>(
-    actual: &[A],
-    expected: &[f64],
-    tol: Tolerance,
-) -> Result<(), Mismatch> {
+pub fn check_close<A: Element>(actual: &[A], expected: &[f64], tol: Tolerance) -> Result<(), Mismatch> {
     if actual.len() != expected.len() {
         return Err(Mismatch {
             index: actual.len().min(expected.len()),
@@ -98,8 +91,7 @@ pub fn check_close<A: Element>(
     let mut count = 0;
     for (i, (a, &e)) in actual.iter().zip(expected).enumerate() {
         let a = a.to_f64();
-        let ok =
-            equal_specials(a, e).unwrap_or_else(|| (a - e).abs() <= tol.abs + tol.rel * e.abs());
+        let ok = equal_specials(a, e).unwrap_or_else(|| (a - e).abs() <= tol.abs + tol.rel * e.abs());
         if !ok {
             count += 1;
             first.get_or_insert((i, a, e));
@@ -107,13 +99,9 @@ pub fn check_close<A: Element>(
     }
     match first {
         None => Ok(()),
-        Some((index, actual_v, expected_v)) => Err(Mismatch {
-            index,
-            actual: actual_v,
-            expected: expected_v,
-            count,
-            len: actual.len(),
-        }),
+        Some((index, actual_v, expected_v)) => {
+            Err(Mismatch { index, actual: actual_v, expected: expected_v, count, len: actual.len() })
+        }
     }
 }
 
@@ -128,10 +116,7 @@ pub fn check_close<A: Element>(
 #[track_caller]
 pub fn assert_close<A: Element>(actual: &[A], expected: &[f64], tol: Tolerance, what: &str) {
     if let Err(m) = check_close(actual, expected, tol) {
-        panic!(
-            "{what}: {m} (tolerance rel {:e}, abs {:e})",
-            tol.rel, tol.abs
-        );
+        panic!("{what}: {m} (tolerance rel {:e}, abs {:e})", tol.rel, tol.abs);
     }
 }
 
@@ -193,8 +178,7 @@ impl Rng {
 /// True when `RLHF_KERNELS_REQUIRE_GPU=1`: a test that cannot find a GPU fails instead of
 /// skipping.
 pub fn gpu_required() -> bool {
-    std::env::var("RLHF_KERNELS_REQUIRE_GPU")
-        .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+    std::env::var("RLHF_KERNELS_REQUIRE_GPU").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
 }
 
 /// Reports a skipped test on stderr, past the test harness's capture so that it shows in
@@ -218,10 +202,7 @@ pub fn test_device() -> Result<crate::cuda::CudaDevice, String> {
     static DEVICE: OnceLock<Result<crate::cuda::CudaDevice, String>> = OnceLock::new();
     DEVICE
         .get_or_init(|| {
-            let ordinal = std::env::var("RLHF_KERNELS_DEVICE")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let ordinal = std::env::var("RLHF_KERNELS_DEVICE").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
             crate::cuda::CudaDevice::new(ordinal).map_err(|e| e.to_string())
         })
         .clone()

@@ -6,11 +6,7 @@ use rlhf_kernels::{Backend, CudaUnavailable};
 #[test]
 fn selection_rules() {
     let (backend, why) = Backend::best_with_reason();
-    assert_eq!(
-        backend.is_cuda(),
-        why.is_none(),
-        "CUDA is chosen exactly when there is no reason against it"
-    );
+    assert_eq!(backend.is_cuda(), why.is_none(), "CUDA is chosen exactly when there is no reason against it");
     #[cfg(not(feature = "cuda"))]
     assert_eq!(why, Some(CudaUnavailable::FeatureDisabled));
     if let Some(reason) = &why {
@@ -26,9 +22,5 @@ fn selection_rules() {
     unsafe { std::env::remove_var("RLHF_KERNELS_BACKEND") };
     assert!(!forced.is_cuda());
     assert_eq!(why, Some(CudaUnavailable::DisabledByEnv));
-    assert!(
-        forced.describe().starts_with("cpu ("),
-        "{}",
-        forced.describe()
-    );
+    assert!(forced.describe().starts_with("cpu ("), "{}", forced.describe());
 }

@@ -16,8 +16,7 @@ mod gpu {
     use rlhf_kernels::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
     use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
     use rlhf_kernels::{
-        DType, Element, Error, LogSoftmaxOptions, Result, RowProblem, RowShape, bf16, f16,
-        reference,
+        DType, Element, Error, LogSoftmaxOptions, Result, RowProblem, RowShape, bf16, f16, reference,
     };
 
     pub struct Gpu(pub Arc<CudaStream>);
@@ -49,9 +48,7 @@ mod gpu {
         ) -> Result<Vec<T>> {
             let s = &self.0;
             let (y, g) = (s.clone_htod(out).unwrap(), s.clone_htod(g).unwrap());
-            let mut dx = s
-                .clone_htod(&vec![T::from_f32(f32::NAN); shape.rows * shape.row_stride])
-                .unwrap();
+            let mut dx = s.clone_htod(&vec![T::from_f32(f32::NAN); shape.rows * shape.row_stride]).unwrap();
             let mut status = CudaStatus::new(s)?;
             cuda::log_softmax_backward(s, &y, &g, shape, &mut dx, &mut status, opts)?;
             status.check(s)?;
@@ -87,9 +84,7 @@ mod gpu {
         for (logits, row, problem) in common::bad_batches() {
             for dtype in DType::ALL {
                 let err = match dtype {
-                    DType::F32 => {
-                        gpu.forward(&logits, RowShape::new(4, 3), &LogSoftmaxOptions::default())
-                    }
+                    DType::F32 => gpu.forward(&logits, RowShape::new(4, 3), &LogSoftmaxOptions::default()),
                     DType::F16 => gpu.forward(
                         &convert::<f16>(&logits),
                         RowShape::new(4, 3),
@@ -103,35 +98,21 @@ mod gpu {
                 };
                 assert_eq!(
                     err.unwrap_err(),
-                    Error::InvalidRow {
-                        op: "log_softmax",
-                        row,
-                        problem
-                    },
+                    Error::InvalidRow { op: "log_softmax", row, problem },
                     "{dtype}"
                 );
             }
         }
         let shape = RowShape::new(3, 4);
         let out = gpu
-            .forward(
-                &Rng::new(1).logits::<f32>(shape, 1.0),
-                shape,
-                &LogSoftmaxOptions::default(),
-            )
+            .forward(&Rng::new(1).logits::<f32>(shape, 1.0), shape, &LogSoftmaxOptions::default())
             .unwrap();
         let mut g = vec![0.25f32; 12];
         g[9] = f32::INFINITY;
-        let err = gpu
-            .backward::<bf16>(&out, &g, shape, &LogSoftmaxOptions::default())
-            .unwrap_err();
+        let err = gpu.backward::<bf16>(&out, &g, shape, &LogSoftmaxOptions::default()).unwrap_err();
         assert_eq!(
             err,
-            Error::InvalidRow {
-                op: "log_softmax_backward",
-                row: 2,
-                problem: RowProblem::GradNonFinite
-            }
+            Error::InvalidRow { op: "log_softmax_backward", row: 2, problem: RowProblem::GradNonFinite }
         );
     }
 
@@ -147,18 +128,10 @@ mod gpu {
             let opts = LogSoftmaxOptions::default();
             let a = gpu.forward(&logits, shape, &opts).unwrap();
             let b = gpu.forward(&logits, shape, &opts).unwrap();
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "two runs differ at V={v}"
-            );
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "two runs differ at V={v}");
             for r in [0usize, 1234, 4095] {
-                let alone = gpu
-                    .forward(&logits[shape.row_range(r)], RowShape::new(1, v), &opts)
-                    .unwrap();
-                let same = alone
-                    .iter()
-                    .zip(&a[r * v..(r + 1) * v])
-                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                let alone = gpu.forward(&logits[shape.row_range(r)], RowShape::new(1, v), &opts).unwrap();
+                let same = alone.iter().zip(&a[r * v..(r + 1) * v]).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(same, "row {r} alone differs from the batch at V={v}");
             }
         }
@@ -180,17 +153,9 @@ mod gpu {
             let (xp, _gx) = x.device_ptr(s);
             let (yp, _gy) = y.device_ptr_mut(s);
             let (sp, _gs) = st.device_ptr_mut(s);
-            let args = LogSoftmaxArgs {
-                logits: xp + 5 * 2,
-                dtype: DType::F16,
-                shape,
-                out: yp + 3 * 4,
-                status: sp,
-            };
-            let stream = RawStream {
-                ordinal: s.context().ordinal(),
-                stream: s.cu_stream(),
-            };
+            let args =
+                LogSoftmaxArgs { logits: xp + 5 * 2, dtype: DType::F16, shape, out: yp + 3 * 4, status: sp };
+            let stream = RawStream { ordinal: s.context().ordinal(), stream: s.cu_stream() };
             // SAFETY: the buffers were allocated above on this context, cover the offsets plus
             // the shape, and live until the synchronising copies below.
             unsafe { raw::log_softmax(stream, &args, &opts) }.unwrap();
@@ -218,26 +183,17 @@ mod gpu {
                 shape,
                 status: sp,
             };
-            let stream = RawStream {
-                ordinal: s.context().ordinal(),
-                stream: s.cu_stream(),
-            };
+            let stream = RawStream { ordinal: s.context().ordinal(), stream: s.cu_stream() };
             // SAFETY: as above.
             unsafe { raw::log_softmax_backward(stream, &args, &opts) }.unwrap();
         }
         raw::decode_status(s.clone_dtoh(&st).unwrap()[0]).unwrap();
         let grad = s.clone_dtoh(&dx).unwrap();
-        let dense: Vec<f16> = (0..shape.rows)
-            .flat_map(|r| grad[shape.row_range(r)].iter().copied())
-            .collect();
+        let dense: Vec<f16> =
+            (0..shape.rows).flat_map(|r| grad[shape.row_range(r)].iter().copied()).collect();
         let expected = reference::log_softmax_backward(&logits, shape, &g, &opts).unwrap();
         let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-        assert_close(
-            &dense,
-            &expected,
-            Tolerance::for_dtype(DType::F16).scaled(scale),
-            "raw backward",
-        );
+        assert_close(&dense, &expected, Tolerance::for_dtype(DType::F16).scaled(scale), "raw backward");
     }
 
     /// Shape errors come back before anything is launched; a status word that was never
@@ -247,45 +203,19 @@ mod gpu {
         let x = s.alloc_zeros::<f32>(10).unwrap();
         let mut y = s.alloc_zeros::<f32>(10).unwrap();
         let mut status = CudaStatus::new(s).unwrap();
-        let err = cuda::log_softmax(
-            s,
-            &x,
-            RowShape::new(3, 4),
-            &mut y,
-            &mut status,
-            &LogSoftmaxOptions::default(),
-        );
-        assert!(matches!(
-            err,
-            Err(Error::ShapeMismatch { what: "logits", .. })
-        ));
+        let err =
+            cuda::log_softmax(s, &x, RowShape::new(3, 4), &mut y, &mut status, &LogSoftmaxOptions::default());
+        assert!(matches!(err, Err(Error::ShapeMismatch { what: "logits", .. })));
         let opts = LogSoftmaxOptions::default().temperature(0.0);
         let err = cuda::log_softmax(s, &x, RowShape::new(2, 5), &mut y, &mut status, &opts);
-        assert!(matches!(
-            err,
-            Err(Error::InvalidOption {
-                name: "temperature",
-                ..
-            })
-        ));
+        assert!(matches!(err, Err(Error::InvalidOption { name: "temperature", .. })));
         status.check(s).unwrap();
-        let args = LogSoftmaxArgs {
-            logits: 0,
-            dtype: DType::F32,
-            shape: RowShape::new(1, 1),
-            out: 0,
-            status: 0,
-        };
-        let stream = RawStream {
-            ordinal: s.context().ordinal(),
-            stream: s.cu_stream(),
-        };
+        let args =
+            LogSoftmaxArgs { logits: 0, dtype: DType::F32, shape: RowShape::new(1, 1), out: 0, status: 0 };
+        let stream = RawStream { ordinal: s.context().ordinal(), stream: s.cu_stream() };
         // SAFETY: the null pointer is rejected before any launch.
         let err = unsafe { raw::log_softmax(stream, &args, &LogSoftmaxOptions::default()) };
-        assert!(matches!(
-            err,
-            Err(Error::InvalidOption { name: "logits", .. })
-        ));
+        assert!(matches!(err, Err(Error::InvalidOption { name: "logits", .. })));
     }
 }
 

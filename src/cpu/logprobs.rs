@@ -84,8 +84,7 @@ pub fn log_softmax_backward<T: Element>(
         .with_min_len(rows_per_task(cols))
         .map(|(r, dx)| {
             let row = r * cols..(r + 1) * cols;
-            backward_row(&out[row.clone()], &grad_out[row], &mut dx[..cols], inv_tau)
-                .map(|p| (r, p))
+            backward_row(&out[row.clone()], &grad_out[row], &mut dx[..cols], inv_tau).map(|p| (r, p))
         })
         .reduce(|| None, first_problem);
     match problem {
@@ -116,11 +115,7 @@ fn online_lse<T: Element>(x: &[T], c: f32) -> Result<(f32, f32), RowProblem> {
         }
         let bm = simd::max_lanes(&mx);
         if bm > m {
-            let scale = if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                simd::exp2((m - bm) * c)
-            };
+            let scale = if m == f32::NEG_INFINITY { 0.0 } else { simd::exp2((m - bm) * c) };
             acc.iter_mut().for_each(|a| *a *= scale);
             m = bm;
         }
@@ -145,11 +140,7 @@ fn online_lse<T: Element>(x: &[T], c: f32) -> Result<(f32, f32), RowProblem> {
 /// Names the problem of a row known to hold a NaN or a `+inf` (NaN first).
 #[cold]
 fn classify<T: Element>(x: &[T]) -> RowProblem {
-    if x.iter().any(|v| v.to_f32().is_nan()) {
-        RowProblem::NaN
-    } else {
-        RowProblem::PosInf
-    }
+    if x.iter().any(|v| v.to_f32().is_nan()) { RowProblem::NaN } else { RowProblem::PosInf }
 }
 
 #[inline(always)]
@@ -196,7 +187,8 @@ fn backward_row_generic<T: Element>(y: &[f32], g: &[f32], dx: &mut [T], inv_tau:
                 Some(direct) => direct,
                 None => &mut buf[..yb.len()],
             };
-            let (mut os, mut ys, mut gs) = (out.chunks_exact_mut(LANES), yb.chunks_exact(LANES), gb.chunks_exact(LANES));
+            let (mut os, mut ys, mut gs) =
+                (out.chunks_exact_mut(LANES), yb.chunks_exact(LANES), gb.chunks_exact(LANES));
             for ((o, yv), gv) in (&mut os).zip(&mut ys).zip(&mut gs) {
                 for j in 0..LANES {
                     o[j] = (gv[j] - simd::exp2(yv[j] * LOG2E) * total) * inv_tau;

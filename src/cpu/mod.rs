@@ -12,18 +12,11 @@ pub use logprobs::{log_softmax, log_softmax_backward};
 
 /// A short description of the CPU backend: worker threads and vector instruction set.
 pub fn describe() -> String {
-    format!(
-        "cpu ({} threads, {})",
-        rayon::current_num_threads(),
-        simd::level_name()
-    )
+    format!("cpu ({} threads, {})", rayon::current_num_threads(), simd::level_name())
 }
 
 /// The lowest-row problem of a parallel map over rows (deterministic whatever the schedule).
-pub(crate) fn first_problem<P: Copy>(
-    a: Option<(usize, P)>,
-    b: Option<(usize, P)>,
-) -> Option<(usize, P)> {
+pub(crate) fn first_problem<P: Copy>(a: Option<(usize, P)>, b: Option<(usize, P)>) -> Option<(usize, P)> {
     match (a, b) {
         (Some(x), Some(y)) => Some(if y.0 < x.0 { y } else { x }),
         (x, None) => x,

@@ -33,8 +33,7 @@ pub(crate) fn level() -> Level {
     *LEVEL.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
-            {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
                 return Level::Avx512;
             }
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -146,12 +145,7 @@ pub(crate) struct Blocks<'a, T> {
 impl<'a, T: crate::Element> Blocks<'a, T> {
     #[inline(always)]
     pub(crate) fn new(x: &'a [T], pad: f32) -> Self {
-        Blocks {
-            x,
-            pos: 0,
-            pad,
-            buf: [0.0; BLOCK],
-        }
+        Blocks { x, pos: 0, pad, buf: [0.0; BLOCK] }
     }
 
     #[inline(always)]

@@ -33,9 +33,7 @@ impl CudaDevice {
         }
         let ctx = primary_context(ordinal)?;
         module::load_all(&ctx)?;
-        Ok(CudaDevice {
-            stream: ctx.default_stream(),
-        })
+        Ok(CudaDevice { stream: ctx.default_stream() })
     }
 
     /// Uses a stream the caller already has (e.g. candle's `CudaDevice::cuda_stream()`);
@@ -57,10 +55,7 @@ impl CudaDevice {
 
     /// Compute capability, e.g. `(9, 0)` for an H100.
     pub fn compute_capability(&self) -> Result<(i32, i32)> {
-        self.stream
-            .context()
-            .compute_capability()
-            .map_err(driver_error("querying the compute capability"))
+        self.stream.context().compute_capability().map_err(driver_error("querying the compute capability"))
     }
 
     /// "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)".

@@ -118,12 +118,7 @@ fn check_forward(shape: RowShape, logits_len: usize, out_len: usize) -> Result<(
     shape.dense().check_buffer("out", out_len)
 }
 
-fn check_backward(
-    shape: RowShape,
-    out_len: usize,
-    grad_out_len: usize,
-    grad_len: usize,
-) -> Result<()> {
+fn check_backward(shape: RowShape, out_len: usize, grad_out_len: usize, grad_len: usize) -> Result<()> {
     shape.dense().check_buffer("out", out_len)?;
     shape.dense().check_buffer("grad_out", grad_out_len)?;
     shape.check_buffer("grad_logits", grad_len)
@@ -150,15 +145,7 @@ unsafe fn launch_forward(
     let (ld_x, ld_y) = (shape.row_stride as i64, shape.cols as i64);
     let (rows, cols) = (shape.rows as i32, shape.cols as i32);
     let mut launch = stream.launch_builder(&func);
-    launch
-        .arg(&logits)
-        .arg(&ld_x)
-        .arg(&out)
-        .arg(&ld_y)
-        .arg(&rows)
-        .arg(&cols)
-        .arg(&inv_tau)
-        .arg(&status);
+    launch.arg(&logits).arg(&ld_x).arg(&out).arg(&ld_y).arg(&rows).arg(&cols).arg(&inv_tau).arg(&status);
     // SAFETY: argument list matches `log_softmax_forward_<dtype>(const T*, long long, float*,
     // long long, int, int, float, unsigned long long*)`; grid = rows ≤ i32::MAX and the
     // block size are those the kernel expects (one block per row, 32..=1024 threads, a
@@ -189,13 +176,7 @@ unsafe fn launch_backward(
     let (ld_dense, ld_grad) = (shape.cols as i64, shape.row_stride as i64);
     let (rows, cols) = (shape.rows as i32, shape.cols as i32);
     let mut launch = stream.launch_builder(&func);
-    launch
-        .arg(&out)
-        .arg(&ld_dense)
-        .arg(&grad_out)
-        .arg(&ld_dense)
-        .arg(&grad)
-        .arg(&ld_grad);
+    launch.arg(&out).arg(&ld_dense).arg(&grad_out).arg(&ld_dense).arg(&grad).arg(&ld_grad);
     launch.arg(&rows).arg(&cols).arg(&inv_tau).arg(&status);
     // SAFETY: argument list matches `log_softmax_backward_<dtype>(const float*, long long,
     // const float*, long long, T*, long long, int, int, float, unsigned long long*)`; launch
@@ -245,11 +226,9 @@ pub mod raw {
 
     fn non_null(ptrs: &[(&'static str, u64)]) -> Result<()> {
         match ptrs.iter().find(|(_, p)| *p == 0) {
-            Some((what, _)) => Err(Error::InvalidOption {
-                name: what,
-                value: "null".into(),
-                expected: "a device pointer",
-            }),
+            Some((what, _)) => {
+                Err(Error::InvalidOption { name: what, value: "null".into(), expected: "a device pointer" })
+            }
             None => Ok(()),
         }
     }
@@ -286,26 +265,12 @@ pub mod raw {
     ) -> Result<()> {
         let shape = args.shape;
         check_forward(shape, shape.min_len(), shape.len())?;
-        non_null(&[
-            ("logits", args.logits),
-            ("out", args.out),
-            ("status", args.status),
-        ])?;
+        non_null(&[("logits", args.logits), ("out", args.out), ("status", args.status)])?;
         let inv_tau = opts.inv_temperature()?;
         // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
         let stream = unsafe { stream.borrow() }?;
         // SAFETY: the caller guarantees what `launch_forward` needs (see # Safety).
-        unsafe {
-            launch_forward(
-                &stream,
-                args.dtype,
-                shape,
-                args.logits,
-                args.out,
-                args.status,
-                inv_tau,
-            )
-        }
+        unsafe { launch_forward(&stream, args.dtype, shape, args.logits, args.out, args.status, inv_tau) }
     }
 
     /// [`cuda::log_softmax_backward`](crate::cuda::log_softmax_backward) on raw device
@@ -335,11 +300,7 @@ pub mod raw {
     ) -> Result<()> {
         let shape = args.shape;
         check_backward(shape, shape.len(), shape.len(), shape.min_len())?;
-        let ptrs = [
-            ("out", args.out),
-            ("grad_out", args.grad_out),
-            ("grad_logits", args.grad_logits),
-        ];
+        let ptrs = [("out", args.out), ("grad_out", args.grad_out), ("grad_logits", args.grad_logits)];
         non_null(&ptrs)?;
         non_null(&[("status", args.status)])?;
         let inv_tau = opts.inv_temperature()?;

@@ -38,8 +38,5 @@ pub mod raw {
 
 /// Turns a driver error into [`Error::Driver`](crate::Error::Driver), naming what failed.
 pub(crate) fn driver_error(during: &'static str) -> impl Fn(DriverError) -> crate::Error {
-    move |e| crate::Error::Driver {
-        during,
-        message: format!("{e:?}"),
-    }
+    move |e| crate::Error::Driver { during, message: format!("{e:?}") }
 }

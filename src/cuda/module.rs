@@ -48,11 +48,7 @@ fn with_loaded<R>(ctx: &Arc<CudaContext>, f: impl FnOnce(&mut Loaded) -> Result<
     let index = match all.iter().position(|l| l.ctx.cu_ctx() == ctx.cu_ctx()) {
         Some(i) => i,
         None => {
-            all.push(Loaded {
-                ctx: ctx.clone(),
-                modules: HashMap::new(),
-                functions: HashMap::new(),
-            });
+            all.push(Loaded { ctx: ctx.clone(), modules: HashMap::new(), functions: HashMap::new() });
             all.len() - 1
         }
     };
@@ -64,48 +60,34 @@ fn load(loaded: &mut Loaded, module: Module) -> Result<Arc<CudaModule>> {
         return Ok(m.clone());
     }
     let image = module.fatbin().ok_or(Error::KernelsNotBuilt)?;
-    let m = loaded
-        .ctx
-        .load_module(Ptx::from_binary(image.to_vec()))
-        .map_err(|e| load_error(&loaded.ctx, e))?;
+    let m =
+        loaded.ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(|e| load_error(&loaded.ctx, e))?;
     loaded.modules.insert(module, m.clone());
     Ok(m)
 }
 
 /// Loads every module into `ctx` (once); proves the kernels run on this GPU.
 pub(crate) fn load_all(ctx: &Arc<CudaContext>) -> Result<()> {
-    with_loaded(ctx, |loaded| {
-        Module::ALL
-            .iter()
-            .try_for_each(|&m| load(loaded, m).map(drop))
-    })
+    with_loaded(ctx, |loaded| Module::ALL.iter().try_for_each(|&m| load(loaded, m).map(drop)))
 }
 
 /// The kernel `name` of `module` in `ctx`, loading the module on first use.
-pub(crate) fn function(
-    ctx: &Arc<CudaContext>,
-    module: Module,
-    name: &'static str,
-) -> Result<CudaFunction> {
+pub(crate) fn function(ctx: &Arc<CudaContext>, module: Module, name: &'static str) -> Result<CudaFunction> {
     with_loaded(ctx, |loaded| {
         if let Some(f) = loaded.functions.get(name) {
             return Ok(f.clone());
         }
         let f = load(loaded, module)?
             .load_function(name)
-            .map_err(super::driver_error(
-                "looking up a kernel in the loaded module",
-            ))?;
+            .map_err(super::driver_error("looking up a kernel in the loaded module"))?;
         loaded.functions.insert(name, f.clone());
         Ok(f)
     })
 }
 
 fn load_error(ctx: &CudaContext, e: DriverError) -> Error {
-    let arch = ctx
-        .compute_capability()
-        .map(|(a, b)| format!("sm_{a}{b}"))
-        .unwrap_or_else(|_| "this GPU".into());
+    let arch =
+        ctx.compute_capability().map(|(a, b)| format!("sm_{a}{b}")).unwrap_or_else(|_| "this GPU".into());
     let during = match e.0 {
         sys::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU => {
             "loading the kernels: the binary has no code for this GPU; rebuild with \
@@ -117,8 +99,5 @@ fn load_error(ctx: &CudaContext, e: DriverError) -> Error {
         }
         _ => "loading the kernel modules",
     };
-    Error::Driver {
-        during,
-        message: format!("{e:?} on {arch}"),
-    }
+    Error::Driver { during, message: format!("{e:?} on {arch}") }
 }

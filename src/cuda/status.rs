@@ -36,18 +36,14 @@ pub struct CudaStatus {
 impl CudaStatus {
     /// Allocates a clear status word on `stream`'s device.
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        let word = stream
-            .clone_htod(&[STATUS_CLEAR])
-            .map_err(driver_error("allocating the status word"))?;
+        let word = stream.clone_htod(&[STATUS_CLEAR]).map_err(driver_error("allocating the status word"))?;
         Ok(CudaStatus { word })
     }
 
     /// Synchronises `stream`, reads the word and clears it. Returns the first problem
     /// reported since the last check as an error.
     pub fn check(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
-        let word = stream
-            .clone_dtoh(&self.word)
-            .map_err(driver_error("reading the status word"))?[0];
+        let word = stream.clone_dtoh(&self.word).map_err(driver_error("reading the status word"))?[0];
         if word != STATUS_CLEAR {
             stream
                 .memcpy_htod(&[STATUS_CLEAR], &mut self.word)
@@ -57,10 +53,7 @@ impl CudaStatus {
     }
 
     /// The device pointer, with cudarc's read/write tracking for `stream`.
-    pub(crate) fn device_ptr<'a>(
-        &'a mut self,
-        stream: &'a CudaStream,
-    ) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+    pub(crate) fn device_ptr<'a>(&'a mut self, stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
         self.word.device_ptr_mut(stream)
     }
 }
@@ -87,9 +80,7 @@ pub fn decode_status(word: u64) -> Result<()> {
         (Some(op), Some(problem)) => Err(op.invalid_row(row, problem)),
         _ => Err(Error::Driver {
             during: "decoding the status word",
-            message: format!(
-                "unknown report {word:#x}: the word was not initialised to STATUS_CLEAR"
-            ),
+            message: format!("unknown report {word:#x}: the word was not initialised to STATUS_CLEAR"),
         }),
     }
 }

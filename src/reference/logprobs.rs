@@ -17,19 +17,12 @@ use crate::{Element, LogSoftmaxOptions, Result, RowProblem, RowShape};
 /// assert!((out[0] - (0.5f64).ln()).abs() < 1e-15);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
-pub fn log_softmax<T: Element>(
-    logits: &[T],
-    shape: RowShape,
-    opts: &LogSoftmaxOptions,
-) -> Result<Vec<f64>> {
+pub fn log_softmax<T: Element>(logits: &[T], shape: RowShape, opts: &LogSoftmaxOptions) -> Result<Vec<f64>> {
     shape.check_buffer("logits", logits.len())?;
     let tau = opts.inv_temperature().map(|_| opts.temperature as f64)?;
     let mut out = Vec::with_capacity(shape.len());
     for r in 0..shape.rows {
-        let z: Vec<f64> = logits[shape.row_range(r)]
-            .iter()
-            .map(|x| x.to_f64() / tau)
-            .collect();
+        let z: Vec<f64> = logits[shape.row_range(r)].iter().map(|x| x.to_f64() / tau).collect();
         let (m, ln_sum) = row_lse(&z).map_err(|p| Op::LogSoftmax.invalid_row(r, p))?;
         out.extend(z.iter().map(|z| (z - m) - ln_sum));
     }
@@ -66,21 +59,14 @@ pub fn log_softmax_backward<T: Element>(
     let tau = opts.inv_temperature().map(|_| opts.temperature as f64)?;
     let mut grad = Vec::with_capacity(shape.len());
     for r in 0..shape.rows {
-        let z: Vec<f64> = logits[shape.row_range(r)]
-            .iter()
-            .map(|x| x.to_f64() / tau)
-            .collect();
+        let z: Vec<f64> = logits[shape.row_range(r)].iter().map(|x| x.to_f64() / tau).collect();
         let (m, ln_sum) = row_lse(&z).map_err(|p| Op::LogSoftmaxBackward.invalid_row(r, p))?;
         let g = &grad_out[r * shape.cols..(r + 1) * shape.cols];
         let total: f64 = g.iter().map(|&g| g as f64).sum();
         if !total.is_finite() {
             return Err(Op::LogSoftmaxBackward.invalid_row(r, RowProblem::GradNonFinite));
         }
-        grad.extend(
-            z.iter()
-                .zip(g)
-                .map(|(z, &g)| (g as f64 - ((z - m) - ln_sum).exp() * total) / tau),
-        );
+        grad.extend(z.iter().zip(g).map(|(z, &g)| (g as f64 - ((z - m) - ln_sum).exp() * total) / tau));
     }
     Ok(grad)
 }

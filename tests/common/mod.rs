@@ -17,11 +17,8 @@ pub fn small() -> bool {
 /// Every (rows, V) of the sweep, dense and with a row stride of V + 3 (rows then start at
 /// addresses that are not 16-byte aligned, which exercises the kernels' scalar path).
 pub fn shapes() -> Vec<RowShape> {
-    let (vocabs, rows): (&[usize], &[usize]) = if small() {
-        (&[1, 3, 129, 1000, 32000], &[1, 7])
-    } else {
-        (VOCABS, ROWS)
-    };
+    let (vocabs, rows): (&[usize], &[usize]) =
+        if small() { (&[1, 3, 129, 1000, 32000], &[1, 7]) } else { (VOCABS, ROWS) };
     let mut out = Vec::new();
     for &v in vocabs {
         for &n in rows {
@@ -83,9 +80,7 @@ pub fn check_shape<T: Element>(
     let grad_out = rng.normals(shape.len(), 1.0);
     let expected = reference::log_softmax_backward(&logits, shape, &grad_out, &opts).unwrap();
     let grad: Vec<T> = bwd.backward(&out, &grad_out, shape, &opts).unwrap();
-    let dense: Vec<T> = (0..shape.rows)
-        .flat_map(|r| grad[shape.row_range(r)].iter().copied())
-        .collect();
+    let dense: Vec<T> = (0..shape.rows).flat_map(|r| grad[shape.row_range(r)].iter().copied()).collect();
     let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     let tol = Tolerance::for_dtype(T::DTYPE).scaled(scale);
     assert_close(&dense, &expected, tol, &format!("backward {what}"));

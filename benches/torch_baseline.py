@@ -2,13 +2,18 @@
 """PyTorch baseline for the crate's benchmarks: the same shapes (benches/shapes.txt), the
 same work, timed the way each device is best timed.
 
-What is timed is what a PyTorch user writes:
-  log_softmax fwd:  torch.log_softmax(x, -1, dtype=torch.float32)           (f32 out)
-  log_softmax bwd:  torch.ops.aten._log_softmax_backward_data(g, y, -1, x.dtype)
-                    (what autograd runs; gradient in the logits' dtype)
+Each case is timed in two variants:
+  alloc  what a PyTorch user (and autograd) writes; PyTorch allocates the output each call
+         log_softmax fwd:  torch.log_softmax(x, -1, dtype=torch.float32)
+         log_softmax bwd:  torch.ops.aten._log_softmax_backward_data(g, y, -1, x.dtype)
+  out    the same kernels writing into preallocated outputs, as the crate's ops do
+         log_softmax fwd:  aten.log_softmax.int_out(x, -1, torch.float32, out=y)
+         log_softmax bwd:  aten._log_softmax_backward_data.out(g, y, -1, x.dtype, out=...)
+                           (PyTorch insists on an f32 output there: bf16/f16 add a copy)
+Ratios are taken against the faster of the two.
 
-One line per case on stdout:
-  op=log_softmax_fwd device=cpu dtype=bf16 shape=256x32000 median_ms=... gbps=...
+One line per case and variant on stdout:
+  op=log_softmax_fwd variant=alloc device=cpu dtype=bf16 shape=256x32000 median_ms=... gbps=...
 With --json, one JSON object per line instead. Bytes counted as in the Rust benches: each
 input read once, each output written once.
 """
@@ -61,15 +66,29 @@ def time_cuda(fn, reps=20, rounds=5):
 
 
 def cases(op, rows, cols, dtype, device):
+    """Yields (name, {variant: fn}, bytes)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(rows, cols, generator=gen) * 3).to(DTYPES[dtype]).to(device)
     g = torch.randn(rows, cols, generator=gen).to(device)
     n, size = rows * cols, SIZE[dtype]
+    aten = torch.ops.aten
     if op == "log_softmax":
         y = torch.log_softmax(x, -1, dtype=torch.float32)
-        yield "log_softmax_fwd", lambda: torch.log_softmax(x, -1, dtype=torch.float32), n * (size + 4)
-        bwd = torch.ops.aten._log_softmax_backward_data
-        yield "log_softmax_bwd", lambda: bwd(g, y, -1, x.dtype), n * (4 + 4 + size)
+        y_out = torch.empty_like(y)
+        fwd = {
+            "alloc": lambda: torch.log_softmax(x, -1, dtype=torch.float32),
+            "out": lambda: aten.log_softmax.int_out(x, -1, torch.float32, out=y_out),
+        }
+        yield "log_softmax_fwd", fwd, n * (size + 4)
+        dx32, dx = torch.empty_like(y), torch.empty_like(x)
+
+        def bwd_out():
+            aten._log_softmax_backward_data.out(g, y, -1, x.dtype, out=dx32)
+            if dx.dtype != dx32.dtype:
+                dx.copy_(dx32)
+
+        bwd = {"alloc": lambda: aten._log_softmax_backward_data(g, y, -1, x.dtype), "out": bwd_out}
+        yield "log_softmax_bwd", bwd, n * (4 + 4 + size)
 
 
 def main():
@@ -86,13 +105,14 @@ def main():
     print(f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}", file=sys.stderr)
     for op, rows, cols, dtype in shapes(args.shapes, args.device):
         with torch.no_grad():
-            for name, fn, nbytes in cases(op, rows, cols, dtype, args.device):
+            for name, variants, nbytes in cases(op, rows, cols, dtype, args.device):
                 if args.filter not in name:
                     continue
-                ms = timer(fn)
-                rec = dict(op=name, device=args.device, dtype=dtype, shape=f"{rows}x{cols}",
-                           median_ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1))
-                print(json.dumps(rec) if args.json else " ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
+                for variant, fn in variants.items():
+                    ms = timer(fn)
+                    rec = dict(op=name, variant=variant, device=args.device, dtype=dtype, shape=f"{rows}x{cols}",
+                               median_ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1))
+                    print(json.dumps(rec) if args.json else " ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
 
 
 if __name__ == "__main__":

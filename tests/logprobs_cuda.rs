@@ -196,6 +196,26 @@ mod gpu {
         assert_close(&dense, &expected, Tolerance::for_dtype(DType::F16).scaled(scale), "raw backward");
     }
 
+    /// proptest over random shapes, strides, temperatures and dtypes, as on the CPU.
+    pub fn random_shapes(gpu: &Gpu) {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let cases = if common::small() { 8 } else { 48 };
+        let mut runner = TestRunner::new(Config { cases, ..Config::default() });
+        let strategy = (1usize..9, 1usize..3000, 0usize..9, 0.25f32..4.0, 0usize..3, any::<u64>());
+        runner
+            .run(&strategy, |(rows, cols, pad, tau, dtype, seed)| {
+                let shape = RowShape::new(rows, cols).with_row_stride(cols + pad);
+                match DType::ALL[dtype] {
+                    DType::F32 => common::check_shape::<f32>(gpu, gpu, shape, tau, seed),
+                    DType::F16 => common::check_shape::<f16>(gpu, gpu, shape, tau, seed),
+                    DType::BF16 => common::check_shape::<bf16>(gpu, gpu, shape, tau, seed),
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
     /// Shape errors come back before anything is launched; a status word that was never
     /// cleared is not mistaken for a report.
     pub fn errors(gpu: &Gpu) {
@@ -238,3 +258,4 @@ gpu_test!(bad_rows);
 gpu_test!(batch_invariance);
 gpu_test!(raw_layer);
 gpu_test!(errors);
+gpu_test!(random_shapes);

@@ -126,7 +126,9 @@ fn target_archs(nvcc: &Path) -> Vec<String> {
 fn compile(nvcc: &Path, src: &Path, archs: &[String], out_dir: &Path) -> String {
     let name = stem(src);
     let mut cmd = Command::new(nvcc);
-    cmd.args(["-fatbin", "-O3", "-std=c++17", "-Xptxas", "-v", "-t", "0", "-I", "kernels"]);
+    // --fmad=false: no implicit multiply-add contraction, so shared device code rounds the same
+    // way in every kernel that inlines it (the kernels write fmaf where they want one).
+    cmd.args(["-fatbin", "-O3", "-std=c++17", "--fmad=false", "-Xptxas", "-v", "-t", "0", "-I", "kernels"]);
     for a in archs {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }

@@ -156,6 +156,75 @@ struct OnlineLse {
   }
 };
 
+// ---- online (max, Σe, Σe·d) state for log-probabilities and entropy ---------------------
+// For raw logits x with running max m (x units) and d = (x - m)/τ (z units, <= 0):
+//   s = Σ exp(d),  t = Σ exp(d)·d   (terms with exp(d) = 0 contribute 0, never 0·(-inf)),
+// so ln Σ exp(z) = m/τ + ln s and Σ p·(z - m/τ) = t/s, i.e. entropy H = ln s - t/s.
+// Every operation uses explicit round-to-nearest intrinsics or fmaf (and the files are built
+// with --fmad=false), so the same inputs give the same bits in every kernel that inlines it.
+struct Partial {
+  float m, s, t;
+  __device__ __forceinline__ Partial() : m(neg_inf()), s(0.0f), t(0.0f) {}
+
+  // (m1, s1, t1) ⊕ (m2, s2, t2) at M = max(m1, m2):
+  //   s = a1·s1 + a2·s2,  t = a1·(t1 + δ1·s1) + a2·(t2 + δ2·s2),  a_i = exp(δ_i), δ_i = (m_i - M)/τ.
+  // An empty side (m = -inf) contributes nothing.
+  __device__ __forceinline__ void merge(const Partial& o, float inv_tau) {
+    if (o.m == neg_inf()) return;  // nothing to add
+    if (m == neg_inf()) {          // nothing here yet: take the other side as it is
+      *this = o;
+      return;
+    }
+    const float M = fmaxf(m, o.m);
+    const float d1 = __fmul_rn(__fsub_rn(m, M), inv_tau);
+    const float d2 = __fmul_rn(__fsub_rn(o.m, M), inv_tau);
+    const float a1 = exp2f(__fmul_rn(d1, LOG2E));
+    const float a2 = exp2f(__fmul_rn(d2, LOG2E));
+    const float t_new = __fadd_rn(__fmul_rn(a1, fmaf(d1, s, t)), __fmul_rn(a2, fmaf(d2, o.s, o.t)));
+    s = __fadd_rn(__fmul_rn(a1, s), __fmul_rn(a2, o.s));
+    t = t_new;
+    m = M;
+  }
+};
+
+// Butterfly merge across a warp, then across the warps of the block: every thread returns the
+// same block-wide Partial. `scratch` holds 96 floats; ends with a __syncthreads.
+__device__ __forceinline__ Partial block_merge_partial(Partial p, float inv_tau, float* scratch) {
+  const int warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    Partial q;
+    q.m = __shfl_xor_sync(0xffffffffu, p.m, o);
+    q.s = __shfl_xor_sync(0xffffffffu, p.s, o);
+    q.t = __shfl_xor_sync(0xffffffffu, p.t, o);
+    p.merge(q, inv_tau);
+  }
+  if (warps == 1) return p;
+  if (lane == 0) {
+    scratch[warp] = p.m;
+    scratch[32 + warp] = p.s;
+    scratch[64 + warp] = p.t;
+  }
+  __syncthreads();
+  Partial total;
+  if (lane < warps) {
+    total.m = scratch[lane];
+    total.s = scratch[32 + lane];
+    total.t = scratch[64 + lane];
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    Partial q;
+    q.m = __shfl_xor_sync(0xffffffffu, total.m, o);
+    q.s = __shfl_xor_sync(0xffffffffu, total.s, o);
+    q.t = __shfl_xor_sync(0xffffffffu, total.t, o);
+    total.merge(q, inv_tau);
+  }
+  __syncthreads();
+  return total;
+}
+
 // ---- input problems ---------------------------------------------------------------------
 // Problem codes shared with src/status.rs (RowProblem). Lower code wins within a row.
 enum Problem : unsigned {
@@ -163,6 +232,7 @@ enum Problem : unsigned {
   PROBLEM_POS_INF = 2,
   PROBLEM_ALL_NEG_INF = 3,
   PROBLEM_GRAD_NON_FINITE = 4,
+  PROBLEM_TARGET_OUT_OF_RANGE = 5,
 };
 
 // Records the lowest (row, op, problem) seen into the status word. Integer atomicMin:

@@ -104,6 +104,278 @@ __device__ void log_softmax_backward(const float* __restrict__ out, long long ld
   }
 }
 
+
+// ---- token log-probabilities, entropy and lse ---------------------------------------------
+// A row is cut into chunks of TOKEN_BLOCK · TOKEN_VPT vectors (4096 f32 or 8192 f16/bf16
+// logits): thread i of a chunk owns vectors i, i + 256, i + 512, i + 768 of it. Each chunk
+// gives one Partial (block-merged in a fixed tree), and a row is the fold of its chunks'
+// Partials in chunk order. Whether one block walks the whole row (many rows) or one block
+// per chunk writes its Partial for a merge kernel (few rows, to fill the GPU), the same
+// operations run in the same order: the result depends on V and the dtype only.
+
+constexpr int TOKEN_BLOCK = 256;
+constexpr int TOKEN_VPT = 4;
+constexpr unsigned OP_TOKEN_LOGPROBS = 3;
+constexpr unsigned OP_TOKEN_LOGPROBS_BACKWARD = 4;
+
+// Mirrors src/logprobs.rs `VocabPartial` (repr(C), 20 bytes).
+struct VocabPartial {
+  float max_logit, sum_exp, sum_exp_d, target_logit;
+  unsigned flags;
+};
+constexpr unsigned PART_NAN = 1, PART_POS_INF = 2, PART_HAS_TARGET = 4;
+
+// Target ids arrive as i32 (kind 0), u32 (1) or i64 (2).
+__device__ __forceinline__ long long load_target(const void* targets, int kind, long long row) {
+  if (kind == 0) return static_cast<const int*>(targets)[row];
+  if (kind == 1) return static_cast<const unsigned*>(targets)[row];
+  return static_cast<const long long*>(targets)[row];
+}
+
+// Row selection shared by every token kernel: mask byte 0, or the target equals the ignore
+// index, means the row is padding: outputs 0, gradient 0, logits never read.
+struct RowSelect {
+  const void* targets;
+  int index_kind;
+  const unsigned char* mask;  // nullable
+  int has_ignore;
+  long long ignore_index;
+
+  __device__ __forceinline__ bool masked(long long row, long long target) const {
+    return (mask != nullptr && mask[row] == 0) || (has_ignore && target == ignore_index);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ long long token_chunk_len() {
+  return static_cast<long long>(TOKEN_BLOCK) * TOKEN_VPT * VecOf<T>::N;
+}
+
+// The Partial of chunk `c` of row `x`, identical in every thread; `flags` gets bit 0 for a
+// NaN and bit 1 for a +inf among this thread's elements.
+template <typename T, bool ENTROPY>
+__device__ __forceinline__ Partial chunk_partial(const T* __restrict__ x, long long c, int cols, bool vec_ok,
+                                                 float inv_tau, float* scratch, unsigned& flags) {
+  constexpr int N = VecOf<T>::N;
+  float v[TOKEN_VPT][N];
+#pragma unroll
+  for (int j = 0; j < TOKEN_VPT; ++j) {
+    const long long k = c * (TOKEN_BLOCK * TOKEN_VPT) + j * TOKEN_BLOCK + threadIdx.x;
+    load_chunk(x, k, cols, vec_ok, neg_inf(), v[j]);
+  }
+  Partial p;
+#pragma unroll
+  for (int j = 0; j < TOKEN_VPT; ++j) {
+    flags |= chunk_flags(v[j]);
+#pragma unroll
+    for (int i = 0; i < N; ++i) p.m = fmaxf(p.m, v[j][i]);
+  }
+  if (p.m != neg_inf()) {
+#pragma unroll
+    for (int j = 0; j < TOKEN_VPT; ++j) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float d = __fmul_rn(__fsub_rn(v[j][i], p.m), inv_tau);
+        const float e = exp2f(__fmul_rn(d, LOG2E));
+        p.s = __fadd_rn(p.s, e);
+        if (ENTROPY) p.t = fmaf(e, fmaxf(d, -1.0e30f), p.t);  // exp(-inf)·(-inf) is 0, not NaN
+      }
+    }
+  }
+  return block_merge_partial(p, inv_tau, scratch);
+}
+
+// Writes logp, entropy and lse of one row from its folded Partial and the target's logit, or
+// NaN and a report when the row has no defined result. Called by one thread.
+__device__ __forceinline__ void finish_row(long long row, const Partial& p, unsigned flags, bool has_target,
+                                           float target_logit, float inv_tau, float* logp, float* entropy,
+                                           float* lse, unsigned long long* status) {
+  unsigned problem = (flags & PART_NAN)       ? PROBLEM_NAN
+                     : (flags & PART_POS_INF) ? PROBLEM_POS_INF
+                     : p.m == neg_inf()       ? PROBLEM_ALL_NEG_INF
+                     : !has_target            ? PROBLEM_TARGET_OUT_OF_RANGE
+                                              : 0u;
+  float lp = quiet_nan(), h = quiet_nan(), l = quiet_nan();
+  if (problem != 0) {
+    report(status, row, OP_TOKEN_LOGPROBS, problem);
+  } else {
+    const float ln_s = logf(p.s);
+    lp = __fsub_rn(__fmul_rn(__fsub_rn(target_logit, p.m), inv_tau), ln_s);
+    h = __fsub_rn(ln_s, __fdiv_rn(p.t, p.s));
+    l = __fadd_rn(__fmul_rn(p.m, inv_tau), ln_s);
+  }
+  if (logp) logp[row] = lp;
+  if (entropy) entropy[row] = h;
+  if (lse) lse[row] = l;
+}
+
+__device__ __forceinline__ void write_zero_row(long long row, float* logp, float* entropy, float* lse) {
+  if (logp) logp[row] = 0.0f;
+  if (entropy) entropy[row] = 0.0f;
+  if (lse) lse[row] = 0.0f;
+}
+
+// One block per row walks the whole row. With `partials` null it finishes the row
+// (outputs + status); otherwise it writes the row's VocabPartial over this vocabulary shard,
+// whose first column is global token `vocab_offset` (tensor-parallel building block).
+template <typename T, bool ENTROPY>
+__device__ void token_rows(const T* __restrict__ logits, long long ld, int rows, int cols, RowSelect sel,
+                           float inv_tau, long long vocab_offset, float* logp, float* entropy, float* lse,
+                           VocabPartial* partials, unsigned long long* status) {
+  __shared__ float scratch[96];
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const long long target = load_target(sel.targets, sel.index_kind, row);
+  const long long local = target - vocab_offset;
+  const bool has_target = local >= 0 && local < cols;
+  if (sel.masked(row, target) || (partials == nullptr && !has_target)) {
+    if (threadIdx.x == 0) {
+      if (partials != nullptr) {
+        partials[row] = VocabPartial{neg_inf(), 0.0f, 0.0f, 0.0f, 0u};
+      } else if (sel.masked(row, target)) {
+        write_zero_row(row, logp, entropy, lse);
+      } else {
+        finish_row(row, Partial(), 0u, false, 0.0f, inv_tau, logp, entropy, lse, status);
+      }
+    }
+    return;
+  }
+  const T* x = logits + row * ld;
+  const bool vec_ok = aligned16(x);
+  const long long chunks = (cols + token_chunk_len<T>() - 1) / token_chunk_len<T>();
+  Partial state;
+  unsigned flags = 0;
+  for (long long c = 0; c < chunks; ++c) state.merge(chunk_partial<T, ENTROPY>(x, c, cols, vec_ok, inv_tau, scratch, flags), inv_tau);
+  const unsigned all = (__syncthreads_or(flags & 1u) ? PART_NAN : 0u) | (__syncthreads_or(flags & 2u) ? PART_POS_INF : 0u);
+  if (threadIdx.x != 0) return;
+  const float xt = has_target ? to_f32(x[local]) : 0.0f;
+  if (partials != nullptr) {
+    partials[row] = VocabPartial{state.m, state.s, state.t, xt, all | (has_target ? PART_HAS_TARGET : 0u)};
+  } else {
+    finish_row(row, state, all, true, xt, inv_tau, logp, entropy, lse, status);
+  }
+}
+
+// One block per (row, chunk), for few long rows: writes the chunk's VocabPartial to
+// `partials[row * chunks + c]`; token_merge finishes the rows.
+template <typename T, bool ENTROPY>
+__device__ void token_chunks(const T* __restrict__ logits, long long ld, int rows, int cols, RowSelect sel,
+                             float inv_tau, VocabPartial* __restrict__ partials) {
+  __shared__ float scratch[96];
+  const long long chunks = (cols + token_chunk_len<T>() - 1) / token_chunk_len<T>();
+  const long long row = blockIdx.x / chunks, c = blockIdx.x % chunks;
+  if (row >= rows) return;
+  const long long target = load_target(sel.targets, sel.index_kind, row);
+  if (sel.masked(row, target)) {
+    if (threadIdx.x == 0) partials[row * chunks + c] = VocabPartial{neg_inf(), 0.0f, 0.0f, 0.0f, 0u};
+    return;
+  }
+  const T* x = logits + row * ld;
+  unsigned flags = 0;
+  const Partial p = chunk_partial<T, ENTROPY>(x, c, cols, aligned16(x), inv_tau, scratch, flags);
+  const unsigned all = (__syncthreads_or(flags & 1u) ? PART_NAN : 0u) | (__syncthreads_or(flags & 2u) ? PART_POS_INF : 0u);
+  if (threadIdx.x != 0) return;
+  const long long len = token_chunk_len<T>();
+  const bool has_target = target >= c * len && target < min((c + 1) * len, static_cast<long long>(cols));
+  const float xt = has_target ? to_f32(x[target]) : 0.0f;
+  partials[row * chunks + c] = VocabPartial{p.m, p.s, p.t, xt, all | (has_target ? PART_HAS_TARGET : 0u)};
+}
+
+}  // namespace
+
+// Folds `parts` VocabPartials per row, in order (record (row, k) at
+// partials[row * row_stride + k * part_stride]), and finishes the rows: the second half of
+// the split forward, and the merge of vocabulary shards from a tensor-parallel all-gather.
+extern "C" __global__ void __launch_bounds__(256)
+token_merge(const VocabPartial* __restrict__ partials, long long row_stride, long long part_stride, int parts,
+            int rows, RowSelect sel, float inv_tau, float* logp, float* entropy, float* lse,
+            unsigned long long* status) {
+  const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  const long long target = load_target(sel.targets, sel.index_kind, row);
+  if (sel.masked(row, target)) {
+    write_zero_row(row, logp, entropy, lse);
+    return;
+  }
+  Partial state;
+  unsigned flags = 0;
+  bool has_target = false;
+  float xt = 0.0f;
+  for (int k = 0; k < parts; ++k) {
+    const VocabPartial r = partials[row * row_stride + k * part_stride];
+    Partial p;
+    p.m = r.max_logit;
+    p.s = r.sum_exp;
+    p.t = r.sum_exp_d;
+    state.merge(p, inv_tau);
+    flags |= r.flags;
+    if ((r.flags & PART_HAS_TARGET) && !has_target) {
+      has_target = true;
+      xt = r.target_logit;
+    }
+  }
+  finish_row(row, state, flags, has_target, xt, inv_tau, logp, entropy, lse, status);
+}
+
+namespace {
+
+// grad[v] = (g_logp·(1[v = y] − p_v) − g_H·p_v·(z_v − Σ p·z)) / τ, p_v = exp(z_v − lse),
+// with z_v − Σ p·z = (z_v − lse) + H. One block per (row, chunk); `grad` may be `logits`
+// (in place): every element is read before the same thread overwrites it.
+template <typename T>
+__device__ void token_backward(const T* logits, long long ld, T* grad, long long ld_grad, int rows, int cols,
+                               RowSelect sel, const float* __restrict__ lse, const float* __restrict__ entropy,
+                               const float* __restrict__ g_logp, const float* __restrict__ g_entropy, float inv_tau,
+                               unsigned long long* status) {
+  constexpr int N = VecOf<T>::N;
+  const long long chunks = (cols + token_chunk_len<T>() - 1) / token_chunk_len<T>();
+  const long long row = blockIdx.x / chunks, c = blockIdx.x % chunks;
+  if (row >= rows) return;
+  const long long target = load_target(sel.targets, sel.index_kind, row);
+  const bool masked = sel.masked(row, target);
+  const float gl = g_logp ? g_logp[row] : 0.0f;
+  const float gh = g_entropy ? g_entropy[row] : 0.0f;
+  const float L = lse[row];
+  const float H = g_entropy ? entropy[row] : 0.0f;
+  unsigned problem = 0;
+  if (!masked) {
+    problem = !(isfinite(L) && isfinite(H))           ? PROBLEM_NAN
+              : !(isfinite(gl) && isfinite(gh))        ? PROBLEM_GRAD_NON_FINITE
+              : !(target >= 0 && target < cols)        ? PROBLEM_TARGET_OUT_OF_RANGE
+                                                       : 0u;
+    if (problem != 0 && c == 0 && threadIdx.x == 0) report(status, row, OP_TOKEN_LOGPROBS_BACKWARD, problem);
+  }
+  const T* x = logits + row * ld;
+  T* dx = grad + row * ld_grad;
+  const bool x_vec = aligned16(x), dx_vec = aligned16(dx);
+  float v[TOKEN_VPT][N];
+  if (!masked && problem == 0) {
+#pragma unroll
+    for (int j = 0; j < TOKEN_VPT; ++j)
+      load_chunk(x, c * (TOKEN_BLOCK * TOKEN_VPT) + j * TOKEN_BLOCK + threadIdx.x, cols, x_vec, 0.0f, v[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < TOKEN_VPT; ++j) {
+    const long long k = c * (TOKEN_BLOCK * TOKEN_VPT) + j * TOKEN_BLOCK + threadIdx.x;
+    float r[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (masked) {
+        r[i] = 0.0f;
+      } else if (problem != 0) {
+        r[i] = quiet_nan();
+      } else {
+        const float a = fmaf(v[j][i], inv_tau, -L);  // z_v − lse
+        const float p = exp2f(__fmul_rn(a, LOG2E));
+        const float hit = (k * N + i == target) ? 1.0f : 0.0f;
+        const float h_term = p > 0.0f ? __fmul_rn(p, __fadd_rn(a, H)) : 0.0f;
+        r[i] = __fmul_rn(inv_tau, __fsub_rn(__fmul_rn(gl, __fsub_rn(hit, p)), __fmul_rn(gh, h_term)));
+      }
+    }
+    store_chunk(dx, k, cols, dx_vec, r);
+  }
+}
+
 }  // namespace
 
 #define RK_LOG_SOFTMAX(SUFFIX, T)                                                              \
@@ -120,6 +392,34 @@ __device__ void log_softmax_backward(const float* __restrict__ out, long long ld
                             inv_tau, status);                                                  \
   }
 
+#define RK_TOKEN_FORWARD(NAME, SUFFIX, T, ENTROPY)                                                     \
+  extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK) NAME##_rows_##SUFFIX(                        \
+      const T* logits, long long ld, int rows, int cols, RowSelect sel, float inv_tau,                  \
+      long long vocab_offset, float* logp, float* entropy, float* lse, VocabPartial* partials,           \
+      unsigned long long* status) {                                                                      \
+    token_rows<T, ENTROPY>(logits, ld, rows, cols, sel, inv_tau, vocab_offset, logp, entropy, lse,       \
+                           partials, status);                                                            \
+  }                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK) NAME##_chunks_##SUFFIX(                      \
+      const T* logits, long long ld, int rows, int cols, RowSelect sel, float inv_tau,                  \
+      VocabPartial* partials) {                                                                          \
+    token_chunks<T, ENTROPY>(logits, ld, rows, cols, sel, inv_tau, partials);                            \
+  }
+
+#define RK_TOKEN(SUFFIX, T)                                                                              \
+  RK_TOKEN_FORWARD(token_logprobs, SUFFIX, T, false)                                                     \
+  RK_TOKEN_FORWARD(token_logprobs_entropy, SUFFIX, T, true)                                              \
+  extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK) token_logprobs_backward_##SUFFIX(            \
+      const T* logits, long long ld, T* grad, long long ld_grad, int rows, int cols, RowSelect sel,       \
+      const float* lse, const float* entropy, const float* g_logp, const float* g_entropy,              \
+      float inv_tau, unsigned long long* status) {                                                       \
+    token_backward<T>(logits, ld, grad, ld_grad, rows, cols, sel, lse, entropy, g_logp, g_entropy,       \
+                      inv_tau, status);                                                                  \
+  }
+
 RK_LOG_SOFTMAX(f32, float)
 RK_LOG_SOFTMAX(f16, __half)
 RK_LOG_SOFTMAX(bf16, __nv_bfloat16)
+RK_TOKEN(f32, float)
+RK_TOKEN(f16, __half)
+RK_TOKEN(bf16, __nv_bfloat16)

@@ -161,6 +161,10 @@ pub enum RowProblem {
     AllNegInf,
     /// The upstream gradient of the row is not finite (NaN or infinite, or its sum overflows).
     GradNonFinite,
+    /// The row's target is outside `[0, V)` and not the ignore index (reported this way when
+    /// only the device or the shard merge can see it; host-side checks return
+    /// [`Error::TargetOutOfRange`] with the value).
+    TargetOutOfRange,
 }
 
 impl RowProblem {
@@ -171,12 +175,18 @@ impl RowProblem {
             RowProblem::PosInf => 2,
             RowProblem::AllNegInf => 3,
             RowProblem::GradNonFinite => 4,
+            RowProblem::TargetOutOfRange => 5,
         }
     }
 
     /// Every problem, in code order.
-    pub(crate) const ALL: [RowProblem; 4] =
-        [RowProblem::NaN, RowProblem::PosInf, RowProblem::AllNegInf, RowProblem::GradNonFinite];
+    pub(crate) const ALL: [RowProblem; 5] = [
+        RowProblem::NaN,
+        RowProblem::PosInf,
+        RowProblem::AllNegInf,
+        RowProblem::GradNonFinite,
+        RowProblem::TargetOutOfRange,
+    ];
 
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn from_code(code: u8) -> Option<Self> {
@@ -194,6 +204,10 @@ impl fmt::Display for RowProblem {
                  or mask the row out"
             }
             RowProblem::GradNonFinite => "has a NaN or infinite upstream gradient",
+            RowProblem::TargetOutOfRange => {
+                "has a target outside [0, V) that is not the ignore index: mark padding with the \
+                 ignore index or the mask"
+            }
         })
     }
 }
@@ -203,6 +217,8 @@ impl fmt::Display for RowProblem {
 pub(crate) enum Op {
     LogSoftmax = 1,
     LogSoftmaxBackward = 2,
+    TokenLogprobs = 3,
+    TokenLogprobsBackward = 4,
 }
 
 impl Op {
@@ -210,6 +226,8 @@ impl Op {
         match self {
             Op::LogSoftmax => "log_softmax",
             Op::LogSoftmaxBackward => "log_softmax_backward",
+            Op::TokenLogprobs => "token_logprobs",
+            Op::TokenLogprobsBackward => "token_logprobs_backward",
         }
     }
 
@@ -218,6 +236,8 @@ impl Op {
         match id {
             1 => Some(Op::LogSoftmax),
             2 => Some(Op::LogSoftmaxBackward),
+            3 => Some(Op::TokenLogprobs),
+            4 => Some(Op::TokenLogprobsBackward),
             _ => None,
         }
     }
@@ -241,13 +261,14 @@ mod tests {
             ("PROBLEM_POS_INF", RowProblem::PosInf),
             ("PROBLEM_ALL_NEG_INF", RowProblem::AllNegInf),
             ("PROBLEM_GRAD_NON_FINITE", RowProblem::GradNonFinite),
+            ("PROBLEM_TARGET_OUT_OF_RANGE", RowProblem::TargetOutOfRange),
         ] {
             let line = format!("{name} = {},", problem.code());
             assert!(header.contains(&line), "kernels/common.cuh lacks `{line}`");
             assert_eq!(RowProblem::from_code(problem.code()), Some(problem));
         }
         let kernel = include_str!("../kernels/logprobs.cu");
-        for op in [Op::LogSoftmax, Op::LogSoftmaxBackward] {
+        for op in [Op::LogSoftmax, Op::LogSoftmaxBackward, Op::TokenLogprobs, Op::TokenLogprobsBackward] {
             let line = format!("OP_{} = {};", op.name().to_uppercase(), op as u8);
             let line = line.replace("OP_LOG_SOFTMAX =", "OP_LOG_SOFTMAX_FORWARD =");
             assert!(kernel.contains(&line), "kernels/logprobs.cu lacks `{line}`");

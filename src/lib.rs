@@ -46,7 +46,10 @@ pub use cudarc;
 pub use dtype::{DType, Element, IndexType, TargetIndex, validate_targets};
 pub use error::{Error, Result, RowProblem};
 pub use half::{bf16, f16};
-pub use logprobs::LogSoftmaxOptions;
+pub use logprobs::{
+    LogSoftmaxOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, TokenStats, Tokens, VocabPartial,
+    merge_vocab_partials,
+};
 pub use shape::{MAX_DIM, RowShape};
 
 /// The README's code runs as a doctest, so it cannot drift from the API.

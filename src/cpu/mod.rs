@@ -8,7 +8,10 @@
 mod logprobs;
 pub(crate) mod simd;
 
-pub use logprobs::{log_softmax, log_softmax_backward};
+pub use logprobs::{
+    finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
+    token_logprobs_backward_in_place, vocab_shard_partials,
+};
 
 /// A short description of the CPU backend: worker threads and vector instruction set.
 pub fn describe() -> String {

@@ -7,4 +7,6 @@
 
 mod logprobs;
 
-pub use logprobs::{log_softmax, log_softmax_backward};
+pub use logprobs::{
+    TokenLogprobs, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
+};

@@ -2,6 +2,8 @@
 //! the CPU and the CUDA backend, each held to the f64 reference.
 #![allow(dead_code)] // each test file uses part of this module
 
+pub mod tokens;
+
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{DType, Element, LogSoftmaxOptions, Result, RowShape, reference};
 
@@ -118,6 +120,8 @@ pub fn bad_batches() -> Vec<(Vec<f32>, usize, rlhf_kernels::RowProblem)> {
         ([0.0, f32::NAN, 1.0], 1, NaN),
         ([0.0, f32::INFINITY, 1.0], 3, PosInf),
         ([f32::NAN, f32::INFINITY, ninf], 0, NaN),
+        ([f32::NAN, f32::NAN, f32::NAN], 1, NaN),
+        ([f32::NAN, ninf, ninf], 2, NaN),
     ] {
         let mut v = Vec::new();
         for r in 0..4 {

@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::simd::{self, BLOCK, Blocks, LANES, LOG2E, dispatch};
-use super::{first_problem, rows_per_task};
+use crate::cpu::simd::{self, BLOCK, Blocks, LANES, LOG2E, dispatch};
+use crate::cpu::{first_problem, rows_per_task};
 use crate::error::Op;
 use crate::{Element, LogSoftmaxOptions, Result, RowProblem, RowShape};
 
@@ -128,19 +128,24 @@ fn online_lse<T: Element>(x: &[T], c: f32) -> Result<(f32, f32), RowProblem> {
         }
     }
     let s = simd::sum_lanes(&acc);
-    if s.is_nan() || m == f32::INFINITY {
-        return Err(classify(x));
-    }
-    if m == f32::NEG_INFINITY {
-        return Err(RowProblem::AllNegInf);
+    // An all-NaN row leaves m at -inf (max ignores NaN): scan those too.
+    if s.is_nan() || m == f32::INFINITY || m == f32::NEG_INFINITY {
+        return Err(classify(x, m));
     }
     Ok((m, s))
 }
 
-/// Names the problem of a row known to hold a NaN or a `+inf` (NaN first).
+/// Names the problem of a row whose sum is NaN or whose max is ±inf: NaN first, then +inf,
+/// then only -inf.
 #[cold]
-fn classify<T: Element>(x: &[T]) -> RowProblem {
-    if x.iter().any(|v| v.to_f32().is_nan()) { RowProblem::NaN } else { RowProblem::PosInf }
+fn classify<T: Element>(x: &[T], m: f32) -> RowProblem {
+    if x.iter().any(|v| v.to_f32().is_nan()) {
+        RowProblem::NaN
+    } else if m == f32::INFINITY {
+        RowProblem::PosInf
+    } else {
+        RowProblem::AllNegInf
+    }
 }
 
 #[inline(always)]

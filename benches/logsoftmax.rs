@@ -6,24 +6,15 @@
 //! `cargo bench --bench logsoftmax -- cpu` runs the CPU cases only; scripts/bench-cpu.sh
 //! puts them beside PyTorch's.
 
-use std::time::Duration;
+mod common;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use common::{config, id};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{DType, Element, LogSoftmaxOptions, RowShape, bf16, cpu, f16};
 
-/// (device, shape, dtype) of every `log_softmax` line of benches/shapes.txt.
 fn shapes(device: &str) -> Vec<(RowShape, DType)> {
-    include_str!("shapes.txt")
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or("").split_whitespace().collect::<Vec<_>>())
-        .filter(|w| w.len() == 5 && w[0] == "log_softmax" && w[1] == device)
-        .map(|w| (RowShape::new(w[2].parse().unwrap(), w[3].parse().unwrap()), w[4].parse().unwrap()))
-        .collect()
-}
-
-fn id(device: &str, shape: RowShape, dtype: DType) -> BenchmarkId {
-    BenchmarkId::new(device, format!("{dtype}/{}x{}", shape.rows, shape.cols))
+    common::shapes("log_softmax", device)
 }
 
 fn bytes(shape: RowShape, dtype: DType) -> (u64, u64) {
@@ -69,38 +60,13 @@ fn bench_cpu_typed<T: Element>(c: &mut Criterion, shape: RowShape) {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
-    use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
-    use rlhf_kernels::cudarc::driver::{CudaStream, DeviceRepr};
+    use crate::common::gpu::{device, time_events};
+    use rlhf_kernels::cuda::{self, CudaStatus};
+    use rlhf_kernels::cudarc::driver::CudaStream;
     use std::sync::Arc;
 
-    /// Times `iters` back-to-back launches with CUDA events (the kernels' own time, no host
-    /// synchronisation inside the timed region).
-    fn time_events(stream: &Arc<CudaStream>, iters: u64, mut launch: impl FnMut()) -> Duration {
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let start = stream.record_event(flags).unwrap();
-        for _ in 0..iters {
-            launch();
-        }
-        let end = stream.record_event(flags).unwrap();
-        Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 / 1e3)
-    }
-
-    fn upload<T: DeviceRepr>(
-        stream: &Arc<CudaStream>,
-        v: &[T],
-    ) -> rlhf_kernels::cudarc::driver::CudaSlice<T> {
-        stream.clone_htod(v).unwrap()
-    }
-
     pub fn bench_cuda(c: &mut Criterion) {
-        let device = match CudaDevice::new(0) {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("skipped: CUDA benches: {e}");
-                return;
-            }
-        };
+        let Some(device) = device() else { return };
         let s = device.stream().clone();
         bench_copy(c, &s);
         for (shape, dtype) in shapes("cuda") {
@@ -127,8 +93,8 @@ mod gpu {
 
     fn bench_typed<T: Element>(c: &mut Criterion, s: &Arc<CudaStream>, shape: RowShape) {
         let mut rng = Rng::new(0);
-        let x = upload(s, &rng.logits::<T>(shape, 3.0));
-        let g_out = upload(s, &rng.normals(shape.len(), 1.0));
+        let x = s.clone_htod(&rng.logits::<T>(shape, 3.0)).unwrap();
+        let g_out = s.clone_htod(&rng.normals(shape.len(), 1.0)).unwrap();
         let mut y = s.alloc_zeros::<f32>(shape.len()).unwrap();
         let mut dx = s.alloc_zeros::<T>(shape.len()).unwrap();
         let mut status = CudaStatus::new(s).unwrap();
@@ -164,13 +130,6 @@ use gpu::bench_cuda;
 #[cfg(not(feature = "cuda"))]
 fn bench_cuda(_: &mut Criterion) {
     eprintln!("skipped: CUDA benches: built without the `cuda` feature");
-}
-
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
 }
 
 criterion_group! { name = benches; config = config(); targets = bench_cpu, bench_cuda }

@@ -2,15 +2,22 @@
 """PyTorch baseline for the crate's benchmarks: the same shapes (benches/shapes.txt), the
 same work, timed the way each device is best timed.
 
-Each case is timed in two variants:
-  alloc  what a PyTorch user (and autograd) writes; PyTorch allocates the output each call
-         log_softmax fwd:  torch.log_softmax(x, -1, dtype=torch.float32)
-         log_softmax bwd:  torch.ops.aten._log_softmax_backward_data(g, y, -1, x.dtype)
+Each case is timed in up to two variants:
+  alloc  what a PyTorch user (and autograd) writes; PyTorch allocates the outputs each call
   out    the same kernels writing into preallocated outputs, as the crate's ops do
-         log_softmax fwd:  aten.log_softmax.int_out(x, -1, torch.float32, out=y)
-         log_softmax bwd:  aten._log_softmax_backward_data.out(g, y, -1, x.dtype, out=...)
-                           (PyTorch insists on an f32 output there: bf16/f16 add a copy)
 Ratios are taken against the faster of the two.
+
+  log_softmax_fwd             alloc: torch.log_softmax(x, -1, dtype=torch.float32)
+                              out:   aten.log_softmax.int_out(x, -1, torch.float32, out=y)
+  log_softmax_bwd             alloc: aten._log_softmax_backward_data(g, y, -1, x.dtype)
+                              out:   aten._log_softmax_backward_data.out(..., out=...) (PyTorch
+                                     insists on an f32 output there: bf16/f16 add a copy)
+  token_logprobs_fwd          alloc: log_softmax(x, -1, dtype=f32).gather(-1, y[:, None])
+                              out:   log_softmax into a preallocated buffer, then gather
+  token_logprobs_entropy_fwd  alloc: lp = log_softmax(x, -1, dtype=f32); lp.gather(...);
+                                     -(lp.exp() * lp).sum(-1)
+  token_logprobs_bwd          alloc: torch.autograd.grad of sum(g·logp + g_H·H) w.r.t. x
+                                     (backward only: the graph is built once and retained)
 
 One line per case and variant on stdout:
   op=log_softmax_fwd variant=alloc device=cpu dtype=bf16 shape=256x32000 median_ms=... gbps=...
@@ -24,10 +31,20 @@ import statistics
 import sys
 import time
 
-import torch
-
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 SIZE = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+def op_bytes(op, rows, cols, dtype):
+    """Bytes each op must move: inputs read once, outputs written once (as the Rust benches)."""
+    n, t = rows * cols, SIZE[dtype]
+    return {
+        "log_softmax_fwd": n * (t + 4),
+        "log_softmax_bwd": n * (4 + 4 + t),
+        "token_logprobs_fwd": n * t + rows * (8 + 4),
+        "token_logprobs_entropy_fwd": n * t + rows * (8 + 8),
+        "token_logprobs_bwd": 2 * n * t + rows * (8 + 16),
+        "token_logprobs_bwd_inplace": 2 * n * t + rows * (8 + 16),
+    }[op]
 
 
 def shapes(path, device):
@@ -50,6 +67,8 @@ def time_cpu(fn, min_time=1.0, min_runs=10):
 
 
 def time_cuda(fn, reps=20, rounds=5):
+    import torch
+
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -66,20 +85,21 @@ def time_cuda(fn, reps=20, rounds=5):
 
 
 def cases(op, rows, cols, dtype, device):
-    """Yields (name, {variant: fn}, bytes)."""
+    """Yields (name, {variant: fn})."""
+    import torch
+
+    dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.randn(rows, cols, generator=gen) * 3).to(DTYPES[dtype]).to(device)
-    g = torch.randn(rows, cols, generator=gen).to(device)
-    n, size = rows * cols, SIZE[dtype]
+    x = (torch.randn(rows, cols, generator=gen) * 3).to(dtypes[dtype]).to(device)
     aten = torch.ops.aten
     if op == "log_softmax":
+        g = torch.randn(rows, cols, generator=gen).to(device)
         y = torch.log_softmax(x, -1, dtype=torch.float32)
         y_out = torch.empty_like(y)
-        fwd = {
+        yield "log_softmax_fwd", {
             "alloc": lambda: torch.log_softmax(x, -1, dtype=torch.float32),
             "out": lambda: aten.log_softmax.int_out(x, -1, torch.float32, out=y_out),
         }
-        yield "log_softmax_fwd", fwd, n * (size + 4)
         dx32, dx = torch.empty_like(y), torch.empty_like(x)
 
         def bwd_out():
@@ -87,11 +107,36 @@ def cases(op, rows, cols, dtype, device):
             if dx.dtype != dx32.dtype:
                 dx.copy_(dx32)
 
-        bwd = {"alloc": lambda: aten._log_softmax_backward_data(g, y, -1, x.dtype), "out": bwd_out}
-        yield "log_softmax_bwd", bwd, n * (4 + 4 + size)
+        yield "log_softmax_bwd", {"alloc": lambda: aten._log_softmax_backward_data(g, y, -1, x.dtype), "out": bwd_out}
+    elif op == "token_logprobs":
+        y = torch.randint(0, cols, (rows, 1), generator=gen).to(device)
+        lp_buf, logp_buf = torch.empty(rows, cols, device=device), torch.empty(rows, 1, device=device)
+
+        def logp_out():
+            aten.log_softmax.int_out(x, -1, torch.float32, out=lp_buf)
+            torch.gather(lp_buf, -1, y, out=logp_buf)
+
+        yield "token_logprobs_fwd", {
+            "alloc": lambda: torch.log_softmax(x, -1, dtype=torch.float32).gather(-1, y),
+            "out": logp_out,
+        }
+
+        def entropy():
+            lp = torch.log_softmax(x, -1, dtype=torch.float32)
+            return lp.gather(-1, y), -(lp.exp() * lp).sum(-1)
+
+        yield "token_logprobs_entropy_fwd", {"alloc": entropy}
+        xg = x.clone().requires_grad_(True)
+        gl, gh = torch.randn(rows, 1, generator=gen).to(device), torch.randn(rows, generator=gen).to(device)
+        with torch.enable_grad():
+            lp = torch.log_softmax(xg, -1, dtype=torch.float32)
+            loss = (gl * lp.gather(-1, y)).sum() + (gh * -(lp.exp() * lp).sum(-1)).sum()
+        yield "token_logprobs_bwd", {"alloc": lambda: torch.autograd.grad(loss, xg, retain_graph=True)}
 
 
 def main():
+    import torch
+
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,9 +150,10 @@ def main():
     print(f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}", file=sys.stderr)
     for op, rows, cols, dtype in shapes(args.shapes, args.device):
         with torch.no_grad():
-            for name, variants, nbytes in cases(op, rows, cols, dtype, args.device):
+            for name, variants in cases(op, rows, cols, dtype, args.device):
                 if args.filter not in name:
                     continue
+                nbytes = op_bytes(name, rows, cols, dtype)
                 for variant, fn in variants.items():
                     ms = timer(fn)
                     rec = dict(op=name, variant=variant, device=args.device, dtype=dtype, shape=f"{rows}x{cols}",

@@ -1,19 +1,29 @@
-//! The main job: one training step's worth of kernels on a synthetic batch, on the best
-//! backend, checked against the f64 reference, with timings.
+//! The main job: the kernels of one PPO / GRPO training step on a synthetic batch, on the best
+//! backend, each stage checked against the f64 reference, with timings.
 //!
-//! Today it runs the logprobs family's log-softmax forward and backward; later op families
-//! extend it into the full PPO / GRPO step.
+//! Stages so far (the later op families add KL, advantages and the loss):
+//! 1. policy forward: per-token log-prob of the sampled tokens, entropy and lse from the
+//!    policy logits, never materialising the `[N, V]` log-softmax;
+//! 2. reference forward: per-token log-prob under the reference policy's logits;
+//! 3. policy backward, in place over the policy logits: the gradient of
+//!    `Σ g_logp·logp − c_H·H` (a stand-in upstream gradient until the loss family lands).
 //!
 //! ```text
 //! cargo run --release --example ppo_step -- [--rows N] [--vocab V] [--dtype f32|f16|bf16]
-//!                                           [--temperature T] [--backend auto|cpu|cuda] [--iters K]
+//!     [--temperature T] [--backend auto|cpu|cuda] [--iters K]
 //! ```
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use rlhf_kernels::testing::{Rng, Tolerance, check_close};
-use rlhf_kernels::{Backend, DType, Element, Error, LogSoftmaxOptions, RowShape, bf16, cpu, f16, reference};
+use rlhf_kernels::{
+    Backend, DType, Element, Error, RowShape, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, bf16,
+    cpu, f16, reference,
+};
+
+/// Entropy-bonus coefficient c_H: the upstream gradient of H is −c_H.
+const ENTROPY_COEF: f32 = 0.01;
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -25,10 +35,13 @@ struct Args {
     iters: usize,
 }
 
+const USAGE: &str = "usage: ppo_step [--rows N] [--vocab V] [--dtype f32|f16|bf16] [--temperature T] \
+                     [--backend auto|cpu|cuda] [--iters K]";
+
 impl Args {
     fn parse() -> Result<Args, String> {
         let mut a = Args {
-            rows: 256,
+            rows: 1024,
             vocab: 32000,
             dtype: DType::BF16,
             temperature: 1.0,
@@ -54,19 +67,6 @@ impl Args {
         }
         Ok(a)
     }
-}
-
-const USAGE: &str = "usage: ppo_step [--rows N] [--vocab V] [--dtype f32|f16|bf16] [--temperature T] \
-                     [--backend auto|cpu|cuda] [--iters K]";
-
-/// One row of the report.
-struct Stage {
-    name: &'static str,
-    millis: f64,
-    bytes: usize,
-    extra_bytes: usize,
-    max_error: f64,
-    tolerance: Tolerance,
 }
 
 fn main() -> ExitCode {
@@ -99,10 +99,10 @@ fn main() -> ExitCode {
 }
 
 fn choose_backend(name: &str) -> Result<Backend, Error> {
-    let (best, why) = Backend::best_with_reason();
     match name {
         "cpu" => Ok(Backend::Cpu),
         "auto" => {
+            let (best, why) = Backend::best_with_reason();
             if let Some(reason) = why {
                 println!("CUDA not used: {reason}");
             }
@@ -118,176 +118,268 @@ fn choose_backend(name: &str) -> Result<Backend, Error> {
     }
 }
 
+/// A synthetic batch: policy and reference logits, sampled tokens (a few padding rows), and
+/// the upstream gradient of logp.
+struct Batch<T> {
+    shape: RowShape,
+    policy: Vec<T>,
+    reference: Vec<T>,
+    targets: Vec<i64>,
+    mask: Vec<u8>,
+    grad_logp: Vec<f32>,
+    grad_entropy: Vec<f32>,
+    opts: TokenLogprobsOptions,
+}
+
+impl<T: Element> Batch<T> {
+    fn new(args: &Args) -> Self {
+        let shape = RowShape::new(args.rows, args.vocab);
+        let mut rng = Rng::new(42);
+        let policy: Vec<T> = rng.logits(shape, 3.0);
+        // The reference is the policy plus a small perturbation, as after a few PPO updates.
+        let reference = policy.iter().map(|&x| T::from_f32(x.to_f32() + 0.3 * rng.normal() as f32)).collect();
+        let targets = (0..shape.rows).map(|_| rng.below(shape.cols) as i64).collect();
+        // Every 16th row is padding (the tail of a shorter response).
+        let mask = (0..shape.rows).map(|r| u8::from(r % 16 != 15)).collect();
+        let grad_logp = rng.normals(shape.rows, 1.0 / shape.rows as f64);
+        let grad_entropy = vec![-ENTROPY_COEF; shape.rows];
+        let opts = TokenLogprobsOptions::default().temperature(args.temperature);
+        Batch { shape, policy, reference, targets, mask, grad_logp, grad_entropy, opts }
+    }
+
+    fn tokens(&self) -> Tokens<'_, i64> {
+        Tokens::new(&self.targets).with_mask(&self.mask)
+    }
+}
+
+/// What a backend produced: per-token vectors and the gradient, plus timings.
+struct Produced<T> {
+    logp: Vec<f32>,
+    entropy: Vec<f32>,
+    ref_logp: Vec<f32>,
+    grad: Vec<T>,
+    stages: Vec<Stage>,
+}
+
+/// One row of the report.
+struct Stage {
+    name: &'static str,
+    millis: f64,
+    bytes: usize,
+    extra_bytes: usize,
+}
+
 fn run<T: Element>(args: &Args) -> Result<bool, Error> {
     let backend = choose_backend(&args.backend)?;
-    let shape = RowShape::new(args.rows, args.vocab);
-    let opts = LogSoftmaxOptions::default().temperature(args.temperature);
+    let batch = Batch::<T>::new(args);
     println!("backend: {}", backend.describe());
     println!(
-        "batch: {} rows x {} vocab, {} logits, temperature {}",
-        shape.rows,
-        shape.cols,
+        "batch: {} tokens x {} vocab, {} logits, temperature {}",
+        batch.shape.rows,
+        batch.shape.cols,
         T::DTYPE,
         args.temperature
     );
-
-    let mut rng = Rng::new(42);
-    let logits: Vec<T> = rng.logits(shape, 3.0);
-    let grad_out = rng.normals(shape.len(), 1.0);
-
-    let (out, grad, mut stages) = match &backend {
-        Backend::Cpu => run_cpu(&logits, &grad_out, shape, &opts, args.iters)?,
+    let produced = match &backend {
+        Backend::Cpu => run_cpu(&batch, args.iters)?,
         #[cfg(feature = "cuda")]
-        Backend::Cuda(device) => run_cuda(device, &logits, &grad_out, shape, &opts, args.iters)?,
-        _ => unreachable!("Backend has no other variant in this build"),
+        Backend::Cuda(device) => run_cuda(device, &batch, args.iters)?,
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("no other backend in this build"),
     };
+    check(&batch, &produced, args.iters)
+}
 
-    // Hold a spread of rows (all of them for small batches) to the f64 reference.
-    let check_rows: Vec<usize> = (0..shape.rows).step_by(shape.rows.div_ceil(256)).collect();
-    let sub = |r: &[usize]| RowShape::new(r.len(), shape.cols);
-    let pick =
-        |v: &[T]| check_rows.iter().flat_map(|&r| v[shape.row_range(r)].iter().copied()).collect::<Vec<T>>();
-    let pick_f32 = |v: &[f32]| {
-        check_rows.iter().flat_map(|&r| v[shape.row_range(r)].iter().copied()).collect::<Vec<f32>>()
-    };
-    let (x, g) = (pick(&logits), pick_f32(&grad_out));
+/// Holds a spread of rows (all of them for small batches) to the f64 reference and prints
+/// the table.
+fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<bool, Error> {
+    let shape = batch.shape;
+    let rows: Vec<usize> = (0..shape.rows).step_by(shape.rows.div_ceil(256)).collect();
+    let sub = RowShape::new(rows.len(), shape.cols);
+    let pick = |v: &[T]| rows.iter().flat_map(|&r| v[shape.row_range(r)].iter().copied()).collect::<Vec<T>>();
+    let per_row = |v: &[f32]| rows.iter().map(|&r| v[r]).collect::<Vec<f32>>();
+    let (targets, mask): (Vec<i64>, Vec<u8>) =
+        rows.iter().map(|&r| (batch.targets[r], batch.mask[r])).unzip();
+    let tokens = Tokens::new(&targets).with_mask(&mask);
     let started = Instant::now();
-    let expected_out = reference::log_softmax(&x, sub(&check_rows), &opts)?;
-    let expected_grad = reference::log_softmax_backward(&x, sub(&check_rows), &g, &opts)?;
+    let exp_policy = reference::token_logprobs(&pick(&batch.policy), sub, &tokens, &batch.opts)?;
+    let exp_ref = reference::token_logprobs(&pick(&batch.reference), sub, &tokens, &batch.opts)?;
+    let (gl, gh) = (per_row(&batch.grad_logp), per_row(&batch.grad_entropy));
+    let exp_grad = reference::token_logprobs_backward(
+        &pick(&batch.policy),
+        sub,
+        &tokens,
+        Some(&gl),
+        Some(&gh),
+        &batch.opts,
+    )?;
     let reference_ms = started.elapsed().as_secs_f64() * 1e3;
-    stages[0].max_error = max_error(&pick_f32(&out), &expected_out);
-    stages[1].max_error = max_error(&pick(&grad), &expected_grad);
-    let scale = expected_grad.iter().fold(0.0f64, |m, e| m.max(e.abs()));
-    stages[0].tolerance = Tolerance::for_dtype(DType::F32).scaled(12.0 * 3.0 / args.temperature as f64);
-    stages[1].tolerance = Tolerance::for_dtype(T::DTYPE).scaled(scale);
-    let ok = [
-        check_close(&pick_f32(&out), &expected_out, stages[0].tolerance),
-        check_close(&pick(&grad), &expected_grad, stages[1].tolerance),
+
+    let scale = 12.0 * 3.0 / batch.opts.temperature as f64; // |logit/τ| of N(0, 3²) logits, generously
+    let f32_tol = Tolerance::for_dtype(DType::F32).scaled(scale);
+    let grad_scale = exp_grad.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let checks = [
+        ("policy logp", check_close(&per_row(&p.logp), &exp_policy.logp, f32_tol)),
+        ("policy entropy", check_close(&per_row(&p.entropy), &exp_policy.entropy, f32_tol)),
+        ("reference logp", check_close(&per_row(&p.ref_logp), &exp_ref.logp, f32_tol)),
+        (
+            "policy grad",
+            check_close(&pick(&p.grad), &exp_grad, Tolerance::for_dtype(T::DTYPE).scaled(grad_scale)),
+        ),
     ];
 
     println!();
-    println!("{:<22} {:>10} {:>10} {:>12} {:>12}  check", "stage", "ms", "GB/s", "extra MiB", "max |err|");
-    for (stage, ok) in stages.iter().zip(&ok) {
+    println!("{:<34} {:>10} {:>10} {:>12}", "stage", "ms", "GB/s", "extra MiB");
+    for s in &p.stages {
+        let gbps = s.bytes as f64 / s.millis / 1e6;
         println!(
-            "{:<22} {:>10.3} {:>10.1} {:>12.1} {:>12.2e}  {}",
-            stage.name,
-            stage.millis,
-            stage.bytes as f64 / stage.millis / 1e6,
-            stage.extra_bytes as f64 / (1 << 20) as f64,
-            stage.max_error,
-            match ok {
-                Ok(()) => "ok".to_string(),
-                Err(m) => format!("FAIL: {m}"),
-            }
+            "{:<34} {:>10.3} {:>10.1} {:>12.1}",
+            s.name,
+            s.millis,
+            gbps,
+            s.extra_bytes as f64 / (1 << 20) as f64
         );
     }
     println!();
+    for (what, r) in &checks {
+        match r {
+            Ok(()) => println!("check {what:<16} ok"),
+            Err(m) => println!("check {what:<16} FAIL: {m}"),
+        }
+    }
+    println!();
     println!(
-        "ms: median of {} runs; GB/s: bytes each op must move (read inputs once, write outputs once) / time; \
-         extra MiB: memory the op allocates beyond its inputs and outputs; checked {} of {} rows against the f64 \
-         reference in {reference_ms:.0} ms",
-        args.iters,
-        check_rows.len(),
+        "ms: median of {iters} runs; GB/s: bytes each stage must move (logits read once, gradient written once, \
+         per-token vectors) / time; extra MiB: device or host memory a stage allocates beyond its inputs and \
+         outputs; checked {} of {} rows against the f64 reference in {reference_ms:.0} ms",
+        rows.len(),
         shape.rows
     );
-    Ok(ok.iter().all(|r| r.is_ok()))
+    Ok(checks.iter().all(|(_, r)| r.is_ok()))
 }
 
-fn max_error<A: Element>(actual: &[A], expected: &[f64]) -> f64 {
-    actual
-        .iter()
-        .zip(expected)
-        .filter(|(a, e)| a.to_f64() != **e)
-        .map(|(a, e)| (a.to_f64() - e).abs())
-        .fold(0.0, f64::max)
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
-fn stage(name: &'static str, times_ms: &mut [f64], bytes: usize) -> Stage {
-    times_ms.sort_by(f64::total_cmp);
-    let millis = times_ms[times_ms.len() / 2];
-    Stage { name, millis, bytes, extra_bytes: 0, max_error: 0.0, tolerance: Tolerance { rel: 0.0, abs: 0.0 } }
+/// Bytes of (forward with entropy, forward logp only, backward).
+fn bytes<T: Element>(shape: RowShape) -> [usize; 3] {
+    let (n, rows, t) = (shape.len(), shape.rows, T::DTYPE.size_bytes());
+    [n * t + rows * (8 + 1 + 12), n * t + rows * (8 + 1 + 4), 2 * n * t + rows * (8 + 1 + 16)]
 }
 
-fn bytes_moved<T: Element>(shape: RowShape) -> (usize, usize) {
-    let n = shape.len();
-    let forward = n * (T::DTYPE.size_bytes() + 4);
-    let backward = n * (4 + 4 + T::DTYPE.size_bytes());
-    (forward, backward)
+fn stages<T: Element>(shape: RowShape, times: [Vec<f64>; 3], extra: [usize; 3]) -> Vec<Stage> {
+    let names = ["policy logp + entropy + lse", "reference logp", "policy backward (in place)"];
+    let b = bytes::<T>(shape);
+    names
+        .into_iter()
+        .zip(times)
+        .enumerate()
+        .map(|(i, (name, t))| Stage { name, millis: median(t), bytes: b[i], extra_bytes: extra[i] })
+        .collect()
 }
 
-type Outcome<T> = (Vec<f32>, Vec<T>, Vec<Stage>);
-
-fn run_cpu<T: Element>(
-    logits: &[T],
-    grad_out: &[f32],
-    shape: RowShape,
-    opts: &LogSoftmaxOptions,
-    iters: usize,
-) -> Result<Outcome<T>, Error> {
-    let mut out = vec![0.0f32; shape.len()];
-    let mut grad = vec![T::default(); shape.len()];
-    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Error> {
+    let (shape, opts, tokens) = (batch.shape, &batch.opts, batch.tokens());
+    let n = shape.rows;
+    let (mut logp, mut entropy, mut lse, mut ref_logp) =
+        (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let mut times: [Vec<f64>; 3] = Default::default();
+    let mut grad = Vec::new();
     for _ in 0..iters {
         let t = Instant::now();
-        cpu::log_softmax(logits, shape, &mut out, opts)?;
-        fwd.push(t.elapsed().as_secs_f64() * 1e3);
+        let out = TokenOutputs::default().logp(&mut logp).entropy(&mut entropy).lse(&mut lse);
+        cpu::token_logprobs(&batch.policy, shape, &tokens, out, opts)?;
+        times[0].push(t.elapsed().as_secs_f64() * 1e3);
+
         let t = Instant::now();
-        cpu::log_softmax_backward(&out, grad_out, shape, &mut grad, opts)?;
-        bwd.push(t.elapsed().as_secs_f64() * 1e3);
+        cpu::token_logprobs(
+            &batch.reference,
+            shape,
+            &tokens,
+            TokenOutputs::default().logp(&mut ref_logp),
+            opts,
+        )?;
+        times[1].push(t.elapsed().as_secs_f64() * 1e3);
+
+        // In place over a copy of the logits (a trainer would overwrite its own buffer).
+        grad = batch.policy.clone();
+        let grads =
+            TokenGrads::new(&lse).grad_logp(&batch.grad_logp).grad_entropy(&batch.grad_entropy, &entropy);
+        let t = Instant::now();
+        cpu::token_logprobs_backward_in_place(&mut grad, shape, &tokens, &grads, opts)?;
+        times[2].push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let (fb, bb) = bytes_moved::<T>(shape);
-    Ok((
-        out,
-        grad,
-        vec![stage("log_softmax forward", &mut fwd, fb), stage("log_softmax backward", &mut bwd, bb)],
-    ))
+    Ok(Produced { logp, entropy, ref_logp, grad, stages: stages::<T>(shape, times, [0; 3]) })
 }
 
 #[cfg(feature = "cuda")]
 fn run_cuda<T: Element>(
     device: &rlhf_kernels::cuda::CudaDevice,
-    logits: &[T],
-    grad_out: &[f32],
-    shape: RowShape,
-    opts: &LogSoftmaxOptions,
+    batch: &Batch<T>,
     iters: usize,
-) -> Result<Outcome<T>, Error> {
-    use rlhf_kernels::cuda::{self, CudaStatus};
+) -> Result<Produced<T>, Error> {
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens};
+    use rlhf_kernels::cudarc::driver::DriverError;
     use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
 
     let s = device.stream();
-    let drv = |during: &'static str| {
-        move |e: rlhf_kernels::cudarc::driver::DriverError| Error::Driver {
-            during,
-            message: format!("{e:?}"),
-        }
-    };
-    let x = s.clone_htod(logits).map_err(drv("uploading logits"))?;
-    let g = s.clone_htod(grad_out).map_err(drv("uploading grad_out"))?;
-    let mut y = s.alloc_zeros::<f32>(shape.len()).map_err(drv("allocating out"))?;
-    let mut dx = s.alloc_zeros::<T>(shape.len()).map_err(drv("allocating grad"))?;
+    let shape = batch.shape;
+    let n = shape.rows;
+    let drv =
+        |during: &'static str| move |e: DriverError| Error::Driver { during, message: format!("{e:?}") };
+    let policy = s.clone_htod(&batch.policy).map_err(drv("uploading policy logits"))?;
+    let reference = s.clone_htod(&batch.reference).map_err(drv("uploading reference logits"))?;
+    let targets = s.clone_htod(&batch.targets).map_err(drv("uploading targets"))?;
+    let mask = s.clone_htod(&batch.mask).map_err(drv("uploading the mask"))?;
+    let gl = s.clone_htod(&batch.grad_logp).map_err(drv("uploading grad_logp"))?;
+    let gh = s.clone_htod(&batch.grad_entropy).map_err(drv("uploading grad_entropy"))?;
+    let alloc = || s.alloc_zeros::<f32>(n).map_err(drv("allocating per-token outputs"));
+    let (mut logp, mut entropy, mut lse, mut ref_logp) = (alloc()?, alloc()?, alloc()?, alloc()?);
+    let mut grad = s.alloc_zeros::<T>(shape.len()).map_err(drv("allocating the gradient"))?;
+    let workspace_bytes = cuda::token_logprobs_workspace_bytes(shape, T::DTYPE);
+    let mut workspace =
+        s.alloc_zeros::<u8>(workspace_bytes.max(1)).map_err(drv("allocating the workspace"))?;
     let mut status = CudaStatus::new(s)?;
-    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    let tokens = DeviceTokens::new(targets.as_view()).with_mask(mask.as_view());
+    let opts = &batch.opts;
     let event = || s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
-    // One untimed warm-up, then `iters` timed runs of each kernel with CUDA events.
+    let mut times: [Vec<f64>; 3] = Default::default();
+    // One untimed warm-up, then `iters` timed runs of each stage (CUDA events, no host sync
+    // between stages).
     for i in 0..=iters {
+        s.memcpy_dtod(&policy, &mut grad).map_err(drv("copying the logits"))?; // the in-place target
         let e0 = event()?;
-        cuda::log_softmax(s, &x, shape, &mut y, &mut status, opts)?;
+        let out = DeviceTokenOutputs::default()
+            .logp(logp.as_view_mut())
+            .entropy(entropy.as_view_mut())
+            .lse(lse.as_view_mut())
+            .workspace(workspace.as_view_mut());
+        cuda::token_logprobs(s, &policy, shape, &tokens, out, &mut status, opts)?;
         let e1 = event()?;
-        cuda::log_softmax_backward(s, &y, &g, shape, &mut dx, &mut status, opts)?;
+        let out =
+            DeviceTokenOutputs::default().logp(ref_logp.as_view_mut()).workspace(workspace.as_view_mut());
+        cuda::token_logprobs(s, &reference, shape, &tokens, out, &mut status, opts)?;
         let e2 = event()?;
+        let grads = DeviceTokenGrads::new(lse.as_view())
+            .grad_logp(gl.as_view())
+            .grad_entropy(gh.as_view(), entropy.as_view());
+        cuda::token_logprobs_backward_in_place(s, &mut grad, shape, &tokens, &grads, &mut status, opts)?;
+        let e3 = event()?;
         if i > 0 {
-            fwd.push(e0.elapsed_ms(&e1).map_err(drv("timing"))? as f64);
-            bwd.push(e1.elapsed_ms(&e2).map_err(drv("timing"))? as f64);
+            for (k, (a, b)) in [(&e0, &e1), (&e1, &e2), (&e2, &e3)].into_iter().enumerate() {
+                times[k].push(a.elapsed_ms(b).map_err(drv("timing"))? as f64);
+            }
         }
     }
     status.check(s)?;
-    let out = s.clone_dtoh(&y).map_err(drv("downloading out"))?;
-    let grad = s.clone_dtoh(&dx).map_err(drv("downloading grad"))?;
-    let (fb, bb) = bytes_moved::<T>(shape);
-    Ok((
-        out,
-        grad,
-        vec![stage("log_softmax forward", &mut fwd, fb), stage("log_softmax backward", &mut bwd, bb)],
-    ))
+    let down = |v: &rlhf_kernels::cudarc::driver::CudaSlice<f32>| s.clone_dtoh(v).map_err(drv("downloading"));
+    Ok(Produced {
+        logp: down(&logp)?,
+        entropy: down(&entropy)?,
+        ref_logp: down(&ref_logp)?,
+        grad: s.clone_dtoh(&grad).map_err(drv("downloading the gradient"))?,
+        stages: stages::<T>(shape, times, [workspace_bytes, workspace_bytes, 0]),
+    })
 }

@@ -28,10 +28,10 @@ py=$(find_torch)
 rounds="${ROUNDS:-3}"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-cargo bench --bench logsoftmax --no-run 2>/dev/null
+cargo bench --benches --no-run 2>/dev/null
 for r in $(seq 1 "$rounds"); do
   echo "== round $r/$rounds: criterion (this crate), CPU ==" >&2
-  cargo bench --bench logsoftmax -- --output-format bencher "cpu" 2>/dev/null | grep '^test ' | tee "$dir/ours.$r" >&2
+  cargo bench --benches -- --output-format bencher "${filter}.*/cpu/" 2>/dev/null | grep '^test ' | tee "$dir/ours.$r" >&2
   echo "== round $r/$rounds: PyTorch, CPU ==" >&2
   "$py" benches/torch_baseline.py --device cpu --json --filter "$filter" | tee "$dir/torch.$r" >&2
 done
@@ -51,12 +51,13 @@ for r in range(1, rounds + 1):
         theirs.setdefault((j["op"], j["dtype"], j["shape"]), {}).setdefault(j["variant"], []).append(j["median_ms"])
 print("torch alloc: PyTorch allocates its output (what autograd does); torch out: preallocated output")
 print("ratio: the faster PyTorch variant / ours, median over rounds")
-print(f"{'op':<16} {'dtype':<5} {'shape':<11} {'ours ms':>8} {'torch alloc':>11} {'torch out':>9} {'ratio':>7}")
+print(f"{'op':<26} {'dtype':<5} {'shape':<11} {'ours ms':>8} {'torch alloc':>11} {'torch out':>9} {'ratio':>7}")
 for key, t in theirs.items():
     if key in ours and filt in key[0]:
         o = ours[key]
-        best = [min(a, b) for a, b in zip(t["alloc"], t["out"])]
+        best = [min(v) for v in zip(*t.values())]
         ratio = statistics.median(a / b for a, b in zip(best, o))
-        print(f"{key[0]:<16} {key[1]:<5} {key[2]:<11} {statistics.median(o):>8.3f} "
-              f"{statistics.median(t['alloc']):>11.3f} {statistics.median(t['out']):>9.3f} {ratio:>6.2f}x")
+        out = f"{statistics.median(t['out']):>9.3f}" if "out" in t else f"{'-':>9}"
+        print(f"{key[0]:<26} {key[1]:<5} {key[2]:<11} {statistics.median(o):>8.3f} "
+              f"{statistics.median(t['alloc']):>11.3f} {out} {ratio:>6.2f}x")
 PY

@@ -114,8 +114,11 @@ run() {
   # 4. Benchmarks: ours (copy bandwidth first, same process), then PyTorch on the same shapes.
   local filter=cuda
   [ "$dry" = 1 ] && filter=cpu
-  "$stage/bin/bench-logsoftmax" --bench --output-format bencher "copy|$filter" >"$out/bench.log" 2>&1 \
-    || record "criterion benches" "FAIL (see $out/bench.log)"
+  : >"$out/bench.log"
+  for b in "$stage"/bin/bench-*; do
+    "$b" --bench --output-format bencher "copy|/$filter/" >>"$out/bench.log" 2>&1 \
+      || record "${b##*/}" "FAIL (see $out/bench.log)"
+  done
   if [ "$dry" = 1 ]; then
     record "torch baseline" "SKIPPED (dry run)"
     : >"$out/torch.jsonl"
@@ -128,6 +131,8 @@ run() {
   echo
   python3 - "$out/bench.log" "$out/torch.jsonl" "$filter" <<'PY' | tee "$out/table.txt"
 import json, re, sys
+sys.path.insert(0, "benches")
+from torch_baseline import op_bytes
 bench, torch_file, device = sys.argv[1:4]
 rows, copy = [], None
 pat = re.compile(r"test (\S+) \.\.\. bench:\s+([\d,]+) ns/iter")
@@ -141,21 +146,19 @@ for line in open(bench):
         continue
     op, dev, dtype, shape = name.split("/")
     r, c = map(int, shape.split("x"))
-    size = {"f32": 4, "f16": 2, "bf16": 2}[dtype]
-    nbytes = r * c * ((size + 4) if op.endswith("fwd") else (8 + size))
-    rows.append((op, dev, dtype, shape, ns / 1e6, nbytes / ns))
+    rows.append((op, dev, dtype, shape, ns / 1e6, op_bytes(op, r, c, dtype) / ns))
 torch = {}  # the faster of PyTorch's two variants (allocating / preallocated output)
 for line in open(torch_file):
     j = json.loads(line)
     key = (j["op"], j["dtype"], j["shape"])
     torch[key] = min(torch.get(key, float("inf")), j["median_ms"])
 print(f"copy bandwidth (device-to-device, same process): {copy:.0f} GB/s" if copy else "copy bandwidth: not measured")
-print(f"{'op':<17} {'dtype':<5} {'shape':<12} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'torch ms':>9} {'torch/ours':>10}")
+print(f"{'op':<27} {'dtype':<5} {'shape':<12} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'torch ms':>9} {'torch/ours':>10}")
 for op, dev, dtype, shape, ms, gbps in rows:
     pct = f"{100 * gbps / copy:.0f}%" if copy else "-"
     t = torch.get((op, dtype, shape))
     ts, ratio = (f"{t:.3f}", f"{t / ms:.2f}x") if t else ("-", "-")
-    print(f"{op:<17} {dtype:<5} {shape:<12} {ms:>8.3f} {gbps:>7.0f} {pct:>6} {ts:>9} {ratio:>10}")
+    print(f"{op:<27} {dtype:<5} {shape:<12} {ms:>8.3f} {gbps:>7.0f} {pct:>6} {ts:>9} {ratio:>10}")
 PY
   echo
   cat "$summary"

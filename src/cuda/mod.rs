@@ -22,7 +22,12 @@ mod status;
 use cudarc::driver::DriverError;
 
 pub use context::CudaDevice;
-pub use logprobs::{log_softmax, log_softmax_backward};
+pub(crate) use context::RawStream;
+pub use logprobs::{
+    DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens, finish_vocab_partials, log_softmax,
+    log_softmax_backward, token_logprobs, token_logprobs_backward, token_logprobs_backward_in_place,
+    token_logprobs_workspace_bytes, vocab_shard_partials,
+};
 pub use module::kernels_built;
 pub use status::CudaStatus;
 
@@ -30,13 +35,23 @@ pub use status::CudaStatus;
 /// contract). The safe functions of [`cuda`](crate::cuda) are built on the same launches.
 pub mod raw {
     pub use super::context::RawStream;
-    pub use super::logprobs::raw::{
-        LogSoftmaxArgs, LogSoftmaxBackwardArgs, log_softmax, log_softmax_backward,
-    };
+    pub use super::logprobs::raw::*;
     pub use super::status::{STATUS_CLEAR, decode_status};
 }
 
 /// Turns a driver error into [`Error::Driver`](crate::Error::Driver), naming what failed.
 pub(crate) fn driver_error(during: &'static str) -> impl Fn(DriverError) -> crate::Error {
     move |e| crate::Error::Driver { during, message: format!("{e:?}") }
+}
+
+/// Rejects null device pointers of the raw layer before anything is launched.
+pub(crate) fn non_null(ptrs: &[(&'static str, u64)]) -> crate::Result<()> {
+    match ptrs.iter().find(|(_, p)| *p == 0) {
+        Some((what, _)) => Err(crate::Error::InvalidOption {
+            name: what,
+            value: "null".into(),
+            expected: "a device pointer",
+        }),
+        None => Ok(()),
+    }
 }

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, sys};
 
-use super::module::{Module, function};
-use super::{CudaStatus, driver_error};
-use crate::{DType, Element, Error, LogSoftmaxOptions, Result, RowShape};
+use crate::cuda::module::{Module, function};
+use crate::cuda::{CudaStatus, driver_error};
+use crate::{DType, Element, LogSoftmaxOptions, Result, RowShape};
 
 /// Threads per block for rows of `cols` elements of `dtype`: a function of the row length and
 /// dtype only, which keeps results batch-invariant (see kernels/common.cuh).
@@ -190,7 +190,7 @@ pub mod raw {
     //! Raw-pointer entry points (see [`crate::cuda::raw`]).
 
     use super::*;
-    use crate::cuda::context::RawStream;
+    use crate::cuda::{RawStream, non_null};
 
     /// Buffers of a raw [`log_softmax`] call: device addresses (byte offsets included).
     #[derive(Debug, Clone, Copy)]
@@ -222,15 +222,6 @@ pub mod raw {
         pub shape: RowShape,
         /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
         pub status: u64,
-    }
-
-    fn non_null(ptrs: &[(&'static str, u64)]) -> Result<()> {
-        match ptrs.iter().find(|(_, p)| *p == 0) {
-            Some((what, _)) => {
-                Err(Error::InvalidOption { name: what, value: "null".into(), expected: "a device pointer" })
-            }
-            None => Ok(()),
-        }
     }
 
     /// [`cuda::log_softmax`](crate::cuda::log_softmax) on raw device pointers, enqueued on a

@@ -1,0 +1,19 @@
+//! The logprobs family on the GPU (kernels/logprobs.cu): full log-softmax, and token
+//! log-probabilities with entropy and lse that never materialise the `[N, V]` log-softmax.
+
+mod log_softmax;
+mod token_launch;
+mod tokens;
+
+pub use log_softmax::{log_softmax, log_softmax_backward};
+pub use tokens::{
+    DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens, finish_vocab_partials, token_logprobs,
+    token_logprobs_backward, token_logprobs_backward_in_place, token_logprobs_workspace_bytes,
+    vocab_shard_partials,
+};
+
+/// Raw-pointer entry points of the family.
+pub mod raw {
+    pub use super::log_softmax::raw::*;
+    pub use super::token_launch::raw::*;
+}

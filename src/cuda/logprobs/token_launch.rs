@@ -1,0 +1,384 @@
+//! The launch plumbing of the token kernels (kernel names, argument records, the split
+//! decision) and the raw-pointer layer built directly on it.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+
+use crate::cuda::driver_error;
+use crate::cuda::module::{Module, function};
+use crate::logprobs::check_grads_present;
+use crate::{DType, Error, IndexType, Result, RowShape, TokenLogprobsOptions, VocabPartial};
+
+/// Threads per block of every token kernel (`TOKEN_BLOCK` in the kernel).
+pub(super) const BLOCK: u32 = 256;
+/// 16-byte vectors each thread loads per chunk (`TOKEN_VPT`).
+const VECTORS_PER_THREAD: usize = 4;
+/// Below this many rows a long row is split across blocks (a launch choice only: both paths
+/// give the same bits).
+pub(crate) const SPLIT_ROWS: usize = 1024;
+
+// SAFETY: VocabPartial is repr(C) plain old data (four f32 and a u32), the layout of the
+// kernels' `VocabPartial`; every bit pattern is a valid value, including all zeros.
+unsafe impl DeviceRepr for VocabPartial {}
+// SAFETY: as above: all-zero bits are a valid VocabPartial.
+unsafe impl ValidAsZeroBits for VocabPartial {}
+
+/// Logits per chunk for `dtype`: 256 threads × 4 vectors × 16 bytes.
+pub(super) fn chunk_len(dtype: DType) -> usize {
+    BLOCK as usize * VECTORS_PER_THREAD * (16 / dtype.size_bytes())
+}
+
+pub(super) fn chunks(shape: RowShape, dtype: DType) -> usize {
+    shape.cols.div_ceil(chunk_len(dtype))
+}
+
+pub(super) fn split(shape: RowShape, dtype: DType) -> bool {
+    chunks(shape, dtype) > 1 && shape.rows < SPLIT_ROWS
+}
+
+/// The kernels' `RowSelect` (kernels/logprobs.cu): which rows are padding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RowSelect {
+    targets: u64,
+    index_kind: i32,
+    mask: u64,
+    has_ignore: i32,
+    ignore_index: i64,
+}
+
+// SAFETY: repr(C) with the field types and order of the kernels' `struct RowSelect`
+// {const void*, int, const unsigned char*, int, long long}; passed by value as a kernel
+// parameter.
+unsafe impl DeviceRepr for RowSelect {}
+
+impl RowSelect {
+    pub(super) fn new(targets: u64, index: IndexType, mask: u64, opts: &TokenLogprobsOptions) -> Self {
+        let index_kind = match index {
+            IndexType::I32 => 0,
+            IndexType::U32 => 1,
+            IndexType::I64 => 2,
+        };
+        let (has_ignore, ignore_index) = match opts.ignore_index {
+            Some(i) => (1, i),
+            None => (0, 0),
+        };
+        RowSelect { targets, index_kind, mask, has_ignore, ignore_index }
+    }
+}
+
+/// Everything a forward launch needs, as device addresses.
+#[derive(Clone, Copy)]
+pub(super) struct ForwardArgs {
+    pub(super) logits: u64,
+    pub(super) dtype: DType,
+    pub(super) shape: RowShape,
+    pub(super) sel: RowSelect,
+    pub(super) inv_tau: f32,
+    pub(super) outputs: [u64; 3],
+    pub(super) status: u64,
+}
+
+pub(super) fn forward_name(dtype: DType, entropy: bool, chunked: bool) -> &'static str {
+    match (entropy, chunked, dtype) {
+        (false, false, DType::F32) => "token_logprobs_rows_f32",
+        (false, false, DType::F16) => "token_logprobs_rows_f16",
+        (false, false, DType::BF16) => "token_logprobs_rows_bf16",
+        (true, false, DType::F32) => "token_logprobs_entropy_rows_f32",
+        (true, false, DType::F16) => "token_logprobs_entropy_rows_f16",
+        (true, false, DType::BF16) => "token_logprobs_entropy_rows_bf16",
+        (false, true, DType::F32) => "token_logprobs_chunks_f32",
+        (false, true, DType::F16) => "token_logprobs_chunks_f16",
+        (false, true, DType::BF16) => "token_logprobs_chunks_bf16",
+        (true, true, DType::F32) => "token_logprobs_entropy_chunks_f32",
+        (true, true, DType::F16) => "token_logprobs_entropy_chunks_f16",
+        (true, true, DType::BF16) => "token_logprobs_entropy_chunks_bf16",
+    }
+}
+
+/// # Safety
+/// `args.sel` and `args.outputs`/`args.status` point to device memory of `stream`'s context
+/// holding `rows` targets (of the given index type), `rows` mask bytes (or 0), `rows` f32 per
+/// non-zero output and one u64; `logits` covers the shape; `workspace` is 0 or holds
+/// [`token_logprobs_workspace_bytes`](crate::cuda::token_logprobs_workspace_bytes) bytes.
+pub(super) unsafe fn launch_forward(
+    stream: &Arc<CudaStream>,
+    args: &ForwardArgs,
+    workspace: u64,
+) -> Result<()> {
+    let ForwardArgs { logits, dtype, shape, sel, inv_tau, outputs, status } = *args;
+    let entropy = outputs[1] != 0;
+    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    if !split(shape, dtype) {
+        let func = function(stream.context(), Module::Logprobs, forward_name(dtype, entropy, false))?;
+        let (offset, null) = (0i64, 0u64);
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&logits).arg(&ld).arg(&rows).arg(&cols).arg(&sel).arg(&inv_tau).arg(&offset);
+        launch.arg(&outputs[0]).arg(&outputs[1]).arg(&outputs[2]).arg(&null).arg(&status);
+        let cfg = LaunchConfig {
+            grid_dim: (shape.rows as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `token_logprobs[_entropy]_rows_<dtype>(const T*, long long, int, int,
+        // RowSelect, float, long long, float*, float*, float*, VocabPartial*, unsigned long
+        // long*)`; one block of 256 threads per row (rows ≤ i32::MAX); the caller guarantees
+        // the buffers, which the kernel touches only within `row * ld + [0, cols)` and [row].
+        unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_logprobs"))?;
+        return Ok(());
+    }
+    let chunks = chunks(shape, dtype);
+    let blocks = grid_blocks(shape.rows, chunks)?;
+    let owned: Option<CudaSlice<VocabPartial>>;
+    let (partials, _guard) = if workspace != 0 {
+        (workspace, None)
+    } else {
+        // SAFETY: the chunk kernel writes every record before the merge kernel reads it, both
+        // on this stream.
+        owned = Some(
+            unsafe { stream.alloc::<VocabPartial>(shape.rows * chunks) }
+                .map_err(driver_error("allocating the token_logprobs workspace"))?,
+        );
+        let (p, g) = owned.as_ref().expect("just set").device_ptr(stream);
+        (p, Some(g))
+    };
+    let func = function(stream.context(), Module::Logprobs, forward_name(dtype, entropy, true))?;
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&logits).arg(&ld).arg(&rows).arg(&cols).arg(&sel).arg(&inv_tau).arg(&partials);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `token_logprobs[_entropy]_chunks_<dtype>(const T*, long long, int, int,
+    // RowSelect, float, VocabPartial*)`; one block per (row, chunk), rows·chunks ≤ i32::MAX;
+    // `partials` holds rows·chunks records (the workspace size, or just allocated).
+    unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_logprobs (chunks)"))?;
+    // SAFETY: record (row, c) at row·chunks + c, all written by the launch above.
+    unsafe {
+        launch_merge(stream, partials, (chunks as i64, 1), chunks, shape.rows, sel, inv_tau, outputs, status)
+    }
+}
+
+pub(super) fn grid_blocks(rows: usize, chunks: usize) -> Result<u32> {
+    let blocks = rows.checked_mul(chunks).filter(|&b| b <= i32::MAX as usize);
+    blocks.map(|b| b as u32).ok_or(Error::TooLarge {
+        what: "rows * vocabulary chunks",
+        value: rows.saturating_mul(chunks),
+        max: i32::MAX as usize,
+    })
+}
+
+/// # Safety
+/// `partials` holds the records (row, k) at `row * strides.0 + k * strides.1` for k < parts;
+/// `sel`, `outputs` and `status` as in [`launch_forward`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn launch_merge(
+    stream: &Arc<CudaStream>,
+    partials: u64,
+    strides: (i64, i64),
+    parts: usize,
+    rows: usize,
+    sel: RowSelect,
+    inv_tau: f32,
+    outputs: [u64; 3],
+    status: u64,
+) -> Result<()> {
+    let func = function(stream.context(), Module::Logprobs, "token_merge")?;
+    let (parts, n) = (parts as i32, rows as i32);
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&partials).arg(&strides.0).arg(&strides.1).arg(&parts).arg(&n).arg(&sel).arg(&inv_tau);
+    launch.arg(&outputs[0]).arg(&outputs[1]).arg(&outputs[2]).arg(&status);
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `token_merge(const VocabPartial*, long long, long long, int, int,
+    // RowSelect, float, float*, float*, float*, unsigned long long*)`; one thread per row,
+    // guarded by `row < rows`; the caller guarantees the buffers.
+    unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_merge"))?;
+    Ok(())
+}
+
+/// Everything a backward launch needs, as device addresses.
+#[derive(Clone, Copy)]
+pub(super) struct BackwardArgs {
+    pub(super) dtype: DType,
+    pub(super) shape: RowShape,
+    pub(super) sel: RowSelect,
+    pub(super) inv_tau: f32,
+    pub(super) logits: u64,
+    pub(super) grad: u64,
+    pub(super) saved: [u64; 2],
+    pub(super) upstream: [u64; 2],
+    pub(super) status: u64,
+}
+
+/// # Safety
+/// `args.logits` and `args.grad` cover the shape (they may be equal: in place); `saved[0]`
+/// (lse) holds `rows` f32, `saved[1]` (entropy) too when `upstream[1]` is non-zero; the
+/// upstream gradients are 0 or `rows` f32; `sel` and `status` as in [`launch_forward`].
+pub(super) unsafe fn launch_backward(stream: &Arc<CudaStream>, args: &BackwardArgs) -> Result<()> {
+    let BackwardArgs { dtype, shape, sel, inv_tau, logits, grad, saved, upstream, status } = *args;
+    let name = match dtype {
+        DType::F32 => "token_logprobs_backward_f32",
+        DType::F16 => "token_logprobs_backward_f16",
+        DType::BF16 => "token_logprobs_backward_bf16",
+    };
+    let func = function(stream.context(), Module::Logprobs, name)?;
+    let blocks = grid_blocks(shape.rows, chunks(shape, dtype))?;
+    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&logits).arg(&ld).arg(&grad).arg(&ld).arg(&rows).arg(&cols).arg(&sel);
+    launch.arg(&saved[0]).arg(&saved[1]).arg(&upstream[0]).arg(&upstream[1]).arg(&inv_tau).arg(&status);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `token_logprobs_backward_<dtype>(const T*, long long, T*, long long, int,
+    // int, RowSelect, const float*, const float*, const float*, const float*, float, unsigned
+    // long long*)`; one block of 256 threads per (row, chunk), rows·chunks ≤ i32::MAX; every
+    // element is read and written by the same thread within `row * ld + [0, cols)`.
+    unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_logprobs_backward"))?;
+    Ok(())
+}
+
+pub mod raw {
+    //! Raw-pointer entry points of the token ops (see [`crate::cuda::raw`]).
+
+    use super::*;
+    use crate::cuda::{RawStream, non_null};
+
+    /// Buffers of a raw [`token_logprobs`] call: device addresses (byte offsets included); 0
+    /// for an absent optional buffer.
+    #[derive(Debug, Clone, Copy)]
+    pub struct TokenLogprobsArgs {
+        /// Logits, `dtype`, laid out as `shape`.
+        pub logits: u64,
+        /// Dtype of the logits.
+        pub dtype: DType,
+        /// Shape of the logits (row stride ≥ cols).
+        pub shape: RowShape,
+        /// `rows` target ids of type `index_type`.
+        pub targets: u64,
+        /// Type of the target ids.
+        pub index_type: IndexType,
+        /// `rows` mask bytes, or 0.
+        pub mask: u64,
+        /// `rows` f32 outputs each, or 0 (at least one non-zero).
+        pub logp: u64,
+        /// See `logp`.
+        pub entropy: u64,
+        /// See `logp`.
+        pub lse: u64,
+        /// [`token_logprobs_workspace_bytes`](crate::cuda::token_logprobs_workspace_bytes) bytes, or 0 to allocate on the stream.
+        pub workspace: u64,
+        /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+        pub status: u64,
+    }
+
+    /// [`cuda::token_logprobs`](crate::cuda::token_logprobs) on raw device pointers, enqueued on
+    /// a stream owned by the caller.
+    ///
+    /// # Safety
+    /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+    /// - every non-zero address points to device memory of that context of the size its field
+    ///   documents (`logits`: `shape.min_len()` elements of `dtype`); the outputs overlap
+    ///   nothing else;
+    /// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
+    pub unsafe fn token_logprobs(
+        stream: RawStream,
+        args: &TokenLogprobsArgs,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        args.shape.validate("logits")?;
+        non_null(&[("logits", args.logits), ("targets", args.targets), ("status", args.status)])?;
+        if args.logp == 0 && args.entropy == 0 && args.lse == 0 {
+            return Err(Error::InvalidOption {
+                name: "outputs",
+                value: "none requested".into(),
+                expected: "at least one of logp, entropy, lse",
+            });
+        }
+        let inv_tau = opts.inv_temperature()?;
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        let sel = RowSelect::new(args.targets, args.index_type, args.mask, opts);
+        let launch = ForwardArgs {
+            logits: args.logits,
+            dtype: args.dtype,
+            shape: args.shape,
+            sel,
+            inv_tau,
+            outputs: [args.logp, args.entropy, args.lse],
+            status: args.status,
+        };
+        // SAFETY: the caller guarantees every buffer (see # Safety).
+        unsafe { launch_forward(&stream, &launch, args.workspace) }
+    }
+
+    /// Buffers of a raw [`token_logprobs_backward`] call; 0 for an absent optional buffer.
+    #[derive(Debug, Clone, Copy)]
+    pub struct TokenLogprobsBackwardArgs {
+        /// Logits, `dtype`, laid out as `shape`.
+        pub logits: u64,
+        /// Dtype of the logits and the gradient.
+        pub dtype: DType,
+        /// Shape of the logits and of the gradient (row stride ≥ cols).
+        pub shape: RowShape,
+        /// `rows` target ids of type `index_type`.
+        pub targets: u64,
+        /// Type of the target ids.
+        pub index_type: IndexType,
+        /// `rows` mask bytes, or 0.
+        pub mask: u64,
+        /// `rows` f32: the forward's lse.
+        pub lse: u64,
+        /// `rows` f32: the forward's entropy (needed with `grad_entropy`), or 0.
+        pub entropy: u64,
+        /// `rows` f32 upstream gradient of logp, or 0.
+        pub grad_logp: u64,
+        /// `rows` f32 upstream gradient of the entropy, or 0.
+        pub grad_entropy: u64,
+        /// The gradient, laid out as `shape`; equal to `logits` for the in-place backward.
+        pub grad_logits: u64,
+        /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+        pub status: u64,
+    }
+
+    /// [`cuda::token_logprobs_backward`](crate::cuda::token_logprobs_backward) on raw device
+    /// pointers, in place when `args.grad_logits == args.logits`.
+    ///
+    /// # Safety
+    /// As [`token_logprobs`]; `grad_logits` covers the shape and either equals `logits` or
+    /// overlaps nothing else.
+    pub unsafe fn token_logprobs_backward(
+        stream: RawStream,
+        args: &TokenLogprobsBackwardArgs,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        args.shape.validate("logits")?;
+        let required = [
+            ("logits", args.logits),
+            ("targets", args.targets),
+            ("lse", args.lse),
+            ("grad_logits", args.grad_logits),
+            ("status", args.status),
+        ];
+        non_null(&required)?;
+        check_grads_present(args.grad_logp != 0, args.grad_entropy != 0, args.entropy != 0)?;
+        let inv_tau = opts.inv_temperature()?;
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        let launch = BackwardArgs {
+            dtype: args.dtype,
+            shape: args.shape,
+            sel: RowSelect::new(args.targets, args.index_type, args.mask, opts),
+            inv_tau,
+            logits: args.logits,
+            grad: args.grad_logits,
+            saved: [args.lse, args.entropy],
+            upstream: [args.grad_logp, args.grad_entropy],
+            status: args.status,
+        };
+        // SAFETY: the caller guarantees every buffer (see # Safety).
+        unsafe { launch_backward(&stream, &launch) }
+    }
+}

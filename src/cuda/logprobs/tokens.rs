@@ -1,0 +1,437 @@
+//! CUDA token log-probabilities, entropy and lse, their one-pass backward (optionally in
+//! place) and the vocabulary-shard partials: the safe wrappers over cudarc views. The
+//! launches and the raw pointer layer are in `token_launch.rs`.
+//!
+//! Every row is cut into fixed chunks (4096 f32 or 8192 f16/bf16 logits). Many rows: one
+//! block walks each row. Few long rows (under 1024): one block per chunk writes a
+//! [`VocabPartial`] to a workspace and a second kernel merges them, which fills the GPU even for
+//! a single row. Both paths run the same operations in the same order, so the result depends
+//! on V and the dtype only: one row alone equals the same row in a batch of 4096, bit for bit.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+
+use super::token_launch::{
+    BLOCK, BackwardArgs, ForwardArgs, RowSelect, chunks, forward_name, launch_backward, launch_forward,
+    launch_merge, split,
+};
+use crate::cuda::module::{Module, function};
+use crate::cuda::{CudaStatus, driver_error};
+use crate::logprobs::{check_grads_present, check_len};
+use crate::{DType, Element, Error, Result, RowShape, TargetIndex, TokenLogprobsOptions, VocabPartial};
+
+/// Bytes of workspace [`token_logprobs`] uses for `shape` and `dtype`: 0 when each row is
+/// walked by one block, else one [`VocabPartial`] per (row, chunk).
+pub fn token_logprobs_workspace_bytes(shape: RowShape, dtype: DType) -> usize {
+    if split(shape, dtype) { shape.rows * chunks(shape, dtype) * size_of::<VocabPartial>() } else { 0 }
+}
+
+/// Targets and the optional mask on the device (see [`Tokens`](crate::Tokens)).
+#[derive(Debug)]
+pub struct DeviceTokens<'a, I> {
+    /// One target id per row.
+    pub targets: CudaView<'a, I>,
+    /// Optional mask, one byte per row (0 = padding).
+    pub mask: Option<CudaView<'a, u8>>,
+}
+
+impl<'a, I: TargetIndex> DeviceTokens<'a, I> {
+    /// Targets without a mask.
+    pub fn new(targets: CudaView<'a, I>) -> Self {
+        DeviceTokens { targets, mask: None }
+    }
+
+    /// Adds a mask.
+    pub fn with_mask(self, mask: CudaView<'a, u8>) -> Self {
+        DeviceTokens { mask: Some(mask), ..self }
+    }
+}
+
+/// Where the forward writes on the device (see [`TokenOutputs`](crate::TokenOutputs)), and
+/// optionally the workspace of the split path
+/// ([`token_logprobs_workspace_bytes`] bytes; allocated on the stream when needed and absent).
+#[derive(Debug, Default)]
+pub struct DeviceTokenOutputs<'a> {
+    /// `log softmax(z)[y]` per row.
+    pub logp: Option<CudaViewMut<'a, f32>>,
+    /// Entropy per row.
+    pub entropy: Option<CudaViewMut<'a, f32>>,
+    /// Log-sum-exp per row.
+    pub lse: Option<CudaViewMut<'a, f32>>,
+    /// Scratch for few long rows.
+    pub workspace: Option<CudaViewMut<'a, u8>>,
+}
+
+impl<'a> DeviceTokenOutputs<'a> {
+    /// Requests the target's log-probability.
+    pub fn logp(self, v: CudaViewMut<'a, f32>) -> Self {
+        DeviceTokenOutputs { logp: Some(v), ..self }
+    }
+    /// Requests the entropy.
+    pub fn entropy(self, v: CudaViewMut<'a, f32>) -> Self {
+        DeviceTokenOutputs { entropy: Some(v), ..self }
+    }
+    /// Requests the log-sum-exp.
+    pub fn lse(self, v: CudaViewMut<'a, f32>) -> Self {
+        DeviceTokenOutputs { lse: Some(v), ..self }
+    }
+    /// Provides the workspace.
+    pub fn workspace(self, v: CudaViewMut<'a, u8>) -> Self {
+        DeviceTokenOutputs { workspace: Some(v), ..self }
+    }
+}
+
+/// What the backward needs on the device (see [`TokenGrads`](crate::TokenGrads)).
+#[derive(Debug)]
+pub struct DeviceTokenGrads<'a> {
+    /// `lse` from the forward.
+    pub lse: CudaView<'a, f32>,
+    /// `entropy` from the forward (needed with `grad_entropy`).
+    pub entropy: Option<CudaView<'a, f32>>,
+    /// Upstream gradient of `logp`.
+    pub grad_logp: Option<CudaView<'a, f32>>,
+    /// Upstream gradient of the entropy.
+    pub grad_entropy: Option<CudaView<'a, f32>>,
+}
+
+impl<'a> DeviceTokenGrads<'a> {
+    /// Starts from the saved `lse`.
+    pub fn new(lse: CudaView<'a, f32>) -> Self {
+        DeviceTokenGrads { lse, entropy: None, grad_logp: None, grad_entropy: None }
+    }
+    /// Adds the upstream gradient of `logp`.
+    pub fn grad_logp(self, g: CudaView<'a, f32>) -> Self {
+        DeviceTokenGrads { grad_logp: Some(g), ..self }
+    }
+    /// Adds the upstream gradient of the entropy, with the forward's entropy.
+    pub fn grad_entropy(self, g: CudaView<'a, f32>, entropy: CudaView<'a, f32>) -> Self {
+        DeviceTokenGrads { grad_entropy: Some(g), entropy: Some(entropy), ..self }
+    }
+}
+
+/// The device pointer of an optional view (0 when absent) and its event guard.
+fn opt_ptr<'a, T>(v: &'a Option<CudaView<'_, T>>, s: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
+    match v {
+        Some(v) => {
+            let (p, g) = v.device_ptr(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+fn opt_ptr_mut<'a, T>(
+    v: &'a mut Option<CudaViewMut<'_, T>>,
+    s: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match v {
+        Some(v) => {
+            let (p, g) = v.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+fn check_tokens<I>(tokens: &DeviceTokens<'_, I>, rows: usize) -> Result<()> {
+    check_len("targets", tokens.targets.len(), rows)?;
+    tokens.mask.as_ref().map_or(Ok(()), |m| check_len("mask", m.len(), rows))
+}
+
+fn check_outputs(out: &DeviceTokenOutputs<'_>, rows: usize) -> Result<()> {
+    if out.logp.is_none() && out.entropy.is_none() && out.lse.is_none() {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none requested".into(),
+            expected: "at least one of logp, entropy, lse",
+        });
+    }
+    for (what, v) in [("logp", &out.logp), ("entropy", &out.entropy), ("lse", &out.lse)] {
+        v.as_ref().map_or(Ok(()), |v| check_len(what, v.len(), rows))?;
+    }
+    Ok(())
+}
+
+/// Log-probability of each row's target, the row's entropy and its log-sum-exp, for any subset
+/// requested in `out`, enqueued on `stream` — the GPU twin of
+/// [`cpu::token_logprobs`](crate::cpu::token_logprobs) (same formulas):
+///
+/// `logp = z_y − lse`, `H = lse − Σ_v p_v·z_v`, `lse = ln Σ_v exp(z_v)`, `z = logits / τ`.
+///
+/// Reads each logit once (16-byte loads, f32 accumulation) and writes 4 bytes per row and
+/// output; padding rows are not read and give 0. Rows without a defined result (NaN, `+inf`,
+/// only `-inf`, a target outside `[0, V)`) get NaN and are reported in `status`; shape and
+/// option errors are returned at once. Without `out.workspace`, few long rows allocate
+/// [`token_logprobs_workspace_bytes`] on the stream (stream-ordered, no synchronisation).
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceTokenOutputs, DeviceTokens};
+/// use rlhf_kernels::{bf16, RowShape, TokenLogprobsOptions};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let shape = RowShape::new(2, 4);
+/// let logits = s.clone_htod(&[bf16::from_f32(1.0); 8]).unwrap();
+/// let targets = s.clone_htod(&[3i64, 0]).unwrap();
+/// let mut logp = s.alloc_zeros::<f32>(2).unwrap();
+/// let mut status = CudaStatus::new(s)?;
+/// cuda::token_logprobs(s, &logits, shape, &DeviceTokens::new(targets.as_view()),
+///                      DeviceTokenOutputs::default().logp(logp.as_view_mut()), &mut status,
+///                      &TokenLogprobsOptions::default())?;
+/// status.check(s)?; // logp = [ln 1/4, ln 1/4]
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn token_logprobs<T: Element, I: TargetIndex>(
+    stream: &Arc<CudaStream>,
+    logits: &impl DevicePtr<T>,
+    shape: RowShape,
+    tokens: &DeviceTokens<'_, I>,
+    mut out: DeviceTokenOutputs<'_>,
+    status: &mut CudaStatus,
+    opts: &TokenLogprobsOptions,
+) -> Result<()> {
+    shape.check_buffer("logits", logits.len())?;
+    check_tokens(tokens, shape.rows)?;
+    check_outputs(&out, shape.rows)?;
+    let inv_tau = opts.inv_temperature()?;
+    let need = token_logprobs_workspace_bytes(shape, T::DTYPE);
+    if let Some(w) = &out.workspace {
+        if w.len() < need {
+            return Err(Error::ShapeMismatch {
+                what: "workspace",
+                min: need,
+                max: usize::MAX,
+                actual: w.len(),
+            });
+        }
+    }
+    let s: &CudaStream = stream;
+    let (x, _gx) = logits.device_ptr(s);
+    let (targets, _gt) = tokens.targets.device_ptr(s);
+    let (mask, _gm) = opt_ptr(&tokens.mask, s);
+    let (logp, _g1) = opt_ptr_mut(&mut out.logp, s);
+    let (entropy, _g2) = opt_ptr_mut(&mut out.entropy, s);
+    let (lse, _g3) = opt_ptr_mut(&mut out.lse, s);
+    let (workspace, _g4) = opt_ptr_mut(&mut out.workspace, s);
+    let (st, _g5) = status.device_ptr(s);
+    let sel = RowSelect::new(targets, I::INDEX_TYPE, mask, opts);
+    let args = ForwardArgs {
+        logits: x,
+        dtype: T::DTYPE,
+        shape,
+        sel,
+        inv_tau,
+        outputs: [logp, entropy, lse],
+        status: st,
+    };
+    // SAFETY: every pointer comes from a live cudarc view of this stream's context whose length
+    // was checked above (logits ≥ shape.min_len(), targets/mask/outputs = rows, workspace ≥
+    // the split path's need); outputs are mutable borrows, so they alias no input; the guards
+    // order cudarc's event tracking around the launches.
+    unsafe { launch_forward(stream, &args, workspace) }
+}
+
+/// Backward of [`token_logprobs`] into `grad_logits` (the logits' shape and dtype), enqueued
+/// on `stream` — the GPU twin of
+/// [`cpu::token_logprobs_backward`](crate::cpu::token_logprobs_backward):
+///
+/// `grad_v = (g_logp·(1[v = y] − p_v) − g_H·p_v·((z_v − lse) + H)) / τ`, `p_v = exp(z_v − lse)`.
+///
+/// One pass: reads each logit once, writes each gradient once. Padding rows get 0. Rows whose
+/// saved `lse`/`H` or upstream gradient is not finite, or whose target is out of range, get
+/// NaN and are reported in `status`.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceTokenGrads, DeviceTokens};
+/// use rlhf_kernels::{RowShape, TokenLogprobsOptions};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let logits = s.clone_htod(&[0.0f32, 0.0]).unwrap();
+/// let targets = s.clone_htod(&[0i32]).unwrap();
+/// let lse = s.clone_htod(&[2f32.ln()]).unwrap();
+/// let g = s.clone_htod(&[1.0f32]).unwrap();
+/// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
+/// let mut status = CudaStatus::new(s)?;
+/// cuda::token_logprobs_backward(s, &logits, RowShape::new(1, 2), &DeviceTokens::new(targets.as_view()),
+///                               &DeviceTokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
+///                               &mut grad, &mut status, &TokenLogprobsOptions::default())?;
+/// status.check(s)?; // grad = [0.5, -0.5]
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)] // stream, inputs, output, status, options: grouped already
+pub fn token_logprobs_backward<T: Element, I: TargetIndex>(
+    stream: &Arc<CudaStream>,
+    logits: &impl DevicePtr<T>,
+    shape: RowShape,
+    tokens: &DeviceTokens<'_, I>,
+    grads: &DeviceTokenGrads<'_>,
+    grad_logits: &mut impl DevicePtrMut<T>,
+    status: &mut CudaStatus,
+    opts: &TokenLogprobsOptions,
+) -> Result<()> {
+    shape.check_buffer("logits", logits.len())?;
+    shape.check_buffer("grad_logits", grad_logits.len())?;
+    let s: &CudaStream = stream;
+    let (x, _gx) = logits.device_ptr(s);
+    let (dx, _gd) = grad_logits.device_ptr_mut(s);
+    backward_common(stream, x, dx, shape, tokens, grads, status, opts, T::DTYPE)
+}
+
+/// [`token_logprobs_backward`] written over the logits themselves (no gradient buffer; as
+/// Liger does). Every element is read before the same thread overwrites it; the result equals
+/// the out-of-place backward bit for bit.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceTokenGrads, DeviceTokens};
+/// use rlhf_kernels::{RowShape, TokenLogprobsOptions};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let mut logits = s.clone_htod(&[0.0f32, 0.0]).unwrap();
+/// let targets = s.clone_htod(&[0i32]).unwrap();
+/// let lse = s.clone_htod(&[2f32.ln()]).unwrap();
+/// let g = s.clone_htod(&[1.0f32]).unwrap();
+/// let mut status = CudaStatus::new(s)?;
+/// cuda::token_logprobs_backward_in_place(s, &mut logits, RowShape::new(1, 2),
+///     &DeviceTokens::new(targets.as_view()), &DeviceTokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
+///     &mut status, &TokenLogprobsOptions::default())?;
+/// status.check(s)?; // logits now hold the gradient [0.5, -0.5]
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn token_logprobs_backward_in_place<T: Element, I: TargetIndex>(
+    stream: &Arc<CudaStream>,
+    logits: &mut impl DevicePtrMut<T>,
+    shape: RowShape,
+    tokens: &DeviceTokens<'_, I>,
+    grads: &DeviceTokenGrads<'_>,
+    status: &mut CudaStatus,
+    opts: &TokenLogprobsOptions,
+) -> Result<()> {
+    shape.check_buffer("logits", logits.len())?;
+    let s: &CudaStream = stream;
+    let (x, _gx) = logits.device_ptr_mut(s);
+    backward_common(stream, x, x, shape, tokens, grads, status, opts, T::DTYPE)
+}
+
+#[allow(clippy::too_many_arguments)] // private: the public entry points group their inputs
+fn backward_common<I: TargetIndex>(
+    stream: &Arc<CudaStream>,
+    x: u64,
+    dx: u64,
+    shape: RowShape,
+    tokens: &DeviceTokens<'_, I>,
+    grads: &DeviceTokenGrads<'_>,
+    status: &mut CudaStatus,
+    opts: &TokenLogprobsOptions,
+    dtype: DType,
+) -> Result<()> {
+    check_tokens(tokens, shape.rows)?;
+    check_len("lse", grads.lse.len(), shape.rows)?;
+    check_grads_present(grads.grad_logp.is_some(), grads.grad_entropy.is_some(), grads.entropy.is_some())?;
+    for (what, v) in
+        [("entropy", &grads.entropy), ("grad_logp", &grads.grad_logp), ("grad_entropy", &grads.grad_entropy)]
+    {
+        v.as_ref().map_or(Ok(()), |v| check_len(what, v.len(), shape.rows))?;
+    }
+    let inv_tau = opts.inv_temperature()?;
+    let s: &CudaStream = stream;
+    let (targets, _gt) = tokens.targets.device_ptr(s);
+    let (mask, _gm) = opt_ptr(&tokens.mask, s);
+    let (lse, _g1) = grads.lse.device_ptr(s);
+    let (entropy, _g2) = opt_ptr(&grads.entropy, s);
+    let (g_logp, _g3) = opt_ptr(&grads.grad_logp, s);
+    let (g_entropy, _g4) = opt_ptr(&grads.grad_entropy, s);
+    let (st, _g5) = status.device_ptr(s);
+    let args = BackwardArgs {
+        dtype,
+        shape,
+        sel: RowSelect::new(targets, I::INDEX_TYPE, mask, opts),
+        inv_tau,
+        logits: x,
+        grad: dx,
+        saved: [lse, entropy],
+        upstream: [g_logp, g_entropy],
+        status: st,
+    };
+    // SAFETY: `x`/`dx` come from the caller's checked cudarc buffers (the same buffer when in
+    // place, which the kernel supports); the per-row buffers' lengths were checked above; the
+    // guards keep cudarc's event tracking in order until the launch is enqueued.
+    unsafe { launch_backward(stream, &args) }
+}
+
+/// Per-row [`VocabPartial`]s of a vocabulary shard on the GPU (columns
+/// `[vocab_offset, vocab_offset + cols)` of the full vocabulary), the GPU twin of
+/// [`cpu::vocab_shard_partials`](crate::cpu::vocab_shard_partials). Padding rows give
+/// [`VocabPartial::EMPTY`]; row problems travel in the flags. Gather the partials of all
+/// shards as `[shards][rows]` and finish with [`finish_vocab_partials`].
+pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
+    stream: &Arc<CudaStream>,
+    logits: &impl DevicePtr<T>,
+    shape: RowShape,
+    tokens: &DeviceTokens<'_, I>,
+    vocab_offset: usize,
+    partials: &mut impl DevicePtrMut<VocabPartial>,
+    opts: &TokenLogprobsOptions,
+) -> Result<()> {
+    shape.check_buffer("logits", logits.len())?;
+    check_tokens(tokens, shape.rows)?;
+    check_len("partials", partials.len(), shape.rows)?;
+    let inv_tau = opts.inv_temperature()?;
+    let s: &CudaStream = stream;
+    let (x, _gx) = logits.device_ptr(s);
+    let (targets, _gt) = tokens.targets.device_ptr(s);
+    let (mask, _gm) = opt_ptr(&tokens.mask, s);
+    let (p, _gp) = partials.device_ptr_mut(s);
+    let sel = RowSelect::new(targets, I::INDEX_TYPE, mask, opts);
+    let func = function(stream.context(), Module::Logprobs, forward_name(T::DTYPE, true, false))?;
+    let (ld, rows, cols, offset) =
+        (shape.row_stride as i64, shape.rows as i32, shape.cols as i32, vocab_offset as i64);
+    let null = 0u64;
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&x).arg(&ld).arg(&rows).arg(&cols).arg(&sel).arg(&inv_tau).arg(&offset);
+    launch.arg(&null).arg(&null).arg(&null).arg(&p).arg(&null);
+    let cfg =
+        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `token_logprobs_entropy_rows_<dtype>(const T*, long long, int, int,
+    // RowSelect, float, long long, float*, float*, float*, VocabPartial*, unsigned long long*)`
+    // with null outputs and status (partial mode never reports); one block of 256 threads per
+    // row; logits cover the shape and `partials` holds `rows` records (checked above).
+    unsafe { launch.launch(cfg) }.map_err(driver_error("launching vocab_shard_partials"))?;
+    Ok(())
+}
+
+/// Merges the [`VocabPartial`]s of `shards` vocabulary shards (`[shards][rows]`, shard order)
+/// and writes the requested outputs, as [`token_logprobs`] would for the whole vocabulary.
+/// Rows without a defined result (including a target no shard holds) get NaN and are reported
+/// in `status`.
+pub fn finish_vocab_partials<I: TargetIndex>(
+    stream: &Arc<CudaStream>,
+    partials: &impl DevicePtr<VocabPartial>,
+    shards: usize,
+    tokens: &DeviceTokens<'_, I>,
+    mut out: DeviceTokenOutputs<'_>,
+    status: &mut CudaStatus,
+    opts: &TokenLogprobsOptions,
+) -> Result<()> {
+    let rows = tokens.targets.len();
+    check_tokens(tokens, rows)?;
+    check_outputs(&out, rows)?;
+    check_len("partials", partials.len(), shards * rows)?;
+    if rows == 0 || shards == 0 {
+        return Err(Error::EmptyInput { what: "partials", rows, cols: shards });
+    }
+    let inv_tau = opts.inv_temperature()?;
+    let s: &CudaStream = stream;
+    let (p, _gp) = partials.device_ptr(s);
+    let (targets, _gt) = tokens.targets.device_ptr(s);
+    let (mask, _gm) = opt_ptr(&tokens.mask, s);
+    let (logp, _g1) = opt_ptr_mut(&mut out.logp, s);
+    let (entropy, _g2) = opt_ptr_mut(&mut out.entropy, s);
+    let (lse, _g3) = opt_ptr_mut(&mut out.lse, s);
+    let (st, _g5) = status.device_ptr(s);
+    let sel = RowSelect::new(targets, I::INDEX_TYPE, mask, opts);
+    // SAFETY: `p` holds shards·rows records (checked), laid out [shards][rows]: record
+    // (row, k) at row·1 + k·rows; outputs hold `rows` f32 each; status one u64.
+    unsafe { launch_merge(stream, p, (1, rows as i64), shards, rows, sel, inv_tau, [logp, entropy, lse], st) }
+}

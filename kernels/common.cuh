@@ -180,7 +180,10 @@ struct Partial {
     const float d2 = __fmul_rn(__fsub_rn(o.m, M), inv_tau);
     const float a1 = exp2f(__fmul_rn(d1, LOG2E));
     const float a2 = exp2f(__fmul_rn(d2, LOG2E));
-    const float t_new = __fadd_rn(__fmul_rn(a1, fmaf(d1, s, t)), __fmul_rn(a2, fmaf(d2, o.s, o.t)));
+    // A side rescaled to 0 contributes 0 to t: never 0·(-inf) when d·s overflows.
+    const float t1 = a1 > 0.0f ? __fmul_rn(a1, fmaf(d1, s, t)) : 0.0f;
+    const float t2 = a2 > 0.0f ? __fmul_rn(a2, fmaf(d2, o.s, o.t)) : 0.0f;
+    const float t_new = __fadd_rn(t1, t2);
     s = __fadd_rn(__fmul_rn(a1, s), __fmul_rn(a2, o.s));
     t = t_new;
     m = M;

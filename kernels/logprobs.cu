@@ -1,6 +1,6 @@
 // logprobs family: log-softmax over rows (forward and backward).
 //
-// Launch contract (checked by src/cuda/logprobs.rs before every launch):
+// Launch contract (checked by src/cuda/logprobs/*.rs before every launch):
 //   grid = (rows, 1, 1), block = (B, 1, 1) with B a multiple of 32, 32 <= B <= 1024, chosen
 //   from `cols` and the dtype only; 0 < rows, 0 < cols <= 2^31 - 1; every row pointer
 //   `base + row * ld` is valid for `cols` elements; `status` points to one u64.
@@ -26,7 +26,7 @@ __device__ void log_softmax_forward(const T* __restrict__ logits, long long ld_l
   if (row >= rows) return;
   const T* x = logits + row * ld_logits;
   float* y = out + row * ld_out;
-  const long long nchunks = (cols + N - 1) / N;
+  const long long nchunks = (static_cast<long long>(cols) + N - 1) / N;
   const bool x_vec = aligned16(x);
   const float c = inv_tau * LOG2E;
 
@@ -74,7 +74,7 @@ __device__ void log_softmax_backward(const float* __restrict__ out, long long ld
   const bool y_vec = aligned16(y), g_vec = aligned16(g), dx_vec = aligned16(dx);
 
   // Σ g over the row, in chunks of 4 floats.
-  const long long nchunks4 = (cols + 3) / 4;
+  const long long nchunks4 = (static_cast<long long>(cols) + 3) / 4;
   float partial = 0.0f;
   for (long long k = threadIdx.x; k < nchunks4; k += blockDim.x) {
     float v[4];
@@ -84,7 +84,7 @@ __device__ void log_softmax_backward(const float* __restrict__ out, long long ld
   const float total = block_sum(partial, scratch);
   const bool grad_bad = !isfinite(total);
 
-  const long long nchunks = (cols + N - 1) / N;
+  const long long nchunks = (static_cast<long long>(cols) + N - 1) / N;
   unsigned flags = 0;
   for (long long k = threadIdx.x; k < nchunks; k += blockDim.x) {
     float yv[N], gv[N], r[N];
@@ -96,7 +96,8 @@ __device__ void log_softmax_backward(const float* __restrict__ out, long long ld
       r[i] = grad_bad ? quiet_nan() : (gv[i] - exp2f(yv[i] * LOG2E) * total) * inv_tau;
     store_chunk(dx, k, cols, dx_vec, r);
   }
-  // A NaN or +inf in `out` cannot come from log_softmax_forward: report it as a NaN input.
+  // A NaN or +inf in `out` cannot come from log_softmax_forward: report it as a NaN input (the
+// row's gradient is then meaningless).
   const bool out_bad = __syncthreads_or(flags);
   if (threadIdx.x == 0) {
     if (out_bad) report(status, row, OP_LOG_SOFTMAX_BACKWARD, PROBLEM_NAN);
@@ -228,18 +229,18 @@ __device__ void token_rows(const T* __restrict__ logits, long long ld, int rows,
   const long long target = load_target(sel.targets, sel.index_kind, row);
   const long long local = target - vocab_offset;
   const bool has_target = local >= 0 && local < cols;
-  if (sel.masked(row, target) || (partials == nullptr && !has_target)) {
+  if (sel.masked(row, target)) {
     if (threadIdx.x == 0) {
       if (partials != nullptr) {
         partials[row] = VocabPartial{neg_inf(), 0.0f, 0.0f, 0.0f, 0u};
-      } else if (sel.masked(row, target)) {
-        write_zero_row(row, logp, entropy, lse);
       } else {
-        finish_row(row, Partial(), 0u, false, 0.0f, inv_tau, logp, entropy, lse, status);
+        write_zero_row(row, logp, entropy, lse);
       }
     }
     return;
   }
+  // A real row is always walked, even with a target out of range, so that its problems are
+  // ranked as in token_merge (NaN, +inf, only -inf, then the target).
   const T* x = logits + row * ld;
   const bool vec_ok = aligned16(x);
   const long long chunks = (cols + token_chunk_len<T>() - 1) / token_chunk_len<T>();
@@ -252,7 +253,7 @@ __device__ void token_rows(const T* __restrict__ logits, long long ld, int rows,
   if (partials != nullptr) {
     partials[row] = VocabPartial{state.m, state.s, state.t, xt, all | (has_target ? PART_HAS_TARGET : 0u)};
   } else {
-    finish_row(row, state, all, true, xt, inv_tau, logp, entropy, lse, status);
+    finish_row(row, state, all, has_target, xt, inv_tau, logp, entropy, lse, status);
   }
 }
 

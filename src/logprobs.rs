@@ -353,11 +353,14 @@ impl VocabPartial {
             let m = self.max_logit.max(other.max_logit);
             let (d1, d2) = ((self.max_logit - m) * inv_tau, (other.max_logit - m) * inv_tau);
             let (a1, a2) = (d1.exp(), d2.exp());
+            // A side rescaled to 0 contributes 0 to the second sum: never 0·(-inf).
+            let t = |a: f32, d: f32, p: &VocabPartial| {
+                if a > 0.0 { a * d.mul_add(p.sum_exp, p.sum_exp_d) } else { 0.0 }
+            };
             VocabPartial {
                 max_logit: m,
                 sum_exp: a1 * self.sum_exp + a2 * other.sum_exp,
-                sum_exp_d: a1 * d1.mul_add(self.sum_exp, self.sum_exp_d)
-                    + a2 * d2.mul_add(other.sum_exp, other.sum_exp_d),
+                sum_exp_d: t(a1, d1, self) + t(a2, d2, other),
                 ..*self
             }
         };

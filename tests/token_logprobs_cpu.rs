@@ -159,6 +159,48 @@ fn shards_merge_to_the_whole_row() {
     }
 }
 
+/// Blocks (and shards) whose maxima are far apart rescale to exactly 0: the entropy stays
+/// finite, never 0·(-inf).
+#[test]
+fn huge_logit_gaps_keep_the_entropy_finite() {
+    let cols = 3000;
+    let mut logits = vec![-3e38f32; cols];
+    logits[2500] = 3e38; // a later block holds the max
+    logits[10] = -2.9e38;
+    let case = Case {
+        logits,
+        shape: RowShape::new(1, cols),
+        targets: vec![2500],
+        mask: None,
+        opts: TokenLogprobsOptions::default(),
+    };
+    let f = Cpu.forward(&case, true).unwrap();
+    assert_eq!((f.logp[0], f.entropy[0]), (0.0, 0.0));
+    let opts = TokenLogprobsOptions::default();
+    let mut parts = [VocabPartial::EMPTY; 2];
+    let tokens = Tokens::new(&case.targets);
+    cpu::vocab_shard_partials(
+        &case.logits[..1500],
+        RowShape::new(1, 1500),
+        &tokens,
+        0,
+        &mut parts[..1],
+        &opts,
+    )
+    .unwrap();
+    cpu::vocab_shard_partials(
+        &case.logits[1500..],
+        RowShape::new(1, 1500),
+        &tokens,
+        1500,
+        &mut parts[1..],
+        &opts,
+    )
+    .unwrap();
+    let stats = rlhf_kernels::merge_vocab_partials(&parts, &opts).unwrap().finish(&opts).unwrap();
+    assert_eq!((stats.logp, stats.entropy), (0.0, 0.0));
+}
+
 #[test]
 fn padding_rows_are_not_read_and_give_zero() {
     let mut case = Case::<f32>::random(RowShape::new(4, 10), 1.0, 2);

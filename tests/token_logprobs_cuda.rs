@@ -327,6 +327,26 @@ mod gpu {
         }
     }
 
+    /// Chunks whose maxima are far apart rescale to exactly 0: finite entropy, on both paths.
+    pub fn huge_logit_gaps(gpu: &Gpu) {
+        for rows in [1usize, 2048] {
+            let cols = 20_000;
+            let mut logits = vec![-3e38f32; rows * cols];
+            for r in 0..rows {
+                logits[r * cols + 15_000] = 3e38;
+            }
+            let case = Case {
+                logits,
+                shape: RowShape::new(rows, cols),
+                targets: vec![15_000; rows],
+                mask: None,
+                opts: TokenLogprobsOptions::default(),
+            };
+            let f = gpu.forward(&case, true).unwrap();
+            assert!(f.logp.iter().chain(&f.entropy).all(|&x| x == 0.0), "rows={rows}");
+        }
+    }
+
     /// Both forward paths against the CPU backend on a long row (same maths, f32 rounding apart).
     pub fn agrees_with_cpu(gpu: &Gpu) {
         let case = Case::<bf16>::random(RowShape::new(3, 256_000), 1.0, 21);
@@ -366,3 +386,4 @@ gpu_test!(shards);
 gpu_test!(status_reports);
 gpu_test!(raw_layer);
 gpu_test!(agrees_with_cpu);
+gpu_test!(huge_logit_gaps);

@@ -183,7 +183,12 @@ pub fn finish_vocab_partials<I: TargetIndex>(
 ) -> Result<()> {
     let rows = tokens.targets.len();
     tokens.check(rows)?;
-    check_len("partials", partials.len(), shards * rows)?;
+    let total = shards.checked_mul(rows).ok_or(Error::TooLarge {
+        what: "shards * rows",
+        value: usize::MAX,
+        max: usize::MAX,
+    })?;
+    check_len("partials", partials.len(), total)?;
     let writers = RowWriters::new(out, rows)?;
     let inv_tau = opts.inv_temperature()?;
     let problem = (0..rows)
@@ -257,7 +262,8 @@ fn row_partial_generic<T: Element, const ENTROPY: bool>(x: &[T], inv_tau: f32) -
                 let scale = simd::exp2(shift * LOG2E);
                 for j in 0..LANES {
                     if ENTROPY {
-                        acc_t[j] = scale * shift.mul_add(acc_s[j], acc_t[j]);
+                        // Rescaled to 0: contributes 0 (never 0·(-inf) when shift·s overflows).
+                        acc_t[j] = if scale > 0.0 { scale * shift.mul_add(acc_s[j], acc_t[j]) } else { 0.0 };
                     }
                     acc_s[j] *= scale;
                 }
@@ -331,7 +337,7 @@ fn backward<T: Element, I: TargetIndex>(
             let g = RowGrad {
                 target: tokens.targets[r].to_i64() as usize,
                 lse: grads.lse[r],
-                entropy: grads.entropy.map_or(0.0, |h| h[r]),
+                entropy: grads.grad_entropy.and(grads.entropy).map_or(0.0, |h| h[r]),
                 grad_logp: grads.grad_logp.map_or(0.0, |g| g[r]),
                 grad_entropy: grads.grad_entropy.map_or(0.0, |g| g[r]),
                 inv_tau,

@@ -76,8 +76,8 @@ pub fn log_softmax<T: Element>(
 /// (dense `[rows, cols]` f32) writes `grad_logits_v = (g_v − exp(out_v)·Σ_u g_u) / τ` into
 /// `grad_logits` (the logits' dtype and `shape`), enqueued on `stream`.
 ///
-/// A row whose `grad_out` is not finite (or whose `out` has a NaN) gets NaN outputs and is
-/// reported in `status`.
+/// A row whose `grad_out` is not finite gets NaN outputs and is reported in `status`; a NaN or
+/// `+inf` in `out` (which the forward never produces) is reported too.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};

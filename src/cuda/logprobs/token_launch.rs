@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
 use crate::cuda::driver_error;
@@ -132,17 +132,22 @@ pub(super) unsafe fn launch_forward(
     }
     let chunks = chunks(shape, dtype);
     let blocks = grid_blocks(shape.rows, chunks)?;
-    let owned: Option<CudaSlice<VocabPartial>>;
+    if workspace % 16 != 0 {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("address {workspace:#x}"),
+            expected: "a 16-byte aligned device address",
+        });
+    }
+    let mut owned: Option<CudaSlice<VocabPartial>> = None;
     let (partials, _guard) = if workspace != 0 {
         (workspace, None)
     } else {
         // SAFETY: the chunk kernel writes every record before the merge kernel reads it, both
         // on this stream.
-        owned = Some(
-            unsafe { stream.alloc::<VocabPartial>(shape.rows * chunks) }
-                .map_err(driver_error("allocating the token_logprobs workspace"))?,
-        );
-        let (p, g) = owned.as_ref().expect("just set").device_ptr(stream);
+        let slice = unsafe { stream.alloc::<VocabPartial>(shape.rows * chunks) }
+            .map_err(driver_error("allocating the token_logprobs workspace"))?;
+        let (p, g) = owned.insert(slice).device_ptr_mut(stream);
         (p, Some(g))
     };
     let func = function(stream.context(), Module::Logprobs, forward_name(dtype, entropy, true))?;
@@ -268,7 +273,8 @@ pub mod raw {
         pub entropy: u64,
         /// See `logp`.
         pub lse: u64,
-        /// [`token_logprobs_workspace_bytes`](crate::cuda::token_logprobs_workspace_bytes) bytes, or 0 to allocate on the stream.
+        /// [`token_logprobs_workspace_bytes`](crate::cuda::token_logprobs_workspace_bytes)
+        /// bytes at a 16-byte aligned address, or 0 to allocate on the stream.
         pub workspace: u64,
         /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
         pub status: u64,

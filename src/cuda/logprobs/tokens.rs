@@ -52,7 +52,8 @@ impl<'a, I: TargetIndex> DeviceTokens<'a, I> {
 
 /// Where the forward writes on the device (see [`TokenOutputs`](crate::TokenOutputs)), and
 /// optionally the workspace of the split path
-/// ([`token_logprobs_workspace_bytes`] bytes; allocated on the stream when needed and absent).
+/// ([`token_logprobs_workspace_bytes`] bytes, 16-byte aligned; allocated on the stream when
+/// needed and absent).
 #[derive(Debug, Default)]
 pub struct DeviceTokenOutputs<'a> {
     /// `log softmax(z)[y]` per row.
@@ -165,7 +166,11 @@ fn check_outputs(out: &DeviceTokenOutputs<'_>, rows: usize) -> Result<()> {
 /// output; padding rows are not read and give 0. Rows without a defined result (NaN, `+inf`,
 /// only `-inf`, a target outside `[0, V)`) get NaN and are reported in `status`; shape and
 /// option errors are returned at once. Without `out.workspace`, few long rows allocate
-/// [`token_logprobs_workspace_bytes`] on the stream (stream-ordered, no synchronisation).
+/// [`token_logprobs_workspace_bytes`] on the stream (stream-ordered with no host
+/// synchronisation on GPUs with memory pools; cudarc synchronises on older ones).
+///
+/// `lse` overflows to `+inf` when `max logit / τ` is beyond f32's range; `logp` and `H`, computed
+/// from differences, stay exact.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceTokenOutputs, DeviceTokens};
@@ -415,12 +420,12 @@ pub fn finish_vocab_partials<I: TargetIndex>(
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
     let rows = tokens.targets.len();
+    // One row per merge thread and `shards` records per row: the same 32-bit limits as a
+    // [rows, shards] batch.
+    RowShape::new(rows, shards).validate("partials")?;
     check_tokens(tokens, rows)?;
     check_outputs(&out, rows)?;
     check_len("partials", partials.len(), shards * rows)?;
-    if rows == 0 || shards == 0 {
-        return Err(Error::EmptyInput { what: "partials", rows, cols: shards });
-    }
     let inv_tau = opts.inv_temperature()?;
     let s: &CudaStream = stream;
     let (p, _gp) = partials.device_ptr(s);

@@ -5,7 +5,7 @@
 #                                      test, bench and example binaries with the kernels,
 #                                      strips them and stages them in gpu-stage/ (git-ignored,
 #                                      under 64 MiB).
-#   scripts/gpu-check.sh run [--dry-run]
+#   scripts/gpu-check.sh run [--dry-run] [--steps tests,sanitizers,example,bench]
 #                                      on the GPU machine (no Rust needed), from the repository
 #                                      root: every test binary with RLHF_KERNELS_REQUIRE_GPU=1,
 #                                      the CUDA tests under compute-sanitizer memcheck, racecheck
@@ -15,6 +15,8 @@
 #                                      short table. Logs go to $RLHF_KERNELS_GPU_OUT (default
 #                                      gpu-out/). --dry-run exercises the same steps on a machine
 #                                      without a GPU (skips allowed, no sanitizer, no torch).
+#                                      --steps runs a subset (each call of the device tool has a
+#                                      ten-minute limit: split the check over calls if needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=gpu-stage
@@ -56,8 +58,16 @@ for line in sys.stdin:
 }
 
 run() {
-  local dry=0
-  [ "${1:-}" = "--dry-run" ] && dry=1
+  local dry=0 steps="tests,sanitizers,example,bench"
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dry-run) dry=1 ;;
+      --steps) steps="$2"; shift ;;
+      *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  want() { [[ ",$steps," == *",$1,"* ]]; }
   local out="${RLHF_KERNELS_GPU_OUT:-gpu-out}"
   mkdir -p "$out"
   local summary="$out/summary.txt"
@@ -73,7 +83,7 @@ run() {
   fi
 
   # 1. Every test binary; the CUDA ones cannot skip unless this is a dry run.
-  for t in "$stage"/bin/test-*; do
+  want tests && for t in "$stage"/bin/test-*; do
     local name=${t##*/}
     if "$t" --test-threads=1 >"$out/$name.log" 2>&1; then
       record "$name" "PASS, $(grep -o 'skipped: ' "$out/$name.log" | wc -l) skipped"
@@ -83,32 +93,42 @@ run() {
   done
 
   # 2. Sanitizers on the CUDA tests with reduced shapes.
-  local cuda_tests="$stage/bin/test-logprobs_cuda"
-  for tool in memcheck racecheck initcheck; do
+  want sanitizers && for tool in memcheck racecheck initcheck; do
     if ! command -v compute-sanitizer >/dev/null; then
       record "compute-sanitizer --tool $tool" "ABSENT (not installed)"
       continue
     fi
-    local log="$out/sanitizer-$tool.log"
-    RLHF_KERNELS_TEST_SHAPES=small compute-sanitizer --tool "$tool" --error-exitcode 99 \
-      "$cuda_tests" --test-threads=1 >"$log" 2>&1
-    local rc=$?
-    if grep -qE "Device not supported|error 999|CUDA_ERROR_UNKNOWN" "$log"; then
-      record "compute-sanitizer --tool $tool" "REFUSED by this GPU/driver (not clean: unverified)"
-    elif [ "$rc" = 0 ] && grep -q "ERROR SUMMARY: 0 errors" "$log"; then
-      record "compute-sanitizer --tool $tool" "CLEAN"
-    else
-      record "compute-sanitizer --tool $tool" "FAIL rc=$rc (see $log)"
-    fi
+    for t in "$stage"/bin/test-*_cuda; do
+      local name=${t##*/}
+      local log="$out/sanitizer-$tool-$name.log"
+      RLHF_KERNELS_TEST_SHAPES=small compute-sanitizer --tool "$tool" --error-exitcode 99 \
+        "$t" --test-threads=1 >"$log" 2>&1
+      local rc=$?
+      if grep -qE "Device not supported|error 999|CUDA_ERROR_UNKNOWN" "$log"; then
+        record "sanitizer $tool $name" "REFUSED by this GPU/driver (not clean: unverified)"
+      elif [ "$rc" = 0 ] && grep -q "ERROR SUMMARY: 0 errors" "$log"; then
+        record "sanitizer $tool $name" "CLEAN"
+      else
+        record "sanitizer $tool $name" "FAIL rc=$rc (see $log)"
+      fi
+    done
   done
 
   # 3. The main job at a realistic size.
   local rows=8192 vocab=151936
   [ "$dry" = 1 ] && rows=64 vocab=32000
-  if "$stage/bin/example-ppo_step" --rows "$rows" --vocab "$vocab" --dtype bf16 >"$out/ppo_step.log" 2>&1; then
+  if ! want example; then
+    :
+  elif "$stage/bin/example-ppo_step" --rows "$rows" --vocab "$vocab" --dtype bf16 >"$out/ppo_step.log" 2>&1; then
     record "ppo_step ${rows}x${vocab} bf16" "PASS"
   else
     record "ppo_step ${rows}x${vocab} bf16" "FAIL (see $out/ppo_step.log)"
+  fi
+  if ! want bench; then
+    echo
+    cat "$summary"
+    ! grep -q "FAIL" "$summary"
+    return
   fi
 
   # 4. Benchmarks: ours (copy bandwidth first, same process), then PyTorch on the same shapes.

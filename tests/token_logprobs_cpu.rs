@@ -219,6 +219,19 @@ fn padding_rows_are_not_read_and_give_zero() {
 }
 
 #[test]
+fn a_fully_masked_batch_gives_zeros() {
+    let mut case = Case::<bf16>::random(RowShape::new(8, 3000), 1.0, 4);
+    case.mask = Some(vec![0; 8]);
+    let f = Cpu.forward(&case, true).unwrap();
+    assert!(f.logp.iter().chain(&f.entropy).chain(&f.lse).all(|&x| x == 0.0));
+    let grads = TokenGrads::new(&f.lse).grad_logp(&[1.0; 8]).grad_entropy(&[1.0; 8], &f.entropy);
+    for in_place in [false, true] {
+        let g = Cpu.backward(&case, &grads, in_place).unwrap();
+        assert!(g.iter().all(|x| x.to_f32() == 0.0));
+    }
+}
+
+#[test]
 fn errors() {
     let opts = TokenLogprobsOptions::default();
     let shape = RowShape::new(2, 3);

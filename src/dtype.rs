@@ -124,6 +124,10 @@ pub trait Element:
     fn to_f64(self) -> f64 {
         self.to_f32() as f64
     }
+    /// True when [`to_f32`](Self::to_f32) and [`from_f32`](Self::from_f32) are a few
+    /// branch-free instructions that vectorise inside a loop (f32, bf16); false when slice
+    /// conversions are faster (f16, whose hardware conversion is used through the slices).
+    const CHEAP_SCALAR_CONVERT: bool;
     /// Converts a slice to f32; `dst.len()` must equal `src.len()`.
     fn slice_to_f32(src: &[Self], dst: &mut [f32]);
     /// The slice itself when `Self` is f32 (no conversion needed), else `None`.
@@ -142,6 +146,7 @@ pub trait Element:
 
 impl Element for f32 {
     const DTYPE: DType = DType::F32;
+    const CHEAP_SCALAR_CONVERT: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -170,6 +175,7 @@ impl Element for f32 {
 
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
+    const CHEAP_SCALAR_CONVERT: bool = false;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -192,30 +198,31 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
+    const CHEAP_SCALAR_CONVERT: bool = false;
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        // A bf16 is the top half of an f32: widening is a shift (and vectorises).
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
+        // Round to nearest-even on the bits, NaN kept quiet (as bf16::from_f32 and the GPU's
+        // __float2bfloat16_rn do), branch-free so that it vectorises.
+        let b = x.to_bits();
+        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+        let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+        bf16::from_bits(if nan { ((b >> 16) | 0x40) as u16 } else { rounded })
     }
     #[inline(always)]
     fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
-        // A bf16 is the top half of an f32: widening is a shift (and vectorises).
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = <bf16 as Element>::to_f32(s);
         }
     }
     #[inline(always)]
     fn slice_from_f32(src: &[f32], dst: &mut [Self]) {
-        // Round to nearest-even on the bits, NaN kept quiet (as bf16::from_f32 and the GPU's
-        // __float2bfloat16_rn do), written branch-free so that it vectorises.
-        for (d, s) in dst.iter_mut().zip(src) {
-            let x = s.to_bits();
-            let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
-            let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
-            *d = bf16::from_bits(if nan { ((x >> 16) | 0x40) as u16 } else { rounded as u16 });
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = <bf16 as Element>::from_f32(s);
         }
     }
 }
@@ -292,4 +299,34 @@ pub fn validate_targets<I: TargetIndex>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The branch-free bf16 conversions agree with the `half` crate bit for bit, on every
+    /// class of value (the GPU's __float2bfloat16_rn rounds the same way).
+    #[test]
+    fn bf16_conversion_matches_half() {
+        let specials =
+            [0.0f32, -0.0, 1.0, -1.5, f32::MAX, f32::MIN_POSITIVE, 1e-40, f32::INFINITY, f32::NEG_INFINITY];
+        let mut x = 0x0000_0001u32;
+        let mut values: Vec<f32> = specials.to_vec();
+        while x < 0xffff_0000 {
+            values.push(f32::from_bits(x));
+            x = x.wrapping_mul(3).wrapping_add(0x8001);
+        }
+        for v in values {
+            let ours = <bf16 as Element>::from_f32(v);
+            let theirs = bf16::from_f32(v);
+            if v.is_nan() {
+                assert!(ours.is_nan());
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{v:e}");
+            }
+            assert_eq!(<bf16 as Element>::to_f32(theirs).to_bits(), theirs.to_f32().to_bits());
+        }
+        assert!(<bf16 as Element>::from_f32(f32::NAN).is_nan());
+    }
 }

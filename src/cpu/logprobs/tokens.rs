@@ -360,35 +360,49 @@ fn backward<T: Element, I: TargetIndex>(
 
 dispatch!(fn backward_row<T: Element>(x: Option<&[T]>, dx: &mut [T], g: RowGrad) -> () = backward_row_generic);
 
-/// One row of the backward, [`BLOCK`] elements at a time; `x = None` reads the logits from
-/// `dx` itself (in place: each block is read before it is overwritten).
+/// One row of the backward; `x = None` reads the logits from `dx` itself (in place: every
+/// element is read before it is overwritten). f32 rows are computed straight into `dx`;
+/// f16/bf16 rows go through L1-sized f32 blocks.
 #[inline(always)]
 fn backward_row_generic<T: Element>(x: Option<&[T]>, dx: &mut [T], g: RowGrad) {
-    let (mut z, mut out) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
-    let mut start = 0;
-    while start < dx.len() {
-        let n = BLOCK.min(dx.len() - start);
-        let range = start..start + n;
-        match x {
-            Some(x) => T::slice_to_f32(&x[range.clone()], &mut z[..n]),
-            None => T::slice_to_f32(&dx[range.clone()], &mut z[..n]),
-        }
-        for (o, &xv) in out[..n].iter_mut().zip(&z[..n]) {
-            let a = xv.mul_add(g.inv_tau, -g.lse); // z_v − lse
-            let p = simd::exp2(a * LOG2E);
-            let h = if p > 0.0 { p * (a + g.entropy) } else { 0.0 };
-            *o = g.inv_tau * (g.grad_logp * -p - g.grad_entropy * h);
-        }
-        if range.contains(&g.target) {
-            let i = g.target - start;
-            let a = z[i].mul_add(g.inv_tau, -g.lse);
-            let p = simd::exp2(a * LOG2E);
-            let h = if p > 0.0 { p * (a + g.entropy) } else { 0.0 };
-            out[i] = g.inv_tau * (g.grad_logp * (1.0 - p) - g.grad_entropy * h);
-        }
-        T::slice_from_f32(&out[..n], &mut dx[range]);
-        start += n;
+    #[inline(always)]
+    fn grad_of(z: f32, g: &RowGrad, hit: f32) -> f32 {
+        let a = z.mul_add(g.inv_tau, -g.lse); // z_v − lse
+        let p = simd::exp2(a * LOG2E);
+        let h = if p > 0.0 { p * (a + g.entropy) } else { 0.0 };
+        g.inv_tau * (g.grad_logp * (hit - p) - g.grad_entropy * h)
     }
+    let target_z = match x {
+        Some(x) => x[g.target].to_f32(),
+        None => dx[g.target].to_f32(),
+    };
+    if T::CHEAP_SCALAR_CONVERT {
+        match x {
+            Some(src) => {
+                dx.iter_mut().zip(src).for_each(|(o, z)| *o = T::from_f32(grad_of(z.to_f32(), &g, 0.0)))
+            }
+            None => dx.iter_mut().for_each(|o| *o = T::from_f32(grad_of(o.to_f32(), &g, 0.0))),
+        }
+    } else {
+        let (mut z, mut out) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+        let mut start = 0;
+        while start < dx.len() {
+            let n = BLOCK.min(dx.len() - start);
+            let range = start..start + n;
+            match x {
+                Some(x) => T::slice_to_f32(&x[range.clone()], &mut z[..n]),
+                None => T::slice_to_f32(&dx[range.clone()], &mut z[..n]),
+            }
+            for (o, &zv) in out[..n].iter_mut().zip(&z[..n]) {
+                *o = grad_of(zv, &g, 0.0);
+            }
+            T::slice_from_f32(&out[..n], &mut dx[range]);
+            start += n;
+        }
+    }
+    // The target's own term, 1[v = y]: recomputed from its logit, read before the row was
+    // overwritten.
+    dx[g.target] = T::from_f32(grad_of(target_z, &g, 1.0));
 }
 
 /// The per-row outputs of a forward, written from parallel tasks.

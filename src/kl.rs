@@ -1,0 +1,323 @@
+//! The KL family's shared vocabulary (MATH.md §2): directions, sampled estimators, options,
+//! batch statistics and the KL-coefficient controllers.
+//!
+//! # Which KL, and where it goes
+//!
+//! The RLHF objective `E[r − β·log(π/π_ref)]` penalises, token by token, a *single-sample*
+//! estimate of `KL[π ‖ π_ref]`: averaged over tokens sampled from the current policy it is the
+//! KL with the policy first. Two consequences shape this module:
+//!
+//! - **Placement.** The penalty can be folded into the per-token rewards
+//!   (`r_t = −β·kl_t`, the sequence score on the last valid token: see
+//!   [`cpu::kl_rewards`](crate::cpu::kl_rewards)), where it enters the advantages; or kept as a
+//!   loss term of its own (GRPO style: [`cpu::sampled_kl`](crate::cpu::sampled_kl) with its
+//!   gradient). As a loss term it must *not* be multiplied by PPO's importance ratio
+//!   `π/π_old`: the KL is a property of the current policy, differentiated where the policy
+//!   is now, not a reward collected by the old one. Folding it into rewards is equivalent only
+//!   for the plain on-policy gradient.
+//! - **Direction.** PPO's trust region is `KL[π_old ‖ π]` (old first); the penalty above is
+//!   `KL[π ‖ π_ref]` (new first). `KL[π ‖ π_ref]` grows when the policy puts mass where the
+//!   reference has little: it keeps the policy from inventing improbable tokens
+//!   (conservative). `KL[π_ref ‖ π]` grows when the policy drops mass the reference has: it
+//!   lets the policy add new tokens (mass-covering, exploring). Every entry point names its
+//!   direction by argument order — [`KlDirection::PolicyRef`] or [`KlDirection::RefPolicy`] —
+//!   never "forward" or "reverse", words the literature uses both ways.
+//!
+//! # Sampled estimators and their gradients
+//!
+//! With `r = π_ref(y)/π(y)` for a token `y` sampled from `π` (`log r = ref_logp − logp`):
+//!
+//! | estimator | value | ∂/∂logp | unbiased for | its gradient as a loss, in expectation |
+//! | --- | --- | --- | --- | --- |
+//! | `K1` | `−log r` | `1` | KL[π‖ref] | `0`: no gradient at all |
+//! | `K2` | `½(log r)²` | `−log r` | (biased) | `∇KL[π‖ref]` |
+//! | `K3` | `(r − 1) − log r` | `1 − r` | KL[π‖ref] | `∇KL[ref‖π]`: the *other* direction |
+//! | `Abs` | `|log r|` | `sign(logp − ref_logp)` | (biased) | `∇‖π − π_ref‖₁` |
+//! | `K1Rev` | `r·log r` | `−r(log r + 1)` | KL[ref‖π] | `∇(KL[ref‖π] + ½E_ref[log² r])` |
+//! | `K3Rev` | `r·log r − (r − 1)` | `−r·log r` | KL[ref‖π] | `∇½E_ref[log² r]` |
+//!
+//! The last column is what autograd yields for a KL loss term with the samples held fixed:
+//! `E_π[∂k/∂logp · ∇logp]`. For k3, `E_π[(1 − r)∇logp] = Σ_y (π − π_ref)∇logπ = ∇KL[ref‖π]`
+//! (using `Σ π_ref ∇log π = −∇KL[ref‖π]` and `Σ π∇log π = 0`): the popular "k3 in the loss"
+//! optimises the mass-covering direction although its value estimates the conservative one.
+//!
+//! **Gradient-correct estimators.** Name the KL whose gradient you want and
+//! [`KlEstimator::gradient_of`] picks the matching pair (a straight-through estimator, verl's
+//! `k3+`): for `KL[π‖ref]` the value of k3 (unbiased, low variance) with the gradient of k2
+//! (`−log r`, whose expectation is `∇KL[π‖ref]`); for `KL[ref‖π]` the value of k3_rev
+//! (unbiased for that direction) with the gradient of k3 (`1 − r`, expectation
+//! `∇KL[ref‖π]`).
+//!
+//! **Clamps.** `log r` is clamped to `±log_ratio_clamp` (default 20, as verl) before any
+//! `exp`, and the exp-based values (k3, k1_rev, k3_rev) to `±value_clamp` (default 10, verl's
+//! k3 clamp); the gradient is 0 where a clamp is active. k1, k2 and abs take `log r` as it is.
+
+use crate::{Aggregation, Error, Normaliser, Result};
+
+/// A KL divergence, named by argument order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KlDirection {
+    /// `KL[π ‖ π_ref] = Σ π·log(π/π_ref)`: the RLHF penalty's direction (conservative).
+    PolicyRef,
+    /// `KL[π_ref ‖ π] = Σ π_ref·log(π_ref/π)` (mass-covering).
+    RefPolicy,
+}
+
+/// A sampled per-token KL estimator (module docs: values, gradients, biases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KlEstimator {
+    /// `−log r`.
+    K1,
+    /// `½(log r)²`.
+    K2,
+    /// `(r − 1) − log r` (verl's `low_var_kl`).
+    K3,
+    /// `|log r|`.
+    Abs,
+    /// `r·log r`.
+    K1Rev,
+    /// `r·log r − (r − 1)`.
+    K3Rev,
+    /// Value of k3, gradient of k2: expected gradient `∇KL[π‖ref]` (verl's `k3+`).
+    GradPolicyRef,
+    /// Value of k3_rev, gradient of k3: expected gradient `∇KL[ref‖π]`.
+    GradRefPolicy,
+}
+
+impl KlEstimator {
+    /// Every estimator, in the order of [`SampledKlStats::means`].
+    pub const ALL: [KlEstimator; 8] = [
+        KlEstimator::K1,
+        KlEstimator::K2,
+        KlEstimator::K3,
+        KlEstimator::Abs,
+        KlEstimator::K1Rev,
+        KlEstimator::K3Rev,
+        KlEstimator::GradPolicyRef,
+        KlEstimator::GradRefPolicy,
+    ];
+
+    /// The estimator whose loss gradient is, in expectation, the gradient of `direction`.
+    ///
+    /// ```
+    /// use rlhf_kernels::{KlDirection, KlEstimator};
+    /// assert_eq!(KlEstimator::gradient_of(KlDirection::PolicyRef), KlEstimator::GradPolicyRef);
+    /// ```
+    pub fn gradient_of(direction: KlDirection) -> KlEstimator {
+        match direction {
+            KlDirection::PolicyRef => KlEstimator::GradPolicyRef,
+            KlDirection::RefPolicy => KlEstimator::GradRefPolicy,
+        }
+    }
+
+    /// The KL whose value this estimator estimates (with or without bias).
+    pub fn value_direction(self) -> KlDirection {
+        match self {
+            KlEstimator::K1Rev | KlEstimator::K3Rev | KlEstimator::GradRefPolicy => KlDirection::RefPolicy,
+            _ => KlDirection::PolicyRef,
+        }
+    }
+
+    /// Code shared with the kernels (`kernels/kl.cu`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn code(self) -> i32 {
+        Self::ALL.iter().position(|&e| e == self).expect("listed in ALL") as i32
+    }
+}
+
+/// Options of [`cpu::sampled_kl`](crate::cpu::sampled_kl) and its CUDA twin.
+///
+/// ```
+/// use rlhf_kernels::{Aggregation, KlEstimator, Normaliser, SampledKlOptions};
+/// let opts = SampledKlOptions::new(KlEstimator::K3)
+///     .coef(0.001)
+///     .aggregation(Aggregation::TokenMean)
+///     .normaliser(Normaliser::Global { valid_tokens: 65536.0, valid_sequences: 64.0, sequences: 64.0 });
+/// assert_eq!(opts.log_ratio_clamp, Some(20.0));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct SampledKlOptions {
+    /// The estimator whose values, loss and gradient are produced.
+    pub estimator: KlEstimator,
+    /// `|log r|` limit applied before any `exp` (default `Some(20.0)`, as verl).
+    pub log_ratio_clamp: Option<f32>,
+    /// Limit of the exp-based values k3, k1_rev, k3_rev (default `Some(10.0)`, verl's k3 clamp).
+    pub value_clamp: Option<f32>,
+    /// The loss coefficient β: `loss = β·aggregate(k)` and the gradient is scaled by it.
+    /// Default 1.
+    pub coef: f32,
+    /// How per-token values become the loss and the statistics. Default token-mean.
+    pub aggregation: Aggregation,
+    /// Denominators of the aggregation. Default [`Normaliser::Local`].
+    pub normaliser: Normaliser,
+}
+
+impl SampledKlOptions {
+    /// Defaults for `estimator`: clamps 20 and 10, β = 1, token-mean, local denominators.
+    pub fn new(estimator: KlEstimator) -> Self {
+        SampledKlOptions {
+            estimator,
+            log_ratio_clamp: Some(20.0),
+            value_clamp: Some(10.0),
+            coef: 1.0,
+            aggregation: Aggregation::TokenMean,
+            normaliser: Normaliser::Local,
+        }
+    }
+    /// Sets the `|log r|` clamp (`None`: no clamp).
+    pub fn log_ratio_clamp(mut self, c: Option<f32>) -> Self {
+        self.log_ratio_clamp = c;
+        self
+    }
+    /// Sets the clamp of the exp-based values (`None`: no clamp).
+    pub fn value_clamp(mut self, c: Option<f32>) -> Self {
+        self.value_clamp = c;
+        self
+    }
+    /// Sets β.
+    pub fn coef(mut self, coef: f32) -> Self {
+        self.coef = coef;
+        self
+    }
+    /// Sets the aggregation.
+    pub fn aggregation(mut self, a: Aggregation) -> Self {
+        self.aggregation = a;
+        self
+    }
+    /// Sets the normaliser.
+    pub fn normaliser(mut self, n: Normaliser) -> Self {
+        self.normaliser = n;
+        self
+    }
+
+    /// Clamps as finite positive limits (`+inf` when off), after checking every option.
+    pub(crate) fn limits(&self) -> Result<(f32, f32)> {
+        let check = |name, c: Option<f32>| match c {
+            None => Ok(f32::INFINITY),
+            Some(v) if v > 0.0 && !v.is_nan() => Ok(v),
+            Some(v) => Err(Error::InvalidOption { name, value: v.to_string(), expected: "a clamp > 0, or None" }),
+        };
+        if !self.coef.is_finite() {
+            return Err(Error::InvalidOption { name: "coef", value: self.coef.to_string(), expected: "a finite β" });
+        }
+        self.aggregation.validate()?;
+        self.normaliser.validate()?;
+        Ok((check("log_ratio_clamp", self.log_ratio_clamp)?, check("value_clamp", self.value_clamp)?))
+    }
+}
+
+/// Value and gradient (with respect to `logp`) of one estimator at `log r = ref_logp − logp`,
+/// with the clamps as finite limits (`f32::INFINITY` when off). The gradient is 0 where a
+/// clamp is active. Shared by the CPU backend; the kernels implement the same table.
+#[inline(always)]
+pub(crate) fn estimate(e: KlEstimator, log_r: f32, lr_clamp: f32, v_clamp: f32) -> (f32, f32) {
+    let lr = log_r.clamp(-lr_clamp, lr_clamp);
+    let lr_active = lr != log_r;
+    let r = lr.exp();
+    let clamp_value = |v: f32, g: f32| {
+        let c = v.clamp(-v_clamp, v_clamp);
+        if lr_active || c != v { (c, 0.0) } else { (v, g) }
+    };
+    match e {
+        KlEstimator::K1 => (-log_r, 1.0),
+        KlEstimator::K2 => (0.5 * log_r * log_r, -log_r),
+        KlEstimator::K3 => clamp_value((r - 1.0) - lr, 1.0 - r),
+        KlEstimator::Abs => (log_r.abs(), if log_r < 0.0 { 1.0 } else if log_r > 0.0 { -1.0 } else { 0.0 }),
+        KlEstimator::K1Rev => {
+            if r == 0.0 {
+                (0.0, 0.0)
+            } else {
+                clamp_value(r * lr, -r * (lr + 1.0))
+            }
+        }
+        KlEstimator::K3Rev => {
+            if r == 0.0 {
+                clamp_value(1.0, 0.0)
+            } else {
+                clamp_value(r * lr - (r - 1.0), -r * lr)
+            }
+        }
+        KlEstimator::GradPolicyRef => (estimate(KlEstimator::K3, log_r, lr_clamp, v_clamp).0, -log_r),
+        KlEstimator::GradRefPolicy => (
+            estimate(KlEstimator::K3Rev, log_r, lr_clamp, v_clamp).0,
+            estimate(KlEstimator::K3, log_r, lr_clamp, v_clamp).1,
+        ),
+    }
+}
+
+/// Batch statistics of a sampled-KL call: the loss and every estimator aggregated with the
+/// call's aggregation and normaliser (all in the same pass).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SampledKlStats {
+    /// `β·aggregate(k)` of the chosen estimator.
+    pub loss: f64,
+    /// `aggregate` of each estimator, in [`KlEstimator::ALL`] order.
+    pub means: [f64; 8],
+    /// Share of valid tokens where a clamp was active for the chosen estimator.
+    pub clamped_fraction: f64,
+    /// The counts of this batch (whatever the normaliser).
+    pub counts: crate::BatchCounts,
+}
+
+impl SampledKlStats {
+    /// The aggregated value of `e`.
+    pub fn mean(&self, e: KlEstimator) -> f64 {
+        self.means[e.code() as usize]
+    }
+}
+
+/// The KL-coefficient controller: fixed, or adaptive after Ziegler et al. (2019).
+///
+/// Adaptive: `e = clip(KL_observed / KL_target − 1, −0.2, 0.2)`, `β ← β·(1 + e·n_steps/horizon)`.
+///
+/// ```
+/// use rlhf_kernels::KlController;
+/// let mut c = KlController::adaptive(0.1, 6.0, 10_000.0);
+/// c.update(12.0, 256); // KL twice the target: e = 0.2 (clipped)
+/// assert!((c.value() - 0.1 * (1.0 + 0.2 * 256.0 / 10_000.0)).abs() < 1e-12);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KlController {
+    /// β never changes.
+    Fixed {
+        /// β.
+        value: f64,
+    },
+    /// β follows the observed KL towards a target.
+    Adaptive {
+        /// Current β.
+        value: f64,
+        /// Target KL.
+        target: f64,
+        /// Horizon in steps (samples).
+        horizon: f64,
+    },
+}
+
+impl KlController {
+    /// A fixed β.
+    pub fn fixed(value: f64) -> Self {
+        KlController::Fixed { value }
+    }
+    /// An adaptive β starting at `initial`.
+    pub fn adaptive(initial: f64, target: f64, horizon: f64) -> Self {
+        KlController::Adaptive { value: initial, target, horizon }
+    }
+    /// The current β.
+    pub fn value(&self) -> f64 {
+        match *self {
+            KlController::Fixed { value } | KlController::Adaptive { value, .. } => value,
+        }
+    }
+    /// Updates β after `n_steps` samples whose KL was `observed` (no-op when fixed).
+    /// A non-finite observation leaves β unchanged.
+    pub fn update(&mut self, observed: f64, n_steps: usize) {
+        if let KlController::Adaptive { value, target, horizon } = self {
+            if observed.is_finite() && *target > 0.0 && *horizon > 0.0 {
+                let e = (observed / *target - 1.0).clamp(-0.2, 0.2);
+                *value *= 1.0 + e * n_steps as f64 / *horizon;
+            }
+        }
+    }
+}

@@ -236,6 +236,7 @@ enum Problem : unsigned {
   PROBLEM_ALL_NEG_INF = 3,
   PROBLEM_GRAD_NON_FINITE = 4,
   PROBLEM_TARGET_OUT_OF_RANGE = 5,
+  PROBLEM_INFINITE_KL = 6,
 };
 
 // Records the lowest (row, op, problem) seen into the status word. Integer atomicMin:

@@ -103,9 +103,11 @@ impl Normaliser {
 
     pub(crate) fn validate(self) -> Result<()> {
         if let Normaliser::Global { valid_tokens, valid_sequences, sequences } = self {
-            for (name, v) in
-                [("valid_tokens", valid_tokens), ("valid_sequences", valid_sequences), ("sequences", sequences)]
-            {
+            for (name, v) in [
+                ("valid_tokens", valid_tokens),
+                ("valid_sequences", valid_sequences),
+                ("sequences", sequences),
+            ] {
                 if !(v.is_finite() && v >= 0.0) {
                     return Err(Error::InvalidOption {
                         name,
@@ -147,7 +149,13 @@ impl Aggregation {
     /// Aggregates the `[B, T]` values of `shape` (f64 sums, rows in order).
     ///
     /// Errors: shape errors, an invalid normaliser or `max_len = 0`.
-    pub fn aggregate(self, values: &[f32], shape: RowShape, mask: Option<&[u8]>, norm: Normaliser) -> Result<f64> {
+    pub fn aggregate(
+        self,
+        values: &[f32],
+        shape: RowShape,
+        mask: Option<&[u8]>,
+        norm: Normaliser,
+    ) -> Result<f64> {
         shape.check_buffer("values", values.len())?;
         if let Some(m) = mask {
             shape.check_buffer("mask", m.len())?;
@@ -160,7 +168,12 @@ impl Aggregation {
             let w = self.token_weight(counts, valid_in_row(shape, mask, i));
             let row = shape.row_range(i);
             let sum: f64 = match mask {
-                Some(m) => values[row.clone()].iter().zip(&m[row]).filter(|(_, b)| **b != 0).map(|(&v, _)| v as f64).sum(),
+                Some(m) => values[row.clone()]
+                    .iter()
+                    .zip(&m[row])
+                    .filter(|(_, b)| **b != 0)
+                    .map(|(&v, _)| v as f64)
+                    .sum(),
                 None => values[row].iter().map(|&v| v as f64).sum(),
             };
             total += w * sum;

@@ -165,6 +165,9 @@ pub enum RowProblem {
     /// only the device or the shard merge can see it; host-side checks return
     /// [`Error::TargetOutOfRange`] with the value).
     TargetOutOfRange,
+    /// `KL[π ‖ π_ref]` is `+inf`: the policy gives positive probability to a token whose
+    /// reference logit is `-inf`, and the gradient is undefined.
+    InfiniteKl,
 }
 
 impl RowProblem {
@@ -176,16 +179,18 @@ impl RowProblem {
             RowProblem::AllNegInf => 3,
             RowProblem::GradNonFinite => 4,
             RowProblem::TargetOutOfRange => 5,
+            RowProblem::InfiniteKl => 6,
         }
     }
 
     /// Every problem, in code order.
-    pub(crate) const ALL: [RowProblem; 5] = [
+    pub(crate) const ALL: [RowProblem; 6] = [
         RowProblem::NaN,
         RowProblem::PosInf,
         RowProblem::AllNegInf,
         RowProblem::GradNonFinite,
         RowProblem::TargetOutOfRange,
+        RowProblem::InfiniteKl,
     ];
 
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -208,6 +213,10 @@ impl fmt::Display for RowProblem {
                 "has a target outside [0, V) that is not the ignore index: mark padding with the \
                  ignore index or the mask"
             }
+            RowProblem::InfiniteKl => {
+                "has KL[policy || ref] = +inf: the policy gives mass to a token the reference bans \
+                 (-inf logit); use KL[ref || policy] or the JSD, or ban the token in the policy too"
+            }
         })
     }
 }
@@ -219,6 +228,10 @@ pub(crate) enum Op {
     LogSoftmaxBackward = 2,
     TokenLogprobs = 3,
     TokenLogprobsBackward = 4,
+    SampledKl = 5,
+    KlRewards = 6,
+    ExactKl = 7,
+    ExactKlBackward = 8,
 }
 
 impl Op {
@@ -228,6 +241,10 @@ impl Op {
             Op::LogSoftmaxBackward => "log_softmax_backward",
             Op::TokenLogprobs => "token_logprobs",
             Op::TokenLogprobsBackward => "token_logprobs_backward",
+            Op::SampledKl => "sampled_kl",
+            Op::KlRewards => "kl_rewards",
+            Op::ExactKl => "exact_kl",
+            Op::ExactKlBackward => "exact_kl_backward",
         }
     }
 
@@ -238,6 +255,10 @@ impl Op {
             2 => Some(Op::LogSoftmaxBackward),
             3 => Some(Op::TokenLogprobs),
             4 => Some(Op::TokenLogprobsBackward),
+            5 => Some(Op::SampledKl),
+            6 => Some(Op::KlRewards),
+            7 => Some(Op::ExactKl),
+            8 => Some(Op::ExactKlBackward),
             _ => None,
         }
     }
@@ -262,6 +283,7 @@ mod tests {
             ("PROBLEM_ALL_NEG_INF", RowProblem::AllNegInf),
             ("PROBLEM_GRAD_NON_FINITE", RowProblem::GradNonFinite),
             ("PROBLEM_TARGET_OUT_OF_RANGE", RowProblem::TargetOutOfRange),
+            ("PROBLEM_INFINITE_KL", RowProblem::InfiniteKl),
         ] {
             let line = format!("{name} = {},", problem.code());
             assert!(header.contains(&line), "kernels/common.cuh lacks `{line}`");

@@ -196,53 +196,20 @@ impl SampledKlOptions {
         let check = |name, c: Option<f32>| match c {
             None => Ok(f32::INFINITY),
             Some(v) if v > 0.0 && !v.is_nan() => Ok(v),
-            Some(v) => Err(Error::InvalidOption { name, value: v.to_string(), expected: "a clamp > 0, or None" }),
+            Some(v) => {
+                Err(Error::InvalidOption { name, value: v.to_string(), expected: "a clamp > 0, or None" })
+            }
         };
         if !self.coef.is_finite() {
-            return Err(Error::InvalidOption { name: "coef", value: self.coef.to_string(), expected: "a finite β" });
+            return Err(Error::InvalidOption {
+                name: "coef",
+                value: self.coef.to_string(),
+                expected: "a finite β",
+            });
         }
         self.aggregation.validate()?;
         self.normaliser.validate()?;
         Ok((check("log_ratio_clamp", self.log_ratio_clamp)?, check("value_clamp", self.value_clamp)?))
-    }
-}
-
-/// Value and gradient (with respect to `logp`) of one estimator at `log r = ref_logp − logp`,
-/// with the clamps as finite limits (`f32::INFINITY` when off). The gradient is 0 where a
-/// clamp is active. Shared by the CPU backend; the kernels implement the same table.
-#[inline(always)]
-pub(crate) fn estimate(e: KlEstimator, log_r: f32, lr_clamp: f32, v_clamp: f32) -> (f32, f32) {
-    let lr = log_r.clamp(-lr_clamp, lr_clamp);
-    let lr_active = lr != log_r;
-    let r = lr.exp();
-    let clamp_value = |v: f32, g: f32| {
-        let c = v.clamp(-v_clamp, v_clamp);
-        if lr_active || c != v { (c, 0.0) } else { (v, g) }
-    };
-    match e {
-        KlEstimator::K1 => (-log_r, 1.0),
-        KlEstimator::K2 => (0.5 * log_r * log_r, -log_r),
-        KlEstimator::K3 => clamp_value((r - 1.0) - lr, 1.0 - r),
-        KlEstimator::Abs => (log_r.abs(), if log_r < 0.0 { 1.0 } else if log_r > 0.0 { -1.0 } else { 0.0 }),
-        KlEstimator::K1Rev => {
-            if r == 0.0 {
-                (0.0, 0.0)
-            } else {
-                clamp_value(r * lr, -r * (lr + 1.0))
-            }
-        }
-        KlEstimator::K3Rev => {
-            if r == 0.0 {
-                clamp_value(1.0, 0.0)
-            } else {
-                clamp_value(r * lr - (r - 1.0), -r * lr)
-            }
-        }
-        KlEstimator::GradPolicyRef => (estimate(KlEstimator::K3, log_r, lr_clamp, v_clamp).0, -log_r),
-        KlEstimator::GradRefPolicy => (
-            estimate(KlEstimator::K3Rev, log_r, lr_clamp, v_clamp).0,
-            estimate(KlEstimator::K3, log_r, lr_clamp, v_clamp).1,
-        ),
     }
 }
 
@@ -319,5 +286,66 @@ impl KlController {
                 *value *= 1.0 + e * n_steps as f64 / *horizon;
             }
         }
+    }
+}
+
+/// What the exact full-vocabulary ops compute per token, from the policy's and the reference's
+/// logits rows (`p = softmax(z_policy)`, `q = softmax(z_ref)`, `z = logits / τ`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExactDivergence {
+    /// `KL[π ‖ π_ref] = Σ_v p_v·(log p_v − log q_v)`; `+inf` (reported) when the policy puts mass
+    /// on a token the reference forbids.
+    PolicyRef,
+    /// `KL[π_ref ‖ π] = Σ_v q_v·(log q_v − log p_v)`; `+inf` (returned, its gradient `p − q`
+    /// stays finite) when the reference puts mass on a token the policy forbids.
+    RefPolicy,
+    /// Generalised Jensen–Shannon: with `m = β·p + (1 − β)·q`,
+    /// `JSD_β = β·KL[p ‖ m] + (1 − β)·KL[q ‖ m]`, always finite. β ∈ (0, 1); ½ is the symmetric
+    /// JSD. TRL and Liger mix `β'·teacher + (1 − β')·student`: their β' is `1 − β` here.
+    Jsd {
+        /// The policy's weight β in the mixture.
+        beta: f32,
+    },
+}
+
+/// Options of the exact full-vocabulary divergence ops, on every backend.
+///
+/// ```
+/// use rlhf_kernels::{ExactDivergence, ExactKlOptions};
+/// let opts = ExactKlOptions::new(ExactDivergence::Jsd { beta: 0.5 }).temperature(0.7);
+/// assert_eq!(opts.temperature, 0.7);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct ExactKlOptions {
+    /// Which divergence.
+    pub divergence: ExactDivergence,
+    /// Temperature τ applied to both rows. Default 1.
+    pub temperature: f32,
+}
+
+impl ExactKlOptions {
+    /// `divergence` at τ = 1.
+    pub fn new(divergence: ExactDivergence) -> Self {
+        ExactKlOptions { divergence, temperature: 1.0 }
+    }
+    /// Sets τ.
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.temperature = t;
+        self
+    }
+
+    /// Checks the options; returns 1/τ.
+    pub(crate) fn inv_temperature(&self) -> Result<f32> {
+        if let ExactDivergence::Jsd { beta } = self.divergence {
+            if !(beta > 0.0 && beta < 1.0) {
+                return Err(Error::InvalidOption {
+                    name: "jsd beta",
+                    value: beta.to_string(),
+                    expected: "a mixing weight strictly between 0 and 1",
+                });
+            }
+        }
+        crate::TokenLogprobsOptions::default().temperature(self.temperature).inv_temperature()
     }
 }

@@ -29,23 +29,29 @@
 //! ```
 #![warn(missing_docs)]
 
+mod aggregation;
 mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod dtype;
 mod error;
+mod kl;
 mod logprobs;
 pub mod reference;
 mod shape;
 pub mod testing;
 
+pub use aggregation::{Aggregation, BatchCounts, Normaliser};
 pub use backend::{Backend, CudaUnavailable};
 #[cfg(feature = "cuda")]
 pub use cudarc;
 pub use dtype::{DType, Element, IndexType, TargetIndex, validate_targets};
 pub use error::{Error, Result, RowProblem};
 pub use half::{bf16, f16};
+pub use kl::{
+    ExactDivergence, ExactKlOptions, KlController, KlDirection, KlEstimator, SampledKlOptions, SampledKlStats,
+};
 pub use logprobs::{
     LogSoftmaxOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, TokenStats, Tokens, VocabPartial,
     merge_vocab_partials,

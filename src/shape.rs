@@ -62,6 +62,11 @@ impl RowShape {
         if self.is_empty() { 0 } else { (self.rows - 1) * self.row_stride + self.cols }
     }
 
+    /// Index of the first element of row `r`.
+    pub const fn row_start(self, r: usize) -> usize {
+        r * self.row_stride
+    }
+
     /// Element range of row `r`.
     pub const fn row_range(self, r: usize) -> Range<usize> {
         let start = r * self.row_stride;

@@ -5,9 +5,14 @@
 //! order inside a row depends only on the row length, never on the thread count, the batch
 //! or the CPU's vector width.
 
+mod kl;
 mod logprobs;
 pub(crate) mod simd;
 
+pub use kl::{
+    ExactKlGrads, ExactKlOutputs, ReferenceRows, SampledKlOutputs, exact_kl, exact_kl_backward,
+    exact_kl_backward_in_place, kl_rewards, sampled_kl,
+};
 pub use logprobs::{
     finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
     token_logprobs_backward_in_place, vocab_shard_partials,

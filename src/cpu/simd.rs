@@ -58,29 +58,29 @@ pub(crate) fn level_name() -> &'static str {
 /// Defines `$name` as a dispatcher over three compilations of the `#[inline(always)]`
 /// function `$generic` with the same signature.
 macro_rules! dispatch {
-    ($vis:vis fn $name:ident<$T:ident: $bound:path>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $generic:ident) => {
-        $vis fn $name<$T: $bound>($($arg: $ty),*) -> $ret {
+    ($vis:vis fn $name:ident<$($T:ident: $bound:path),+>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $generic:ident) => {
+        $vis fn $name<$($T: $bound),+>($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma,f16c")]
-                fn avx2<$T: $bound>($($arg: $ty),*) -> $ret {
-                    $generic::<$T>($($arg),*)
+                fn avx2<$($T: $bound),+>($($arg: $ty),*) -> $ret {
+                    $generic::<$($T),+>($($arg),*)
                 }
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-                fn avx512<$T: $bound>($($arg: $ty),*) -> $ret {
-                    $generic::<$T>($($arg),*)
+                fn avx512<$($T: $bound),+>($($arg: $ty),*) -> $ret {
+                    $generic::<$($T),+>($($arg),*)
                 }
                 match $crate::cpu::simd::level() {
                     // SAFETY: `level()` returned Avx512 only after detecting avx512f and
                     // avx512bw at run time (and AVX-512 implies avx2, fma and f16c).
-                    $crate::cpu::simd::Level::Avx512 => return unsafe { avx512::<$T>($($arg),*) },
+                    $crate::cpu::simd::Level::Avx512 => return unsafe { avx512::<$($T),+>($($arg),*) },
                     // SAFETY: `level()` returned Avx2 only after detecting avx2 and fma; every
                     // x86-64 CPU with AVX2 has F16C.
-                    $crate::cpu::simd::Level::Avx2 => return unsafe { avx2::<$T>($($arg),*) },
+                    $crate::cpu::simd::Level::Avx2 => return unsafe { avx2::<$($T),+>($($arg),*) },
                     $crate::cpu::simd::Level::Baseline => {}
                 }
             }
-            $generic::<$T>($($arg),*)
+            $generic::<$($T),+>($($arg),*)
         }
     };
 }
@@ -104,6 +104,52 @@ pub(crate) fn exp2(x: f32) -> f32 {
     let p = p.mul_add(f, 6.931_472e-1);
     let p = p.mul_add(f, 1.0);
     p * f32::from_bits(((n + 127) as u32) << 23)
+}
+
+/// Natural log, written to vectorise (Cephes `logf`: degree-8 polynomial on [√½, √2),
+/// about 1 ulp). `ln(0) = -inf`, `ln(+inf) = +inf`, negative or NaN inputs give NaN;
+/// subnormal inputs are scaled up first, so they are exact too.
+#[inline(always)]
+pub(crate) fn ln(x: f32) -> f32 {
+    const P: [f32; 9] = [
+        7.037_683_6e-2,
+        -1.151_461e-1,
+        1.167_699_9e-1,
+        -1.242_014_1e-1,
+        1.424_932_3e-1,
+        -1.666_805_8e-1,
+        2.000_071_4e-1,
+        -2.499_999_4e-1,
+        3.333_333e-1,
+    ];
+    let sub = x < f32::MIN_POSITIVE;
+    let xs = if sub { x * 8_388_608.0 } else { x }; // 2^23
+    let bits = xs.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 127 - if sub { 23 } else { 0 };
+    let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000); // [1, 2)
+    let big = m > std::f32::consts::SQRT_2;
+    m = if big { m * 0.5 } else { m };
+    e += i32::from(big);
+    let f = m - 1.0;
+    let z = f * f;
+    let mut poly = P[0];
+    for &c in &P[1..] {
+        poly = poly.mul_add(f, c);
+    }
+    let ef = e as f32;
+    let mut y = f * z * poly;
+    y = (-2.121_944_4e-4f32).mul_add(ef, y);
+    y = (-0.5f32).mul_add(z, y);
+    let r = 0.693_359_4f32.mul_add(ef, f + y);
+    if x > 0.0 && x < f32::INFINITY {
+        r
+    } else if x == 0.0 {
+        f32::NEG_INFINITY
+    } else if x == f32::INFINITY {
+        x
+    } else {
+        f32::NAN
+    }
 }
 
 /// Sums `lanes` in a fixed pairwise order.
@@ -195,6 +241,23 @@ mod tests {
         assert_eq!(exp2(0.0), 1.0);
         assert_eq!(exp2(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp2(-1000.0), 0.0);
+    }
+
+    #[test]
+    fn ln_is_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = 1e-44f32;
+        while x < 1e38 {
+            let exact = (x as f64).ln();
+            let err = (ln(x) as f64 - exact).abs() / exact.abs().max(1.0);
+            worst = worst.max(err);
+            x = (x * 1.000_37).max(f32::from_bits(x.to_bits() + 1)); // subnormals: at least one ulp
+        }
+        assert!(worst < 2.5e-7, "worst error {worst}");
+        assert_eq!(ln(1.0), 0.0);
+        assert_eq!(ln(0.0), f32::NEG_INFINITY);
+        assert_eq!(ln(f32::INFINITY), f32::INFINITY);
+        assert!(ln(-1.0).is_nan() && ln(f32::NAN).is_nan());
     }
 
     #[test]

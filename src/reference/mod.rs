@@ -5,8 +5,11 @@
 //! dtype (see [`testing`](crate::testing)). It is public so that downstream trainers can test
 //! their own code against it too.
 
+mod kl;
 mod logprobs;
 
+pub(crate) use kl::check_pair;
+pub use kl::{ExactKl, SampledKl, exact_kl, exact_kl_backward, kl_rewards, sampled_kl};
 pub use logprobs::{
     TokenLogprobs, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
 };

@@ -204,11 +204,10 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
     let need = token_logprobs_workspace_bytes(shape, T::DTYPE);
     if let Some(w) = &out.workspace {
         if w.len() < need {
-            return Err(Error::ShapeMismatch {
-                what: "workspace",
-                min: need,
-                max: usize::MAX,
-                actual: w.len(),
+            return Err(Error::InvalidOption {
+                name: "workspace",
+                value: format!("{} bytes", w.len()),
+                expected: "at least token_logprobs_workspace_bytes(shape, dtype) bytes",
             });
         }
     }

@@ -1,0 +1,10 @@
+//! The KL family on the CPU: sampled per-token estimators with their loss gradient and batch
+//! statistics, KL-in-reward shaping, and the exact full-vocabulary divergences.
+
+mod exact;
+mod sampled;
+
+pub use exact::{
+    ExactKlGrads, ExactKlOutputs, ReferenceRows, exact_kl, exact_kl_backward, exact_kl_backward_in_place,
+};
+pub use sampled::{SampledKlOutputs, kl_rewards, sampled_kl};

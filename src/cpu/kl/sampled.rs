@@ -1,0 +1,234 @@
+//! CPU sampled KL estimators (MATH.md §2) and KL-in-reward shaping: elementwise over a
+//! `[B, T]` batch, sequences in parallel, statistics summed in row order (deterministic).
+
+use rayon::prelude::*;
+
+use crate::aggregation::{BatchCounts, valid_in_row};
+use crate::cpu::first_problem;
+use crate::error::Op;
+use crate::logprobs::check_len;
+use crate::{KlEstimator, Result, RowProblem, RowShape, SampledKlOptions, SampledKlStats};
+
+/// Where [`sampled_kl`] writes per token (`[B, T]` laid out as the inputs; either may be
+/// absent: the statistics are always returned).
+#[derive(Debug, Default)]
+pub struct SampledKlOutputs<'a> {
+    /// The chosen estimator's value per token (0 where masked).
+    pub values: Option<&'a mut [f32]>,
+    /// `∂loss/∂logp` per token with `loss = β·aggregate(k)` (0 where masked).
+    pub grad_logp: Option<&'a mut [f32]>,
+}
+
+impl<'a> SampledKlOutputs<'a> {
+    /// Requests the per-token values.
+    pub fn values(self, v: &'a mut [f32]) -> Self {
+        SampledKlOutputs { values: Some(v), ..self }
+    }
+    /// Requests the gradient with respect to `logp`.
+    pub fn grad_logp(self, g: &'a mut [f32]) -> Self {
+        SampledKlOutputs { grad_logp: Some(g), ..self }
+    }
+}
+
+/// Every estimator at one `log r` (one `exp`), and the chosen one's gradient and clamp flag.
+#[inline(always)]
+fn estimates(chosen: KlEstimator, log_r: f32, lr_clamp: f32, v_clamp: f32) -> ([f32; 8], f32, bool) {
+    let lr = log_r.clamp(-lr_clamp, lr_clamp);
+    let lr_active = lr != log_r;
+    let r = lr.exp();
+    let vc = |v: f32| v.clamp(-v_clamp, v_clamp);
+    let k3 = (r - 1.0) - lr;
+    let (k1_rev, k3_rev) = if r == 0.0 { (0.0, 1.0) } else { (r * lr, r * lr - (r - 1.0)) };
+    let values =
+        [-log_r, 0.5 * log_r * log_r, vc(k3), log_r.abs(), vc(k1_rev), vc(k3_rev), vc(k3), vc(k3_rev)];
+    let k3_clamped = lr_active || vc(k3) != k3;
+    let k1r_clamped = r != 0.0 && (lr_active || vc(k1_rev) != k1_rev);
+    let k3r_clamped = lr_active || vc(k3_rev) != k3_rev;
+    let sign = if log_r < 0.0 {
+        1.0
+    } else if log_r > 0.0 {
+        -1.0
+    } else {
+        0.0
+    };
+    let g_k3 = if k3_clamped { 0.0 } else { 1.0 - r };
+    let (grad, clamped) = match chosen {
+        KlEstimator::K1 => (1.0, false),
+        KlEstimator::K2 => (-log_r, false),
+        KlEstimator::K3 => (g_k3, k3_clamped),
+        KlEstimator::Abs => (sign, false),
+        KlEstimator::K1Rev => (if k1r_clamped || r == 0.0 { 0.0 } else { -r * (lr + 1.0) }, k1r_clamped),
+        KlEstimator::K3Rev => (if k3r_clamped || r == 0.0 { 0.0 } else { -r * lr }, k3r_clamped),
+        KlEstimator::GradPolicyRef => (-log_r, k3_clamped),
+        KlEstimator::GradRefPolicy => (g_k3, k3r_clamped),
+    };
+    (values, grad, clamped)
+}
+
+/// One mutable slice per row (`None`s when the output is absent).
+fn row_slices(o: Option<&mut [f32]>, shape: RowShape) -> Vec<Option<&mut [f32]>> {
+    match o {
+        Some(o) => o.chunks_mut(shape.row_stride).map(Some).collect(),
+        None => (0..shape.rows).map(|_| None).collect(),
+    }
+}
+
+/// Per-sequence sums, combined in row order.
+#[derive(Clone, Copy, Default)]
+struct RowSums {
+    estimators: [f64; 8],
+    clamped: f64,
+}
+
+/// A sampled KL estimator for every valid token of a `[B, T]` batch (rows = sequences,
+/// `log r = ref_logp − logp`), the gradient of `loss = β·aggregate(k)` with respect to `logp`,
+/// and the batch statistics — in one pass over the tokens. The estimators, their gradients and
+/// which KL each one's gradient minimises are tabulated in the [`KlEstimator`] docs.
+///
+/// Use it for the "KL as a loss term" placement: add `stats.loss` to the policy loss and
+/// `grad_logp` to the policy loss's gradient — with no importance ratio applied (the KL is a
+/// property of the current policy). For the reward placement see [`kl_rewards`].
+///
+/// Errors: shape and option errors; [`Error::InvalidRow`](crate::Error) (row = sequence) for
+/// the lowest sequence with a NaN in a valid token's `logp` or `ref_logp`. `-inf` inputs are
+/// valid (the clamps keep the exp-based estimators finite).
+///
+/// ```
+/// use rlhf_kernels::{cpu, Aggregation, KlEstimator, RowShape, SampledKlOptions};
+/// let (logp, ref_logp) = ([-1.0f32, -2.0, -0.5, 0.0], [-1.2f32, -1.9, -0.5, 0.0]);
+/// let mask = [1u8, 1, 1, 0];
+/// let mut grad = [0.0f32; 4];
+/// let opts = SampledKlOptions::new(KlEstimator::gradient_of(rlhf_kernels::KlDirection::PolicyRef))
+///     .coef(0.01)
+///     .aggregation(Aggregation::SeqMeanTokenMean);
+/// let stats = cpu::sampled_kl(&logp, &ref_logp, RowShape::new(2, 2), Some(&mask),
+///                             cpu::SampledKlOutputs::default().grad_logp(&mut grad), &opts)?;
+/// assert!(stats.loss > 0.0 && grad[3] == 0.0);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn sampled_kl(
+    logp: &[f32],
+    ref_logp: &[f32],
+    shape: RowShape,
+    mask: Option<&[u8]>,
+    mut out: SampledKlOutputs<'_>,
+    opts: &SampledKlOptions,
+) -> Result<SampledKlStats> {
+    shape.check_buffer("logp", logp.len())?;
+    shape.check_buffer("ref_logp", ref_logp.len())?;
+    if let Some(m) = mask {
+        shape.check_buffer("mask", m.len())?;
+    }
+    for (what, o) in [("values", out.values.as_deref()), ("grad_logp", out.grad_logp.as_deref())] {
+        o.map_or(Ok(()), |o| shape.check_buffer(what, o.len()))?;
+    }
+    let (lr_clamp, v_clamp) = opts.limits()?;
+    let local = BatchCounts::of(shape, mask);
+    let counts = opts.normaliser.counts(local);
+    let chosen = opts.estimator;
+    let coef = opts.coef;
+
+    // Per-row output slices, so that rows can be written in parallel.
+    let (values, grads) = (row_slices(out.values.take(), shape), row_slices(out.grad_logp.take(), shape));
+    let per_row: Vec<Result<RowSums, (usize, RowProblem)>> = values
+        .into_par_iter()
+        .zip(grads)
+        .enumerate()
+        .map(|(i, (mut v_row, mut g_row))| {
+            let w =
+                (coef as f64 * opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i))) as f32;
+            let mut sums = RowSums::default();
+            for (k, t) in shape.row_range(i).enumerate() {
+                let valid = mask.is_none_or(|m| m[t] != 0);
+                let (lp, rlp) = (logp[t], ref_logp[t]);
+                let (value, grad) = if !valid {
+                    (0.0, 0.0)
+                } else if lp.is_nan() || rlp.is_nan() {
+                    return Err((i, RowProblem::NaN));
+                } else {
+                    let (all, g, clamped) = estimates(chosen, rlp - lp, lr_clamp, v_clamp);
+                    for (s, v) in sums.estimators.iter_mut().zip(all) {
+                        *s += v as f64;
+                    }
+                    sums.clamped += f64::from(u8::from(clamped));
+                    (all[chosen.code() as usize], w * g)
+                };
+                if let Some(v) = v_row.as_deref_mut() {
+                    v[k] = value;
+                }
+                if let Some(g) = g_row.as_deref_mut() {
+                    g[k] = grad;
+                }
+            }
+            Ok(sums)
+        })
+        .collect();
+
+    let mut stats = SampledKlStats { counts: local, ..Default::default() };
+    let mut clamped = 0.0;
+    let mut problem = None;
+    for (i, r) in per_row.into_iter().enumerate() {
+        match r {
+            Ok(sums) => {
+                let w = opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i));
+                for (m, s) in stats.means.iter_mut().zip(sums.estimators) {
+                    *m += w * s;
+                }
+                clamped += sums.clamped;
+            }
+            Err(p) => problem = first_problem(problem, Some(p)),
+        }
+    }
+    if let Some((i, p)) = problem {
+        return Err(Op::SampledKl.invalid_row(i, p));
+    }
+    stats.loss = coef as f64 * stats.mean(chosen);
+    stats.clamped_fraction = if local.valid_tokens > 0.0 { clamped / local.valid_tokens } else { 0.0 };
+    Ok(stats)
+}
+
+/// KL folded into per-token rewards (the InstructGPT placement): for every valid token
+/// `r_t = −β·kl_t`, plus the sequence's `score` on its last valid token; padding gets 0 (a
+/// sequence without a valid token drops its score). Writes `rewards` laid out as `kl`
+/// (`[B, T]`, rows = sequences). These rewards feed the advantages (GAE); the KL then acts
+/// through the return, not as a loss term.
+///
+/// ```
+/// use rlhf_kernels::{cpu, RowShape};
+/// let mut rewards = [0.0f32; 3];
+/// cpu::kl_rewards(&[0.5, 0.25, 9.0], RowShape::new(1, 3), Some(&[1, 1, 0]), &[2.0], 0.1, &mut rewards)?;
+/// assert_eq!(rewards, [-0.05, 2.0 - 0.025, 0.0]);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn kl_rewards(
+    kl: &[f32],
+    shape: RowShape,
+    mask: Option<&[u8]>,
+    scores: &[f32],
+    beta: f32,
+    rewards: &mut [f32],
+) -> Result<()> {
+    shape.check_buffer("kl", kl.len())?;
+    shape.check_buffer("rewards", rewards.len())?;
+    if let Some(m) = mask {
+        shape.check_buffer("mask", m.len())?;
+    }
+    check_len("scores", scores.len(), shape.rows)?;
+    if !beta.is_finite() {
+        return Err(crate::Error::InvalidOption {
+            name: "beta",
+            value: beta.to_string(),
+            expected: "a finite β",
+        });
+    }
+    rewards.par_chunks_mut(shape.row_stride).enumerate().for_each(|(i, out)| {
+        let row = shape.row_range(i);
+        let valid = |t: usize| mask.is_none_or(|m| m[t] != 0);
+        let last = row.clone().rev().find(|&t| valid(t));
+        for (o, t) in out.iter_mut().zip(row) {
+            let r = if valid(t) { -beta * kl[t] } else { 0.0 };
+            *o = if Some(t) == last { r + scores[i] } else { r };
+        }
+    });
+    Ok(())
+}

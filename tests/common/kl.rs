@@ -1,0 +1,448 @@
+//! Shared cases for the KL tests: the same inputs and checks for every backend, held to the
+//! f64 reference.
+
+use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
+use rlhf_kernels::{
+    Aggregation, DType, Element, Error, ExactDivergence, ExactKlOptions, KlEstimator, Normaliser, Result,
+    RowProblem, RowShape, SampledKlOptions, SampledKlStats, reference,
+};
+
+/// A `[B, T]` batch of per-token log-probs of the policy and the reference.
+#[derive(Debug, Clone)]
+pub struct SampledCase {
+    pub logp: Vec<f32>,
+    pub ref_logp: Vec<f32>,
+    pub shape: RowShape,
+    pub mask: Option<Vec<u8>>,
+    pub opts: SampledKlOptions,
+}
+
+impl SampledCase {
+    /// Log-probs in (-8, 0), the reference within ±2 of the policy (a few far away, to hit
+    /// the clamps), one sequence in four fully masked, ragged lengths, and a `-inf`
+    /// reference log-prob now and then.
+    pub fn random(shape: RowShape, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = shape.rows * shape.row_stride;
+        let mut logp = vec![f32::NAN; n];
+        let mut ref_logp = vec![f32::NAN; n];
+        let mut mask = vec![0u8; n];
+        for i in 0..shape.rows {
+            let len = if i % 4 == 1 { 0 } else { 1 + rng.below(shape.cols) };
+            for (k, t) in shape.row_range(i).enumerate() {
+                let lp = -(rng.uniform() * 8.0) as f32;
+                let far = rng.uniform() < 0.03;
+                let rlp = if rng.uniform() < 0.01 {
+                    f32::NEG_INFINITY
+                } else if far {
+                    lp - 30.0 * rng.uniform() as f32
+                } else {
+                    lp + (rng.normal() * 0.7) as f32
+                };
+                logp[t] = lp;
+                ref_logp[t] = rlp;
+                mask[t] = u8::from(k < len);
+            }
+        }
+        SampledCase { logp, ref_logp, shape, mask: Some(mask), opts: SampledKlOptions::new(KlEstimator::K3) }
+    }
+}
+
+/// What each backend's test file implements for the elementwise ops.
+pub trait SampledBackend {
+    /// (values, grad_logp, stats), buffers laid out as the inputs.
+    fn sampled(&self, c: &SampledCase) -> Result<(Vec<f32>, Vec<f32>, SampledKlStats)>;
+    fn rewards(
+        &self,
+        kl: &[f32],
+        shape: RowShape,
+        mask: Option<&[u8]>,
+        scores: &[f32],
+        beta: f32,
+    ) -> Result<Vec<f32>>;
+}
+
+fn dense(v: &[f32], shape: RowShape) -> Vec<f32> {
+    (0..shape.rows).flat_map(|r| v[shape.row_range(r)].iter().copied()).collect()
+}
+
+/// Every estimator × aggregation × normaliser on a few shapes, against the reference.
+pub fn sampled_sweep(b: &impl SampledBackend) {
+    let aggregations = [
+        Aggregation::TokenMean,
+        Aggregation::SeqMeanTokenSum,
+        Aggregation::SeqMeanTokenMean,
+        Aggregation::SeqMeanTokenSumNorm { max_len: 300 },
+    ];
+    let mut seed = 0;
+    for shape in [
+        RowShape::new(1, 1),
+        RowShape::new(7, 33).with_row_stride(35),
+        RowShape::new(16, 257),
+        RowShape::new(3, 4096),
+    ] {
+        for e in KlEstimator::ALL {
+            for (k, aggregation) in aggregations.into_iter().enumerate() {
+                seed += 1;
+                let mut c = SampledCase::random(shape, seed);
+                let normaliser = if k % 2 == 0 {
+                    Normaliser::Local
+                } else {
+                    Normaliser::Global { valid_tokens: 1000.0, valid_sequences: 13.0, sequences: 20.0 }
+                };
+                c.opts = SampledKlOptions::new(e).aggregation(aggregation).normaliser(normaliser).coef(0.25);
+                if seed % 5 == 0 {
+                    c.opts = c.opts.log_ratio_clamp(None).value_clamp(None);
+                }
+                check_sampled(b, &c);
+            }
+        }
+    }
+}
+
+pub fn check_sampled(b: &impl SampledBackend, c: &SampledCase) {
+    let what = format!("{:?} {:?}", c.opts, c.shape);
+    let expected = reference::sampled_kl(&c.logp, &c.ref_logp, c.shape, c.mask.as_deref(), &c.opts).unwrap();
+    let (v, g, stats) = b.sampled(c).unwrap();
+    // Values up to 0.5·30² for k2 far from the reference: f32 relative tolerance.
+    let tol = Tolerance::for_dtype(DType::F32).scaled(1.0);
+    assert_close(
+        &dense(&v, c.shape),
+        &expected.values,
+        Tolerance { abs: 1e-5, rel: 1e-5 },
+        &format!("values {what}"),
+    );
+    let g_scale = expected.grad_logp.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    assert_close(&dense(&g, c.shape), &expected.grad_logp, tol.scaled(g_scale), &format!("grad {what}"));
+    let close = |a: f64, e: f64| a == e || (a - e).abs() <= 1e-5 * (1.0 + e.abs());
+    assert!(close(stats.loss, expected.stats.loss), "loss {} vs {} {what}", stats.loss, expected.stats.loss);
+    for (k, (a, e)) in stats.means.iter().zip(expected.stats.means).enumerate() {
+        assert!(close(*a, e), "mean of {:?}: {a} vs {e} {what}", KlEstimator::ALL[k]);
+    }
+    assert_eq!(stats.counts, expected.stats.counts);
+    assert!((stats.clamped_fraction - expected.stats.clamped_fraction).abs() < 1e-9, "{what}");
+}
+
+pub fn rewards_sweep(b: &impl SampledBackend) {
+    for (shape, seed) in [
+        (RowShape::new(1, 1), 1),
+        (RowShape::new(9, 100).with_row_stride(101), 2),
+        (RowShape::new(64, 2048), 3),
+    ] {
+        let c = SampledCase::random(shape, seed);
+        let kl: Vec<f32> =
+            c.logp.iter().zip(&c.ref_logp).map(|(a, b)| if b.is_finite() { a - b } else { 30.0 }).collect();
+        let scores: Vec<f32> = (0..shape.rows).map(|i| i as f32 - 3.5).collect();
+        let expected = reference::kl_rewards(&kl, shape, c.mask.as_deref(), &scores, 0.05).unwrap();
+        let r = b.rewards(&kl, shape, c.mask.as_deref(), &scores, 0.05).unwrap();
+        assert_close(
+            &dense(&r, shape),
+            &expected,
+            Tolerance::for_dtype(DType::F32).scaled(10.0),
+            "kl_rewards",
+        );
+    }
+}
+
+// ---- exact divergences ----------------------------------------------------------------------
+
+/// The outputs of an exact forward.
+#[derive(Debug, Clone)]
+pub struct ExactOut {
+    pub value: Vec<f32>,
+    pub policy_lse: Vec<f32>,
+    pub ref_lse: Vec<f32>,
+    pub policy_term: Vec<f32>,
+}
+
+impl ExactOut {
+    pub fn zeros(n: usize) -> Self {
+        ExactOut {
+            value: vec![0.0; n],
+            policy_lse: vec![0.0; n],
+            ref_lse: vec![0.0; n],
+            policy_term: vec![0.0; n],
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExactCase<P, Q> {
+    pub policy: Vec<P>,
+    pub policy_shape: RowShape,
+    pub reference: Vec<Q>,
+    pub ref_shape: RowShape,
+    pub mask: Option<Vec<u8>>,
+    pub opts: ExactKlOptions,
+}
+
+impl<P: Element, Q: Element> ExactCase<P, Q> {
+    /// A policy and a nearby reference (σ 3 logits, reference = policy + N(0, 0.5²)), banned
+    /// tokens on both sides in odd rows (the reference bans only tokens the policy bans too,
+    /// so KL[π‖ref] stays finite), a masked row in five; the reference has its own stride.
+    pub fn random(rows: usize, cols: usize, divergence: ExactDivergence, tau: f32, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let policy_shape = RowShape::new(rows, cols).with_row_stride(cols + (seed as usize % 3));
+        let ref_shape = RowShape::new(rows, cols).with_row_stride(cols + 1);
+        let mut policy: Vec<P> = vec![P::from_f32(f32::NAN); rows * policy_shape.row_stride];
+        let mut reference: Vec<Q> = vec![Q::from_f32(f32::NAN); rows * ref_shape.row_stride];
+        let mut mask = vec![1u8; rows];
+        for r in 0..rows {
+            for v in 0..cols {
+                let x = (rng.normal() * 3.0) as f32;
+                let mut y = x + (rng.normal() * 0.5) as f32;
+                let mut x = x;
+                if r % 2 == 1 && v > 0 && rng.uniform() < 0.1 {
+                    x = f32::NEG_INFINITY;
+                    if rng.uniform() < 0.5 {
+                        y = f32::NEG_INFINITY;
+                    }
+                }
+                policy[policy_shape.row_start(r) + v] = P::from_f32(x);
+                reference[ref_shape.row_start(r) + v] = Q::from_f32(y);
+            }
+            if r % 5 == 3 {
+                mask[r] = 0;
+            }
+        }
+        ExactCase {
+            policy,
+            policy_shape,
+            reference,
+            ref_shape,
+            mask: Some(mask),
+            opts: ExactKlOptions::new(divergence).temperature(tau),
+        }
+    }
+
+    pub fn reference_rows(&self) -> rlhf_kernels::cpu::ReferenceRows<'_, Q> {
+        rlhf_kernels::cpu::ReferenceRows {
+            logits: &self.reference,
+            shape: self.ref_shape,
+            mask: self.mask.as_deref(),
+        }
+    }
+
+    pub fn scale(&self) -> f64 {
+        let m = |v: f64| if v.is_finite() { v.abs() } else { 0.0 };
+        let a = self.policy.iter().map(|x| m(x.to_f64())).fold(0.0, f64::max);
+        let b = self.reference.iter().map(|x| m(x.to_f64())).fold(0.0, f64::max);
+        a.max(b).max(1.0) / self.opts.temperature as f64
+    }
+}
+
+pub trait ExactBackend {
+    fn forward<P: Element, Q: Element>(&self, c: &ExactCase<P, Q>) -> Result<ExactOut>;
+    /// The full gradient buffer (the policy's layout).
+    fn backward<P: Element, Q: Element>(
+        &self,
+        c: &ExactCase<P, Q>,
+        f: &ExactOut,
+        g: &[f32],
+        in_place: bool,
+    ) -> Result<Vec<P>>;
+}
+
+pub const DIVERGENCES: [ExactDivergence; 4] = [
+    ExactDivergence::PolicyRef,
+    ExactDivergence::RefPolicy,
+    ExactDivergence::Jsd { beta: 0.5 },
+    ExactDivergence::Jsd { beta: 0.1 },
+];
+
+pub fn check_exact<P: Element, Q: Element>(b: &impl ExactBackend, c: &ExactCase<P, Q>, seed: u64) {
+    let what = format!(
+        "{}/{} {:?} {:?} tau={}",
+        P::DTYPE,
+        Q::DTYPE,
+        c.opts.divergence,
+        c.policy_shape,
+        c.opts.temperature
+    );
+    let mask = c.mask.as_deref();
+    let e = reference::exact_kl(&c.policy, c.policy_shape, &c.reference, c.ref_shape, mask, &c.opts).unwrap();
+    let f = b.forward(c).unwrap();
+    let tol = Tolerance::for_dtype(DType::F32).scaled(c.scale());
+    assert_close(&f.value, &e.value, tol, &format!("value {what}"));
+    assert_close(&f.policy_lse, &e.policy_lse, tol, &format!("policy lse {what}"));
+    assert_close(&f.ref_lse, &e.ref_lse, tol, &format!("ref lse {what}"));
+    assert_close(&f.policy_term, &e.policy_term, tol, &format!("policy term {what}"));
+    assert!(f.value.iter().all(|&v| v >= 0.0), "a divergence is never negative: {what}");
+
+    let g = Rng::new(seed).normals(c.policy_shape.rows, 1.0);
+    let expected =
+        reference::exact_kl_backward(&c.policy, c.policy_shape, &c.reference, c.ref_shape, mask, &g, &c.opts)
+            .unwrap();
+    let grad = b.backward(c, &f, &g, false).unwrap();
+    let dense: Vec<P> =
+        (0..c.policy_shape.rows).flat_map(|r| grad[c.policy_shape.row_range(r)].iter().copied()).collect();
+    let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    assert_close(
+        &dense,
+        &expected,
+        Tolerance::for_dtype(P::DTYPE).scaled(scale.max(1e-3)),
+        &format!("grad {what}"),
+    );
+    let in_place = b.backward(c, &f, &g, true).unwrap();
+    for r in 0..c.policy_shape.rows {
+        let range = c.policy_shape.row_range(r);
+        let same = in_place[range.clone()]
+            .iter()
+            .zip(&grad[range])
+            .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits());
+        assert!(same, "in place differs from out of place, row {r}: {what}");
+    }
+}
+
+pub fn exact_sweep<P: Element, Q: Element>(b: &impl ExactBackend) {
+    let small = super::small();
+    let shapes: &[(usize, usize)] = if small {
+        &[(1, 1), (7, 129), (3, 9000)]
+    } else {
+        &[(1, 1), (1, 2), (7, 31), (5, 129), (16, 1000), (4, 9000), (3, 32000), (2, 151936)]
+    };
+    let mut seed = 0u64;
+    for &(rows, cols) in shapes {
+        for divergence in DIVERGENCES {
+            seed += 1;
+            let tau = [1.0, 0.7, 1.3][seed as usize % 3];
+            check_exact(b, &ExactCase::<P, Q>::random(rows, cols, divergence, tau, seed), seed);
+        }
+    }
+}
+
+/// Identical rows give 0; `+inf` KL[π‖ref] is reported; KL[ref‖π] = `+inf` is returned with a
+/// finite gradient; the JSD stays finite.
+pub fn exact_edge_cases(b: &impl ExactBackend) {
+    let ninf = f32::NEG_INFINITY;
+    let shape = RowShape::new(2, 4);
+    let same = vec![0.5f32, ninf, -1.0, 2.0, 0.0, 0.0, 0.0, 0.0];
+    for divergence in DIVERGENCES {
+        let c = ExactCase {
+            policy: same.clone(),
+            policy_shape: shape,
+            reference: same.clone(),
+            ref_shape: shape,
+            mask: None,
+            opts: ExactKlOptions::new(divergence),
+        };
+        let f = b.forward(&c).unwrap();
+        assert!(f.value.iter().all(|&v| v.abs() < 1e-6), "{divergence:?} of identical rows: {:?}", f.value);
+        let g = b.backward(&c, &f, &[1.0, 1.0], false).unwrap();
+        assert!(g.iter().all(|x| x.abs() < 1e-6), "{divergence:?} gradient at identical rows");
+    }
+    // The reference bans token 1, the policy does not.
+    let policy = vec![0.0f32, 0.0, 0.0, 0.0];
+    let refr = vec![0.0f32, ninf, 0.0, 0.0];
+    let one = RowShape::new(1, 4);
+    let case = |d| ExactCase {
+        policy: policy.clone(),
+        policy_shape: one,
+        reference: refr.clone(),
+        ref_shape: one,
+        mask: None,
+        opts: ExactKlOptions::new(d),
+    };
+    let err = b.forward(&case(ExactDivergence::PolicyRef)).unwrap_err();
+    assert_eq!(err, Error::InvalidRow { op: "exact_kl", row: 0, problem: RowProblem::InfiniteKl });
+    let jsd = b.forward(&case(ExactDivergence::Jsd { beta: 0.5 })).unwrap();
+    assert!(jsd.value[0].is_finite() && jsd.value[0] > 0.0);
+    // The policy bans token 1, the reference does not: KL[ref‖π] = +inf, gradient p − q finite.
+    let c = ExactCase {
+        policy: refr.clone(),
+        policy_shape: one,
+        reference: policy.clone(),
+        ref_shape: one,
+        mask: None,
+        opts: ExactKlOptions::new(ExactDivergence::RefPolicy),
+    };
+    let f = b.forward(&c).unwrap();
+    assert_eq!(f.value[0], f32::INFINITY);
+    let g = b.backward(&c, &f, &[1.0], false).unwrap();
+    assert!(g.iter().all(|x| x.is_finite()));
+    assert!((g[1].to_f64() + 0.25).abs() < 1e-6, "p − q at the banned token: 0 − 1/4");
+    // KL[π‖ref] stays finite where only the policy bans a token.
+    let c = ExactCase { opts: ExactKlOptions::new(ExactDivergence::PolicyRef), ..c };
+    assert!(b.forward(&c).unwrap().value[0].is_finite());
+}
+
+pub fn exact_errors(b: &impl ExactBackend) {
+    let shape = RowShape::new(2, 3);
+    let good = vec![0.0f32; 6];
+    let mut bad = good.clone();
+    bad[4] = f32::NAN;
+    let case = |p: &Vec<f32>, q: &Vec<f32>, d| ExactCase {
+        policy: p.clone(),
+        policy_shape: shape,
+        reference: q.clone(),
+        ref_shape: shape,
+        mask: None,
+        opts: ExactKlOptions::new(d),
+    };
+    for d in DIVERGENCES {
+        assert_eq!(
+            b.forward(&case(&good, &bad, d)).unwrap_err(),
+            Error::InvalidRow { op: "exact_kl", row: 1, problem: RowProblem::NaN }
+        );
+        assert_eq!(
+            b.forward(&case(&bad, &good, d)).unwrap_err(),
+            Error::InvalidRow { op: "exact_kl", row: 1, problem: RowProblem::NaN }
+        );
+    }
+    let all_ninf = vec![f32::NEG_INFINITY; 6];
+    assert_eq!(
+        b.forward(&case(&all_ninf, &good, ExactDivergence::RefPolicy)).unwrap_err(),
+        Error::InvalidRow { op: "exact_kl", row: 0, problem: RowProblem::AllNegInf }
+    );
+    let mut c = case(&good, &good, ExactDivergence::Jsd { beta: 1.0 });
+    assert!(matches!(b.forward(&c), Err(Error::InvalidOption { name: "jsd beta", .. })));
+    c.opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
+    c.ref_shape = RowShape::new(3, 2);
+    assert!(matches!(b.forward(&c), Err(Error::ShapeMismatch { .. })));
+    let c = case(&good, &good, ExactDivergence::PolicyRef);
+    let f = b.forward(&c).unwrap();
+    assert_eq!(
+        b.backward(&c, &f, &[1.0, f32::NAN], false).unwrap_err(),
+        Error::InvalidRow { op: "exact_kl_backward", row: 1, problem: RowProblem::GradNonFinite }
+    );
+}
+
+// ---- toy distributions ----------------------------------------------------------------------
+
+/// A policy and a bimodal reference over 6 tokens, same support.
+pub fn toy_pair() -> (Vec<f64>, Vec<f64>) {
+    let norm = |v: Vec<f64>| {
+        let s: f64 = v.iter().sum();
+        v.into_iter().map(|x| x / s).collect::<Vec<_>>()
+    };
+    (norm(vec![0.3, 0.25, 0.2, 0.1, 0.1, 0.05]), norm(vec![0.35, 0.05, 0.05, 0.05, 0.15, 0.35]))
+}
+
+/// `KL[a ‖ b]` in f64 (terms with a = 0 are 0).
+pub fn kl(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).filter(|(a, _)| **a > 0.0).map(|(a, b)| a * (a / b).ln()).sum()
+}
+
+/// `n` tokens drawn from `p` with a fixed seed.
+pub fn sample(p: &[f64], n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let u = rng.uniform();
+            let mut acc = 0.0;
+            p.iter()
+                .position(|&x| {
+                    acc += x;
+                    u < acc
+                })
+                .unwrap_or(p.len() - 1)
+        })
+        .collect()
+}
+
+pub fn mean_and_standard_error(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}

@@ -229,7 +229,6 @@ pub(crate) enum Op {
     TokenLogprobs = 3,
     TokenLogprobsBackward = 4,
     SampledKl = 5,
-    KlRewards = 6,
     ExactKl = 7,
     ExactKlBackward = 8,
 }
@@ -242,7 +241,6 @@ impl Op {
             Op::TokenLogprobs => "token_logprobs",
             Op::TokenLogprobsBackward => "token_logprobs_backward",
             Op::SampledKl => "sampled_kl",
-            Op::KlRewards => "kl_rewards",
             Op::ExactKl => "exact_kl",
             Op::ExactKlBackward => "exact_kl_backward",
         }
@@ -256,7 +254,6 @@ impl Op {
             3 => Some(Op::TokenLogprobs),
             4 => Some(Op::TokenLogprobsBackward),
             5 => Some(Op::SampledKl),
-            6 => Some(Op::KlRewards),
             7 => Some(Op::ExactKl),
             8 => Some(Op::ExactKlBackward),
             _ => None,
@@ -289,11 +286,19 @@ mod tests {
             assert!(header.contains(&line), "kernels/common.cuh lacks `{line}`");
             assert_eq!(RowProblem::from_code(problem.code()), Some(problem));
         }
-        let kernel = include_str!("../kernels/logprobs.cu");
-        for op in [Op::LogSoftmax, Op::LogSoftmaxBackward, Op::TokenLogprobs, Op::TokenLogprobsBackward] {
+        let kernels = [include_str!("../kernels/logprobs.cu"), include_str!("../kernels/kl.cu")].concat();
+        for op in [
+            Op::LogSoftmax,
+            Op::LogSoftmaxBackward,
+            Op::TokenLogprobs,
+            Op::TokenLogprobsBackward,
+            Op::SampledKl,
+            Op::ExactKl,
+            Op::ExactKlBackward,
+        ] {
             let line = format!("OP_{} = {};", op.name().to_uppercase(), op as u8);
             let line = line.replace("OP_LOG_SOFTMAX =", "OP_LOG_SOFTMAX_FORWARD =");
-            assert!(kernel.contains(&line), "kernels/logprobs.cu lacks `{line}`");
+            assert!(kernels.contains(&line), "kernels/*.cu lack `{line}`");
             assert_eq!(Op::from_id(op as u8), Some(op));
         }
     }

@@ -15,6 +15,7 @@
 //! chooses (once per training step is enough); the outputs of such a row are NaN.
 
 mod context;
+mod kl;
 mod logprobs;
 mod module;
 mod status;
@@ -23,6 +24,11 @@ use cudarc::driver::DriverError;
 
 pub use context::CudaDevice;
 pub(crate) use context::RawStream;
+pub use kl::{
+    DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats, DeviceReferenceRows, DeviceSampledKlOutputs,
+    SampledKlInputs, exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_workspace_bytes,
+    kl_rewards, sampled_kl, sampled_kl_workspace_bytes,
+};
 pub use logprobs::{
     DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens, finish_vocab_partials, log_softmax,
     log_softmax_backward, token_logprobs, token_logprobs_backward, token_logprobs_backward_in_place,

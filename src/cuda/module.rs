@@ -15,14 +15,16 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Module {
     Logprobs,
+    Kl,
 }
 
 impl Module {
-    const ALL: [Module; 1] = [Module::Logprobs];
+    const ALL: [Module; 2] = [Module::Logprobs, Module::Kl];
 
     fn fatbin(self) -> Option<&'static [u8]> {
         match self {
             Module::Logprobs => LOGPROBS,
+            Module::Kl => KL,
         }
     }
 }
@@ -36,7 +38,7 @@ pub fn kernels_built() -> bool {
 struct Loaded {
     ctx: Arc<CudaContext>,
     modules: HashMap<Module, Arc<CudaModule>>,
-    functions: HashMap<&'static str, CudaFunction>,
+    functions: HashMap<String, CudaFunction>,
 }
 
 /// Contexts seen so far, keyed by their `CUcontext`. Each entry keeps its context alive, so a
@@ -72,7 +74,7 @@ pub(crate) fn load_all(ctx: &Arc<CudaContext>) -> Result<()> {
 }
 
 /// The kernel `name` of `module` in `ctx`, loading the module on first use.
-pub(crate) fn function(ctx: &Arc<CudaContext>, module: Module, name: &'static str) -> Result<CudaFunction> {
+pub(crate) fn function(ctx: &Arc<CudaContext>, module: Module, name: &str) -> Result<CudaFunction> {
     with_loaded(ctx, |loaded| {
         if let Some(f) = loaded.functions.get(name) {
             return Ok(f.clone());
@@ -80,7 +82,7 @@ pub(crate) fn function(ctx: &Arc<CudaContext>, module: Module, name: &'static st
         let f = load(loaded, module)?
             .load_function(name)
             .map_err(super::driver_error("looking up a kernel in the loaded module"))?;
-        loaded.functions.insert(name, f.clone());
+        loaded.functions.insert(name.to_string(), f.clone());
         Ok(f)
     })
 }

@@ -1,0 +1,726 @@
+// kl family: sampled per-token KL estimators (values, loss gradient, batch statistics),
+// KL-in-reward shaping, and the exact full-vocabulary KL / JSD between two logits rows.
+//
+// Formulas: MATH.md §2; the Rust side (src/cuda/kl/*.rs) checks every shape before launching
+// and documents each kernel's launch contract next to its launch.
+#include "common.cuh"
+
+using namespace rk;
+
+namespace {
+
+constexpr unsigned OP_SAMPLED_KL = 5;
+constexpr unsigned OP_EXACT_KL = 7;
+constexpr unsigned OP_EXACT_KL_BACKWARD = 8;
+
+// ---- sampled estimators ---------------------------------------------------------------------
+// Estimator codes, in src/kl.rs `KlEstimator::ALL` order.
+enum Estimator : int { K1 = 0, K2, K3, ABS, K1_REV, K3_REV, GRAD_POLICY_REF, GRAD_REF_POLICY };
+
+struct Estimates {
+  float values[8];  // every estimator, for the statistics
+  float value;      // the chosen one's value
+  float grad;       // ∂k/∂logp of the chosen one (0 where a clamp is active)
+  bool clamped;     // a clamp was active for the chosen one
+};
+
+// The table of src/kl.rs, in f32: log r is clamped before exp, the exp-based values (k3,
+// k1_rev, k3_rev) to ±v_clamp, and the gradient is 0 where a clamp is active.
+__device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr_clamp, float v_clamp) {
+  const float lr = fminf(fmaxf(log_r, -lr_clamp), lr_clamp);
+  const bool lr_active = lr != log_r;
+  const float r = exp2f(__fmul_rn(lr, LOG2E));
+  const float k3 = __fsub_rn(__fsub_rn(r, 1.0f), lr);
+  const float k1_rev = r == 0.0f ? 0.0f : __fmul_rn(r, lr);
+  const float k3_rev = r == 0.0f ? 1.0f : __fsub_rn(__fmul_rn(r, lr), __fsub_rn(r, 1.0f));
+  auto vc = [v_clamp](float v) { return fminf(fmaxf(v, -v_clamp), v_clamp); };
+  Estimates e;
+  e.values[K1] = -log_r;
+  e.values[K2] = __fmul_rn(0.5f, __fmul_rn(log_r, log_r));
+  e.values[K3] = vc(k3);
+  e.values[ABS] = fabsf(log_r);
+  e.values[K1_REV] = vc(k1_rev);
+  e.values[K3_REV] = vc(k3_rev);
+  e.values[GRAD_POLICY_REF] = vc(k3);
+  e.values[GRAD_REF_POLICY] = vc(k3_rev);
+  const bool k3_clamped = lr_active || vc(k3) != k3;
+  const bool k1r_clamped = r != 0.0f && (lr_active || vc(k1_rev) != k1_rev);
+  const bool k3r_clamped = lr_active || vc(k3_rev) != k3_rev;
+  const float g_k3 = k3_clamped ? 0.0f : __fsub_rn(1.0f, r);
+  const float sign = log_r < 0.0f ? 1.0f : (log_r > 0.0f ? -1.0f : 0.0f);
+  switch (chosen) {
+    case K1: e.grad = 1.0f; e.clamped = false; break;
+    case K2: e.grad = -log_r; e.clamped = false; break;
+    case K3: e.grad = g_k3; e.clamped = k3_clamped; break;
+    case ABS: e.grad = sign; e.clamped = false; break;
+    case K1_REV:
+      e.grad = (k1r_clamped || r == 0.0f) ? 0.0f : -__fmul_rn(r, __fadd_rn(lr, 1.0f));
+      e.clamped = k1r_clamped;
+      break;
+    case K3_REV:
+      e.grad = (k3r_clamped || r == 0.0f) ? 0.0f : -__fmul_rn(r, lr);
+      e.clamped = k3r_clamped;
+      break;
+    case GRAD_POLICY_REF: e.grad = -log_r; e.clamped = k3_clamped; break;
+    default: e.grad = g_k3; e.clamped = k3r_clamped; break;  // GRAD_REF_POLICY
+  }
+  // A switch on named values: indexing the array at run time would put it in local memory.
+  switch (chosen) {
+    case K1: e.value = -log_r; break;
+    case K2: e.value = e.values[K2]; break;
+    case K3: case GRAD_POLICY_REF: e.value = vc(k3); break;
+    case ABS: e.value = fabsf(log_r); break;
+    case K1_REV: e.value = vc(k1_rev); break;
+    default: e.value = vc(k3_rev); break;  // K3_REV, GRAD_REF_POLICY
+  }
+  return e;
+}
+
+// Aggregation codes (src/cuda/kl/sampled.rs): token-mean, seq-mean-token-sum,
+// seq-mean-token-mean, seq-mean-token-sum-norm.
+__device__ __forceinline__ double token_weight(int aggregation, double max_len, const double* counts, double row_valid) {
+  // counts: valid tokens, valid sequences, sequences
+  double d = aggregation == 0   ? counts[0]
+             : aggregation == 1 ? counts[1]
+             : aggregation == 2 ? counts[1] * row_valid
+                                : counts[2] * max_len;
+  return d > 0.0 ? __drcp_rn(d) : 0.0;  // (a plain f64 division would call a slow path with a stack frame)
+}
+
+// Per-sequence record: the 8 estimator sums over valid tokens, the valid-token count and the
+// clamped count (f32 within a row, combined in f64 across rows by sampled_kl_finalize).
+struct SampledRow {
+  float sums[8];
+  float valid;
+  float clamped;
+};
+
+// Statistics layout (f64): loss, means[8], clamped fraction, valid tokens, valid sequences,
+// sequences (src/cuda/kl/sampled.rs `DeviceKlStats`).
+constexpr int STAT_LOSS = 0, STAT_MEANS = 1, STAT_CLAMPED = 9, STAT_COUNTS = 10;
+
+__device__ __forceinline__ bool token_valid(const unsigned char* mask, long long t) {
+  return mask == nullptr || mask[t] != 0;
+}
+
+// Sum over a block of exactly 256 threads in a fixed tree; every thread returns the total.
+__device__ __forceinline__ double block_sum_f64(double v, double* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = 128; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double total = sh[0];
+  __syncthreads();
+  return total;
+}
+
+// Valid tokens of one row, identical in every thread.
+__device__ __forceinline__ float row_valid_count(const unsigned char* mask, long long base, int cols, float* scratch) {
+  float n = 0.0f;
+  for (int t = threadIdx.x; t < cols; t += blockDim.x) n += token_valid(mask, base + t) ? 1.0f : 0.0f;
+  return block_sum(n, scratch);
+}
+
+}  // namespace
+
+// One block per sequence (row of the [B, T] batch). Writes the chosen estimator's values, the
+// loss gradient when `weights_known` (global denominators given as the three counts), and the
+// row's record.
+// A NaN in a valid token is reported (the row's outputs are then meaningless).
+extern "C" __global__ void __launch_bounds__(256)
+sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_logp, long long ld,
+                const unsigned char* __restrict__ mask, int rows, int cols, int chosen, float lr_clamp,
+                float v_clamp, float coef, int aggregation, double max_len, double count_tokens,
+                double count_sequences_valid, double count_sequences, int weights_known, float* __restrict__ values,
+                float* __restrict__ grad,
+                SampledRow* __restrict__ records, unsigned long long* __restrict__ status) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const long long base = row * ld;
+  const float valid = row_valid_count(mask, base, cols, scratch);
+  const double counts[3] = {count_tokens, count_sequences_valid, count_sequences};
+  const float w = weights_known ? static_cast<float>(coef * token_weight(aggregation, max_len, counts, valid)) : 0.0f;
+  float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float clamped = 0.0f;
+  unsigned nan = 0;
+  for (int t = threadIdx.x; t < cols; t += blockDim.x) {
+    const long long i = base + t;
+    float value = 0.0f, g = 0.0f;
+    if (token_valid(mask, i)) {
+      const float lp = logp[i], rlp = ref_logp[i];
+      nan |= (lp != lp || rlp != rlp) ? 1u : 0u;
+      const Estimates e = estimates(chosen, __fsub_rn(rlp, lp), lr_clamp, v_clamp);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) sums[k] = __fadd_rn(sums[k], e.values[k]);
+      clamped += e.clamped ? 1.0f : 0.0f;
+      value = e.value;
+      g = __fmul_rn(w, e.grad);
+    }
+    if (values) values[i] = value;
+    if (grad && weights_known) grad[i] = g;
+  }
+  if (__syncthreads_or(nan) && threadIdx.x == 0) report(status, row, OP_SAMPLED_KL, PROBLEM_NAN);
+  if (records == nullptr) return;
+  SampledRow rec;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) rec.sums[k] = block_sum(sums[k], scratch);
+  rec.clamped = block_sum(clamped, scratch);
+  rec.valid = valid;
+  if (threadIdx.x == 0) records[row] = rec;
+}
+
+// One block of 256 threads: the batch statistics from the row records, in f64, in a fixed
+// order (thread i takes rows i, i + 256, ...; then a fixed tree). Without `use_global` the
+// denominators are this batch's own.
+extern "C" __global__ void __launch_bounds__(256)
+sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen, float coef, int aggregation,
+                    double max_len, int use_global, double global_tokens, double global_sequences_valid,
+                    double global_sequences, double* __restrict__ stats) {
+  __shared__ double sh[256];
+  __shared__ double counts[3];
+  double tokens = 0.0, seqs = 0.0;
+  for (int r = threadIdx.x; r < rows; r += 256) {
+    tokens += records[r].valid;
+    seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
+  }
+  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
+  if (threadIdx.x == 0) {
+    counts[0] = use_global ? global_tokens : local_tokens;
+    counts[1] = use_global ? global_sequences_valid : local_seqs;
+    counts[2] = use_global ? global_sequences : static_cast<double>(rows);
+  }
+  __syncthreads();
+  // One estimator at a time keeps the registers low.
+  for (int k = 0; k < 8; ++k) {
+    double acc = 0.0;
+    for (int r = threadIdx.x; r < rows; r += 256)
+      acc += token_weight(aggregation, max_len, counts, records[r].valid) * records[r].sums[k];
+    const double m = block_sum_f64(acc, sh);
+    if (threadIdx.x == 0) stats[STAT_MEANS + k] = m;
+  }
+  double clamped = 0.0;
+  for (int r = threadIdx.x; r < rows; r += 256) clamped += records[r].clamped;
+  const double c = block_sum_f64(clamped, sh);
+  if (threadIdx.x == 0) {
+    stats[STAT_LOSS] = static_cast<double>(coef) * stats[STAT_MEANS + chosen];
+    stats[STAT_CLAMPED] = local_tokens > 0.0 ? c * __drcp_rn(local_tokens) : 0.0;
+    stats[STAT_COUNTS] = local_tokens;
+    stats[STAT_COUNTS + 1] = local_seqs;
+    stats[STAT_COUNTS + 2] = static_cast<double>(rows);
+  }
+}
+
+// The loss gradient when the denominators are this batch's own: one block per sequence, the
+// counts from `stats` (sampled_kl_finalize ran first on the same stream).
+extern "C" __global__ void __launch_bounds__(256)
+sampled_kl_grad(const float* __restrict__ logp, const float* __restrict__ ref_logp, long long ld,
+                const unsigned char* __restrict__ mask, int rows, int cols, int chosen, float lr_clamp, float v_clamp,
+                float coef, int aggregation, double max_len, const SampledRow* __restrict__ records,
+                const double* __restrict__ stats, float* __restrict__ grad) {
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const float w = static_cast<float>(coef * token_weight(aggregation, max_len, stats + STAT_COUNTS, records[row].valid));
+  const long long base = row * ld;
+  for (int t = threadIdx.x; t < cols; t += blockDim.x) {
+    const long long i = base + t;
+    float g = 0.0f;
+    if (token_valid(mask, i)) g = __fmul_rn(w, estimates(chosen, __fsub_rn(ref_logp[i], logp[i]), lr_clamp, v_clamp).grad);
+    grad[i] = g;
+  }
+}
+
+// r_t = −β·kl_t on valid tokens, plus the sequence's score on its last valid token; 0 on
+// padding. One block per sequence.
+extern "C" __global__ void __launch_bounds__(256)
+kl_rewards(const float* __restrict__ kl, long long ld, const unsigned char* __restrict__ mask, int rows, int cols,
+           const float* __restrict__ scores, float beta, float* __restrict__ rewards) {
+  __shared__ int last_valid[32];
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const long long base = row * ld;
+  int last = -1;
+  for (int t = threadIdx.x; t < cols; t += blockDim.x)
+    if (token_valid(mask, base + t)) last = t;  // increasing t per thread: the thread's last
+  // Block max of `last`.
+  for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+  if ((threadIdx.x & 31) == 0) last_valid[threadIdx.x >> 5] = last;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    int v = threadIdx.x < (blockDim.x >> 5) ? last_valid[threadIdx.x] : -1;
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (threadIdx.x == 0) last_valid[0] = v;
+  }
+  __syncthreads();
+  last = last_valid[0];
+  for (int t = threadIdx.x; t < cols; t += blockDim.x) {
+    const long long i = base + t;
+    float r = token_valid(mask, i) ? -__fmul_rn(beta, kl[i]) : 0.0f;
+    if (t == last) r = __fadd_rn(r, scores[row]);
+    rewards[i] = r;
+  }
+}
+
+// ---- exact divergences between two logits rows -----------------------------------------------
+// A row is cut into chunks of EXACT_BLOCK threads × EXACT_SLOTS slots × 8 logits (8192 logits
+// whatever the two dtypes). As for the token kernels, one block walking a row and one block
+// per chunk plus a merge run the same operations in the same order.
+
+namespace {
+
+constexpr int EXACT_BLOCK = 256;
+constexpr int EXACT_SLOTS = 4;
+constexpr long long EXACT_CHUNK = static_cast<long long>(EXACT_BLOCK) * EXACT_SLOTS * 8;
+
+// Divergence codes (src/cuda/kl/exact.rs).
+enum Divergence : int { POLICY_REF = 0, REF_POLICY = 1, JSD = 2 };
+constexpr unsigned PAIR_P_NAN = 1, PAIR_P_POS_INF = 2, PAIR_Q_NAN = 4, PAIR_Q_POS_INF = 8;
+
+// Mirrors src/cuda/kl/exact.rs `PairPartial` (repr(C), 28 bytes).
+struct PairPartial {
+  float mp, sp, apr;  // policy: max (raw), Σ e_p, Σ e_p·(z_p − z_q)
+  float mq, sq, arp;  // reference: max (raw), Σ e_q, Σ e_q·(z_q − z_p)
+  unsigned flags;
+};
+
+__device__ __forceinline__ PairPartial empty_pair() { return PairPartial{neg_inf(), 0.0f, 0.0f, neg_inf(), 0.0f, 0.0f, 0u}; }
+
+// Rescales one side's (m, s, a) to the larger max and adds; an empty side adds nothing and a
+// side rescaled to 0 contributes exactly 0 (a may be +inf).
+__device__ __forceinline__ void merge_side(float& m, float& s, float& a, float m2, float s2, float a2, float c) {
+  if (m2 == neg_inf()) return;
+  if (m == neg_inf()) {
+    m = m2;
+    s = s2;
+    a = a2;
+    return;
+  }
+  const float M = fmaxf(m, m2);
+  const float f1 = exp2f(__fmul_rn(__fsub_rn(m, M), c));
+  const float f2 = exp2f(__fmul_rn(__fsub_rn(m2, M), c));
+  s = __fadd_rn(__fmul_rn(f1, s), __fmul_rn(f2, s2));
+  a = __fadd_rn(f1 > 0.0f ? __fmul_rn(f1, a) : 0.0f, f2 > 0.0f ? __fmul_rn(f2, a2) : 0.0f);
+  m = M;
+}
+
+__device__ __forceinline__ void merge_pair(PairPartial& x, const PairPartial& y, float c) {
+  merge_side(x.mp, x.sp, x.apr, y.mp, y.sp, y.apr, c);
+  merge_side(x.mq, x.sq, x.arp, y.mq, y.sq, y.arp, c);
+  x.flags |= y.flags;
+}
+
+__device__ __forceinline__ PairPartial shfl_pair(const PairPartial& p, int o) {
+  PairPartial q;
+  q.mp = __shfl_xor_sync(0xffffffffu, p.mp, o);
+  q.sp = __shfl_xor_sync(0xffffffffu, p.sp, o);
+  q.apr = __shfl_xor_sync(0xffffffffu, p.apr, o);
+  q.mq = __shfl_xor_sync(0xffffffffu, p.mq, o);
+  q.sq = __shfl_xor_sync(0xffffffffu, p.sq, o);
+  q.arp = __shfl_xor_sync(0xffffffffu, p.arp, o);
+  q.flags = __shfl_xor_sync(0xffffffffu, p.flags, o);
+  return q;
+}
+
+// Block-wide merge, every thread returns the result. `scratch`: 7 × 32 floats; ends with a
+// __syncthreads.
+__device__ __forceinline__ PairPartial block_merge_pair(PairPartial p, float c, float* scratch) {
+  const int warps = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) merge_pair(p, shfl_pair(p, o), c);
+  if (lane == 0) {
+    float* w = scratch + warp;
+    w[0] = p.mp, w[32] = p.sp, w[64] = p.apr, w[96] = p.mq, w[128] = p.sq, w[160] = p.arp;
+    w[192] = __uint_as_float(p.flags);
+  }
+  __syncthreads();
+  PairPartial t = empty_pair();
+  if (lane < warps) {
+    const float* w = scratch + lane;
+    t = PairPartial{w[0], w[32], w[64], w[96], w[128], w[160], __float_as_uint(w[192])};
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) merge_pair(t, shfl_pair(t, o), c);
+  __syncthreads();
+  return t;
+}
+
+// Loads the 8 logits of slot `k` (elements 8k .. 8k+7) of a row as f32; past `cols` reads
+// `fill`. Vector loads when the row start is 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ row, long long k, int cols, bool vec_ok, float fill,
+                                      float (&out)[8]) {
+  constexpr int N = VecOf<T>::N;  // 8 for 2-byte types, 4 for f32
+  float part[N];
+#pragma unroll
+  for (int h = 0; h < 8 / N; ++h) {
+    load_chunk(row, k * (8 / N) + h, cols, vec_ok, fill, part);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[h * N + i] = part[i];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ row, long long k, int cols, bool vec_ok, const float (&v)[8]) {
+  constexpr int N = VecOf<T>::N;
+#pragma unroll
+  for (int h = 0; h < 8 / N; ++h) {
+    float part[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) part[i] = v[h * N + i];
+    store_chunk(row, k * (8 / N) + h, cols, vec_ok, part);
+  }
+}
+
+__device__ __forceinline__ long long slot_of(long long c, int j) {
+  return c * (EXACT_BLOCK * EXACT_SLOTS) + j * EXACT_BLOCK + threadIdx.x;
+}
+
+// The PairPartial of chunk `c` of both rows, identical in every thread.
+template <typename P, typename Q>
+__device__ __forceinline__ PairPartial chunk_pair(const P* xp, const Q* xq, long long c, int cols, bool vp, bool vq,
+                                                  float inv_tau, float* scratch) {
+  const float cc = __fmul_rn(inv_tau, LOG2E);
+  float a[EXACT_SLOTS][8], b[EXACT_SLOTS][8];
+#pragma unroll
+  for (int j = 0; j < EXACT_SLOTS; ++j) {
+    load8(xp, slot_of(c, j), cols, vp, neg_inf(), a[j]);
+    load8(xq, slot_of(c, j), cols, vq, neg_inf(), b[j]);
+  }
+  PairPartial t = empty_pair();
+  unsigned flags = 0;
+#pragma unroll
+  for (int j = 0; j < EXACT_SLOTS; ++j) {
+    const unsigned fp = chunk_flags(a[j]), fq = chunk_flags(b[j]);
+    flags |= ((fp & 1u) ? PAIR_P_NAN : 0u) | ((fp & 2u) ? PAIR_P_POS_INF : 0u) | ((fq & 1u) ? PAIR_Q_NAN : 0u) |
+             ((fq & 2u) ? PAIR_Q_POS_INF : 0u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      t.mp = fmaxf(t.mp, a[j][i]);
+      t.mq = fmaxf(t.mq, b[j][i]);
+    }
+  }
+  // A side that is all -inf here shifts by 0: every exp is exactly 0.
+  const float mp = t.mp == neg_inf() ? 0.0f : t.mp, mq = t.mq == neg_inf() ? 0.0f : t.mq;
+#pragma unroll
+  for (int j = 0; j < EXACT_SLOTS; ++j) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float ep = exp2f(__fmul_rn(__fsub_rn(a[j][i], mp), cc));
+      const float eq = exp2f(__fmul_rn(__fsub_rn(b[j][i], mq), cc));
+      const float diff = __fmul_rn(__fsub_rn(a[j][i], b[j][i]), inv_tau);  // z_p − z_q
+      t.sp = __fadd_rn(t.sp, ep);
+      t.sq = __fadd_rn(t.sq, eq);
+      // e = 0 contributes 0 (never 0·inf); e > 0 against a -inf on the other side gives +inf.
+      t.apr = __fadd_rn(t.apr, ep > 0.0f ? __fmul_rn(ep, diff) : 0.0f);
+      t.arp = __fadd_rn(t.arp, eq > 0.0f ? __fmul_rn(eq, -diff) : 0.0f);
+    }
+  }
+  t.flags = flags;
+  return block_merge_pair(t, cc, scratch);
+}
+
+// The JSD's second pass over chunk `c`: (Σ p·log(p/m), Σ q·log(q/m)), m = β·p + (1 − β)·q,
+// identical in every thread. `scratch`: 32 floats.
+template <typename P, typename Q>
+__device__ __forceinline__ float2 chunk_jsd(const P* xp, const Q* xq, long long c, int cols, bool vp, bool vq, float inv_tau,
+                                            float lse_p, float lse_q, float beta, float* scratch) {
+  float tp = 0.0f, tq = 0.0f;
+#pragma unroll
+  for (int j = 0; j < EXACT_SLOTS; ++j) {
+    float a[8], b[8];
+    load8(xp, slot_of(c, j), cols, vp, neg_inf(), a);
+    load8(xq, slot_of(c, j), cols, vq, neg_inf(), b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float lp = fmaf(a[i], inv_tau, -lse_p), lq = fmaf(b[i], inv_tau, -lse_q);
+      const float p = exp2f(__fmul_rn(lp, LOG2E)), q = exp2f(__fmul_rn(lq, LOG2E));
+      const float lm = logf(fmaf(beta, p, __fmul_rn(__fsub_rn(1.0f, beta), q)));
+      tp = __fadd_rn(tp, p > 0.0f ? __fmul_rn(p, __fsub_rn(lp, lm)) : 0.0f);
+      tq = __fadd_rn(tq, q > 0.0f ? __fmul_rn(q, __fsub_rn(lq, lm)) : 0.0f);
+    }
+  }
+  const float sp = block_sum(tp, scratch);
+  const float sq = block_sum(tq, scratch);
+  return make_float2(sp, sq);
+}
+
+// Outputs of an exact forward (each nullable) and where the JSD keeps its normalisers.
+struct ExactOut {
+  float* value;
+  float* policy_lse;
+  float* ref_lse;
+  float* policy_term;
+  float* jsd_lse;  // rows × 2 (lse_p, lse_q) for the JSD's second pass, else null
+};
+
+__device__ __forceinline__ void write_row(const ExactOut& o, long long row, float v, float lp, float lq, float term) {
+  if (o.value) o.value[row] = v;
+  if (o.policy_lse) o.policy_lse[row] = lp;
+  if (o.ref_lse) o.ref_lse[row] = lq;
+  if (o.policy_term) o.policy_term[row] = term;
+}
+
+// Finishes one row from its folded PairPartial (one thread). For the JSD it writes the two
+// normalisers (and the lse outputs) and leaves value/term to the second pass.
+__device__ __forceinline__ void finish_pair(long long row, const PairPartial& t, int divergence, float inv_tau,
+                                            const ExactOut& o, unsigned long long* status) {
+  const unsigned f = t.flags;
+  unsigned problem = (f & (PAIR_P_NAN | PAIR_Q_NAN))             ? PROBLEM_NAN
+                     : (f & (PAIR_P_POS_INF | PAIR_Q_POS_INF))   ? PROBLEM_POS_INF
+                     : (t.mp == neg_inf() || t.mq == neg_inf())  ? PROBLEM_ALL_NEG_INF
+                                                                 : 0u;
+  const float ln_sp = logf(t.sp), ln_sq = logf(t.sq);
+  const float lp = __fadd_rn(__fmul_rn(t.mp, inv_tau), ln_sp), lq = __fadd_rn(__fmul_rn(t.mq, inv_tau), ln_sq);
+  float v = 0.0f;
+  if (problem == 0 && divergence == POLICY_REF) {
+    v = __fadd_rn(__fadd_rn(__fdiv_rn(t.apr, t.sp), __fmul_rn(__fsub_rn(t.mq, t.mp), inv_tau)), __fsub_rn(ln_sq, ln_sp));
+    if (v == pos_inf()) problem = PROBLEM_INFINITE_KL;
+  } else if (problem == 0 && divergence == REF_POLICY) {
+    v = __fadd_rn(__fadd_rn(__fdiv_rn(t.arp, t.sq), __fmul_rn(__fsub_rn(t.mp, t.mq), inv_tau)), __fsub_rn(ln_sp, ln_sq));
+  }
+  v = fmaxf(v, 0.0f);
+  if (problem != 0) {
+    report(status, row, OP_EXACT_KL, problem);
+    write_row(o, row, quiet_nan(), quiet_nan(), quiet_nan(), quiet_nan());
+    if (o.jsd_lse) o.jsd_lse[2 * row] = o.jsd_lse[2 * row + 1] = quiet_nan();
+  } else if (divergence == JSD) {
+    if (o.policy_lse) o.policy_lse[row] = lp;
+    if (o.ref_lse) o.ref_lse[row] = lq;
+    o.jsd_lse[2 * row] = lp;
+    o.jsd_lse[2 * row + 1] = lq;
+  } else {
+    write_row(o, row, v, lp, lq, v);
+  }
+}
+
+__device__ __forceinline__ bool row_masked(const unsigned char* mask, long long row) {
+  return mask != nullptr && mask[row] == 0;
+}
+
+__device__ __forceinline__ long long exact_chunks(int cols) { return (static_cast<long long>(cols) + EXACT_CHUNK - 1) / EXACT_CHUNK; }
+
+template <typename P, typename Q>
+__device__ void exact_rows(const P* __restrict__ policy, long long ldp, const Q* __restrict__ reference, long long ldq,
+                           int rows, int cols, const unsigned char* __restrict__ mask, int divergence, float inv_tau,
+                           ExactOut o, unsigned long long* status) {
+  __shared__ float scratch[224];
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  if (row_masked(mask, row)) {
+    if (threadIdx.x == 0) {
+      write_row(o, row, 0.0f, 0.0f, 0.0f, 0.0f);
+      if (o.jsd_lse) o.jsd_lse[2 * row] = o.jsd_lse[2 * row + 1] = 0.0f;
+    }
+    return;
+  }
+  const P* xp = policy + row * ldp;
+  const Q* xq = reference + row * ldq;
+  const bool vp = aligned16(xp), vq = aligned16(xq);
+  const float cc = __fmul_rn(inv_tau, LOG2E);
+  PairPartial state = empty_pair();
+  for (long long c = 0; c < exact_chunks(cols); ++c) merge_pair(state, chunk_pair(xp, xq, c, cols, vp, vq, inv_tau, scratch), cc);
+  if (threadIdx.x == 0) finish_pair(row, state, divergence, inv_tau, o, status);
+}
+
+template <typename P, typename Q>
+__device__ void exact_chunks_kernel(const P* __restrict__ policy, long long ldp, const Q* __restrict__ reference,
+                                    long long ldq, int rows, int cols, const unsigned char* __restrict__ mask,
+                                    float inv_tau, PairPartial* __restrict__ partials) {
+  __shared__ float scratch[224];
+  const long long chunks = exact_chunks(cols);
+  const long long row = blockIdx.x / chunks, c = blockIdx.x % chunks;
+  if (row >= rows) return;
+  if (row_masked(mask, row)) {
+    if (threadIdx.x == 0) partials[row * chunks + c] = empty_pair();
+    return;
+  }
+  const P* xp = policy + row * ldp;
+  const Q* xq = reference + row * ldq;
+  const PairPartial t = chunk_pair(xp, xq, c, cols, aligned16(xp), aligned16(xq), inv_tau, scratch);
+  if (threadIdx.x == 0) partials[row * chunks + c] = t;
+}
+
+// JSD second pass, one block per row: folds the chunks' sums in chunk order and finishes.
+template <typename P, typename Q>
+__device__ void jsd_rows(const P* __restrict__ policy, long long ldp, const Q* __restrict__ reference, long long ldq,
+                         int rows, int cols, const unsigned char* __restrict__ mask, float beta, float inv_tau,
+                         const float* __restrict__ jsd_lse, float* value, float* policy_term) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= rows || row_masked(mask, row)) return;  // the first pass wrote the zeros
+  const float lse_p = jsd_lse[2 * row], lse_q = jsd_lse[2 * row + 1];
+  if (!(isfinite(lse_p) && isfinite(lse_q))) return;  // reported by the first pass (NaN written)
+  const P* xp = policy + row * ldp;
+  const Q* xq = reference + row * ldq;
+  const bool vp = aligned16(xp), vq = aligned16(xq);
+  float tp = 0.0f, tq = 0.0f;
+  for (long long c = 0; c < exact_chunks(cols); ++c) {
+    const float2 s = chunk_jsd(xp, xq, c, cols, vp, vq, inv_tau, lse_p, lse_q, beta, scratch);
+    tp = __fadd_rn(tp, s.x);
+    tq = __fadd_rn(tq, s.y);
+  }
+  if (threadIdx.x == 0) {
+    const float v = fmaxf(__fadd_rn(__fmul_rn(beta, tp), __fmul_rn(__fsub_rn(1.0f, beta), tq)), 0.0f);
+    if (value) value[row] = v;
+    if (policy_term) policy_term[row] = fmaxf(tp, 0.0f);
+  }
+}
+
+template <typename P, typename Q>
+__device__ void jsd_chunks(const P* __restrict__ policy, long long ldp, const Q* __restrict__ reference, long long ldq,
+                           int rows, int cols, const unsigned char* __restrict__ mask, float beta, float inv_tau,
+                           const float* __restrict__ jsd_lse, float2* __restrict__ sums) {
+  __shared__ float scratch[32];
+  const long long chunks = exact_chunks(cols);
+  const long long row = blockIdx.x / chunks, c = blockIdx.x % chunks;
+  if (row >= rows) return;
+  const float lse_p = jsd_lse[2 * row], lse_q = jsd_lse[2 * row + 1];
+  if (row_masked(mask, row) || !(isfinite(lse_p) && isfinite(lse_q))) {
+    if (threadIdx.x == 0) sums[row * chunks + c] = make_float2(0.0f, 0.0f);
+    return;
+  }
+  const P* xp = policy + row * ldp;
+  const Q* xq = reference + row * ldq;
+  const float2 s = chunk_jsd(xp, xq, c, cols, aligned16(xp), aligned16(xq), inv_tau, lse_p, lse_q, beta, scratch);
+  if (threadIdx.x == 0) sums[row * chunks + c] = s;
+}
+
+// Gradient with respect to the policy logits (MATH.md §2), one block per (row, chunk); `grad`
+// may be `policy` (in place: each element is read before the same thread overwrites it).
+template <typename P, typename Q>
+__device__ void exact_backward(const P* policy, long long ldp, const Q* __restrict__ reference, long long ldq, P* grad,
+                               int rows, int cols, const unsigned char* __restrict__ mask, int divergence, float beta,
+                               float inv_tau, const float* __restrict__ policy_lse, const float* __restrict__ ref_lse,
+                               const float* __restrict__ saved, const float* __restrict__ g,
+                               unsigned long long* status) {
+  const long long chunks = exact_chunks(cols);
+  const long long row = blockIdx.x / chunks, c = blockIdx.x % chunks;
+  if (row >= rows) return;
+  const bool masked = row_masked(mask, row);
+  const float lse_p = policy_lse[row], lse_q = ref_lse[row];
+  const float s = divergence == REF_POLICY ? 0.0f : saved[row];  // KL[π‖ref], or KL[p‖m] for the JSD
+  const float gr = g[row];
+  unsigned problem = 0;
+  if (!masked) {
+    problem = s == pos_inf()                                         ? PROBLEM_INFINITE_KL
+              : !(isfinite(lse_p) && isfinite(lse_q) && isfinite(s)) ? PROBLEM_NAN
+              : !isfinite(gr)                                        ? PROBLEM_GRAD_NON_FINITE
+                                                                     : 0u;
+    if (problem != 0 && c == 0 && threadIdx.x == 0) report(status, row, OP_EXACT_KL_BACKWARD, problem);
+  }
+  const float scale = __fmul_rn(gr, inv_tau);
+  const P* xp = policy + row * ldp;
+  const Q* xq = reference + row * ldq;
+  P* dx = grad + row * ldp;
+  const bool vp = aligned16(xp), vq = aligned16(xq), vd = aligned16(dx);
+  // Slot by slot (load, compute, store): two rows of 32 logits held at once would spill.
+#pragma unroll 1
+  for (int j = 0; j < EXACT_SLOTS; ++j) {
+    float a[8], b[8], r[8];
+    if (!masked && problem == 0) {
+      load8(xp, slot_of(c, j), cols, vp, 0.0f, a);
+      load8(xq, slot_of(c, j), cols, vq, 0.0f, b);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (masked) {
+        r[i] = 0.0f;
+      } else if (problem != 0) {
+        r[i] = quiet_nan();
+      } else {
+        const float lp = fmaf(a[i], inv_tau, -lse_p), lq = fmaf(b[i], inv_tau, -lse_q);
+        const float p = exp2f(__fmul_rn(lp, LOG2E));
+        float term;
+        if (divergence == POLICY_REF) {
+          term = p > 0.0f ? __fmul_rn(p, __fsub_rn(__fsub_rn(lp, lq), s)) : 0.0f;
+        } else if (divergence == REF_POLICY) {
+          term = __fsub_rn(p, exp2f(__fmul_rn(lq, LOG2E)));
+        } else {
+          const float q = exp2f(__fmul_rn(lq, LOG2E));
+          const float lm = logf(fmaf(beta, p, __fmul_rn(__fsub_rn(1.0f, beta), q)));
+          term = p > 0.0f ? __fmul_rn(__fmul_rn(beta, p), __fsub_rn(__fsub_rn(lp, lm), s)) : 0.0f;
+        }
+        r[i] = __fmul_rn(scale, term);
+      }
+    }
+    store8(dx, slot_of(c, j), cols, vd, r);
+  }
+}
+
+}  // namespace
+
+// Folds the chunk records (row r's at partials[r * chunks .. + chunks]) in chunk order and
+// finishes the rows; one thread per row.
+extern "C" __global__ void __launch_bounds__(256)
+exact_kl_merge(const PairPartial* __restrict__ partials, int chunks, int rows, const unsigned char* __restrict__ mask,
+               int divergence, float inv_tau, ExactOut o, unsigned long long* status) {
+  const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  if (row_masked(mask, row)) {
+    write_row(o, row, 0.0f, 0.0f, 0.0f, 0.0f);
+    if (o.jsd_lse) o.jsd_lse[2 * row] = o.jsd_lse[2 * row + 1] = 0.0f;
+    return;
+  }
+  const float cc = __fmul_rn(inv_tau, LOG2E);
+  PairPartial state = empty_pair();
+  for (int k = 0; k < chunks; ++k) merge_pair(state, partials[row * chunks + k], cc);
+  finish_pair(row, state, divergence, inv_tau, o, status);
+}
+
+// Folds the JSD chunk sums in chunk order and writes the value and the policy term.
+extern "C" __global__ void __launch_bounds__(256)
+jsd_merge(const float2* __restrict__ sums, int chunks, int rows, const unsigned char* __restrict__ mask, float beta,
+          const float* __restrict__ jsd_lse, float* value, float* policy_term) {
+  const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows || row_masked(mask, row)) return;
+  if (!(isfinite(jsd_lse[2 * row]) && isfinite(jsd_lse[2 * row + 1]))) return;
+  float tp = 0.0f, tq = 0.0f;
+  for (int k = 0; k < chunks; ++k) {
+    tp = __fadd_rn(tp, sums[row * chunks + k].x);
+    tq = __fadd_rn(tq, sums[row * chunks + k].y);
+  }
+  const float v = fmaxf(__fadd_rn(__fmul_rn(beta, tp), __fmul_rn(__fsub_rn(1.0f, beta), tq)), 0.0f);
+  if (value) value[row] = v;
+  if (policy_term) policy_term[row] = fmaxf(tp, 0.0f);
+}
+
+#define RK_EXACT(PS, P, QS, Q)                                                                                 \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_rows_##PS##_##QS(                         \
+      const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
+      const unsigned char* mask, int divergence, float inv_tau, ExactOut o, unsigned long long* status) {     \
+    exact_rows<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, divergence, inv_tau, o, status);           \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_chunks_##PS##_##QS(                       \
+      const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
+      const unsigned char* mask, float inv_tau, PairPartial* partials) {                                       \
+    exact_chunks_kernel<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, inv_tau, partials);               \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) jsd_rows_##PS##_##QS(                              \
+      const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
+      const unsigned char* mask, float beta, float inv_tau, const float* jsd_lse, float* value,               \
+      float* policy_term) {                                                                                    \
+    jsd_rows<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, beta, inv_tau, jsd_lse, value, policy_term); \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) jsd_chunks_##PS##_##QS(                            \
+      const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
+      const unsigned char* mask, float beta, float inv_tau, const float* jsd_lse, float2* sums) {             \
+    jsd_chunks<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, beta, inv_tau, jsd_lse, sums);             \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_backward_##PS##_##QS(                     \
+      const P* policy, long long ldp, const Q* reference, long long ldq, P* grad, int rows, int cols,         \
+      const unsigned char* mask, int divergence, float beta, float inv_tau, const float* policy_lse,          \
+      const float* ref_lse, const float* saved, const float* g, unsigned long long* status) {                 \
+    exact_backward<P, Q>(policy, ldp, reference, ldq, grad, rows, cols, mask, divergence, beta, inv_tau,       \
+                         policy_lse, ref_lse, saved, g, status);                                               \
+  }
+
+#define RK_EXACT_Q(PS, P)                 \
+  RK_EXACT(PS, P, f32, float)             \
+  RK_EXACT(PS, P, f16, __half)            \
+  RK_EXACT(PS, P, bf16, __nv_bfloat16)
+
+RK_EXACT_Q(f32, float)
+RK_EXACT_Q(f16, __half)
+RK_EXACT_Q(bf16, __nv_bfloat16)

@@ -1,0 +1,460 @@
+//! CUDA exact full-vocabulary divergences between two logits rows, and their backward into
+//! the policy logits: safe wrappers and their launches.
+//!
+//! Every row pair is cut into fixed chunks of 8192 logits. Many rows: one block walks each
+//! row; few rows (under 1024): one block per chunk and a merge kernel. Both paths run the same
+//! operations in the same order (bitwise batch-invariant). The JSD adds a second pass over the
+//! rows after the two log-sum-exps are known.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg, SyncOnDrop,
+};
+
+use crate::cuda::module::{Module, function};
+use crate::cuda::{CudaStatus, driver_error};
+use crate::logprobs::check_len;
+use crate::reference::check_pair;
+use crate::{DType, Element, Error, ExactDivergence, ExactKlOptions, Result, RowShape};
+
+const BLOCK: u32 = 256;
+const CHUNK: usize = 8192;
+const SPLIT_ROWS: usize = 1024;
+/// `PairPartial` in the kernel: 6 f32 and a u32.
+const PARTIAL_BYTES: usize = 28;
+
+/// The reference side on the device: its logits (own dtype and row stride, same rows and cols
+/// as the policy's) and the row mask that applies to both sides.
+#[derive(Debug)]
+pub struct DeviceReferenceRows<'a, Q> {
+    /// Reference logits.
+    pub logits: CudaView<'a, Q>,
+    /// Their shape.
+    pub shape: RowShape,
+    /// One byte per row (0 = padding), or `None`.
+    pub mask: Option<CudaView<'a, u8>>,
+}
+
+/// Where [`exact_kl`] writes (each optional, at least one of the four rows; see
+/// [`cpu::ExactKlOutputs`](crate::cpu::ExactKlOutputs)), and optionally its workspace
+/// ([`exact_kl_workspace_bytes`], 16-byte aligned; allocated on the stream when needed and
+/// absent).
+#[derive(Debug, Default)]
+pub struct DeviceExactKlOutputs<'a> {
+    /// The divergence.
+    pub value: Option<CudaViewMut<'a, f32>>,
+    /// `ln Σ exp(z_policy)`.
+    pub policy_lse: Option<CudaViewMut<'a, f32>>,
+    /// `ln Σ exp(z_ref)`.
+    pub ref_lse: Option<CudaViewMut<'a, f32>>,
+    /// The JSD's `KL[p ‖ m]` (the value for the two KLs).
+    pub policy_term: Option<CudaViewMut<'a, f32>>,
+    /// Scratch.
+    pub workspace: Option<CudaViewMut<'a, u8>>,
+}
+
+/// What [`exact_kl_backward`] needs on the device (see
+/// [`cpu::ExactKlGrads`](crate::cpu::ExactKlGrads)).
+#[derive(Debug)]
+pub struct DeviceExactKlGrads<'a> {
+    /// Upstream gradient per row.
+    pub grad: CudaView<'a, f32>,
+    /// Saved `ln Σ exp(z_policy)`.
+    pub policy_lse: CudaView<'a, f32>,
+    /// Saved `ln Σ exp(z_ref)`.
+    pub ref_lse: CudaView<'a, f32>,
+    /// Saved value (needed for `KL[π‖π_ref]`).
+    pub value: Option<CudaView<'a, f32>>,
+    /// Saved policy term (needed for the JSD).
+    pub policy_term: Option<CudaView<'a, f32>>,
+}
+
+fn chunks(shape: RowShape) -> usize {
+    shape.cols.div_ceil(CHUNK)
+}
+
+fn split(shape: RowShape) -> bool {
+    chunks(shape) > 1 && shape.rows < SPLIT_ROWS
+}
+
+/// Byte offsets in the workspace: (JSD normalisers, chunk partials, JSD chunk sums, total).
+fn layout(shape: RowShape, divergence: ExactDivergence) -> (usize, usize, usize, usize) {
+    let up = |n: usize| n.next_multiple_of(16);
+    let jsd = matches!(divergence, ExactDivergence::Jsd { .. });
+    let lse = if jsd { up(shape.rows * 8) } else { 0 };
+    let partials = if split(shape) { up(shape.rows * chunks(shape) * PARTIAL_BYTES) } else { 0 };
+    let sums = if jsd && split(shape) { up(shape.rows * chunks(shape) * 8) } else { 0 };
+    (0, lse, lse + partials, lse + partials + sums)
+}
+
+/// Bytes of workspace [`exact_kl`] uses for `shape` and `divergence` (0 for many rows of the
+/// two KLs).
+pub fn exact_kl_workspace_bytes(shape: RowShape, divergence: ExactDivergence) -> usize {
+    layout(shape, divergence).3
+}
+
+fn divergence_code(d: ExactDivergence) -> (i32, f32) {
+    match d {
+        ExactDivergence::PolicyRef => (0, 0.0),
+        ExactDivergence::RefPolicy => (1, 0.0),
+        ExactDivergence::Jsd { beta } => (2, beta),
+    }
+}
+
+fn kernel(prefix: &str, p: DType, q: DType) -> String {
+    format!("{prefix}_{}_{}", p.name(), q.name())
+}
+
+/// The kernels' `ExactOut` (five nullable pointers).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ExactOut {
+    value: u64,
+    policy_lse: u64,
+    ref_lse: u64,
+    policy_term: u64,
+    jsd_lse: u64,
+}
+
+// SAFETY: repr(C) with the layout of the kernels' `struct ExactOut` (five 8-byte pointers),
+// passed by value.
+unsafe impl DeviceRepr for ExactOut {}
+
+fn ptr<'a, T>(v: &'a Option<CudaView<'_, T>>, s: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
+    match v {
+        Some(v) => {
+            let (p, g) = v.device_ptr(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+fn ptr_mut<'a, T>(v: &'a mut Option<CudaViewMut<'_, T>>, s: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
+    match v {
+        Some(v) => {
+            let (p, g) = v.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+fn check_reference<Q>(
+    policy_len: usize,
+    policy_shape: RowShape,
+    r: &DeviceReferenceRows<'_, Q>,
+) -> Result<()> {
+    check_pair(policy_len, policy_shape, r.logits.len(), r.shape, None)?;
+    r.mask.as_ref().map_or(Ok(()), |m| check_len("mask", m.len(), policy_shape.rows))
+}
+
+/// The GPU twin of [`cpu::exact_kl`](crate::cpu::exact_kl) (same divergences, dtypes may
+/// differ per side), enqueued on `stream`. Rows without a defined result (NaN, `+inf`, only
+/// `-inf` on either side, or an infinite `KL[π‖π_ref]`) get NaN and are reported in `status`.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceExactKlOutputs, DeviceReferenceRows};
+/// use rlhf_kernels::{bf16, f16, ExactDivergence, ExactKlOptions, RowShape};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let shape = RowShape::new(1, 2);
+/// let policy = s.clone_htod(&[bf16::from_f32(1.0), bf16::from_f32(0.0)]).unwrap();
+/// let reference = s.clone_htod(&[f16::from_f32(0.0), f16::from_f32(0.0)]).unwrap();
+/// let mut kl = s.alloc_zeros::<f32>(1).unwrap();
+/// let mut status = CudaStatus::new(s)?;
+/// let r = DeviceReferenceRows { logits: reference.as_view(), shape, mask: None };
+/// let out = DeviceExactKlOutputs { value: Some(kl.as_view_mut()), ..Default::default() };
+/// cuda::exact_kl(s, &policy, shape, &r, out, &mut status, &ExactKlOptions::new(ExactDivergence::PolicyRef))?;
+/// status.check(s)?;
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn exact_kl<P: Element, Q: Element>(
+    stream: &Arc<CudaStream>,
+    policy: &impl DevicePtr<P>,
+    policy_shape: RowShape,
+    reference: &DeviceReferenceRows<'_, Q>,
+    mut out: DeviceExactKlOutputs<'_>,
+    status: &mut CudaStatus,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_reference(policy.len(), policy_shape, reference)?;
+    let rows = policy_shape.rows;
+    let outs = [&out.value, &out.policy_lse, &out.ref_lse, &out.policy_term];
+    if outs.iter().all(|o| o.is_none()) {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none requested".into(),
+            expected: "at least one of value, policy_lse, ref_lse, policy_term",
+        });
+    }
+    for (what, o) in ["value", "policy_lse", "ref_lse", "policy_term"].into_iter().zip(outs) {
+        o.as_ref().map_or(Ok(()), |o| check_len(what, o.len(), rows))?;
+    }
+    let inv_tau = opts.inv_temperature()?;
+    let (lse_at, partials_at, sums_at, need) = layout(policy_shape, opts.divergence);
+    if let Some(w) = &out.workspace {
+        if w.len() < need {
+            return Err(Error::InvalidOption {
+                name: "workspace",
+                value: format!("{} bytes", w.len()),
+                expected: "at least exact_kl_workspace_bytes(shape, divergence) bytes",
+            });
+        }
+    }
+    let chunks = chunks(policy_shape);
+    let blocks =
+        u32::try_from(rows * chunks).ok().filter(|&b| b <= i32::MAX as u32).ok_or(Error::TooLarge {
+            what: "rows * vocabulary chunks",
+            value: rows.saturating_mul(chunks),
+            max: i32::MAX as usize,
+        })?;
+
+    let s: &CudaStream = stream;
+    let (p, _g1) = policy.device_ptr(s);
+    let (q, _g2) = reference.logits.device_ptr(s);
+    let (mask, _g3) = ptr(&reference.mask, s);
+    let (value, _g4) = ptr_mut(&mut out.value, s);
+    let (plse, _g5) = ptr_mut(&mut out.policy_lse, s);
+    let (qlse, _g6) = ptr_mut(&mut out.ref_lse, s);
+    let (term, _g7) = ptr_mut(&mut out.policy_term, s);
+    let mut owned: Option<CudaSlice<u8>> = None;
+    let (work, _g8) = if need == 0 {
+        (0, None)
+    } else if let Some(w) = out.workspace.as_mut() {
+        let (a, g) = w.device_ptr_mut(s);
+        (a, Some(g))
+    } else {
+        // SAFETY: each region is written by one kernel before the next one reads it, all on
+        // this stream.
+        let slice =
+            unsafe { stream.alloc::<u8>(need) }.map_err(driver_error("allocating the exact_kl workspace"))?;
+        let (a, g) = owned.insert(slice).device_ptr_mut(s);
+        (a, Some(g))
+    };
+    if work % 16 != 0 {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("address {work:#x}"),
+            expected: "a 16-byte aligned device address",
+        });
+    }
+    let (st, _g9) = status.device_ptr(s);
+
+    let (div, beta) = divergence_code(opts.divergence);
+    let jsd = div == 2;
+    let jsd_lse = if jsd { work + lse_at as u64 } else { 0 };
+    let o = ExactOut { value, policy_lse: plse, ref_lse: qlse, policy_term: term, jsd_lse };
+    let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
+    let (rows_i, cols_i) = (rows as i32, policy_shape.cols as i32);
+    let (pt, qt) = (P::DTYPE, Q::DTYPE);
+    let per_row =
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let per_chunk = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let per_thread = LaunchConfig {
+        grid_dim: (rows.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let ctx = stream.context();
+    let partials = work + partials_at as u64;
+    let sums = work + sums_at as u64;
+
+    // Pass 1: both log-sum-exps and, for the two KLs, the value.
+    if split(policy_shape) {
+        let f = function(ctx, Module::Kl, &kernel("exact_kl_chunks", pt, qt))?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&p)
+            .arg(&ldp)
+            .arg(&q)
+            .arg(&ldq)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&mask)
+            .arg(&inv_tau)
+            .arg(&partials);
+        // SAFETY: matches `exact_kl_chunks_<p>_<q>(const P*, long long, const Q*, long long, int,
+        // int, const unsigned char*, float, PairPartial*)`; one block of 256 threads per (row,
+        // chunk), rows·chunks ≤ i32::MAX; both rows cover the shapes checked above and the
+        // workspace region holds rows·chunks records.
+        unsafe { l.launch(per_chunk) }.map_err(driver_error("launching exact_kl (chunks)"))?;
+        let f = function(ctx, Module::Kl, "exact_kl_merge")?;
+        let chunks_i = chunks as i32;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&partials).arg(&chunks_i).arg(&rows_i).arg(&mask).arg(&div).arg(&inv_tau).arg(&o).arg(&st);
+        // SAFETY: matches `exact_kl_merge(const PairPartial*, int, int, const unsigned char*, int,
+        // float, ExactOut, unsigned long long*)`; one thread per row; the records were written by
+        // the launch above; every non-null output holds `rows` f32 (jsd_lse 2·rows).
+        unsafe { l.launch(per_thread) }.map_err(driver_error("launching exact_kl_merge"))?;
+    } else {
+        let f = function(ctx, Module::Kl, &kernel("exact_kl_rows", pt, qt))?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&p)
+            .arg(&ldp)
+            .arg(&q)
+            .arg(&ldq)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&mask)
+            .arg(&div)
+            .arg(&inv_tau)
+            .arg(&o)
+            .arg(&st);
+        // SAFETY: matches `exact_kl_rows_<p>_<q>(const P*, long long, const Q*, long long, int,
+        // int, const unsigned char*, int, float, ExactOut, unsigned long long*)`; one block of
+        // 256 threads per row; buffers as above.
+        unsafe { l.launch(per_row) }.map_err(driver_error("launching exact_kl"))?;
+    }
+    if !jsd {
+        return Ok(());
+    }
+    // Pass 2 (JSD): Σ p·log(p/m) and Σ q·log(q/m) from the saved normalisers.
+    if split(policy_shape) {
+        let f = function(ctx, Module::Kl, &kernel("jsd_chunks", pt, qt))?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&p)
+            .arg(&ldp)
+            .arg(&q)
+            .arg(&ldq)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&mask)
+            .arg(&beta)
+            .arg(&inv_tau)
+            .arg(&jsd_lse)
+            .arg(&sums);
+        // SAFETY: matches `jsd_chunks_<p>_<q>(const P*, long long, const Q*, long long, int, int,
+        // const unsigned char*, float, float, const float*, float2*)`; one block per (row, chunk);
+        // the normalisers were written by pass 1 and the sums region holds rows·chunks float2.
+        unsafe { l.launch(per_chunk) }.map_err(driver_error("launching jsd (chunks)"))?;
+        let f = function(ctx, Module::Kl, "jsd_merge")?;
+        let chunks_i = chunks as i32;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&sums).arg(&chunks_i).arg(&rows_i).arg(&mask).arg(&beta).arg(&jsd_lse).arg(&value).arg(&term);
+        // SAFETY: matches `jsd_merge(const float2*, int, int, const unsigned char*, float, const
+        // float*, float*, float*)`; one thread per row; sums written by the launch above.
+        unsafe { l.launch(per_thread) }.map_err(driver_error("launching jsd_merge"))?;
+    } else {
+        let f = function(ctx, Module::Kl, &kernel("jsd_rows", pt, qt))?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&p)
+            .arg(&ldp)
+            .arg(&q)
+            .arg(&ldq)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&mask)
+            .arg(&beta)
+            .arg(&inv_tau)
+            .arg(&jsd_lse)
+            .arg(&value)
+            .arg(&term);
+        // SAFETY: matches `jsd_rows_<p>_<q>(const P*, long long, const Q*, long long, int, int,
+        // const unsigned char*, float, float, const float*, float*, float*)`; one block per row.
+        unsafe { l.launch(per_row) }.map_err(driver_error("launching jsd"))?;
+    }
+    Ok(())
+}
+
+/// The GPU twin of [`cpu::exact_kl_backward`](crate::cpu::exact_kl_backward), enqueued on
+/// `stream`: the gradient of `Σ_n g[n]·D[n]` with respect to the policy logits, written into
+/// `grad_policy` (the policy's shape and dtype). Rows with a non-finite saved statistic or
+/// upstream gradient get NaN and are reported in `status`.
+#[allow(clippy::too_many_arguments)] // stream, inputs, output, status, options: grouped already
+pub fn exact_kl_backward<P: Element, Q: Element>(
+    stream: &Arc<CudaStream>,
+    policy: &impl DevicePtr<P>,
+    policy_shape: RowShape,
+    reference: &DeviceReferenceRows<'_, Q>,
+    grads: &DeviceExactKlGrads<'_>,
+    grad_policy: &mut impl DevicePtrMut<P>,
+    status: &mut CudaStatus,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    policy_shape.check_buffer("grad_policy", grad_policy.len())?;
+    let s: &CudaStream = stream;
+    let (p, _gp) = policy.device_ptr(s);
+    let (dx, _gd) = grad_policy.device_ptr_mut(s);
+    backward::<P, Q>(stream, [p, dx], policy.len(), policy_shape, reference, grads, status, opts)
+}
+
+/// [`exact_kl_backward`] written over the policy logits (no gradient buffer).
+pub fn exact_kl_backward_in_place<P: Element, Q: Element>(
+    stream: &Arc<CudaStream>,
+    policy: &mut impl DevicePtrMut<P>,
+    policy_shape: RowShape,
+    reference: &DeviceReferenceRows<'_, Q>,
+    grads: &DeviceExactKlGrads<'_>,
+    status: &mut CudaStatus,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    let len = policy.len();
+    let s: &CudaStream = stream;
+    let (p, _gp) = policy.device_ptr_mut(s);
+    backward::<P, Q>(stream, [p, p], len, policy_shape, reference, grads, status, opts)
+}
+
+#[allow(clippy::too_many_arguments)] // private: the public entry points group their inputs
+fn backward<P: Element, Q: Element>(
+    stream: &Arc<CudaStream>,
+    [p, dx]: [u64; 2],
+    policy_len: usize,
+    policy_shape: RowShape,
+    reference: &DeviceReferenceRows<'_, Q>,
+    grads: &DeviceExactKlGrads<'_>,
+    status: &mut CudaStatus,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_reference(policy_len, policy_shape, reference)?;
+    let rows = policy_shape.rows;
+    for (what, v) in [("grad", &grads.grad), ("policy_lse", &grads.policy_lse), ("ref_lse", &grads.ref_lse)] {
+        check_len(what, v.len(), rows)?;
+    }
+    for (what, v) in [("value", &grads.value), ("policy_term", &grads.policy_term)] {
+        v.as_ref().map_or(Ok(()), |v| check_len(what, v.len(), rows))?;
+    }
+    let saved = match opts.divergence {
+        ExactDivergence::PolicyRef => grads.value.as_ref().ok_or("value"),
+        ExactDivergence::RefPolicy => Ok(&grads.grad),
+        ExactDivergence::Jsd { .. } => grads.policy_term.as_ref().ok_or("policy_term"),
+    };
+    let saved = saved.map_err(|name| Error::InvalidOption {
+        name,
+        value: "missing".into(),
+        expected: "the forward's saved value (KL[policy||ref]) or policy_term (JSD)",
+    })?;
+    let inv_tau = opts.inv_temperature()?;
+    let chunks = chunks(policy_shape);
+    let blocks =
+        u32::try_from(rows * chunks).ok().filter(|&b| b <= i32::MAX as u32).ok_or(Error::TooLarge {
+            what: "rows * vocabulary chunks",
+            value: rows.saturating_mul(chunks),
+            max: i32::MAX as usize,
+        })?;
+    let s: &CudaStream = stream;
+    let (q, _g1) = reference.logits.device_ptr(s);
+    let (mask, _g2) = ptr(&reference.mask, s);
+    let (plse, _g3) = grads.policy_lse.device_ptr(s);
+    let (qlse, _g4) = grads.ref_lse.device_ptr(s);
+    let (sv, _g5) = saved.device_ptr(s);
+    let (g, _g6) = grads.grad.device_ptr(s);
+    let (st, _g7) = status.device_ptr(s);
+    let (div, beta) = divergence_code(opts.divergence);
+    let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
+    let (rows_i, cols_i) = (rows as i32, policy_shape.cols as i32);
+    let f = function(stream.context(), Module::Kl, &kernel("exact_kl_backward", P::DTYPE, Q::DTYPE))?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&p).arg(&ldp).arg(&q).arg(&ldq).arg(&dx).arg(&rows_i).arg(&cols_i).arg(&mask).arg(&div).arg(&beta);
+    l.arg(&inv_tau).arg(&plse).arg(&qlse).arg(&sv).arg(&g).arg(&st);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `exact_kl_backward_<p>_<q>(const P*, long long, const Q*, long long, P*,
+    // int, int, const unsigned char*, int, float, float, const float*, const float*, const
+    // float*, const float*, unsigned long long*)`; one block of 256 threads per (row, chunk);
+    // `p` and `dx` cover the policy shape (the same buffer when in place, which the kernel
+    // supports: each element is read before the same thread writes it); the per-row buffers
+    // hold `rows` f32 (for KL[ref‖π] `saved` points at `grad` and is never read).
+    unsafe { l.launch(cfg) }.map_err(driver_error("launching exact_kl_backward"))?;
+    Ok(())
+}

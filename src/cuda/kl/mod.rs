@@ -1,0 +1,14 @@
+//! The KL family on the GPU (kernels/kl.cu): sampled estimators with their loss gradient and
+//! batch statistics, KL-in-reward shaping, and the exact full-vocabulary divergences.
+
+mod exact;
+mod sampled;
+
+pub use exact::{
+    DeviceExactKlGrads, DeviceExactKlOutputs, DeviceReferenceRows, exact_kl, exact_kl_backward,
+    exact_kl_backward_in_place, exact_kl_workspace_bytes,
+};
+pub use sampled::{
+    DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs, kl_rewards, sampled_kl,
+    sampled_kl_workspace_bytes,
+};

@@ -1,0 +1,337 @@
+//! CUDA sampled KL estimators and KL-in-reward shaping: safe wrappers and their launches.
+//!
+//! `sampled_kl` runs one kernel when the denominators are global and no statistics are asked
+//! for; statistics add a one-block finalising kernel, and local denominators with a gradient a
+//! third pass (the gradient needs the batch's counts first). Nothing synchronises the host.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+
+use crate::cuda::module::{Module, function};
+use crate::cuda::{CudaStatus, driver_error};
+use crate::logprobs::check_len;
+use crate::{
+    Aggregation, BatchCounts, Error, Normaliser, Result, RowShape, SampledKlOptions, SampledKlStats,
+};
+
+/// Bytes per sequence of the row records (`SampledRow` in the kernel: 10 f32).
+const RECORD_BYTES: usize = 40;
+/// f64 words of the statistics buffer.
+const STATS_WORDS: usize = 13;
+
+/// The inputs of [`sampled_kl`]: per-token log-probs of the sampled tokens under the policy and
+/// the reference, and the optional token mask, all laid out as the call's `[B, T]` shape.
+#[derive(Debug)]
+pub struct SampledKlInputs<'a> {
+    /// `log π(y_t)`.
+    pub logp: CudaView<'a, f32>,
+    /// `log π_ref(y_t)`.
+    pub ref_logp: CudaView<'a, f32>,
+    /// One byte per token (0 = padding), or `None`.
+    pub mask: Option<CudaView<'a, u8>>,
+}
+
+/// Device-side batch statistics of [`sampled_kl`]; [`read`](Self::read) copies them to the host
+/// (synchronising the stream once).
+#[derive(Debug)]
+pub struct DeviceKlStats {
+    buf: CudaSlice<f64>,
+}
+
+impl DeviceKlStats {
+    /// Allocates the statistics buffer on `stream`'s device.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        Ok(DeviceKlStats {
+            buf: stream.alloc_zeros(STATS_WORDS).map_err(driver_error("allocating KL statistics"))?,
+        })
+    }
+
+    /// Synchronises `stream` and returns the statistics of the last call that wrote them.
+    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<SampledKlStats> {
+        let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading KL statistics"))?;
+        let mut means = [0.0; 8];
+        means.copy_from_slice(&w[1..9]);
+        Ok(SampledKlStats {
+            loss: w[0],
+            means,
+            clamped_fraction: w[9],
+            counts: BatchCounts { valid_tokens: w[10], valid_sequences: w[11], sequences: w[12] },
+        })
+    }
+}
+
+/// Where [`sampled_kl`] writes (each optional; at least one).
+#[derive(Debug, Default)]
+pub struct DeviceSampledKlOutputs<'a> {
+    /// The chosen estimator's value per token.
+    pub values: Option<CudaViewMut<'a, f32>>,
+    /// `∂loss/∂logp` per token.
+    pub grad_logp: Option<CudaViewMut<'a, f32>>,
+    /// The batch statistics.
+    pub stats: Option<&'a mut DeviceKlStats>,
+    /// [`sampled_kl_workspace_bytes`] bytes (16-byte aligned) for the row records; allocated
+    /// on the stream when needed and absent.
+    pub workspace: Option<CudaViewMut<'a, u8>>,
+}
+
+/// Bytes of workspace [`sampled_kl`] may use for `shape`: one record per sequence.
+pub fn sampled_kl_workspace_bytes(shape: RowShape) -> usize {
+    shape.rows * RECORD_BYTES
+}
+
+fn aggregation_code(a: Aggregation) -> (i32, f64) {
+    match a {
+        Aggregation::TokenMean => (0, 0.0),
+        Aggregation::SeqMeanTokenSum => (1, 0.0),
+        Aggregation::SeqMeanTokenMean => (2, 0.0),
+        Aggregation::SeqMeanTokenSumNorm { max_len } => (3, max_len as f64),
+    }
+}
+
+/// The GPU twin of [`cpu::sampled_kl`](crate::cpu::sampled_kl) (same estimators, clamps,
+/// aggregations and normalisers), enqueued on `stream`: per-token values, the gradient of
+/// `loss = β·aggregate(k)` with respect to `logp`, and the batch statistics into
+/// `out.stats`. A NaN in a valid token is reported in `status` (row = sequence).
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs};
+/// use rlhf_kernels::{KlEstimator, RowShape, SampledKlOptions};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let (logp, ref_logp) = (s.clone_htod(&[-1.0f32, -2.0]).unwrap(), s.clone_htod(&[-1.5f32, -2.0]).unwrap());
+/// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
+/// let (mut stats, mut status) = (DeviceKlStats::new(s)?, CudaStatus::new(s)?);
+/// let inputs = SampledKlInputs { logp: logp.as_view(), ref_logp: ref_logp.as_view(), mask: None };
+/// let out = DeviceSampledKlOutputs { grad_logp: Some(grad.as_view_mut()), stats: Some(&mut stats), ..Default::default() };
+/// cuda::sampled_kl(s, &inputs, RowShape::new(1, 2), out, &mut status, &SampledKlOptions::new(KlEstimator::K3))?;
+/// status.check(s)?;
+/// println!("KL loss {}", stats.read(s)?.loss);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn sampled_kl(
+    stream: &Arc<CudaStream>,
+    inputs: &SampledKlInputs<'_>,
+    shape: RowShape,
+    mut out: DeviceSampledKlOutputs<'_>,
+    status: &mut CudaStatus,
+    opts: &SampledKlOptions,
+) -> Result<()> {
+    shape.check_buffer("logp", inputs.logp.len())?;
+    shape.check_buffer("ref_logp", inputs.ref_logp.len())?;
+    if let Some(m) = &inputs.mask {
+        shape.check_buffer("mask", m.len())?;
+    }
+    for (what, o) in [("values", &out.values), ("grad_logp", &out.grad_logp)] {
+        o.as_ref().map_or(Ok(()), |o| shape.check_buffer(what, o.len()))?;
+    }
+    if out.values.is_none() && out.grad_logp.is_none() && out.stats.is_none() {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none requested".into(),
+            expected: "at least one of values, grad_logp, stats",
+        });
+    }
+    let (lr_clamp, v_clamp) = opts.limits()?;
+    let (aggregation, max_len) = aggregation_code(opts.aggregation);
+    let global = match opts.normaliser {
+        Normaliser::Local => None,
+        Normaliser::Global { valid_tokens, valid_sequences, sequences } => {
+            Some([valid_tokens, valid_sequences, sequences])
+        }
+    };
+    let want_grad = out.grad_logp.is_some();
+    let need_records = out.stats.is_some() || (want_grad && global.is_none());
+    let need = sampled_kl_workspace_bytes(shape);
+    if let Some(w) = &out.workspace {
+        if w.len() < need {
+            return Err(Error::InvalidOption {
+                name: "workspace",
+                value: format!("{} bytes", w.len()),
+                expected: "at least sampled_kl_workspace_bytes(shape) bytes",
+            });
+        }
+    }
+
+    let s: &CudaStream = stream;
+    let (lp, _g1) = inputs.logp.device_ptr(s);
+    let (rlp, _g2) = inputs.ref_logp.device_ptr(s);
+    let (mask, _g3) = match &inputs.mask {
+        Some(m) => {
+            let (p, g) = m.device_ptr(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let mut owned_records: Option<CudaSlice<u8>> = None;
+    let mut owned_stats: Option<DeviceKlStats> = None;
+    let (values, _g4) = opt_mut(&mut out.values, s);
+    let (grad, _g5) = opt_mut(&mut out.grad_logp, s);
+    let (records, _g6) = if !need_records {
+        (0, None)
+    } else if let Some(w) = out.workspace.as_mut() {
+        let (p, g) = w.device_ptr_mut(s);
+        (p, Some(g))
+    } else {
+        // SAFETY: the rows kernel writes every record before the finalising kernel reads them.
+        let slice = unsafe { stream.alloc::<u8>(need) }
+            .map_err(driver_error("allocating the sampled_kl workspace"))?;
+        let (p, g) = owned_records.insert(slice).device_ptr_mut(s);
+        (p, Some(g))
+    };
+    if records % 16 != 0 {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("address {records:#x}"),
+            expected: "a 16-byte aligned device address",
+        });
+    }
+    let stats_buf = match out.stats.take() {
+        Some(st) => Some(st),
+        None if need_records => Some(owned_stats.insert(DeviceKlStats::new(stream)?)),
+        None => None,
+    };
+    let (stats, _g7) = match stats_buf {
+        Some(st) => {
+            let (p, g) = st.buf.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (st, _g8) = status.device_ptr(s);
+
+    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let (chosen, coef) = (opts.estimator.code(), opts.coef);
+    let counts = global.unwrap_or([0.0; 3]);
+    let weights_known = i32::from(global.is_some());
+    let grad_now = if global.is_some() { grad } else { 0 };
+    let per_row =
+        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+
+    let func = function(stream.context(), Module::Kl, "sampled_kl_rows")?;
+    let mut launch = stream.launch_builder(&func);
+    launch
+        .arg(&lp)
+        .arg(&rlp)
+        .arg(&ld)
+        .arg(&mask)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&chosen)
+        .arg(&lr_clamp)
+        .arg(&v_clamp);
+    launch.arg(&coef).arg(&aggregation).arg(&max_len).arg(&counts[0]).arg(&counts[1]).arg(&counts[2]);
+    launch.arg(&weights_known).arg(&values).arg(&grad_now).arg(&records).arg(&st);
+    // SAFETY: matches `sampled_kl_rows(const float*, const float*, long long, const unsigned
+    // char*, int, int, int, float, float, float, int, double, double, double, double, int,
+    // float*, float*, SampledRow*, unsigned long long*)`; one block of 256 threads per sequence
+    // (rows ≤ i32::MAX, checked by the shape); every buffer was length-checked above (or is
+    // null, which the kernel tests) and the records hold one 40-byte record per row.
+    unsafe { launch.launch(per_row) }.map_err(driver_error("launching sampled_kl_rows"))?;
+
+    if need_records {
+        let use_global = weights_known;
+        let func = function(stream.context(), Module::Kl, "sampled_kl_finalize")?;
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&records).arg(&rows).arg(&chosen).arg(&coef).arg(&aggregation).arg(&max_len);
+        launch.arg(&use_global).arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&stats);
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches `sampled_kl_finalize(const SampledRow*, int, int, float, int, double,
+        // int, double, double, double, double*)`; exactly one block of 256 threads (the kernel's
+        // tree assumes it); the records were written by the launch above on this stream and the
+        // statistics buffer holds 13 f64.
+        unsafe { launch.launch(one) }.map_err(driver_error("launching sampled_kl_finalize"))?;
+    }
+    if want_grad && global.is_none() {
+        let func = function(stream.context(), Module::Kl, "sampled_kl_grad")?;
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&lp)
+            .arg(&rlp)
+            .arg(&ld)
+            .arg(&mask)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&chosen)
+            .arg(&lr_clamp)
+            .arg(&v_clamp);
+        launch.arg(&coef).arg(&aggregation).arg(&max_len).arg(&records).arg(&stats).arg(&grad);
+        // SAFETY: matches `sampled_kl_grad(const float*, const float*, long long, const unsigned
+        // char*, int, int, int, float, float, float, int, double, const SampledRow*, const
+        // double*, float*)`; one block per sequence; records and statistics written by the two
+        // launches above on this stream; `grad` covers the shape.
+        unsafe { launch.launch(per_row) }.map_err(driver_error("launching sampled_kl_grad"))?;
+    }
+    Ok(())
+}
+
+fn opt_mut<'a>(
+    v: &'a mut Option<CudaViewMut<'_, f32>>,
+    s: &'a CudaStream,
+) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
+    match v {
+        Some(v) => {
+            let (p, g) = v.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+/// The GPU twin of [`cpu::kl_rewards`](crate::cpu::kl_rewards): `r_t = −β·kl_t` on valid
+/// tokens plus each sequence's score on its last valid token, 0 on padding; one kernel.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice};
+/// use rlhf_kernels::RowShape;
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let kl = s.clone_htod(&[0.5f32, 0.25]).unwrap();
+/// let scores = s.clone_htod(&[2.0f32]).unwrap();
+/// let mut rewards = s.alloc_zeros::<f32>(2).unwrap();
+/// cuda::kl_rewards(s, &kl, RowShape::new(1, 2), None, &scores, 0.1, &mut rewards)?;
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn kl_rewards(
+    stream: &Arc<CudaStream>,
+    kl: &impl DevicePtr<f32>,
+    shape: RowShape,
+    mask: Option<&CudaView<'_, u8>>,
+    scores: &impl DevicePtr<f32>,
+    beta: f32,
+    rewards: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    shape.check_buffer("kl", kl.len())?;
+    shape.check_buffer("rewards", rewards.len())?;
+    if let Some(m) = mask {
+        shape.check_buffer("mask", m.len())?;
+    }
+    check_len("scores", scores.len(), shape.rows)?;
+    if !beta.is_finite() {
+        return Err(Error::InvalidOption { name: "beta", value: beta.to_string(), expected: "a finite β" });
+    }
+    let s: &CudaStream = stream;
+    let (k, _g1) = kl.device_ptr(s);
+    let (m, _g2) = match mask {
+        Some(m) => {
+            let (p, g) = m.device_ptr(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (sc, _g3) = scores.device_ptr(s);
+    let (r, _g4) = rewards.device_ptr_mut(s);
+    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let func = function(stream.context(), Module::Kl, "kl_rewards")?;
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&k).arg(&ld).arg(&m).arg(&rows).arg(&cols).arg(&sc).arg(&beta).arg(&r);
+    let cfg =
+        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `kl_rewards(const float*, long long, const unsigned char*, int, int, const
+    // float*, float, float*)`; one block of 256 threads per sequence; `kl`, `mask` and `rewards`
+    // cover the shape and `scores` holds one value per row (checked above).
+    unsafe { launch.launch(cfg) }.map_err(driver_error("launching kl_rewards"))?;
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! The CUDA KL family held to the f64 reference: the same cases as the CPU, plus both launch
+//! paths of the exact divergences (bitwise batch invariance) and status reports. Skips visibly
+//! without a GPU; `RLHF_KERNELS_REQUIRE_GPU=1` makes that a failure.
+
+mod common;
+
+use rlhf_kernels::cuda_or_skip;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::sync::Arc;
+
+    use super::common::kl::{self, ExactBackend, ExactCase, ExactOut, SampledBackend, SampledCase};
+    use rlhf_kernels::cuda::{
+        self, CudaStatus, DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats, DeviceReferenceRows,
+        DeviceSampledKlOutputs, SampledKlInputs,
+    };
+    use rlhf_kernels::cudarc::driver::CudaStream;
+    use rlhf_kernels::{Element, Error, Normaliser, Result, RowProblem, RowShape, SampledKlStats, bf16, f16};
+
+    pub struct Gpu(pub Arc<CudaStream>);
+
+    impl SampledBackend for Gpu {
+        fn sampled(&self, c: &SampledCase) -> Result<(Vec<f32>, Vec<f32>, SampledKlStats)> {
+            let s = &self.0;
+            let (lp, rlp) = (s.clone_htod(&c.logp).unwrap(), s.clone_htod(&c.ref_logp).unwrap());
+            let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+            let mut v = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
+            let mut g = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
+            let (mut stats, mut status) = (DeviceKlStats::new(s)?, CudaStatus::new(s)?);
+            let inputs = SampledKlInputs {
+                logp: lp.as_view(),
+                ref_logp: rlp.as_view(),
+                mask: mask.as_ref().map(|m| m.as_view()),
+            };
+            let out = DeviceSampledKlOutputs {
+                values: Some(v.as_view_mut()),
+                grad_logp: Some(g.as_view_mut()),
+                stats: Some(&mut stats),
+                workspace: None,
+            };
+            cuda::sampled_kl(s, &inputs, c.shape, out, &mut status, &c.opts)?;
+            status.check(s)?;
+            Ok((s.clone_dtoh(&v).unwrap(), s.clone_dtoh(&g).unwrap(), stats.read(s)?))
+        }
+
+        fn rewards(
+            &self,
+            kl: &[f32],
+            shape: RowShape,
+            mask: Option<&[u8]>,
+            scores: &[f32],
+            beta: f32,
+        ) -> Result<Vec<f32>> {
+            let s = &self.0;
+            let k = s.clone_htod(kl).unwrap();
+            let m = mask.map(|m| s.clone_htod(m).unwrap());
+            let sc = s.clone_htod(scores).unwrap();
+            let mut r = s.clone_htod(&vec![f32::NAN; kl.len()]).unwrap();
+            cuda::kl_rewards(s, &k, shape, m.as_ref().map(|m| m.as_view()).as_ref(), &sc, beta, &mut r)?;
+            Ok(s.clone_dtoh(&r).unwrap())
+        }
+    }
+
+    impl ExactBackend for Gpu {
+        fn forward<P: Element, Q: Element>(&self, c: &ExactCase<P, Q>) -> Result<ExactOut> {
+            let s = &self.0;
+            let n = c.policy_shape.rows;
+            let (p, q) = (s.clone_htod(&c.policy).unwrap(), s.clone_htod(&c.reference).unwrap());
+            let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+            let mut bufs: Vec<_> = (0..4).map(|_| s.alloc_zeros::<f32>(n).unwrap()).collect();
+            let mut status = CudaStatus::new(s)?;
+            {
+                let [v, pl, ql, t] = bufs.as_mut_slice() else { unreachable!() };
+                let r = DeviceReferenceRows {
+                    logits: q.as_view(),
+                    shape: c.ref_shape,
+                    mask: mask.as_ref().map(|m| m.as_view()),
+                };
+                let out = DeviceExactKlOutputs {
+                    value: Some(v.as_view_mut()),
+                    policy_lse: Some(pl.as_view_mut()),
+                    ref_lse: Some(ql.as_view_mut()),
+                    policy_term: Some(t.as_view_mut()),
+                    workspace: None,
+                };
+                cuda::exact_kl(s, &p, c.policy_shape, &r, out, &mut status, &c.opts)?;
+            }
+            status.check(s)?;
+            let d = |b: &rlhf_kernels::cudarc::driver::CudaSlice<f32>| s.clone_dtoh(b).unwrap();
+            Ok(ExactOut {
+                value: d(&bufs[0]),
+                policy_lse: d(&bufs[1]),
+                ref_lse: d(&bufs[2]),
+                policy_term: d(&bufs[3]),
+            })
+        }
+
+        fn backward<P: Element, Q: Element>(
+            &self,
+            c: &ExactCase<P, Q>,
+            f: &ExactOut,
+            g: &[f32],
+            in_place: bool,
+        ) -> Result<Vec<P>> {
+            let s = &self.0;
+            let (mut p, q) = (s.clone_htod(&c.policy).unwrap(), s.clone_htod(&c.reference).unwrap());
+            let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+            let up = |v: &[f32]| s.clone_htod(v).unwrap();
+            let (gd, pl, ql, v, t) =
+                (up(g), up(&f.policy_lse), up(&f.ref_lse), up(&f.value), up(&f.policy_term));
+            let grads = DeviceExactKlGrads {
+                grad: gd.as_view(),
+                policy_lse: pl.as_view(),
+                ref_lse: ql.as_view(),
+                value: Some(v.as_view()),
+                policy_term: Some(t.as_view()),
+            };
+            let r = DeviceReferenceRows {
+                logits: q.as_view(),
+                shape: c.ref_shape,
+                mask: mask.as_ref().map(|m| m.as_view()),
+            };
+            let mut status = CudaStatus::new(s)?;
+            if in_place {
+                cuda::exact_kl_backward_in_place(
+                    s,
+                    &mut p,
+                    c.policy_shape,
+                    &r,
+                    &grads,
+                    &mut status,
+                    &c.opts,
+                )?;
+                status.check(s)?;
+                Ok(s.clone_dtoh(&p).unwrap())
+            } else {
+                let mut dx = s.clone_htod(&vec![P::from_f32(f32::NAN); c.policy.len()]).unwrap();
+                cuda::exact_kl_backward(s, &p, c.policy_shape, &r, &grads, &mut dx, &mut status, &c.opts)?;
+                status.check(s)?;
+                Ok(s.clone_dtoh(&dx).unwrap())
+            }
+        }
+    }
+
+    pub fn sampled(gpu: &Gpu) {
+        kl::sampled_sweep(gpu);
+        // A NaN on a valid token is reported through the status word.
+        let mut c = SampledCase::random(RowShape::new(4, 10), 1);
+        c.mask = None;
+        c.logp[25] = f32::NAN;
+        let err = gpu.sampled(&c).unwrap_err();
+        assert_eq!(err, Error::InvalidRow { op: "sampled_kl", row: 2, problem: RowProblem::NaN });
+        // One kernel with global denominators and no statistics: values and gradient only.
+        let mut c = SampledCase::random(RowShape::new(8, 300), 2);
+        c.opts = c.opts.normaliser(Normaliser::Global {
+            valid_tokens: 900.0,
+            valid_sequences: 8.0,
+            sequences: 8.0,
+        });
+        kl::check_sampled(gpu, &c);
+    }
+
+    pub fn rewards(gpu: &Gpu) {
+        kl::rewards_sweep(gpu);
+    }
+
+    pub fn exact(gpu: &Gpu) {
+        kl::exact_sweep::<bf16, f16>(gpu);
+        kl::exact_sweep::<f32, f32>(gpu);
+        kl::exact_sweep::<f16, bf16>(gpu);
+        kl::exact_sweep::<f32, bf16>(gpu);
+    }
+
+    pub fn exact_edges(gpu: &Gpu) {
+        kl::exact_edge_cases(gpu);
+        kl::exact_errors(gpu);
+    }
+
+    /// A row pair alone (split path) equals the same pair inside 1100 rows (one block per
+    /// row), bit for bit, for every divergence.
+    pub fn exact_batch_invariance(gpu: &Gpu) {
+        let cols = 20_000;
+        for divergence in kl::DIVERGENCES {
+            let batch = ExactCase::<bf16, bf16>::random(1100, cols, divergence, 1.0, 8);
+            let whole = gpu.forward(&ExactCase { mask: None, ..batch.clone() }).unwrap();
+            let r = 777;
+            let one = ExactCase {
+                policy: batch.policy[batch.policy_shape.row_range(r)].to_vec(),
+                policy_shape: RowShape::new(1, cols),
+                reference: batch.reference[batch.ref_shape.row_range(r)].to_vec(),
+                ref_shape: RowShape::new(1, cols),
+                mask: None,
+                opts: batch.opts,
+            };
+            let alone = gpu.forward(&one).unwrap();
+            for (name, a, b) in [
+                ("value", &alone.value, &whole.value),
+                ("policy_lse", &alone.policy_lse, &whole.policy_lse),
+                ("policy_term", &alone.policy_term, &whole.policy_term),
+            ] {
+                assert_eq!(
+                    a[0].to_bits(),
+                    b[r].to_bits(),
+                    "{name} of a row alone differs inside 1100 rows ({divergence:?})"
+                );
+            }
+        }
+    }
+}
+
+macro_rules! gpu_test {
+    ($name:ident) => {
+        #[test]
+        fn $name() {
+            let device = cuda_or_skip!();
+            #[cfg(feature = "cuda")]
+            gpu::$name(&gpu::Gpu(device.stream().clone()));
+            #[cfg(not(feature = "cuda"))]
+            let _ = device;
+        }
+    };
+}
+
+gpu_test!(sampled);
+gpu_test!(rewards);
+gpu_test!(exact);
+gpu_test!(exact_edges);
+gpu_test!(exact_batch_invariance);

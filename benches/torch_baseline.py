@@ -18,6 +18,10 @@ Ratios are taken against the faster of the two.
                                      -(lp.exp() * lp).sum(-1)
   token_logprobs_bwd          alloc: torch.autograd.grad of sum(g·logp + g_H·H) w.r.t. x
                                      (backward only: the graph is built once and retained)
+  sampled_kl                  alloc: verl's low_var_kl (k3, clamps 20/10), a masked token-mean
+                                     and its gradient w.r.t. logp (forward + backward)
+  exact_kl_fwd_bwd            alloc: F.kl_div(log_softmax(q), log_softmax(p), log_target=True)
+                                     summed per row = KL[p‖q], forward + backward into p
 
 One line per case and variant on stdout:
   op=log_softmax_fwd variant=alloc device=cpu dtype=bf16 shape=256x32000 median_ms=... gbps=...
@@ -44,6 +48,8 @@ def op_bytes(op, rows, cols, dtype):
         "token_logprobs_entropy_fwd": n * t + rows * (8 + 8),
         "token_logprobs_bwd": 2 * n * t + rows * (8 + 16),
         "token_logprobs_bwd_inplace": 2 * n * t + rows * (8 + 16),
+        "sampled_kl": n * (4 + 4 + 1 + 4 + 4),
+        "exact_kl_fwd_bwd": 5 * n * t,
     }[op]
 
 
@@ -132,6 +138,42 @@ def cases(op, rows, cols, dtype, device):
             lp = torch.log_softmax(xg, -1, dtype=torch.float32)
             loss = (gl * lp.gather(-1, y)).sum() + (gh * -(lp.exp() * lp).sum(-1)).sum()
         yield "token_logprobs_bwd", {"alloc": lambda: torch.autograd.grad(loss, xg, retain_graph=True)}
+    elif op == "sampled_kl":
+        logp = (-torch.rand(rows, cols, generator=gen) * 6).to(device)
+        ref = logp + torch.randn(rows, cols, generator=gen).to(device) * 0.3
+        mask = (torch.arange(cols, device=device) < cols * 7 // 8).float().expand(rows, cols)
+
+        def k3():
+            with torch.enable_grad():
+                return k3_graph()
+
+        def k3_graph():
+            lp = logp.detach().requires_grad_(True)
+            kl = torch.clamp(ref - lp, -20, 20)
+            kld = torch.clamp(torch.exp(kl) - kl - 1, -10, 10)
+            loss = (kld * mask).sum() / mask.sum()
+            (g,) = torch.autograd.grad(loss, lp)
+            return kld, g
+
+        yield "sampled_kl", {"alloc": k3}
+    elif op == "exact_kl":
+        import torch.nn.functional as F
+
+        q = (x.float() + torch.randn(rows, cols, generator=gen).to(device) * 0.5).to(x.dtype)
+
+        def kl_fwd_bwd():
+            with torch.enable_grad():
+                return kl_graph()
+
+        def kl_graph():
+            p = x.detach().requires_grad_(True)
+            lp = torch.log_softmax(p.float(), -1)
+            lq = torch.log_softmax(q.float(), -1)
+            kl = F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+            (g,) = torch.autograd.grad(kl.sum(), p)
+            return kl, g
+
+        yield "exact_kl_fwd_bwd", {"alloc": kl_fwd_bwd}
 
 
 def main():

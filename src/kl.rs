@@ -51,6 +51,8 @@
 //! **Clamps.** `log r` is clamped to `±log_ratio_clamp` (default 20, as verl) before any
 //! `exp`, and the exp-based values (k3, k1_rev, k3_rev) to `±value_clamp` (default 10, verl's
 //! k3 clamp); the gradient is 0 where a clamp is active. k1, k2 and abs take `log r` as it is.
+//! The clamps stabilise training but bias the estimates where they are active (a policy far
+//! from the reference: k3's mean then falls below the KL); `None` turns them off.
 
 use crate::{Aggregation, Error, Normaliser, Result};
 

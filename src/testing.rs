@@ -191,7 +191,9 @@ pub fn skip(test: &str, reason: &str) {
     if gpu_required() {
         panic!("{test}: RLHF_KERNELS_REQUIRE_GPU=1 but the GPU test cannot run: {reason}");
     }
-    let _ = writeln!(std::io::stderr(), "skipped: {test}: {reason}");
+    // One write of the whole line, so that parallel tests do not interleave their reports.
+    let line = format!("\nskipped: {test}: {reason}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// The GPU the CUDA tests run on (`RLHF_KERNELS_DEVICE`, default 0), opened once, or why there

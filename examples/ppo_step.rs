@@ -5,12 +5,15 @@
 //! 1. policy forward: per-token log-prob of the sampled tokens, entropy and lse from the
 //!    policy logits, never materialising the `[N, V]` log-softmax;
 //! 2. reference forward: per-token log-prob under the reference policy's logits;
-//! 3. policy backward, in place over the policy logits: the gradient of
+//! 3. KL to the reference, in either placement (`--kl`): as a loss term (the gradient-correct
+//!    estimator for `KL[π‖π_ref]`, β·token-mean, no importance ratio), or folded into the
+//!    per-token rewards (`r_t = −β·k1_t`, the sequence score on the last valid token);
+//! 4. policy backward, in place over the policy logits: the gradient of
 //!    `Σ g_logp·logp − c_H·H` (a stand-in upstream gradient until the loss family lands).
 //!
 //! ```text
-//! cargo run --release --example ppo_step -- [--rows N] [--vocab V] [--dtype f32|f16|bf16]
-//!     [--temperature T] [--backend auto|cpu|cuda] [--iters K]
+//! cargo run --release --example ppo_step -- [--rows N] [--vocab V] [--seq-len T] [--dtype f32|f16|bf16]
+//!     [--temperature T] [--kl loss|reward] [--backend auto|cpu|cuda] [--iters K]
 //! ```
 
 use std::process::ExitCode;
@@ -18,33 +21,59 @@ use std::time::Instant;
 
 use rlhf_kernels::testing::{Rng, Tolerance, check_close};
 use rlhf_kernels::{
-    Backend, DType, Element, Error, RowShape, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, bf16,
-    cpu, f16, reference,
+    Backend, DType, Element, Error, KlDirection, KlEstimator, RowShape, SampledKlOptions, TokenGrads,
+    TokenLogprobsOptions, TokenOutputs, Tokens, bf16, cpu, f16, reference,
 };
 
 /// Entropy-bonus coefficient c_H: the upstream gradient of H is −c_H.
 const ENTROPY_COEF: f32 = 0.01;
+/// KL coefficient β.
+const KL_COEF: f32 = 0.05;
+
+/// Where the KL to the reference enters the objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum KlPlacement {
+    /// A loss term of its own, differentiated at the current policy (no importance ratio).
+    Loss,
+    /// Folded into the per-token rewards, entering through the advantages.
+    Reward,
+}
+
+impl KlPlacement {
+    fn options(self) -> SampledKlOptions {
+        match self {
+            KlPlacement::Loss => {
+                SampledKlOptions::new(KlEstimator::gradient_of(KlDirection::PolicyRef)).coef(KL_COEF)
+            }
+            KlPlacement::Reward => SampledKlOptions::new(KlEstimator::K1),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Args {
     rows: usize,
     vocab: usize,
+    seq_len: usize,
     dtype: DType,
     temperature: f32,
+    kl: KlPlacement,
     backend: String,
     iters: usize,
 }
 
-const USAGE: &str = "usage: ppo_step [--rows N] [--vocab V] [--dtype f32|f16|bf16] [--temperature T] \
-                     [--backend auto|cpu|cuda] [--iters K]";
+const USAGE: &str = "usage: ppo_step [--rows N] [--vocab V] [--seq-len T] [--dtype f32|f16|bf16] [--temperature T] \
+                     [--kl loss|reward] [--backend auto|cpu|cuda] [--iters K]";
 
 impl Args {
     fn parse() -> Result<Args, String> {
         let mut a = Args {
             rows: 1024,
             vocab: 32000,
+            seq_len: 256,
             dtype: DType::BF16,
             temperature: 1.0,
+            kl: KlPlacement::Loss,
             backend: "auto".into(),
             iters: 10,
         };
@@ -58,12 +87,23 @@ impl Args {
             match flag.as_str() {
                 "--rows" => a.rows = value.parse().map_err(|e| bad(&e))?,
                 "--vocab" => a.vocab = value.parse().map_err(|e| bad(&e))?,
+                "--seq-len" => a.seq_len = value.parse().map_err(|e| bad(&e))?,
+                "--kl" => {
+                    a.kl = match value.as_str() {
+                        "loss" => KlPlacement::Loss,
+                        "reward" => KlPlacement::Reward,
+                        _ => return Err(bad(&"expected loss or reward")),
+                    }
+                }
                 "--dtype" => a.dtype = value.parse().map_err(|e: Error| bad(&e))?,
                 "--temperature" => a.temperature = value.parse().map_err(|e| bad(&e))?,
                 "--backend" => a.backend = value,
                 "--iters" => a.iters = value.parse::<usize>().map_err(|e| bad(&e))?.max(1),
                 _ => return Err(format!("unknown flag {flag}")),
             }
+        }
+        if a.seq_len == 0 || a.rows % a.seq_len != 0 {
+            return Err(format!("--rows {} must be a multiple of --seq-len {}", a.rows, a.seq_len));
         }
         Ok(a)
     }
@@ -128,7 +168,12 @@ struct Batch<T> {
     mask: Vec<u8>,
     grad_logp: Vec<f32>,
     grad_entropy: Vec<f32>,
+    /// The response's score per sequence (reward placement).
+    scores: Vec<f32>,
+    /// `[B, T]`: sequences of `seq_len` tokens.
+    seq_shape: RowShape,
     opts: TokenLogprobsOptions,
+    kl: KlPlacement,
 }
 
 impl<T: Element> Batch<T> {
@@ -144,7 +189,21 @@ impl<T: Element> Batch<T> {
         let grad_logp = rng.normals(shape.rows, 1.0 / shape.rows as f64);
         let grad_entropy = vec![-ENTROPY_COEF; shape.rows];
         let opts = TokenLogprobsOptions::default().temperature(args.temperature);
-        Batch { shape, policy, reference, targets, mask, grad_logp, grad_entropy, opts }
+        let seq_shape = RowShape::new(args.rows / args.seq_len, args.seq_len);
+        let scores = rng.normals(seq_shape.rows, 1.0);
+        Batch {
+            shape,
+            policy,
+            reference,
+            targets,
+            mask,
+            grad_logp,
+            grad_entropy,
+            scores,
+            seq_shape,
+            opts,
+            kl: args.kl,
+        }
     }
 
     fn tokens(&self) -> Tokens<'_, i64> {
@@ -157,6 +216,10 @@ struct Produced<T> {
     logp: Vec<f32>,
     entropy: Vec<f32>,
     ref_logp: Vec<f32>,
+    /// Per-token KL estimate.
+    kl: Vec<f32>,
+    /// The KL loss's gradient w.r.t. logp (loss placement) or the shaped rewards (reward).
+    kl_out: Vec<f32>,
     grad: Vec<T>,
     stages: Vec<Stage>,
 }
@@ -174,11 +237,13 @@ fn run<T: Element>(args: &Args) -> Result<bool, Error> {
     let batch = Batch::<T>::new(args);
     println!("backend: {}", backend.describe());
     println!(
-        "batch: {} tokens x {} vocab, {} logits, temperature {}",
-        batch.shape.rows,
+        "batch: {} sequences x {} tokens, vocabulary {}, {} logits, temperature {}, KL as a {:?} term",
+        batch.seq_shape.rows,
+        batch.seq_shape.cols,
         batch.shape.cols,
         T::DTYPE,
-        args.temperature
+        args.temperature,
+        args.kl
     );
     let produced = match &backend {
         Backend::Cpu => run_cpu(&batch, args.iters)?,
@@ -213,6 +278,15 @@ fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<
         Some(&gh),
         &batch.opts,
     )?;
+    // KL stage, from the log-probs this backend produced (so that it is checked on its own).
+    let kl_opts = batch.kl.options();
+    let exp_kl = reference::sampled_kl(&p.logp, &p.ref_logp, batch.seq_shape, Some(&batch.mask), &kl_opts)?;
+    let exp_kl_out = match batch.kl {
+        KlPlacement::Loss => exp_kl.grad_logp.clone(),
+        KlPlacement::Reward => {
+            reference::kl_rewards(&p.kl, batch.seq_shape, Some(&batch.mask), &batch.scores, KL_COEF)?
+        }
+    };
     let reference_ms = started.elapsed().as_secs_f64() * 1e3;
 
     let scale = 12.0 * 3.0 / batch.opts.temperature as f64; // |logit/τ| of N(0, 3²) logits, generously
@@ -222,6 +296,14 @@ fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<
         ("policy logp", check_close(&per_row(&p.logp), &exp_policy.logp, f32_tol)),
         ("policy entropy", check_close(&per_row(&p.entropy), &exp_policy.entropy, f32_tol)),
         ("reference logp", check_close(&per_row(&p.ref_logp), &exp_ref.logp, f32_tol)),
+        ("kl", check_close(&p.kl, &exp_kl.values, Tolerance::for_dtype(DType::F32).scaled(scale))),
+        (
+            match batch.kl {
+                KlPlacement::Loss => "kl loss grad",
+                KlPlacement::Reward => "kl rewards",
+            },
+            check_close(&p.kl_out, &exp_kl_out, Tolerance::for_dtype(DType::F32).scaled(scale)),
+        ),
         (
             "policy grad",
             check_close(&pick(&p.grad), &exp_grad, Tolerance::for_dtype(T::DTYPE).scaled(grad_scale)),
@@ -263,14 +345,28 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Bytes of (forward with entropy, forward logp only, backward).
-fn bytes<T: Element>(shape: RowShape) -> [usize; 3] {
+/// Bytes of (forward with entropy, forward logp only, KL, backward).
+fn bytes<T: Element>(shape: RowShape) -> [usize; 4] {
     let (n, rows, t) = (shape.len(), shape.rows, T::DTYPE.size_bytes());
-    [n * t + rows * (8 + 1 + 12), n * t + rows * (8 + 1 + 4), 2 * n * t + rows * (8 + 1 + 16)]
+    [
+        n * t + rows * (8 + 1 + 12),
+        n * t + rows * (8 + 1 + 4),
+        rows * (4 + 4 + 1 + 4 + 4),
+        2 * n * t + rows * (8 + 1 + 16),
+    ]
 }
 
-fn stages<T: Element>(shape: RowShape, times: [Vec<f64>; 3], extra: [usize; 3]) -> Vec<Stage> {
-    let names = ["policy logp + entropy + lse", "reference logp", "policy backward (in place)"];
+fn stages<T: Element>(
+    shape: RowShape,
+    kl: KlPlacement,
+    times: [Vec<f64>; 4],
+    extra: [usize; 4],
+) -> Vec<Stage> {
+    let kl_name = match kl {
+        KlPlacement::Loss => "KL loss term + grad (k3 / k2 grad)",
+        KlPlacement::Reward => "KL in rewards (k1)",
+    };
+    let names = ["policy logp + entropy + lse", "reference logp", kl_name, "policy backward (in place)"];
     let b = bytes::<T>(shape);
     names
         .into_iter()
@@ -285,8 +381,10 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
     let n = shape.rows;
     let (mut logp, mut entropy, mut lse, mut ref_logp) =
         (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    let mut times: [Vec<f64>; 3] = Default::default();
+    let mut times: [Vec<f64>; 4] = Default::default();
     let mut grad = Vec::new();
+    let (mut kl, mut kl_out) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let kl_opts = batch.kl.options();
     for _ in 0..iters {
         let t = Instant::now();
         let out = TokenOutputs::default().logp(&mut logp).entropy(&mut entropy).lse(&mut lse);
@@ -303,15 +401,31 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
         )?;
         times[1].push(t.elapsed().as_secs_f64() * 1e3);
 
+        let t = Instant::now();
+        let (seqs, mask) = (batch.seq_shape, Some(batch.mask.as_slice()));
+        match batch.kl {
+            KlPlacement::Loss => {
+                let out = cpu::SampledKlOutputs::default().values(&mut kl).grad_logp(&mut kl_out);
+                cpu::sampled_kl(&logp, &ref_logp, seqs, mask, out, &kl_opts)?;
+            }
+            KlPlacement::Reward => {
+                let out = cpu::SampledKlOutputs::default().values(&mut kl);
+                cpu::sampled_kl(&logp, &ref_logp, seqs, mask, out, &kl_opts)?;
+                cpu::kl_rewards(&kl, seqs, mask, &batch.scores, KL_COEF, &mut kl_out)?;
+            }
+        }
+        times[2].push(t.elapsed().as_secs_f64() * 1e3);
+
         // In place over a copy of the logits (a trainer would overwrite its own buffer).
         grad = batch.policy.clone();
         let grads =
             TokenGrads::new(&lse).grad_logp(&batch.grad_logp).grad_entropy(&batch.grad_entropy, &entropy);
         let t = Instant::now();
         cpu::token_logprobs_backward_in_place(&mut grad, shape, &tokens, &grads, opts)?;
-        times[2].push(t.elapsed().as_secs_f64() * 1e3);
+        times[3].push(t.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(Produced { logp, entropy, ref_logp, grad, stages: stages::<T>(shape, times, [0; 3]) })
+    let stages = stages::<T>(shape, batch.kl, times, [0; 4]);
+    Ok(Produced { logp, entropy, ref_logp, kl, kl_out, grad, stages })
 }
 
 #[cfg(feature = "cuda")]
@@ -320,7 +434,10 @@ fn run_cuda<T: Element>(
     batch: &Batch<T>,
     iters: usize,
 ) -> Result<Produced<T>, Error> {
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens};
+    use rlhf_kernels::cuda::{
+        self, CudaStatus, DeviceKlStats, DeviceSampledKlOutputs, DeviceTokenGrads, DeviceTokenOutputs,
+        DeviceTokens, SampledKlInputs,
+    };
     use rlhf_kernels::cudarc::driver::DriverError;
     use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
 
@@ -344,8 +461,15 @@ fn run_cuda<T: Element>(
     let mut status = CudaStatus::new(s)?;
     let tokens = DeviceTokens::new(targets.as_view()).with_mask(mask.as_view());
     let opts = &batch.opts;
+    let (mut kl, mut kl_out) = (alloc()?, alloc()?);
+    let scores = s.clone_htod(&batch.scores).map_err(drv("uploading scores"))?;
+    let kl_workspace_bytes = cuda::sampled_kl_workspace_bytes(batch.seq_shape);
+    let mut kl_workspace =
+        s.alloc_zeros::<u8>(kl_workspace_bytes).map_err(drv("allocating the KL workspace"))?;
+    let mut kl_stats = DeviceKlStats::new(s)?;
+    let kl_opts = batch.kl.options();
     let event = || s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
-    let mut times: [Vec<f64>; 3] = Default::default();
+    let mut times: [Vec<f64>; 4] = Default::default();
     // One untimed warm-up, then `iters` timed runs of each stage (CUDA events, no host sync
     // between stages).
     for i in 0..=iters {
@@ -362,13 +486,30 @@ fn run_cuda<T: Element>(
             DeviceTokenOutputs::default().logp(ref_logp.as_view_mut()).workspace(workspace.as_view_mut());
         cuda::token_logprobs(s, &reference, shape, &tokens, out, &mut status, opts)?;
         let e2 = event()?;
+        let inputs = SampledKlInputs {
+            logp: logp.as_view(),
+            ref_logp: ref_logp.as_view(),
+            mask: Some(mask.as_view()),
+        };
+        let out = DeviceSampledKlOutputs {
+            values: Some(kl.as_view_mut()),
+            grad_logp: (batch.kl == KlPlacement::Loss).then(|| kl_out.as_view_mut()),
+            stats: Some(&mut kl_stats),
+            workspace: Some(kl_workspace.as_view_mut()),
+        };
+        cuda::sampled_kl(s, &inputs, batch.seq_shape, out, &mut status, &kl_opts)?;
+        if batch.kl == KlPlacement::Reward {
+            let m = mask.as_view();
+            cuda::kl_rewards(s, &kl, batch.seq_shape, Some(&m), &scores, KL_COEF, &mut kl_out)?;
+        }
+        let e3 = event()?;
         let grads = DeviceTokenGrads::new(lse.as_view())
             .grad_logp(gl.as_view())
             .grad_entropy(gh.as_view(), entropy.as_view());
         cuda::token_logprobs_backward_in_place(s, &mut grad, shape, &tokens, &grads, &mut status, opts)?;
-        let e3 = event()?;
+        let e4 = event()?;
         if i > 0 {
-            for (k, (a, b)) in [(&e0, &e1), (&e1, &e2), (&e2, &e3)].into_iter().enumerate() {
+            for (k, (a, b)) in [(&e0, &e1), (&e1, &e2), (&e2, &e3), (&e3, &e4)].into_iter().enumerate() {
                 times[k].push(a.elapsed_ms(b).map_err(drv("timing"))? as f64);
             }
         }
@@ -379,7 +520,14 @@ fn run_cuda<T: Element>(
         logp: down(&logp)?,
         entropy: down(&entropy)?,
         ref_logp: down(&ref_logp)?,
+        kl: down(&kl)?,
+        kl_out: down(&kl_out)?,
         grad: s.clone_dtoh(&grad).map_err(drv("downloading the gradient"))?,
-        stages: stages::<T>(shape, times, [workspace_bytes, workspace_bytes, 0]),
+        stages: stages::<T>(
+            shape,
+            batch.kl,
+            times,
+            [workspace_bytes, workspace_bytes, kl_workspace_bytes, 0],
+        ),
     })
 }

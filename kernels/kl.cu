@@ -26,14 +26,17 @@ struct Estimates {
 
 // The table of src/kl.rs, in f32: log r is clamped before exp, the exp-based values (k3,
 // k1_rev, k3_rev) to ±v_clamp, and the gradient is 0 where a clamp is active.
+// Clamp that keeps NaN (fminf/fmaxf would turn it into a bound).
+__device__ __forceinline__ float clamp_keep_nan(float v, float c) { return v != v ? v : fminf(fmaxf(v, -c), c); }
+
 __device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr_clamp, float v_clamp) {
-  const float lr = fminf(fmaxf(log_r, -lr_clamp), lr_clamp);
-  const bool lr_active = lr != log_r;
+  const float lr = clamp_keep_nan(log_r, lr_clamp);
+  const bool lr_active = lr != log_r && log_r == log_r;
   const float r = exp2f(__fmul_rn(lr, LOG2E));
   const float k3 = __fsub_rn(__fsub_rn(r, 1.0f), lr);
   const float k1_rev = r == 0.0f ? 0.0f : __fmul_rn(r, lr);
   const float k3_rev = r == 0.0f ? 1.0f : __fsub_rn(__fmul_rn(r, lr), __fsub_rn(r, 1.0f));
-  auto vc = [v_clamp](float v) { return fminf(fmaxf(v, -v_clamp), v_clamp); };
+  auto vc = [v_clamp](float v) { return clamp_keep_nan(v, v_clamp); };
   Estimates e;
   e.values[K1] = -log_r;
   e.values[K2] = __fmul_rn(0.5f, __fmul_rn(log_r, log_r));
@@ -43,9 +46,10 @@ __device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr
   e.values[K3_REV] = vc(k3_rev);
   e.values[GRAD_POLICY_REF] = vc(k3);
   e.values[GRAD_REF_POLICY] = vc(k3_rev);
-  const bool k3_clamped = lr_active || vc(k3) != k3;
-  const bool k1r_clamped = r != 0.0f && (lr_active || vc(k1_rev) != k1_rev);
-  const bool k3r_clamped = lr_active || vc(k3_rev) != k3_rev;
+  // (NaN != NaN: compare through the clamp only for numbers.)
+  const bool k3_clamped = lr_active || (k3 == k3 && vc(k3) != k3);
+  const bool k1r_clamped = r != 0.0f && (lr_active || (k1_rev == k1_rev && vc(k1_rev) != k1_rev));
+  const bool k3r_clamped = lr_active || (k3_rev == k3_rev && vc(k3_rev) != k3_rev);
   const float g_k3 = k3_clamped ? 0.0f : __fsub_rn(1.0f, r);
   const float sign = log_r < 0.0f ? 1.0f : (log_r > 0.0f ? -1.0f : 0.0f);
   switch (chosen) {
@@ -76,15 +80,31 @@ __device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr
   return e;
 }
 
+// 1/d for a count-like d, correctly rounded in f32 (relative error below 6e-8). f64 division,
+// __drcp_rn or an f64 Newton refinement all make ptxas spill on some architectures; the
+// weights only need f32 accuracy (the sums they multiply are f32).
+__device__ __forceinline__ double rcp_f64(double d) {
+  return static_cast<double>(__frcp_rn(static_cast<float>(d)));
+}
+
 // Aggregation codes (src/cuda/kl/sampled.rs): token-mean, seq-mean-token-sum,
 // seq-mean-token-mean, seq-mean-token-sum-norm.
-__device__ __forceinline__ double token_weight(int aggregation, double max_len, const double* counts, double row_valid) {
-  // counts: valid tokens, valid sequences, sequences
-  double d = aggregation == 0   ? counts[0]
-             : aggregation == 1 ? counts[1]
-             : aggregation == 2 ? counts[1] * row_valid
-                                : counts[2] * max_len;
-  return d > 0.0 ? __drcp_rn(d) : 0.0;  // (a plain f64 division would call a slow path with a stack frame)
+__device__ __forceinline__ double token_weight(int aggregation, double max_len, double tokens, double valid_sequences,
+                                               double sequences, double row_valid) {
+  double d = aggregation == 0   ? tokens
+             : aggregation == 1 ? valid_sequences
+             : aggregation == 2 ? valid_sequences * row_valid
+                                : sequences * max_len;
+  return d > 0.0 ? rcp_f64(d) : 0.0;
+}
+
+__device__ __forceinline__ float token_weight_f(int aggregation, float max_len, float tokens, float valid_sequences,
+                                                float sequences, float row_valid) {
+  const float d = aggregation == 0   ? tokens
+                  : aggregation == 1 ? valid_sequences
+                  : aggregation == 2 ? __fmul_rn(valid_sequences, row_valid)
+                                     : __fmul_rn(sequences, max_len);
+  return d > 0.0f ? __frcp_rn(d) : 0.0f;
 }
 
 // Per-sequence record: the 8 estimator sums over valid tokens, the valid-token count and the
@@ -119,7 +139,7 @@ __device__ __forceinline__ double block_sum_f64(double v, double* sh) {
 // Valid tokens of one row, identical in every thread.
 __device__ __forceinline__ float row_valid_count(const unsigned char* mask, long long base, int cols, float* scratch) {
   float n = 0.0f;
-  for (int t = threadIdx.x; t < cols; t += blockDim.x) n += token_valid(mask, base + t) ? 1.0f : 0.0f;
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x) n += token_valid(mask, base + t) ? 1.0f : 0.0f;
   return block_sum(n, scratch);
 }
 
@@ -141,18 +161,22 @@ sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_lo
   if (row >= rows) return;
   const long long base = row * ld;
   const float valid = row_valid_count(mask, base, cols, scratch);
-  const double counts[3] = {count_tokens, count_sequences_valid, count_sequences};
-  const float w = weights_known ? static_cast<float>(coef * token_weight(aggregation, max_len, counts, valid)) : 0.0f;
+  const float w = weights_known ? __fmul_rn(coef, token_weight_f(aggregation, static_cast<float>(max_len),
+                                                                 static_cast<float>(count_tokens),
+                                                                 static_cast<float>(count_sequences_valid),
+                                                                 static_cast<float>(count_sequences), valid))
+                                : 0.0f;
   float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   float clamped = 0.0f;
-  unsigned nan = 0;
-  for (int t = threadIdx.x; t < cols; t += blockDim.x) {
+  unsigned bad = 0;  // bit 0: NaN input or estimate, bit 1: infinite estimate or gradient
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
     const long long i = base + t;
     float value = 0.0f, g = 0.0f;
     if (token_valid(mask, i)) {
       const float lp = logp[i], rlp = ref_logp[i];
-      nan |= (lp != lp || rlp != rlp) ? 1u : 0u;
       const Estimates e = estimates(chosen, __fsub_rn(rlp, lp), lr_clamp, v_clamp);
+      bad |= (lp != lp || rlp != rlp || e.value != e.value || e.grad != e.grad) ? 1u : 0u;
+      bad |= (fabsf(e.value) == pos_inf() || fabsf(e.grad) == pos_inf()) ? 2u : 0u;
 #pragma unroll
       for (int k = 0; k < 8; ++k) sums[k] = __fadd_rn(sums[k], e.values[k]);
       clamped += e.clamped ? 1.0f : 0.0f;
@@ -162,14 +186,26 @@ sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_lo
     if (values) values[i] = value;
     if (grad && weights_known) grad[i] = g;
   }
-  if (__syncthreads_or(nan) && threadIdx.x == 0) report(status, row, OP_SAMPLED_KL, PROBLEM_NAN);
+  const bool any_nan = __syncthreads_or(bad & 1u), any_inf = __syncthreads_or(bad & 2u);
+  if (threadIdx.x == 0 && (any_nan || any_inf))
+    report(status, row, OP_SAMPLED_KL, any_nan ? PROBLEM_NAN : PROBLEM_INFINITE_KL);
   if (records == nullptr) return;
-  SampledRow rec;
+  // The 8 sums: each thread parks its partials in shared memory, then warp k reduces sum k
+  // (lanes add 8 partials each in order, then a butterfly): a fixed order, few live registers.
+  __shared__ float partial[8][256];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) rec.sums[k] = block_sum(sums[k], scratch);
-  rec.clamped = block_sum(clamped, scratch);
-  rec.valid = valid;
-  if (threadIdx.x == 0) records[row] = rec;
+  for (int k = 0; k < 8; ++k) partial[k][threadIdx.x] = sums[k];
+  const float clamped_total = block_sum(clamped, scratch);  // contains the __syncthreads
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float v = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v = __fadd_rn(v, partial[warp][lane * 8 + i]);
+  v = warp_sum(v);
+  if (lane == 0) records[row].sums[warp] = v;
+  if (threadIdx.x == 0) {
+    records[row].valid = valid;
+    records[row].clamped = clamped_total;
+  }
 }
 
 // One block of 256 threads: the batch statistics from the row records, in f64, in a fixed
@@ -182,7 +218,7 @@ sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen
   __shared__ double sh[256];
   __shared__ double counts[3];
   double tokens = 0.0, seqs = 0.0;
-  for (int r = threadIdx.x; r < rows; r += 256) {
+  for (long long r = threadIdx.x; r < rows; r += 256) {
     tokens += records[r].valid;
     seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
   }
@@ -196,17 +232,17 @@ sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen
   // One estimator at a time keeps the registers low.
   for (int k = 0; k < 8; ++k) {
     double acc = 0.0;
-    for (int r = threadIdx.x; r < rows; r += 256)
-      acc += token_weight(aggregation, max_len, counts, records[r].valid) * records[r].sums[k];
+    for (long long r = threadIdx.x; r < rows; r += 256)
+      acc += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].sums[k];
     const double m = block_sum_f64(acc, sh);
     if (threadIdx.x == 0) stats[STAT_MEANS + k] = m;
   }
   double clamped = 0.0;
-  for (int r = threadIdx.x; r < rows; r += 256) clamped += records[r].clamped;
+  for (long long r = threadIdx.x; r < rows; r += 256) clamped += records[r].clamped;
   const double c = block_sum_f64(clamped, sh);
   if (threadIdx.x == 0) {
     stats[STAT_LOSS] = static_cast<double>(coef) * stats[STAT_MEANS + chosen];
-    stats[STAT_CLAMPED] = local_tokens > 0.0 ? c * __drcp_rn(local_tokens) : 0.0;
+    stats[STAT_CLAMPED] = local_tokens > 0.0 ? c * rcp_f64(local_tokens) : 0.0;
     stats[STAT_COUNTS] = local_tokens;
     stats[STAT_COUNTS + 1] = local_seqs;
     stats[STAT_COUNTS + 2] = static_cast<double>(rows);
@@ -222,9 +258,11 @@ sampled_kl_grad(const float* __restrict__ logp, const float* __restrict__ ref_lo
                 const double* __restrict__ stats, float* __restrict__ grad) {
   const long long row = blockIdx.x;
   if (row >= rows) return;
-  const float w = static_cast<float>(coef * token_weight(aggregation, max_len, stats + STAT_COUNTS, records[row].valid));
+  const double* c = stats + STAT_COUNTS;
+  const float w = __fmul_rn(coef, token_weight_f(aggregation, static_cast<float>(max_len), static_cast<float>(c[0]),
+                                                 static_cast<float>(c[1]), static_cast<float>(c[2]), records[row].valid));
   const long long base = row * ld;
-  for (int t = threadIdx.x; t < cols; t += blockDim.x) {
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
     const long long i = base + t;
     float g = 0.0f;
     if (token_valid(mask, i)) g = __fmul_rn(w, estimates(chosen, __fsub_rn(ref_logp[i], logp[i]), lr_clamp, v_clamp).grad);
@@ -242,8 +280,8 @@ kl_rewards(const float* __restrict__ kl, long long ld, const unsigned char* __re
   if (row >= rows) return;
   const long long base = row * ld;
   int last = -1;
-  for (int t = threadIdx.x; t < cols; t += blockDim.x)
-    if (token_valid(mask, base + t)) last = t;  // increasing t per thread: the thread's last
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x)
+    if (token_valid(mask, base + t)) last = static_cast<int>(t);  // increasing t: the thread's last
   // Block max of `last`.
   for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
   if ((threadIdx.x & 31) == 0) last_valid[threadIdx.x >> 5] = last;
@@ -255,7 +293,7 @@ kl_rewards(const float* __restrict__ kl, long long ld, const unsigned char* __re
   }
   __syncthreads();
   last = last_valid[0];
-  for (int t = threadIdx.x; t < cols; t += blockDim.x) {
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
     const long long i = base + t;
     float r = token_valid(mask, i) ? -__fmul_rn(beta, kl[i]) : 0.0f;
     if (t == last) r = __fadd_rn(r, scores[row]);
@@ -278,7 +316,8 @@ constexpr long long EXACT_CHUNK = static_cast<long long>(EXACT_BLOCK) * EXACT_SL
 enum Divergence : int { POLICY_REF = 0, REF_POLICY = 1, JSD = 2 };
 constexpr unsigned PAIR_P_NAN = 1, PAIR_P_POS_INF = 2, PAIR_Q_NAN = 4, PAIR_Q_POS_INF = 8;
 
-// Mirrors src/cuda/kl/exact.rs `PairPartial` (repr(C), 28 bytes).
+// One chunk's (or row's) statistics of both sides: 28 bytes (src/cuda/kl/exact.rs sizes the
+// workspace with PARTIAL_BYTES).
 struct PairPartial {
   float mp, sp, apr;  // policy: max (raw), Σ e_p, Σ e_p·(z_p − z_q)
   float mq, sq, arp;  // reference: max (raw), Σ e_q, Σ e_q·(z_q − z_p)
@@ -481,7 +520,11 @@ __device__ __forceinline__ void finish_pair(long long row, const PairPartial& t,
     v = __fadd_rn(__fadd_rn(__fdiv_rn(t.arp, t.sq), __fmul_rn(__fsub_rn(t.mp, t.mq), inv_tau)), __fsub_rn(ln_sp, ln_sq));
   }
   v = fmaxf(v, 0.0f);
-  if (problem != 0) {
+  if (problem == PROBLEM_INFINITE_KL) {
+    // The value is +inf (and stays so, for the backward to refuse); the normalisers are fine.
+    report(status, row, OP_EXACT_KL, problem);
+    write_row(o, row, pos_inf(), lp, lq, pos_inf());
+  } else if (problem != 0) {
     report(status, row, OP_EXACT_KL, problem);
     write_row(o, row, quiet_nan(), quiet_nan(), quiet_nan(), quiet_nan());
     if (o.jsd_lse) o.jsd_lse[2 * row] = o.jsd_lse[2 * row + 1] = quiet_nan();

@@ -165,8 +165,8 @@ pub enum RowProblem {
     /// only the device or the shard merge can see it; host-side checks return
     /// [`Error::TargetOutOfRange`] with the value).
     TargetOutOfRange,
-    /// `KL[π ‖ π_ref]` is `+inf`: the policy gives positive probability to a token whose
-    /// reference logit is `-inf`, and the gradient is undefined.
+    /// `KL[π ‖ π_ref]` (or a sampled estimate of it) is infinite: the policy gives
+    /// probability to a token the reference forbids, and the gradient is undefined.
     InfiniteKl,
 }
 
@@ -214,8 +214,9 @@ impl fmt::Display for RowProblem {
                  ignore index or the mask"
             }
             RowProblem::InfiniteKl => {
-                "has KL[policy || ref] = +inf: the policy gives mass to a token the reference bans \
-                 (-inf logit); use KL[ref || policy] or the JSD, or ban the token in the policy too"
+                "has an infinite KL[policy || ref] (or estimate): the policy gives probability to a \
+                 token the reference bans (-inf); use a clamped estimator (k3), KL[ref || policy] or the \
+                 JSD, or ban the token in the policy too"
             }
         })
     }

@@ -86,6 +86,11 @@ fn sampled_estimators_match_the_reference() {
 }
 
 #[test]
+fn sampled_estimators_at_infinite_log_ratios() {
+    kl::sampled_infinities(&Cpu);
+}
+
+#[test]
 fn kl_rewards_match_the_reference() {
     kl::rewards_sweep(&Cpu);
 }

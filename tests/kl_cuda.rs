@@ -161,6 +161,10 @@ mod gpu {
         kl::check_sampled(gpu, &c);
     }
 
+    pub fn sampled_infinities(gpu: &Gpu) {
+        kl::sampled_infinities(gpu);
+    }
+
     pub fn rewards(gpu: &Gpu) {
         kl::rewards_sweep(gpu);
     }
@@ -223,6 +227,7 @@ macro_rules! gpu_test {
 }
 
 gpu_test!(sampled);
+gpu_test!(sampled_infinities);
 gpu_test!(rewards);
 gpu_test!(exact);
 gpu_test!(exact_edges);

@@ -54,7 +54,8 @@ fn estimate(e: KlEstimator, log_r: f64, lr_clamp: f64, v_clamp: f64) -> (f64, f6
 /// gradient of `loss = β·aggregate(k)` with respect to `logp`, and the batch statistics.
 ///
 /// Errors: shape and option errors; [`Error::InvalidRow`](crate::Error) (row = sequence) for a
-/// NaN in a valid token's `logp` or `ref_logp`.
+/// NaN input or estimate on a valid token, or an infinite value or gradient of the chosen
+/// estimator (as [`cpu::sampled_kl`](crate::cpu::sampled_kl)).
 ///
 /// ```
 /// use rlhf_kernels::{reference, KlEstimator, RowShape, SampledKlOptions};
@@ -92,10 +93,14 @@ pub fn sampled_kl(
                 continue;
             }
             let (lp, rlp) = (logp[t] as f64, ref_logp[t] as f64);
-            if lp.is_nan() || rlp.is_nan() {
+            let log_r = rlp - lp;
+            let (v, g, _) = estimate(opts.estimator, log_r, lr_clamp, v_clamp);
+            if lp.is_nan() || rlp.is_nan() || v.is_nan() || g.is_nan() {
                 return Err(Op::SampledKl.invalid_row(i, RowProblem::NaN));
             }
-            let log_r = rlp - lp;
+            if v.is_infinite() || g.is_infinite() {
+                return Err(Op::SampledKl.invalid_row(i, RowProblem::InfiniteKl));
+            }
             for (k, e) in KlEstimator::ALL.into_iter().enumerate() {
                 out.stats.means[k] += w * estimate(e, log_r, lr_clamp, v_clamp).0;
             }

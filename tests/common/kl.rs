@@ -19,8 +19,8 @@ pub struct SampledCase {
 
 impl SampledCase {
     /// Log-probs in (-8, 0), the reference within ±2 of the policy (a few far away, to hit
-    /// the clamps), one sequence in four fully masked, ragged lengths, and a `-inf`
-    /// reference log-prob now and then.
+    /// the clamps), one sequence in four fully masked, ragged lengths. (`-inf` inputs have
+    /// tests of their own: k1 and k2 are infinite there.)
     pub fn random(shape: RowShape, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let n = shape.rows * shape.row_stride;
@@ -32,13 +32,8 @@ impl SampledCase {
             for (k, t) in shape.row_range(i).enumerate() {
                 let lp = -(rng.uniform() * 8.0) as f32;
                 let far = rng.uniform() < 0.03;
-                let rlp = if rng.uniform() < 0.01 {
-                    f32::NEG_INFINITY
-                } else if far {
-                    lp - 30.0 * rng.uniform() as f32
-                } else {
-                    lp + (rng.normal() * 0.7) as f32
-                };
+                let rlp =
+                    if far { lp - 30.0 * rng.uniform() as f32 } else { lp + (rng.normal() * 0.7) as f32 };
                 logp[t] = lp;
                 ref_logp[t] = rlp;
                 mask[t] = u8::from(k < len);
@@ -121,6 +116,37 @@ pub fn check_sampled(b: &impl SampledBackend, c: &SampledCase) {
     }
     assert_eq!(stats.counts, expected.stats.counts);
     assert!((stats.clamped_fraction - expected.stats.clamped_fraction).abs() < 1e-9, "{what}");
+}
+
+/// `-inf` log-probs: the clamped exp-based estimators stay finite where the reference forbids
+/// a sampled token; k1 and k2 are infinite there and reported; `-inf` on both sides is a NaN
+/// log-ratio and reported.
+pub fn sampled_infinities(b: &impl SampledBackend) {
+    let ninf = f32::NEG_INFINITY;
+    let case = |logp: [f32; 2], ref_logp: [f32; 2], e: KlEstimator| SampledCase {
+        logp: logp.to_vec(),
+        ref_logp: ref_logp.to_vec(),
+        shape: RowShape::new(2, 1),
+        mask: None,
+        opts: SampledKlOptions::new(e),
+    };
+    for e in [KlEstimator::K3, KlEstimator::K1Rev, KlEstimator::K3Rev, KlEstimator::GradRefPolicy] {
+        check_sampled(b, &case([-1.0, -2.0], [-1.5, ninf], e));
+    }
+    for e in [KlEstimator::K1, KlEstimator::K2, KlEstimator::Abs, KlEstimator::GradPolicyRef] {
+        let err = b.sampled(&case([-1.0, -2.0], [-1.5, ninf], e)).unwrap_err();
+        assert_eq!(
+            err,
+            Error::InvalidRow { op: "sampled_kl", row: 1, problem: RowProblem::InfiniteKl },
+            "{e:?}"
+        );
+    }
+    let err = b.sampled(&case([-1.0, ninf], [-1.5, ninf], KlEstimator::K3)).unwrap_err();
+    assert_eq!(err, Error::InvalidRow { op: "sampled_kl", row: 1, problem: RowProblem::NaN });
+    // A -inf on both sides under the mask is padding.
+    let mut c = case([-1.0, ninf], [-1.5, ninf], KlEstimator::K1);
+    c.mask = Some(vec![1, 0]);
+    check_sampled(b, &c);
 }
 
 pub fn rewards_sweep(b: &impl SampledBackend) {

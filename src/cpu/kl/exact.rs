@@ -340,26 +340,27 @@ struct Saved {
 fn pair_stats<P: Element, Q: Element>(p: &[P], q: &[Q], inv_tau: f32) -> Result<PairStats, RowProblem> {
     let st = pair_stats_row(p, q, inv_tau);
     // A NaN or +inf turns a sum into NaN or a max into +inf; an all-NaN side leaves its max
-    // at -inf: look closer only then.
+    // at -inf: look closer only then. Problems rank NaN, +inf, only -inf across both sides.
     let suspicious =
         |m: f32, s: f32, a: f32| s.is_nan() || a.is_nan() || m == f32::INFINITY || m == f32::NEG_INFINITY;
     if suspicious(st.mp, st.sp, st.a_pr) || suspicious(st.mq, st.sq, st.a_rp) {
-        for side in [classify(p, st.mp), classify(q, st.mq)] {
-            side?;
+        let worst = [classify(p, st.mp), classify(q, st.mq)].into_iter().flatten().min_by_key(|p| p.code());
+        if let Some(problem) = worst {
+            return Err(problem);
         }
     }
     Ok(st)
 }
 
-fn classify<T: Element>(x: &[T], m: f32) -> Result<(), RowProblem> {
+fn classify<T: Element>(x: &[T], m: f32) -> Option<RowProblem> {
     if x.iter().any(|v| v.to_f32().is_nan()) {
-        Err(RowProblem::NaN)
+        Some(RowProblem::NaN)
     } else if m == f32::INFINITY {
-        Err(RowProblem::PosInf)
+        Some(RowProblem::PosInf)
     } else if m == f32::NEG_INFINITY {
-        Err(RowProblem::AllNegInf)
+        Some(RowProblem::AllNegInf)
     } else {
-        Ok(())
+        None
     }
 }
 

@@ -90,8 +90,10 @@ struct RowSums {
 /// property of the current policy). For the reward placement see [`kl_rewards`].
 ///
 /// Errors: shape and option errors; [`Error::InvalidRow`](crate::Error) (row = sequence) for
-/// the lowest sequence with a NaN in a valid token's `logp` or `ref_logp`. `-inf` inputs are
-/// valid (the clamps keep the exp-based estimators finite).
+/// the lowest sequence with, on a valid token, a NaN input or estimate
+/// ([`RowProblem::NaN`]: e.g. `logp = ref_logp = -inf`), or an infinite value or gradient of
+/// the chosen estimator ([`RowProblem::InfiniteKl`]: e.g. k1 or k2 where `ref_logp = -inf`,
+/// a token the reference forbids). The clamps keep k3, k1_rev and k3_rev finite.
 ///
 /// ```
 /// use rlhf_kernels::{cpu, Aggregation, KlEstimator, RowShape, SampledKlOptions};
@@ -143,10 +145,15 @@ pub fn sampled_kl(
                 let (lp, rlp) = (logp[t], ref_logp[t]);
                 let (value, grad) = if !valid {
                     (0.0, 0.0)
-                } else if lp.is_nan() || rlp.is_nan() {
-                    return Err((i, RowProblem::NaN));
                 } else {
                     let (all, g, clamped) = estimates(chosen, rlp - lp, lr_clamp, v_clamp);
+                    let v = all[chosen.code() as usize];
+                    if lp.is_nan() || rlp.is_nan() || v.is_nan() || g.is_nan() {
+                        return Err((i, RowProblem::NaN));
+                    }
+                    if v.is_infinite() || g.is_infinite() {
+                        return Err((i, RowProblem::InfiniteKl));
+                    }
                     for (s, v) in sums.estimators.iter_mut().zip(all) {
                         *s += v as f64;
                     }

@@ -95,6 +95,15 @@ pub fn exact_kl_workspace_bytes(shape: RowShape, divergence: ExactDivergence) ->
     layout(shape, divergence).3
 }
 
+/// Blocks of a one-block-per-(row, chunk) launch (at most i32::MAX).
+fn grid_blocks(rows: usize, chunks: usize) -> Result<u32> {
+    rows.checked_mul(chunks).filter(|&b| b <= i32::MAX as usize).map(|b| b as u32).ok_or(Error::TooLarge {
+        what: "rows * vocabulary chunks",
+        value: rows.saturating_mul(chunks),
+        max: i32::MAX as usize,
+    })
+}
+
 fn divergence_code(d: ExactDivergence) -> (i32, f32) {
     match d {
         ExactDivergence::PolicyRef => (0, 0.0),
@@ -205,12 +214,8 @@ pub fn exact_kl<P: Element, Q: Element>(
         }
     }
     let chunks = chunks(policy_shape);
-    let blocks =
-        u32::try_from(rows * chunks).ok().filter(|&b| b <= i32::MAX as u32).ok_or(Error::TooLarge {
-            what: "rows * vocabulary chunks",
-            value: rows.saturating_mul(chunks),
-            max: i32::MAX as usize,
-        })?;
+    // One block per (row, chunk) only on the split path, whose rows are few.
+    let blocks = if split(policy_shape) { grid_blocks(rows, chunks)? } else { 0 };
 
     let s: &CudaStream = stream;
     let (p, _g1) = policy.device_ptr(s);
@@ -426,13 +431,7 @@ fn backward<P: Element, Q: Element>(
         expected: "the forward's saved value (KL[policy||ref]) or policy_term (JSD)",
     })?;
     let inv_tau = opts.inv_temperature()?;
-    let chunks = chunks(policy_shape);
-    let blocks =
-        u32::try_from(rows * chunks).ok().filter(|&b| b <= i32::MAX as u32).ok_or(Error::TooLarge {
-            what: "rows * vocabulary chunks",
-            value: rows.saturating_mul(chunks),
-            max: i32::MAX as usize,
-        })?;
+    let blocks = grid_blocks(rows, chunks(policy_shape))?;
     let s: &CudaStream = stream;
     let (q, _g1) = reference.logits.device_ptr(s);
     let (mask, _g2) = ptr(&reference.mask, s);

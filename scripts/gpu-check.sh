@@ -116,10 +116,11 @@ run() {
 
   # 3. The main job at a realistic size.
   local rows=8192 vocab=151936
-  [ "$dry" = 1 ] && rows=64 vocab=32000
+  [ "$dry" = 1 ] && rows=256 vocab=32000
   if ! want example; then
     :
-  elif "$stage/bin/example-ppo_step" --rows "$rows" --vocab "$vocab" --dtype bf16 >"$out/ppo_step.log" 2>&1; then
+  elif "$stage/bin/example-ppo_step" --rows "$rows" --seq-len 256 --vocab "$vocab" --dtype bf16 >"$out/ppo_step.log" 2>&1 &&
+    "$stage/bin/example-ppo_step" --rows "$rows" --seq-len 256 --vocab "$vocab" --dtype bf16 --kl reward >>"$out/ppo_step.log" 2>&1; then
     record "ppo_step ${rows}x${vocab} bf16" "PASS"
   else
     record "ppo_step ${rows}x${vocab} bf16" "FAIL (see $out/ppo_step.log)"

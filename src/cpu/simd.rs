@@ -86,14 +86,15 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
-/// 2^x for x in [-127, 127] (relative error about 2e-7), written to vectorise.
+/// 2^x for x in [-127, 127.5) (relative error about 2e-7), written to vectorise.
 ///
 /// Below -127 it returns 0 (the true value is under 2^-127, which never matters next to a
-/// running maximum of 2^0). NaN gives NaN: callers flag NaN inputs separately. Polynomial: Cephes `exp2f`, degree 6 on [-1/2, 1/2].
+/// running maximum of 2^0); from 127.5 up, `+inf`. NaN gives NaN: callers flag NaN inputs
+/// separately. Polynomial: Cephes `exp2f`, degree 6 on [-1/2, 1/2].
 #[inline(always)]
 pub(crate) fn exp2(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = x.clamp(-127.0, 127.0);
+    let x = x.clamp(-127.0, 128.0);
     let t = x + ROUND;
     let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let f = x - (t - ROUND);
@@ -241,6 +242,8 @@ mod tests {
         assert_eq!(exp2(0.0), 1.0);
         assert_eq!(exp2(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp2(-1000.0), 0.0);
+        assert_eq!(exp2(f32::INFINITY), f32::INFINITY);
+        assert!(exp2(f32::NAN).is_nan());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use crate::aggregation::{BatchCounts, valid_in_row};
 use crate::cpu::first_problem;
+use crate::cpu::simd::{self, LANES, LOG2E, dispatch};
 use crate::error::Op;
 use crate::logprobs::check_len;
 use crate::{KlEstimator, Result, RowProblem, RowShape, SampledKlOptions, SampledKlStats};
@@ -30,20 +31,40 @@ impl<'a> SampledKlOutputs<'a> {
     }
 }
 
-/// Every estimator at one `log r` (one `exp`), and the chosen one's gradient and clamp flag.
+/// The chosen estimator as a type, so that each row kernel is compiled for one estimator and
+/// its inner loop has no branch on it (and vectorises).
+trait Chosen {
+    const E: KlEstimator;
+}
+
+macro_rules! chosen {
+    ($($name:ident => $e:ident),*) => {$(
+        struct $name;
+        impl Chosen for $name {
+            const E: KlEstimator = KlEstimator::$e;
+        }
+    )*};
+}
+chosen!(EK1 => K1, EK2 => K2, EK3 => K3, EAbs => Abs, EK1Rev => K1Rev, EK3Rev => K3Rev,
+        EGradPr => GradPolicyRef, EGradRp => GradRefPolicy);
+
+/// Every estimator at one `log r` (one `exp`), the chosen one's gradient, and whether a clamp
+/// was active for it. Branch-free (selects only); NaN propagates through the clamps.
 #[inline(always)]
-fn estimates(chosen: KlEstimator, log_r: f32, lr_clamp: f32, v_clamp: f32) -> ([f32; 8], f32, bool) {
+fn estimates<E: Chosen>(log_r: f32, lr_clamp: f32, v_clamp: f32) -> ([f32; 8], f32, bool) {
     let lr = log_r.clamp(-lr_clamp, lr_clamp);
-    let lr_active = lr != log_r;
-    let r = lr.exp();
+    let lr_active = lr != log_r && !log_r.is_nan();
+    let r = simd::exp2(lr * LOG2E);
     let vc = |v: f32| v.clamp(-v_clamp, v_clamp);
     let k3 = (r - 1.0) - lr;
-    let (k1_rev, k3_rev) = if r == 0.0 { (0.0, 1.0) } else { (r * lr, r * lr - (r - 1.0)) };
+    let r_zero = r == 0.0;
+    let k1_rev = if r_zero { 0.0 } else { r * lr };
+    let k3_rev = if r_zero { 1.0 } else { r * lr - (r - 1.0) };
     let values =
         [-log_r, 0.5 * log_r * log_r, vc(k3), log_r.abs(), vc(k1_rev), vc(k3_rev), vc(k3), vc(k3_rev)];
-    let k3_clamped = lr_active || vc(k3) != k3;
-    let k1r_clamped = r != 0.0 && (lr_active || vc(k1_rev) != k1_rev);
-    let k3r_clamped = lr_active || vc(k3_rev) != k3_rev;
+    let k3_clamped = lr_active || (!k3.is_nan() && vc(k3) != k3);
+    let k1r_clamped = !r_zero && (lr_active || (!k1_rev.is_nan() && vc(k1_rev) != k1_rev));
+    let k3r_clamped = lr_active || (!k3_rev.is_nan() && vc(k3_rev) != k3_rev);
     let sign = if log_r < 0.0 {
         1.0
     } else if log_r > 0.0 {
@@ -52,17 +73,91 @@ fn estimates(chosen: KlEstimator, log_r: f32, lr_clamp: f32, v_clamp: f32) -> ([
         0.0
     };
     let g_k3 = if k3_clamped { 0.0 } else { 1.0 - r };
-    let (grad, clamped) = match chosen {
+    let (grad, clamped) = match E::E {
         KlEstimator::K1 => (1.0, false),
         KlEstimator::K2 => (-log_r, false),
         KlEstimator::K3 => (g_k3, k3_clamped),
         KlEstimator::Abs => (sign, false),
-        KlEstimator::K1Rev => (if k1r_clamped || r == 0.0 { 0.0 } else { -r * (lr + 1.0) }, k1r_clamped),
-        KlEstimator::K3Rev => (if k3r_clamped || r == 0.0 { 0.0 } else { -r * lr }, k3r_clamped),
+        KlEstimator::K1Rev => (if k1r_clamped || r_zero { 0.0 } else { -r * (lr + 1.0) }, k1r_clamped),
+        KlEstimator::K3Rev => (if k3r_clamped || r_zero { 0.0 } else { -r * lr }, k3r_clamped),
         KlEstimator::GradPolicyRef => (-log_r, k3_clamped),
         KlEstimator::GradRefPolicy => (g_k3, k3r_clamped),
     };
     (values, grad, clamped)
+}
+
+/// Scalars of one row.
+#[derive(Clone, Copy)]
+struct RowParams {
+    /// β times the row's aggregation weight.
+    w: f32,
+    lr_clamp: f32,
+    v_clamp: f32,
+}
+
+/// What one row gives: sums of every estimator and of the clamp flags over its valid tokens,
+/// and whether a NaN or an infinity of the chosen estimator was met.
+#[derive(Clone, Copy, Default)]
+struct RowSums {
+    estimators: [f64; 8],
+    clamped: f64,
+    nan: bool,
+    inf: bool,
+}
+
+dispatch!(fn sampled_row<E: Chosen>(lp: &[f32], rlp: &[f32], mask: Option<&[u8]>, values: Option<&mut [f32]>, grads: Option<&mut [f32]>, p: RowParams) -> RowSums = sampled_row_generic);
+
+/// One row in pieces of [`LANES`] tokens: masks as 0/1 lanes, every quantity computed for
+/// every lane and selected, sums in [`LANES`] f32 accumulators per estimator.
+#[inline(always)]
+fn sampled_row_generic<E: Chosen>(
+    lp: &[f32],
+    rlp: &[f32],
+    mask: Option<&[u8]>,
+    mut values: Option<&mut [f32]>,
+    mut grads: Option<&mut [f32]>,
+    p: RowParams,
+) -> RowSums {
+    let mut acc = [[0.0f32; LANES]; 9];
+    let (mut nan, mut inf) = ([false; LANES], [false; LANES]);
+    let (mut a, mut b, mut valid) = ([0.0f32; LANES], [0.0f32; LANES], [false; LANES]);
+    let (mut v_out, mut g_out) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let mut start = 0;
+    while start < lp.len() {
+        let m = LANES.min(lp.len() - start);
+        let range = start..start + m;
+        a[..m].copy_from_slice(&lp[range.clone()]);
+        b[..m].copy_from_slice(&rlp[range.clone()]);
+        for j in 0..LANES {
+            valid[j] = j < m && mask.is_none_or(|mk| mk[start + j] != 0);
+        }
+        for j in 0..LANES {
+            let (vals, g, clamped) = estimates::<E>(b[j] - a[j], p.lr_clamp, p.v_clamp);
+            let v = vals[E::E as usize];
+            let ok = valid[j];
+            nan[j] |= ok && (a[j].is_nan() || b[j].is_nan() || v.is_nan() || g.is_nan());
+            inf[j] |= ok && (v.is_infinite() || g.is_infinite());
+            for k in 0..8 {
+                acc[k][j] += if ok { vals[k] } else { 0.0 };
+            }
+            acc[8][j] += if ok && clamped { 1.0 } else { 0.0 };
+            v_out[j] = if ok { v } else { 0.0 };
+            g_out[j] = if ok { p.w * g } else { 0.0 };
+        }
+        if let Some(o) = values.as_deref_mut() {
+            o[range.clone()].copy_from_slice(&v_out[..m]);
+        }
+        if let Some(o) = grads.as_deref_mut() {
+            o[range].copy_from_slice(&g_out[..m]);
+        }
+        start += m;
+    }
+    let mut out = RowSums { nan: nan.contains(&true), inf: inf.contains(&true), ..Default::default() };
+    for (s, lanes) in out.estimators.iter_mut().zip(&acc) {
+        *s = simd::sum_lanes(lanes) as f64;
+    }
+    out.clamped = simd::sum_lanes(&acc[8]) as f64;
+    out
 }
 
 /// One mutable slice per row (`None`s when the output is absent).
@@ -71,13 +166,6 @@ fn row_slices(o: Option<&mut [f32]>, shape: RowShape) -> Vec<Option<&mut [f32]>>
         Some(o) => o.chunks_mut(shape.row_stride).map(Some).collect(),
         None => (0..shape.rows).map(|_| None).collect(),
     }
-}
-
-/// Per-sequence sums, combined in row order.
-#[derive(Clone, Copy, Default)]
-struct RowSums {
-    estimators: [f64; 8],
-    clamped: f64,
 }
 
 /// A sampled KL estimator for every valid token of a `[B, T]` batch (rows = sequences,
@@ -125,7 +213,14 @@ pub fn sampled_kl(
         o.map_or(Ok(()), |o| shape.check_buffer(what, o.len()))?;
     }
     let (lr_clamp, v_clamp) = opts.limits()?;
-    let local = BatchCounts::of(shape, mask);
+    // Valid tokens per sequence, counted once (the weights and the counts need them).
+    let row_valid: Vec<usize> =
+        (0..shape.rows).into_par_iter().map(|i| valid_in_row(shape, mask, i)).collect();
+    let local = BatchCounts {
+        valid_tokens: row_valid.iter().sum::<usize>() as f64,
+        valid_sequences: row_valid.iter().filter(|&&n| n > 0).count() as f64,
+        sequences: shape.rows as f64,
+    };
     let counts = opts.normaliser.counts(local);
     let chosen = opts.estimator;
     let coef = opts.coef;
@@ -136,38 +231,30 @@ pub fn sampled_kl(
         .into_par_iter()
         .zip(grads)
         .enumerate()
-        .map(|(i, (mut v_row, mut g_row))| {
-            let w =
-                (coef as f64 * opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i))) as f32;
-            let mut sums = RowSums::default();
-            for (k, t) in shape.row_range(i).enumerate() {
-                let valid = mask.is_none_or(|m| m[t] != 0);
-                let (lp, rlp) = (logp[t], ref_logp[t]);
-                let (value, grad) = if !valid {
-                    (0.0, 0.0)
-                } else {
-                    let (all, g, clamped) = estimates(chosen, rlp - lp, lr_clamp, v_clamp);
-                    let v = all[chosen.code() as usize];
-                    if lp.is_nan() || rlp.is_nan() || v.is_nan() || g.is_nan() {
-                        return Err((i, RowProblem::NaN));
-                    }
-                    if v.is_infinite() || g.is_infinite() {
-                        return Err((i, RowProblem::InfiniteKl));
-                    }
-                    for (s, v) in sums.estimators.iter_mut().zip(all) {
-                        *s += v as f64;
-                    }
-                    sums.clamped += f64::from(u8::from(clamped));
-                    (all[chosen.code() as usize], w * g)
-                };
-                if let Some(v) = v_row.as_deref_mut() {
-                    v[k] = value;
-                }
-                if let Some(g) = g_row.as_deref_mut() {
-                    g[k] = grad;
-                }
+        .map(|(i, (v_row, g_row))| {
+            let w = (coef as f64 * opts.aggregation.token_weight(counts, row_valid[i])) as f32;
+            let row = shape.row_range(i);
+            let m = mask.map(|m| &m[row.clone()]);
+            let (v_row, g_row) = (v_row.map(|v| &mut v[..shape.cols]), g_row.map(|g| &mut g[..shape.cols]));
+            let p = RowParams { w, lr_clamp, v_clamp };
+            let (lp, rlp) = (&logp[row.clone()], &ref_logp[row]);
+            let sums = match chosen {
+                KlEstimator::K1 => sampled_row::<EK1>(lp, rlp, m, v_row, g_row, p),
+                KlEstimator::K2 => sampled_row::<EK2>(lp, rlp, m, v_row, g_row, p),
+                KlEstimator::K3 => sampled_row::<EK3>(lp, rlp, m, v_row, g_row, p),
+                KlEstimator::Abs => sampled_row::<EAbs>(lp, rlp, m, v_row, g_row, p),
+                KlEstimator::K1Rev => sampled_row::<EK1Rev>(lp, rlp, m, v_row, g_row, p),
+                KlEstimator::K3Rev => sampled_row::<EK3Rev>(lp, rlp, m, v_row, g_row, p),
+                KlEstimator::GradPolicyRef => sampled_row::<EGradPr>(lp, rlp, m, v_row, g_row, p),
+                KlEstimator::GradRefPolicy => sampled_row::<EGradRp>(lp, rlp, m, v_row, g_row, p),
+            };
+            if sums.nan {
+                Err((i, RowProblem::NaN))
+            } else if sums.inf {
+                Err((i, RowProblem::InfiniteKl))
+            } else {
+                Ok(sums)
             }
-            Ok(sums)
         })
         .collect();
 
@@ -177,7 +264,7 @@ pub fn sampled_kl(
     for (i, r) in per_row.into_iter().enumerate() {
         match r {
             Ok(sums) => {
-                let w = opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i));
+                let w = opts.aggregation.token_weight(counts, row_valid[i]);
                 for (m, s) in stats.means.iter_mut().zip(sums.estimators) {
                     *m += w * s;
                 }

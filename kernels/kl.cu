@@ -491,7 +491,8 @@ struct ExactOut {
   float* policy_lse;
   float* ref_lse;
   float* policy_term;
-  float* jsd_lse;  // rows × 2 (lse_p, lse_q) for the JSD's second pass, else null
+  float* jsd_lse_p;  // rows f32 each: the normalisers the JSD's second pass reads, else null
+  float* jsd_lse_q;
 };
 
 __device__ __forceinline__ void write_row(const ExactOut& o, long long row, float v, float lp, float lq, float term) {
@@ -527,12 +528,14 @@ __device__ __forceinline__ void finish_pair(long long row, const PairPartial& t,
   } else if (problem != 0) {
     report(status, row, OP_EXACT_KL, problem);
     write_row(o, row, quiet_nan(), quiet_nan(), quiet_nan(), quiet_nan());
-    if (o.jsd_lse) o.jsd_lse[2 * row] = o.jsd_lse[2 * row + 1] = quiet_nan();
+    if (o.jsd_lse_p) o.jsd_lse_p[row] = o.jsd_lse_q[row] = quiet_nan();
   } else if (divergence == JSD) {
     if (o.policy_lse) o.policy_lse[row] = lp;
     if (o.ref_lse) o.ref_lse[row] = lq;
-    o.jsd_lse[2 * row] = lp;
-    o.jsd_lse[2 * row + 1] = lq;
+    if (o.jsd_lse_p) {
+      o.jsd_lse_p[row] = lp;
+      o.jsd_lse_q[row] = lq;
+    }
   } else {
     write_row(o, row, v, lp, lq, v);
   }
@@ -544,17 +547,23 @@ __device__ __forceinline__ bool row_masked(const unsigned char* mask, long long 
 
 __device__ __forceinline__ long long exact_chunks(int cols) { return (static_cast<long long>(cols) + EXACT_CHUNK - 1) / EXACT_CHUNK; }
 
+// One block per row walks both rows. With `partials_out` null it finishes the row; otherwise
+// it writes the row's PairPartial over this vocabulary shard (tensor-parallel building block).
 template <typename P, typename Q>
 __device__ void exact_rows(const P* __restrict__ policy, long long ldp, const Q* __restrict__ reference, long long ldq,
                            int rows, int cols, const unsigned char* __restrict__ mask, int divergence, float inv_tau,
-                           ExactOut o, unsigned long long* status) {
+                           ExactOut o, PairPartial* __restrict__ partials_out, unsigned long long* status) {
   __shared__ float scratch[224];
   const long long row = blockIdx.x;
   if (row >= rows) return;
   if (row_masked(mask, row)) {
     if (threadIdx.x == 0) {
-      write_row(o, row, 0.0f, 0.0f, 0.0f, 0.0f);
-      if (o.jsd_lse) o.jsd_lse[2 * row] = o.jsd_lse[2 * row + 1] = 0.0f;
+      if (partials_out) {
+        partials_out[row] = empty_pair();
+      } else {
+        write_row(o, row, 0.0f, 0.0f, 0.0f, 0.0f);
+        if (o.jsd_lse_p) o.jsd_lse_p[row] = o.jsd_lse_q[row] = 0.0f;
+      }
     }
     return;
   }
@@ -564,7 +573,12 @@ __device__ void exact_rows(const P* __restrict__ policy, long long ldp, const Q*
   const float cc = __fmul_rn(inv_tau, LOG2E);
   PairPartial state = empty_pair();
   for (long long c = 0; c < exact_chunks(cols); ++c) merge_pair(state, chunk_pair(xp, xq, c, cols, vp, vq, inv_tau, scratch), cc);
-  if (threadIdx.x == 0) finish_pair(row, state, divergence, inv_tau, o, status);
+  if (threadIdx.x != 0) return;
+  if (partials_out) {
+    partials_out[row] = state;  // a shard's partial: problems travel in the flags
+  } else {
+    finish_pair(row, state, divergence, inv_tau, o, status);
+  }
 }
 
 template <typename P, typename Q>
@@ -585,16 +599,22 @@ __device__ void exact_chunks_kernel(const P* __restrict__ policy, long long ldp,
   if (threadIdx.x == 0) partials[row * chunks + c] = t;
 }
 
-// JSD second pass, one block per row: folds the chunks' sums in chunk order and finishes.
+// JSD second pass, one block per row: folds the chunks' sums in chunk order and finishes —
+// or, with `sums_out`, writes them (a shard's share, summed over shards by jsd_merge).
 template <typename P, typename Q>
 __device__ void jsd_rows(const P* __restrict__ policy, long long ldp, const Q* __restrict__ reference, long long ldq,
                          int rows, int cols, const unsigned char* __restrict__ mask, float beta, float inv_tau,
-                         const float* __restrict__ jsd_lse, float* value, float* policy_term) {
+                         const float* __restrict__ lse_p_in, const float* __restrict__ lse_q_in, float* value,
+                         float* policy_term, float2* __restrict__ sums_out) {
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
-  if (row >= rows || row_masked(mask, row)) return;  // the first pass wrote the zeros
-  const float lse_p = jsd_lse[2 * row], lse_q = jsd_lse[2 * row + 1];
-  if (!(isfinite(lse_p) && isfinite(lse_q))) return;  // reported by the first pass (NaN written)
+  if (row >= rows) return;
+  const float lse_p = lse_p_in[row], lse_q = lse_q_in[row];
+  if (row_masked(mask, row) || !(isfinite(lse_p) && isfinite(lse_q))) {
+    // Masked: the first pass wrote the zeros. Non-finite: reported by the first pass.
+    if (sums_out && threadIdx.x == 0) sums_out[row] = make_float2(0.0f, 0.0f);
+    return;
+  }
   const P* xp = policy + row * ldp;
   const Q* xq = reference + row * ldq;
   const bool vp = aligned16(xp), vq = aligned16(xq);
@@ -604,7 +624,10 @@ __device__ void jsd_rows(const P* __restrict__ policy, long long ldp, const Q* _
     tp = __fadd_rn(tp, s.x);
     tq = __fadd_rn(tq, s.y);
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x != 0) return;
+  if (sums_out) {
+    sums_out[row] = make_float2(tp, tq);
+  } else {
     const float v = fmaxf(__fadd_rn(__fmul_rn(beta, tp), __fmul_rn(__fsub_rn(1.0f, beta), tq)), 0.0f);
     if (value) value[row] = v;
     if (policy_term) policy_term[row] = fmaxf(tp, 0.0f);
@@ -614,12 +637,13 @@ __device__ void jsd_rows(const P* __restrict__ policy, long long ldp, const Q* _
 template <typename P, typename Q>
 __device__ void jsd_chunks(const P* __restrict__ policy, long long ldp, const Q* __restrict__ reference, long long ldq,
                            int rows, int cols, const unsigned char* __restrict__ mask, float beta, float inv_tau,
-                           const float* __restrict__ jsd_lse, float2* __restrict__ sums) {
+                           const float* __restrict__ lse_p_in, const float* __restrict__ lse_q_in,
+                           float2* __restrict__ sums) {
   __shared__ float scratch[32];
   const long long chunks = exact_chunks(cols);
   const long long row = blockIdx.x / chunks, c = blockIdx.x % chunks;
   if (row >= rows) return;
-  const float lse_p = jsd_lse[2 * row], lse_q = jsd_lse[2 * row + 1];
+  const float lse_p = lse_p_in[row], lse_q = lse_q_in[row];
   if (row_masked(mask, row) || !(isfinite(lse_p) && isfinite(lse_q))) {
     if (threadIdx.x == 0) sums[row * chunks + c] = make_float2(0.0f, 0.0f);
     return;
@@ -694,35 +718,50 @@ __device__ void exact_backward(const P* policy, long long ldp, const Q* __restri
 
 }  // namespace
 
-// Folds the chunk records (row r's at partials[r * chunks .. + chunks]) in chunk order and
-// finishes the rows; one thread per row.
+// Folds `parts` records per row in order (record (row, k) at row·row_stride + k·part_stride)
+// and finishes the rows, one thread per row: the second half of the split forward (strides
+// (chunks, 1)) and the merge of tensor-parallel shards gathered as [shards][rows] (1, rows).
 extern "C" __global__ void __launch_bounds__(256)
-exact_kl_merge(const PairPartial* __restrict__ partials, int chunks, int rows, const unsigned char* __restrict__ mask,
-               int divergence, float inv_tau, ExactOut o, unsigned long long* status) {
+exact_kl_merge(const PairPartial* __restrict__ partials, long long row_stride, long long part_stride, int parts,
+               int rows, const unsigned char* __restrict__ mask, int divergence, float inv_tau, ExactOut o,
+               unsigned long long* status) {
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
   if (row_masked(mask, row)) {
     write_row(o, row, 0.0f, 0.0f, 0.0f, 0.0f);
-    if (o.jsd_lse) o.jsd_lse[2 * row] = o.jsd_lse[2 * row + 1] = 0.0f;
+    if (o.jsd_lse_p) o.jsd_lse_p[row] = o.jsd_lse_q[row] = 0.0f;
     return;
   }
   const float cc = __fmul_rn(inv_tau, LOG2E);
   PairPartial state = empty_pair();
-  for (int k = 0; k < chunks; ++k) merge_pair(state, partials[row * chunks + k], cc);
+  for (int k = 0; k < parts; ++k) merge_pair(state, partials[row * row_stride + k * part_stride], cc);
   finish_pair(row, state, divergence, inv_tau, o, status);
 }
 
-// Folds the JSD chunk sums in chunk order and writes the value and the policy term.
+// Sums the JSD's per-chunk (or per-shard) sums in order, record (row, k) at
+// row·row_stride + k·part_stride, and writes the value and the policy term.
 extern "C" __global__ void __launch_bounds__(256)
-jsd_merge(const float2* __restrict__ sums, int chunks, int rows, const unsigned char* __restrict__ mask, float beta,
-          const float* __restrict__ jsd_lse, float* value, float* policy_term) {
+jsd_merge(const float2* __restrict__ sums, long long row_stride, long long part_stride, int parts, int rows,
+          const unsigned char* __restrict__ mask, float beta, const float* __restrict__ lse_p,
+          const float* __restrict__ lse_q, float* value, float* policy_term) {
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows || row_masked(mask, row)) return;
-  if (!(isfinite(jsd_lse[2 * row]) && isfinite(jsd_lse[2 * row + 1]))) return;
+  if (row >= rows) return;
+  if (row_masked(mask, row)) {
+    if (value) value[row] = 0.0f;
+    if (policy_term) policy_term[row] = 0.0f;
+    return;
+  }
+  if (!(isfinite(lse_p[row]) && isfinite(lse_q[row]))) {
+    // A row the first round refused (and reported): no value.
+    if (value) value[row] = quiet_nan();
+    if (policy_term) policy_term[row] = quiet_nan();
+    return;
+  }
   float tp = 0.0f, tq = 0.0f;
-  for (int k = 0; k < chunks; ++k) {
-    tp = __fadd_rn(tp, sums[row * chunks + k].x);
-    tq = __fadd_rn(tq, sums[row * chunks + k].y);
+  for (int k = 0; k < parts; ++k) {
+    const float2 v = sums[row * row_stride + k * part_stride];
+    tp = __fadd_rn(tp, v.x);
+    tq = __fadd_rn(tq, v.y);
   }
   const float v = fmaxf(__fadd_rn(__fmul_rn(beta, tp), __fmul_rn(__fsub_rn(1.0f, beta), tq)), 0.0f);
   if (value) value[row] = v;
@@ -732,8 +771,10 @@ jsd_merge(const float2* __restrict__ sums, int chunks, int rows, const unsigned 
 #define RK_EXACT(PS, P, QS, Q)                                                                                 \
   extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_rows_##PS##_##QS(                         \
       const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
-      const unsigned char* mask, int divergence, float inv_tau, ExactOut o, unsigned long long* status) {     \
-    exact_rows<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, divergence, inv_tau, o, status);           \
+      const unsigned char* mask, int divergence, float inv_tau, ExactOut o, PairPartial* partials_out,        \
+      unsigned long long* status) {                                                                            \
+    exact_rows<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, divergence, inv_tau, o, partials_out,      \
+                     status);                                                                                  \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_chunks_##PS##_##QS(                       \
       const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
@@ -742,14 +783,16 @@ jsd_merge(const float2* __restrict__ sums, int chunks, int rows, const unsigned 
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) jsd_rows_##PS##_##QS(                              \
       const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
-      const unsigned char* mask, float beta, float inv_tau, const float* jsd_lse, float* value,               \
-      float* policy_term) {                                                                                    \
-    jsd_rows<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, beta, inv_tau, jsd_lse, value, policy_term); \
+      const unsigned char* mask, float beta, float inv_tau, const float* lse_p, const float* lse_q,           \
+      float* value, float* policy_term, float2* sums_out) {                                                    \
+    jsd_rows<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, beta, inv_tau, lse_p, lse_q, value,          \
+                   policy_term, sums_out);                                                                     \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) jsd_chunks_##PS##_##QS(                            \
       const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
-      const unsigned char* mask, float beta, float inv_tau, const float* jsd_lse, float2* sums) {             \
-    jsd_chunks<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, beta, inv_tau, jsd_lse, sums);             \
+      const unsigned char* mask, float beta, float inv_tau, const float* lse_p, const float* lse_q,           \
+      float2* sums) {                                                                                          \
+    jsd_chunks<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, beta, inv_tau, lse_p, lse_q, sums);        \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_backward_##PS##_##QS(                     \
       const P* policy, long long ldp, const Q* reference, long long ldq, P* grad, int rows, int cols,         \

@@ -54,7 +54,7 @@
 //! The clamps stabilise training but bias the estimates where they are active (a policy far
 //! from the reference: k3's mean then falls below the KL); `None` turns them off.
 
-use crate::{Aggregation, Error, Normaliser, Result};
+use crate::{Aggregation, Error, Normaliser, Result, RowProblem};
 
 /// A KL divergence, named by argument order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -350,4 +350,170 @@ impl ExactKlOptions {
         }
         crate::TokenLogprobsOptions::default().temperature(self.temperature).inv_temperature()
     }
+}
+
+/// Per-row statistics of a vocabulary slice of both logits rows (a tensor-parallel shard):
+/// enough to finish `KL[π‖π_ref]`, `KL[π_ref‖π]` and both log-sum-exps once the slices are
+/// merged — the exact-KL counterpart of [`VocabPartial`](crate::VocabPartial).
+///
+/// With `m_p`, `m_q` the largest raw logits of the slice, `e_p = exp((x_p − m_p)/τ)` and
+/// `e_q = exp((x_q − m_q)/τ)`: `policy_sum_exp = Σ e_p`, `policy_term = Σ e_p·(z_p − z_q)`,
+/// and the same with the roles swapped for the reference. Merging rescales each side to the
+/// larger max (the cross terms do not depend on the max, so they scale like the sums).
+/// `repr(C)`, 28 bytes, the same layout as the GPU's records.
+///
+/// For the JSD, shards need two rounds: merge these partials to get both log-sum-exps, then
+/// sum each shard's `[Σ p·log(p/m), Σ q·log(q/m)]`
+/// ([`cpu::jsd_shard_sums`](crate::cpu::jsd_shard_sums)) in shard order:
+/// `JSD_β = β·Σ_shards s_p + (1 − β)·Σ_shards s_q`. On the GPU the same recipe is
+/// `cuda::exact_kl_shard_partials`, `cuda::finish_exact_kl_partials`, `cuda::jsd_shard_sums`
+/// and `cuda::finish_jsd_sums`, over partials gathered as `[shards][rows]`.
+///
+/// ```
+/// use rlhf_kernels::{cpu, merge_exact_kl_partials, ExactDivergence, ExactKlOptions, ExactKlPartial, RowShape};
+/// let p: Vec<f32> = (0..600).map(|v| (v as f32 * 0.37).sin() * 3.0).collect();
+/// let q: Vec<f32> = (0..600).map(|v| (v as f32 * 0.37).sin() * 3.0 + (v as f32 * 0.11).cos()).collect();
+/// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
+/// let mut parts = Vec::new();
+/// for s in 0..3 {
+///     let cols = s * 200..(s + 1) * 200;
+///     let shape = RowShape::new(1, 200);
+///     let mut part = [ExactKlPartial::EMPTY];
+///     cpu::exact_kl_shard_partials(&p[cols.clone()], shape, &cpu::ReferenceRows::new(&q[cols], shape), &mut part, &opts)?;
+///     parts.push(part[0]); // ... all-gather across ranks here ...
+/// }
+/// let kl = merge_exact_kl_partials(&parts, &opts)?.finish(&opts).unwrap().value;
+/// let mut whole = [0.0f32];
+/// let shape = RowShape::new(1, 600);
+/// cpu::exact_kl(&p, shape, &cpu::ReferenceRows::new(&q, shape), cpu::ExactKlOutputs::default().value(&mut whole), &opts)?;
+/// assert!((kl - whole[0]).abs() < 1e-5);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ExactKlPartial {
+    /// Largest raw policy logit of the slice.
+    pub policy_max: f32,
+    /// `Σ e_p`.
+    pub policy_sum_exp: f32,
+    /// `Σ e_p·(z_p − z_q)`.
+    pub policy_term: f32,
+    /// Largest raw reference logit of the slice.
+    pub ref_max: f32,
+    /// `Σ e_q`.
+    pub ref_sum_exp: f32,
+    /// `Σ e_q·(z_q − z_p)`.
+    pub ref_term: f32,
+    /// Bits: [`ExactKlPartial::POLICY_NAN`], `POLICY_POS_INF`, `REF_NAN`, `REF_POS_INF`.
+    pub flags: u32,
+}
+
+/// Both log-sum-exps of a row and one exact divergence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExactKlStats {
+    /// The divergence.
+    pub value: f32,
+    /// `ln Σ exp(z_policy)`.
+    pub policy_lse: f32,
+    /// `ln Σ exp(z_ref)`.
+    pub ref_lse: f32,
+}
+
+impl ExactKlPartial {
+    /// A NaN on the policy side.
+    pub const POLICY_NAN: u32 = 1;
+    /// A `+inf` on the policy side.
+    pub const POLICY_POS_INF: u32 = 2;
+    /// A NaN on the reference side.
+    pub const REF_NAN: u32 = 4;
+    /// A `+inf` on the reference side.
+    pub const REF_POS_INF: u32 = 8;
+    /// The partial of an empty slice: the identity of [`merge`](Self::merge).
+    pub const EMPTY: ExactKlPartial = ExactKlPartial {
+        policy_max: f32::NEG_INFINITY,
+        policy_sum_exp: 0.0,
+        policy_term: 0.0,
+        ref_max: f32::NEG_INFINITY,
+        ref_sum_exp: 0.0,
+        ref_term: 0.0,
+        flags: 0,
+    };
+
+    /// Combines two slices of the same row (self first, in vocabulary order).
+    pub fn merge(&self, other: &ExactKlPartial, inv_tau: f32) -> ExactKlPartial {
+        let side = |(m1, s1, a1): (f32, f32, f32), (m2, s2, a2): (f32, f32, f32)| {
+            if m2 == f32::NEG_INFINITY {
+                return (m1, s1, a1);
+            }
+            if m1 == f32::NEG_INFINITY {
+                return (m2, s2, a2);
+            }
+            let m = m1.max(m2);
+            let (f1, f2) = (((m1 - m) * inv_tau).exp(), ((m2 - m) * inv_tau).exp());
+            // A side rescaled to 0 contributes exactly 0 (its term may be +inf).
+            let term = |f: f32, a: f32| if f > 0.0 { f * a } else { 0.0 };
+            (m, f1 * s1 + f2 * s2, term(f1, a1) + term(f2, a2))
+        };
+        let (policy_max, policy_sum_exp, policy_term) = side(
+            (self.policy_max, self.policy_sum_exp, self.policy_term),
+            (other.policy_max, other.policy_sum_exp, other.policy_term),
+        );
+        let (ref_max, ref_sum_exp, ref_term) = side(
+            (self.ref_max, self.ref_sum_exp, self.ref_term),
+            (other.ref_max, other.ref_sum_exp, other.ref_term),
+        );
+        ExactKlPartial {
+            policy_max,
+            policy_sum_exp,
+            policy_term,
+            ref_max,
+            ref_sum_exp,
+            ref_term,
+            flags: self.flags | other.flags,
+        }
+    }
+
+    /// The row's divergence (`KL[π‖π_ref]` or `KL[π_ref‖π]`; for the JSD the two
+    /// log-sum-exps with `value` 0, see the type's docs) or why it has none.
+    pub fn finish(&self, opts: &ExactKlOptions) -> Result<ExactKlStats, RowProblem> {
+        let inv_tau = opts.inv_temperature().map_err(|_| RowProblem::NaN)?;
+        let f = self.flags;
+        if f & (Self::POLICY_NAN | Self::REF_NAN) != 0 {
+            return Err(RowProblem::NaN);
+        }
+        if f & (Self::POLICY_POS_INF | Self::REF_POS_INF) != 0 {
+            return Err(RowProblem::PosInf);
+        }
+        if self.policy_max == f32::NEG_INFINITY || self.ref_max == f32::NEG_INFINITY {
+            return Err(RowProblem::AllNegInf);
+        }
+        let (ln_p, ln_q) = (self.policy_sum_exp.ln(), self.ref_sum_exp.ln());
+        let policy_lse = self.policy_max * inv_tau + ln_p;
+        let ref_lse = self.ref_max * inv_tau + ln_q;
+        let value = match opts.divergence {
+            ExactDivergence::PolicyRef => {
+                let kl = (self.policy_term / self.policy_sum_exp
+                    + (self.ref_max - self.policy_max) * inv_tau
+                    + (ln_q - ln_p))
+                    .max(0.0);
+                if kl == f32::INFINITY {
+                    return Err(RowProblem::InfiniteKl);
+                }
+                kl
+            }
+            ExactDivergence::RefPolicy => (self.ref_term / self.ref_sum_exp
+                + (self.policy_max - self.ref_max) * inv_tau
+                + (ln_p - ln_q))
+                .max(0.0),
+            ExactDivergence::Jsd { .. } => 0.0,
+        };
+        Ok(ExactKlStats { value, policy_lse, ref_lse })
+    }
+}
+
+/// Folds the exact-KL partials of one row's slices, in order (shard 0 first). Pure and
+/// deterministic.
+pub fn merge_exact_kl_partials(parts: &[ExactKlPartial], opts: &ExactKlOptions) -> Result<ExactKlPartial> {
+    let inv_tau = opts.inv_temperature()?;
+    Ok(parts.iter().fold(ExactKlPartial::EMPTY, |acc, p| acc.merge(p, inv_tau)))
 }

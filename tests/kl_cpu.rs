@@ -7,8 +7,9 @@ mod common;
 use common::kl::{self, ExactBackend, ExactCase};
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
-    Aggregation, DType, Error, ExactDivergence, ExactKlOptions, KlController, KlDirection, KlEstimator,
-    Normaliser, RowProblem, RowShape, SampledKlOptions, bf16, cpu, f16, reference,
+    Aggregation, DType, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, KlController, KlDirection,
+    KlEstimator, Normaliser, RowProblem, RowShape, SampledKlOptions, bf16, cpu, f16, merge_exact_kl_partials,
+    reference,
 };
 
 struct Cpu;
@@ -51,6 +52,44 @@ impl ExactBackend for Cpu {
             .lse(&mut o.policy_lse, &mut o.ref_lse)
             .policy_term(&mut o.policy_term);
         cpu::exact_kl(&c.policy, c.policy_shape, &c.reference_rows(), out, &c.opts)?;
+        Ok(o)
+    }
+
+    fn forward_sharded<P: rlhf_kernels::Element, Q: rlhf_kernels::Element>(
+        &self,
+        c: &ExactCase<P, Q>,
+        shards: &[kl::Shard<P, Q>],
+    ) -> rlhf_kernels::Result<kl::ExactOut> {
+        let rows = c.policy_shape.rows;
+        let mask = c.mask.as_deref();
+        let mut parts = vec![vec![ExactKlPartial::EMPTY; rows]; shards.len()];
+        for (s, part) in shards.iter().zip(&mut parts) {
+            let r = cpu::ReferenceRows { logits: &s.reference, shape: s.shape, mask };
+            cpu::exact_kl_shard_partials(&s.policy, s.shape, &r, part, &c.opts)?;
+        }
+        let mut o = kl::ExactOut::zeros(rows);
+        for r in (0..rows).filter(|&r| mask.is_none_or(|m| m[r] != 0)) {
+            let row: Vec<ExactKlPartial> = parts.iter().map(|p| p[r]).collect();
+            let stats = merge_exact_kl_partials(&row, &c.opts)?
+                .finish(&c.opts)
+                .map_err(|problem| Error::InvalidRow { op: "exact_kl", row: r, problem })?;
+            (o.value[r], o.policy_lse[r], o.ref_lse[r]) = (stats.value, stats.policy_lse, stats.ref_lse);
+        }
+        if let ExactDivergence::Jsd { beta } = c.opts.divergence {
+            let mut total = vec![[0.0f32; 2]; rows];
+            for s in shards {
+                let r = cpu::ReferenceRows { logits: &s.reference, shape: s.shape, mask };
+                let mut sums = vec![[0.0f32; 2]; rows];
+                cpu::jsd_shard_sums(&s.policy, s.shape, &r, &o.policy_lse, &o.ref_lse, &mut sums, &c.opts)?;
+                for (t, s) in total.iter_mut().zip(&sums) {
+                    t[0] += s[0];
+                    t[1] += s[1];
+                }
+            }
+            for (v, t) in o.value.iter_mut().zip(&total) {
+                *v = (beta * t[0] + (1.0 - beta) * t[1]).max(0.0);
+            }
+        }
         Ok(o)
     }
 
@@ -100,6 +139,16 @@ fn exact_divergences_match_the_reference() {
     kl::exact_sweep::<bf16, f16>(&Cpu);
     kl::exact_sweep::<f32, f32>(&Cpu);
     kl::exact_sweep::<f16, bf16>(&Cpu);
+}
+
+#[test]
+fn exact_shards_merge_to_the_whole_row() {
+    kl::exact_shards(&Cpu);
+}
+
+#[test]
+fn exact_shard_problems_refuse_the_row() {
+    kl::exact_shard_problems(&Cpu);
 }
 
 #[test]

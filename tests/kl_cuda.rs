@@ -10,13 +10,16 @@ use rlhf_kernels::cuda_or_skip;
 mod gpu {
     use std::sync::Arc;
 
-    use super::common::kl::{self, ExactBackend, ExactCase, ExactOut, SampledBackend, SampledCase};
+    use super::common::kl::{self, ExactBackend, ExactCase, ExactOut, SampledBackend, SampledCase, Shard};
     use rlhf_kernels::cuda::{
         self, CudaStatus, DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats, DeviceReferenceRows,
         DeviceSampledKlOutputs, SampledKlInputs,
     };
     use rlhf_kernels::cudarc::driver::CudaStream;
-    use rlhf_kernels::{Element, Error, Normaliser, Result, RowProblem, RowShape, SampledKlStats, bf16, f16};
+    use rlhf_kernels::{
+        Element, Error, ExactDivergence, ExactKlPartial, Normaliser, Result, RowProblem, RowShape,
+        SampledKlStats, bf16, f16,
+    };
 
     pub struct Gpu(pub Arc<CudaStream>);
 
@@ -93,6 +96,79 @@ mod gpu {
                 policy_lse: d(&bufs[1]),
                 ref_lse: d(&bufs[2]),
                 policy_term: d(&bufs[3]),
+            })
+        }
+
+        fn forward_sharded<P: Element, Q: Element>(
+            &self,
+            c: &ExactCase<P, Q>,
+            shards: &[Shard<P, Q>],
+        ) -> Result<ExactOut> {
+            let s = &self.0;
+            let rows = c.policy_shape.rows;
+            let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+            let mask_view = || mask.as_ref().map(|m| m.as_view());
+            let up =
+                |s_: &Shard<P, Q>| (s.clone_htod(&s_.policy).unwrap(), s.clone_htod(&s_.reference).unwrap());
+            // Round 1 on each "rank", gathered as [shards][rows].
+            let mut gathered = s.alloc_zeros::<ExactKlPartial>(shards.len() * rows).unwrap();
+            for (k, sh) in shards.iter().enumerate() {
+                let (p, q) = up(sh);
+                let r = DeviceReferenceRows { logits: q.as_view(), shape: sh.shape, mask: mask_view() };
+                let mut mine = gathered.slice_mut(k * rows..(k + 1) * rows);
+                cuda::exact_kl_shard_partials(s, &p, sh.shape, &r, &mut mine, &c.opts)?;
+            }
+            let jsd = matches!(c.opts.divergence, ExactDivergence::Jsd { .. });
+            let mut bufs: Vec<_> = (0..3).map(|_| s.clone_htod(&vec![f32::NAN; rows]).unwrap()).collect();
+            let mut status = CudaStatus::new(s)?;
+            {
+                let [v, pl, ql] = bufs.as_mut_slice() else { unreachable!() };
+                let out = DeviceExactKlOutputs {
+                    value: (!jsd).then(|| v.as_view_mut()),
+                    policy_lse: Some(pl.as_view_mut()),
+                    ref_lse: Some(ql.as_view_mut()),
+                    ..Default::default()
+                };
+                cuda::finish_exact_kl_partials(
+                    s,
+                    &gathered,
+                    mask_view().as_ref(),
+                    out,
+                    &mut status,
+                    &c.opts,
+                )?;
+            }
+            status.check(s)?;
+            if jsd {
+                // Round 2: each rank's sums given the merged normalisers, gathered and finished.
+                let mut sums = s.alloc_zeros::<f32>(2 * shards.len() * rows).unwrap();
+                for (k, sh) in shards.iter().enumerate() {
+                    let (p, q) = up(sh);
+                    let r = DeviceReferenceRows { logits: q.as_view(), shape: sh.shape, mask: mask_view() };
+                    let mut mine = sums.slice_mut(2 * k * rows..2 * (k + 1) * rows);
+                    let (pl, ql) = (bufs[1].as_view(), bufs[2].as_view());
+                    cuda::jsd_shard_sums(s, &p, sh.shape, &r, &pl, &ql, &mut mine, &c.opts)?;
+                }
+                let [v, pl, ql] = bufs.as_mut_slice() else { unreachable!() };
+                let (pl, ql) = (pl.as_view(), ql.as_view());
+                let m = mask_view();
+                cuda::finish_jsd_sums(
+                    s,
+                    &sums.as_view(),
+                    m.as_ref(),
+                    &pl,
+                    &ql,
+                    Some(v.as_view_mut()),
+                    None,
+                    &c.opts,
+                )?;
+            }
+            let d = |b: &rlhf_kernels::cudarc::driver::CudaSlice<f32>| s.clone_dtoh(b).unwrap();
+            Ok(ExactOut {
+                value: d(&bufs[0]),
+                policy_lse: d(&bufs[1]),
+                ref_lse: d(&bufs[2]),
+                policy_term: vec![0.0; rows],
             })
         }
 
@@ -176,6 +252,14 @@ mod gpu {
         kl::exact_sweep::<f32, bf16>(gpu);
     }
 
+    pub fn exact_shards(gpu: &Gpu) {
+        kl::exact_shards(gpu);
+    }
+
+    pub fn exact_shard_problems(gpu: &Gpu) {
+        kl::exact_shard_problems(gpu);
+    }
+
     pub fn exact_edges(gpu: &Gpu) {
         kl::exact_edge_cases(gpu);
         kl::exact_errors(gpu);
@@ -232,3 +316,5 @@ gpu_test!(rewards);
 gpu_test!(exact);
 gpu_test!(exact_edges);
 gpu_test!(exact_batch_invariance);
+gpu_test!(exact_shards);
+gpu_test!(exact_shard_problems);

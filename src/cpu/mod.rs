@@ -11,7 +11,7 @@ pub(crate) mod simd;
 
 pub use kl::{
     ExactKlGrads, ExactKlOutputs, ReferenceRows, SampledKlOutputs, exact_kl, exact_kl_backward,
-    exact_kl_backward_in_place, kl_rewards, sampled_kl,
+    exact_kl_backward_in_place, exact_kl_shard_partials, jsd_shard_sums, kl_rewards, sampled_kl,
 };
 pub use logprobs::{
     finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,

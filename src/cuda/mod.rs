@@ -3,8 +3,7 @@
 //!
 //! Two layers per op:
 //! - **safe** (this module): cudarc buffers ([`CudaSlice`](cudarc::driver::CudaSlice),
-//!   [`CudaView`](cudarc::driver::CudaView), [`CudaViewMut`](cudarc::driver::CudaViewMut))
-//!   and an `Arc<CudaStream>`. candle 0.11 uses the same cudarc 0.19, so its `CudaStorage`
+//!   [`CudaView`], [`CudaViewMut`]) and an `Arc<CudaStream>`. candle 0.11 uses the same cudarc 0.19, so its `CudaStorage`
 //!   slices and `CudaDevice::cuda_stream()` pass straight in.
 //! - **raw** ([`raw`]): `unsafe` functions taking device pointers, a device ordinal and a
 //!   `CUstream`, for tch-rs, burn/cubecl and Python callers that own their memory.
@@ -20,14 +19,15 @@ mod logprobs;
 mod module;
 mod status;
 
-use cudarc::driver::DriverError;
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
 
 pub use context::CudaDevice;
 pub(crate) use context::RawStream;
 pub use kl::{
     DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats, DeviceReferenceRows, DeviceSampledKlOutputs,
-    SampledKlInputs, exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_workspace_bytes,
-    kl_rewards, sampled_kl, sampled_kl_workspace_bytes,
+    SampledKlInputs, exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials,
+    exact_kl_workspace_bytes, finish_exact_kl_partials, finish_jsd_sums, jsd_shard_sums, kl_rewards,
+    sampled_kl, sampled_kl_workspace_bytes,
 };
 pub use logprobs::{
     DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens, finish_vocab_partials, log_softmax,
@@ -59,5 +59,33 @@ pub(crate) fn non_null(ptrs: &[(&'static str, u64)]) -> crate::Result<()> {
             expected: "a device pointer",
         }),
         None => Ok(()),
+    }
+}
+
+/// The device pointer of an optional view (0 when absent) and its event guard.
+pub(crate) fn opt_ptr<'a, T>(
+    v: &'a Option<CudaView<'_, T>>,
+    s: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match v {
+        Some(v) => {
+            let (p, g) = v.device_ptr(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+/// [`opt_ptr`] for an optional output.
+pub(crate) fn opt_ptr_mut<'a, T>(
+    v: &'a mut Option<CudaViewMut<'_, T>>,
+    s: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match v {
+        Some(v) => {
+            let (p, g) = v.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
     }
 }

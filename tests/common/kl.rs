@@ -4,7 +4,7 @@
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
     Aggregation, DType, Element, Error, ExactDivergence, ExactKlOptions, KlEstimator, Normaliser, Result,
-    RowProblem, RowShape, SampledKlOptions, SampledKlStats, reference,
+    RowProblem, RowShape, SampledKlOptions, SampledKlStats, bf16, f16, reference,
 };
 
 /// A `[B, T]` batch of per-token log-probs of the policy and the reference.
@@ -259,6 +259,13 @@ impl<P: Element, Q: Element> ExactCase<P, Q> {
 
 pub trait ExactBackend {
     fn forward<P: Element, Q: Element>(&self, c: &ExactCase<P, Q>) -> Result<ExactOut>;
+    /// The tensor-parallel recipe over `shards` of `c` (value and both normalisers; for the
+    /// JSD also its second round): shard partials, merged in shard order, finished.
+    fn forward_sharded<P: Element, Q: Element>(
+        &self,
+        c: &ExactCase<P, Q>,
+        shards: &[Shard<P, Q>],
+    ) -> Result<ExactOut>;
     /// The full gradient buffer (the policy's layout).
     fn backward<P: Element, Q: Element>(
         &self,
@@ -471,4 +478,74 @@ pub fn mean_and_standard_error(v: &[f64]) -> (f64, f64) {
     let mean = v.iter().sum::<f64>() / n;
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
     (mean, (var / n).sqrt())
+}
+
+/// One vocabulary shard of an [`ExactCase`]: the same columns of both sides, dense.
+pub struct Shard<P, Q> {
+    pub policy: Vec<P>,
+    pub reference: Vec<Q>,
+    pub shape: RowShape,
+}
+
+impl<P: Element, Q: Element> ExactCase<P, Q> {
+    /// The case cut at the column `bounds` (first 0, last cols).
+    pub fn shards(&self, bounds: &[usize]) -> Vec<Shard<P, Q>> {
+        fn cut<T: Copy>(data: &[T], shape: RowShape, lo: usize, hi: usize) -> Vec<T> {
+            (0..shape.rows)
+                .flat_map(|r| data[shape.row_start(r) + lo..shape.row_start(r) + hi].to_vec())
+                .collect()
+        }
+        let rows = self.policy_shape.rows;
+        bounds
+            .windows(2)
+            .map(|w| Shard {
+                policy: cut(&self.policy, self.policy_shape, w[0], w[1]),
+                reference: cut(&self.reference, self.ref_shape, w[0], w[1]),
+                shape: RowShape::new(rows, w[1] - w[0]),
+            })
+            .collect()
+    }
+}
+
+/// Column bounds of uneven shards of a 20 000-wide row: a 1-wide shard, one ending on a chunk
+/// boundary, one a single column past it.
+const SHARD_BOUNDS: [usize; 6] = [0, 1, 7_777, 8_192, 19_999, 20_000];
+
+/// The shard recipe gives the whole row's divergence and normalisers (masked rows, banned
+/// tokens, every divergence, the JSD's two rounds).
+pub fn exact_shards(b: &impl ExactBackend) {
+    let rows = 6usize;
+    for divergence in DIVERGENCES {
+        let case = ExactCase::<bf16, f16>::random(rows, *SHARD_BOUNDS.last().unwrap(), divergence, 0.7, 31);
+        let whole = b.forward(&case).unwrap();
+        let got = b.forward_sharded(&case, &case.shards(&SHARD_BOUNDS)).unwrap();
+        let tol = Tolerance { rel: 1e-5, abs: 1e-5 * case.scale() };
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        assert_close(&got.value, &f64s(&whole.value), tol, &format!("{divergence:?} value from shards"));
+        assert_close(&got.policy_lse, &f64s(&whole.policy_lse), tol, &format!("{divergence:?} policy lse"));
+        assert_close(&got.ref_lse, &f64s(&whole.ref_lse), tol, &format!("{divergence:?} ref lse"));
+        if let Some(mask) = &case.mask {
+            for r in (0..rows).filter(|&r| mask[r] == 0) {
+                assert_eq!(got.value[r], 0.0, "{divergence:?}: masked row {r} gives 0");
+            }
+        }
+    }
+}
+
+/// A NaN or `+inf` in one shard of a row refuses that row when the shards are merged.
+pub fn exact_shard_problems(b: &impl ExactBackend) {
+    for (divergence, bad, problem) in [
+        (ExactDivergence::PolicyRef, f32::NAN, RowProblem::NaN),
+        (ExactDivergence::Jsd { beta: 0.5 }, f32::INFINITY, RowProblem::PosInf),
+    ] {
+        let case = ExactCase::<f32, f32>::random(3, *SHARD_BOUNDS.last().unwrap(), divergence, 1.0, 5);
+        let mut shards = case.shards(&SHARD_BOUNDS);
+        let s = &mut shards[3];
+        s.reference[s.shape.row_start(2) + 17] = bad;
+        let err = b.forward_sharded(&case, &shards).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidRow { row: 2, problem: p, .. } if p == problem),
+            "{divergence:?}: a {bad} in one shard: {err}"
+        );
+    }
 }

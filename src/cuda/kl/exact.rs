@@ -10,16 +10,16 @@ use std::sync::Arc;
 
 use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg, SyncOnDrop,
+    PushKernelArg,
 };
 
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error};
+use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
 use crate::{DType, Element, Error, ExactDivergence, ExactKlOptions, Result, RowShape};
 
-const BLOCK: u32 = 256;
+pub(super) const BLOCK: u32 = 256;
 const CHUNK: usize = 8192;
 const SPLIT_ROWS: usize = 1024;
 /// `PairPartial` in the kernel: 6 f32 and a u32.
@@ -104,7 +104,7 @@ fn grid_blocks(rows: usize, chunks: usize) -> Result<u32> {
     })
 }
 
-fn divergence_code(d: ExactDivergence) -> (i32, f32) {
+pub(super) fn divergence_code(d: ExactDivergence) -> (i32, f32) {
     match d {
         ExactDivergence::PolicyRef => (0, 0.0),
         ExactDivergence::RefPolicy => (1, 0.0),
@@ -112,46 +112,27 @@ fn divergence_code(d: ExactDivergence) -> (i32, f32) {
     }
 }
 
-fn kernel(prefix: &str, p: DType, q: DType) -> String {
+pub(super) fn kernel(prefix: &str, p: DType, q: DType) -> String {
     format!("{prefix}_{}_{}", p.name(), q.name())
 }
 
-/// The kernels' `ExactOut` (five nullable pointers).
+/// The kernels' `ExactOut` (six nullable pointers).
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct ExactOut {
-    value: u64,
-    policy_lse: u64,
-    ref_lse: u64,
-    policy_term: u64,
-    jsd_lse: u64,
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ExactOut {
+    pub(super) value: u64,
+    pub(super) policy_lse: u64,
+    pub(super) ref_lse: u64,
+    pub(super) policy_term: u64,
+    pub(super) jsd_lse_p: u64,
+    pub(super) jsd_lse_q: u64,
 }
 
-// SAFETY: repr(C) with the layout of the kernels' `struct ExactOut` (five 8-byte pointers),
+// SAFETY: repr(C) with the layout of the kernels' `struct ExactOut` (six 8-byte pointers),
 // passed by value.
 unsafe impl DeviceRepr for ExactOut {}
 
-fn ptr<'a, T>(v: &'a Option<CudaView<'_, T>>, s: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
-    match v {
-        Some(v) => {
-            let (p, g) = v.device_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    }
-}
-
-fn ptr_mut<'a, T>(v: &'a mut Option<CudaViewMut<'_, T>>, s: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
-    match v {
-        Some(v) => {
-            let (p, g) = v.device_ptr_mut(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    }
-}
-
-fn check_reference<Q>(
+pub(super) fn check_reference<Q>(
     policy_len: usize,
     policy_shape: RowShape,
     r: &DeviceReferenceRows<'_, Q>,
@@ -220,11 +201,11 @@ pub fn exact_kl<P: Element, Q: Element>(
     let s: &CudaStream = stream;
     let (p, _g1) = policy.device_ptr(s);
     let (q, _g2) = reference.logits.device_ptr(s);
-    let (mask, _g3) = ptr(&reference.mask, s);
-    let (value, _g4) = ptr_mut(&mut out.value, s);
-    let (plse, _g5) = ptr_mut(&mut out.policy_lse, s);
-    let (qlse, _g6) = ptr_mut(&mut out.ref_lse, s);
-    let (term, _g7) = ptr_mut(&mut out.policy_term, s);
+    let (mask, _g3) = opt_ptr(&reference.mask, s);
+    let (value, _g4) = opt_ptr_mut(&mut out.value, s);
+    let (plse, _g5) = opt_ptr_mut(&mut out.policy_lse, s);
+    let (qlse, _g6) = opt_ptr_mut(&mut out.ref_lse, s);
+    let (term, _g7) = opt_ptr_mut(&mut out.policy_term, s);
     let mut owned: Option<CudaSlice<u8>> = None;
     let (work, _g8) = if need == 0 {
         (0, None)
@@ -250,19 +231,16 @@ pub fn exact_kl<P: Element, Q: Element>(
 
     let (div, beta) = divergence_code(opts.divergence);
     let jsd = div == 2;
-    let jsd_lse = if jsd { work + lse_at as u64 } else { 0 };
-    let o = ExactOut { value, policy_lse: plse, ref_lse: qlse, policy_term: term, jsd_lse };
+    // The JSD's normalisers: rows f32 for the policy, then rows f32 for the reference.
+    let (jsd_lse_p, jsd_lse_q) =
+        if jsd { (work + lse_at as u64, work + (lse_at + 4 * rows) as u64) } else { (0, 0) };
+    let o = ExactOut { value, policy_lse: plse, ref_lse: qlse, policy_term: term, jsd_lse_p, jsd_lse_q };
     let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
     let (rows_i, cols_i) = (rows as i32, policy_shape.cols as i32);
     let (pt, qt) = (P::DTYPE, Q::DTYPE);
     let per_row =
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let per_chunk = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    let per_thread = LaunchConfig {
-        grid_dim: (rows.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let ctx = stream.context();
     let partials = work + partials_at as u64;
     let sums = work + sums_at as u64;
@@ -285,14 +263,8 @@ pub fn exact_kl<P: Element, Q: Element>(
         // chunk), rows·chunks ≤ i32::MAX; both rows cover the shapes checked above and the
         // workspace region holds rows·chunks records.
         unsafe { l.launch(per_chunk) }.map_err(driver_error("launching exact_kl (chunks)"))?;
-        let f = function(ctx, Module::Kl, "exact_kl_merge")?;
-        let chunks_i = chunks as i32;
-        let mut l = stream.launch_builder(&f);
-        l.arg(&partials).arg(&chunks_i).arg(&rows_i).arg(&mask).arg(&div).arg(&inv_tau).arg(&o).arg(&st);
-        // SAFETY: matches `exact_kl_merge(const PairPartial*, int, int, const unsigned char*, int,
-        // float, ExactOut, unsigned long long*)`; one thread per row; the records were written by
-        // the launch above; every non-null output holds `rows` f32 (jsd_lse 2·rows).
-        unsafe { l.launch(per_thread) }.map_err(driver_error("launching exact_kl_merge"))?;
+        // Record (row, chunk) at row·chunks + chunk.
+        merge_partials(stream, partials, [chunks as i64, 1], chunks, rows, mask, div, inv_tau, o, st)?;
     } else {
         let f = function(ctx, Module::Kl, &kernel("exact_kl_rows", pt, qt))?;
         let mut l = stream.launch_builder(&f);
@@ -306,10 +278,12 @@ pub fn exact_kl<P: Element, Q: Element>(
             .arg(&div)
             .arg(&inv_tau)
             .arg(&o)
+            .arg(&NULL)
             .arg(&st);
         // SAFETY: matches `exact_kl_rows_<p>_<q>(const P*, long long, const Q*, long long, int,
-        // int, const unsigned char*, int, float, ExactOut, unsigned long long*)`; one block of
-        // 256 threads per row; buffers as above.
+        // int, const unsigned char*, int, float, ExactOut, PairPartial*, unsigned long long*)`;
+        // one block of 256 threads per row; buffers as above; a null `partials_out` makes the
+        // kernel finish the rows.
         unsafe { l.launch(per_row) }.map_err(driver_error("launching exact_kl"))?;
     }
     if !jsd {
@@ -328,19 +302,16 @@ pub fn exact_kl<P: Element, Q: Element>(
             .arg(&mask)
             .arg(&beta)
             .arg(&inv_tau)
-            .arg(&jsd_lse)
+            .arg(&jsd_lse_p)
+            .arg(&jsd_lse_q)
             .arg(&sums);
         // SAFETY: matches `jsd_chunks_<p>_<q>(const P*, long long, const Q*, long long, int, int,
-        // const unsigned char*, float, float, const float*, float2*)`; one block per (row, chunk);
-        // the normalisers were written by pass 1 and the sums region holds rows·chunks float2.
+        // const unsigned char*, float, float, const float*, const float*, float2*)`; one block
+        // per (row, chunk); the normalisers were written by pass 1 and the sums region holds
+        // rows·chunks float2.
         unsafe { l.launch(per_chunk) }.map_err(driver_error("launching jsd (chunks)"))?;
-        let f = function(ctx, Module::Kl, "jsd_merge")?;
-        let chunks_i = chunks as i32;
-        let mut l = stream.launch_builder(&f);
-        l.arg(&sums).arg(&chunks_i).arg(&rows_i).arg(&mask).arg(&beta).arg(&jsd_lse).arg(&value).arg(&term);
-        // SAFETY: matches `jsd_merge(const float2*, int, int, const unsigned char*, float, const
-        // float*, float*, float*)`; one thread per row; sums written by the launch above.
-        unsafe { l.launch(per_thread) }.map_err(driver_error("launching jsd_merge"))?;
+        let lse = [jsd_lse_p, jsd_lse_q];
+        merge_jsd_sums(stream, sums, [chunks as i64, 1], chunks, rows, mask, beta, lse, [value, term])?;
     } else {
         let f = function(ctx, Module::Kl, &kernel("jsd_rows", pt, qt))?;
         let mut l = stream.launch_builder(&f);
@@ -353,13 +324,80 @@ pub fn exact_kl<P: Element, Q: Element>(
             .arg(&mask)
             .arg(&beta)
             .arg(&inv_tau)
-            .arg(&jsd_lse)
+            .arg(&jsd_lse_p)
+            .arg(&jsd_lse_q)
             .arg(&value)
-            .arg(&term);
+            .arg(&term)
+            .arg(&NULL);
         // SAFETY: matches `jsd_rows_<p>_<q>(const P*, long long, const Q*, long long, int, int,
-        // const unsigned char*, float, float, const float*, float*, float*)`; one block per row.
+        // const unsigned char*, float, float, const float*, const float*, float*, float*,
+        // float2*)`; one block per row; the normalisers were written by pass 1; a null
+        // `sums_out` makes the kernel finish the rows.
         unsafe { l.launch(per_row) }.map_err(driver_error("launching jsd"))?;
     }
+    Ok(())
+}
+
+/// A null device pointer, for the kernels' optional arguments.
+pub(super) const NULL: u64 = 0;
+
+/// One thread per row.
+pub(super) fn per_thread(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Launches `exact_kl_merge`: folds `parts` records per row, record (row, k) at
+/// `row·strides[0] + k·strides[1]`, and finishes the rows into `o`.
+#[allow(clippy::too_many_arguments)] // private: raw device addresses of one launch
+pub(super) fn merge_partials(
+    stream: &Arc<CudaStream>,
+    partials: u64,
+    strides: [i64; 2],
+    parts: usize,
+    rows: usize,
+    mask: u64,
+    divergence: i32,
+    inv_tau: f32,
+    o: ExactOut,
+    status: u64,
+) -> Result<()> {
+    let f = function(stream.context(), Module::Kl, "exact_kl_merge")?;
+    let (parts_i, rows_i) = (parts as i32, rows as i32);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&partials).arg(&strides[0]).arg(&strides[1]).arg(&parts_i).arg(&rows_i).arg(&mask);
+    l.arg(&divergence).arg(&inv_tau).arg(&o).arg(&status);
+    // SAFETY: matches `exact_kl_merge(const PairPartial*, long long, long long, int, int, const
+    // unsigned char*, int, float, ExactOut, unsigned long long*)`; one thread per row; the
+    // callers guarantee `partials` holds rows·parts records at those strides, `mask` (or null)
+    // `rows` bytes, every non-null output `rows` f32.
+    unsafe { l.launch(per_thread(rows)) }.map_err(driver_error("launching exact_kl_merge"))?;
+    Ok(())
+}
+
+/// Launches `jsd_merge`: sums `parts` float2 per row (strides as in [`merge_partials`]) and
+/// writes `[value, policy_term]` (each nullable).
+#[allow(clippy::too_many_arguments)] // private: raw device addresses of one launch
+pub(super) fn merge_jsd_sums(
+    stream: &Arc<CudaStream>,
+    sums: u64,
+    strides: [i64; 2],
+    parts: usize,
+    rows: usize,
+    mask: u64,
+    beta: f32,
+    [lse_p, lse_q]: [u64; 2],
+    [value, term]: [u64; 2],
+) -> Result<()> {
+    let f = function(stream.context(), Module::Kl, "jsd_merge")?;
+    let (parts_i, rows_i) = (parts as i32, rows as i32);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&sums).arg(&strides[0]).arg(&strides[1]).arg(&parts_i).arg(&rows_i).arg(&mask).arg(&beta);
+    l.arg(&lse_p).arg(&lse_q).arg(&value).arg(&term);
+    // SAFETY: matches `jsd_merge(const float2*, long long, long long, int, int, const unsigned
+    // char*, float, const float*, const float*, float*, float*)`; one thread per row; the
+    // callers guarantee `sums` holds rows·parts float2 at those strides and the normalisers
+    // and non-null outputs `rows` f32.
+    unsafe { l.launch(per_thread(rows)) }.map_err(driver_error("launching jsd_merge"))?;
     Ok(())
 }
 
@@ -434,7 +472,7 @@ fn backward<P: Element, Q: Element>(
     let blocks = grid_blocks(rows, chunks(policy_shape))?;
     let s: &CudaStream = stream;
     let (q, _g1) = reference.logits.device_ptr(s);
-    let (mask, _g2) = ptr(&reference.mask, s);
+    let (mask, _g2) = opt_ptr(&reference.mask, s);
     let (plse, _g3) = grads.policy_lse.device_ptr(s);
     let (qlse, _g4) = grads.ref_lse.device_ptr(s);
     let (sv, _g5) = saved.device_ptr(s);

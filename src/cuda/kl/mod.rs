@@ -1,8 +1,10 @@
 //! The KL family on the GPU (kernels/kl.cu): sampled estimators with their loss gradient and
-//! batch statistics, KL-in-reward shaping, and the exact full-vocabulary divergences.
+//! batch statistics, KL-in-reward shaping, and the exact full-vocabulary divergences (whole rows or vocabulary
+//! shards).
 
 mod exact;
 mod sampled;
+mod shards;
 
 pub use exact::{
     DeviceExactKlGrads, DeviceExactKlOutputs, DeviceReferenceRows, exact_kl, exact_kl_backward,
@@ -12,3 +14,4 @@ pub use sampled::{
     DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs, kl_rewards, sampled_kl,
     sampled_kl_workspace_bytes,
 };
+pub use shards::{exact_kl_shard_partials, finish_exact_kl_partials, finish_jsd_sums, jsd_shard_sums};

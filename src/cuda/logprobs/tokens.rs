@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
 use super::token_launch::{
@@ -19,7 +19,7 @@ use super::token_launch::{
     launch_merge, split,
 };
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error};
+use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::{check_grads_present, check_len};
 use crate::{DType, Element, Error, Result, RowShape, TargetIndex, TokenLogprobsOptions, VocabPartial};
 
@@ -110,30 +110,6 @@ impl<'a> DeviceTokenGrads<'a> {
     /// Adds the upstream gradient of the entropy, with the forward's entropy.
     pub fn grad_entropy(self, g: CudaView<'a, f32>, entropy: CudaView<'a, f32>) -> Self {
         DeviceTokenGrads { grad_entropy: Some(g), entropy: Some(entropy), ..self }
-    }
-}
-
-/// The device pointer of an optional view (0 when absent) and its event guard.
-fn opt_ptr<'a, T>(v: &'a Option<CudaView<'_, T>>, s: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
-    match v {
-        Some(v) => {
-            let (p, g) = v.device_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    }
-}
-
-fn opt_ptr_mut<'a, T>(
-    v: &'a mut Option<CudaViewMut<'_, T>>,
-    s: &'a CudaStream,
-) -> (u64, Option<SyncOnDrop<'a>>) {
-    match v {
-        Some(v) => {
-            let (p, g) = v.device_ptr_mut(s);
-            (p, Some(g))
-        }
-        None => (0, None),
     }
 }
 

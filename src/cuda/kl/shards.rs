@@ -1,0 +1,285 @@
+//! CUDA exact divergences over a vocabulary split across tensor-parallel ranks: each rank
+//! reduces its slice of both logits rows to an [`ExactKlPartial`] per row, the ranks gather the
+//! partials as `[shards][rows]`, and any rank finishes the rows. The JSD adds a second round
+//! (per-shard sums given the merged log-sum-exps). Same recipe as
+//! [`cpu::exact_kl_shard_partials`](crate::cpu::exact_kl_shard_partials), same operations in
+//! the same order as the whole-row kernels.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    SyncOnDrop, ValidAsZeroBits,
+};
+
+use super::exact::{
+    BLOCK, DeviceExactKlOutputs, DeviceReferenceRows, ExactOut, NULL, check_reference, divergence_code,
+    kernel, merge_jsd_sums, merge_partials,
+};
+use crate::cuda::module::{Module, function};
+use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
+use crate::logprobs::check_len;
+use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
+
+// SAFETY: ExactKlPartial is repr(C) plain old data (six f32 and a u32), the layout of the
+// kernels' `PairPartial`; every bit pattern is a valid value, including all zeros.
+unsafe impl DeviceRepr for ExactKlPartial {}
+// SAFETY: as above: all-zero bits are a valid ExactKlPartial.
+unsafe impl ValidAsZeroBits for ExactKlPartial {}
+
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn jsd_beta(opts: &ExactKlOptions) -> Result<f32> {
+    match opts.divergence {
+        ExactDivergence::Jsd { beta } => Ok(beta),
+        d => Err(Error::InvalidOption {
+            name: "divergence",
+            value: format!("{d:?}"),
+            expected: "ExactDivergence::Jsd (the two KLs need one round only)",
+        }),
+    }
+}
+
+/// `partials` holds `shards` whole records per row.
+fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
+    RowShape::new(rows, 1).validate(what)?;
+    if len == 0 || len % rows != 0 {
+        return Err(Error::InvalidOption {
+            name: what,
+            value: format!("{len} records for {rows} rows"),
+            expected: "shards x rows records, laid out [shards][rows]",
+        });
+    }
+    Ok(len / rows)
+}
+
+/// Per-row [`ExactKlPartial`]s of a vocabulary shard on the GPU: `policy` and
+/// `reference.logits` hold the same columns of the full vocabulary. The GPU twin of
+/// [`cpu::exact_kl_shard_partials`](crate::cpu::exact_kl_shard_partials): padding rows give
+/// [`ExactKlPartial::EMPTY`], row problems travel in the flags. Gather the partials of all
+/// shards as `[shards][rows]` and finish with [`finish_exact_kl_partials`].
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceExactKlOutputs, DeviceReferenceRows};
+/// use rlhf_kernels::{ExactDivergence, ExactKlOptions, ExactKlPartial, RowShape};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let (rows, shard_cols, shards) = (4, 3, 2);
+/// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
+/// let shape = RowShape::new(rows, shard_cols);
+/// let mut gathered = s.alloc_zeros::<ExactKlPartial>(shards * rows).unwrap();
+/// for k in 0..shards {
+///     // On rank k: its slice of both rows (here the same numbers on every rank).
+///     let p = s.clone_htod(&[0.5f32, 1.0, -1.0].repeat(rows)).unwrap();
+///     let q = s.clone_htod(&[0.0f32, 1.0, 0.0].repeat(rows)).unwrap();
+///     let r = DeviceReferenceRows { logits: q.as_view(), shape, mask: None };
+///     let mut mine = gathered.slice_mut(k * rows..(k + 1) * rows); // all-gather in practice
+///     cuda::exact_kl_shard_partials(s, &p, shape, &r, &mut mine, &opts)?;
+/// }
+/// let mut kl = s.alloc_zeros::<f32>(rows).unwrap();
+/// let mut status = CudaStatus::new(s)?;
+/// let out = DeviceExactKlOutputs { value: Some(kl.as_view_mut()), ..Default::default() };
+/// cuda::finish_exact_kl_partials(s, &gathered, None, out, &mut status, &opts)?;
+/// status.check(s)?;
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn exact_kl_shard_partials<P: Element, Q: Element>(
+    stream: &Arc<CudaStream>,
+    policy: &impl DevicePtr<P>,
+    policy_shape: RowShape,
+    reference: &DeviceReferenceRows<'_, Q>,
+    partials: &mut impl DevicePtrMut<ExactKlPartial>,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_reference(policy.len(), policy_shape, reference)?;
+    let rows = policy_shape.rows;
+    check_len("partials", partials.len(), rows)?;
+    let inv_tau = opts.inv_temperature()?;
+    let s: &CudaStream = stream;
+    let (p, _g1) = policy.device_ptr(s);
+    let (q, _g2) = reference.logits.device_ptr(s);
+    let (mask, _g3) = opt_ptr(&reference.mask, s);
+    let (out, _g4) = partials.device_ptr_mut(s);
+    let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
+    let (rows_i, cols_i, div) = (rows as i32, policy_shape.cols as i32, 0i32);
+    let f = function(stream.context(), Module::Kl, &kernel("exact_kl_rows", P::DTYPE, Q::DTYPE))?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&p).arg(&ldp).arg(&q).arg(&ldq).arg(&rows_i).arg(&cols_i).arg(&mask).arg(&div).arg(&inv_tau);
+    let no_outputs = ExactOut::default();
+    l.arg(&no_outputs).arg(&out).arg(&NULL);
+    // SAFETY: matches `exact_kl_rows_<p>_<q>(const P*, long long, const Q*, long long, int, int,
+    // const unsigned char*, int, float, ExactOut, PairPartial*, unsigned long long*)`; one
+    // block of 256 threads per row; both rows cover the checked shapes; with `partials_out`
+    // non-null the kernel writes one record per row (`rows` checked) and touches neither the
+    // (null) outputs nor the (null) status.
+    unsafe { l.launch(per_row(rows)) }.map_err(driver_error("launching exact_kl_shard_partials"))?;
+    Ok(())
+}
+
+/// Merges the [`ExactKlPartial`]s of all shards (`[shards][rows]`, shard order; `mask` one byte
+/// per row or `None`) and writes the requested outputs as [`exact_kl`](super::exact_kl) would
+/// for the whole vocabulary. For the JSD it writes only the two log-sum-exps (both required:
+/// they feed [`jsd_shard_sums`]). Rows without a defined result get NaN and are reported in
+/// `status`. `out.workspace` is not used.
+pub fn finish_exact_kl_partials(
+    stream: &Arc<CudaStream>,
+    partials: &impl DevicePtr<ExactKlPartial>,
+    mask: Option<&CudaView<'_, u8>>,
+    mut out: DeviceExactKlOutputs<'_>,
+    status: &mut CudaStatus,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    let outs = [&out.value, &out.policy_lse, &out.ref_lse, &out.policy_term];
+    let rows = match outs.iter().find_map(|o| o.as_ref()) {
+        Some(o) => o.len(),
+        None => {
+            return Err(Error::InvalidOption {
+                name: "outputs",
+                value: "none requested".into(),
+                expected: "at least one of value, policy_lse, ref_lse, policy_term",
+            });
+        }
+    };
+    for (what, o) in ["value", "policy_lse", "ref_lse", "policy_term"].into_iter().zip(outs) {
+        o.as_ref().map_or(Ok(()), |o| check_len(what, o.len(), rows))?;
+    }
+    let shards = check_records("partials", partials.len(), rows)?;
+    mask.map_or(Ok(()), |m| check_len("mask", m.len(), rows))?;
+    if matches!(opts.divergence, ExactDivergence::Jsd { .. })
+        && (out.value.is_some()
+            || out.policy_term.is_some()
+            || out.policy_lse.is_none()
+            || out.ref_lse.is_none())
+    {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "value or policy_term, or a missing log-sum-exp, for the JSD".into(),
+            expected: "policy_lse and ref_lse only: the JSD's value comes from finish_jsd_sums",
+        });
+    }
+    let inv_tau = opts.inv_temperature()?;
+    let s: &CudaStream = stream;
+    let (parts, _g1) = partials.device_ptr(s);
+    let (mask, _g2) = mask_ptr(mask, s);
+    let (value, _g3) = opt_ptr_mut(&mut out.value, s);
+    let (policy_lse, _g4) = opt_ptr_mut(&mut out.policy_lse, s);
+    let (ref_lse, _g5) = opt_ptr_mut(&mut out.ref_lse, s);
+    let (policy_term, _g6) = opt_ptr_mut(&mut out.policy_term, s);
+    let (st, _g7) = status.device_ptr(s);
+    let o = ExactOut { value, policy_lse, ref_lse, policy_term, ..ExactOut::default() };
+    let (div, _) = divergence_code(opts.divergence);
+    // Record (row, shard) at row + shard·rows.
+    merge_partials(stream, parts, [1, rows as i64], shards, rows, mask, div, inv_tau, o, st)
+}
+
+/// The JSD's second round on a vocabulary shard on the GPU: per row the pair
+/// `[Σ p·log(p/m), Σ q·log(q/m)]` over the shard's columns, written as two f32 into `sums`
+/// (`2·rows` f32), given the rows' full log-sum-exps from [`finish_exact_kl_partials`]. The
+/// GPU twin of [`cpu::jsd_shard_sums`](crate::cpu::jsd_shard_sums). Padding rows and rows the
+/// merge refused give `[0, 0]` (the merge reported them). Gather as `[shards][rows][2]` and
+/// finish with [`finish_jsd_sums`].
+#[allow(clippy::too_many_arguments)] // stream, the two sides, both normalisers, output, options
+pub fn jsd_shard_sums<P: Element, Q: Element>(
+    stream: &Arc<CudaStream>,
+    policy: &impl DevicePtr<P>,
+    policy_shape: RowShape,
+    reference: &DeviceReferenceRows<'_, Q>,
+    policy_lse: &CudaView<'_, f32>,
+    ref_lse: &CudaView<'_, f32>,
+    sums: &mut CudaViewMut<'_, f32>,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_reference(policy.len(), policy_shape, reference)?;
+    let rows = policy_shape.rows;
+    check_len("policy_lse", policy_lse.len(), rows)?;
+    check_len("ref_lse", ref_lse.len(), rows)?;
+    check_len("sums", sums.len(), 2 * rows)?;
+    let beta = jsd_beta(opts)?;
+    let inv_tau = opts.inv_temperature()?;
+    let s: &CudaStream = stream;
+    let (p, _g1) = policy.device_ptr(s);
+    let (q, _g2) = reference.logits.device_ptr(s);
+    let (mask, _g3) = opt_ptr(&reference.mask, s);
+    let (lse_p, _g4) = policy_lse.device_ptr(s);
+    let (lse_q, _g5) = ref_lse.device_ptr(s);
+    let (out, _g6) = sums.device_ptr_mut(s);
+    check_float2_aligned(out)?;
+    let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
+    let (rows_i, cols_i) = (rows as i32, policy_shape.cols as i32);
+    let f = function(stream.context(), Module::Kl, &kernel("jsd_rows", P::DTYPE, Q::DTYPE))?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&p).arg(&ldp).arg(&q).arg(&ldq).arg(&rows_i).arg(&cols_i).arg(&mask).arg(&beta).arg(&inv_tau);
+    l.arg(&lse_p).arg(&lse_q).arg(&NULL).arg(&NULL).arg(&out);
+    // SAFETY: matches `jsd_rows_<p>_<q>(const P*, long long, const Q*, long long, int, int,
+    // const unsigned char*, float, float, const float*, const float*, float*, float*, float2*)`;
+    // one block of 256 threads per row; both rows cover the checked shapes, the normalisers
+    // hold `rows` f32 and `sums` 2·rows f32 at an 8-byte aligned address (checked), so the
+    // kernel's one float2 per row fits.
+    unsafe { l.launch(per_row(rows)) }.map_err(driver_error("launching jsd_shard_sums"))?;
+    Ok(())
+}
+
+/// Sums the JSD's shard sums (`[shards][rows][2]` f32, shard order) and writes
+/// `value = max(0, β·Σ s_p + (1 − β)·Σ s_q)` and `policy_term = max(0, Σ s_p)` (each optional,
+/// `rows` f32). Padding rows get 0; rows with non-finite log-sum-exps (refused by the merge,
+/// which reported them) get NaN.
+#[allow(clippy::too_many_arguments)] // stream, sums, mask, both normalisers, two outputs, options
+pub fn finish_jsd_sums(
+    stream: &Arc<CudaStream>,
+    sums: &CudaView<'_, f32>,
+    mask: Option<&CudaView<'_, u8>>,
+    policy_lse: &CudaView<'_, f32>,
+    ref_lse: &CudaView<'_, f32>,
+    mut value: Option<CudaViewMut<'_, f32>>,
+    mut policy_term: Option<CudaViewMut<'_, f32>>,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    let rows = policy_lse.len();
+    check_len("ref_lse", ref_lse.len(), rows)?;
+    let shards = check_records("sums", sums.len() / 2, rows)?;
+    check_len("sums", sums.len(), 2 * shards * rows)?;
+    mask.map_or(Ok(()), |m| check_len("mask", m.len(), rows))?;
+    value.as_ref().map_or(Ok(()), |v| check_len("value", v.len(), rows))?;
+    policy_term.as_ref().map_or(Ok(()), |v| check_len("policy_term", v.len(), rows))?;
+    if value.is_none() && policy_term.is_none() {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none requested".into(),
+            expected: "value, policy_term or both",
+        });
+    }
+    let beta = jsd_beta(opts)?;
+    let s: &CudaStream = stream;
+    let (sm, _g1) = sums.device_ptr(s);
+    check_float2_aligned(sm)?;
+    let (mask, _g2) = mask_ptr(mask, s);
+    let (lse_p, _g3) = policy_lse.device_ptr(s);
+    let (lse_q, _g4) = ref_lse.device_ptr(s);
+    let (v, _g5) = opt_ptr_mut(&mut value, s);
+    let (t, _g6) = opt_ptr_mut(&mut policy_term, s);
+    // float2 (row, shard) at row + shard·rows.
+    merge_jsd_sums(stream, sm, [1, rows as i64], shards, rows, mask, beta, [lse_p, lse_q], [v, t])
+}
+
+fn mask_ptr<'a>(mask: Option<&'a CudaView<'_, u8>>, s: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
+    match mask {
+        Some(m) => {
+            let (p, g) = m.device_ptr(s);
+            (p, Some(g))
+        }
+        None => (NULL, None),
+    }
+}
+
+fn check_float2_aligned(address: u64) -> Result<()> {
+    if address % 8 != 0 {
+        return Err(Error::InvalidOption {
+            name: "sums",
+            value: format!("address {address:#x}"),
+            expected: "an 8-byte aligned device address (pairs of f32 are read as float2)",
+        });
+    }
+    Ok(())
+}

@@ -53,6 +53,16 @@
 //! k3 clamp); the gradient is 0 where a clamp is active. k1, k2 and abs take `log r` as it is.
 //! The clamps stabilise training but bias the estimates where they are active (a policy far
 //! from the reference: k3's mean then falls below the KL); `None` turns them off.
+//!
+//! # Exact divergences and their batch statistics
+//!
+//! [`ExactKlOptions`] configures the full-vocabulary divergences between two logits rows
+//! (`cpu::exact_kl`, `cuda::exact_kl`: one value per token, rows = tokens), and
+//! [`ExactKlPartial`] their tensor-parallel form. Their batch statistic is the per-token
+//! values aggregated like any loss: view the `[B·T]` values as `[B, T]` and call
+//! [`Aggregation::aggregate`] on the host or `cuda::aggregate` on the device (same modes and
+//! normalisers as the sampled statistics; a pass over `B·T` floats, against the `B·T·V` logits
+//! the divergence read).
 
 use crate::{Aggregation, Error, Normaliser, Result, RowProblem};
 

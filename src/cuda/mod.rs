@@ -13,6 +13,7 @@
 //! row, a row of only `-inf`) are recorded in a [`CudaStatus`] that the caller checks when it
 //! chooses (once per training step is enough); the outputs of such a row are NaN.
 
+mod aggregation;
 mod context;
 mod kl;
 mod logprobs;
@@ -21,6 +22,7 @@ mod status;
 
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
 
+pub use aggregation::{Aggregated, DeviceAggregate, aggregate};
 pub use context::CudaDevice;
 pub(crate) use context::RawStream;
 pub use kl::{
@@ -65,6 +67,14 @@ pub(crate) fn non_null(ptrs: &[(&'static str, u64)]) -> crate::Result<()> {
 /// The device pointer of an optional view (0 when absent) and its event guard.
 pub(crate) fn opt_ptr<'a, T>(
     v: &'a Option<CudaView<'_, T>>,
+    s: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    view_ptr(v.as_ref(), s)
+}
+
+/// [`opt_ptr`] for a borrowed optional view.
+pub(crate) fn view_ptr<'a, T>(
+    v: Option<&'a CudaView<'_, T>>,
     s: &'a CudaStream,
 ) -> (u64, Option<SyncOnDrop<'a>>) {
     match v {

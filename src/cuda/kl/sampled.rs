@@ -10,12 +10,11 @@ use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
+use crate::cuda::aggregation::aggregation_code;
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error};
+use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
-use crate::{
-    Aggregation, BatchCounts, Error, Normaliser, Result, RowShape, SampledKlOptions, SampledKlStats,
-};
+use crate::{BatchCounts, Error, Normaliser, Result, RowShape, SampledKlOptions, SampledKlStats};
 
 /// Bytes per sequence of the row records (`SampledRow` in the kernel: 10 f32).
 const RECORD_BYTES: usize = 40;
@@ -80,15 +79,6 @@ pub struct DeviceSampledKlOutputs<'a> {
 /// Bytes of workspace [`sampled_kl`] may use for `shape`: one record per sequence.
 pub fn sampled_kl_workspace_bytes(shape: RowShape) -> usize {
     shape.rows * RECORD_BYTES
-}
-
-fn aggregation_code(a: Aggregation) -> (i32, f64) {
-    match a {
-        Aggregation::TokenMean => (0, 0.0),
-        Aggregation::SeqMeanTokenSum => (1, 0.0),
-        Aggregation::SeqMeanTokenMean => (2, 0.0),
-        Aggregation::SeqMeanTokenSumNorm { max_len } => (3, max_len as f64),
-    }
 }
 
 /// The GPU twin of [`cpu::sampled_kl`](crate::cpu::sampled_kl) (same estimators, clamps,
@@ -158,17 +148,11 @@ pub fn sampled_kl(
     let s: &CudaStream = stream;
     let (lp, _g1) = inputs.logp.device_ptr(s);
     let (rlp, _g2) = inputs.ref_logp.device_ptr(s);
-    let (mask, _g3) = match &inputs.mask {
-        Some(m) => {
-            let (p, g) = m.device_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
+    let (mask, _g3) = opt_ptr(&inputs.mask, s);
     let mut owned_records: Option<CudaSlice<u8>> = None;
     let mut owned_stats: Option<DeviceKlStats> = None;
-    let (values, _g4) = opt_mut(&mut out.values, s);
-    let (grad, _g5) = opt_mut(&mut out.grad_logp, s);
+    let (values, _g4) = opt_ptr_mut(&mut out.values, s);
+    let (grad, _g5) = opt_ptr_mut(&mut out.grad_logp, s);
     let (records, _g6) = if !need_records {
         (0, None)
     } else if let Some(w) = out.workspace.as_mut() {
@@ -267,19 +251,6 @@ pub fn sampled_kl(
     Ok(())
 }
 
-fn opt_mut<'a>(
-    v: &'a mut Option<CudaViewMut<'_, f32>>,
-    s: &'a CudaStream,
-) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
-    match v {
-        Some(v) => {
-            let (p, g) = v.device_ptr_mut(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    }
-}
-
 /// The GPU twin of [`cpu::kl_rewards`](crate::cpu::kl_rewards): `r_t = −β·kl_t` on valid
 /// tokens plus each sequence's score on its last valid token, 0 on padding; one kernel.
 ///
@@ -314,13 +285,7 @@ pub fn kl_rewards(
     }
     let s: &CudaStream = stream;
     let (k, _g1) = kl.device_ptr(s);
-    let (m, _g2) = match mask {
-        Some(m) => {
-            let (p, g) = m.device_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
+    let (m, _g2) = view_ptr(mask, s);
     let (sc, _g3) = scores.device_ptr(s);
     let (r, _g4) = rewards.device_ptr_mut(s);
     let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);

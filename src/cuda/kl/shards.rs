@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{
     CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    SyncOnDrop, ValidAsZeroBits,
+    ValidAsZeroBits,
 };
 
 use super::exact::{
@@ -17,7 +17,7 @@ use super::exact::{
     kernel, merge_jsd_sums, merge_partials,
 };
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
+use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
 
@@ -162,7 +162,7 @@ pub fn finish_exact_kl_partials(
     let inv_tau = opts.inv_temperature()?;
     let s: &CudaStream = stream;
     let (parts, _g1) = partials.device_ptr(s);
-    let (mask, _g2) = mask_ptr(mask, s);
+    let (mask, _g2) = view_ptr(mask, s);
     let (value, _g3) = opt_ptr_mut(&mut out.value, s);
     let (policy_lse, _g4) = opt_ptr_mut(&mut out.policy_lse, s);
     let (ref_lse, _g5) = opt_ptr_mut(&mut out.ref_lse, s);
@@ -254,23 +254,13 @@ pub fn finish_jsd_sums(
     let s: &CudaStream = stream;
     let (sm, _g1) = sums.device_ptr(s);
     check_float2_aligned(sm)?;
-    let (mask, _g2) = mask_ptr(mask, s);
+    let (mask, _g2) = view_ptr(mask, s);
     let (lse_p, _g3) = policy_lse.device_ptr(s);
     let (lse_q, _g4) = ref_lse.device_ptr(s);
     let (v, _g5) = opt_ptr_mut(&mut value, s);
     let (t, _g6) = opt_ptr_mut(&mut policy_term, s);
     // float2 (row, shard) at row + shard·rows.
     merge_jsd_sums(stream, sm, [1, rows as i64], shards, rows, mask, beta, [lse_p, lse_q], [v, t])
-}
-
-fn mask_ptr<'a>(mask: Option<&'a CudaView<'_, u8>>, s: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
-    match mask {
-        Some(m) => {
-            let (p, g) = m.device_ptr(s);
-            (p, Some(g))
-        }
-        None => (NULL, None),
-    }
 }
 
 fn check_float2_aligned(address: u64) -> Result<()> {

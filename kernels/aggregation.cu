@@ -1,0 +1,57 @@
+// Loss aggregation: a [B, T] batch of masked per-token values reduced to one scalar with any
+// of the four modes (MATH.md §4), deterministic (fixed orders, no float atomics). The twin of
+// `Aggregation::aggregate`: f32 sums within a sequence, f64 across sequences.
+#include "aggregation.cuh"
+
+using namespace rk;
+
+// One block of 256 threads per sequence: the sum of its valid values and its valid count.
+extern "C" __global__ void __launch_bounds__(256)
+aggregate_rows(const float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows,
+               int cols, float2* __restrict__ records) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const long long base = row * ld;
+  float sum = 0.0f, valid = 0.0f;
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
+    if (token_valid(mask, base + t)) {
+      sum = __fadd_rn(sum, values[base + t]);
+      valid += 1.0f;
+    }
+  }
+  sum = block_sum(sum, scratch);
+  valid = block_sum(valid, scratch);
+  if (threadIdx.x == 0) records[row] = make_float2(sum, valid);
+}
+
+// One block of 256 threads: out = [Σ_rows weight(row)·sum(row), valid tokens, valid
+// sequences, sequences] in f64, thread i taking rows i, i + 256, ... then a fixed tree.
+// Without `use_global` the denominators are this batch's counts.
+extern "C" __global__ void __launch_bounds__(256)
+aggregate_finalize(const float2* __restrict__ records, int rows, int aggregation, double max_len, int use_global,
+                   double global_tokens, double global_sequences_valid, double global_sequences,
+                   double* __restrict__ out) {
+  __shared__ double sh[256];
+  double tokens = 0.0, seqs = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256) {
+    tokens += records[r].y;
+    seqs += records[r].y > 0.0f ? 1.0 : 0.0;
+  }
+  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
+  const double c0 = use_global ? global_tokens : local_tokens;
+  const double c1 = use_global ? global_sequences_valid : local_seqs;
+  const double c2 = use_global ? global_sequences : static_cast<double>(rows);
+  double acc = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256) {
+    const float2 rec = records[r];
+    acc += token_weight(aggregation, max_len, c0, c1, c2, rec.y) * static_cast<double>(rec.x);
+  }
+  const double total = block_sum_f64(acc, sh);
+  if (threadIdx.x == 0) {
+    out[0] = total;
+    out[1] = local_tokens;
+    out[2] = local_seqs;
+    out[3] = static_cast<double>(rows);
+  }
+}

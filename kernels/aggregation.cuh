@@ -1,0 +1,62 @@
+// Loss aggregation (MATH.md §4) on the device, shared by the families that reduce per-token
+// values to a scalar: the per-token weight of each mode and deterministic f64 block sums.
+#pragma once
+
+#include "common.cuh"
+
+namespace rk {
+
+// 1/d for a count-like d, correctly rounded in f32 (relative error below 6e-8). f64 division,
+// __drcp_rn or an f64 Newton refinement all make ptxas spill on some architectures; the
+// weights only need f32 accuracy (the sums they multiply are f32).
+__device__ __forceinline__ double rcp_f64(double d) {
+  return static_cast<double>(__frcp_rn(static_cast<float>(d)));
+}
+
+// Aggregation codes (src/aggregation.rs `Aggregation::code`): token-mean, seq-mean-token-sum,
+// seq-mean-token-mean, seq-mean-token-sum-norm. The weight ∂loss/∂L of every valid token of
+// a row with `row_valid` valid tokens; 0 for a zero denominator.
+__device__ __forceinline__ double token_weight(int aggregation, double max_len, double tokens, double valid_sequences,
+                                               double sequences, double row_valid) {
+  double d = aggregation == 0   ? tokens
+             : aggregation == 1 ? valid_sequences
+             : aggregation == 2 ? valid_sequences * row_valid
+                                : sequences * max_len;
+  return d > 0.0 ? rcp_f64(d) : 0.0;
+}
+
+// token_weight in f32, for per-token gradients.
+__device__ __forceinline__ float token_weight_f(int aggregation, float max_len, float tokens, float valid_sequences,
+                                                float sequences, float row_valid) {
+  const float d = aggregation == 0   ? tokens
+                  : aggregation == 1 ? valid_sequences
+                  : aggregation == 2 ? __fmul_rn(valid_sequences, row_valid)
+                                     : __fmul_rn(sequences, max_len);
+  return d > 0.0f ? __frcp_rn(d) : 0.0f;
+}
+
+__device__ __forceinline__ bool token_valid(const unsigned char* mask, long long t) {
+  return mask == nullptr || mask[t] != 0;
+}
+
+// Sum over a block of exactly 256 threads in a fixed tree; every thread returns the total.
+__device__ __forceinline__ double block_sum_f64(double v, double* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = 128; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double total = sh[0];
+  __syncthreads();
+  return total;
+}
+
+// Valid tokens of one row, identical in every thread.
+__device__ __forceinline__ float row_valid_count(const unsigned char* mask, long long base, int cols, float* scratch) {
+  float n = 0.0f;
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x) n += token_valid(mask, base + t) ? 1.0f : 0.0f;
+  return block_sum(n, scratch);
+}
+
+}  // namespace rk

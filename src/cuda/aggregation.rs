@@ -1,0 +1,145 @@
+//! Loss aggregation on the GPU: a `[B, T]` batch of masked per-token values reduced to one
+//! scalar with an [`Aggregation`] mode and a [`Normaliser`], the twin of
+//! [`Aggregation::aggregate`] (f32 sums within a sequence, f64 across sequences, fixed
+//! orders: bitwise deterministic). Two small kernels, nothing synchronises the host.
+//!
+//! Use it for the batch statistics of ops that write per-token values, e.g. the masked mean of
+//! the exact KL from [`exact_kl`](super::exact_kl)'s `value` (rows = tokens, `[B·T]` viewed as
+//! `[B, T]`).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use crate::cuda::module::{Module, function};
+use crate::cuda::{driver_error, view_ptr};
+use crate::{Aggregation, BatchCounts, Normaliser, Result, RowShape};
+
+/// The kernels' aggregation code and `max_len`.
+pub(crate) fn aggregation_code(a: Aggregation) -> (i32, f64) {
+    match a {
+        Aggregation::TokenMean => (0, 0.0),
+        Aggregation::SeqMeanTokenSum => (1, 0.0),
+        Aggregation::SeqMeanTokenMean => (2, 0.0),
+        Aggregation::SeqMeanTokenSumNorm { max_len } => (3, max_len as f64),
+    }
+}
+
+/// An aggregated value and the batch's own counts, as read from a [`DeviceAggregate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Aggregated {
+    /// The aggregated value (the loss, or the masked mean for [`Aggregation::TokenMean`]).
+    pub value: f64,
+    /// This batch's counts (whatever the normaliser divided by).
+    pub counts: BatchCounts,
+}
+
+/// The device buffers of [`aggregate`]: its result (four f64) and one record per sequence,
+/// reused across calls (grown when a batch has more sequences).
+#[derive(Debug)]
+pub struct DeviceAggregate {
+    out: CudaSlice<f64>,
+    records: CudaSlice<f32>,
+}
+
+impl DeviceAggregate {
+    /// Allocates the result on `stream`'s device.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        let alloc = |n| stream.alloc_zeros::<f64>(n).map_err(driver_error("allocating an aggregate"));
+        Ok(DeviceAggregate {
+            out: alloc(4)?,
+            records: stream.alloc_zeros::<f32>(2).map_err(driver_error("allocating an aggregate"))?,
+        })
+    }
+
+    /// Synchronises `stream` and returns the result of the last [`aggregate`] into `self`.
+    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<Aggregated> {
+        let w = stream.clone_dtoh(&self.out).map_err(driver_error("reading an aggregate"))?;
+        Ok(Aggregated {
+            value: w[0],
+            counts: BatchCounts { valid_tokens: w[1], valid_sequences: w[2], sequences: w[3] },
+        })
+    }
+
+    /// The result on the device: `[value, valid tokens, valid sequences, sequences]` (f64), for
+    /// callers that feed it to their own kernels without a host round trip.
+    pub fn as_view(&self) -> CudaView<'_, f64> {
+        self.out.as_view()
+    }
+}
+
+/// Aggregates the masked `[B, T]` `values` of `shape` (`mask`, one byte per token in the same
+/// layout, 0 = padding, or `None`) on `stream` into `out`:
+/// `Σ_{i,t} mask·w_i·L[i, t]` with the per-token weight `w_i` of `aggregation` under `norm`
+/// (MATH.md §4; see [`Aggregation::token_weight`]). An empty batch (every token masked)
+/// aggregates to 0. NaN values propagate (the op that wrote them reported them).
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, DeviceAggregate};
+/// use rlhf_kernels::{Aggregation, Normaliser, RowShape};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let kl = s.clone_htod(&[0.5f32, 0.25, 0.0, 1.0]).unwrap();
+/// let mask = s.clone_htod(&[1u8, 1, 0, 1]).unwrap();
+/// let mut mean = DeviceAggregate::new(s)?;
+/// let shape = RowShape::new(2, 2);
+/// cuda::aggregate(s, &kl, shape, Some(&mask.as_view()), Aggregation::TokenMean, Normaliser::Local, &mut mean)?;
+/// assert_eq!(mean.read(s)?.value, 0.5); // (0.5 + 0.25 + 1.0) / 3 valid tokens
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn aggregate(
+    stream: &Arc<CudaStream>,
+    values: &impl DevicePtr<f32>,
+    shape: RowShape,
+    mask: Option<&CudaView<'_, u8>>,
+    aggregation: Aggregation,
+    norm: Normaliser,
+    out: &mut DeviceAggregate,
+) -> Result<()> {
+    shape.check_buffer("values", values.len())?;
+    if let Some(m) = mask {
+        shape.check_buffer("mask", m.len())?;
+    }
+    aggregation.validate()?;
+    norm.validate()?;
+    let rows = shape.rows;
+    if out.records.len() < 2 * rows {
+        out.records =
+            stream.alloc_zeros::<f32>(2 * rows).map_err(driver_error("allocating aggregate records"))?;
+    }
+    let (code, max_len) = aggregation_code(aggregation);
+    let (use_global, [tokens, valid_sequences, sequences]) = match norm {
+        Normaliser::Local => (0i32, [0.0; 3]),
+        Normaliser::Global { valid_tokens, valid_sequences, sequences } => {
+            (1, [valid_tokens, valid_sequences, sequences])
+        }
+    };
+    let s: &CudaStream = stream;
+    let (v, _g1) = values.device_ptr(s);
+    let (m, _g2) = view_ptr(mask, s);
+    let (rec, _g3) = out.records.device_ptr_mut(s);
+    let (o, _g4) = out.out.device_ptr_mut(s);
+    let (ld, rows_i, cols_i) = (shape.row_stride as i64, rows as i32, shape.cols as i32);
+    let ctx = stream.context();
+
+    let f = function(ctx, Module::Aggregation, "aggregate_rows")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&v).arg(&ld).arg(&m).arg(&rows_i).arg(&cols_i).arg(&rec);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `aggregate_rows(const float*, long long, const unsigned char*, int, int,
+    // float2*)`; one block of 256 threads per row; `values` (and `mask`, same layout) cover the
+    // checked shape; `records` holds at least 2·rows f32 from a fresh allocation (8-byte
+    // aligned) for the kernel's one float2 per row.
+    unsafe { l.launch(cfg) }.map_err(driver_error("launching aggregate_rows"))?;
+
+    let f = function(ctx, Module::Aggregation, "aggregate_finalize")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&rec).arg(&rows_i).arg(&code).arg(&max_len).arg(&use_global);
+    l.arg(&tokens).arg(&valid_sequences).arg(&sequences).arg(&o);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `aggregate_finalize(const float2*, int, int, double, int, double, double,
+    // double, double*)`; one block of 256 threads; reads the `rows` records the launch above
+    // wrote on this stream and writes the four f64 of `out`.
+    unsafe { l.launch(one) }.map_err(driver_error("launching aggregate_finalize"))?;
+    Ok(())
+}

@@ -11,14 +11,16 @@ mod gpu {
     use std::sync::Arc;
 
     use super::common::kl::{self, ExactBackend, ExactCase, ExactOut, SampledBackend, SampledCase, Shard};
+    use rlhf_kernels::cuda::raw::{self, ExactKlArgs, ExactKlBackwardArgs, RawStream};
     use rlhf_kernels::cuda::{
         self, CudaStatus, DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats, DeviceReferenceRows,
         DeviceSampledKlOutputs, SampledKlInputs,
     };
-    use rlhf_kernels::cudarc::driver::CudaStream;
+    use rlhf_kernels::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+    use rlhf_kernels::testing::{Tolerance, assert_close};
     use rlhf_kernels::{
-        Element, Error, ExactDivergence, ExactKlPartial, Normaliser, Result, RowProblem, RowShape,
-        SampledKlStats, bf16, f16,
+        DType, Element, Error, ExactDivergence, ExactKlPartial, Normaliser, Result, RowProblem, RowShape,
+        SampledKlStats, bf16, f16, reference,
     };
 
     pub struct Gpu(pub Arc<CudaStream>);
@@ -260,6 +262,100 @@ mod gpu {
         kl::exact_shard_problems(gpu);
     }
 
+    /// The raw layer (device addresses at byte offsets, the caller's stream): forward, then
+    /// the backward in place, held to the reference; null and missing buffers refused.
+    pub fn exact_raw_layer(gpu: &Gpu) {
+        let s = &gpu.0;
+        let c = ExactCase::<bf16, f16>::random(9, 3000, ExactDivergence::PolicyRef, 0.9, 12);
+        let (rows, mask) = (c.policy_shape.rows, c.mask.as_deref());
+        let expected =
+            reference::exact_kl(&c.policy, c.policy_shape, &c.reference, c.ref_shape, mask, &c.opts).unwrap();
+        // The policy starts 3 elements into its buffer (6 bytes: not 16-byte aligned).
+        let mut padded = vec![bf16::ZERO; 3];
+        padded.extend_from_slice(&c.policy);
+        let mut p = s.clone_htod(&padded).unwrap();
+        let q = s.clone_htod(&c.reference).unwrap();
+        let m = s.clone_htod(c.mask.as_ref().unwrap()).unwrap();
+        let mut outs = s.alloc_zeros::<f32>(3 * rows).unwrap();
+        let mut st = s.clone_htod(&[raw::STATUS_CLEAR]).unwrap();
+        let stream = RawStream { ordinal: s.context().ordinal(), stream: s.cu_stream() };
+        {
+            let (pp, _a) = p.device_ptr_mut(s);
+            let (qp, _b) = q.device_ptr(s);
+            let (mp, _c) = m.device_ptr(s);
+            let (op, _d) = outs.device_ptr_mut(s);
+            let (sp, _e) = st.device_ptr_mut(s);
+            let (policy, out_at) = (pp + 3 * 2, |k: u64| op + k * 4 * rows as u64);
+            let fwd = ExactKlArgs {
+                policy,
+                policy_dtype: DType::BF16,
+                policy_shape: c.policy_shape,
+                reference: qp,
+                ref_dtype: DType::F16,
+                ref_shape: c.ref_shape,
+                mask: mp,
+                value: out_at(0),
+                policy_lse: out_at(1),
+                ref_lse: out_at(2),
+                policy_term: 0,
+                workspace: 0,
+                status: sp,
+            };
+            // SAFETY: the buffers were allocated above on this context, cover the offsets plus
+            // the shapes, and live until the synchronising copies below.
+            unsafe { raw::exact_kl(stream, &fwd, &c.opts) }.unwrap();
+            let missing = ExactKlBackwardArgs {
+                policy,
+                policy_dtype: DType::BF16,
+                policy_shape: c.policy_shape,
+                reference: qp,
+                ref_dtype: DType::F16,
+                ref_shape: c.ref_shape,
+                mask: mp,
+                grad: out_at(0),
+                policy_lse: out_at(1),
+                ref_lse: out_at(2),
+                value: 0,
+                policy_term: 0,
+                grad_policy: policy,
+                status: sp,
+            };
+            // SAFETY: refused before any launch (KL[π‖ref] needs the saved value).
+            let err = unsafe { raw::exact_kl_backward(stream, &missing, &c.opts) }.unwrap_err();
+            assert!(matches!(err, Error::InvalidOption { name: "value", .. }), "{err}");
+            // The upstream gradient is the value itself (any per-row numbers will do).
+            let args = ExactKlBackwardArgs { value: out_at(0), ..missing };
+            // SAFETY: as above; in place over the policy.
+            unsafe { raw::exact_kl_backward(stream, &args, &c.opts) }.unwrap();
+            let null = ExactKlArgs { reference: 0, ..fwd };
+            // SAFETY: the null pointer is refused before any launch.
+            let err = unsafe { raw::exact_kl(stream, &null, &c.opts) }.unwrap_err();
+            assert!(matches!(err, Error::InvalidOption { name: "reference", .. }), "{err}");
+        }
+        raw::decode_status(s.clone_dtoh(&st).unwrap()[0]).unwrap();
+        let o = s.clone_dtoh(&outs).unwrap();
+        let tol = Tolerance::for_dtype(DType::F32).scaled(c.scale());
+        assert_close(&o[..rows], &expected.value, tol, "raw value");
+        assert_close(&o[rows..2 * rows], &expected.policy_lse, tol, "raw policy lse");
+        assert_close(&o[2 * rows..], &expected.ref_lse, tol, "raw ref lse");
+        let g: Vec<f32> = o[..rows].to_vec();
+        let grad = reference::exact_kl_backward(
+            &c.policy,
+            c.policy_shape,
+            &c.reference,
+            c.ref_shape,
+            mask,
+            &g,
+            &c.opts,
+        )
+        .unwrap();
+        let got = s.clone_dtoh(&p).unwrap();
+        let shape = c.policy_shape;
+        let dense: Vec<bf16> = (0..rows).flat_map(|r| got[3..][shape.row_range(r)].iter().copied()).collect();
+        let scale = grad.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        assert_close(&dense, &grad, Tolerance::for_dtype(DType::BF16).scaled(scale), "raw backward in place");
+    }
+
     pub fn exact_edges(gpu: &Gpu) {
         kl::exact_edge_cases(gpu);
         kl::exact_errors(gpu);
@@ -317,4 +413,5 @@ gpu_test!(exact);
 gpu_test!(exact_edges);
 gpu_test!(exact_batch_invariance);
 gpu_test!(exact_shards);
+gpu_test!(exact_raw_layer);
 gpu_test!(exact_shard_problems);

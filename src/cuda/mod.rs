@@ -43,6 +43,7 @@ pub use status::CudaStatus;
 /// contract). The safe functions of [`cuda`](crate::cuda) are built on the same launches.
 pub mod raw {
     pub use super::context::RawStream;
+    pub use super::kl::raw::*;
     pub use super::logprobs::raw::*;
     pub use super::status::{STATUS_CLEAR, decode_status};
 }

@@ -13,6 +13,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::raw::{ExactKlArgs, ExactKlBackwardArgs};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
@@ -141,6 +142,24 @@ pub(super) fn check_reference<Q>(
     r.mask.as_ref().map_or(Ok(()), |m| check_len("mask", m.len(), policy_shape.rows))
 }
 
+/// Checks that at least one output is requested and that each holds `rows` f32 (`None`: as
+/// many as the first output present); returns `rows`.
+pub(super) fn check_outputs(out: &DeviceExactKlOutputs<'_>, rows: Option<usize>) -> Result<usize> {
+    let outs = [&out.value, &out.policy_lse, &out.ref_lse, &out.policy_term];
+    let Some(first) = outs.iter().find_map(|o| o.as_ref()) else {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none requested".into(),
+            expected: "at least one of value, policy_lse, ref_lse, policy_term",
+        });
+    };
+    let rows = rows.unwrap_or(first.len());
+    for (what, o) in ["value", "policy_lse", "ref_lse", "policy_term"].into_iter().zip(outs) {
+        o.as_ref().map_or(Ok(()), |o| check_len(what, o.len(), rows))?;
+    }
+    Ok(rows)
+}
+
 /// The GPU twin of [`cpu::exact_kl`](crate::cpu::exact_kl) (same divergences, dtypes may
 /// differ per side), enqueued on `stream`. Rows without a defined result (NaN, `+inf`, only
 /// `-inf` on either side, or an infinite `KL[π‖π_ref]`) get NaN and are reported in `status`.
@@ -172,19 +191,9 @@ pub fn exact_kl<P: Element, Q: Element>(
 ) -> Result<()> {
     check_reference(policy.len(), policy_shape, reference)?;
     let rows = policy_shape.rows;
-    let outs = [&out.value, &out.policy_lse, &out.ref_lse, &out.policy_term];
-    if outs.iter().all(|o| o.is_none()) {
-        return Err(Error::InvalidOption {
-            name: "outputs",
-            value: "none requested".into(),
-            expected: "at least one of value, policy_lse, ref_lse, policy_term",
-        });
-    }
-    for (what, o) in ["value", "policy_lse", "ref_lse", "policy_term"].into_iter().zip(outs) {
-        o.as_ref().map_or(Ok(()), |o| check_len(what, o.len(), rows))?;
-    }
-    let inv_tau = opts.inv_temperature()?;
-    let (lse_at, partials_at, sums_at, need) = layout(policy_shape, opts.divergence);
+    check_outputs(&out, Some(rows))?;
+    opts.inv_temperature()?;
+    let need = exact_kl_workspace_bytes(policy_shape, opts.divergence);
     if let Some(w) = &out.workspace {
         if w.len() < need {
             return Err(Error::InvalidOption {
@@ -194,31 +203,69 @@ pub fn exact_kl<P: Element, Q: Element>(
             });
         }
     }
-    let chunks = chunks(policy_shape);
-    // One block per (row, chunk) only on the split path, whose rows are few.
-    let blocks = if split(policy_shape) { grid_blocks(rows, chunks)? } else { 0 };
-
     let s: &CudaStream = stream;
-    let (p, _g1) = policy.device_ptr(s);
+    let (policy, _g1) = policy.device_ptr(s);
     let (q, _g2) = reference.logits.device_ptr(s);
     let (mask, _g3) = opt_ptr(&reference.mask, s);
     let (value, _g4) = opt_ptr_mut(&mut out.value, s);
-    let (plse, _g5) = opt_ptr_mut(&mut out.policy_lse, s);
-    let (qlse, _g6) = opt_ptr_mut(&mut out.ref_lse, s);
-    let (term, _g7) = opt_ptr_mut(&mut out.policy_term, s);
+    let (policy_lse, _g5) = opt_ptr_mut(&mut out.policy_lse, s);
+    let (ref_lse, _g6) = opt_ptr_mut(&mut out.ref_lse, s);
+    let (policy_term, _g7) = opt_ptr_mut(&mut out.policy_term, s);
+    let (workspace, _g8) = opt_ptr_mut(&mut out.workspace, s);
+    let (st, _g9) = status.device_ptr(s);
+    let args = ExactKlArgs {
+        policy,
+        policy_dtype: P::DTYPE,
+        policy_shape,
+        reference: q,
+        ref_dtype: Q::DTYPE,
+        ref_shape: reference.shape,
+        mask,
+        value,
+        policy_lse,
+        ref_lse,
+        policy_term,
+        workspace,
+        status: st,
+    };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (the workspace's too); the guards keep cudarc's event tracking in
+    // order until the launches are enqueued.
+    unsafe { launch_forward(stream, &args, opts) }
+}
+
+/// The launches of an exact forward on checked device addresses (the safe and raw entry
+/// points share them).
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`ExactKlArgs`] field documents, the outputs overlap nothing else, and every buffer stays
+/// allocated until the kernels ran.
+pub(super) unsafe fn launch_forward(
+    stream: &Arc<CudaStream>,
+    a: &ExactKlArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    let inv_tau = opts.inv_temperature()?;
+    let policy_shape = a.policy_shape;
+    let rows = policy_shape.rows;
+    let (lse_at, partials_at, sums_at, need) = layout(policy_shape, opts.divergence);
+    let chunks = chunks(policy_shape);
+    // One block per (row, chunk) only on the split path, whose rows are few.
+    let blocks = if split(policy_shape) { grid_blocks(rows, chunks)? } else { 0 };
+    let s: &CudaStream = stream;
     let mut owned: Option<CudaSlice<u8>> = None;
-    let (work, _g8) = if need == 0 {
+    let (work, _g) = if need == 0 {
         (0, None)
-    } else if let Some(w) = out.workspace.as_mut() {
-        let (a, g) = w.device_ptr_mut(s);
-        (a, Some(g))
+    } else if a.workspace != 0 {
+        (a.workspace, None)
     } else {
         // SAFETY: each region is written by one kernel before the next one reads it, all on
         // this stream.
         let slice =
             unsafe { stream.alloc::<u8>(need) }.map_err(driver_error("allocating the exact_kl workspace"))?;
-        let (a, g) = owned.insert(slice).device_ptr_mut(s);
-        (a, Some(g))
+        let (w, g) = owned.insert(slice).device_ptr_mut(s);
+        (w, Some(g))
     };
     if work % 16 != 0 {
         return Err(Error::InvalidOption {
@@ -227,17 +274,24 @@ pub fn exact_kl<P: Element, Q: Element>(
             expected: "a 16-byte aligned device address",
         });
     }
-    let (st, _g9) = status.device_ptr(s);
-
+    let (p, q, mask, st) = (a.policy, a.reference, a.mask, a.status);
+    let [value, term] = [a.value, a.policy_term];
     let (div, beta) = divergence_code(opts.divergence);
     let jsd = div == 2;
     // The JSD's normalisers: rows f32 for the policy, then rows f32 for the reference.
     let (jsd_lse_p, jsd_lse_q) =
         if jsd { (work + lse_at as u64, work + (lse_at + 4 * rows) as u64) } else { (0, 0) };
-    let o = ExactOut { value, policy_lse: plse, ref_lse: qlse, policy_term: term, jsd_lse_p, jsd_lse_q };
-    let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
+    let o = ExactOut {
+        value,
+        policy_lse: a.policy_lse,
+        ref_lse: a.ref_lse,
+        policy_term: term,
+        jsd_lse_p,
+        jsd_lse_q,
+    };
+    let (ldp, ldq) = (policy_shape.row_stride as i64, a.ref_shape.row_stride as i64);
     let (rows_i, cols_i) = (rows as i32, policy_shape.cols as i32);
-    let (pt, qt) = (P::DTYPE, Q::DTYPE);
+    let (pt, qt) = (a.policy_dtype, a.ref_dtype);
     let per_row =
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let per_chunk = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
@@ -458,10 +512,53 @@ fn backward<P: Element, Q: Element>(
     for (what, v) in [("value", &grads.value), ("policy_term", &grads.policy_term)] {
         v.as_ref().map_or(Ok(()), |v| check_len(what, v.len(), rows))?;
     }
+    let s: &CudaStream = stream;
+    let (q, _g1) = reference.logits.device_ptr(s);
+    let (mask, _g2) = opt_ptr(&reference.mask, s);
+    let (policy_lse, _g3) = grads.policy_lse.device_ptr(s);
+    let (ref_lse, _g4) = grads.ref_lse.device_ptr(s);
+    let (value, _g5) = opt_ptr(&grads.value, s);
+    let (policy_term, _g6) = opt_ptr(&grads.policy_term, s);
+    let (grad, _g7) = grads.grad.device_ptr(s);
+    let (st, _g8) = status.device_ptr(s);
+    let args = ExactKlBackwardArgs {
+        policy: p,
+        policy_dtype: P::DTYPE,
+        policy_shape,
+        reference: q,
+        ref_dtype: Q::DTYPE,
+        ref_shape: reference.shape,
+        mask,
+        grad,
+        policy_lse,
+        ref_lse,
+        value,
+        policy_term,
+        grad_policy: dx,
+        status: st,
+    };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (`p` and `dx` by the callers: the same buffer when in place, which
+    // the kernel supports); the guards keep cudarc's event tracking in order.
+    unsafe { launch_backward(stream, &args, opts) }
+}
+
+/// The launch of an exact backward on device addresses (the safe and raw entry points share
+/// it).
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`ExactKlBackwardArgs`] field documents; `grad_policy` equals `policy` or overlaps nothing
+/// else; every buffer stays allocated until the kernel ran.
+pub(super) unsafe fn launch_backward(
+    stream: &Arc<CudaStream>,
+    a: &ExactKlBackwardArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
     let saved = match opts.divergence {
-        ExactDivergence::PolicyRef => grads.value.as_ref().ok_or("value"),
-        ExactDivergence::RefPolicy => Ok(&grads.grad),
-        ExactDivergence::Jsd { .. } => grads.policy_term.as_ref().ok_or("policy_term"),
+        ExactDivergence::PolicyRef => Some(a.value).filter(|&v| v != 0).ok_or("value"),
+        ExactDivergence::RefPolicy => Ok(a.grad),
+        ExactDivergence::Jsd { .. } => Some(a.policy_term).filter(|&v| v != 0).ok_or("policy_term"),
     };
     let saved = saved.map_err(|name| Error::InvalidOption {
         name,
@@ -469,29 +566,23 @@ fn backward<P: Element, Q: Element>(
         expected: "the forward's saved value (KL[policy||ref]) or policy_term (JSD)",
     })?;
     let inv_tau = opts.inv_temperature()?;
-    let blocks = grid_blocks(rows, chunks(policy_shape))?;
-    let s: &CudaStream = stream;
-    let (q, _g1) = reference.logits.device_ptr(s);
-    let (mask, _g2) = opt_ptr(&reference.mask, s);
-    let (plse, _g3) = grads.policy_lse.device_ptr(s);
-    let (qlse, _g4) = grads.ref_lse.device_ptr(s);
-    let (sv, _g5) = saved.device_ptr(s);
-    let (g, _g6) = grads.grad.device_ptr(s);
-    let (st, _g7) = status.device_ptr(s);
+    let shape = a.policy_shape;
+    let blocks = grid_blocks(shape.rows, chunks(shape))?;
     let (div, beta) = divergence_code(opts.divergence);
-    let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
-    let (rows_i, cols_i) = (rows as i32, policy_shape.cols as i32);
-    let f = function(stream.context(), Module::Kl, &kernel("exact_kl_backward", P::DTYPE, Q::DTYPE))?;
+    let (ldp, ldq) = (shape.row_stride as i64, a.ref_shape.row_stride as i64);
+    let (rows_i, cols_i) = (shape.rows as i32, shape.cols as i32);
+    let f =
+        function(stream.context(), Module::Kl, &kernel("exact_kl_backward", a.policy_dtype, a.ref_dtype))?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&p).arg(&ldp).arg(&q).arg(&ldq).arg(&dx).arg(&rows_i).arg(&cols_i).arg(&mask).arg(&div).arg(&beta);
-    l.arg(&inv_tau).arg(&plse).arg(&qlse).arg(&sv).arg(&g).arg(&st);
+    l.arg(&a.policy).arg(&ldp).arg(&a.reference).arg(&ldq).arg(&a.grad_policy).arg(&rows_i).arg(&cols_i);
+    l.arg(&a.mask).arg(&div).arg(&beta).arg(&inv_tau).arg(&a.policy_lse).arg(&a.ref_lse).arg(&saved);
+    l.arg(&a.grad).arg(&a.status);
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `exact_kl_backward_<p>_<q>(const P*, long long, const Q*, long long, P*,
     // int, int, const unsigned char*, int, float, float, const float*, const float*, const
     // float*, const float*, unsigned long long*)`; one block of 256 threads per (row, chunk);
-    // `p` and `dx` cover the policy shape (the same buffer when in place, which the kernel
-    // supports: each element is read before the same thread writes it); the per-row buffers
-    // hold `rows` f32 (for KL[ref‖π] `saved` points at `grad` and is never read).
+    // the caller guarantees the buffers (see # Safety); for KL[ref‖π] `saved` points at `grad`
+    // and is never read.
     unsafe { l.launch(cfg) }.map_err(driver_error("launching exact_kl_backward"))?;
     Ok(())
 }

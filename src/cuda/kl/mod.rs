@@ -3,6 +3,7 @@
 //! shards).
 
 mod exact;
+pub mod raw;
 mod sampled;
 mod shards;
 

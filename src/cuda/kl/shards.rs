@@ -13,8 +13,8 @@ use cudarc::driver::{
 };
 
 use super::exact::{
-    BLOCK, DeviceExactKlOutputs, DeviceReferenceRows, ExactOut, NULL, check_reference, divergence_code,
-    kernel, merge_jsd_sums, merge_partials,
+    BLOCK, DeviceExactKlOutputs, DeviceReferenceRows, ExactOut, NULL, check_outputs, check_reference,
+    divergence_code, kernel, merge_jsd_sums, merge_partials,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
@@ -131,20 +131,7 @@ pub fn finish_exact_kl_partials(
     status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {
-    let outs = [&out.value, &out.policy_lse, &out.ref_lse, &out.policy_term];
-    let rows = match outs.iter().find_map(|o| o.as_ref()) {
-        Some(o) => o.len(),
-        None => {
-            return Err(Error::InvalidOption {
-                name: "outputs",
-                value: "none requested".into(),
-                expected: "at least one of value, policy_lse, ref_lse, policy_term",
-            });
-        }
-    };
-    for (what, o) in ["value", "policy_lse", "ref_lse", "policy_term"].into_iter().zip(outs) {
-        o.as_ref().map_or(Ok(()), |o| check_len(what, o.len(), rows))?;
-    }
+    let rows = check_outputs(&out, None)?;
     let shards = check_records("partials", partials.len(), rows)?;
     mask.map_or(Ok(()), |m| check_len("mask", m.len(), rows))?;
     if matches!(opts.divergence, ExactDivergence::Jsd { .. })

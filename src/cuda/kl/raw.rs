@@ -1,0 +1,136 @@
+//! The raw layer of the exact divergences: device addresses, dtypes and shapes, for callers
+//! that own their memory (PyTorch through its data pointers, tch-rs, burn). Same launches as
+//! the safe functions.
+
+use super::exact::{launch_backward, launch_forward};
+use crate::cuda::{RawStream, non_null};
+use crate::reference::check_pair;
+use crate::{DType, Error, ExactKlOptions, Result, RowShape};
+
+/// Buffers of a raw [`exact_kl`] call: device addresses, 0 for an absent optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct ExactKlArgs {
+    /// Policy logits, `policy_dtype`, laid out as `policy_shape`.
+    pub policy: u64,
+    /// Dtype of the policy logits.
+    pub policy_dtype: DType,
+    /// Shape of the policy logits (row stride ≥ cols).
+    pub policy_shape: RowShape,
+    /// Reference logits, `ref_dtype`, laid out as `ref_shape`.
+    pub reference: u64,
+    /// Dtype of the reference logits.
+    pub ref_dtype: DType,
+    /// Shape of the reference logits: the policy's rows and cols, its own row stride.
+    pub ref_shape: RowShape,
+    /// `rows` mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// `rows` f32: the divergence, or 0.
+    pub value: u64,
+    /// `rows` f32: `ln Σ exp(z_policy)`, or 0.
+    pub policy_lse: u64,
+    /// `rows` f32: `ln Σ exp(z_ref)`, or 0.
+    pub ref_lse: u64,
+    /// `rows` f32: the JSD's `KL[p ‖ m]` (the value for the two KLs), or 0.
+    pub policy_term: u64,
+    /// [`exact_kl_workspace_bytes`](crate::cuda::exact_kl_workspace_bytes) bytes at a 16-byte
+    /// aligned address (the size is not checked: the caller's promise), or 0 to allocate on
+    /// the stream when needed.
+    pub workspace: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// [`cuda::exact_kl`](crate::cuda::exact_kl) on raw device pointers, enqueued on a stream
+/// owned by the caller. Row problems are reported in the status word (decode it with
+/// [`decode_status`](crate::cuda::raw::decode_status)).
+///
+/// # Safety
+/// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+/// - every non-zero address points to device memory of that context of the size its field
+///   documents (`policy`: `policy_shape.min_len()` elements of `policy_dtype`, `reference`
+///   likewise); the outputs and the workspace overlap nothing else;
+/// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
+pub unsafe fn exact_kl(stream: RawStream, args: &ExactKlArgs, opts: &ExactKlOptions) -> Result<()> {
+    check_shapes(args.policy_shape, args.ref_shape)?;
+    non_null(&[("policy", args.policy), ("reference", args.reference), ("status", args.status)])?;
+    if [args.value, args.policy_lse, args.ref_lse, args.policy_term].iter().all(|&p| p == 0) {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none requested".into(),
+            expected: "at least one of value, policy_lse, ref_lse, policy_term",
+        });
+    }
+    opts.inv_temperature()?;
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_forward(&stream, args, opts) }
+}
+
+/// Buffers of a raw [`exact_kl_backward`] call: device addresses, 0 for an absent optional
+/// buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct ExactKlBackwardArgs {
+    /// Policy logits, `policy_dtype`, laid out as `policy_shape`.
+    pub policy: u64,
+    /// Dtype of the policy logits and of the gradient.
+    pub policy_dtype: DType,
+    /// Shape of the policy logits and of the gradient.
+    pub policy_shape: RowShape,
+    /// Reference logits, `ref_dtype`, laid out as `ref_shape`.
+    pub reference: u64,
+    /// Dtype of the reference logits.
+    pub ref_dtype: DType,
+    /// Shape of the reference logits (the policy's rows and cols).
+    pub ref_shape: RowShape,
+    /// `rows` mask bytes, or 0.
+    pub mask: u64,
+    /// `rows` f32: the upstream gradient `g[n]` of each row's divergence.
+    pub grad: u64,
+    /// `rows` f32: the forward's policy log-sum-exp.
+    pub policy_lse: u64,
+    /// `rows` f32: the forward's reference log-sum-exp.
+    pub ref_lse: u64,
+    /// `rows` f32: the forward's value (required for `KL[π‖π_ref]`), or 0.
+    pub value: u64,
+    /// `rows` f32: the forward's policy term (required for the JSD), or 0.
+    pub policy_term: u64,
+    /// The gradient w.r.t. the policy logits, laid out as `policy_shape`; equal to `policy`
+    /// for the in-place backward.
+    pub grad_policy: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// [`cuda::exact_kl_backward`](crate::cuda::exact_kl_backward) on raw device pointers, in
+/// place when `args.grad_policy == args.policy`.
+///
+/// # Safety
+/// As [`exact_kl`]; `grad_policy` covers the policy shape and either equals `policy` or
+/// overlaps nothing else.
+pub unsafe fn exact_kl_backward(
+    stream: RawStream,
+    args: &ExactKlBackwardArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_shapes(args.policy_shape, args.ref_shape)?;
+    let required = [
+        ("policy", args.policy),
+        ("reference", args.reference),
+        ("grad", args.grad),
+        ("policy_lse", args.policy_lse),
+        ("ref_lse", args.ref_lse),
+        ("grad_policy", args.grad_policy),
+        ("status", args.status),
+    ];
+    non_null(&required)?;
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety); the launch refuses a missing
+    // saved value or policy term before enqueuing anything.
+    unsafe { launch_backward(&stream, args, opts) }
+}
+
+fn check_shapes(policy: RowShape, reference: RowShape) -> Result<()> {
+    check_pair(policy.min_len(), policy, reference.min_len(), reference, None)
+}

@@ -265,8 +265,8 @@ constexpr long long EXACT_CHUNK = static_cast<long long>(EXACT_BLOCK) * EXACT_SL
 enum Divergence : int { POLICY_REF = 0, REF_POLICY = 1, JSD = 2 };
 constexpr unsigned PAIR_P_NAN = 1, PAIR_P_POS_INF = 2, PAIR_Q_NAN = 4, PAIR_Q_POS_INF = 8;
 
-// One chunk's (or row's) statistics of both sides: 28 bytes (src/cuda/kl/exact.rs sizes the
-// workspace with PARTIAL_BYTES).
+// One chunk's (or row's, or shard's) statistics of both sides: 28 bytes, the layout of
+// `ExactKlPartial` (src/kl.rs, whose test checks the flags above).
 struct PairPartial {
   float mp, sp, apr;  // policy: max (raw), Σ e_p, Σ e_p·(z_p − z_q)
   float mq, sq, arp;  // reference: max (raw), Σ e_q, Σ e_q·(z_q − z_p)

@@ -527,3 +527,23 @@ pub fn merge_exact_kl_partials(parts: &[ExactKlPartial], opts: &ExactKlOptions) 
     let inv_tau = opts.inv_temperature()?;
     Ok(parts.iter().fold(ExactKlPartial::EMPTY, |acc, p| acc.merge(p, inv_tau)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU writes `ExactKlPartial` records itself: its flag bits must be ours.
+    #[test]
+    fn partial_flags_match_the_kernels() {
+        let kernel = include_str!("../kernels/kl.cu");
+        let line = format!(
+            "PAIR_P_NAN = {}, PAIR_P_POS_INF = {}, PAIR_Q_NAN = {}, PAIR_Q_POS_INF = {};",
+            ExactKlPartial::POLICY_NAN,
+            ExactKlPartial::POLICY_POS_INF,
+            ExactKlPartial::REF_NAN,
+            ExactKlPartial::REF_POS_INF
+        );
+        assert!(kernel.contains(&line), "kernels/kl.cu lacks `{line}`");
+        assert_eq!(std::mem::size_of::<ExactKlPartial>(), 28, "PairPartial is 6 f32 and a u32");
+    }
+}

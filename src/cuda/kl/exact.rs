@@ -18,13 +18,13 @@ use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
-use crate::{DType, Element, Error, ExactDivergence, ExactKlOptions, Result, RowShape};
+use crate::{DType, Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
 
 pub(super) const BLOCK: u32 = 256;
 const CHUNK: usize = 8192;
 const SPLIT_ROWS: usize = 1024;
-/// `PairPartial` in the kernel: 6 f32 and a u32.
-const PARTIAL_BYTES: usize = 28;
+/// `PairPartial` in the kernel: the layout of [`ExactKlPartial`].
+const PARTIAL_BYTES: usize = size_of::<ExactKlPartial>();
 
 /// The reference side on the device: its logits (own dtype and row stride, same rows and cols
 /// as the policy's) and the row mask that applies to both sides.

@@ -168,6 +168,8 @@ pub enum RowProblem {
     /// `KL[π ‖ π_ref]` (or a sampled estimate of it) is infinite: the policy gives
     /// probability to a token the reference forbids, and the gradient is undefined.
     InfiniteKl,
+    /// A NaN or infinite input (reward, value, KL, score) at a valid position.
+    NonFinite,
 }
 
 impl RowProblem {
@@ -180,17 +182,19 @@ impl RowProblem {
             RowProblem::GradNonFinite => 4,
             RowProblem::TargetOutOfRange => 5,
             RowProblem::InfiniteKl => 6,
+            RowProblem::NonFinite => 7,
         }
     }
 
     /// Every problem, in code order.
-    pub(crate) const ALL: [RowProblem; 6] = [
+    pub(crate) const ALL: [RowProblem; 7] = [
         RowProblem::NaN,
         RowProblem::PosInf,
         RowProblem::AllNegInf,
         RowProblem::GradNonFinite,
         RowProblem::TargetOutOfRange,
         RowProblem::InfiniteKl,
+        RowProblem::NonFinite,
     ];
 
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -218,6 +222,10 @@ impl fmt::Display for RowProblem {
                  token the reference bans (-inf); use a clamped estimator (k3), KL[ref || policy] or the \
                  JSD, or ban the token in the policy too"
             }
+            RowProblem::NonFinite => {
+                "has a NaN or infinite input at a valid position: find where it came from upstream, or \
+                 mask the position out"
+            }
         })
     }
 }
@@ -232,6 +240,9 @@ pub(crate) enum Op {
     SampledKl = 5,
     ExactKl = 7,
     ExactKlBackward = 8,
+    Gae = 9,
+    GroupAdvantages = 10,
+    Moments = 11,
 }
 
 impl Op {
@@ -244,6 +255,9 @@ impl Op {
             Op::SampledKl => "sampled_kl",
             Op::ExactKl => "exact_kl",
             Op::ExactKlBackward => "exact_kl_backward",
+            Op::Gae => "gae",
+            Op::GroupAdvantages => "group_advantages",
+            Op::Moments => "masked_moments",
         }
     }
 
@@ -257,6 +271,9 @@ impl Op {
             5 => Some(Op::SampledKl),
             7 => Some(Op::ExactKl),
             8 => Some(Op::ExactKlBackward),
+            9 => Some(Op::Gae),
+            10 => Some(Op::GroupAdvantages),
+            11 => Some(Op::Moments),
             _ => None,
         }
     }
@@ -282,12 +299,18 @@ mod tests {
             ("PROBLEM_GRAD_NON_FINITE", RowProblem::GradNonFinite),
             ("PROBLEM_TARGET_OUT_OF_RANGE", RowProblem::TargetOutOfRange),
             ("PROBLEM_INFINITE_KL", RowProblem::InfiniteKl),
+            ("PROBLEM_NON_FINITE", RowProblem::NonFinite),
         ] {
             let line = format!("{name} = {},", problem.code());
             assert!(header.contains(&line), "kernels/common.cuh lacks `{line}`");
             assert_eq!(RowProblem::from_code(problem.code()), Some(problem));
         }
-        let kernels = [include_str!("../kernels/logprobs.cu"), include_str!("../kernels/kl.cu")].concat();
+        let kernels = [
+            include_str!("../kernels/logprobs.cu"),
+            include_str!("../kernels/kl.cu"),
+            include_str!("../kernels/advantages.cu"),
+        ]
+        .concat();
         for op in [
             Op::LogSoftmax,
             Op::LogSoftmaxBackward,
@@ -296,6 +319,9 @@ mod tests {
             Op::SampledKl,
             Op::ExactKl,
             Op::ExactKlBackward,
+            Op::Gae,
+            Op::GroupAdvantages,
+            Op::Moments,
         ] {
             let line = format!("OP_{} = {};", op.name().to_uppercase(), op as u8);
             let line = line.replace("OP_LOG_SOFTMAX =", "OP_LOG_SOFTMAX_FORWARD =");

@@ -29,6 +29,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod advantages;
 mod aggregation;
 mod backend;
 pub mod cpu;
@@ -42,6 +43,10 @@ pub mod reference;
 mod shape;
 pub mod testing;
 
+pub use advantages::{
+    GaeInputs, GaeOptions, GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, MaskedSteps, Moments,
+    SingletonGroups, WhitenOptions, gae_error_bound_factor, gae_error_scale,
+};
 pub use aggregation::{Aggregation, BatchCounts, Normaliser};
 pub use backend::{Backend, CudaUnavailable};
 #[cfg(feature = "cuda")]

@@ -5,10 +5,14 @@
 //! order inside a row depends only on the row length, never on the thread count, the batch
 //! or the CPU's vector width.
 
+mod advantages;
 mod kl;
 mod logprobs;
 pub(crate) mod simd;
 
+pub use advantages::{
+    GaeOutputs, GroupAdvantageOutputs, TokenOutput, gae, group_advantages, masked_moments, whiten,
+};
 pub use kl::{
     ExactKlGrads, ExactKlOutputs, ReferenceRows, SampledKlOutputs, exact_kl, exact_kl_backward,
     exact_kl_backward_in_place, exact_kl_shard_partials, jsd_shard_sums, kl_rewards, sampled_kl,

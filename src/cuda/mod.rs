@@ -13,6 +13,7 @@
 //! row, a row of only `-inf`) are recorded in a [`CudaStatus`] that the caller checks when it
 //! chooses (once per training step is enough); the outputs of such a row are NaN.
 
+mod advantages;
 mod aggregation;
 mod context;
 mod kl;
@@ -22,6 +23,10 @@ mod status;
 
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
 
+pub use advantages::{
+    DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups, DeviceMoments,
+    DeviceTokenOutput, gae, gae_workspace_bytes, group_advantages, masked_moments, whiten,
+};
 pub use aggregation::{Aggregated, DeviceAggregate, aggregate};
 pub use context::CudaDevice;
 pub(crate) use context::RawStream;

@@ -14,16 +14,18 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 /// One module per kernels/*.cu file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Module {
+    Advantages,
     Aggregation,
     Logprobs,
     Kl,
 }
 
 impl Module {
-    const ALL: [Module; 3] = [Module::Aggregation, Module::Logprobs, Module::Kl];
+    const ALL: [Module; 4] = [Module::Advantages, Module::Aggregation, Module::Logprobs, Module::Kl];
 
     fn fatbin(self) -> Option<&'static [u8]> {
         match self {
+            Module::Advantages => ADVANTAGES,
             Module::Aggregation => AGGREGATION,
             Module::Logprobs => LOGPROBS,
             Module::Kl => KL,

@@ -5,9 +5,11 @@
 //! dtype (see [`testing`](crate::testing)). It is public so that downstream trainers can test
 //! their own code against it too.
 
+mod advantages;
 mod kl;
 mod logprobs;
 
+pub use advantages::{Gae, gae, group_advantages, masked_moments, whiten};
 pub(crate) use kl::check_pair;
 pub use kl::{ExactKl, SampledKl, exact_kl, exact_kl_backward, kl_rewards, sampled_kl};
 pub use logprobs::{

@@ -2,6 +2,7 @@
 //! the CPU and the CUDA backend, each held to the f64 reference.
 #![allow(dead_code)] // each test file uses part of this module
 
+pub mod advantages;
 pub mod kl;
 pub mod tokens;
 

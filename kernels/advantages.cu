@@ -1,0 +1,401 @@
+// Advantage estimation (MATH.md §3): GAE as a parallel suffix scan of affine maps, the group
+// estimators (one warp per group over its member list), and masked moments / whitening.
+// Deterministic: every reduction and composition runs in an order fixed by the shape alone.
+#include "aggregation.cuh"
+
+using namespace rk;
+
+namespace {
+
+constexpr unsigned OP_GAE = 9;
+constexpr unsigned OP_GROUP_ADVANTAGES = 10;
+constexpr unsigned OP_MASKED_MOMENTS = 11;
+
+// ---- GAE --------------------------------------------------------------------------------
+// The state right of position t is (A, W, Y): the advantage and the value of the first valid
+// step at or after t, and Y = 1 when there is none (so the score lands on the last valid
+// step). Each position is the map x ↦ M·x + c with M = [[p, q, s], [0, w, 0], [0, 0, z]]:
+//   valid:          A ← γλ·A + γ·W + score·Y + (r − V),  W ← V,  Y ← 0
+//   masked, pass:   identity
+//   masked, reset:  A ← 0, W ← 0, Y unchanged
+// The state beyond the end is (0, 0, 1). Maps compose associatively; `compose(f, g)` is f∘g
+// with g the part to the right (applied first).
+constexpr int GAE_ITEMS = 4;                  // consecutive positions per thread
+constexpr int GAE_BLOCK = 256;                // threads per block
+constexpr int GAE_CHUNK = GAE_BLOCK * GAE_ITEMS;  // positions per block (src/cuda/advantages.rs)
+constexpr int GAE_WARP_SPAN = 32 * GAE_ITEMS;     // sequences this short take one warp each
+
+struct Affine {
+  float p, q, s, w, z, c0, c1, c2;
+};
+
+struct GaeState {
+  float a, w, y;
+};
+
+// The kernels' parameters (src/cuda/advantages.rs `GaeParams`, same layout).
+struct GaeParams {
+  const float* rewards;  // each of these five may be null
+  const float* kl;
+  const float* scores;  // one per row
+  const float* values;
+  const unsigned char* mask;
+  float* advantages;  // either may be null
+  float* returns;
+  long long ld;
+  int rows, cols, nchunks;
+  float gamma, gamma_lambda, beta;
+  int reset;
+};
+
+__device__ __forceinline__ Affine identity_map() { return {1.0f, 0.0f, 0.0f, 1.0f, 1.0f, 0.0f, 0.0f, 0.0f}; }
+
+__device__ __forceinline__ Affine compose(const Affine& f, const Affine& g) {
+  Affine r;
+  r.p = f.p * g.p;
+  r.q = fmaf(f.p, g.q, f.q * g.w);
+  r.s = fmaf(f.p, g.s, f.s * g.z);
+  r.w = f.w * g.w;
+  r.z = f.z * g.z;
+  r.c0 = fmaf(f.p, g.c0, fmaf(f.q, g.c1, fmaf(f.s, g.c2, f.c0)));
+  r.c1 = fmaf(f.w, g.c1, f.c1);
+  r.c2 = fmaf(f.z, g.c2, f.c2);
+  return r;
+}
+
+__device__ __forceinline__ GaeState apply(const Affine& f, GaeState x) {
+  return {fmaf(f.p, x.a, fmaf(f.q, x.w, fmaf(f.s, x.y, f.c0))), fmaf(f.w, x.w, f.c1), fmaf(f.z, x.y, f.c2)};
+}
+
+__device__ __forceinline__ Affine shfl_down(const Affine& f, int d) {
+  Affine r;
+  r.p = __shfl_down_sync(0xffffffffu, f.p, d);
+  r.q = __shfl_down_sync(0xffffffffu, f.q, d);
+  r.s = __shfl_down_sync(0xffffffffu, f.s, d);
+  r.w = __shfl_down_sync(0xffffffffu, f.w, d);
+  r.z = __shfl_down_sync(0xffffffffu, f.z, d);
+  r.c0 = __shfl_down_sync(0xffffffffu, f.c0, d);
+  r.c1 = __shfl_down_sync(0xffffffffu, f.c1, d);
+  r.c2 = __shfl_down_sync(0xffffffffu, f.c2, d);
+  return r;
+}
+
+// The map of position t (< cols) of `row`; also its validity and value.
+__device__ __forceinline__ Affine step_map(const GaeParams& P, long long row, long long t, bool& valid, float& v) {
+  const long long i = row * P.ld + t;
+  valid = P.mask == nullptr || P.mask[i] != 0;
+  v = 0.0f;
+  if (!valid) return P.reset ? Affine{0.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0.0f} : identity_map();
+  float r = P.rewards ? P.rewards[i] : 0.0f;
+  if (P.kl) r = fmaf(-P.beta, P.kl[i], r);
+  v = P.values ? P.values[i] : 0.0f;
+  const float score = P.scores ? P.scores[row] : 0.0f;
+  return {P.gamma_lambda, P.gamma, score, 0.0f, 0.0f, r - v, v, 0.0f};
+}
+
+// This thread's positions [t0, t0 + GAE_ITEMS): their maps and their composition.
+struct Items {
+  Affine f[GAE_ITEMS];
+  float v[GAE_ITEMS];
+  bool valid[GAE_ITEMS];
+  Affine total;
+};
+
+__device__ __forceinline__ void load_items(const GaeParams& P, long long row, long long t0, Items& it) {
+#pragma unroll
+  for (int j = 0; j < GAE_ITEMS; ++j) {
+    it.valid[j] = false;
+    it.v[j] = 0.0f;
+    it.f[j] = t0 + j < P.cols ? step_map(P, row, t0 + j, it.valid[j], it.v[j]) : identity_map();
+  }
+  it.total = it.f[GAE_ITEMS - 1];
+#pragma unroll
+  for (int j = GAE_ITEMS - 2; j >= 0; --j) it.total = compose(it.f[j], it.total);
+}
+
+// Inclusive suffix scan over the warp: lane l ends with F_l ∘ F_{l+1} ∘ … ∘ F_31.
+__device__ __forceinline__ Affine warp_suffix_scan(Affine x) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const Affine o = shfl_down(x, d);
+    if (lane + d < 32) x = compose(x, o);
+  }
+  return x;
+}
+
+// Scans the WARPS·32·GAE_ITEMS positions from `start` of `row`, entering from the right with
+// `carry`, and writes the outputs. WARPS = 1: one warp per sequence, no block barrier.
+template <int WARPS>
+__device__ __forceinline__ void scan_chunk(const GaeParams& P, long long row, long long start, GaeState carry,
+                                           Affine* warp_totals, unsigned long long* status) {
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % WARPS;
+  const long long t0 = start + static_cast<long long>(warp * 32 + lane) * GAE_ITEMS;
+  Items it;
+  load_items(P, row, t0, it);
+  const Affine incl = warp_suffix_scan(it.total);
+  Affine excl = shfl_down(incl, 1);
+  if (lane == 31) excl = identity_map();
+  GaeState s = carry;
+  if constexpr (WARPS > 1) {
+    if (lane == 0) warp_totals[warp] = incl;
+    __syncthreads();
+    for (int k = WARPS - 1; k > warp; --k) s = apply(warp_totals[k], s);
+  }
+  s = apply(excl, s);
+  bool bad = false;
+#pragma unroll
+  for (int j = GAE_ITEMS - 1; j >= 0; --j) {
+    s = apply(it.f[j], s);
+    const long long t = t0 + j;
+    if (t >= P.cols) continue;
+    const float a = it.valid[j] ? s.a : 0.0f;
+    const float ret = it.valid[j] ? a + it.v[j] : 0.0f;
+    bad |= !(isfinite(a) && isfinite(ret));
+    const long long i = row * P.ld + t;
+    if (P.advantages) P.advantages[i] = a;
+    if (P.returns) P.returns[i] = ret;
+  }
+  if (bad) report(status, row, OP_GAE, PROBLEM_NON_FINITE);
+}
+
+}  // namespace
+
+// Sequences of at most GAE_WARP_SPAN positions: one warp each, 8 per block.
+extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_warp(GaeParams P, unsigned long long* status) {
+  const long long row = static_cast<long long>(blockIdx.x) * (GAE_BLOCK / 32) + (threadIdx.x >> 5);
+  if (row >= P.rows) return;  // whole warps leave; no block barrier follows
+  scan_chunk<1>(P, row, 0, GaeState{0.0f, 0.0f, 1.0f}, nullptr, status);
+}
+
+// Longer sequences, first of two passes when a sequence spans several chunks: the composed
+// map of every chunk but the first, `maps[row·nchunks + chunk]`.
+extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_chunk_maps(GaeParams P, Affine* __restrict__ maps) {
+  __shared__ Affine totals[GAE_BLOCK / 32];
+  const long long row = blockIdx.x / P.nchunks;
+  const int chunk = static_cast<int>(blockIdx.x % P.nchunks);
+  if (chunk == 0) return;  // whole block: nobody needs the first chunk's map
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  Items it;
+  load_items(P, row, static_cast<long long>(chunk) * GAE_CHUNK + static_cast<long long>(threadIdx.x) * GAE_ITEMS, it);
+  const Affine incl = warp_suffix_scan(it.total);
+  if (lane == 0) totals[warp] = incl;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Affine g = totals[GAE_BLOCK / 32 - 1];
+    for (int k = GAE_BLOCK / 32 - 2; k >= 0; --k) g = compose(totals[k], g);
+    maps[row * P.nchunks + chunk] = g;
+  }
+}
+
+// One block per (sequence, chunk): the state entering the chunk from the right (the maps of
+// the chunks after it applied right to left to the end state, when `maps` is not null), then
+// the block scan.
+extern "C" __global__ void __launch_bounds__(GAE_BLOCK)
+gae_block(GaeParams P, const Affine* __restrict__ maps, unsigned long long* status) {
+  __shared__ Affine totals[GAE_BLOCK / 32];
+  __shared__ GaeState carry;
+  const long long row = blockIdx.x / P.nchunks;
+  const int chunk = static_cast<int>(blockIdx.x % P.nchunks);
+  if (threadIdx.x == 0) {
+    GaeState s{0.0f, 0.0f, 1.0f};
+    if (maps)
+      for (int k = P.nchunks - 1; k > chunk; --k) s = apply(maps[row * P.nchunks + k], s);
+    carry = s;
+  }
+  __syncthreads();
+  scan_chunk<GAE_BLOCK / 32>(P, row, static_cast<long long>(chunk) * GAE_CHUNK, carry, totals, status);
+}
+
+// ---- group estimators -------------------------------------------------------------------
+namespace {
+
+__device__ __forceinline__ double warp_sum_f64(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Estimator codes (src/cuda/advantages.rs): GRPO unbiased std, GRPO biased std, s − mean
+// (Dr. GRPO and the group-mean baseline), RLOO. Each is A = (s − center)·scale with one
+// (center, scale) per group (RLOO: s − (sum − s)/(n − 1) = (s − mean)·n/(n − 1)); a group of
+// one: mean 0 and std 1, RLOO 0.
+__device__ __forceinline__ void group_affine(int estimator, double eps, unsigned n, double mean, double m2,
+                                             double& center, double& scale) {
+  const bool single = n == 1;
+  const double nd = static_cast<double>(n);
+  center = single ? 0.0 : mean;
+  switch (estimator) {
+    case 0:
+    case 1: {
+      const double sd = single ? 1.0 : sqrt(m2 / (estimator == 0 ? nd - 1.0 : nd));
+      scale = 1.0 / (sd + eps);
+      break;
+    }
+    case 2:
+      scale = 1.0;
+      break;
+    default:
+      scale = single ? 0.0 : nd / (nd - 1.0);
+  }
+}
+
+}  // namespace
+
+// One warp per group: f64 sums over the members (lane-strided, then a butterfly: the same in
+// every lane), each member's advantage, written per sequence and/or to every valid token of
+// its row. Reports a member with a non-finite score or advantage.
+extern "C" __global__ void __launch_bounds__(256)
+group_advantages(const float* __restrict__ scores, const unsigned* __restrict__ offsets,
+                 const unsigned* __restrict__ members, int groups, int estimator, double eps,
+                 float* __restrict__ per_sequence, float* __restrict__ tokens, long long ld, int cols,
+                 const unsigned char* __restrict__ mask, unsigned long long* status) {
+  const long long g = static_cast<long long>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (g >= groups) return;  // whole warps
+  const unsigned begin = offsets[g], end = offsets[g + 1], n = end - begin;
+  if (n == 0) return;
+  double sum = 0.0;
+  for (unsigned k = begin + lane; k < end; k += 32) sum += static_cast<double>(scores[members[k]]);
+  sum = warp_sum_f64(sum);
+  const double mean = sum / static_cast<double>(n);
+  double m2 = 0.0;
+  for (unsigned k = begin + lane; k < end; k += 32) {
+    const double d = static_cast<double>(scores[members[k]]) - mean;
+    m2 = fma(d, d, m2);
+  }
+  m2 = warp_sum_f64(m2);
+  double center, scale;
+  group_affine(estimator, eps, n, mean, m2, center, scale);
+  for (unsigned k = begin + lane; k < end; k += 32) {
+    const unsigned i = members[k];
+    const float s = scores[i];
+    const float a = static_cast<float>((static_cast<double>(s) - center) * scale);
+    if (!(isfinite(s) && isfinite(a))) report(status, i, OP_GROUP_ADVANTAGES, PROBLEM_NON_FINITE);
+    if (per_sequence) per_sequence[i] = a;
+  }
+  if (tokens == nullptr) return;
+  for (unsigned k = begin; k < end; ++k) {
+    const unsigned i = members[k];
+    const float a = static_cast<float>((static_cast<double>(scores[i]) - center) * scale);
+    const long long base = static_cast<long long>(i) * ld;
+    for (long long t = lane; t < cols; t += 32) tokens[base + t] = token_valid(mask, base + t) ? a : 0.0f;
+  }
+}
+
+// ---- masked moments and whitening ---------------------------------------------------------
+namespace {
+
+// Count, mean, sum of squared deviations, min, max.
+struct Moments {
+  float n, mean, m2, lo, hi;
+};
+
+__device__ __forceinline__ Moments merge_moments(const Moments& a, const Moments& b) {
+  if (b.n == 0.0f) return a;
+  if (a.n == 0.0f) return b;
+  const float n = a.n + b.n, d = b.mean - a.mean, wb = __fdiv_rn(b.n, n);
+  return {n, fmaf(d, wb, a.mean), a.m2 + b.m2 + d * d * a.n * wb, fminf(a.lo, b.lo), fmaxf(a.hi, b.hi)};
+}
+
+__device__ __forceinline__ Moments shfl_xor_moments(const Moments& m, int o) {
+  return {__shfl_xor_sync(0xffffffffu, m.n, o), __shfl_xor_sync(0xffffffffu, m.mean, o),
+          __shfl_xor_sync(0xffffffffu, m.m2, o), __shfl_xor_sync(0xffffffffu, m.lo, o),
+          __shfl_xor_sync(0xffffffffu, m.hi, o)};
+}
+
+// f64 moments of the final merge.
+struct MomentsF64 {
+  double n, mean, m2, lo, hi;
+};
+
+__device__ __forceinline__ MomentsF64 merge_f64(const MomentsF64& a, const MomentsF64& b) {
+  if (b.n == 0.0) return a;
+  if (a.n == 0.0) return b;
+  const double n = a.n + b.n, d = b.mean - a.mean, wb = b.n / n;
+  return {n, fma(d, wb, a.mean), a.m2 + b.m2 + d * d * a.n * wb, fmin(a.lo, b.lo), fmax(a.hi, b.hi)};
+}
+
+}  // namespace
+
+// One block of 256 threads per row: Welford per thread over t ≡ thread (mod 256), then a
+// fixed butterfly and a warp-0 merge. Reports a row with a non-finite valid value or moment.
+extern "C" __global__ void __launch_bounds__(256)
+moments_rows(const float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows,
+             int cols, Moments* __restrict__ records, unsigned long long* status) {
+  __shared__ Moments warp_m[8];
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const long long base = row * ld;
+  Moments m{0.0f, 0.0f, 0.0f, pos_inf(), neg_inf()};
+  bool bad = false;
+  for (long long t = threadIdx.x; t < cols; t += 256) {
+    if (!token_valid(mask, base + t)) continue;
+    const float x = values[base + t];
+    bad |= !isfinite(x);
+    m.n += 1.0f;
+    const float d = x - m.mean;
+    m.mean = fmaf(d, __frcp_rn(m.n), m.mean);
+    m.m2 = fmaf(d, x - m.mean, m.m2);
+    m.lo = fminf(m.lo, x);
+    m.hi = fmaxf(m.hi, x);
+  }
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const Moments other = shfl_xor_moments(m, o);
+    m = (threadIdx.x & o) ? merge_moments(other, m) : merge_moments(m, other);  // lower lanes first
+  }
+  if ((threadIdx.x & 31) == 0) warp_m[threadIdx.x >> 5] = m;
+  bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) {
+    Moments total = warp_m[0];
+    for (int k = 1; k < 8; ++k) total = merge_moments(total, warp_m[k]);
+    bad |= !(isfinite(total.mean) && isfinite(total.m2));
+    records[row] = total;
+    if (bad) report(status, row, OP_MASKED_MOMENTS, PROBLEM_NON_FINITE);
+  }
+}
+
+// One block of 256 threads: thread k merges rows k, k + 256, … in f64, then a fixed tree.
+// out = [count, mean, unbiased variance (0 for count ≤ 1), min, max].
+extern "C" __global__ void __launch_bounds__(256)
+moments_finalize(const Moments* __restrict__ records, int rows, double* __restrict__ out) {
+  __shared__ MomentsF64 sh[256];
+  MomentsF64 m{0.0, 0.0, 0.0, static_cast<double>(pos_inf()), static_cast<double>(neg_inf())};
+  for (long long r = threadIdx.x; r < rows; r += 256) {
+    const Moments x = records[r];
+    m = merge_f64(m, MomentsF64{x.n, x.mean, x.m2, x.lo, x.hi});
+  }
+  sh[threadIdx.x] = m;
+  __syncthreads();
+  for (int s = 128; s > 0; s >>= 1) {
+    if (threadIdx.x < s) sh[threadIdx.x] = merge_f64(sh[threadIdx.x], sh[threadIdx.x + s]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const MomentsF64 t = sh[0];
+    out[0] = t.n;
+    out[1] = t.n > 0.0 ? t.mean : 0.0;
+    out[2] = t.n > 1.0 ? t.m2 / (t.n - 1.0) : 0.0;
+    out[3] = t.lo;
+    out[4] = t.hi;
+  }
+}
+
+// x ← x·scale + shift at valid tokens (0 at masked ones), scale = 1/sqrt(var + ε) (0 if that
+// is not finite), shift = −mean·scale (+ mean with keep_mean). One block per row.
+extern "C" __global__ void __launch_bounds__(256)
+whiten_apply(float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows, int cols,
+             const double* __restrict__ moments, double eps, int keep_mean) {
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const double mean = moments[1];
+  double scale = 1.0 / sqrt(moments[2] + eps);
+  if (!isfinite(scale)) scale = 0.0;
+  const float sc = static_cast<float>(scale);
+  const float sh = static_cast<float>(-mean * scale + (keep_mean ? mean : 0.0));
+  const long long base = row * ld;
+  for (long long t = threadIdx.x; t < cols; t += 256) {
+    values[base + t] = token_valid(mask, base + t) ? fmaf(values[base + t], sc, sh) : 0.0f;
+  }
+}

@@ -1,0 +1,578 @@
+//! The advantages family's shared vocabulary (MATH.md §3): GAE options and inputs, the
+//! outcome-reward estimators over groups, and masked moments for whitening.
+//!
+//! # GAE as a scan
+//!
+//! For one sequence with a response mask, only valid steps take part; `next(t)` is the next
+//! valid step after `t`:
+//!
+//! ```text
+//! δ_t = r_t + γ·V_next(t) − V_t        A_t = δ_t + γλ·A_next(t)        R_t = A_t + V_t
+//! ```
+//!
+//! (`V_next` and `A_next` are 0 after the last valid step; outputs at masked positions are 0.)
+//! Written over *all* positions, right to left, the state `(A, W, Z)` — the advantage and the
+//! value of the first valid step at or after `t`, and whether there is one — obeys an affine
+//! map per position: a valid step sets `A ← γλ·A + γ·W + r_t − V_t`, `W ← V_t`, `Z ← 1`; a
+//! masked step leaves the state alone ([`MaskedSteps::PassThrough`], verl's and NeMo-RL's
+//! loop) or ends the episode there ([`MaskedSteps::Reset`], the OpenRLHF convention). Affine
+//! maps compose associatively, so the GPU scans long sequences in parallel (per-thread runs,
+//! warp and block scans, then per-chunk carries); `Z` lets the sequence score land on the
+//! last valid token inside the same scan.
+//!
+//! **Precision.** The CPU runs the recurrence in f64 and rounds once: within one f32 rounding
+//! of the f64 reference. The GPU composes in f32; its error at `t` is at most
+//! `K(T)·2⁻²⁴·Ā_t`, where `Ā_t` is the same recurrence run on absolute values
+//! (`|r_k| + |V_k| + γ·|V_next(k)|` discounted by `(γλ)^j`, see [`gae_error_scale`]) and
+//! `K(T) = 2·(24 + ⌈T/1024⌉)` counts the roundings on the longest composition path (4 steps
+//! per thread, 5 warp and 8 block levels, 7 warp carries, one carry per 1024-step chunk).
+//!
+//! # Outcome estimators
+//!
+//! `G` responses to one prompt share a group; groups are given by an index per sequence
+//! ([`Groups`]: any order, any sizes). With scores `s_1..s_G` of a group:
+//!
+//! | [`GroupEstimator`] | advantage of response `i` | a group of one |
+//! | --- | --- | --- |
+//! | `Grpo { std: Unbiased, eps }` (verl) | `(s_i − mean)/(std + ε)` | mean 0, std 1 |
+//! | `Grpo { std: NoStd, .. }` (Dr. GRPO) | `s_i − mean` | `s_i` |
+//! | `Rloo` | `s_i − (Σ_{j≠i} s_j)/(G − 1)` | 0 |
+//! | `GroupMean` (REINFORCE++-baseline, before whitening) | `s_i − mean` | `s_i` |
+//!
+//! [`SingletonGroups::Error`] refuses a group of one instead. The advantage is written to
+//! every valid token of the response. The REINFORCE++ variants follow with batch whitening:
+//!
+//! - REINFORCE++: token rewards → `gae` with no values, `λ = 1` ([`GaeOptions::discounted_returns`],
+//!   [`MaskedSteps::Reset`] as verl) → `whiten` over the batch's valid tokens;
+//! - REINFORCE++-baseline: `group_advantages` with `GroupMean` → `whiten`.
+//!
+//! # Whitening
+//!
+//! `x ← (x − mean)/sqrt(var + ε)` over the valid tokens of the whole batch, `var` with the
+//! `n/(n − 1)` correction (verl's `masked_whiten`; `n = 1` gives variance 0), `ε = 1e-8`;
+//! [`WhitenOptions::keep_mean`] adds the mean back. [`Moments`] are the reduction it uses:
+//! count, mean, variance, min and max over valid tokens, in a fixed order (deterministic).
+
+use crate::{Error, Result, RowProblem, RowShape};
+
+/// What a masked position inside a sequence does to the GAE recurrence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaskedSteps {
+    /// The recurrence passes through it unchanged: the next valid step's value and advantage
+    /// reach the previous valid step (MATH.md; verl and NeMo-RL carry `nextvalues` and
+    /// `lastgaelam` this way).
+    #[default]
+    PassThrough,
+    /// The state resets to 0 there, as if the episode ended (the OpenRLHF convention; its loop
+    /// zeroes rewards and values at masked positions). Equal to `PassThrough` when padding
+    /// only follows the last valid token; differs on holes inside a response.
+    Reset,
+}
+
+/// Discount and trace of GAE.
+///
+/// ```
+/// use rlhf_kernels::{GaeOptions, MaskedSteps};
+/// let verl = GaeOptions::new(1.0, 0.95);
+/// let openrlhf = GaeOptions::new(1.0, 0.95).masked_steps(MaskedSteps::Reset);
+/// let returns = GaeOptions::discounted_returns(0.99); // λ = 1, for inputs without values
+/// assert_eq!(returns.lambda, 1.0);
+/// # let _ = (verl, openrlhf);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GaeOptions {
+    /// Discount γ ∈ [0, 1].
+    pub gamma: f32,
+    /// GAE trace λ ∈ [0, 1].
+    pub lambda: f32,
+    /// What masked positions do.
+    pub masked: MaskedSteps,
+}
+
+impl GaeOptions {
+    /// GAE with discount `gamma` and trace `lambda`, masked positions passing through.
+    pub fn new(gamma: f32, lambda: f32) -> Self {
+        GaeOptions { gamma, lambda, masked: MaskedSteps::PassThrough }
+    }
+
+    /// Discounted returns `G_t = r_t + γ·G_next(t)` (λ = 1; give no values).
+    pub fn discounted_returns(gamma: f32) -> Self {
+        GaeOptions::new(gamma, 1.0)
+    }
+
+    /// Sets the masked-position convention.
+    pub fn masked_steps(self, masked: MaskedSteps) -> Self {
+        GaeOptions { masked, ..self }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        for (name, v) in [("gamma", self.gamma), ("lambda", self.lambda)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::InvalidOption {
+                    name,
+                    value: v.to_string(),
+                    expected: "a value in [0, 1]",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The inputs of GAE over a `[B, T]` batch (rows = sequences, one shape for every per-token
+/// array). The per-token reward is
+/// `r_t = rewards_t − β·kl_t (+ score on the sequence's last valid token)`, from whichever of
+/// the three sources are given (at least one): dense rewards, a KL penalty (the InstructGPT
+/// placement, fused into the scan) and per-sequence scores.
+///
+/// ```
+/// use rlhf_kernels::{GaeInputs, RowShape};
+/// let (kl, values, scores, mask) = ([0.1f32, 0.2, 0.0], [0.5f32, 0.4, 0.0], [1.0f32], [1u8, 1, 0]);
+/// let inputs = GaeInputs::new(RowShape::new(1, 3)).kl_penalty(&kl, 0.05).scores(&scores).values(&values).mask(&mask);
+/// # let _ = inputs;
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct GaeInputs<'a> {
+    /// `[B, T]` (row stride allowed) of every per-token array.
+    pub shape: RowShape,
+    /// Dense per-token rewards.
+    pub rewards: Option<&'a [f32]>,
+    /// Per-token KL estimates and β: adds `−β·kl_t`.
+    pub kl_penalty: Option<(&'a [f32], f32)>,
+    /// One score per sequence, added to its last valid token.
+    pub scores: Option<&'a [f32]>,
+    /// Value estimates `V_t`; `None` means 0 (discounted returns).
+    pub values: Option<&'a [f32]>,
+    /// Response mask, one byte per token (0 = padding or prompt); `None`: all valid.
+    pub mask: Option<&'a [u8]>,
+}
+
+impl<'a> GaeInputs<'a> {
+    /// No input yet, for a batch of `shape`.
+    pub fn new(shape: RowShape) -> Self {
+        GaeInputs { shape, rewards: None, kl_penalty: None, scores: None, values: None, mask: None }
+    }
+    /// Adds dense per-token rewards.
+    pub fn rewards(self, r: &'a [f32]) -> Self {
+        GaeInputs { rewards: Some(r), ..self }
+    }
+    /// Adds the KL penalty `−β·kl_t` to every valid token.
+    pub fn kl_penalty(self, kl: &'a [f32], beta: f32) -> Self {
+        GaeInputs { kl_penalty: Some((kl, beta)), ..self }
+    }
+    /// Adds each sequence's score to its last valid token.
+    pub fn scores(self, s: &'a [f32]) -> Self {
+        GaeInputs { scores: Some(s), ..self }
+    }
+    /// Adds the value estimates.
+    pub fn values(self, v: &'a [f32]) -> Self {
+        GaeInputs { values: Some(v), ..self }
+    }
+    /// Adds the response mask.
+    pub fn mask(self, m: &'a [u8]) -> Self {
+        GaeInputs { mask: Some(m), ..self }
+    }
+
+    /// Checks lengths, β and that some reward is given.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let shape = self.shape;
+        for (what, buf) in
+            [("rewards", self.rewards), ("kl", self.kl_penalty.map(|k| k.0)), ("values", self.values)]
+        {
+            if let Some(b) = buf {
+                shape.check_buffer(what, b.len())?;
+            }
+        }
+        if let Some(m) = self.mask {
+            shape.check_buffer("mask", m.len())?;
+        }
+        if let Some(s) = self.scores {
+            crate::logprobs::check_len("scores", s.len(), shape.rows)?;
+        }
+        check_gae_sources(shape, self.rewards.is_some(), self.kl_penalty.map(|k| k.1), self.scores.is_some())
+    }
+
+    /// The reward of token `t` of row `row`, given whether it is the row's last valid token.
+    pub(crate) fn reward(&self, row: usize, t: usize, last: bool) -> f64 {
+        let mut r = self.rewards.map_or(0.0, |r| r[t] as f64);
+        if let Some((kl, beta)) = self.kl_penalty {
+            r -= beta as f64 * kl[t] as f64;
+        }
+        if last && let Some(s) = self.scores {
+            r += s[row] as f64;
+        }
+        r
+    }
+}
+
+/// The checks on GAE's reward sources shared by the host and device entry points.
+pub(crate) fn check_gae_sources(
+    shape: RowShape,
+    rewards: bool,
+    beta: Option<f32>,
+    scores: bool,
+) -> Result<()> {
+    shape.validate("gae inputs")?;
+    if let Some(b) = beta
+        && !b.is_finite()
+    {
+        return Err(Error::InvalidOption { name: "beta", value: b.to_string(), expected: "a finite β" });
+    }
+    if !rewards && beta.is_none() && !scores {
+        return Err(Error::InvalidOption {
+            name: "rewards",
+            value: "none".into(),
+            expected: "at least one of dense rewards, a KL penalty or sequence scores",
+        });
+    }
+    Ok(())
+}
+
+/// The error scale `Ā_t` of the GPU scan at every position (row-major, dense `[B, T]`): the
+/// GAE recurrence run on `|r_t| + |V_t| + γ·|V_next(t)|` (f64). The GPU's advantages are
+/// within `gae_error_bound_factor(T)·2⁻²⁴·Ā_t` of the exact ones (module docs).
+pub fn gae_error_scale(inputs: &GaeInputs<'_>, opts: &GaeOptions) -> Result<Vec<f64>> {
+    inputs.validate()?;
+    opts.validate()?;
+    let shape = inputs.shape;
+    let (g, gl) = (opts.gamma as f64, opts.gamma as f64 * opts.lambda as f64);
+    let mut out = vec![0.0; shape.len()];
+    for i in 0..shape.rows {
+        let row = shape.row_range(i);
+        let valid = |t: usize| inputs.mask.is_none_or(|m| m[t] != 0);
+        let last = row.clone().rev().find(|&t| valid(t));
+        let (mut a, mut w) = (0.0f64, 0.0f64);
+        for (j, t) in row.clone().enumerate().rev() {
+            if valid(t) {
+                let v = inputs.values.map_or(0.0, |v| (v[t] as f64).abs());
+                let r = inputs.rewards.map_or(0.0, |r| (r[t] as f64).abs())
+                    + inputs.kl_penalty.map_or(0.0, |(k, b)| (b as f64 * k[t] as f64).abs())
+                    + inputs.scores.filter(|_| Some(t) == last).map_or(0.0, |s| (s[i] as f64).abs());
+                a = gl * a + g * w + r + v;
+                w = v;
+                out[i * shape.cols + j] = a + v;
+            } else if opts.masked == MaskedSteps::Reset {
+                (a, w) = (0.0, 0.0);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `K(T)` of the GPU scan's error bound for sequences of `T` positions (module docs).
+pub fn gae_error_bound_factor(cols: usize) -> f64 {
+    2.0 * (24 + cols.div_ceil(1024)) as f64
+}
+
+/// The standard deviation GRPO divides by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupStd {
+    /// With the `G/(G − 1)` correction (`torch.std`, verl).
+    Unbiased,
+    /// Without it.
+    Biased,
+    /// No division at all (Dr. GRPO): `A = s − mean`.
+    NoStd,
+}
+
+/// An outcome-reward estimator over groups (module docs for the formulas).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GroupEstimator {
+    /// `(s − mean)/(std + ε)`, or `s − mean` with [`GroupStd::NoStd`].
+    Grpo {
+        /// Which standard deviation.
+        std: GroupStd,
+        /// ε added to the standard deviation (verl 1e-6).
+        eps: f32,
+    },
+    /// Leave-one-out baseline: `s_i − mean of the others`.
+    Rloo,
+    /// `s − mean` (the first step of REINFORCE++-baseline).
+    GroupMean,
+}
+
+/// What a group with a single response gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SingletonGroups {
+    /// Mean 0 and std 1 (verl), and an RLOO advantage of 0.
+    #[default]
+    Neutral,
+    /// [`Error::InvalidOption`] naming the group.
+    Error,
+}
+
+/// Options of `group_advantages`.
+///
+/// ```
+/// use rlhf_kernels::{GroupAdvantageOptions, GroupStd, SingletonGroups};
+/// let verl = GroupAdvantageOptions::grpo();
+/// let biased = GroupAdvantageOptions::grpo().std(GroupStd::Biased).eps(1e-4);
+/// let dr_grpo = GroupAdvantageOptions::grpo().std(GroupStd::NoStd);
+/// let strict_rloo = GroupAdvantageOptions::rloo().singletons(SingletonGroups::Error);
+/// # let _ = (verl, biased, dr_grpo, strict_rloo);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupAdvantageOptions {
+    /// The estimator.
+    pub estimator: GroupEstimator,
+    /// What a group of one gets.
+    pub singletons: SingletonGroups,
+}
+
+impl GroupAdvantageOptions {
+    /// GRPO as verl: unbiased std, ε = 1e-6, singletons neutral.
+    pub fn grpo() -> Self {
+        GroupAdvantageOptions {
+            estimator: GroupEstimator::Grpo { std: GroupStd::Unbiased, eps: 1e-6 },
+            singletons: SingletonGroups::Neutral,
+        }
+    }
+    /// RLOO.
+    pub fn rloo() -> Self {
+        GroupAdvantageOptions { estimator: GroupEstimator::Rloo, singletons: SingletonGroups::Neutral }
+    }
+    /// The group-mean baseline of REINFORCE++-baseline.
+    pub fn group_mean() -> Self {
+        GroupAdvantageOptions { estimator: GroupEstimator::GroupMean, singletons: SingletonGroups::Neutral }
+    }
+    /// Sets GRPO's standard deviation (no effect on the other estimators).
+    pub fn std(mut self, s: GroupStd) -> Self {
+        if let GroupEstimator::Grpo { std, .. } = &mut self.estimator {
+            *std = s;
+        }
+        self
+    }
+    /// Sets GRPO's ε (no effect on the other estimators).
+    pub fn eps(mut self, e: f32) -> Self {
+        if let GroupEstimator::Grpo { eps, .. } = &mut self.estimator {
+            *eps = e;
+        }
+        self
+    }
+    /// Sets the singleton rule.
+    pub fn singletons(self, singletons: SingletonGroups) -> Self {
+        GroupAdvantageOptions { singletons, ..self }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if let GroupEstimator::Grpo { eps, .. } = self.estimator
+            && !(eps.is_finite() && eps >= 0.0)
+        {
+            return Err(Error::InvalidOption {
+                name: "eps",
+                value: eps.to_string(),
+                expected: "a finite ε ≥ 0",
+            });
+        }
+        Ok(())
+    }
+
+    /// `(center, scale)` of a group of `n` members with mean `mean` and sum of squared
+    /// deviations `m2`: every member's advantage is `(s − center)·scale` (RLOO:
+    /// `s − (sum − s)/(n − 1) = (s − mean)·n/(n − 1)`). The GPU kernel uses the same form.
+    pub(crate) fn group_affine(&self, n: usize, mean: f64, m2: f64) -> (f64, f64) {
+        let single = n == 1;
+        let nd = n as f64;
+        let center = if single { 0.0 } else { mean };
+        let scale = match self.estimator {
+            GroupEstimator::Grpo { std: GroupStd::NoStd, .. } | GroupEstimator::GroupMean => 1.0,
+            GroupEstimator::Grpo { std, eps } => {
+                let sd = if single {
+                    1.0
+                } else {
+                    (m2 / if std == GroupStd::Unbiased { nd - 1.0 } else { nd }).sqrt()
+                };
+                1.0 / (sd + eps as f64)
+            }
+            GroupEstimator::Rloo => {
+                if single {
+                    0.0
+                } else {
+                    nd / (nd - 1.0)
+                }
+            }
+        };
+        (center, scale)
+    }
+}
+
+/// The group of every sequence, as dense ids in `[0, count)`, sorted once into member lists
+/// (counting sort, members in sequence order: every reduction over a group runs in that fixed
+/// order). Groups need not be contiguous nor of equal size; an id may be unused.
+///
+/// ```
+/// use rlhf_kernels::Groups;
+/// let groups = Groups::new(&[1, 0, 1, 1, 0], 2)?;
+/// assert_eq!(groups.members(1), &[0, 2, 3]);
+/// assert!(Groups::new(&[0, 2], 2).is_err()); // id 2 is not below the count
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Groups {
+    /// `offsets[g]..offsets[g + 1]` indexes `members` for group `g`.
+    pub(crate) offsets: Vec<u32>,
+    /// Sequence indices, grouped, ascending within a group.
+    pub(crate) members: Vec<u32>,
+}
+
+impl Groups {
+    /// Groups sequences by `ids` (one per sequence, each below `count`).
+    ///
+    /// Errors: an empty batch, `count = 0`, an id `≥ count`, more than `u32::MAX` sequences.
+    pub fn new(ids: &[u32], count: usize) -> Result<Self> {
+        if ids.is_empty() || count == 0 {
+            return Err(Error::EmptyInput { what: "groups", rows: ids.len(), cols: count });
+        }
+        if ids.len() > crate::MAX_DIM || count > crate::MAX_DIM {
+            return Err(Error::TooLarge {
+                what: "sequences or groups",
+                value: ids.len().max(count),
+                max: crate::MAX_DIM,
+            });
+        }
+        let mut offsets = vec![0u32; count + 1];
+        for (i, &g) in ids.iter().enumerate() {
+            if g as usize >= count {
+                return Err(Error::InvalidOption {
+                    name: "group id",
+                    value: format!("{g} (sequence {i})"),
+                    expected: "an id below the group count",
+                });
+            }
+            offsets[g as usize + 1] += 1;
+        }
+        for g in 0..count {
+            offsets[g + 1] += offsets[g];
+        }
+        let mut cursor = offsets.clone();
+        let mut members = vec![0u32; ids.len()];
+        for (i, &g) in ids.iter().enumerate() {
+            members[cursor[g as usize] as usize] = i as u32;
+            cursor[g as usize] += 1;
+        }
+        Ok(Groups { offsets, members })
+    }
+
+    /// Number of sequences.
+    pub fn sequences(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Number of group ids (`count`).
+    pub fn count(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// The sequences of group `g`, ascending.
+    pub fn members(&self, g: usize) -> &[u32] {
+        &self.members[self.offsets[g] as usize..self.offsets[g + 1] as usize]
+    }
+
+    /// The member lists as `(offsets, members)` (CSR), for device upload.
+    pub fn as_csr(&self) -> (&[u32], &[u32]) {
+        (&self.offsets, &self.members)
+    }
+
+    /// The first singleton group, if `opts` refuses them.
+    pub(crate) fn check_singletons(&self, opts: &GroupAdvantageOptions) -> Result<()> {
+        if opts.singletons == SingletonGroups::Error
+            && let Some(g) = (0..self.count()).find(|&g| self.members(g).len() == 1)
+        {
+            return Err(Error::InvalidOption {
+                name: "groups",
+                value: format!("group {g} has a single response (sequence {})", self.members(g)[0]),
+                expected: "at least two responses per group (SingletonGroups::Error)",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Count, mean, variance (with the `n/(n − 1)` correction; 0 for `n ≤ 1`), min and max of the
+/// valid tokens of a batch. An empty batch has count 0, mean 0, variance 0, min `+inf` and max
+/// `−inf` (the identities of the reductions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Moments {
+    /// Valid tokens.
+    pub count: f64,
+    /// Their mean.
+    pub mean: f64,
+    /// Their variance, unbiased.
+    pub var: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Moments {
+    /// The moments of no value.
+    pub const EMPTY: Moments =
+        Moments { count: 0.0, mean: 0.0, var: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY };
+
+    /// From a count, mean and sum of squared deviations `m2` (Chan's form).
+    pub(crate) fn from_m2(count: f64, mean: f64, m2: f64, min: f64, max: f64) -> Self {
+        let var = if count > 1.0 { m2 / (count - 1.0) } else { 0.0 };
+        Moments { count, mean: if count > 0.0 { mean } else { 0.0 }, var, min, max }
+    }
+}
+
+/// Options of whitening.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WhitenOptions {
+    /// Add the mean back after scaling (verl's `shift_mean = False`).
+    pub keep_mean: bool,
+    /// ε inside the square root (default 1e-8).
+    pub eps: f32,
+}
+
+impl Default for WhitenOptions {
+    fn default() -> Self {
+        WhitenOptions { keep_mean: false, eps: 1e-8 }
+    }
+}
+
+impl WhitenOptions {
+    /// Keeps the mean.
+    pub fn keep_mean(self, keep_mean: bool) -> Self {
+        WhitenOptions { keep_mean, ..self }
+    }
+    /// Sets ε.
+    pub fn eps(self, eps: f32) -> Self {
+        WhitenOptions { eps, ..self }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(Error::InvalidOption {
+                name: "eps",
+                value: self.eps.to_string(),
+                expected: "a finite ε ≥ 0",
+            });
+        }
+        Ok(())
+    }
+
+    /// `(scale, shift)` such that the whitened value is `x·scale + shift`.
+    pub(crate) fn affine(&self, m: &Moments) -> (f64, f64) {
+        let scale = 1.0 / (m.var + self.eps as f64).sqrt();
+        let scale = if scale.is_finite() { scale } else { 0.0 };
+        let shift = -m.mean * scale + if self.keep_mean { m.mean } else { 0.0 };
+        (scale, shift)
+    }
+}
+
+/// The lowest sequence whose valid positions hold a non-finite value in any of `arrays`.
+pub(crate) fn first_non_finite(shape: RowShape, mask: Option<&[u8]>, arrays: &[&[f32]]) -> Option<usize> {
+    (0..shape.rows).find(|&i| {
+        shape
+            .row_range(i)
+            .filter(|&t| mask.is_none_or(|m| m[t] != 0))
+            .any(|t| arrays.iter().any(|a| !a[t].is_finite()))
+    })
+}
+
+/// The error for a non-finite input in sequence `row` of `op`.
+pub(crate) fn non_finite(op: crate::error::Op, row: usize) -> Error {
+    op.invalid_row(row, RowProblem::NonFinite)
+}

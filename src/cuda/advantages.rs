@@ -1,0 +1,619 @@
+//! The advantages family on the GPU (kernels/advantages.cu): GAE as a parallel scan, the group
+//! estimators, masked moments and whitening. Nothing synchronises the host; input problems go
+//! to the caller's [`CudaStatus`].
+//!
+//! GAE picks its launch by the sequence length alone (so a row's result never depends on the
+//! batch): up to 128 positions one warp per sequence; longer sequences one block per
+//! 1024-position chunk, and when a sequence has several chunks a first pass writes each
+//! chunk's composed map so every block starts from the exact state entering it from the right
+//! (B = 1 with T = 128k runs on 128 blocks).
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+
+use crate::advantages::check_gae_sources;
+use crate::cuda::module::{Module, function};
+use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::logprobs::check_len;
+use crate::{
+    Error, GaeOptions, GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, MaskedSteps, Moments, Result,
+    RowShape, WhitenOptions,
+};
+
+/// Positions per GAE block (`GAE_CHUNK` in the kernel).
+const GAE_CHUNK: usize = 1024;
+/// Sequences up to this long take one warp (`GAE_WARP_SPAN`).
+const GAE_WARP_SPAN: usize = 128;
+/// Bytes of one composed chunk map (`Affine`: 8 f32).
+const MAP_BYTES: usize = 32;
+
+/// The device inputs of [`gae`], all per-token arrays laid out as `shape` (see
+/// [`GaeInputs`](crate::GaeInputs) for the reward sources; at least one is needed).
+#[derive(Debug)]
+pub struct DeviceGaeInputs<'a> {
+    /// `[B, T]` of every per-token array.
+    pub shape: RowShape,
+    /// Dense per-token rewards.
+    pub rewards: Option<CudaView<'a, f32>>,
+    /// Per-token KL estimates and β (adds `−β·kl_t`).
+    pub kl_penalty: Option<(CudaView<'a, f32>, f32)>,
+    /// One score per sequence, added to its last valid token.
+    pub scores: Option<CudaView<'a, f32>>,
+    /// `V_t`; `None` means 0.
+    pub values: Option<CudaView<'a, f32>>,
+    /// One byte per token (0 = padding); `None`: all valid.
+    pub mask: Option<CudaView<'a, u8>>,
+}
+
+impl<'a> DeviceGaeInputs<'a> {
+    /// No input yet, for a batch of `shape`.
+    pub fn new(shape: RowShape) -> Self {
+        DeviceGaeInputs { shape, rewards: None, kl_penalty: None, scores: None, values: None, mask: None }
+    }
+    /// Adds dense per-token rewards.
+    pub fn rewards(self, r: CudaView<'a, f32>) -> Self {
+        DeviceGaeInputs { rewards: Some(r), ..self }
+    }
+    /// Adds the KL penalty `−β·kl_t`.
+    pub fn kl_penalty(self, kl: CudaView<'a, f32>, beta: f32) -> Self {
+        DeviceGaeInputs { kl_penalty: Some((kl, beta)), ..self }
+    }
+    /// Adds the sequence scores.
+    pub fn scores(self, s: CudaView<'a, f32>) -> Self {
+        DeviceGaeInputs { scores: Some(s), ..self }
+    }
+    /// Adds the values.
+    pub fn values(self, v: CudaView<'a, f32>) -> Self {
+        DeviceGaeInputs { values: Some(v), ..self }
+    }
+    /// Adds the mask.
+    pub fn mask(self, m: CudaView<'a, u8>) -> Self {
+        DeviceGaeInputs { mask: Some(m), ..self }
+    }
+}
+
+/// Where [`gae`] writes (laid out as the inputs; at least one), and optional workspace.
+#[derive(Debug, Default)]
+pub struct DeviceGaeOutputs<'a> {
+    /// `A_t`.
+    pub advantages: Option<CudaViewMut<'a, f32>>,
+    /// `R_t = A_t + V_t`.
+    pub returns: Option<CudaViewMut<'a, f32>>,
+    /// [`gae_workspace_bytes`] bytes (16-byte aligned) for the chunk maps of long sequences;
+    /// allocated on the stream when needed and absent.
+    pub workspace: Option<CudaViewMut<'a, u8>>,
+}
+
+impl<'a> DeviceGaeOutputs<'a> {
+    /// Requests the advantages.
+    pub fn advantages(self, a: CudaViewMut<'a, f32>) -> Self {
+        DeviceGaeOutputs { advantages: Some(a), ..self }
+    }
+    /// Requests the returns.
+    pub fn returns(self, r: CudaViewMut<'a, f32>) -> Self {
+        DeviceGaeOutputs { returns: Some(r), ..self }
+    }
+    /// Lends the workspace.
+    pub fn workspace(self, w: CudaViewMut<'a, u8>) -> Self {
+        DeviceGaeOutputs { workspace: Some(w), ..self }
+    }
+}
+
+/// Bytes of workspace [`gae`] may use for `shape`: one 32-byte map per 1024-position chunk
+/// when a sequence is longer than 1024 positions, else 0.
+pub fn gae_workspace_bytes(shape: RowShape) -> usize {
+    let chunks = shape.cols.div_ceil(GAE_CHUNK);
+    if chunks > 1 { shape.rows * chunks * MAP_BYTES } else { 0 }
+}
+
+/// The kernels' `GaeParams` (kernels/advantages.cu), field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GaeParams {
+    rewards: u64,
+    kl: u64,
+    scores: u64,
+    values: u64,
+    mask: u64,
+    advantages: u64,
+    returns: u64,
+    ld: i64,
+    rows: i32,
+    cols: i32,
+    nchunks: i32,
+    gamma: f32,
+    gamma_lambda: f32,
+    beta: f32,
+    reset: i32,
+}
+
+// SAFETY: repr(C) with the layout of the kernels' `struct GaeParams` (seven 8-byte pointers, a
+// 64-bit stride, three ints, three floats, an int: 92 bytes padded to 96 on both sides).
+unsafe impl DeviceRepr for GaeParams {}
+
+/// GAE advantages and returns on the GPU: the twin of [`cpu::gae`](crate::cpu::gae) (same
+/// inputs, conventions and outputs), computed as a parallel scan in f32 — within
+/// [`gae_error_bound_factor`](crate::gae_error_bound_factor)`(T)·2⁻²⁴·Ā_t` of the exact
+/// result (crate docs of the advantages family). A sequence whose advantages are not finite
+/// is reported to `status` ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)).
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs};
+/// use rlhf_kernels::{GaeOptions, RowShape};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let shape = RowShape::new(1, 3);
+/// let (kl, values) = (s.clone_htod(&[0.1f32, 0.2, 0.0]).unwrap(), s.clone_htod(&[0.5f32, 0.4, 0.0]).unwrap());
+/// let (scores, mask) = (s.clone_htod(&[1.0f32]).unwrap(), s.clone_htod(&[1u8, 1, 0]).unwrap());
+/// let mut adv = s.alloc_zeros::<f32>(3).unwrap();
+/// let mut status = CudaStatus::new(s)?;
+/// let inputs = DeviceGaeInputs::new(shape).kl_penalty(kl.as_view(), 0.05).scores(scores.as_view())
+///     .values(values.as_view()).mask(mask.as_view());
+/// cuda::gae(s, &inputs, DeviceGaeOutputs::default().advantages(adv.as_view_mut()), &mut status, &GaeOptions::new(1.0, 0.95))?;
+/// status.check(s)?;
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn gae(
+    stream: &Arc<CudaStream>,
+    inputs: &DeviceGaeInputs<'_>,
+    mut out: DeviceGaeOutputs<'_>,
+    status: &mut CudaStatus,
+    opts: &GaeOptions,
+) -> Result<()> {
+    let shape = inputs.shape;
+    for (what, len) in [
+        ("rewards", inputs.rewards.as_ref().map(|v| v.len())),
+        ("kl", inputs.kl_penalty.as_ref().map(|k| k.0.len())),
+        ("values", inputs.values.as_ref().map(|v| v.len())),
+        ("mask", inputs.mask.as_ref().map(|v| v.len())),
+        ("advantages", out.advantages.as_ref().map(|v| v.len())),
+        ("returns", out.returns.as_ref().map(|v| v.len())),
+    ] {
+        if let Some(len) = len {
+            shape.check_buffer(what, len)?;
+        }
+    }
+    if let Some(s) = &inputs.scores {
+        check_len("scores", s.len(), shape.rows)?;
+    }
+    check_gae_sources(
+        shape,
+        inputs.rewards.is_some(),
+        inputs.kl_penalty.as_ref().map(|k| k.1),
+        inputs.scores.is_some(),
+    )?;
+    opts.validate()?;
+    if out.advantages.is_none() && out.returns.is_none() {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none".into(),
+            expected: "advantages and/or returns",
+        });
+    }
+    let nchunks = shape.cols.div_ceil(GAE_CHUNK);
+    let blocks = if shape.cols <= GAE_WARP_SPAN { shape.rows.div_ceil(8) } else { shape.rows * nchunks };
+    if blocks > i32::MAX as usize {
+        return Err(Error::TooLarge {
+            what: "rows * chunks of 1024 positions",
+            value: blocks,
+            max: i32::MAX as usize,
+        });
+    }
+    let need = gae_workspace_bytes(shape);
+    if let Some(w) = &out.workspace
+        && w.len() < need
+    {
+        return Err(Error::ShapeMismatch {
+            what: "gae workspace",
+            min: need,
+            max: usize::MAX,
+            actual: w.len(),
+        });
+    }
+
+    let s: &CudaStream = stream;
+    let (rewards, _g1) = opt_ptr(&inputs.rewards, s);
+    let kl_view = inputs.kl_penalty.as_ref().map(|k| &k.0);
+    let (kl, _g2) = view_ptr(kl_view, s);
+    let (scores, _g3) = opt_ptr(&inputs.scores, s);
+    let (values, _g4) = opt_ptr(&inputs.values, s);
+    let (mask, _g5) = opt_ptr(&inputs.mask, s);
+    let (advantages, _g6) = opt_ptr_mut(&mut out.advantages, s);
+    let (returns, _g7) = opt_ptr_mut(&mut out.returns, s);
+    let (st, _g8) = status.device_ptr(s);
+    let params = GaeParams {
+        rewards,
+        kl,
+        scores,
+        values,
+        mask,
+        advantages,
+        returns,
+        ld: shape.row_stride as i64,
+        rows: shape.rows as i32,
+        cols: shape.cols as i32,
+        nchunks: nchunks as i32,
+        gamma: opts.gamma,
+        gamma_lambda: opts.gamma * opts.lambda,
+        beta: inputs.kl_penalty.as_ref().map_or(0.0, |k| k.1),
+        reset: i32::from(opts.masked == MaskedSteps::Reset),
+    };
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let ctx = stream.context();
+
+    if shape.cols <= GAE_WARP_SPAN {
+        let f = function(ctx, Module::Advantages, "gae_warp")?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&params).arg(&st);
+        // SAFETY: matches `gae_warp(GaeParams, unsigned long long*)`; 256 threads = 8 warps
+        // per block, one sequence each (warps past the last row return); every pointer in
+        // `params` is null or covers the checked shape (`scores` one value per row), and
+        // the two outputs are distinct mutable borrows.
+        unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_warp"))?;
+        return Ok(());
+    }
+
+    let mut owned: Option<CudaSlice<u8>> = None;
+    let (maps, _g9) = if nchunks == 1 {
+        (0, None)
+    } else if let Some(w) = out.workspace.as_mut() {
+        let (p, g) = w.device_ptr_mut(s);
+        (p, Some(g))
+    } else {
+        // SAFETY: gae_chunk_maps writes the map of every chunk but the first of each row, and
+        // gae_block reads only those (chunks after its own).
+        let slice =
+            unsafe { stream.alloc::<u8>(need) }.map_err(driver_error("allocating the gae workspace"))?;
+        let (p, g) = owned.insert(slice).device_ptr_mut(s);
+        (p, Some(g))
+    };
+    if maps % 16 != 0 {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("address {maps:#x}"),
+            expected: "a 16-byte aligned device address",
+        });
+    }
+    if nchunks > 1 {
+        let f = function(ctx, Module::Advantages, "gae_chunk_maps")?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&params).arg(&maps);
+        // SAFETY: matches `gae_chunk_maps(GaeParams, Affine*)`; one block of 256 threads per
+        // (row, chunk), rows·chunks ≤ i32::MAX (checked); the workspace holds rows·nchunks
+        // 32-byte maps (checked or allocated with that size); inputs as for gae_block.
+        unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_chunk_maps"))?;
+    }
+    let f = function(ctx, Module::Advantages, "gae_block")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&params).arg(&maps).arg(&st);
+    // SAFETY: matches `gae_block(GaeParams, const Affine*, unsigned long long*)`; one block of
+    // 256 threads per (row, chunk); `maps` is null for single-chunk rows or holds the maps the
+    // launch above wrote on this stream; every pointer in `params` is null or covers the
+    // checked shape, and the two outputs are distinct mutable borrows.
+    unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_block"))?;
+    Ok(())
+}
+
+/// [`Groups`] on the device: the member lists (CSR) uploaded once, reusable for every call on
+/// batches with the same grouping.
+#[derive(Debug)]
+pub struct DeviceGroups {
+    host: Groups,
+    offsets: CudaSlice<u32>,
+    members: CudaSlice<u32>,
+}
+
+impl DeviceGroups {
+    /// Uploads `groups` on `stream`.
+    pub fn new(stream: &Arc<CudaStream>, groups: &Groups) -> Result<Self> {
+        let (offsets, members) = groups.as_csr();
+        let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_error("uploading groups"));
+        Ok(DeviceGroups { host: groups.clone(), offsets: up(offsets)?, members: up(members)? })
+    }
+
+    /// The grouping on the host.
+    pub fn groups(&self) -> &Groups {
+        &self.host
+    }
+}
+
+/// A `[B, T]` per-token output on the device (rows = sequences) and its mask (masked tokens
+/// get 0).
+#[derive(Debug)]
+pub struct DeviceTokenOutput<'a> {
+    /// The buffer.
+    pub out: CudaViewMut<'a, f32>,
+    /// Its shape.
+    pub shape: RowShape,
+    /// One byte per token (0 = padding), or `None`.
+    pub mask: Option<CudaView<'a, u8>>,
+}
+
+/// Where [`group_advantages`] writes (at least one): one value per sequence, and/or every
+/// valid token of each sequence's row.
+#[derive(Debug, Default)]
+pub struct DeviceGroupAdvantageOutputs<'a> {
+    /// One advantage per sequence.
+    pub per_sequence: Option<CudaViewMut<'a, f32>>,
+    /// The advantage on every valid token.
+    pub per_token: Option<DeviceTokenOutput<'a>>,
+}
+
+impl<'a> DeviceGroupAdvantageOutputs<'a> {
+    /// Requests one advantage per sequence.
+    pub fn per_sequence(self, out: CudaViewMut<'a, f32>) -> Self {
+        DeviceGroupAdvantageOutputs { per_sequence: Some(out), ..self }
+    }
+    /// Requests the advantage on every valid token of `shape`.
+    pub fn per_token(
+        self,
+        out: CudaViewMut<'a, f32>,
+        shape: RowShape,
+        mask: Option<CudaView<'a, u8>>,
+    ) -> Self {
+        DeviceGroupAdvantageOutputs { per_token: Some(DeviceTokenOutput { out, shape, mask }), ..self }
+    }
+}
+
+/// The kernel's estimator code and ε.
+fn estimator_code(opts: &GroupAdvantageOptions) -> (i32, f64) {
+    match opts.estimator {
+        GroupEstimator::Grpo { std: GroupStd::Unbiased, eps } => (0, eps as f64),
+        GroupEstimator::Grpo { std: GroupStd::Biased, eps } => (1, eps as f64),
+        GroupEstimator::Grpo { std: GroupStd::NoStd, .. } | GroupEstimator::GroupMean => (2, 0.0),
+        GroupEstimator::Rloo => (3, 0.0),
+    }
+}
+
+/// Outcome advantages over groups on the GPU, the twin of
+/// [`cpu::group_advantages`](crate::cpu::group_advantages): one launch, one warp per group (f64
+/// sums over its members in a fixed order), writing per sequence and/or broadcasting to every
+/// valid token. A non-finite score or advantage is reported to `status`; a singleton group
+/// refused by the options is an error before the launch.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceGroupAdvantageOutputs, DeviceGroups};
+/// use rlhf_kernels::{GroupAdvantageOptions, Groups};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let groups = DeviceGroups::new(s, &Groups::new(&[0, 0, 1, 1], 2)?)?;
+/// let scores = s.clone_htod(&[1.0f32, 0.0, 0.5, 0.5]).unwrap();
+/// let mut adv = s.alloc_zeros::<f32>(4).unwrap();
+/// let mut status = CudaStatus::new(s)?;
+/// cuda::group_advantages(s, &scores.as_view(), &groups, &GroupAdvantageOptions::grpo(),
+///     DeviceGroupAdvantageOutputs::default().per_sequence(adv.as_view_mut()), &mut status)?;
+/// status.check(s)?;
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn group_advantages(
+    stream: &Arc<CudaStream>,
+    scores: &CudaView<'_, f32>,
+    groups: &DeviceGroups,
+    opts: &GroupAdvantageOptions,
+    mut out: DeviceGroupAdvantageOutputs<'_>,
+    status: &mut CudaStatus,
+) -> Result<()> {
+    let b = groups.host.sequences();
+    check_len("scores", scores.len(), b)?;
+    opts.validate()?;
+    groups.host.check_singletons(opts)?;
+    if let Some(o) = &out.per_sequence {
+        check_len("per-sequence advantages", o.len(), b)?;
+    }
+    let token_shape = match &out.per_token {
+        Some(DeviceTokenOutput { out: o, shape, mask }) => {
+            shape.check_buffer("per-token advantages", o.len())?;
+            check_len("per-token advantage rows", shape.rows, b)?;
+            if let Some(m) = mask {
+                shape.check_buffer("mask", m.len())?;
+            }
+            *shape
+        }
+        None => RowShape::new(b, 1),
+    };
+    if out.per_sequence.is_none() && out.per_token.is_none() {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none".into(),
+            expected: "per-sequence and/or per-token advantages",
+        });
+    }
+    let s: &CudaStream = stream;
+    let (sc, _g1) = scores.device_ptr(s);
+    let (off, _g2) = groups.offsets.device_ptr(s);
+    let (mem, _g3) = groups.members.device_ptr(s);
+    let (per_seq, _g4) = opt_ptr_mut(&mut out.per_sequence, s);
+    let (tokens, mask, _g5, _g6) = match &mut out.per_token {
+        Some(DeviceTokenOutput { out: o, mask: m, .. }) => {
+            let (t, g) = o.device_ptr_mut(s);
+            let (mp, gm) = view_ptr(m.as_ref(), s);
+            (t, mp, Some(g), gm)
+        }
+        None => (0, 0, None, None),
+    };
+    let (st, _g7) = status.device_ptr(s);
+    let count = groups.host.count();
+    let (code, eps) = estimator_code(opts);
+    let (n_groups, ld, cols) = (count as i32, token_shape.row_stride as i64, token_shape.cols as i32);
+    let f = function(stream.context(), Module::Advantages, "group_advantages")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&sc).arg(&off).arg(&mem).arg(&n_groups).arg(&code).arg(&eps);
+    l.arg(&per_seq).arg(&tokens).arg(&ld).arg(&cols).arg(&mask).arg(&st);
+    let cfg = LaunchConfig {
+        grid_dim: (count.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `group_advantages(const float*, const unsigned*, const unsigned*, int, int,
+    // double, float*, float*, long long, int, const unsigned char*, unsigned long long*)`; one
+    // warp per group (warps past the last return); `offsets` has count + 1 entries and
+    // `members` a permutation of 0..B (built by `Groups`), `scores` and `per_sequence` B
+    // values, the token buffer and its mask cover a checked B-row shape.
+    unsafe { l.launch(cfg) }.map_err(driver_error("launching group_advantages"))?;
+    Ok(())
+}
+
+/// Bytes of one row record of the moments (`Moments` in the kernel: 5 f32).
+const MOMENT_RECORD_BYTES: usize = 20;
+
+/// The device buffers of [`masked_moments`] and [`whiten`]: the result (five f64) and one
+/// record per sequence, reused across calls (grown for larger batches).
+#[derive(Debug)]
+pub struct DeviceMoments {
+    out: CudaSlice<f64>,
+    records: CudaSlice<u8>,
+}
+
+impl DeviceMoments {
+    /// Allocates the result on `stream`'s device.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        Ok(DeviceMoments {
+            out: stream.alloc_zeros::<f64>(5).map_err(driver_error("allocating moments"))?,
+            records: stream
+                .alloc_zeros::<u8>(MOMENT_RECORD_BYTES)
+                .map_err(driver_error("allocating moments"))?,
+        })
+    }
+
+    /// Synchronises `stream` and returns the moments of the last call into `self`.
+    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<Moments> {
+        let w = stream.clone_dtoh(&self.out).map_err(driver_error("reading moments"))?;
+        Ok(Moments { count: w[0], mean: w[1], var: w[2], min: w[3], max: w[4] })
+    }
+
+    /// The result on the device: `[count, mean, unbiased variance, min, max]` (f64).
+    pub fn as_view(&self) -> CudaView<'_, f64> {
+        self.out.as_view()
+    }
+}
+
+/// The moments' two launches (rows, then one finalising block).
+fn launch_moments(
+    stream: &Arc<CudaStream>,
+    values: u64,
+    shape: RowShape,
+    mask: u64,
+    out: &mut DeviceMoments,
+    status: u64,
+) -> Result<()> {
+    let need = shape.rows * MOMENT_RECORD_BYTES;
+    if out.records.len() < need {
+        out.records = stream.alloc_zeros::<u8>(need).map_err(driver_error("allocating moment records"))?;
+    }
+    let s: &CudaStream = stream;
+    let (rec, _g1) = out.records.device_ptr_mut(s);
+    let (o, _g2) = out.out.device_ptr_mut(s);
+    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let ctx = stream.context();
+    let f = function(ctx, Module::Advantages, "moments_rows")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&values).arg(&ld).arg(&mask).arg(&rows).arg(&cols).arg(&rec).arg(&status);
+    let cfg =
+        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `moments_rows(const float*, long long, const unsigned char*, int, int,
+    // Moments*, unsigned long long*)`; one block of 256 threads per row; values and mask cover
+    // the checked shape; the records hold rows·20 bytes (4-byte aligned allocation).
+    unsafe { l.launch(cfg) }.map_err(driver_error("launching moments_rows"))?;
+    let f = function(ctx, Module::Advantages, "moments_finalize")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&rec).arg(&rows).arg(&o);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `moments_finalize(const Moments*, int, double*)`; exactly one block of 256
+    // threads (its tree assumes it); reads the records written above on this stream, writes
+    // the five f64 of `out`.
+    unsafe { l.launch(one) }.map_err(driver_error("launching moments_finalize"))?;
+    Ok(())
+}
+
+fn check_values(shape: RowShape, len: usize, mask: Option<&CudaView<'_, u8>>) -> Result<()> {
+    shape.check_buffer("values", len)?;
+    if let Some(m) = mask {
+        shape.check_buffer("mask", m.len())?;
+    }
+    Ok(())
+}
+
+/// Count, mean, unbiased variance, min and max of the valid tokens of a `[B, T]` batch on the
+/// GPU, into `out` (read it with [`DeviceMoments::read`] or use it on the device): the twin of
+/// [`cpu::masked_moments`](crate::cpu::masked_moments). Welford per thread and Chan merges in
+/// f32 within a row, f64 across rows, fixed orders: deterministic. A row with a non-finite
+/// valid value (or whose f32 moments overflow, values beyond ~1e18) is reported to `status`.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceMoments};
+/// use rlhf_kernels::RowShape;
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let x = s.clone_htod(&[1.0f32, 3.0]).unwrap();
+/// let (mut m, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
+/// cuda::masked_moments(s, &x, RowShape::new(1, 2), None, &mut m, &mut status)?;
+/// status.check(s)?;
+/// assert_eq!(m.read(s)?.mean, 2.0);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn masked_moments(
+    stream: &Arc<CudaStream>,
+    values: &impl DevicePtr<f32>,
+    shape: RowShape,
+    mask: Option<&CudaView<'_, u8>>,
+    out: &mut DeviceMoments,
+    status: &mut CudaStatus,
+) -> Result<()> {
+    check_values(shape, values.len(), mask)?;
+    let s: &CudaStream = stream;
+    let (v, _g1) = values.device_ptr(s);
+    let (m, _g2) = view_ptr(mask, s);
+    let (st, _g3) = status.device_ptr(s);
+    launch_moments(stream, v, shape, m, out, st)
+}
+
+/// Whitens the valid tokens of a `[B, T]` batch in place on the GPU (masked tokens become 0),
+/// the twin of [`cpu::whiten`](crate::cpu::whiten): [`masked_moments`] into `moments`, then
+/// `x ← x·scale + shift` with `scale = 1/sqrt(var + ε)` and `shift = −mean·scale` (+ mean
+/// with `keep_mean`), three launches, no host round trip.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceMoments};
+/// use rlhf_kernels::{RowShape, WhitenOptions};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let mut adv = s.clone_htod(&[1.0f32, 3.0]).unwrap();
+/// let (mut m, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
+/// cuda::whiten(s, &mut adv, RowShape::new(1, 2), None, &WhitenOptions::default(), &mut m, &mut status)?;
+/// status.check(s)?;
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn whiten(
+    stream: &Arc<CudaStream>,
+    values: &mut impl DevicePtrMut<f32>,
+    shape: RowShape,
+    mask: Option<&CudaView<'_, u8>>,
+    opts: &WhitenOptions,
+    moments: &mut DeviceMoments,
+    status: &mut CudaStatus,
+) -> Result<()> {
+    check_values(shape, values.len(), mask)?;
+    opts.validate()?;
+    let s: &CudaStream = stream;
+    let (v, _g1) = values.device_ptr_mut(s);
+    let (m, _g2) = view_ptr(mask, s);
+    let (st, _g3) = status.device_ptr(s);
+    launch_moments(stream, v, shape, m, moments, st)?;
+    let (mo, _g4) = moments.out.device_ptr(s);
+    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let (eps, keep) = (opts.eps as f64, i32::from(opts.keep_mean));
+    let f = function(stream.context(), Module::Advantages, "whiten_apply")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&v).arg(&ld).arg(&m).arg(&rows).arg(&cols).arg(&mo).arg(&eps).arg(&keep);
+    let cfg =
+        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `whiten_apply(float*, long long, const unsigned char*, int, int, const
+    // double*, double, int)`; one block per row; values and mask cover the checked shape;
+    // the moments were written by the launches above on this stream.
+    unsafe { l.launch(cfg) }.map_err(driver_error("launching whiten_apply"))?;
+    Ok(())
+}

@@ -1,19 +1,23 @@
 //! The main job: the kernels of one PPO / GRPO training step on a synthetic batch, on the best
 //! backend, each stage checked against the f64 reference, with timings.
 //!
-//! Stages so far (the later op families add KL, advantages and the loss):
+//! Stages so far (the loss family adds the PPO loss):
 //! 1. policy forward: per-token log-prob of the sampled tokens, entropy and lse from the
 //!    policy logits, never materialising the `[N, V]` log-softmax;
 //! 2. reference forward: per-token log-prob under the reference policy's logits;
 //! 3. KL to the reference, in either placement (`--kl`): as a loss term (the gradient-correct
 //!    estimator for `KL[π‖π_ref]`, β·token-mean, no importance ratio), or folded into the
 //!    per-token rewards (`r_t = −β·k1_t`, the sequence score on the last valid token);
-//! 4. policy backward, in place over the policy logits: the gradient of
+//! 4. advantages (`--estimator`): GAE with a critic's values (the PPO path; γ = 1, λ = 0.95,
+//!    the KL penalty `−β·k1_t` fused into the scan in the reward placement, the score on the
+//!    last valid token), then whitened over the batch's valid tokens; or GRPO over groups of
+//!    4 responses (the critic-free path), broadcast to every valid token;
+//! 5. policy backward, in place over the policy logits: the gradient of
 //!    `Σ g_logp·logp − c_H·H` (a stand-in upstream gradient until the loss family lands).
 //!
 //! ```text
 //! cargo run --release --example ppo_step -- [--rows N] [--vocab V] [--seq-len T] [--dtype f32|f16|bf16]
-//!     [--temperature T] [--kl loss|reward] [--backend auto|cpu|cuda] [--iters K]
+//!     [--temperature T] [--kl loss|reward] [--estimator gae|grpo] [--backend auto|cpu|cuda] [--iters K]
 //! ```
 
 use std::process::ExitCode;
@@ -21,14 +25,31 @@ use std::time::Instant;
 
 use rlhf_kernels::testing::{Rng, Tolerance, check_close};
 use rlhf_kernels::{
-    Backend, DType, Element, Error, KlDirection, KlEstimator, RowShape, SampledKlOptions, TokenGrads,
-    TokenLogprobsOptions, TokenOutputs, Tokens, bf16, cpu, f16, reference,
+    Backend, DType, Element, Error, GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, KlDirection,
+    KlEstimator, RowShape, SampledKlOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens,
+    WhitenOptions, bf16, cpu, f16, gae_error_bound_factor, gae_error_scale, reference,
 };
 
 /// Entropy-bonus coefficient c_H: the upstream gradient of H is −c_H.
 const ENTROPY_COEF: f32 = 0.01;
 /// KL coefficient β.
 const KL_COEF: f32 = 0.05;
+/// Responses per prompt on the GRPO path.
+const GROUP_SIZE: usize = 4;
+
+/// GAE's discount and trace on the PPO path (verl's defaults).
+fn gae_options() -> GaeOptions {
+    GaeOptions::new(1.0, 0.95)
+}
+
+/// How the advantages are estimated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Estimator {
+    /// GAE from a critic's values, then batch whitening (PPO).
+    Gae,
+    /// GRPO over groups of responses to the same prompt (critic-free).
+    Grpo,
+}
 
 /// Where the KL to the reference enters the objective.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,12 +79,13 @@ struct Args {
     dtype: DType,
     temperature: f32,
     kl: KlPlacement,
+    estimator: Estimator,
     backend: String,
     iters: usize,
 }
 
 const USAGE: &str = "usage: ppo_step [--rows N] [--vocab V] [--seq-len T] [--dtype f32|f16|bf16] [--temperature T] \
-                     [--kl loss|reward] [--backend auto|cpu|cuda] [--iters K]";
+                     [--kl loss|reward] [--estimator gae|grpo] [--backend auto|cpu|cuda] [--iters K]";
 
 impl Args {
     fn parse() -> Result<Args, String> {
@@ -74,6 +96,7 @@ impl Args {
             dtype: DType::BF16,
             temperature: 1.0,
             kl: KlPlacement::Loss,
+            estimator: Estimator::Gae,
             backend: "auto".into(),
             iters: 10,
         };
@@ -93,6 +116,13 @@ impl Args {
                         "loss" => KlPlacement::Loss,
                         "reward" => KlPlacement::Reward,
                         _ => return Err(bad(&"expected loss or reward")),
+                    }
+                }
+                "--estimator" => {
+                    a.estimator = match value.as_str() {
+                        "gae" => Estimator::Gae,
+                        "grpo" => Estimator::Grpo,
+                        _ => return Err(bad(&"expected gae or grpo")),
                     }
                 }
                 "--dtype" => a.dtype = value.parse().map_err(|e: Error| bad(&e))?,
@@ -170,10 +200,15 @@ struct Batch<T> {
     grad_entropy: Vec<f32>,
     /// The response's score per sequence (reward placement).
     scores: Vec<f32>,
+    /// The critic's value per token (GAE path).
+    values: Vec<f32>,
+    /// Prompt of each sequence, groups of GROUP_SIZE interleaved (GRPO path).
+    groups: Groups,
     /// `[B, T]`: sequences of `seq_len` tokens.
     seq_shape: RowShape,
     opts: TokenLogprobsOptions,
     kl: KlPlacement,
+    estimator: Estimator,
 }
 
 impl<T: Element> Batch<T> {
@@ -191,6 +226,10 @@ impl<T: Element> Batch<T> {
         let opts = TokenLogprobsOptions::default().temperature(args.temperature);
         let seq_shape = RowShape::new(args.rows / args.seq_len, args.seq_len);
         let scores = rng.normals(seq_shape.rows, 1.0);
+        let values = rng.normals(shape.rows, 0.5);
+        let prompts = seq_shape.rows.div_ceil(GROUP_SIZE);
+        let ids: Vec<u32> = (0..seq_shape.rows).map(|i| (i % prompts) as u32).collect();
+        let groups = Groups::new(&ids, prompts).expect("at least one sequence");
         Batch {
             shape,
             policy,
@@ -200,14 +239,27 @@ impl<T: Element> Batch<T> {
             grad_logp,
             grad_entropy,
             scores,
+            values,
+            groups,
             seq_shape,
             opts,
             kl: args.kl,
+            estimator: args.estimator,
         }
     }
 
     fn tokens(&self) -> Tokens<'_, i64> {
         Tokens::new(&self.targets).with_mask(&self.mask)
+    }
+
+    /// GAE's inputs, with the KL penalty fused in the reward placement (from `kl`).
+    fn gae_inputs<'a>(&'a self, kl: &'a [f32]) -> GaeInputs<'a> {
+        let inputs =
+            GaeInputs::new(self.seq_shape).scores(&self.scores).values(&self.values).mask(&self.mask);
+        match self.kl {
+            KlPlacement::Reward => inputs.kl_penalty(kl, KL_COEF),
+            KlPlacement::Loss => inputs,
+        }
     }
 }
 
@@ -220,6 +272,12 @@ struct Produced<T> {
     kl: Vec<f32>,
     /// The KL loss's gradient w.r.t. logp (loss placement) or the shaped rewards (reward).
     kl_out: Vec<f32>,
+    /// Per-token advantages (GAE before whitening, or GRPO's broadcast).
+    advantages: Vec<f32>,
+    /// GAE's returns (empty for GRPO).
+    returns: Vec<f32>,
+    /// GAE's advantages after whitening (empty for GRPO).
+    whitened: Vec<f32>,
     grad: Vec<T>,
     stages: Vec<Stage>,
 }
@@ -237,13 +295,14 @@ fn run<T: Element>(args: &Args) -> Result<bool, Error> {
     let batch = Batch::<T>::new(args);
     println!("backend: {}", backend.describe());
     println!(
-        "batch: {} sequences x {} tokens, vocabulary {}, {} logits, temperature {}, KL as a {:?} term",
+        "batch: {} sequences x {} tokens, vocabulary {}, {} logits, temperature {}, KL as a {:?} term, {:?} advantages",
         batch.seq_shape.rows,
         batch.seq_shape.cols,
         batch.shape.cols,
         T::DTYPE,
         args.temperature,
-        args.kl
+        args.kl,
+        args.estimator
     );
     let produced = match &backend {
         Backend::Cpu => run_cpu(&batch, args.iters)?,
@@ -287,12 +346,13 @@ fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<
             reference::kl_rewards(&p.kl, batch.seq_shape, Some(&batch.mask), &batch.scores, KL_COEF)?
         }
     };
+    let advantage_checks = check_advantages(batch, p)?;
     let reference_ms = started.elapsed().as_secs_f64() * 1e3;
 
     let scale = 12.0 * 3.0 / batch.opts.temperature as f64; // |logit/τ| of N(0, 3²) logits, generously
     let f32_tol = Tolerance::for_dtype(DType::F32).scaled(scale);
     let grad_scale = exp_grad.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let checks = [
+    let mut checks = vec![
         ("policy logp", check_close(&per_row(&p.logp), &exp_policy.logp, f32_tol)),
         ("policy entropy", check_close(&per_row(&p.entropy), &exp_policy.entropy, f32_tol)),
         ("reference logp", check_close(&per_row(&p.ref_logp), &exp_ref.logp, f32_tol)),
@@ -309,6 +369,7 @@ fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<
             check_close(&pick(&p.grad), &exp_grad, Tolerance::for_dtype(T::DTYPE).scaled(grad_scale)),
         ),
     ];
+    checks.extend(advantage_checks);
 
     println!();
     println!("{:<34} {:>10} {:>10} {:>12}", "stage", "ms", "GB/s", "extra MiB");
@@ -340,18 +401,62 @@ fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<
     Ok(checks.iter().all(|(_, r)| r.is_ok()))
 }
 
+/// A named comparison with the reference.
+type Check = (&'static str, Result<(), rlhf_kernels::testing::Mismatch>);
+
+/// The advantages stage against the reference, from this backend's own KL (so that the stage
+/// is checked on its own): GAE within its documented error bound, whitening and GRPO to f32
+/// rounding.
+fn check_advantages<T: Element>(batch: &Batch<T>, p: &Produced<T>) -> Result<Vec<Check>, Error> {
+    let (seqs, mask) = (batch.seq_shape, Some(batch.mask.as_slice()));
+    let max_abs = |v: &[f64]| v.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    match batch.estimator {
+        Estimator::Gae => {
+            let inputs = batch.gae_inputs(&p.kl);
+            let exp = reference::gae(&inputs, &gae_options())?;
+            let bound = gae_error_bound_factor(seqs.cols) * f64::from(f32::EPSILON) / 2.0
+                * max_abs(&gae_error_scale(&inputs, &gae_options())?);
+            let gae_tol = Tolerance { rel: 0.0, abs: bound };
+            let white = reference::whiten(&p.advantages, seqs, mask, &WhitenOptions::default())?;
+            let white_tol = Tolerance::for_dtype(DType::F32).scaled(max_abs(&white));
+            Ok(vec![
+                ("gae advantages", check_close(&p.advantages, &exp.advantages, gae_tol)),
+                ("gae returns", check_close(&p.returns, &exp.returns, gae_tol)),
+                ("whitened", check_close(&p.whitened, &white, white_tol)),
+            ])
+        }
+        Estimator::Grpo => {
+            let per_seq =
+                reference::group_advantages(&batch.scores, &batch.groups, &GroupAdvantageOptions::grpo())?;
+            let exp: Vec<f64> = (0..seqs.len())
+                .map(|t| if batch.mask[t] != 0 { per_seq[t / seqs.cols] } else { 0.0 })
+                .collect();
+            let tol = Tolerance::for_dtype(DType::F32).scaled(max_abs(&exp));
+            Ok(vec![("grpo advantages", check_close(&p.advantages, &exp, tol))])
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-/// Bytes of (forward with entropy, forward logp only, KL, backward).
-fn bytes<T: Element>(shape: RowShape) -> [usize; 4] {
+/// Bytes of (forward with entropy, forward logp only, KL, advantages, backward).
+fn bytes<T: Element>(shape: RowShape, kl: KlPlacement, estimator: Estimator) -> [usize; 5] {
     let (n, rows, t) = (shape.len(), shape.rows, T::DTYPE.size_bytes());
+    let advantages = match estimator {
+        // GAE reads (kl,) values and mask, writes advantages and returns; whitening reads the
+        // advantages and mask twice and writes them once.
+        Estimator::Gae => rows * (4 * usize::from(kl == KlPlacement::Reward) + 4 + 1 + 8) + rows * (5 + 9),
+        // The scores and group lists are tiny; the mask read and the broadcast write dominate.
+        Estimator::Grpo => rows * (1 + 4),
+    };
     [
         n * t + rows * (8 + 1 + 12),
         n * t + rows * (8 + 1 + 4),
         rows * (4 + 4 + 1 + 4 + 4),
+        advantages,
         2 * n * t + rows * (8 + 1 + 16),
     ]
 }
@@ -359,15 +464,26 @@ fn bytes<T: Element>(shape: RowShape) -> [usize; 4] {
 fn stages<T: Element>(
     shape: RowShape,
     kl: KlPlacement,
-    times: [Vec<f64>; 4],
-    extra: [usize; 4],
+    estimator: Estimator,
+    times: [Vec<f64>; 5],
+    extra: [usize; 5],
 ) -> Vec<Stage> {
     let kl_name = match kl {
         KlPlacement::Loss => "KL loss term + grad (k3 / k2 grad)",
         KlPlacement::Reward => "KL in rewards (k1)",
     };
-    let names = ["policy logp + entropy + lse", "reference logp", kl_name, "policy backward (in place)"];
-    let b = bytes::<T>(shape);
+    let advantages_name = match estimator {
+        Estimator::Gae => "GAE + returns, whitened",
+        Estimator::Grpo => "GRPO advantages (groups of 4)",
+    };
+    let names = [
+        "policy logp + entropy + lse",
+        "reference logp",
+        kl_name,
+        advantages_name,
+        "policy backward (in place)",
+    ];
+    let b = bytes::<T>(shape, kl, estimator);
     names
         .into_iter()
         .zip(times)
@@ -381,9 +497,10 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
     let n = shape.rows;
     let (mut logp, mut entropy, mut lse, mut ref_logp) =
         (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    let mut times: [Vec<f64>; 4] = Default::default();
+    let mut times: [Vec<f64>; 5] = Default::default();
     let mut grad = Vec::new();
     let (mut kl, mut kl_out) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut advantages, mut returns, mut whitened) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
     let kl_opts = batch.kl.options();
     for _ in 0..iters {
         let t = Instant::now();
@@ -416,16 +533,34 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
         }
         times[2].push(t.elapsed().as_secs_f64() * 1e3);
 
+        let t = Instant::now();
+        match batch.estimator {
+            Estimator::Gae => {
+                let out = cpu::GaeOutputs::default().advantages(&mut advantages).returns(&mut returns);
+                cpu::gae(&batch.gae_inputs(&kl), out, &gae_options())?;
+                whitened.copy_from_slice(&advantages);
+                cpu::whiten(&mut whitened, seqs, mask, &WhitenOptions::default())?;
+            }
+            Estimator::Grpo => {
+                let out = cpu::GroupAdvantageOutputs::default().per_token(&mut advantages, seqs, mask);
+                cpu::group_advantages(&batch.scores, &batch.groups, &GroupAdvantageOptions::grpo(), out)?;
+            }
+        }
+        times[3].push(t.elapsed().as_secs_f64() * 1e3);
+
         // In place over a copy of the logits (a trainer would overwrite its own buffer).
         grad = batch.policy.clone();
         let grads =
             TokenGrads::new(&lse).grad_logp(&batch.grad_logp).grad_entropy(&batch.grad_entropy, &entropy);
         let t = Instant::now();
         cpu::token_logprobs_backward_in_place(&mut grad, shape, &tokens, &grads, opts)?;
-        times[3].push(t.elapsed().as_secs_f64() * 1e3);
+        times[4].push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let stages = stages::<T>(shape, batch.kl, times, [0; 4]);
-    Ok(Produced { logp, entropy, ref_logp, kl, kl_out, grad, stages })
+    let stages = stages::<T>(shape, batch.kl, batch.estimator, times, [0; 5]);
+    if batch.estimator == Estimator::Grpo {
+        (returns, whitened) = (Vec::new(), Vec::new());
+    }
+    Ok(Produced { logp, entropy, ref_logp, kl, kl_out, advantages, returns, whitened, grad, stages })
 }
 
 #[cfg(feature = "cuda")]
@@ -435,7 +570,8 @@ fn run_cuda<T: Element>(
     iters: usize,
 ) -> Result<Produced<T>, Error> {
     use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceKlStats, DeviceSampledKlOutputs, DeviceTokenGrads, DeviceTokenOutputs,
+        self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups,
+        DeviceKlStats, DeviceMoments, DeviceSampledKlOutputs, DeviceTokenGrads, DeviceTokenOutputs,
         DeviceTokens, SampledKlInputs,
     };
     use rlhf_kernels::cudarc::driver::DriverError;
@@ -468,8 +604,15 @@ fn run_cuda<T: Element>(
         s.alloc_zeros::<u8>(kl_workspace_bytes).map_err(drv("allocating the KL workspace"))?;
     let mut kl_stats = DeviceKlStats::new(s)?;
     let kl_opts = batch.kl.options();
+    let values = s.clone_htod(&batch.values).map_err(drv("uploading values"))?;
+    let groups = DeviceGroups::new(s, &batch.groups)?;
+    let (mut advantages, mut returns, mut whitened) = (alloc()?, alloc()?, alloc()?);
+    let gae_workspace_bytes = cuda::gae_workspace_bytes(batch.seq_shape);
+    let mut gae_workspace =
+        s.alloc_zeros::<u8>(gae_workspace_bytes.max(1)).map_err(drv("allocating the GAE workspace"))?;
+    let mut moments = DeviceMoments::new(s)?;
     let event = || s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
-    let mut times: [Vec<f64>; 4] = Default::default();
+    let mut times: [Vec<f64>; 5] = Default::default();
     // One untimed warm-up, then `iters` timed runs of each stage (CUDA events, no host sync
     // between stages).
     for i in 0..=iters {
@@ -503,13 +646,45 @@ fn run_cuda<T: Element>(
             cuda::kl_rewards(s, &kl, batch.seq_shape, Some(&m), &scores, KL_COEF, &mut kl_out)?;
         }
         let e3 = event()?;
+        let seqs = batch.seq_shape;
+        match batch.estimator {
+            Estimator::Gae => {
+                let mut inputs = DeviceGaeInputs::new(seqs)
+                    .scores(scores.as_view())
+                    .values(values.as_view())
+                    .mask(mask.as_view());
+                if batch.kl == KlPlacement::Reward {
+                    inputs = inputs.kl_penalty(kl.as_view(), KL_COEF);
+                }
+                let out = DeviceGaeOutputs::default()
+                    .advantages(advantages.as_view_mut())
+                    .returns(returns.as_view_mut())
+                    .workspace(gae_workspace.as_view_mut());
+                cuda::gae(s, &inputs, out, &mut status, &gae_options())?;
+                s.memcpy_dtod(&advantages, &mut whitened).map_err(drv("copying the advantages"))?;
+                let m = mask.as_view();
+                let white = WhitenOptions::default();
+                cuda::whiten(s, &mut whitened, seqs, Some(&m), &white, &mut moments, &mut status)?;
+            }
+            Estimator::Grpo => {
+                let out = DeviceGroupAdvantageOutputs::default().per_token(
+                    advantages.as_view_mut(),
+                    seqs,
+                    Some(mask.as_view()),
+                );
+                let opts = GroupAdvantageOptions::grpo();
+                cuda::group_advantages(s, &scores.as_view(), &groups, &opts, out, &mut status)?;
+            }
+        }
+        let e4 = event()?;
         let grads = DeviceTokenGrads::new(lse.as_view())
             .grad_logp(gl.as_view())
             .grad_entropy(gh.as_view(), entropy.as_view());
         cuda::token_logprobs_backward_in_place(s, &mut grad, shape, &tokens, &grads, &mut status, opts)?;
-        let e4 = event()?;
+        let e5 = event()?;
         if i > 0 {
-            for (k, (a, b)) in [(&e0, &e1), (&e1, &e2), (&e2, &e3), (&e3, &e4)].into_iter().enumerate() {
+            let spans = [(&e0, &e1), (&e1, &e2), (&e2, &e3), (&e3, &e4), (&e4, &e5)];
+            for (k, (a, b)) in spans.into_iter().enumerate() {
                 times[k].push(a.elapsed_ms(b).map_err(drv("timing"))? as f64);
             }
         }
@@ -522,12 +697,16 @@ fn run_cuda<T: Element>(
         ref_logp: down(&ref_logp)?,
         kl: down(&kl)?,
         kl_out: down(&kl_out)?,
+        advantages: down(&advantages)?,
+        returns: if batch.estimator == Estimator::Gae { down(&returns)? } else { Vec::new() },
+        whitened: if batch.estimator == Estimator::Gae { down(&whitened)? } else { Vec::new() },
         grad: s.clone_dtoh(&grad).map_err(drv("downloading the gradient"))?,
         stages: stages::<T>(
             shape,
             batch.kl,
+            batch.estimator,
             times,
-            [workspace_bytes, workspace_bytes, kl_workspace_bytes, 0],
+            [workspace_bytes, workspace_bytes, kl_workspace_bytes, gae_workspace_bytes, 0],
         ),
     })
 }

@@ -50,6 +50,11 @@ fn apply(f: Affine, x: [f32; 3]) -> [f32; 3] {
     ]
 }
 
+/// One position: its map, whether it is valid, its value.
+type Step = (Affine, bool, f32);
+/// One thread: its positions and their composed map.
+type Thread = ([Step; ITEMS], Affine);
+
 struct Model<'a> {
     c: &'a GaeCase,
     opts: GaeOptions,
@@ -57,7 +62,7 @@ struct Model<'a> {
 
 impl Model<'_> {
     /// The kernel's `step_map`: the map, validity and value of position `t` of `row`.
-    fn step(&self, row: usize, t: usize) -> (Affine, bool, f32) {
+    fn step(&self, row: usize, t: usize) -> Step {
         if t >= self.c.shape.cols {
             return (IDENTITY, false, 0.0);
         }
@@ -77,11 +82,10 @@ impl Model<'_> {
     }
 
     /// Each thread's items and their composition, for `warps` warps from `start`.
-    fn threads(&self, row: usize, start: usize, warps: usize) -> Vec<([(Affine, bool, f32); ITEMS], Affine)> {
+    fn threads(&self, row: usize, start: usize, warps: usize) -> Vec<Thread> {
         (0..warps * 32)
             .map(|k| {
-                let items: [(Affine, bool, f32); ITEMS] =
-                    std::array::from_fn(|j| self.step(row, start + k * ITEMS + j));
+                let items: [Step; ITEMS] = std::array::from_fn(|j| self.step(row, start + k * ITEMS + j));
                 let total = items[..ITEMS - 1].iter().rev().fold(items[ITEMS - 1].0, |g, f| compose(f.0, g));
                 (items, total)
             })

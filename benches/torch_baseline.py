@@ -22,6 +22,12 @@ Ratios are taken against the faster of the two.
                                      and its gradient w.r.t. logp (forward + backward)
   exact_kl_fwd_bwd            alloc: F.kl_div(log_softmax(q), log_softmax(p), log_target=True)
                                      summed per row = KL[p‖q], forward + backward into p
+  gae                         alloc: verl's compute_gae_advantage_return loop over the T
+                                     positions (masked steps carry nextvalues and lastgaelam),
+                                     then returns = advantages + values (no whitening)
+  grpo                        alloc: group mean and unbiased std by scatter_add over the group
+                                     ids (verl loops over a Python dict; this is the vectorised
+                                     form), then (s − mean)/(std + 1e-6)
 
 One line per case and variant on stdout:
   op=log_softmax_fwd variant=alloc device=cpu dtype=bf16 shape=256x32000 median_ms=... gbps=...
@@ -50,6 +56,8 @@ def op_bytes(op, rows, cols, dtype):
         "token_logprobs_bwd_inplace": 2 * n * t + rows * (8 + 16),
         "sampled_kl": n * (4 + 4 + 1 + 4 + 4),
         "exact_kl_fwd_bwd": 5 * n * t,
+        "gae": n * (4 + 4 + 1 + 4 + 4),
+        "grpo": rows * (4 + 4 + 4),
     }[op]
 
 
@@ -174,6 +182,38 @@ def cases(op, rows, cols, dtype, device):
             return kl, g
 
         yield "exact_kl_fwd_bwd", {"alloc": kl_fwd_bwd}
+    elif op == "gae":
+        rewards = (torch.randn(rows, cols, generator=gen) * 0.1).to(device)
+        values = torch.randn(rows, cols, generator=gen).to(device)
+        lengths = cols // 2 + torch.randint(0, cols // 2 + 1, (rows, 1), generator=gen)
+        mask = (torch.arange(cols)[None, :] < lengths).float().to(device)
+        gamma, lam = 1.0, 0.95
+
+        def verl_gae():
+            nextvalues, lastgaelam, reversed_ = 0, 0, []
+            for t in reversed(range(cols)):
+                delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+                lastgaelam_ = delta + gamma * lam * lastgaelam
+                nextvalues = values[:, t] * mask[:, t] + (1 - mask[:, t]) * nextvalues
+                lastgaelam = lastgaelam_ * mask[:, t] + (1 - mask[:, t]) * lastgaelam
+                reversed_.append(lastgaelam)
+            advantages = torch.stack(reversed_[::-1], dim=1)
+            return advantages, advantages + values
+
+        yield "gae", {"alloc": verl_gae}
+    elif op == "grpo":
+        groups = rows // 16
+        scores = torch.randn(rows, generator=gen).to(device)
+        index = (torch.arange(rows) % groups).to(device)
+
+        def grpo():
+            counts = torch.bincount(index, minlength=groups).float()
+            mean = torch.zeros(groups, device=device).scatter_add_(0, index, scores) / counts
+            centered = scores - mean[index]
+            var = torch.zeros(groups, device=device).scatter_add_(0, index, centered * centered) / (counts - 1)
+            return centered / (var.sqrt()[index] + 1e-6)
+
+        yield "grpo", {"alloc": grpo}
 
 
 def main():

@@ -413,6 +413,8 @@ pub struct Groups {
     pub(crate) offsets: Vec<u32>,
     /// Sequence indices, grouped, ascending within a group.
     pub(crate) members: Vec<u32>,
+    /// The group of each sequence.
+    pub(crate) ids: Vec<u32>,
 }
 
 impl Groups {
@@ -450,7 +452,7 @@ impl Groups {
             members[cursor[g as usize] as usize] = i as u32;
             cursor[g as usize] += 1;
         }
-        Ok(Groups { offsets, members })
+        Ok(Groups { offsets, members, ids: ids.to_vec() })
     }
 
     /// Number of sequences.

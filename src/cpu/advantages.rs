@@ -211,26 +211,33 @@ pub fn group_advantages(
             &mut owned
         }
     };
-    let mut problem: Option<usize> = None;
-    for g in 0..groups.count() {
-        let members = groups.members(g);
-        if members.is_empty() {
-            continue;
-        }
-        let n = members.len();
-        let sum: f64 = members.iter().map(|&i| scores[i as usize] as f64).sum();
-        let mean = sum / n as f64;
-        let m2: f64 = members.iter().map(|&i| (scores[i as usize] as f64 - mean).powi(2)).sum();
-        let (center, scale) = opts.group_affine(n, mean, m2);
-        for &i in members {
-            let (i, s) = (i as usize, scores[i as usize]);
-            let a = ((s as f64 - center) * scale) as f32;
-            if !(s.is_finite() && a.is_finite()) {
-                problem = Some(problem.map_or(i, |p| p.min(i)));
+    // Each group's (center, scale) from f64 sums over its members in sequence order, then every
+    // sequence's advantage: both passes parallel, neither order depends on the thread count.
+    let affine: Vec<(f64, f64)> = (0..groups.count())
+        .into_par_iter()
+        .with_min_len(256)
+        .map(|g| {
+            let members = groups.members(g);
+            if members.is_empty() {
+                return (0.0, 0.0);
             }
-            per_seq[i] = a;
-        }
-    }
+            let n = members.len();
+            let mean = members.iter().map(|&i| scores[i as usize] as f64).sum::<f64>() / n as f64;
+            let m2: f64 = members.iter().map(|&i| (scores[i as usize] as f64 - mean).powi(2)).sum();
+            opts.group_affine(n, mean, m2)
+        })
+        .collect();
+    let problem = per_seq
+        .par_iter_mut()
+        .with_min_len(4096)
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let s = scores[i];
+            let (center, scale) = affine[groups.ids[i] as usize];
+            *a = ((s as f64 - center) * scale) as f32;
+            (!(s.is_finite() && a.is_finite())).then_some(i)
+        })
+        .min();
     if let Some(i) = problem {
         return Err(non_finite(Op::GroupAdvantages, i));
     }

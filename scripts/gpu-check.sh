@@ -120,7 +120,8 @@ run() {
   if ! want example; then
     :
   elif "$stage/bin/example-ppo_step" --rows "$rows" --seq-len 256 --vocab "$vocab" --dtype bf16 >"$out/ppo_step.log" 2>&1 &&
-    "$stage/bin/example-ppo_step" --rows "$rows" --seq-len 256 --vocab "$vocab" --dtype bf16 --kl reward >>"$out/ppo_step.log" 2>&1; then
+    "$stage/bin/example-ppo_step" --rows "$rows" --seq-len 256 --vocab "$vocab" --dtype bf16 --kl reward >>"$out/ppo_step.log" 2>&1 &&
+    "$stage/bin/example-ppo_step" --rows "$rows" --seq-len 256 --vocab "$vocab" --dtype bf16 --estimator grpo >>"$out/ppo_step.log" 2>&1; then
     record "ppo_step ${rows}x${vocab} bf16" "PASS"
   else
     record "ppo_step ${rows}x${vocab} bf16" "FAIL (see $out/ppo_step.log)"

@@ -180,6 +180,7 @@ mod gpu {
                         ref_lse: Some(lq.as_view_mut()),
                         policy_term: None,
                         workspace: Some(ws.as_view_mut()),
+                        statistic: None,
                     };
                     cuda::exact_kl(s, &p, shape, &r, out, &mut status, &opts).unwrap();
                     let grads = DeviceExactKlGrads {

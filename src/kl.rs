@@ -58,13 +58,13 @@
 //!
 //! [`ExactKlOptions`] configures the full-vocabulary divergences between two logits rows
 //! (`cpu::exact_kl`, `cuda::exact_kl`: one value per token, rows = tokens), and
-//! [`ExactKlPartial`] their tensor-parallel form. Their batch statistic is the per-token
-//! values aggregated like any loss: view the `[B·T]` values as `[B, T]` and call
-//! [`Aggregation::aggregate`] on the host or `cuda::aggregate` on the device (same modes and
-//! normalisers as the sampled statistics; a pass over `B·T` floats, against the `B·T·V` logits
-//! the divergence read).
+//! [`ExactKlPartial`] their tensor-parallel form. Their batch statistic comes out of the same
+//! call when the outputs ask for it with an [`ExactKlStatistic`]: the per-token values viewed
+//! as `[B, T]` and aggregated like any loss (same modes and normalisers as the sampled
+//! statistics; on the GPU two small kernels over the `B·T` values, after the pass over the
+//! `B·T·V` logits).
 
-use crate::{Aggregation, Error, Normaliser, Result, RowProblem};
+use crate::{Aggregation, Error, Normaliser, Result, RowProblem, RowShape};
 
 /// A KL divergence, named by argument order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -298,6 +298,56 @@ impl KlController {
                 *value *= 1.0 + e * n_steps as f64 / *horizon;
             }
         }
+    }
+}
+
+/// The batch statistic an exact divergence call computes along with its per-token values:
+/// the `N` values (one per token row) viewed as `sequences` (`[B, T]`, dense, `B·T = N`) and
+/// aggregated with `aggregation` under `normaliser`, the row mask of the reference side being
+/// the token mask. [`Aggregation::TokenMean`] with [`Normaliser::Local`] is the masked mean.
+///
+/// ```
+/// use rlhf_kernels::{cpu, ExactDivergence, ExactKlOptions, ExactKlStatistic, RowShape};
+/// let (policy, reference) = ([1.0f32, 0.0, 0.0, 0.0], [0.0f32, 0.0, 0.0, 0.0]);
+/// let shape = RowShape::new(2, 2); // two tokens of one sequence
+/// let (mut kl, mut mean) = ([0.0f32; 2], 0.0f64);
+/// let stat = ExactKlStatistic::masked_mean(RowShape::new(1, 2));
+/// let out = cpu::ExactKlOutputs::default().value(&mut kl).statistic(&mut mean, stat);
+/// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
+/// cpu::exact_kl(&policy, shape, &cpu::ReferenceRows::new(&reference, shape), out, &opts)?;
+/// assert!((mean - (kl[0] + kl[1]) as f64 / 2.0).abs() < 1e-7);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExactKlStatistic {
+    /// The `[B, T]` view of the token rows.
+    pub sequences: RowShape,
+    /// How the values become one scalar.
+    pub aggregation: Aggregation,
+    /// Its denominators.
+    pub normaliser: Normaliser,
+}
+
+impl ExactKlStatistic {
+    /// The masked mean over the valid tokens of `sequences`.
+    pub fn masked_mean(sequences: RowShape) -> Self {
+        ExactKlStatistic { sequences, aggregation: Aggregation::TokenMean, normaliser: Normaliser::Local }
+    }
+
+    /// Checks that `sequences` views `rows` token rows densely, and the options.
+    pub(crate) fn validate(&self, rows: usize) -> Result<()> {
+        let s = self.sequences;
+        s.validate("statistic sequences")?;
+        if s.row_stride != s.cols || s.len() != rows {
+            return Err(Error::ShapeMismatch {
+                what: "statistic sequences",
+                min: rows,
+                max: rows,
+                actual: s.len(),
+            });
+        }
+        self.aggregation.validate()?;
+        self.normaliser.validate()
     }
 }
 

@@ -55,6 +55,22 @@ impl ExactBackend for Cpu {
         Ok(o)
     }
 
+    fn forward_with_statistic<P: rlhf_kernels::Element, Q: rlhf_kernels::Element>(
+        &self,
+        c: &ExactCase<P, Q>,
+        stat: rlhf_kernels::ExactKlStatistic,
+        with_value: bool,
+    ) -> rlhf_kernels::Result<(Vec<f32>, f64)> {
+        let mut value = vec![f32::NAN; if with_value { c.policy_shape.rows } else { 0 }];
+        let mut statistic = f64::NAN;
+        let mut out = cpu::ExactKlOutputs::default().statistic(&mut statistic, stat);
+        if with_value {
+            out = out.value(&mut value);
+        }
+        cpu::exact_kl(&c.policy, c.policy_shape, &c.reference_rows(), out, &c.opts)?;
+        Ok((value, statistic))
+    }
+
     fn forward_sharded<P: rlhf_kernels::Element, Q: rlhf_kernels::Element>(
         &self,
         c: &ExactCase<P, Q>,
@@ -149,6 +165,11 @@ fn exact_shards_merge_to_the_whole_row() {
 #[test]
 fn exact_shard_problems_refuse_the_row() {
     kl::exact_shard_problems(&Cpu);
+}
+
+#[test]
+fn exact_statistic_from_the_same_call() {
+    kl::exact_statistic(&Cpu);
 }
 
 #[test]

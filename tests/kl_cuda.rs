@@ -13,14 +13,14 @@ mod gpu {
     use super::common::kl::{self, ExactBackend, ExactCase, ExactOut, SampledBackend, SampledCase, Shard};
     use rlhf_kernels::cuda::raw::{self, ExactKlArgs, ExactKlBackwardArgs, RawStream};
     use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats, DeviceReferenceRows,
-        DeviceSampledKlOutputs, SampledKlInputs,
+        self, CudaStatus, DeviceAggregate, DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats,
+        DeviceReferenceRows, DeviceSampledKlOutputs, SampledKlInputs,
     };
     use rlhf_kernels::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
     use rlhf_kernels::testing::{Tolerance, assert_close};
     use rlhf_kernels::{
-        DType, Element, Error, ExactDivergence, ExactKlPartial, Normaliser, Result, RowProblem, RowShape,
-        SampledKlStats, bf16, f16, reference,
+        DType, Element, Error, ExactDivergence, ExactKlPartial, ExactKlStatistic, Normaliser, Result,
+        RowProblem, RowShape, SampledKlStats, bf16, f16, reference,
     };
 
     pub struct Gpu(pub Arc<CudaStream>);
@@ -88,6 +88,7 @@ mod gpu {
                     ref_lse: Some(ql.as_view_mut()),
                     policy_term: Some(t.as_view_mut()),
                     workspace: None,
+                    statistic: None,
                 };
                 cuda::exact_kl(s, &p, c.policy_shape, &r, out, &mut status, &c.opts)?;
             }
@@ -99,6 +100,36 @@ mod gpu {
                 ref_lse: d(&bufs[2]),
                 policy_term: d(&bufs[3]),
             })
+        }
+
+        fn forward_with_statistic<P: Element, Q: Element>(
+            &self,
+            c: &ExactCase<P, Q>,
+            stat: ExactKlStatistic,
+            with_value: bool,
+        ) -> Result<(Vec<f32>, f64)> {
+            let s = &self.0;
+            let n = c.policy_shape.rows;
+            let (p, q) = (s.clone_htod(&c.policy).unwrap(), s.clone_htod(&c.reference).unwrap());
+            let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+            let mut v = s.alloc_zeros::<f32>(n).unwrap();
+            let (mut agg, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
+            {
+                let r = DeviceReferenceRows {
+                    logits: q.as_view(),
+                    shape: c.ref_shape,
+                    mask: mask.as_ref().map(|m| m.as_view()),
+                };
+                let out = DeviceExactKlOutputs {
+                    value: with_value.then(|| v.as_view_mut()),
+                    statistic: Some((&mut agg, stat)),
+                    ..Default::default()
+                };
+                cuda::exact_kl(s, &p, c.policy_shape, &r, out, &mut status, &c.opts)?;
+            }
+            status.check(s)?;
+            let value = if with_value { s.clone_dtoh(&v).unwrap() } else { Vec::new() };
+            Ok((value, agg.read(s)?.value))
         }
 
         fn forward_sharded<P: Element, Q: Element>(
@@ -361,6 +392,10 @@ mod gpu {
         kl::exact_errors(gpu);
     }
 
+    pub fn exact_statistic(gpu: &Gpu) {
+        kl::exact_statistic(gpu);
+    }
+
     /// A row pair alone (split path) equals the same pair inside 1100 rows (one block per
     /// row), bit for bit, for every divergence.
     pub fn exact_batch_invariance(gpu: &Gpu) {
@@ -410,6 +445,7 @@ gpu_test!(sampled);
 gpu_test!(sampled_infinities);
 gpu_test!(rewards);
 gpu_test!(exact);
+gpu_test!(exact_statistic);
 gpu_test!(exact_edges);
 gpu_test!(exact_batch_invariance);
 gpu_test!(exact_shards);

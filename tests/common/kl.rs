@@ -3,8 +3,8 @@
 
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
-    Aggregation, DType, Element, Error, ExactDivergence, ExactKlOptions, KlEstimator, Normaliser, Result,
-    RowProblem, RowShape, SampledKlOptions, SampledKlStats, bf16, f16, reference,
+    Aggregation, DType, Element, Error, ExactDivergence, ExactKlOptions, ExactKlStatistic, KlEstimator,
+    Normaliser, Result, RowProblem, RowShape, SampledKlOptions, SampledKlStats, bf16, f16, reference,
 };
 
 /// A `[B, T]` batch of per-token log-probs of the policy and the reference.
@@ -266,6 +266,14 @@ pub trait ExactBackend {
         c: &ExactCase<P, Q>,
         shards: &[Shard<P, Q>],
     ) -> Result<ExactOut>;
+    /// The value (empty when `with_value` is false) and the batch statistic `stat`, from one
+    /// call.
+    fn forward_with_statistic<P: Element, Q: Element>(
+        &self,
+        c: &ExactCase<P, Q>,
+        stat: ExactKlStatistic,
+        with_value: bool,
+    ) -> Result<(Vec<f32>, f64)>;
     /// The full gradient buffer (the policy's layout).
     fn backward<P: Element, Q: Element>(
         &self,
@@ -547,5 +555,54 @@ pub fn exact_shard_problems(b: &impl ExactBackend) {
             matches!(err, Error::InvalidRow { row: 2, problem: p, .. } if p == problem),
             "{divergence:?}: a {bad} in one shard: {err}"
         );
+    }
+}
+
+/// The batch statistic from the same call: every aggregation and normaliser against the
+/// host aggregation of the reference values, the same bits with or without the value output,
+/// and a view of the wrong size refused.
+pub fn exact_statistic(b: &impl ExactBackend) {
+    let aggregations = [
+        Aggregation::TokenMean,
+        Aggregation::SeqMeanTokenSum,
+        Aggregation::SeqMeanTokenMean,
+        Aggregation::SeqMeanTokenSumNorm { max_len: 16 },
+    ];
+    for (k, divergence) in DIVERGENCES.into_iter().enumerate() {
+        let c = ExactCase::<bf16, f16>::random(24, 300, divergence, 0.9, 60 + k as u64);
+        let mask = c.mask.as_deref();
+        let e =
+            reference::exact_kl(&c.policy, c.policy_shape, &c.reference, c.ref_shape, mask, &c.opts).unwrap();
+        let sequences = RowShape::new(3, 8);
+        for (j, aggregation) in aggregations.into_iter().enumerate() {
+            let normaliser = if j % 2 == 0 {
+                Normaliser::Local
+            } else {
+                Normaliser::Global { valid_tokens: 50.0, valid_sequences: 5.0, sequences: 6.0 }
+            };
+            let stat = ExactKlStatistic { sequences, aggregation, normaliser };
+            let exact: Vec<f32> = e.value.iter().map(|&v| v as f32).collect();
+            let want = aggregation.aggregate(&exact, sequences, mask, normaliser).unwrap();
+            let (value, got) = b.forward_with_statistic(&c, stat, true).unwrap();
+            let scale = e.value.iter().filter(|v| v.is_finite()).fold(1.0f64, |m, v| m.max(v.abs())) * 24.0;
+            let tol = Tolerance::for_dtype(DType::F32).scaled(scale);
+            assert_close(&[got as f32], &[want], tol, &format!("{divergence:?} {aggregation:?}"));
+            let from_values = aggregation.aggregate(&value, sequences, mask, normaliser).unwrap();
+            assert!(
+                got == from_values || (got - from_values).abs() <= 1e-6 * from_values.abs().max(1.0),
+                "statistic of its own values: {got} vs {from_values} ({divergence:?} {aggregation:?})"
+            );
+            let (_, alone) = b.forward_with_statistic(&c, stat, false).unwrap();
+            assert_eq!(
+                alone.to_bits(),
+                got.to_bits(),
+                "{divergence:?}: the statistic depends on the value output"
+            );
+        }
+        let wrong = ExactKlStatistic::masked_mean(RowShape::new(5, 5));
+        assert!(matches!(
+            b.forward_with_statistic(&c, wrong, true),
+            Err(Error::ShapeMismatch { what: "statistic sequences", .. })
+        ));
     }
 }

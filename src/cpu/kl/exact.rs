@@ -9,10 +9,14 @@ use crate::cpu::{first_problem, rows_per_task};
 use crate::error::Op;
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
-use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowProblem, RowShape};
+use crate::{
+    Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, ExactKlStatistic, Result, RowProblem,
+    RowShape,
+};
 
-/// Where [`exact_kl`] writes, per row (any subset, at least one). The backward needs
-/// `policy_lse` and `ref_lse`, plus `value` for `KL[π‖π_ref]` and `policy_term` for the JSD.
+/// Where [`exact_kl`] writes, per row (any subset, at least one), and the batch statistic if
+/// asked. The backward needs `policy_lse` and `ref_lse`, plus `value` for `KL[π‖π_ref]` and
+/// `policy_term` for the JSD.
 #[derive(Debug, Default)]
 pub struct ExactKlOutputs<'a> {
     /// The divergence (nats).
@@ -23,6 +27,8 @@ pub struct ExactKlOutputs<'a> {
     pub ref_lse: Option<&'a mut [f32]>,
     /// For the JSD, `KL[p ‖ m]`; for the two KLs, the value again.
     pub policy_term: Option<&'a mut [f32]>,
+    /// The batch statistic of the values, and where it goes.
+    pub statistic: Option<(&'a mut f64, ExactKlStatistic)>,
 }
 
 impl<'a> ExactKlOutputs<'a> {
@@ -37,6 +43,10 @@ impl<'a> ExactKlOutputs<'a> {
     /// Requests the JSD's policy term.
     pub fn policy_term(self, v: &'a mut [f32]) -> Self {
         ExactKlOutputs { policy_term: Some(v), ..self }
+    }
+    /// Requests the batch statistic of the values (computed from them, in the same call).
+    pub fn statistic(self, out: &'a mut f64, stat: ExactKlStatistic) -> Self {
+        ExactKlOutputs { statistic: Some((out, stat)), ..self }
     }
 }
 
@@ -141,7 +151,20 @@ pub fn exact_kl<P: Element, Q: Element>(
     let ReferenceRows { logits: reference, shape: ref_shape, mask } = *reference;
     check_pair(policy.len(), policy_shape, reference.len(), ref_shape, mask)?;
     let rows = policy_shape.rows;
-    let outs = [out.value, out.policy_lse, out.ref_lse, out.policy_term];
+    let ExactKlOutputs { value, policy_lse, ref_lse, policy_term, statistic } = out;
+    let mut own_values = Vec::new();
+    let value = match (value, &statistic) {
+        (Some(v), _) => Some(v),
+        (None, Some(_)) => {
+            own_values.resize(rows, 0.0);
+            Some(&mut own_values[..])
+        }
+        (None, None) => None,
+    };
+    if let Some((_, stat)) = &statistic {
+        stat.validate(rows)?;
+    }
+    let outs = [value, policy_lse, ref_lse, policy_term];
     if outs.iter().all(Option::is_none) {
         return Err(Error::InvalidOption {
             name: "outputs",
@@ -198,10 +221,13 @@ pub fn exact_kl<P: Element, Q: Element>(
             Err(p) => problem = first_problem(problem, Some((r, p))),
         }
     }
-    match problem {
-        Some((r, p)) => Err(Op::ExactKl.invalid_row(r, p)),
-        None => Ok(()),
+    if let Some((r, p)) = problem {
+        return Err(Op::ExactKl.invalid_row(r, p));
     }
+    if let (Some((out, stat)), [Some(values), ..]) = (statistic, &outs) {
+        *out = stat.aggregation.aggregate(values, stat.sequences, mask, stat.normaliser)?;
+    }
+    Ok(())
 }
 
 /// Backward of [`exact_kl`]: the gradient of `Σ_n g[n]·D[n]` with respect to the policy

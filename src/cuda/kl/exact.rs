@@ -14,11 +14,15 @@ use cudarc::driver::{
 };
 
 use super::raw::{ExactKlArgs, ExactKlBackwardArgs};
+use crate::cuda::aggregation::{DeviceAggregate, aggregate};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
-use crate::{DType, Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
+use crate::{
+    DType, Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, ExactKlStatistic, Result,
+    RowShape,
+};
 
 pub(super) const BLOCK: u32 = 256;
 const CHUNK: usize = 8192;
@@ -54,6 +58,9 @@ pub struct DeviceExactKlOutputs<'a> {
     pub policy_term: Option<CudaViewMut<'a, f32>>,
     /// Scratch.
     pub workspace: Option<CudaViewMut<'a, u8>>,
+    /// The batch statistic of the values (two aggregation kernels after the divergence; the
+    /// values go to a temporary when `value` is not requested). [`exact_kl`] only.
+    pub statistic: Option<(&'a mut DeviceAggregate, ExactKlStatistic)>,
 }
 
 /// What [`exact_kl_backward`] needs on the device (see
@@ -191,7 +198,18 @@ pub fn exact_kl<P: Element, Q: Element>(
 ) -> Result<()> {
     check_reference(policy.len(), policy_shape, reference)?;
     let rows = policy_shape.rows;
-    check_outputs(&out, Some(rows))?;
+    let statistic = out.statistic.take();
+    let mut own_values: Option<CudaSlice<f32>> = None;
+    if let Some((_, stat)) = &statistic {
+        stat.validate(rows)?;
+        if out.value.is_none() {
+            own_values =
+                Some(stream.alloc_zeros::<f32>(rows).map_err(driver_error("allocating exact_kl values"))?);
+        }
+    }
+    if own_values.is_none() {
+        check_outputs(&out, Some(rows))?;
+    }
     opts.inv_temperature()?;
     let need = exact_kl_workspace_bytes(policy_shape, opts.divergence);
     if let Some(w) = &out.workspace {
@@ -203,35 +221,53 @@ pub fn exact_kl<P: Element, Q: Element>(
             });
         }
     }
-    let s: &CudaStream = stream;
-    let (policy, _g1) = policy.device_ptr(s);
-    let (q, _g2) = reference.logits.device_ptr(s);
-    let (mask, _g3) = opt_ptr(&reference.mask, s);
-    let (value, _g4) = opt_ptr_mut(&mut out.value, s);
-    let (policy_lse, _g5) = opt_ptr_mut(&mut out.policy_lse, s);
-    let (ref_lse, _g6) = opt_ptr_mut(&mut out.ref_lse, s);
-    let (policy_term, _g7) = opt_ptr_mut(&mut out.policy_term, s);
-    let (workspace, _g8) = opt_ptr_mut(&mut out.workspace, s);
-    let (st, _g9) = status.device_ptr(s);
-    let args = ExactKlArgs {
-        policy,
-        policy_dtype: P::DTYPE,
-        policy_shape,
-        reference: q,
-        ref_dtype: Q::DTYPE,
-        ref_shape: reference.shape,
-        mask,
-        value,
-        policy_lse,
-        ref_lse,
-        policy_term,
-        workspace,
-        status: st,
-    };
-    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
-    // was checked above (the workspace's too); the guards keep cudarc's event tracking in
-    // order until the launches are enqueued.
-    unsafe { launch_forward(stream, &args, opts) }
+    {
+        let s: &CudaStream = stream;
+        let (policy, _g1) = policy.device_ptr(s);
+        let (q, _g2) = reference.logits.device_ptr(s);
+        let (mask, _g3) = opt_ptr(&reference.mask, s);
+        let (value, _g4) = match own_values.as_mut() {
+            Some(v) => {
+                let (p, g) = v.device_ptr_mut(s);
+                (p, Some(g))
+            }
+            None => opt_ptr_mut(&mut out.value, s),
+        };
+        let (policy_lse, _g5) = opt_ptr_mut(&mut out.policy_lse, s);
+        let (ref_lse, _g6) = opt_ptr_mut(&mut out.ref_lse, s);
+        let (policy_term, _g7) = opt_ptr_mut(&mut out.policy_term, s);
+        let (workspace, _g8) = opt_ptr_mut(&mut out.workspace, s);
+        let (st, _g9) = status.device_ptr(s);
+        let args = ExactKlArgs {
+            policy,
+            policy_dtype: P::DTYPE,
+            policy_shape,
+            reference: q,
+            ref_dtype: Q::DTYPE,
+            ref_shape: reference.shape,
+            mask,
+            value,
+            policy_lse,
+            ref_lse,
+            policy_term,
+            workspace,
+            status: st,
+        };
+        // SAFETY: every address comes from a cudarc buffer of this stream's context whose
+        // length was checked above (the workspace's too; the own values hold `rows` f32); the
+        // guards keep cudarc's event tracking in order until the launches are enqueued.
+        unsafe { launch_forward(stream, &args, opts) }?;
+    }
+    if let Some((agg, stat)) = statistic {
+        let mask = reference.mask.as_ref();
+        let (a, n) = (stat.aggregation, stat.normaliser);
+        match (&own_values, &out.value) {
+            (Some(v), _) => aggregate(stream, v, stat.sequences, mask, a, n, agg)?,
+            (None, Some(v)) => aggregate(stream, v, stat.sequences, mask, a, n, agg)?,
+            (None, None) => unreachable!("the statistic has its own values when none are requested"),
+        }
+    }
+    Ok(())
 }
 
 /// The launches of an exact forward on checked device addresses (the safe and raw entry

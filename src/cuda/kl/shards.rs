@@ -131,6 +131,13 @@ pub fn finish_exact_kl_partials(
     status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {
+    if out.statistic.is_some() {
+        return Err(Error::InvalidOption {
+            name: "statistic",
+            value: "requested from finish_exact_kl_partials".into(),
+            expected: "none: aggregate the finished values with cuda::aggregate",
+        });
+    }
     let rows = check_outputs(&out, None)?;
     let shards = check_records("partials", partials.len(), rows)?;
     mask.map_or(Ok(()), |m| check_len("mask", m.len(), rows))?;

@@ -243,6 +243,8 @@ pub(crate) enum Op {
     Gae = 9,
     GroupAdvantages = 10,
     Moments = 11,
+    PolicyLoss = 12,
+    ValueLoss = 13,
 }
 
 impl Op {
@@ -258,6 +260,8 @@ impl Op {
             Op::Gae => "gae",
             Op::GroupAdvantages => "group_advantages",
             Op::Moments => "masked_moments",
+            Op::PolicyLoss => "policy_loss",
+            Op::ValueLoss => "value_loss",
         }
     }
 
@@ -274,6 +278,8 @@ impl Op {
             9 => Some(Op::Gae),
             10 => Some(Op::GroupAdvantages),
             11 => Some(Op::Moments),
+            12 => Some(Op::PolicyLoss),
+            13 => Some(Op::ValueLoss),
             _ => None,
         }
     }
@@ -309,6 +315,7 @@ mod tests {
             include_str!("../kernels/logprobs.cu"),
             include_str!("../kernels/kl.cu"),
             include_str!("../kernels/advantages.cu"),
+            include_str!("../kernels/ppo.cu"),
         ]
         .concat();
         for op in [
@@ -322,6 +329,8 @@ mod tests {
             Op::Gae,
             Op::GroupAdvantages,
             Op::Moments,
+            Op::PolicyLoss,
+            Op::ValueLoss,
         ] {
             let line = format!("OP_{} = {};", op.name().to_uppercase(), op as u8);
             let line = line.replace("OP_LOG_SOFTMAX =", "OP_LOG_SOFTMAX_FORWARD =");

@@ -39,6 +39,7 @@ mod dtype;
 mod error;
 mod kl;
 mod logprobs;
+mod ppo;
 pub mod reference;
 mod shape;
 pub mod testing;
@@ -61,6 +62,10 @@ pub use kl::{
 pub use logprobs::{
     LogSoftmaxOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, TokenStats, Tokens, VocabPartial,
     merge_vocab_partials,
+};
+pub use ppo::{
+    PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, ValueLossInputs, ValueLossOptions,
+    ValueLossStats,
 };
 pub use shape::{MAX_DIM, RowShape};
 

@@ -2,10 +2,10 @@
 //! state, rayon over sequences), group estimators from per-group sums in member order, masked
 //! moments and whitening with a fixed merge order. Deterministic for any thread count.
 
-use rayon::iter::Either;
 use rayon::prelude::*;
 
 use crate::advantages::non_finite;
+use crate::cpu::rows_mut;
 use crate::error::Op;
 use crate::{
     GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, MaskedSteps, Moments, Result, RowShape,
@@ -30,17 +30,6 @@ impl<'a> GaeOutputs<'a> {
     /// Requests the returns.
     pub fn returns(self, r: &'a mut [f32]) -> Self {
         GaeOutputs { returns: Some(r), ..self }
-    }
-}
-
-/// Per-row mutable views of an optional `[B, T]` buffer (`None` for every row without one).
-fn rows_mut(
-    buf: Option<&mut [f32]>,
-    shape: RowShape,
-) -> impl IndexedParallelIterator<Item = Option<&mut [f32]>> {
-    match buf {
-        Some(b) => Either::Left(b.par_chunks_mut(shape.row_stride).map(move |c| Some(&mut c[..shape.cols]))),
-        None => Either::Right((0..shape.rows).into_par_iter().map(|_| None)),
     }
 }
 

@@ -8,7 +8,13 @@
 mod advantages;
 mod kl;
 mod logprobs;
+mod ppo;
 pub(crate) mod simd;
+
+use rayon::iter::Either;
+use rayon::prelude::*;
+
+use crate::RowShape;
 
 pub use advantages::{
     GaeOutputs, GroupAdvantageOutputs, TokenOutput, gae, group_advantages, masked_moments, whiten,
@@ -21,6 +27,7 @@ pub use logprobs::{
     finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
     token_logprobs_backward_in_place, vocab_shard_partials,
 };
+pub use ppo::{PolicyLossOutputs, ValueLossOutputs, policy_loss, value_loss};
 
 /// A short description of the CPU backend: worker threads and vector instruction set.
 pub fn describe() -> String {
@@ -33,6 +40,17 @@ pub(crate) fn first_problem<P: Copy>(a: Option<(usize, P)>, b: Option<(usize, P)
         (Some(x), Some(y)) => Some(if y.0 < x.0 { y } else { x }),
         (x, None) => x,
         (None, y) => y,
+    }
+}
+
+/// Per-row mutable views of an optional `[B, T]` buffer (`None` for every row without one).
+pub(crate) fn rows_mut(
+    buf: Option<&mut [f32]>,
+    shape: RowShape,
+) -> impl IndexedParallelIterator<Item = Option<&mut [f32]>> {
+    match buf {
+        Some(b) => Either::Left(b.par_chunks_mut(shape.row_stride).map(move |c| Some(&mut c[..shape.cols]))),
+        None => Either::Right((0..shape.rows).into_par_iter().map(|_| None)),
     }
 }
 

@@ -8,6 +8,7 @@
 mod advantages;
 mod kl;
 mod logprobs;
+mod ppo;
 
 pub use advantages::{Gae, gae, group_advantages, masked_moments, whiten};
 pub(crate) use kl::check_pair;
@@ -15,3 +16,4 @@ pub use kl::{ExactKl, SampledKl, exact_kl, exact_kl_backward, kl_rewards, sample
 pub use logprobs::{
     TokenLogprobs, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
 };
+pub use ppo::{PolicyLoss, ValueLoss, policy_loss, value_loss};

@@ -4,6 +4,7 @@
 
 pub mod advantages;
 pub mod kl;
+pub mod ppo;
 pub mod tokens;
 
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};

@@ -1,0 +1,364 @@
+//! The PPO family's shared vocabulary (MATH.md §4): the policy objectives (clipped surrogate
+//! with asymmetric and dual clip, PPO-KL, GSPO, CISPO), the clipped value loss, their options
+//! and the statistics trainers log.
+//!
+//! # Per-token policy losses
+//!
+//! With `lr = clamp(logp − old_logp, ±log_ratio_clamp)`, `r = exp(lr)` and advantage `A`:
+//!
+//! | [`PolicyObjective`] | per-token loss `L` | `∂L/∂logp` |
+//! | --- | --- | --- |
+//! | `Clip` | `max(−A·r, −A·clip(r, 1 − ε_low, 1 + ε_high))`, then `min(·, −A·c)` where `A < 0` with dual clip `c` | `−A·r` where `(A > 0 ∧ r ≤ 1 + ε_high) ∨ (A < 0 ∧ 1 − ε_low ≤ r ≤ c)`, else 0 |
+//! | `KlPenalty { beta }` | `−A·r + β·((r − 1) − lr)` (k3 estimate of `KL[π_old ‖ π]`) | `−A·r + β·(r − 1)` |
+//! | `Gspo` | as `Clip` with the sequence ratio `s = exp(mean_t lr_t)` for `r` (no dual clip) | `−A·s` where unclipped, else 0 |
+//! | `Cispo` | `−sg(clip(r, 1 − ε_low, 1 + ε_high))·A·logp` | `−clip(r, …)·A` |
+//!
+//! Where the log-ratio clamp is active the gradient is 0 (except CISPO, whose weight carries
+//! no gradient anyway). `Gspo` is the GSPO-token form (verl's): each token's loss uses the
+//! sequence ratio, its gradient flows through its own `logp` only; with a per-sequence
+//! advantage and [`Aggregation::SeqMeanTokenMean`] this is exactly GSPO's sequence-level
+//! gradient `−A_i·s_i/|y_i|`.
+//!
+//! # Aggregation and the global normaliser
+//!
+//! The loss is `Σ mask·w·L` with the per-token weight `w` of the [`Aggregation`] under a
+//! [`Normaliser`] (see the `aggregation` module docs for the gradient-accumulation trap); the
+//! gradient written per token is `w·∂L/∂logp`, so summing the gradients of micro-batches that
+//! all use the mini-batch's [`Normaliser::Global`] counts gives the full-batch gradient. The
+//! entropy bonus `−c_H·H` is aggregated the same way and its upstream gradient `−c_H·w` is
+//! written for the logprobs backward.
+//!
+//! # Value loss
+//!
+//! `v_clip = old_v + clip(v − old_v, ±ε_v)`, `L_v = ½·max((v − R)², (v_clip − R)²)`,
+//! `∂L_v/∂v = (v − R)` where the unclipped error is the larger, else `(v_clip − R)` inside the
+//! clip band and 0 outside.
+
+use crate::{Aggregation, BatchCounts, Error, Normaliser, Result, RowShape};
+
+/// Which policy loss (module docs for the formulas).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PolicyObjective {
+    /// The clipped surrogate, asymmetric clip and optional dual clip.
+    Clip,
+    /// The KL-penalty form: `−A·r + β·KL[π_old ‖ π]` per token (β from a
+    /// [`KlController`](crate::KlController)).
+    KlPenalty {
+        /// β.
+        beta: f32,
+    },
+    /// GSPO (GSPO-token form): the clipped surrogate on the sequence's geometric-mean ratio.
+    Gspo,
+    /// CISPO: the clipped, stop-gradient importance weight times `logp`.
+    Cispo,
+}
+
+/// Options of the policy loss.
+///
+/// ```
+/// use rlhf_kernels::{Aggregation, Normaliser, PolicyLossOptions, PolicyObjective};
+/// let ppo = PolicyLossOptions::default();                       // ε = 0.2 both sides, token-mean
+/// let dapo = PolicyLossOptions::default().clip(0.2, 0.28).dual_clip(Some(3.0));
+/// let gspo = PolicyLossOptions::new(PolicyObjective::Gspo).clip(3e-4, 4e-4)
+///     .aggregation(Aggregation::SeqMeanTokenMean);
+/// let global = ppo.normaliser(Normaliser::Global { valid_tokens: 8192.0, valid_sequences: 64.0, sequences: 64.0 });
+/// # let _ = (dapo, gspo, global);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyLossOptions {
+    /// The objective.
+    pub objective: PolicyObjective,
+    /// ε_low: the ratio's lower clip is `1 − ε_low`.
+    pub clip_low: f32,
+    /// ε_high: the ratio's upper clip is `1 + ε_high`.
+    pub clip_high: f32,
+    /// Dual clip `c > 1` (only where `A < 0`; `Clip` only).
+    pub dual_clip: Option<f32>,
+    /// Clamp of `logp − old_logp` before the exp (default 20).
+    pub log_ratio_clamp: f32,
+    /// Entropy-bonus coefficient `c_H` (default 0): the loss gains `−c_H·H`.
+    pub entropy_coef: f32,
+    /// How per-token losses become one scalar.
+    pub aggregation: Aggregation,
+    /// Its denominators.
+    pub normaliser: Normaliser,
+}
+
+impl Default for PolicyLossOptions {
+    fn default() -> Self {
+        PolicyLossOptions::new(PolicyObjective::Clip)
+    }
+}
+
+impl PolicyLossOptions {
+    /// `objective` with ε = 0.2 on both sides, no dual clip, log-ratio clamp 20, no entropy
+    /// bonus, token-mean over this batch.
+    pub fn new(objective: PolicyObjective) -> Self {
+        PolicyLossOptions {
+            objective,
+            clip_low: 0.2,
+            clip_high: 0.2,
+            dual_clip: None,
+            log_ratio_clamp: 20.0,
+            entropy_coef: 0.0,
+            aggregation: Aggregation::TokenMean,
+            normaliser: Normaliser::Local,
+        }
+    }
+    /// Sets ε_low and ε_high.
+    pub fn clip(self, low: f32, high: f32) -> Self {
+        PolicyLossOptions { clip_low: low, clip_high: high, ..self }
+    }
+    /// Sets the dual clip `c`.
+    pub fn dual_clip(self, c: Option<f32>) -> Self {
+        PolicyLossOptions { dual_clip: c, ..self }
+    }
+    /// Sets the log-ratio clamp.
+    pub fn log_ratio_clamp(self, c: f32) -> Self {
+        PolicyLossOptions { log_ratio_clamp: c, ..self }
+    }
+    /// Sets the entropy coefficient `c_H`.
+    pub fn entropy_coef(self, c: f32) -> Self {
+        PolicyLossOptions { entropy_coef: c, ..self }
+    }
+    /// Sets the aggregation.
+    pub fn aggregation(self, a: Aggregation) -> Self {
+        PolicyLossOptions { aggregation: a, ..self }
+    }
+    /// Sets the normaliser.
+    pub fn normaliser(self, n: Normaliser) -> Self {
+        PolicyLossOptions { normaliser: n, ..self }
+    }
+
+    /// The dual clip as a bound on the ratio (`+inf` without one, or for other objectives).
+    pub(crate) fn dual_bound(&self) -> f32 {
+        match (self.objective, self.dual_clip) {
+            (PolicyObjective::Clip, Some(c)) => c,
+            _ => f32::INFINITY,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |name: &'static str, v: f32, expected: &'static str| {
+            Err(Error::InvalidOption { name, value: v.to_string(), expected })
+        };
+        if !(self.clip_low.is_finite() && (0.0..=1.0).contains(&self.clip_low)) {
+            return bad("clip_low", self.clip_low, "ε_low in [0, 1]");
+        }
+        if !(self.clip_high.is_finite() && self.clip_high >= 0.0) {
+            return bad("clip_high", self.clip_high, "a finite ε_high ≥ 0");
+        }
+        if let Some(c) = self.dual_clip
+            && !(c.is_finite() && c > 1.0 && c >= 1.0 + self.clip_high)
+        {
+            return bad("dual_clip", c, "a finite c > 1 + ε_high");
+        }
+        if !(self.log_ratio_clamp.is_finite() && self.log_ratio_clamp > 0.0 && self.log_ratio_clamp <= 80.0) {
+            return bad("log_ratio_clamp", self.log_ratio_clamp, "a clamp in (0, 80] (exp must stay finite)");
+        }
+        if !self.entropy_coef.is_finite() {
+            return bad("entropy_coef", self.entropy_coef, "a finite c_H");
+        }
+        if let PolicyObjective::KlPenalty { beta } = self.objective
+            && !beta.is_finite()
+        {
+            return bad("beta", beta, "a finite β");
+        }
+        self.aggregation.validate()?;
+        self.normaliser.validate()
+    }
+}
+
+/// The statistics of one policy-loss call, over the valid tokens of the batch (means use this
+/// batch's own token count; the losses use the options' normaliser).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PolicyLossStats {
+    /// `policy_loss − c_H·entropy_loss`: the scalar whose gradient the call wrote.
+    pub loss: f64,
+    /// The aggregated per-token policy loss.
+    pub policy_loss: f64,
+    /// The aggregated entropy (same aggregation; 0 without entropies).
+    pub entropy_loss: f64,
+    /// Share of valid tokens clipped below (`A < 0`, ratio `< 1 − ε_low`; CISPO: any `A`).
+    pub clip_fraction_low: f64,
+    /// Share clipped above (`A > 0`, ratio `> 1 + ε_high`; CISPO: any `A`).
+    pub clip_fraction_high: f64,
+    /// Share under the dual clip (`A < 0`, ratio `> c`).
+    pub dual_clip_fraction: f64,
+    /// Mean of `old_logp − logp` (k1 estimate of `KL[π_old ‖ π]`).
+    pub approx_kl_k1: f64,
+    /// Mean of `(r − 1) − log r` (k3 estimate of `KL[π_old ‖ π]`).
+    pub approx_kl_k3: f64,
+    /// Mean token ratio `r` (the clamped one).
+    pub ratio_mean: f64,
+    /// Smallest token ratio (`+inf` for an empty batch).
+    pub ratio_min: f64,
+    /// Largest token ratio (`−inf` for an empty batch).
+    pub ratio_max: f64,
+    /// Masked mean of the entropy (0 without entropies).
+    pub entropy_mean: f64,
+    /// This batch's counts.
+    pub counts: BatchCounts,
+}
+
+/// Options of the value loss.
+///
+/// ```
+/// use rlhf_kernels::ValueLossOptions;
+/// let verl = ValueLossOptions::default().clip(Some(0.5));
+/// # let _ = verl;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValueLossOptions {
+    /// ε_v of the value clip around the old values; `None`: no clip.
+    pub clip: Option<f32>,
+    /// Coefficient of the loss (and its gradient).
+    pub coef: f32,
+    /// How per-token losses become one scalar.
+    pub aggregation: Aggregation,
+    /// Its denominators.
+    pub normaliser: Normaliser,
+}
+
+impl Default for ValueLossOptions {
+    fn default() -> Self {
+        ValueLossOptions {
+            clip: Some(0.2),
+            coef: 1.0,
+            aggregation: Aggregation::TokenMean,
+            normaliser: Normaliser::Local,
+        }
+    }
+}
+
+impl ValueLossOptions {
+    /// Sets ε_v.
+    pub fn clip(self, clip: Option<f32>) -> Self {
+        ValueLossOptions { clip, ..self }
+    }
+    /// Sets the coefficient.
+    pub fn coef(self, coef: f32) -> Self {
+        ValueLossOptions { coef, ..self }
+    }
+    /// Sets the aggregation.
+    pub fn aggregation(self, a: Aggregation) -> Self {
+        ValueLossOptions { aggregation: a, ..self }
+    }
+    /// Sets the normaliser.
+    pub fn normaliser(self, n: Normaliser) -> Self {
+        ValueLossOptions { normaliser: n, ..self }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if let Some(c) = self.clip
+            && !(c.is_finite() && c >= 0.0)
+        {
+            return Err(Error::InvalidOption {
+                name: "clip",
+                value: c.to_string(),
+                expected: "a finite ε_v ≥ 0",
+            });
+        }
+        if !self.coef.is_finite() {
+            return Err(Error::InvalidOption {
+                name: "coef",
+                value: self.coef.to_string(),
+                expected: "a finite coefficient",
+            });
+        }
+        self.aggregation.validate()?;
+        self.normaliser.validate()
+    }
+}
+
+/// The statistics of one value-loss call.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ValueLossStats {
+    /// `coef ·` the aggregated value loss.
+    pub loss: f64,
+    /// Share of valid tokens where the clipped error is the larger one.
+    pub clip_fraction: f64,
+    /// This batch's counts.
+    pub counts: BatchCounts,
+}
+
+/// The per-token inputs of the policy loss, laid out as `shape` (`[B, T]`, rows = sequences).
+///
+/// ```
+/// use rlhf_kernels::{PolicyLossInputs, RowShape};
+/// let (logp, old, adv) = ([-1.0f32, -2.0], [-1.1f32, -2.0], [0.5f32, 0.5]);
+/// let inputs = PolicyLossInputs::new(RowShape::new(1, 2), &logp, &old, &adv).mask(&[1, 1]);
+/// # let _ = inputs;
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyLossInputs<'a> {
+    /// `[B, T]` of every array.
+    pub shape: RowShape,
+    /// `log π(y_t)` under the current policy.
+    pub logp: &'a [f32],
+    /// `log π_old(y_t)` from the rollout.
+    pub old_logp: &'a [f32],
+    /// Advantages per token.
+    pub advantages: &'a [f32],
+    /// Response mask, one byte per token; `None`: all valid.
+    pub mask: Option<&'a [u8]>,
+    /// Per-token entropy `H` (for the bonus and the statistics).
+    pub entropy: Option<&'a [f32]>,
+}
+
+impl<'a> PolicyLossInputs<'a> {
+    /// The three required arrays.
+    pub fn new(shape: RowShape, logp: &'a [f32], old_logp: &'a [f32], advantages: &'a [f32]) -> Self {
+        PolicyLossInputs { shape, logp, old_logp, advantages, mask: None, entropy: None }
+    }
+    /// Adds the mask.
+    pub fn mask(self, m: &'a [u8]) -> Self {
+        PolicyLossInputs { mask: Some(m), ..self }
+    }
+    /// Adds the entropies.
+    pub fn entropy(self, h: &'a [f32]) -> Self {
+        PolicyLossInputs { entropy: Some(h), ..self }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let s = self.shape;
+        s.check_buffer("logp", self.logp.len())?;
+        s.check_buffer("old_logp", self.old_logp.len())?;
+        s.check_buffer("advantages", self.advantages.len())?;
+        if let Some(m) = self.mask {
+            s.check_buffer("mask", m.len())?;
+        }
+        if let Some(h) = self.entropy {
+            s.check_buffer("entropy", h.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// The per-token inputs of the value loss, laid out as `shape`.
+#[derive(Debug, Clone, Copy)]
+pub struct ValueLossInputs<'a> {
+    /// `[B, T]` of every array.
+    pub shape: RowShape,
+    /// Current value predictions `v`.
+    pub values: &'a [f32],
+    /// Rollout-time values `old_v`.
+    pub old_values: &'a [f32],
+    /// Value targets `R` (returns).
+    pub returns: &'a [f32],
+    /// Response mask; `None`: all valid.
+    pub mask: Option<&'a [u8]>,
+}
+
+impl ValueLossInputs<'_> {
+    pub(crate) fn validate(&self) -> Result<()> {
+        let s = self.shape;
+        s.check_buffer("values", self.values.len())?;
+        s.check_buffer("old_values", self.old_values.len())?;
+        s.check_buffer("returns", self.returns.len())?;
+        if let Some(m) = self.mask {
+            s.check_buffer("mask", m.len())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,213 @@
+//! The PPO losses in f64 (MATH.md §4), written from the formulas: each branch spelled out,
+//! aggregation weights from the counts, statistics by direct sums.
+
+use crate::advantages::{first_non_finite, non_finite};
+use crate::aggregation::valid_in_row;
+use crate::error::Op;
+use crate::{
+    BatchCounts, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result,
+    ValueLossInputs, ValueLossOptions, ValueLossStats,
+};
+
+/// Per-token results of [`policy_loss`], dense `[B·T]` (0 at masked tokens).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PolicyLoss {
+    /// The per-token policy loss `L` (unweighted, without the entropy bonus).
+    pub loss: Vec<f64>,
+    /// `∂loss/∂logp`: the aggregation weight times `∂L/∂logp`.
+    pub grad_logp: Vec<f64>,
+    /// `∂loss/∂H = −c_H·w`.
+    pub grad_entropy: Vec<f64>,
+    /// The statistics.
+    pub stats: PolicyLossStats,
+}
+
+/// One token's loss and `∂L/∂logp` for the ratio `r` of its objective (`ratio_clamped`: the
+/// log-ratio clamp was active), and whether it is clipped low, high or by the dual clip.
+fn token_terms(
+    opts: &PolicyLossOptions,
+    logp: f64,
+    lr: f64,
+    ratio_clamped: bool,
+    a: f64,
+) -> (f64, f64, [bool; 3]) {
+    let r = lr.exp();
+    let (lo, hi) = (1.0 - opts.clip_low as f64, 1.0 + opts.clip_high as f64);
+    let clip = r.clamp(lo, hi);
+    let c = opts.dual_bound() as f64;
+    match opts.objective {
+        PolicyObjective::Clip | PolicyObjective::Gspo => {
+            let l1 = -a * r;
+            let l2 = -a * clip;
+            let mut l = l1.max(l2);
+            let dual = a < 0.0 && r > c;
+            if a < 0.0 {
+                l = l.min(-a * c);
+            }
+            let active = (a > 0.0 && r <= hi) || (a < 0.0 && lo <= r && r <= c);
+            let g = if active && !ratio_clamped { -a * r } else { 0.0 };
+            (l, g, [a < 0.0 && r < lo, a > 0.0 && r > hi, dual])
+        }
+        PolicyObjective::KlPenalty { beta } => {
+            let beta = beta as f64;
+            let l = -a * r + beta * ((r - 1.0) - lr);
+            let g = if ratio_clamped { 0.0 } else { -a * r + beta * (r - 1.0) };
+            (l, g, [false; 3])
+        }
+        PolicyObjective::Cispo => (-clip * a * logp, -clip * a, [r < lo, r > hi, false]),
+    }
+}
+
+/// The policy loss of MATH.md §4 per token, its aggregate under the options' aggregation and
+/// normaliser, the gradients and the statistics.
+///
+/// Errors: shape and option errors; [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
+/// for the lowest sequence with a non-finite input at a valid token.
+///
+/// ```
+/// use rlhf_kernels::{reference, PolicyLossInputs, PolicyLossOptions, RowShape};
+/// // ratio e^0.5 ≈ 1.65 > 1.2 with A > 0: clipped, no gradient.
+/// let inputs = PolicyLossInputs::new(RowShape::new(1, 1), &[-0.5], &[-1.0], &[1.0]);
+/// let out = reference::policy_loss(&inputs, &PolicyLossOptions::default())?;
+/// assert!((out.loss[0] + 1.2).abs() < 1e-6 && out.grad_logp[0] == 0.0);
+/// assert_eq!(out.stats.clip_fraction_high, 1.0);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn policy_loss(inputs: &PolicyLossInputs<'_>, opts: &PolicyLossOptions) -> Result<PolicyLoss> {
+    inputs.validate()?;
+    opts.validate()?;
+    let (shape, mask) = (inputs.shape, inputs.mask);
+    let mut arrays = vec![inputs.logp, inputs.old_logp, inputs.advantages];
+    arrays.extend(inputs.entropy);
+    if let Some(i) = first_non_finite(shape, mask, &arrays) {
+        return Err(non_finite(Op::PolicyLoss, i));
+    }
+    let local = BatchCounts::of(shape, mask);
+    let counts = opts.normaliser.counts(local);
+    let clamp = opts.log_ratio_clamp as f64;
+    let mut out = PolicyLoss {
+        loss: vec![0.0; shape.len()],
+        grad_logp: vec![0.0; shape.len()],
+        grad_entropy: vec![0.0; shape.len()],
+        stats: PolicyLossStats {
+            ratio_min: f64::INFINITY,
+            ratio_max: f64::NEG_INFINITY,
+            ..Default::default()
+        },
+    };
+    let st = &mut out.stats;
+    let (mut low, mut high, mut dual, mut k1, mut k3, mut ratios, mut h_sum) =
+        (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    for i in 0..shape.rows {
+        let valid: Vec<usize> = shape.row_range(i).filter(|&t| mask.is_none_or(|m| m[t] != 0)).collect();
+        let w = opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i));
+        let lr_of = |t: usize| inputs.logp[t] as f64 - inputs.old_logp[t] as f64;
+        // GSPO: the sequence's mean log-ratio, clamped.
+        let seq_lr = valid.iter().map(|&t| lr_of(t)).sum::<f64>() / valid.len().max(1) as f64;
+        for &t in &valid {
+            let raw = if opts.objective == PolicyObjective::Gspo { seq_lr } else { lr_of(t) };
+            let lr = raw.clamp(-clamp, clamp);
+            let (l, g, [lo, hi, du]) =
+                token_terms(opts, inputs.logp[t] as f64, lr, lr != raw, inputs.advantages[t] as f64);
+            let j = i * shape.cols + (t - shape.row_start(i));
+            out.loss[j] = l;
+            out.grad_logp[j] = w * g;
+            out.grad_entropy[j] = -(opts.entropy_coef as f64) * w;
+            st.policy_loss += w * l;
+            let h = inputs.entropy.map_or(0.0, |h| h[t] as f64);
+            st.entropy_loss += w * h;
+            h_sum += h;
+            low += f64::from(u8::from(lo));
+            high += f64::from(u8::from(hi));
+            dual += f64::from(u8::from(du));
+            let token_lr = lr_of(t).clamp(-clamp, clamp);
+            let r = token_lr.exp();
+            k1 -= token_lr;
+            k3 += (r - 1.0) - token_lr;
+            ratios += r;
+            st.ratio_min = st.ratio_min.min(r);
+            st.ratio_max = st.ratio_max.max(r);
+        }
+    }
+    let n = local.valid_tokens;
+    let mean = |x: f64| if n > 0.0 { x / n } else { 0.0 };
+    st.loss = st.policy_loss - opts.entropy_coef as f64 * st.entropy_loss;
+    (st.clip_fraction_low, st.clip_fraction_high, st.dual_clip_fraction) =
+        (mean(low), mean(high), mean(dual));
+    (st.approx_kl_k1, st.approx_kl_k3, st.ratio_mean, st.entropy_mean) =
+        (mean(k1), mean(k3), mean(ratios), mean(h_sum));
+    st.counts = local;
+    Ok(out)
+}
+
+/// Per-token results of [`value_loss`], dense `[B·T]`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ValueLoss {
+    /// `½·max((v − R)², (v_clip − R)²)` per token (without the coefficient).
+    pub loss: Vec<f64>,
+    /// `∂loss/∂v`: `coef·w·∂L_v/∂v`.
+    pub grad_values: Vec<f64>,
+    /// The statistics.
+    pub stats: ValueLossStats,
+}
+
+/// The clipped value loss of MATH.md §4, aggregated, with its gradient.
+///
+/// Errors: shape and option errors; [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
+/// for the lowest sequence with a non-finite input at a valid token.
+///
+/// ```
+/// use rlhf_kernels::{reference, RowShape, ValueLossInputs, ValueLossOptions};
+/// let inputs = ValueLossInputs { shape: RowShape::new(1, 1), values: &[1.0], old_values: &[0.0], returns: &[2.0], mask: None };
+/// let out = reference::value_loss(&inputs, &ValueLossOptions::default().clip(Some(0.5)))?;
+/// // v_clip = 0.5: ½·max(1², 1.5²) = 1.125; the clipped error wins and the clip is active.
+/// assert_eq!((out.loss[0], out.grad_values[0], out.stats.clip_fraction), (1.125, 0.0, 1.0));
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn value_loss(inputs: &ValueLossInputs<'_>, opts: &ValueLossOptions) -> Result<ValueLoss> {
+    inputs.validate()?;
+    opts.validate()?;
+    let (shape, mask) = (inputs.shape, inputs.mask);
+    if let Some(i) = first_non_finite(shape, mask, &[inputs.values, inputs.old_values, inputs.returns]) {
+        return Err(non_finite(Op::ValueLoss, i));
+    }
+    let local = BatchCounts::of(shape, mask);
+    let counts = opts.normaliser.counts(local);
+    let coef = opts.coef as f64;
+    let mut out =
+        ValueLoss { loss: vec![0.0; shape.len()], grad_values: vec![0.0; shape.len()], ..Default::default() };
+    let mut clipped = 0.0;
+    for i in 0..shape.rows {
+        let w = opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i));
+        for (j, t) in shape.row_range(i).enumerate() {
+            if mask.is_some_and(|m| m[t] == 0) {
+                continue;
+            }
+            let (v, old, ret) =
+                (inputs.values[t] as f64, inputs.old_values[t] as f64, inputs.returns[t] as f64);
+            let (l, g, c) = match opts.clip {
+                None => (0.5 * (v - ret).powi(2), v - ret, false),
+                Some(eps) => {
+                    let eps = eps as f64;
+                    let v_clip = old + (v - old).clamp(-eps, eps);
+                    let (e1, e2) = ((v - ret).powi(2), (v_clip - ret).powi(2));
+                    let g = if e1 >= e2 {
+                        v - ret
+                    } else if (v - old).abs() < eps {
+                        v_clip - ret
+                    } else {
+                        0.0
+                    };
+                    (0.5 * e1.max(e2), g, e2 > e1)
+                }
+            };
+            out.loss[i * shape.cols + j] = l;
+            out.grad_values[i * shape.cols + j] = coef * w * g;
+            out.stats.loss += coef * w * l;
+            clipped += f64::from(u8::from(c));
+        }
+    }
+    out.stats.clip_fraction = if local.valid_tokens > 0.0 { clipped / local.valid_tokens } else { 0.0 };
+    out.stats.counts = local;
+    Ok(out)
+}

@@ -1,0 +1,419 @@
+// ppo family: the policy loss (clipped surrogate with asymmetric and dual clip, PPO-KL,
+// GSPO-token, CISPO) and the clipped value loss, per token with their aggregation weights,
+// gradients and statistics (MATH.md §4). One block per sequence writes the per-token outputs
+// and a row record; one block reduces the records in a fixed order (f64); when the
+// denominators are the batch's own, a last pass writes the gradients with the counts.
+#include "aggregation.cuh"
+
+using namespace rk;
+
+namespace {
+
+constexpr unsigned OP_POLICY_LOSS = 12;
+constexpr unsigned OP_VALUE_LOSS = 13;
+
+// Objective codes (src/cuda/ppo.rs): clip, PPO-KL, GSPO, CISPO.
+enum Objective : int { CLIP = 0, KL_PENALTY = 1, GSPO = 2, CISPO = 3 };
+
+// The policy kernels' parameters (src/cuda/ppo.rs `PolicyParams`, same layout).
+struct PolicyParams {
+  const float* logp;
+  const float* old_logp;
+  const float* advantages;
+  const unsigned char* mask;  // may be null
+  const float* entropy;       // may be null
+  float* loss;                // each output may be null
+  float* grad_logp;
+  float* grad_entropy;
+  long long ld;
+  int rows, cols, objective;
+  float clip_low, clip_high, dual, lr_clamp, beta, entropy_coef;
+  int aggregation;
+  double max_len;
+  int weights_known;  // the three counts below are the denominators (global normaliser)
+  double tokens, valid_sequences, sequences;
+};
+
+// One sequence's sums over its valid tokens (f32 within the row, f64 across rows).
+struct PolicyRow {
+  float loss, entropy, low, high, dual, k1, k3, ratio, ratio_min, ratio_max, valid, pad;
+};
+
+// Statistics layout (f64; src/cuda/ppo.rs `DevicePolicyStats`).
+enum PolicyStat : int {
+  PS_LOSS = 0, PS_POLICY, PS_ENTROPY, PS_LOW, PS_HIGH, PS_DUAL, PS_K1, PS_K3, PS_RATIO_MEAN, PS_RATIO_MIN,
+  PS_RATIO_MAX, PS_ENTROPY_MEAN, PS_COUNTS  // three counts: valid tokens, valid sequences, sequences
+};
+
+struct TokenTerms {
+  float loss, grad;
+  bool low, high, dual;
+};
+
+// One token's loss and ∂L/∂logp (src/cpu/ppo.rs `policy_token`, in the same f32 operations).
+__device__ __forceinline__ TokenTerms policy_token(const PolicyParams& P, float logp, float lr, bool clamped, float a) {
+  const float r = expf(lr);
+  const float lo = __fsub_rn(1.0f, P.clip_low), hi = __fadd_rn(1.0f, P.clip_high);
+  const float clip = fminf(fmaxf(r, lo), hi);
+  TokenTerms t{0.0f, 0.0f, false, false, false};
+  switch (P.objective) {
+    case KL_PENALTY: {
+      const float k3 = __fsub_rn(__fsub_rn(r, 1.0f), lr);
+      t.loss = __fadd_rn(__fmul_rn(-a, r), __fmul_rn(P.beta, k3));
+      t.grad = clamped ? 0.0f : __fadd_rn(__fmul_rn(-a, r), __fmul_rn(P.beta, __fsub_rn(r, 1.0f)));
+      break;
+    }
+    case CISPO:
+      t.loss = __fmul_rn(__fmul_rn(-clip, a), logp);
+      t.grad = __fmul_rn(-clip, a);
+      t.low = r < lo;
+      t.high = r > hi;
+      break;
+    default: {  // CLIP, GSPO (P.dual is +inf unless CLIP with a dual clip)
+      const float c = P.dual;
+      float l = fmaxf(__fmul_rn(-a, r), __fmul_rn(-a, clip));
+      if (a < 0.0f) l = fminf(l, __fmul_rn(-a, c));
+      const bool active = (a > 0.0f && r <= hi) || (a < 0.0f && lo <= r && r <= c);
+      t.loss = l;
+      t.grad = (active && !clamped) ? __fmul_rn(-a, r) : 0.0f;
+      t.low = a < 0.0f && r < lo;
+      t.high = a > 0.0f && r > hi;
+      t.dual = a < 0.0f && r > c;
+    }
+  }
+  return t;
+}
+
+__device__ __forceinline__ float clamp_lr(float x, float c) { return fminf(fmaxf(x, -c), c); }
+
+__device__ __forceinline__ float block_min(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float m = (threadIdx.x & 31) < (blockDim.x >> 5) ? scratch[threadIdx.x & 31] : pos_inf();
+  for (int o = 16; o > 0; o >>= 1) m = fminf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  __syncthreads();
+  return m;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  return -block_min(-v, scratch);
+}
+
+// The GSPO sequence log-ratio: the clamp is applied by the caller.
+__device__ __forceinline__ float sequence_log_ratio(const PolicyParams& P, long long base, float valid, float* scratch) {
+  float s = 0.0f;
+  for (long long t = threadIdx.x; t < P.cols; t += blockDim.x)
+    if (token_valid(P.mask, base + t)) s = __fadd_rn(s, __fsub_rn(P.logp[base + t], P.old_logp[base + t]));
+  s = block_sum(s, scratch);
+  return __fdiv_rn(s, fmaxf(valid, 1.0f));
+}
+
+// One pass over a row: per-token outputs (the gradients only with a weight, `w_known`), and
+// the row's sums when `rec` is not null.
+__device__ __forceinline__ void policy_row(const PolicyParams& P, long long row, float valid, float w, bool w_known,
+                                           bool write_values, PolicyRow* rec, unsigned long long* status,
+                                           float* scratch) {
+  const long long base = row * P.ld;
+  const float seq_lr = P.objective == GSPO ? sequence_log_ratio(P, base, valid, scratch) : 0.0f;
+  const float gh = -__fmul_rn(P.entropy_coef, w);
+  float loss = 0.0f, ent = 0.0f, low = 0.0f, high = 0.0f, dual = 0.0f, k1 = 0.0f, k3 = 0.0f, ratio = 0.0f;
+  float rmin = pos_inf(), rmax = neg_inf();
+  bool bad = false;
+  for (long long t = threadIdx.x; t < P.cols; t += blockDim.x) {
+    const long long i = base + t;
+    float l_out = 0.0f, g_out = 0.0f, h_out = 0.0f;
+    if (token_valid(P.mask, i)) {
+      const float lp = P.logp[i], old = P.old_logp[i], a = P.advantages[i];
+      const float h = P.entropy ? P.entropy[i] : 0.0f;
+      bad |= !(isfinite(lp) && isfinite(old) && isfinite(a) && isfinite(h));
+      const float token_raw = __fsub_rn(lp, old);
+      const float token_lr = clamp_lr(token_raw, P.lr_clamp);
+      const float raw = P.objective == GSPO ? seq_lr : token_raw;
+      const float lr = clamp_lr(raw, P.lr_clamp);
+      const TokenTerms terms = policy_token(P, lp, lr, lr != raw, a);
+      l_out = terms.loss;
+      g_out = __fmul_rn(w, terms.grad);
+      h_out = gh;
+      const float r = expf(token_lr);
+      loss = __fadd_rn(loss, terms.loss);
+      ent = __fadd_rn(ent, h);
+      low += terms.low ? 1.0f : 0.0f;
+      high += terms.high ? 1.0f : 0.0f;
+      dual += terms.dual ? 1.0f : 0.0f;
+      k1 = __fsub_rn(k1, token_lr);
+      k3 = __fadd_rn(k3, __fsub_rn(__fsub_rn(r, 1.0f), token_lr));
+      ratio = __fadd_rn(ratio, r);
+      rmin = fminf(rmin, r);
+      rmax = fmaxf(rmax, r);
+    }
+    if (write_values && P.loss) P.loss[i] = l_out;
+    if (w_known && P.grad_logp) P.grad_logp[i] = g_out;
+    if (w_known && P.grad_entropy) P.grad_entropy[i] = h_out;
+  }
+  if (rec == nullptr) return;
+  const bool any_bad = __syncthreads_or(bad);
+  PolicyRow out;
+  out.loss = block_sum(loss, scratch);
+  out.entropy = block_sum(ent, scratch);
+  out.low = block_sum(low, scratch);
+  out.high = block_sum(high, scratch);
+  out.dual = block_sum(dual, scratch);
+  out.k1 = block_sum(k1, scratch);
+  out.k3 = block_sum(k3, scratch);
+  out.ratio = block_sum(ratio, scratch);
+  out.ratio_min = block_min(rmin, scratch);
+  out.ratio_max = block_max(rmax, scratch);
+  out.valid = valid;
+  out.pad = 0.0f;
+  if (threadIdx.x == 0) {
+    rec[row] = out;
+    if (any_bad) report(status, row, OP_POLICY_LOSS, PROBLEM_NON_FINITE);
+  }
+}
+
+__device__ __forceinline__ float policy_weight(const PolicyParams& P, double tokens, double valid_sequences,
+                                               double sequences, float valid) {
+  return token_weight_f(P.aggregation, static_cast<float>(P.max_len), static_cast<float>(tokens),
+                        static_cast<float>(valid_sequences), static_cast<float>(sequences), valid);
+}
+
+}  // namespace
+
+// One block of 256 threads per sequence: per-token loss, the gradients when the denominators
+// are known, and the row record.
+extern "C" __global__ void __launch_bounds__(256)
+policy_loss_rows(PolicyParams P, PolicyRow* __restrict__ records, unsigned long long* __restrict__ status) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= P.rows) return;
+  const float valid = row_valid_count(P.mask, row * P.ld, P.cols, scratch);
+  const float w = P.weights_known ? policy_weight(P, P.tokens, P.valid_sequences, P.sequences, valid) : 0.0f;
+  policy_row(P, row, valid, w, P.weights_known != 0, true, records, status, scratch);
+}
+
+// One block of 256 threads: the statistics from the row records, f64, fixed order (thread i
+// takes rows i, i + 256, …; then a fixed tree).
+extern "C" __global__ void __launch_bounds__(256)
+policy_loss_finalize(const PolicyRow* __restrict__ records, int rows, int aggregation, double max_len, int use_global,
+                     double global_tokens, double global_sequences_valid, double global_sequences, float entropy_coef,
+                     double* __restrict__ stats) {
+  __shared__ double sh[256];
+  __shared__ double counts[3];
+  double tokens = 0.0, seqs = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256) {
+    tokens += records[r].valid;
+    seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
+  }
+  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
+  if (threadIdx.x == 0) {
+    counts[0] = use_global ? global_tokens : local_tokens;
+    counts[1] = use_global ? global_sequences_valid : local_seqs;
+    counts[2] = use_global ? global_sequences : static_cast<double>(rows);
+  }
+  __syncthreads();
+  double pol = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256)
+    pol += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].loss;
+  const double policy = block_sum_f64(pol, sh);
+  double ent = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256)
+    ent += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) *
+           records[r].entropy;
+  const double entropy = block_sum_f64(ent, sh);
+  if (threadIdx.x == 0) {  // written now: fewer values live through the loops below
+    stats[PS_POLICY] = policy;
+    stats[PS_ENTROPY] = entropy;
+    stats[PS_LOSS] = policy - static_cast<double>(entropy_coef) * entropy;
+    stats[PS_COUNTS] = local_tokens;
+    stats[PS_COUNTS + 1] = local_seqs;
+    stats[PS_COUNTS + 2] = static_cast<double>(rows);
+  }
+  const double inv_n = local_tokens > 0.0 ? rcp_f64(local_tokens) : 0.0;
+  // The plain sums, one field at a time (few live registers), as means over valid tokens.
+  // Fields of PolicyRow by float index: entropy 1, low 2 … ratio 7 (slots PS_LOW … PS_RATIO_MEAN
+  // are fields 2 … 7, PS_ENTROPY_MEAN is field 1).
+  const float* fields = reinterpret_cast<const float*>(records);
+  constexpr int FLOATS = sizeof(PolicyRow) / sizeof(float);
+#pragma unroll 1
+  for (int slot = PS_LOW; slot <= PS_ENTROPY_MEAN; ++slot) {
+    if (slot == PS_RATIO_MIN || slot == PS_RATIO_MAX) continue;
+    const int field = slot == PS_ENTROPY_MEAN ? 1 : slot - 1;
+    double acc = 0.0;
+    for (long long r = threadIdx.x; r < rows; r += 256) acc += fields[r * FLOATS + field];
+    const double total = block_sum_f64(acc, sh);
+    if (threadIdx.x == 0) stats[slot] = total * inv_n;
+  }
+  // Ratio min and max: exact in f32 (the records are f32), fixed trees.
+  __shared__ float fl[256];
+  float lo = pos_inf(), hi = neg_inf();
+  for (long long r = threadIdx.x; r < rows; r += 256) {
+    lo = fminf(lo, records[r].ratio_min);
+    hi = fmaxf(hi, records[r].ratio_max);
+  }
+  fl[threadIdx.x] = lo;
+  __syncthreads();
+  for (int s = 128; s > 0; s >>= 1) {
+    if (threadIdx.x < s) fl[threadIdx.x] = fminf(fl[threadIdx.x], fl[threadIdx.x + s]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) stats[PS_RATIO_MIN] = fl[0];
+  __syncthreads();
+  fl[threadIdx.x] = hi;
+  __syncthreads();
+  for (int s = 128; s > 0; s >>= 1) {
+    if (threadIdx.x < s) fl[threadIdx.x] = fmaxf(fl[threadIdx.x], fl[threadIdx.x + s]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) stats[PS_RATIO_MAX] = fl[0];
+}
+
+// The gradients when the denominators are the batch's own: one block per sequence, the
+// counts from `stats` (policy_loss_finalize ran first on the same stream).
+extern "C" __global__ void __launch_bounds__(256)
+policy_loss_grad(PolicyParams P, const PolicyRow* __restrict__ records, const double* __restrict__ stats) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= P.rows) return;
+  const double* c = stats + PS_COUNTS;
+  const float valid = records[row].valid;
+  const float w = policy_weight(P, c[0], c[1], c[2], valid);
+  policy_row(P, row, valid, w, true, false, nullptr, nullptr, scratch);
+}
+
+// ---- value loss ---------------------------------------------------------------------------
+namespace {
+
+// The value kernels' parameters (src/cuda/ppo.rs `ValueParams`, same layout).
+struct ValueParams {
+  const float* values;
+  const float* old_values;
+  const float* returns;
+  const unsigned char* mask;  // may be null
+  float* loss;                // each output may be null
+  float* grad_values;
+  long long ld;
+  int rows, cols;
+  float clip;  // ε_v, or negative for no clip
+  float coef;
+  int aggregation;
+  double max_len;
+  int weights_known;
+  double tokens, valid_sequences, sequences;
+};
+
+// Loss sum, clipped count, valid count (and padding).
+struct ValueRow {
+  float loss, clipped, valid, pad;
+};
+
+enum ValueStat : int { VS_LOSS = 0, VS_CLIP, VS_COUNTS };
+
+struct ValueTerms {
+  float loss, grad;
+  bool clipped;
+};
+
+// src/cpu/ppo.rs `value_token`, in the same f32 operations.
+__device__ __forceinline__ ValueTerms value_token(float clip, float v, float old, float ret) {
+  const float d = __fsub_rn(v, ret);
+  if (clip < 0.0f) return {__fmul_rn(0.5f, __fmul_rn(d, d)), d, false};
+  const float v_clip = __fadd_rn(old, fminf(fmaxf(__fsub_rn(v, old), -clip), clip));
+  const float dc = __fsub_rn(v_clip, ret);
+  const float e1 = __fmul_rn(d, d), e2 = __fmul_rn(dc, dc);
+  const float g = e1 >= e2 ? d : (fabsf(__fsub_rn(v, old)) < clip ? dc : 0.0f);
+  return {__fmul_rn(0.5f, fmaxf(e1, e2)), g, e2 > e1};
+}
+
+__device__ __forceinline__ void value_row(const ValueParams& P, long long row, float valid, float w, bool w_known,
+                                          ValueRow* rec, unsigned long long* status, float* scratch) {
+  const long long base = row * P.ld;
+  float loss = 0.0f, clipped = 0.0f;
+  bool bad = false;
+  for (long long t = threadIdx.x; t < P.cols; t += blockDim.x) {
+    const long long i = base + t;
+    float l_out = 0.0f, g_out = 0.0f;
+    if (token_valid(P.mask, i)) {
+      const float v = P.values[i], old = P.old_values[i], ret = P.returns[i];
+      bad |= !(isfinite(v) && isfinite(old) && isfinite(ret));
+      const ValueTerms terms = value_token(P.clip, v, old, ret);
+      l_out = terms.loss;
+      g_out = __fmul_rn(w, terms.grad);
+      loss = __fadd_rn(loss, terms.loss);
+      clipped += terms.clipped ? 1.0f : 0.0f;
+    }
+    if (rec != nullptr && P.loss) P.loss[i] = l_out;
+    if (w_known && P.grad_values) P.grad_values[i] = g_out;
+  }
+  if (rec == nullptr) return;
+  const bool any_bad = __syncthreads_or(bad);
+  const float l = block_sum(loss, scratch), c = block_sum(clipped, scratch);
+  if (threadIdx.x == 0) {
+    rec[row] = ValueRow{l, c, valid, 0.0f};
+    if (any_bad) report(status, row, OP_VALUE_LOSS, PROBLEM_NON_FINITE);
+  }
+}
+
+__device__ __forceinline__ float value_weight(const ValueParams& P, double tokens, double valid_sequences,
+                                              double sequences, float valid) {
+  return __fmul_rn(P.coef, token_weight_f(P.aggregation, static_cast<float>(P.max_len), static_cast<float>(tokens),
+                                          static_cast<float>(valid_sequences), static_cast<float>(sequences), valid));
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(256)
+value_loss_rows(ValueParams P, ValueRow* __restrict__ records, unsigned long long* __restrict__ status) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= P.rows) return;
+  const float valid = row_valid_count(P.mask, row * P.ld, P.cols, scratch);
+  const float w = P.weights_known ? value_weight(P, P.tokens, P.valid_sequences, P.sequences, valid) : 0.0f;
+  value_row(P, row, valid, w, P.weights_known != 0, records, status, scratch);
+}
+
+// One block of 256 threads: [coef·loss, clip fraction, valid tokens, valid sequences,
+// sequences] in f64, fixed order.
+extern "C" __global__ void __launch_bounds__(256)
+value_loss_finalize(const ValueRow* __restrict__ records, int rows, int aggregation, double max_len, int use_global,
+                    double global_tokens, double global_sequences_valid, double global_sequences, float coef,
+                    double* __restrict__ stats) {
+  __shared__ double sh[256];
+  __shared__ double counts[3];
+  double tokens = 0.0, seqs = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256) {
+    tokens += records[r].valid;
+    seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
+  }
+  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
+  if (threadIdx.x == 0) {
+    counts[0] = use_global ? global_tokens : local_tokens;
+    counts[1] = use_global ? global_sequences_valid : local_seqs;
+    counts[2] = use_global ? global_sequences : static_cast<double>(rows);
+  }
+  __syncthreads();
+  double acc = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256)
+    acc += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].loss;
+  const double loss = block_sum_f64(acc, sh);
+  double clipped = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256) clipped += records[r].clipped;
+  const double clipped_total = block_sum_f64(clipped, sh);
+  if (threadIdx.x == 0) {
+    stats[VS_LOSS] = static_cast<double>(coef) * loss;
+    stats[VS_CLIP] = local_tokens > 0.0 ? clipped_total * rcp_f64(local_tokens) : 0.0;
+    stats[VS_COUNTS] = local_tokens;
+    stats[VS_COUNTS + 1] = local_seqs;
+    stats[VS_COUNTS + 2] = static_cast<double>(rows);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+value_loss_grad(ValueParams P, const ValueRow* __restrict__ records, const double* __restrict__ stats) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= P.rows) return;
+  const double* c = stats + VS_COUNTS;
+  const float valid = records[row].valid;
+  value_row(P, row, valid, value_weight(P, c[0], c[1], c[2], valid), true, nullptr, nullptr, scratch);
+}

@@ -19,6 +19,7 @@ mod context;
 mod kl;
 mod logprobs;
 mod module;
+mod ppo;
 mod status;
 
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
@@ -42,6 +43,11 @@ pub use logprobs::{
     token_logprobs_workspace_bytes, vocab_shard_partials,
 };
 pub use module::kernels_built;
+pub use ppo::{
+    DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats, DeviceValueLossInputs,
+    DeviceValueLossOutputs, DeviceValueStats, policy_loss, policy_loss_workspace_bytes, value_loss,
+    value_loss_workspace_bytes,
+};
 pub use status::CudaStatus;
 
 /// The raw layer: device pointers, an ordinal and a `CUstream` (see each function's

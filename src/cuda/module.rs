@@ -18,10 +18,12 @@ pub(crate) enum Module {
     Aggregation,
     Logprobs,
     Kl,
+    Ppo,
 }
 
 impl Module {
-    const ALL: [Module; 4] = [Module::Advantages, Module::Aggregation, Module::Logprobs, Module::Kl];
+    const ALL: [Module; 5] =
+        [Module::Advantages, Module::Aggregation, Module::Logprobs, Module::Kl, Module::Ppo];
 
     fn fatbin(self) -> Option<&'static [u8]> {
         match self {
@@ -29,6 +31,7 @@ impl Module {
             Module::Aggregation => AGGREGATION,
             Module::Logprobs => LOGPROBS,
             Module::Kl => KL,
+            Module::Ppo => PPO,
         }
     }
 }

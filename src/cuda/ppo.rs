@@ -1,0 +1,550 @@
+//! The PPO family on the GPU (kernels/ppo.cu): the policy loss and the value loss, each with
+//! its gradient and statistics. One kernel (one block per sequence) when the denominators are
+//! global and no statistics are asked for; statistics add a one-block reduction of the row
+//! records, and local denominators with a gradient a third pass (the weights need the batch's
+//! counts first). Nothing synchronises the host.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+
+use crate::cuda::aggregation::aggregation_code;
+use crate::cuda::module::{Module, function};
+use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
+use crate::{
+    BatchCounts, Error, Normaliser, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result, RowShape,
+    ValueLossOptions, ValueLossStats,
+};
+
+/// Bytes per sequence of the policy row records (`PolicyRow`: 12 f32).
+const POLICY_RECORD_BYTES: usize = 48;
+/// Bytes per sequence of the value row records (`ValueRow`: 4 f32).
+const VALUE_RECORD_BYTES: usize = 16;
+/// f64 words of the policy statistics (`PolicyStat` in the kernel).
+const POLICY_STATS_WORDS: usize = 15;
+/// f64 words of the value statistics (`ValueStat`).
+const VALUE_STATS_WORDS: usize = 5;
+
+/// The device inputs of [`policy_loss`], each laid out as `shape` (see
+/// [`PolicyLossInputs`](crate::PolicyLossInputs)).
+#[derive(Debug)]
+pub struct DevicePolicyLossInputs<'a> {
+    /// `[B, T]` of every array.
+    pub shape: RowShape,
+    /// `log π(y_t)`.
+    pub logp: CudaView<'a, f32>,
+    /// `log π_old(y_t)`.
+    pub old_logp: CudaView<'a, f32>,
+    /// Advantages.
+    pub advantages: CudaView<'a, f32>,
+    /// Response mask; `None`: all valid.
+    pub mask: Option<CudaView<'a, u8>>,
+    /// Per-token entropy.
+    pub entropy: Option<CudaView<'a, f32>>,
+}
+
+/// Device-side statistics of [`policy_loss`]; [`read`](Self::read) copies them to the host
+/// (synchronising the stream once).
+#[derive(Debug)]
+pub struct DevicePolicyStats {
+    buf: CudaSlice<f64>,
+}
+
+impl DevicePolicyStats {
+    /// Allocates the statistics on `stream`'s device.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        let buf =
+            stream.alloc_zeros(POLICY_STATS_WORDS).map_err(driver_error("allocating policy statistics"))?;
+        Ok(DevicePolicyStats { buf })
+    }
+
+    /// Synchronises `stream` and returns the statistics of the last call that wrote them.
+    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<PolicyLossStats> {
+        let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading policy statistics"))?;
+        Ok(PolicyLossStats {
+            loss: w[0],
+            policy_loss: w[1],
+            entropy_loss: w[2],
+            clip_fraction_low: w[3],
+            clip_fraction_high: w[4],
+            dual_clip_fraction: w[5],
+            approx_kl_k1: w[6],
+            approx_kl_k3: w[7],
+            ratio_mean: w[8],
+            ratio_min: w[9],
+            ratio_max: w[10],
+            entropy_mean: w[11],
+            counts: BatchCounts { valid_tokens: w[12], valid_sequences: w[13], sequences: w[14] },
+        })
+    }
+}
+
+/// Where [`policy_loss`] writes (each optional; see
+/// [`cpu::PolicyLossOutputs`](crate::cpu::PolicyLossOutputs)), the statistics, and workspace
+/// ([`policy_loss_workspace_bytes`], 16-byte aligned; allocated on the stream when needed and
+/// absent).
+#[derive(Debug, Default)]
+pub struct DevicePolicyLossOutputs<'a> {
+    /// Per-token `L`.
+    pub loss: Option<CudaViewMut<'a, f32>>,
+    /// `w·∂L/∂logp`.
+    pub grad_logp: Option<CudaViewMut<'a, f32>>,
+    /// `−c_H·w`.
+    pub grad_entropy: Option<CudaViewMut<'a, f32>>,
+    /// The statistics.
+    pub stats: Option<&'a mut DevicePolicyStats>,
+    /// Scratch for the row records.
+    pub workspace: Option<CudaViewMut<'a, u8>>,
+}
+
+/// Bytes of workspace [`policy_loss`] may use for `shape`: one record per sequence.
+pub fn policy_loss_workspace_bytes(shape: RowShape) -> usize {
+    shape.rows * POLICY_RECORD_BYTES
+}
+
+/// The kernels' `PolicyParams` (kernels/ppo.cu), field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PolicyParams {
+    logp: u64,
+    old_logp: u64,
+    advantages: u64,
+    mask: u64,
+    entropy: u64,
+    loss: u64,
+    grad_logp: u64,
+    grad_entropy: u64,
+    ld: i64,
+    rows: i32,
+    cols: i32,
+    objective: i32,
+    clip_low: f32,
+    clip_high: f32,
+    dual: f32,
+    lr_clamp: f32,
+    beta: f32,
+    entropy_coef: f32,
+    aggregation: i32,
+    max_len: f64,
+    weights_known: i32,
+    tokens: f64,
+    valid_sequences: f64,
+    sequences: f64,
+}
+
+// SAFETY: repr(C) with the layout of the kernels' `struct PolicyParams`: eight 8-byte
+// pointers, a 64-bit stride, three ints, six floats, an int, a double, an int (padded to 8)
+// and three doubles, in that order on both sides.
+unsafe impl DeviceRepr for PolicyParams {}
+
+/// The global counts, if the normaliser gives them.
+fn global_counts(n: Normaliser) -> Option<[f64; 3]> {
+    match n {
+        Normaliser::Local => None,
+        Normaliser::Global { valid_tokens, valid_sequences, sequences } => {
+            Some([valid_tokens, valid_sequences, sequences])
+        }
+    }
+}
+
+/// A workspace pointer: the lent one (checked), or a fresh allocation kept in `owned`.
+fn workspace_ptr<'a>(
+    stream: &'a Arc<CudaStream>,
+    lent: &'a mut Option<CudaViewMut<'_, u8>>,
+    owned: &'a mut Option<CudaSlice<u8>>,
+    need: usize,
+    what: &'static str,
+) -> Result<(u64, Option<cudarc::driver::SyncOnDrop<'a>>)> {
+    let s: &CudaStream = stream;
+    let (p, g) = match lent {
+        Some(w) if w.len() < need => {
+            return Err(Error::ShapeMismatch { what, min: need, max: usize::MAX, actual: w.len() });
+        }
+        Some(w) => w.device_ptr_mut(s),
+        None => {
+            // SAFETY: the rows kernel writes every record before the kernels after it read them.
+            let slice = unsafe { stream.alloc::<u8>(need.max(16)) }
+                .map_err(driver_error("allocating a workspace"))?;
+            owned.insert(slice).device_ptr_mut(s)
+        }
+    };
+    if p % 16 != 0 {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("address {p:#x}"),
+            expected: "a 16-byte aligned device address",
+        });
+    }
+    Ok((p, Some(g)))
+}
+
+/// The policy loss on the GPU, the twin of [`cpu::policy_loss`](crate::cpu::policy_loss)
+/// (same objectives, aggregation, gradients and statistics; f32 row sums combined in f64 in a
+/// fixed order). A sequence with a non-finite input at a valid token is reported to `status`.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats};
+/// use rlhf_kernels::{PolicyLossOptions, RowShape};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let (logp, old, adv) = (s.clone_htod(&[-1.0f32, -0.5]).unwrap(), s.clone_htod(&[-1.0f32, -1.0]).unwrap(), s.clone_htod(&[1.0f32, 1.0]).unwrap());
+/// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
+/// let (mut stats, mut status) = (DevicePolicyStats::new(s)?, CudaStatus::new(s)?);
+/// let inputs = DevicePolicyLossInputs { shape: RowShape::new(1, 2), logp: logp.as_view(), old_logp: old.as_view(),
+///     advantages: adv.as_view(), mask: None, entropy: None };
+/// let out = DevicePolicyLossOutputs { grad_logp: Some(grad.as_view_mut()), stats: Some(&mut stats), ..Default::default() };
+/// cuda::policy_loss(s, &inputs, out, &mut status, &PolicyLossOptions::default())?;
+/// status.check(s)?;
+/// assert_eq!(stats.read(s)?.clip_fraction_high, 0.5);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn policy_loss(
+    stream: &Arc<CudaStream>,
+    inputs: &DevicePolicyLossInputs<'_>,
+    mut out: DevicePolicyLossOutputs<'_>,
+    status: &mut CudaStatus,
+    opts: &PolicyLossOptions,
+) -> Result<()> {
+    let shape = inputs.shape;
+    shape.check_buffer("logp", inputs.logp.len())?;
+    shape.check_buffer("old_logp", inputs.old_logp.len())?;
+    shape.check_buffer("advantages", inputs.advantages.len())?;
+    for (what, len) in [
+        ("mask", inputs.mask.as_ref().map(|m| m.len())),
+        ("entropy", inputs.entropy.as_ref().map(|m| m.len())),
+        ("loss", out.loss.as_ref().map(|m| m.len())),
+        ("grad_logp", out.grad_logp.as_ref().map(|m| m.len())),
+        ("grad_entropy", out.grad_entropy.as_ref().map(|m| m.len())),
+    ] {
+        if let Some(len) = len {
+            shape.check_buffer(what, len)?;
+        }
+    }
+    opts.validate()?;
+    let global = global_counts(opts.normaliser);
+    let want_grad = out.grad_logp.is_some() || out.grad_entropy.is_some();
+    let need_records = out.stats.is_some() || (want_grad && global.is_none());
+    let s: &CudaStream = stream;
+    let (logp, _g1) = inputs.logp.device_ptr(s);
+    let (old, _g2) = inputs.old_logp.device_ptr(s);
+    let (adv, _g3) = inputs.advantages.device_ptr(s);
+    let (mask, _g4) = opt_ptr(&inputs.mask, s);
+    let (entropy, _g5) = opt_ptr(&inputs.entropy, s);
+    let (loss, _g6) = opt_ptr_mut(&mut out.loss, s);
+    let (grad_logp, _g7) = opt_ptr_mut(&mut out.grad_logp, s);
+    let (grad_entropy, _g8) = opt_ptr_mut(&mut out.grad_entropy, s);
+    let mut owned_records = None;
+    let (records, _g9) = if need_records {
+        workspace_ptr(
+            stream,
+            &mut out.workspace,
+            &mut owned_records,
+            policy_loss_workspace_bytes(shape),
+            "workspace",
+        )?
+    } else {
+        (0, None)
+    };
+    let mut owned_stats = None;
+    let stats_buf = match out.stats.take() {
+        Some(st) => Some(st),
+        None if need_records => Some(owned_stats.insert(DevicePolicyStats::new(stream)?)),
+        None => None,
+    };
+    let (stats, _g10) = match stats_buf {
+        Some(st) => {
+            let (p, g) = st.buf.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (st, _g11) = status.device_ptr(s);
+    let (aggregation, max_len) = aggregation_code(opts.aggregation);
+    let objective = match opts.objective {
+        PolicyObjective::Clip => 0,
+        PolicyObjective::KlPenalty { .. } => 1,
+        PolicyObjective::Gspo => 2,
+        PolicyObjective::Cispo => 3,
+    };
+    let counts = global.unwrap_or([0.0; 3]);
+    let params = PolicyParams {
+        logp,
+        old_logp: old,
+        advantages: adv,
+        mask,
+        entropy,
+        loss,
+        grad_logp,
+        grad_entropy,
+        ld: shape.row_stride as i64,
+        rows: shape.rows as i32,
+        cols: shape.cols as i32,
+        objective,
+        clip_low: opts.clip_low,
+        clip_high: opts.clip_high,
+        dual: opts.dual_bound(),
+        lr_clamp: opts.log_ratio_clamp,
+        beta: if let PolicyObjective::KlPenalty { beta } = opts.objective { beta } else { 0.0 },
+        entropy_coef: opts.entropy_coef,
+        aggregation,
+        max_len,
+        weights_known: i32::from(global.is_some()),
+        tokens: counts[0],
+        valid_sequences: counts[1],
+        sequences: counts[2],
+    };
+    let per_row =
+        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let ctx = stream.context();
+    let f = function(ctx, Module::Ppo, "policy_loss_rows")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&params).arg(&records).arg(&st);
+    // SAFETY: matches `policy_loss_rows(PolicyParams, PolicyRow*, unsigned long long*)`; one
+    // block of 256 threads per sequence (rows ≤ i32::MAX by the shape check); every pointer
+    // in `params` is null or covers the checked shape; the records (when not null) hold one
+    // 48-byte record per row at a 16-byte aligned address.
+    unsafe { l.launch(per_row) }.map_err(driver_error("launching policy_loss_rows"))?;
+    if !need_records {
+        return Ok(());
+    }
+    let use_global = params.weights_known;
+    let f = function(ctx, Module::Ppo, "policy_loss_finalize")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&records).arg(&params.rows).arg(&aggregation).arg(&max_len).arg(&use_global);
+    l.arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&opts.entropy_coef).arg(&stats);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `policy_loss_finalize(const PolicyRow*, int, int, double, int, double,
+    // double, double, float, double*)`; exactly one block of 256 threads (its trees assume
+    // it); reads the records written above on this stream, writes the 15 f64 statistics.
+    unsafe { l.launch(one) }.map_err(driver_error("launching policy_loss_finalize"))?;
+    if want_grad && global.is_none() {
+        let f = function(ctx, Module::Ppo, "policy_loss_grad")?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&params).arg(&records).arg(&stats);
+        // SAFETY: matches `policy_loss_grad(PolicyParams, const PolicyRow*, const double*)`; one
+        // block per sequence; the records and the counts in the statistics were written by
+        // the two launches above on this stream.
+        unsafe { l.launch(per_row) }.map_err(driver_error("launching policy_loss_grad"))?;
+    }
+    Ok(())
+}
+
+/// The device inputs of [`value_loss`], each laid out as `shape`.
+#[derive(Debug)]
+pub struct DeviceValueLossInputs<'a> {
+    /// `[B, T]` of every array.
+    pub shape: RowShape,
+    /// Current values `v`.
+    pub values: CudaView<'a, f32>,
+    /// Rollout-time values.
+    pub old_values: CudaView<'a, f32>,
+    /// Value targets.
+    pub returns: CudaView<'a, f32>,
+    /// Response mask; `None`: all valid.
+    pub mask: Option<CudaView<'a, u8>>,
+}
+
+/// Device-side statistics of [`value_loss`].
+#[derive(Debug)]
+pub struct DeviceValueStats {
+    buf: CudaSlice<f64>,
+}
+
+impl DeviceValueStats {
+    /// Allocates the statistics on `stream`'s device.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        let buf =
+            stream.alloc_zeros(VALUE_STATS_WORDS).map_err(driver_error("allocating value statistics"))?;
+        Ok(DeviceValueStats { buf })
+    }
+
+    /// Synchronises `stream` and returns the statistics of the last call that wrote them.
+    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<ValueLossStats> {
+        let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading value statistics"))?;
+        Ok(ValueLossStats {
+            loss: w[0],
+            clip_fraction: w[1],
+            counts: BatchCounts { valid_tokens: w[2], valid_sequences: w[3], sequences: w[4] },
+        })
+    }
+}
+
+/// Where [`value_loss`] writes (each optional), the statistics and workspace
+/// ([`value_loss_workspace_bytes`]).
+#[derive(Debug, Default)]
+pub struct DeviceValueLossOutputs<'a> {
+    /// Per-token `L_v`.
+    pub loss: Option<CudaViewMut<'a, f32>>,
+    /// `coef·w·∂L_v/∂v`.
+    pub grad_values: Option<CudaViewMut<'a, f32>>,
+    /// The statistics.
+    pub stats: Option<&'a mut DeviceValueStats>,
+    /// Scratch for the row records.
+    pub workspace: Option<CudaViewMut<'a, u8>>,
+}
+
+/// Bytes of workspace [`value_loss`] may use for `shape`.
+pub fn value_loss_workspace_bytes(shape: RowShape) -> usize {
+    shape.rows * VALUE_RECORD_BYTES
+}
+
+/// The kernels' `ValueParams`, field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ValueParams {
+    values: u64,
+    old_values: u64,
+    returns: u64,
+    mask: u64,
+    loss: u64,
+    grad_values: u64,
+    ld: i64,
+    rows: i32,
+    cols: i32,
+    clip: f32,
+    coef: f32,
+    aggregation: i32,
+    max_len: f64,
+    weights_known: i32,
+    tokens: f64,
+    valid_sequences: f64,
+    sequences: f64,
+}
+
+// SAFETY: repr(C) with the layout of the kernels' `struct ValueParams`: six 8-byte pointers,
+// a 64-bit stride, two ints, two floats, an int (padded to 8), a double, an int (padded to 8)
+// and three doubles.
+unsafe impl DeviceRepr for ValueParams {}
+
+/// The clipped value loss on the GPU, the twin of [`cpu::value_loss`](crate::cpu::value_loss).
+/// A sequence with a non-finite input at a valid token is reported to `status`.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceValueLossInputs, DeviceValueLossOutputs};
+/// use rlhf_kernels::{RowShape, ValueLossOptions};
+/// let device = CudaDevice::new(0)?;
+/// let s = device.stream();
+/// let (v, old, ret) = (s.clone_htod(&[1.0f32]).unwrap(), s.clone_htod(&[0.0f32]).unwrap(), s.clone_htod(&[2.0f32]).unwrap());
+/// let mut grad = s.alloc_zeros::<f32>(1).unwrap();
+/// let mut status = CudaStatus::new(s)?;
+/// let inputs = DeviceValueLossInputs { shape: RowShape::new(1, 1), values: v.as_view(), old_values: old.as_view(),
+///     returns: ret.as_view(), mask: None };
+/// let out = DeviceValueLossOutputs { grad_values: Some(grad.as_view_mut()), ..Default::default() };
+/// cuda::value_loss(s, &inputs, out, &mut status, &ValueLossOptions::default())?;
+/// status.check(s)?;
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn value_loss(
+    stream: &Arc<CudaStream>,
+    inputs: &DeviceValueLossInputs<'_>,
+    mut out: DeviceValueLossOutputs<'_>,
+    status: &mut CudaStatus,
+    opts: &ValueLossOptions,
+) -> Result<()> {
+    let shape = inputs.shape;
+    shape.check_buffer("values", inputs.values.len())?;
+    shape.check_buffer("old_values", inputs.old_values.len())?;
+    shape.check_buffer("returns", inputs.returns.len())?;
+    for (what, len) in [
+        ("mask", inputs.mask.as_ref().map(|m| m.len())),
+        ("loss", out.loss.as_ref().map(|m| m.len())),
+        ("grad_values", out.grad_values.as_ref().map(|m| m.len())),
+    ] {
+        if let Some(len) = len {
+            shape.check_buffer(what, len)?;
+        }
+    }
+    opts.validate()?;
+    let global = global_counts(opts.normaliser);
+    let want_grad = out.grad_values.is_some();
+    let need_records = out.stats.is_some() || (want_grad && global.is_none());
+    let s: &CudaStream = stream;
+    let (values, _g1) = inputs.values.device_ptr(s);
+    let (old, _g2) = inputs.old_values.device_ptr(s);
+    let (ret, _g3) = inputs.returns.device_ptr(s);
+    let (mask, _g4) = opt_ptr(&inputs.mask, s);
+    let (loss, _g5) = opt_ptr_mut(&mut out.loss, s);
+    let (grad, _g6) = opt_ptr_mut(&mut out.grad_values, s);
+    let mut owned_records = None;
+    let (records, _g7) = if need_records {
+        workspace_ptr(
+            stream,
+            &mut out.workspace,
+            &mut owned_records,
+            value_loss_workspace_bytes(shape),
+            "workspace",
+        )?
+    } else {
+        (0, None)
+    };
+    let mut owned_stats = None;
+    let stats_buf = match out.stats.take() {
+        Some(st) => Some(st),
+        None if need_records => Some(owned_stats.insert(DeviceValueStats::new(stream)?)),
+        None => None,
+    };
+    let (stats, _g8) = match stats_buf {
+        Some(st) => {
+            let (p, g) = st.buf.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (st, _g9) = status.device_ptr(s);
+    let (aggregation, max_len) = aggregation_code(opts.aggregation);
+    let counts = global.unwrap_or([0.0; 3]);
+    let params = ValueParams {
+        values,
+        old_values: old,
+        returns: ret,
+        mask,
+        loss,
+        grad_values: grad,
+        ld: shape.row_stride as i64,
+        rows: shape.rows as i32,
+        cols: shape.cols as i32,
+        clip: opts.clip.unwrap_or(-1.0),
+        coef: opts.coef,
+        aggregation,
+        max_len,
+        weights_known: i32::from(global.is_some()),
+        tokens: counts[0],
+        valid_sequences: counts[1],
+        sequences: counts[2],
+    };
+    let per_row =
+        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let ctx = stream.context();
+    let f = function(ctx, Module::Ppo, "value_loss_rows")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&params).arg(&records).arg(&st);
+    // SAFETY: matches `value_loss_rows(ValueParams, ValueRow*, unsigned long long*)`; one
+    // block of 256 threads per sequence; every pointer in `params` is null or covers the
+    // checked shape; the records (when not null) hold one 16-byte record per row.
+    unsafe { l.launch(per_row) }.map_err(driver_error("launching value_loss_rows"))?;
+    if !need_records {
+        return Ok(());
+    }
+    let use_global = params.weights_known;
+    let f = function(ctx, Module::Ppo, "value_loss_finalize")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&records).arg(&params.rows).arg(&aggregation).arg(&max_len).arg(&use_global);
+    l.arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&opts.coef).arg(&stats);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `value_loss_finalize(const ValueRow*, int, int, double, int, double,
+    // double, double, float, double*)`; exactly one block of 256 threads; reads the records
+    // written above on this stream, writes the five f64 statistics.
+    unsafe { l.launch(one) }.map_err(driver_error("launching value_loss_finalize"))?;
+    if want_grad && global.is_none() {
+        let f = function(ctx, Module::Ppo, "value_loss_grad")?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&params).arg(&records).arg(&stats);
+        // SAFETY: matches `value_loss_grad(ValueParams, const ValueRow*, const double*)`; one
+        // block per sequence; records and counts written by the launches above on this stream.
+        unsafe { l.launch(per_row) }.map_err(driver_error("launching value_loss_grad"))?;
+    }
+    Ok(())
+}

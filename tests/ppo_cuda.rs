@@ -1,0 +1,171 @@
+//! The CUDA PPO family held to the f64 reference with the same cases as the CPU (every
+//! objective × aggregation × normaliser, branches against finite differences, micro-batches,
+//! value loss, errors through the status word). Skips visibly without a GPU;
+//! `RLHF_KERNELS_REQUIRE_GPU=1` makes that a failure.
+
+mod common;
+
+use rlhf_kernels::cuda_or_skip;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::sync::Arc;
+
+    use super::common::ppo::{self, PolicyCase, PolicyOut, PpoBackend, ValueCase};
+    use rlhf_kernels::cuda::{
+        self, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats,
+        DeviceValueLossInputs, DeviceValueLossOutputs, DeviceValueStats,
+    };
+    use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+    use rlhf_kernels::{PolicyLossOptions, Result, RowShape, ValueLossOptions, ValueLossStats};
+
+    pub struct Gpu(pub Arc<CudaStream>);
+
+    impl Gpu {
+        /// Uploads `v` (at least one element, so empty inputs reach the op's own checks).
+        fn up<T: DeviceRepr + ValidAsZeroBits + Copy>(&self, v: &[T]) -> (CudaSlice<T>, usize) {
+            let s = &self.0;
+            let buf = if v.is_empty() { s.alloc_zeros::<T>(1).unwrap() } else { s.clone_htod(v).unwrap() };
+            (buf, v.len())
+        }
+
+        fn dense(&self, b: &CudaSlice<f32>, shape: RowShape) -> Vec<f32> {
+            let v = self.0.clone_dtoh(b).unwrap();
+            (0..shape.rows).flat_map(|r| v[shape.row_range(r)].iter().copied()).collect()
+        }
+    }
+
+    impl PpoBackend for Gpu {
+        fn policy(&self, c: &PolicyCase, opts: &PolicyLossOptions) -> Result<PolicyOut> {
+            let s = &self.0;
+            let (lp, n) = self.up(&c.logp);
+            let (old, n_old) = self.up(&c.old_logp);
+            let (adv, n_adv) = self.up(&c.advantages);
+            let mask = c.mask.as_ref().map(|m| self.up(m));
+            let entropy = c.entropy.as_ref().map(|h| self.up(h));
+            let len = c.shape.min_len();
+            let nan = vec![f32::NAN; len.max(1)];
+            let (mut l, mut g, mut h) = (self.up(&nan).0, self.up(&nan).0, self.up(&nan).0);
+            let (mut stats, mut status) = (DevicePolicyStats::new(s)?, CudaStatus::new(s)?);
+            let inputs = DevicePolicyLossInputs {
+                shape: c.shape,
+                logp: lp.slice(0..n),
+                old_logp: old.slice(0..n_old),
+                advantages: adv.slice(0..n_adv),
+                mask: mask.as_ref().map(|(m, n)| m.slice(0..*n)),
+                entropy: entropy.as_ref().map(|(e, n)| e.slice(0..*n)),
+            };
+            let out = DevicePolicyLossOutputs {
+                loss: Some(l.slice_mut(0..len)),
+                grad_logp: Some(g.slice_mut(0..len)),
+                grad_entropy: Some(h.slice_mut(0..len)),
+                stats: Some(&mut stats),
+                workspace: None,
+            };
+            cuda::policy_loss(s, &inputs, out, &mut status, opts)?;
+            status.check(s)?;
+            Ok(PolicyOut {
+                loss: self.dense(&l, c.shape),
+                grad_logp: self.dense(&g, c.shape),
+                grad_entropy: self.dense(&h, c.shape),
+                stats: stats.read(s)?,
+            })
+        }
+
+        fn value(
+            &self,
+            c: &ValueCase,
+            opts: &ValueLossOptions,
+        ) -> Result<(Vec<f32>, Vec<f32>, ValueLossStats)> {
+            let s = &self.0;
+            let (v, n) = self.up(&c.values);
+            let (old, n_old) = self.up(&c.old_values);
+            let (ret, n_ret) = self.up(&c.returns);
+            let mask = c.mask.as_ref().map(|m| self.up(m));
+            let len = c.shape.min_len();
+            let nan = vec![f32::NAN; len.max(1)];
+            let (mut l, mut g) = (self.up(&nan).0, self.up(&nan).0);
+            let (mut stats, mut status) = (DeviceValueStats::new(s)?, CudaStatus::new(s)?);
+            let inputs = DeviceValueLossInputs {
+                shape: c.shape,
+                values: v.slice(0..n),
+                old_values: old.slice(0..n_old),
+                returns: ret.slice(0..n_ret),
+                mask: mask.as_ref().map(|(m, n)| m.slice(0..*n)),
+            };
+            let out = DeviceValueLossOutputs {
+                loss: Some(l.slice_mut(0..len)),
+                grad_values: Some(g.slice_mut(0..len)),
+                stats: Some(&mut stats),
+                workspace: None,
+            };
+            cuda::value_loss(s, &inputs, out, &mut status, opts)?;
+            status.check(s)?;
+            Ok((self.dense(&l, c.shape), self.dense(&g, c.shape), stats.read(s)?))
+        }
+    }
+
+    pub fn policy(gpu: &Gpu) {
+        ppo::policy_sweep(gpu);
+        ppo::policy_branches(gpu);
+        ppo::micro_batches(gpu);
+    }
+
+    pub fn policy_errors(gpu: &Gpu) {
+        ppo::policy_errors(gpu);
+    }
+
+    pub fn value(gpu: &Gpu) {
+        ppo::value_cases(gpu);
+    }
+
+    /// Gradients only, global denominators: the single-kernel path equals the three-kernel one.
+    pub fn single_kernel_path(gpu: &Gpu) {
+        let s = &gpu.0;
+        let c = PolicyCase::random(RowShape::new(12, 257), 21);
+        let counts = rlhf_kernels::BatchCounts::of(c.shape, c.mask.as_deref());
+        let global = rlhf_kernels::Normaliser::Global {
+            valid_tokens: counts.valid_tokens,
+            valid_sequences: counts.valid_sequences,
+            sequences: counts.sequences,
+        };
+        let opts = PolicyLossOptions::default().entropy_coef(0.01);
+        let local = gpu.policy(&c, &opts).unwrap();
+        let (lp, old, adv) = (gpu.up(&c.logp).0, gpu.up(&c.old_logp).0, gpu.up(&c.advantages).0);
+        let (mask, entropy) = (gpu.up(c.mask.as_ref().unwrap()).0, gpu.up(c.entropy.as_ref().unwrap()).0);
+        let mut g = s.alloc_zeros::<f32>(c.shape.len()).unwrap();
+        let mut status = CudaStatus::new(s).unwrap();
+        let inputs = DevicePolicyLossInputs {
+            shape: c.shape,
+            logp: lp.as_view(),
+            old_logp: old.as_view(),
+            advantages: adv.as_view(),
+            mask: Some(mask.as_view()),
+            entropy: Some(entropy.as_view()),
+        };
+        let out = DevicePolicyLossOutputs { grad_logp: Some(g.as_view_mut()), ..Default::default() };
+        cuda::policy_loss(s, &inputs, out, &mut status, &opts.normaliser(global)).unwrap();
+        status.check(s).unwrap();
+        let got = s.clone_dtoh(&g).unwrap();
+        let same = got.iter().zip(&local.grad_logp).all(|(a, b)| (a - b).abs() <= 1e-7 * b.abs().max(1e-3));
+        assert!(same, "global-count gradients differ from the local path's");
+    }
+}
+
+macro_rules! gpu_test {
+    ($name:ident) => {
+        #[test]
+        fn $name() {
+            let device = cuda_or_skip!();
+            #[cfg(feature = "cuda")]
+            gpu::$name(&gpu::Gpu(device.stream().clone()));
+            #[cfg(not(feature = "cuda"))]
+            let _ = device;
+        }
+    };
+}
+
+gpu_test!(policy);
+gpu_test!(policy_errors);
+gpu_test!(value);
+gpu_test!(single_kernel_path);

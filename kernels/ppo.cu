@@ -31,6 +31,7 @@ struct PolicyParams {
   int aggregation;
   double max_len;
   int weights_known;  // the three counts below are the denominators (global normaliser)
+  int accumulate;     // add the gradients to the buffers at valid tokens
   double tokens, valid_sequences, sequences;
 };
 
@@ -148,8 +149,14 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
       rmax = fmaxf(rmax, r);
     }
     if (write_values && P.loss) P.loss[i] = l_out;
-    if (w_known && P.grad_logp) P.grad_logp[i] = g_out;
-    if (w_known && P.grad_entropy) P.grad_entropy[i] = h_out;
+    if (w_known && P.grad_logp) {
+      if (!P.accumulate) P.grad_logp[i] = g_out;
+      else if (token_valid(P.mask, i)) P.grad_logp[i] = __fadd_rn(P.grad_logp[i], g_out);
+    }
+    if (w_known && P.grad_entropy) {
+      if (!P.accumulate) P.grad_entropy[i] = h_out;
+      else if (token_valid(P.mask, i)) P.grad_entropy[i] = __fadd_rn(P.grad_entropy[i], h_out);
+    }
   }
   if (rec == nullptr) return;
   const bool any_bad = __syncthreads_or(bad);

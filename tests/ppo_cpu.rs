@@ -28,6 +28,18 @@ impl PpoBackend for Cpu {
         })
     }
 
+    fn policy_onto(
+        &self,
+        c: &PolicyCase,
+        opts: &PolicyLossOptions,
+        start: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut g, mut h) = (start.to_vec(), start.to_vec());
+        let out = cpu::PolicyLossOutputs::default().grad_logp(&mut g).grad_entropy(&mut h).accumulate(true);
+        cpu::policy_loss(&c.inputs(), out, opts)?;
+        Ok((dense(&g, c.shape), dense(&h, c.shape)))
+    }
+
     fn value(&self, c: &ValueCase, opts: &ValueLossOptions) -> Result<(Vec<f32>, Vec<f32>, ValueLossStats)> {
         let n = c.shape.min_len();
         let (mut l, mut g) = (vec![f32::NAN; n], vec![f32::NAN; n]);
@@ -58,6 +70,11 @@ fn micro_batches_add_up_under_the_global_normaliser() {
 #[test]
 fn policy_loss_errors() {
     ppo::policy_errors(&Cpu);
+}
+
+#[test]
+fn gradients_accumulate_onto_the_buffers() {
+    ppo::accumulate(&Cpu);
 }
 
 #[test]

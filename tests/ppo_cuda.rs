@@ -61,6 +61,7 @@ mod gpu {
                 grad_entropy: Some(h.slice_mut(0..len)),
                 stats: Some(&mut stats),
                 workspace: None,
+                accumulate: false,
             };
             cuda::policy_loss(s, &inputs, out, &mut status, opts)?;
             status.check(s)?;
@@ -70,6 +71,37 @@ mod gpu {
                 grad_entropy: self.dense(&h, c.shape),
                 stats: stats.read(s)?,
             })
+        }
+
+        fn policy_onto(
+            &self,
+            c: &PolicyCase,
+            opts: &PolicyLossOptions,
+            start: &[f32],
+        ) -> Result<(Vec<f32>, Vec<f32>)> {
+            let s = &self.0;
+            let (lp, old, adv) = (self.up(&c.logp).0, self.up(&c.old_logp).0, self.up(&c.advantages).0);
+            let mask = c.mask.as_ref().map(|m| self.up(m).0);
+            let entropy = c.entropy.as_ref().map(|h| self.up(h).0);
+            let (mut g, mut h) = (self.up(start).0, self.up(start).0);
+            let mut status = CudaStatus::new(s)?;
+            let inputs = DevicePolicyLossInputs {
+                shape: c.shape,
+                logp: lp.as_view(),
+                old_logp: old.as_view(),
+                advantages: adv.as_view(),
+                mask: mask.as_ref().map(|m| m.as_view()),
+                entropy: entropy.as_ref().map(|e| e.as_view()),
+            };
+            let out = DevicePolicyLossOutputs {
+                grad_logp: Some(g.as_view_mut()),
+                grad_entropy: Some(h.as_view_mut()),
+                accumulate: true,
+                ..Default::default()
+            };
+            cuda::policy_loss(s, &inputs, out, &mut status, opts)?;
+            status.check(s)?;
+            Ok((self.dense(&g, c.shape), self.dense(&h, c.shape)))
         }
 
         fn value(
@@ -113,6 +145,7 @@ mod gpu {
 
     pub fn policy_errors(gpu: &Gpu) {
         ppo::policy_errors(gpu);
+        ppo::accumulate(gpu);
     }
 
     pub fn value(gpu: &Gpu) {

@@ -24,9 +24,17 @@ pub struct PolicyLossOutputs<'a> {
     pub grad_logp: Option<&'a mut [f32]>,
     /// `−c_H·w`.
     pub grad_entropy: Option<&'a mut [f32]>,
+    /// Add the gradients to what the buffers hold (at valid tokens; masked ones keep their
+    /// value) instead of overwriting them: several loss terms (e.g. a KL term from
+    /// `sampled_kl`) into one upstream gradient.
+    pub accumulate: bool,
 }
 
 impl<'a> PolicyLossOutputs<'a> {
+    /// Adds the gradients to the buffers' contents instead of overwriting them.
+    pub fn accumulate(self, accumulate: bool) -> Self {
+        PolicyLossOutputs { accumulate, ..self }
+    }
     /// Requests the per-token loss.
     pub fn loss(self, l: &'a mut [f32]) -> Self {
         PolicyLossOutputs { loss: Some(l), ..self }
@@ -125,6 +133,7 @@ pub fn policy_loss(
     let counts = opts.normaliser.counts(local);
     let clamp = opts.log_ratio_clamp;
     let gspo = opts.objective == PolicyObjective::Gspo;
+    let accumulate = out.accumulate;
     let rows: Vec<(f64, RowSums)> = rows_mut(out.loss, shape)
         .zip(rows_mut(out.grad_logp, shape))
         .zip(rows_mut(out.grad_entropy, shape))
@@ -174,11 +183,13 @@ pub fn policy_loss(
                 if let Some(o) = loss.as_deref_mut() {
                     o[j] = l_out;
                 }
-                if let Some(o) = grad.as_deref_mut() {
-                    o[j] = g_out;
-                }
-                if let Some(o) = grad_h.as_deref_mut() {
-                    o[j] = h_out;
+                let valid_t = valid(t);
+                for (o, v) in [(grad.as_deref_mut(), g_out), (grad_h.as_deref_mut(), h_out)] {
+                    match o {
+                        Some(o) if accumulate && valid_t => o[j] += v,
+                        Some(o) if !accumulate => o[j] = v,
+                        _ => {}
+                    }
                 }
             }
             (w, s)

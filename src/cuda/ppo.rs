@@ -98,6 +98,9 @@ pub struct DevicePolicyLossOutputs<'a> {
     pub stats: Option<&'a mut DevicePolicyStats>,
     /// Scratch for the row records.
     pub workspace: Option<CudaViewMut<'a, u8>>,
+    /// Add the gradients to the buffers' contents at valid tokens instead of overwriting them
+    /// (see [`cpu::PolicyLossOutputs::accumulate`](crate::cpu::PolicyLossOutputs)).
+    pub accumulate: bool,
 }
 
 /// Bytes of workspace [`policy_loss`] may use for `shape`: one record per sequence.
@@ -130,14 +133,15 @@ struct PolicyParams {
     aggregation: i32,
     max_len: f64,
     weights_known: i32,
+    accumulate: i32,
     tokens: f64,
     valid_sequences: f64,
     sequences: f64,
 }
 
 // SAFETY: repr(C) with the layout of the kernels' `struct PolicyParams`: eight 8-byte
-// pointers, a 64-bit stride, three ints, six floats, an int, a double, an int (padded to 8)
-// and three doubles, in that order on both sides.
+// pointers, a 64-bit stride, three ints, six floats, an int, a double, two ints and three
+// doubles, in that order on both sides (152 bytes).
 unsafe impl DeviceRepr for PolicyParams {}
 
 /// The global counts, if the normaliser gives them.
@@ -292,6 +296,7 @@ pub fn policy_loss(
         aggregation,
         max_len,
         weights_known: i32::from(global.is_some()),
+        accumulate: i32::from(out.accumulate),
         tokens: counts[0],
         valid_sequences: counts[1],
         sequences: counts[2],

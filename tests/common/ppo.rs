@@ -103,6 +103,14 @@ pub struct PolicyOut {
 
 pub trait PpoBackend {
     fn policy(&self, c: &PolicyCase, opts: &PolicyLossOptions) -> Result<PolicyOut>;
+    /// `grad_logp` and `grad_entropy` accumulated onto buffers that hold `start` (the inputs'
+    /// layout), dense.
+    fn policy_onto(
+        &self,
+        c: &PolicyCase,
+        opts: &PolicyLossOptions,
+        start: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)>;
     /// Per-token loss, gradient and statistics.
     fn value(&self, c: &ValueCase, opts: &ValueLossOptions) -> Result<(Vec<f32>, Vec<f32>, ValueLossStats)>;
 }
@@ -411,4 +419,33 @@ pub fn value_cases(b: &impl PpoBackend) {
     let short = ValueCase { old_values: vec![0.0; 3], ..c.clone() };
     assert!(matches!(b.value(&short, &opts), Err(Error::ShapeMismatch { what: "old_values", .. })));
     assert!(matches!(b.value(&c, &opts.clip(Some(-1.0))), Err(Error::InvalidOption { .. })));
+}
+
+/// Accumulating adds the gradients at valid tokens and leaves masked tokens alone.
+pub fn accumulate(b: &impl PpoBackend) {
+    let c = PolicyCase::random(RowShape::new(6, 40).with_row_stride(43), 31);
+    for opts in [
+        PolicyLossOptions::default().entropy_coef(0.02),
+        PolicyLossOptions::default().normaliser(Normaliser::Global {
+            valid_tokens: 100.0,
+            valid_sequences: 5.0,
+            sequences: 6.0,
+        }),
+    ] {
+        let start: Vec<f32> = (0..c.shape.min_len()).map(|t| 0.001 * t as f32 - 0.1).collect();
+        let plain = b.policy(&c, &opts).unwrap();
+        let (g, h) = b.policy_onto(&c, &opts, &start).unwrap();
+        let mask = c.mask.as_ref().unwrap();
+        for i in 0..c.shape.rows {
+            for (j, t) in c.shape.row_range(i).enumerate() {
+                let k = i * c.shape.cols + j;
+                let (eg, eh) = if mask[t] != 0 {
+                    (start[t] + plain.grad_logp[k], start[t] + plain.grad_entropy[k])
+                } else {
+                    (start[t], start[t])
+                };
+                assert_eq!((g[k], h[k]), (eg, eh), "{opts:?}: token {t}");
+            }
+        }
+    }
 }

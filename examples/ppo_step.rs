@@ -1,19 +1,24 @@
 //! The main job: the kernels of one PPO / GRPO training step on a synthetic batch, on the best
 //! backend, each stage checked against the f64 reference, with timings.
 //!
-//! Stages so far (the loss family adds the PPO loss):
+//! Stages:
 //! 1. policy forward: per-token log-prob of the sampled tokens, entropy and lse from the
 //!    policy logits, never materialising the `[N, V]` log-softmax;
 //! 2. reference forward: per-token log-prob under the reference policy's logits;
 //! 3. KL to the reference, in either placement (`--kl`): as a loss term (the gradient-correct
-//!    estimator for `KL[π‖π_ref]`, β·token-mean, no importance ratio), or folded into the
-//!    per-token rewards (`r_t = −β·k1_t`, the sequence score on the last valid token);
+//!    estimator for `KL[π‖π_ref]`, β·token-mean, no importance ratio), or the per-token k1
+//!    estimate that GAE folds into the rewards (`r_t = −β·k1_t`; PPO path only);
 //! 4. advantages (`--estimator`): GAE with a critic's values (the PPO path; γ = 1, λ = 0.95,
 //!    the KL penalty `−β·k1_t` fused into the scan in the reward placement, the score on the
 //!    last valid token), then whitened over the batch's valid tokens; or GRPO over groups of
 //!    4 responses (the critic-free path), broadcast to every valid token;
-//! 5. policy backward, in place over the policy logits: the gradient of
-//!    `Σ g_logp·logp − c_H·H` (a stand-in upstream gradient until the loss family lands).
+//! 5. losses: the clipped PPO surrogate (ε = 0.2, dual clip 3) with the entropy bonus, token-mean,
+//!    its statistics, and `∂loss/∂logp` accumulated onto the KL term's gradient (loss placement)
+//!    and `∂loss/∂H`; on the PPO path also the clipped value loss and its gradient w.r.t. the
+//!    critic's values. Old log-probs are the policy's own plus N(0, 0.15²) noise, as after a
+//!    few optimiser steps on the rollout batch;
+//! 6. policy backward, in place over the policy logits, from the loss's `∂loss/∂logp` and
+//!    `∂loss/∂H`: the gradient a trainer hands to the lm_head backward.
 //!
 //! ```text
 //! cargo run --release --example ppo_step -- [--rows N] [--vocab V] [--seq-len T] [--dtype f32|f16|bf16]
@@ -26,8 +31,9 @@ use std::time::Instant;
 use rlhf_kernels::testing::{Rng, Tolerance, check_close};
 use rlhf_kernels::{
     Backend, DType, Element, Error, GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, KlDirection,
-    KlEstimator, RowShape, SampledKlOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens,
-    WhitenOptions, bf16, cpu, f16, gae_error_bound_factor, gae_error_scale, reference,
+    KlEstimator, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, RowShape, SampledKlOptions,
+    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
+    ValueLossStats, WhitenOptions, bf16, cpu, f16, gae_error_bound_factor, gae_error_scale, reference,
 };
 
 /// Entropy-bonus coefficient c_H: the upstream gradient of H is −c_H.
@@ -36,6 +42,17 @@ const ENTROPY_COEF: f32 = 0.01;
 const KL_COEF: f32 = 0.05;
 /// Responses per prompt on the GRPO path.
 const GROUP_SIZE: usize = 4;
+
+/// The policy loss of both paths: PPO's clipped surrogate with a dual clip and the entropy
+/// bonus, token-mean over this batch.
+fn policy_options() -> PolicyLossOptions {
+    PolicyLossOptions::default().dual_clip(Some(3.0)).entropy_coef(ENTROPY_COEF)
+}
+
+/// The critic's loss on the PPO path (verl's value clip).
+fn value_options() -> ValueLossOptions {
+    ValueLossOptions::default().clip(Some(0.5))
+}
 
 /// GAE's discount and trace on the PPO path (verl's defaults).
 fn gae_options() -> GaeOptions {
@@ -66,7 +83,7 @@ impl KlPlacement {
             KlPlacement::Loss => {
                 SampledKlOptions::new(KlEstimator::gradient_of(KlDirection::PolicyRef)).coef(KL_COEF)
             }
-            KlPlacement::Reward => SampledKlOptions::new(KlEstimator::K1),
+            KlPlacement::Reward => SampledKlOptions::new(KlEstimator::K1).coef(KL_COEF),
         }
     }
 }
@@ -132,6 +149,11 @@ impl Args {
                 _ => return Err(format!("unknown flag {flag}")),
             }
         }
+        if a.estimator == Estimator::Grpo && a.kl == KlPlacement::Reward {
+            return Err(
+                "GRPO's advantages come from outcome scores: take the KL as a loss term (--kl loss)".into()
+            );
+        }
         if a.seq_len == 0 || a.rows % a.seq_len != 0 {
             return Err(format!("--rows {} must be a multiple of --seq-len {}", a.rows, a.seq_len));
         }
@@ -188,20 +210,21 @@ fn choose_backend(name: &str) -> Result<Backend, Error> {
     }
 }
 
-/// A synthetic batch: policy and reference logits, sampled tokens (a few padding rows), and
-/// the upstream gradient of logp.
+/// A synthetic batch: policy and reference logits, sampled tokens (a few padding rows),
+/// outcome scores, a critic's values and the noise that makes the old log-probs.
 struct Batch<T> {
     shape: RowShape,
     policy: Vec<T>,
     reference: Vec<T>,
     targets: Vec<i64>,
     mask: Vec<u8>,
-    grad_logp: Vec<f32>,
-    grad_entropy: Vec<f32>,
-    /// The response's score per sequence (reward placement).
+    /// The response's score per sequence.
     scores: Vec<f32>,
-    /// The critic's value per token (GAE path).
+    /// The critic's value per token now, and at rollout time (GAE path).
     values: Vec<f32>,
+    old_values: Vec<f32>,
+    /// `old_logp = logp + noise` (the rollout policy a few optimiser steps back).
+    old_logp_noise: Vec<f32>,
     /// Prompt of each sequence, groups of GROUP_SIZE interleaved (GRPO path).
     groups: Groups,
     /// `[B, T]`: sequences of `seq_len` tokens.
@@ -221,12 +244,12 @@ impl<T: Element> Batch<T> {
         let targets = (0..shape.rows).map(|_| rng.below(shape.cols) as i64).collect();
         // Every 16th row is padding (the tail of a shorter response).
         let mask = (0..shape.rows).map(|r| u8::from(r % 16 != 15)).collect();
-        let grad_logp = rng.normals(shape.rows, 1.0 / shape.rows as f64);
-        let grad_entropy = vec![-ENTROPY_COEF; shape.rows];
         let opts = TokenLogprobsOptions::default().temperature(args.temperature);
         let seq_shape = RowShape::new(args.rows / args.seq_len, args.seq_len);
         let scores = rng.normals(seq_shape.rows, 1.0);
         let values = rng.normals(shape.rows, 0.5);
+        let old_values = values.iter().map(|&v| v + 0.3 * rng.normal() as f32).collect();
+        let old_logp_noise = rng.normals(shape.rows, 0.15);
         let prompts = seq_shape.rows.div_ceil(GROUP_SIZE);
         let ids: Vec<u32> = (0..seq_shape.rows).map(|i| (i % prompts) as u32).collect();
         let groups = Groups::new(&ids, prompts).expect("at least one sequence");
@@ -236,10 +259,10 @@ impl<T: Element> Batch<T> {
             reference,
             targets,
             mask,
-            grad_logp,
-            grad_entropy,
             scores,
             values,
+            old_values,
+            old_logp_noise,
             groups,
             seq_shape,
             opts,
@@ -250,6 +273,11 @@ impl<T: Element> Batch<T> {
 
     fn tokens(&self) -> Tokens<'_, i64> {
         Tokens::new(&self.targets).with_mask(&self.mask)
+    }
+
+    /// The old log-probs from this run's log-probs.
+    fn old_logp(&self, logp: &[f32]) -> Vec<f32> {
+        logp.iter().zip(&self.old_logp_noise).map(|(l, n)| l + n).collect()
     }
 
     /// GAE's inputs, with the KL penalty fused in the reward placement (from `kl`).
@@ -263,23 +291,36 @@ impl<T: Element> Batch<T> {
     }
 }
 
-/// What a backend produced: per-token vectors and the gradient, plus timings.
+/// What a backend produced: per-token vectors, statistics and the gradient, plus timings.
 struct Produced<T> {
     logp: Vec<f32>,
     entropy: Vec<f32>,
     ref_logp: Vec<f32>,
+    old_logp: Vec<f32>,
     /// Per-token KL estimate.
     kl: Vec<f32>,
-    /// The KL loss's gradient w.r.t. logp (loss placement) or the shaped rewards (reward).
-    kl_out: Vec<f32>,
     /// Per-token advantages (GAE before whitening, or GRPO's broadcast).
     advantages: Vec<f32>,
     /// GAE's returns (empty for GRPO).
     returns: Vec<f32>,
     /// GAE's advantages after whitening (empty for GRPO).
     whitened: Vec<f32>,
+    /// `∂loss/∂logp` (policy loss plus the KL term) and `∂loss/∂H`.
+    grad_logp: Vec<f32>,
+    grad_entropy: Vec<f32>,
+    policy_stats: PolicyLossStats,
+    /// `∂loss/∂v` and the value-loss statistics (GAE path).
+    grad_values: Vec<f32>,
+    value_stats: Option<ValueLossStats>,
     grad: Vec<T>,
     stages: Vec<Stage>,
+}
+
+impl<T> Produced<T> {
+    /// The advantages the policy loss used.
+    fn loss_advantages(&self) -> &[f32] {
+        if self.whitened.is_empty() { &self.advantages } else { &self.whitened }
+    }
 }
 
 /// One row of the report.
@@ -314,8 +355,12 @@ fn run<T: Element>(args: &Args) -> Result<bool, Error> {
     check(&batch, &produced, args.iters)
 }
 
-/// Holds a spread of rows (all of them for small batches) to the f64 reference and prints
-/// the table.
+/// A named comparison with the reference.
+type Check = (&'static str, Result<(), rlhf_kernels::testing::Mismatch>);
+
+/// Holds every stage to the f64 reference, each from the inputs this backend produced for it
+/// (a spread of rows, all of them for small batches, for the stages that read logits), and
+/// prints the table.
 fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<bool, Error> {
     let shape = batch.shape;
     let rows: Vec<usize> = (0..shape.rows).step_by(shape.rows.div_ceil(256)).collect();
@@ -328,7 +373,7 @@ fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<
     let started = Instant::now();
     let exp_policy = reference::token_logprobs(&pick(&batch.policy), sub, &tokens, &batch.opts)?;
     let exp_ref = reference::token_logprobs(&pick(&batch.reference), sub, &tokens, &batch.opts)?;
-    let (gl, gh) = (per_row(&batch.grad_logp), per_row(&batch.grad_entropy));
+    let (gl, gh) = (per_row(&p.grad_logp), per_row(&p.grad_entropy));
     let exp_grad = reference::token_logprobs_backward(
         &pick(&batch.policy),
         sub,
@@ -337,77 +382,120 @@ fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<
         Some(&gh),
         &batch.opts,
     )?;
-    // KL stage, from the log-probs this backend produced (so that it is checked on its own).
+    let (seqs, seq_mask) = (batch.seq_shape, Some(batch.mask.as_slice()));
     let kl_opts = batch.kl.options();
-    let exp_kl = reference::sampled_kl(&p.logp, &p.ref_logp, batch.seq_shape, Some(&batch.mask), &kl_opts)?;
-    let exp_kl_out = match batch.kl {
-        KlPlacement::Loss => exp_kl.grad_logp.clone(),
-        KlPlacement::Reward => {
-            reference::kl_rewards(&p.kl, batch.seq_shape, Some(&batch.mask), &batch.scores, KL_COEF)?
-        }
+    let exp_kl = reference::sampled_kl(&p.logp, &p.ref_logp, seqs, seq_mask, &kl_opts)?;
+    let mut checks = advantage_checks(batch, p)?;
+    // Losses, from this backend's log-probs, entropies and advantages.
+    let inputs = PolicyLossInputs::new(seqs, &p.logp, &p.old_logp, p.loss_advantages())
+        .mask(&batch.mask)
+        .entropy(&p.entropy);
+    let exp_loss = reference::policy_loss(&inputs, &policy_options())?;
+    let exp_grad_logp: Vec<f64> = match batch.kl {
+        KlPlacement::Loss => exp_loss.grad_logp.iter().zip(&exp_kl.grad_logp).map(|(a, b)| a + b).collect(),
+        KlPlacement::Reward => exp_loss.grad_logp.clone(),
     };
-    let advantage_checks = check_advantages(batch, p)?;
+    let grad_tol =
+        |v: &[f64]| Tolerance { rel: 1e-4, abs: 1e-5 * v.iter().fold(1e-30f64, |m, x| m.max(x.abs())) };
+    // Scalars to f32 rounding and a few ulps of summation order.
+    let stat = |a: f64, b: f64| check_close(&[a as f32], &[b], Tolerance { rel: 1e-5, abs: 1e-6 });
+    checks.push(("loss grad_logp", check_close(&p.grad_logp, &exp_grad_logp, grad_tol(&exp_grad_logp))));
+    checks.push((
+        "loss grad_entropy",
+        check_close(&p.grad_entropy, &exp_loss.grad_entropy, grad_tol(&exp_loss.grad_entropy)),
+    ));
+    checks.push(("loss value", stat(p.policy_stats.loss, exp_loss.stats.loss)));
+    checks.push((
+        "clip fraction",
+        stat(
+            p.policy_stats.clip_fraction_high + p.policy_stats.clip_fraction_low,
+            exp_loss.stats.clip_fraction_high + exp_loss.stats.clip_fraction_low,
+        ),
+    ));
+    if let Some(vs) = &p.value_stats {
+        let inputs = ValueLossInputs {
+            shape: seqs,
+            values: &batch.values,
+            old_values: &batch.old_values,
+            returns: &p.returns,
+            mask: seq_mask,
+        };
+        let exp = reference::value_loss(&inputs, &value_options())?;
+        checks
+            .push(("value grad", check_close(&p.grad_values, &exp.grad_values, grad_tol(&exp.grad_values))));
+        checks.push(("value loss", stat(vs.loss, exp.stats.loss)));
+    }
     let reference_ms = started.elapsed().as_secs_f64() * 1e3;
 
     let scale = 12.0 * 3.0 / batch.opts.temperature as f64; // |logit/τ| of N(0, 3²) logits, generously
     let f32_tol = Tolerance::for_dtype(DType::F32).scaled(scale);
     let grad_scale = exp_grad.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let mut checks = vec![
+    let mut all = vec![
         ("policy logp", check_close(&per_row(&p.logp), &exp_policy.logp, f32_tol)),
         ("policy entropy", check_close(&per_row(&p.entropy), &exp_policy.entropy, f32_tol)),
         ("reference logp", check_close(&per_row(&p.ref_logp), &exp_ref.logp, f32_tol)),
-        ("kl", check_close(&p.kl, &exp_kl.values, Tolerance::for_dtype(DType::F32).scaled(scale))),
-        (
-            match batch.kl {
-                KlPlacement::Loss => "kl loss grad",
-                KlPlacement::Reward => "kl rewards",
-            },
-            check_close(&p.kl_out, &exp_kl_out, Tolerance::for_dtype(DType::F32).scaled(scale)),
-        ),
-        (
-            "policy grad",
-            check_close(&pick(&p.grad), &exp_grad, Tolerance::for_dtype(T::DTYPE).scaled(grad_scale)),
-        ),
+        ("kl", check_close(&p.kl, &exp_kl.values, f32_tol)),
     ];
-    checks.extend(advantage_checks);
+    all.extend(checks);
+    all.push((
+        "policy grad",
+        check_close(&pick(&p.grad), &exp_grad, Tolerance::for_dtype(T::DTYPE).scaled(grad_scale)),
+    ));
 
     println!();
-    println!("{:<34} {:>10} {:>10} {:>12}", "stage", "ms", "GB/s", "extra MiB");
+    println!("{:<36} {:>10} {:>10} {:>12}", "stage", "ms", "GB/s", "extra MiB");
     for s in &p.stages {
         let gbps = s.bytes as f64 / s.millis / 1e6;
         println!(
-            "{:<34} {:>10.3} {:>10.1} {:>12.1}",
+            "{:<36} {:>10.3} {:>10.1} {:>12.1}",
             s.name,
             s.millis,
             gbps,
             s.extra_bytes as f64 / (1 << 20) as f64
         );
     }
+    let st = &p.policy_stats;
     println!();
-    for (what, r) in &checks {
+    println!(
+        "policy loss {:.5} (entropy bonus {:.5}); clipped low {:.3} high {:.3} dual {:.3}; approx KL k1 {:.5} k3 {:.5}; \
+         ratio mean {:.4} in [{:.4}, {:.4}]; entropy {:.4}",
+        st.loss,
+        -ENTROPY_COEF as f64 * st.entropy_loss,
+        st.clip_fraction_low,
+        st.clip_fraction_high,
+        st.dual_clip_fraction,
+        st.approx_kl_k1,
+        st.approx_kl_k3,
+        st.ratio_mean,
+        st.ratio_min,
+        st.ratio_max,
+        st.entropy_mean
+    );
+    if let Some(vs) = &p.value_stats {
+        println!("value loss {:.5}; value clip fraction {:.3}", vs.loss, vs.clip_fraction);
+    }
+    println!();
+    for (what, r) in &all {
         match r {
-            Ok(()) => println!("check {what:<16} ok"),
-            Err(m) => println!("check {what:<16} FAIL: {m}"),
+            Ok(()) => println!("check {what:<18} ok"),
+            Err(m) => println!("check {what:<18} FAIL: {m}"),
         }
     }
     println!();
     println!(
         "ms: median of {iters} runs; GB/s: bytes each stage must move (logits read once, gradient written once, \
          per-token vectors) / time; extra MiB: device or host memory a stage allocates beyond its inputs and \
-         outputs; checked {} of {} rows against the f64 reference in {reference_ms:.0} ms",
+         outputs; checked {} of {} rows of the logits stages, every token of the others, against the f64 \
+         reference in {reference_ms:.0} ms",
         rows.len(),
         shape.rows
     );
-    Ok(checks.iter().all(|(_, r)| r.is_ok()))
+    Ok(all.iter().all(|(_, r)| r.is_ok()))
 }
 
-/// A named comparison with the reference.
-type Check = (&'static str, Result<(), rlhf_kernels::testing::Mismatch>);
-
-/// The advantages stage against the reference, from this backend's own KL (so that the stage
-/// is checked on its own): GAE within its documented error bound, whitening and GRPO to f32
-/// rounding.
-fn check_advantages<T: Element>(batch: &Batch<T>, p: &Produced<T>) -> Result<Vec<Check>, Error> {
+/// The advantages stage against the reference, from this backend's own KL: GAE within its
+/// documented error bound, whitening and GRPO to f32 rounding.
+fn advantage_checks<T: Element>(batch: &Batch<T>, p: &Produced<T>) -> Result<Vec<Check>, Error> {
     let (seqs, mask) = (batch.seq_shape, Some(batch.mask.as_slice()));
     let max_abs = |v: &[f64]| v.iter().fold(1.0f64, |m, x| m.max(x.abs()));
     match batch.estimator {
@@ -442,21 +530,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Bytes of (forward with entropy, forward logp only, KL, advantages, backward).
-fn bytes<T: Element>(shape: RowShape, kl: KlPlacement, estimator: Estimator) -> [usize; 5] {
+/// Bytes of (forward with entropy, forward logp only, KL, advantages, losses, backward).
+fn bytes<T: Element>(shape: RowShape, kl: KlPlacement, estimator: Estimator) -> [usize; 6] {
     let (n, rows, t) = (shape.len(), shape.rows, T::DTYPE.size_bytes());
-    let advantages = match estimator {
+    let (advantages, losses) = match estimator {
         // GAE reads (kl,) values and mask, writes advantages and returns; whitening reads the
-        // advantages and mask twice and writes them once.
-        Estimator::Gae => rows * (4 * usize::from(kl == KlPlacement::Reward) + 4 + 1 + 8) + rows * (5 + 9),
+        // advantages and mask twice and writes them once. The policy loss reads logp, old_logp,
+        // advantages, mask, entropy and writes two gradients (reading one to accumulate);
+        // the value loss reads three arrays and the mask and writes one.
+        Estimator::Gae => (
+            rows * (4 * usize::from(kl == KlPlacement::Reward) + 4 + 1 + 8) + rows * (5 + 9),
+            rows * (4 * 4 + 1 + 8 + 4 * usize::from(kl == KlPlacement::Loss)) + rows * (12 + 1 + 4),
+        ),
         // The scores and group lists are tiny; the mask read and the broadcast write dominate.
-        Estimator::Grpo => rows * (1 + 4),
+        Estimator::Grpo => (rows * (1 + 4), rows * (4 * 4 + 1 + 8 + 4)),
     };
     [
         n * t + rows * (8 + 1 + 12),
         n * t + rows * (8 + 1 + 4),
         rows * (4 + 4 + 1 + 4 + 4),
         advantages,
+        losses,
         2 * n * t + rows * (8 + 1 + 16),
     ]
 }
@@ -465,22 +559,23 @@ fn stages<T: Element>(
     shape: RowShape,
     kl: KlPlacement,
     estimator: Estimator,
-    times: [Vec<f64>; 5],
-    extra: [usize; 5],
+    times: [Vec<f64>; 6],
+    extra: [usize; 6],
 ) -> Vec<Stage> {
     let kl_name = match kl {
         KlPlacement::Loss => "KL loss term + grad (k3 / k2 grad)",
-        KlPlacement::Reward => "KL in rewards (k1)",
+        KlPlacement::Reward => "KL estimate for the rewards (k1)",
     };
-    let advantages_name = match estimator {
-        Estimator::Gae => "GAE + returns, whitened",
-        Estimator::Grpo => "GRPO advantages (groups of 4)",
+    let (advantages_name, losses_name) = match estimator {
+        Estimator::Gae => ("GAE + returns, whitened", "PPO loss + stats, value loss"),
+        Estimator::Grpo => ("GRPO advantages (groups of 4)", "PPO loss + stats"),
     };
     let names = [
         "policy logp + entropy + lse",
         "reference logp",
         kl_name,
         advantages_name,
+        losses_name,
         "policy backward (in place)",
     ];
     let b = bytes::<T>(shape, kl, estimator);
@@ -495,18 +590,26 @@ fn stages<T: Element>(
 fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Error> {
     let (shape, opts, tokens) = (batch.shape, &batch.opts, batch.tokens());
     let n = shape.rows;
-    let (mut logp, mut entropy, mut lse, mut ref_logp) =
-        (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    let mut times: [Vec<f64>; 5] = Default::default();
+    let (seqs, mask) = (batch.seq_shape, Some(batch.mask.as_slice()));
+    let zeros = || vec![0.0f32; n];
+    let (mut logp, mut entropy, mut lse, mut ref_logp) = (zeros(), zeros(), zeros(), zeros());
+    let (mut kl, mut grad_logp, mut grad_entropy, mut grad_values) = (zeros(), zeros(), zeros(), zeros());
+    let (mut advantages, mut returns, mut whitened) = (zeros(), zeros(), zeros());
+    let mut old_logp = Vec::new();
+    let (mut policy_stats, mut value_stats) = (PolicyLossStats::default(), None);
+    let mut times: [Vec<f64>; 6] = Default::default();
     let mut grad = Vec::new();
-    let (mut kl, mut kl_out) = (vec![0.0f32; n], vec![0.0f32; n]);
-    let (mut advantages, mut returns, mut whitened) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
     let kl_opts = batch.kl.options();
+    let timed =
+        |times: &mut [Vec<f64>; 6], k: usize, t: Instant| times[k].push(t.elapsed().as_secs_f64() * 1e3);
     for _ in 0..iters {
         let t = Instant::now();
         let out = TokenOutputs::default().logp(&mut logp).entropy(&mut entropy).lse(&mut lse);
         cpu::token_logprobs(&batch.policy, shape, &tokens, out, opts)?;
-        times[0].push(t.elapsed().as_secs_f64() * 1e3);
+        timed(&mut times, 0, t);
+        if old_logp.is_empty() {
+            old_logp = batch.old_logp(&logp);
+        }
 
         let t = Instant::now();
         cpu::token_logprobs(
@@ -516,22 +619,15 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
             TokenOutputs::default().logp(&mut ref_logp),
             opts,
         )?;
-        times[1].push(t.elapsed().as_secs_f64() * 1e3);
+        timed(&mut times, 1, t);
 
         let t = Instant::now();
-        let (seqs, mask) = (batch.seq_shape, Some(batch.mask.as_slice()));
-        match batch.kl {
-            KlPlacement::Loss => {
-                let out = cpu::SampledKlOutputs::default().values(&mut kl).grad_logp(&mut kl_out);
-                cpu::sampled_kl(&logp, &ref_logp, seqs, mask, out, &kl_opts)?;
-            }
-            KlPlacement::Reward => {
-                let out = cpu::SampledKlOutputs::default().values(&mut kl);
-                cpu::sampled_kl(&logp, &ref_logp, seqs, mask, out, &kl_opts)?;
-                cpu::kl_rewards(&kl, seqs, mask, &batch.scores, KL_COEF, &mut kl_out)?;
-            }
-        }
-        times[2].push(t.elapsed().as_secs_f64() * 1e3);
+        let out = match batch.kl {
+            KlPlacement::Loss => cpu::SampledKlOutputs::default().values(&mut kl).grad_logp(&mut grad_logp),
+            KlPlacement::Reward => cpu::SampledKlOutputs::default().values(&mut kl),
+        };
+        cpu::sampled_kl(&logp, &ref_logp, seqs, mask, out, &kl_opts)?;
+        timed(&mut times, 2, t);
 
         let t = Instant::now();
         match batch.estimator {
@@ -546,21 +642,56 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
                 cpu::group_advantages(&batch.scores, &batch.groups, &GroupAdvantageOptions::grpo(), out)?;
             }
         }
-        times[3].push(t.elapsed().as_secs_f64() * 1e3);
+        timed(&mut times, 3, t);
+
+        let t = Instant::now();
+        let adv = if batch.estimator == Estimator::Gae { &whitened } else { &advantages };
+        let inputs = PolicyLossInputs::new(seqs, &logp, &old_logp, adv).mask(&batch.mask).entropy(&entropy);
+        let out = cpu::PolicyLossOutputs::default()
+            .grad_logp(&mut grad_logp)
+            .grad_entropy(&mut grad_entropy)
+            .accumulate(batch.kl == KlPlacement::Loss);
+        policy_stats = cpu::policy_loss(&inputs, out, &policy_options())?;
+        if batch.estimator == Estimator::Gae {
+            let inputs = ValueLossInputs {
+                shape: seqs,
+                values: &batch.values,
+                old_values: &batch.old_values,
+                returns: &returns,
+                mask,
+            };
+            let out = cpu::ValueLossOutputs::default().grad_values(&mut grad_values);
+            value_stats = Some(cpu::value_loss(&inputs, out, &value_options())?);
+        }
+        timed(&mut times, 4, t);
 
         // In place over a copy of the logits (a trainer would overwrite its own buffer).
         grad = batch.policy.clone();
-        let grads =
-            TokenGrads::new(&lse).grad_logp(&batch.grad_logp).grad_entropy(&batch.grad_entropy, &entropy);
+        let grads = TokenGrads::new(&lse).grad_logp(&grad_logp).grad_entropy(&grad_entropy, &entropy);
         let t = Instant::now();
         cpu::token_logprobs_backward_in_place(&mut grad, shape, &tokens, &grads, opts)?;
-        times[4].push(t.elapsed().as_secs_f64() * 1e3);
+        timed(&mut times, 5, t);
     }
-    let stages = stages::<T>(shape, batch.kl, batch.estimator, times, [0; 5]);
     if batch.estimator == Estimator::Grpo {
-        (returns, whitened) = (Vec::new(), Vec::new());
+        (returns, whitened, grad_values) = (Vec::new(), Vec::new(), Vec::new());
     }
-    Ok(Produced { logp, entropy, ref_logp, kl, kl_out, advantages, returns, whitened, grad, stages })
+    Ok(Produced {
+        logp,
+        entropy,
+        ref_logp,
+        old_logp,
+        kl,
+        advantages,
+        returns,
+        whitened,
+        grad_logp,
+        grad_entropy,
+        policy_stats,
+        grad_values,
+        value_stats,
+        grad,
+        stages: stages::<T>(shape, batch.kl, batch.estimator, times, [0; 6]),
+    })
 }
 
 #[cfg(feature = "cuda")]
@@ -571,50 +702,61 @@ fn run_cuda<T: Element>(
 ) -> Result<Produced<T>, Error> {
     use rlhf_kernels::cuda::{
         self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups,
-        DeviceKlStats, DeviceMoments, DeviceSampledKlOutputs, DeviceTokenGrads, DeviceTokenOutputs,
-        DeviceTokens, SampledKlInputs,
+        DeviceKlStats, DeviceMoments, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats,
+        DeviceSampledKlOutputs, DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens, DeviceValueLossInputs,
+        DeviceValueLossOutputs, DeviceValueStats, SampledKlInputs,
     };
-    use rlhf_kernels::cudarc::driver::DriverError;
     use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
+    use rlhf_kernels::cudarc::driver::{CudaSlice, DriverError};
 
     let s = device.stream();
     let shape = batch.shape;
     let n = shape.rows;
+    let seqs = batch.seq_shape;
     let drv =
         |during: &'static str| move |e: DriverError| Error::Driver { during, message: format!("{e:?}") };
+    let up = |v: &[f32], what: &'static str| s.clone_htod(v).map_err(drv(what));
     let policy = s.clone_htod(&batch.policy).map_err(drv("uploading policy logits"))?;
     let reference = s.clone_htod(&batch.reference).map_err(drv("uploading reference logits"))?;
     let targets = s.clone_htod(&batch.targets).map_err(drv("uploading targets"))?;
     let mask = s.clone_htod(&batch.mask).map_err(drv("uploading the mask"))?;
-    let gl = s.clone_htod(&batch.grad_logp).map_err(drv("uploading grad_logp"))?;
-    let gh = s.clone_htod(&batch.grad_entropy).map_err(drv("uploading grad_entropy"))?;
+    let scores = up(&batch.scores, "uploading scores")?;
+    let values = up(&batch.values, "uploading values")?;
+    let old_values = up(&batch.old_values, "uploading old values")?;
     let alloc = || s.alloc_zeros::<f32>(n).map_err(drv("allocating per-token outputs"));
     let (mut logp, mut entropy, mut lse, mut ref_logp) = (alloc()?, alloc()?, alloc()?, alloc()?);
+    let (mut kl, mut grad_logp, mut grad_entropy, mut grad_values) = (alloc()?, alloc()?, alloc()?, alloc()?);
+    let (mut advantages, mut returns, mut whitened, mut old_logp) = (alloc()?, alloc()?, alloc()?, alloc()?);
     let mut grad = s.alloc_zeros::<T>(shape.len()).map_err(drv("allocating the gradient"))?;
     let workspace_bytes = cuda::token_logprobs_workspace_bytes(shape, T::DTYPE);
     let mut workspace =
         s.alloc_zeros::<u8>(workspace_bytes.max(1)).map_err(drv("allocating the workspace"))?;
-    let mut status = CudaStatus::new(s)?;
-    let tokens = DeviceTokens::new(targets.as_view()).with_mask(mask.as_view());
-    let opts = &batch.opts;
-    let (mut kl, mut kl_out) = (alloc()?, alloc()?);
-    let scores = s.clone_htod(&batch.scores).map_err(drv("uploading scores"))?;
-    let kl_workspace_bytes = cuda::sampled_kl_workspace_bytes(batch.seq_shape);
+    let kl_workspace_bytes = cuda::sampled_kl_workspace_bytes(seqs);
     let mut kl_workspace =
         s.alloc_zeros::<u8>(kl_workspace_bytes).map_err(drv("allocating the KL workspace"))?;
-    let mut kl_stats = DeviceKlStats::new(s)?;
-    let kl_opts = batch.kl.options();
-    let values = s.clone_htod(&batch.values).map_err(drv("uploading values"))?;
-    let groups = DeviceGroups::new(s, &batch.groups)?;
-    let (mut advantages, mut returns, mut whitened) = (alloc()?, alloc()?, alloc()?);
-    let gae_workspace_bytes = cuda::gae_workspace_bytes(batch.seq_shape);
+    let gae_workspace_bytes = cuda::gae_workspace_bytes(seqs);
     let mut gae_workspace =
-        s.alloc_zeros::<u8>(gae_workspace_bytes.max(1)).map_err(drv("allocating the GAE workspace"))?;
+        s.alloc_zeros::<u8>(gae_workspace_bytes.max(16)).map_err(drv("allocating the GAE workspace"))?;
+    let loss_workspace_bytes =
+        cuda::policy_loss_workspace_bytes(seqs) + cuda::value_loss_workspace_bytes(seqs);
+    let mut policy_workspace = s
+        .alloc_zeros::<u8>(cuda::policy_loss_workspace_bytes(seqs))
+        .map_err(drv("allocating the loss workspace"))?;
+    let mut value_workspace = s
+        .alloc_zeros::<u8>(cuda::value_loss_workspace_bytes(seqs))
+        .map_err(drv("allocating the loss workspace"))?;
+    let mut status = CudaStatus::new(s)?;
+    let mut kl_stats = DeviceKlStats::new(s)?;
     let mut moments = DeviceMoments::new(s)?;
+    let (mut policy_stats, mut value_stats) = (DevicePolicyStats::new(s)?, DeviceValueStats::new(s)?);
+    let groups = DeviceGroups::new(s, &batch.groups)?;
+    let tokens = DeviceTokens::new(targets.as_view()).with_mask(mask.as_view());
+    let opts = &batch.opts;
+    let kl_opts = batch.kl.options();
     let event = || s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
-    let mut times: [Vec<f64>; 5] = Default::default();
+    let mut times: [Vec<f64>; 6] = Default::default();
     // One untimed warm-up, then `iters` timed runs of each stage (CUDA events, no host sync
-    // between stages).
+    // between stages). The warm-up's log-probs make the old log-probs.
     for i in 0..=iters {
         s.memcpy_dtod(&policy, &mut grad).map_err(drv("copying the logits"))?; // the in-place target
         let e0 = event()?;
@@ -625,6 +767,11 @@ fn run_cuda<T: Element>(
             .workspace(workspace.as_view_mut());
         cuda::token_logprobs(s, &policy, shape, &tokens, out, &mut status, opts)?;
         let e1 = event()?;
+        if i == 0 {
+            let host = s.clone_dtoh(&logp).map_err(drv("downloading logp"))?;
+            s.memcpy_htod(&batch.old_logp(&host), &mut old_logp).map_err(drv("uploading old logp"))?;
+        }
+        let e1b = event()?;
         let out =
             DeviceTokenOutputs::default().logp(ref_logp.as_view_mut()).workspace(workspace.as_view_mut());
         cuda::token_logprobs(s, &reference, shape, &tokens, out, &mut status, opts)?;
@@ -636,17 +783,12 @@ fn run_cuda<T: Element>(
         };
         let out = DeviceSampledKlOutputs {
             values: Some(kl.as_view_mut()),
-            grad_logp: (batch.kl == KlPlacement::Loss).then(|| kl_out.as_view_mut()),
+            grad_logp: (batch.kl == KlPlacement::Loss).then(|| grad_logp.as_view_mut()),
             stats: Some(&mut kl_stats),
             workspace: Some(kl_workspace.as_view_mut()),
         };
-        cuda::sampled_kl(s, &inputs, batch.seq_shape, out, &mut status, &kl_opts)?;
-        if batch.kl == KlPlacement::Reward {
-            let m = mask.as_view();
-            cuda::kl_rewards(s, &kl, batch.seq_shape, Some(&m), &scores, KL_COEF, &mut kl_out)?;
-        }
+        cuda::sampled_kl(s, &inputs, seqs, out, &mut status, &kl_opts)?;
         let e3 = event()?;
-        let seqs = batch.seq_shape;
         match batch.estimator {
             Estimator::Gae => {
                 let mut inputs = DeviceGaeInputs::new(seqs)
@@ -677,36 +819,84 @@ fn run_cuda<T: Element>(
             }
         }
         let e4 = event()?;
-        let grads = DeviceTokenGrads::new(lse.as_view())
-            .grad_logp(gl.as_view())
-            .grad_entropy(gh.as_view(), entropy.as_view());
-        cuda::token_logprobs_backward_in_place(s, &mut grad, shape, &tokens, &grads, &mut status, opts)?;
+        let adv: &CudaSlice<f32> = if batch.estimator == Estimator::Gae { &whitened } else { &advantages };
+        let inputs = DevicePolicyLossInputs {
+            shape: seqs,
+            logp: logp.as_view(),
+            old_logp: old_logp.as_view(),
+            advantages: adv.as_view(),
+            mask: Some(mask.as_view()),
+            entropy: Some(entropy.as_view()),
+        };
+        let out = DevicePolicyLossOutputs {
+            grad_logp: Some(grad_logp.as_view_mut()),
+            grad_entropy: Some(grad_entropy.as_view_mut()),
+            stats: Some(&mut policy_stats),
+            workspace: Some(policy_workspace.as_view_mut()),
+            accumulate: batch.kl == KlPlacement::Loss,
+            ..Default::default()
+        };
+        cuda::policy_loss(s, &inputs, out, &mut status, &policy_options())?;
+        if batch.estimator == Estimator::Gae {
+            let inputs = DeviceValueLossInputs {
+                shape: seqs,
+                values: values.as_view(),
+                old_values: old_values.as_view(),
+                returns: returns.as_view(),
+                mask: Some(mask.as_view()),
+            };
+            let out = DeviceValueLossOutputs {
+                grad_values: Some(grad_values.as_view_mut()),
+                stats: Some(&mut value_stats),
+                workspace: Some(value_workspace.as_view_mut()),
+                ..Default::default()
+            };
+            cuda::value_loss(s, &inputs, out, &mut status, &value_options())?;
+        }
         let e5 = event()?;
+        let grads = DeviceTokenGrads::new(lse.as_view())
+            .grad_logp(grad_logp.as_view())
+            .grad_entropy(grad_entropy.as_view(), entropy.as_view());
+        cuda::token_logprobs_backward_in_place(s, &mut grad, shape, &tokens, &grads, &mut status, opts)?;
+        let e6 = event()?;
         if i > 0 {
-            let spans = [(&e0, &e1), (&e1, &e2), (&e2, &e3), (&e3, &e4), (&e4, &e5)];
+            let spans = [(&e0, &e1), (&e1b, &e2), (&e2, &e3), (&e3, &e4), (&e4, &e5), (&e5, &e6)];
             for (k, (a, b)) in spans.into_iter().enumerate() {
                 times[k].push(a.elapsed_ms(b).map_err(drv("timing"))? as f64);
             }
         }
     }
     status.check(s)?;
-    let down = |v: &rlhf_kernels::cudarc::driver::CudaSlice<f32>| s.clone_dtoh(v).map_err(drv("downloading"));
+    let down = |v: &CudaSlice<f32>| s.clone_dtoh(v).map_err(drv("downloading"));
+    let gae = batch.estimator == Estimator::Gae;
     Ok(Produced {
         logp: down(&logp)?,
         entropy: down(&entropy)?,
         ref_logp: down(&ref_logp)?,
+        old_logp: down(&old_logp)?,
         kl: down(&kl)?,
-        kl_out: down(&kl_out)?,
         advantages: down(&advantages)?,
-        returns: if batch.estimator == Estimator::Gae { down(&returns)? } else { Vec::new() },
-        whitened: if batch.estimator == Estimator::Gae { down(&whitened)? } else { Vec::new() },
+        returns: if gae { down(&returns)? } else { Vec::new() },
+        whitened: if gae { down(&whitened)? } else { Vec::new() },
+        grad_logp: down(&grad_logp)?,
+        grad_entropy: down(&grad_entropy)?,
+        policy_stats: policy_stats.read(s)?,
+        grad_values: if gae { down(&grad_values)? } else { Vec::new() },
+        value_stats: if gae { Some(value_stats.read(s)?) } else { None },
         grad: s.clone_dtoh(&grad).map_err(drv("downloading the gradient"))?,
         stages: stages::<T>(
             shape,
             batch.kl,
             batch.estimator,
             times,
-            [workspace_bytes, workspace_bytes, kl_workspace_bytes, gae_workspace_bytes, 0],
+            [
+                workspace_bytes,
+                workspace_bytes,
+                kl_workspace_bytes,
+                gae_workspace_bytes,
+                loss_workspace_bytes,
+                0,
+            ],
         ),
     })
 }

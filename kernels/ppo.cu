@@ -31,7 +31,7 @@ struct PolicyParams {
   int aggregation;
   double max_len;
   int weights_known;  // the three counts below are the denominators (global normaliser)
-  int accumulate;     // add the gradients to the buffers at valid tokens
+  int accumulate;     // add ∂loss/∂logp to grad_logp at valid tokens
   double tokens, valid_sequences, sequences;
 };
 
@@ -153,10 +153,7 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
       if (!P.accumulate) P.grad_logp[i] = g_out;
       else if (token_valid(P.mask, i)) P.grad_logp[i] = __fadd_rn(P.grad_logp[i], g_out);
     }
-    if (w_known && P.grad_entropy) {
-      if (!P.accumulate) P.grad_entropy[i] = h_out;
-      else if (token_valid(P.mask, i)) P.grad_entropy[i] = __fadd_rn(P.grad_entropy[i], h_out);
-    }
+    if (w_known && P.grad_entropy) P.grad_entropy[i] = h_out;
   }
   if (rec == nullptr) return;
   const bool any_bad = __syncthreads_or(bad);

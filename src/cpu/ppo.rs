@@ -24,14 +24,15 @@ pub struct PolicyLossOutputs<'a> {
     pub grad_logp: Option<&'a mut [f32]>,
     /// `−c_H·w`.
     pub grad_entropy: Option<&'a mut [f32]>,
-    /// Add the gradients to what the buffers hold (at valid tokens; masked ones keep their
-    /// value) instead of overwriting them: several loss terms (e.g. a KL term from
-    /// `sampled_kl`) into one upstream gradient.
+    /// Add `∂loss/∂logp` to what `grad_logp` holds (at valid tokens; masked ones keep their
+    /// value) instead of overwriting it: several loss terms (e.g. a KL term from
+    /// `sampled_kl`) into one upstream gradient. `grad_entropy` is always overwritten (the
+    /// entropy bonus lives here).
     pub accumulate: bool,
 }
 
 impl<'a> PolicyLossOutputs<'a> {
-    /// Adds the gradients to the buffers' contents instead of overwriting them.
+    /// Adds `∂loss/∂logp` to `grad_logp`'s contents instead of overwriting them.
     pub fn accumulate(self, accumulate: bool) -> Self {
         PolicyLossOutputs { accumulate, ..self }
     }
@@ -183,13 +184,15 @@ pub fn policy_loss(
                 if let Some(o) = loss.as_deref_mut() {
                     o[j] = l_out;
                 }
-                let valid_t = valid(t);
-                for (o, v) in [(grad.as_deref_mut(), g_out), (grad_h.as_deref_mut(), h_out)] {
-                    match o {
-                        Some(o) if accumulate && valid_t => o[j] += v,
-                        Some(o) if !accumulate => o[j] = v,
-                        _ => {}
+                if let Some(o) = grad.as_deref_mut() {
+                    if !accumulate {
+                        o[j] = g_out;
+                    } else if valid(t) {
+                        o[j] += g_out;
                     }
+                }
+                if let Some(o) = grad_h.as_deref_mut() {
+                    o[j] = h_out;
                 }
             }
             (w, s)

@@ -98,7 +98,7 @@ pub struct DevicePolicyLossOutputs<'a> {
     pub stats: Option<&'a mut DevicePolicyStats>,
     /// Scratch for the row records.
     pub workspace: Option<CudaViewMut<'a, u8>>,
-    /// Add the gradients to the buffers' contents at valid tokens instead of overwriting them
+    /// Add `∂loss/∂logp` to `grad_logp`'s contents at valid tokens instead of overwriting them
     /// (see [`cpu::PolicyLossOutputs::accumulate`](crate::cpu::PolicyLossOutputs)).
     pub accumulate: bool,
 }

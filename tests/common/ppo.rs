@@ -421,7 +421,8 @@ pub fn value_cases(b: &impl PpoBackend) {
     assert!(matches!(b.value(&c, &opts.clip(Some(-1.0))), Err(Error::InvalidOption { .. })));
 }
 
-/// Accumulating adds the gradients at valid tokens and leaves masked tokens alone.
+/// Accumulating adds `∂loss/∂logp` at valid tokens and leaves masked tokens alone;
+/// `∂loss/∂H` is overwritten.
 pub fn accumulate(b: &impl PpoBackend) {
     let c = PolicyCase::random(RowShape::new(6, 40).with_row_stride(43), 31);
     for opts in [
@@ -439,11 +440,8 @@ pub fn accumulate(b: &impl PpoBackend) {
         for i in 0..c.shape.rows {
             for (j, t) in c.shape.row_range(i).enumerate() {
                 let k = i * c.shape.cols + j;
-                let (eg, eh) = if mask[t] != 0 {
-                    (start[t] + plain.grad_logp[k], start[t] + plain.grad_entropy[k])
-                } else {
-                    (start[t], start[t])
-                };
+                let eg = if mask[t] != 0 { start[t] + plain.grad_logp[k] } else { start[t] };
+                let eh = plain.grad_entropy[k];
                 assert_eq!((g[k], h[k]), (eg, eh), "{opts:?}: token {t}");
             }
         }

@@ -25,6 +25,9 @@ Ratios are taken against the faster of the two.
   gae                         alloc: verl's compute_gae_advantage_return loop over the T
                                      positions (masked steps carry nextvalues and lastgaelam),
                                      then returns = advantages + values (no whitening)
+  ppo_loss                    alloc: verl's compute_policy_loss_vanilla (clamp 20, ε = 0.2, dual
+                                     clip 3, clip fractions, ppo_kl), token-mean aggregation, the
+                                     entropy bonus, autograd.grad w.r.t. logp and the entropy
   grpo                        alloc: group mean and unbiased std by scatter_add over the group
                                      ids (verl loops over a Python dict; this is the vectorised
                                      form), then (s − mean)/(std + 1e-6)
@@ -58,6 +61,7 @@ def op_bytes(op, rows, cols, dtype):
         "exact_kl_fwd_bwd": 5 * n * t,
         "gae": n * (4 + 4 + 1 + 4 + 4),
         "grpo": rows * (4 + 4 + 4),
+        "ppo_loss": n * (4 * 4 + 1 + 8),
     }[op]
 
 
@@ -211,6 +215,39 @@ def cases(op, rows, cols, dtype, device):
             return advantages, advantages + values
 
         yield "gae", {"alloc": verl_gae}
+    elif op == "ppo_loss":
+        old = (-torch.rand(rows, cols, generator=gen) * 5).to(device)
+        logp = old + (torch.rand(rows, cols, generator=gen) - 0.5).to(device) * 0.8
+        adv = torch.randn(rows, cols, generator=gen).to(device)
+        ent = (torch.rand(rows, cols, generator=gen) * 3).to(device)
+        lengths = cols // 2 + torch.randint(0, cols // 2 + 1, (rows, 1), generator=gen)
+        mask = (torch.arange(cols)[None, :] < lengths).float().to(device)
+
+        def masked_mean(x):
+            return (x * mask).sum() / mask.sum()
+
+        def ppo_graph():
+            lp, h = logp.detach().requires_grad_(True), ent.detach().requires_grad_(True)
+            negative_approx_kl = torch.clamp(lp - old, -20.0, 20.0)
+            ratio = torch.exp(negative_approx_kl)
+            ppo_kl = masked_mean(-negative_approx_kl)
+            pg_losses1 = -adv * ratio
+            pg_losses2 = -adv * torch.clamp(ratio, 0.8, 1.2)
+            clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+            pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float())
+            pg_losses3 = -adv * 3.0
+            clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+            pg_clipfrac_lower = masked_mean(torch.gt(clip_pg_losses1, pg_losses3) * (adv < 0).float())
+            pg_losses = torch.where(adv < 0, clip_pg_losses2, clip_pg_losses1)
+            loss = masked_mean(pg_losses) - 0.01 * masked_mean(h)
+            grads = torch.autograd.grad(loss, (lp, h))
+            return loss.detach(), ppo_kl.detach(), pg_clipfrac, pg_clipfrac_lower, grads
+
+        def ppo():
+            with torch.enable_grad():
+                return ppo_graph()
+
+        yield "ppo_loss", {"alloc": ppo}
     elif op == "grpo":
         groups = rows // 16
         scores = torch.randn(rows, generator=gen).to(device)

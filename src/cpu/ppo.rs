@@ -7,9 +7,10 @@ use rayon::prelude::*;
 use crate::advantages::non_finite;
 use crate::aggregation::valid_in_row;
 use crate::cpu::rows_mut;
+use crate::cpu::simd::{self, LANES, LOG2E, dispatch};
 use crate::error::Op;
 use crate::{
-    BatchCounts, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result,
+    BatchCounts, Element, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result,
     ValueLossInputs, ValueLossOptions, ValueLossStats,
 };
 
@@ -50,37 +51,26 @@ impl<'a> PolicyLossOutputs<'a> {
     }
 }
 
-/// One token's loss, `∂L/∂logp` and clip flags (low, high, dual), in f32.
-pub(crate) fn policy_token(
-    opts: &PolicyLossOptions,
-    logp: f32,
-    lr: f32,
-    clamped: bool,
-    a: f32,
-) -> (f32, f32, [bool; 3]) {
-    let r = lr.exp();
-    let (lo, hi) = (1.0 - opts.clip_low, 1.0 + opts.clip_high);
-    let clip = r.clamp(lo, hi);
-    match opts.objective {
-        PolicyObjective::Clip | PolicyObjective::Gspo => {
-            let c = opts.dual_bound();
-            let mut l = (-a * r).max(-a * clip);
-            if a < 0.0 {
-                l = l.min(-a * c);
-            }
-            let active = (a > 0.0 && r <= hi) || (a < 0.0 && lo <= r && r <= c);
-            let g = if active && !clamped { -a * r } else { 0.0 };
-            (l, g, [a < 0.0 && r < lo, a > 0.0 && r > hi, a < 0.0 && r > c])
-        }
-        PolicyObjective::KlPenalty { beta } => {
-            let l = -a * r + beta * ((r - 1.0) - lr);
-            (l, if clamped { 0.0 } else { -a * r + beta * (r - 1.0) }, [false; 3])
-        }
-        PolicyObjective::Cispo => (-clip * a * logp, -clip * a, [r < lo, r > hi, false]),
-    }
+/// The per-row constants of the policy kernel.
+#[derive(Debug, Clone, Copy)]
+struct RowParams {
+    /// 0 clip, 1 PPO-KL, 2 GSPO, 3 CISPO.
+    objective: u8,
+    lo: f32,
+    hi: f32,
+    /// Dual clip bound (`+inf` without one).
+    dual: f32,
+    clamp: f32,
+    beta: f32,
+    /// Aggregation weight of the row's tokens and `∂loss/∂H = −c_H·w`.
+    w: f32,
+    grad_h: f32,
+    /// GSPO: the row's raw mean log-ratio.
+    seq_lr: f32,
+    accumulate: bool,
 }
 
-/// One row's sums (f64) for the statistics.
+/// One row's sums for the statistics (f32 lanes reduced in a fixed tree, then f64).
 #[derive(Debug, Clone, Copy, Default)]
 struct RowSums {
     loss: f64,
@@ -95,6 +85,125 @@ struct RowSums {
     ratio_max: f64,
     bad: bool,
 }
+
+/// Tokens per step of the row kernel (one [`LANES`] vector of each quantity).
+const STEP: usize = LANES;
+
+/// The stat accumulators of [`policy_row_generic`], one lane array each: loss, entropy, low,
+/// high, dual, k1, k3, ratio, the non-finite check, then min and max of the ratio.
+const SUMS: usize = 9;
+
+/// One row of the policy loss, [`STEP`] tokens at a time in branch-free f32 (every
+/// objective's formula evaluated, the row's chosen by a select), so that it vectorises; the
+/// tail is padded with masked tokens. Per token (MATH.md §4): `r = e^lr`, clip family
+/// `L = max(−A·r, −A·clip(r))` (then `min(·, −A·c)` where `A < 0`), gradient `−A·r` where
+/// unclipped and the log-ratio clamp inactive; PPO-KL `−A·r + β·((r − 1) − lr)`; CISPO
+/// `−clip(r)·A·logp`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn policy_row_generic<T: Element>(
+    p: &RowParams,
+    lp: &[T],
+    old: &[T],
+    adv: &[T],
+    ent: Option<&[T]>,
+    mask: Option<&[u8]>,
+    mut loss: Option<&mut [f32]>,
+    mut grad: Option<&mut [f32]>,
+    mut grad_h: Option<&mut [f32]>,
+) -> RowSums {
+    let cols = lp.len();
+    let mut acc = [[0.0f32; STEP]; SUMS];
+    let (mut rmin, mut rmax) = ([f32::INFINITY; STEP], [f32::NEG_INFINITY; STEP]);
+    let seq_raw = p.seq_lr;
+    let seq_lr = seq_raw.clamp(-p.clamp, p.clamp);
+    let seq_r = simd::exp2(seq_lr * LOG2E);
+    let gspo = p.objective == 2;
+    for start in (0..cols).step_by(STEP) {
+        let n = STEP.min(cols - start);
+        let mut x = [[0.0f32; STEP]; 5]; // logp, old, adv, entropy, valid
+        for k in 0..n {
+            let t = start + k;
+            let v = mask.is_none_or(|m| m[t] != 0);
+            if v {
+                x[0][k] = lp[t].to_f32();
+                x[1][k] = old[t].to_f32();
+                x[2][k] = adv[t].to_f32();
+                x[3][k] = ent.map_or(0.0, |h| h[t].to_f32());
+                x[4][k] = 1.0;
+            }
+        }
+        let (mut l_out, mut g_out) = ([0.0f32; STEP], [0.0f32; STEP]);
+        for k in 0..STEP {
+            let (lpk, a, h, m) = (x[0][k], x[2][k], x[3][k], x[4][k] != 0.0);
+            let raw_t = lpk - x[1][k];
+            let lr_t = raw_t.clamp(-p.clamp, p.clamp);
+            let r_t = simd::exp2(lr_t * LOG2E);
+            let (lr, raw, r) = if gspo { (seq_lr, seq_raw, seq_r) } else { (lr_t, raw_t, r_t) };
+            let clamped = lr != raw;
+            let clip = r.clamp(p.lo, p.hi);
+            let neg_a = -a;
+            let l_max = (neg_a * r).max(neg_a * clip);
+            let l_clip = if a < 0.0 { l_max.min(neg_a * p.dual) } else { l_max };
+            let active = (a > 0.0 && r <= p.hi) || (a < 0.0 && p.lo <= r && r <= p.dual);
+            let g_clip = if active && !clamped { neg_a * r } else { 0.0 };
+            let l_kl = neg_a * r + p.beta * ((r - 1.0) - lr);
+            let g_kl = if clamped { 0.0 } else { neg_a * r + p.beta * (r - 1.0) };
+            let (l_ci, g_ci) = (-clip * a * lpk, -clip * a);
+            let (l, g, low, high, dual) = match p.objective {
+                1 => (l_kl, g_kl, false, false, false),
+                3 => (l_ci, g_ci, r < p.lo, r > p.hi, false),
+                _ => (l_clip, g_clip, a < 0.0 && r < p.lo, a > 0.0 && r > p.hi, a < 0.0 && r > p.dual),
+            };
+            let f = |b: bool| if b && m { 1.0 } else { 0.0 };
+            l_out[k] = if m { l } else { 0.0 };
+            g_out[k] = if m { p.w * g } else { 0.0 };
+            acc[0][k] += l_out[k];
+            acc[1][k] += h;
+            acc[2][k] += f(low);
+            acc[3][k] += f(high);
+            acc[4][k] += f(dual);
+            acc[5][k] -= lr_t;
+            acc[6][k] += (r_t - 1.0) - lr_t;
+            acc[7][k] += if m { r_t } else { 0.0 };
+            acc[8][k] += (lpk - lpk) + (x[1][k] - x[1][k]) + (a - a) + (h - h); // NaN if any is not finite
+            rmin[k] = rmin[k].min(if m { r_t } else { f32::INFINITY });
+            rmax[k] = rmax[k].max(if m { r_t } else { f32::NEG_INFINITY });
+        }
+        if let Some(o) = loss.as_deref_mut() {
+            o[start..start + n].copy_from_slice(&l_out[..n]);
+        }
+        if let Some(o) = grad.as_deref_mut() {
+            let o = &mut o[start..start + n];
+            if p.accumulate {
+                o.iter_mut().zip(&g_out).for_each(|(o, g)| *o += g);
+            } else {
+                o.copy_from_slice(&g_out[..n]);
+            }
+        }
+        if let Some(o) = grad_h.as_deref_mut() {
+            for k in 0..n {
+                o[start + k] = if x[4][k] != 0.0 { p.grad_h } else { 0.0 };
+            }
+        }
+    }
+    let sum = |k: usize| simd::sum_lanes(&acc[k]) as f64;
+    RowSums {
+        loss: sum(0),
+        entropy: sum(1),
+        low: sum(2),
+        high: sum(3),
+        dual: sum(4),
+        k1: sum(5),
+        k3: sum(6),
+        ratio: sum(7),
+        ratio_min: rmin.iter().copied().fold(f32::INFINITY, f32::min) as f64,
+        ratio_max: simd::max_lanes(&rmax) as f64,
+        bad: !sum(8).is_finite(),
+    }
+}
+
+dispatch!(fn policy_row<T: Element>(p: &RowParams, lp: &[T], old: &[T], adv: &[T], ent: Option<&[T]>, mask: Option<&[u8]>, loss: Option<&mut [f32]>, grad: Option<&mut [f32]>, grad_h: Option<&mut [f32]>) -> RowSums = policy_row_generic);
 
 /// The policy loss (MATH.md §4, crate docs of [`PolicyObjective`]) of a `[B, T]` batch: per
 /// token `L` and `∂L/∂logp` in f32, the aggregate `Σ mask·w·L − c_H·Σ mask·w·H` under the
@@ -132,70 +241,47 @@ pub fn policy_loss(
     }
     let local = BatchCounts::of(shape, mask);
     let counts = opts.normaliser.counts(local);
-    let clamp = opts.log_ratio_clamp;
-    let gspo = opts.objective == PolicyObjective::Gspo;
-    let accumulate = out.accumulate;
+    let objective = match opts.objective {
+        PolicyObjective::Clip => 0,
+        PolicyObjective::KlPenalty { .. } => 1,
+        PolicyObjective::Gspo => 2,
+        PolicyObjective::Cispo => 3,
+    };
+    let beta = if let PolicyObjective::KlPenalty { beta } = opts.objective { beta } else { 0.0 };
     let rows: Vec<(f64, RowSums)> = rows_mut(out.loss, shape)
         .zip(rows_mut(out.grad_logp, shape))
         .zip(rows_mut(out.grad_entropy, shape))
         .enumerate()
-        .map(|(i, ((mut loss, mut grad), mut grad_h))| {
+        .map(|(i, ((loss, grad), grad_h))| {
             let range = shape.row_range(i);
-            let valid = |t: usize| mask.is_none_or(|m| m[t] != 0);
+            let row_mask = mask.map(|m| &m[range.clone()]);
             let n_valid = valid_in_row(shape, mask, i);
             let w = opts.aggregation.token_weight(counts, n_valid);
-            let seq_lr = if gspo {
-                let sum: f64 = range
-                    .clone()
-                    .filter(|&t| valid(t))
-                    .map(|t| (inputs.logp[t] - inputs.old_logp[t]) as f64)
+            let (lp, old) = (&inputs.logp[range.clone()], &inputs.old_logp[range.clone()]);
+            let seq_lr = if objective == 2 {
+                let sum: f64 = (0..shape.cols)
+                    .filter(|&j| row_mask.is_none_or(|m| m[j] != 0))
+                    .map(|j| (lp[j] - old[j]) as f64)
                     .sum();
                 (sum / n_valid.max(1) as f64) as f32
             } else {
                 0.0
             };
-            let mut s =
-                RowSums { ratio_min: f64::INFINITY, ratio_max: f64::NEG_INFINITY, ..Default::default() };
-            for (j, t) in range.enumerate() {
-                let (mut l_out, mut g_out, mut h_out) = (0.0, 0.0, 0.0);
-                if valid(t) {
-                    let (lp, old, a) = (inputs.logp[t], inputs.old_logp[t], inputs.advantages[t]);
-                    let h = inputs.entropy.map_or(0.0, |h| h[t]);
-                    s.bad |= !(lp.is_finite() && old.is_finite() && a.is_finite() && h.is_finite());
-                    let token_raw = lp - old;
-                    let token_lr = token_raw.clamp(-clamp, clamp);
-                    let raw = if gspo { seq_lr } else { token_raw };
-                    let lr = raw.clamp(-clamp, clamp);
-                    let (l, g, [lo, hi, du]) = policy_token(opts, lp, lr, lr != raw, a);
-                    (l_out, g_out, h_out) =
-                        (l, (w * g as f64) as f32, (-(opts.entropy_coef as f64) * w) as f32);
-                    let r = token_lr.exp() as f64;
-                    s.loss += l as f64;
-                    s.entropy += h as f64;
-                    s.low += f64::from(u8::from(lo));
-                    s.high += f64::from(u8::from(hi));
-                    s.dual += f64::from(u8::from(du));
-                    s.k1 -= token_lr as f64;
-                    s.k3 += (r - 1.0) - token_lr as f64;
-                    s.ratio += r;
-                    s.ratio_min = s.ratio_min.min(r);
-                    s.ratio_max = s.ratio_max.max(r);
-                }
-                if let Some(o) = loss.as_deref_mut() {
-                    o[j] = l_out;
-                }
-                if let Some(o) = grad.as_deref_mut() {
-                    if !accumulate {
-                        o[j] = g_out;
-                    } else if valid(t) {
-                        o[j] += g_out;
-                    }
-                }
-                if let Some(o) = grad_h.as_deref_mut() {
-                    o[j] = h_out;
-                }
-            }
-            (w, s)
+            let p = RowParams {
+                objective,
+                lo: 1.0 - opts.clip_low,
+                hi: 1.0 + opts.clip_high,
+                dual: opts.dual_bound(),
+                clamp: opts.log_ratio_clamp,
+                beta,
+                w: w as f32,
+                grad_h: (-(opts.entropy_coef as f64) * w) as f32,
+                seq_lr,
+                accumulate: out.accumulate,
+            };
+            let ent = inputs.entropy.map(|h| &h[range.clone()]);
+            let adv = &inputs.advantages[range];
+            (w, policy_row(&p, lp, old, adv, ent, row_mask, loss, grad, grad_h))
         })
         .collect();
     if let Some(i) = rows.iter().position(|(_, s)| s.bad) {

@@ -1,0 +1,120 @@
+//! Criterion benches of the PPO family on the shapes of benches/shapes.txt: the policy loss
+//! (clipped surrogate with dual clip and the entropy bonus, token-mean) writing both upstream
+//! gradients and the statistics, CPU and CUDA. Throughput counts the bytes the op must move.
+
+mod common;
+
+use common::{config, id};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rlhf_kernels::testing::Rng;
+use rlhf_kernels::{DType, PolicyLossInputs, PolicyLossOptions, RowShape, cpu};
+
+/// logp, old_logp, advantages, entropy and mask read; two gradients written.
+fn loss_bytes(shape: RowShape) -> u64 {
+    shape.len() as u64 * (4 * 4 + 1 + 8)
+}
+
+struct Data {
+    logp: Vec<f32>,
+    old: Vec<f32>,
+    adv: Vec<f32>,
+    entropy: Vec<f32>,
+    mask: Vec<u8>,
+}
+
+fn data(shape: RowShape) -> Data {
+    let mut rng = Rng::new(7);
+    let old: Vec<f32> = (0..shape.len()).map(|_| -(rng.uniform() * 5.0) as f32).collect();
+    let logp = old.iter().map(|&o| o + ((rng.uniform() - 0.5) * 0.8) as f32).collect();
+    let mask = (0..shape.rows)
+        .flat_map(|_| {
+            let len = shape.cols / 2 + rng.below(shape.cols / 2 + 1);
+            (0..shape.cols).map(move |t| u8::from(t < len))
+        })
+        .collect();
+    let entropy = (0..shape.len()).map(|_| (rng.uniform() * 3.0) as f32).collect();
+    Data { logp, old, adv: rng.normals(shape.len(), 1.0), entropy, mask }
+}
+
+fn opts() -> PolicyLossOptions {
+    PolicyLossOptions::default().dual_clip(Some(3.0)).entropy_coef(0.01)
+}
+
+fn bench_cpu(c: &mut Criterion) {
+    for (shape, _) in common::shapes("ppo_loss", "cpu") {
+        let d = data(shape);
+        let (mut g, mut h) = (vec![0.0f32; shape.len()], vec![0.0f32; shape.len()]);
+        let inputs = PolicyLossInputs::new(shape, &d.logp, &d.old, &d.adv).mask(&d.mask).entropy(&d.entropy);
+        let mut grp = c.benchmark_group("ppo_loss");
+        grp.throughput(Throughput::Bytes(loss_bytes(shape)));
+        grp.bench_function(id("cpu", shape, DType::F32), |b| {
+            b.iter(|| {
+                let out = cpu::PolicyLossOutputs::default().grad_logp(&mut g).grad_entropy(&mut h);
+                cpu::policy_loss(&inputs, out, &opts()).unwrap()
+            })
+        });
+        grp.finish();
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use crate::common::gpu::{device, time_events};
+    use rlhf_kernels::cuda::{
+        self, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats,
+    };
+
+    pub fn bench_cuda(c: &mut Criterion) {
+        let Some(device) = device() else { return };
+        let s = device.stream().clone();
+        let mut status = CudaStatus::new(&s).unwrap();
+        for (shape, _) in common::shapes("ppo_loss", "cuda") {
+            let d = data(shape);
+            let up = |v: &[f32]| s.clone_htod(v).unwrap();
+            let (lp, old, adv, ent) = (up(&d.logp), up(&d.old), up(&d.adv), up(&d.entropy));
+            let mask = s.clone_htod(&d.mask).unwrap();
+            let (mut g, mut h) =
+                (s.alloc_zeros::<f32>(shape.len()).unwrap(), s.alloc_zeros::<f32>(shape.len()).unwrap());
+            let mut ws = s.alloc_zeros::<u8>(cuda::policy_loss_workspace_bytes(shape)).unwrap();
+            let mut stats = DevicePolicyStats::new(&s).unwrap();
+            let inputs = DevicePolicyLossInputs {
+                shape,
+                logp: lp.as_view(),
+                old_logp: old.as_view(),
+                advantages: adv.as_view(),
+                mask: Some(mask.as_view()),
+                entropy: Some(ent.as_view()),
+            };
+            let mut grp = c.benchmark_group("ppo_loss");
+            grp.throughput(Throughput::Bytes(loss_bytes(shape)));
+            grp.bench_function(id("cuda", shape, DType::F32), |b| {
+                b.iter_custom(|iters| {
+                    time_events(&s, iters, || {
+                        let out = DevicePolicyLossOutputs {
+                            grad_logp: Some(g.as_view_mut()),
+                            grad_entropy: Some(h.as_view_mut()),
+                            stats: Some(&mut stats),
+                            workspace: Some(ws.as_view_mut()),
+                            ..Default::default()
+                        };
+                        cuda::policy_loss(&s, &inputs, out, &mut status, &opts()).unwrap()
+                    })
+                })
+            });
+            grp.finish();
+        }
+        status.check(&s).unwrap();
+    }
+}
+
+#[cfg(feature = "cuda")]
+use gpu::bench_cuda;
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_: &mut Criterion) {
+    eprintln!("skipped: CUDA benches: built without the `cuda` feature");
+}
+
+criterion_group! { name = benches; config = config(); targets = bench_cpu, bench_cuda }
+criterion_main!(benches);

@@ -86,6 +86,22 @@ struct RowSums {
     bad: bool,
 }
 
+/// One row of each per-token input.
+struct RowInputs<'a, T> {
+    lp: &'a [T],
+    old: &'a [T],
+    adv: &'a [T],
+    ent: Option<&'a [T]>,
+    mask: Option<&'a [u8]>,
+}
+
+/// One row of each requested output.
+struct RowOutputs<'a> {
+    loss: Option<&'a mut [f32]>,
+    grad: Option<&'a mut [f32]>,
+    grad_h: Option<&'a mut [f32]>,
+}
+
 /// Tokens per step of the row kernel (one [`LANES`] vector of each quantity).
 const STEP: usize = LANES;
 
@@ -100,18 +116,10 @@ const SUMS: usize = 9;
 /// unclipped and the log-ratio clamp inactive; PPO-KL `−A·r + β·((r − 1) − lr)`; CISPO
 /// `−clip(r)·A·logp`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn policy_row_generic<T: Element>(
-    p: &RowParams,
-    lp: &[T],
-    old: &[T],
-    adv: &[T],
-    ent: Option<&[T]>,
-    mask: Option<&[u8]>,
-    mut loss: Option<&mut [f32]>,
-    mut grad: Option<&mut [f32]>,
-    mut grad_h: Option<&mut [f32]>,
-) -> RowSums {
+#[allow(clippy::needless_range_loop)] // parallel lane arrays
+fn policy_row_generic<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOutputs<'_>) -> RowSums {
+    let RowInputs { lp, old, adv, ent, mask } = x;
+    let RowOutputs { mut loss, mut grad, mut grad_h } = out;
     let cols = lp.len();
     let mut acc = [[0.0f32; STEP]; SUMS];
     let (mut rmin, mut rmax) = ([f32::INFINITY; STEP], [f32::NEG_INFINITY; STEP]);
@@ -121,22 +129,21 @@ fn policy_row_generic<T: Element>(
     let gspo = p.objective == 2;
     for start in (0..cols).step_by(STEP) {
         let n = STEP.min(cols - start);
-        let mut x = [[0.0f32; STEP]; 5]; // logp, old, adv, entropy, valid
+        let mut v = [[0.0f32; STEP]; 5]; // logp, old, adv, entropy, valid
         for k in 0..n {
             let t = start + k;
-            let v = mask.is_none_or(|m| m[t] != 0);
-            if v {
-                x[0][k] = lp[t].to_f32();
-                x[1][k] = old[t].to_f32();
-                x[2][k] = adv[t].to_f32();
-                x[3][k] = ent.map_or(0.0, |h| h[t].to_f32());
-                x[4][k] = 1.0;
+            if mask.is_none_or(|m| m[t] != 0) {
+                v[0][k] = lp[t].to_f32();
+                v[1][k] = old[t].to_f32();
+                v[2][k] = adv[t].to_f32();
+                v[3][k] = ent.map_or(0.0, |h| h[t].to_f32());
+                v[4][k] = 1.0;
             }
         }
         let (mut l_out, mut g_out) = ([0.0f32; STEP], [0.0f32; STEP]);
         for k in 0..STEP {
-            let (lpk, a, h, m) = (x[0][k], x[2][k], x[3][k], x[4][k] != 0.0);
-            let raw_t = lpk - x[1][k];
+            let (lpk, a, h, m) = (v[0][k], v[2][k], v[3][k], v[4][k] != 0.0);
+            let raw_t = lpk - v[1][k];
             let lr_t = raw_t.clamp(-p.clamp, p.clamp);
             let r_t = simd::exp2(lr_t * LOG2E);
             let (lr, raw, r) = if gspo { (seq_lr, seq_raw, seq_r) } else { (lr_t, raw_t, r_t) };
@@ -166,7 +173,7 @@ fn policy_row_generic<T: Element>(
             acc[5][k] -= lr_t;
             acc[6][k] += (r_t - 1.0) - lr_t;
             acc[7][k] += if m { r_t } else { 0.0 };
-            acc[8][k] += (lpk - lpk) + (x[1][k] - x[1][k]) + (a - a) + (h - h); // NaN if any is not finite
+            acc[8][k] += lpk * 0.0 + v[1][k] * 0.0 + a * 0.0 + h * 0.0; // NaN if any input is not finite
             rmin[k] = rmin[k].min(if m { r_t } else { f32::INFINITY });
             rmax[k] = rmax[k].max(if m { r_t } else { f32::NEG_INFINITY });
         }
@@ -183,7 +190,7 @@ fn policy_row_generic<T: Element>(
         }
         if let Some(o) = grad_h.as_deref_mut() {
             for k in 0..n {
-                o[start + k] = if x[4][k] != 0.0 { p.grad_h } else { 0.0 };
+                o[start + k] = if v[4][k] != 0.0 { p.grad_h } else { 0.0 };
             }
         }
     }
@@ -203,7 +210,7 @@ fn policy_row_generic<T: Element>(
     }
 }
 
-dispatch!(fn policy_row<T: Element>(p: &RowParams, lp: &[T], old: &[T], adv: &[T], ent: Option<&[T]>, mask: Option<&[u8]>, loss: Option<&mut [f32]>, grad: Option<&mut [f32]>, grad_h: Option<&mut [f32]>) -> RowSums = policy_row_generic);
+dispatch!(fn policy_row<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOutputs<'_>) -> RowSums = policy_row_generic);
 
 /// The policy loss (MATH.md §4, crate docs of [`PolicyObjective`]) of a `[B, T]` batch: per
 /// token `L` and `∂L/∂logp` in f32, the aggregate `Σ mask·w·L − c_H·Σ mask·w·H` under the
@@ -281,7 +288,8 @@ pub fn policy_loss(
             };
             let ent = inputs.entropy.map(|h| &h[range.clone()]);
             let adv = &inputs.advantages[range];
-            (w, policy_row(&p, lp, old, adv, ent, row_mask, loss, grad, grad_h))
+            let x = RowInputs { lp, old, adv, ent, mask: row_mask };
+            (w, policy_row(&p, x, RowOutputs { loss, grad, grad_h }))
         })
         .collect();
     if let Some(i) = rows.iter().position(|(_, s)| s.bad) {

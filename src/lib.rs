@@ -64,8 +64,8 @@ pub use logprobs::{
     merge_vocab_partials,
 };
 pub use ppo::{
-    PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, ValueLossInputs, ValueLossOptions,
-    ValueLossStats,
+    FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, PolicyLossStats,
+    PolicyObjective, ValueLossInputs, ValueLossOptions, ValueLossStats,
 };
 pub use shape::{MAX_DIM, RowShape};
 

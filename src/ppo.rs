@@ -34,7 +34,10 @@
 //! `∂L_v/∂v = (v − R)` where the unclipped error is the larger, else `(v_clip − R)` inside the
 //! clip band and 0 outside.
 
-use crate::{Aggregation, BatchCounts, Error, Normaliser, Result, RowShape};
+use crate::{
+    Aggregation, BatchCounts, Error, Normaliser, Result, RowShape, SampledKlOptions, SampledKlStats,
+    TargetIndex, Tokens,
+};
 
 /// Which policy loss (module docs for the formulas).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -360,5 +363,76 @@ impl ValueLossInputs<'_> {
             s.check_buffer("mask", m.len())?;
         }
         Ok(())
+    }
+}
+
+/// The inputs of the fused path from logits besides the logits themselves: one row of logits
+/// per token, viewed as `sequences` (`[B, T]`, dense, `B·T` = the logits' rows) for the loss.
+/// Padding comes from the tokens' mask only (the fused path does not use an ignore index:
+/// every unmasked target must be a vocabulary id).
+///
+/// ```
+/// use rlhf_kernels::{FusedPolicyInputs, RowShape, Tokens};
+/// let (targets, mask) = ([3i64, 1], [1u8, 1]);
+/// let (old, adv) = ([-1.2f32, -0.7], [0.5f32, 0.5]);
+/// let inputs = FusedPolicyInputs::new(Tokens::new(&targets).with_mask(&mask), RowShape::new(1, 2), &old, &adv);
+/// # let _ = inputs;
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct FusedPolicyInputs<'a, I> {
+    /// Sampled tokens and the token mask.
+    pub tokens: Tokens<'a, I>,
+    /// The `[B, T]` view of the token rows.
+    pub sequences: RowShape,
+    /// `log π_old(y_t)`.
+    pub old_logp: &'a [f32],
+    /// Advantages per token.
+    pub advantages: &'a [f32],
+    /// A KL loss term to the reference policy: its per-token log-probs and estimator options
+    /// (the gradient joins the policy loss's; no importance ratio).
+    pub kl: Option<(&'a [f32], SampledKlOptions)>,
+}
+
+impl<'a, I: TargetIndex> FusedPolicyInputs<'a, I> {
+    /// The required inputs.
+    pub fn new(
+        tokens: Tokens<'a, I>,
+        sequences: RowShape,
+        old_logp: &'a [f32],
+        advantages: &'a [f32],
+    ) -> Self {
+        FusedPolicyInputs { tokens, sequences, old_logp, advantages, kl: None }
+    }
+    /// Adds a KL loss term from the reference log-probs.
+    pub fn kl(self, ref_logp: &'a [f32], opts: SampledKlOptions) -> Self {
+        FusedPolicyInputs { kl: Some((ref_logp, opts)), ..self }
+    }
+
+    /// Checks that `sequences` views `rows` token rows densely.
+    pub(crate) fn check_sequences(&self, rows: usize) -> Result<()> {
+        let s = self.sequences;
+        s.validate("sequences")?;
+        if s.row_stride != s.cols || s.len() != rows {
+            return Err(Error::ShapeMismatch { what: "sequences", min: rows, max: rows, actual: s.len() });
+        }
+        Ok(())
+    }
+}
+
+/// What the fused path reports: the policy loss's statistics (the loss includes the entropy
+/// bonus) and, with a KL term, its statistics (its loss is separate: add the two).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct FusedPolicyStats {
+    /// The policy loss.
+    pub policy: PolicyLossStats,
+    /// The KL term.
+    pub kl: Option<SampledKlStats>,
+}
+
+impl FusedPolicyStats {
+    /// The scalar whose gradient the fused path wrote: policy loss (with the entropy bonus)
+    /// plus the KL term.
+    pub fn total_loss(&self) -> f64 {
+        self.policy.loss + self.kl.map_or(0.0, |k| k.loss)
     }
 }

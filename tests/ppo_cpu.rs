@@ -4,8 +4,11 @@
 
 mod common;
 
-use common::ppo::{self, PolicyCase, PolicyOut, PpoBackend, ValueCase};
-use rlhf_kernels::{PolicyLossOptions, Result, RowShape, ValueLossOptions, ValueLossStats, cpu};
+use common::ppo::{self, FusedBackend, FusedCase, PolicyCase, PolicyOut, PpoBackend, ValueCase};
+use rlhf_kernels::{
+    Element, FusedPolicyStats, PolicyLossOptions, Result, RowShape, TokenLogprobsOptions, ValueLossOptions,
+    ValueLossStats, bf16, cpu,
+};
 
 struct Cpu;
 
@@ -50,6 +53,33 @@ impl PpoBackend for Cpu {
         )?;
         Ok((dense(&l, c.shape), dense(&g, c.shape), stats))
     }
+}
+
+impl FusedBackend for Cpu {
+    fn fused<T: Element>(
+        &self,
+        c: &FusedCase<T>,
+        opts: &PolicyLossOptions,
+        in_place: bool,
+    ) -> Result<(Vec<T>, FusedPolicyStats)> {
+        let inputs = c.inputs(ppo::fused_kl());
+        let lp = TokenLogprobsOptions::default();
+        if in_place {
+            let mut logits = c.logits.clone();
+            let stats = cpu::policy_loss_from_logits_in_place(&mut logits, c.shape, &inputs, &lp, opts)?;
+            Ok((logits, stats))
+        } else {
+            let mut grad = vec![T::from_f32(f32::NAN); c.logits.len()];
+            let stats = cpu::policy_loss_from_logits(&c.logits, c.shape, &inputs, &mut grad, &lp, opts)?;
+            Ok((grad, stats))
+        }
+    }
+}
+
+#[test]
+fn fused_path_equals_the_composed_reference() {
+    ppo::fused_path::<f32>(&Cpu);
+    ppo::fused_path::<bf16>(&Cpu);
 }
 
 #[test]

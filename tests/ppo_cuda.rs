@@ -11,13 +11,17 @@ use rlhf_kernels::cuda_or_skip;
 mod gpu {
     use std::sync::Arc;
 
-    use super::common::ppo::{self, PolicyCase, PolicyOut, PpoBackend, ValueCase};
+    use super::common::ppo::{self, FusedBackend, FusedCase, PolicyCase, PolicyOut, PpoBackend, ValueCase};
     use rlhf_kernels::cuda::{
         self, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats,
         DeviceValueLossInputs, DeviceValueLossOutputs, DeviceValueStats,
     };
+    use rlhf_kernels::cuda::{DeviceFusedPolicyInputs, DeviceFusedStats, DeviceTokens};
     use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
-    use rlhf_kernels::{PolicyLossOptions, Result, RowShape, ValueLossOptions, ValueLossStats};
+    use rlhf_kernels::{
+        Element, FusedPolicyStats, PolicyLossOptions, Result, RowShape, TokenLogprobsOptions,
+        ValueLossOptions, ValueLossStats, bf16,
+    };
 
     pub struct Gpu(pub Arc<CudaStream>);
 
@@ -137,6 +141,64 @@ mod gpu {
         }
     }
 
+    impl FusedBackend for Gpu {
+        fn fused<T: Element>(
+            &self,
+            c: &FusedCase<T>,
+            opts: &PolicyLossOptions,
+            in_place: bool,
+        ) -> Result<(Vec<T>, FusedPolicyStats)> {
+            let s = &self.0;
+            let mut logits = s.clone_htod(&c.logits).unwrap();
+            let (targets, mask) = (s.clone_htod(&c.targets).unwrap(), s.clone_htod(&c.mask).unwrap());
+            let (old, adv) = (s.clone_htod(&c.old_logp).unwrap(), s.clone_htod(&c.advantages).unwrap());
+            let ref_logp = c.ref_logp.as_ref().map(|r| s.clone_htod(r).unwrap());
+            let inputs = DeviceFusedPolicyInputs {
+                tokens: DeviceTokens::new(targets.as_view()).with_mask(mask.as_view()),
+                sequences: c.sequences,
+                old_logp: old.as_view(),
+                advantages: adv.as_view(),
+                kl: ref_logp.as_ref().map(|r| (r.as_view(), ppo::fused_kl())),
+            };
+            let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
+            let lp = TokenLogprobsOptions::default();
+            let grad = if in_place {
+                cuda::policy_loss_from_logits_in_place(
+                    s,
+                    &mut logits,
+                    c.shape,
+                    &inputs,
+                    &mut stats,
+                    &mut status,
+                    &lp,
+                    opts,
+                )?;
+                logits
+            } else {
+                let mut grad = s.clone_htod(&vec![T::from_f32(f32::NAN); c.logits.len()]).unwrap();
+                cuda::policy_loss_from_logits(
+                    s,
+                    &logits,
+                    c.shape,
+                    &inputs,
+                    &mut grad,
+                    &mut stats,
+                    &mut status,
+                    &lp,
+                    opts,
+                )?;
+                grad
+            };
+            status.check(s)?;
+            Ok((s.clone_dtoh(&grad).unwrap(), stats.read(s)?))
+        }
+    }
+
+    pub fn fused(gpu: &Gpu) {
+        ppo::fused_path::<f32>(gpu);
+        ppo::fused_path::<bf16>(gpu);
+    }
+
     pub fn policy(gpu: &Gpu) {
         ppo::policy_sweep(gpu);
         ppo::policy_branches(gpu);
@@ -202,3 +264,4 @@ gpu_test!(policy);
 gpu_test!(policy_errors);
 gpu_test!(value);
 gpu_test!(single_kernel_path);
+gpu_test!(fused);

@@ -1,0 +1,134 @@
+//! The fused path from logits: policy logits + targets + old log-probs + advantages (+ a KL
+//! term) → loss, statistics and the gradient w.r.t. the logits, in two passes over the logits
+//! (the forward's log-probs, entropy and lse; then the backward, optionally in place) with
+//! `O(N)` temporaries and never an `[N, V]` one.
+
+use crate::cpu::{sampled_kl, token_logprobs, token_logprobs_backward, token_logprobs_backward_in_place};
+use crate::logprobs::check_len;
+use crate::{
+    Element, FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, Result, RowShape,
+    TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs,
+};
+
+use super::{PolicyLossOutputs, policy_loss};
+
+/// The forward and the losses: per-token temporaries the backward reads.
+struct Forward {
+    lse: Vec<f32>,
+    entropy: Vec<f32>,
+    grad_logp: Vec<f32>,
+    grad_entropy: Vec<f32>,
+    stats: FusedPolicyStats,
+}
+
+fn forward<T: Element, I: TargetIndex>(
+    logits: &[T],
+    shape: RowShape,
+    inputs: &FusedPolicyInputs<'_, I>,
+    logprobs: &TokenLogprobsOptions,
+    opts: &PolicyLossOptions,
+) -> Result<Forward> {
+    shape.check_buffer("logits", logits.len())?;
+    let n = shape.rows;
+    inputs.check_sequences(n)?;
+    check_len("old_logp", inputs.old_logp.len(), n)?;
+    check_len("advantages", inputs.advantages.len(), n)?;
+    if let Some((r, _)) = inputs.kl {
+        check_len("ref_logp", r.len(), n)?;
+    }
+    opts.validate()?;
+    let lp_opts = TokenLogprobsOptions { ignore_index: None, ..*logprobs };
+    let (mut logp, mut entropy, mut lse) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+    let out = TokenOutputs::default().logp(&mut logp).entropy(&mut entropy).lse(&mut lse);
+    token_logprobs(logits, shape, &inputs.tokens, out, &lp_opts)?;
+    let (seqs, mask) = (inputs.sequences, inputs.tokens.mask);
+    let mut grad_logp = vec![0.0f32; n];
+    let kl = match inputs.kl {
+        Some((ref_logp, kl_opts)) => {
+            let out = crate::cpu::SampledKlOutputs::default().grad_logp(&mut grad_logp);
+            Some(sampled_kl(&logp, ref_logp, seqs, mask, out, &kl_opts)?)
+        }
+        None => None,
+    };
+    let mut grad_entropy = vec![0.0f32; n];
+    let loss_inputs = PolicyLossInputs {
+        shape: seqs,
+        logp: &logp,
+        old_logp: inputs.old_logp,
+        advantages: inputs.advantages,
+        mask,
+        entropy: Some(&entropy),
+    };
+    let out = PolicyLossOutputs::default()
+        .grad_logp(&mut grad_logp)
+        .grad_entropy(&mut grad_entropy)
+        .accumulate(kl.is_some());
+    let policy = policy_loss(&loss_inputs, out, opts)?;
+    Ok(Forward { lse, entropy, grad_logp, grad_entropy, stats: FusedPolicyStats { policy, kl } })
+}
+
+/// The policy loss straight from the policy logits (one row per token, any of f32/f16/bf16,
+/// temperature from `logprobs`): the forward's `logp`, entropy and lse, the KL term if given
+/// (its gradient w.r.t. `logp` first), the policy loss with the entropy bonus accumulated onto
+/// it, then the backward of the total into `grad_logits` (the logits' shape and dtype).
+/// Temporaries are five `f32` per token. Returns the statistics; the scalar loss is
+/// [`FusedPolicyStats::total_loss`].
+///
+/// Errors: those of each stage (shapes, options, targets out of range at unmasked rows, rows
+/// without a defined log-softmax, non-finite loss inputs); nothing is written to
+/// `grad_logits` when a stage before the backward fails.
+///
+/// ```
+/// use rlhf_kernels::{cpu, FusedPolicyInputs, PolicyLossOptions, RowShape, TokenLogprobsOptions, Tokens};
+/// let shape = RowShape::new(2, 4); // two tokens of one response, vocabulary 4
+/// let logits = [0.5f32, 1.0, -1.0, 0.0, 2.0, 0.0, 0.0, 0.0];
+/// let (targets, mask, old, adv) = ([1i64, 0], [1u8, 1], [-1.0f32, -0.5], [1.0f32, -1.0]);
+/// let inputs = FusedPolicyInputs::new(Tokens::new(&targets).with_mask(&mask), RowShape::new(1, 2), &old, &adv);
+/// let mut grad = [0.0f32; 8];
+/// let stats = cpu::policy_loss_from_logits(&logits, shape, &inputs, &mut grad, &TokenLogprobsOptions::default(),
+///                                          &PolicyLossOptions::default())?;
+/// assert!(stats.total_loss().is_finite() && grad.iter().any(|&g| g != 0.0));
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
+    logits: &[T],
+    shape: RowShape,
+    inputs: &FusedPolicyInputs<'_, I>,
+    grad_logits: &mut [T],
+    logprobs: &TokenLogprobsOptions,
+    opts: &PolicyLossOptions,
+) -> Result<FusedPolicyStats> {
+    shape.check_buffer("grad_logits", grad_logits.len())?;
+    let f = forward(logits, shape, inputs, logprobs, opts)?;
+    let grads = TokenGrads::new(&f.lse).grad_logp(&f.grad_logp).grad_entropy(&f.grad_entropy, &f.entropy);
+    let lp_opts = TokenLogprobsOptions { ignore_index: None, ..*logprobs };
+    token_logprobs_backward(logits, shape, &inputs.tokens, &grads, grad_logits, &lp_opts)?;
+    Ok(f.stats)
+}
+
+/// [`policy_loss_from_logits`] writing the gradient over the logits (no `[N, V]` buffer at
+/// all, as Liger's fused losses do).
+///
+/// ```
+/// use rlhf_kernels::{cpu, FusedPolicyInputs, PolicyLossOptions, RowShape, TokenLogprobsOptions, Tokens};
+/// let shape = RowShape::new(1, 3);
+/// let mut logits = [0.0f32, 1.0, 2.0];
+/// let inputs = FusedPolicyInputs::new(Tokens::new(&[2i64]), RowShape::new(1, 1), &[-0.5], &[1.0]);
+/// cpu::policy_loss_from_logits_in_place(&mut logits, shape, &inputs, &TokenLogprobsOptions::default(),
+///                                        &PolicyLossOptions::default())?;
+/// assert!(logits[2] < 0.0); // raising the sampled token's logit lowers the loss
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn policy_loss_from_logits_in_place<T: Element, I: TargetIndex>(
+    logits: &mut [T],
+    shape: RowShape,
+    inputs: &FusedPolicyInputs<'_, I>,
+    logprobs: &TokenLogprobsOptions,
+    opts: &PolicyLossOptions,
+) -> Result<FusedPolicyStats> {
+    let f = forward(logits, shape, inputs, logprobs, opts)?;
+    let grads = TokenGrads::new(&f.lse).grad_logp(&f.grad_logp).grad_entropy(&f.grad_entropy, &f.entropy);
+    let lp_opts = TokenLogprobsOptions { ignore_index: None, ..*logprobs };
+    token_logprobs_backward_in_place(logits, shape, &inputs.tokens, &grads, &lp_opts)?;
+    Ok(f.stats)
+}

@@ -1,0 +1,14 @@
+//! The PPO family on the GPU: the per-token losses (`loss`, kernels/ppo.cu) and the fused path
+//! from logits (`fused`), which chains the logprobs, KL and loss kernels.
+
+mod fused;
+mod loss;
+
+pub use fused::{
+    DeviceFusedPolicyInputs, DeviceFusedStats, policy_loss_from_logits, policy_loss_from_logits_in_place,
+};
+pub use loss::{
+    DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats, DeviceValueLossInputs,
+    DeviceValueLossOutputs, DeviceValueStats, policy_loss, policy_loss_workspace_bytes, value_loss,
+    value_loss_workspace_bytes,
+};

@@ -7,7 +7,40 @@ mod common;
 use common::{config, id};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rlhf_kernels::testing::Rng;
-use rlhf_kernels::{DType, PolicyLossInputs, PolicyLossOptions, RowShape, cpu};
+use rlhf_kernels::{
+    DType, Element, FusedPolicyInputs, PolicyLossInputs, PolicyLossOptions, RowShape, TokenLogprobsOptions,
+    Tokens, bf16, cpu, f16,
+};
+
+/// Tokens per sequence of the fused-path bench.
+const SEQ_LEN: usize = 256;
+
+/// Fused path: the logits read twice, the gradient written once, per-token inputs.
+fn fused_bytes(shape: RowShape, dtype: DType) -> u64 {
+    3 * shape.len() as u64 * dtype.size_bytes() as u64 + shape.rows as u64 * (8 + 1 + 4 + 4)
+}
+
+/// Logits, targets, old log-probs near the policy's and advantages for the fused path.
+struct FusedData<T> {
+    logits: Vec<T>,
+    targets: Vec<i64>,
+    mask: Vec<u8>,
+    old: Vec<f32>,
+    adv: Vec<f32>,
+}
+
+fn fused_data<T: Element>(shape: RowShape) -> FusedData<T> {
+    let mut rng = Rng::new(8);
+    let logits: Vec<T> = rng.logits(shape, 3.0);
+    let targets: Vec<i64> = (0..shape.rows).map(|_| rng.below(shape.cols) as i64).collect();
+    // Old log-probs: about the uniform policy's, the scale of these logits' log-probs.
+    let old = (0..shape.rows).map(|_| -(shape.cols as f32).ln() + 0.3 * rng.normal() as f32).collect();
+    FusedData { logits, targets, mask: vec![1; shape.rows], old, adv: rng.normals(shape.rows, 1.0) }
+}
+
+fn sequences(shape: RowShape) -> RowShape {
+    RowShape::new(shape.rows / SEQ_LEN, SEQ_LEN)
+}
 
 /// logp, old_logp, advantages, entropy and mask read; two gradients written.
 fn loss_bytes(shape: RowShape) -> u64 {
@@ -55,6 +88,27 @@ fn bench_cpu(c: &mut Criterion) {
         });
         grp.finish();
     }
+    for (shape, dtype) in common::shapes("ppo_fused", "cpu") {
+        match dtype {
+            DType::F32 => bench_fused_cpu::<f32>(c, shape),
+            DType::F16 => bench_fused_cpu::<f16>(c, shape),
+            DType::BF16 => bench_fused_cpu::<bf16>(c, shape),
+        }
+    }
+}
+
+fn bench_fused_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
+    let d = fused_data::<T>(shape);
+    let mut grad = vec![T::default(); shape.len()];
+    let tokens = Tokens::new(&d.targets).with_mask(&d.mask);
+    let inputs = FusedPolicyInputs::new(tokens, sequences(shape), &d.old, &d.adv);
+    let lp = TokenLogprobsOptions::default();
+    let mut grp = c.benchmark_group("ppo_fused");
+    grp.throughput(Throughput::Bytes(fused_bytes(shape, T::DTYPE)));
+    grp.bench_function(id("cpu", shape, T::DTYPE), |b| {
+        b.iter(|| cpu::policy_loss_from_logits(&d.logits, shape, &inputs, &mut grad, &lp, &opts()).unwrap())
+    });
+    grp.finish();
 }
 
 #[cfg(feature = "cuda")]
@@ -62,8 +116,11 @@ mod gpu {
     use super::*;
     use crate::common::gpu::{device, time_events};
     use rlhf_kernels::cuda::{
-        self, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats,
+        self, CudaStatus, DeviceFusedPolicyInputs, DeviceFusedStats, DevicePolicyLossInputs,
+        DevicePolicyLossOutputs, DevicePolicyStats, DeviceTokens,
     };
+    use rlhf_kernels::cudarc::driver::CudaStream;
+    use std::sync::Arc;
 
     pub fn bench_cuda(c: &mut Criterion) {
         let Some(device) = device() else { return };
@@ -104,7 +161,53 @@ mod gpu {
             });
             grp.finish();
         }
+        for (shape, dtype) in common::shapes("ppo_fused", "cuda") {
+            match dtype {
+                DType::F32 => bench_fused::<f32>(c, &s, shape),
+                DType::F16 => bench_fused::<f16>(c, &s, shape),
+                DType::BF16 => bench_fused::<bf16>(c, &s, shape),
+            }
+        }
         status.check(&s).unwrap();
+    }
+
+    fn bench_fused<T: Element>(c: &mut Criterion, s: &Arc<CudaStream>, shape: RowShape) {
+        let d = fused_data::<T>(shape);
+        let logits = s.clone_htod(&d.logits).unwrap();
+        let (targets, mask) = (s.clone_htod(&d.targets).unwrap(), s.clone_htod(&d.mask).unwrap());
+        let (old, adv) = (s.clone_htod(&d.old).unwrap(), s.clone_htod(&d.adv).unwrap());
+        let mut grad = s.alloc_zeros::<T>(shape.len()).unwrap();
+        let (mut stats, mut status) = (DeviceFusedStats::new(s).unwrap(), CudaStatus::new(s).unwrap());
+        let inputs = DeviceFusedPolicyInputs {
+            tokens: DeviceTokens::new(targets.as_view()).with_mask(mask.as_view()),
+            sequences: sequences(shape),
+            old_logp: old.as_view(),
+            advantages: adv.as_view(),
+            kl: None,
+        };
+        let lp = TokenLogprobsOptions::default();
+        let mut grp = c.benchmark_group("ppo_fused");
+        grp.throughput(Throughput::Bytes(fused_bytes(shape, T::DTYPE)));
+        grp.bench_function(id("cuda", shape, T::DTYPE), |b| {
+            b.iter_custom(|iters| {
+                time_events(s, iters, || {
+                    cuda::policy_loss_from_logits(
+                        s,
+                        &logits,
+                        shape,
+                        &inputs,
+                        &mut grad,
+                        &mut stats,
+                        &mut status,
+                        &lp,
+                        &opts(),
+                    )
+                    .unwrap()
+                })
+            })
+        });
+        grp.finish();
+        status.check(s).unwrap();
     }
 }
 

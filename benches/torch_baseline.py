@@ -28,6 +28,9 @@ Ratios are taken against the faster of the two.
   ppo_loss                    alloc: verl's compute_policy_loss_vanilla (clamp 20, ε = 0.2, dual
                                      clip 3, clip fractions, ppo_kl), token-mean aggregation, the
                                      entropy bonus, autograd.grad w.r.t. logp and the entropy
+  ppo_fused                   alloc: log_softmax(x.float()).gather (the log-probs), the entropy,
+                                     verl's clipped loss with the entropy bonus (token-mean) and
+                                     autograd.grad w.r.t. the logits x
   grpo                        alloc: group mean and unbiased std by scatter_add over the group
                                      ids (verl loops over a Python dict; this is the vectorised
                                      form), then (s − mean)/(std + 1e-6)
@@ -62,6 +65,7 @@ def op_bytes(op, rows, cols, dtype):
         "gae": n * (4 + 4 + 1 + 4 + 4),
         "grpo": rows * (4 + 4 + 4),
         "ppo_loss": n * (4 * 4 + 1 + 8),
+        "ppo_fused": 3 * n * t + rows * (8 + 1 + 4 + 4),
     }[op]
 
 
@@ -248,6 +252,31 @@ def cases(op, rows, cols, dtype, device):
                 return ppo_graph()
 
         yield "ppo_loss", {"alloc": ppo}
+    elif op == "ppo_fused":
+        y = torch.randint(0, cols, (rows, 1), generator=gen).to(device)
+        adv = torch.randn(rows, generator=gen).to(device)
+        mask = torch.ones(rows, device=device)
+        with torch.no_grad():
+            old = torch.log_softmax(x.float(), -1).gather(-1, y).squeeze(-1)
+            old = old + torch.randn(rows, generator=gen).to(device) * 0.15
+
+        def fused_graph():
+            xg = x.detach().requires_grad_(True)
+            lp_all = torch.log_softmax(xg.float(), -1)
+            logp = lp_all.gather(-1, y).squeeze(-1)
+            entropy = -(lp_all.exp() * lp_all).sum(-1)
+            ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
+            pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 0.8, 1.2))
+            pg = torch.where(adv < 0, torch.min(-adv * 3.0, pg), pg)
+            loss = (pg * mask).sum() / mask.sum() - 0.01 * (entropy * mask).sum() / mask.sum()
+            (g,) = torch.autograd.grad(loss, xg)
+            return loss.detach(), g
+
+        def fused():
+            with torch.enable_grad():
+                return fused_graph()
+
+        yield "ppo_fused", {"alloc": fused}
     elif op == "grpo":
         groups = rows // 16
         scores = torch.randn(rows, generator=gen).to(device)

@@ -185,6 +185,70 @@ fn workspace_ptr<'a>(
     Ok((p, Some(g)))
 }
 
+/// The launches shared by the two losses (kernels/ppo.cu): `{kernel}_rows(Params, Row*,
+/// status)` with one block of 256 threads per sequence; when records are needed the one-block
+/// `{kernel}_finalize(const Row*, int rows, int aggregation, double max_len, int use_global,
+/// double ×3 counts, float coef, double* stats)`; and with local denominators and a gradient
+/// `{kernel}_grad(Params, const Row*, const double* stats)`, one block per sequence.
+struct LossLaunch {
+    kernel: &'static str,
+    rows: usize,
+    records: u64,
+    stats: u64,
+    status: u64,
+    aggregation: i32,
+    max_len: f64,
+    global: Option<[f64; 3]>,
+    coef: f32,
+    need_records: bool,
+    grad_pass: bool,
+}
+
+impl LossLaunch {
+    /// # Safety
+    /// `params` is the `Params` struct of `self.kernel`'s kernels, whose pointers are null or
+    /// cover the launch's shape; `records` (when records are needed) holds one row record per
+    /// sequence and `stats` the kernel's statistics words, all device memory of `stream`'s
+    /// context that stays allocated until the kernels ran.
+    unsafe fn run<P: DeviceRepr>(&self, stream: &Arc<CudaStream>, params: &P) -> Result<()> {
+        let ctx = stream.context();
+        let name = |suffix: &str| format!("{}_{suffix}", self.kernel);
+        let rows = self.rows as i32;
+        let per_row =
+            LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let f = function(ctx, Module::Ppo, &name("rows"))?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(params).arg(&self.records).arg(&self.status);
+        // SAFETY: the caller's contract; the signature is `(Params, Row*, unsigned long long*)`,
+        // one block of 256 threads per sequence (rows ≤ i32::MAX by the shape check).
+        unsafe { l.launch(per_row) }.map_err(driver_error("launching a loss's rows kernel"))?;
+        if !self.need_records {
+            return Ok(());
+        }
+        let counts = self.global.unwrap_or([0.0; 3]);
+        let use_global = i32::from(self.global.is_some());
+        let f = function(ctx, Module::Ppo, &name("finalize"))?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&self.records).arg(&rows).arg(&self.aggregation).arg(&self.max_len).arg(&use_global);
+        l.arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&self.coef).arg(&self.stats);
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches `(const Row*, int, int, double, int, double, double, double, float,
+        // double*)`; exactly one block of 256 threads (its trees assume it); reads the records
+        // written above on this stream and writes the statistics.
+        unsafe { l.launch(one) }.map_err(driver_error("launching a loss's finalize kernel"))?;
+        if self.grad_pass {
+            let f = function(ctx, Module::Ppo, &name("grad"))?;
+            let mut l = stream.launch_builder(&f);
+            l.arg(params).arg(&self.records).arg(&self.stats);
+            // SAFETY: matches `(Params, const Row*, const double*)`; one block per sequence;
+            // the records and the counts in the statistics were written by the launches above
+            // on this stream.
+            unsafe { l.launch(per_row) }.map_err(driver_error("launching a loss's gradient kernel"))?;
+        }
+        Ok(())
+    }
+}
+
 /// The policy loss on the GPU, the twin of [`cpu::policy_loss`](crate::cpu::policy_loss)
 /// (same objectives, aggregation, gradients and statistics; f32 row sums combined in f64 in a
 /// fixed order). A sequence with a non-finite input at a valid token is reported to `status`.
@@ -301,40 +365,23 @@ pub fn policy_loss(
         valid_sequences: counts[1],
         sequences: counts[2],
     };
-    let per_row =
-        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let ctx = stream.context();
-    let f = function(ctx, Module::Ppo, "policy_loss_rows")?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&params).arg(&records).arg(&st);
-    // SAFETY: matches `policy_loss_rows(PolicyParams, PolicyRow*, unsigned long long*)`; one
-    // block of 256 threads per sequence (rows ≤ i32::MAX by the shape check); every pointer
-    // in `params` is null or covers the checked shape; the records (when not null) hold one
-    // 48-byte record per row at a 16-byte aligned address.
-    unsafe { l.launch(per_row) }.map_err(driver_error("launching policy_loss_rows"))?;
-    if !need_records {
-        return Ok(());
-    }
-    let use_global = params.weights_known;
-    let f = function(ctx, Module::Ppo, "policy_loss_finalize")?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&records).arg(&params.rows).arg(&aggregation).arg(&max_len).arg(&use_global);
-    l.arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&opts.entropy_coef).arg(&stats);
-    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `policy_loss_finalize(const PolicyRow*, int, int, double, int, double,
-    // double, double, float, double*)`; exactly one block of 256 threads (its trees assume
-    // it); reads the records written above on this stream, writes the 15 f64 statistics.
-    unsafe { l.launch(one) }.map_err(driver_error("launching policy_loss_finalize"))?;
-    if want_grad && global.is_none() {
-        let f = function(ctx, Module::Ppo, "policy_loss_grad")?;
-        let mut l = stream.launch_builder(&f);
-        l.arg(&params).arg(&records).arg(&stats);
-        // SAFETY: matches `policy_loss_grad(PolicyParams, const PolicyRow*, const double*)`; one
-        // block per sequence; the records and the counts in the statistics were written by
-        // the two launches above on this stream.
-        unsafe { l.launch(per_row) }.map_err(driver_error("launching policy_loss_grad"))?;
-    }
-    Ok(())
+    let launch = LossLaunch {
+        kernel: "policy_loss",
+        rows: shape.rows,
+        records,
+        stats,
+        status: st,
+        aggregation,
+        max_len,
+        global,
+        coef: opts.entropy_coef,
+        need_records,
+        grad_pass: want_grad && global.is_none(),
+    };
+    // SAFETY: `params` is the kernels' `PolicyParams`: every pointer in it is null or covers
+    // the checked shape (the outputs are distinct mutable borrows); the records hold one
+    // 48-byte `PolicyRow` per row at a 16-byte aligned address and the statistics 15 f64.
+    unsafe { launch.run(stream, &params) }
 }
 
 /// The device inputs of [`value_loss`], each laid out as `shape`.
@@ -520,36 +567,21 @@ pub fn value_loss(
         valid_sequences: counts[1],
         sequences: counts[2],
     };
-    let per_row =
-        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let ctx = stream.context();
-    let f = function(ctx, Module::Ppo, "value_loss_rows")?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&params).arg(&records).arg(&st);
-    // SAFETY: matches `value_loss_rows(ValueParams, ValueRow*, unsigned long long*)`; one
-    // block of 256 threads per sequence; every pointer in `params` is null or covers the
-    // checked shape; the records (when not null) hold one 16-byte record per row.
-    unsafe { l.launch(per_row) }.map_err(driver_error("launching value_loss_rows"))?;
-    if !need_records {
-        return Ok(());
-    }
-    let use_global = params.weights_known;
-    let f = function(ctx, Module::Ppo, "value_loss_finalize")?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&records).arg(&params.rows).arg(&aggregation).arg(&max_len).arg(&use_global);
-    l.arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&opts.coef).arg(&stats);
-    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `value_loss_finalize(const ValueRow*, int, int, double, int, double,
-    // double, double, float, double*)`; exactly one block of 256 threads; reads the records
-    // written above on this stream, writes the five f64 statistics.
-    unsafe { l.launch(one) }.map_err(driver_error("launching value_loss_finalize"))?;
-    if want_grad && global.is_none() {
-        let f = function(ctx, Module::Ppo, "value_loss_grad")?;
-        let mut l = stream.launch_builder(&f);
-        l.arg(&params).arg(&records).arg(&stats);
-        // SAFETY: matches `value_loss_grad(ValueParams, const ValueRow*, const double*)`; one
-        // block per sequence; records and counts written by the launches above on this stream.
-        unsafe { l.launch(per_row) }.map_err(driver_error("launching value_loss_grad"))?;
-    }
-    Ok(())
+    let launch = LossLaunch {
+        kernel: "value_loss",
+        rows: shape.rows,
+        records,
+        stats,
+        status: st,
+        aggregation,
+        max_len,
+        global,
+        coef: opts.coef,
+        need_records,
+        grad_pass: want_grad && global.is_none(),
+    };
+    // SAFETY: `params` is the kernels' `ValueParams`: every pointer in it is null or covers
+    // the checked shape; the records hold one 16-byte `ValueRow` per row and the statistics
+    // five f64.
+    unsafe { launch.run(stream, &params) }
 }

@@ -23,7 +23,7 @@ constexpr unsigned OP_MASKED_MOMENTS = 11;
 constexpr int GAE_ITEMS = 4;                  // consecutive positions per thread
 constexpr int GAE_BLOCK = 256;                // threads per block
 constexpr int GAE_CHUNK = GAE_BLOCK * GAE_ITEMS;  // positions per block (src/cuda/advantages.rs)
-constexpr int GAE_WARP_SPAN = 32 * GAE_ITEMS;     // sequences this short take one warp each
+// Sequences of at most 32·GAE_ITEMS = 128 positions take one warp each (gae_warp).
 
 struct Affine {
   float p, q, s, w, z, c0, c1, c2;
@@ -161,7 +161,7 @@ __device__ __forceinline__ void scan_chunk(const GaeParams& P, long long row, lo
 
 }  // namespace
 
-// Sequences of at most GAE_WARP_SPAN positions: one warp each, 8 per block.
+// Sequences of at most 32·GAE_ITEMS positions: one warp each, 8 per block.
 extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_warp(GaeParams P, unsigned long long* status) {
   const long long row = static_cast<long long>(blockIdx.x) * (GAE_BLOCK / 32) + (threadIdx.x >> 5);
   if (row >= P.rows) return;  // whole warps leave; no block barrier follows
@@ -188,22 +188,30 @@ extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_chunk_maps(GaeParams
   }
 }
 
-// One block per (sequence, chunk): the state entering the chunk from the right (the maps of
-// the chunks after it applied right to left to the end state, when `maps` is not null), then
-// the block scan.
+// Second pass when a sequence spans several chunks: one thread per sequence applies the
+// chunk maps right to left from the end state, writing the state entering every chunk,
+// `carries[row·nchunks + chunk]` (O(chunks) per sequence, in a fixed order).
 extern "C" __global__ void __launch_bounds__(GAE_BLOCK)
-gae_block(GaeParams P, const Affine* __restrict__ maps, unsigned long long* status) {
+gae_carries(GaeParams P, const Affine* __restrict__ maps, GaeState* __restrict__ carries) {
+  const long long row = static_cast<long long>(blockIdx.x) * GAE_BLOCK + threadIdx.x;
+  if (row >= P.rows) return;
+  const long long at = row * P.nchunks;
+  GaeState s{0.0f, 0.0f, 1.0f};
+  carries[at + P.nchunks - 1] = s;
+  for (int k = P.nchunks - 1; k > 0; --k) {
+    s = apply(maps[at + k], s);
+    carries[at + k - 1] = s;
+  }
+}
+
+// One block per (sequence, chunk): the block scan entering from the right with the state
+// gae_carries wrote (`carries` not null), or the end state for single-chunk sequences.
+extern "C" __global__ void __launch_bounds__(GAE_BLOCK)
+gae_block(GaeParams P, const GaeState* __restrict__ carries, unsigned long long* status) {
   __shared__ Affine totals[GAE_BLOCK / 32];
-  __shared__ GaeState carry;
   const long long row = blockIdx.x / P.nchunks;
   const int chunk = static_cast<int>(blockIdx.x % P.nchunks);
-  if (threadIdx.x == 0) {
-    GaeState s{0.0f, 0.0f, 1.0f};
-    if (maps)
-      for (int k = P.nchunks - 1; k > chunk; --k) s = apply(maps[row * P.nchunks + k], s);
-    carry = s;
-  }
-  __syncthreads();
+  const GaeState carry = carries ? carries[row * P.nchunks + chunk] : GaeState{0.0f, 0.0f, 1.0f};
   scan_chunk<GAE_BLOCK / 32>(P, row, static_cast<long long>(chunk) * GAE_CHUNK, carry, totals, status);
 }
 
@@ -286,25 +294,8 @@ group_advantages(const float* __restrict__ scores, const unsigned* __restrict__ 
 // ---- masked moments and whitening ---------------------------------------------------------
 namespace {
 
-// Count, mean, sum of squared deviations, min, max.
-struct Moments {
-  float n, mean, m2, lo, hi;
-};
-
-__device__ __forceinline__ Moments merge_moments(const Moments& a, const Moments& b) {
-  if (b.n == 0.0f) return a;
-  if (a.n == 0.0f) return b;
-  const float n = a.n + b.n, d = b.mean - a.mean, wb = __fdiv_rn(b.n, n);
-  return {n, fmaf(d, wb, a.mean), a.m2 + b.m2 + d * d * a.n * wb, fminf(a.lo, b.lo), fmaxf(a.hi, b.hi)};
-}
-
-__device__ __forceinline__ Moments shfl_xor_moments(const Moments& m, int o) {
-  return {__shfl_xor_sync(0xffffffffu, m.n, o), __shfl_xor_sync(0xffffffffu, m.mean, o),
-          __shfl_xor_sync(0xffffffffu, m.m2, o), __shfl_xor_sync(0xffffffffu, m.lo, o),
-          __shfl_xor_sync(0xffffffffu, m.hi, o)};
-}
-
-// f64 moments of the final merge.
+// f64 moments of a set of values: count, mean, sum of squared deviations, min, max (the row
+// records and the final merge).
 struct MomentsF64 {
   double n, mean, m2, lo, hi;
 };
@@ -316,42 +307,68 @@ __device__ __forceinline__ MomentsF64 merge_f64(const MomentsF64& a, const Momen
   return {n, fma(d, wb, a.mean), a.m2 + b.m2 + d * d * a.n * wb, fmin(a.lo, b.lo), fmax(a.hi, b.hi)};
 }
 
+// Block sum of a double in a fixed order; every thread gets the total. `scratch`: 32 doubles.
+__device__ __forceinline__ double block_sum_d(double v, double* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double total = (threadIdx.x & 31) < (blockDim.x >> 5) ? scratch[threadIdx.x & 31] : 0.0;
+  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+  __syncthreads();
+  return total;
+}
+
 }  // namespace
 
-// One block of 256 threads per row: Welford per thread over t ≡ thread (mod 256), then a
-// fixed butterfly and a warp-0 merge. Reports a row with a non-finite valid value or moment.
+// One block of 256 threads per row, two passes in f64 (exact counts, no cancellation): the
+// count and sum, then the squared deviations from the row mean; min and max. Reports a row
+// with a non-finite valid value.
 extern "C" __global__ void __launch_bounds__(256)
 moments_rows(const float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows,
-             int cols, Moments* __restrict__ records, unsigned long long* status) {
-  __shared__ Moments warp_m[8];
+             int cols, MomentsF64* __restrict__ records, unsigned long long* status) {
+  __shared__ double dscratch[32];
+  __shared__ float fscratch[32];
   const long long row = blockIdx.x;
   if (row >= rows) return;
   const long long base = row * ld;
-  Moments m{0.0f, 0.0f, 0.0f, pos_inf(), neg_inf()};
+  double n = 0.0, sum = 0.0;
+  float lo = pos_inf(), hi = neg_inf();
   bool bad = false;
   for (long long t = threadIdx.x; t < cols; t += 256) {
     if (!token_valid(mask, base + t)) continue;
     const float x = values[base + t];
     bad |= !isfinite(x);
-    m.n += 1.0f;
-    const float d = x - m.mean;
-    m.mean = fmaf(d, __frcp_rn(m.n), m.mean);
-    m.m2 = fmaf(d, x - m.mean, m.m2);
-    m.lo = fminf(m.lo, x);
-    m.hi = fmaxf(m.hi, x);
+    n += 1.0;
+    sum += static_cast<double>(x);
+    lo = fminf(lo, x);
+    hi = fmaxf(hi, x);
   }
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const Moments other = shfl_xor_moments(m, o);
-    m = (threadIdx.x & o) ? merge_moments(other, m) : merge_moments(m, other);  // lower lanes first
+  n = block_sum_d(n, dscratch);
+  sum = block_sum_d(sum, dscratch);
+  const double mean = n > 0.0 ? sum / n : 0.0;
+  double m2 = 0.0;
+  for (long long t = threadIdx.x; t < cols; t += 256) {
+    if (!token_valid(mask, base + t)) continue;
+    const double d = static_cast<double>(values[base + t]) - mean;
+    m2 = fma(d, d, m2);
   }
-  if ((threadIdx.x & 31) == 0) warp_m[threadIdx.x >> 5] = m;
+  m2 = block_sum_d(m2, dscratch);
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  if ((threadIdx.x & 31) == 0) fscratch[threadIdx.x >> 5] = lo;
   bad = __syncthreads_or(bad);
+  float row_lo = pos_inf();
+  if (threadIdx.x == 0)
+    for (int k = 0; k < 8; ++k) row_lo = fminf(row_lo, fscratch[k]);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) fscratch[threadIdx.x >> 5] = hi;
+  __syncthreads();
   if (threadIdx.x == 0) {
-    Moments total = warp_m[0];
-    for (int k = 1; k < 8; ++k) total = merge_moments(total, warp_m[k]);
-    bad |= !(isfinite(total.mean) && isfinite(total.m2));
-    records[row] = total;
+    float row_hi = neg_inf();
+    for (int k = 0; k < 8; ++k) row_hi = fmaxf(row_hi, fscratch[k]);
+    records[row] = MomentsF64{n, mean, m2, static_cast<double>(row_lo), static_cast<double>(row_hi)};
     if (bad) report(status, row, OP_MASKED_MOMENTS, PROBLEM_NON_FINITE);
   }
 }
@@ -359,13 +376,10 @@ moments_rows(const float* __restrict__ values, long long ld, const unsigned char
 // One block of 256 threads: thread k merges rows k, k + 256, … in f64, then a fixed tree.
 // out = [count, mean, unbiased variance (0 for count ≤ 1), min, max].
 extern "C" __global__ void __launch_bounds__(256)
-moments_finalize(const Moments* __restrict__ records, int rows, double* __restrict__ out) {
+moments_finalize(const MomentsF64* __restrict__ records, int rows, double* __restrict__ out) {
   __shared__ MomentsF64 sh[256];
   MomentsF64 m{0.0, 0.0, 0.0, static_cast<double>(pos_inf()), static_cast<double>(neg_inf())};
-  for (long long r = threadIdx.x; r < rows; r += 256) {
-    const Moments x = records[r];
-    m = merge_f64(m, MomentsF64{x.n, x.mean, x.m2, x.lo, x.hi});
-  }
+  for (long long r = threadIdx.x; r < rows; r += 256) m = merge_f64(m, records[r]);
   sh[threadIdx.x] = m;
   __syncthreads();
   for (int s = 128; s > 0; s >>= 1) {
@@ -382,8 +396,9 @@ moments_finalize(const Moments* __restrict__ records, int rows, double* __restri
   }
 }
 
-// x ← x·scale + shift at valid tokens (0 at masked ones), scale = 1/sqrt(var + ε) (0 if that
-// is not finite), shift = −mean·scale (+ mean with keep_mean). One block per row.
+// x ← x·scale + shift at valid tokens (0 at masked ones), in f64 and rounded once as on the
+// CPU: scale = 1/sqrt(var + ε) (0 if that is not finite), shift = −mean·scale (+ mean with
+// keep_mean). One block per row.
 extern "C" __global__ void __launch_bounds__(256)
 whiten_apply(float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows, int cols,
              const double* __restrict__ moments, double eps, int keep_mean) {
@@ -392,10 +407,10 @@ whiten_apply(float* __restrict__ values, long long ld, const unsigned char* __re
   const double mean = moments[1];
   double scale = 1.0 / sqrt(moments[2] + eps);
   if (!isfinite(scale)) scale = 0.0;
-  const float sc = static_cast<float>(scale);
-  const float sh = static_cast<float>(-mean * scale + (keep_mean ? mean : 0.0));
+  const double shift = -mean * scale + (keep_mean ? mean : 0.0);
   const long long base = row * ld;
   for (long long t = threadIdx.x; t < cols; t += 256) {
-    values[base + t] = token_valid(mask, base + t) ? fmaf(values[base + t], sc, sh) : 0.0f;
+    const double x = static_cast<double>(values[base + t]);
+    values[base + t] = token_valid(mask, base + t) ? static_cast<float>(fma(x, scale, shift)) : 0.0f;
   }
 }

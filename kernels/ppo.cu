@@ -101,13 +101,20 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   return -block_min(-v, scratch);
 }
 
-// The GSPO sequence log-ratio: the clamp is applied by the caller.
-__device__ __forceinline__ float sequence_log_ratio(const PolicyParams& P, long long base, float valid, float* scratch) {
-  float s = 0.0f;
+// The GSPO sequence log-ratio (f64 sum, one rounding, as the CPU): the clamp is applied by
+// the caller. `dscratch` holds 32 doubles.
+__device__ __forceinline__ float sequence_log_ratio(const PolicyParams& P, long long base, float valid,
+                                                    double* dscratch) {
+  double s = 0.0;
   for (long long t = threadIdx.x; t < P.cols; t += blockDim.x)
-    if (token_valid(P.mask, base + t)) s = __fadd_rn(s, __fsub_rn(P.logp[base + t], P.old_logp[base + t]));
-  s = block_sum(s, scratch);
-  return __fdiv_rn(s, fmaxf(valid, 1.0f));
+    if (token_valid(P.mask, base + t)) s += static_cast<double>(__fsub_rn(P.logp[base + t], P.old_logp[base + t]));
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if ((threadIdx.x & 31) == 0) dscratch[threadIdx.x >> 5] = s;
+  __syncthreads();
+  double total = (threadIdx.x & 31) < (blockDim.x >> 5) ? dscratch[threadIdx.x & 31] : 0.0;
+  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+  __syncthreads();
+  return static_cast<float>(total / static_cast<double>(fmaxf(valid, 1.0f)));
 }
 
 // One pass over a row: per-token outputs (the gradients only with a weight, `w_known`), and
@@ -116,7 +123,8 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
                                            bool write_values, PolicyRow* rec, unsigned long long* status,
                                            float* scratch) {
   const long long base = row * P.ld;
-  const float seq_lr = P.objective == GSPO ? sequence_log_ratio(P, base, valid, scratch) : 0.0f;
+  __shared__ double dscratch[32];
+  const float seq_lr = P.objective == GSPO ? sequence_log_ratio(P, base, valid, dscratch) : 0.0f;
   const float gh = -__fmul_rn(P.entropy_coef, w);
   float loss = 0.0f, ent = 0.0f, low = 0.0f, high = 0.0f, dual = 0.0f, k1 = 0.0f, k3 = 0.0f, ratio = 0.0f;
   float rmin = pos_inf(), rmax = neg_inf();
@@ -155,8 +163,11 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
     }
     if (w_known && P.grad_entropy) P.grad_entropy[i] = h_out;
   }
-  if (rec == nullptr) return;
+  // Reported whether or not records are kept (status is null only in the gradient pass,
+  // which re-reads inputs the rows pass already checked): uniform over the block.
   const bool any_bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0 && any_bad && status != nullptr) report(status, row, OP_POLICY_LOSS, PROBLEM_NON_FINITE);
+  if (rec == nullptr) return;
   PolicyRow out;
   out.loss = block_sum(loss, scratch);
   out.entropy = block_sum(ent, scratch);
@@ -170,10 +181,7 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
   out.ratio_max = block_max(rmax, scratch);
   out.valid = valid;
   out.pad = 0.0f;
-  if (threadIdx.x == 0) {
-    rec[row] = out;
-    if (any_bad) report(status, row, OP_POLICY_LOSS, PROBLEM_NON_FINITE);
-  }
+  if (threadIdx.x == 0) rec[row] = out;
 }
 
 __device__ __forceinline__ float policy_weight(const PolicyParams& P, double tokens, double valid_sequences,
@@ -329,8 +337,12 @@ __device__ __forceinline__ ValueTerms value_token(float clip, float v, float old
   return {__fmul_rn(0.5f, fmaxf(e1, e2)), g, e2 > e1};
 }
 
+// One pass over a row: per-token outputs (the loss with `write_values`, the gradient with a
+// weight, `w_known`), the report of non-finite inputs (when `status` is not null) and the
+// row's sums (when `rec` is not null).
 __device__ __forceinline__ void value_row(const ValueParams& P, long long row, float valid, float w, bool w_known,
-                                          ValueRow* rec, unsigned long long* status, float* scratch) {
+                                          bool write_values, ValueRow* rec, unsigned long long* status,
+                                          float* scratch) {
   const long long base = row * P.ld;
   float loss = 0.0f, clipped = 0.0f;
   bool bad = false;
@@ -346,16 +358,14 @@ __device__ __forceinline__ void value_row(const ValueParams& P, long long row, f
       loss = __fadd_rn(loss, terms.loss);
       clipped += terms.clipped ? 1.0f : 0.0f;
     }
-    if (rec != nullptr && P.loss) P.loss[i] = l_out;
+    if (write_values && P.loss) P.loss[i] = l_out;
     if (w_known && P.grad_values) P.grad_values[i] = g_out;
   }
-  if (rec == nullptr) return;
   const bool any_bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0 && any_bad && status != nullptr) report(status, row, OP_VALUE_LOSS, PROBLEM_NON_FINITE);
+  if (rec == nullptr) return;
   const float l = block_sum(loss, scratch), c = block_sum(clipped, scratch);
-  if (threadIdx.x == 0) {
-    rec[row] = ValueRow{l, c, valid, 0.0f};
-    if (any_bad) report(status, row, OP_VALUE_LOSS, PROBLEM_NON_FINITE);
-  }
+  if (threadIdx.x == 0) rec[row] = ValueRow{l, c, valid, 0.0f};
 }
 
 __device__ __forceinline__ float value_weight(const ValueParams& P, double tokens, double valid_sequences,
@@ -373,7 +383,7 @@ value_loss_rows(ValueParams P, ValueRow* __restrict__ records, unsigned long lon
   if (row >= P.rows) return;
   const float valid = row_valid_count(P.mask, row * P.ld, P.cols, scratch);
   const float w = P.weights_known ? value_weight(P, P.tokens, P.valid_sequences, P.sequences, valid) : 0.0f;
-  value_row(P, row, valid, w, P.weights_known != 0, records, status, scratch);
+  value_row(P, row, valid, w, P.weights_known != 0, true, records, status, scratch);
 }
 
 // One block of 256 threads: [coef·loss, clip fraction, valid tokens, valid sequences,
@@ -419,5 +429,5 @@ value_loss_grad(ValueParams P, const ValueRow* __restrict__ records, const doubl
   if (row >= P.rows) return;
   const double* c = stats + VS_COUNTS;
   const float valid = records[row].valid;
-  value_row(P, row, valid, value_weight(P, c[0], c[1], c[2], valid), true, nullptr, nullptr, scratch);
+  value_row(P, row, valid, value_weight(P, c[0], c[1], c[2], valid), true, false, nullptr, nullptr, scratch);
 }

@@ -194,6 +194,67 @@ mod gpu {
         }
     }
 
+    /// The single-kernel paths (no statistics, global denominators or no gradient) still
+    /// report bad input and still write the per-token loss.
+    pub fn without_statistics(gpu: &Gpu) {
+        let s = &gpu.0;
+        let mut c = PolicyCase::random(RowShape::new(4, 9), 41);
+        c.mask = None;
+        c.entropy = None;
+        for x in c.logp.iter_mut().chain(c.old_logp.iter_mut()).chain(c.advantages.iter_mut()) {
+            *x = if x.is_finite() { *x } else { -1.0 };
+        }
+        c.advantages[2 * 9 + 4] = f32::NAN;
+        let (lp, old, adv) = (gpu.up(&c.logp).0, gpu.up(&c.old_logp).0, gpu.up(&c.advantages).0);
+        let mut g = s.alloc_zeros::<f32>(36).unwrap();
+        let mut status = CudaStatus::new(s).unwrap();
+        let inputs = DevicePolicyLossInputs {
+            shape: c.shape,
+            logp: lp.as_view(),
+            old_logp: old.as_view(),
+            advantages: adv.as_view(),
+            mask: None,
+            entropy: None,
+        };
+        let global =
+            rlhf_kernels::Normaliser::Global { valid_tokens: 36.0, valid_sequences: 4.0, sequences: 4.0 };
+        let out = DevicePolicyLossOutputs { grad_logp: Some(g.as_view_mut()), ..Default::default() };
+        cuda::policy_loss(s, &inputs, out, &mut status, &PolicyLossOptions::default().normaliser(global))
+            .unwrap();
+        let err = status.check(s).unwrap_err();
+        assert_eq!(
+            err,
+            rlhf_kernels::Error::InvalidRow {
+                op: "policy_loss",
+                row: 2,
+                problem: rlhf_kernels::RowProblem::NonFinite
+            }
+        );
+        let v = ValueCase::random(RowShape::new(5, 17), 42);
+        let opts = ValueLossOptions::default().clip(Some(0.2));
+        let want = rlhf_kernels::reference::value_loss(&v.inputs(), &opts).unwrap();
+        let (values, old_v, ret) = (gpu.up(&v.values).0, gpu.up(&v.old_values).0, gpu.up(&v.returns).0);
+        let mask = gpu.up(v.mask.as_ref().unwrap()).0;
+        let mut loss = s.alloc_zeros::<f32>(v.shape.len()).unwrap();
+        let inputs = DeviceValueLossInputs {
+            shape: v.shape,
+            values: values.as_view(),
+            old_values: old_v.as_view(),
+            returns: ret.as_view(),
+            mask: Some(mask.as_view()),
+        };
+        let out = DeviceValueLossOutputs { loss: Some(loss.as_view_mut()), ..Default::default() };
+        cuda::value_loss(s, &inputs, out, &mut status, &opts).unwrap();
+        status.check(s).unwrap();
+        let tol = rlhf_kernels::testing::Tolerance::for_dtype(rlhf_kernels::DType::F32).scaled(10.0);
+        rlhf_kernels::testing::assert_close(
+            &gpu.dense(&loss, v.shape),
+            &want.loss,
+            tol,
+            "value loss without statistics",
+        );
+    }
+
     pub fn fused(gpu: &Gpu) {
         ppo::fused_path::<f32>(gpu);
         ppo::fused_path::<bf16>(gpu);
@@ -265,3 +326,4 @@ gpu_test!(policy_errors);
 gpu_test!(value);
 gpu_test!(single_kernel_path);
 gpu_test!(fused);
+gpu_test!(without_statistics);

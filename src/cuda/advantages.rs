@@ -5,8 +5,9 @@
 //! GAE picks its launch by the sequence length alone (so a row's result never depends on the
 //! batch): up to 128 positions one warp per sequence; longer sequences one block per
 //! 1024-position chunk, and when a sequence has several chunks a first pass writes each
-//! chunk's composed map so every block starts from the exact state entering it from the right
-//! (B = 1 with T = 128k runs on 128 blocks).
+//! chunk's composed map and a second (one thread per sequence, right to left) the state
+//! entering each chunk, so every block starts from the exact state on its right (B = 1 with
+//! T = 128k runs on 128 blocks).
 
 use std::sync::Arc;
 
@@ -30,6 +31,8 @@ const GAE_CHUNK: usize = 1024;
 const GAE_WARP_SPAN: usize = 128;
 /// Bytes of one composed chunk map (`Affine`: 8 f32).
 const MAP_BYTES: usize = 32;
+/// Bytes of one entering state (`GaeState`: 3 f32), rounded up so the maps stay aligned.
+const STATE_BYTES: usize = 16;
 
 /// The device inputs of [`gae`], all per-token arrays laid out as `shape` (see
 /// [`GaeInputs`](crate::GaeInputs) for the reward sources; at least one is needed).
@@ -103,11 +106,11 @@ impl<'a> DeviceGaeOutputs<'a> {
     }
 }
 
-/// Bytes of workspace [`gae`] may use for `shape`: one 32-byte map per 1024-position chunk
-/// when a sequence is longer than 1024 positions, else 0.
+/// Bytes of workspace [`gae`] may use for `shape`: per 1024-position chunk a 32-byte map and
+/// a 16-byte entering state when a sequence is longer than 1024 positions, else 0.
 pub fn gae_workspace_bytes(shape: RowShape) -> usize {
     let chunks = shape.cols.div_ceil(GAE_CHUNK);
-    if chunks > 1 { shape.rows * chunks * MAP_BYTES } else { 0 }
+    if chunks > 1 { shape.rows * chunks * (MAP_BYTES + STATE_BYTES) } else { 0 }
 }
 
 /// The kernels' `GaeParams` (kernels/advantages.cu), field for field.
@@ -264,8 +267,8 @@ pub fn gae(
         let (p, g) = w.device_ptr_mut(s);
         (p, Some(g))
     } else {
-        // SAFETY: gae_chunk_maps writes the map of every chunk but the first of each row, and
-        // gae_block reads only those (chunks after its own).
+        // SAFETY: gae_chunk_maps writes the map of every chunk but the first of each row and
+        // gae_carries reads only those; gae_carries writes every state gae_block reads.
         let slice =
             unsafe { stream.alloc::<u8>(need) }.map_err(driver_error("allocating the gae workspace"))?;
         let (p, g) = owned.insert(slice).device_ptr_mut(s);
@@ -278,21 +281,35 @@ pub fn gae(
             expected: "a 16-byte aligned device address",
         });
     }
+    // The entering states (12 bytes each) after the maps (32 bytes each, a multiple of 16).
+    let carries = if nchunks > 1 { maps + (shape.rows * nchunks * MAP_BYTES) as u64 } else { 0 };
     if nchunks > 1 {
         let f = function(ctx, Module::Advantages, "gae_chunk_maps")?;
         let mut l = stream.launch_builder(&f);
         l.arg(&params).arg(&maps);
         // SAFETY: matches `gae_chunk_maps(GaeParams, Affine*)`; one block of 256 threads per
         // (row, chunk), rows·chunks ≤ i32::MAX (checked); the workspace holds rows·nchunks
-        // 32-byte maps (checked or allocated with that size); inputs as for gae_block.
+        // 32-byte maps then as many 16-byte states (checked or allocated with that size).
         unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_chunk_maps"))?;
+        let f = function(ctx, Module::Advantages, "gae_carries")?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&params).arg(&maps).arg(&carries);
+        let per_row = LaunchConfig {
+            grid_dim: (shape.rows.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `gae_carries(GaeParams, const Affine*, GaeState*)`; one thread per
+        // row (threads past the last row return); reads the maps of chunks 1.. written above
+        // on this stream and writes every chunk's entering state inside the workspace.
+        unsafe { l.launch(per_row) }.map_err(driver_error("launching gae_carries"))?;
     }
     let f = function(ctx, Module::Advantages, "gae_block")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&params).arg(&maps).arg(&st);
-    // SAFETY: matches `gae_block(GaeParams, const Affine*, unsigned long long*)`; one block of
-    // 256 threads per (row, chunk); `maps` is null for single-chunk rows or holds the maps the
-    // launch above wrote on this stream; every pointer in `params` is null or covers the
+    l.arg(&params).arg(&carries).arg(&st);
+    // SAFETY: matches `gae_block(GaeParams, const GaeState*, unsigned long long*)`; one block of
+    // 256 threads per (row, chunk); `carries` is null for single-chunk rows or holds the states
+    // the launch above wrote on this stream; every pointer in `params` is null or covers the
     // checked shape, and the two outputs are distinct mutable borrows.
     unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_block"))?;
     Ok(())
@@ -457,8 +474,8 @@ pub fn group_advantages(
     Ok(())
 }
 
-/// Bytes of one row record of the moments (`Moments` in the kernel: 5 f32).
-const MOMENT_RECORD_BYTES: usize = 20;
+/// Bytes of one row record of the moments (`MomentsF64` in the kernel: 5 f64).
+const MOMENT_RECORD_BYTES: usize = 40;
 
 /// The device buffers of [`masked_moments`] and [`whiten`]: the result (five f64) and one
 /// record per sequence, reused across calls (grown for larger batches).
@@ -515,14 +532,14 @@ fn launch_moments(
     let cfg =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `moments_rows(const float*, long long, const unsigned char*, int, int,
-    // Moments*, unsigned long long*)`; one block of 256 threads per row; values and mask cover
-    // the checked shape; the records hold rows·20 bytes (4-byte aligned allocation).
+    // MomentsF64*, unsigned long long*)`; one block of 256 threads per row; values and mask
+    // cover the checked shape; the records hold rows·40 bytes (8-byte aligned allocation).
     unsafe { l.launch(cfg) }.map_err(driver_error("launching moments_rows"))?;
     let f = function(ctx, Module::Advantages, "moments_finalize")?;
     let mut l = stream.launch_builder(&f);
     l.arg(&rec).arg(&rows).arg(&o);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `moments_finalize(const Moments*, int, double*)`; exactly one block of 256
+    // SAFETY: matches `moments_finalize(const MomentsF64*, int, double*)`; exactly one block of 256
     // threads (its tree assumes it); reads the records written above on this stream, writes
     // the five f64 of `out`.
     unsafe { l.launch(one) }.map_err(driver_error("launching moments_finalize"))?;
@@ -539,9 +556,9 @@ fn check_values(shape: RowShape, len: usize, mask: Option<&CudaView<'_, u8>>) ->
 
 /// Count, mean, unbiased variance, min and max of the valid tokens of a `[B, T]` batch on the
 /// GPU, into `out` (read it with [`DeviceMoments::read`] or use it on the device): the twin of
-/// [`cpu::masked_moments`](crate::cpu::masked_moments). Welford per thread and Chan merges in
-/// f32 within a row, f64 across rows, fixed orders: deterministic. A row with a non-finite
-/// valid value (or whose f32 moments overflow, values beyond ~1e18) is reported to `status`.
+/// [`cpu::masked_moments`](crate::cpu::masked_moments): two f64 passes per row (count and
+/// sum, then squared deviations), Chan merges across rows in f64, fixed orders:
+/// deterministic. A row with a non-finite valid value is reported to `status`.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceMoments};

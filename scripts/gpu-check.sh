@@ -2,9 +2,11 @@
 # The whole GPU check of ../shared/GPU.md in two steps.
 #
 #   scripts/gpu-check.sh build         on the build machine (Rust + pinned nvcc): builds the
-#                                      test, bench and example binaries with the kernels,
-#                                      strips them and stages them in gpu-stage/ (git-ignored,
-#                                      under 64 MiB).
+#                                      test, bench and example binaries with the kernels for
+#                                      sm_90 (the lent H100/H200; RLHF_KERNELS_CUDA_ARCHS
+#                                      overrides), strips them and stages them xz-packed in
+#                                      gpu-stage/bin.tar.xz (git-ignored, under 64 MiB; each
+#                                      binary embeds the same fatbins, which xz shares).
 #   scripts/gpu-check.sh run [--dry-run] [--steps tests,sanitizers,example,bench]
 #                                      on the GPU machine (no Rust needed), from the repository
 #                                      root: every test binary with RLHF_KERNELS_REQUIRE_GPU=1,
@@ -26,6 +28,7 @@ build() {
   local nvcc
   nvcc=$(scripts/install-nvcc.sh)
   export RLHF_KERNELS_NVCC="$nvcc" RLHF_KERNELS_REQUIRE_NVCC=1 RLHF_KERNELS_DENY_SPILLS=1
+  export RLHF_KERNELS_CUDA_ARCHS="${RLHF_KERNELS_CUDA_ARCHS:-90}"
   rm -rf "$stage"
   mkdir -p "$stage/bin"
   local list="$stage/artifacts.txt"
@@ -49,8 +52,10 @@ for line in sys.stdin:
     strip -o "$stage/bin/$kind-$name" "$exe"
   done <"$list"
   cp "$(ls -t target/release/build/rlhf-kernels-*/out/ptxas-report.txt | head -n 1)" "$stage/"
-  du -sh "$stage"
   ls -l "$stage/bin"
+  tar -C "$stage" -cf - bin | xz -T2 -6 >"$stage/bin.tar.xz"
+  rm -rf "$stage/bin"
+  du -sh "$stage"
   local size
   size=$(du -sm "$stage" | cut -f1)
   [ "$size" -lt 64 ] || { echo "gpu-stage is ${size} MiB, over the 64 MiB that may travel" >&2; exit 1; }
@@ -72,6 +77,10 @@ run() {
   mkdir -p "$out"
   local summary="$out/summary.txt"
   : >"$summary"
+  if [ ! -d "$stage/bin" ] && [ -f "$stage/bin.tar.xz" ]; then
+    # python3's lzma: no xz binary needed on the GPU machine.
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$stage/bin.tar.xz" "$stage"
+  fi
   [ -d "$stage/bin" ] || { echo "no $stage/bin: run 'scripts/gpu-check.sh build' first" >&2; exit 1; }
   record() { printf '%-44s %s\n' "$1" "$2" | tee -a "$summary"; }
 

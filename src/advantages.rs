@@ -11,14 +11,15 @@
 //! ```
 //!
 //! (`V_next` and `A_next` are 0 after the last valid step; outputs at masked positions are 0.)
-//! Written over *all* positions, right to left, the state `(A, W, Z)` — the advantage and the
-//! value of the first valid step at or after `t`, and whether there is one — obeys an affine
-//! map per position: a valid step sets `A ← γλ·A + γ·W + r_t − V_t`, `W ← V_t`, `Z ← 1`; a
-//! masked step leaves the state alone ([`MaskedSteps::PassThrough`], verl's and NeMo-RL's
-//! loop) or ends the episode there ([`MaskedSteps::Reset`], the OpenRLHF convention). Affine
-//! maps compose associatively, so the GPU scans long sequences in parallel (per-thread runs,
-//! warp and block scans, then per-chunk carries); `Z` lets the sequence score land on the
-//! last valid token inside the same scan.
+//! Written over *all* positions, right to left, the state `(A, W, Y)` — the advantage and the
+//! value of the first valid step at or after `t`, and `Y = 1` while there is none — obeys an
+//! affine map per position: a valid step sets `A ← γλ·A + γ·W + score·Y + r_t − V_t`,
+//! `W ← V_t`, `Y ← 0` (so the sequence score lands on the last valid step inside the same
+//! scan); a masked step leaves the state alone ([`MaskedSteps::PassThrough`], verl's and
+//! NeMo-RL's loop) or resets `A` and `W` there ([`MaskedSteps::Reset`], the OpenRLHF
+//! convention). The state beyond the end is `(0, 0, 1)`. Affine maps compose associatively, so
+//! the GPU scans long sequences in parallel (per-thread runs, warp and block scans, then the
+//! state entering each 1024-position chunk).
 //!
 //! **Precision.** The CPU runs the recurrence in f64 and rounds once: within one f32 rounding
 //! of the f64 reference. The GPU composes in f32; its error at `t` is at most

@@ -182,7 +182,8 @@ pub struct PolicyLossStats {
     pub policy_loss: f64,
     /// The aggregated entropy (same aggregation; 0 without entropies).
     pub entropy_loss: f64,
-    /// Share of valid tokens clipped below (`A < 0`, ratio `< 1 − ε_low`; CISPO: any `A`).
+    /// Share of valid tokens clipped below (`A < 0`, ratio `< 1 − ε_low`; GSPO: the sequence
+    /// ratio; CISPO: any `A`).
     pub clip_fraction_low: f64,
     /// Share clipped above (`A > 0`, ratio `> 1 + ε_high`; CISPO: any `A`).
     pub clip_fraction_high: f64,

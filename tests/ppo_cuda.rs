@@ -255,6 +255,67 @@ mod gpu {
         );
     }
 
+    /// The raw layer from plain cudarc allocations (inputs at a 1-element offset) equals the
+    /// safe function bit for bit, statistics included; a null input is refused.
+    pub fn raw_layer(gpu: &Gpu) {
+        use rlhf_kernels::cuda::raw::{self, POLICY_STATS_WORDS, PolicyLossArgs, RawStream};
+        use rlhf_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let s = &gpu.0;
+        let c = PolicyCase::random(RowShape::new(6, 70).with_row_stride(73), 51);
+        let opts = PolicyLossOptions::default().entropy_coef(0.01).dual_clip(Some(3.0));
+        let safe = gpu.policy(&c, &opts).unwrap();
+        let n = c.shape.min_len();
+        let mut packed = vec![0.0f32];
+        for v in [&c.logp, &c.old_logp, &c.advantages, c.entropy.as_ref().unwrap()] {
+            packed.extend_from_slice(v);
+        }
+        let inputs = s.clone_htod(&packed).unwrap();
+        let mask = s.clone_htod(c.mask.as_ref().unwrap()).unwrap();
+        let mut grads = s.alloc_zeros::<f32>(2 * n).unwrap();
+        let mut stats = s.alloc_zeros::<f64>(POLICY_STATS_WORDS).unwrap();
+        let mut st = s.clone_htod(&[raw::STATUS_CLEAR]).unwrap();
+        let stream = RawStream { ordinal: s.context().ordinal(), stream: s.cu_stream() };
+        {
+            let (ip, _a) = inputs.device_ptr(s);
+            let (mp, _b) = mask.device_ptr(s);
+            let (gp, _c) = grads.device_ptr_mut(s);
+            let (sp, _d) = stats.device_ptr_mut(s);
+            let (stp, _e) = st.device_ptr_mut(s);
+            let at = |k: u64| ip + 4 + k * 4 * n as u64;
+            let args = PolicyLossArgs {
+                shape: c.shape,
+                logp: at(0),
+                old_logp: at(1),
+                advantages: at(2),
+                mask: mp,
+                entropy: at(3),
+                loss: 0,
+                grad_logp: gp,
+                grad_entropy: gp + 4 * n as u64,
+                accumulate: false,
+                stats: sp,
+                workspace: 0,
+                status: stp,
+            };
+            // SAFETY: the buffers were allocated above on this context, cover the offsets plus
+            // the shape, and live until the synchronising copies below.
+            unsafe { raw::policy_loss(stream, &args, &opts) }.unwrap();
+            let null = PolicyLossArgs { logp: 0, ..args };
+            // SAFETY: refused before any launch.
+            assert!(unsafe { raw::policy_loss(stream, &null, &opts) }.is_err());
+        }
+        assert_eq!(raw::decode_status(s.clone_dtoh(&st).unwrap()[0]), Ok(()));
+        let g = s.clone_dtoh(&grads).unwrap();
+        let dense = |v: &[f32]| -> Vec<f32> {
+            (0..c.shape.rows).flat_map(|r| v[c.shape.row_range(r)].to_vec()).collect()
+        };
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same(&dense(&g[..n]), &safe.grad_logp), "raw grad_logp differs from the safe path");
+        assert!(same(&dense(&g[n..]), &safe.grad_entropy), "raw grad_entropy differs from the safe path");
+        let stats = raw::policy_stats_from_words(&s.clone_dtoh(&stats).unwrap()).unwrap();
+        assert_eq!(stats, safe.stats);
+    }
+
     pub fn fused(gpu: &Gpu) {
         ppo::fused_path::<f32>(gpu);
         ppo::fused_path::<bf16>(gpu);
@@ -327,3 +388,4 @@ gpu_test!(value);
 gpu_test!(single_kernel_path);
 gpu_test!(fused);
 gpu_test!(without_statistics);
+gpu_test!(raw_layer);

@@ -24,7 +24,7 @@ const POLICY_RECORD_BYTES: usize = 48;
 /// Bytes per sequence of the value row records (`ValueRow`: 4 f32).
 const VALUE_RECORD_BYTES: usize = 16;
 /// f64 words of the policy statistics (`PolicyStat` in the kernel).
-const POLICY_STATS_WORDS: usize = 15;
+pub const POLICY_STATS_WORDS: usize = 15;
 /// f64 words of the value statistics (`ValueStat`).
 const VALUE_STATS_WORDS: usize = 5;
 
@@ -64,21 +64,7 @@ impl DevicePolicyStats {
     /// Synchronises `stream` and returns the statistics of the last call that wrote them.
     pub fn read(&self, stream: &Arc<CudaStream>) -> Result<PolicyLossStats> {
         let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading policy statistics"))?;
-        Ok(PolicyLossStats {
-            loss: w[0],
-            policy_loss: w[1],
-            entropy_loss: w[2],
-            clip_fraction_low: w[3],
-            clip_fraction_high: w[4],
-            dual_clip_fraction: w[5],
-            approx_kl_k1: w[6],
-            approx_kl_k3: w[7],
-            ratio_mean: w[8],
-            ratio_min: w[9],
-            ratio_max: w[10],
-            entropy_mean: w[11],
-            counts: BatchCounts { valid_tokens: w[12], valid_sequences: w[13], sequences: w[14] },
-        })
+        policy_stats_from_words(&w)
     }
 }
 
@@ -292,44 +278,167 @@ pub fn policy_loss(
         }
     }
     opts.validate()?;
-    let global = global_counts(opts.normaliser);
-    let want_grad = out.grad_logp.is_some() || out.grad_entropy.is_some();
-    let need_records = out.stats.is_some() || (want_grad && global.is_none());
+    if let Some(w) = &out.workspace
+        && w.len() < policy_loss_workspace_bytes(shape)
+    {
+        return Err(Error::ShapeMismatch {
+            what: "workspace",
+            min: policy_loss_workspace_bytes(shape),
+            max: usize::MAX,
+            actual: w.len(),
+        });
+    }
     let s: &CudaStream = stream;
     let (logp, _g1) = inputs.logp.device_ptr(s);
-    let (old, _g2) = inputs.old_logp.device_ptr(s);
-    let (adv, _g3) = inputs.advantages.device_ptr(s);
+    let (old_logp, _g2) = inputs.old_logp.device_ptr(s);
+    let (advantages, _g3) = inputs.advantages.device_ptr(s);
     let (mask, _g4) = opt_ptr(&inputs.mask, s);
     let (entropy, _g5) = opt_ptr(&inputs.entropy, s);
     let (loss, _g6) = opt_ptr_mut(&mut out.loss, s);
     let (grad_logp, _g7) = opt_ptr_mut(&mut out.grad_logp, s);
     let (grad_entropy, _g8) = opt_ptr_mut(&mut out.grad_entropy, s);
-    let mut owned_records = None;
-    let (records, _g9) = if need_records {
-        workspace_ptr(
-            stream,
-            &mut out.workspace,
-            &mut owned_records,
-            policy_loss_workspace_bytes(shape),
-            "workspace",
-        )?
-    } else {
-        (0, None)
-    };
-    let mut owned_stats = None;
-    let stats_buf = match out.stats.take() {
-        Some(st) => Some(st),
-        None if need_records => Some(owned_stats.insert(DevicePolicyStats::new(stream)?)),
-        None => None,
-    };
-    let (stats, _g10) = match stats_buf {
+    let (workspace, _g9) = opt_ptr_mut(&mut out.workspace, s);
+    let (stats, _g10) = match out.stats.take() {
         Some(st) => {
             let (p, g) = st.buf.device_ptr_mut(s);
             (p, Some(g))
         }
         None => (0, None),
     };
-    let (st, _g11) = status.device_ptr(s);
+    let (status, _g11) = status.device_ptr(s);
+    let args = PolicyLossArgs {
+        shape,
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        entropy,
+        loss,
+        grad_logp,
+        grad_entropy,
+        accumulate: out.accumulate,
+        stats,
+        workspace,
+        status,
+    };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (the outputs are distinct mutable borrows, the statistics buffer holds
+    // 15 f64); the guards keep cudarc's event tracking in order until the launches are
+    // enqueued.
+    unsafe { launch_policy(stream, &args, opts) }
+}
+
+/// Buffers of a raw [`policy_loss`](crate::cuda::raw::policy_loss) call: device addresses, 0
+/// for an absent optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyLossArgs {
+    /// `[B, T]` of every per-token buffer (row stride allowed).
+    pub shape: RowShape,
+    /// f32 `log π(y_t)`.
+    pub logp: u64,
+    /// f32 `log π_old(y_t)`.
+    pub old_logp: u64,
+    /// f32 advantages.
+    pub advantages: u64,
+    /// Mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// f32 entropies, or 0.
+    pub entropy: u64,
+    /// f32 per-token loss out, or 0.
+    pub loss: u64,
+    /// f32 `∂loss/∂logp` out, or 0.
+    pub grad_logp: u64,
+    /// f32 `∂loss/∂H` out, or 0.
+    pub grad_entropy: u64,
+    /// Add `∂loss/∂logp` to `grad_logp` at valid tokens instead of overwriting it.
+    pub accumulate: bool,
+    /// 15 f64 of statistics out (read them with
+    /// [`policy_stats_from_words`](crate::cuda::raw::policy_stats_from_words)), or 0.
+    pub stats: u64,
+    /// [`policy_loss_workspace_bytes`] bytes at a 16-byte aligned address, or 0 to allocate
+    /// on the stream when needed.
+    pub workspace: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// The statistics of a raw [`policy_loss`](crate::cuda::raw::policy_loss) from its 15 f64
+/// words (`[loss, policy loss, entropy loss, clip low, clip high, dual clip, k1, k3, ratio
+/// mean, ratio min, ratio max, entropy mean, valid tokens, valid sequences, sequences]`).
+///
+/// ```
+/// use rlhf_kernels::cuda::raw::{policy_stats_from_words, POLICY_STATS_WORDS};
+/// let mut w = [0.0f64; POLICY_STATS_WORDS];
+/// w[0] = -0.25;
+/// assert_eq!(policy_stats_from_words(&w)?.loss, -0.25);
+/// assert!(policy_stats_from_words(&w[..3]).is_err());
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn policy_stats_from_words(w: &[f64]) -> Result<PolicyLossStats> {
+    crate::logprobs::check_len("policy statistics words", w.len(), POLICY_STATS_WORDS)?;
+    Ok(PolicyLossStats {
+        loss: w[0],
+        policy_loss: w[1],
+        entropy_loss: w[2],
+        clip_fraction_low: w[3],
+        clip_fraction_high: w[4],
+        dual_clip_fraction: w[5],
+        approx_kl_k1: w[6],
+        approx_kl_k3: w[7],
+        ratio_mean: w[8],
+        ratio_min: w[9],
+        ratio_max: w[10],
+        entropy_mean: w[11],
+        counts: BatchCounts { valid_tokens: w[12], valid_sequences: w[13], sequences: w[14] },
+    })
+}
+
+/// The policy loss's launches on checked device addresses (the safe and raw entry points
+/// share them): row records and statistics are allocated on the stream when needed and not
+/// given.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`PolicyLossArgs`] field documents, the outputs overlap nothing else, and every buffer
+/// stays allocated until the kernels ran.
+pub(crate) unsafe fn launch_policy(
+    stream: &Arc<CudaStream>,
+    a: &PolicyLossArgs,
+    opts: &PolicyLossOptions,
+) -> Result<()> {
+    let shape = a.shape;
+    shape.validate("policy loss")?;
+    opts.validate()?;
+    let global = global_counts(opts.normaliser);
+    let want_grad = a.grad_logp != 0 || a.grad_entropy != 0;
+    let need_records = a.stats != 0 || (want_grad && global.is_none());
+    let s: &CudaStream = stream;
+    let mut owned_records: Option<CudaSlice<u8>> = None;
+    let (records, _g1) = if !need_records {
+        (0, None)
+    } else if a.workspace != 0 {
+        (a.workspace, None)
+    } else {
+        // SAFETY: the rows kernel writes every record before the kernels after it read them.
+        let slice = unsafe { stream.alloc::<u8>(policy_loss_workspace_bytes(shape)) }
+            .map_err(driver_error("allocating the policy-loss workspace"))?;
+        let (p, g) = owned_records.insert(slice).device_ptr_mut(s);
+        (p, Some(g))
+    };
+    if records % 16 != 0 {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("address {records:#x}"),
+            expected: "a 16-byte aligned device address",
+        });
+    }
+    let mut owned_stats: Option<DevicePolicyStats> = None;
+    let (stats, _g2) = if a.stats != 0 || !need_records {
+        (a.stats, None)
+    } else {
+        let (p, g) = owned_stats.insert(DevicePolicyStats::new(stream)?).buf.device_ptr_mut(s);
+        (p, Some(g))
+    };
     let (aggregation, max_len) = aggregation_code(opts.aggregation);
     let objective = match opts.objective {
         PolicyObjective::Clip => 0,
@@ -339,14 +448,14 @@ pub fn policy_loss(
     };
     let counts = global.unwrap_or([0.0; 3]);
     let params = PolicyParams {
-        logp,
-        old_logp: old,
-        advantages: adv,
-        mask,
-        entropy,
-        loss,
-        grad_logp,
-        grad_entropy,
+        logp: a.logp,
+        old_logp: a.old_logp,
+        advantages: a.advantages,
+        mask: a.mask,
+        entropy: a.entropy,
+        loss: a.loss,
+        grad_logp: a.grad_logp,
+        grad_entropy: a.grad_entropy,
         ld: shape.row_stride as i64,
         rows: shape.rows as i32,
         cols: shape.cols as i32,
@@ -360,7 +469,7 @@ pub fn policy_loss(
         aggregation,
         max_len,
         weights_known: i32::from(global.is_some()),
-        accumulate: i32::from(out.accumulate),
+        accumulate: i32::from(a.accumulate),
         tokens: counts[0],
         valid_sequences: counts[1],
         sequences: counts[2],
@@ -370,7 +479,7 @@ pub fn policy_loss(
         rows: shape.rows,
         records,
         stats,
-        status: st,
+        status: a.status,
         aggregation,
         max_len,
         global,
@@ -378,9 +487,9 @@ pub fn policy_loss(
         need_records,
         grad_pass: want_grad && global.is_none(),
     };
-    // SAFETY: `params` is the kernels' `PolicyParams`: every pointer in it is null or covers
-    // the checked shape (the outputs are distinct mutable borrows); the records hold one
-    // 48-byte `PolicyRow` per row at a 16-byte aligned address and the statistics 15 f64.
+    // SAFETY: `params` is the kernels' `PolicyParams`, every pointer in it null or covering the
+    // shape (the caller's contract); the records hold one 48-byte `PolicyRow` per row at a
+    // 16-byte aligned address and the statistics 15 f64 (given or allocated above).
     unsafe { launch.run(stream, &params) }
 }
 

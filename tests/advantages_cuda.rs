@@ -141,6 +141,63 @@ mod gpu {
         adv::moments_and_whitening(gpu);
     }
 
+    /// The raw layer from plain cudarc allocations (one buffer, inputs at offsets) equals the
+    /// safe function bit for bit, on the warp and the chunked paths.
+    pub fn gae_raw_layer(gpu: &Gpu) {
+        use rlhf_kernels::cuda::raw::{self, GaeArgs, RawStream};
+        use rlhf_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let s = &gpu.0;
+        for cols in [100, 3000] {
+            let c = GaeCase::random(RowShape::new(5, cols), adv::MaskKind::Holes, 61);
+            let opts = GaeOptions::new(0.99, 0.95);
+            let (want_a, want_r) = gpu.gae(&c, &opts).unwrap();
+            let n = c.shape.len();
+            let mut packed = vec![0.0f32];
+            for v in [&c.rewards, &c.kl, &c.values] {
+                packed.extend_from_slice(v.as_ref().unwrap());
+            }
+            packed.extend_from_slice(c.scores.as_ref().unwrap());
+            let inputs = s.clone_htod(&packed).unwrap();
+            let mask = s.clone_htod(c.mask.as_ref().unwrap()).unwrap();
+            let mut outs = s.alloc_zeros::<f32>(2 * n).unwrap();
+            let mut st = s.clone_htod(&[raw::STATUS_CLEAR]).unwrap();
+            let stream = RawStream { ordinal: s.context().ordinal(), stream: s.cu_stream() };
+            {
+                let (ip, _a) = inputs.device_ptr(s);
+                let (mp, _b) = mask.device_ptr(s);
+                let (op, _c) = outs.device_ptr_mut(s);
+                let (sp, _d) = st.device_ptr_mut(s);
+                let at = |k: u64| ip + 4 + k * 4 * n as u64;
+                let args = GaeArgs {
+                    shape: c.shape,
+                    rewards: at(0),
+                    kl: at(1),
+                    beta: c.beta,
+                    scores: at(3),
+                    values: at(2),
+                    mask: mp,
+                    advantages: op,
+                    returns: op + 4 * n as u64,
+                    workspace: 0,
+                    status: sp,
+                };
+                // SAFETY: the buffers were allocated above on this context, cover the offsets
+                // plus the shape, and live until the synchronising copies below.
+                unsafe { raw::gae(stream, &args, &opts) }.unwrap();
+                let none = GaeArgs { rewards: 0, kl: 0, scores: 0, ..args };
+                // SAFETY: refused before any launch.
+                assert!(unsafe { raw::gae(stream, &none, &opts) }.is_err());
+            }
+            assert_eq!(raw::decode_status(s.clone_dtoh(&st).unwrap()[0]), Ok(()));
+            let got = s.clone_dtoh(&outs).unwrap();
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same(&got[..n], &want_a) && same(&got[n..], &want_r),
+                "T = {cols}: raw differs from safe"
+            );
+        }
+    }
+
     /// A lent workspace gives the same bits as an internal one.
     pub fn gae_workspace(gpu: &Gpu) {
         let s = &gpu.0;
@@ -189,5 +246,6 @@ gpu_test!(gae_long);
 gpu_test!(gae_errors);
 gpu_test!(gae_batch_invariance);
 gpu_test!(gae_workspace);
+gpu_test!(gae_raw_layer);
 gpu_test!(groups);
 gpu_test!(moments);

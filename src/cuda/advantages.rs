@@ -18,7 +18,7 @@ use cudarc::driver::{
 
 use crate::advantages::check_gae_sources;
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::cuda::{CudaStatus, RawStream, driver_error, non_null, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
 use crate::{
     Error, GaeOptions, GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, MaskedSteps, Moments, Result,
@@ -183,14 +183,90 @@ pub fn gae(
     if let Some(s) = &inputs.scores {
         check_len("scores", s.len(), shape.rows)?;
     }
-    check_gae_sources(
+    shape.validate("gae inputs")?;
+    let need = gae_workspace_bytes(shape);
+    if let Some(w) = &out.workspace
+        && w.len() < need
+    {
+        return Err(Error::ShapeMismatch {
+            what: "gae workspace",
+            min: need,
+            max: usize::MAX,
+            actual: w.len(),
+        });
+    }
+    let s: &CudaStream = stream;
+    let (rewards, _g1) = opt_ptr(&inputs.rewards, s);
+    let kl_view = inputs.kl_penalty.as_ref().map(|k| &k.0);
+    let (kl, _g2) = view_ptr(kl_view, s);
+    let (scores, _g3) = opt_ptr(&inputs.scores, s);
+    let (values, _g4) = opt_ptr(&inputs.values, s);
+    let (mask, _g5) = opt_ptr(&inputs.mask, s);
+    let (advantages, _g6) = opt_ptr_mut(&mut out.advantages, s);
+    let (returns, _g7) = opt_ptr_mut(&mut out.returns, s);
+    let (workspace, _g8) = opt_ptr_mut(&mut out.workspace, s);
+    let (st, _g9) = status.device_ptr(s);
+    let args = GaeArgs {
         shape,
-        inputs.rewards.is_some(),
-        inputs.kl_penalty.as_ref().map(|k| k.1),
-        inputs.scores.is_some(),
-    )?;
+        rewards,
+        kl,
+        beta: inputs.kl_penalty.as_ref().map_or(0.0, |k| k.1),
+        scores,
+        values,
+        mask,
+        advantages,
+        returns,
+        workspace,
+        status: st,
+    };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (`scores` one value per row, the workspace at least
+    // gae_workspace_bytes); the outputs are distinct mutable borrows; the guards keep cudarc's
+    // event tracking in order until the launches are enqueued.
+    unsafe { launch_gae(stream, &args, opts) }
+}
+
+/// Buffers of a raw [`gae`](crate::cuda::raw::gae) call: device addresses (f32 per-token
+/// buffers laid out as `shape`), 0 for an absent optional buffer. At least one reward source
+/// (`rewards`, `kl`, `scores`) and one output.
+#[derive(Debug, Clone, Copy)]
+pub struct GaeArgs {
+    /// `[B, T]` of every per-token buffer.
+    pub shape: RowShape,
+    /// Dense rewards, or 0.
+    pub rewards: u64,
+    /// Per-token KL estimates, or 0.
+    pub kl: u64,
+    /// β of the KL penalty `−β·kl_t` (ignored without `kl`).
+    pub beta: f32,
+    /// One score per sequence, or 0.
+    pub scores: u64,
+    /// Values `V_t`, or 0 (discounted returns).
+    pub values: u64,
+    /// Mask bytes, or 0.
+    pub mask: u64,
+    /// Advantages out, or 0.
+    pub advantages: u64,
+    /// Returns out, or 0.
+    pub returns: u64,
+    /// [`gae_workspace_bytes`] bytes at a 16-byte aligned address, or 0 to allocate on the
+    /// stream when needed.
+    pub workspace: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// GAE's launches on checked device addresses (the safe and raw entry points share them).
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`GaeArgs`] field documents, the outputs overlap nothing else, and every buffer stays
+/// allocated until the kernels ran.
+pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &GaeOptions) -> Result<()> {
+    let shape = a.shape;
+    check_gae_sources(shape, a.rewards != 0, (a.kl != 0).then_some(a.beta), a.scores != 0)?;
     opts.validate()?;
-    if out.advantages.is_none() && out.returns.is_none() {
+    if a.advantages == 0 && a.returns == 0 {
         return Err(Error::InvalidOption {
             name: "outputs",
             value: "none".into(),
@@ -207,42 +283,23 @@ pub fn gae(
         });
     }
     let need = gae_workspace_bytes(shape);
-    if let Some(w) = &out.workspace
-        && w.len() < need
-    {
-        return Err(Error::ShapeMismatch {
-            what: "gae workspace",
-            min: need,
-            max: usize::MAX,
-            actual: w.len(),
-        });
-    }
-
     let s: &CudaStream = stream;
-    let (rewards, _g1) = opt_ptr(&inputs.rewards, s);
-    let kl_view = inputs.kl_penalty.as_ref().map(|k| &k.0);
-    let (kl, _g2) = view_ptr(kl_view, s);
-    let (scores, _g3) = opt_ptr(&inputs.scores, s);
-    let (values, _g4) = opt_ptr(&inputs.values, s);
-    let (mask, _g5) = opt_ptr(&inputs.mask, s);
-    let (advantages, _g6) = opt_ptr_mut(&mut out.advantages, s);
-    let (returns, _g7) = opt_ptr_mut(&mut out.returns, s);
-    let (st, _g8) = status.device_ptr(s);
+    let st = a.status;
     let params = GaeParams {
-        rewards,
-        kl,
-        scores,
-        values,
-        mask,
-        advantages,
-        returns,
+        rewards: a.rewards,
+        kl: a.kl,
+        scores: a.scores,
+        values: a.values,
+        mask: a.mask,
+        advantages: a.advantages,
+        returns: a.returns,
         ld: shape.row_stride as i64,
         rows: shape.rows as i32,
         cols: shape.cols as i32,
         nchunks: nchunks as i32,
         gamma: opts.gamma,
         gamma_lambda: opts.gamma * opts.lambda,
-        beta: inputs.kl_penalty.as_ref().map_or(0.0, |k| k.1),
+        beta: if a.kl != 0 { a.beta } else { 0.0 },
         reset: i32::from(opts.masked == MaskedSteps::Reset),
     };
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -254,18 +311,17 @@ pub fn gae(
         l.arg(&params).arg(&st);
         // SAFETY: matches `gae_warp(GaeParams, unsigned long long*)`; 256 threads = 8 warps
         // per block, one sequence each (warps past the last row return); every pointer in
-        // `params` is null or covers the checked shape (`scores` one value per row), and
-        // the two outputs are distinct mutable borrows.
+        // `params` is null or covers the shape (`scores` one value per row) and the two
+        // outputs overlap nothing (the caller's contract).
         unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_warp"))?;
         return Ok(());
     }
 
     let mut owned: Option<CudaSlice<u8>> = None;
-    let (maps, _g9) = if nchunks == 1 {
+    let (maps, _g) = if nchunks == 1 {
         (0, None)
-    } else if let Some(w) = out.workspace.as_mut() {
-        let (p, g) = w.device_ptr_mut(s);
-        (p, Some(g))
+    } else if a.workspace != 0 {
+        (a.workspace, None)
     } else {
         // SAFETY: gae_chunk_maps writes the map of every chunk but the first of each row and
         // gae_carries reads only those; gae_carries writes every state gae_block reads.
@@ -289,7 +345,7 @@ pub fn gae(
         l.arg(&params).arg(&maps);
         // SAFETY: matches `gae_chunk_maps(GaeParams, Affine*)`; one block of 256 threads per
         // (row, chunk), rows·chunks ≤ i32::MAX (checked); the workspace holds rows·nchunks
-        // 32-byte maps then as many 16-byte states (checked or allocated with that size).
+        // 32-byte maps then as many 16-byte states (the caller's contract, or allocated with that size).
         unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_chunk_maps"))?;
         let f = function(ctx, Module::Advantages, "gae_carries")?;
         let mut l = stream.launch_builder(&f);
@@ -310,7 +366,7 @@ pub fn gae(
     // SAFETY: matches `gae_block(GaeParams, const GaeState*, unsigned long long*)`; one block of
     // 256 threads per (row, chunk); `carries` is null for single-chunk rows or holds the states
     // the launch above wrote on this stream; every pointer in `params` is null or covers the
-    // checked shape, and the two outputs are distinct mutable borrows.
+    // shape and the two outputs overlap nothing (the caller's contract).
     unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_block"))?;
     Ok(())
 }
@@ -633,4 +689,33 @@ pub fn whiten(
     // the moments were written by the launches above on this stream.
     unsafe { l.launch(cfg) }.map_err(driver_error("launching whiten_apply"))?;
     Ok(())
+}
+
+/// The raw layer of GAE: [`gae`] on device addresses, enqueued on a stream owned by the
+/// caller. Sequences with non-finite advantages are reported in the status word (decode it with
+/// [`decode_status`](crate::cuda::raw::decode_status)).
+///
+/// # Safety
+/// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+/// - every non-zero address points to device memory of that context holding what its
+///   [`GaeArgs`] field documents for `args.shape` (per-token buffers `shape.min_len()` f32 or
+///   mask bytes, `scores` one f32 per row); the outputs and workspace overlap nothing else;
+/// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::raw::{self, GaeArgs, RawStream};
+/// use rlhf_kernels::{GaeOptions, RowShape};
+/// # let (rewards, values, adv, status, cu_stream) = (0u64, 0u64, 0u64, 0u64, std::ptr::null_mut());
+/// let args = GaeArgs { shape: RowShape::new(512, 4096), rewards, kl: 0, beta: 0.0, scores: 0, values, mask: 0,
+///     advantages: adv, returns: 0, workspace: 0, status };
+/// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
+/// unsafe { raw::gae(RawStream { ordinal: 0, stream: cu_stream }, &args, &GaeOptions::new(1.0, 0.95))? };
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub unsafe fn raw_gae(stream: RawStream, args: &GaeArgs, opts: &GaeOptions) -> Result<()> {
+    non_null(&[("status", args.status)])?;
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_gae(&stream, args, opts) }
 }

@@ -65,10 +65,9 @@ pub fn log_softmax<T: Element>(
     let (x, _read_x) = logits.device_ptr(stream);
     let (y, _write_y) = out.device_ptr_mut(stream);
     let (st, _write_st) = status.device_ptr(stream);
-    // SAFETY: the three pointers come from live cudarc buffers of `stream`'s context whose
-    // lengths were checked against `shape` above (logits ≥ min_len, out = rows·cols f32,
-    // status one u64); `out` is borrowed mutably so it cannot alias `logits`; the guards
-    // keep cudarc's event tracking in order until the launch is enqueued.
+    // SAFETY: the pointers come from live cudarc buffers of `stream`'s context, lengths checked above
+    // (logits ≥ min_len, out = rows·cols f32, status one u64); `out` is a mutable borrow, so it cannot
+    // alias `logits`; the guards keep cudarc's event tracking in order until the launch is enqueued.
     unsafe { launch_forward(stream, T::DTYPE, shape, x, y, st, inv_tau) }
 }
 
@@ -146,11 +145,10 @@ unsafe fn launch_forward(
     let (rows, cols) = (shape.rows as i32, shape.cols as i32);
     let mut launch = stream.launch_builder(&func);
     launch.arg(&logits).arg(&ld_x).arg(&out).arg(&ld_y).arg(&rows).arg(&cols).arg(&inv_tau).arg(&status);
-    // SAFETY: argument list matches `log_softmax_forward_<dtype>(const T*, long long, float*,
-    // long long, int, int, float, unsigned long long*)`; grid = rows ≤ i32::MAX and the
-    // block size are those the kernel expects (one block per row, 32..=1024 threads, a
-    // multiple of 32); the caller guarantees the pointers cover the shape, which the kernel
-    // reads and writes within `row * ld + [0, cols)` only.
+    // Kernel: `log_softmax_forward_<dtype>(const T*, long long, float*, long long, int, int, float,
+    // unsigned long long*)`, one block per row of 32..=1024 threads (a multiple of 32).
+    // SAFETY: arguments and launch shape match it (rows ≤ i32::MAX); the caller guarantees the pointers
+    // cover the shape, which the kernel touches only within `row * ld + [0, cols)`.
     unsafe { launch.launch(row_launch(shape, dtype)) }
         .map_err(driver_error("launching log_softmax_forward"))?;
     Ok(())

@@ -123,10 +123,10 @@ pub(super) unsafe fn launch_forward(
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `token_logprobs[_entropy]_rows_<dtype>(const T*, long long, int, int,
-        // RowSelect, float, long long, float*, float*, float*, VocabPartial*, unsigned long
-        // long*)`; one block of 256 threads per row (rows ≤ i32::MAX); the caller guarantees
-        // the buffers, which the kernel touches only within `row * ld + [0, cols)` and [row].
+        // Kernel: `token_logprobs[_entropy]_rows_<dtype>(const T*, long long, int, int, RowSelect, float,
+        // long long, float*, float*, float*, VocabPartial*, unsigned long long*)`.
+        // SAFETY: the arguments match that signature; one block of 256 threads per row (rows ≤ i32::MAX);
+        // the caller guarantees the buffers, touched only within `row * ld + [0, cols)` and `[row]`.
         unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_logprobs"))?;
         return Ok(());
     }
@@ -237,10 +237,10 @@ pub(super) unsafe fn launch_backward(stream: &Arc<CudaStream>, args: &BackwardAr
     launch.arg(&logits).arg(&ld).arg(&grad).arg(&ld).arg(&rows).arg(&cols).arg(&sel);
     launch.arg(&saved[0]).arg(&saved[1]).arg(&upstream[0]).arg(&upstream[1]).arg(&inv_tau).arg(&status);
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `token_logprobs_backward_<dtype>(const T*, long long, T*, long long, int,
-    // int, RowSelect, const float*, const float*, const float*, const float*, float, unsigned
-    // long long*)`; one block of 256 threads per (row, chunk), rows·chunks ≤ i32::MAX; every
-    // element is read and written by the same thread within `row * ld + [0, cols)`.
+    // Kernel: `token_logprobs_backward_<dtype>(const T*, long long, T*, long long, int, int, RowSelect,
+    // const float*, const float*, const float*, const float*, float, unsigned long long*)`.
+    // SAFETY: the arguments match that signature; one block of 256 threads per (row, chunk), rows·chunks
+    // ≤ i32::MAX; each element is read and written by one thread within `row * ld + [0, cols)`.
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_logprobs_backward"))?;
     Ok(())
 }

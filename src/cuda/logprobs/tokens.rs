@@ -206,10 +206,9 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
         outputs: [logp, entropy, lse],
         status: st,
     };
-    // SAFETY: every pointer comes from a live cudarc view of this stream's context whose length
-    // was checked above (logits ≥ shape.min_len(), targets/mask/outputs = rows, workspace ≥
-    // the split path's need); outputs are mutable borrows, so they alias no input; the guards
-    // order cudarc's event tracking around the launches.
+    // SAFETY: every pointer comes from a live cudarc view of this stream's context, lengths checked above
+    // (logits ≥ min_len, targets/mask/outputs = rows, workspace ≥ the split path's need); outputs are
+    // mutable borrows (no aliasing); the guards order cudarc's event tracking around the launches.
     unsafe { launch_forward(stream, &args, workspace) }
 }
 

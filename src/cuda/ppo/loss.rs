@@ -1,5 +1,5 @@
-//! The PPO family on the GPU (kernels/ppo.cu): the policy loss and the value loss, each with
-//! its gradient and statistics. One kernel (one block per sequence) when the denominators are
+//! The policy loss on the GPU (kernels/ppo.cu), and the launch sequence it shares with the
+//! value loss. One kernel (one block per sequence) when the denominators are
 //! global and no statistics are asked for; statistics add a one-block reduction of the row
 //! records, and local denominators with a gradient a third pass (the weights need the batch's
 //! counts first). Nothing synchronises the host.
@@ -16,17 +16,12 @@ use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::{
     BatchCounts, Error, Normaliser, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result, RowShape,
-    ValueLossOptions, ValueLossStats,
 };
 
 /// Bytes per sequence of the policy row records (`PolicyRow`: 12 f32).
 const POLICY_RECORD_BYTES: usize = 48;
-/// Bytes per sequence of the value row records (`ValueRow`: 4 f32).
-const VALUE_RECORD_BYTES: usize = 16;
 /// f64 words of the policy statistics (`PolicyStat` in the kernel).
 pub const POLICY_STATS_WORDS: usize = 15;
-/// f64 words of the value statistics (`ValueStat`).
-const VALUE_STATS_WORDS: usize = 5;
 
 /// The device inputs of [`policy_loss`], each laid out as `shape` (see
 /// [`PolicyLossInputs`](crate::PolicyLossInputs)).
@@ -131,7 +126,7 @@ struct PolicyParams {
 unsafe impl DeviceRepr for PolicyParams {}
 
 /// The global counts, if the normaliser gives them.
-fn global_counts(n: Normaliser) -> Option<[f64; 3]> {
+pub(super) fn global_counts(n: Normaliser) -> Option<[f64; 3]> {
     match n {
         Normaliser::Local => None,
         Normaliser::Global { valid_tokens, valid_sequences, sequences } => {
@@ -141,7 +136,7 @@ fn global_counts(n: Normaliser) -> Option<[f64; 3]> {
 }
 
 /// A workspace pointer: the lent one (checked), or a fresh allocation kept in `owned`.
-fn workspace_ptr<'a>(
+pub(super) fn workspace_ptr<'a>(
     stream: &'a Arc<CudaStream>,
     lent: &'a mut Option<CudaViewMut<'_, u8>>,
     owned: &'a mut Option<CudaSlice<u8>>,
@@ -176,18 +171,18 @@ fn workspace_ptr<'a>(
 /// `{kernel}_finalize(const Row*, int rows, int aggregation, double max_len, int use_global,
 /// double ×3 counts, float coef, double* stats)`; and with local denominators and a gradient
 /// `{kernel}_grad(Params, const Row*, const double* stats)`, one block per sequence.
-struct LossLaunch {
-    kernel: &'static str,
-    rows: usize,
-    records: u64,
-    stats: u64,
-    status: u64,
-    aggregation: i32,
-    max_len: f64,
-    global: Option<[f64; 3]>,
-    coef: f32,
-    need_records: bool,
-    grad_pass: bool,
+pub(super) struct LossLaunch {
+    pub(super) kernel: &'static str,
+    pub(super) rows: usize,
+    pub(super) records: u64,
+    pub(super) stats: u64,
+    pub(super) status: u64,
+    pub(super) aggregation: i32,
+    pub(super) max_len: f64,
+    pub(super) global: Option<[f64; 3]>,
+    pub(super) coef: f32,
+    pub(super) need_records: bool,
+    pub(super) grad_pass: bool,
 }
 
 impl LossLaunch {
@@ -196,7 +191,7 @@ impl LossLaunch {
     /// cover the launch's shape; `records` (when records are needed) holds one row record per
     /// sequence and `stats` the kernel's statistics words, all device memory of `stream`'s
     /// context that stays allocated until the kernels ran.
-    unsafe fn run<P: DeviceRepr>(&self, stream: &Arc<CudaStream>, params: &P) -> Result<()> {
+    pub(super) unsafe fn run<P: DeviceRepr>(&self, stream: &Arc<CudaStream>, params: &P) -> Result<()> {
         let ctx = stream.context();
         let name = |suffix: &str| format!("{}_{suffix}", self.kernel);
         let rows = self.rows as i32;
@@ -490,207 +485,5 @@ pub(crate) unsafe fn launch_policy(
     // SAFETY: `params` is the kernels' `PolicyParams`, every pointer in it null or covering the
     // shape (the caller's contract); the records hold one 48-byte `PolicyRow` per row at a
     // 16-byte aligned address and the statistics 15 f64 (given or allocated above).
-    unsafe { launch.run(stream, &params) }
-}
-
-/// The device inputs of [`value_loss`], each laid out as `shape`.
-#[derive(Debug)]
-pub struct DeviceValueLossInputs<'a> {
-    /// `[B, T]` of every array.
-    pub shape: RowShape,
-    /// Current values `v`.
-    pub values: CudaView<'a, f32>,
-    /// Rollout-time values.
-    pub old_values: CudaView<'a, f32>,
-    /// Value targets.
-    pub returns: CudaView<'a, f32>,
-    /// Response mask; `None`: all valid.
-    pub mask: Option<CudaView<'a, u8>>,
-}
-
-/// Device-side statistics of [`value_loss`].
-#[derive(Debug)]
-pub struct DeviceValueStats {
-    buf: CudaSlice<f64>,
-}
-
-impl DeviceValueStats {
-    /// Allocates the statistics on `stream`'s device.
-    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        let buf =
-            stream.alloc_zeros(VALUE_STATS_WORDS).map_err(driver_error("allocating value statistics"))?;
-        Ok(DeviceValueStats { buf })
-    }
-
-    /// Synchronises `stream` and returns the statistics of the last call that wrote them.
-    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<ValueLossStats> {
-        let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading value statistics"))?;
-        Ok(ValueLossStats {
-            loss: w[0],
-            clip_fraction: w[1],
-            counts: BatchCounts { valid_tokens: w[2], valid_sequences: w[3], sequences: w[4] },
-        })
-    }
-}
-
-/// Where [`value_loss`] writes (each optional), the statistics and workspace
-/// ([`value_loss_workspace_bytes`]).
-#[derive(Debug, Default)]
-pub struct DeviceValueLossOutputs<'a> {
-    /// Per-token `L_v`.
-    pub loss: Option<CudaViewMut<'a, f32>>,
-    /// `coef·w·∂L_v/∂v`.
-    pub grad_values: Option<CudaViewMut<'a, f32>>,
-    /// The statistics.
-    pub stats: Option<&'a mut DeviceValueStats>,
-    /// Scratch for the row records.
-    pub workspace: Option<CudaViewMut<'a, u8>>,
-}
-
-/// Bytes of workspace [`value_loss`] may use for `shape`.
-pub fn value_loss_workspace_bytes(shape: RowShape) -> usize {
-    shape.rows * VALUE_RECORD_BYTES
-}
-
-/// The kernels' `ValueParams`, field for field.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct ValueParams {
-    values: u64,
-    old_values: u64,
-    returns: u64,
-    mask: u64,
-    loss: u64,
-    grad_values: u64,
-    ld: i64,
-    rows: i32,
-    cols: i32,
-    clip: f32,
-    coef: f32,
-    aggregation: i32,
-    max_len: f64,
-    weights_known: i32,
-    tokens: f64,
-    valid_sequences: f64,
-    sequences: f64,
-}
-
-// SAFETY: repr(C) with the layout of the kernels' `struct ValueParams`: six 8-byte pointers,
-// a 64-bit stride, two ints, two floats, an int (padded to 8), a double, an int (padded to 8)
-// and three doubles.
-unsafe impl DeviceRepr for ValueParams {}
-
-/// The clipped value loss on the GPU, the twin of [`cpu::value_loss`](crate::cpu::value_loss).
-/// A sequence with a non-finite input at a valid token is reported to `status`.
-///
-/// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceValueLossInputs, DeviceValueLossOutputs};
-/// use rlhf_kernels::{RowShape, ValueLossOptions};
-/// let device = CudaDevice::new(0)?;
-/// let s = device.stream();
-/// let (v, old, ret) = (s.clone_htod(&[1.0f32]).unwrap(), s.clone_htod(&[0.0f32]).unwrap(), s.clone_htod(&[2.0f32]).unwrap());
-/// let mut grad = s.alloc_zeros::<f32>(1).unwrap();
-/// let mut status = CudaStatus::new(s)?;
-/// let inputs = DeviceValueLossInputs { shape: RowShape::new(1, 1), values: v.as_view(), old_values: old.as_view(),
-///     returns: ret.as_view(), mask: None };
-/// let out = DeviceValueLossOutputs { grad_values: Some(grad.as_view_mut()), ..Default::default() };
-/// cuda::value_loss(s, &inputs, out, &mut status, &ValueLossOptions::default())?;
-/// status.check(s)?;
-/// # Ok::<(), rlhf_kernels::Error>(())
-/// ```
-pub fn value_loss(
-    stream: &Arc<CudaStream>,
-    inputs: &DeviceValueLossInputs<'_>,
-    mut out: DeviceValueLossOutputs<'_>,
-    status: &mut CudaStatus,
-    opts: &ValueLossOptions,
-) -> Result<()> {
-    let shape = inputs.shape;
-    shape.check_buffer("values", inputs.values.len())?;
-    shape.check_buffer("old_values", inputs.old_values.len())?;
-    shape.check_buffer("returns", inputs.returns.len())?;
-    for (what, len) in [
-        ("mask", inputs.mask.as_ref().map(|m| m.len())),
-        ("loss", out.loss.as_ref().map(|m| m.len())),
-        ("grad_values", out.grad_values.as_ref().map(|m| m.len())),
-    ] {
-        if let Some(len) = len {
-            shape.check_buffer(what, len)?;
-        }
-    }
-    opts.validate()?;
-    let global = global_counts(opts.normaliser);
-    let want_grad = out.grad_values.is_some();
-    let need_records = out.stats.is_some() || (want_grad && global.is_none());
-    let s: &CudaStream = stream;
-    let (values, _g1) = inputs.values.device_ptr(s);
-    let (old, _g2) = inputs.old_values.device_ptr(s);
-    let (ret, _g3) = inputs.returns.device_ptr(s);
-    let (mask, _g4) = opt_ptr(&inputs.mask, s);
-    let (loss, _g5) = opt_ptr_mut(&mut out.loss, s);
-    let (grad, _g6) = opt_ptr_mut(&mut out.grad_values, s);
-    let mut owned_records = None;
-    let (records, _g7) = if need_records {
-        workspace_ptr(
-            stream,
-            &mut out.workspace,
-            &mut owned_records,
-            value_loss_workspace_bytes(shape),
-            "workspace",
-        )?
-    } else {
-        (0, None)
-    };
-    let mut owned_stats = None;
-    let stats_buf = match out.stats.take() {
-        Some(st) => Some(st),
-        None if need_records => Some(owned_stats.insert(DeviceValueStats::new(stream)?)),
-        None => None,
-    };
-    let (stats, _g8) = match stats_buf {
-        Some(st) => {
-            let (p, g) = st.buf.device_ptr_mut(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
-    let (st, _g9) = status.device_ptr(s);
-    let (aggregation, max_len) = aggregation_code(opts.aggregation);
-    let counts = global.unwrap_or([0.0; 3]);
-    let params = ValueParams {
-        values,
-        old_values: old,
-        returns: ret,
-        mask,
-        loss,
-        grad_values: grad,
-        ld: shape.row_stride as i64,
-        rows: shape.rows as i32,
-        cols: shape.cols as i32,
-        clip: opts.clip.unwrap_or(-1.0),
-        coef: opts.coef,
-        aggregation,
-        max_len,
-        weights_known: i32::from(global.is_some()),
-        tokens: counts[0],
-        valid_sequences: counts[1],
-        sequences: counts[2],
-    };
-    let launch = LossLaunch {
-        kernel: "value_loss",
-        rows: shape.rows,
-        records,
-        stats,
-        status: st,
-        aggregation,
-        max_len,
-        global,
-        coef: opts.coef,
-        need_records,
-        grad_pass: want_grad && global.is_none(),
-    };
-    // SAFETY: `params` is the kernels' `ValueParams`: every pointer in it is null or covers
-    // the checked shape; the records hold one 16-byte `ValueRow` per row and the statistics
-    // five f64.
     unsafe { launch.run(stream, &params) }
 }

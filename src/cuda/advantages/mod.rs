@@ -1,0 +1,17 @@
+//! The advantages family on the GPU (kernels/advantages.cu): GAE as a parallel scan, the group
+//! estimators, masked moments and whitening. Nothing synchronises the host; input problems go
+//! to the caller's [`CudaStatus`].
+//!
+//! GAE picks its launch by the sequence length alone (so a row's result never depends on the
+//! batch): up to 128 positions one warp per sequence; longer sequences one block per
+//! 1024-position chunk, and when a sequence has several chunks a first pass writes each
+//! chunk's composed map and a second (one thread per sequence, right to left) the state
+//! entering each chunk, so every block starts from the exact state on its right (B = 1 with
+//! T = 128k runs on 128 blocks).
+mod gae;
+mod groups;
+mod moments;
+
+pub use gae::{DeviceGaeInputs, DeviceGaeOutputs, GaeArgs, gae, gae_workspace_bytes, raw_gae};
+pub use groups::{DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput, group_advantages};
+pub use moments::{DeviceMoments, masked_moments, whiten};

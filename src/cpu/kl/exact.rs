@@ -10,8 +10,7 @@ use crate::error::Op;
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
 use crate::{
-    Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, ExactKlStatistic, Result, RowProblem,
-    RowShape,
+    Element, Error, ExactDivergence, ExactKlOptions, ExactKlStatistic, Result, RowProblem, RowShape,
 };
 
 /// Where [`exact_kl`] writes, per row (any subset, at least one), and the batch statistic if
@@ -93,26 +92,26 @@ pub struct ExactKlGrads<'a> {
 /// One row's statistics of both sides: running max (raw units) and `Σ exp((x − m)/τ)`, and
 /// `a_pr = Σ e_p·(z_p − z_q)`, `a_rp = Σ e_q·(z_q − z_p)` scaled like the sums they ride on.
 #[derive(Debug, Clone, Copy)]
-struct PairStats {
-    mp: f32,
-    sp: f32,
-    a_pr: f32,
-    mq: f32,
-    sq: f32,
-    a_rp: f32,
+pub(super) struct PairStats {
+    pub(super) mp: f32,
+    pub(super) sp: f32,
+    pub(super) a_pr: f32,
+    pub(super) mq: f32,
+    pub(super) sq: f32,
+    pub(super) a_rp: f32,
 }
 
 impl PairStats {
-    fn lse(m: f32, s: f32, inv_tau: f32) -> f32 {
+    pub(super) fn lse(m: f32, s: f32, inv_tau: f32) -> f32 {
         m * inv_tau + s.ln()
     }
 
     /// `KL[π‖π_ref] = a_pr/s_p + (m_q − m_p)/τ + ln s_q − ln s_p` (small terms only; ≥ 0).
-    fn kl_pr(&self, inv_tau: f32) -> f32 {
+    pub(super) fn kl_pr(&self, inv_tau: f32) -> f32 {
         (self.a_pr / self.sp + (self.mq - self.mp) * inv_tau + (self.sq.ln() - self.sp.ln())).max(0.0)
     }
 
-    fn kl_rp(&self, inv_tau: f32) -> f32 {
+    pub(super) fn kl_rp(&self, inv_tau: f32) -> f32 {
         (self.a_rp / self.sq + (self.mp - self.mq) * inv_tau + (self.sp.ln() - self.sq.ln())).max(0.0)
     }
 }
@@ -341,106 +340,6 @@ fn backward<P: Element, Q: Element>(
     }
 }
 
-/// Per-row [`ExactKlPartial`]s of a vocabulary shard: `policy` and `reference.logits` hold the
-/// same columns of the full vocabulary. Padding rows give [`ExactKlPartial::EMPTY`]; row
-/// problems travel in the flags (reported by [`ExactKlPartial::finish`]). See
-/// [`ExactKlPartial`] for the tensor-parallel recipe.
-pub fn exact_kl_shard_partials<P: Element, Q: Element>(
-    policy: &[P],
-    policy_shape: RowShape,
-    reference: &ReferenceRows<'_, Q>,
-    partials: &mut [ExactKlPartial],
-    opts: &ExactKlOptions,
-) -> Result<()> {
-    let ReferenceRows { logits: reference, shape: ref_shape, mask } = *reference;
-    check_pair(policy.len(), policy_shape, reference.len(), ref_shape, mask)?;
-    check_len("partials", partials.len(), policy_shape.rows)?;
-    let inv_tau = opts.inv_temperature()?;
-    partials.par_iter_mut().enumerate().with_min_len(rows_per_task(policy_shape.cols)).for_each(
-        |(r, out)| {
-            *out = if mask.is_some_and(|m| m[r] == 0) {
-                ExactKlPartial::EMPTY
-            } else {
-                let (p, q) = (&policy[policy_shape.row_range(r)], &reference[ref_shape.row_range(r)]);
-                let st = pair_stats_row(p, q, inv_tau);
-                let side_flags = |problem: Option<RowProblem>, nan: u32, inf: u32| match problem {
-                    Some(RowProblem::NaN) => nan,
-                    Some(RowProblem::PosInf) => inf,
-                    _ => 0,
-                };
-                let flags =
-                    side_flags(
-                        classify(p, st.mp),
-                        ExactKlPartial::POLICY_NAN,
-                        ExactKlPartial::POLICY_POS_INF,
-                    ) | side_flags(classify(q, st.mq), ExactKlPartial::REF_NAN, ExactKlPartial::REF_POS_INF);
-                ExactKlPartial {
-                    policy_max: st.mp,
-                    policy_sum_exp: st.sp,
-                    policy_term: st.a_pr,
-                    ref_max: st.mq,
-                    ref_sum_exp: st.sq,
-                    ref_term: st.a_rp,
-                    flags,
-                }
-            };
-        },
-    );
-    Ok(())
-}
-
-/// The JSD's second round on a vocabulary shard: per row `[Σ p·log(p/m), Σ q·log(q/m)]` over
-/// the shard's columns, given the rows' full log-sum-exps (from the merged
-/// [`ExactKlPartial`]s). Sum them over shards in shard order and combine as
-/// `β·s_p + (1 − β)·s_q`. Padding rows give `[0, 0]`; an unmasked row whose log-sum-exps
-/// are not finite (the merge refused it) is an error.
-pub fn jsd_shard_sums<P: Element, Q: Element>(
-    policy: &[P],
-    policy_shape: RowShape,
-    reference: &ReferenceRows<'_, Q>,
-    policy_lse: &[f32],
-    ref_lse: &[f32],
-    sums: &mut [[f32; 2]],
-    opts: &ExactKlOptions,
-) -> Result<()> {
-    let ReferenceRows { logits: reference, shape: ref_shape, mask } = *reference;
-    check_pair(policy.len(), policy_shape, reference.len(), ref_shape, mask)?;
-    for (what, len) in [("policy_lse", policy_lse.len()), ("ref_lse", ref_lse.len()), ("sums", sums.len())] {
-        check_len(what, len, policy_shape.rows)?;
-    }
-    let ExactDivergence::Jsd { beta } = opts.divergence else {
-        return Err(Error::InvalidOption {
-            name: "divergence",
-            value: format!("{:?}", opts.divergence),
-            expected: "ExactDivergence::Jsd (the two KLs need one round only)",
-        });
-    };
-    let inv_tau = opts.inv_temperature()?;
-    let problem = sums
-        .par_iter_mut()
-        .enumerate()
-        .with_min_len(rows_per_task(policy_shape.cols))
-        .map(|(r, out)| {
-            *out = [0.0; 2];
-            let (lse_p, lse_q) = (policy_lse[r], ref_lse[r]);
-            if mask.is_some_and(|m| m[r] == 0) {
-                return None;
-            }
-            if !(lse_p.is_finite() && lse_q.is_finite()) {
-                // The merge refused this row already; its sums stay 0.
-                return Some((r, RowProblem::NaN));
-            }
-            let (p, q) = (&policy[policy_shape.row_range(r)], &reference[ref_shape.row_range(r)]);
-            *out = jsd_terms(p, q, Saved { inv_tau, lse_p, lse_q, beta });
-            None
-        })
-        .reduce(|| None, first_problem);
-    match problem {
-        Some((r, p)) => Err(Op::ExactKl.invalid_row(r, p)),
-        None => Ok(()),
-    }
-}
-
 /// Scalars of one row's backward.
 #[derive(Clone, Copy)]
 struct RowGrad {
@@ -456,14 +355,18 @@ struct RowGrad {
 
 /// Saved normalisers for a second pass.
 #[derive(Clone, Copy)]
-struct Saved {
-    inv_tau: f32,
-    lse_p: f32,
-    lse_q: f32,
-    beta: f32,
+pub(super) struct Saved {
+    pub(super) inv_tau: f32,
+    pub(super) lse_p: f32,
+    pub(super) lse_q: f32,
+    pub(super) beta: f32,
 }
 
-fn pair_stats<P: Element, Q: Element>(p: &[P], q: &[Q], inv_tau: f32) -> Result<PairStats, RowProblem> {
+pub(super) fn pair_stats<P: Element, Q: Element>(
+    p: &[P],
+    q: &[Q],
+    inv_tau: f32,
+) -> Result<PairStats, RowProblem> {
     let st = pair_stats_row(p, q, inv_tau);
     // A NaN or +inf turns a sum into NaN or a max into +inf; an all-NaN side leaves its max
     // at -inf: look closer only then. Problems rank NaN, +inf, only -inf across both sides.
@@ -478,7 +381,7 @@ fn pair_stats<P: Element, Q: Element>(p: &[P], q: &[Q], inv_tau: f32) -> Result<
     Ok(st)
 }
 
-fn classify<T: Element>(x: &[T], m: f32) -> Option<RowProblem> {
+pub(super) fn classify<T: Element>(x: &[T], m: f32) -> Option<RowProblem> {
     if x.iter().any(|v| v.to_f32().is_nan()) {
         Some(RowProblem::NaN)
     } else if m == f32::INFINITY {
@@ -490,7 +393,7 @@ fn classify<T: Element>(x: &[T], m: f32) -> Option<RowProblem> {
     }
 }
 
-dispatch!(fn pair_stats_row<P: Element, Q: Element>(p: &[P], q: &[Q], inv_tau: f32) -> PairStats = pair_stats_generic);
+dispatch!(pub(super) fn pair_stats_row<P: Element, Q: Element>(p: &[P], q: &[Q], inv_tau: f32) -> PairStats = pair_stats_generic);
 
 /// One pass over both rows in L1-sized blocks, [`LANES`] accumulators per sum.
 #[inline(always)]
@@ -546,7 +449,7 @@ fn pair_stats_generic<P: Element, Q: Element>(p: &[P], q: &[Q], inv_tau: f32) ->
     }
 }
 
-dispatch!(fn jsd_terms<P: Element, Q: Element>(p: &[P], q: &[Q], saved: Saved) -> [f32; 2] = jsd_terms_generic);
+dispatch!(pub(super) fn jsd_terms<P: Element, Q: Element>(p: &[P], q: &[Q], saved: Saved) -> [f32; 2] = jsd_terms_generic);
 
 /// The JSD's second pass: `[Σ p·log(p/m), Σ q·log(q/m)]` with `m = β·p + (1 − β)·q`.
 #[inline(always)]

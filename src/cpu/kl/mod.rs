@@ -2,10 +2,11 @@
 //! statistics, KL-in-reward shaping, and the exact full-vocabulary divergences.
 
 mod exact;
+mod exact_shards;
 mod sampled;
 
 pub use exact::{
     ExactKlGrads, ExactKlOutputs, ReferenceRows, exact_kl, exact_kl_backward, exact_kl_backward_in_place,
-    exact_kl_shard_partials, jsd_shard_sums,
 };
+pub use exact_shards::{exact_kl_shard_partials, jsd_shard_sums};
 pub use sampled::{SampledKlOutputs, kl_rewards, sampled_kl};

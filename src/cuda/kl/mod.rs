@@ -3,14 +3,15 @@
 //! shards).
 
 mod exact;
+mod exact_backward;
 pub mod raw;
 mod sampled;
 mod shards;
 
 pub use exact::{
-    DeviceExactKlGrads, DeviceExactKlOutputs, DeviceReferenceRows, exact_kl, exact_kl_backward,
-    exact_kl_backward_in_place, exact_kl_workspace_bytes,
+    DeviceExactKlGrads, DeviceExactKlOutputs, DeviceReferenceRows, exact_kl, exact_kl_workspace_bytes,
 };
+pub use exact_backward::{exact_kl_backward, exact_kl_backward_in_place};
 pub use sampled::{
     DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs, kl_rewards, sampled_kl,
     sampled_kl_workspace_bytes,

@@ -2,7 +2,8 @@
 //! that own their memory (PyTorch through its data pointers, tch-rs, burn). Same launches as
 //! the safe functions.
 
-use super::exact::{launch_backward, launch_forward};
+use super::exact::launch_forward;
+use super::exact_backward::launch_backward;
 use crate::cuda::{RawStream, non_null};
 use crate::reference::check_pair;
 use crate::{DType, Error, ExactKlOptions, Result, RowShape};

@@ -1,0 +1,148 @@
+//! The backward of the exact divergences on the GPU: into the policy logits, into a buffer or
+//! in place, from the forward's saved statistics.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::exact::{
+    BLOCK, DeviceExactKlGrads, DeviceReferenceRows, check_reference, chunks, divergence_code, grid_blocks,
+    kernel,
+};
+use super::raw::ExactKlBackwardArgs;
+use crate::cuda::module::{Module, function};
+use crate::cuda::{CudaStatus, driver_error, opt_ptr};
+use crate::logprobs::check_len;
+use crate::{Element, Error, ExactDivergence, ExactKlOptions, Result, RowShape};
+
+/// The GPU twin of [`cpu::exact_kl_backward`](crate::cpu::exact_kl_backward), enqueued on
+/// `stream`: the gradient of `Σ_n g[n]·D[n]` with respect to the policy logits, written into
+/// `grad_policy` (the policy's shape and dtype). Rows with a non-finite saved statistic or
+/// upstream gradient get NaN and are reported in `status`.
+#[allow(clippy::too_many_arguments)] // stream, inputs, output, status, options: grouped already
+pub fn exact_kl_backward<P: Element, Q: Element>(
+    stream: &Arc<CudaStream>,
+    policy: &impl DevicePtr<P>,
+    policy_shape: RowShape,
+    reference: &DeviceReferenceRows<'_, Q>,
+    grads: &DeviceExactKlGrads<'_>,
+    grad_policy: &mut impl DevicePtrMut<P>,
+    status: &mut CudaStatus,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    policy_shape.check_buffer("grad_policy", grad_policy.len())?;
+    let s: &CudaStream = stream;
+    let (p, _gp) = policy.device_ptr(s);
+    let (dx, _gd) = grad_policy.device_ptr_mut(s);
+    backward::<P, Q>(stream, [p, dx], policy.len(), policy_shape, reference, grads, status, opts)
+}
+
+/// [`exact_kl_backward`] written over the policy logits (no gradient buffer).
+pub fn exact_kl_backward_in_place<P: Element, Q: Element>(
+    stream: &Arc<CudaStream>,
+    policy: &mut impl DevicePtrMut<P>,
+    policy_shape: RowShape,
+    reference: &DeviceReferenceRows<'_, Q>,
+    grads: &DeviceExactKlGrads<'_>,
+    status: &mut CudaStatus,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    let len = policy.len();
+    let s: &CudaStream = stream;
+    let (p, _gp) = policy.device_ptr_mut(s);
+    backward::<P, Q>(stream, [p, p], len, policy_shape, reference, grads, status, opts)
+}
+
+#[allow(clippy::too_many_arguments)] // private: the public entry points group their inputs
+fn backward<P: Element, Q: Element>(
+    stream: &Arc<CudaStream>,
+    [p, dx]: [u64; 2],
+    policy_len: usize,
+    policy_shape: RowShape,
+    reference: &DeviceReferenceRows<'_, Q>,
+    grads: &DeviceExactKlGrads<'_>,
+    status: &mut CudaStatus,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_reference(policy_len, policy_shape, reference)?;
+    let rows = policy_shape.rows;
+    for (what, v) in [("grad", &grads.grad), ("policy_lse", &grads.policy_lse), ("ref_lse", &grads.ref_lse)] {
+        check_len(what, v.len(), rows)?;
+    }
+    for (what, v) in [("value", &grads.value), ("policy_term", &grads.policy_term)] {
+        v.as_ref().map_or(Ok(()), |v| check_len(what, v.len(), rows))?;
+    }
+    let s: &CudaStream = stream;
+    let (q, _g1) = reference.logits.device_ptr(s);
+    let (mask, _g2) = opt_ptr(&reference.mask, s);
+    let (policy_lse, _g3) = grads.policy_lse.device_ptr(s);
+    let (ref_lse, _g4) = grads.ref_lse.device_ptr(s);
+    let (value, _g5) = opt_ptr(&grads.value, s);
+    let (policy_term, _g6) = opt_ptr(&grads.policy_term, s);
+    let (grad, _g7) = grads.grad.device_ptr(s);
+    let (st, _g8) = status.device_ptr(s);
+    let args = ExactKlBackwardArgs {
+        policy: p,
+        policy_dtype: P::DTYPE,
+        policy_shape,
+        reference: q,
+        ref_dtype: Q::DTYPE,
+        ref_shape: reference.shape,
+        mask,
+        grad,
+        policy_lse,
+        ref_lse,
+        value,
+        policy_term,
+        grad_policy: dx,
+        status: st,
+    };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (`p` and `dx` by the callers: the same buffer when in place, which
+    // the kernel supports); the guards keep cudarc's event tracking in order.
+    unsafe { launch_backward(stream, &args, opts) }
+}
+
+/// The launch of an exact backward on device addresses (the safe and raw entry points share
+/// it).
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`ExactKlBackwardArgs`] field documents; `grad_policy` equals `policy` or overlaps nothing
+/// else; every buffer stays allocated until the kernel ran.
+pub(super) unsafe fn launch_backward(
+    stream: &Arc<CudaStream>,
+    a: &ExactKlBackwardArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    let saved = match opts.divergence {
+        ExactDivergence::PolicyRef => Some(a.value).filter(|&v| v != 0).ok_or("value"),
+        ExactDivergence::RefPolicy => Ok(a.grad),
+        ExactDivergence::Jsd { .. } => Some(a.policy_term).filter(|&v| v != 0).ok_or("policy_term"),
+    };
+    let saved = saved.map_err(|name| Error::InvalidOption {
+        name,
+        value: "missing".into(),
+        expected: "the forward's saved value (KL[policy||ref]) or policy_term (JSD)",
+    })?;
+    let inv_tau = opts.inv_temperature()?;
+    let shape = a.policy_shape;
+    let blocks = grid_blocks(shape.rows, chunks(shape))?;
+    let (div, beta) = divergence_code(opts.divergence);
+    let (ldp, ldq) = (shape.row_stride as i64, a.ref_shape.row_stride as i64);
+    let (rows_i, cols_i) = (shape.rows as i32, shape.cols as i32);
+    let f =
+        function(stream.context(), Module::Kl, &kernel("exact_kl_backward", a.policy_dtype, a.ref_dtype))?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&a.policy).arg(&ldp).arg(&a.reference).arg(&ldq).arg(&a.grad_policy).arg(&rows_i).arg(&cols_i);
+    l.arg(&a.mask).arg(&div).arg(&beta).arg(&inv_tau).arg(&a.policy_lse).arg(&a.ref_lse).arg(&saved);
+    l.arg(&a.grad).arg(&a.status);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `exact_kl_backward_<p>_<q>(const P*, long long, const Q*, long long, P*,
+    // int, int, const unsigned char*, int, float, float, const float*, const float*, const
+    // float*, const float*, unsigned long long*)`; one block of 256 threads per (row, chunk);
+    // the caller guarantees the buffers (see # Safety); for KL[ref‖π] `saved` points at `grad`
+    // and is never read.
+    unsafe { l.launch(cfg) }.map_err(driver_error("launching exact_kl_backward"))?;
+    Ok(())
+}

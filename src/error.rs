@@ -313,7 +313,8 @@ mod tests {
         }
         let kernels = [
             include_str!("../kernels/logprobs.cu"),
-            include_str!("../kernels/kl.cu"),
+            include_str!("../kernels/kl_sampled.cu"),
+            include_str!("../kernels/kl_exact.cu"),
             include_str!("../kernels/advantages.cu"),
             include_str!("../kernels/ppo.cu"),
         ]

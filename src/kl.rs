@@ -130,7 +130,7 @@ impl KlEstimator {
         }
     }
 
-    /// Code shared with the kernels (`kernels/kl.cu`).
+    /// Code shared with the kernels (`kernels/kl_sampled.cu`).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn code(self) -> i32 {
         Self::ALL.iter().position(|&e| e == self).expect("listed in ALL") as i32
@@ -585,7 +585,7 @@ mod tests {
     /// The GPU writes `ExactKlPartial` records itself: its flag bits must be ours.
     #[test]
     fn partial_flags_match_the_kernels() {
-        let kernel = include_str!("../kernels/kl.cu");
+        let kernel = include_str!("../kernels/kl_exact.cu");
         let line = format!(
             "PAIR_P_NAN = {}, PAIR_P_POS_INF = {}, PAIR_Q_NAN = {}, PAIR_Q_POS_INF = {};",
             ExactKlPartial::POLICY_NAN,
@@ -593,7 +593,7 @@ mod tests {
             ExactKlPartial::REF_NAN,
             ExactKlPartial::REF_POS_INF
         );
-        assert!(kernel.contains(&line), "kernels/kl.cu lacks `{line}`");
+        assert!(kernel.contains(&line), "kernels/kl_exact.cu lacks `{line}`");
         assert_eq!(std::mem::size_of::<ExactKlPartial>(), 28, "PairPartial is 6 f32 and a u32");
     }
 }

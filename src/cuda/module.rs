@@ -17,20 +17,28 @@ pub(crate) enum Module {
     Advantages,
     Aggregation,
     Logprobs,
-    Kl,
+    KlSampled,
+    KlExact,
     Ppo,
 }
 
 impl Module {
-    const ALL: [Module; 5] =
-        [Module::Advantages, Module::Aggregation, Module::Logprobs, Module::Kl, Module::Ppo];
+    const ALL: [Module; 6] = [
+        Module::Advantages,
+        Module::Aggregation,
+        Module::Logprobs,
+        Module::KlSampled,
+        Module::KlExact,
+        Module::Ppo,
+    ];
 
     fn fatbin(self) -> Option<&'static [u8]> {
         match self {
             Module::Advantages => ADVANTAGES,
             Module::Aggregation => AGGREGATION,
             Module::Logprobs => LOGPROBS,
-            Module::Kl => KL,
+            Module::KlSampled => KL_SAMPLED,
+            Module::KlExact => KL_EXACT,
             Module::Ppo => PPO,
         }
     }

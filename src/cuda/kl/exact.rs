@@ -337,7 +337,7 @@ pub(super) unsafe fn launch_forward(
 
     // Pass 1: both log-sum-exps and, for the two KLs, the value.
     if split(policy_shape) {
-        let f = function(ctx, Module::Kl, &kernel("exact_kl_chunks", pt, qt))?;
+        let f = function(ctx, Module::KlExact, &kernel("exact_kl_chunks", pt, qt))?;
         let mut l = stream.launch_builder(&f);
         l.arg(&p)
             .arg(&ldp)
@@ -356,7 +356,7 @@ pub(super) unsafe fn launch_forward(
         // Record (row, chunk) at row·chunks + chunk.
         merge_partials(stream, partials, [chunks as i64, 1], chunks, rows, mask, div, inv_tau, o, st)?;
     } else {
-        let f = function(ctx, Module::Kl, &kernel("exact_kl_rows", pt, qt))?;
+        let f = function(ctx, Module::KlExact, &kernel("exact_kl_rows", pt, qt))?;
         let mut l = stream.launch_builder(&f);
         l.arg(&p)
             .arg(&ldp)
@@ -381,7 +381,7 @@ pub(super) unsafe fn launch_forward(
     }
     // Pass 2 (JSD): Σ p·log(p/m) and Σ q·log(q/m) from the saved normalisers.
     if split(policy_shape) {
-        let f = function(ctx, Module::Kl, &kernel("jsd_chunks", pt, qt))?;
+        let f = function(ctx, Module::KlExact, &kernel("jsd_chunks", pt, qt))?;
         let mut l = stream.launch_builder(&f);
         l.arg(&p)
             .arg(&ldp)
@@ -403,7 +403,7 @@ pub(super) unsafe fn launch_forward(
         let lse = [jsd_lse_p, jsd_lse_q];
         merge_jsd_sums(stream, sums, [chunks as i64, 1], chunks, rows, mask, beta, lse, [value, term])?;
     } else {
-        let f = function(ctx, Module::Kl, &kernel("jsd_rows", pt, qt))?;
+        let f = function(ctx, Module::KlExact, &kernel("jsd_rows", pt, qt))?;
         let mut l = stream.launch_builder(&f);
         l.arg(&p)
             .arg(&ldp)
@@ -451,7 +451,7 @@ pub(super) fn merge_partials(
     o: ExactOut,
     status: u64,
 ) -> Result<()> {
-    let f = function(stream.context(), Module::Kl, "exact_kl_merge")?;
+    let f = function(stream.context(), Module::KlExact, "exact_kl_merge")?;
     let (parts_i, rows_i) = (parts as i32, rows as i32);
     let mut l = stream.launch_builder(&f);
     l.arg(&partials).arg(&strides[0]).arg(&strides[1]).arg(&parts_i).arg(&rows_i).arg(&mask);
@@ -478,7 +478,7 @@ pub(super) fn merge_jsd_sums(
     [lse_p, lse_q]: [u64; 2],
     [value, term]: [u64; 2],
 ) -> Result<()> {
-    let f = function(stream.context(), Module::Kl, "jsd_merge")?;
+    let f = function(stream.context(), Module::KlExact, "jsd_merge")?;
     let (parts_i, rows_i) = (parts as i32, rows as i32);
     let mut l = stream.launch_builder(&f);
     l.arg(&sums).arg(&strides[0]).arg(&strides[1]).arg(&parts_i).arg(&rows_i).arg(&mask).arg(&beta);

@@ -131,8 +131,11 @@ pub(super) unsafe fn launch_backward(
     let (div, beta) = divergence_code(opts.divergence);
     let (ldp, ldq) = (shape.row_stride as i64, a.ref_shape.row_stride as i64);
     let (rows_i, cols_i) = (shape.rows as i32, shape.cols as i32);
-    let f =
-        function(stream.context(), Module::Kl, &kernel("exact_kl_backward", a.policy_dtype, a.ref_dtype))?;
+    let f = function(
+        stream.context(),
+        Module::KlExact,
+        &kernel("exact_kl_backward", a.policy_dtype, a.ref_dtype),
+    )?;
     let mut l = stream.launch_builder(&f);
     l.arg(&a.policy).arg(&ldp).arg(&a.reference).arg(&ldq).arg(&a.grad_policy).arg(&rows_i).arg(&cols_i);
     l.arg(&a.mask).arg(&div).arg(&beta).arg(&inv_tau).arg(&a.policy_lse).arg(&a.ref_lse).arg(&saved);

@@ -1,4 +1,4 @@
-//! The KL family on the GPU (kernels/kl.cu): sampled estimators with their loss gradient and
+//! The KL family on the GPU (kernels/kl_sampled.cu, kernels/kl_exact.cu): sampled estimators with their loss gradient and
 //! batch statistics, KL-in-reward shaping, and the exact full-vocabulary divergences (whole rows or vocabulary
 //! shards).
 

@@ -194,7 +194,7 @@ pub fn sampled_kl(
     let per_row =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
 
-    let func = function(stream.context(), Module::Kl, "sampled_kl_rows")?;
+    let func = function(stream.context(), Module::KlSampled, "sampled_kl_rows")?;
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(&lp)
@@ -217,7 +217,7 @@ pub fn sampled_kl(
 
     if need_records {
         let use_global = weights_known;
-        let func = function(stream.context(), Module::Kl, "sampled_kl_finalize")?;
+        let func = function(stream.context(), Module::KlSampled, "sampled_kl_finalize")?;
         let mut launch = stream.launch_builder(&func);
         launch.arg(&records).arg(&rows).arg(&chosen).arg(&coef).arg(&aggregation).arg(&max_len);
         launch.arg(&use_global).arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&stats);
@@ -229,7 +229,7 @@ pub fn sampled_kl(
         unsafe { launch.launch(one) }.map_err(driver_error("launching sampled_kl_finalize"))?;
     }
     if want_grad && global.is_none() {
-        let func = function(stream.context(), Module::Kl, "sampled_kl_grad")?;
+        let func = function(stream.context(), Module::KlSampled, "sampled_kl_grad")?;
         let mut launch = stream.launch_builder(&func);
         launch
             .arg(&lp)
@@ -289,7 +289,7 @@ pub fn kl_rewards(
     let (sc, _g3) = scores.device_ptr(s);
     let (r, _g4) = rewards.device_ptr_mut(s);
     let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
-    let func = function(stream.context(), Module::Kl, "kl_rewards")?;
+    let func = function(stream.context(), Module::KlSampled, "kl_rewards")?;
     let mut launch = stream.launch_builder(&func);
     launch.arg(&k).arg(&ld).arg(&m).arg(&rows).arg(&cols).arg(&sc).arg(&beta).arg(&r);
     let cfg =

@@ -1,0 +1,248 @@
+// kl family, sampled: per-token KL estimators (values, loss gradient, batch statistics) and
+// KL-in-reward shaping. Formulas: MATH.md §2; the Rust side (src/cuda/kl/sampled.rs) checks
+// every shape before launching and documents each kernel's launch contract next to its launch.
+#include "aggregation.cuh"
+
+using namespace rk;
+
+namespace {
+
+constexpr unsigned OP_SAMPLED_KL = 5;
+
+// ---- sampled estimators ---------------------------------------------------------------------
+// Estimator codes, in src/kl.rs `KlEstimator::ALL` order.
+enum Estimator : int { K1 = 0, K2, K3, ABS, K1_REV, K3_REV, GRAD_POLICY_REF, GRAD_REF_POLICY };
+
+struct Estimates {
+  float values[8];  // every estimator, for the statistics
+  float value;      // the chosen one's value
+  float grad;       // ∂k/∂logp of the chosen one (0 where a clamp is active)
+  bool clamped;     // a clamp was active for the chosen one
+};
+
+// The table of src/kl.rs, in f32: log r is clamped before exp, the exp-based values (k3,
+// k1_rev, k3_rev) to ±v_clamp, and the gradient is 0 where a clamp is active.
+// Clamp that keeps NaN (fminf/fmaxf would turn it into a bound).
+__device__ __forceinline__ float clamp_keep_nan(float v, float c) { return v != v ? v : fminf(fmaxf(v, -c), c); }
+
+__device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr_clamp, float v_clamp) {
+  const float lr = clamp_keep_nan(log_r, lr_clamp);
+  const bool lr_active = lr != log_r && log_r == log_r;
+  const float r = exp2f(__fmul_rn(lr, LOG2E));
+  const float k3 = __fsub_rn(__fsub_rn(r, 1.0f), lr);
+  const float k1_rev = r == 0.0f ? 0.0f : __fmul_rn(r, lr);
+  const float k3_rev = r == 0.0f ? 1.0f : __fsub_rn(__fmul_rn(r, lr), __fsub_rn(r, 1.0f));
+  auto vc = [v_clamp](float v) { return clamp_keep_nan(v, v_clamp); };
+  Estimates e;
+  e.values[K1] = -log_r;
+  e.values[K2] = __fmul_rn(0.5f, __fmul_rn(log_r, log_r));
+  e.values[K3] = vc(k3);
+  e.values[ABS] = fabsf(log_r);
+  e.values[K1_REV] = vc(k1_rev);
+  e.values[K3_REV] = vc(k3_rev);
+  e.values[GRAD_POLICY_REF] = vc(k3);
+  e.values[GRAD_REF_POLICY] = vc(k3_rev);
+  // (NaN != NaN: compare through the clamp only for numbers.)
+  const bool k3_clamped = lr_active || (k3 == k3 && vc(k3) != k3);
+  const bool k1r_clamped = r != 0.0f && (lr_active || (k1_rev == k1_rev && vc(k1_rev) != k1_rev));
+  const bool k3r_clamped = lr_active || (k3_rev == k3_rev && vc(k3_rev) != k3_rev);
+  const float g_k3 = k3_clamped ? 0.0f : __fsub_rn(1.0f, r);
+  const float sign = log_r < 0.0f ? 1.0f : (log_r > 0.0f ? -1.0f : 0.0f);
+  switch (chosen) {
+    case K1: e.grad = 1.0f; e.clamped = false; break;
+    case K2: e.grad = -log_r; e.clamped = false; break;
+    case K3: e.grad = g_k3; e.clamped = k3_clamped; break;
+    case ABS: e.grad = sign; e.clamped = false; break;
+    case K1_REV:
+      e.grad = (k1r_clamped || r == 0.0f) ? 0.0f : -__fmul_rn(r, __fadd_rn(lr, 1.0f));
+      e.clamped = k1r_clamped;
+      break;
+    case K3_REV:
+      e.grad = (k3r_clamped || r == 0.0f) ? 0.0f : -__fmul_rn(r, lr);
+      e.clamped = k3r_clamped;
+      break;
+    case GRAD_POLICY_REF: e.grad = -log_r; e.clamped = k3_clamped; break;
+    default: e.grad = g_k3; e.clamped = k3r_clamped; break;  // GRAD_REF_POLICY
+  }
+  // A switch on named values: indexing the array at run time would put it in local memory.
+  switch (chosen) {
+    case K1: e.value = -log_r; break;
+    case K2: e.value = e.values[K2]; break;
+    case K3: case GRAD_POLICY_REF: e.value = vc(k3); break;
+    case ABS: e.value = fabsf(log_r); break;
+    case K1_REV: e.value = vc(k1_rev); break;
+    default: e.value = vc(k3_rev); break;  // K3_REV, GRAD_REF_POLICY
+  }
+  return e;
+}
+
+// Per-sequence record: the 8 estimator sums over valid tokens, the valid-token count and the
+// clamped count (f32 within a row, combined in f64 across rows by sampled_kl_finalize).
+struct SampledRow {
+  float sums[8];
+  float valid;
+  float clamped;
+};
+
+// Statistics layout (f64): loss, means[8], clamped fraction, valid tokens, valid sequences,
+// sequences (src/cuda/kl/sampled.rs `DeviceKlStats`).
+constexpr int STAT_LOSS = 0, STAT_MEANS = 1, STAT_CLAMPED = 9, STAT_COUNTS = 10;
+
+}  // namespace
+
+// One block per sequence (row of the [B, T] batch). Writes the chosen estimator's values, the
+// loss gradient when `weights_known` (global denominators given as the three counts), and the
+// row's record.
+// A NaN in a valid token is reported (the row's outputs are then meaningless).
+extern "C" __global__ void __launch_bounds__(256)
+sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_logp, long long ld,
+                const unsigned char* __restrict__ mask, int rows, int cols, int chosen, float lr_clamp,
+                float v_clamp, float coef, int aggregation, double max_len, double count_tokens,
+                double count_sequences_valid, double count_sequences, int weights_known, float* __restrict__ values,
+                float* __restrict__ grad,
+                SampledRow* __restrict__ records, unsigned long long* __restrict__ status) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const long long base = row * ld;
+  const float valid = row_valid_count(mask, base, cols, scratch);
+  const float w = weights_known ? __fmul_rn(coef, token_weight_f(aggregation, static_cast<float>(max_len),
+                                                                 static_cast<float>(count_tokens),
+                                                                 static_cast<float>(count_sequences_valid),
+                                                                 static_cast<float>(count_sequences), valid))
+                                : 0.0f;
+  float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float clamped = 0.0f;
+  unsigned bad = 0;  // bit 0: NaN input or estimate, bit 1: infinite estimate or gradient
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
+    const long long i = base + t;
+    float value = 0.0f, g = 0.0f;
+    if (token_valid(mask, i)) {
+      const float lp = logp[i], rlp = ref_logp[i];
+      const Estimates e = estimates(chosen, __fsub_rn(rlp, lp), lr_clamp, v_clamp);
+      bad |= (lp != lp || rlp != rlp || e.value != e.value || e.grad != e.grad) ? 1u : 0u;
+      bad |= (fabsf(e.value) == pos_inf() || fabsf(e.grad) == pos_inf()) ? 2u : 0u;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) sums[k] = __fadd_rn(sums[k], e.values[k]);
+      clamped += e.clamped ? 1.0f : 0.0f;
+      value = e.value;
+      g = __fmul_rn(w, e.grad);
+    }
+    if (values) values[i] = value;
+    if (grad && weights_known) grad[i] = g;
+  }
+  const bool any_nan = __syncthreads_or(bad & 1u), any_inf = __syncthreads_or(bad & 2u);
+  if (threadIdx.x == 0 && (any_nan || any_inf))
+    report(status, row, OP_SAMPLED_KL, any_nan ? PROBLEM_NAN : PROBLEM_INFINITE_KL);
+  if (records == nullptr) return;
+  // The 8 sums: each thread parks its partials in shared memory, then warp k reduces sum k
+  // (lanes add 8 partials each in order, then a butterfly): a fixed order, few live registers.
+  __shared__ float partial[8][256];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) partial[k][threadIdx.x] = sums[k];
+  const float clamped_total = block_sum(clamped, scratch);  // contains the __syncthreads
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float v = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v = __fadd_rn(v, partial[warp][lane * 8 + i]);
+  v = warp_sum(v);
+  if (lane == 0) records[row].sums[warp] = v;
+  if (threadIdx.x == 0) {
+    records[row].valid = valid;
+    records[row].clamped = clamped_total;
+  }
+}
+
+// One block of 256 threads: the batch statistics from the row records, in f64, in a fixed
+// order (thread i takes rows i, i + 256, ...; then a fixed tree). Without `use_global` the
+// denominators are this batch's own.
+extern "C" __global__ void __launch_bounds__(256)
+sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen, float coef, int aggregation,
+                    double max_len, int use_global, double global_tokens, double global_sequences_valid,
+                    double global_sequences, double* __restrict__ stats) {
+  __shared__ double sh[256];
+  __shared__ double counts[3];
+  double tokens = 0.0, seqs = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256) {
+    tokens += records[r].valid;
+    seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
+  }
+  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
+  if (threadIdx.x == 0) {
+    counts[0] = use_global ? global_tokens : local_tokens;
+    counts[1] = use_global ? global_sequences_valid : local_seqs;
+    counts[2] = use_global ? global_sequences : static_cast<double>(rows);
+  }
+  __syncthreads();
+  // One estimator at a time keeps the registers low.
+  for (int k = 0; k < 8; ++k) {
+    double acc = 0.0;
+    for (long long r = threadIdx.x; r < rows; r += 256)
+      acc += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].sums[k];
+    const double m = block_sum_f64(acc, sh);
+    if (threadIdx.x == 0) stats[STAT_MEANS + k] = m;
+  }
+  double clamped = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256) clamped += records[r].clamped;
+  const double c = block_sum_f64(clamped, sh);
+  if (threadIdx.x == 0) {
+    stats[STAT_LOSS] = static_cast<double>(coef) * stats[STAT_MEANS + chosen];
+    stats[STAT_CLAMPED] = local_tokens > 0.0 ? c * rcp_f64(local_tokens) : 0.0;
+    stats[STAT_COUNTS] = local_tokens;
+    stats[STAT_COUNTS + 1] = local_seqs;
+    stats[STAT_COUNTS + 2] = static_cast<double>(rows);
+  }
+}
+
+// The loss gradient when the denominators are this batch's own: one block per sequence, the
+// counts from `stats` (sampled_kl_finalize ran first on the same stream).
+extern "C" __global__ void __launch_bounds__(256)
+sampled_kl_grad(const float* __restrict__ logp, const float* __restrict__ ref_logp, long long ld,
+                const unsigned char* __restrict__ mask, int rows, int cols, int chosen, float lr_clamp, float v_clamp,
+                float coef, int aggregation, double max_len, const SampledRow* __restrict__ records,
+                const double* __restrict__ stats, float* __restrict__ grad) {
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const double* c = stats + STAT_COUNTS;
+  const float w = __fmul_rn(coef, token_weight_f(aggregation, static_cast<float>(max_len), static_cast<float>(c[0]),
+                                                 static_cast<float>(c[1]), static_cast<float>(c[2]), records[row].valid));
+  const long long base = row * ld;
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
+    const long long i = base + t;
+    float g = 0.0f;
+    if (token_valid(mask, i)) g = __fmul_rn(w, estimates(chosen, __fsub_rn(ref_logp[i], logp[i]), lr_clamp, v_clamp).grad);
+    grad[i] = g;
+  }
+}
+
+// r_t = −β·kl_t on valid tokens, plus the sequence's score on its last valid token; 0 on
+// padding. One block per sequence.
+extern "C" __global__ void __launch_bounds__(256)
+kl_rewards(const float* __restrict__ kl, long long ld, const unsigned char* __restrict__ mask, int rows, int cols,
+           const float* __restrict__ scores, float beta, float* __restrict__ rewards) {
+  __shared__ int last_valid[32];
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const long long base = row * ld;
+  int last = -1;
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x)
+    if (token_valid(mask, base + t)) last = static_cast<int>(t);  // increasing t: the thread's last
+  // Block max of `last`.
+  for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+  if ((threadIdx.x & 31) == 0) last_valid[threadIdx.x >> 5] = last;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    int v = threadIdx.x < (blockDim.x >> 5) ? last_valid[threadIdx.x] : -1;
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (threadIdx.x == 0) last_valid[0] = v;
+  }
+  __syncthreads();
+  last = last_valid[0];
+  for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
+    const long long i = base + t;
+    float r = token_valid(mask, i) ? -__fmul_rn(beta, kl[i]) : 0.0f;
+    if (t == last) r = __fadd_rn(r, scores[row]);
+    rewards[i] = r;
+  }
+}
+

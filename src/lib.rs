@@ -32,6 +32,8 @@
 mod advantages;
 mod aggregation;
 mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

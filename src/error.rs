@@ -43,6 +43,17 @@ pub enum Error {
         cols: usize,
     },
 
+    /// A framework tensor's strides that the ops cannot read in place (see
+    /// [`RowBlocks`](crate::RowBlocks)).
+    #[error("{what}: {problem}")]
+    Layout {
+        /// Which argument.
+        what: &'static str,
+        /// What is wrong and what to do, e.g. "the last dimension must have unit stride (it has
+        /// 4); make the tensor contiguous first".
+        problem: String,
+    },
+
     /// A shape with no rows or no columns.
     #[error("{what} is empty ({rows} rows x {cols} cols); every op needs at least one element")]
     EmptyInput {

@@ -69,7 +69,7 @@ pub use ppo::{
     FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, PolicyLossStats,
     PolicyObjective, ValueLossInputs, ValueLossOptions, ValueLossStats,
 };
-pub use shape::{MAX_DIM, RowShape};
+pub use shape::{MAX_DIM, RowBlocks, RowShape};
 
 /// The README's code runs as a doctest, so it cannot drift from the API.
 #[cfg(doctest)]

@@ -108,3 +108,121 @@ impl RowShape {
         Ok(())
     }
 }
+
+/// The rows of a framework's strided `[..., V]` tensor (its dims, element strides and element
+/// offset, as candle's `Layout` or DLPack describe it) as blocks of evenly spaced rows: the
+/// ops take one [`RowShape`] per block, so a view is read in place. The causal shift
+/// `logits[:, :-1, :]` of a `[B, T, V]` tensor is `B` blocks of `T − 1` rows; a contiguous
+/// tensor, or a vocabulary-padded `[N, V_pad]` narrowed to `V`, is one block.
+///
+/// Row `k·shape.rows + i` of the tensor (row-major over the leading dimensions) is row `i` of
+/// block `k`, which starts at element `offsets[k]`.
+///
+/// ```
+/// use rlhf_kernels::RowBlocks;
+/// // logits[:, :-1, :] of a contiguous [2, 4, 10] tensor.
+/// let blocks = RowBlocks::new(&[2, 3, 10], &[40, 10, 1], 0, "logits")?;
+/// assert_eq!((blocks.shape.rows, blocks.shape.row_stride, blocks.offsets.clone()), (3, 10, vec![0, 40]));
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowBlocks {
+    /// The shape of every block.
+    pub shape: RowShape,
+    /// Element offset of each block's first row.
+    pub offsets: Vec<usize>,
+}
+
+impl RowBlocks {
+    /// Splits a `[..., V]` layout into blocks. Errors: a scalar, a last dimension without
+    /// unit stride ([`Error::Layout`]), no rows or columns, rows that overlap.
+    pub fn new(dims: &[usize], strides: &[usize], offset: usize, what: &'static str) -> Result<Self> {
+        let Some((&cols, lead_dims)) = dims.split_last() else {
+            return Err(Error::Layout { what, problem: "expected a tensor [..., V], got a scalar".into() });
+        };
+        if strides.len() != dims.len() {
+            return Err(Error::Layout {
+                what,
+                problem: format!("{} strides for {} dimensions", strides.len(), dims.len()),
+            });
+        }
+        if cols > 1 && strides[dims.len() - 1] != 1 {
+            return Err(Error::Layout {
+                what,
+                problem: format!(
+                    "the last dimension must have unit stride (it has {}); make the tensor contiguous first",
+                    strides[dims.len() - 1]
+                ),
+            });
+        }
+        let rows: usize = lead_dims.iter().product();
+        if rows == 0 || cols == 0 {
+            return Err(Error::EmptyInput { what, rows, cols });
+        }
+        // Leading dimensions of size > 1 (a size-1 dimension's stride is meaningless).
+        let lead: Vec<(usize, usize)> =
+            lead_dims.iter().zip(strides).filter(|(d, _)| **d != 1).map(|(d, s)| (*d, *s)).collect();
+        // The innermost run of dimensions that lays rows out evenly forms a block.
+        let (mut block_rows, mut row_stride, mut outer) = (1, cols, lead.len());
+        if let Some(&(d, s)) = lead.last() {
+            (block_rows, row_stride, outer) = (d, s, lead.len() - 1);
+            while outer > 0 && lead[outer - 1].1 == block_rows * row_stride {
+                block_rows *= lead[outer - 1].0;
+                outer -= 1;
+            }
+        }
+        let shape = RowShape::new(block_rows, cols).with_row_stride(row_stride);
+        shape.validate(what)?;
+        let mut offsets = vec![offset];
+        for &(d, s) in &lead[..outer] {
+            offsets = offsets.iter().flat_map(|&o| (0..d).map(move |i| o + i * s)).collect();
+        }
+        Ok(RowBlocks { shape, offsets })
+    }
+
+    /// All rows of the tensor.
+    pub fn rows(&self) -> usize {
+        self.shape.rows * self.offsets.len()
+    }
+
+    /// The tensor rows of block `k`.
+    pub fn block_rows(&self, k: usize) -> Range<usize> {
+        k * self.shape.rows..(k + 1) * self.shape.rows
+    }
+
+    /// The storage elements block `k` spans.
+    pub fn block_range(&self, k: usize) -> Range<usize> {
+        self.offsets[k]..self.offsets[k] + self.shape.min_len()
+    }
+
+    /// Where block `k` goes in a buffer that packs the blocks one after the other, each
+    /// `shape.rows · shape.row_stride` elements: the layout of a gradient allocated with the
+    /// input's row stride.
+    pub fn packed_range(&self, k: usize) -> Range<usize> {
+        let len = self.shape.rows * self.shape.row_stride;
+        k * len..(k + 1) * len
+    }
+
+    /// Two tensors' rows (the same rows, laid out differently) cut into the same blocks, of
+    /// the gcd of their block sizes, so that block `k` of each holds the same tensor rows.
+    pub fn aligned(a: RowBlocks, b: RowBlocks) -> (RowBlocks, RowBlocks) {
+        if a.shape.rows == b.shape.rows {
+            return (a, b);
+        }
+        let (mut x, mut y) = (a.shape.rows, b.shape.rows);
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        (a.split(x), b.split(x))
+    }
+
+    /// The same rows as blocks of `rows` rows (`rows` divides `shape.rows`).
+    fn split(&self, rows: usize) -> RowBlocks {
+        let step = rows * self.shape.row_stride;
+        let per = self.shape.rows / rows;
+        RowBlocks {
+            shape: RowShape::new(rows, self.shape.cols).with_row_stride(self.shape.row_stride),
+            offsets: self.offsets.iter().flat_map(|&o| (0..per).map(move |i| o + i * step)).collect(),
+        }
+    }
+}

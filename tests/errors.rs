@@ -1,6 +1,8 @@
 //! One test per error variant: each is triggered for real, and its message says what to do.
 
-use rlhf_kernels::{DType, Error, LogSoftmaxOptions, RowProblem, RowShape, cpu, reference, validate_targets};
+use rlhf_kernels::{
+    DType, Error, LogSoftmaxOptions, RowBlocks, RowProblem, RowShape, cpu, reference, validate_targets,
+};
 
 fn forward(logits: &[f32], shape: RowShape, out_len: usize, opts: LogSoftmaxOptions) -> Result<(), Error> {
     let mut out = vec![0.0f32; out_len];
@@ -156,4 +158,15 @@ fn cuda_environment_errors() {
 fn driver_error_from_a_corrupt_status_word() {
     let err = rlhf_kernels::cuda::raw::decode_status(0x1234_00ff).unwrap_err();
     assert!(matches!(err, Error::Driver { during: "decoding the status word", .. }), "{err}");
+}
+
+#[test]
+fn layout() {
+    let err = RowBlocks::new(&[4, 10], &[1, 4], 0, "logits").unwrap_err();
+    assert!(matches!(err, Error::Layout { what: "logits", .. }), "{err}");
+    assert!(err.to_string().contains("unit stride"), "{err}");
+    let err = RowBlocks::new(&[], &[], 0, "logits").unwrap_err();
+    assert!(err.to_string().contains("scalar"), "{err}");
+    let err = RowBlocks::new(&[4, 10], &[10], 0, "logits").unwrap_err();
+    assert!(matches!(err, Error::Layout { .. }), "{err}");
 }

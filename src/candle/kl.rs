@@ -3,10 +3,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 
-use super::storage::{RowBlocks, flat, per_row, storage_slice, tensor, with_float};
+use super::storage::{flat, per_row, row_blocks, storage_slice, tensor, unpack, with_float};
 use super::to_candle;
-use crate::ExactKlOptions;
 use crate::cpu::{self, ExactKlGrads, ExactKlOutputs, ReferenceRows};
+use crate::{ExactKlOptions, RowBlocks};
 
 /// The exact divergence between the policy's and the reference's next-token distributions
 /// for every row of two `[..., V]` logits tensors (f32 / bf16 / f16, either dtype on either
@@ -79,7 +79,7 @@ impl CustomOp2 for ExactKlOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (p_rows, q_rows) =
-            RowBlocks::aligned(RowBlocks::of(l1, "policy logits")?, RowBlocks::of(l2, "reference logits")?);
+            RowBlocks::aligned(row_blocks(l1, "policy logits")?, row_blocks(l2, "reference logits")?);
         let n = p_rows.rows();
         let mask_guard = self.mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &mask_guard {
@@ -136,8 +136,8 @@ impl CustomOp2 for ExactKlOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (p_rows, q_rows) = RowBlocks::aligned(
-            RowBlocks::of(policy.layout(), "policy logits")?,
-            RowBlocks::of(reference.layout(), "reference logits")?,
+            row_blocks(policy.layout(), "policy logits")?,
+            row_blocks(reference.layout(), "reference logits")?,
         );
         let (ps, _) = policy.storage_and_layout();
         let (qs, _) = reference.storage_and_layout();
@@ -201,7 +201,7 @@ impl CustomOp2 for ExactKlOp {
             _ => bail!("exact_kl backward: the logits and the gradient are on different devices"),
         };
         drop((ps, qs, ss, gs, mask_guard));
-        Ok((Some(p_rows.unpack(packed, policy.dims())?), None))
+        Ok((Some(unpack(&p_rows, packed, policy.dims())?), None))
     }
 }
 
@@ -211,9 +211,10 @@ mod gpu {
     use candle_core::cuda_backend::CudaStorage;
     use candle_core::{Layout, Result, Shape, Storage, Tensor};
 
-    use super::super::storage::{RowBlocks, check, flat_view, stream_of, tensor, with_float};
+    use super::super::storage::{check, flat_view, row_blocks, stream_of, tensor, with_float};
     use super::super::to_candle;
     use super::{ExactKlOp, SAVED};
+    use crate::RowBlocks;
     use crate::cuda::{self, DeviceExactKlGrads, DeviceExactKlOutputs, DeviceReferenceRows};
 
     pub(super) fn forward(
@@ -224,7 +225,7 @@ mod gpu {
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (p_rows, q_rows) =
-            RowBlocks::aligned(RowBlocks::of(l1, "policy logits")?, RowBlocks::of(l2, "reference logits")?);
+            RowBlocks::aligned(row_blocks(l1, "policy logits")?, row_blocks(l2, "reference logits")?);
         let n = p_rows.rows();
         let (stream, mut status) = stream_of(s1)?;
         let mask_guard = op.mask.as_ref().map(|m| m.storage_and_layout());

@@ -3,7 +3,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 
-use super::storage::{INDEX_DTYPES, RowBlocks, flat, per_row, storage_slice, tensor, with_float, with_index};
+use super::storage::{
+    INDEX_DTYPES, flat, per_row, row_blocks, storage_slice, tensor, unpack, with_float, with_index,
+};
 use super::to_candle;
 use crate::{TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, cpu};
 
@@ -77,7 +79,7 @@ impl CustomOp2 for TokenLogprobsOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let rows = RowBlocks::of(l1, "logits")?;
+        let rows = row_blocks(l1, "logits")?;
         let n = rows.rows();
         let mask_guard = self.mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &mask_guard {
@@ -127,7 +129,7 @@ impl CustomOp2 for TokenLogprobsOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let rows = RowBlocks::of(logits.layout(), "logits")?;
+        let rows = row_blocks(logits.layout(), "logits")?;
         let (ls, _) = logits.storage_and_layout();
         let (ts, tl) = targets.storage_and_layout();
         let (ss, sl) = saved.storage_and_layout();
@@ -182,7 +184,7 @@ impl CustomOp2 for TokenLogprobsOp {
             _ => bail!("token_logprobs backward: the logits, targets and gradient are on different devices"),
         };
         drop((ls, ts, ss, gs, mask_guard));
-        Ok((Some(rows.unpack(packed, logits.dims())?), None))
+        Ok((Some(unpack(&rows, packed, logits.dims())?), None))
     }
 }
 
@@ -192,9 +194,10 @@ mod gpu {
     use candle_core::cuda_backend::CudaStorage;
     use candle_core::{Layout, Result, Shape, Storage, Tensor};
 
-    use super::super::storage::{RowBlocks, check, flat_view, stream_of, tensor, with_float, with_index};
+    use super::super::storage::{check, flat_view, row_blocks, stream_of, tensor, with_float, with_index};
     use super::super::to_candle;
     use super::TokenLogprobsOp;
+    use crate::RowBlocks;
     use crate::cuda::{self, DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens};
 
     pub(super) fn forward(
@@ -204,7 +207,7 @@ mod gpu {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let rows = RowBlocks::of(l1, "logits")?;
+        let rows = row_blocks(l1, "logits")?;
         let n = rows.rows();
         let (stream, mut status) = stream_of(s1)?;
         let mask_guard = op.mask.as_ref().map(|m| m.storage_and_layout());

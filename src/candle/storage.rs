@@ -1,116 +1,28 @@
 //! Reading candle tensors where they lie: the rows of a `[..., V]` view as blocks of evenly
 //! spaced rows, per-row arrays as contiguous ranges, outputs handed back to candle.
 
-use std::ops::Range;
-
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 
 use super::to_candle;
-use crate::{Error, RowShape};
+use std::ops::Range;
 
-/// The rows of a `[..., V]` tensor: `offsets.len()` blocks of `shape.rows` rows, each block
-/// evenly strided (`shape.row_stride`) and starting at element `offsets[k]` of the storage.
-/// Row `k·shape.rows + i` of the tensor (row-major over the leading dimensions) is row `i` of
-/// block `k`.
-#[derive(Debug)]
-pub(crate) struct RowBlocks {
-    pub shape: RowShape,
-    pub offsets: Vec<usize>,
+use crate::RowBlocks;
+
+/// The row blocks of a candle layout (see [`RowBlocks`]).
+pub(crate) fn row_blocks(layout: &Layout, what: &'static str) -> Result<RowBlocks> {
+    RowBlocks::new(layout.dims(), layout.stride(), layout.start_offset(), what).map_err(to_candle)
 }
 
-impl RowBlocks {
-    /// Splits a `[..., V]` layout into blocks; the last dimension must have unit stride.
-    pub fn of(layout: &Layout, what: &'static str) -> Result<Self> {
-        let (dims, strides) = (layout.dims(), layout.stride());
-        let Some((&cols, lead_dims)) = dims.split_last() else {
-            bail!("{what}: expected a tensor [..., V], got a scalar")
-        };
-        if cols > 1 && strides[dims.len() - 1] != 1 {
-            bail!(
-                "{what}: the last dimension must have unit stride (it has {}); call .contiguous() first",
-                strides[dims.len() - 1]
-            )
-        }
-        let rows: usize = lead_dims.iter().product();
-        if rows == 0 || cols == 0 {
-            return Err(to_candle(Error::EmptyInput { what, rows, cols }));
-        }
-        // Leading dimensions of size > 1 (a size-1 dimension's stride is meaningless).
-        let lead: Vec<(usize, usize)> =
-            lead_dims.iter().zip(strides).filter(|(d, _)| **d != 1).map(|(d, s)| (*d, *s)).collect();
-        // The innermost run of dimensions that lays rows out evenly forms a block.
-        let (mut block_rows, mut row_stride, mut outer) = (1, cols, lead.len());
-        if let Some(&(d, s)) = lead.last() {
-            (block_rows, row_stride, outer) = (d, s, lead.len() - 1);
-            while outer > 0 && lead[outer - 1].1 == block_rows * row_stride {
-                block_rows *= lead[outer - 1].0;
-                outer -= 1;
-            }
-        }
-        let shape = RowShape::new(block_rows, cols).with_row_stride(row_stride);
-        shape.validate(what).map_err(to_candle)?;
-        let mut offsets = vec![layout.start_offset()];
-        for &(d, s) in &lead[..outer] {
-            offsets = offsets.iter().flat_map(|&o| (0..d).map(move |i| o + i * s)).collect();
-        }
-        Ok(RowBlocks { shape, offsets })
-    }
-
-    /// The same rows as blocks of `rows` rows (`rows` divides `shape.rows`).
-    fn split(&self, rows: usize) -> RowBlocks {
-        let step = rows * self.shape.row_stride;
-        let per = self.shape.rows / rows;
-        RowBlocks {
-            shape: RowShape::new(rows, self.shape.cols).with_row_stride(self.shape.row_stride),
-            offsets: self.offsets.iter().flat_map(|&o| (0..per).map(move |i| o + i * step)).collect(),
-        }
-    }
-
-    /// Two tensors' rows cut into the same blocks (of `gcd` of their block sizes rows), so that
-    /// block `k` of each holds the same tensor rows.
-    pub fn aligned(a: RowBlocks, b: RowBlocks) -> (RowBlocks, RowBlocks) {
-        if a.shape.rows == b.shape.rows {
-            return (a, b);
-        }
-        let (mut x, mut y) = (a.shape.rows, b.shape.rows);
-        while y != 0 {
-            (x, y) = (y, x % y);
-        }
-        (a.split(x), b.split(x))
-    }
-
-    /// All rows of the tensor.
-    pub fn rows(&self) -> usize {
-        self.shape.rows * self.offsets.len()
-    }
-
-    /// The tensor rows of block `k`.
-    pub fn block_rows(&self, k: usize) -> Range<usize> {
-        k * self.shape.rows..(k + 1) * self.shape.rows
-    }
-
-    /// The storage elements block `k` spans.
-    pub fn block_range(&self, k: usize) -> Range<usize> {
-        self.offsets[k]..self.offsets[k] + self.shape.min_len()
-    }
-
-    /// Where block `k` goes in a buffer laid out like the blocks but packed one after the other
-    /// (`rows() · row_stride` elements): the layout of a gradient with the input's row stride.
-    pub fn packed_range(&self, k: usize) -> Range<usize> {
-        let len = self.shape.rows * self.shape.row_stride;
-        k * len..(k + 1) * len
-    }
-
-    /// Turns a packed `[rows(), row_stride]` tensor into the input's shape `dims`, dropping
-    /// the padding columns when the rows are strided (the only copy the adapter makes).
-    pub fn unpack(&self, packed: Tensor, dims: &[usize]) -> Result<Tensor> {
-        if self.shape.row_stride == self.shape.cols {
-            packed.reshape(dims)
-        } else {
-            packed.narrow(1, 0, self.shape.cols)?.contiguous()?.reshape(dims)
-        }
+/// Turns a packed `[rows, row_stride]` gradient (see [`RowBlocks::packed_range`]) into the
+/// input's shape `dims`, dropping the padding columns when the rows are strided (the only
+/// copy the adapter makes).
+pub(crate) fn unpack(blocks: &RowBlocks, packed: Tensor, dims: &[usize]) -> Result<Tensor> {
+    if blocks.shape.row_stride == blocks.shape.cols {
+        packed.reshape(dims)
+    } else {
+        packed.narrow(1, 0, blocks.shape.cols)?.contiguous()?.reshape(dims)
     }
 }
 

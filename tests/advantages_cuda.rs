@@ -198,6 +198,65 @@ mod gpu {
         }
     }
 
+    /// The raw group estimators (scores and outputs at offsets of plain allocations) equal
+    /// the CPU backend, per sequence and per token.
+    pub fn groups_raw_layer(gpu: &Gpu) {
+        use rlhf_kernels::cuda::raw::{self, GroupAdvantageArgs, RawStream};
+        use rlhf_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
+        use rlhf_kernels::{GroupAdvantageOptions, Groups, cpu};
+        let s = &gpu.0;
+        let ids = [2u32, 0, 1, 0, 2, 1, 1, 0];
+        let groups = Groups::new(&ids, 3).unwrap();
+        let scores = [0.5f32, -1.0, 2.0, 0.25, 3.0, -0.5, 1.5, 0.0];
+        let (b, t) = (ids.len(), 5);
+        let shape = RowShape::new(b, t);
+        let mask: Vec<u8> = (0..b * t).map(|i| u8::from(i % 4 != 1)).collect();
+        for opts in [GroupAdvantageOptions::grpo(), GroupAdvantageOptions::rloo()] {
+            let (mut want_seq, mut want_tok) = (vec![0f32; b], vec![0f32; b * t]);
+            let out = cpu::GroupAdvantageOutputs::default().per_sequence(&mut want_seq).per_token(
+                &mut want_tok,
+                shape,
+                Some(&mask),
+            );
+            cpu::group_advantages(&scores, &groups, &opts, out).unwrap();
+            let mut packed = vec![9.0f32; 3];
+            packed.extend_from_slice(&scores);
+            let inputs = s.clone_htod(&packed).unwrap();
+            let mask_dev = s.clone_htod(&mask).unwrap();
+            let mut outs = s.alloc_zeros::<f32>(b + b * t).unwrap();
+            let mut st = s.clone_htod(&[raw::STATUS_CLEAR]).unwrap();
+            let stream = RawStream { ordinal: s.context().ordinal(), stream: s.cu_stream() };
+            {
+                let (ip, _a) = inputs.device_ptr(s);
+                let (mp, _b) = mask_dev.device_ptr(s);
+                let (op, _c) = outs.device_ptr_mut(s);
+                let (sp, _d) = st.device_ptr_mut(s);
+                let args = GroupAdvantageArgs {
+                    scores: ip + 12,
+                    per_sequence: op,
+                    per_token: op + 4 * b as u64,
+                    token_shape: shape,
+                    mask: mp,
+                    status: sp,
+                };
+                // SAFETY: the buffers were allocated above on this context, cover the offsets
+                // plus the shapes, and live until the synchronising copies below.
+                unsafe { raw::group_advantages(stream, &groups, &args, &opts) }.unwrap();
+                let none = GroupAdvantageArgs { per_sequence: 0, per_token: 0, ..args };
+                // SAFETY: refused before any launch.
+                assert!(unsafe { raw::group_advantages(stream, &groups, &none, &opts) }.is_err());
+            }
+            assert_eq!(raw::decode_status(s.clone_dtoh(&st).unwrap()[0]), Ok(()));
+            let got = s.clone_dtoh(&outs).unwrap();
+            let close =
+                |a: &[f32], e: &[f32]| a.iter().zip(e).all(|(x, y)| (x - y).abs() <= 1e-6 * (1.0 + y.abs()));
+            assert!(
+                close(&got[..b], &want_seq) && close(&got[b..], &want_tok),
+                "{opts:?}: raw differs from the CPU"
+            );
+        }
+    }
+
     /// A lent workspace gives the same bits as an internal one.
     pub fn gae_workspace(gpu: &Gpu) {
         let s = &gpu.0;
@@ -248,4 +307,5 @@ gpu_test!(gae_batch_invariance);
 gpu_test!(gae_workspace);
 gpu_test!(gae_raw_layer);
 gpu_test!(groups);
+gpu_test!(groups_raw_layer);
 gpu_test!(moments);

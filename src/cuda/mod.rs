@@ -54,7 +54,9 @@ pub use status::CudaStatus;
 /// The raw layer: device pointers, an ordinal and a `CUstream` (see each function's
 /// contract). The safe functions of [`cuda`](crate::cuda) are built on the same launches.
 pub mod raw {
-    pub use super::advantages::{GaeArgs, raw_gae as gae};
+    pub use super::advantages::{
+        GaeArgs, GroupAdvantageArgs, raw_gae as gae, raw_group_advantages as group_advantages,
+    };
     pub use super::context::RawStream;
     pub use super::kl::raw::*;
     pub use super::logprobs::raw::*;

@@ -137,8 +137,6 @@ pub fn group_advantages(
     }
     let s: &CudaStream = stream;
     let (sc, _g1) = scores.device_ptr(s);
-    let (off, _g2) = groups.offsets.device_ptr(s);
-    let (mem, _g3) = groups.members.device_ptr(s);
     let (per_seq, _g4) = opt_ptr_mut(&mut out.per_sequence, s);
     let (tokens, mask, _g5, _g6) = match &mut out.per_token {
         Some(DeviceTokenOutput { out: o, mask: m, .. }) => {
@@ -149,13 +147,44 @@ pub fn group_advantages(
         None => (0, 0, None, None),
     };
     let (st, _g7) = status.device_ptr(s);
+    let ptrs = GroupPtrs { scores: sc, per_sequence: per_seq, per_token: tokens, mask, status: st };
+    // SAFETY: every address comes from a checked view of this stream's context (or is 0), the
+    // token buffer and mask cover `token_shape`, and the guards keep them alive past the launch.
+    unsafe { launch_groups(stream, groups, opts, &ptrs, token_shape) }
+}
+
+/// Device addresses of one group-advantage launch (0 for an absent output or mask).
+struct GroupPtrs {
+    scores: u64,
+    per_sequence: u64,
+    per_token: u64,
+    mask: u64,
+    status: u64,
+}
+
+/// The group kernel's launch (the safe and raw entry points share it).
+///
+/// # Safety
+/// `scores` and a non-zero `per_sequence` hold B f32, a non-zero `per_token` (and `mask`)
+/// cover `token_shape` (B rows), `status` one u64, all in `stream`'s context and alive until
+/// the kernel ran.
+unsafe fn launch_groups(
+    stream: &Arc<CudaStream>,
+    groups: &DeviceGroups,
+    opts: &GroupAdvantageOptions,
+    p: &GroupPtrs,
+    token_shape: RowShape,
+) -> Result<()> {
+    let s: &CudaStream = stream;
+    let (off, _g2) = groups.offsets.device_ptr(s);
+    let (mem, _g3) = groups.members.device_ptr(s);
     let count = groups.host.count();
     let (code, eps) = estimator_code(opts);
     let (n_groups, ld, cols) = (count as i32, token_shape.row_stride as i64, token_shape.cols as i32);
     let f = function(stream.context(), Module::Advantages, "group_advantages")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&sc).arg(&off).arg(&mem).arg(&n_groups).arg(&code).arg(&eps);
-    l.arg(&per_seq).arg(&tokens).arg(&ld).arg(&cols).arg(&mask).arg(&st);
+    l.arg(&p.scores).arg(&off).arg(&mem).arg(&n_groups).arg(&code).arg(&eps);
+    l.arg(&p.per_sequence).arg(&p.per_token).arg(&ld).arg(&cols).arg(&p.mask).arg(&p.status);
     let cfg = LaunchConfig {
         grid_dim: (count.div_ceil(8) as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -165,7 +194,72 @@ pub fn group_advantages(
     // double, float*, float*, long long, int, const unsigned char*, unsigned long long*)`; one
     // warp per group (warps past the last return); `offsets` has count + 1 entries and
     // `members` a permutation of 0..B (built by `Groups`), `scores` and `per_sequence` B
-    // values, the token buffer and its mask cover a checked B-row shape.
+    // values, the token buffer and its mask cover a checked B-row shape (the caller's promise).
     unsafe { l.launch(cfg) }.map_err(driver_error("launching group_advantages"))?;
     Ok(())
+}
+
+/// Buffers of a raw [`raw_group_advantages`] call: device addresses, 0 for an absent output.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupAdvantageArgs {
+    /// B f32 scores, one per sequence.
+    pub scores: u64,
+    /// B f32 out, one advantage per sequence, or 0.
+    pub per_sequence: u64,
+    /// f32 out laid out as `token_shape` (B rows): the advantage on every valid token, or 0.
+    pub per_token: u64,
+    /// The per-token output's shape.
+    pub token_shape: RowShape,
+    /// Mask bytes laid out as `token_shape` (0 = padding, gets 0), or 0.
+    pub mask: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// [`group_advantages`] on raw device pointers, enqueued on a stream owned by the caller; the
+/// groups' member lists are uploaded on that stream first. Non-finite scores are reported in
+/// the status word.
+///
+/// # Safety
+/// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+/// - every non-zero address points to device memory of that context holding what its
+///   [`GroupAdvantageArgs`] field documents for `groups.sequences()` = B sequences; the
+///   outputs overlap nothing else;
+/// - every buffer stays allocated, and untouched by other streams, until the kernel ran.
+pub unsafe fn raw_group_advantages(
+    stream: crate::cuda::RawStream,
+    groups: &Groups,
+    args: &GroupAdvantageArgs,
+    opts: &GroupAdvantageOptions,
+) -> Result<()> {
+    crate::cuda::non_null(&[("scores", args.scores), ("status", args.status)])?;
+    opts.validate()?;
+    groups.check_singletons(opts)?;
+    if args.per_sequence == 0 && args.per_token == 0 {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none".into(),
+            expected: "per-sequence and/or per-token advantages",
+        });
+    }
+    let token_shape = if args.per_token != 0 {
+        args.token_shape.validate("per-token advantages")?;
+        check_len("per-token advantage rows", args.token_shape.rows, groups.sequences())?;
+        args.token_shape
+    } else {
+        RowShape::new(groups.sequences(), 1)
+    };
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    let device_groups = DeviceGroups::new(&stream, groups)?;
+    let ptrs = GroupPtrs {
+        scores: args.scores,
+        per_sequence: args.per_sequence,
+        per_token: args.per_token,
+        mask: if args.per_token != 0 { args.mask } else { 0 },
+        status: args.status,
+    };
+    // SAFETY: the caller guarantees every buffer (see # Safety); the groups live on this
+    // stream until dropped after the enqueue (cudarc frees them in stream order).
+    unsafe { launch_groups(&stream, &device_groups, opts, &ptrs, token_shape) }
 }

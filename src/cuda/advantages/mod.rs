@@ -13,5 +13,8 @@ mod groups;
 mod moments;
 
 pub use gae::{DeviceGaeInputs, DeviceGaeOutputs, GaeArgs, gae, gae_workspace_bytes, raw_gae};
-pub use groups::{DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput, group_advantages};
+pub use groups::{
+    DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput, GroupAdvantageArgs, group_advantages,
+    raw_group_advantages,
+};
 pub use moments::{DeviceMoments, masked_moments, whiten};

@@ -1,0 +1,311 @@
+"""PyTorch functions backed by rlhf-kernels, with autograd.
+
+Every function takes tensors on the CPU or a CUDA device, allocates its outputs with PyTorch
+(the kernels write into them through DLPack: nothing is copied), runs on the current CUDA
+stream and never synchronises. Rows the GPU kernels cannot process (a NaN logit, a row of only
+``-inf``) are recorded on the device; :func:`check_status` raises them (once per training step
+is enough). On the CPU they raise at once.
+
+Replacing ``log_softmax(...).gather(...)`` in a trainer::
+
+    from rlhf_kernels.torch import token_logprobs
+    logp, entropy = token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=0.7)
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, entropy=entropy)
+    loss.backward()
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _native
+
+__all__ = [
+    "token_logprobs",
+    "exact_kl",
+    "policy_loss",
+    "policy_stats",
+    "gae",
+    "group_advantages",
+    "check_status",
+]
+
+_STATUS: dict = {}
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _status(t: torch.Tensor) -> Optional[torch.Tensor]:
+    if not t.is_cuda:
+        return None
+    word = _STATUS.get(t.device)
+    if word is None:
+        word = _STATUS[t.device] = torch.full((1,), -1, dtype=torch.int64, device=t.device)
+    return word
+
+
+def check_status(device=None) -> None:
+    """Raises ``ValueError`` for the first row a GPU kernel could not process since the last
+    check (waits for the device), and clears the record."""
+    for dev, word in list(_STATUS.items()):
+        if device is not None and torch.device(device) != dev:
+            continue
+        value = int(word.item())
+        if value != -1:
+            word.fill_(-1)
+            _native.check_status(value)
+
+
+def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if mask.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"mask: dtype {mask.dtype}, expected torch.bool or torch.uint8")
+    return mask.detach().contiguous()
+
+
+def _f32(t: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    if t.dtype != torch.float32:
+        raise TypeError(f"{what}: dtype {t.dtype}, expected torch.float32")
+    return t.detach().contiguous()
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, mask, temperature, ignore_index):
+        lead = logits.shape[:-1]
+        logp = torch.empty(lead, dtype=torch.float32, device=logits.device)
+        entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+        _native.token_logprobs(
+            logits.detach(), targets, mask=mask, logp=logp, entropy=entropy, lse=lse,
+            temperature=temperature, ignore_index=ignore_index,
+            status=_status(logits), stream=_stream(logits),
+        )
+        ctx.save_for_backward(logits, targets, mask, lse, entropy)
+        ctx.options = (temperature, ignore_index)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, mask, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index = ctx.options
+        grad = torch.empty_strided(logits.size(), logits.stride(), dtype=logits.dtype, device=logits.device)
+        _native.token_logprobs_backward(
+            logits.detach(), targets, lse, grad, mask=mask, entropy=entropy,
+            grad_logp=None if grad_logp is None else grad_logp.contiguous(),
+            grad_entropy=None if grad_entropy is None else grad_entropy.contiguous(),
+            temperature=temperature, ignore_index=ignore_index,
+            status=_status(logits), stream=_stream(logits),
+        )
+        return grad, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: Optional[int] = None,
+):
+    """``log_softmax(logits / temperature).gather(-1, targets)`` and the entropy of every row,
+    in nats, as float32 tensors shaped like ``targets``, without materialising the softmax.
+
+    ``logits``: ``[..., V]`` float32 / bfloat16 / float16, any view with a unit stride on the
+    last dimension (``logits[:, :-1]`` is read in place). ``targets``: int64 / int32 ids.
+    Rows with ``mask`` false or ``target == ignore_index`` give 0 and no gradient. Both outputs
+    are differentiable in ``logits``.
+    """
+    return _TokenLogprobs.apply(logits, targets.detach().contiguous(), _mask(mask), float(temperature), ignore_index)
+
+
+class _ExactKl(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, policy, reference, mask, divergence, jsd_beta, temperature):
+        lead = policy.shape[:-1]
+        value = torch.empty(lead, dtype=torch.float32, device=policy.device)
+        policy_lse, ref_lse, term = (torch.empty_like(value) for _ in range(3))
+        options = dict(divergence=divergence, jsd_beta=jsd_beta, temperature=temperature)
+        _native.exact_kl(
+            policy.detach(), reference, mask=mask, value=value, policy_lse=policy_lse, ref_lse=ref_lse,
+            policy_term=term, status=_status(policy), stream=_stream(policy), **options,
+        )
+        ctx.save_for_backward(policy, reference, mask, value, policy_lse, ref_lse, term)
+        ctx.options = options
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        policy, reference, mask, value, policy_lse, ref_lse, term = ctx.saved_tensors
+        out = torch.empty_strided(policy.size(), policy.stride(), dtype=policy.dtype, device=policy.device)
+        _native.exact_kl_backward(
+            policy.detach(), reference, grad.contiguous(), policy_lse, ref_lse, out, mask=mask, value=value,
+            policy_term=term, status=_status(policy), stream=_stream(policy), **ctx.options,
+        )
+        return out, None, None, None, None, None
+
+
+def exact_kl(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    divergence: str = "policy_ref",
+    jsd_beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The exact divergence between the two next-token distributions of every row, over the
+    whole vocabulary, in nats (float32, shaped like the leading dimensions).
+
+    ``divergence``: ``"policy_ref"`` = KL[π ‖ π_ref], ``"ref_policy"`` = KL[π_ref ‖ π], ``"jsd"``
+    (β·KL[p ‖ m] + (1 − β)·KL[q ‖ m], m = β·p + (1 − β)·q, β = ``jsd_beta``). Differentiable in
+    ``policy_logits``; the reference is a constant.
+    """
+    return _ExactKl.apply(policy_logits, ref_logits.detach(), _mask(mask), divergence, float(jsd_beta), float(temperature))
+
+
+class _PolicyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, entropy, old_logp, advantages, mask, options):
+        stats = torch.empty(_native.POLICY_STATS_WORDS, dtype=torch.float64, device=logp.device)
+        grad_logp = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+        grad_entropy = None if entropy is None else torch.empty_like(grad_logp)
+        _native.policy_loss(
+            logp.detach().contiguous(), old_logp, advantages, stats, mask=mask,
+            entropy=None if entropy is None else entropy.detach().contiguous(),
+            grad_logp=grad_logp, grad_entropy=grad_entropy,
+            status=_status(logp), stream=_stream(logp), **options,
+        )
+        ctx.save_for_backward(grad_logp, grad_entropy)
+        ctx.mark_non_differentiable(stats)
+        return stats[0].to(torch.float32), stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        grad_logp, grad_entropy = ctx.saved_tensors
+        scale = grad_loss.to(torch.float32)
+        return (
+            grad_logp * scale,
+            None if grad_entropy is None else grad_entropy * scale,
+            None, None, None, None,
+        )
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    entropy: Optional[torch.Tensor] = None,
+    objective: str = "clip",
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    log_ratio_clamp: float = 20.0,
+    entropy_coef: float = 0.0,
+    aggregation: str = "token_mean",
+    max_len: int = 0,
+    global_counts: Optional[Sequence[float]] = None,
+):
+    """The PPO / GRPO policy loss of a ``[B, T]`` batch (float32), with its statistics.
+
+    ``objective``: ``"clip"`` (per token ``max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high))``,
+    ``r = exp(logp − old_logp)``, optional dual clip), ``"kl_penalty"`` (``−A·r + β·KL[π_old ‖ π]``),
+    ``"gspo"``, ``"cispo"``; ``aggregation``: ``"token_mean"``, ``"seq_mean_token_sum"``,
+    ``"seq_mean_token_mean"``, ``"seq_mean_token_sum_norm"`` (with ``max_len``);
+    ``global_counts``: ``(valid_tokens, valid_sequences, sequences)`` of the whole batch when
+    this is a micro-batch. With ``entropy`` the bonus ``−entropy_coef·H`` is included.
+
+    Returns ``(loss, stats)``: the scalar loss (differentiable in ``logp`` and ``entropy``) and
+    a float64 tensor of statistics on the device; :func:`policy_stats` reads it.
+    """
+    options = dict(
+        objective=objective, beta=float(beta), clip_low=float(clip_low), clip_high=float(clip_high),
+        dual_clip=dual_clip, log_ratio_clamp=float(log_ratio_clamp), entropy_coef=float(entropy_coef),
+        aggregation=aggregation, max_len=int(max_len),
+        global_counts=None if global_counts is None else tuple(float(c) for c in global_counts),
+    )
+    return _PolicyLoss.apply(
+        logp, entropy, _f32(old_logp, "old_logp"), _f32(advantages, "advantages"), _mask(mask), options
+    )
+
+
+_STAT_NAMES = (
+    "loss", "policy_loss", "entropy_loss", "clip_fraction_low", "clip_fraction_high",
+    "dual_clip_fraction", "approx_kl_k1", "approx_kl_k3", "ratio_mean", "ratio_min", "ratio_max",
+    "entropy_mean", "valid_tokens", "valid_sequences", "sequences",
+)
+
+
+def policy_stats(stats: torch.Tensor) -> dict:
+    """The statistics of :func:`policy_loss` as a dict of floats (reads the device)."""
+    return dict(zip(_STAT_NAMES, stats.tolist()))
+
+
+def gae(
+    rewards: Optional[torch.Tensor] = None,
+    values: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    scores: Optional[torch.Tensor] = None,
+    kl: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    reset_masked: bool = False,
+):
+    """Generalised advantage estimation over a ``[B, T]`` batch (float32): returns
+    ``(advantages, returns)``. The reward of a token is ``rewards − beta·kl`` plus, on each
+    sequence's last valid token, its ``scores`` entry; ``values=None`` gives discounted returns.
+    Masked positions pass the recursion through (verl), or reset it with ``reset_masked``."""
+    like = next((t for t in (rewards, kl, values, mask) if t is not None), None)
+    if like is None:
+        raise ValueError("gae: give rewards, kl, values or mask (a [B, T] tensor)")
+    advantages = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    returns = torch.empty_like(advantages)
+    _native.gae(
+        advantages=advantages, returns=returns, rewards=_f32(rewards, "rewards"), kl=_f32(kl, "kl"),
+        beta=float(beta), scores=_f32(scores, "scores"), values=_f32(values, "values"), mask=_mask(mask),
+        gamma=float(gamma), lam=float(lam), reset_masked=reset_masked,
+        status=_status(like), stream=_stream(like),
+    )
+    return advantages, returns
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_ids,
+    num_groups: Optional[int] = None,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    estimator: str = "grpo",
+    std: str = "unbiased",
+    eps: float = 1e-6,
+):
+    """Outcome advantages over groups of responses to the same prompt: ``"grpo"``
+    (``(s − mean)/(std + eps)``, ``std`` ``"unbiased"`` / ``"biased"`` / ``"none"``), ``"rloo"``
+    or ``"group_mean"``. ``group_ids``: one group index per sequence (host ints). Returns the
+    ``[B]`` advantages, and with a ``[B, T]`` ``mask`` also the per-token ``[B, T]`` tensor
+    (0 at padding) as a second value."""
+    ids = group_ids.tolist() if isinstance(group_ids, torch.Tensor) else list(group_ids)
+    if num_groups is None:
+        num_groups = max(ids) + 1 if ids else 0
+    per_sequence = torch.empty(len(ids), dtype=torch.float32, device=scores.device)
+    mask = _mask(mask)
+    per_token = None if mask is None else torch.empty(mask.shape, dtype=torch.float32, device=scores.device)
+    _native.group_advantages(
+        _f32(scores, "scores"), ids, num_groups, per_sequence=per_sequence, per_token=per_token, mask=mask,
+        estimator=estimator, std=std, eps=float(eps), status=_status(scores), stream=_stream(scores),
+    )
+    return per_sequence if per_token is None else (per_sequence, per_token)

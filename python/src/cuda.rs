@@ -1,0 +1,292 @@
+//! The GPU paths: device addresses of the imported tensors to the crate's raw layer, enqueued
+//! on the caller's stream. Nothing here waits for the GPU.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use rlhf_kernels::cuda::raw::{
+    self, ExactKlArgs, ExactKlBackwardArgs, GaeArgs, GroupAdvantageArgs, PolicyLossArgs, RawStream,
+    TokenLogprobsArgs, TokenLogprobsBackwardArgs,
+};
+use rlhf_kernels::cudarc::driver::sys::CUstream;
+use rlhf_kernels::{
+    ExactKlOptions, GaeOptions, GroupAdvantageOptions, Groups, IndexType, PolicyLossOptions, RowBlocks,
+    RowShape, TokenLogprobsOptions,
+};
+
+use crate::dl::{Dl, Kind, err};
+use crate::logits::Pair;
+
+pub fn available() -> bool {
+    rlhf_kernels::cuda::kernels_built()
+}
+
+/// Raises the problem a status word reports (its int64 value; -1 is clear).
+#[pyfunction]
+pub fn check_status(word: i64) -> PyResult<()> {
+    raw::decode_status(word as u64).map_err(err)
+}
+
+/// The caller's stream and the address of its status word (one int64 on the same device).
+fn launch_context(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(RawStream, Dl)> {
+    let Some(status) = status else {
+        return Err(PyValueError::new_err(
+            "status: a one-element int64 tensor filled with -1 is required on the GPU",
+        ));
+    };
+    let status = Dl::import(status, stream, "status")?;
+    status.per_row(&[1])?.expect(&[Kind::I64])?;
+    if status.place != crate::dl::Place::Cuda(ordinal) {
+        return Err(PyValueError::new_err("status: must be on the device of the other tensors"));
+    }
+    Ok((RawStream { ordinal, stream: stream as CUstream }, status))
+}
+
+fn index_type(kind: Kind) -> IndexType {
+    match kind {
+        Kind::I32 => IndexType::I32,
+        Kind::U32 => IndexType::U32,
+        _ => IndexType::I64,
+    }
+}
+
+/// The address of an optional per-row tensor's row `row` (0 when absent).
+fn row_ptr(t: Option<&Dl>, row: usize) -> u64 {
+    t.map_or(0, |t| t.at(row))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn token_logprobs(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    logits: &Dl,
+    rows: &RowBlocks,
+    targets: &Dl,
+    mask: Option<&Dl>,
+    outs: &[Option<Dl>],
+    opts: &TokenLogprobsOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let dtype = logits.kind.float("logits")?;
+    for k in 0..rows.offsets.len() {
+        let first = rows.block_rows(k).start;
+        let args = TokenLogprobsArgs {
+            logits: logits.at(rows.offsets[k]),
+            dtype,
+            shape: rows.shape,
+            targets: targets.at(first),
+            index_type: index_type(targets.kind),
+            mask: row_ptr(mask, first),
+            logp: row_ptr(outs[0].as_ref(), first),
+            entropy: row_ptr(outs[1].as_ref(), first),
+            lse: row_ptr(outs[2].as_ref(), first),
+            workspace: 0,
+            status: status.ptr,
+        };
+        // SAFETY: every address is inside a tensor imported above (kept alive until return,
+        // and by the caller's framework until the stream ran), on `ordinal`, with the dtype
+        // and the per-row length checked; the outputs overlap nothing else (check_together).
+        unsafe { raw::token_logprobs(raw_stream, &args, opts) }.map_err(err)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn token_logprobs_backward(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    logits: &Dl,
+    grad: &Dl,
+    rows: &RowBlocks,
+    targets: &Dl,
+    mask: Option<&Dl>,
+    saved: &[Option<Dl>],
+    opts: &TokenLogprobsOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let dtype = logits.kind.float("logits")?;
+    for k in 0..rows.offsets.len() {
+        let first = rows.block_rows(k).start;
+        let args = TokenLogprobsBackwardArgs {
+            logits: logits.at(rows.offsets[k]),
+            dtype,
+            shape: rows.shape,
+            targets: targets.at(first),
+            index_type: index_type(targets.kind),
+            mask: row_ptr(mask, first),
+            lse: row_ptr(saved[0].as_ref(), first),
+            entropy: row_ptr(saved[1].as_ref(), first),
+            grad_logp: row_ptr(saved[2].as_ref(), first),
+            grad_entropy: row_ptr(saved[3].as_ref(), first),
+            grad_logits: grad.at(rows.offsets[k]),
+            status: status.ptr,
+        };
+        // SAFETY: as in `token_logprobs`; `grad` has the logits' layout (checked) and is either
+        // the logits themselves or overlaps nothing.
+        unsafe { raw::token_logprobs_backward(raw_stream, &args, opts) }.map_err(err)?;
+    }
+    Ok(())
+}
+
+pub fn exact_kl(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    pair: &Pair,
+    mask: Option<&Dl>,
+    outs: &[Option<Dl>],
+    opts: &ExactKlOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let (p_rows, q_rows) = (&pair.p_rows, &pair.q_rows);
+    for k in 0..p_rows.offsets.len() {
+        let first = p_rows.block_rows(k).start;
+        let args = ExactKlArgs {
+            policy: pair.policy.at(p_rows.offsets[k]),
+            policy_dtype: pair.policy.kind.float("policy")?,
+            policy_shape: p_rows.shape,
+            reference: pair.reference.at(q_rows.offsets[k]),
+            ref_dtype: pair.reference.kind.float("reference")?,
+            ref_shape: q_rows.shape,
+            mask: row_ptr(mask, first),
+            value: row_ptr(outs[0].as_ref(), first),
+            policy_lse: row_ptr(outs[1].as_ref(), first),
+            ref_lse: row_ptr(outs[2].as_ref(), first),
+            policy_term: row_ptr(outs[3].as_ref(), first),
+            workspace: 0,
+            status: status.ptr,
+        };
+        // SAFETY: as in `token_logprobs`.
+        unsafe { raw::exact_kl(raw_stream, &args, opts) }.map_err(err)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn exact_kl_backward(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    pair: &Pair,
+    mask: Option<&Dl>,
+    saved: &[Option<Dl>],
+    out: &Dl,
+    opts: &ExactKlOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let (p_rows, q_rows) = (&pair.p_rows, &pair.q_rows);
+    for k in 0..p_rows.offsets.len() {
+        let first = p_rows.block_rows(k).start;
+        let args = ExactKlBackwardArgs {
+            policy: pair.policy.at(p_rows.offsets[k]),
+            policy_dtype: pair.policy.kind.float("policy")?,
+            policy_shape: p_rows.shape,
+            reference: pair.reference.at(q_rows.offsets[k]),
+            ref_dtype: pair.reference.kind.float("reference")?,
+            ref_shape: q_rows.shape,
+            mask: row_ptr(mask, first),
+            grad: row_ptr(saved[0].as_ref(), first),
+            policy_lse: row_ptr(saved[1].as_ref(), first),
+            ref_lse: row_ptr(saved[2].as_ref(), first),
+            value: row_ptr(saved[3].as_ref(), first),
+            policy_term: row_ptr(saved[4].as_ref(), first),
+            grad_policy: out.at(p_rows.offsets[k]),
+            status: status.ptr,
+        };
+        // SAFETY: as in `token_logprobs`; `out` has the policy's layout (checked) and overlaps
+        // nothing.
+        unsafe { raw::exact_kl_backward(raw_stream, &args, opts) }.map_err(err)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn policy_loss(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    shape: RowShape,
+    [logp, old, adv]: [&Dl; 3],
+    [mask, entropy]: [Option<&Dl>; 2],
+    [grad_logp, grad_entropy]: [Option<&Dl>; 2],
+    stats: &Dl,
+    opts: &PolicyLossOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let args = PolicyLossArgs {
+        shape,
+        logp: logp.ptr,
+        old_logp: old.ptr,
+        advantages: adv.ptr,
+        mask: row_ptr(mask, 0),
+        entropy: row_ptr(entropy, 0),
+        loss: 0,
+        grad_logp: row_ptr(grad_logp, 0),
+        grad_entropy: row_ptr(grad_entropy, 0),
+        accumulate: false,
+        stats: stats.ptr,
+        workspace: 0,
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`; `stats` holds the 15 words (checked).
+    unsafe { raw::policy_loss(raw_stream, &args, opts) }.map_err(err)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn gae(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    shape: RowShape,
+    [rewards, kl, values, mask, scores]: [Option<&Dl>; 5],
+    beta: f32,
+    [advantages, returns]: [Option<&Dl>; 2],
+    opts: &GaeOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let args = GaeArgs {
+        shape,
+        rewards: row_ptr(rewards, 0),
+        kl: row_ptr(kl, 0),
+        beta,
+        scores: row_ptr(scores, 0),
+        values: row_ptr(values, 0),
+        mask: row_ptr(mask, 0),
+        advantages: row_ptr(advantages, 0),
+        returns: row_ptr(returns, 0),
+        workspace: 0,
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`.
+    unsafe { raw::gae(raw_stream, &args, opts) }.map_err(err)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn group_advantages(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    groups: &Groups,
+    scores: &Dl,
+    [per_sequence, per_token]: [Option<&Dl>; 2],
+    token_shape: RowShape,
+    mask: Option<&Dl>,
+    opts: &GroupAdvantageOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let args = GroupAdvantageArgs {
+        scores: scores.ptr,
+        per_sequence: row_ptr(per_sequence, 0),
+        per_token: row_ptr(per_token, 0),
+        token_shape,
+        mask: row_ptr(mask, 0),
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`.
+    unsafe { raw::group_advantages(raw_stream, groups, &args, opts) }.map_err(err)
+}

@@ -246,9 +246,9 @@ mod gpu {
                     shape: q_rows.shape,
                     mask: mask.as_ref().map(|m| m.slice(r.clone())),
                 };
-                let (value, rest) = out.split_at_mut(n);
-                let (policy_lse, rest) = rest.split_at_mut(n);
-                let (ref_lse, policy_term) = rest.split_at_mut(n);
+                let (mut value, mut rest) = out.split_at_mut(n);
+                let (mut policy_lse, mut rest) = rest.split_at_mut(n);
+                let (mut ref_lse, mut policy_term) = rest.split_at_mut(n);
                 let outs = DeviceExactKlOutputs {
                     value: Some(value.slice_mut(r.clone())),
                     policy_lse: Some(policy_lse.slice_mut(r.clone())),

@@ -228,8 +228,8 @@ mod gpu {
                     targets: targets.slice(r.clone()),
                     mask: mask.as_ref().map(|m| m.slice(r.clone())),
                 };
-                let (logp, rest) = out.split_at_mut(n);
-                let (entropy, lse) = rest.split_at_mut(n);
+                let (mut logp, mut rest) = out.split_at_mut(n);
+                let (mut entropy, mut lse) = rest.split_at_mut(n);
                 let outs = DeviceTokenOutputs {
                     logp: Some(logp.slice_mut(r.clone())),
                     entropy: Some(entropy.slice_mut(r.clone())),
@@ -272,18 +272,17 @@ mod gpu {
             let mut out = logits.device.alloc_zeros::<T>(n * rows.shape.row_stride)?;
             for k in 0..rows.offsets.len() {
                 let r = rows.block_rows(k);
-                let at = |v: &cudarc::driver::CudaView<'_, f32>, base: usize| {
-                    v.slice(base * n + r.start..base * n + r.end)
-                };
+                let at = |base: usize| saved.slice(base * n + r.start..base * n + r.end);
+                let g_at = |base: usize| grad.slice(base * n + r.start..base * n + r.end);
                 let tokens = DeviceTokens {
                     targets: targets.slice(r.clone()),
                     mask: mask.as_ref().map(|m| m.slice(r.clone())),
                 };
                 let grads = DeviceTokenGrads {
-                    lse: at(&saved, 2),
-                    entropy: Some(at(&saved, 1)),
-                    grad_logp: Some(at(&grad, 0)),
-                    grad_entropy: Some(at(&grad, 1)),
+                    lse: at(2),
+                    entropy: Some(at(1)),
+                    grad_logp: Some(g_at(0)),
+                    grad_entropy: Some(g_at(1)),
                 };
                 cuda::token_logprobs_backward(
                     &stream,

@@ -144,6 +144,7 @@ pub(crate) use gpu::*;
 mod gpu {
     use std::sync::Arc;
 
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::{CudaDType, CudaStorage};
     use candle_core::{Layout, Result};
     use cudarc::driver::{CudaStream, CudaView};

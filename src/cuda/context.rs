@@ -93,6 +93,20 @@ impl RawStream {
     }
 }
 
+/// Whether libcuda can be loaded. With candle's CUDA backend (feature `candle-cuda`) cudarc is
+/// linked against libcuda (candle asks for it), so the process could not have started without
+/// it; otherwise cudarc loads it at run time and panics when it is absent, so probe first.
+fn driver_present() -> bool {
+    #[cfg(feature = "candle-cuda")]
+    return true;
+    // SAFETY: only tries to dlopen libcuda under its usual names and closes it again; no
+    // driver function is called.
+    #[cfg(not(feature = "candle-cuda"))]
+    unsafe {
+        sys::is_culib_present()
+    }
+}
+
 /// The primary context of `ordinal`, retained once per process and cached.
 ///
 /// Probes for libcuda before any other cudarc call: cudarc panics when it is absent.
@@ -102,9 +116,7 @@ pub(crate) fn primary_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if let Some(ctx) = contexts.iter().find(|c| c.ordinal() == ordinal) {
         return Ok(ctx.clone());
     }
-    // SAFETY: only tries to dlopen libcuda under its usual names and closes it again; no
-    // driver function is called.
-    if !unsafe { sys::is_culib_present() } {
+    if !driver_present() {
         return Err(Error::NoDriver);
     }
     let count = match CudaContext::device_count() {

@@ -2,10 +2,14 @@
 """PyTorch baseline for the crate's benchmarks: the same shapes (benches/shapes.txt), the
 same work, timed the way each device is best timed.
 
-Each case is timed in up to two variants:
-  alloc  what a PyTorch user (and autograd) writes; PyTorch allocates the outputs each call
-  out    the same kernels writing into preallocated outputs, as the crate's ops do
-Ratios are taken against the faster of the two.
+Each case is timed in up to three variants:
+  alloc         what a PyTorch user (and autograd) writes; PyTorch allocates the outputs each call
+  out           the same kernels writing into preallocated outputs, as the crate's ops do
+  rlhf_kernels  this crate's kernels through its Python module (python/, rlhf_kernels.torch or
+                rlhf_kernels._native) on the same tensors, in the same process: present when the
+                module is installed (pip install ./python), for every case it covers (all but
+                log_softmax and sampled_kl)
+Ratios of the Rust benches are taken against the faster of alloc and out.
 
   log_softmax_fwd             alloc: torch.log_softmax(x, -1, dtype=torch.float32)
                               out:   aten.log_softmax.int_out(x, -1, torch.float32, out=y)
@@ -120,6 +124,29 @@ def cases(op, rows, cols, dtype, device):
     """Yields (name, {variant: fn})."""
     import torch
 
+    try:
+        import rlhf_kernels.torch as rk
+        from rlhf_kernels import _native
+    except ImportError:
+        rk = None
+
+    def ours(variants, fn):
+        """Adds the rlhf_kernels variant when the module is installed."""
+        if rk is not None:
+            variants["rlhf_kernels"] = fn
+        return variants
+
+    def with_grad(fn):
+        def run():
+            with torch.enable_grad():
+                return fn()
+
+        return run
+
+    def stream():
+        return torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
+
+    status = torch.full((1,), -1, dtype=torch.int64, device=device) if device == "cuda" else None
     dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(rows, cols, generator=gen) * 3).to(dtypes[dtype]).to(device)
@@ -148,22 +175,35 @@ def cases(op, rows, cols, dtype, device):
             aten.log_softmax.int_out(x, -1, torch.float32, out=lp_buf)
             torch.gather(lp_buf, -1, y, out=logp_buf)
 
-        yield "token_logprobs_fwd", {
+        y1 = y[:, 0].contiguous()
+        logp, ent, lse = (torch.empty(rows, device=device) for _ in range(3))
+        yield "token_logprobs_fwd", ours({
             "alloc": lambda: torch.log_softmax(x, -1, dtype=torch.float32).gather(-1, y),
             "out": logp_out,
-        }
+        }, lambda: _native.token_logprobs(x, y1, logp=logp, status=status, stream=stream()))
 
         def entropy():
             lp = torch.log_softmax(x, -1, dtype=torch.float32)
             return lp.gather(-1, y), -(lp.exp() * lp).sum(-1)
 
-        yield "token_logprobs_entropy_fwd", {"alloc": entropy}
+        yield "token_logprobs_entropy_fwd", ours(
+            {"alloc": entropy},
+            lambda: _native.token_logprobs(x, y1, logp=logp, entropy=ent, status=status, stream=stream()),
+        )
         xg = x.clone().requires_grad_(True)
         gl, gh = torch.randn(rows, 1, generator=gen).to(device), torch.randn(rows, generator=gen).to(device)
         with torch.enable_grad():
             lp = torch.log_softmax(xg, -1, dtype=torch.float32)
             loss = (gl * lp.gather(-1, y)).sum() + (gh * -(lp.exp() * lp).sum(-1)).sum()
-        yield "token_logprobs_bwd", {"alloc": lambda: torch.autograd.grad(loss, xg, retain_graph=True)}
+        if rk is not None:
+            _native.token_logprobs(x, y1, logp=logp, entropy=ent, lse=lse, status=status, stream=stream())
+        dx, gl1 = torch.empty_like(x), gl[:, 0].contiguous()
+        yield "token_logprobs_bwd", ours(
+            {"alloc": lambda: torch.autograd.grad(loss, xg, retain_graph=True)},
+            lambda: _native.token_logprobs_backward(
+                x, y1, lse, dx, entropy=ent, grad_logp=gl1, grad_entropy=gh, status=status, stream=stream()
+            ),
+        )
     elif op == "sampled_kl":
         logp = (-torch.rand(rows, cols, generator=gen) * 6).to(device)
         ref = logp + torch.randn(rows, cols, generator=gen).to(device) * 0.3
@@ -199,7 +239,13 @@ def cases(op, rows, cols, dtype, device):
             (g,) = torch.autograd.grad(kl.sum(), p)
             return kl, g
 
-        yield "exact_kl_fwd_bwd", {"alloc": kl_fwd_bwd}
+        def ours_kl():
+            p = x.detach().requires_grad_(True)
+            kl = rk.exact_kl(p, q)
+            (g,) = torch.autograd.grad(kl.sum(), p)
+            return kl, g
+
+        yield "exact_kl_fwd_bwd", ours({"alloc": kl_fwd_bwd}, with_grad(ours_kl))
     elif op == "gae":
         rewards = (torch.randn(rows, cols, generator=gen) * 0.1).to(device)
         values = torch.randn(rows, cols, generator=gen).to(device)
@@ -218,7 +264,7 @@ def cases(op, rows, cols, dtype, device):
             advantages = torch.stack(reversed_[::-1], dim=1)
             return advantages, advantages + values
 
-        yield "gae", {"alloc": verl_gae}
+        yield "gae", ours({"alloc": verl_gae}, lambda: rk.gae(rewards, values, mask.bool(), gamma=gamma, lam=lam))
     elif op == "ppo_loss":
         old = (-torch.rand(rows, cols, generator=gen) * 5).to(device)
         logp = old + (torch.rand(rows, cols, generator=gen) - 0.5).to(device) * 0.8
@@ -251,7 +297,14 @@ def cases(op, rows, cols, dtype, device):
             with torch.enable_grad():
                 return ppo_graph()
 
-        yield "ppo_loss", {"alloc": ppo}
+        bool_mask = mask.bool()
+
+        def ours_ppo():
+            lp, h = logp.detach().requires_grad_(True), ent.detach().requires_grad_(True)
+            loss, stats = rk.policy_loss(lp, old, adv, bool_mask, entropy=h, dual_clip=3.0, entropy_coef=0.01)
+            return loss.detach(), stats, torch.autograd.grad(loss, (lp, h))
+
+        yield "ppo_loss", ours({"alloc": ppo}, with_grad(ours_ppo))
     elif op == "ppo_fused":
         y = torch.randint(0, cols, (rows, 1), generator=gen).to(device)
         adv = torch.randn(rows, generator=gen).to(device)
@@ -276,7 +329,18 @@ def cases(op, rows, cols, dtype, device):
             with torch.enable_grad():
                 return fused_graph()
 
-        yield "ppo_fused", {"alloc": fused}
+        y1 = y[:, 0].contiguous()
+
+        def ours_fused():
+            xg = x.detach().requires_grad_(True)
+            logp, entropy = rk.token_logprobs(xg, y1)
+            loss, _ = rk.policy_loss(
+                logp[None], old[None], adv[None], entropy=entropy[None], dual_clip=3.0, entropy_coef=0.01
+            )
+            (g,) = torch.autograd.grad(loss, xg)
+            return loss.detach(), g
+
+        yield "ppo_fused", ours({"alloc": fused}, with_grad(ours_fused))
     elif op == "grpo":
         groups = rows // 16
         scores = torch.randn(rows, generator=gen).to(device)
@@ -289,7 +353,8 @@ def cases(op, rows, cols, dtype, device):
             var = torch.zeros(groups, device=device).scatter_add_(0, index, centered * centered) / (counts - 1)
             return centered / (var.sqrt()[index] + 1e-6)
 
-        yield "grpo", {"alloc": grpo}
+        ids = index.tolist()
+        yield "grpo", ours({"alloc": grpo}, lambda: rk.group_advantages(scores, ids, groups))
 
 
 def main():

@@ -119,7 +119,7 @@ pub struct GroupAdvantages {
 /// use rlhf_kernels::{GroupAdvantageOptions, Groups};
 /// let scores = Tensor::new(&[1.0f32, 0.0, 3.0, 1.0], &Device::Cpu)?;
 /// let groups = Groups::new(&[0, 0, 1, 1], 2)?;
-/// let out = rlhf_kernels::candle::group_advantages(&scores, &groups, None, &GroupAdvantageOptions::default())?;
+/// let out = rlhf_kernels::candle::group_advantages(&scores, &groups, None, &GroupAdvantageOptions::grpo())?;
 /// let a = out.per_sequence.to_vec1::<f32>()?;
 /// assert!((a[0] + a[1]).abs() < 1e-6 && a[0] > 0.0);
 /// # Ok::<(), Box<dyn std::error::Error>>(())

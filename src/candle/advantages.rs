@@ -1,8 +1,8 @@
 //! GAE and the group advantages on candle tensors (constants: no autograd).
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, StorageRef, Tensor, bail};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, bail};
 
-use super::storage::{flat, per_row, tensor};
+use super::storage::{cpu_side, flat, guard, per_row, tensor};
 use super::to_candle;
 use crate::cpu::{self, GaeOutputs, GroupAdvantageOutputs};
 use crate::{GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, RowShape};
@@ -65,25 +65,25 @@ pub fn gae(inputs: &GaeTensors<'_>, opts: &GaeOptions) -> Result<GaeAdvantages> 
     ];
     let beta = kl_penalty.map(|k| k.1);
     let shape = RowShape::new(dims[0], dims[1]);
-    let guards: Vec<_> = tensors.iter().map(|t| t.as_ref().map(|t| t.storage_and_layout())).collect();
+    let guards: Vec<_> = tensors.iter().map(|t| guard(t.as_ref())).collect();
     let (advantages, returns) = match like.device() {
         Device::Cpu => {
             let n = shape.len();
-            let [r, k, v, m, s] = [0, 1, 2, 3, 4].map(|i| guards[i].as_ref());
+            let [r, k, v, m, s] = [0, 1, 2, 3, 4].map(|i| &guards[i]);
             let mut gae_inputs = GaeInputs::new(shape);
-            if let Some(r) = cpu_input::<f32>(r, n, "rewards")? {
+            if let Some(r) = cpu_side::<f32>(r, n, "rewards")? {
                 gae_inputs = gae_inputs.rewards(r);
             }
-            if let (Some(k), Some(beta)) = (cpu_input::<f32>(k, n, "kl")?, beta) {
+            if let (Some(k), Some(beta)) = (cpu_side::<f32>(k, n, "kl")?, beta) {
                 gae_inputs = gae_inputs.kl_penalty(k, beta);
             }
-            if let Some(v) = cpu_input::<f32>(v, n, "values")? {
+            if let Some(v) = cpu_side::<f32>(v, n, "values")? {
                 gae_inputs = gae_inputs.values(v);
             }
-            if let Some(m) = cpu_input::<u8>(m, n, "mask")? {
+            if let Some(m) = cpu_side::<u8>(m, n, "mask")? {
                 gae_inputs = gae_inputs.mask(m);
             }
-            if let Some(s) = cpu_input::<f32>(s, shape.rows, "scores")? {
+            if let Some(s) = cpu_side::<f32>(s, shape.rows, "scores")? {
                 gae_inputs = gae_inputs.scores(s);
             }
             let (mut adv, mut ret) = (vec![0f32; n], vec![0f32; n]);
@@ -141,13 +141,13 @@ pub fn group_advantages(
     };
     let shape = mask.as_ref().map(|m| RowShape::new(b, m.dims()[1]));
     let (sg, sl) = scores.storage_and_layout();
-    let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
+    let mask_guard = guard(mask.as_ref());
     let (per_sequence, per_token) = match &*sg {
         Storage::Cpu(s) => {
             let scores = flat::<f32>(s, sl, b, "scores")?;
-            let mask = match (&mask_guard, shape) {
-                (Some(guard), Some(shape)) => cpu_input::<u8>(Some(guard), shape.len(), "mask")?,
-                _ => None,
+            let mask = match shape {
+                Some(shape) => cpu_side::<u8>(&mask_guard, shape.len(), "mask")?,
+                None => None,
             };
             let mut seq = vec![0f32; b];
             let mut tok = vec![0f32; shape.map_or(0, |s| s.len())];
@@ -166,51 +166,21 @@ pub fn group_advantages(
     Ok(GroupAdvantages { per_sequence, per_token })
 }
 
-/// The slice of an optional CPU input.
-fn cpu_input<'a, T: candle_core::WithDType>(
-    guard: Option<&'a (StorageRef<'_>, &Layout)>,
-    len: usize,
-    what: &'static str,
-) -> Result<Option<&'a [T]>> {
-    match guard {
-        Some((storage, layout)) => match &**storage {
-            Storage::Cpu(s) => Ok(Some(flat::<T>(s, layout, len, what)?)),
-            _ => bail!("{what}: on another device than the other inputs"),
-        },
-        None => Ok(None),
-    }
-}
-
 #[cfg(feature = "candle-cuda")]
 mod gpu {
     use candle_core::cuda_backend::CudaStorage;
-    use candle_core::{Layout, Result, Storage, StorageRef, Tensor, bail};
+    use candle_core::{Layout, Result, Storage, Tensor, bail};
 
-    use super::super::storage::{check, flat_view, stream_of, tensor};
+    use super::super::storage::{check, cuda_side, flat_view, stream_of, tensor};
     use super::super::to_candle;
     use crate::cuda::{
         self, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput,
     };
     use crate::{GaeOptions, GroupAdvantageOptions, Groups, RowShape};
 
-    type Guard<'a> = Option<(StorageRef<'a>, &'a Layout)>;
-
-    fn cuda_of<'a>(
-        guard: &'a Guard<'_>,
-        what: &'static str,
-    ) -> Result<Option<(&'a CudaStorage, &'a Layout)>> {
-        match guard {
-            Some((storage, layout)) => match &**storage {
-                Storage::Cuda(s) => Ok(Some((s, *layout))),
-                _ => bail!("{what}: on another device than the other inputs"),
-            },
-            None => Ok(None),
-        }
-    }
-
     /// `guards`: rewards, kl, values, mask, scores.
     pub(super) fn gae(
-        guards: &[Guard<'_>],
+        guards: &[super::super::storage::Guard<'_>],
         beta: Option<f32>,
         shape: RowShape,
         opts: &GaeOptions,
@@ -219,7 +189,7 @@ mod gpu {
         let names = ["rewards", "kl", "values", "mask", "scores"];
         let mut storages = Vec::with_capacity(guards.len());
         for (guard, what) in guards.iter().zip(names) {
-            storages.push(cuda_of(guard, what)?);
+            storages.push(cuda_side(guard, what)?);
         }
         let Some(&(first, _)) = storages.iter().flatten().next() else { bail!("gae: no input") };
         let (stream, mut status) = stream_of(first)?;
@@ -251,7 +221,7 @@ mod gpu {
     pub(super) fn group_advantages(
         (scores, sl): (&CudaStorage, &Layout),
         groups: &Groups,
-        mask: Option<(&(StorageRef<'_>, &Layout), RowShape)>,
+        mask: Option<(&(candle_core::StorageRef<'_>, &Layout), RowShape)>,
         opts: &GroupAdvantageOptions,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let b = groups.sequences();

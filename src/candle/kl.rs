@@ -3,7 +3,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 
-use super::storage::{flat, per_row, row_blocks, storage_slice, tensor, unpack, with_float};
+use super::storage::{cpu_side, flat, guard, per_row, row_blocks, storage_slice, tensor, unpack, with_float};
 use super::to_candle;
 use crate::cpu::{self, ExactKlGrads, ExactKlOutputs, ReferenceRows};
 use crate::{ExactKlOptions, RowBlocks};
@@ -81,14 +81,8 @@ impl CustomOp2 for ExactKlOp {
         let (p_rows, q_rows) =
             RowBlocks::aligned(row_blocks(l1, "policy logits")?, row_blocks(l2, "reference logits")?);
         let n = p_rows.rows();
-        let mask_guard = self.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = match &mask_guard {
-            Some((guard, layout)) => match &**guard {
-                Storage::Cpu(s) => Some(flat::<u8>(s, layout, n, "mask")?),
-                _ => bail!("mask: on another device than the logits"),
-            },
-            None => None,
-        };
+        let mask_guard = guard(self.mask.as_ref());
+        let mask = cpu_side::<u8>(&mask_guard, n, "mask")?;
         let mut out = vec![0f32; SAVED * n];
         let (value, rest) = out.split_at_mut(n);
         let (policy_lse, rest) = rest.split_at_mut(n);
@@ -143,17 +137,11 @@ impl CustomOp2 for ExactKlOp {
         let (qs, _) = reference.storage_and_layout();
         let (ss, sl) = saved.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
-        let mask_guard = self.mask.as_ref().map(|m| m.storage_and_layout());
+        let mask_guard = guard(self.mask.as_ref());
         let packed = match (&*ps, &*qs, &*ss, &*gs) {
             (Storage::Cpu(p), Storage::Cpu(q), Storage::Cpu(s), Storage::Cpu(g)) => {
                 let n = p_rows.rows();
-                let mask = match &mask_guard {
-                    Some((guard, layout)) => match &**guard {
-                        Storage::Cpu(m) => Some(flat::<u8>(m, layout, n, "mask")?),
-                        _ => bail!("mask: on another device than the logits"),
-                    },
-                    None => None,
-                };
+                let mask = cpu_side::<u8>(&mask_guard, n, "mask")?;
                 let saved = flat::<f32>(s, sl, SAVED * n, "saved rows")?;
                 let grad = flat::<f32>(g, gl, SAVED * n, "upstream gradient")?;
                 with_float!(p.dtype(), "policy logits", P => with_float!(q.dtype(), "reference logits", Q => {
@@ -189,13 +177,7 @@ impl CustomOp2 for ExactKlOp {
             }
             #[cfg(feature = "candle-cuda")]
             (Storage::Cuda(p), Storage::Cuda(q), Storage::Cuda(s), Storage::Cuda(g)) => {
-                let mask = match &mask_guard {
-                    Some((guard, layout)) => match &**guard {
-                        Storage::Cuda(m) => Some((m, *layout)),
-                        _ => bail!("mask: on another device than the logits"),
-                    },
-                    None => None,
-                };
+                let mask = super::storage::cuda_side(&mask_guard, "mask")?;
                 gpu::backward(self, (&p_rows, p), (&q_rows, q), (s, sl), (g, gl), mask)?
             }
             _ => bail!("exact_kl backward: the logits and the gradient are on different devices"),
@@ -211,7 +193,9 @@ mod gpu {
     use candle_core::cuda_backend::CudaStorage;
     use candle_core::{Layout, Result, Shape, Storage, Tensor};
 
-    use super::super::storage::{check, flat_view, row_blocks, stream_of, tensor, with_float};
+    use super::super::storage::{
+        check, cuda_side, flat_view, guard, row_blocks, stream_of, tensor, with_float,
+    };
     use super::super::to_candle;
     use super::{ExactKlOp, SAVED};
     use crate::RowBlocks;
@@ -228,14 +212,9 @@ mod gpu {
             RowBlocks::aligned(row_blocks(l1, "policy logits")?, row_blocks(l2, "reference logits")?);
         let n = p_rows.rows();
         let (stream, mut status) = stream_of(s1)?;
-        let mask_guard = op.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = match &mask_guard {
-            Some((guard, layout)) => match &**guard {
-                Storage::Cuda(s) => Some(flat_view::<u8>(s, layout, n, "mask")?),
-                _ => candle_core::bail!("mask: on another device than the logits"),
-            },
-            None => None,
-        };
+        let mask_guard = guard(op.mask.as_ref());
+        let mask =
+            cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let mut out = s1.device.alloc_zeros::<f32>(SAVED * n)?;
         with_float!(s1.dtype(), "policy logits", P => with_float!(s2.dtype(), "reference logits", Q => {
             let (policy, reference) = (s1.as_cuda_slice::<P>()?, s2.as_cuda_slice::<Q>()?);

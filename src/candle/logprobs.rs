@@ -4,7 +4,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 
 use super::storage::{
-    INDEX_DTYPES, flat, per_row, row_blocks, storage_slice, tensor, unpack, with_float, with_index,
+    INDEX_DTYPES, cpu_side, flat, guard, per_row, row_blocks, storage_slice, tensor, unpack, with_float,
+    with_index,
 };
 use super::to_candle;
 use crate::{TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, cpu};
@@ -81,14 +82,8 @@ impl CustomOp2 for TokenLogprobsOp {
     ) -> Result<(CpuStorage, Shape)> {
         let rows = row_blocks(l1, "logits")?;
         let n = rows.rows();
-        let mask_guard = self.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = match &mask_guard {
-            Some((guard, layout)) => match &**guard {
-                Storage::Cpu(s) => Some(flat::<u8>(s, layout, n, "mask")?),
-                _ => bail!("mask: on another device than the logits"),
-            },
-            None => None,
-        };
+        let mask_guard = guard(self.mask.as_ref());
+        let mask = cpu_side::<u8>(&mask_guard, n, "mask")?;
         let mut out = vec![0f32; 3 * n];
         let (logp, rest) = out.split_at_mut(n);
         let (entropy, lse) = rest.split_at_mut(n);
@@ -134,17 +129,11 @@ impl CustomOp2 for TokenLogprobsOp {
         let (ts, tl) = targets.storage_and_layout();
         let (ss, sl) = saved.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
-        let mask_guard = self.mask.as_ref().map(|m| m.storage_and_layout());
+        let mask_guard = guard(self.mask.as_ref());
         let packed = match (&*ls, &*ts, &*ss, &*gs) {
             (Storage::Cpu(l), Storage::Cpu(t), Storage::Cpu(s), Storage::Cpu(g)) => {
                 let n = rows.rows();
-                let mask = match &mask_guard {
-                    Some((guard, layout)) => match &**guard {
-                        Storage::Cpu(m) => Some(flat::<u8>(m, layout, n, "mask")?),
-                        _ => bail!("mask: on another device than the logits"),
-                    },
-                    None => None,
-                };
+                let mask = cpu_side::<u8>(&mask_guard, n, "mask")?;
                 let saved = flat::<f32>(s, sl, 3 * n, "saved rows")?;
                 let grad = flat::<f32>(g, gl, 3 * n, "upstream gradient")?;
                 with_float!(l.dtype(), "logits", T => with_index!(t.dtype(), "targets", I => {
@@ -172,13 +161,7 @@ impl CustomOp2 for TokenLogprobsOp {
             }
             #[cfg(feature = "candle-cuda")]
             (Storage::Cuda(l), Storage::Cuda(t), Storage::Cuda(s), Storage::Cuda(g)) => {
-                let mask = match &mask_guard {
-                    Some((guard, layout)) => match &**guard {
-                        Storage::Cuda(m) => Some((m, *layout)),
-                        _ => bail!("mask: on another device than the logits"),
-                    },
-                    None => None,
-                };
+                let mask = super::storage::cuda_side(&mask_guard, "mask")?;
                 gpu::backward(self, &rows, l, (t, tl), (s, sl), (g, gl), mask)?
             }
             _ => bail!("token_logprobs backward: the logits, targets and gradient are on different devices"),
@@ -194,7 +177,9 @@ mod gpu {
     use candle_core::cuda_backend::CudaStorage;
     use candle_core::{Layout, Result, Shape, Storage, Tensor};
 
-    use super::super::storage::{check, flat_view, row_blocks, stream_of, tensor, with_float, with_index};
+    use super::super::storage::{
+        check, cuda_side, flat_view, guard, row_blocks, stream_of, tensor, with_float, with_index,
+    };
     use super::super::to_candle;
     use super::TokenLogprobsOp;
     use crate::RowBlocks;
@@ -210,14 +195,9 @@ mod gpu {
         let rows = row_blocks(l1, "logits")?;
         let n = rows.rows();
         let (stream, mut status) = stream_of(s1)?;
-        let mask_guard = op.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = match &mask_guard {
-            Some((guard, layout)) => match &**guard {
-                Storage::Cuda(s) => Some(flat_view::<u8>(s, layout, n, "mask")?),
-                _ => candle_core::bail!("mask: on another device than the logits"),
-            },
-            None => None,
-        };
+        let mask_guard = guard(op.mask.as_ref());
+        let mask =
+            cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let mut out = s1.device.alloc_zeros::<f32>(3 * n)?;
         with_float!(s1.dtype(), "logits", T => with_index!(s2.dtype(), "targets", I => {
             let logits = s1.as_cuda_slice::<T>()?;

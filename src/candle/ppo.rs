@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, bail};
 
-use super::storage::{flat, per_row, tensor};
+use super::storage::{cpu_side, flat, guard, per_row, tensor};
 use super::to_candle;
 use crate::cpu::{self, PolicyLossOutputs};
 use crate::{PolicyLossInputs, PolicyLossOptions, PolicyLossStats, RowShape};
@@ -125,7 +125,7 @@ impl Core {
         let n = self.shape.len();
         let (og, ol) = self.old_logp.storage_and_layout();
         let (ag, al) = self.advantages.storage_and_layout();
-        let mask_guard = self.mask.as_ref().map(|m| m.storage_and_layout());
+        let mask_guard = guard(self.mask.as_ref());
         let (Storage::Cpu(old), Storage::Cpu(adv)) = (&*og, &*ag) else {
             bail!("policy_loss: old_logp and advantages on another device than logp")
         };
@@ -135,9 +135,8 @@ impl Core {
             flat::<f32>(old, ol, n, "old_logp")?,
             flat::<f32>(adv, al, n, "advantages")?,
         );
-        if let Some((guard, layout)) = &mask_guard {
-            let Storage::Cpu(m) = &**guard else { bail!("mask: on another device than logp") };
-            inputs = inputs.mask(flat::<u8>(m, layout, n, "mask")?);
+        if let Some(m) = cpu_side::<u8>(&mask_guard, n, "mask")? {
+            inputs = inputs.mask(m);
         }
         if let Some((h, hl)) = entropy {
             inputs = inputs.entropy(flat::<f32>(h, hl, n, "entropy")?);
@@ -281,7 +280,7 @@ mod gpu {
     use candle_core::cuda_backend::CudaStorage;
     use candle_core::{Layout, Result, Storage, Tensor, bail};
 
-    use super::super::storage::{check, flat_view, stream_of, tensor};
+    use super::super::storage::{check, cuda_side, flat_view, guard, stream_of, tensor};
     use super::super::to_candle;
     use super::Core;
     use crate::PolicyLossStats;
@@ -298,17 +297,12 @@ mod gpu {
         let (stream, mut status) = stream_of(logp)?;
         let (og, ol) = core.old_logp.storage_and_layout();
         let (ag, al) = core.advantages.storage_and_layout();
-        let mask_guard = core.mask.as_ref().map(|m| m.storage_and_layout());
+        let mask_guard = guard(core.mask.as_ref());
         let (Storage::Cuda(old), Storage::Cuda(adv)) = (&*og, &*ag) else {
             bail!("policy_loss: old_logp and advantages on another device than logp")
         };
-        let mask = match &mask_guard {
-            Some((guard, layout)) => match &**guard {
-                Storage::Cuda(m) => Some(flat_view::<u8>(m, layout, n, "mask")?),
-                _ => bail!("mask: on another device than logp"),
-            },
-            None => None,
-        };
+        let mask =
+            cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let inputs = DevicePolicyLossInputs {
             shape: core.shape,
             logp: flat_view::<f32>(logp, ll, n, "logp")?,

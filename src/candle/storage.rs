@@ -3,7 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Storage, StorageRef, Tensor, WithDType, bail};
 
 use super::to_candle;
 use std::ops::Range;
@@ -84,6 +84,30 @@ pub(crate) fn per_row(
     t.contiguous()
 }
 
+/// A read lock on an optional side input of an op (a mask, a captured tensor) and its layout.
+pub(crate) type Guard<'a> = Option<(StorageRef<'a>, &'a Layout)>;
+
+/// Locks an optional side input for reading.
+pub(crate) fn guard(t: Option<&Tensor>) -> Guard<'_> {
+    t.map(|t| t.storage_and_layout())
+}
+
+/// The contiguous CPU elements of a locked side input (`len` of them), or an error naming it
+/// when it lives on another device.
+pub(crate) fn cpu_side<'a, T: WithDType>(
+    g: &'a Guard<'_>,
+    len: usize,
+    what: &'static str,
+) -> Result<Option<&'a [T]>> {
+    match g {
+        Some((storage, layout)) => match &**storage {
+            Storage::Cpu(s) => Ok(Some(flat::<T>(s, layout, len, what)?)),
+            _ => bail!("{what}: on another device than the other inputs"),
+        },
+        None => Ok(None),
+    }
+}
+
 /// A new tensor (no autograd history) from storage this adapter filled.
 pub(crate) fn tensor(storage: Storage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
@@ -161,6 +185,21 @@ mod gpu {
     ) -> Result<CudaView<'a, T>> {
         super::check_dtype(storage.dtype(), T::DTYPE, what)?;
         Ok(storage.as_cuda_slice::<T>()?.slice(contiguous(layout, len, what)?))
+    }
+
+    /// The CUDA storage of a locked side input, or an error naming it when it lives on
+    /// another device.
+    pub(crate) fn cuda_side<'a>(
+        g: &'a super::Guard<'_>,
+        what: &'static str,
+    ) -> Result<Option<(&'a CudaStorage, &'a Layout)>> {
+        match g {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cuda(s) => Ok(Some((s, *layout))),
+                _ => candle_core::bail!("{what}: on another device than the other inputs"),
+            },
+            None => Ok(None),
+        }
     }
 
     /// candle's stream for `storage`, with this crate's kernels loaded into its context, and

@@ -353,7 +353,7 @@ def cases(op, rows, cols, dtype, device):
             var = torch.zeros(groups, device=device).scatter_add_(0, index, centered * centered) / (counts - 1)
             return centered / (var.sqrt()[index] + 1e-6)
 
-        ids = index.tolist()
+        ids = index.cpu()
         yield "grpo", ours({"alloc": grpo}, lambda: rk.group_advantages(scores, ids, groups))
 
 

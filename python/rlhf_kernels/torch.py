@@ -295,13 +295,21 @@ def group_advantages(
 ):
     """Outcome advantages over groups of responses to the same prompt: ``"grpo"``
     (``(s − mean)/(std + eps)``, ``std`` ``"unbiased"`` / ``"biased"`` / ``"none"``), ``"rloo"``
-    or ``"group_mean"``. ``group_ids``: one group index per sequence (host ints). Returns the
+    or ``"group_mean"``. ``group_ids``: one group index per sequence, a CPU integer tensor
+    (read in place) or a list; a CUDA tensor is copied to the host (a synchronisation). Returns the
     ``[B]`` advantages, and with a ``[B, T]`` ``mask`` also the per-token ``[B, T]`` tensor
     (0 at padding) as a second value."""
-    ids = group_ids.tolist() if isinstance(group_ids, torch.Tensor) else list(group_ids)
-    if num_groups is None:
-        num_groups = max(ids) + 1 if ids else 0
-    per_sequence = torch.empty(len(ids), dtype=torch.float32, device=scores.device)
+    if isinstance(group_ids, torch.Tensor):
+        ids = group_ids.detach().to("cpu").contiguous()
+        count = ids.numel()
+        if num_groups is None:
+            num_groups = int(ids.max()) + 1 if count else 0
+    else:
+        ids = list(group_ids)
+        count = len(ids)
+        if num_groups is None:
+            num_groups = max(ids) + 1 if ids else 0
+    per_sequence = torch.empty(count, dtype=torch.float32, device=scores.device)
     mask = _mask(mask)
     per_token = None if mask is None else torch.empty(mask.shape, dtype=torch.float32, device=scores.device)
     _native.group_advantages(

@@ -257,7 +257,32 @@ pub fn gae(
     }
 }
 
-/// Outcome advantages over groups (`group_ids`: one group index per sequence, `< num_groups`)
+/// Group ids from a CPU integer tensor (any DLPack producer, read in place) or a sequence of
+/// ints.
+fn host_ids(ids: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if !ids.hasattr("__dlpack__")? {
+        return ids.extract::<Vec<u32>>();
+    }
+    let t = Dl::import(ids, 0, "group_ids")?;
+    if t.place != Place::Cpu || t.dims.len() != 1 {
+        return Err(PyValueError::new_err("group_ids: expected a 1-D CPU tensor (or a list of ints)"));
+    }
+    t.per_row(&t.dims.clone())?.expect(&[Kind::I64, Kind::I32, Kind::U32])?;
+    let range = |x: i64| {
+        u32::try_from(x).map_err(|_| PyValueError::new_err(format!("group_ids: {x} is out of range")))
+    };
+    // SAFETY: dtype and layout checked above; nothing writes the ids during the call.
+    unsafe {
+        match t.kind {
+            Kind::I64 => t.elems::<i64>().iter().map(|&x| range(x)).collect(),
+            Kind::I32 => t.elems::<i32>().iter().map(|&x| range(x as i64)).collect(),
+            _ => Ok(t.elems::<u32>().to_vec()),
+        }
+    }
+}
+
+/// Outcome advantages over groups (`group_ids`: one group index per sequence, `< num_groups`,
+/// as a CPU integer tensor or a list)
 /// from one float32 score per sequence: into `per_sequence` (`[B]`) and/or `per_token`
 /// (`[B, T]`, with the byte `mask`: 0 at padding). `estimator`: "grpo" (with `std`:
 /// "unbiased", "biased" or "none", and `eps`), "rloo" or "group_mean".
@@ -267,7 +292,7 @@ pub fn gae(
 pub fn group_advantages(
     py: Python<'_>,
     scores: &Bound<'_, PyAny>,
-    group_ids: Vec<u32>,
+    group_ids: &Bound<'_, PyAny>,
     num_groups: usize,
     per_sequence: Option<&Bound<'_, PyAny>>,
     per_token: Option<&Bound<'_, PyAny>>,
@@ -299,6 +324,7 @@ pub fn group_advantages(
         }
     };
     let opts = GroupAdvantageOptions { estimator, ..GroupAdvantageOptions::grpo() };
+    let group_ids = host_ids(group_ids)?;
     let groups = Groups::new(&group_ids, num_groups).map_err(err)?;
     let b = group_ids.len();
     let scores = Dl::import(scores, stream, "scores")?;

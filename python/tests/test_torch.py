@@ -292,6 +292,10 @@ def test_group_advantages_match_the_grpo_formula(device):
     rloo = group_advantages(scores, ids, estimator="rloo")
     expected = (s - (s.sum(1, keepdim=True) - s) / (size - 1)).flatten()
     close(rloo, expected)
+    as_tensor = group_advantages(scores, torch.tensor(ids), estimator="rloo")
+    assert torch.equal(as_tensor, rloo)
+    with pytest.raises(ValueError, match="out of range"):
+        group_advantages(scores, torch.full((groups * size,), -1))
     with pytest.raises(ValueError, match="estimator"):
         group_advantages(scores, ids, estimator="ppo")
     with pytest.raises(ValueError):

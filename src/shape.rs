@@ -135,7 +135,10 @@ pub struct RowBlocks {
 
 impl RowBlocks {
     /// Splits a `[..., V]` layout into blocks. Errors: a scalar, a last dimension without
-    /// unit stride ([`Error::Layout`]), no rows or columns, rows that overlap.
+    /// unit stride ([`Error::Layout`]), no rows or columns, rows of one block that overlap
+    /// (a row stride below V). Different blocks may share memory (an expanded dimension of
+    /// stride 0): reading them is fine; writing through such a layout is for the caller to
+    /// refuse.
     pub fn new(dims: &[usize], strides: &[usize], offset: usize, what: &'static str) -> Result<Self> {
         let Some((&cols, lead_dims)) = dims.split_last() else {
             return Err(Error::Layout { what, problem: "expected a tensor [..., V], got a scalar".into() });

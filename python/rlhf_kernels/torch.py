@@ -68,6 +68,16 @@ def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return mask.detach().contiguous()
 
 
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """The logits as the kernels read them: in place, unless rows share memory (an expanded
+    tensor), whose gradients must add up: then a contiguous copy, through autograd."""
+    if any(size > 1 and stride == 0 for size, stride in zip(logits.shape, logits.stride())):
+        return logits.contiguous()
+    if torch._debug_has_internal_overlap(logits) != 0:
+        return logits.contiguous()
+    return logits
+
+
 def _f32(t: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]:
     if t is None:
         return None
@@ -98,7 +108,7 @@ class _TokenLogprobs(torch.autograd.Function):
         temperature, ignore_index = ctx.options
         grad = torch.empty_strided(logits.size(), logits.stride(), dtype=logits.dtype, device=logits.device)
         _native.token_logprobs_backward(
-            logits.detach(), targets, lse, grad, mask=mask, entropy=entropy,
+            logits.detach(), targets, lse.detach(), grad, mask=mask, entropy=entropy.detach(),
             grad_logp=None if grad_logp is None else grad_logp.contiguous(),
             grad_entropy=None if grad_entropy is None else grad_entropy.contiguous(),
             temperature=temperature, ignore_index=ignore_index,
@@ -123,7 +133,8 @@ def token_logprobs(
     Rows with ``mask`` false or ``target == ignore_index`` give 0 and no gradient. Both outputs
     are differentiable in ``logits``.
     """
-    return _TokenLogprobs.apply(logits, targets.detach().contiguous(), _mask(mask), float(temperature), ignore_index)
+    targets = targets.detach().contiguous()
+    return _TokenLogprobs.apply(_rows(logits), targets, _mask(mask), float(temperature), ignore_index)
 
 
 class _ExactKl(torch.autograd.Function):
@@ -147,8 +158,9 @@ class _ExactKl(torch.autograd.Function):
         policy, reference, mask, value, policy_lse, ref_lse, term = ctx.saved_tensors
         out = torch.empty_strided(policy.size(), policy.stride(), dtype=policy.dtype, device=policy.device)
         _native.exact_kl_backward(
-            policy.detach(), reference, grad.contiguous(), policy_lse, ref_lse, out, mask=mask, value=value,
-            policy_term=term, status=_status(policy), stream=_stream(policy), **ctx.options,
+            policy.detach(), reference, grad.contiguous(), policy_lse.detach(), ref_lse.detach(), out, mask=mask,
+            value=value.detach(), policy_term=term.detach(), status=_status(policy), stream=_stream(policy),
+            **ctx.options,
         )
         return out, None, None, None, None, None
 
@@ -169,7 +181,9 @@ def exact_kl(
     (β·KL[p ‖ m] + (1 − β)·KL[q ‖ m], m = β·p + (1 − β)·q, β = ``jsd_beta``). Differentiable in
     ``policy_logits``; the reference is a constant.
     """
-    return _ExactKl.apply(policy_logits, ref_logits.detach(), _mask(mask), divergence, float(jsd_beta), float(temperature))
+    return _ExactKl.apply(
+        _rows(policy_logits), ref_logits.detach(), _mask(mask), divergence, float(jsd_beta), float(temperature)
+    )
 
 
 class _PolicyLoss(torch.autograd.Function):

@@ -26,11 +26,13 @@ pub fn check_status(word: i64) -> PyResult<()> {
     raw::decode_status(word as u64).map_err(err)
 }
 
-/// The caller's stream and the address of its status word (one int64 on the same device).
+/// The caller's stream and the address of its status word (one writable int64 on the same
+/// device, overlapping none of the op's `tensors`).
 fn launch_context(
     ordinal: usize,
     stream: usize,
     status: Option<&Bound<'_, PyAny>>,
+    tensors: &[Option<&Dl>],
 ) -> PyResult<(RawStream, Dl)> {
     let Some(status) = status else {
         return Err(PyValueError::new_err(
@@ -38,10 +40,8 @@ fn launch_context(
         ));
     };
     let status = Dl::import(status, stream, "status")?;
-    status.per_row(&[1])?.expect(&[Kind::I64])?;
-    if status.place != crate::dl::Place::Cuda(ordinal) {
-        return Err(PyValueError::new_err("status: must be on the device of the other tensors"));
-    }
+    status.per_row(&[1])?.expect(&[Kind::I64])?.output()?;
+    crate::dl::check_together(tensors, &[Some(&status)])?;
     Ok((RawStream { ordinal, stream: stream as CUstream }, status))
 }
 
@@ -70,7 +70,12 @@ pub fn token_logprobs(
     outs: &[Option<Dl>],
     opts: &TokenLogprobsOptions,
 ) -> PyResult<()> {
-    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let (raw_stream, status) = launch_context(
+        ordinal,
+        stream,
+        status,
+        &[Some(logits), Some(targets), mask, outs[0].as_ref(), outs[1].as_ref(), outs[2].as_ref()],
+    )?;
     let dtype = logits.kind.float("logits")?;
     for k in 0..rows.offsets.len() {
         let first = rows.block_rows(k).start;
@@ -108,7 +113,21 @@ pub fn token_logprobs_backward(
     saved: &[Option<Dl>],
     opts: &TokenLogprobsOptions,
 ) -> PyResult<()> {
-    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let (raw_stream, status) = launch_context(
+        ordinal,
+        stream,
+        status,
+        &[
+            Some(logits),
+            Some(grad),
+            Some(targets),
+            mask,
+            saved[0].as_ref(),
+            saved[1].as_ref(),
+            saved[2].as_ref(),
+            saved[3].as_ref(),
+        ],
+    )?;
     let dtype = logits.kind.float("logits")?;
     for k in 0..rows.offsets.len() {
         let first = rows.block_rows(k).start;
@@ -142,7 +161,20 @@ pub fn exact_kl(
     outs: &[Option<Dl>],
     opts: &ExactKlOptions,
 ) -> PyResult<()> {
-    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let (raw_stream, status) = launch_context(
+        ordinal,
+        stream,
+        status,
+        &[
+            Some(&pair.policy),
+            Some(&pair.reference),
+            mask,
+            outs[0].as_ref(),
+            outs[1].as_ref(),
+            outs[2].as_ref(),
+            outs[3].as_ref(),
+        ],
+    )?;
     let (p_rows, q_rows) = (&pair.p_rows, &pair.q_rows);
     for k in 0..p_rows.offsets.len() {
         let first = p_rows.block_rows(k).start;
@@ -178,7 +210,22 @@ pub fn exact_kl_backward(
     out: &Dl,
     opts: &ExactKlOptions,
 ) -> PyResult<()> {
-    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let (raw_stream, status) = launch_context(
+        ordinal,
+        stream,
+        status,
+        &[
+            Some(&pair.policy),
+            Some(&pair.reference),
+            mask,
+            Some(out),
+            saved[0].as_ref(),
+            saved[1].as_ref(),
+            saved[2].as_ref(),
+            saved[3].as_ref(),
+            saved[4].as_ref(),
+        ],
+    )?;
     let (p_rows, q_rows) = (&pair.p_rows, &pair.q_rows);
     for k in 0..p_rows.offsets.len() {
         let first = p_rows.block_rows(k).start;
@@ -217,7 +264,12 @@ pub fn policy_loss(
     stats: &Dl,
     opts: &PolicyLossOptions,
 ) -> PyResult<()> {
-    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let (raw_stream, status) = launch_context(
+        ordinal,
+        stream,
+        status,
+        &[Some(logp), Some(old), Some(adv), mask, entropy, grad_logp, grad_entropy, Some(stats)],
+    )?;
     let args = PolicyLossArgs {
         shape,
         logp: logp.ptr,
@@ -248,7 +300,8 @@ pub fn gae(
     [advantages, returns]: [Option<&Dl>; 2],
     opts: &GaeOptions,
 ) -> PyResult<()> {
-    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let (raw_stream, status) =
+        launch_context(ordinal, stream, status, &[rewards, kl, values, mask, scores, advantages, returns])?;
     let args = GaeArgs {
         shape,
         rewards: row_ptr(rewards, 0),
@@ -278,7 +331,8 @@ pub fn group_advantages(
     mask: Option<&Dl>,
     opts: &GroupAdvantageOptions,
 ) -> PyResult<()> {
-    let (raw_stream, status) = launch_context(ordinal, stream, status)?;
+    let (raw_stream, status) =
+        launch_context(ordinal, stream, status, &[Some(scores), per_sequence, per_token, mask])?;
     let args = GroupAdvantageArgs {
         scores: scores.ptr,
         per_sequence: row_ptr(per_sequence, 0),

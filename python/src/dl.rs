@@ -79,6 +79,8 @@ pub struct Dl {
     pub dims: Vec<usize>,
     /// In elements.
     pub strides: Vec<usize>,
+    /// Elements from element 0 to the last reachable one (at least 1: empty tensors are refused).
+    span: usize,
     pub writable: bool,
 }
 
@@ -98,7 +100,10 @@ impl Dl {
         let dev = t.device();
         let place = match dev.device_type {
             DLDeviceType::CPU => Place::Cpu,
-            DLDeviceType::CUDA => Place::Cuda(dev.device_id as usize),
+            DLDeviceType::CUDA => Place::Cuda(
+                usize::try_from(dev.device_id)
+                    .map_err(|_| PyValueError::new_err(format!("{what}: device id {}", dev.device_id)))?,
+            ),
             other => {
                 return Err(PyValueError::new_err(format!(
                     "{what}: device type {} is neither CPU nor CUDA",
@@ -124,13 +129,26 @@ impl Dl {
         let strides = t.strides_or_compact().map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?;
         let strides: Vec<usize> =
             strides.iter().map(|&s| usize::try_from(s).map_err(|_| negative())).collect::<PyResult<_>>()?;
+        if dims.contains(&0) {
+            return Err(PyValueError::new_err(format!(
+                "{what}: shape {dims:?} is empty; every op needs at least one element"
+            )));
+        }
+        let span = dims
+            .iter()
+            .zip(&strides)
+            .try_fold(1usize, |acc, (d, s)| (d - 1).checked_mul(*s).and_then(|x| x.checked_add(acc)))
+            .filter(|&n| n.checked_mul(kind.size()).is_some_and(|b| b <= isize::MAX as usize))
+            .ok_or_else(|| {
+                PyValueError::new_err(format!("{what}: shape {dims:?} and strides {strides:?} overflow"))
+            })?;
         let ptr = t.data_ptr() as u64 + t.byte_offset();
         if !ptr.is_multiple_of(kind.size() as u64) {
             return Err(PyValueError::new_err(format!(
                 "{what}: address {ptr:#x} is not aligned to its element size"
             )));
         }
-        Ok(Dl { _owner: owner, what, ptr, place, kind, dims, strides, writable })
+        Ok(Dl { _owner: owner, what, ptr, place, kind, dims, strides, span, writable })
     }
 
     /// Imports an optional argument.
@@ -170,20 +188,33 @@ impl Dl {
         Ok(self)
     }
 
+    /// Checks that the tensor may be written: not read-only, and no two of its elements share
+    /// an address (an expanded tensor, stride 0, would have its rows overwrite each other).
     pub fn output(&self) -> PyResult<&Self> {
-        if self.writable {
-            Ok(self)
-        } else {
-            Err(PyValueError::new_err(format!("{}: the tensor is read-only", self.what)))
+        if !self.writable {
+            return Err(PyValueError::new_err(format!("{}: the tensor is read-only", self.what)));
         }
+        // Sufficient: with the dimensions sorted by stride, each stride exceeds the span of
+        // all smaller-strided dimensions together.
+        let mut dims: Vec<(usize, usize)> =
+            self.dims.iter().zip(&self.strides).filter(|(d, _)| **d > 1).map(|(d, s)| (*s, *d)).collect();
+        dims.sort_unstable();
+        let mut reach = 0usize;
+        for (s, d) in dims {
+            if s <= reach {
+                return Err(PyValueError::new_err(format!(
+                    "{}: strides {:?} make elements share memory; write into a tensor without overlap",
+                    self.what, self.strides
+                )));
+            }
+            reach += (d - 1) * s;
+        }
+        Ok(self)
     }
 
     /// Elements from element 0 to the last reachable one.
     pub fn span(&self) -> usize {
-        if self.dims.contains(&0) {
-            return 0;
-        }
-        1 + self.dims.iter().zip(&self.strides).map(|(d, s)| (d - 1) * s).sum::<usize>()
+        self.span
     }
 
     /// The row blocks of a `[..., V]` tensor.

@@ -151,6 +151,29 @@ def test_outputs_are_written_where_pytorch_allocated_them():
         _native.token_logprobs(torch.randn(4, 9), torch.zeros(4, dtype=torch.long), logp=out[:4], entropy=out[2:6])
 
 
+def test_expanded_logits_add_their_gradients():
+    base = torch.randn(3, 7, requires_grad=True)
+    logits = base[:, None].expand(3, 2, 7)  # rows share memory
+    targets = torch.randint(0, 7, (3, 2))
+    logp, _ = token_logprobs(logits, targets)
+    logp.sum().backward()
+    exact = base.detach().double().requires_grad_(True)
+    reference_tokens(exact[:, None].expand(3, 2, 7), targets)[0].sum().backward()
+    close(base.grad, exact.grad)
+    # A gradient laid out like expanded logits would have its rows overwrite each other.
+    expanded, grad = torch.randn(2, 7)[None].expand(3, 2, 7), torch.empty(2, 7)[None].expand(3, 2, 7)
+    lse = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="share memory"):
+        _native.token_logprobs_backward(expanded, targets, lse, grad, grad_logp=torch.ones(3, 2))
+
+
+def test_empty_batches_raise():
+    with pytest.raises(ValueError, match="empty"):
+        policy_loss(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="empty"):
+        gae(torch.zeros(2, 0), torch.zeros(2, 0))
+
+
 def reference_divergence(p, q, divergence, beta=0.5):
     lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
 

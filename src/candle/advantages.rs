@@ -229,9 +229,10 @@ mod gpu {
         let device_groups = DeviceGroups::new(&stream, groups).map_err(to_candle)?;
         let dev = &scores.device;
         let mut seq = dev.alloc_zeros::<f32>(b)?;
-        let mut tok = dev.alloc_zeros::<f32>(mask.map_or(0, |(_, s)| s.len()))?;
+        // Only with a mask: a zero-length device allocation is an error.
+        let mut tok = mask.map(|(_, s)| dev.alloc_zeros::<f32>(s.len())).transpose()?;
         let mut out = DeviceGroupAdvantageOutputs { per_sequence: Some(seq.slice_mut(..)), per_token: None };
-        if let Some(((guard, layout), shape)) = mask {
+        if let (Some(((guard, layout), shape)), Some(tok)) = (mask, tok.as_mut()) {
             let Storage::Cuda(m) = &**guard else { bail!("mask: on another device than the scores") };
             out.per_token = Some(DeviceTokenOutput {
                 out: tok.slice_mut(..),
@@ -243,7 +244,7 @@ mod gpu {
         cuda::group_advantages(&stream, &scores, &device_groups, opts, out, &mut status)
             .map_err(to_candle)?;
         check(&stream, status)?;
-        let per_token = mask.map(|(_, s)| {
+        let per_token = mask.zip(tok).map(|((_, s), tok)| {
             tensor(Storage::Cuda(CudaStorage::wrap_cuda_slice(tok, dev.clone())), (s.rows, s.cols))
         });
         Ok((tensor(Storage::Cuda(CudaStorage::wrap_cuda_slice(seq, dev.clone())), b), per_token))

@@ -323,3 +323,20 @@ def test_group_advantages_match_the_grpo_formula(device):
         group_advantages(scores, ids, estimator="ppo")
     with pytest.raises(ValueError):
         group_advantages(scores[:5], ids)
+
+
+def test_any_dlpack_framework_numpy():
+    """The native layer is framework-agnostic: NumPy arrays in, NumPy arrays written in place."""
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 9)).astype(np.float32)
+    targets = rng.integers(0, 9, 4)
+    logp, entropy = np.full(4, np.nan, np.float32), np.full(4, np.nan, np.float32)
+    _native.token_logprobs(logits, targets, logp=logp, entropy=entropy)
+    ref_logp, ref_entropy = reference_tokens(torch.from_numpy(logits), torch.from_numpy(targets))
+    close(torch.from_numpy(logp), ref_logp)
+    close(torch.from_numpy(entropy), ref_entropy)
+    frozen = np.zeros(4, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises((ValueError, TypeError, BufferError)):
+        _native.token_logprobs(logits, targets, logp=frozen)

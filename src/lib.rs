@@ -16,6 +16,11 @@
 //! hot path, and never synchronise the GPU behind the caller's back. Bad input is an
 //! [`Error`], never a panic or a silent NaN.
 //!
+//! Adapters: `candle` (feature `candle`, `candle-cuda` for GPU tensors) runs the ops on candle
+//! tensors inside candle's autograd; the repository's `python/` package runs them on any
+//! DLPack tensor with PyTorch autograd. Both read framework views in place through
+//! [`RowBlocks`].
+//!
 //! ```
 //! use rlhf_kernels::{cpu, reference, LogSoftmaxOptions, RowShape};
 //! let shape = RowShape::new(2, 3);

@@ -193,6 +193,19 @@ impl RowBlocks {
         k * self.shape.rows..(k + 1) * self.shape.rows
     }
 
+    /// An error of an op run on block `k` alone, with its row index made the tensor's
+    /// (`InvalidRow` and `TargetOutOfRange` name rows of the block they were given).
+    pub fn block_error(&self, k: usize, e: Error) -> Error {
+        let first = k * self.shape.rows;
+        match e {
+            Error::InvalidRow { op, row, problem } => Error::InvalidRow { op, row: row + first, problem },
+            Error::TargetOutOfRange { row, target, vocab } => {
+                Error::TargetOutOfRange { row: row + first, target, vocab }
+            }
+            other => other,
+        }
+    }
+
     /// The storage elements block `k` spans.
     pub fn block_range(&self, k: usize) -> Range<usize> {
         self.offsets[k]..self.offsets[k] + self.shape.min_len()

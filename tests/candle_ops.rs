@@ -169,6 +169,16 @@ fn token_logprobs_rejects_bad_input() {
         assert!(err(token_logprobs(&logits, &floats, None, &opts)).contains("dtype"));
         let transposed = Tensor::zeros((10, 4), DType::F32, &dev).unwrap().t().unwrap();
         assert!(err(token_logprobs(&transposed, &targets, None, &opts)).contains("unit stride"));
+        // A NaN in the second sequence of a shifted view (two blocks): the error names the
+        // tensor's row, not the block's.
+        if dev.is_cpu() {
+            let mut raw = vec![0.0f32; 2 * 3 * 4];
+            raw[(3 + 1) * 4 + 2] = f32::NAN; // sequence 1, position 1
+            let base = Tensor::from_vec(raw, (2, 3, 4), &dev).unwrap();
+            let ids = Tensor::zeros((2, 2), DType::U32, &dev).unwrap();
+            let message = err(token_logprobs(&base.narrow(1, 0, 2).unwrap(), &ids, None, &opts));
+            assert!(message.contains("row 3"), "{message}");
+        }
         let nan = Tensor::new(&[[0.0f32, f32::NAN], [0.0, 0.0]], &dev).unwrap();
         let two = Tensor::new(&[0u32, 1], &dev).unwrap();
         assert!(!err(token_logprobs(&nan, &two, None, &opts)).is_empty(), "a NaN row is an error");

@@ -77,7 +77,7 @@ pub fn token_logprobs(
                             entropy: entropy.as_deref_mut().map(|s| &mut s[r.clone()]),
                             lse: lse.as_deref_mut().map(|s| &mut s[r.clone()]),
                         };
-                        cpu::token_logprobs(&l[rows.block_range(k)], rows.shape, &tokens, out, &opts)?;
+                        cpu::token_logprobs(&l[rows.block_range(k)], rows.shape, &tokens, out, &opts).map_err(|e| rows.block_error(k, e))?;
                     }
                     Ok(())
                 }))
@@ -179,9 +179,10 @@ pub fn token_logprobs_backward(
                         let grads = TokenGrads { lse: at(0).unwrap_or_default(), entropy: at(1), grad_logp: at(2), grad_entropy: at(3) };
                         let block = &mut g[rows.block_range(k)];
                         match l {
-                            Some(l) => cpu::token_logprobs_backward(&l[rows.block_range(k)], rows.shape, &tokens, &grads, block, &opts)?,
-                            None => cpu::token_logprobs_backward_in_place(block, rows.shape, &tokens, &grads, &opts)?,
+                            Some(l) => cpu::token_logprobs_backward(&l[rows.block_range(k)], rows.shape, &tokens, &grads, block, &opts),
+                            None => cpu::token_logprobs_backward_in_place(block, rows.shape, &tokens, &grads, &opts),
                         }
+                        .map_err(|e| rows.block_error(k, e))?;
                     }
                     Ok(())
                 }))
@@ -267,7 +268,7 @@ pub fn exact_kl(
                             policy_term: term.as_deref_mut().map(|s| &mut s[r.clone()]),
                             statistic: None,
                         };
-                        cpu::exact_kl(&p[p_rows.block_range(k)], p_rows.shape, &reference, out, &opts)?;
+                        cpu::exact_kl(&p[p_rows.block_range(k)], p_rows.shape, &reference, out, &opts).map_err(|e| p_rows.block_error(k, e))?;
                     }
                     Ok(())
                 }))
@@ -350,7 +351,8 @@ pub fn exact_kl_backward(
                             value: at(3),
                             policy_term: at(4),
                         };
-                        cpu::exact_kl_backward(&p[p_rows.block_range(k)], p_rows.shape, &reference, &grads, &mut g[p_rows.block_range(k)], &opts)?;
+                        cpu::exact_kl_backward(&p[p_rows.block_range(k)], p_rows.shape, &reference, &grads, &mut g[p_rows.block_range(k)], &opts)
+                            .map_err(|e| p_rows.block_error(k, e))?;
                     }
                     Ok(())
                 }))

@@ -127,6 +127,13 @@ def test_bad_input_raises(device):
         token_logprobs(logits, targets, torch.ones(4, device=device))
 
 
+def test_errors_name_the_tensors_row():
+    base = torch.zeros(2, 3, 4)
+    base[1, 1, 2] = float("nan")  # sequence 1, position 1 of the shifted view: row 3
+    with pytest.raises(ValueError, match="row 3"):
+        token_logprobs(base[:, :-1], torch.zeros(2, 2, dtype=torch.long))
+
+
 def test_outputs_are_written_where_pytorch_allocated_them():
     logits = torch.randn(2, 6, 11)[:, :5]  # a view: read in place
     targets = torch.randint(0, 11, (2, 5))

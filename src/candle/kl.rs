@@ -104,7 +104,7 @@ impl CustomOp2 for ExactKlOp {
                     statistic: None,
                 };
                 cpu::exact_kl(&policy[p_rows.block_range(k)], p_rows.shape, &reference, outs, &self.opts)
-                    .map_err(to_candle)?;
+                    .map_err(|e| to_candle(p_rows.block_error(k, e)))?;
             }
         }));
         Ok((CpuStorage::F32(out), Shape::from((SAVED, n))))
@@ -170,7 +170,7 @@ impl CustomOp2 for ExactKlOp {
                             &mut out[p_rows.packed_range(k)],
                             &self.opts,
                         )
-                        .map_err(to_candle)?;
+                        .map_err(|e| to_candle(p_rows.block_error(k, e)))?;
                     }
                     tensor(Storage::Cpu(P::to_cpu_storage_owned(out)), (n, p_rows.shape.row_stride))
                 }))

@@ -99,7 +99,7 @@ impl CustomOp2 for TokenLogprobsOp {
                     lse: Some(&mut lse[r]),
                 };
                 cpu::token_logprobs(&logits[rows.block_range(k)], rows.shape, &tokens, outs, &self.opts)
-                    .map_err(to_candle)?;
+                    .map_err(|e| to_candle(rows.block_error(k, e)))?;
             }
         }));
         Ok((CpuStorage::F32(out), Shape::from((3, n))))
@@ -154,7 +154,7 @@ impl CustomOp2 for TokenLogprobsOp {
                             &mut out[rows.packed_range(k)],
                             &self.opts,
                         )
-                        .map_err(to_candle)?;
+                        .map_err(|e| to_candle(rows.block_error(k, e)))?;
                     }
                     tensor(Storage::Cpu(T::to_cpu_storage_owned(out)), (n, rows.shape.row_stride))
                 }))

@@ -6,7 +6,9 @@
 //! Every function takes the CUDA stream handle as `stream` (`torch.cuda.current_stream()
 //! .cuda_stream`; ignored on the CPU) and, on the GPU, a `status` tensor (one int64, filled
 //! with -1) where the kernels report rows they could not process; `check_status` reads it.
-//! On the CPU such rows raise at once. The GIL is released while the CPU kernels run.
+//! On the CPU such rows raise at once, naming the tensor's row; on the GPU a view that runs as
+//! several blocks reports the row within its block (the launches share the status word). The
+//! GIL is released while the CPU kernels run.
 
 use pyo3::prelude::*;
 

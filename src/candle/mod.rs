@@ -21,7 +21,9 @@
 //! allocator) and, on the GPU, every kernel runs on the candle device's own stream. A problem
 //! only the kernels can see (a NaN logit, a row of only `-inf`) is an error here as on the CPU:
 //! the GPU path reads the kernels' status word after each op, which waits for the op's kernels
-//! (candle itself waits at every read of a tensor to the host).
+//! (candle itself waits at every read of a tensor to the host). Errors name the tensor's row;
+//! on the GPU, for a view that runs as several blocks, the row is counted within its block
+//! (the blocks' launches share one status word).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};

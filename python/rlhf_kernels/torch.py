@@ -99,6 +99,8 @@ class _TokenLogprobs(torch.autograd.Function):
         )
         ctx.save_for_backward(logits, targets, mask, lse, entropy)
         ctx.options = (temperature, ignore_index)
+        # An unused output's gradient stays None, and the backward skips its term.
+        ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
@@ -106,6 +108,8 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         logits, targets, mask, lse, entropy = ctx.saved_tensors
         temperature, ignore_index = ctx.options
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
         grad = torch.empty_strided(logits.size(), logits.stride(), dtype=logits.dtype, device=logits.device)
         _native.token_logprobs_backward(
             logits.detach(), targets, lse.detach(), grad, mask=mask, entropy=entropy.detach(),

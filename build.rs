@@ -5,6 +5,10 @@
 //! `None`, and the CUDA backend reports `Error::KernelsNotBuilt` at run time.
 //! `RLHF_KERNELS_REQUIRE_NVCC=1` makes a missing nvcc a build error, and
 //! `RLHF_KERNELS_DENY_SPILLS=1` a register spill.
+//!
+//! `RLHF_KERNELS_FATBIN_CACHE=<dir>` keeps each fatbin and its ptxas log there, keyed by a hash
+//! of the nvcc version, the architectures, the flags and every file of `kernels/`: cargo runs
+//! this script once per profile and feature set, and CI builds several of them.
 
 use std::env;
 use std::fmt::Write as _;
@@ -25,6 +29,7 @@ const ENV_VARS: &[&str] = &[
     "RLHF_KERNELS_CUDA_ARCHS",
     "RLHF_KERNELS_REQUIRE_NVCC",
     "RLHF_KERNELS_DENY_SPILLS",
+    "RLHF_KERNELS_FATBIN_CACHE",
 ];
 
 fn main() {
@@ -47,8 +52,10 @@ fn main() {
         Some(nvcc) => {
             let archs = target_archs(nvcc);
             let mut report = format!("nvcc: {}\narchitectures: {archs:?}\n", nvcc.display());
+            let cache =
+                env::var_os("RLHF_KERNELS_FATBIN_CACHE").map(|d| Cache::new(PathBuf::from(d), nvcc, &archs));
             for src in &sources {
-                report += &compile(nvcc, src, &archs, &out_dir);
+                report += &compile(nvcc, src, &archs, &out_dir, cache.as_ref());
             }
             fs::write(out_dir.join("ptxas-report.txt"), report).expect("write ptxas report");
             println!("cargo::rustc-cfg=rlhf_kernels_built");
@@ -122,24 +129,94 @@ fn target_archs(nvcc: &Path) -> Vec<String> {
     DEFAULT_ARCHS.iter().chain(newer).map(|a| a.to_string()).collect()
 }
 
-/// Compiles one .cu file to `$OUT_DIR/<name>.fatbin`; returns its ptxas resource report.
-fn compile(nvcc: &Path, src: &Path, archs: &[String], out_dir: &Path) -> String {
+/// The nvcc flags of every kernel file (besides the architectures and the output).
+/// --fmad=false: no implicit multiply-add contraction, so shared device code rounds the same way
+/// in every kernel that inlines it (the kernels write fmaf where they want one).
+const NVCC_FLAGS: &[&str] =
+    &["-fatbin", "-O3", "-std=c++17", "--fmad=false", "-Xptxas", "-v", "-t", "0", "-I", "kernels"];
+
+/// A directory of compiled fatbins shared by this script's runs.
+struct Cache {
+    dir: PathBuf,
+    /// Hash of everything but the source file: nvcc's version, architectures, flags, headers.
+    base: u64,
+}
+
+impl Cache {
+    fn new(dir: PathBuf, nvcc: &Path, archs: &[String]) -> Cache {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let version = Command::new(nvcc).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
+        (version, archs, NVCC_FLAGS).hash(&mut h);
+        let mut files: Vec<PathBuf> =
+            fs::read_dir("kernels").into_iter().flatten().flatten().map(|e| e.path()).collect();
+        files.sort();
+        for f in files {
+            (f.to_string_lossy().into_owned(), fs::read(&f).unwrap_or_default()).hash(&mut h);
+        }
+        Cache { dir, base: h.finish() }
+    }
+
+    /// The cached fatbin and log paths of `name`.
+    fn entry(&self, name: &str) -> (PathBuf, PathBuf) {
+        let key = format!("{name}-{:016x}", self.base);
+        (self.dir.join(format!("{key}.fatbin")), self.dir.join(format!("{key}.log")))
+    }
+}
+
+/// Compiles one .cu file to `$OUT_DIR/<name>.fatbin` (or copies it from the cache); returns
+/// its ptxas resource report.
+fn compile(nvcc: &Path, src: &Path, archs: &[String], out_dir: &Path, cache: Option<&Cache>) -> String {
     let name = stem(src);
+    let target = out_dir.join(format!("{name}.fatbin"));
+    let cached = cache.map(|c| c.entry(&name));
+    let hit = cached.as_ref().and_then(|(bin, log)| {
+        let log = fs::read_to_string(log).ok()?;
+        fs::copy(bin, &target).ok()?;
+        Some(log)
+    });
+    let log = match hit {
+        Some(log) => log,
+        None => {
+            let log = run_nvcc(nvcc, src, archs, &target);
+            if let (Some((bin, log_path)), Some(c)) = (&cached, cache) {
+                // Written under temporary names and renamed: concurrent builds see whole files.
+                let _ = fs::create_dir_all(&c.dir);
+                let tmp = format!("{}", std::process::id());
+                let (tmp_bin, tmp_log) = (
+                    bin.with_extension(format!("fatbin.{tmp}")),
+                    log_path.with_extension(format!("log.{tmp}")),
+                );
+                if fs::copy(&target, &tmp_bin).is_ok() && fs::write(&tmp_log, &log).is_ok() {
+                    let _ = fs::rename(&tmp_bin, bin).and_then(|_| fs::rename(&tmp_log, log_path));
+                }
+            }
+            log
+        }
+    };
+    check_spills(src, &log);
+    format!("== {} ==\n{log}", src.display())
+}
+
+fn run_nvcc(nvcc: &Path, src: &Path, archs: &[String], target: &Path) -> String {
     let mut cmd = Command::new(nvcc);
-    // --fmad=false: no implicit multiply-add contraction, so shared device code rounds the same
-    // way in every kernel that inlines it (the kernels write fmaf where they want one).
-    cmd.args(["-fatbin", "-O3", "-std=c++17", "--fmad=false", "-Xptxas", "-v", "-t", "0", "-I", "kernels"]);
+    cmd.args(NVCC_FLAGS);
     for a in archs {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
     cmd.arg("-gencode=arch=compute_90,code=compute_90");
-    cmd.arg("-o").arg(out_dir.join(format!("{name}.fatbin"))).arg(src);
+    cmd.arg("-o").arg(target).arg(src);
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
         eprintln!("{log}");
         panic!("nvcc failed on {} ({})", src.display(), out.status);
     }
+    log
+}
+
+/// Warns about (or, with `RLHF_KERNELS_DENY_SPILLS=1`, fails on) register spills in a ptxas log.
+fn check_spills(src: &Path, log: &str) {
     let mut entry = "";
     let mut spills = Vec::new();
     for line in log.lines() {
@@ -156,5 +233,4 @@ fn compile(nvcc: &Path, src: &Path, archs: &[String], out_dir: &Path) -> String 
         }
         println!("cargo::warning={msg}");
     }
-    format!("== {} ==\n{log}", src.display())
 }

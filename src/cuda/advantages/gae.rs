@@ -206,10 +206,9 @@ pub fn gae(
         workspace,
         status: st,
     };
-    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
-    // was checked above (`scores` one value per row, the workspace at least
-    // gae_workspace_bytes); the outputs are distinct mutable borrows; the guards keep cudarc's
-    // event tracking in order until the launches are enqueued.
+    // The guards keep cudarc's event tracking in order until the launches are enqueued.
+    // SAFETY: every address is a cudarc buffer of this context with its length checked above
+    // (scores one per row, workspace ≥ gae_workspace_bytes); the outputs are distinct borrows.
     unsafe { launch_gae(stream, &args, opts) }
 }
 
@@ -296,10 +295,9 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
         let f = function(ctx, Module::Advantages, "gae_warp")?;
         let mut l = stream.launch_builder(&f);
         l.arg(&params).arg(&st);
-        // SAFETY: matches `gae_warp(GaeParams, unsigned long long*)`; 256 threads = 8 warps
-        // per block, one sequence each (warps past the last row return); every pointer in
-        // `params` is null or covers the shape (`scores` one value per row) and the two
-        // outputs overlap nothing (the caller's contract).
+        // Kernel: gae_warp(GaeParams, unsigned long long*); 8 warps a block, a sequence each.
+        // SAFETY: the arguments match; every pointer in `params` is null or covers the shape
+        // (scores one per row) and the two outputs overlap nothing (the caller's contract).
         unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_warp"))?;
         return Ok(());
     }
@@ -350,10 +348,9 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
     let f = function(ctx, Module::Advantages, "gae_block")?;
     let mut l = stream.launch_builder(&f);
     l.arg(&params).arg(&carries).arg(&st);
-    // SAFETY: matches `gae_block(GaeParams, const GaeState*, unsigned long long*)`; one block of
-    // 256 threads per (row, chunk); `carries` is null for single-chunk rows or holds the states
-    // the launch above wrote on this stream; every pointer in `params` is null or covers the
-    // shape and the two outputs overlap nothing (the caller's contract).
+    // Kernel: gae_block(GaeParams, const GaeState*, unsigned long long*); a block a (row, chunk).
+    // SAFETY: the arguments match; `carries` is null for one-chunk rows or holds the states the
+    // launch above wrote on this stream; `params` pointers are null or cover the shape (caller).
     unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_block"))?;
     Ok(())
 }

@@ -190,11 +190,10 @@ unsafe fn launch_groups(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: matches `group_advantages(const float*, const unsigned*, const unsigned*, int, int,
-    // double, float*, float*, long long, int, const unsigned char*, unsigned long long*)`; one
-    // warp per group (warps past the last return); `offsets` has count + 1 entries and
-    // `members` a permutation of 0..B (built by `Groups`), `scores` and `per_sequence` B
-    // values, the token buffer and its mask cover a checked B-row shape (the caller's promise).
+    // Kernel: group_advantages(const float*, const unsigned*, const unsigned*, int, int, double,
+    // float*, float*, long long, int, const unsigned char*, unsigned long long*); a warp a group.
+    // SAFETY: the arguments match that signature; `offsets` has count + 1 entries, `members` is a
+    // permutation of 0..B (built by `Groups`); scores, outputs and mask cover B rows (caller).
     unsafe { l.launch(cfg) }.map_err(driver_error("launching group_advantages"))?;
     Ok(())
 }

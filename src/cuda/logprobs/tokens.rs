@@ -372,10 +372,10 @@ pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
     launch.arg(&null).arg(&null).arg(&null).arg(&p).arg(&null);
     let cfg =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `token_logprobs_entropy_rows_<dtype>(const T*, long long, int, int,
-    // RowSelect, float, long long, float*, float*, float*, VocabPartial*, unsigned long long*)`
-    // with null outputs and status (partial mode never reports); one block of 256 threads per
-    // row; logits cover the shape and `partials` holds `rows` records (checked above).
+    // Kernel: token_logprobs_entropy_rows_<dtype>(const T*, long long, int, int, RowSelect, float,
+    // long long, float*, float*, float*, VocabPartial*, unsigned long long*); a block a row.
+    // SAFETY: the arguments match, null outputs and status (partial mode never reports); the
+    // logits cover the shape and `partials` holds `rows` records (checked above).
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching vocab_shard_partials"))?;
     Ok(())
 }

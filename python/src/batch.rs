@@ -4,18 +4,18 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::cpu::{self, GaeOutputs, GroupAdvantageOutputs, PolicyLossOutputs};
+use rlhf_kernels::cuda::raw;
 use rlhf_kernels::{
     Aggregation, GaeInputs, GaeOptions, GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, MaskedSteps,
-    Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, RowShape,
+    Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyObjective, RowShape,
 };
 
 use crate::cuda;
 use crate::dl::{Dl, Kind, Place, check_together, err};
 
-/// f64 words of the policy statistics: loss, policy loss, entropy loss, clip fraction low,
-/// high and dual, approx KL k1 and k3, ratio mean, min and max, entropy mean, valid tokens,
-/// valid sequences, sequences.
-pub const STATS_WORDS: usize = 15;
+/// f64 words of the policy statistics, in the GPU's order (see
+/// `rlhf_kernels::cuda::raw::policy_stats_from_words`).
+pub const STATS_WORDS: usize = raw::POLICY_STATS_WORDS;
 
 /// The policy loss of a `[B, T]` batch (float32 `logp`, `old_logp`, `advantages`; optional
 /// byte `mask` and float32 `entropy`): writes `∂loss/∂logp` into `grad_logp` and `∂loss/∂H`
@@ -120,7 +120,7 @@ pub fn policy_loss(
                     cpu::policy_loss(&inputs, out, &opts)
                 })
                 .map_err(err)?;
-            words.copy_from_slice(&stats_words(&s));
+            words.copy_from_slice(&raw::policy_stats_to_words(&s));
             Ok(())
         }
         Place::Cuda(ordinal) => cuda::policy_loss(
@@ -135,27 +135,6 @@ pub fn policy_loss(
             &opts,
         ),
     }
-}
-
-/// The statistics in the kernels' word order.
-fn stats_words(s: &PolicyLossStats) -> [f64; STATS_WORDS] {
-    [
-        s.loss,
-        s.policy_loss,
-        s.entropy_loss,
-        s.clip_fraction_low,
-        s.clip_fraction_high,
-        s.dual_clip_fraction,
-        s.approx_kl_k1,
-        s.approx_kl_k3,
-        s.ratio_mean,
-        s.ratio_min,
-        s.ratio_max,
-        s.entropy_mean,
-        s.counts.valid_tokens,
-        s.counts.valid_sequences,
-        s.counts.sequences,
-    ]
 }
 
 fn parse_aggregation(name: &str, max_len: usize) -> PyResult<Aggregation> {

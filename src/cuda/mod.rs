@@ -61,7 +61,9 @@ pub mod raw {
     pub use super::kl::raw::*;
     pub use super::logprobs::raw::*;
     pub use super::ppo::raw::*;
-    pub use super::ppo::{POLICY_STATS_WORDS, PolicyLossArgs, policy_stats_from_words};
+    pub use super::ppo::{
+        POLICY_STATS_WORDS, PolicyLossArgs, policy_stats_from_words, policy_stats_to_words,
+    };
     pub use super::status::{STATUS_CLEAR, decode_status};
 }
 

@@ -388,6 +388,36 @@ pub fn policy_stats_from_words(w: &[f64]) -> Result<PolicyLossStats> {
     })
 }
 
+/// The 15 words of [`policy_stats_from_words`] from statistics (for callers that hand the CPU
+/// backend's statistics on in the GPU's layout, e.g. the Python module).
+///
+/// ```
+/// use rlhf_kernels::cuda::raw::{policy_stats_from_words, policy_stats_to_words};
+/// let mut w = [0.0f64; 15];
+/// w.iter_mut().enumerate().for_each(|(i, x)| *x = i as f64);
+/// assert_eq!(policy_stats_to_words(&policy_stats_from_words(&w)?), w);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn policy_stats_to_words(s: &PolicyLossStats) -> [f64; POLICY_STATS_WORDS] {
+    [
+        s.loss,
+        s.policy_loss,
+        s.entropy_loss,
+        s.clip_fraction_low,
+        s.clip_fraction_high,
+        s.dual_clip_fraction,
+        s.approx_kl_k1,
+        s.approx_kl_k3,
+        s.ratio_mean,
+        s.ratio_min,
+        s.ratio_max,
+        s.entropy_mean,
+        s.counts.valid_tokens,
+        s.counts.valid_sequences,
+        s.counts.sequences,
+    ]
+}
+
 /// The policy loss's launches on checked device addresses (the safe and raw entry points
 /// share them): row records and statistics are allocated on the stream when needed and not
 /// given.

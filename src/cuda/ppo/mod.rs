@@ -12,7 +12,7 @@ pub use fused::{
 };
 pub use loss::{
     DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats, POLICY_STATS_WORDS, PolicyLossArgs,
-    policy_loss, policy_loss_workspace_bytes, policy_stats_from_words,
+    policy_loss, policy_loss_workspace_bytes, policy_stats_from_words, policy_stats_to_words,
 };
 pub use value::{
     DeviceValueLossInputs, DeviceValueLossOutputs, DeviceValueStats, value_loss, value_loss_workspace_bytes,

@@ -71,21 +71,11 @@ pub fn gae(inputs: &GaeTensors<'_>, opts: &GaeOptions) -> Result<GaeAdvantages> 
             let n = shape.len();
             let [r, k, v, m, s] = [0, 1, 2, 3, 4].map(|i| &guards[i]);
             let mut gae_inputs = GaeInputs::new(shape);
-            if let Some(r) = cpu_side::<f32>(r, n, "rewards")? {
-                gae_inputs = gae_inputs.rewards(r);
-            }
-            if let (Some(k), Some(beta)) = (cpu_side::<f32>(k, n, "kl")?, beta) {
-                gae_inputs = gae_inputs.kl_penalty(k, beta);
-            }
-            if let Some(v) = cpu_side::<f32>(v, n, "values")? {
-                gae_inputs = gae_inputs.values(v);
-            }
-            if let Some(m) = cpu_side::<u8>(m, n, "mask")? {
-                gae_inputs = gae_inputs.mask(m);
-            }
-            if let Some(s) = cpu_side::<f32>(s, shape.rows, "scores")? {
-                gae_inputs = gae_inputs.scores(s);
-            }
+            gae_inputs.rewards = cpu_side::<f32>(r, n, "rewards")?;
+            gae_inputs.kl_penalty = cpu_side::<f32>(k, n, "kl")?.zip(beta);
+            gae_inputs.values = cpu_side::<f32>(v, n, "values")?;
+            gae_inputs.mask = cpu_side::<u8>(m, n, "mask")?;
+            gae_inputs.scores = cpu_side::<f32>(s, shape.rows, "scores")?;
             let (mut adv, mut ret) = (vec![0f32; n], vec![0f32; n]);
             let out = GaeOutputs { advantages: Some(&mut adv), returns: Some(&mut ret) };
             cpu::gae(&gae_inputs, out, opts).map_err(to_candle)?;

@@ -43,6 +43,7 @@ aggregate_finalize(const float2* __restrict__ records, int rows, int aggregation
   const double c1 = use_global ? global_sequences_valid : local_seqs;
   const double c2 = use_global ? global_sequences : static_cast<double>(rows);
   double acc = 0.0;
+#pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
   for (long long r = threadIdx.x; r < rows; r += 256) {
     const float2 rec = records[r];
     acc += token_weight(aggregation, max_len, c0, c1, c2, rec.y) * static_cast<double>(rec.x);

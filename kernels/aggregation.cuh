@@ -6,11 +6,27 @@
 
 namespace rk {
 
-// 1/d for a count-like d, correctly rounded in f32 (relative error below 6e-8). f64 division,
-// __drcp_rn or an f64 Newton refinement all make ptxas spill on some architectures; the
-// weights only need f32 accuracy (the sums they multiply are f32).
+// 1/d correctly rounded in f64, for d a positive integer up to 2^53 (a count or a product of
+// counts), as the CPU's `1.0 / d`: an f32 approximation refined by two Newton steps with fused
+// multiply-adds. The approximation's error (at most 2^-21) squares at each step, so the last
+// step is off by about 2^-84 before it rounds, far closer than 1/d can come to a rounding
+// boundary for the counts that occur (emulator/tests/arith.cpp checks every d up to 2^25 and
+// random d up to 2^40 against 1.0 / d). No f64 division or __drcp_rn: their slow paths make
+// the finalize kernels spill.
 __device__ __forceinline__ double rcp_f64(double d) {
-  return static_cast<double>(__frcp_rn(static_cast<float>(d)));
+  double r = static_cast<double>(__fdividef(1.0f, static_cast<float>(d)));
+  double e = fma(-d, r, 1.0);
+  r = fma(r, e, r);
+  e = fma(-d, r, 1.0);
+  return fma(r, e, r);
+}
+
+// a/d correctly rounded in f64 (d as for rcp_f64, 0 <= a), as the CPU's `a / d`: the quotient
+// through the reciprocal, then one exact residual correction (Markstein).
+__device__ __forceinline__ double div_f64(double a, double d) {
+  const double r = rcp_f64(d);
+  const double q = a * r;
+  return fma(fma(-d, q, a), r, q);
 }
 
 // Aggregation codes (src/aggregation.rs `Aggregation::code`): token-mean, seq-mean-token-sum,

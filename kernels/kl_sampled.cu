@@ -161,22 +161,30 @@ sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen
                     double max_len, int use_global, double global_tokens, double global_sequences_valid,
                     double global_sequences, double* __restrict__ stats) {
   __shared__ double sh[256];
-  __shared__ double counts[3];
+  // The denominators, then this batch's own token and sequence counts: parked in shared memory
+  // rather than kept live through the loop below.
+  __shared__ double counts[5];
   double tokens = 0.0, seqs = 0.0;
   for (long long r = threadIdx.x; r < rows; r += 256) {
     tokens += records[r].valid;
     seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
   }
-  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
-  if (threadIdx.x == 0) {
-    counts[0] = use_global ? global_tokens : local_tokens;
-    counts[1] = use_global ? global_sequences_valid : local_seqs;
-    counts[2] = use_global ? global_sequences : static_cast<double>(rows);
+  {
+    const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
+    if (threadIdx.x == 0) {
+      counts[0] = use_global ? global_tokens : local_tokens;
+      counts[1] = use_global ? global_sequences_valid : local_seqs;
+      counts[2] = use_global ? global_sequences : static_cast<double>(rows);
+      counts[3] = local_tokens;
+      counts[4] = local_seqs;
+    }
   }
   __syncthreads();
   // One estimator at a time keeps the registers low.
+#pragma unroll 1
   for (int k = 0; k < 8; ++k) {
     double acc = 0.0;
+#pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
     for (long long r = threadIdx.x; r < rows; r += 256)
       acc += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].sums[k];
     const double m = block_sum_f64(acc, sh);
@@ -186,10 +194,11 @@ sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen
   for (long long r = threadIdx.x; r < rows; r += 256) clamped += records[r].clamped;
   const double c = block_sum_f64(clamped, sh);
   if (threadIdx.x == 0) {
+    const double local_tokens = counts[3];
     stats[STAT_LOSS] = static_cast<double>(coef) * stats[STAT_MEANS + chosen];
-    stats[STAT_CLAMPED] = local_tokens > 0.0 ? c * rcp_f64(local_tokens) : 0.0;
+    stats[STAT_CLAMPED] = local_tokens > 0.0 ? div_f64(c, local_tokens) : 0.0;
     stats[STAT_COUNTS] = local_tokens;
-    stats[STAT_COUNTS + 1] = local_seqs;
+    stats[STAT_COUNTS + 1] = counts[4];
     stats[STAT_COUNTS + 2] = static_cast<double>(rows);
   }
 }

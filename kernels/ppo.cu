@@ -225,10 +225,12 @@ policy_loss_finalize(const PolicyRow* __restrict__ records, int rows, int aggreg
   }
   __syncthreads();
   double pol = 0.0;
+#pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
   for (long long r = threadIdx.x; r < rows; r += 256)
     pol += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].loss;
   const double policy = block_sum_f64(pol, sh);
   double ent = 0.0;
+#pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
   for (long long r = threadIdx.x; r < rows; r += 256)
     ent += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) *
            records[r].entropy;
@@ -241,7 +243,7 @@ policy_loss_finalize(const PolicyRow* __restrict__ records, int rows, int aggreg
     stats[PS_COUNTS + 1] = local_seqs;
     stats[PS_COUNTS + 2] = static_cast<double>(rows);
   }
-  const double inv_n = local_tokens > 0.0 ? rcp_f64(local_tokens) : 0.0;
+  const bool any_tokens = local_tokens > 0.0;
   // The plain sums, one field at a time (few live registers), as means over valid tokens.
   // Fields of PolicyRow by float index: entropy 1, low 2 … ratio 7 (slots PS_LOW … PS_RATIO_MEAN
   // are fields 2 … 7, PS_ENTROPY_MEAN is field 1).
@@ -254,7 +256,7 @@ policy_loss_finalize(const PolicyRow* __restrict__ records, int rows, int aggreg
     double acc = 0.0;
     for (long long r = threadIdx.x; r < rows; r += 256) acc += fields[r * FLOATS + field];
     const double total = block_sum_f64(acc, sh);
-    if (threadIdx.x == 0) stats[slot] = total * inv_n;
+    if (threadIdx.x == 0) stats[slot] = any_tokens ? div_f64(total, local_tokens) : 0.0;
   }
   // Ratio min and max: exact in f32 (the records are f32), fixed trees.
   __shared__ float fl[256];
@@ -407,6 +409,7 @@ value_loss_finalize(const ValueRow* __restrict__ records, int rows, int aggregat
   }
   __syncthreads();
   double acc = 0.0;
+#pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
   for (long long r = threadIdx.x; r < rows; r += 256)
     acc += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].loss;
   const double loss = block_sum_f64(acc, sh);
@@ -415,7 +418,7 @@ value_loss_finalize(const ValueRow* __restrict__ records, int rows, int aggregat
   const double clipped_total = block_sum_f64(clipped, sh);
   if (threadIdx.x == 0) {
     stats[VS_LOSS] = static_cast<double>(coef) * loss;
-    stats[VS_CLIP] = local_tokens > 0.0 ? clipped_total * rcp_f64(local_tokens) : 0.0;
+    stats[VS_CLIP] = local_tokens > 0.0 ? div_f64(clipped_total, local_tokens) : 0.0;
     stats[VS_COUNTS] = local_tokens;
     stats[VS_COUNTS + 1] = local_seqs;
     stats[VS_COUNTS + 2] = static_cast<double>(rows);

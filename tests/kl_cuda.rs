@@ -278,11 +278,17 @@ mod gpu {
         kl::rewards_sweep(gpu);
     }
 
+    /// Every pair of dtypes: each is a kernel of its own on the GPU.
     pub fn exact(gpu: &Gpu) {
-        kl::exact_sweep::<bf16, f16>(gpu);
         kl::exact_sweep::<f32, f32>(gpu);
-        kl::exact_sweep::<f16, bf16>(gpu);
+        kl::exact_sweep::<f32, f16>(gpu);
         kl::exact_sweep::<f32, bf16>(gpu);
+        kl::exact_sweep::<f16, f32>(gpu);
+        kl::exact_sweep::<f16, f16>(gpu);
+        kl::exact_sweep::<f16, bf16>(gpu);
+        kl::exact_sweep::<bf16, f32>(gpu);
+        kl::exact_sweep::<bf16, f16>(gpu);
+        kl::exact_sweep::<bf16, bf16>(gpu);
     }
 
     pub fn exact_shards(gpu: &Gpu) {

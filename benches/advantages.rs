@@ -83,7 +83,7 @@ fn bench_cpu(c: &mut Criterion) {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use crate::common::gpu::{device, time_events};
+    use crate::common::gpu::{bench_events, device};
     use rlhf_kernels::cuda::{
         self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups,
     };
@@ -104,38 +104,24 @@ mod gpu {
             let mut ws = s.alloc_zeros::<u8>(cuda::gae_workspace_bytes(shape).max(16)).unwrap();
             let inputs =
                 DeviceGaeInputs::new(shape).rewards(rw.as_view()).values(v.as_view()).mask(m.as_view());
-            let mut grp = c.benchmark_group("gae");
-            grp.throughput(Throughput::Bytes(gae_bytes(shape)));
-            grp.bench_function(id("cuda", shape, DType::F32), |b| {
-                b.iter_custom(|iters| {
-                    time_events(&s, iters, || {
-                        let out = DeviceGaeOutputs::default()
-                            .advantages(a.as_view_mut())
-                            .returns(r.as_view_mut())
-                            .workspace(ws.as_view_mut());
-                        cuda::gae(&s, &inputs, out, &mut status, &opts()).unwrap()
-                    })
-                })
+            bench_events(c, "gae", shape, DType::F32, gae_bytes(shape), &s, || {
+                let out = DeviceGaeOutputs::default()
+                    .advantages(a.as_view_mut())
+                    .returns(r.as_view_mut())
+                    .workspace(ws.as_view_mut());
+                cuda::gae(&s, &inputs, out, &mut status, &opts()).unwrap()
             });
-            grp.finish();
         }
         for (shape, _) in common::shapes("grpo", "cuda") {
             let (scores, groups) = grpo_data(shape.rows);
             let sc = s.clone_htod(&scores).unwrap();
             let dg = DeviceGroups::new(&s, &groups).unwrap();
             let mut a = s.alloc_zeros::<f32>(shape.rows).unwrap();
-            let mut grp = c.benchmark_group("grpo");
-            grp.throughput(Throughput::Bytes(grpo_bytes(shape.rows)));
-            grp.bench_function(id("cuda", shape, DType::F32), |b| {
-                b.iter_custom(|iters| {
-                    time_events(&s, iters, || {
-                        let out = DeviceGroupAdvantageOutputs::default().per_sequence(a.as_view_mut());
-                        let opts = GroupAdvantageOptions::grpo();
-                        cuda::group_advantages(&s, &sc.as_view(), &dg, &opts, out, &mut status).unwrap()
-                    })
-                })
+            bench_events(c, "grpo", shape, DType::F32, grpo_bytes(shape.rows), &s, || {
+                let out = DeviceGroupAdvantageOutputs::default().per_sequence(a.as_view_mut());
+                let opts = GroupAdvantageOptions::grpo();
+                cuda::group_advantages(&s, &sc.as_view(), &dg, &opts, out, &mut status).unwrap()
             });
-            grp.finish();
         }
         status.check(&s).unwrap();
     }

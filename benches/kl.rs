@@ -97,7 +97,7 @@ fn bench_exact_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use crate::common::gpu::{device, time_events};
+    use crate::common::gpu::{bench_events, device};
     use rlhf_kernels::cuda::{
         self, CudaStatus, DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats, DeviceReferenceRows,
         DeviceSampledKlOutputs, SampledKlInputs,
@@ -134,22 +134,15 @@ mod gpu {
         let opts = SampledKlOptions::new(KlEstimator::K3);
         let inputs =
             SampledKlInputs { logp: lp.as_view(), ref_logp: rlp.as_view(), mask: Some(mask.as_view()) };
-        let mut grp = c.benchmark_group("sampled_kl");
-        grp.throughput(Throughput::Bytes(sampled_bytes(shape)));
-        grp.bench_function(id("cuda", shape, DType::F32), |b| {
-            b.iter_custom(|iters| {
-                time_events(s, iters, || {
-                    let out = DeviceSampledKlOutputs {
-                        values: Some(v.as_view_mut()),
-                        grad_logp: Some(g.as_view_mut()),
-                        stats: Some(&mut stats),
-                        workspace: Some(ws.as_view_mut()),
-                    };
-                    cuda::sampled_kl(s, &inputs, shape, out, &mut status, &opts).unwrap()
-                })
-            })
+        bench_events(c, "sampled_kl", shape, DType::F32, sampled_bytes(shape), s, || {
+            let out = DeviceSampledKlOutputs {
+                values: Some(v.as_view_mut()),
+                grad_logp: Some(g.as_view_mut()),
+                stats: Some(&mut stats),
+                workspace: Some(ws.as_view_mut()),
+            };
+            cuda::sampled_kl(s, &inputs, shape, out, &mut status, &opts).unwrap()
         });
-        grp.finish();
         status.check(s).unwrap();
     }
 
@@ -169,32 +162,25 @@ mod gpu {
             s.alloc_zeros::<u8>(cuda::exact_kl_workspace_bytes(shape, opts.divergence).max(16)).unwrap();
         let mut status = CudaStatus::new(s).unwrap();
         let r = DeviceReferenceRows { logits: q.as_view(), shape, mask: None };
-        let mut grp = c.benchmark_group("exact_kl_fwd_bwd");
-        grp.throughput(Throughput::Bytes(exact_bytes(shape, T::DTYPE)));
-        grp.bench_function(id("cuda", shape, T::DTYPE), |b| {
-            b.iter_custom(|iters| {
-                time_events(s, iters, || {
-                    let out = DeviceExactKlOutputs {
-                        value: Some(value.as_view_mut()),
-                        policy_lse: Some(lp.as_view_mut()),
-                        ref_lse: Some(lq.as_view_mut()),
-                        policy_term: None,
-                        workspace: Some(ws.as_view_mut()),
-                        statistic: None,
-                    };
-                    cuda::exact_kl(s, &p, shape, &r, out, &mut status, &opts).unwrap();
-                    let grads = DeviceExactKlGrads {
-                        grad: g.as_view(),
-                        policy_lse: lp.as_view(),
-                        ref_lse: lq.as_view(),
-                        value: Some(value.as_view()),
-                        policy_term: None,
-                    };
-                    cuda::exact_kl_backward(s, &p, shape, &r, &grads, &mut grad, &mut status, &opts).unwrap();
-                })
-            })
+        bench_events(c, "exact_kl_fwd_bwd", shape, T::DTYPE, exact_bytes(shape, T::DTYPE), s, || {
+            let out = DeviceExactKlOutputs {
+                value: Some(value.as_view_mut()),
+                policy_lse: Some(lp.as_view_mut()),
+                ref_lse: Some(lq.as_view_mut()),
+                policy_term: None,
+                workspace: Some(ws.as_view_mut()),
+                statistic: None,
+            };
+            cuda::exact_kl(s, &p, shape, &r, out, &mut status, &opts).unwrap();
+            let grads = DeviceExactKlGrads {
+                grad: g.as_view(),
+                policy_lse: lp.as_view(),
+                ref_lse: lq.as_view(),
+                value: Some(value.as_view()),
+                policy_term: None,
+            };
+            cuda::exact_kl_backward(s, &p, shape, &r, &grads, &mut grad, &mut status, &opts).unwrap();
         });
-        grp.finish();
         status.check(s).unwrap();
     }
 }

@@ -60,7 +60,7 @@ fn bench_cpu_typed<T: Element>(c: &mut Criterion, shape: RowShape) {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use crate::common::gpu::{device, time_events};
+    use crate::common::gpu::{bench_events, device, time_events};
     use rlhf_kernels::cuda::{self, CudaStatus};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use std::sync::Arc;
@@ -101,25 +101,12 @@ mod gpu {
         let opts = LogSoftmaxOptions::default();
         let (fwd_bytes, bwd_bytes) = bytes(shape, T::DTYPE);
 
-        let mut g = c.benchmark_group("log_softmax_fwd");
-        g.throughput(Throughput::Bytes(fwd_bytes));
-        g.bench_function(id("cuda", shape, T::DTYPE), |b| {
-            b.iter_custom(|iters| {
-                time_events(s, iters, || cuda::log_softmax(s, &x, shape, &mut y, &mut status, &opts).unwrap())
-            })
+        bench_events(c, "log_softmax_fwd", shape, T::DTYPE, fwd_bytes, s, || {
+            cuda::log_softmax(s, &x, shape, &mut y, &mut status, &opts).unwrap()
         });
-        g.finish();
-
-        let mut g = c.benchmark_group("log_softmax_bwd");
-        g.throughput(Throughput::Bytes(bwd_bytes));
-        g.bench_function(id("cuda", shape, T::DTYPE), |b| {
-            b.iter_custom(|iters| {
-                time_events(s, iters, || {
-                    cuda::log_softmax_backward(s, &y, &g_out, shape, &mut dx, &mut status, &opts).unwrap()
-                })
-            })
+        bench_events(c, "log_softmax_bwd", shape, T::DTYPE, bwd_bytes, s, || {
+            cuda::log_softmax_backward(s, &y, &g_out, shape, &mut dx, &mut status, &opts).unwrap()
         });
-        g.finish();
         status.check(s).unwrap();
     }
 }

@@ -114,7 +114,7 @@ fn bench_fused_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use crate::common::gpu::{device, time_events};
+    use crate::common::gpu::{bench_events, device};
     use rlhf_kernels::cuda::{
         self, CudaStatus, DeviceFusedPolicyInputs, DeviceFusedStats, DevicePolicyLossInputs,
         DevicePolicyLossOutputs, DevicePolicyStats, DeviceTokens,
@@ -143,23 +143,16 @@ mod gpu {
                 mask: Some(mask.as_view()),
                 entropy: Some(ent.as_view()),
             };
-            let mut grp = c.benchmark_group("ppo_loss");
-            grp.throughput(Throughput::Bytes(loss_bytes(shape)));
-            grp.bench_function(id("cuda", shape, DType::F32), |b| {
-                b.iter_custom(|iters| {
-                    time_events(&s, iters, || {
-                        let out = DevicePolicyLossOutputs {
-                            grad_logp: Some(g.as_view_mut()),
-                            grad_entropy: Some(h.as_view_mut()),
-                            stats: Some(&mut stats),
-                            workspace: Some(ws.as_view_mut()),
-                            ..Default::default()
-                        };
-                        cuda::policy_loss(&s, &inputs, out, &mut status, &opts()).unwrap()
-                    })
-                })
+            bench_events(c, "ppo_loss", shape, DType::F32, loss_bytes(shape), &s, || {
+                let out = DevicePolicyLossOutputs {
+                    grad_logp: Some(g.as_view_mut()),
+                    grad_entropy: Some(h.as_view_mut()),
+                    stats: Some(&mut stats),
+                    workspace: Some(ws.as_view_mut()),
+                    ..Default::default()
+                };
+                cuda::policy_loss(&s, &inputs, out, &mut status, &opts()).unwrap()
             });
-            grp.finish();
         }
         for (shape, dtype) in common::shapes("ppo_fused", "cuda") {
             match dtype {
@@ -186,27 +179,20 @@ mod gpu {
             kl: None,
         };
         let lp = TokenLogprobsOptions::default();
-        let mut grp = c.benchmark_group("ppo_fused");
-        grp.throughput(Throughput::Bytes(fused_bytes(shape, T::DTYPE)));
-        grp.bench_function(id("cuda", shape, T::DTYPE), |b| {
-            b.iter_custom(|iters| {
-                time_events(s, iters, || {
-                    cuda::policy_loss_from_logits(
-                        s,
-                        &logits,
-                        shape,
-                        &inputs,
-                        &mut grad,
-                        &mut stats,
-                        &mut status,
-                        &lp,
-                        &opts(),
-                    )
-                    .unwrap()
-                })
-            })
+        bench_events(c, "ppo_fused", shape, T::DTYPE, fused_bytes(shape, T::DTYPE), s, || {
+            cuda::policy_loss_from_logits(
+                s,
+                &logits,
+                shape,
+                &inputs,
+                &mut grad,
+                &mut stats,
+                &mut status,
+                &lp,
+                &opts(),
+            )
+            .unwrap()
         });
-        grp.finish();
         status.check(s).unwrap();
     }
 }

@@ -101,7 +101,7 @@ fn bench_cpu_typed<T: Element>(c: &mut Criterion, shape: RowShape) {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use crate::common::gpu::{device, time_events};
+    use crate::common::gpu::{bench_events, device};
     use rlhf_kernels::cuda::{self, CudaStatus, DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use std::sync::Arc;
@@ -136,83 +136,35 @@ mod gpu {
         let tokens = DeviceTokens::new(targets.as_view());
         let opts = TokenLogprobsOptions::default();
         let [fwd, fwd_h, bwd] = bytes(shape, T::DTYPE);
-        let dev = "cuda";
 
-        let mut g = c.benchmark_group("token_logprobs_fwd");
-        g.throughput(Throughput::Bytes(fwd));
-        g.bench_function(id(dev, shape, T::DTYPE), |b| {
-            b.iter_custom(|iters| {
-                time_events(s, iters, || {
-                    let out = DeviceTokenOutputs::default()
-                        .logp(logp.as_view_mut())
-                        .workspace(workspace.as_view_mut());
-                    cuda::token_logprobs(s, &x, shape, &tokens, out, &mut status, &opts).unwrap()
-                })
-            })
+        bench_events(c, "token_logprobs_fwd", shape, T::DTYPE, fwd, s, || {
+            let out =
+                DeviceTokenOutputs::default().logp(logp.as_view_mut()).workspace(workspace.as_view_mut());
+            cuda::token_logprobs(s, &x, shape, &tokens, out, &mut status, &opts).unwrap()
         });
-        g.finish();
-
-        let mut g = c.benchmark_group("token_logprobs_entropy_fwd");
-        g.throughput(Throughput::Bytes(fwd_h));
-        g.bench_function(id(dev, shape, T::DTYPE), |b| {
-            b.iter_custom(|iters| {
-                time_events(s, iters, || {
-                    let out = DeviceTokenOutputs::default()
-                        .logp(logp.as_view_mut())
-                        .entropy(entropy.as_view_mut())
-                        .lse(lse.as_view_mut())
-                        .workspace(workspace.as_view_mut());
-                    cuda::token_logprobs(s, &x, shape, &tokens, out, &mut status, &opts).unwrap()
-                })
-            })
+        bench_events(c, "token_logprobs_entropy_fwd", shape, T::DTYPE, fwd_h, s, || {
+            let out = DeviceTokenOutputs::default()
+                .logp(logp.as_view_mut())
+                .entropy(entropy.as_view_mut())
+                .lse(lse.as_view_mut())
+                .workspace(workspace.as_view_mut());
+            cuda::token_logprobs(s, &x, shape, &tokens, out, &mut status, &opts).unwrap()
         });
-        g.finish();
 
         let grads = DeviceTokenGrads::new(lse.as_view())
             .grad_logp(gl.as_view())
             .grad_entropy(gh.as_view(), entropy.as_view());
-        let mut g = c.benchmark_group("token_logprobs_bwd");
-        g.throughput(Throughput::Bytes(bwd));
-        g.bench_function(id(dev, shape, T::DTYPE), |b| {
-            b.iter_custom(|iters| {
-                time_events(s, iters, || {
-                    cuda::token_logprobs_backward(
-                        s,
-                        &x,
-                        shape,
-                        &tokens,
-                        &grads,
-                        &mut grad,
-                        &mut status,
-                        &opts,
-                    )
-                    .unwrap()
-                })
-            })
+        bench_events(c, "token_logprobs_bwd", shape, T::DTYPE, bwd, s, || {
+            cuda::token_logprobs_backward(s, &x, shape, &tokens, &grads, &mut grad, &mut status, &opts)
+                .unwrap()
         });
-        g.finish();
 
         // In place: the first iteration turns the logits into gradients and later ones read
         // those; the traffic and the arithmetic are the same.
-        let mut g = c.benchmark_group("token_logprobs_bwd_inplace");
-        g.throughput(Throughput::Bytes(bwd));
-        g.bench_function(id(dev, shape, T::DTYPE), |b| {
-            b.iter_custom(|iters| {
-                time_events(s, iters, || {
-                    cuda::token_logprobs_backward_in_place(
-                        s,
-                        &mut x,
-                        shape,
-                        &tokens,
-                        &grads,
-                        &mut status,
-                        &opts,
-                    )
-                    .unwrap()
-                })
-            })
+        bench_events(c, "token_logprobs_bwd_inplace", shape, T::DTYPE, bwd, s, || {
+            cuda::token_logprobs_backward_in_place(s, &mut x, shape, &tokens, &grads, &mut status, &opts)
+                .unwrap()
         });
-        g.finish();
         // The in-place runs fed gradients back in as logits, which may leave non-finite rows:
         // clear the word rather than report them as errors of the benchmark.
         let _ = status.check(s);

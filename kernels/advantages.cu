@@ -80,20 +80,54 @@ __device__ __forceinline__ Affine shfl_down(const Affine& f, int d) {
   return r;
 }
 
-// The map of position t (< cols) of `row`; also its validity and value.
-__device__ __forceinline__ Affine step_map(const GaeParams& P, long long row, long long t, bool& valid, float& v) {
-  const long long i = row * P.ld + t;
-  valid = P.mask == nullptr || P.mask[i] != 0;
-  v = 0.0f;
-  if (!valid) return P.reset ? Affine{0.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0.0f} : identity_map();
-  float r = P.rewards ? P.rewards[i] : 0.0f;
-  if (P.kl) r = fmaf(-P.beta, P.kl[i], r);
-  v = P.values ? P.values[i] : 0.0f;
-  const float score = P.scores ? P.scores[row] : 0.0f;
-  return {P.gamma_lambda, P.gamma, score, 0.0f, 0.0f, r - v, v, 0.0f};
+// GAE_ITEMS consecutive values of `p` (null: zeros) from element i, where the first n of them
+// exist: one 16-byte load when they all exist and are 16-byte aligned, so that a warp reads 512
+// consecutive bytes per load. Values at masked positions are read with their neighbours but
+// never used.
+__device__ __forceinline__ void load_items_f32(const float* p, long long i, long long n, float (&out)[GAE_ITEMS]) {
+  static_assert(GAE_ITEMS == 4, "one float4 per thread");
+  if (p == nullptr) {
+#pragma unroll
+    for (int j = 0; j < GAE_ITEMS; ++j) out[j] = 0.0f;
+  } else if (n >= GAE_ITEMS && aligned16(p + i)) {
+    const float4 q = *reinterpret_cast<const float4*>(p + i);
+    out[0] = q.x, out[1] = q.y, out[2] = q.z, out[3] = q.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < GAE_ITEMS; ++j) out[j] = j < n ? p[i + j] : 0.0f;
+  }
 }
 
-// This thread's positions [t0, t0 + GAE_ITEMS): their maps and their composition.
+// The mask bytes of the same positions (null mask: all valid), one 4-byte load when aligned.
+__device__ __forceinline__ void load_items_mask(const unsigned char* m, long long i, long long n,
+                                                bool (&out)[GAE_ITEMS]) {
+  if (m == nullptr) {
+#pragma unroll
+    for (int j = 0; j < GAE_ITEMS; ++j) out[j] = true;
+  } else if (n >= GAE_ITEMS && aligned_to(m + i, 4)) {
+    const uchar4 q = *reinterpret_cast<const uchar4*>(m + i);
+    out[0] = q.x != 0, out[1] = q.y != 0, out[2] = q.z != 0, out[3] = q.w != 0;
+  } else {
+#pragma unroll
+    for (int j = 0; j < GAE_ITEMS; ++j) out[j] = j < n && m[i + j] != 0;
+  }
+}
+
+// Stores GAE_ITEMS consecutive values from element i, the first n of which exist (as the loads).
+__device__ __forceinline__ void store_items_f32(float* p, long long i, long long n, const float (&v)[GAE_ITEMS]) {
+  if (p == nullptr) return;
+  if (n >= GAE_ITEMS && aligned16(p + i)) {
+    *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < GAE_ITEMS; ++j)
+      if (j < n) p[i + j] = v[j];
+  }
+}
+
+// This thread's positions [t0, t0 + GAE_ITEMS): their maps and their composition, validity and
+// values. A valid position is the map of (r, V) above, with r = reward − β·kl; a masked one the
+// identity (or the reset); positions past the end the identity.
 struct Items {
   Affine f[GAE_ITEMS];
   float v[GAE_ITEMS];
@@ -102,11 +136,27 @@ struct Items {
 };
 
 __device__ __forceinline__ void load_items(const GaeParams& P, long long row, long long t0, Items& it) {
+  const long long i = row * P.ld + t0;
+  const long long n = P.cols - t0;  // positions of this thread that exist (may be <= 0)
+  float r[GAE_ITEMS], k[GAE_ITEMS];
+  load_items_f32(P.rewards, i, n, r);
+  load_items_f32(P.kl, i, n, k);
+  load_items_f32(P.values, i, n, it.v);
+  load_items_mask(P.mask, i, n, it.valid);
+  const float score = P.scores ? P.scores[row] : 0.0f;
 #pragma unroll
   for (int j = 0; j < GAE_ITEMS; ++j) {
-    it.valid[j] = false;
-    it.v[j] = 0.0f;
-    it.f[j] = t0 + j < P.cols ? step_map(P, row, t0 + j, it.valid[j], it.v[j]) : identity_map();
+    if (j >= n) {
+      it.valid[j] = false;
+      it.v[j] = 0.0f;
+      it.f[j] = identity_map();
+    } else if (!it.valid[j]) {
+      it.v[j] = 0.0f;
+      it.f[j] = P.reset ? Affine{0.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0.0f} : identity_map();
+    } else {
+      const float rew = P.kl ? fmaf(-P.beta, k[j], r[j]) : r[j];
+      it.f[j] = {P.gamma_lambda, P.gamma, score, 0.0f, 0.0f, rew - it.v[j], it.v[j], 0.0f};
+    }
   }
   it.total = it.f[GAE_ITEMS - 1];
 #pragma unroll
@@ -144,18 +194,16 @@ __device__ __forceinline__ void scan_chunk(const GaeParams& P, long long row, lo
   }
   s = apply(excl, s);
   bool bad = false;
+  float adv[GAE_ITEMS], ret[GAE_ITEMS];
 #pragma unroll
   for (int j = GAE_ITEMS - 1; j >= 0; --j) {
     s = apply(it.f[j], s);
-    const long long t = t0 + j;
-    if (t >= P.cols) continue;
-    const float a = it.valid[j] ? s.a : 0.0f;
-    const float ret = it.valid[j] ? a + it.v[j] : 0.0f;
-    bad |= !(isfinite(a) && isfinite(ret));
-    const long long i = row * P.ld + t;
-    if (P.advantages) P.advantages[i] = a;
-    if (P.returns) P.returns[i] = ret;
+    adv[j] = it.valid[j] ? s.a : 0.0f;
+    ret[j] = it.valid[j] ? adv[j] + it.v[j] : 0.0f;
+    if (t0 + j < P.cols) bad |= !(isfinite(adv[j]) && isfinite(ret[j]));
   }
+  store_items_f32(P.advantages, row * P.ld + t0, P.cols - t0, adv);
+  store_items_f32(P.returns, row * P.ld + t0, P.cols - t0, ret);
   if (bad) report(status, row, OP_GAE, PROBLEM_NON_FINITE);
 }
 

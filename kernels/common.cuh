@@ -37,9 +37,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(x);
 }
 
-// ---- 16-byte chunks ---------------------------------------------------------------------
-template <typename T> struct alignas(16) VecOf {
-  static constexpr int N = 16 / sizeof(T);
+// ---- vector chunks -----------------------------------------------------------------------
+// N consecutive elements loaded or stored at once: 16 bytes by default (4 f32, 8 f16/bf16).
+template <typename T, int N_ = 16 / sizeof(T)> struct alignas(N_ * sizeof(T)) VecOf {
+  static constexpr int N = N_;
   T v[N];
 };
 
@@ -47,16 +48,19 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-// Loads chunk `k` of a row into `out` (f32). Elements past `cols` read as `fill`.
-// `vec_ok` says the row start is 16-byte aligned, so a full chunk is one vector load.
-template <typename T>
+__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1u)) == 0;
+}
+
+// Loads chunk `k` (N elements) of a row into `out` (f32). Elements past `cols` read as `fill`.
+// `vec_ok` says the row start is aligned to N·sizeof(T) bytes, so a full chunk is one vector
+// load.
+template <typename T, int N>
 __device__ __forceinline__ void load_chunk(const T* __restrict__ row, long long k, int cols,
-                                           bool vec_ok, float fill,
-                                           float (&out)[VecOf<T>::N]) {
-  constexpr int N = VecOf<T>::N;
+                                           bool vec_ok, float fill, float (&out)[N]) {
   const long long start = k * N;
   if (vec_ok && start + N <= cols) {
-    const VecOf<T> chunk = reinterpret_cast<const VecOf<T>*>(row)[k];
+    const VecOf<T, N> chunk = reinterpret_cast<const VecOf<T, N>*>(row)[k];
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = to_f32(chunk.v[i]);
   } else {
@@ -102,17 +106,17 @@ __device__ __forceinline__ void store_f32_chunk(float* __restrict__ row, long lo
   }
 }
 
-// Stores `N` values (converted to T) of a chunk that starts at element `k * N` of a T row.
-template <typename T>
+// Stores `N` values (converted to T) of a chunk that starts at element `k * N` of a T row;
+// `vec_ok` as for load_chunk.
+template <typename T, int N>
 __device__ __forceinline__ void store_chunk(T* __restrict__ row, long long k, int cols,
-                                            bool vec_ok, const float (&v)[VecOf<T>::N]) {
-  constexpr int N = VecOf<T>::N;
+                                            bool vec_ok, const float (&v)[N]) {
   const long long start = k * N;
   if (vec_ok && start + N <= cols) {
-    VecOf<T> chunk;
+    VecOf<T, N> chunk;
 #pragma unroll
     for (int i = 0; i < N; ++i) chunk.v[i] = from_f32<T>(v[i]);
-    reinterpret_cast<VecOf<T>*>(row)[k] = chunk;
+    reinterpret_cast<VecOf<T, N>*>(row)[k] = chunk;
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i)

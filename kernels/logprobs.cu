@@ -15,19 +15,25 @@ constexpr unsigned OP_LOG_SOFTMAX_FORWARD = 1;
 constexpr unsigned OP_LOG_SOFTMAX_BACKWARD = 2;
 
 // out[row, v] = (x[v] - max x) / τ - ln Σ_u 2^((x[u] - max x)·log2(e)/τ)
+// The log-softmax kernels move 4 elements per thread and access: 16-byte f32 output stores and,
+// for f16/bf16 logits, 8-byte loads, so that consecutive lanes touch consecutive bytes of both
+// the logits and the f32 output (an 8-element chunk would write 32 bytes per lane, in two
+// stores half a warp's width apart).
+constexpr int LS_N = 4;
+
 template <typename T>
 __device__ void log_softmax_forward(const T* __restrict__ logits, long long ld_logits,
                                     float* __restrict__ out, long long ld_out, int rows,
                                     int cols, float inv_tau,
                                     unsigned long long* __restrict__ status) {
-  constexpr int N = VecOf<T>::N;
+  constexpr int N = LS_N;
   __shared__ float scratch[64];
   const long long row = blockIdx.x;
   if (row >= rows) return;
   const T* x = logits + row * ld_logits;
   float* y = out + row * ld_out;
   const long long nchunks = (static_cast<long long>(cols) + N - 1) / N;
-  const bool x_vec = aligned16(x);
+  const bool x_vec = aligned_to(x, N * sizeof(T));
   const float c = inv_tau * LOG2E;
 
   OnlineLse st;
@@ -64,14 +70,14 @@ __device__ void log_softmax_backward(const float* __restrict__ out, long long ld
                                      const float* __restrict__ grad_out, long long ld_grad_out,
                                      T* __restrict__ grad, long long ld_grad, int rows, int cols,
                                      float inv_tau, unsigned long long* __restrict__ status) {
-  constexpr int N = VecOf<T>::N;
+  constexpr int N = LS_N;
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   if (row >= rows) return;
   const float* y = out + row * ld_out;
   const float* g = grad_out + row * ld_grad_out;
   T* dx = grad + row * ld_grad;
-  const bool y_vec = aligned16(y), g_vec = aligned16(g), dx_vec = aligned16(dx);
+  const bool y_vec = aligned16(y), g_vec = aligned16(g), dx_vec = aligned_to(dx, N * sizeof(T));
 
   // Σ g over the row, in chunks of 4 floats.
   const long long nchunks4 = (static_cast<long long>(cols) + 3) / 4;

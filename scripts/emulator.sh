@@ -9,6 +9,10 @@
 #                                     CUDA backend and the kernel coverage check, all on the
 #                                     emulated device with RLHF_KERNELS_REQUIRE_GPU=1; ARGS go to
 #                                     `cargo test` (e.g. a test name filter)
+#   scripts/emulator.sh traffic [--markdown]
+#                                     every CUDA bench case once on the emulated device, then the
+#                                     bytes and sectors its kernels moved against the minimum
+#                                     (scripts/emulator-traffic.py; BENCHMARKS.md has the table)
 #   scripts/emulator.sh run CMD...    run CMD with the emulated driver first on the library path
 #
 # The CUDA side of the crate must be built with nvcc (scripts/install-nvcc.sh): cudarc loads the
@@ -102,9 +106,16 @@ selftest() {
     -ldl -lpthread
   "$cxx" "${runtime_flags[@]}" -o "$t/checkers" emulator/tests/checkers.cpp "$t/libcuda.so.1" -Wl,-rpath,"$t"
   RK_EMU_REPORT="$t/report.txt" "$t/checkers"
+  # The kernels' f64 reciprocal and division, and the emulator's f16 / bf16 conversions.
+  "$cxx" "${common[@]}" -include "$root/emulator/include/rk_emu.h" -I"$root/emulator/include" -I"$root/kernels" \
+    -o "$t/arith" emulator/tests/arith.cpp
+  "$t/arith"
 }
 
 test_all() {
+  # The crate must embed the kernels: cudarc loads their fatbins, the emulated driver checks
+  # every kernel it is asked for against them. build.rs finds the pinned nvcc where this puts it.
+  [ -n "${RLHF_KERNELS_NVCC:-}" ] || scripts/install-nvcc.sh >/dev/null
   build
   selftest
   local report=$out/report.txt launched=$out/launched.txt
@@ -114,10 +125,12 @@ test_all() {
   local tests=()
   for f in tests/*_cuda.rs; do tests+=(--test "$(basename "$f" .rs)"); done
   with_emulator cargo test "${tests[@]}" "$@"
-  with_emulator cargo run --profile test --example ppo_step -- --backend cuda --rows 64 --seq-len 32 --vocab 1000 \
+  with_emulator cargo run --release --example ppo_step -- --backend cuda --rows 64 --seq-len 32 --vocab 1000 \
     --dtype bf16 --iters 1
-  with_emulator cargo run --profile test --example ppo_step -- --backend cuda --rows 64 --seq-len 32 --vocab 1000 \
-    --dtype f32 --estimator grpo --kl reward --iters 1
+  with_emulator cargo run --release --example ppo_step -- --backend cuda --rows 64 --seq-len 32 --vocab 1000 \
+    --dtype f32 --estimator grpo --iters 1
+  with_emulator cargo run --release --example ppo_step -- --backend cuda --rows 64 --seq-len 32 --vocab 1000 \
+    --dtype f16 --kl reward --iters 1
   if [ -s "$report" ]; then
     echo "the checkers reported findings ($report):" >&2
     cat "$report" >&2
@@ -133,11 +146,24 @@ test_all() {
   echo "emulated device: every CUDA test passed, $(wc -l <"$out/kernels.txt") of $(wc -l <"$out/kernels.txt") kernels ran, no findings" >&2
 }
 
+traffic() {
+  build
+  [ -n "${RLHF_KERNELS_NVCC:-}" ] || scripts/install-nvcc.sh >/dev/null
+  local log=$out/traffic.log b
+  rm -f "$log"
+  for b in logsoftmax token_logprobs kl advantages ppo; do
+    echo "traffic: $b" >&2
+    RK_EMU_TRAFFIC=$log RLHF_KERNELS_BENCH_ROWS=cap with_emulator cargo bench --bench "$b" -- --test cuda >/dev/null
+  done
+  python3 scripts/emulator-traffic.py "$log" "$@"
+}
+
 case "${1:-}" in
   build) build ;;
   selftest) selftest ;;
   test) shift; test_all "$@" ;;
   run) shift; build; with_emulator "$@" ;;
+  traffic) shift; traffic "$@" ;;
   compile) compile "$2" ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

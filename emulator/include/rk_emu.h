@@ -64,6 +64,9 @@ struct alignas(8) int2 {
 struct alignas(16) int4 {
   int x, y, z, w;
 };
+struct alignas(4) uchar4 {
+  unsigned char x, y, z, w;
+};
 struct alignas(16) double2 {
   double x, y;
 };

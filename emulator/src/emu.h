@@ -94,7 +94,11 @@ struct Fiber {
 };
 
 struct Traffic {
-  uint64_t read_bytes = 0, write_bytes = 0, sectors = 0, ideal_sectors = 0, accesses = 0;
+  uint64_t read_bytes = 0, write_bytes = 0, accesses = 0;  // every access of every lane
+  // Traffic mode: per warp instruction, the distinct bytes it accesses (a broadcast counts once),
+  // the 32-byte sectors it touches and the fewest sectors that could carry those bytes; per
+  // launch, the distinct sectors read plus the distinct sectors written.
+  uint64_t instruction_bytes = 0, sectors = 0, ideal_sectors = 0, dram_sectors = 0;
 };
 
 // One OS thread's state: the block it runs, its fibers and their stacks, and the checkers'
@@ -131,6 +135,7 @@ struct Worker {
   std::vector<SharedShadow> shared_shadow;
   Traffic traffic;
   bool trace = false;  // traffic mode
+  uint32_t launch_id = 0;
 };
 
 Worker& worker();

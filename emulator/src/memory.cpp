@@ -43,6 +43,10 @@ struct Allocation {
   std::atomic<bool> live{true};
   std::unique_ptr<std::atomic<uint8_t>[]> init;  // one bit per byte: written since allocated
   std::atomic<bool> uninit_reported{false};
+  // Traffic mode: per 32-byte sector, the last launch that read it and the last that wrote it
+  // (2 entries per sector): the distinct sectors a launch reads and writes are the DRAM traffic
+  // of a cache that keeps everything the launch touched.
+  std::atomic<std::atomic<uint32_t>*> touched{nullptr};
 
   uintptr_t guard_lo() const { return base - kGuardBefore; }
   uintptr_t guard_hi() const { return reinterpret_cast<uintptr_t>(map) + map_size; }
@@ -141,6 +145,7 @@ bool device_free(void* p) {
     h.by_base.erase(old->base);
     h.generation.fetch_add(1, std::memory_order_acq_rel);
     munmap(old->map, old->map_size);
+    delete[] old->touched.load();
     delete old;
   }
   return true;
@@ -344,7 +349,17 @@ void global_access(Worker& w, uintptr_t a, std::size_t n, bool write, const void
   if (write) w.traffic.write_bytes += n;
   else w.traffic.read_bytes += n;
   ++w.traffic.accesses;
-  if (w.trace) w.current->log.push_back(Access{a, static_cast<uint32_t>(n)});
+  if (w.trace) {
+    w.current->log.push_back(Access{a, static_cast<uint32_t>(n)});
+    std::atomic<uint32_t>* t = al->touched.load(std::memory_order_acquire);
+    if (t == nullptr) {
+      auto* fresh = new std::atomic<uint32_t>[2 * (al->size / 32 + 2)]();
+      if (al->touched.compare_exchange_strong(t, fresh)) t = fresh;
+      else delete[] fresh;
+    }
+    for (std::size_t s = off >> 5; s <= (off + n - 1) >> 5; ++s)
+      if (t[2 * s + write].exchange(w.launch_id, std::memory_order_relaxed) != w.launch_id) ++w.traffic.dram_sectors;
+  }
 }
 
 inline void on_access(void* p, std::size_t n, bool write, const void* pc) {
@@ -392,6 +407,7 @@ void flush_warp_log(Worker& w, uint32_t warp, uint32_t lanes) {
       end = hi;
     }
     w.traffic.ideal_sectors += (distinct + 31) / 32;
+    w.traffic.instruction_bytes += distinct;
   }
   for (uint32_t l = 0; l < kWarp && base + l < w.threads; ++l)
     if (lanes & (1u << l)) w.fibers[base + l].log.clear();

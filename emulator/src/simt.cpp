@@ -454,6 +454,7 @@ struct Grid {
   std::atomic<bool> stop{false};
   std::atomic<int> error{0};
   std::atomic<std::size_t> findings{0};
+  uint32_t launch_id = 0;
   std::mutex traffic_mutex;
   Traffic traffic;
 };
@@ -473,6 +474,7 @@ void run_blocks(Grid& g) {
   std::fill(std::begin(w.printed), std::end(w.printed), 0u);
   w.traffic = Traffic{};
   w.trace = !config().traffic_path.empty();
+  w.launch_id = g.launch_id;
   w.in_kernel = true;
   while (!g.stop.load(std::memory_order_relaxed)) {
     const uint64_t b = g.next.fetch_add(1);
@@ -495,6 +497,8 @@ void run_blocks(Grid& g) {
   g.traffic.sectors += w.traffic.sectors;
   g.traffic.ideal_sectors += w.traffic.ideal_sectors;
   g.traffic.accesses += w.traffic.accesses;
+  g.traffic.dram_sectors += w.traffic.dram_sectors;
+  g.traffic.instruction_bytes += w.traffic.instruction_bytes;
 }
 
 void append_line(const std::string& path, const std::string& line) {
@@ -542,6 +546,8 @@ LaunchResult launch(const KernelInfo* k, dim3 grid, dim3 block, std::size_t /*dy
   g.grid = grid;
   g.block = block;
   g.blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  static std::atomic<uint32_t> launches{0};
+  g.launch_id = ++launches;
   const int helpers = static_cast<int>(std::min<uint64_t>(config().workers, g.blocks)) - 1;
   std::vector<std::thread> threads;
   for (int i = 0; i < helpers; ++i) threads.emplace_back([&g] { run_blocks(g); });
@@ -550,10 +556,14 @@ LaunchResult launch(const KernelInfo* k, dim3 grid, dim3 block, std::size_t /*dy
 
   if (!config().traffic_path.empty()) {
     char line[512];
-    std::snprintf(line, sizeof line, "%s grid=%u,%u,%u block=%u,%u,%u read=%llu write=%llu sectors=%llu ideal=%llu\n",
+    std::snprintf(line, sizeof line,
+                  "launch %s grid=%u,%u,%u block=%u,%u,%u read=%llu write=%llu instruction=%llu distinct=%llu "
+                  "sectors=%llu ideal=%llu\n",
                   k->name, grid.x, grid.y, grid.z, block.x, block.y, block.z,
                   static_cast<unsigned long long>(g.traffic.read_bytes),
                   static_cast<unsigned long long>(g.traffic.write_bytes),
+                  static_cast<unsigned long long>(g.traffic.instruction_bytes),
+                  static_cast<unsigned long long>(g.traffic.dram_sectors * 32),
                   static_cast<unsigned long long>(g.traffic.sectors),
                   static_cast<unsigned long long>(g.traffic.ideal_sectors));
     append_line(config().traffic_path, line);

@@ -9,10 +9,11 @@ use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error};
 use crate::{DType, Element, LogSoftmaxOptions, Result, RowShape};
 
-/// Threads per block for rows of `cols` elements of `dtype`: a function of the row length and
-/// dtype only, which keeps results batch-invariant (see kernels/common.cuh).
-pub(crate) fn row_block_threads(cols: usize, dtype: DType) -> u32 {
-    match cols.div_ceil(16 / dtype.size_bytes()) {
+/// Threads per block for rows of `cols` elements: a function of the row length only (the
+/// kernels move 4 elements per thread and access whatever the dtype), which keeps results
+/// batch-invariant (see kernels/common.cuh).
+pub(crate) fn row_block_threads(cols: usize) -> u32 {
+    match cols.div_ceil(4) {
         0..=64 => 32,
         65..=256 => 64,
         257..=1024 => 128,
@@ -22,10 +23,10 @@ pub(crate) fn row_block_threads(cols: usize, dtype: DType) -> u32 {
     }
 }
 
-fn row_launch(shape: RowShape, dtype: DType) -> LaunchConfig {
+fn row_launch(shape: RowShape) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (shape.rows as u32, 1, 1),
-        block_dim: (row_block_threads(shape.cols, dtype), 1, 1),
+        block_dim: (row_block_threads(shape.cols), 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -35,8 +36,8 @@ fn row_launch(shape: RowShape, dtype: DType) -> LaunchConfig {
 ///
 /// `out_v = (x_v − max x)/τ − ln Σ_u exp((x_u − max x)/τ)` (nats; `-inf` logits give `-inf`).
 ///
-/// One block per row reads the row twice (online max and sum, then the output) with 16-byte
-/// loads where the row is aligned. A row with a NaN, a `+inf` or only `-inf` gets NaN outputs
+/// One block per row reads the row twice (online max and sum, then the output), 4 elements
+/// per thread and access (16-byte f32 stores, 8- or 16-byte loads) where the row is aligned. A row with a NaN, a `+inf` or only `-inf` gets NaN outputs
 /// and is reported in `status`. Shape and option errors are returned at once.
 ///
 /// ```no_run
@@ -149,7 +150,7 @@ unsafe fn launch_forward(
     // unsigned long long*)`, one block per row of 32..=1024 threads (a multiple of 32).
     // SAFETY: arguments and launch shape match it (rows ≤ i32::MAX); the caller guarantees the pointers
     // cover the shape, which the kernel touches only within `row * ld + [0, cols)`.
-    unsafe { launch.launch(row_launch(shape, dtype)) }
+    unsafe { launch.launch(row_launch(shape)) }
         .map_err(driver_error("launching log_softmax_forward"))?;
     Ok(())
 }
@@ -179,7 +180,7 @@ unsafe fn launch_backward(
     // SAFETY: argument list matches `log_softmax_backward_<dtype>(const float*, long long,
     // const float*, long long, T*, long long, int, int, float, unsigned long long*)`; launch
     // shape as in `launch_forward`; the caller guarantees the pointers cover the shape.
-    unsafe { launch.launch(row_launch(shape, dtype)) }
+    unsafe { launch.launch(row_launch(shape)) }
         .map_err(driver_error("launching log_softmax_backward"))?;
     Ok(())
 }

@@ -150,8 +150,7 @@ unsafe fn launch_forward(
     // unsigned long long*)`, one block per row of 32..=1024 threads (a multiple of 32).
     // SAFETY: arguments and launch shape match it (rows ≤ i32::MAX); the caller guarantees the pointers
     // cover the shape, which the kernel touches only within `row * ld + [0, cols)`.
-    unsafe { launch.launch(row_launch(shape)) }
-        .map_err(driver_error("launching log_softmax_forward"))?;
+    unsafe { launch.launch(row_launch(shape)) }.map_err(driver_error("launching log_softmax_forward"))?;
     Ok(())
 }
 
@@ -180,8 +179,7 @@ unsafe fn launch_backward(
     // SAFETY: argument list matches `log_softmax_backward_<dtype>(const float*, long long,
     // const float*, long long, T*, long long, int, int, float, unsigned long long*)`; launch
     // shape as in `launch_forward`; the caller guarantees the pointers cover the shape.
-    unsafe { launch.launch(row_launch(shape)) }
-        .map_err(driver_error("launching log_softmax_backward"))?;
+    unsafe { launch.launch(row_launch(shape)) }.map_err(driver_error("launching log_softmax_backward"))?;
     Ok(())
 }
 

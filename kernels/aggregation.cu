@@ -56,3 +56,37 @@ aggregate_finalize(const float2* __restrict__ records, int rows, int aggregation
     out[3] = static_cast<double>(rows);
   }
 }
+
+// ---- the mask count ------------------------------------------------------------------------
+// The batch's own denominators, counted from the mask before an op's one pass when its
+// gradients need them (a local normaliser with a mask): the valid tokens of every row, then
+// counts = [valid tokens, valid sequences, sequences] (f64) as the ops' finalize kernels count
+// them (the same f32 row counts, summed in the same order).
+
+// One block of 256 threads per row.
+extern "C" __global__ void __launch_bounds__(256)
+mask_counts_rows(const unsigned char* __restrict__ mask, long long ld, int rows, int cols,
+                 float* __restrict__ row_valid) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= rows) return;
+  const float valid = row_valid_count(mask, row * ld, cols, scratch);
+  if (threadIdx.x == 0) row_valid[row] = valid;
+}
+
+// One block of 256 threads: thread i takes rows i, i + 256, ..., then a fixed tree.
+extern "C" __global__ void __launch_bounds__(256)
+mask_counts_finalize(const float* __restrict__ row_valid, int rows, double* __restrict__ counts) {
+  __shared__ double sh[256];
+  double tokens = 0.0, seqs = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256) {
+    tokens += row_valid[r];
+    seqs += row_valid[r] > 0.0f ? 1.0 : 0.0;
+  }
+  const double t = block_sum_f64(tokens, sh), s = block_sum_f64(seqs, sh);
+  if (threadIdx.x == 0) {
+    counts[0] = t;
+    counts[1] = s;
+    counts[2] = static_cast<double>(rows);
+  }
+}

@@ -91,21 +91,27 @@ constexpr int STAT_LOSS = 0, STAT_MEANS = 1, STAT_CLAMPED = 9, STAT_COUNTS = 10;
 }  // namespace
 
 // One block per sequence (row of the [B, T] batch). Writes the chosen estimator's values, the
-// loss gradient when `weights_known` (global denominators given as the three counts), and the
-// row's record.
+// loss gradient when the denominators are known (`device_counts`, the mask count on the device,
+// or with `weights_known` the three counts given by the host), and the row's record.
 // A NaN in a valid token is reported (the row's outputs are then meaningless).
 extern "C" __global__ void __launch_bounds__(256)
 sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_logp, long long ld,
                 const unsigned char* __restrict__ mask, int rows, int cols, int chosen, float lr_clamp,
                 float v_clamp, float coef, int aggregation, double max_len, double count_tokens,
-                double count_sequences_valid, double count_sequences, int weights_known, float* __restrict__ values,
-                float* __restrict__ grad,
+                double count_sequences_valid, double count_sequences, int weights_known,
+                const double* __restrict__ device_counts, float* __restrict__ values, float* __restrict__ grad,
                 SampledRow* __restrict__ records, unsigned long long* __restrict__ status) {
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   if (row >= rows) return;
   const long long base = row * ld;
   const float valid = row_valid_count(mask, base, cols, scratch);
+  if (device_counts != nullptr) {
+    weights_known = 1;
+    count_tokens = device_counts[0];
+    count_sequences_valid = device_counts[1];
+    count_sequences = device_counts[2];
+  }
   const float w = weights_known ? __fmul_rn(coef, token_weight_f(aggregation, static_cast<float>(max_len),
                                                                  static_cast<float>(count_tokens),
                                                                  static_cast<float>(count_sequences_valid),
@@ -200,27 +206,6 @@ sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen
     stats[STAT_COUNTS] = local_tokens;
     stats[STAT_COUNTS + 1] = counts[4];
     stats[STAT_COUNTS + 2] = static_cast<double>(rows);
-  }
-}
-
-// The loss gradient when the denominators are this batch's own: one block per sequence, the
-// counts from `stats` (sampled_kl_finalize ran first on the same stream).
-extern "C" __global__ void __launch_bounds__(256)
-sampled_kl_grad(const float* __restrict__ logp, const float* __restrict__ ref_logp, long long ld,
-                const unsigned char* __restrict__ mask, int rows, int cols, int chosen, float lr_clamp, float v_clamp,
-                float coef, int aggregation, double max_len, const SampledRow* __restrict__ records,
-                const double* __restrict__ stats, float* __restrict__ grad) {
-  const long long row = blockIdx.x;
-  if (row >= rows) return;
-  const double* c = stats + STAT_COUNTS;
-  const float w = __fmul_rn(coef, token_weight_f(aggregation, static_cast<float>(max_len), static_cast<float>(c[0]),
-                                                 static_cast<float>(c[1]), static_cast<float>(c[2]), records[row].valid));
-  const long long base = row * ld;
-  for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
-    const long long i = base + t;
-    float g = 0.0f;
-    if (token_valid(mask, i)) g = __fmul_rn(w, estimates(chosen, __fsub_rn(ref_logp[i], logp[i]), lr_clamp, v_clamp).grad);
-    grad[i] = g;
   }
 }
 

@@ -1,8 +1,10 @@
 // ppo family: the policy loss (clipped surrogate with asymmetric and dual clip, PPO-KL,
 // GSPO-token, CISPO) and the clipped value loss, per token with their aggregation weights,
-// gradients and statistics (MATH.md §4). One block per sequence writes the per-token outputs
-// and a row record; one block reduces the records in a fixed order (f64); when the
-// denominators are the batch's own, a last pass writes the gradients with the counts.
+// gradients and statistics (MATH.md §4). One block per sequence writes the per-token outputs,
+// the gradients and a row record in one pass; one block reduces the records in a fixed order
+// (f64). The gradients' denominators are the caller's (global normaliser), or the batch's own:
+// from the shape when there is no mask, else counted from the mask first (aggregation.cu's
+// mask_counts_*, into `counts`).
 #include "aggregation.cuh"
 
 using namespace rk;
@@ -30,9 +32,10 @@ struct PolicyParams {
   float clip_low, clip_high, dual, lr_clamp, beta, entropy_coef;
   int aggregation;
   double max_len;
-  int weights_known;  // the three counts below are the denominators (global normaliser)
+  int weights_known;  // the three counts below are the denominators (given by the host)
   int accumulate;     // add ∂loss/∂logp to grad_logp at valid tokens
   double tokens, valid_sequences, sequences;
+  const double* counts;  // or the denominators on the device (the mask count); else null
 };
 
 // One sequence's sums over its valid tokens (f32 within the row, f64 across rows).
@@ -117,11 +120,10 @@ __device__ __forceinline__ float sequence_log_ratio(const PolicyParams& P, long 
   return static_cast<float>(total / static_cast<double>(fmaxf(valid, 1.0f)));
 }
 
-// One pass over a row: per-token outputs (the gradients only with a weight, `w_known`), and
-// the row's sums when `rec` is not null.
+// One pass over a row: per-token outputs (the gradients only with a weight, `w_known`), the
+// report of non-finite inputs, and the row's sums when `rec` is not null.
 __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row, float valid, float w, bool w_known,
-                                           bool write_values, PolicyRow* rec, unsigned long long* status,
-                                           float* scratch) {
+                                           PolicyRow* rec, unsigned long long* status, float* scratch) {
   const long long base = row * P.ld;
   __shared__ double dscratch[32];
   const float seq_lr = P.objective == GSPO ? sequence_log_ratio(P, base, valid, dscratch) : 0.0f;
@@ -156,17 +158,16 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
       rmin = fminf(rmin, r);
       rmax = fmaxf(rmax, r);
     }
-    if (write_values && P.loss) P.loss[i] = l_out;
+    if (P.loss) P.loss[i] = l_out;
     if (w_known && P.grad_logp) {
       if (!P.accumulate) P.grad_logp[i] = g_out;
       else if (token_valid(P.mask, i)) P.grad_logp[i] = __fadd_rn(P.grad_logp[i], g_out);
     }
     if (w_known && P.grad_entropy) P.grad_entropy[i] = h_out;
   }
-  // Reported whether or not records are kept (status is null only in the gradient pass,
-  // which re-reads inputs the rows pass already checked): uniform over the block.
+  // Reported whether or not records are kept: uniform over the block.
   const bool any_bad = __syncthreads_or(bad);
-  if (threadIdx.x == 0 && any_bad && status != nullptr) report(status, row, OP_POLICY_LOSS, PROBLEM_NON_FINITE);
+  if (threadIdx.x == 0 && any_bad) report(status, row, OP_POLICY_LOSS, PROBLEM_NON_FINITE);
   if (rec == nullptr) return;
   PolicyRow out;
   out.loss = block_sum(loss, scratch);
@@ -193,15 +194,18 @@ __device__ __forceinline__ float policy_weight(const PolicyParams& P, double tok
 }  // namespace
 
 // One block of 256 threads per sequence: per-token loss, the gradients when the denominators
-// are known, and the row record.
+// are known (on the host or counted on the device), and the row record.
 extern "C" __global__ void __launch_bounds__(256)
 policy_loss_rows(PolicyParams P, PolicyRow* __restrict__ records, unsigned long long* __restrict__ status) {
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   if (row >= P.rows) return;
   const float valid = row_valid_count(P.mask, row * P.ld, P.cols, scratch);
-  const float w = P.weights_known ? policy_weight(P, P.tokens, P.valid_sequences, P.sequences, valid) : 0.0f;
-  policy_row(P, row, valid, w, P.weights_known != 0, true, records, status, scratch);
+  const bool known = P.counts != nullptr || P.weights_known;
+  const float w = P.counts    ? policy_weight(P, P.counts[0], P.counts[1], P.counts[2], valid)
+                  : known     ? policy_weight(P, P.tokens, P.valid_sequences, P.sequences, valid)
+                              : 0.0f;
+  policy_row(P, row, valid, w, known, records, status, scratch);
 }
 
 // One block of 256 threads: the statistics from the row records, f64, fixed order (thread i
@@ -282,19 +286,6 @@ policy_loss_finalize(const PolicyRow* __restrict__ records, int rows, int aggreg
   if (threadIdx.x == 0) stats[PS_RATIO_MAX] = fl[0];
 }
 
-// The gradients when the denominators are the batch's own: one block per sequence, the
-// counts from `stats` (policy_loss_finalize ran first on the same stream).
-extern "C" __global__ void __launch_bounds__(256)
-policy_loss_grad(PolicyParams P, const PolicyRow* __restrict__ records, const double* __restrict__ stats) {
-  __shared__ float scratch[32];
-  const long long row = blockIdx.x;
-  if (row >= P.rows) return;
-  const double* c = stats + PS_COUNTS;
-  const float valid = records[row].valid;
-  const float w = policy_weight(P, c[0], c[1], c[2], valid);
-  policy_row(P, row, valid, w, true, false, nullptr, nullptr, scratch);
-}
-
 // ---- value loss ---------------------------------------------------------------------------
 namespace {
 
@@ -312,8 +303,9 @@ struct ValueParams {
   float coef;
   int aggregation;
   double max_len;
-  int weights_known;
+  int weights_known;  // the three counts below are the denominators (given by the host)
   double tokens, valid_sequences, sequences;
+  const double* counts;  // or the denominators on the device (the mask count); else null
 };
 
 // Loss sum, clipped count, valid count (and padding).
@@ -339,12 +331,10 @@ __device__ __forceinline__ ValueTerms value_token(float clip, float v, float old
   return {__fmul_rn(0.5f, fmaxf(e1, e2)), g, e2 > e1};
 }
 
-// One pass over a row: per-token outputs (the loss with `write_values`, the gradient with a
-// weight, `w_known`), the report of non-finite inputs (when `status` is not null) and the
-// row's sums (when `rec` is not null).
+// One pass over a row: per-token outputs (the gradient with a weight, `w_known`), the report of
+// non-finite inputs and the row's sums (when `rec` is not null).
 __device__ __forceinline__ void value_row(const ValueParams& P, long long row, float valid, float w, bool w_known,
-                                          bool write_values, ValueRow* rec, unsigned long long* status,
-                                          float* scratch) {
+                                          ValueRow* rec, unsigned long long* status, float* scratch) {
   const long long base = row * P.ld;
   float loss = 0.0f, clipped = 0.0f;
   bool bad = false;
@@ -360,11 +350,11 @@ __device__ __forceinline__ void value_row(const ValueParams& P, long long row, f
       loss = __fadd_rn(loss, terms.loss);
       clipped += terms.clipped ? 1.0f : 0.0f;
     }
-    if (write_values && P.loss) P.loss[i] = l_out;
+    if (P.loss) P.loss[i] = l_out;
     if (w_known && P.grad_values) P.grad_values[i] = g_out;
   }
   const bool any_bad = __syncthreads_or(bad);
-  if (threadIdx.x == 0 && any_bad && status != nullptr) report(status, row, OP_VALUE_LOSS, PROBLEM_NON_FINITE);
+  if (threadIdx.x == 0 && any_bad) report(status, row, OP_VALUE_LOSS, PROBLEM_NON_FINITE);
   if (rec == nullptr) return;
   const float l = block_sum(loss, scratch), c = block_sum(clipped, scratch);
   if (threadIdx.x == 0) rec[row] = ValueRow{l, c, valid, 0.0f};
@@ -384,8 +374,11 @@ value_loss_rows(ValueParams P, ValueRow* __restrict__ records, unsigned long lon
   const long long row = blockIdx.x;
   if (row >= P.rows) return;
   const float valid = row_valid_count(P.mask, row * P.ld, P.cols, scratch);
-  const float w = P.weights_known ? value_weight(P, P.tokens, P.valid_sequences, P.sequences, valid) : 0.0f;
-  value_row(P, row, valid, w, P.weights_known != 0, true, records, status, scratch);
+  const bool known = P.counts != nullptr || P.weights_known;
+  const float w = P.counts    ? value_weight(P, P.counts[0], P.counts[1], P.counts[2], valid)
+                  : known     ? value_weight(P, P.tokens, P.valid_sequences, P.sequences, valid)
+                              : 0.0f;
+  value_row(P, row, valid, w, known, records, status, scratch);
 }
 
 // One block of 256 threads: [coef·loss, clip fraction, valid tokens, valid sequences,
@@ -423,14 +416,4 @@ value_loss_finalize(const ValueRow* __restrict__ records, int rows, int aggregat
     stats[VS_COUNTS + 1] = local_seqs;
     stats[VS_COUNTS + 2] = static_cast<double>(rows);
   }
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-value_loss_grad(ValueParams P, const ValueRow* __restrict__ records, const double* __restrict__ stats) {
-  __shared__ float scratch[32];
-  const long long row = blockIdx.x;
-  if (row >= P.rows) return;
-  const double* c = stats + VS_COUNTS;
-  const float valid = records[row].valid;
-  value_row(P, row, valid, value_weight(P, c[0], c[1], c[2], valid), true, false, nullptr, nullptr, scratch);
 }

@@ -105,7 +105,10 @@ selftest() {
   "$cxx" -shared -Wl,-soname,libcuda.so.1 -Wl,--no-undefined -o "$t/libcuda.so.1" "$out"/obj/*.o "$t/planted.o" \
     -ldl -lpthread
   "$cxx" "${runtime_flags[@]}" -o "$t/checkers" emulator/tests/checkers.cpp "$t/libcuda.so.1" -Wl,-rpath,"$t"
-  RK_EMU_REPORT="$t/report.txt" "$t/checkers"
+  # The planted findings go to stderr by design: kept in a file, shown if a test fails.
+  RK_EMU_REPORT="$t/report.txt" "$t/checkers" 2>"$t/stderr.txt" || { cat "$t/stderr.txt" >&2; exit 1; }
+  RK_EMU_REPORT="$t/report.txt" RK_EMU_WORKERS=3 RK_EMU_SCHEDULE=shuffle:7 "$t/checkers" 2>"$t/stderr.txt" \
+    || { cat "$t/stderr.txt" >&2; exit 1; }
   # The kernels' f64 reciprocal and division, and the emulator's f16 / bf16 conversions.
   "$cxx" "${common[@]}" -include "$root/emulator/include/rk_emu.h" -I"$root/emulator/include" -I"$root/kernels" \
     -o "$t/arith" emulator/tests/arith.cpp
@@ -125,6 +128,11 @@ test_all() {
   local tests=()
   for f in tests/*_cuda.rs; do tests+=(--test "$(basename "$f" .rs)"); done
   with_emulator cargo test "${tests[@]}" "$@"
+  # The same kernels with blocks over two OS threads and a shuffled order of threads between sync
+  # points, and cudarc's other allocation path (no memory pools: cuMemAlloc / cuMemFree).
+  RK_EMU_WORKERS=2 RK_EMU_SCHEDULE=shuffle:20261202 with_emulator cargo test --test token_logprobs_cuda \
+    --test advantages_cuda "$@"
+  RK_EMU_MEMORY_POOLS=0 with_emulator cargo test --test aggregation_cuda "$@"
   with_emulator cargo run --release --example ppo_step -- --backend cuda --rows 64 --seq-len 32 --vocab 1000 \
     --dtype bf16 --iters 1
   with_emulator cargo run --release --example ppo_step -- --backend cuda --rows 64 --seq-len 32 --vocab 1000 \

@@ -109,10 +109,25 @@ static void* make_stack(char* top, void (*entry)(Fiber*), Fiber* arg) {
 // ---- workers --------------------------------------------------------------------------------
 namespace {
 thread_local Worker* tls_worker = nullptr;
-}
+
+// Owns this OS thread's worker and releases its stacks when the thread ends (the helper threads
+// of RK_EMU_WORKERS end with their launch).
+struct WorkerOwner {
+  ~WorkerOwner() {
+    if (tls_worker == nullptr) return;
+    if (tls_worker->stacks != nullptr) munmap(tls_worker->stacks, tls_worker->stack_slots * tls_worker->stack_stride);
+    delete tls_worker;
+    tls_worker = nullptr;
+  }
+};
+thread_local WorkerOwner owner;
+}  // namespace
 
 Worker& worker() {
-  if (tls_worker == nullptr) tls_worker = new Worker();  // one per OS thread, kept for its life
+  if (tls_worker == nullptr) {
+    tls_worker = new Worker();
+    (void)&owner;  // registers the owner's destructor for this thread
+  }
   return *tls_worker;
 }
 
@@ -147,7 +162,9 @@ static void ensure_stacks(Worker& w, uint32_t threads) {
   const std::size_t stride = ((config().stack_bytes + page - 1) / page + 1) * page;  // + a guard page
   if (w.stack_slots >= threads && w.stack_stride == stride) return;
   if (w.stacks != nullptr) munmap(w.stacks, w.stack_slots * w.stack_stride);
-  const std::size_t slots = 1024;
+  // Room for this block size, rounded up to a power of two (at most 1024 threads a block).
+  std::size_t slots = 32;
+  while (slots < threads) slots *= 2;
   void* m = mmap(nullptr, slots * stride, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) {
     std::perror("rk-emu: mapping the fiber stacks");

@@ -25,6 +25,77 @@ pub(crate) fn aggregation_code(a: Aggregation) -> (i32, f64) {
     }
 }
 
+/// The denominators when the host knows them without a pass over the data: the global
+/// normaliser's, or this batch's own when there is no mask (every token valid). Otherwise the
+/// ops count the mask on the device first ([`count_mask`]); either way their gradients are
+/// written in the same pass as their statistics.
+pub(crate) fn known_counts(normaliser: Normaliser, shape: RowShape, masked: bool) -> Option<[f64; 3]> {
+    match normaliser {
+        Normaliser::Global { valid_tokens, valid_sequences, sequences } => {
+            Some([valid_tokens, valid_sequences, sequences])
+        }
+        Normaliser::Local if !masked => {
+            let c = BatchCounts::of(shape, None);
+            Some([c.valid_tokens, c.valid_sequences, c.sequences])
+        }
+        Normaliser::Local => None,
+    }
+}
+
+/// Bytes of the mask count's device scratch for `rows` sequences ([`count_mask`]): the rows'
+/// valid counts (f32), then the three f64 counts at a 16-byte aligned offset.
+pub(crate) fn mask_count_bytes(rows: usize) -> usize {
+    mask_counts_offset(rows) + 3 * 8
+}
+
+fn mask_counts_offset(rows: usize) -> usize {
+    (rows * 4).div_ceil(16) * 16
+}
+
+/// A workspace of `records` bytes of row records followed by the mask count's scratch:
+/// `records` rounded up to 16 bytes, plus [`mask_count_bytes`].
+pub(crate) fn records_and_count_bytes(records: usize, rows: usize) -> usize {
+    records.div_ceil(16) * 16 + mask_count_bytes(rows)
+}
+
+/// Counts the valid tokens of the masked batch `shape` on `stream` (two small launches: one
+/// block per row reading its mask, one block summing the rows), for the ops whose gradients
+/// divide by the batch's own counts and so need them before their one pass over the inputs.
+/// Returns the device address of the three f64 counts `[valid tokens, valid sequences,
+/// sequences]`, which the ops' kernels read.
+///
+/// # Safety
+/// `mask` is a device address of `shape.len()` bytes (row stride included) and `scratch` one of
+/// [`mask_count_bytes`]`(shape.rows)` bytes, 16-byte aligned, both of `stream`'s context and
+/// alive until the kernels that read the counts have run.
+pub(crate) unsafe fn count_mask(
+    stream: &Arc<CudaStream>,
+    mask: u64,
+    shape: RowShape,
+    scratch: u64,
+) -> Result<u64> {
+    let (rows, cols, ld) = (shape.rows as i32, shape.cols as i32, shape.row_stride as i64);
+    let counts = scratch + mask_counts_offset(shape.rows) as u64;
+    let f = function(stream.context(), Module::Aggregation, "mask_counts_rows")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&mask).arg(&ld).arg(&rows).arg(&cols).arg(&scratch);
+    let per_row =
+        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `mask_counts_rows(const unsigned char*, long long, int, int, float*)`; one
+    // block of 256 threads per row (rows ≤ i32::MAX by the callers' shape checks); the mask
+    // covers the shape and the scratch its `rows` f32 (the caller's contract).
+    unsafe { l.launch(per_row) }.map_err(driver_error("launching mask_counts_rows"))?;
+    let f = function(stream.context(), Module::Aggregation, "mask_counts_finalize")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&scratch).arg(&rows).arg(&counts);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `mask_counts_finalize(const float*, int, double*)`; exactly one block of
+    // 256 threads (its tree assumes it); reads the row counts written above on this stream and
+    // writes 3 f64 at a 16-byte aligned address inside the scratch.
+    unsafe { l.launch(one) }.map_err(driver_error("launching mask_counts_finalize"))?;
+    Ok(counts)
+}
+
 /// An aggregated value and the batch's own counts, as read from a [`DeviceAggregate`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Aggregated {

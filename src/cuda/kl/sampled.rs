@@ -10,11 +10,11 @@ use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
-use crate::cuda::aggregation::aggregation_code;
+use crate::cuda::aggregation::{aggregation_code, count_mask, known_counts, records_and_count_bytes};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
-use crate::{BatchCounts, Error, Normaliser, Result, RowShape, SampledKlOptions, SampledKlStats};
+use crate::{BatchCounts, Error, Result, RowShape, SampledKlOptions, SampledKlStats};
 
 /// Bytes per sequence of the row records (`SampledRow` in the kernel: 10 f32).
 const RECORD_BYTES: usize = 40;
@@ -71,14 +71,17 @@ pub struct DeviceSampledKlOutputs<'a> {
     pub grad_logp: Option<CudaViewMut<'a, f32>>,
     /// The batch statistics.
     pub stats: Option<&'a mut DeviceKlStats>,
-    /// [`sampled_kl_workspace_bytes`] bytes (16-byte aligned) for the row records; allocated
-    /// on the stream when needed and absent.
+    /// [`sampled_kl_workspace_bytes`] bytes (16-byte aligned) for the row records and the mask
+    /// count; allocated on the stream when needed and absent.
     pub workspace: Option<CudaViewMut<'a, u8>>,
 }
 
-/// Bytes of workspace [`sampled_kl`] may use for `shape`: one record per sequence.
+/// Bytes of workspace [`sampled_kl`] may use for `shape`: one record per sequence (for the
+/// statistics), and the valid-token counts a gradient under the batch's own denominators needs
+/// first (a local normaliser with a mask: one small pass over the mask before the one pass over
+/// the inputs).
 pub fn sampled_kl_workspace_bytes(shape: RowShape) -> usize {
-    shape.rows * RECORD_BYTES
+    records_and_count_bytes(shape.rows * RECORD_BYTES, shape.rows)
 }
 
 /// The GPU twin of [`cpu::sampled_kl`](crate::cpu::sampled_kl) (same estimators, clamps,
@@ -126,14 +129,11 @@ pub fn sampled_kl(
     }
     let (lr_clamp, v_clamp) = opts.limits()?;
     let (aggregation, max_len) = aggregation_code(opts.aggregation);
-    let global = match opts.normaliser {
-        Normaliser::Local => None,
-        Normaliser::Global { valid_tokens, valid_sequences, sequences } => {
-            Some([valid_tokens, valid_sequences, sequences])
-        }
-    };
+    let global = known_counts(opts.normaliser, shape, inputs.mask.is_some());
     let want_grad = out.grad_logp.is_some();
-    let need_records = out.stats.is_some() || (want_grad && global.is_none());
+    // The batch's own counts under a mask: counted on the device before the one pass.
+    let count_on_device = want_grad && global.is_none();
+    let need_records = out.stats.is_some();
     let need = sampled_kl_workspace_bytes(shape);
     if let Some(w) = &out.workspace {
         if w.len() < need {
@@ -149,35 +149,39 @@ pub fn sampled_kl(
     let (lp, _g1) = inputs.logp.device_ptr(s);
     let (rlp, _g2) = inputs.ref_logp.device_ptr(s);
     let (mask, _g3) = opt_ptr(&inputs.mask, s);
-    let mut owned_records: Option<CudaSlice<u8>> = None;
-    let mut owned_stats: Option<DeviceKlStats> = None;
+    let mut owned_workspace: Option<CudaSlice<u8>> = None;
     let (values, _g4) = opt_ptr_mut(&mut out.values, s);
     let (grad, _g5) = opt_ptr_mut(&mut out.grad_logp, s);
-    let (records, _g6) = if !need_records {
+    let (workspace, _g6) = if !(need_records || count_on_device) {
         (0, None)
     } else if let Some(w) = out.workspace.as_mut() {
         let (p, g) = w.device_ptr_mut(s);
         (p, Some(g))
     } else {
-        // SAFETY: the rows kernel writes every record before the finalising kernel reads them.
+        // SAFETY: the kernels write the mask count and every record before anything reads them.
         let slice = unsafe { stream.alloc::<u8>(need) }
             .map_err(driver_error("allocating the sampled_kl workspace"))?;
-        let (p, g) = owned_records.insert(slice).device_ptr_mut(s);
+        let (p, g) = owned_workspace.insert(slice).device_ptr_mut(s);
         (p, Some(g))
     };
-    if records % 16 != 0 {
+    if workspace % 16 != 0 {
         return Err(Error::InvalidOption {
             name: "workspace",
-            value: format!("address {records:#x}"),
+            value: format!("address {workspace:#x}"),
             expected: "a 16-byte aligned device address",
         });
     }
-    let stats_buf = match out.stats.take() {
-        Some(st) => Some(st),
-        None if need_records => Some(owned_stats.insert(DeviceKlStats::new(stream)?)),
-        None => None,
+    let records = if need_records { workspace } else { 0 };
+    let device_counts = if count_on_device {
+        let scratch = workspace + (shape.rows * RECORD_BYTES).div_ceil(16) as u64 * 16;
+        // SAFETY: `mask` covers the shape (checked above; a mask is present since the counts are
+        // not known on the host), and the scratch is the workspace's tail of
+        // mask_count_bytes(rows) bytes, 16-byte aligned, alive until this call's kernels ran.
+        unsafe { count_mask(stream, mask, shape, scratch)? }
+    } else {
+        0
     };
-    let (stats, _g7) = match stats_buf {
+    let (stats, _g7) = match out.stats.take() {
         Some(st) => {
             let (p, g) = st.buf.device_ptr_mut(s);
             (p, Some(g))
@@ -190,7 +194,6 @@ pub fn sampled_kl(
     let (chosen, coef) = (opts.estimator.code(), opts.coef);
     let counts = global.unwrap_or([0.0; 3]);
     let weights_known = i32::from(global.is_some());
-    let grad_now = if global.is_some() { grad } else { 0 };
     let per_row =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
 
@@ -207,12 +210,14 @@ pub fn sampled_kl(
         .arg(&lr_clamp)
         .arg(&v_clamp);
     launch.arg(&coef).arg(&aggregation).arg(&max_len).arg(&counts[0]).arg(&counts[1]).arg(&counts[2]);
-    launch.arg(&weights_known).arg(&values).arg(&grad_now).arg(&records).arg(&st);
+    launch.arg(&weights_known).arg(&device_counts).arg(&values).arg(&grad).arg(&records).arg(&st);
     // SAFETY: matches `sampled_kl_rows(const float*, const float*, long long, const unsigned
-    // char*, int, int, int, float, float, float, int, double, double, double, double, int,
-    // float*, float*, SampledRow*, unsigned long long*)`; one block of 256 threads per sequence
-    // (rows ≤ i32::MAX, checked by the shape); every buffer was length-checked above (or is
-    // null, which the kernel tests) and the records hold one 40-byte record per row.
+    // char*, int, int, int, float, float, float, int, double, double, double, double, int, const
+    // double*, float*, float*, SampledRow*, unsigned long long*)`; one block of 256 threads per
+    // sequence (rows ≤ i32::MAX, checked by the shape); every buffer was length-checked above
+    // (or is null, which the kernel tests), the records hold one 40-byte record per row and the
+    // counts (when not null) were written by the mask count above on this stream. The gradient
+    // is written only with known denominators, which it has whenever it is requested.
     unsafe { launch.launch(per_row) }.map_err(driver_error("launching sampled_kl_rows"))?;
 
     if need_records {
@@ -227,26 +232,6 @@ pub fn sampled_kl(
         // tree assumes it); the records were written by the launch above on this stream and the
         // statistics buffer holds 13 f64.
         unsafe { launch.launch(one) }.map_err(driver_error("launching sampled_kl_finalize"))?;
-    }
-    if want_grad && global.is_none() {
-        let func = function(stream.context(), Module::KlSampled, "sampled_kl_grad")?;
-        let mut launch = stream.launch_builder(&func);
-        launch
-            .arg(&lp)
-            .arg(&rlp)
-            .arg(&ld)
-            .arg(&mask)
-            .arg(&rows)
-            .arg(&cols)
-            .arg(&chosen)
-            .arg(&lr_clamp)
-            .arg(&v_clamp);
-        launch.arg(&coef).arg(&aggregation).arg(&max_len).arg(&records).arg(&stats).arg(&grad);
-        // SAFETY: matches `sampled_kl_grad(const float*, const float*, long long, const unsigned
-        // char*, int, int, int, float, float, float, int, double, const SampledRow*, const
-        // double*, float*)`; one block per sequence; records and statistics written by the two
-        // launches above on this stream; `grad` covers the shape.
-        unsafe { launch.launch(per_row) }.map_err(driver_error("launching sampled_kl_grad"))?;
     }
     Ok(())
 }

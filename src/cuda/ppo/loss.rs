@@ -11,12 +11,10 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use crate::cuda::aggregation::aggregation_code;
+use crate::cuda::aggregation::{aggregation_code, count_mask, known_counts, records_and_count_bytes};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
-use crate::{
-    BatchCounts, Error, Normaliser, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result, RowShape,
-};
+use crate::{BatchCounts, Error, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result, RowShape};
 
 /// Bytes per sequence of the policy row records (`PolicyRow`: 12 f32).
 const POLICY_RECORD_BYTES: usize = 48;
@@ -77,16 +75,19 @@ pub struct DevicePolicyLossOutputs<'a> {
     pub grad_entropy: Option<CudaViewMut<'a, f32>>,
     /// The statistics.
     pub stats: Option<&'a mut DevicePolicyStats>,
-    /// Scratch for the row records.
+    /// Scratch for the row records and the mask count.
     pub workspace: Option<CudaViewMut<'a, u8>>,
     /// Add `∂loss/∂logp` to `grad_logp`'s contents at valid tokens instead of overwriting them
     /// (see [`cpu::PolicyLossOutputs::accumulate`](crate::cpu::PolicyLossOutputs)).
     pub accumulate: bool,
 }
 
-/// Bytes of workspace [`policy_loss`] may use for `shape`: one record per sequence.
+/// Bytes of workspace [`policy_loss`] may use for `shape`: one record per sequence (for the
+/// statistics), and the valid-token counts a gradient under the batch's own denominators needs
+/// first (a local normaliser with a mask: one small pass over the mask before the one pass over
+/// the inputs).
 pub fn policy_loss_workspace_bytes(shape: RowShape) -> usize {
-    shape.rows * POLICY_RECORD_BYTES
+    records_and_count_bytes(shape.rows * POLICY_RECORD_BYTES, shape.rows)
 }
 
 /// The kernels' `PolicyParams` (kernels/ppo.cu), field for field.
@@ -118,22 +119,13 @@ struct PolicyParams {
     tokens: f64,
     valid_sequences: f64,
     sequences: f64,
+    counts: u64,
 }
 
 // SAFETY: repr(C) with the layout of the kernels' `struct PolicyParams`: eight 8-byte
-// pointers, a 64-bit stride, three ints, six floats, an int, a double, two ints and three
-// doubles, in that order on both sides (152 bytes).
+// pointers, a 64-bit stride, three ints, six floats, an int, a double, two ints, three
+// doubles and a pointer, in that order on both sides (160 bytes).
 unsafe impl DeviceRepr for PolicyParams {}
-
-/// The global counts, if the normaliser gives them.
-pub(super) fn global_counts(n: Normaliser) -> Option<[f64; 3]> {
-    match n {
-        Normaliser::Local => None,
-        Normaliser::Global { valid_tokens, valid_sequences, sequences } => {
-            Some([valid_tokens, valid_sequences, sequences])
-        }
-    }
-}
 
 /// A workspace pointer: the lent one (checked), or a fresh allocation kept in `owned`.
 pub(super) fn workspace_ptr<'a>(
@@ -150,7 +142,8 @@ pub(super) fn workspace_ptr<'a>(
         }
         Some(w) => w.device_ptr_mut(s),
         None => {
-            // SAFETY: the rows kernel writes every record before the kernels after it read them.
+            // SAFETY: the kernels write the mask count and every record before anything reads
+            // them.
             let slice = unsafe { stream.alloc::<u8>(need.max(16)) }
                 .map_err(driver_error("allocating a workspace"))?;
             owned.insert(slice).device_ptr_mut(s)
@@ -167,10 +160,10 @@ pub(super) fn workspace_ptr<'a>(
 }
 
 /// The launches shared by the two losses (kernels/ppo.cu): `{kernel}_rows(Params, Row*,
-/// status)` with one block of 256 threads per sequence; when records are needed the one-block
-/// `{kernel}_finalize(const Row*, int rows, int aggregation, double max_len, int use_global,
-/// double ×3 counts, float coef, double* stats)`; and with local denominators and a gradient
-/// `{kernel}_grad(Params, const Row*, const double* stats)`, one block per sequence.
+/// status)` with one block of 256 threads per sequence, then, when records are needed, the
+/// one-block `{kernel}_finalize(const Row*, int rows, int aggregation, double max_len, int
+/// use_global, double ×3 counts, float coef, double* stats)`. (The mask count a gradient under
+/// the batch's own denominators needs runs before, from the caller.)
 pub(super) struct LossLaunch {
     pub(super) kernel: &'static str,
     pub(super) rows: usize,
@@ -182,10 +175,12 @@ pub(super) struct LossLaunch {
     pub(super) global: Option<[f64; 3]>,
     pub(super) coef: f32,
     pub(super) need_records: bool,
-    pub(super) grad_pass: bool,
 }
 
 impl LossLaunch {
+    /// The rows kernel (per-token outputs and gradients, row records), then, when the
+    /// statistics are wanted, the finalize kernel.
+    ///
     /// # Safety
     /// `params` is the `Params` struct of `self.kernel`'s kernels, whose pointers are null or
     /// cover the launch's shape; `records` (when records are needed) holds one row record per
@@ -217,15 +212,6 @@ impl LossLaunch {
         // double*)`; exactly one block of 256 threads (its trees assume it); reads the records
         // written above on this stream and writes the statistics.
         unsafe { l.launch(one) }.map_err(driver_error("launching a loss's finalize kernel"))?;
-        if self.grad_pass {
-            let f = function(ctx, Module::Ppo, &name("grad"))?;
-            let mut l = stream.launch_builder(&f);
-            l.arg(params).arg(&self.records).arg(&self.stats);
-            // SAFETY: matches `(Params, const Row*, const double*)`; one block per sequence;
-            // the records and the counts in the statistics were written by the launches above
-            // on this stream.
-            unsafe { l.launch(per_row) }.map_err(driver_error("launching a loss's gradient kernel"))?;
-        }
         Ok(())
     }
 }
@@ -434,36 +420,42 @@ pub(crate) unsafe fn launch_policy(
     let shape = a.shape;
     shape.validate("policy loss")?;
     opts.validate()?;
-    let global = global_counts(opts.normaliser);
+    let global = known_counts(opts.normaliser, shape, a.mask != 0);
     let want_grad = a.grad_logp != 0 || a.grad_entropy != 0;
-    let need_records = a.stats != 0 || (want_grad && global.is_none());
+    // The batch's own counts under a mask: counted on the device before the one pass.
+    let count_on_device = want_grad && global.is_none();
+    let need_records = a.stats != 0;
     let s: &CudaStream = stream;
-    let mut owned_records: Option<CudaSlice<u8>> = None;
-    let (records, _g1) = if !need_records {
+    let mut owned_workspace: Option<CudaSlice<u8>> = None;
+    let (workspace, _g1) = if !(need_records || count_on_device) {
         (0, None)
     } else if a.workspace != 0 {
         (a.workspace, None)
     } else {
-        // SAFETY: the rows kernel writes every record before the kernels after it read them.
+        // SAFETY: the kernels write the mask count and every record before anything reads them.
         let slice = unsafe { stream.alloc::<u8>(policy_loss_workspace_bytes(shape)) }
             .map_err(driver_error("allocating the policy-loss workspace"))?;
-        let (p, g) = owned_records.insert(slice).device_ptr_mut(s);
+        let (p, g) = owned_workspace.insert(slice).device_ptr_mut(s);
         (p, Some(g))
     };
-    if records % 16 != 0 {
+    if workspace % 16 != 0 {
         return Err(Error::InvalidOption {
             name: "workspace",
-            value: format!("address {records:#x}"),
+            value: format!("address {workspace:#x}"),
             expected: "a 16-byte aligned device address",
         });
     }
-    let mut owned_stats: Option<DevicePolicyStats> = None;
-    let (stats, _g2) = if a.stats != 0 || !need_records {
-        (a.stats, None)
+    let records = if need_records { workspace } else { 0 };
+    let device_counts = if count_on_device {
+        let scratch = workspace + (shape.rows * POLICY_RECORD_BYTES).div_ceil(16) as u64 * 16;
+        // SAFETY: the mask covers the shape (the caller's contract; one is present since the
+        // counts are not known on the host) and the scratch is the workspace's tail of
+        // mask_count_bytes(rows) bytes, 16-byte aligned, alive until this call's kernels ran.
+        unsafe { count_mask(stream, a.mask, shape, scratch)? }
     } else {
-        let (p, g) = owned_stats.insert(DevicePolicyStats::new(stream)?).buf.device_ptr_mut(s);
-        (p, Some(g))
+        0
     };
+    let stats = a.stats;
     let (aggregation, max_len) = aggregation_code(opts.aggregation);
     let objective = match opts.objective {
         PolicyObjective::Clip => 0,
@@ -498,6 +490,7 @@ pub(crate) unsafe fn launch_policy(
         tokens: counts[0],
         valid_sequences: counts[1],
         sequences: counts[2],
+        counts: device_counts,
     };
     let launch = LossLaunch {
         kernel: "policy_loss",
@@ -510,7 +503,6 @@ pub(crate) unsafe fn launch_policy(
         global,
         coef: opts.entropy_coef,
         need_records,
-        grad_pass: want_grad && global.is_none(),
     };
     // SAFETY: `params` is the kernels' `PolicyParams`, every pointer in it null or covering the
     // shape (the caller's contract); the records hold one 48-byte `PolicyRow` per row at a

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::loss::{LossLaunch, global_counts, workspace_ptr};
-use crate::cuda::aggregation::aggregation_code;
+use super::loss::{LossLaunch, workspace_ptr};
+use crate::cuda::aggregation::{aggregation_code, count_mask, known_counts, records_and_count_bytes};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::{BatchCounts, Result, RowShape, ValueLossOptions, ValueLossStats};
 
@@ -65,13 +65,15 @@ pub struct DeviceValueLossOutputs<'a> {
     pub grad_values: Option<CudaViewMut<'a, f32>>,
     /// The statistics.
     pub stats: Option<&'a mut DeviceValueStats>,
-    /// Scratch for the row records.
+    /// Scratch for the row records and the mask count.
     pub workspace: Option<CudaViewMut<'a, u8>>,
 }
 
-/// Bytes of workspace [`value_loss`] may use for `shape`.
+/// Bytes of workspace [`value_loss`] may use for `shape`: one record per sequence (for the
+/// statistics), and the valid-token counts a gradient under the batch's own denominators needs
+/// first (a local normaliser with a mask).
 pub fn value_loss_workspace_bytes(shape: RowShape) -> usize {
-    shape.rows * VALUE_RECORD_BYTES
+    records_and_count_bytes(shape.rows * VALUE_RECORD_BYTES, shape.rows)
 }
 
 /// The kernels' `ValueParams`, field for field.
@@ -95,11 +97,12 @@ struct ValueParams {
     tokens: f64,
     valid_sequences: f64,
     sequences: f64,
+    counts: u64,
 }
 
 // SAFETY: repr(C) with the layout of the kernels' `struct ValueParams`: six 8-byte pointers,
-// a 64-bit stride, two ints, two floats, an int (padded to 8), a double, an int (padded to 8)
-// and three doubles.
+// a 64-bit stride, two ints, two floats, an int (padded to 8), a double, an int (padded to 8),
+// three doubles and a pointer.
 unsafe impl DeviceRepr for ValueParams {}
 
 /// The clipped value loss on the GPU, the twin of [`cpu::value_loss`](crate::cpu::value_loss).
@@ -141,9 +144,11 @@ pub fn value_loss(
         }
     }
     opts.validate()?;
-    let global = global_counts(opts.normaliser);
+    let global = known_counts(opts.normaliser, shape, inputs.mask.is_some());
     let want_grad = out.grad_values.is_some();
-    let need_records = out.stats.is_some() || (want_grad && global.is_none());
+    // The batch's own counts under a mask: counted on the device before the one pass.
+    let count_on_device = want_grad && global.is_none();
+    let need_records = out.stats.is_some();
     let s: &CudaStream = stream;
     let (values, _g1) = inputs.values.device_ptr(s);
     let (old, _g2) = inputs.old_values.device_ptr(s);
@@ -151,25 +156,29 @@ pub fn value_loss(
     let (mask, _g4) = opt_ptr(&inputs.mask, s);
     let (loss, _g5) = opt_ptr_mut(&mut out.loss, s);
     let (grad, _g6) = opt_ptr_mut(&mut out.grad_values, s);
-    let mut owned_records = None;
-    let (records, _g7) = if need_records {
+    let mut owned_workspace = None;
+    let (workspace, _g7) = if need_records || count_on_device {
         workspace_ptr(
             stream,
             &mut out.workspace,
-            &mut owned_records,
+            &mut owned_workspace,
             value_loss_workspace_bytes(shape),
             "workspace",
         )?
     } else {
         (0, None)
     };
-    let mut owned_stats = None;
-    let stats_buf = match out.stats.take() {
-        Some(st) => Some(st),
-        None if need_records => Some(owned_stats.insert(DeviceValueStats::new(stream)?)),
-        None => None,
+    let records = if need_records { workspace } else { 0 };
+    let device_counts = if count_on_device {
+        let scratch = workspace + (shape.rows * VALUE_RECORD_BYTES).div_ceil(16) as u64 * 16;
+        // SAFETY: the mask covers the shape (checked above; one is present since the counts are
+        // not known on the host) and the scratch is the workspace's tail of
+        // mask_count_bytes(rows) bytes, 16-byte aligned, alive until this call's kernels ran.
+        unsafe { count_mask(stream, mask, shape, scratch)? }
+    } else {
+        0
     };
-    let (stats, _g8) = match stats_buf {
+    let (stats, _g8) = match out.stats.take() {
         Some(st) => {
             let (p, g) = st.buf.device_ptr_mut(s);
             (p, Some(g))
@@ -197,6 +206,7 @@ pub fn value_loss(
         tokens: counts[0],
         valid_sequences: counts[1],
         sequences: counts[2],
+        counts: device_counts,
     };
     let launch = LossLaunch {
         kernel: "value_loss",
@@ -209,7 +219,6 @@ pub fn value_loss(
         global,
         coef: opts.coef,
         need_records,
-        grad_pass: want_grad && global.is_none(),
     };
     // SAFETY: `params` is the kernels' `ValueParams`: every pointer in it is null or covers
     // the checked shape; the records hold one 16-byte `ValueRow` per row and the statistics

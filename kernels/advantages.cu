@@ -175,10 +175,13 @@ __device__ __forceinline__ Affine warp_suffix_scan(Affine x) {
 }
 
 // Scans the WARPS·32·GAE_ITEMS positions from `start` of `row`, entering from the right with
-// `carry`, and writes the outputs. WARPS = 1: one warp per sequence, no block barrier.
+// `carry`, and writes the outputs. WARPS = 1: one warp per sequence, no block barrier. With
+// `left` (WARPS > 1), every thread returns the state the chunk leaves at `start`, the one the
+// chunk to its left enters with (the block's thread 0 computes it); otherwise the return value
+// is this thread's own.
 template <int WARPS>
-__device__ __forceinline__ void scan_chunk(const GaeParams& P, long long row, long long start, GaeState carry,
-                                           Affine* warp_totals, unsigned long long* status) {
+__device__ __forceinline__ GaeState scan_chunk(const GaeParams& P, long long row, long long start, GaeState carry,
+                                               Affine* warp_totals, GaeState* left, unsigned long long* status) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % WARPS;
   const long long t0 = start + static_cast<long long>(warp * 32 + lane) * GAE_ITEMS;
   Items it;
@@ -205,6 +208,15 @@ __device__ __forceinline__ void scan_chunk(const GaeParams& P, long long row, lo
   store_items_f32(P.advantages, row * P.ld + t0, P.cols - t0, adv);
   store_items_f32(P.returns, row * P.ld + t0, P.cols - t0, ret);
   if (bad) report(status, row, OP_GAE, PROBLEM_NON_FINITE);
+  if constexpr (WARPS > 1) {
+    if (left != nullptr) {
+      if (threadIdx.x == 0) *left = s;
+      __syncthreads();
+      s = *left;
+      __syncthreads();  // the next chunk overwrites `left` and the warp totals
+    }
+  }
+  return s;
 }
 
 }  // namespace
@@ -213,7 +225,7 @@ __device__ __forceinline__ void scan_chunk(const GaeParams& P, long long row, lo
 extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_warp(GaeParams P, unsigned long long* status) {
   const long long row = static_cast<long long>(blockIdx.x) * (GAE_BLOCK / 32) + (threadIdx.x >> 5);
   if (row >= P.rows) return;  // whole warps leave; no block barrier follows
-  scan_chunk<1>(P, row, 0, GaeState{0.0f, 0.0f, 1.0f}, nullptr, status);
+  scan_chunk<1>(P, row, 0, GaeState{0.0f, 0.0f, 1.0f}, nullptr, nullptr, status);
 }
 
 // Longer sequences, first of two passes when a sequence spans several chunks: the composed
@@ -252,15 +264,27 @@ gae_carries(GaeParams P, const Affine* __restrict__ maps, GaeState* __restrict__
   }
 }
 
-// One block per (sequence, chunk): the block scan entering from the right with the state
-// gae_carries wrote (`carries` not null), or the end state for single-chunk sequences.
+// Second pass of the long sequences: one block per (sequence, chunk), the block scan entering
+// from the right with the state gae_carries wrote.
 extern "C" __global__ void __launch_bounds__(GAE_BLOCK)
 gae_block(GaeParams P, const GaeState* __restrict__ carries, unsigned long long* status) {
   __shared__ Affine totals[GAE_BLOCK / 32];
   const long long row = blockIdx.x / P.nchunks;
   const int chunk = static_cast<int>(blockIdx.x % P.nchunks);
-  const GaeState carry = carries ? carries[row * P.nchunks + chunk] : GaeState{0.0f, 0.0f, 1.0f};
-  scan_chunk<GAE_BLOCK / 32>(P, row, static_cast<long long>(chunk) * GAE_CHUNK, carry, totals, status);
+  scan_chunk<GAE_BLOCK / 32>(P, row, static_cast<long long>(chunk) * GAE_CHUNK, carries[row * P.nchunks + chunk],
+                             totals, nullptr, status);
+}
+
+// Sequences of a few chunks (src/cuda/advantages/gae.rs chooses by the length alone): one block
+// per sequence walks its chunks right to left, each entering with the state the chunk to its
+// right left at its start. One pass over the inputs, no workspace.
+extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_sequence(GaeParams P, unsigned long long* status) {
+  __shared__ Affine totals[GAE_BLOCK / 32];
+  __shared__ GaeState left;
+  const long long row = blockIdx.x;
+  GaeState carry{0.0f, 0.0f, 1.0f};
+  for (int chunk = P.nchunks - 1; chunk >= 0; --chunk)
+    carry = scan_chunk<GAE_BLOCK / 32>(P, row, static_cast<long long>(chunk) * GAE_CHUNK, carry, totals, &left, status);
 }
 
 // ---- group estimators -------------------------------------------------------------------

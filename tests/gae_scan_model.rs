@@ -1,7 +1,8 @@
 //! A host model of `kernels/advantages.cu`'s GAE scan: the same affine maps, the same f32
 //! fused multiply-adds, the same composition tree (4 positions per thread, Hillis–Steele
-//! suffix scan over 32 lanes, warp totals applied right to left, 1024-position chunks with
-//! carried states). It proves the scan's algebra (the state (A, W, Y), the score on the last
+//! suffix scan over 32 lanes, warp totals applied right to left, 1024-position chunks: up to 4
+//! scanned right to left by one block, each entering with the state the previous one left,
+//! beyond that entering with states carried through composed chunk maps). It proves the scan's algebra (the state (A, W, Y), the score on the last
 //! valid step, both masked-step conventions) and its documented error bound on every machine,
 //! GPU or not; the CUDA tests then hold the kernel itself to the same reference.
 
@@ -13,6 +14,7 @@ use rlhf_kernels::{GaeOptions, MaskedSteps, RowShape, gae_error_bound_factor, ga
 const ITEMS: usize = 4;
 const CHUNK: usize = 1024;
 const WARP_SPAN: usize = 128;
+const SEQUENCE_CHUNKS: usize = 4;
 
 #[derive(Clone, Copy)]
 struct Affine {
@@ -108,11 +110,20 @@ impl Model<'_> {
         x
     }
 
-    /// `scan_chunk<warps>`: the outputs of one chunk entering with `carry`.
-    fn scan_chunk(&self, row: usize, start: usize, warps: usize, carry: [f32; 3], adv: &mut [f32]) {
+    /// `scan_chunk<warps>`: the outputs of one chunk entering with `carry`; returns the state the
+    /// chunk leaves at `start` (thread 0's).
+    fn scan_chunk(
+        &self,
+        row: usize,
+        start: usize,
+        warps: usize,
+        carry: [f32; 3],
+        adv: &mut [f32],
+    ) -> [f32; 3] {
         let threads = self.threads(row, start, warps);
         let totals: Vec<Affine> = threads.iter().map(|t| t.1).collect();
         let incl = Self::warp_scan(&totals);
+        let mut left = carry;
         for (k, (items, _)) in threads.iter().enumerate() {
             let (warp, lane) = (k / 32, k % 32);
             let excl = if lane == 31 { IDENTITY } else { incl[k + 1] };
@@ -128,7 +139,11 @@ impl Model<'_> {
                     adv[t] = if items[j].1 { s[0] } else { 0.0 };
                 }
             }
+            if k == 0 {
+                left = s;
+            }
         }
+        left
     }
 
     /// `gae_chunk_maps`: the composed map of chunk `chunk`.
@@ -147,6 +162,13 @@ impl Model<'_> {
             return adv;
         }
         let chunks = cols.div_ceil(CHUNK);
+        if chunks <= SEQUENCE_CHUNKS {
+            // `gae_sequence`: one block, chunks right to left.
+            (0..chunks)
+                .rev()
+                .fold(end, |carry, chunk| self.scan_chunk(row, chunk * CHUNK, 8, carry, &mut adv));
+            return adv;
+        }
         let maps: Vec<Affine> =
             (0..chunks).map(|k| if k == 0 { IDENTITY } else { self.chunk_map(row, k) }).collect();
         for chunk in 0..chunks {
@@ -186,6 +208,8 @@ fn scan_model_matches_the_reference() {
         RowShape::new(3, 128),
         RowShape::new(3, 129),
         RowShape::new(3, 2500).with_row_stride(2503),
+        RowShape::new(2, 4096),
+        RowShape::new(2, 4097),
     ] {
         for kind in [MaskKind::None, MaskKind::RightPadded, MaskKind::LeftPadded, MaskKind::Holes] {
             for (gamma, lambda) in [(1.0, 1.0), (0.99, 0.95), (0.0, 0.5), (0.5, 0.0)] {

@@ -58,22 +58,29 @@ pub(crate) fn records_and_count_bytes(records: usize, rows: usize) -> usize {
     records.div_ceil(16) * 16 + mask_count_bytes(rows)
 }
 
-/// Counts the valid tokens of the masked batch `shape` on `stream` (two small launches: one
-/// block per row reading its mask, one block summing the rows), for the ops whose gradients
-/// divide by the batch's own counts and so need them before their one pass over the inputs.
-/// Returns the device address of the three f64 counts `[valid tokens, valid sequences,
-/// sequences]`, which the ops' kernels read.
+/// When `wanted`, counts the valid tokens of the masked batch `shape` on `stream` (two small
+/// launches: one block per row reading its mask, one block summing the rows), for the ops
+/// whose gradients divide by the batch's own counts and so need them before their one pass
+/// over the inputs. The scratch is the tail of a [`records_and_count_bytes`] workspace, after
+/// its `records` bytes. Returns the device address of the three f64 counts `[valid tokens,
+/// valid sequences, sequences]`, which the ops' kernels read, or 0 when not wanted.
 ///
 /// # Safety
-/// `mask` is a device address of `shape.len()` bytes (row stride included) and `scratch` one of
-/// [`mask_count_bytes`]`(shape.rows)` bytes, 16-byte aligned, both of `stream`'s context and
-/// alive until the kernels that read the counts have run.
+/// When `wanted`: `mask` is a device address of `shape.len()` bytes (row stride included) and
+/// `workspace` one of `records_and_count_bytes(records, shape.rows)` bytes, 16-byte aligned,
+/// both of `stream`'s context and alive until the kernels that read the counts have run.
 pub(crate) unsafe fn count_mask(
+    wanted: bool,
     stream: &Arc<CudaStream>,
     mask: u64,
     shape: RowShape,
-    scratch: u64,
+    workspace: u64,
+    records: usize,
 ) -> Result<u64> {
+    if !wanted {
+        return Ok(0);
+    }
+    let scratch = workspace + records.div_ceil(16) as u64 * 16;
     let (rows, cols, ld) = (shape.rows as i32, shape.cols as i32, shape.row_stride as i64);
     let counts = scratch + mask_counts_offset(shape.rows) as u64;
     let f = function(stream.context(), Module::Aggregation, "mask_counts_rows")?;

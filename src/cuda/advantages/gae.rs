@@ -16,6 +16,10 @@ use crate::{Error, GaeOptions, MaskedSteps, Result, RowShape};
 const GAE_CHUNK: usize = 1024;
 /// Sequences up to this long take one warp (`GAE_WARP_SPAN`).
 const GAE_WARP_SPAN: usize = 128;
+/// Sequences of up to this many chunks take one block, which walks them right to left in one
+/// pass (`gae_sequence`); longer ones are split over a block per chunk after a pass that composes
+/// each chunk's map (`gae_chunk_maps`, `gae_carries`, `gae_block`).
+const GAE_SEQUENCE_CHUNKS: usize = 4;
 /// Bytes of one composed chunk map (`Affine`: 8 f32).
 const MAP_BYTES: usize = 32;
 /// Bytes of one entering state (`GaeState`: 3 f32), rounded up so the maps stay aligned.
@@ -94,10 +98,10 @@ impl<'a> DeviceGaeOutputs<'a> {
 }
 
 /// Bytes of workspace [`gae`] may use for `shape`: per 1024-position chunk a 32-byte map and
-/// a 16-byte entering state when a sequence is longer than 1024 positions, else 0.
+/// a 16-byte entering state when a sequence is longer than 4096 positions, else 0.
 pub fn gae_workspace_bytes(shape: RowShape) -> usize {
     let chunks = shape.cols.div_ceil(GAE_CHUNK);
-    if chunks > 1 { shape.rows * chunks * (MAP_BYTES + STATE_BYTES) } else { 0 }
+    if chunks > GAE_SEQUENCE_CHUNKS { shape.rows * chunks * (MAP_BYTES + STATE_BYTES) } else { 0 }
 }
 
 /// The kernels' `GaeParams` (kernels/advantages.cu), field for field.
@@ -260,7 +264,14 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
         });
     }
     let nchunks = shape.cols.div_ceil(GAE_CHUNK);
-    let blocks = if shape.cols <= GAE_WARP_SPAN { shape.rows.div_ceil(8) } else { shape.rows * nchunks };
+    let split = nchunks > GAE_SEQUENCE_CHUNKS;
+    let blocks = if shape.cols <= GAE_WARP_SPAN {
+        shape.rows.div_ceil(8)
+    } else if split {
+        shape.rows * nchunks
+    } else {
+        shape.rows
+    };
     if blocks > i32::MAX as usize {
         return Err(Error::TooLarge {
             what: "rows * chunks of 1024 positions",
@@ -301,11 +312,20 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
         unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_warp"))?;
         return Ok(());
     }
+    if !split {
+        let f = function(ctx, Module::Advantages, "gae_sequence")?;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&params).arg(&st);
+        // Kernel: gae_sequence(GaeParams, unsigned long long*); a block of 256 threads per
+        // sequence walks its (at most GAE_SEQUENCE_CHUNKS) chunks.
+        // SAFETY: the arguments match; every pointer in `params` is null or covers the shape
+        // (scores one per row) and the two outputs overlap nothing (the caller's contract).
+        unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_sequence"))?;
+        return Ok(());
+    }
 
     let mut owned: Option<CudaSlice<u8>> = None;
-    let (maps, _g) = if nchunks == 1 {
-        (0, None)
-    } else if a.workspace != 0 {
+    let (maps, _g) = if a.workspace != 0 {
         (a.workspace, None)
     } else {
         // SAFETY: gae_chunk_maps writes the map of every chunk but the first of each row and
@@ -323,8 +343,8 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
         });
     }
     // The entering states (12 bytes each) after the maps (32 bytes each, a multiple of 16).
-    let carries = if nchunks > 1 { maps + (shape.rows * nchunks * MAP_BYTES) as u64 } else { 0 };
-    if nchunks > 1 {
+    let carries = maps + (shape.rows * nchunks * MAP_BYTES) as u64;
+    {
         let f = function(ctx, Module::Advantages, "gae_chunk_maps")?;
         let mut l = stream.launch_builder(&f);
         l.arg(&params).arg(&maps);
@@ -349,8 +369,8 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
     let mut l = stream.launch_builder(&f);
     l.arg(&params).arg(&carries).arg(&st);
     // Kernel: gae_block(GaeParams, const GaeState*, unsigned long long*); a block a (row, chunk).
-    // SAFETY: the arguments match; `carries` is null for one-chunk rows or holds the states the
-    // launch above wrote on this stream; `params` pointers are null or cover the shape (caller).
+    // SAFETY: the arguments match; `carries` holds the states the launch above wrote on this
+    // stream; `params` pointers are null or cover the shape (the caller's contract).
     unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_block"))?;
     Ok(())
 }

@@ -3,11 +3,12 @@
 //! to the caller's [`CudaStatus`].
 //!
 //! GAE picks its launch by the sequence length alone (so a row's result never depends on the
-//! batch): up to 128 positions one warp per sequence; longer sequences one block per
-//! 1024-position chunk, and when a sequence has several chunks a first pass writes each
-//! chunk's composed map and a second (one thread per sequence, right to left) the state
-//! entering each chunk, so every block starts from the exact state on its right (B = 1 with
-//! T = 128k runs on 128 blocks).
+//! batch): up to 128 positions one warp per sequence; up to 4096 one block per sequence, which
+//! scans its 1024-position chunks right to left, each entering with the state the one on its
+//! right left (one pass over the inputs); longer sequences one block per chunk, after a first
+//! pass that writes each chunk's composed map and a second (one thread per sequence, right to
+//! left) the state entering each chunk, so every block starts from the exact state on its
+//! right (B = 1 with T = 128k runs on 128 blocks).
 mod gae;
 mod groups;
 mod moments;

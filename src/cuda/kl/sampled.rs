@@ -172,15 +172,11 @@ pub fn sampled_kl(
         });
     }
     let records = if need_records { workspace } else { 0 };
-    let device_counts = if count_on_device {
-        let scratch = workspace + (shape.rows * RECORD_BYTES).div_ceil(16) as u64 * 16;
-        // SAFETY: `mask` covers the shape (checked above; a mask is present since the counts are
-        // not known on the host), and the scratch is the workspace's tail of
-        // mask_count_bytes(rows) bytes, 16-byte aligned, alive until this call's kernels ran.
-        unsafe { count_mask(stream, mask, shape, scratch)? }
-    } else {
-        0
-    };
+    // SAFETY: when counting, a mask is present (the counts are not known on the host) and
+    // covers the shape (checked, or the raw caller's contract), and the workspace is
+    // sampled_kl_workspace_bytes long, 16-byte aligned, alive until this call's kernels ran.
+    let device_counts =
+        unsafe { count_mask(count_on_device, stream, mask, shape, workspace, shape.rows * RECORD_BYTES)? };
     let (stats, _g7) = match out.stats.take() {
         Some(st) => {
             let (p, g) = st.buf.device_ptr_mut(s);

@@ -446,14 +446,11 @@ pub(crate) unsafe fn launch_policy(
         });
     }
     let records = if need_records { workspace } else { 0 };
-    let device_counts = if count_on_device {
-        let scratch = workspace + (shape.rows * POLICY_RECORD_BYTES).div_ceil(16) as u64 * 16;
-        // SAFETY: the mask covers the shape (the caller's contract; one is present since the
-        // counts are not known on the host) and the scratch is the workspace's tail of
-        // mask_count_bytes(rows) bytes, 16-byte aligned, alive until this call's kernels ran.
-        unsafe { count_mask(stream, a.mask, shape, scratch)? }
-    } else {
-        0
+    // SAFETY: when counting, a mask is present (the counts are not known on the host) and
+    // covers the shape (checked, or the raw caller's contract), and the workspace is
+    // policy_loss_workspace_bytes long, 16-byte aligned, alive until this call's kernels ran.
+    let device_counts = unsafe {
+        count_mask(count_on_device, stream, a.mask, shape, workspace, shape.rows * POLICY_RECORD_BYTES)?
     };
     let stats = a.stats;
     let (aggregation, max_len) = aggregation_code(opts.aggregation);

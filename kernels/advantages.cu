@@ -335,25 +335,36 @@ group_advantages(const float* __restrict__ scores, const unsigned* __restrict__ 
   if (g >= groups) return;  // whole warps
   const unsigned begin = offsets[g], end = offsets[g + 1], n = end - begin;
   if (n == 0) return;
+  // Each lane's first member and score stay in registers through the three passes (all of a
+  // group of up to 32); later members, if any, are read again in each pass.
+  const bool has_first = begin + lane < end;
+  const unsigned i0 = has_first ? members[begin + lane] : 0u;
+  const float s0 = has_first ? scores[i0] : 0.0f;
   double sum = 0.0;
-  for (unsigned k = begin + lane; k < end; k += 32) sum += static_cast<double>(scores[members[k]]);
+  if (has_first) sum += static_cast<double>(s0);
+  for (unsigned k = begin + lane + 32; k < end; k += 32) sum += static_cast<double>(scores[members[k]]);
   sum = warp_sum_f64(sum);
   const double mean = sum / static_cast<double>(n);
   double m2 = 0.0;
-  for (unsigned k = begin + lane; k < end; k += 32) {
+  if (has_first) {
+    const double d = static_cast<double>(s0) - mean;
+    m2 = fma(d, d, m2);
+  }
+  for (unsigned k = begin + lane + 32; k < end; k += 32) {
     const double d = static_cast<double>(scores[members[k]]) - mean;
     m2 = fma(d, d, m2);
   }
   m2 = warp_sum_f64(m2);
   double center, scale;
   group_affine(estimator, eps, n, mean, m2, center, scale);
-  for (unsigned k = begin + lane; k < end; k += 32) {
-    const unsigned i = members[k];
-    const float s = scores[i];
+  auto write = [&](unsigned i, float s) {
     const float a = static_cast<float>((static_cast<double>(s) - center) * scale);
     if (!(isfinite(s) && isfinite(a))) report(status, i, OP_GROUP_ADVANTAGES, PROBLEM_NON_FINITE);
     if (per_sequence) per_sequence[i] = a;
-  }
+  };
+  if (has_first) write(i0, s0);
+#pragma unroll 1
+  for (unsigned k = begin + lane + 32; k < end; k += 32) write(members[k], scores[members[k]]);
   if (tokens == nullptr) return;
   for (unsigned k = begin; k < end; ++k) {
     const unsigned i = members[k];

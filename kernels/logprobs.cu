@@ -20,6 +20,13 @@ constexpr unsigned OP_LOG_SOFTMAX_BACKWARD = 2;
 // the logits and the f32 output (an 8-element chunk would write 32 bytes per lane, in two
 // stores half a warp's width apart).
 constexpr int LS_N = 4;
+// Each thread keeps its first LS_RESIDENT chunks (32 floats) in registers between the reduction
+// and the output pass, so a row of up to LS_RESIDENT · 4 · blockDim.x elements (32768 at 1024
+// threads; src/cuda/logprobs/log_softmax.rs sizes the block for it) is read from global memory
+// once. The chunks of a wider row past those are read a second time. Both loops visit the chunks
+// in the same order, so the result does not depend on how much of the row stays resident.
+constexpr int LS_RESIDENT = 8;
+static_assert(LS_N == 4, "the backward sums a chunk as (g0 + g1) + (g2 + g3)");
 
 template <typename T>
 __device__ void log_softmax_forward(const T* __restrict__ logits, long long ld_logits,
@@ -35,10 +42,21 @@ __device__ void log_softmax_forward(const T* __restrict__ logits, long long ld_l
   const long long nchunks = (static_cast<long long>(cols) + N - 1) / N;
   const bool x_vec = aligned_to(x, N * sizeof(T));
   const float c = inv_tau * LOG2E;
+  const long long stride = blockDim.x;
 
   OnlineLse st;
   unsigned flags = 0;
-  for (long long k = threadIdx.x; k < nchunks; k += blockDim.x) {
+  float kept[LS_RESIDENT][N];
+#pragma unroll
+  for (int r = 0; r < LS_RESIDENT; ++r) {
+    const long long k = threadIdx.x + r * stride;
+    if (k < nchunks) {
+      load_chunk(x, k, cols, x_vec, neg_inf(), kept[r]);
+      flags |= chunk_flags(kept[r]);
+      st.add_chunk(kept[r], c);
+    }
+  }
+  for (long long k = threadIdx.x + LS_RESIDENT * stride; k < nchunks; k += stride) {
     float v[N];
     load_chunk(x, k, cols, x_vec, neg_inf(), v);
     flags |= chunk_flags(v);
@@ -55,7 +73,17 @@ __device__ void log_softmax_forward(const T* __restrict__ logits, long long ld_l
 
   const float ln_s = logf(st.s);
   const bool y_vec = aligned16(y);
-  for (long long k = threadIdx.x; k < nchunks; k += blockDim.x) {
+#pragma unroll
+  for (int r = 0; r < LS_RESIDENT; ++r) {
+    const long long k = threadIdx.x + r * stride;
+    if (k < nchunks) {
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        kept[r][i] = problem != 0 ? quiet_nan() : (kept[r][i] - st.m) * inv_tau - ln_s;
+      store_f32_chunk<N>(y, k * N, cols, y_vec, kept[r]);
+    }
+  }
+  for (long long k = threadIdx.x + LS_RESIDENT * stride; k < nchunks; k += stride) {
     float v[N];
     load_chunk(x, k, cols, x_vec, neg_inf(), v);
 #pragma unroll
@@ -64,7 +92,9 @@ __device__ void log_softmax_forward(const T* __restrict__ logits, long long ld_l
   }
 }
 
-// grad[row, v] = (g[v] - exp(out[v]) · Σ_u g[u]) / τ, written in the logits dtype.
+// grad[row, v] = (g[v] - exp(out[v]) · Σ_u g[u]) / τ, written in the logits dtype. The first
+// LS_RESIDENT chunks of `g` each thread sums stay in registers for the output pass, as in the
+// forward.
 template <typename T>
 __device__ void log_softmax_backward(const float* __restrict__ out, long long ld_out,
                                      const float* __restrict__ grad_out, long long ld_grad_out,
@@ -78,32 +108,50 @@ __device__ void log_softmax_backward(const float* __restrict__ out, long long ld
   const float* g = grad_out + row * ld_grad_out;
   T* dx = grad + row * ld_grad;
   const bool y_vec = aligned16(y), g_vec = aligned16(g), dx_vec = aligned_to(dx, N * sizeof(T));
+  const long long nchunks = (static_cast<long long>(cols) + N - 1) / N;
+  const long long stride = blockDim.x;
 
-  // Σ g over the row, in chunks of 4 floats.
-  const long long nchunks4 = (static_cast<long long>(cols) + 3) / 4;
+  // Σ g over the row, chunk by chunk.
   float partial = 0.0f;
-  for (long long k = threadIdx.x; k < nchunks4; k += blockDim.x) {
-    float v[4];
-    load_f32<4>(g, k * 4, cols, g_vec, 0.0f, v);
+  float kept[LS_RESIDENT][N];
+#pragma unroll
+  for (int r = 0; r < LS_RESIDENT; ++r) {
+    const long long k = threadIdx.x + r * stride;
+    if (k < nchunks) {
+      load_f32<N>(g, k * N, cols, g_vec, 0.0f, kept[r]);
+      partial += (kept[r][0] + kept[r][1]) + (kept[r][2] + kept[r][3]);
+    }
+  }
+  for (long long k = threadIdx.x + LS_RESIDENT * stride; k < nchunks; k += stride) {
+    float v[N];
+    load_f32<N>(g, k * N, cols, g_vec, 0.0f, v);
     partial += (v[0] + v[1]) + (v[2] + v[3]);
   }
   const float total = block_sum(partial, scratch);
   const bool grad_bad = !isfinite(total);
 
-  const long long nchunks = (static_cast<long long>(cols) + N - 1) / N;
   unsigned flags = 0;
-  for (long long k = threadIdx.x; k < nchunks; k += blockDim.x) {
-    float yv[N], gv[N], r[N];
+  const auto output = [&](long long k, const float (&gv)[N]) {
+    float yv[N], r[N];
     load_f32<N>(y, k * N, cols, y_vec, 0.0f, yv);
-    load_f32<N>(g, k * N, cols, g_vec, 0.0f, gv);
     flags |= chunk_flags(yv);
 #pragma unroll
     for (int i = 0; i < N; ++i)
       r[i] = grad_bad ? quiet_nan() : (gv[i] - exp2f(yv[i] * LOG2E) * total) * inv_tau;
     store_chunk(dx, k, cols, dx_vec, r);
+  };
+#pragma unroll
+  for (int r = 0; r < LS_RESIDENT; ++r) {
+    const long long k = threadIdx.x + r * stride;
+    if (k < nchunks) output(k, kept[r]);
+  }
+  for (long long k = threadIdx.x + LS_RESIDENT * stride; k < nchunks; k += stride) {
+    float gv[N];
+    load_f32<N>(g, k * N, cols, g_vec, 0.0f, gv);
+    output(k, gv);
   }
   // A NaN or +inf in `out` cannot come from log_softmax_forward: report it as a NaN input (the
-// row's gradient is then meaningless).
+  // row's gradient is then meaningless).
   const bool out_bad = __syncthreads_or(flags);
   if (threadIdx.x == 0) {
     if (out_bad) report(status, row, OP_LOG_SOFTMAX_BACKWARD, PROBLEM_NAN);

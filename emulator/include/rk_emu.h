@@ -83,8 +83,8 @@ dim3 rk_emu_block_dim(void);
 dim3 rk_emu_grid_dim(void);
 // kind: 0 plain, 1 or, 2 and, 3 count. Returns the reduction (0 for plain).
 int rk_emu_syncthreads(int kind, int predicate);
-// kind: 0 idx, 1 up, 2 down, 3 xor. `bytes` of `value` (4 or 8) travel.
-unsigned long long rk_emu_shfl(int kind, unsigned mask, unsigned long long value, int bytes, int arg, int width);
+// kind: 0 idx, 1 up, 2 down, 3 xor. The value's 4 or 8 bytes travel in 64 bits.
+unsigned long long rk_emu_shfl(int kind, unsigned mask, unsigned long long value, int arg, int width);
 // kind: 0 ballot, 1 any, 2 all, 3 syncwarp.
 unsigned rk_emu_vote(int kind, unsigned mask, int predicate);
 // op: 0 add, 1 min, 2 max, 3 exch, 4 cas, 5 and, 6 or, 7 xor, 8 inc, 9 dec; ty: 0 i32, 1 u32,
@@ -117,7 +117,7 @@ RK_EMU_INLINE T shfl(int kind, unsigned mask, T v, int arg, int width) {
   static_assert(std::is_trivially_copyable_v<T> && (sizeof(T) == 4 || sizeof(T) == 8), "shuffle of 4 or 8 bytes");
   unsigned long long bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  bits = rk_emu_shfl(kind, mask, bits, static_cast<int>(sizeof(T)), arg, width);
+  bits = rk_emu_shfl(kind, mask, bits, arg, width);
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;

@@ -86,7 +86,7 @@ struct Fiber {
   int bar_kind = 0, bar_pred = 0;
   const void* site = nullptr;
   // At a warp collective: kind (shuffle 0-3, vote 10 + kind), mask, operands and result.
-  int coll_kind = 0, arg = 0, width = 32, bytes = 4;
+  int coll_kind = 0, arg = 0, width = 32;
   unsigned mask = 0;
   unsigned long long value = 0, result = 0;
   // Global accesses since the warp's last sync point (traffic mode only).
@@ -94,7 +94,7 @@ struct Fiber {
 };
 
 struct Traffic {
-  uint64_t read_bytes = 0, write_bytes = 0, accesses = 0;  // every access of every lane
+  uint64_t read_bytes = 0, write_bytes = 0;  // every access of every lane
   // Traffic mode: per warp instruction, the distinct bytes it accesses (a broadcast counts once),
   // the 32-byte sectors it touches and the fewest sectors that could carry those bytes; per
   // launch, the distinct sectors read plus the distinct sectors written.

@@ -348,7 +348,6 @@ void global_access(Worker& w, uintptr_t a, std::size_t n, bool write, const void
   }
   if (write) w.traffic.write_bytes += n;
   else w.traffic.read_bytes += n;
-  ++w.traffic.accesses;
   if (w.trace) {
     w.current->log.push_back(Access{a, static_cast<uint32_t>(n)});
     std::atomic<uint32_t>* t = al->touched.load(std::memory_order_acquire);

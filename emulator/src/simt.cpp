@@ -513,7 +513,6 @@ void run_blocks(Grid& g) {
   g.traffic.write_bytes += w.traffic.write_bytes;
   g.traffic.sectors += w.traffic.sectors;
   g.traffic.ideal_sectors += w.traffic.ideal_sectors;
-  g.traffic.accesses += w.traffic.accesses;
   g.traffic.dram_sectors += w.traffic.dram_sectors;
   g.traffic.instruction_bytes += w.traffic.instruction_bytes;
 }
@@ -631,7 +630,7 @@ int rk_emu_syncthreads(int kind, int predicate) {
   return static_cast<int>(f->result);
 }
 
-unsigned long long rk_emu_shfl(int kind, unsigned mask, unsigned long long value, int bytes, int arg, int width) {
+unsigned long long rk_emu_shfl(int kind, unsigned mask, unsigned long long value, int arg, int width) {
   auto& w = worker();
   Fiber* f = w.current;
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
@@ -643,7 +642,6 @@ unsigned long long rk_emu_shfl(int kind, unsigned mask, unsigned long long value
   f->coll_kind = kind;
   f->mask = mask;
   f->value = value;
-  f->bytes = bytes;
   f->arg = arg;
   f->width = width;
   f->site = __builtin_return_address(0);

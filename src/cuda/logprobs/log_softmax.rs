@@ -9,18 +9,15 @@ use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error};
 use crate::{DType, Element, LogSoftmaxOptions, Result, RowShape};
 
-/// Threads per block for rows of `cols` elements: a function of the row length only (the
-/// kernels move 4 elements per thread and access whatever the dtype), which keeps results
-/// batch-invariant (see kernels/common.cuh).
+/// Threads per block for rows of `cols` elements: the fewest (a power of two, 32 to 1024) that
+/// hold the row in registers, 8 chunks of 4 elements per thread (`LS_RESIDENT` in
+/// kernels/logprobs.cu), so rows of up to 32768 elements are read once. A function of the row
+/// length only (the kernels move 4 elements per thread and access whatever the dtype), which
+/// keeps results batch-invariant (see kernels/common.cuh).
 pub(crate) fn row_block_threads(cols: usize) -> u32 {
-    match cols.div_ceil(4) {
-        0..=64 => 32,
-        65..=256 => 64,
-        257..=1024 => 128,
-        1025..=4096 => 256,
-        4097..=16384 => 512,
-        _ => 1024,
-    }
+    const RESIDENT_CHUNKS: usize = 8;
+    let threads = cols.div_ceil(4 * RESIDENT_CHUNKS).next_power_of_two();
+    threads.clamp(32, 1024) as u32
 }
 
 fn row_launch(shape: RowShape) -> LaunchConfig {
@@ -36,8 +33,10 @@ fn row_launch(shape: RowShape) -> LaunchConfig {
 ///
 /// `out_v = (x_v − max x)/τ − ln Σ_u exp((x_u − max x)/τ)` (nats; `-inf` logits give `-inf`).
 ///
-/// One block per row reads the row twice (online max and sum, then the output), 4 elements
-/// per thread and access (16-byte f32 stores, 8- or 16-byte loads) where the row is aligned. A row with a NaN, a `+inf` or only `-inf` gets NaN outputs
+/// One block per row keeps up to 32768 elements of the row in registers between the online max
+/// and sum and the output, so such rows are read once (the rest of a wider row is read again),
+/// 4 elements per thread and access (16-byte f32 stores, 8- or 16-byte loads) where the row is
+/// aligned. A row with a NaN, a `+inf` or only `-inf` gets NaN outputs
 /// and is reported in `status`. Shape and option errors are returned at once.
 ///
 /// ```no_run

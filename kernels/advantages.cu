@@ -132,6 +132,7 @@ struct Items {
   Affine f[GAE_ITEMS];
   float v[GAE_ITEMS];
   bool valid[GAE_ITEMS];
+  bool bad_input;  // a NaN or infinite input at a valid position, or a non-finite score
   Affine total;
 };
 
@@ -144,6 +145,7 @@ __device__ __forceinline__ void load_items(const GaeParams& P, long long row, lo
   load_items_f32(P.values, i, n, it.v);
   load_items_mask(P.mask, i, n, it.valid);
   const float score = P.scores ? P.scores[row] : 0.0f;
+  it.bad_input = !isfinite(score);
 #pragma unroll
   for (int j = 0; j < GAE_ITEMS; ++j) {
     if (j >= n) {
@@ -154,6 +156,7 @@ __device__ __forceinline__ void load_items(const GaeParams& P, long long row, lo
       it.v[j] = 0.0f;
       it.f[j] = P.reset ? Affine{0.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0.0f} : identity_map();
     } else {
+      it.bad_input |= !(isfinite(r[j]) && isfinite(k[j]) && isfinite(it.v[j]));
       const float rew = P.kl ? fmaf(-P.beta, k[j], r[j]) : r[j];
       it.f[j] = {P.gamma_lambda, P.gamma, score, 0.0f, 0.0f, rew - it.v[j], it.v[j], 0.0f};
     }
@@ -207,7 +210,10 @@ __device__ __forceinline__ GaeState scan_chunk(const GaeParams& P, long long row
   }
   store_items_f32(P.advantages, row * P.ld + t0, P.cols - t0, adv);
   store_items_f32(P.returns, row * P.ld + t0, P.cols - t0, ret);
-  if (bad) report(status, row, OP_GAE, PROBLEM_NON_FINITE);
+  // A thread that loaded a bad input names it; outputs that are not finite from finite inputs
+  // overflowed. For one row the lower code (NON_FINITE) wins the status word's minimum.
+  if (it.bad_input) report(status, row, OP_GAE, PROBLEM_NON_FINITE);
+  else if (bad) report(status, row, OP_GAE, PROBLEM_OVERFLOW);
   if constexpr (WARPS > 1) {
     if (left != nullptr) {
       if (threadIdx.x == 0) *left = s;
@@ -309,7 +315,7 @@ __device__ __forceinline__ void group_affine(int estimator, double eps, unsigned
     case 0:
     case 1: {
       const double sd = single ? 1.0 : sqrt(m2 / (estimator == 0 ? nd - 1.0 : nd));
-      scale = 1.0 / (sd + eps);
+      scale = sd + eps > 0.0 ? 1.0 / (sd + eps) : 0.0;  // no spread at ε = 0: every A is 0
       break;
     }
     case 2:
@@ -359,7 +365,10 @@ group_advantages(const float* __restrict__ scores, const unsigned* __restrict__ 
   group_affine(estimator, eps, n, mean, m2, center, scale);
   auto write = [&](unsigned i, float s) {
     const float a = static_cast<float>((static_cast<double>(s) - center) * scale);
-    if (!(isfinite(s) && isfinite(a))) report(status, i, OP_GROUP_ADVANTAGES, PROBLEM_NON_FINITE);
+    // A member's own non-finite score, or an overflow in a finite group (a member beside a NaN
+    // gets a NaN advantage and is not the one reported).
+    if (!isfinite(s)) report(status, i, OP_GROUP_ADVANTAGES, PROBLEM_NON_FINITE);
+    else if (!isfinite(a) && isfinite(mean)) report(status, i, OP_GROUP_ADVANTAGES, PROBLEM_OVERFLOW);
     if (per_sequence) per_sequence[i] = a;
   };
   if (has_first) write(i0, s0);

@@ -242,6 +242,7 @@ enum Problem : unsigned {
   PROBLEM_TARGET_OUT_OF_RANGE = 5,
   PROBLEM_INFINITE_KL = 6,
   PROBLEM_NON_FINITE = 7,
+  PROBLEM_OVERFLOW = 8,
 };
 
 // Records the lowest (row, op, problem) seen into the status word. Integer atomicMin:

@@ -8,6 +8,7 @@ using namespace rk;
 namespace {
 
 constexpr unsigned OP_SAMPLED_KL = 5;
+constexpr unsigned OP_KL_REWARDS = 14;
 
 // ---- sampled estimators ---------------------------------------------------------------------
 // Estimator codes, in src/kl.rs `KlEstimator::ALL` order.
@@ -119,27 +120,38 @@ sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_lo
                                 : 0.0f;
   float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   float clamped = 0.0f;
-  unsigned bad = 0;  // bit 0: NaN input or estimate, bit 1: infinite estimate or gradient
+  // bit 0: NaN input or estimate; bit 1: infinite estimate or gradient from an infinite input;
+  // bit 2: an infinite input; bit 3: finite inputs whose estimates or gradient overflow f32.
+  unsigned bad = 0;
   for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
     const long long i = base + t;
     float value = 0.0f, g = 0.0f;
     if (token_valid(mask, i)) {
       const float lp = logp[i], rlp = ref_logp[i];
       const Estimates e = estimates(chosen, __fsub_rn(rlp, lp), lr_clamp, v_clamp);
+      const bool finite_in = isfinite(lp) && isfinite(rlp);
       bad |= (lp != lp || rlp != rlp || e.value != e.value || e.grad != e.grad) ? 1u : 0u;
-      bad |= (fabsf(e.value) == pos_inf() || fabsf(e.grad) == pos_inf()) ? 2u : 0u;
+      bad |= (!finite_in && (fabsf(e.value) == pos_inf() || fabsf(e.grad) == pos_inf())) ? 2u : 0u;
+      bad |= finite_in ? 0u : 4u;
+      bool fits = true;
 #pragma unroll
-      for (int k = 0; k < 8; ++k) sums[k] = __fadd_rn(sums[k], e.values[k]);
+      for (int k = 0; k < 8; ++k) {
+        sums[k] = __fadd_rn(sums[k], e.values[k]);
+        fits &= isfinite(e.values[k]);
+      }
       clamped += e.clamped ? 1.0f : 0.0f;
       value = e.value;
       g = __fmul_rn(w, e.grad);
+      // The weighted gradient is checked only where it is written (the weights are known).
+      bad |= (finite_in && !(fits && isfinite(e.grad) && (!weights_known || isfinite(g)))) ? 8u : 0u;
     }
     if (values) values[i] = value;
     if (grad && weights_known) grad[i] = g;
   }
   const bool any_nan = __syncthreads_or(bad & 1u), any_inf = __syncthreads_or(bad & 2u);
-  if (threadIdx.x == 0 && (any_nan || any_inf))
-    report(status, row, OP_SAMPLED_KL, any_nan ? PROBLEM_NAN : PROBLEM_INFINITE_KL);
+  const bool inf_input = __syncthreads_or(bad & 4u), overflow = __syncthreads_or(bad & 8u);
+  if (threadIdx.x == 0 && (any_nan || any_inf || overflow))
+    report(status, row, OP_SAMPLED_KL, any_nan ? PROBLEM_NAN : any_inf ? PROBLEM_INFINITE_KL : PROBLEM_OVERFLOW);
   if (records == nullptr) return;
   // The 8 sums: each thread parks its partials in shared memory, then warp k reduces sum k
   // (lanes add 8 partials each in order, then a butterfly): a fixed order, few live registers.
@@ -153,6 +165,8 @@ sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_lo
   for (int i = 0; i < 8; ++i) v = __fadd_rn(v, partial[warp][lane * 8 + i]);
   v = warp_sum(v);
   if (lane == 0) records[row].sums[warp] = v;
+  // A row sum past f32 from finite inputs overflowed (the lower codes above win the minimum).
+  if (lane == 0 && !isfinite(v) && !inf_input) report(status, row, OP_SAMPLED_KL, PROBLEM_OVERFLOW);
   if (threadIdx.x == 0) {
     records[row].valid = valid;
     records[row].clamped = clamped_total;
@@ -210,10 +224,12 @@ sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen
 }
 
 // r_t = −β·kl_t on valid tokens, plus the sequence's score on its last valid token; 0 on
-// padding. One block per sequence.
+// padding. One block per sequence. Reports a sequence with a non-finite KL at a valid token or a
+// non-finite score (PROBLEM_NON_FINITE), else one whose reward overflows f32 (PROBLEM_OVERFLOW).
 extern "C" __global__ void __launch_bounds__(256)
 kl_rewards(const float* __restrict__ kl, long long ld, const unsigned char* __restrict__ mask, int rows, int cols,
-           const float* __restrict__ scores, float beta, float* __restrict__ rewards) {
+           const float* __restrict__ scores, float beta, float* __restrict__ rewards,
+           unsigned long long* __restrict__ status) {
   __shared__ int last_valid[32];
   const long long row = blockIdx.x;
   if (row >= rows) return;
@@ -232,11 +248,20 @@ kl_rewards(const float* __restrict__ kl, long long ld, const unsigned char* __re
   }
   __syncthreads();
   last = last_valid[0];
+  const float score = scores[row];
+  bool bad_input = !isfinite(score), overflow = false;
   for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
     const long long i = base + t;
-    float r = token_valid(mask, i) ? -__fmul_rn(beta, kl[i]) : 0.0f;
-    if (t == last) r = __fadd_rn(r, scores[row]);
+    const bool valid = token_valid(mask, i);
+    const float k = valid ? kl[i] : 0.0f;
+    float r = valid ? -__fmul_rn(beta, k) : 0.0f;
+    if (t == last) r = __fadd_rn(r, score);
     rewards[i] = r;
+    bad_input |= !isfinite(k);
+    overflow |= !isfinite(r);
   }
+  bad_input = __syncthreads_or(bad_input);
+  overflow = __syncthreads_or(overflow);
+  if (threadIdx.x == 0 && (bad_input || overflow))
+    report(status, row, OP_KL_REWARDS, bad_input ? PROBLEM_NON_FINITE : PROBLEM_OVERFLOW);
 }
-

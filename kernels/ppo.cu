@@ -320,15 +320,17 @@ struct ValueTerms {
   bool clipped;
 };
 
-// src/cpu/ppo.rs `value_token`, in the same f32 operations.
+// src/cpu/ppo/loss.rs `value_token`, in the same f32 operations: errors compared by magnitude,
+// the loss as (½·d)·d, which overflows only when ½·d² does.
 __device__ __forceinline__ ValueTerms value_token(float clip, float v, float old, float ret) {
   const float d = __fsub_rn(v, ret);
-  if (clip < 0.0f) return {__fmul_rn(0.5f, __fmul_rn(d, d)), d, false};
+  if (clip < 0.0f) return {__fmul_rn(__fmul_rn(0.5f, d), d), d, false};
   const float v_clip = __fadd_rn(old, fminf(fmaxf(__fsub_rn(v, old), -clip), clip));
   const float dc = __fsub_rn(v_clip, ret);
-  const float e1 = __fmul_rn(d, d), e2 = __fmul_rn(dc, dc);
-  const float g = e1 >= e2 ? d : (fabsf(__fsub_rn(v, old)) < clip ? dc : 0.0f);
-  return {__fmul_rn(0.5f, fmaxf(e1, e2)), g, e2 > e1};
+  const bool unclipped_larger = fabsf(d) >= fabsf(dc);
+  const float g = unclipped_larger ? d : (fabsf(__fsub_rn(v, old)) < clip ? dc : 0.0f);
+  const float e = unclipped_larger ? d : dc;
+  return {__fmul_rn(__fmul_rn(0.5f, e), e), g, fabsf(dc) > fabsf(d)};
 }
 
 // One pass over a row: per-token outputs (the gradient with a weight, `w_known`), the report of

@@ -40,6 +40,10 @@
 //! | `Rloo` | `s_i − (Σ_{j≠i} s_j)/(G − 1)` | 0 |
 //! | `GroupMean` (REINFORCE++-baseline, before whitening) | `s_i − mean` | `s_i` |
 //!
+//! A group whose scores are all equal has `std = 0`; at `ε = 0` its advantages are 0 (not
+//! `0/0`). An advantage beyond f32's range (RLOO of scores near ±3.4e38) is the error
+//! [`RowProblem::Overflow`]; a non-finite score is [`RowProblem::NonFinite`] for that sequence.
+//!
 //! [`SingletonGroups::Error`] refuses a group of one instead. The advantage is written to
 //! every valid token of the response. The REINFORCE++ variants follow with batch whitening:
 //!
@@ -193,6 +197,23 @@ impl<'a> GaeInputs<'a> {
         check_gae_sources(shape, self.rewards.is_some(), self.kl_penalty.map(|k| k.1), self.scores.is_some())
     }
 
+    /// Whether sequence `row` has a NaN or infinite input at a valid position (its score counts
+    /// whether or not it has a valid token).
+    pub(crate) fn row_has_non_finite(&self, row: usize) -> bool {
+        let arrays: Vec<&[f32]> =
+            [self.rewards, self.kl_penalty.map(|k| k.0), self.values].into_iter().flatten().collect();
+        let inputs = self.shape.row_range(row).filter(|&t| self.mask.is_none_or(|m| m[t] != 0));
+        let bad_token = inputs.into_iter().any(|t| arrays.iter().any(|a| !a[t].is_finite()));
+        bad_token || self.scores.is_some_and(|s| !s[row].is_finite())
+    }
+
+    /// The problem of a sequence whose advantages or returns are not finite: a non-finite input,
+    /// or an overflow of f32 from finite ones.
+    pub(crate) fn row_problem(&self, row: usize) -> Error {
+        let problem = if self.row_has_non_finite(row) { RowProblem::NonFinite } else { RowProblem::Overflow };
+        crate::error::Op::Gae.invalid_row(row, problem)
+    }
+
     /// The reward of token `t` of row `row`, given whether it is the row's last valid token.
     pub(crate) fn reward(&self, row: usize, t: usize, last: bool) -> f64 {
         let mut r = self.rewards.map_or(0.0, |r| r[t] as f64);
@@ -232,9 +253,15 @@ pub(crate) fn check_gae_sources(
 /// The error scale `Ā_t` of the GPU scan at every position (row-major, dense `[B, T]`): the
 /// GAE recurrence run on `|r_t| + |V_t| + γ·|V_next(t)|` (f64). The GPU's advantages are
 /// within `gae_error_bound_factor(T)·2⁻²⁴·Ā_t` of the exact ones (module docs).
+///
+/// Errors: those of GAE's inputs and options, [`RowProblem::NonFinite`] for the lowest sequence
+/// with a NaN or infinite input at a valid position (its scale is not defined).
 pub fn gae_error_scale(inputs: &GaeInputs<'_>, opts: &GaeOptions) -> Result<Vec<f64>> {
     inputs.validate()?;
     opts.validate()?;
+    if let Some(row) = (0..inputs.shape.rows).find(|&i| inputs.row_has_non_finite(i)) {
+        return Err(crate::error::Op::Gae.invalid_row(row, RowProblem::NonFinite));
+    }
     let shape = inputs.shape;
     let (g, gl) = (opts.gamma as f64, opts.gamma as f64 * opts.lambda as f64);
     let mut out = vec![0.0; shape.len()];
@@ -383,7 +410,8 @@ impl GroupAdvantageOptions {
                 } else {
                     (m2 / if std == GroupStd::Unbiased { nd - 1.0 } else { nd }).sqrt()
                 };
-                1.0 / (sd + eps as f64)
+                // A group without spread at ε = 0: every deviation is 0, and so is A.
+                if sd + eps as f64 > 0.0 { 1.0 / (sd + eps as f64) } else { 0.0 }
             }
             GroupEstimator::Rloo => {
                 if single {

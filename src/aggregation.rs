@@ -148,7 +148,12 @@ impl Aggregation {
 
     /// Aggregates the `[B, T]` values of `shape` (f64 sums, rows in order).
     ///
-    /// Errors: shape errors, an invalid normaliser or `max_len = 0`.
+    /// Errors: shape errors, an invalid normaliser or `max_len = 0`,
+    /// [`RowProblem::NonFinite`](crate::RowProblem::NonFinite) for the lowest sequence with a
+    /// NaN at a valid token (masked values are never read), or, when `+inf` and `-inf` values
+    /// cancel to NaN, the lowest sequence with an infinite one. An infinite value of one sign
+    /// (say `KL[π_ref ‖ π]` where the policy bans a token the reference allows) gives that
+    /// infinite aggregate.
     pub fn aggregate(
         self,
         values: &[f32],
@@ -162,6 +167,13 @@ impl Aggregation {
         }
         self.validate()?;
         norm.validate()?;
+        let valid = |t: usize| mask.is_none_or(|m| m[t] != 0);
+        let first_row = |bad: &dyn Fn(f32) -> bool| {
+            (0..shape.rows).find(|&i| shape.row_range(i).any(|t| valid(t) && bad(values[t])))
+        };
+        if let Some(row) = first_row(&|v| v.is_nan()) {
+            return Err(crate::advantages::non_finite(crate::error::Op::Aggregate, row));
+        }
         let counts = norm.counts(BatchCounts::of(shape, mask));
         let mut total = 0.0;
         for i in 0..shape.rows {
@@ -177,6 +189,11 @@ impl Aggregation {
                 None => values[row].iter().map(|&v| v as f64).sum(),
             };
             total += w * sum;
+        }
+        if total.is_nan() {
+            // +inf and -inf values (with nonzero weights) met: no defined aggregate.
+            let row = first_row(&|v| v.is_infinite()).unwrap_or(0);
+            return Err(crate::advantages::non_finite(crate::error::Op::Aggregate, row));
         }
         Ok(total)
     }

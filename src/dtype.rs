@@ -142,11 +142,20 @@ pub trait Element:
     }
     /// Converts f32 to this type (nearest-even); `dst.len()` must equal `src.len()`.
     fn slice_from_f32(src: &[f32], dst: &mut [Self]);
+    /// The smallest magnitude that rounds to ±inf in this type (`+inf` for f32: 65520 for f16,
+    /// `0x7F7F8000` for bf16): a finite `x` with `|x| <` it converts to a finite value.
+    const OVERFLOW_AT: f32;
+    /// Whether `x` converts to a finite value of this type (false for NaN and ±inf).
+    #[inline(always)]
+    fn fits(x: f32) -> bool {
+        x.abs() < Self::OVERFLOW_AT
+    }
 }
 
 impl Element for f32 {
     const DTYPE: DType = DType::F32;
     const CHEAP_SCALAR_CONVERT: bool = true;
+    const OVERFLOW_AT: f32 = f32::INFINITY;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -176,6 +185,7 @@ impl Element for f32 {
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
     const CHEAP_SCALAR_CONVERT: bool = false;
+    const OVERFLOW_AT: f32 = 65520.0;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -199,6 +209,7 @@ impl Element for f16 {
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
     const CHEAP_SCALAR_CONVERT: bool = false;
+    const OVERFLOW_AT: f32 = f32::from_bits(0x7F7F_8000);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         // A bf16 is the top half of an f32: widening is a shift (and vectorises).

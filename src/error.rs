@@ -181,6 +181,10 @@ pub enum RowProblem {
     InfiniteKl,
     /// A NaN or infinite input (reward, value, KL, score) at a valid position.
     NonFinite,
+    /// Every input is finite, but a result of the row does not fit f32 (|x| > 3.4e38): a loss,
+    /// a gradient, a reward or a log-sum-exp overflowed. The inputs' scale (advantages, rewards,
+    /// values, β, 1/τ) is out of any trainable range.
+    Overflow,
 }
 
 impl RowProblem {
@@ -194,11 +198,12 @@ impl RowProblem {
             RowProblem::TargetOutOfRange => 5,
             RowProblem::InfiniteKl => 6,
             RowProblem::NonFinite => 7,
+            RowProblem::Overflow => 8,
         }
     }
 
     /// Every problem, in code order.
-    pub(crate) const ALL: [RowProblem; 7] = [
+    pub(crate) const ALL: [RowProblem; 8] = [
         RowProblem::NaN,
         RowProblem::PosInf,
         RowProblem::AllNegInf,
@@ -206,6 +211,7 @@ impl RowProblem {
         RowProblem::TargetOutOfRange,
         RowProblem::InfiniteKl,
         RowProblem::NonFinite,
+        RowProblem::Overflow,
     ];
 
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -237,6 +243,11 @@ impl fmt::Display for RowProblem {
                 "has a NaN or infinite input at a valid position: find where it came from upstream, or \
                  mask the position out"
             }
+            RowProblem::Overflow => {
+                "overflows f32 although its inputs are finite (a loss, gradient, reward or \
+                 log-sum-exp beyond 3.4e38): scale the inputs (advantages, rewards, values, beta, \
+                 1/temperature) into a trainable range"
+            }
         })
     }
 }
@@ -256,6 +267,9 @@ pub(crate) enum Op {
     Moments = 11,
     PolicyLoss = 12,
     ValueLoss = 13,
+    KlRewards = 14,
+    /// Host-only (no kernel reports it).
+    Aggregate = 15,
 }
 
 impl Op {
@@ -273,6 +287,8 @@ impl Op {
             Op::Moments => "masked_moments",
             Op::PolicyLoss => "policy_loss",
             Op::ValueLoss => "value_loss",
+            Op::KlRewards => "kl_rewards",
+            Op::Aggregate => "aggregate",
         }
     }
 
@@ -291,6 +307,7 @@ impl Op {
             11 => Some(Op::Moments),
             12 => Some(Op::PolicyLoss),
             13 => Some(Op::ValueLoss),
+            14 => Some(Op::KlRewards),
             _ => None,
         }
     }
@@ -317,6 +334,7 @@ mod tests {
             ("PROBLEM_TARGET_OUT_OF_RANGE", RowProblem::TargetOutOfRange),
             ("PROBLEM_INFINITE_KL", RowProblem::InfiniteKl),
             ("PROBLEM_NON_FINITE", RowProblem::NonFinite),
+            ("PROBLEM_OVERFLOW", RowProblem::Overflow),
         ] {
             let line = format!("{name} = {},", problem.code());
             assert!(header.contains(&line), "kernels/common.cuh lacks `{line}`");
@@ -343,6 +361,7 @@ mod tests {
             Op::Moments,
             Op::PolicyLoss,
             Op::ValueLoss,
+            Op::KlRewards,
         ] {
             let line = format!("OP_{} = {};", op.name().to_uppercase(), op as u8);
             let line = line.replace("OP_LOG_SOFTMAX =", "OP_LOG_SOFTMAX_FORWARD =");

@@ -147,6 +147,16 @@ impl<'a, I: TargetIndex> Tokens<'a, I> {
 }
 
 /// Checks that a per-row buffer has exactly `rows` elements.
+/// A vocabulary shard's first global token id as the kernels take it: `vocab_offset + cols`
+/// must fit an i64 (token ids are i64), or the offset would wrap and alias another column.
+pub(crate) fn check_vocab_offset(vocab_offset: usize, cols: usize) -> Result<i64> {
+    const MAX: usize = i64::MAX as usize;
+    match vocab_offset.checked_add(cols) {
+        Some(end) if end <= MAX => Ok(vocab_offset as i64),
+        _ => Err(Error::TooLarge { what: "vocab_offset + cols", value: vocab_offset, max: MAX - cols }),
+    }
+}
+
 pub(crate) fn check_len(what: &'static str, len: usize, rows: usize) -> Result<()> {
     if len != rows {
         return Err(Error::ShapeMismatch { what, min: rows, max: rows, actual: len });
@@ -369,8 +379,8 @@ impl VocabPartial {
         out
     }
 
-    /// `logp`, `H` and `lse` of the row, or why it has none (NaN, `+inf`, only `-inf`, or no
-    /// slice held the target).
+    /// `logp`, `H` and `lse` of the row, or why it has none (NaN, `+inf`, only `-inf`, no
+    /// slice held the target, or an `lse` beyond f32: [`RowProblem::Overflow`]).
     pub fn finish(&self, opts: &TokenLogprobsOptions) -> Result<TokenStats, RowProblem> {
         let inv_tau = opts.inv_temperature().map_err(|_| RowProblem::NaN)?;
         self.finish_with(inv_tau)
@@ -390,10 +400,15 @@ impl VocabPartial {
             return Err(RowProblem::TargetOutOfRange);
         }
         let ln_s = self.sum_exp.ln();
+        let lse = self.max_logit * inv_tau + ln_s;
+        if !lse.is_finite() {
+            // Finite logits, but max/τ beyond f32.
+            return Err(RowProblem::Overflow);
+        }
         Ok(TokenStats {
             logp: (self.target_logit - self.max_logit) * inv_tau - ln_s,
             entropy: ln_s - self.sum_exp_d / self.sum_exp,
-            lse: self.max_logit * inv_tau + ln_s,
+            lse,
         })
     }
 }

@@ -148,6 +148,7 @@ fn sampled_estimators_at_infinite_log_ratios() {
 #[test]
 fn kl_rewards_match_the_reference() {
     kl::rewards_sweep(&Cpu);
+    kl::rewards_problems(&Cpu);
 }
 
 #[test]
@@ -429,16 +430,37 @@ fn global_normalisers_make_micro_batches_add_up() {
 
 #[test]
 fn adaptive_controller() {
-    let mut c = KlController::adaptive(0.2, 1.0, 100.0);
-    c.update(1.1, 10); // e = 0.1
+    let mut c = KlController::adaptive(0.2, 1.0, 100.0).unwrap();
+    assert!(c.is_adaptive());
+    c.update(1.1, 10).unwrap(); // e = 0.1
     assert!((c.value() - 0.2 * 1.01).abs() < 1e-12);
-    c.update(0.0, 10); // e = -1, clipped to -0.2
+    c.update(0.0, 10).unwrap(); // e = -1, clipped to -0.2
     assert!((c.value() - 0.2 * 1.01 * 0.98).abs() < 1e-12);
-    c.update(f64::NAN, 10);
+    c.update(f64::NAN, 10).unwrap();
     assert!((c.value() - 0.2 * 1.01 * 0.98).abs() < 1e-12, "a NaN observation changes nothing");
-    let mut f = KlController::fixed(0.05);
-    f.update(100.0, 1000);
+    // 1 − 0.2·600/100 < 0: β would turn negative; an error, β unchanged.
+    assert!(matches!(c.update(0.0, 600), Err(Error::InvalidOption { name: "n_steps", .. })));
+    assert!((c.value() - 0.2 * 1.01 * 0.98).abs() < 1e-12);
+    // 1 + 0.2·usize::MAX/100 overflows nothing, but β·that does for a huge β.
+    let mut big = KlController::adaptive(1e300, 1.0, 1e-300).unwrap();
+    assert!(big.update(10.0, 1000).is_err() && big.value() == 1e300);
+    let mut f = KlController::fixed(0.05).unwrap();
+    f.update(100.0, 1000).unwrap();
     assert_eq!(f.value(), 0.05);
+    for (initial, target, horizon) in [
+        (f64::NAN, 1.0, 1.0),
+        (0.1, f64::NAN, 1.0),
+        (0.1, 1.0, 0.0),
+        (0.0, 1.0, 1.0),
+        (0.1, -1.0, 1.0),
+        (0.1, 1.0, f64::INFINITY),
+    ] {
+        assert!(
+            matches!(KlController::adaptive(initial, target, horizon), Err(Error::InvalidOption { .. })),
+            "{initial} {target} {horizon}"
+        );
+    }
+    assert!(KlController::fixed(f64::NAN).is_err() && KlController::fixed(-1.0).is_err());
     assert_eq!(KlEstimator::gradient_of(KlDirection::RefPolicy).value_direction(), KlDirection::RefPolicy);
 }
 

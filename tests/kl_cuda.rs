@@ -62,7 +62,18 @@ mod gpu {
             let m = mask.map(|m| s.clone_htod(m).unwrap());
             let sc = s.clone_htod(scores).unwrap();
             let mut r = s.clone_htod(&vec![f32::NAN; kl.len()]).unwrap();
-            cuda::kl_rewards(s, &k, shape, m.as_ref().map(|m| m.as_view()).as_ref(), &sc, beta, &mut r)?;
+            let mut status = CudaStatus::new(s)?;
+            cuda::kl_rewards(
+                s,
+                &k,
+                shape,
+                m.as_ref().map(|m| m.as_view()).as_ref(),
+                &sc,
+                beta,
+                &mut r,
+                &mut status,
+            )?;
+            status.check(s)?;
             Ok(s.clone_dtoh(&r).unwrap())
         }
     }
@@ -276,6 +287,7 @@ mod gpu {
 
     pub fn rewards(gpu: &Gpu) {
         kl::rewards_sweep(gpu);
+        kl::rewards_problems(gpu);
     }
 
     /// Every pair of dtypes: each is a kernel of its own on the GPU.

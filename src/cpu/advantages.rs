@@ -107,7 +107,7 @@ pub fn gae(inputs: &GaeInputs<'_>, out: GaeOutputs<'_>, opts: &GaeOptions) -> Re
         })
         .min();
     match problem {
-        Some(i) => Err(non_finite(Op::Gae, i)),
+        Some(i) => Err(inputs.row_problem(i)),
         None => Ok(()),
     }
 }
@@ -224,11 +224,11 @@ pub fn group_advantages(
             let s = scores[i];
             let (center, scale) = affine[groups.ids[i] as usize];
             *a = ((s as f64 - center) * scale) as f32;
-            (!(s.is_finite() && a.is_finite())).then_some(i)
+            group_problem(s, center, *a).map(|p| (i, p))
         })
-        .min();
-    if let Some(i) = problem {
-        return Err(non_finite(Op::GroupAdvantages, i));
+        .min_by_key(|&(i, _)| i);
+    if let Some((i, p)) = problem {
+        return Err(Op::GroupAdvantages.invalid_row(i, p));
     }
     if let Some(TokenOutput { out: o, shape, mask }) = out.per_token {
         let per_seq = &*per_seq;
@@ -240,6 +240,19 @@ pub fn group_advantages(
         });
     }
     Ok(())
+}
+
+/// A member's problem: its own non-finite score, or a finite score whose advantage overflows
+/// f32 in a group of finite scores (a member beside a NaN gets a NaN advantage but is not the
+/// one reported).
+pub(crate) fn group_problem(score: f32, center: f64, advantage: f32) -> Option<crate::RowProblem> {
+    if !score.is_finite() {
+        Some(crate::RowProblem::NonFinite)
+    } else if !advantage.is_finite() && center.is_finite() {
+        Some(crate::RowProblem::Overflow)
+    } else {
+        None
+    }
 }
 
 /// Chan's running moments of a set of values, in f64.

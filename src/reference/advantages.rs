@@ -65,7 +65,7 @@ pub fn gae(inputs: &GaeInputs<'_>, opts: &GaeOptions) -> Result<Gae> {
             .chain(&out.returns[base..base + shape.cols])
             .any(|a| !(a.is_finite() && (*a as f32).is_finite()))
         {
-            return Err(non_finite(Op::Gae, i));
+            return Err(inputs.row_problem(i));
         }
     }
     Ok(out)
@@ -111,13 +111,17 @@ pub fn group_advantages(scores: &[f32], groups: &Groups, opts: &GroupAdvantageOp
                 (GroupEstimator::Grpo { eps, .. }, 1) => s / (1.0 + eps as f64),
                 (GroupEstimator::Grpo { std, eps }, _) => {
                     let d = if std == GroupStd::Unbiased { n - 1 } else { n } as f64;
-                    (s - mean) / ((m2 / d).sqrt() + eps as f64)
+                    let spread = (m2 / d).sqrt() + eps as f64;
+                    if spread > 0.0 { (s - mean) / spread } else { 0.0 }
                 }
             };
         }
     }
-    if let Some(i) = (0..out.len()).find(|&i| !(scores[i].is_finite() && (out[i] as f32).is_finite())) {
+    if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
         return Err(non_finite(Op::GroupAdvantages, i));
+    }
+    if let Some(i) = out.iter().position(|&a| !(a as f32).is_finite()) {
+        return Err(Op::GroupAdvantages.invalid_row(i, crate::RowProblem::Overflow));
     }
     Ok(out)
 }

@@ -98,8 +98,16 @@ pub fn sampled_kl(
             if lp.is_nan() || rlp.is_nan() || v.is_nan() || g.is_nan() {
                 return Err(Op::SampledKl.invalid_row(i, RowProblem::NaN));
             }
-            if v.is_infinite() || g.is_infinite() {
+            let finite_in = lp.is_finite() && rlp.is_finite();
+            if !finite_in && (v.is_infinite() || g.is_infinite()) {
                 return Err(Op::SampledKl.invalid_row(i, RowProblem::InfiniteKl));
+            }
+            // Finite inputs: every estimate and the weighted gradient must fit the backends' f32.
+            let all_fit = KlEstimator::ALL
+                .into_iter()
+                .all(|e| super::fits_f32(estimate(e, log_r, lr_clamp, v_clamp).0));
+            if finite_in && !(all_fit && super::fits_f32(opts.coef as f64 * w * g)) {
+                return Err(Op::SampledKl.invalid_row(i, RowProblem::Overflow));
             }
             for (k, e) in KlEstimator::ALL.into_iter().enumerate() {
                 out.stats.means[k] += w * estimate(e, log_r, lr_clamp, v_clamp).0;
@@ -119,6 +127,10 @@ pub fn sampled_kl(
 /// token `r_t = −β·kl_t`, plus the sequence's score on its last valid token; padding gets 0 (a
 /// sequence without valid tokens has nowhere to put its score: it is dropped). Dense `[B, T]`.
 ///
+/// Errors: shape errors, a non-finite β, [`RowProblem::NonFinite`] for the lowest sequence with
+/// a non-finite KL at a valid token or a non-finite score, [`RowProblem::Overflow`] for the
+/// lowest sequence with a reward beyond f32's range.
+///
 /// ```
 /// use rlhf_kernels::{reference, RowShape};
 /// let r = reference::kl_rewards(&[0.5, 0.25, 9.0], RowShape::new(1, 3), Some(&[1, 1, 0]), &[2.0], 0.5)?;
@@ -132,22 +144,33 @@ pub fn kl_rewards(
     scores: &[f32],
     beta: f32,
 ) -> Result<Vec<f64>> {
-    shape.check_buffer("kl", kl.len())?;
-    if let Some(m) = mask {
-        shape.check_buffer("mask", m.len())?;
-    }
-    check_len("scores", scores.len(), shape.rows)?;
+    crate::kl::check_kl_rewards(kl.len(), shape, mask.map(<[u8]>::len), scores.len(), None, beta)?;
     let mut out = Vec::with_capacity(shape.len());
+    let mut problem = None;
     for (i, &score) in scores.iter().enumerate() {
         let row = shape.row_range(i);
         let valid = |t: usize| mask.is_none_or(|m| m[t] != 0);
         let last = row.clone().rev().find(|&t| valid(t));
+        let mut row_problem = (!score.is_finite()).then_some(RowProblem::NonFinite);
         for t in row {
+            if valid(t) && !kl[t].is_finite() {
+                row_problem = Some(RowProblem::NonFinite);
+            }
             let r = if valid(t) { -(beta as f64) * kl[t] as f64 } else { 0.0 };
-            out.push(if Some(t) == last { r + score as f64 } else { r });
+            let r = if Some(t) == last { r + score as f64 } else { r };
+            if !(r as f32).is_finite() {
+                row_problem = row_problem.or(Some(RowProblem::Overflow));
+            }
+            out.push(r);
+        }
+        if let (None, Some(p)) = (problem, row_problem) {
+            problem = Some((i, p));
         }
     }
-    Ok(out)
+    match problem {
+        Some((i, p)) => Err(Op::KlRewards.invalid_row(i, p)),
+        None => Ok(out),
+    }
 }
 
 /// Per-token results of [`exact_kl`], in f64.
@@ -179,6 +202,9 @@ impl Pair {
         };
         let (log_p, policy_lse) = side(p.iter().map(|x| x.to_f64() / tau).collect())?;
         let (log_q, ref_lse) = side(q.iter().map(|x| x.to_f64() / tau).collect())?;
+        if !(super::fits_f32(policy_lse) && super::fits_f32(ref_lse)) {
+            return Err(op.invalid_row(row, RowProblem::Overflow));
+        }
         Ok(Pair { log_p, log_q, policy_lse, ref_lse })
     }
 

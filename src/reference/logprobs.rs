@@ -139,6 +139,9 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
             let row = RowF64::new(&logits[shape.row_range(r)], tau)
                 .map_err(|p| Op::TokenLogprobs.invalid_row(r, p))?;
             let y = tokens.targets[r].to_i64() as usize;
+            if !super::fits_f32(row.m + row.ln_sum) {
+                return Err(Op::TokenLogprobs.invalid_row(r, RowProblem::Overflow));
+            }
             ((row.z[y] - row.m) - row.ln_sum, row.ln_sum - row.mean_shifted_z, row.m + row.ln_sum)
         };
         out.logp.push(logp);

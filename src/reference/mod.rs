@@ -17,3 +17,9 @@ pub use logprobs::{
     TokenLogprobs, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
 };
 pub use ppo::{PolicyLoss, ValueLoss, policy_loss, value_loss};
+
+/// Whether an f64 result is representable in the backends' f32 outputs (finite after the
+/// conversion); one that is not is [`RowProblem::Overflow`](crate::RowProblem::Overflow).
+pub(crate) fn fits_f32(x: f64) -> bool {
+    (x as f32).is_finite()
+}

@@ -4,8 +4,9 @@
 use crate::advantages::{first_non_finite, non_finite};
 use crate::aggregation::valid_in_row;
 use crate::error::Op;
+use crate::reference::fits_f32;
 use crate::{
-    BatchCounts, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result,
+    BatchCounts, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result, RowProblem,
     ValueLossInputs, ValueLossOptions, ValueLossStats,
 };
 
@@ -62,7 +63,9 @@ fn token_terms(
 /// normaliser, the gradients and the statistics.
 ///
 /// Errors: shape and option errors; [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
-/// for the lowest sequence with a non-finite input at a valid token.
+/// for the lowest sequence with a non-finite input at a valid token,
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow) for the lowest one with a per-token
+/// loss or gradient beyond f32 (the backends' output type).
 ///
 /// ```
 /// use rlhf_kernels::{reference, PolicyLossInputs, PolicyLossOptions, RowShape};
@@ -128,6 +131,10 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, opts: &PolicyLossOptions) -> R
             st.ratio_min = st.ratio_min.min(r);
             st.ratio_max = st.ratio_max.max(r);
         }
+        let row = i * shape.cols..(i + 1) * shape.cols;
+        if !out.loss[row.clone()].iter().chain(&out.grad_logp[row]).all(|&x| fits_f32(x)) {
+            return Err(Op::PolicyLoss.invalid_row(i, RowProblem::Overflow));
+        }
     }
     let n = local.valid_tokens;
     let mean = |x: f64| if n > 0.0 { x / n } else { 0.0 };
@@ -154,7 +161,9 @@ pub struct ValueLoss {
 /// The clipped value loss of MATH.md §4, aggregated, with its gradient.
 ///
 /// Errors: shape and option errors; [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
-/// for the lowest sequence with a non-finite input at a valid token.
+/// for the lowest sequence with a non-finite input at a valid token,
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow) for the lowest one with a per-token
+/// loss or gradient beyond f32.
 ///
 /// ```
 /// use rlhf_kernels::{reference, RowShape, ValueLossInputs, ValueLossOptions};
@@ -205,6 +214,10 @@ pub fn value_loss(inputs: &ValueLossInputs<'_>, opts: &ValueLossOptions) -> Resu
             out.grad_values[i * shape.cols + j] = coef * w * g;
             out.stats.loss += coef * w * l;
             clipped += f64::from(u8::from(c));
+        }
+        let row = i * shape.cols..(i + 1) * shape.cols;
+        if !out.loss[row.clone()].iter().chain(&out.grad_values[row]).all(|&x| fits_f32(x)) {
+            return Err(Op::ValueLoss.invalid_row(i, RowProblem::Overflow));
         }
     }
     out.stats.clip_fraction = if local.valid_tokens > 0.0 { clipped / local.valid_tokens } else { 0.0 };

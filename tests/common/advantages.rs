@@ -255,6 +255,10 @@ pub fn gae_errors(b: &impl AdvantagesBackend) {
     big.rewards.as_mut().unwrap()[11] = 3e38;
     big.values.as_mut().unwrap()[11] = -3e38;
     let err = b.gae(&big, &opts).unwrap_err();
+    assert_eq!(err, Error::InvalidRow { op: "gae", row: 2, problem: RowProblem::Overflow });
+    // A bad input after the overflow in the same row names the input (the lower code wins).
+    big.values.as_mut().unwrap()[10] = f32::NAN;
+    let err = b.gae(&big, &opts).unwrap_err();
     assert_eq!(err, Error::InvalidRow { op: "gae", row: 2, problem: RowProblem::NonFinite });
     // All masked: zeros, no error, NaN inputs never read.
     let mut all_masked = GaeCase::random(shape, MaskKind::Holes, 8);
@@ -395,10 +399,19 @@ pub fn group_errors(b: &impl AdvantagesBackend) {
     ));
     let err = b.group(&[1.0, 2.0, f32::NAN, 0.0], &groups, &opts, None).unwrap_err();
     assert_eq!(err, Error::InvalidRow { op: "group_advantages", row: 2, problem: RowProblem::NonFinite });
-    // A constant group with ε = 0 has no defined GRPO advantage (0/0): an error, not NaN.
+    // A constant group (every response scored alike: common) with ε = 0 carries no signal:
+    // advantages 0, the limit of 0/(0 + ε), not 0/0 = NaN and not an error that stops a run.
     let zero_eps = GroupAdvantageOptions::grpo().eps(0.0);
-    let err = b.group(&[1.0, 1.0, 0.0, 2.0], &groups, &zero_eps, None).unwrap_err();
-    assert_eq!(err, Error::InvalidRow { op: "group_advantages", row: 0, problem: RowProblem::NonFinite });
+    let a = b.group(&[1.0, 1.0, 0.0, 2.0], &groups, &zero_eps, None).unwrap();
+    let expected = reference::group_advantages(&[1.0, 1.0, 0.0, 2.0], &groups, &zero_eps).unwrap();
+    assert_close(&a.0, &expected, Tolerance::for_dtype(rlhf_kernels::DType::F32), "constant group at eps 0");
+    assert_eq!(a.0[0], 0.0);
+    // A NaN in one group names its own sequence, not the first member of the group.
+    let err = b.group(&[1.0, 2.0, 3.0, f32::NAN], &groups, &opts, None).unwrap_err();
+    assert_eq!(err, Error::InvalidRow { op: "group_advantages", row: 3, problem: RowProblem::NonFinite });
+    // RLOO of finite scores near ±f32::MAX overflows f32.
+    let err = b.group(&[3e38, -3e38, 0.0, 1.0], &groups, &GroupAdvantageOptions::rloo(), None).unwrap_err();
+    assert_eq!(err, Error::InvalidRow { op: "group_advantages", row: 0, problem: RowProblem::Overflow });
 }
 
 /// Moments and whitening against the reference, with the corner cases of MATH.md.

@@ -170,6 +170,35 @@ pub fn rewards_sweep(b: &impl SampledBackend) {
     }
 }
 
+/// A non-finite KL at a valid token or a non-finite score names its sequence
+/// (`NonFinite`); finite inputs whose reward overflows f32 name theirs (`Overflow`); a NaN KL
+/// under the mask is padding.
+pub fn rewards_problems(b: &impl SampledBackend) {
+    let shape = RowShape::new(3, 2);
+    let mask = [1u8, 1, 1, 0, 1, 1];
+    let kl = [0.5f32, 0.25, 0.5, f32::NAN, 0.5, 0.25];
+    let scores = [1.0f32, 2.0, 3.0];
+    let expected = reference::kl_rewards(&kl, shape, Some(&mask), &scores, 0.1).unwrap();
+    let r = b.rewards(&kl, shape, Some(&mask), &scores, 0.1).unwrap();
+    assert_close(&r, &expected, Tolerance::for_dtype(DType::F32), "masked NaN");
+    let rewards_err = |kl: &[f32], scores: &[f32], beta: f32| {
+        let want = reference::kl_rewards(kl, shape, Some(&mask), scores, beta).unwrap_err();
+        let got = b.rewards(kl, shape, Some(&mask), scores, beta).unwrap_err();
+        assert_eq!(got, want);
+        got
+    };
+    let row_problem = |row, problem| Error::InvalidRow { op: "kl_rewards", row, problem };
+    let mut nan = kl;
+    nan[4] = f32::NAN;
+    assert_eq!(rewards_err(&nan, &scores, 0.1), row_problem(2, RowProblem::NonFinite));
+    assert_eq!(rewards_err(&kl, &[1.0, f32::INFINITY, 3.0], 0.1), row_problem(1, RowProblem::NonFinite));
+    // −3e38·0.5 fits f32, −3e38·0.5 + (−3e38) does not: the last valid token of row 0 overflows.
+    assert_eq!(rewards_err(&kl, &[-3e38, 0.0, 0.0], 3e38), row_problem(0, RowProblem::Overflow));
+    let mut big = kl;
+    big[5] = 3e38;
+    assert_eq!(rewards_err(&big, &scores, 10.0), row_problem(2, RowProblem::Overflow));
+}
+
 // ---- exact divergences ----------------------------------------------------------------------
 
 /// The outputs of an exact forward.

@@ -186,6 +186,9 @@ pub fn exact_kl<P: Element, Q: Element>(
             let st = pair_stats(p, q, inv_tau)?;
             let (lse_p, lse_q) =
                 (PairStats::lse(st.mp, st.sp, inv_tau), PairStats::lse(st.mq, st.sq, inv_tau));
+            if !(lse_p.is_finite() && lse_q.is_finite()) {
+                return Err(RowProblem::Overflow); // finite logits, max/τ beyond f32
+            }
             let (value, term) = match opts.divergence {
                 ExactDivergence::PolicyRef => {
                     let kl = st.kl_pr(inv_tau);
@@ -325,13 +328,13 @@ fn backward<P: Element, Q: Element>(
             }
             let row =
                 RowGrad { divergence: opts.divergence, inv_tau, lse_p, lse_q, saved, scale: g * inv_tau };
-            backward_row(
+            let fits = backward_row(
                 policy.map(|x| &x[policy_shape.row_range(r)]),
                 &reference[ref_shape.row_range(r)],
                 dx,
                 row,
             );
-            None
+            (!fits).then_some((r, RowProblem::Overflow))
         })
         .reduce(|| None, first_problem);
     match problem {
@@ -471,13 +474,15 @@ fn jsd_terms_generic<P: Element, Q: Element>(p: &[P], q: &[Q], s: Saved) -> [f32
     [simd::sum_lanes(&tp), simd::sum_lanes(&tq)]
 }
 
-dispatch!(fn backward_row<P: Element, Q: Element>(x: Option<&[P]>, y: &[Q], dx: &mut [P], g: RowGrad) -> () = backward_row_generic);
+dispatch!(fn backward_row<P: Element, Q: Element>(x: Option<&[P]>, y: &[Q], dx: &mut [P], g: RowGrad) -> bool = backward_row_generic);
 
 /// One row of the backward in [`BLOCK`]s; `x = None` reads the policy logits from `dx`
-/// (in place: each block is read before it is overwritten).
+/// (in place: each block is read before it is overwritten). Returns whether every gradient fits
+/// `P`.
 #[inline(always)]
-fn backward_row_generic<P: Element, Q: Element>(x: Option<&[P]>, y: &[Q], dx: &mut [P], g: RowGrad) {
+fn backward_row_generic<P: Element, Q: Element>(x: Option<&[P]>, y: &[Q], dx: &mut [P], g: RowGrad) -> bool {
     let (mut zp, mut zq, mut out) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
+    let mut fits = true;
     let mut start = 0;
     while start < dx.len() {
         let n = BLOCK.min(dx.len() - start);
@@ -506,8 +511,10 @@ fn backward_row_generic<P: Element, Q: Element>(x: Option<&[P]>, y: &[Q], dx: &m
                 }
             };
             *o = g.scale * term;
+            fits &= P::fits(*o);
         }
         P::slice_from_f32(&out[..n], &mut dx[range]);
         start += n;
     }
+    fits
 }

@@ -7,7 +7,6 @@ use crate::aggregation::{BatchCounts, valid_in_row};
 use crate::cpu::first_problem;
 use crate::cpu::simd::{self, LANES, LOG2E, dispatch};
 use crate::error::Op;
-use crate::logprobs::check_len;
 use crate::{KlEstimator, Result, RowProblem, RowShape, SampledKlOptions, SampledKlStats};
 
 /// Where [`sampled_kl`] writes per token (`[B, T]` laid out as the inputs; either may be
@@ -96,13 +95,15 @@ struct RowParams {
 }
 
 /// What one row gives: sums of every estimator and of the clamp flags over its valid tokens,
-/// and whether a NaN or an infinity of the chosen estimator was met.
+/// and whether a NaN, an infinity of the chosen estimator from an infinite input, or an
+/// overflow of f32 from finite inputs was met.
 #[derive(Clone, Copy, Default)]
 struct RowSums {
     estimators: [f64; 8],
     clamped: f64,
     nan: bool,
     inf: bool,
+    overflow: bool,
 }
 
 dispatch!(fn sampled_row<E: Chosen>(lp: &[f32], rlp: &[f32], mask: Option<&[u8]>, values: Option<&mut [f32]>, grads: Option<&mut [f32]>, p: RowParams) -> RowSums = sampled_row_generic);
@@ -119,7 +120,8 @@ fn sampled_row_generic<E: Chosen>(
     p: RowParams,
 ) -> RowSums {
     let mut acc = [[0.0f32; LANES]; 9];
-    let (mut nan, mut inf) = ([false; LANES], [false; LANES]);
+    let (mut nan, mut inf, mut overflow, mut inf_input) =
+        ([false; LANES], [false; LANES], [false; LANES], [false; LANES]);
     let (mut a, mut b, mut valid) = ([0.0f32; LANES], [0.0f32; LANES], [false; LANES]);
     let (mut v_out, mut g_out) = ([0.0f32; LANES], [0.0f32; LANES]);
     let mut start = 0;
@@ -135,8 +137,15 @@ fn sampled_row_generic<E: Chosen>(
             let (vals, g, clamped) = estimates::<E>(b[j] - a[j], p.lr_clamp, p.v_clamp);
             let v = vals[E::E as usize];
             let ok = valid[j];
+            let finite_in = a[j].is_finite() && b[j].is_finite();
             nan[j] |= ok && (a[j].is_nan() || b[j].is_nan() || v.is_nan() || g.is_nan());
-            inf[j] |= ok && (v.is_infinite() || g.is_infinite());
+            inf[j] |= ok && !finite_in && (v.is_infinite() || g.is_infinite());
+            inf_input[j] |= ok && !finite_in;
+            // Finite inputs: every estimate (the statistics hold all eight) and the weighted
+            // gradient must fit f32.
+            overflow[j] |= ok
+                && finite_in
+                && !(vals.iter().all(|x| x.is_finite()) && g.is_finite() && (p.w * g).is_finite());
             for k in 0..8 {
                 acc[k][j] += if ok { vals[k] } else { 0.0 };
             }
@@ -156,6 +165,9 @@ fn sampled_row_generic<E: Chosen>(
     for (s, lanes) in out.estimators.iter_mut().zip(&acc) {
         *s = simd::sum_lanes(lanes) as f64;
     }
+    // A row sum past f32 from finite inputs overflowed too.
+    let sums_overflow = !inf_input.contains(&true) && out.estimators.iter().any(|s| !s.is_finite());
+    out.overflow = overflow.contains(&true) || sums_overflow;
     out.clamped = simd::sum_lanes(&acc[8]) as f64;
     out
 }
@@ -181,7 +193,9 @@ fn row_slices(o: Option<&mut [f32]>, shape: RowShape) -> Vec<Option<&mut [f32]>>
 /// the lowest sequence with, on a valid token, a NaN input or estimate
 /// ([`RowProblem::NaN`]: e.g. `logp = ref_logp = -inf`), or an infinite value or gradient of
 /// the chosen estimator ([`RowProblem::InfiniteKl`]: e.g. k1 or k2 where `ref_logp = -inf`,
-/// a token the reference forbids). The clamps keep k3, k1_rev and k3_rev finite.
+/// a token the reference forbids). The clamps keep k3, k1_rev and k3_rev finite. With finite
+/// inputs, an estimate, a gradient or a row sum beyond f32 is [`RowProblem::Overflow`] (k2
+/// of `|log r| > 1.8e19`, or a β so large that `β·w·∂k` overflows).
 ///
 /// ```
 /// use rlhf_kernels::{cpu, Aggregation, KlEstimator, RowShape, SampledKlOptions};
@@ -252,6 +266,8 @@ pub fn sampled_kl(
                 Err((i, RowProblem::NaN))
             } else if sums.inf {
                 Err((i, RowProblem::InfiniteKl))
+            } else if sums.overflow {
+                Err((i, RowProblem::Overflow))
             } else {
                 Ok(sums)
             }
@@ -287,6 +303,10 @@ pub fn sampled_kl(
 /// (`[B, T]`, rows = sequences). These rewards feed the advantages (GAE); the KL then acts
 /// through the return, not as a loss term.
 ///
+/// Errors: shape errors, a non-finite β, [`RowProblem::NonFinite`] for the lowest sequence with
+/// a non-finite KL at a valid token or a non-finite score, [`RowProblem::Overflow`] for the
+/// lowest sequence whose reward overflows f32 (`rewards` is then partly written).
+///
 /// ```
 /// use rlhf_kernels::{cpu, RowShape};
 /// let mut rewards = [0.0f32; 3];
@@ -302,27 +322,34 @@ pub fn kl_rewards(
     beta: f32,
     rewards: &mut [f32],
 ) -> Result<()> {
-    shape.check_buffer("kl", kl.len())?;
-    shape.check_buffer("rewards", rewards.len())?;
-    if let Some(m) = mask {
-        shape.check_buffer("mask", m.len())?;
+    crate::kl::check_kl_rewards(
+        kl.len(),
+        shape,
+        mask.map(<[u8]>::len),
+        scores.len(),
+        Some(rewards.len()),
+        beta,
+    )?;
+    let problem = rewards
+        .par_chunks_mut(shape.row_stride)
+        .enumerate()
+        .filter_map(|(i, out)| {
+            let row = shape.row_range(i);
+            let valid = |t: usize| mask.is_none_or(|m| m[t] != 0);
+            let last = row.clone().rev().find(|&t| valid(t));
+            let (mut bad_input, mut overflow) = (!scores[i].is_finite(), false);
+            for (o, t) in out.iter_mut().zip(row) {
+                let r = if valid(t) { -beta * kl[t] } else { 0.0 };
+                *o = if Some(t) == last { r + scores[i] } else { r };
+                bad_input |= valid(t) && !kl[t].is_finite();
+                overflow |= !o.is_finite();
+            }
+            let p = if bad_input { RowProblem::NonFinite } else { RowProblem::Overflow };
+            (bad_input || overflow).then_some((i, p))
+        })
+        .min_by_key(|&(i, _)| i);
+    match problem {
+        Some((i, p)) => Err(Op::KlRewards.invalid_row(i, p)),
+        None => Ok(()),
     }
-    check_len("scores", scores.len(), shape.rows)?;
-    if !beta.is_finite() {
-        return Err(crate::Error::InvalidOption {
-            name: "beta",
-            value: beta.to_string(),
-            expected: "a finite β",
-        });
-    }
-    rewards.par_chunks_mut(shape.row_stride).enumerate().for_each(|(i, out)| {
-        let row = shape.row_range(i);
-        let valid = |t: usize| mask.is_none_or(|m| m[t] != 0);
-        let last = row.clone().rev().find(|&t| valid(t));
-        for (o, t) in out.iter_mut().zip(row) {
-            let r = if valid(t) { -beta * kl[t] } else { 0.0 };
-            *o = if Some(t) == last { r + scores[i] } else { r };
-        }
-    });
-    Ok(())
 }

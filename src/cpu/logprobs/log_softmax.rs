@@ -184,6 +184,7 @@ fn backward_row_generic<T: Element>(y: &[f32], g: &[f32], dx: &mut [T], inv_tau:
     // +inf exactly when y holds a NaN or a +inf (-inf entries, banned tokens, only drive it
     // to -inf). Such a row is reported and its output discarded.
     let mut check = [0.0f32; LANES];
+    let mut fits = true; // every gradient fits T (a large 1/τ can overflow it)
     let mut buf = [0.0f32; BLOCK];
     for ((yb, gb), db) in y.chunks(BLOCK).zip(g.chunks(BLOCK)).zip(dx.chunks_mut(BLOCK)) {
         let direct = T::as_f32(db).is_some();
@@ -198,12 +199,14 @@ fn backward_row_generic<T: Element>(y: &[f32], g: &[f32], dx: &mut [T], inv_tau:
                 for j in 0..LANES {
                     o[j] = (gv[j] - simd::exp2(yv[j] * LOG2E) * total) * inv_tau;
                     check[j] += yv[j];
+                    fits &= T::fits(o[j]);
                 }
             }
             let tail = os.into_remainder().iter_mut().zip(ys.remainder()).zip(gs.remainder());
             for (j, ((o, &yv), &gv)) in tail.enumerate() {
                 *o = (gv - simd::exp2(yv * LOG2E) * total) * inv_tau;
                 check[j] += yv;
+                fits &= T::fits(*o);
             }
         }
         if !direct {
@@ -217,5 +220,5 @@ fn backward_row_generic<T: Element>(y: &[f32], g: &[f32], dx: &mut [T], inv_tau:
     if !total.is_finite() {
         return Some(RowProblem::GradNonFinite);
     }
-    None
+    (!fits).then_some(RowProblem::Overflow)
 }

@@ -155,13 +155,14 @@ pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
     shape.check_buffer("logits", logits.len())?;
     tokens.check(shape.rows)?;
     check_len("partials", partials.len(), shape.rows)?;
+    let offset = crate::logprobs::check_vocab_offset(vocab_offset, shape.cols)?;
     let inv_tau = opts.inv_temperature()?;
     partials.par_iter_mut().enumerate().with_min_len(rows_per_task(shape.cols)).for_each(|(r, out)| {
         *out = if tokens.masked(r, opts.ignore_index) {
             VocabPartial::EMPTY
         } else {
             let x = &logits[shape.row_range(r)];
-            let local = tokens.targets[r].to_i64() - vocab_offset as i64;
+            let local = tokens.targets[r].to_i64() - offset;
             let p = partial(x, inv_tau, true);
             if (0..shape.cols as i64).contains(&local) { with_target(p, x, local as usize) } else { p }
         };
@@ -348,8 +349,8 @@ fn backward<T: Element, I: TargetIndex>(
             if !(g.grad_logp.is_finite() && g.grad_entropy.is_finite()) {
                 return Some((r, RowProblem::GradNonFinite));
             }
-            backward_row(logits.map(|x| &x[shape.row_range(r)]), dx, g);
-            None
+            let fits = backward_row(logits.map(|x| &x[shape.row_range(r)]), dx, g);
+            (!fits).then_some((r, RowProblem::Overflow))
         })
         .reduce(|| None, first_problem);
     match problem {
@@ -358,13 +359,13 @@ fn backward<T: Element, I: TargetIndex>(
     }
 }
 
-dispatch!(fn backward_row<T: Element>(x: Option<&[T]>, dx: &mut [T], g: RowGrad) -> () = backward_row_generic);
+dispatch!(fn backward_row<T: Element>(x: Option<&[T]>, dx: &mut [T], g: RowGrad) -> bool = backward_row_generic);
 
 /// One row of the backward; `x = None` reads the logits from `dx` itself (in place: every
 /// element is read before it is overwritten). f32 rows are computed straight into `dx`;
 /// f16/bf16 rows go through L1-sized f32 blocks.
 #[inline(always)]
-fn backward_row_generic<T: Element>(x: Option<&[T]>, dx: &mut [T], g: RowGrad) {
+fn backward_row_generic<T: Element>(x: Option<&[T]>, dx: &mut [T], g: RowGrad) -> bool {
     #[inline(always)]
     fn grad_of(z: f32, g: &RowGrad, hit: f32) -> f32 {
         let a = z.mul_add(g.inv_tau, -g.lse); // z_v − lse
@@ -376,12 +377,18 @@ fn backward_row_generic<T: Element>(x: Option<&[T]>, dx: &mut [T], g: RowGrad) {
         Some(x) => x[g.target].to_f32(),
         None => dx[g.target].to_f32(),
     };
+    // Whether every gradient fits the logits' dtype (a finite upstream gradient times a large
+    // 1/τ need not).
+    let mut fits = true;
     if T::CHEAP_SCALAR_CONVERT {
+        let mut put = |o: &mut T, z: f32| {
+            let v = grad_of(z, &g, 0.0);
+            fits &= T::fits(v);
+            *o = T::from_f32(v);
+        };
         match x {
-            Some(src) => {
-                dx.iter_mut().zip(src).for_each(|(o, z)| *o = T::from_f32(grad_of(z.to_f32(), &g, 0.0)))
-            }
-            None => dx.iter_mut().for_each(|o| *o = T::from_f32(grad_of(o.to_f32(), &g, 0.0))),
+            Some(src) => dx.iter_mut().zip(src).for_each(|(o, z)| put(o, z.to_f32())),
+            None => dx.iter_mut().for_each(|o| put(o, o.to_f32())),
         }
     } else {
         let (mut z, mut out) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
@@ -395,6 +402,7 @@ fn backward_row_generic<T: Element>(x: Option<&[T]>, dx: &mut [T], g: RowGrad) {
             }
             for (o, &zv) in out[..n].iter_mut().zip(&z[..n]) {
                 *o = grad_of(zv, &g, 0.0);
+                fits &= T::fits(*o);
             }
             T::slice_from_f32(&out[..n], &mut dx[range]);
             start += n;
@@ -402,7 +410,9 @@ fn backward_row_generic<T: Element>(x: Option<&[T]>, dx: &mut [T], g: RowGrad) {
     }
     // The target's own term, 1[v = y]: recomputed from its logit, read before the row was
     // overwritten.
-    dx[g.target] = T::from_f32(grad_of(target_z, &g, 1.0));
+    let target = grad_of(target_z, &g, 1.0);
+    dx[g.target] = T::from_f32(target);
+    fits && T::fits(target)
 }
 
 /// The per-row outputs of a forward, written from parallel tasks.

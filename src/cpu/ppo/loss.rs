@@ -4,14 +4,13 @@
 
 use rayon::prelude::*;
 
-use crate::advantages::non_finite;
 use crate::aggregation::valid_in_row;
 use crate::cpu::rows_mut;
 use crate::cpu::simd::{self, LANES, LOG2E, dispatch};
 use crate::error::Op;
 use crate::{
     BatchCounts, Element, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result,
-    ValueLossInputs, ValueLossOptions, ValueLossStats,
+    RowProblem, ValueLossInputs, ValueLossOptions, ValueLossStats,
 };
 
 /// Where [`policy_loss`] writes (each optional, laid out as the inputs; masked tokens get 0):
@@ -83,7 +82,10 @@ struct RowSums {
     ratio: f64,
     ratio_min: f64,
     ratio_max: f64,
+    /// A non-finite input at a valid token.
     bad: bool,
+    /// Finite inputs, but a per-token loss or gradient, or a row sum, beyond f32.
+    overflow: bool,
 }
 
 /// One row of each per-token input.
@@ -106,8 +108,9 @@ struct RowOutputs<'a> {
 const STEP: usize = LANES;
 
 /// The stat accumulators of [`policy_row_generic`], one lane array each: loss, entropy, low,
-/// high, dual, k1, k3, ratio, the non-finite check, then min and max of the ratio.
-const SUMS: usize = 9;
+/// high, dual, k1, k3, ratio, the non-finite input check and the overflow check (then min and
+/// max of the ratio).
+const SUMS: usize = 10;
 
 /// One row of the policy loss, [`STEP`] tokens at a time in branch-free f32 (every
 /// objective's formula evaluated, the row's chosen by a select), so that it vectorises; the
@@ -174,6 +177,7 @@ fn policy_row_generic<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOu
             acc[6][k] += (r_t - 1.0) - lr_t;
             acc[7][k] += if m { r_t } else { 0.0 };
             acc[8][k] += lpk * 0.0 + v[1][k] * 0.0 + a * 0.0 + h * 0.0; // NaN if any input is not finite
+            acc[9][k] += l_out[k] * 0.0 + g_out[k] * 0.0; // NaN if an output overflowed
             rmin[k] = rmin[k].min(if m { r_t } else { f32::INFINITY });
             rmax[k] = rmax[k].max(if m { r_t } else { f32::NEG_INFINITY });
         }
@@ -184,6 +188,7 @@ fn policy_row_generic<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOu
             let o = &mut o[start..start + n];
             if p.accumulate {
                 o.iter_mut().zip(&g_out).for_each(|(o, g)| *o += g);
+                acc[9][0] += o.iter().map(|o| o * 0.0).sum::<f32>();
             } else {
                 o.copy_from_slice(&g_out[..n]);
             }
@@ -207,6 +212,7 @@ fn policy_row_generic<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOu
         ratio_min: rmin.iter().copied().fold(f32::INFINITY, f32::min) as f64,
         ratio_max: simd::max_lanes(&rmax) as f64,
         bad: !sum(8).is_finite(),
+        overflow: (0..8).chain([9]).any(|k| !sum(k).is_finite()),
     }
 }
 
@@ -219,7 +225,9 @@ dispatch!(fn policy_row<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: Row
 ///
 /// Errors: shape and option errors; [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
 /// for the lowest sequence with a non-finite input at a valid token (inputs at masked tokens
-/// are not read). An all-masked batch has loss 0.
+/// are not read), [`RowProblem::Overflow`](crate::RowProblem::Overflow) for the lowest one
+/// whose finite inputs give a loss, a gradient or a row sum beyond f32 (say `|A|·e^clamp`
+/// > 3.4e38; outputs are then partly written). An all-masked batch has loss 0.
 ///
 /// ```
 /// use rlhf_kernels::{cpu, PolicyLossInputs, PolicyLossOptions, RowShape};
@@ -292,8 +300,9 @@ pub fn policy_loss(
             (w, policy_row(&p, x, RowOutputs { loss, grad, grad_h }))
         })
         .collect();
-    if let Some(i) = rows.iter().position(|(_, s)| s.bad) {
-        return Err(non_finite(Op::PolicyLoss, i));
+    if let Some(i) = rows.iter().position(|(_, s)| s.bad || s.overflow) {
+        let problem = if rows[i].1.bad { RowProblem::NonFinite } else { RowProblem::Overflow };
+        return Err(Op::PolicyLoss.invalid_row(i, problem));
     }
     let mut st =
         PolicyLossStats { ratio_min: f64::INFINITY, ratio_max: f64::NEG_INFINITY, ..Default::default() };
@@ -337,21 +346,25 @@ impl<'a> ValueLossOutputs<'a> {
     }
 }
 
-/// One token's value loss, `∂L_v/∂v` and whether the clipped error is the larger, in f32.
+/// One token's value loss, `∂L_v/∂v` and whether the clipped error is the larger, in f32. The
+/// errors are compared by magnitude and halved before they are squared, `(½·d)·d`, so the loss
+/// overflows f32 only when its value does (`|v − R| > 2.6e19`), not already at `d² > 3.4e38`.
 pub(crate) fn value_token(clip: Option<f32>, v: f32, old: f32, ret: f32) -> (f32, f32, bool) {
+    let half_square = |d: f32| (0.5 * d) * d;
+    let d = v - ret;
     match clip {
-        None => (0.5 * (v - ret) * (v - ret), v - ret, false),
+        None => (half_square(d), d, false),
         Some(eps) => {
             let v_clip = old + (v - old).clamp(-eps, eps);
-            let (e1, e2) = ((v - ret) * (v - ret), (v_clip - ret) * (v_clip - ret));
-            let g = if e1 >= e2 {
-                v - ret
+            let dc = v_clip - ret;
+            let g = if d.abs() >= dc.abs() {
+                d
             } else if (v - old).abs() < eps {
-                v_clip - ret
+                dc
             } else {
                 0.0
             };
-            (0.5 * e1.max(e2), g, e2 > e1)
+            (half_square(if d.abs() >= dc.abs() { d } else { dc }), g, dc.abs() > d.abs())
         }
     }
 }
@@ -360,7 +373,10 @@ pub(crate) fn value_token(clip: Option<f32>, v: f32, old: f32, ret: f32) -> (f32
 /// `coef·Σ mask·w·L_v`, the gradient `coef·w·∂L_v/∂v` and the clip fraction, in one pass.
 ///
 /// Errors: shape and option errors; [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
-/// for the lowest sequence with a non-finite input at a valid token.
+/// for the lowest sequence with a non-finite input at a valid token,
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow) for the lowest one whose finite
+/// inputs give a loss or gradient beyond f32 (`½·(v − R)²` passes 3.4e38 at
+/// `|v − R| > 2.6e19`).
 ///
 /// ```
 /// use rlhf_kernels::{cpu, RowShape, ValueLossInputs, ValueLossOptions};
@@ -387,12 +403,12 @@ pub fn value_loss(
     let local = BatchCounts::of(shape, mask);
     let counts = opts.normaliser.counts(local);
     let coef = opts.coef as f64;
-    let rows: Vec<(f64, f64, f64, bool)> = rows_mut(out.loss, shape)
+    let rows: Vec<(f64, f64, f64, Option<RowProblem>)> = rows_mut(out.loss, shape)
         .zip(rows_mut(out.grad_values, shape))
         .enumerate()
         .map(|(i, (mut loss, mut grad))| {
             let w = coef * opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i));
-            let (mut sum, mut clipped, mut bad) = (0.0f64, 0.0f64, false);
+            let (mut sum, mut clipped, mut bad, mut overflow) = (0.0f64, 0.0f64, false, false);
             for (j, t) in shape.row_range(i).enumerate() {
                 let (mut l_out, mut g_out) = (0.0, 0.0);
                 if mask.is_none_or(|m| m[t] != 0) {
@@ -400,6 +416,7 @@ pub fn value_loss(
                     bad |= !(v.is_finite() && old.is_finite() && ret.is_finite());
                     let (l, g, c) = value_token(opts.clip, v, old, ret);
                     (l_out, g_out) = (l, (w * g as f64) as f32);
+                    overflow |= !(l_out.is_finite() && g_out.is_finite());
                     sum += l as f64;
                     clipped += f64::from(u8::from(c));
                 }
@@ -410,11 +427,13 @@ pub fn value_loss(
                     o[j] = g_out;
                 }
             }
-            (w, sum, clipped, bad)
+            let problem =
+                if bad { Some(RowProblem::NonFinite) } else { overflow.then_some(RowProblem::Overflow) };
+            (w, sum, clipped, problem)
         })
         .collect();
-    if let Some(i) = rows.iter().position(|r| r.3) {
-        return Err(non_finite(Op::ValueLoss, i));
+    if let Some((i, p)) = rows.iter().enumerate().find_map(|(i, r)| r.3.map(|p| (i, p))) {
+        return Err(Op::ValueLoss.invalid_row(i, p));
     }
     let loss = rows.iter().map(|r| r.0 * r.1).sum();
     let clipped: f64 = rows.iter().map(|r| r.2).sum();

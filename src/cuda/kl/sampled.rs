@@ -13,7 +13,6 @@ use cudarc::driver::{
 use crate::cuda::aggregation::{aggregation_code, count_mask, known_counts, records_and_count_bytes};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
-use crate::logprobs::check_len;
 use crate::{BatchCounts, Error, Result, RowShape, SampledKlOptions, SampledKlStats};
 
 /// Bytes per sequence of the row records (`SampledRow` in the kernel: 10 f32).
@@ -233,19 +232,25 @@ pub fn sampled_kl(
 }
 
 /// The GPU twin of [`cpu::kl_rewards`](crate::cpu::kl_rewards): `r_t = −β·kl_t` on valid
-/// tokens plus each sequence's score on its last valid token, 0 on padding; one kernel.
+/// tokens plus each sequence's score on its last valid token, 0 on padding; one kernel. A
+/// sequence with a non-finite KL at a valid token or a non-finite score
+/// ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)), or whose reward overflows f32
+/// ([`RowProblem::Overflow`](crate::RowProblem::Overflow)), is reported in `status`.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
 /// use rlhf_kernels::RowShape;
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let kl = s.clone_htod(&[0.5f32, 0.25]).unwrap();
 /// let scores = s.clone_htod(&[2.0f32]).unwrap();
 /// let mut rewards = s.alloc_zeros::<f32>(2).unwrap();
-/// cuda::kl_rewards(s, &kl, RowShape::new(1, 2), None, &scores, 0.1, &mut rewards)?;
+/// let mut status = CudaStatus::new(s)?;
+/// cuda::kl_rewards(s, &kl, RowShape::new(1, 2), None, &scores, 0.1, &mut rewards, &mut status)?;
+/// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
+#[allow(clippy::too_many_arguments)] // issue 15 gives every op one inputs struct
 pub fn kl_rewards(
     stream: &Arc<CudaStream>,
     kl: &impl DevicePtr<f32>,
@@ -254,30 +259,32 @@ pub fn kl_rewards(
     scores: &impl DevicePtr<f32>,
     beta: f32,
     rewards: &mut impl DevicePtrMut<f32>,
+    status: &mut CudaStatus,
 ) -> Result<()> {
-    shape.check_buffer("kl", kl.len())?;
-    shape.check_buffer("rewards", rewards.len())?;
-    if let Some(m) = mask {
-        shape.check_buffer("mask", m.len())?;
-    }
-    check_len("scores", scores.len(), shape.rows)?;
-    if !beta.is_finite() {
-        return Err(Error::InvalidOption { name: "beta", value: beta.to_string(), expected: "a finite β" });
-    }
+    crate::kl::check_kl_rewards(
+        kl.len(),
+        shape,
+        mask.map(|m| m.len()),
+        scores.len(),
+        Some(rewards.len()),
+        beta,
+    )?;
     let s: &CudaStream = stream;
     let (k, _g1) = kl.device_ptr(s);
     let (m, _g2) = view_ptr(mask, s);
     let (sc, _g3) = scores.device_ptr(s);
     let (r, _g4) = rewards.device_ptr_mut(s);
+    let (st, _g5) = status.device_ptr(s);
     let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
     let func = function(stream.context(), Module::KlSampled, "kl_rewards")?;
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&k).arg(&ld).arg(&m).arg(&rows).arg(&cols).arg(&sc).arg(&beta).arg(&r);
+    launch.arg(&k).arg(&ld).arg(&m).arg(&rows).arg(&cols).arg(&sc).arg(&beta).arg(&r).arg(&st);
     let cfg =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `kl_rewards(const float*, long long, const unsigned char*, int, int, const
-    // float*, float, float*)`; one block of 256 threads per sequence; `kl`, `mask` and `rewards`
-    // cover the shape and `scores` holds one value per row (checked above).
+    // float*, float, float*, unsigned long long*)`; one block of 256 threads per sequence; `kl`,
+    // `mask` and `rewards` cover the shape, `scores` holds one value per row (checked above) and
+    // `status` is the stream's one u64 status word.
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching kl_rewards"))?;
     Ok(())
 }

@@ -356,6 +356,7 @@ pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
     shape.check_buffer("logits", logits.len())?;
     check_tokens(tokens, shape.rows)?;
     check_len("partials", partials.len(), shape.rows)?;
+    let offset = crate::logprobs::check_vocab_offset(vocab_offset, shape.cols)?;
     let inv_tau = opts.inv_temperature()?;
     let s: &CudaStream = stream;
     let (x, _gx) = logits.device_ptr(s);
@@ -364,8 +365,7 @@ pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
     let (p, _gp) = partials.device_ptr_mut(s);
     let sel = RowSelect::new(targets, I::INDEX_TYPE, mask, opts);
     let func = function(stream.context(), Module::Logprobs, forward_name(T::DTYPE, true, false))?;
-    let (ld, rows, cols, offset) =
-        (shape.row_stride as i64, shape.rows as i32, shape.cols as i32, vocab_offset as i64);
+    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
     let null = 0u64;
     let mut launch = stream.launch_builder(&func);
     launch.arg(&x).arg(&ld).arg(&rows).arg(&cols).arg(&sel).arg(&inv_tau).arg(&offset);

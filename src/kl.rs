@@ -600,26 +600,6 @@ pub fn merge_exact_kl_partials(parts: &[ExactKlPartial], opts: &ExactKlOptions) 
     Ok(parts.iter().fold(ExactKlPartial::EMPTY, |acc, p| acc.merge(p, inv_tau)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The GPU writes `ExactKlPartial` records itself: its flag bits must be ours.
-    #[test]
-    fn partial_flags_match_the_kernels() {
-        let kernel = include_str!("../kernels/kl_exact.cu");
-        let line = format!(
-            "PAIR_P_NAN = {}, PAIR_P_POS_INF = {}, PAIR_Q_NAN = {}, PAIR_Q_POS_INF = {};",
-            ExactKlPartial::POLICY_NAN,
-            ExactKlPartial::POLICY_POS_INF,
-            ExactKlPartial::REF_NAN,
-            ExactKlPartial::REF_POS_INF
-        );
-        assert!(kernel.contains(&line), "kernels/kl_exact.cu lacks `{line}`");
-        assert_eq!(std::mem::size_of::<ExactKlPartial>(), 28, "PairPartial is 6 f32 and a u32");
-    }
-}
-
 /// The checks every backend's `kl_rewards` makes before it writes anything: `kl`, `rewards`
 /// (when given) and `mask` cover `shape`, one score per sequence, a finite β.
 pub(crate) fn check_kl_rewards(
@@ -642,4 +622,24 @@ pub(crate) fn check_kl_rewards(
         return Err(Error::InvalidOption { name: "beta", value: beta.to_string(), expected: "a finite β" });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU writes `ExactKlPartial` records itself: its flag bits must be ours.
+    #[test]
+    fn partial_flags_match_the_kernels() {
+        let kernel = include_str!("../kernels/kl_exact.cu");
+        let line = format!(
+            "PAIR_P_NAN = {}, PAIR_P_POS_INF = {}, PAIR_Q_NAN = {}, PAIR_Q_POS_INF = {};",
+            ExactKlPartial::POLICY_NAN,
+            ExactKlPartial::POLICY_POS_INF,
+            ExactKlPartial::REF_NAN,
+            ExactKlPartial::REF_POS_INF
+        );
+        assert!(kernel.contains(&line), "kernels/kl_exact.cu lacks `{line}`");
+        assert_eq!(std::mem::size_of::<ExactKlPartial>(), 28, "PairPartial is 6 f32 and a u32");
+    }
 }

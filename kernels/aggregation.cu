@@ -5,24 +5,37 @@
 
 using namespace rk;
 
-// One block of 256 threads per sequence: the sum of its valid values and its valid count.
+constexpr unsigned OP_AGGREGATE = 15;
+
+// One block of 256 threads per sequence: the sum of its valid values and its valid count. A NaN
+// at a valid token is PROBLEM_NON_FINITE; a row of finite values whose f32 sum overflows is
+// PROBLEM_OVERFLOW.
 extern "C" __global__ void __launch_bounds__(256)
 aggregate_rows(const float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows,
-               int cols, float2* __restrict__ records) {
+               int cols, float2* __restrict__ records, unsigned long long* __restrict__ status) {
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   if (row >= rows) return;
   const long long base = row * ld;
   float sum = 0.0f, valid = 0.0f;
+  bool has_nan = false, has_inf = false;
   for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
     if (token_valid(mask, base + t)) {
-      sum = __fadd_rn(sum, values[base + t]);
+      const float v = values[base + t];
+      sum = __fadd_rn(sum, v);
+      has_nan |= isnan(v);
+      has_inf |= isinf(v);
       valid += 1.0f;
     }
   }
   sum = block_sum(sum, scratch);
   valid = block_sum(valid, scratch);
-  if (threadIdx.x == 0) records[row] = make_float2(sum, valid);
+  const bool any_nan = __syncthreads_or(has_nan), any_inf = __syncthreads_or(has_inf);
+  if (threadIdx.x == 0) {
+    if (any_nan) report(status, row, OP_AGGREGATE, PROBLEM_NON_FINITE);
+    else if (!isfinite(sum) && !any_inf) report(status, row, OP_AGGREGATE, PROBLEM_OVERFLOW);
+    records[row] = make_float2(sum, valid);
+  }
 }
 
 // One block of 256 threads: out = [Σ_rows weight(row)·sum(row), valid tokens, valid
@@ -31,7 +44,7 @@ aggregate_rows(const float* __restrict__ values, long long ld, const unsigned ch
 extern "C" __global__ void __launch_bounds__(256)
 aggregate_finalize(const float2* __restrict__ records, int rows, int aggregation, double max_len, int use_global,
                    double global_tokens, double global_sequences_valid, double global_sequences,
-                   double* __restrict__ out) {
+                   double* __restrict__ out, unsigned long long* __restrict__ status) {
   __shared__ double sh[256];
   double tokens = 0.0, seqs = 0.0;
   for (long long r = threadIdx.x; r < rows; r += 256) {
@@ -54,6 +67,13 @@ aggregate_finalize(const float2* __restrict__ records, int rows, int aggregation
     out[1] = local_tokens;
     out[2] = local_seqs;
     out[3] = static_cast<double>(rows);
+    // With nothing reported yet (no NaN value, no overflow), a NaN total is +inf meeting -inf,
+    // within a row or across rows: the host names the first row holding an infinity.
+    if (isnan(total) && *status == STATUS_CLEAR) {
+      long long r = 0;
+      while (r < rows && isfinite(records[r].x)) ++r;
+      report(status, r < rows ? r : 0, OP_AGGREGATE, PROBLEM_NON_FINITE);
+    }
   }
 }
 

@@ -37,6 +37,15 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(x);
 }
 
+// Whether `x` converts to a finite T: |x| below the smallest magnitude that rounds to ±inf in T
+// (+inf for f32, 65520 for f16, 0x7F7F8000 for bf16; src/dtype.rs Element::OVERFLOW_AT). False
+// for NaN.
+template <typename T> __device__ __forceinline__ float overflow_at();
+template <> __device__ __forceinline__ float overflow_at<float>() { return pos_inf(); }
+template <> __device__ __forceinline__ float overflow_at<__half>() { return 65520.0f; }
+template <> __device__ __forceinline__ float overflow_at<__nv_bfloat16>() { return __int_as_float(0x7f7f8000); }
+template <typename T> __device__ __forceinline__ bool fits(float x) { return fabsf(x) < overflow_at<T>(); }
+
 // ---- vector chunks -----------------------------------------------------------------------
 // N consecutive elements loaded or stored at once: 16 bytes by default (4 f32, 8 f16/bf16).
 template <typename T, int N_ = 16 / sizeof(T)> struct alignas(N_ * sizeof(T)) VecOf {
@@ -244,6 +253,9 @@ enum Problem : unsigned {
   PROBLEM_NON_FINITE = 7,
   PROBLEM_OVERFLOW = 8,
 };
+
+// The status word holding no report (src/cuda/status.rs STATUS_CLEAR).
+constexpr unsigned long long STATUS_CLEAR = ~0ull;
 
 // Records the lowest (row, op, problem) seen into the status word. Integer atomicMin:
 // the surviving value does not depend on the order in which blocks run.

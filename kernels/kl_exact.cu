@@ -224,6 +224,7 @@ __device__ __forceinline__ void finish_pair(long long row, const PairPartial& t,
                                                                  : 0u;
   const float ln_sp = logf(t.sp), ln_sq = logf(t.sq);
   const float lp = __fadd_rn(__fmul_rn(t.mp, inv_tau), ln_sp), lq = __fadd_rn(__fmul_rn(t.mq, inv_tau), ln_sq);
+  if (problem == 0 && !(isfinite(lp) && isfinite(lq))) problem = PROBLEM_OVERFLOW;  // finite logits, max/τ beyond f32
   float v = 0.0f;
   if (problem == 0 && divergence == POLICY_REF) {
     v = __fadd_rn(__fadd_rn(__fdiv_rn(t.apr, t.sp), __fmul_rn(__fsub_rn(t.mq, t.mp), inv_tau)), __fsub_rn(ln_sq, ln_sp));
@@ -393,13 +394,14 @@ __device__ void exact_backward(const P* policy, long long ldp, const Q* __restri
   const Q* xq = reference + row * ldq;
   P* dx = grad + row * ldp;
   const bool vp = aligned16(xp), vq = aligned16(xq), vd = aligned16(dx);
+  bool overflow = false;
   // Slot by slot (load, compute, store): two rows of 32 logits held at once would spill.
 #pragma unroll 1
   for (int j = 0; j < EXACT_SLOTS; ++j) {
     float a[8], b[8], r[8];
     if (!masked && problem == 0) {
-      load8(xp, slot_of(c, j), cols, vp, 0.0f, a);
-      load8(xq, slot_of(c, j), cols, vq, 0.0f, b);
+      load8(xp, slot_of(c, j), cols, vp, neg_inf(), a);  // past `cols`: p = q = 0, r = 0
+      load8(xq, slot_of(c, j), cols, vq, neg_inf(), b);
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -421,10 +423,13 @@ __device__ void exact_backward(const P* policy, long long ldp, const Q* __restri
           term = p > 0.0f ? __fmul_rn(__fmul_rn(beta, p), __fsub_rn(__fsub_rn(lp, lm), s)) : 0.0f;
         }
         r[i] = __fmul_rn(scale, term);
+        overflow |= !fits<P>(r[i]);
       }
     }
     store8(dx, slot_of(c, j), cols, vd, r);
   }
+  // Finite inputs whose gradient does not fit P.
+  if (__syncthreads_or(overflow) && threadIdx.x == 0) report(status, row, OP_EXACT_KL_BACKWARD, PROBLEM_OVERFLOW);
 }
 
 }  // namespace

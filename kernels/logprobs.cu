@@ -131,13 +131,16 @@ __device__ void log_softmax_backward(const float* __restrict__ out, long long ld
   const bool grad_bad = !isfinite(total);
 
   unsigned flags = 0;
+  bool overflow = false;  // a finite input whose gradient does not fit T
   const auto output = [&](long long k, const float (&gv)[N]) {
     float yv[N], r[N];
     load_f32<N>(y, k * N, cols, y_vec, 0.0f, yv);
     flags |= chunk_flags(yv);
 #pragma unroll
-    for (int i = 0; i < N; ++i)
+    for (int i = 0; i < N; ++i) {
       r[i] = grad_bad ? quiet_nan() : (gv[i] - exp2f(yv[i] * LOG2E) * total) * inv_tau;
+      overflow |= k * N + i < cols && !fits<T>(r[i]);
+    }
     store_chunk(dx, k, cols, dx_vec, r);
   };
 #pragma unroll
@@ -153,9 +156,11 @@ __device__ void log_softmax_backward(const float* __restrict__ out, long long ld
   // A NaN or +inf in `out` cannot come from log_softmax_forward: report it as a NaN input (the
   // row's gradient is then meaningless).
   const bool out_bad = __syncthreads_or(flags);
+  const bool any_overflow = __syncthreads_or(overflow);
   if (threadIdx.x == 0) {
     if (out_bad) report(status, row, OP_LOG_SOFTMAX_BACKWARD, PROBLEM_NAN);
     else if (grad_bad) report(status, row, OP_LOG_SOFTMAX_BACKWARD, PROBLEM_GRAD_NON_FINITE);
+    else if (any_overflow) report(status, row, OP_LOG_SOFTMAX_BACKWARD, PROBLEM_OVERFLOW);
   }
 }
 
@@ -251,14 +256,18 @@ __device__ __forceinline__ void finish_row(long long row, const Partial& p, unsi
                      : !has_target            ? PROBLEM_TARGET_OUT_OF_RANGE
                                               : 0u;
   float lp = quiet_nan(), h = quiet_nan(), l = quiet_nan();
-  if (problem != 0) {
-    report(status, row, OP_TOKEN_LOGPROBS, problem);
-  } else {
+  if (problem == 0) {
     const float ln_s = logf(p.s);
-    lp = __fsub_rn(__fmul_rn(__fsub_rn(target_logit, p.m), inv_tau), ln_s);
-    h = __fsub_rn(ln_s, __fdiv_rn(p.t, p.s));
     l = __fadd_rn(__fmul_rn(p.m, inv_tau), ln_s);
+    if (isfinite(l)) {
+      lp = __fsub_rn(__fmul_rn(__fsub_rn(target_logit, p.m), inv_tau), ln_s);
+      h = __fsub_rn(ln_s, __fdiv_rn(p.t, p.s));
+    } else {
+      l = quiet_nan();
+      problem = PROBLEM_OVERFLOW;  // finite logits, but max/τ beyond f32
+    }
   }
+  if (problem != 0) report(status, row, OP_TOKEN_LOGPROBS, problem);
   if (logp) logp[row] = lp;
   if (entropy) entropy[row] = h;
   if (lse) lse[row] = l;
@@ -404,10 +413,11 @@ __device__ void token_backward(const T* logits, long long ld, T* grad, long long
   T* dx = grad + row * ld_grad;
   const bool x_vec = aligned16(x), dx_vec = aligned16(dx);
   float v[TOKEN_VPT][N];
+  bool overflow = false;
   if (!masked && problem == 0) {
 #pragma unroll
     for (int j = 0; j < TOKEN_VPT; ++j)
-      load_chunk(x, c * (TOKEN_BLOCK * TOKEN_VPT) + j * TOKEN_BLOCK + threadIdx.x, cols, x_vec, 0.0f, v[j]);
+      load_chunk(x, c * (TOKEN_BLOCK * TOKEN_VPT) + j * TOKEN_BLOCK + threadIdx.x, cols, x_vec, neg_inf(), v[j]);
   }
 #pragma unroll
   for (int j = 0; j < TOKEN_VPT; ++j) {
@@ -425,10 +435,13 @@ __device__ void token_backward(const T* logits, long long ld, T* grad, long long
         const float hit = (k * N + i == target) ? 1.0f : 0.0f;
         const float h_term = p > 0.0f ? __fmul_rn(p, __fadd_rn(a, H)) : 0.0f;
         r[i] = __fmul_rn(inv_tau, __fsub_rn(__fmul_rn(gl, __fsub_rn(hit, p)), __fmul_rn(gh, h_term)));
+        overflow |= !fits<T>(r[i]);  // past `cols` the fill -inf gives p = 0 and r = 0
       }
     }
     store_chunk(dx, k, cols, dx_vec, r);
   }
+  // Finite inputs whose gradient does not fit T.
+  if (__syncthreads_or(overflow) && threadIdx.x == 0) report(status, row, OP_TOKEN_LOGPROBS_BACKWARD, PROBLEM_OVERFLOW);
 }
 
 }  // namespace

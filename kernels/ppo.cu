@@ -54,7 +54,7 @@ struct TokenTerms {
   bool low, high, dual;
 };
 
-// One token's loss and ∂L/∂logp (src/cpu/ppo.rs `policy_token`, in the same f32 operations).
+// One token's loss and ∂L/∂logp (src/cpu/ppo/loss.rs `policy_row`, in the same f32 operations).
 __device__ __forceinline__ TokenTerms policy_token(const PolicyParams& P, float logp, float lr, bool clamped, float a) {
   const float r = expf(lr);
   const float lo = __fsub_rn(1.0f, P.clip_low), hi = __fadd_rn(1.0f, P.clip_high);
@@ -130,7 +130,7 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
   const float gh = -__fmul_rn(P.entropy_coef, w);
   float loss = 0.0f, ent = 0.0f, low = 0.0f, high = 0.0f, dual = 0.0f, k1 = 0.0f, k3 = 0.0f, ratio = 0.0f;
   float rmin = pos_inf(), rmax = neg_inf();
-  bool bad = false;
+  bool bad = false, over = false;  // a non-finite input; a finite input's output beyond f32
   for (long long t = threadIdx.x; t < P.cols; t += blockDim.x) {
     const long long i = base + t;
     float l_out = 0.0f, g_out = 0.0f, h_out = 0.0f;
@@ -158,17 +158,27 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
       rmin = fminf(rmin, r);
       rmax = fmaxf(rmax, r);
     }
+    over |= !(isfinite(l_out) && (!w_known || isfinite(g_out)));
     if (P.loss) P.loss[i] = l_out;
     if (w_known && P.grad_logp) {
-      if (!P.accumulate) P.grad_logp[i] = g_out;
-      else if (token_valid(P.mask, i)) P.grad_logp[i] = __fadd_rn(P.grad_logp[i], g_out);
+      if (!P.accumulate) {
+        P.grad_logp[i] = g_out;
+      } else if (token_valid(P.mask, i)) {
+        P.grad_logp[i] = __fadd_rn(P.grad_logp[i], g_out);
+        over |= !isfinite(P.grad_logp[i]);
+      }
     }
     if (w_known && P.grad_entropy) P.grad_entropy[i] = h_out;
   }
+  over |= !(isfinite(loss) && isfinite(ent) && isfinite(k1) && isfinite(k3) && isfinite(ratio));
   // Reported whether or not records are kept: uniform over the block.
   const bool any_bad = __syncthreads_or(bad);
+  bool any_over = __syncthreads_or(over);
   if (threadIdx.x == 0 && any_bad) report(status, row, OP_POLICY_LOSS, PROBLEM_NON_FINITE);
-  if (rec == nullptr) return;
+  if (rec == nullptr) {
+    if (threadIdx.x == 0 && any_over && !any_bad) report(status, row, OP_POLICY_LOSS, PROBLEM_OVERFLOW);
+    return;
+  }
   PolicyRow out;
   out.loss = block_sum(loss, scratch);
   out.entropy = block_sum(ent, scratch);
@@ -182,6 +192,10 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
   out.ratio_max = block_max(rmax, scratch);
   out.valid = valid;
   out.pad = 0.0f;
+  // A row sum beyond f32, from finite per-token terms.
+  any_over |= !(isfinite(out.loss) && isfinite(out.entropy) && isfinite(out.k1) && isfinite(out.k3) &&
+                isfinite(out.ratio));
+  if (threadIdx.x == 0 && any_over && !any_bad) report(status, row, OP_POLICY_LOSS, PROBLEM_OVERFLOW);
   if (threadIdx.x == 0) rec[row] = out;
 }
 
@@ -339,7 +353,7 @@ __device__ __forceinline__ void value_row(const ValueParams& P, long long row, f
                                           ValueRow* rec, unsigned long long* status, float* scratch) {
   const long long base = row * P.ld;
   float loss = 0.0f, clipped = 0.0f;
-  bool bad = false;
+  bool bad = false, over = false;  // a non-finite input; a finite input's output beyond f32
   for (long long t = threadIdx.x; t < P.cols; t += blockDim.x) {
     const long long i = base + t;
     float l_out = 0.0f, g_out = 0.0f;
@@ -352,13 +366,21 @@ __device__ __forceinline__ void value_row(const ValueParams& P, long long row, f
       loss = __fadd_rn(loss, terms.loss);
       clipped += terms.clipped ? 1.0f : 0.0f;
     }
+    over |= !(isfinite(l_out) && (!w_known || isfinite(g_out)));
     if (P.loss) P.loss[i] = l_out;
     if (w_known && P.grad_values) P.grad_values[i] = g_out;
   }
+  over |= !isfinite(loss);
   const bool any_bad = __syncthreads_or(bad);
+  bool any_over = __syncthreads_or(over);
   if (threadIdx.x == 0 && any_bad) report(status, row, OP_VALUE_LOSS, PROBLEM_NON_FINITE);
-  if (rec == nullptr) return;
+  if (rec == nullptr) {
+    if (threadIdx.x == 0 && any_over && !any_bad) report(status, row, OP_VALUE_LOSS, PROBLEM_OVERFLOW);
+    return;
+  }
   const float l = block_sum(loss, scratch), c = block_sum(clipped, scratch);
+  any_over |= !isfinite(l);  // a row sum beyond f32, from finite per-token losses
+  if (threadIdx.x == 0 && any_over && !any_bad) report(status, row, OP_VALUE_LOSS, PROBLEM_OVERFLOW);
   if (threadIdx.x == 0) rec[row] = ValueRow{l, c, valid, 0.0f};
 }
 

@@ -177,7 +177,9 @@ pub enum RowProblem {
     /// [`Error::TargetOutOfRange`] with the value).
     TargetOutOfRange,
     /// `KL[π ‖ π_ref]` (or a sampled estimate of it) is infinite: the policy gives
-    /// probability to a token the reference forbids, and the gradient is undefined.
+    /// probability to a token the reference forbids, and the gradient is undefined. For the
+    /// exact divergence this includes finite reference logits so far below the row's maximum at
+    /// this temperature (`Δ/τ` beyond f32) that the token's log-probability is `−inf` in f32.
     InfiniteKl,
     /// A NaN or infinite input (reward, value, KL, score) at a valid position.
     NonFinite,
@@ -268,7 +270,6 @@ pub(crate) enum Op {
     PolicyLoss = 12,
     ValueLoss = 13,
     KlRewards = 14,
-    /// Host-only (no kernel reports it).
     Aggregate = 15,
 }
 
@@ -308,6 +309,7 @@ impl Op {
             12 => Some(Op::PolicyLoss),
             13 => Some(Op::ValueLoss),
             14 => Some(Op::KlRewards),
+            15 => Some(Op::Aggregate),
             _ => None,
         }
     }
@@ -346,6 +348,7 @@ mod tests {
             include_str!("../kernels/kl_exact.cu"),
             include_str!("../kernels/advantages.cu"),
             include_str!("../kernels/ppo.cu"),
+            include_str!("../kernels/aggregation.cu"),
         ]
         .concat();
         for op in [
@@ -362,6 +365,7 @@ mod tests {
             Op::PolicyLoss,
             Op::ValueLoss,
             Op::KlRewards,
+            Op::Aggregate,
         ] {
             let line = format!("OP_{} = {};", op.name().to_uppercase(), op as u8);
             let line = line.replace("OP_LOG_SOFTMAX =", "OP_LOG_SOFTMAX_FORWARD =");

@@ -4,56 +4,9 @@
 
 mod common;
 
-use common::advantages::{self as adv, AdvantagesBackend, GaeCase, out_buffer};
-use rlhf_kernels::{
-    GaeOptions, GroupAdvantageOptions, Groups, Moments, Result, RowShape, WhitenOptions, cpu,
-};
-
-struct Cpu;
-
-impl AdvantagesBackend for Cpu {
-    fn gae(&self, c: &GaeCase, opts: &GaeOptions) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut a, mut r) = (out_buffer(c.shape), out_buffer(c.shape));
-        cpu::gae(&c.inputs(), cpu::GaeOutputs::default().advantages(&mut a).returns(&mut r), opts)?;
-        Ok((a, r))
-    }
-
-    fn group(
-        &self,
-        scores: &[f32],
-        groups: &Groups,
-        opts: &GroupAdvantageOptions,
-        tokens: Option<(RowShape, Option<&[u8]>)>,
-    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let mut per_seq = vec![f32::NAN; groups.sequences()];
-        let mut tok = tokens.map(|(shape, _)| out_buffer(shape));
-        let mut out = cpu::GroupAdvantageOutputs::default().per_sequence(&mut per_seq);
-        if let (Some(buf), Some((shape, mask))) = (tok.as_mut(), tokens) {
-            out = out.per_token(buf, shape, mask);
-        }
-        cpu::group_advantages(scores, groups, opts, out)?;
-        Ok((per_seq, tok))
-    }
-
-    fn moments(&self, values: &[f32], shape: RowShape, mask: Option<&[u8]>) -> Result<Moments> {
-        cpu::masked_moments(values, shape, mask)
-    }
-
-    fn whiten(
-        &self,
-        values: &[f32],
-        shape: RowShape,
-        mask: Option<&[u8]>,
-        opts: &WhitenOptions,
-    ) -> Result<(Vec<f32>, Moments)> {
-        let mut v = values.to_vec();
-        for i in 0..shape.rows.saturating_sub(1) {
-            v[shape.row_range(i).end..shape.row_start(i + 1)].fill(adv::UNTOUCHED);
-        }
-        let m = cpu::whiten(&mut v, shape, mask, opts)?;
-        Ok((v, m))
-    }
-}
+use common::advantages::{self as adv, AdvantagesBackend, GaeCase};
+use common::cpu::Cpu;
+use rlhf_kernels::{GaeOptions, GroupAdvantageOptions, Groups, RowShape, WhitenOptions, cpu};
 
 #[test]
 fn gae_sweep() {

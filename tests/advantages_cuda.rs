@@ -3,116 +3,19 @@
 //! group estimators, moments and whitening, errors through the status word. Skips visibly
 //! without a GPU; `RLHF_KERNELS_REQUIRE_GPU=1` makes that a failure.
 
+#[macro_use]
 mod common;
 
 use rlhf_kernels::cuda_or_skip;
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use std::sync::Arc;
+    use super::common::gpu::Gpu;
 
-    use super::common::advantages::{self as adv, AdvantagesBackend, GaeCase, out_buffer};
-    use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups,
-        DeviceMoments,
-    };
-    use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, ValidAsZeroBits};
-    use rlhf_kernels::{GaeOptions, GroupAdvantageOptions, Groups, Moments, Result, RowShape, WhitenOptions};
+    use super::common::advantages::{self as adv, AdvantagesBackend, GaeCase};
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs};
 
-    pub struct Gpu(pub Arc<CudaStream>);
-
-    impl Gpu {
-        /// Uploads `v` (at least one element, so empty inputs reach the op's own checks).
-        fn up<T: DeviceRepr + ValidAsZeroBits + Copy>(&self, v: &[T]) -> (CudaSlice<T>, usize) {
-            let s = &self.0;
-            let buf = if v.is_empty() { s.alloc_zeros::<T>(1).unwrap() } else { s.clone_htod(v).unwrap() };
-            (buf, v.len())
-        }
-    }
-
-    impl AdvantagesBackend for Gpu {
-        fn gae(&self, c: &GaeCase, opts: &GaeOptions) -> Result<(Vec<f32>, Vec<f32>)> {
-            let s = &self.0;
-            let up = |v: &Option<Vec<f32>>| v.as_ref().map(|v| self.up(v));
-            let (rewards, kl, scores, values) = (up(&c.rewards), up(&c.kl), up(&c.scores), up(&c.values));
-            let mask = c.mask.as_ref().map(|m| self.up(m));
-            let (mut a, _) = self.up(&out_buffer(c.shape));
-            let (mut r, _) = self.up(&out_buffer(c.shape));
-            let mut status = CudaStatus::new(s)?;
-            fn view(b: &Option<(CudaSlice<f32>, usize)>) -> Option<CudaView<'_, f32>> {
-                b.as_ref().map(|(b, n)| b.slice(0..*n))
-            }
-            let mut inputs = DeviceGaeInputs::new(c.shape);
-            inputs.rewards = view(&rewards);
-            inputs.kl_penalty = view(&kl).map(|k| (k, c.beta));
-            inputs.scores = view(&scores);
-            inputs.values = view(&values);
-            inputs.mask = mask.as_ref().map(|(m, n)| m.slice(0..*n));
-            let n = c.shape.min_len();
-            let out = DeviceGaeOutputs::default().advantages(a.slice_mut(0..n)).returns(r.slice_mut(0..n));
-            cuda::gae(s, &inputs, out, &mut status, opts)?;
-            status.check(s)?;
-            let d = |b: &CudaSlice<f32>| s.clone_dtoh(b).unwrap()[..n].to_vec();
-            Ok((d(&a), d(&r)))
-        }
-
-        fn group(
-            &self,
-            scores: &[f32],
-            groups: &Groups,
-            opts: &GroupAdvantageOptions,
-            tokens: Option<(RowShape, Option<&[u8]>)>,
-        ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-            let s = &self.0;
-            let dg = DeviceGroups::new(s, groups)?;
-            let (sc, n_sc) = self.up(scores);
-            let (mut per_seq, _) = self.up(&vec![f32::NAN; groups.sequences()]);
-            let mut tok =
-                tokens.map(|(shape, m)| (self.up(&out_buffer(shape)), shape, m.map(|m| self.up(m))));
-            let mut status = CudaStatus::new(s)?;
-            let mut out =
-                DeviceGroupAdvantageOutputs::default().per_sequence(per_seq.slice_mut(0..groups.sequences()));
-            if let Some(((buf, n), shape, m)) = tok.as_mut() {
-                out = out.per_token(buf.slice_mut(0..*n), *shape, m.as_ref().map(|(m, n)| m.slice(0..*n)));
-            }
-            cuda::group_advantages(s, &sc.slice(0..n_sc), &dg, opts, out, &mut status)?;
-            status.check(s)?;
-            let tokens = tok.map(|((buf, n), _, _)| s.clone_dtoh(&buf).unwrap()[..n].to_vec());
-            Ok((s.clone_dtoh(&per_seq).unwrap(), tokens))
-        }
-
-        fn moments(&self, values: &[f32], shape: RowShape, mask: Option<&[u8]>) -> Result<Moments> {
-            let s = &self.0;
-            let (v, n) = self.up(values);
-            let m = mask.map(|m| self.up(m));
-            let (mut out, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
-            let mask_view = m.as_ref().map(|(m, n)| m.slice(0..*n));
-            cuda::masked_moments(s, &v.slice(0..n), shape, mask_view.as_ref(), &mut out, &mut status)?;
-            status.check(s)?;
-            out.read(s)
-        }
-
-        fn whiten(
-            &self,
-            values: &[f32],
-            shape: RowShape,
-            mask: Option<&[u8]>,
-            opts: &WhitenOptions,
-        ) -> Result<(Vec<f32>, Moments)> {
-            let s = &self.0;
-            let mut host = values.to_vec();
-            for i in 0..shape.rows.saturating_sub(1) {
-                host[shape.row_range(i).end..shape.row_start(i + 1)].fill(adv::UNTOUCHED);
-            }
-            let (mut v, n) = self.up(&host);
-            let m = mask.map(|m| self.up(m));
-            let (mut out, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
-            let mask_view = m.as_ref().map(|(m, n)| m.slice(0..*n));
-            cuda::whiten(s, &mut v.slice_mut(0..n), shape, mask_view.as_ref(), opts, &mut out, &mut status)?;
-            status.check(s)?;
-            Ok((s.clone_dtoh(&v).unwrap()[..n].to_vec(), out.read(s)?))
-        }
-    }
+    use rlhf_kernels::{GaeOptions, RowShape};
 
     pub fn gae(gpu: &Gpu) {
         adv::gae_sweep(gpu);
@@ -287,19 +190,6 @@ mod gpu {
         let out = DeviceGaeOutputs::default().advantages(a.as_view_mut()).workspace(small.as_view_mut());
         assert!(cuda::gae(s, &inputs, out, &mut status, &opts).is_err());
     }
-}
-
-macro_rules! gpu_test {
-    ($name:ident) => {
-        #[test]
-        fn $name() {
-            let device = cuda_or_skip!();
-            #[cfg(feature = "cuda")]
-            gpu::$name(&gpu::Gpu(device.stream().clone()));
-            #[cfg(not(feature = "cuda"))]
-            let _ = device;
-        }
-    };
 }
 
 gpu_test!(gae);

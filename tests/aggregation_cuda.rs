@@ -2,16 +2,20 @@
 //! global normalisers, masks with empty sequences, an all-masked batch, row strides, and the
 //! errors. Skips visibly without a GPU; `RLHF_KERNELS_REQUIRE_GPU=1` makes that a failure.
 
+#[macro_use]
+mod common;
+
 use rlhf_kernels::cuda_or_skip;
 
 #[cfg(feature = "cuda")]
 mod gpu {
+    use super::common::gpu::Gpu;
     use std::sync::Arc;
 
-    use rlhf_kernels::cuda::{self, DeviceAggregate};
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceAggregate};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::testing::Rng;
-    use rlhf_kernels::{Aggregation, BatchCounts, Error, Normaliser, RowShape};
+    use rlhf_kernels::{Aggregation, BatchCounts, Error, Normaliser, RowProblem, RowShape};
 
     const MODES: [Aggregation; 4] = [
         Aggregation::TokenMean,
@@ -30,13 +34,16 @@ mod gpu {
     ) -> rlhf_kernels::Result<(f64, BatchCounts)> {
         let v = s.clone_htod(values).unwrap();
         let m = mask.map(|m| s.clone_htod(m).unwrap());
-        let mut out = DeviceAggregate::new(s)?;
-        cuda::aggregate(s, &v, shape, m.as_ref().map(|m| m.as_view()).as_ref(), mode, norm, &mut out)?;
+        let (mut out, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
+        let m = m.as_ref().map(|m| m.as_view());
+        cuda::aggregate(s, &v, shape, m.as_ref(), mode, norm, &mut out, &mut status)?;
+        status.check(s)?;
         let a = out.read(s)?;
         Ok((a.value, a.counts))
     }
 
-    pub fn matches_the_host(s: &Arc<CudaStream>) {
+    pub fn matches_the_host(gpu: &Gpu) {
+        let s = &gpu.0;
         let mut rng = Rng::new(17);
         for shape in [
             RowShape::new(1, 1),
@@ -91,7 +98,8 @@ mod gpu {
         }
     }
 
-    pub fn edge_cases(s: &Arc<CudaStream>) {
+    pub fn edge_cases(gpu: &Gpu) {
+        let s = &gpu.0;
         let shape = RowShape::new(4, 8);
         let values = vec![1.5f32; 32];
         // Every token masked: 0 for every mode, never 0/0.
@@ -110,7 +118,53 @@ mod gpu {
         assert_eq!(v, 1.5);
     }
 
-    pub fn errors(s: &Arc<CudaStream>) {
+    /// Non-finite values at valid tokens: the error the host returns, for the same row.
+    pub fn non_finite_values(gpu: &Gpu) {
+        let s = &gpu.0;
+        let shape = RowShape::new(4, 3);
+        let row_of = |e: Error| match e {
+            Error::InvalidRow { op: "aggregate", row, problem } => (row, problem),
+            e => panic!("{e}"),
+        };
+        let cases: [(&[(usize, f32)], Option<(usize, RowProblem)>); 5] = [
+            (&[(7, f32::NAN)], Some((2, RowProblem::NonFinite))),
+            (&[(1, f32::INFINITY), (10, f32::NEG_INFINITY)], Some((0, RowProblem::NonFinite))),
+            (&[(4, f32::INFINITY), (5, f32::NEG_INFINITY)], Some((1, RowProblem::NonFinite))),
+            (&[(4, f32::INFINITY), (9, f32::NAN), (10, f32::NEG_INFINITY)], Some((3, RowProblem::NonFinite))),
+            (&[(4, f32::INFINITY), (11, f32::INFINITY)], None),
+        ];
+        for (planted, expected) in cases {
+            let mut values = vec![0.5f32; 12];
+            for &(i, v) in planted {
+                values[i] = v;
+            }
+            for mode in MODES {
+                let host = mode.aggregate(&values, shape, None, Normaliser::Local);
+                let device = on_device(s, &values, shape, None, mode, Normaliser::Local);
+                match expected {
+                    Some(e) => {
+                        assert_eq!(row_of(host.unwrap_err()), e, "{planted:?} {mode:?} host");
+                        assert_eq!(row_of(device.unwrap_err()), e, "{planted:?} {mode:?} device");
+                    }
+                    None => {
+                        assert_eq!(host.unwrap(), f64::INFINITY);
+                        assert_eq!(device.unwrap().0, f64::INFINITY, "{mode:?}: one sign of inf");
+                    }
+                }
+            }
+        }
+        // Finite values whose f32 sum within a sequence overflows: the host sums in f64.
+        let values = [3e38f32, 3e38, 1.0, 1.0];
+        let shape = RowShape::new(2, 2);
+        let err = on_device(s, &values, shape, None, Aggregation::SeqMeanTokenSum, Normaliser::Local);
+        assert_eq!(row_of(err.unwrap_err()), (0, RowProblem::Overflow));
+        assert!(
+            Aggregation::SeqMeanTokenSum.aggregate(&values, shape, None, Normaliser::Local).unwrap() > 1e38
+        );
+    }
+
+    pub fn errors(gpu: &Gpu) {
+        let s = &gpu.0;
         let shape = RowShape::new(2, 3);
         let values = vec![0.0f32; 6];
         let local = Normaliser::Local;
@@ -130,19 +184,7 @@ mod gpu {
     }
 }
 
-macro_rules! gpu_test {
-    ($name:ident) => {
-        #[test]
-        fn $name() {
-            let device = cuda_or_skip!();
-            #[cfg(feature = "cuda")]
-            gpu::$name(device.stream());
-            #[cfg(not(feature = "cuda"))]
-            let _ = device;
-        }
-    };
-}
-
 gpu_test!(matches_the_host);
 gpu_test!(edge_cases);
+gpu_test!(non_finite_values);
 gpu_test!(errors);

@@ -3,41 +3,11 @@
 
 mod common;
 
+use common::cpu::Cpu;
 use common::{Backward, Forward};
 use proptest::prelude::*;
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
-use rlhf_kernels::{
-    DType, Element, Error, LogSoftmaxOptions, Result, RowProblem, RowShape, bf16, cpu, f16, reference,
-};
-
-struct Cpu;
-
-impl Forward for Cpu {
-    fn forward<T: Element>(
-        &self,
-        logits: &[T],
-        shape: RowShape,
-        opts: &LogSoftmaxOptions,
-    ) -> Result<Vec<f32>> {
-        let mut out = vec![0.0; shape.len()];
-        cpu::log_softmax(logits, shape, &mut out, opts)?;
-        Ok(out)
-    }
-}
-
-impl Backward for Cpu {
-    fn backward<T: Element>(
-        &self,
-        out: &[f32],
-        grad_out: &[f32],
-        shape: RowShape,
-        opts: &LogSoftmaxOptions,
-    ) -> Result<Vec<T>> {
-        let mut grad = vec![T::from_f32(f32::NAN); shape.rows * shape.row_stride];
-        cpu::log_softmax_backward(out, grad_out, shape, &mut grad, opts)?;
-        Ok(grad)
-    }
-}
+use rlhf_kernels::{DType, Error, LogSoftmaxOptions, RowProblem, RowShape, bf16, cpu, f16, reference};
 
 #[test]
 fn sweep_f32() {

@@ -2,59 +2,23 @@
 //! pointer layer. Every test skips visibly without a GPU; `RLHF_KERNELS_REQUIRE_GPU=1`
 //! turns the skip into a failure.
 
+#[macro_use]
 mod common;
 
 use rlhf_kernels::cuda_or_skip;
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use std::sync::Arc;
+    use super::common::gpu::Gpu;
 
     use super::common::{self, Backward, Forward};
     use rlhf_kernels::cuda::raw::{self, LogSoftmaxArgs, LogSoftmaxBackwardArgs, RawStream};
     use rlhf_kernels::cuda::{self, CudaStatus};
-    use rlhf_kernels::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+    use rlhf_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
     use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
     use rlhf_kernels::{
-        DType, Element, Error, LogSoftmaxOptions, Result, RowProblem, RowShape, bf16, f16, reference,
+        DType, Element, Error, LogSoftmaxOptions, RowProblem, RowShape, bf16, f16, reference,
     };
-
-    pub struct Gpu(pub Arc<CudaStream>);
-
-    impl Forward for Gpu {
-        fn forward<T: Element>(
-            &self,
-            logits: &[T],
-            shape: RowShape,
-            opts: &LogSoftmaxOptions,
-        ) -> Result<Vec<f32>> {
-            let s = &self.0;
-            let x = s.clone_htod(logits).unwrap();
-            let mut y = s.alloc_zeros::<f32>(shape.len()).unwrap();
-            let mut status = CudaStatus::new(s)?;
-            cuda::log_softmax(s, &x, shape, &mut y, &mut status, opts)?;
-            status.check(s)?;
-            Ok(s.clone_dtoh(&y).unwrap())
-        }
-    }
-
-    impl Backward for Gpu {
-        fn backward<T: Element>(
-            &self,
-            out: &[f32],
-            g: &[f32],
-            shape: RowShape,
-            opts: &LogSoftmaxOptions,
-        ) -> Result<Vec<T>> {
-            let s = &self.0;
-            let (y, g) = (s.clone_htod(out).unwrap(), s.clone_htod(g).unwrap());
-            let mut dx = s.clone_htod(&vec![T::from_f32(f32::NAN); shape.rows * shape.row_stride]).unwrap();
-            let mut status = CudaStatus::new(s)?;
-            cuda::log_softmax_backward(s, &y, &g, shape, &mut dx, &mut status, opts)?;
-            status.check(s)?;
-            Ok(s.clone_dtoh(&dx).unwrap())
-        }
-    }
 
     pub fn sweep<T: Element>(gpu: &Gpu) {
         common::sweep::<T>(gpu, gpu);
@@ -237,19 +201,6 @@ mod gpu {
         let err = unsafe { raw::log_softmax(stream, &args, &LogSoftmaxOptions::default()) };
         assert!(matches!(err, Err(Error::InvalidOption { name: "logits", .. })));
     }
-}
-
-macro_rules! gpu_test {
-    ($name:ident) => {
-        #[test]
-        fn $name() {
-            let device = cuda_or_skip!();
-            #[cfg(feature = "cuda")]
-            gpu::$name(&gpu::Gpu(device.stream().clone()));
-            #[cfg(not(feature = "cuda"))]
-            let _ = device;
-        }
-    };
 }
 
 gpu_test!(sweep_all);

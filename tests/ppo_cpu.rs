@@ -4,77 +4,9 @@
 
 mod common;
 
-use common::ppo::{self, FusedBackend, FusedCase, PolicyCase, PolicyOut, PpoBackend, ValueCase};
-use rlhf_kernels::{
-    Element, FusedPolicyStats, PolicyLossOptions, Result, RowShape, TokenLogprobsOptions, ValueLossOptions,
-    ValueLossStats, bf16, cpu,
-};
-
-struct Cpu;
-
-/// The dense part of a strided buffer.
-fn dense(v: &[f32], shape: RowShape) -> Vec<f32> {
-    (0..shape.rows).flat_map(|r| v[shape.row_range(r)].iter().copied()).collect()
-}
-
-impl PpoBackend for Cpu {
-    fn policy(&self, c: &PolicyCase, opts: &PolicyLossOptions) -> Result<PolicyOut> {
-        let n = c.shape.min_len();
-        let (mut l, mut g, mut h) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
-        let out = cpu::PolicyLossOutputs::default().loss(&mut l).grad_logp(&mut g).grad_entropy(&mut h);
-        let stats = cpu::policy_loss(&c.inputs(), out, opts)?;
-        Ok(PolicyOut {
-            loss: dense(&l, c.shape),
-            grad_logp: dense(&g, c.shape),
-            grad_entropy: dense(&h, c.shape),
-            stats,
-        })
-    }
-
-    fn policy_onto(
-        &self,
-        c: &PolicyCase,
-        opts: &PolicyLossOptions,
-        start: &[f32],
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut g, mut h) = (start.to_vec(), start.to_vec());
-        let out = cpu::PolicyLossOutputs::default().grad_logp(&mut g).grad_entropy(&mut h).accumulate(true);
-        cpu::policy_loss(&c.inputs(), out, opts)?;
-        Ok((dense(&g, c.shape), dense(&h, c.shape)))
-    }
-
-    fn value(&self, c: &ValueCase, opts: &ValueLossOptions) -> Result<(Vec<f32>, Vec<f32>, ValueLossStats)> {
-        let n = c.shape.min_len();
-        let (mut l, mut g) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-        let stats = cpu::value_loss(
-            &c.inputs(),
-            cpu::ValueLossOutputs::default().loss(&mut l).grad_values(&mut g),
-            opts,
-        )?;
-        Ok((dense(&l, c.shape), dense(&g, c.shape), stats))
-    }
-}
-
-impl FusedBackend for Cpu {
-    fn fused<T: Element>(
-        &self,
-        c: &FusedCase<T>,
-        opts: &PolicyLossOptions,
-        in_place: bool,
-    ) -> Result<(Vec<T>, FusedPolicyStats)> {
-        let inputs = c.inputs(ppo::fused_kl());
-        let lp = TokenLogprobsOptions::default();
-        if in_place {
-            let mut logits = c.logits.clone();
-            let stats = cpu::policy_loss_from_logits_in_place(&mut logits, c.shape, &inputs, &lp, opts)?;
-            Ok((logits, stats))
-        } else {
-            let mut grad = vec![T::from_f32(f32::NAN); c.logits.len()];
-            let stats = cpu::policy_loss_from_logits(&c.logits, c.shape, &inputs, &mut grad, &lp, opts)?;
-            Ok((grad, stats))
-        }
-    }
-}
+use common::cpu::Cpu;
+use common::ppo::{self, PolicyCase, PpoBackend};
+use rlhf_kernels::{PolicyLossOptions, RowShape, bf16};
 
 #[test]
 fn fused_path_equals_the_composed_reference() {

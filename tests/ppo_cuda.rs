@@ -3,196 +3,22 @@
 //! value loss, errors through the status word). Skips visibly without a GPU;
 //! `RLHF_KERNELS_REQUIRE_GPU=1` makes that a failure.
 
+#[macro_use]
 mod common;
 
 use rlhf_kernels::cuda_or_skip;
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use std::sync::Arc;
+    use super::common::gpu::Gpu;
 
-    use super::common::ppo::{self, FusedBackend, FusedCase, PolicyCase, PolicyOut, PpoBackend, ValueCase};
+    use super::common::ppo::{self, PolicyCase, PpoBackend, ValueCase};
     use rlhf_kernels::cuda::{
-        self, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats,
-        DeviceValueLossInputs, DeviceValueLossOutputs, DeviceValueStats,
-    };
-    use rlhf_kernels::cuda::{DeviceFusedPolicyInputs, DeviceFusedStats, DeviceTokens};
-    use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
-    use rlhf_kernels::{
-        Element, FusedPolicyStats, PolicyLossOptions, Result, RowShape, TokenLogprobsOptions,
-        ValueLossOptions, ValueLossStats, bf16,
+        self, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DeviceValueLossInputs,
+        DeviceValueLossOutputs,
     };
 
-    pub struct Gpu(pub Arc<CudaStream>);
-
-    impl Gpu {
-        /// Uploads `v` (at least one element, so empty inputs reach the op's own checks).
-        fn up<T: DeviceRepr + ValidAsZeroBits + Copy>(&self, v: &[T]) -> (CudaSlice<T>, usize) {
-            let s = &self.0;
-            let buf = if v.is_empty() { s.alloc_zeros::<T>(1).unwrap() } else { s.clone_htod(v).unwrap() };
-            (buf, v.len())
-        }
-
-        fn dense(&self, b: &CudaSlice<f32>, shape: RowShape) -> Vec<f32> {
-            let v = self.0.clone_dtoh(b).unwrap();
-            (0..shape.rows).flat_map(|r| v[shape.row_range(r)].iter().copied()).collect()
-        }
-    }
-
-    impl PpoBackend for Gpu {
-        fn policy(&self, c: &PolicyCase, opts: &PolicyLossOptions) -> Result<PolicyOut> {
-            let s = &self.0;
-            let (lp, n) = self.up(&c.logp);
-            let (old, n_old) = self.up(&c.old_logp);
-            let (adv, n_adv) = self.up(&c.advantages);
-            let mask = c.mask.as_ref().map(|m| self.up(m));
-            let entropy = c.entropy.as_ref().map(|h| self.up(h));
-            let len = c.shape.min_len();
-            let nan = vec![f32::NAN; len.max(1)];
-            let (mut l, mut g, mut h) = (self.up(&nan).0, self.up(&nan).0, self.up(&nan).0);
-            let (mut stats, mut status) = (DevicePolicyStats::new(s)?, CudaStatus::new(s)?);
-            let inputs = DevicePolicyLossInputs {
-                shape: c.shape,
-                logp: lp.slice(0..n),
-                old_logp: old.slice(0..n_old),
-                advantages: adv.slice(0..n_adv),
-                mask: mask.as_ref().map(|(m, n)| m.slice(0..*n)),
-                entropy: entropy.as_ref().map(|(e, n)| e.slice(0..*n)),
-            };
-            let out = DevicePolicyLossOutputs {
-                loss: Some(l.slice_mut(0..len)),
-                grad_logp: Some(g.slice_mut(0..len)),
-                grad_entropy: Some(h.slice_mut(0..len)),
-                stats: Some(&mut stats),
-                workspace: None,
-                accumulate: false,
-            };
-            cuda::policy_loss(s, &inputs, out, &mut status, opts)?;
-            status.check(s)?;
-            Ok(PolicyOut {
-                loss: self.dense(&l, c.shape),
-                grad_logp: self.dense(&g, c.shape),
-                grad_entropy: self.dense(&h, c.shape),
-                stats: stats.read(s)?,
-            })
-        }
-
-        fn policy_onto(
-            &self,
-            c: &PolicyCase,
-            opts: &PolicyLossOptions,
-            start: &[f32],
-        ) -> Result<(Vec<f32>, Vec<f32>)> {
-            let s = &self.0;
-            let (lp, old, adv) = (self.up(&c.logp).0, self.up(&c.old_logp).0, self.up(&c.advantages).0);
-            let mask = c.mask.as_ref().map(|m| self.up(m).0);
-            let entropy = c.entropy.as_ref().map(|h| self.up(h).0);
-            let (mut g, mut h) = (self.up(start).0, self.up(start).0);
-            let mut status = CudaStatus::new(s)?;
-            let inputs = DevicePolicyLossInputs {
-                shape: c.shape,
-                logp: lp.as_view(),
-                old_logp: old.as_view(),
-                advantages: adv.as_view(),
-                mask: mask.as_ref().map(|m| m.as_view()),
-                entropy: entropy.as_ref().map(|e| e.as_view()),
-            };
-            let out = DevicePolicyLossOutputs {
-                grad_logp: Some(g.as_view_mut()),
-                grad_entropy: Some(h.as_view_mut()),
-                accumulate: true,
-                ..Default::default()
-            };
-            cuda::policy_loss(s, &inputs, out, &mut status, opts)?;
-            status.check(s)?;
-            Ok((self.dense(&g, c.shape), self.dense(&h, c.shape)))
-        }
-
-        fn value(
-            &self,
-            c: &ValueCase,
-            opts: &ValueLossOptions,
-        ) -> Result<(Vec<f32>, Vec<f32>, ValueLossStats)> {
-            let s = &self.0;
-            let (v, n) = self.up(&c.values);
-            let (old, n_old) = self.up(&c.old_values);
-            let (ret, n_ret) = self.up(&c.returns);
-            let mask = c.mask.as_ref().map(|m| self.up(m));
-            let len = c.shape.min_len();
-            let nan = vec![f32::NAN; len.max(1)];
-            let (mut l, mut g) = (self.up(&nan).0, self.up(&nan).0);
-            let (mut stats, mut status) = (DeviceValueStats::new(s)?, CudaStatus::new(s)?);
-            let inputs = DeviceValueLossInputs {
-                shape: c.shape,
-                values: v.slice(0..n),
-                old_values: old.slice(0..n_old),
-                returns: ret.slice(0..n_ret),
-                mask: mask.as_ref().map(|(m, n)| m.slice(0..*n)),
-            };
-            let out = DeviceValueLossOutputs {
-                loss: Some(l.slice_mut(0..len)),
-                grad_values: Some(g.slice_mut(0..len)),
-                stats: Some(&mut stats),
-                workspace: None,
-            };
-            cuda::value_loss(s, &inputs, out, &mut status, opts)?;
-            status.check(s)?;
-            Ok((self.dense(&l, c.shape), self.dense(&g, c.shape), stats.read(s)?))
-        }
-    }
-
-    impl FusedBackend for Gpu {
-        fn fused<T: Element>(
-            &self,
-            c: &FusedCase<T>,
-            opts: &PolicyLossOptions,
-            in_place: bool,
-        ) -> Result<(Vec<T>, FusedPolicyStats)> {
-            let s = &self.0;
-            let mut logits = s.clone_htod(&c.logits).unwrap();
-            let (targets, mask) = (s.clone_htod(&c.targets).unwrap(), s.clone_htod(&c.mask).unwrap());
-            let (old, adv) = (s.clone_htod(&c.old_logp).unwrap(), s.clone_htod(&c.advantages).unwrap());
-            let ref_logp = c.ref_logp.as_ref().map(|r| s.clone_htod(r).unwrap());
-            let inputs = DeviceFusedPolicyInputs {
-                tokens: DeviceTokens::new(targets.as_view()).with_mask(mask.as_view()),
-                sequences: c.sequences,
-                old_logp: old.as_view(),
-                advantages: adv.as_view(),
-                kl: ref_logp.as_ref().map(|r| (r.as_view(), ppo::fused_kl())),
-            };
-            let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
-            let lp = TokenLogprobsOptions::default();
-            let grad = if in_place {
-                cuda::policy_loss_from_logits_in_place(
-                    s,
-                    &mut logits,
-                    c.shape,
-                    &inputs,
-                    &mut stats,
-                    &mut status,
-                    &lp,
-                    opts,
-                )?;
-                logits
-            } else {
-                let mut grad = s.clone_htod(&vec![T::from_f32(f32::NAN); c.logits.len()]).unwrap();
-                cuda::policy_loss_from_logits(
-                    s,
-                    &logits,
-                    c.shape,
-                    &inputs,
-                    &mut grad,
-                    &mut stats,
-                    &mut status,
-                    &lp,
-                    opts,
-                )?;
-                grad
-            };
-            status.check(s)?;
-            Ok((s.clone_dtoh(&grad).unwrap(), stats.read(s)?))
-        }
-    }
+    use rlhf_kernels::{PolicyLossOptions, RowShape, ValueLossOptions, bf16};
 
     /// The single-kernel paths (no statistics, global denominators or no gradient) still
     /// report bad input and still write the per-token loss.
@@ -367,19 +193,6 @@ mod gpu {
         let same = got.iter().zip(&local.grad_logp).all(|(a, b)| (a - b).abs() <= 1e-7 * b.abs().max(1e-3));
         assert!(same, "global-count gradients differ from the local path's");
     }
-}
-
-macro_rules! gpu_test {
-    ($name:ident) => {
-        #[test]
-        fn $name() {
-            let device = cuda_or_skip!();
-            #[cfg(feature = "cuda")]
-            gpu::$name(&gpu::Gpu(device.stream().clone()));
-            #[cfg(not(feature = "cuda"))]
-            let _ = device;
-        }
-    };
 }
 
 gpu_test!(policy);

@@ -4,45 +4,14 @@
 
 mod common;
 
+use common::cpu::Cpu;
 use common::tokens::{self, Case, Fwd, TokenBackend, bits_equal};
 use proptest::prelude::*;
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
-    DType, Element, Error, Result, RowProblem, RowShape, TokenGrads, TokenLogprobsOptions, TokenOutputs,
-    Tokens, VocabPartial, bf16, cpu, f16, reference,
+    DType, Error, RowProblem, RowShape, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, VocabPartial,
+    bf16, cpu, f16, reference,
 };
-
-struct Cpu;
-
-impl TokenBackend for Cpu {
-    fn forward<T: Element>(&self, case: &Case<T>, with_entropy: bool) -> Result<Fwd> {
-        let n = case.shape.rows;
-        let mut f = Fwd { logp: vec![0.0; n], entropy: vec![0.0; n], lse: vec![0.0; n] };
-        let out = TokenOutputs::default().logp(&mut f.logp).lse(&mut f.lse);
-        let out = if with_entropy { out.entropy(&mut f.entropy) } else { out };
-        cpu::token_logprobs(&case.logits, case.shape, &case.tokens(), out, &case.opts)?;
-        Ok(f)
-    }
-
-    fn backward<T: Element>(&self, case: &Case<T>, grads: &TokenGrads<'_>, in_place: bool) -> Result<Vec<T>> {
-        if in_place {
-            let mut x = case.logits.clone();
-            cpu::token_logprobs_backward_in_place(&mut x, case.shape, &case.tokens(), grads, &case.opts)?;
-            Ok(x)
-        } else {
-            let mut g = vec![T::from_f32(f32::NAN); case.logits.len()];
-            cpu::token_logprobs_backward(
-                &case.logits,
-                case.shape,
-                &case.tokens(),
-                grads,
-                &mut g,
-                &case.opts,
-            )?;
-            Ok(g)
-        }
-    }
-}
 
 #[test]
 fn sweep_f32() {

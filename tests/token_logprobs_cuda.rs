@@ -3,128 +3,24 @@
 //! status reports and shards. Skips visibly without a GPU (`RLHF_KERNELS_REQUIRE_GPU=1` makes
 //! that a failure).
 
+#[macro_use]
 mod common;
 
 use rlhf_kernels::cuda_or_skip;
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use std::sync::Arc;
+    use super::common::gpu::Gpu;
 
     use super::common::tokens::{self, Case, Fwd, TokenBackend, bits_equal};
     use rlhf_kernels::cuda::raw::{self, RawStream, TokenLogprobsArgs, TokenLogprobsBackwardArgs};
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens};
-    use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceTokenOutputs};
+    use rlhf_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
     use rlhf_kernels::testing::{Tolerance, assert_close};
     use rlhf_kernels::{
-        DType, Element, Error, IndexType, Result, RowProblem, RowShape, TokenGrads, TokenLogprobsOptions,
-        VocabPartial, bf16, cpu, f16,
+        DType, Error, IndexType, RowProblem, RowShape, TokenGrads, TokenLogprobsOptions, VocabPartial, bf16,
+        cpu, f16,
     };
-
-    pub struct Gpu(pub Arc<CudaStream>);
-
-    struct Uploaded<T> {
-        x: CudaSlice<T>,
-        targets: CudaSlice<i64>,
-        mask: Option<CudaSlice<u8>>,
-    }
-
-    impl Gpu {
-        fn upload<T: Element>(&self, case: &Case<T>) -> Uploaded<T> {
-            let s = &self.0;
-            Uploaded {
-                x: s.clone_htod(&case.logits).unwrap(),
-                targets: s.clone_htod(&case.targets).unwrap(),
-                mask: case.mask.as_ref().map(|m| s.clone_htod(m).unwrap()),
-            }
-        }
-    }
-
-    impl<T> Uploaded<T> {
-        fn tokens(&self) -> DeviceTokens<'_, i64> {
-            let t = DeviceTokens::new(self.targets.as_view());
-            match &self.mask {
-                Some(m) => t.with_mask(m.as_view()),
-                None => t,
-            }
-        }
-    }
-
-    impl TokenBackend for Gpu {
-        fn forward<T: Element>(&self, case: &Case<T>, with_entropy: bool) -> Result<Fwd> {
-            let s = &self.0;
-            let n = case.shape.rows;
-            let up = self.upload(case);
-            let (mut logp, mut entropy, mut lse) = (
-                s.alloc_zeros::<f32>(n).unwrap(),
-                s.alloc_zeros::<f32>(n).unwrap(),
-                s.alloc_zeros::<f32>(n).unwrap(),
-            );
-            let mut status = CudaStatus::new(s)?;
-            {
-                let out = DeviceTokenOutputs::default().logp(logp.as_view_mut()).lse(lse.as_view_mut());
-                let out = if with_entropy { out.entropy(entropy.as_view_mut()) } else { out };
-                cuda::token_logprobs(s, &up.x, case.shape, &up.tokens(), out, &mut status, &case.opts)?;
-            }
-            status.check(s)?;
-            Ok(Fwd {
-                logp: s.clone_dtoh(&logp).unwrap(),
-                entropy: s.clone_dtoh(&entropy).unwrap(),
-                lse: s.clone_dtoh(&lse).unwrap(),
-            })
-        }
-
-        fn backward<T: Element>(
-            &self,
-            case: &Case<T>,
-            grads: &TokenGrads<'_>,
-            in_place: bool,
-        ) -> Result<Vec<T>> {
-            let s = &self.0;
-            let mut up = self.upload(case);
-            let lse = s.clone_htod(grads.lse).unwrap();
-            let opt = |v: Option<&[f32]>| v.map(|v| s.clone_htod(v).unwrap());
-            let (entropy, gl, gh) = (opt(grads.entropy), opt(grads.grad_logp), opt(grads.grad_entropy));
-            let dg = DeviceTokenGrads {
-                lse: lse.as_view(),
-                entropy: entropy.as_ref().map(|v| v.as_view()),
-                grad_logp: gl.as_ref().map(|v| v.as_view()),
-                grad_entropy: gh.as_ref().map(|v| v.as_view()),
-            };
-            let mut status = CudaStatus::new(s)?;
-            let targets = up.targets.clone();
-            let mask = up.mask.clone();
-            let tokens =
-                DeviceTokens { targets: targets.as_view(), mask: mask.as_ref().map(|m| m.as_view()) };
-            if in_place {
-                cuda::token_logprobs_backward_in_place(
-                    s,
-                    &mut up.x,
-                    case.shape,
-                    &tokens,
-                    &dg,
-                    &mut status,
-                    &case.opts,
-                )?;
-                status.check(s)?;
-                Ok(s.clone_dtoh(&up.x).unwrap())
-            } else {
-                let mut dx = s.clone_htod(&vec![T::from_f32(f32::NAN); case.logits.len()]).unwrap();
-                cuda::token_logprobs_backward(
-                    s,
-                    &up.x,
-                    case.shape,
-                    &tokens,
-                    &dg,
-                    &mut dx,
-                    &mut status,
-                    &case.opts,
-                )?;
-                status.check(s)?;
-                Ok(s.clone_dtoh(&dx).unwrap())
-            }
-        }
-    }
 
     pub fn sweep_f32(gpu: &Gpu) {
         tokens::sweep::<f32>(gpu);
@@ -381,19 +277,6 @@ mod gpu {
         assert_close(&g.logp, &as_f64(&c.logp), tol, "logp gpu vs cpu");
         assert_close(&g.entropy, &as_f64(&c.entropy), tol, "entropy gpu vs cpu");
     }
-}
-
-macro_rules! gpu_test {
-    ($name:ident) => {
-        #[test]
-        fn $name() {
-            let device = cuda_or_skip!();
-            #[cfg(feature = "cuda")]
-            gpu::$name(&gpu::Gpu(device.stream().clone()));
-            #[cfg(not(feature = "cuda"))]
-            let _ = device;
-        }
-    };
 }
 
 gpu_test!(sweep_f32);

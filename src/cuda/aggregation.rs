@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use crate::cuda::module::{Module, function};
-use crate::cuda::{driver_error, view_ptr};
+use crate::cuda::{CudaStatus, driver_error, view_ptr};
 use crate::{Aggregation, BatchCounts, Normaliser, Result, RowShape};
 
 /// The kernels' aggregation code and `max_len`.
@@ -150,18 +150,26 @@ impl DeviceAggregate {
 /// layout, 0 = padding, or `None`) on `stream` into `out`:
 /// `Σ_{i,t} mask·w_i·L[i, t]` with the per-token weight `w_i` of `aggregation` under `norm`
 /// (MATH.md §4; see [`Aggregation::token_weight`]). An empty batch (every token masked)
-/// aggregates to 0. NaN values propagate (the op that wrote them reported them).
+/// aggregates to 0; infinities of one sign give that infinite aggregate.
+///
+/// Reported through `status` (as [`Aggregation::aggregate`] returns them): a NaN at a valid
+/// token, or `+inf` and `−inf` that meet, is [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
+/// for the first row holding it; finite values whose f32 sum within a sequence overflows are
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow) (the host sums in f64 and does not
+/// overflow there).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, DeviceAggregate};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceAggregate};
 /// use rlhf_kernels::{Aggregation, Normaliser, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let kl = s.clone_htod(&[0.5f32, 0.25, 0.0, 1.0]).unwrap();
 /// let mask = s.clone_htod(&[1u8, 1, 0, 1]).unwrap();
-/// let mut mean = DeviceAggregate::new(s)?;
+/// let (mut mean, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
 /// let shape = RowShape::new(2, 2);
-/// cuda::aggregate(s, &kl, shape, Some(&mask.as_view()), Aggregation::TokenMean, Normaliser::Local, &mut mean)?;
+/// let (agg, norm) = (Aggregation::TokenMean, Normaliser::Local);
+/// cuda::aggregate(s, &kl, shape, Some(&mask.as_view()), agg, norm, &mut mean, &mut status)?;
+/// status.check(s)?;
 /// assert_eq!(mean.read(s)?.value, 0.5); // (0.5 + 0.25 + 1.0) / 3 valid tokens
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
@@ -173,6 +181,7 @@ pub fn aggregate(
     aggregation: Aggregation,
     norm: Normaliser,
     out: &mut DeviceAggregate,
+    status: &mut CudaStatus,
 ) -> Result<()> {
     shape.check_buffer("values", values.len())?;
     if let Some(m) = mask {
@@ -197,27 +206,29 @@ pub fn aggregate(
     let (m, _g2) = view_ptr(mask, s);
     let (rec, _g3) = out.records.device_ptr_mut(s);
     let (o, _g4) = out.out.device_ptr_mut(s);
+    let (st, _g5) = status.device_ptr(s);
     let (ld, rows_i, cols_i) = (shape.row_stride as i64, rows as i32, shape.cols as i32);
     let ctx = stream.context();
 
     let f = function(ctx, Module::Aggregation, "aggregate_rows")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&v).arg(&ld).arg(&m).arg(&rows_i).arg(&cols_i).arg(&rec);
+    l.arg(&v).arg(&ld).arg(&m).arg(&rows_i).arg(&cols_i).arg(&rec).arg(&st);
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `aggregate_rows(const float*, long long, const unsigned char*, int, int,
-    // float2*)`; one block of 256 threads per row; `values` (and `mask`, same layout) cover the
-    // checked shape; `records` holds at least 2·rows f32 from a fresh allocation (8-byte
-    // aligned) for the kernel's one float2 per row.
+    // float2*, unsigned long long*)`; one block of 256 threads per row; `values` (and `mask`,
+    // same layout) cover the checked shape; `records` holds at least 2·rows f32 from a fresh
+    // allocation (8-byte aligned) for the kernel's one float2 per row; `status` is one u64.
     unsafe { l.launch(cfg) }.map_err(driver_error("launching aggregate_rows"))?;
 
     let f = function(ctx, Module::Aggregation, "aggregate_finalize")?;
     let mut l = stream.launch_builder(&f);
     l.arg(&rec).arg(&rows_i).arg(&code).arg(&max_len).arg(&use_global);
-    l.arg(&tokens).arg(&valid_sequences).arg(&sequences).arg(&o);
+    l.arg(&tokens).arg(&valid_sequences).arg(&sequences).arg(&o).arg(&st);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `aggregate_finalize(const float2*, int, int, double, int, double, double,
-    // double, double*)`; one block of 256 threads; reads the `rows` records the launch above
-    // wrote on this stream and writes the four f64 of `out`.
+    // double, double*, unsigned long long*)`; one block of 256 threads; reads the `rows`
+    // records the launch above wrote on this stream, writes the four f64 of `out` and may
+    // report into the one u64 of `status`.
     unsafe { l.launch(one) }.map_err(driver_error("launching aggregate_finalize"))?;
     Ok(())
 }

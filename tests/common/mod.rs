@@ -3,6 +3,10 @@
 #![allow(dead_code)] // each test file uses part of this module
 
 pub mod advantages;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod hostile;
 pub mod kl;
 pub mod ppo;
 pub mod tokens;
@@ -134,4 +138,21 @@ pub fn bad_batches() -> Vec<(Vec<f32>, usize, rlhf_kernels::RowProblem)> {
         cases.push((v, row, problem));
     }
     cases
+}
+
+/// One `#[test]` per shared CUDA test body `gpu::$name(&Gpu)` of the including file: it runs on
+/// the device of `cuda_or_skip!` (which skips visibly without one, or fails under
+/// `RLHF_KERNELS_REQUIRE_GPU=1`).
+#[allow(unused_macros)] // the CPU test files include this module too
+macro_rules! gpu_test {
+    ($name:ident) => {
+        #[test]
+        fn $name() {
+            let device = cuda_or_skip!();
+            #[cfg(feature = "cuda")]
+            gpu::$name(&common::gpu::Gpu(device.stream().clone()));
+            #[cfg(not(feature = "cuda"))]
+            let _ = device;
+        }
+    };
 }

@@ -113,6 +113,15 @@ pub trait PpoBackend {
     ) -> Result<(Vec<f32>, Vec<f32>)>;
     /// Per-token loss, gradient and statistics.
     fn value(&self, c: &ValueCase, opts: &ValueLossOptions) -> Result<(Vec<f32>, Vec<f32>, ValueLossStats)>;
+    /// The aggregate of masked `[B, T]` values.
+    fn aggregate(
+        &self,
+        values: &[f32],
+        shape: RowShape,
+        mask: Option<&[u8]>,
+        aggregation: Aggregation,
+        norm: Normaliser,
+    ) -> Result<f64>;
 }
 
 pub const AGGREGATIONS: [Aggregation; 4] = [

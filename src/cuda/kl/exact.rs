@@ -262,8 +262,8 @@ pub fn exact_kl<P: Element, Q: Element>(
         let mask = reference.mask.as_ref();
         let (a, n) = (stat.aggregation, stat.normaliser);
         match (&own_values, &out.value) {
-            (Some(v), _) => aggregate(stream, v, stat.sequences, mask, a, n, agg)?,
-            (None, Some(v)) => aggregate(stream, v, stat.sequences, mask, a, n, agg)?,
+            (Some(v), _) => aggregate(stream, v, stat.sequences, mask, a, n, agg, status)?,
+            (None, Some(v)) => aggregate(stream, v, stat.sequences, mask, a, n, agg, status)?,
             (None, None) => unreachable!("the statistic has its own values when none are requested"),
         }
     }

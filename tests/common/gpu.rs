@@ -1,0 +1,633 @@
+//! The CUDA backend behind the shared test bodies: each trait of the families' modules
+//! implemented once over `rlhf_kernels::cuda`, on one stream.
+
+use std::sync::Arc;
+
+use super::advantages::{AdvantagesBackend, GaeCase, out_buffer};
+use super::kl::{ExactBackend, ExactCase, ExactOut, SampledBackend, SampledCase, Shard};
+use super::ppo::{FusedBackend, FusedCase, PolicyCase, PolicyOut, PpoBackend, ValueCase};
+use super::tokens::{Case, Fwd, TokenBackend};
+use super::{Backward, Forward, advantages as adv, ppo};
+use rlhf_kernels::cuda::*;
+use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, ValidAsZeroBits};
+use rlhf_kernels::*;
+
+/// The CUDA backend on one stream.
+pub struct Gpu(pub Arc<CudaStream>);
+
+impl Gpu {
+    pub fn upload<T: Element>(&self, case: &Case<T>) -> Uploaded<T> {
+        let s = &self.0;
+        Uploaded {
+            x: s.clone_htod(&case.logits).unwrap(),
+            targets: s.clone_htod(&case.targets).unwrap(),
+            mask: case.mask.as_ref().map(|m| s.clone_htod(m).unwrap()),
+        }
+    }
+
+    /// Uploads `v` (at least one element, so empty inputs reach the op's own checks).
+    pub fn up<T: DeviceRepr + ValidAsZeroBits + Copy>(&self, v: &[T]) -> (CudaSlice<T>, usize) {
+        let s = &self.0;
+        let buf = if v.is_empty() { s.alloc_zeros::<T>(1).unwrap() } else { s.clone_htod(v).unwrap() };
+        (buf, v.len())
+    }
+
+    pub fn dense(&self, b: &CudaSlice<f32>, shape: RowShape) -> Vec<f32> {
+        let v = self.0.clone_dtoh(b).unwrap();
+        (0..shape.rows).flat_map(|r| v[shape.row_range(r)].iter().copied()).collect()
+    }
+}
+
+impl Forward for Gpu {
+    fn forward<T: Element>(
+        &self,
+        logits: &[T],
+        shape: RowShape,
+        opts: &LogSoftmaxOptions,
+    ) -> Result<Vec<f32>> {
+        let s = &self.0;
+        let x = s.clone_htod(logits).unwrap();
+        let mut y = s.alloc_zeros::<f32>(shape.len()).unwrap();
+        let mut status = CudaStatus::new(s)?;
+        cuda::log_softmax(s, &x, shape, &mut y, &mut status, opts)?;
+        status.check(s)?;
+        Ok(s.clone_dtoh(&y).unwrap())
+    }
+}
+
+impl Backward for Gpu {
+    fn backward<T: Element>(
+        &self,
+        out: &[f32],
+        g: &[f32],
+        shape: RowShape,
+        opts: &LogSoftmaxOptions,
+    ) -> Result<Vec<T>> {
+        let s = &self.0;
+        let (y, g) = (s.clone_htod(out).unwrap(), s.clone_htod(g).unwrap());
+        let mut dx = s.clone_htod(&vec![T::from_f32(f32::NAN); shape.rows * shape.row_stride]).unwrap();
+        let mut status = CudaStatus::new(s)?;
+        cuda::log_softmax_backward(s, &y, &g, shape, &mut dx, &mut status, opts)?;
+        status.check(s)?;
+        Ok(s.clone_dtoh(&dx).unwrap())
+    }
+}
+
+pub struct Uploaded<T> {
+    pub x: CudaSlice<T>,
+    pub targets: CudaSlice<i64>,
+    pub mask: Option<CudaSlice<u8>>,
+}
+
+impl<T> Uploaded<T> {
+    pub fn tokens(&self) -> DeviceTokens<'_, i64> {
+        let t = DeviceTokens::new(self.targets.as_view());
+        match &self.mask {
+            Some(m) => t.with_mask(m.as_view()),
+            None => t,
+        }
+    }
+}
+
+impl TokenBackend for Gpu {
+    fn forward<T: Element>(&self, case: &Case<T>, with_entropy: bool) -> Result<Fwd> {
+        let s = &self.0;
+        let n = case.shape.rows;
+        let up = self.upload(case);
+        let (mut logp, mut entropy, mut lse) = (
+            s.alloc_zeros::<f32>(n).unwrap(),
+            s.alloc_zeros::<f32>(n).unwrap(),
+            s.alloc_zeros::<f32>(n).unwrap(),
+        );
+        let mut status = CudaStatus::new(s)?;
+        {
+            let out = DeviceTokenOutputs::default().logp(logp.as_view_mut()).lse(lse.as_view_mut());
+            let out = if with_entropy { out.entropy(entropy.as_view_mut()) } else { out };
+            cuda::token_logprobs(s, &up.x, case.shape, &up.tokens(), out, &mut status, &case.opts)?;
+        }
+        status.check(s)?;
+        Ok(Fwd {
+            logp: s.clone_dtoh(&logp).unwrap(),
+            entropy: s.clone_dtoh(&entropy).unwrap(),
+            lse: s.clone_dtoh(&lse).unwrap(),
+        })
+    }
+
+    fn backward<T: Element>(&self, case: &Case<T>, grads: &TokenGrads<'_>, in_place: bool) -> Result<Vec<T>> {
+        let s = &self.0;
+        let mut up = self.upload(case);
+        let lse = s.clone_htod(grads.lse).unwrap();
+        let opt = |v: Option<&[f32]>| v.map(|v| s.clone_htod(v).unwrap());
+        let (entropy, gl, gh) = (opt(grads.entropy), opt(grads.grad_logp), opt(grads.grad_entropy));
+        let dg = DeviceTokenGrads {
+            lse: lse.as_view(),
+            entropy: entropy.as_ref().map(|v| v.as_view()),
+            grad_logp: gl.as_ref().map(|v| v.as_view()),
+            grad_entropy: gh.as_ref().map(|v| v.as_view()),
+        };
+        let mut status = CudaStatus::new(s)?;
+        let targets = up.targets.clone();
+        let mask = up.mask.clone();
+        let tokens = DeviceTokens { targets: targets.as_view(), mask: mask.as_ref().map(|m| m.as_view()) };
+        if in_place {
+            cuda::token_logprobs_backward_in_place(
+                s,
+                &mut up.x,
+                case.shape,
+                &tokens,
+                &dg,
+                &mut status,
+                &case.opts,
+            )?;
+            status.check(s)?;
+            Ok(s.clone_dtoh(&up.x).unwrap())
+        } else {
+            let mut dx = s.clone_htod(&vec![T::from_f32(f32::NAN); case.logits.len()]).unwrap();
+            cuda::token_logprobs_backward(
+                s,
+                &up.x,
+                case.shape,
+                &tokens,
+                &dg,
+                &mut dx,
+                &mut status,
+                &case.opts,
+            )?;
+            status.check(s)?;
+            Ok(s.clone_dtoh(&dx).unwrap())
+        }
+    }
+}
+
+impl SampledBackend for Gpu {
+    fn sampled(&self, c: &SampledCase) -> Result<(Vec<f32>, Vec<f32>, SampledKlStats)> {
+        let s = &self.0;
+        let (lp, rlp) = (s.clone_htod(&c.logp).unwrap(), s.clone_htod(&c.ref_logp).unwrap());
+        let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+        let mut v = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
+        let mut g = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
+        let (mut stats, mut status) = (DeviceKlStats::new(s)?, CudaStatus::new(s)?);
+        let inputs = SampledKlInputs {
+            logp: lp.as_view(),
+            ref_logp: rlp.as_view(),
+            mask: mask.as_ref().map(|m| m.as_view()),
+        };
+        let out = DeviceSampledKlOutputs {
+            values: Some(v.as_view_mut()),
+            grad_logp: Some(g.as_view_mut()),
+            stats: Some(&mut stats),
+            workspace: None,
+        };
+        cuda::sampled_kl(s, &inputs, c.shape, out, &mut status, &c.opts)?;
+        status.check(s)?;
+        Ok((s.clone_dtoh(&v).unwrap(), s.clone_dtoh(&g).unwrap(), stats.read(s)?))
+    }
+
+    fn rewards(
+        &self,
+        kl: &[f32],
+        shape: RowShape,
+        mask: Option<&[u8]>,
+        scores: &[f32],
+        beta: f32,
+    ) -> Result<Vec<f32>> {
+        let s = &self.0;
+        let k = s.clone_htod(kl).unwrap();
+        let m = mask.map(|m| s.clone_htod(m).unwrap());
+        let sc = s.clone_htod(scores).unwrap();
+        let mut r = s.clone_htod(&vec![f32::NAN; kl.len()]).unwrap();
+        let mut status = CudaStatus::new(s)?;
+        cuda::kl_rewards(
+            s,
+            &k,
+            shape,
+            m.as_ref().map(|m| m.as_view()).as_ref(),
+            &sc,
+            beta,
+            &mut r,
+            &mut status,
+        )?;
+        status.check(s)?;
+        Ok(s.clone_dtoh(&r).unwrap())
+    }
+}
+
+impl ExactBackend for Gpu {
+    fn forward<P: Element, Q: Element>(&self, c: &ExactCase<P, Q>) -> Result<ExactOut> {
+        let s = &self.0;
+        let n = c.policy_shape.rows;
+        let (p, q) = (s.clone_htod(&c.policy).unwrap(), s.clone_htod(&c.reference).unwrap());
+        let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+        let mut bufs: Vec<_> = (0..4).map(|_| s.alloc_zeros::<f32>(n).unwrap()).collect();
+        let mut status = CudaStatus::new(s)?;
+        {
+            let [v, pl, ql, t] = bufs.as_mut_slice() else { unreachable!() };
+            let r = DeviceReferenceRows {
+                logits: q.as_view(),
+                shape: c.ref_shape,
+                mask: mask.as_ref().map(|m| m.as_view()),
+            };
+            let out = DeviceExactKlOutputs {
+                value: Some(v.as_view_mut()),
+                policy_lse: Some(pl.as_view_mut()),
+                ref_lse: Some(ql.as_view_mut()),
+                policy_term: Some(t.as_view_mut()),
+                workspace: None,
+                statistic: None,
+            };
+            cuda::exact_kl(s, &p, c.policy_shape, &r, out, &mut status, &c.opts)?;
+        }
+        status.check(s)?;
+        let d = |b: &rlhf_kernels::cudarc::driver::CudaSlice<f32>| s.clone_dtoh(b).unwrap();
+        Ok(ExactOut {
+            value: d(&bufs[0]),
+            policy_lse: d(&bufs[1]),
+            ref_lse: d(&bufs[2]),
+            policy_term: d(&bufs[3]),
+        })
+    }
+
+    fn forward_with_statistic<P: Element, Q: Element>(
+        &self,
+        c: &ExactCase<P, Q>,
+        stat: ExactKlStatistic,
+        with_value: bool,
+    ) -> Result<(Vec<f32>, f64)> {
+        let s = &self.0;
+        let n = c.policy_shape.rows;
+        let (p, q) = (s.clone_htod(&c.policy).unwrap(), s.clone_htod(&c.reference).unwrap());
+        let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+        let mut v = s.alloc_zeros::<f32>(n).unwrap();
+        let (mut agg, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
+        {
+            let r = DeviceReferenceRows {
+                logits: q.as_view(),
+                shape: c.ref_shape,
+                mask: mask.as_ref().map(|m| m.as_view()),
+            };
+            let out = DeviceExactKlOutputs {
+                value: with_value.then(|| v.as_view_mut()),
+                statistic: Some((&mut agg, stat)),
+                ..Default::default()
+            };
+            cuda::exact_kl(s, &p, c.policy_shape, &r, out, &mut status, &c.opts)?;
+        }
+        status.check(s)?;
+        let value = if with_value { s.clone_dtoh(&v).unwrap() } else { Vec::new() };
+        Ok((value, agg.read(s)?.value))
+    }
+
+    fn forward_sharded<P: Element, Q: Element>(
+        &self,
+        c: &ExactCase<P, Q>,
+        shards: &[Shard<P, Q>],
+    ) -> Result<ExactOut> {
+        let s = &self.0;
+        let rows = c.policy_shape.rows;
+        let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+        let mask_view = || mask.as_ref().map(|m| m.as_view());
+        let up = |s_: &Shard<P, Q>| (s.clone_htod(&s_.policy).unwrap(), s.clone_htod(&s_.reference).unwrap());
+        // Round 1 on each "rank", gathered as [shards][rows].
+        let mut gathered = s.alloc_zeros::<ExactKlPartial>(shards.len() * rows).unwrap();
+        for (k, sh) in shards.iter().enumerate() {
+            let (p, q) = up(sh);
+            let r = DeviceReferenceRows { logits: q.as_view(), shape: sh.shape, mask: mask_view() };
+            let mut mine = gathered.slice_mut(k * rows..(k + 1) * rows);
+            cuda::exact_kl_shard_partials(s, &p, sh.shape, &r, &mut mine, &c.opts)?;
+        }
+        let jsd = matches!(c.opts.divergence, ExactDivergence::Jsd { .. });
+        let mut bufs: Vec<_> = (0..3).map(|_| s.clone_htod(&vec![f32::NAN; rows]).unwrap()).collect();
+        let mut status = CudaStatus::new(s)?;
+        {
+            let [v, pl, ql] = bufs.as_mut_slice() else { unreachable!() };
+            let out = DeviceExactKlOutputs {
+                value: (!jsd).then(|| v.as_view_mut()),
+                policy_lse: Some(pl.as_view_mut()),
+                ref_lse: Some(ql.as_view_mut()),
+                ..Default::default()
+            };
+            cuda::finish_exact_kl_partials(s, &gathered, mask_view().as_ref(), out, &mut status, &c.opts)?;
+        }
+        status.check(s)?;
+        if jsd {
+            // Round 2: each rank's sums given the merged normalisers, gathered and finished.
+            let mut sums = s.alloc_zeros::<f32>(2 * shards.len() * rows).unwrap();
+            for (k, sh) in shards.iter().enumerate() {
+                let (p, q) = up(sh);
+                let r = DeviceReferenceRows { logits: q.as_view(), shape: sh.shape, mask: mask_view() };
+                let mut mine = sums.slice_mut(2 * k * rows..2 * (k + 1) * rows);
+                let (pl, ql) = (bufs[1].as_view(), bufs[2].as_view());
+                cuda::jsd_shard_sums(s, &p, sh.shape, &r, &pl, &ql, &mut mine, &c.opts)?;
+            }
+            let [v, pl, ql] = bufs.as_mut_slice() else { unreachable!() };
+            let (pl, ql) = (pl.as_view(), ql.as_view());
+            let m = mask_view();
+            cuda::finish_jsd_sums(
+                s,
+                &sums.as_view(),
+                m.as_ref(),
+                &pl,
+                &ql,
+                Some(v.as_view_mut()),
+                None,
+                &c.opts,
+            )?;
+        }
+        let d = |b: &rlhf_kernels::cudarc::driver::CudaSlice<f32>| s.clone_dtoh(b).unwrap();
+        Ok(ExactOut {
+            value: d(&bufs[0]),
+            policy_lse: d(&bufs[1]),
+            ref_lse: d(&bufs[2]),
+            policy_term: vec![0.0; rows],
+        })
+    }
+
+    fn backward<P: Element, Q: Element>(
+        &self,
+        c: &ExactCase<P, Q>,
+        f: &ExactOut,
+        g: &[f32],
+        in_place: bool,
+    ) -> Result<Vec<P>> {
+        let s = &self.0;
+        let (mut p, q) = (s.clone_htod(&c.policy).unwrap(), s.clone_htod(&c.reference).unwrap());
+        let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+        let up = |v: &[f32]| s.clone_htod(v).unwrap();
+        let (gd, pl, ql, v, t) = (up(g), up(&f.policy_lse), up(&f.ref_lse), up(&f.value), up(&f.policy_term));
+        let grads = DeviceExactKlGrads {
+            grad: gd.as_view(),
+            policy_lse: pl.as_view(),
+            ref_lse: ql.as_view(),
+            value: Some(v.as_view()),
+            policy_term: Some(t.as_view()),
+        };
+        let r = DeviceReferenceRows {
+            logits: q.as_view(),
+            shape: c.ref_shape,
+            mask: mask.as_ref().map(|m| m.as_view()),
+        };
+        let mut status = CudaStatus::new(s)?;
+        if in_place {
+            cuda::exact_kl_backward_in_place(s, &mut p, c.policy_shape, &r, &grads, &mut status, &c.opts)?;
+            status.check(s)?;
+            Ok(s.clone_dtoh(&p).unwrap())
+        } else {
+            let mut dx = s.clone_htod(&vec![P::from_f32(f32::NAN); c.policy.len()]).unwrap();
+            cuda::exact_kl_backward(s, &p, c.policy_shape, &r, &grads, &mut dx, &mut status, &c.opts)?;
+            status.check(s)?;
+            Ok(s.clone_dtoh(&dx).unwrap())
+        }
+    }
+}
+
+impl AdvantagesBackend for Gpu {
+    fn gae(&self, c: &GaeCase, opts: &GaeOptions) -> Result<(Vec<f32>, Vec<f32>)> {
+        let s = &self.0;
+        let up = |v: &Option<Vec<f32>>| v.as_ref().map(|v| self.up(v));
+        let (rewards, kl, scores, values) = (up(&c.rewards), up(&c.kl), up(&c.scores), up(&c.values));
+        let mask = c.mask.as_ref().map(|m| self.up(m));
+        let (mut a, _) = self.up(&out_buffer(c.shape));
+        let (mut r, _) = self.up(&out_buffer(c.shape));
+        let mut status = CudaStatus::new(s)?;
+        fn view(b: &Option<(CudaSlice<f32>, usize)>) -> Option<CudaView<'_, f32>> {
+            b.as_ref().map(|(b, n)| b.slice(0..*n))
+        }
+        let mut inputs = DeviceGaeInputs::new(c.shape);
+        inputs.rewards = view(&rewards);
+        inputs.kl_penalty = view(&kl).map(|k| (k, c.beta));
+        inputs.scores = view(&scores);
+        inputs.values = view(&values);
+        inputs.mask = mask.as_ref().map(|(m, n)| m.slice(0..*n));
+        let n = c.shape.min_len();
+        let out = DeviceGaeOutputs::default().advantages(a.slice_mut(0..n)).returns(r.slice_mut(0..n));
+        cuda::gae(s, &inputs, out, &mut status, opts)?;
+        status.check(s)?;
+        let d = |b: &CudaSlice<f32>| s.clone_dtoh(b).unwrap()[..n].to_vec();
+        Ok((d(&a), d(&r)))
+    }
+
+    fn group(
+        &self,
+        scores: &[f32],
+        groups: &Groups,
+        opts: &GroupAdvantageOptions,
+        tokens: Option<(RowShape, Option<&[u8]>)>,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let s = &self.0;
+        let dg = DeviceGroups::new(s, groups)?;
+        let (sc, n_sc) = self.up(scores);
+        let (mut per_seq, _) = self.up(&vec![f32::NAN; groups.sequences()]);
+        let mut tok = tokens.map(|(shape, m)| (self.up(&out_buffer(shape)), shape, m.map(|m| self.up(m))));
+        let mut status = CudaStatus::new(s)?;
+        let mut out =
+            DeviceGroupAdvantageOutputs::default().per_sequence(per_seq.slice_mut(0..groups.sequences()));
+        if let Some(((buf, n), shape, m)) = tok.as_mut() {
+            out = out.per_token(buf.slice_mut(0..*n), *shape, m.as_ref().map(|(m, n)| m.slice(0..*n)));
+        }
+        cuda::group_advantages(s, &sc.slice(0..n_sc), &dg, opts, out, &mut status)?;
+        status.check(s)?;
+        let tokens = tok.map(|((buf, n), _, _)| s.clone_dtoh(&buf).unwrap()[..n].to_vec());
+        Ok((s.clone_dtoh(&per_seq).unwrap(), tokens))
+    }
+
+    fn moments(&self, values: &[f32], shape: RowShape, mask: Option<&[u8]>) -> Result<Moments> {
+        let s = &self.0;
+        let (v, n) = self.up(values);
+        let m = mask.map(|m| self.up(m));
+        let (mut out, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
+        let mask_view = m.as_ref().map(|(m, n)| m.slice(0..*n));
+        cuda::masked_moments(s, &v.slice(0..n), shape, mask_view.as_ref(), &mut out, &mut status)?;
+        status.check(s)?;
+        out.read(s)
+    }
+
+    fn whiten(
+        &self,
+        values: &[f32],
+        shape: RowShape,
+        mask: Option<&[u8]>,
+        opts: &WhitenOptions,
+    ) -> Result<(Vec<f32>, Moments)> {
+        let s = &self.0;
+        let mut host = values.to_vec();
+        for i in 0..shape.rows.saturating_sub(1) {
+            host[shape.row_range(i).end..shape.row_start(i + 1)].fill(adv::UNTOUCHED);
+        }
+        let (mut v, n) = self.up(&host);
+        let m = mask.map(|m| self.up(m));
+        let (mut out, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
+        let mask_view = m.as_ref().map(|(m, n)| m.slice(0..*n));
+        cuda::whiten(s, &mut v.slice_mut(0..n), shape, mask_view.as_ref(), opts, &mut out, &mut status)?;
+        status.check(s)?;
+        Ok((s.clone_dtoh(&v).unwrap()[..n].to_vec(), out.read(s)?))
+    }
+}
+
+impl PpoBackend for Gpu {
+    fn policy(&self, c: &PolicyCase, opts: &PolicyLossOptions) -> Result<PolicyOut> {
+        let s = &self.0;
+        let (lp, n) = self.up(&c.logp);
+        let (old, n_old) = self.up(&c.old_logp);
+        let (adv, n_adv) = self.up(&c.advantages);
+        let mask = c.mask.as_ref().map(|m| self.up(m));
+        let entropy = c.entropy.as_ref().map(|h| self.up(h));
+        let len = c.shape.min_len();
+        let nan = vec![f32::NAN; len.max(1)];
+        let (mut l, mut g, mut h) = (self.up(&nan).0, self.up(&nan).0, self.up(&nan).0);
+        let (mut stats, mut status) = (DevicePolicyStats::new(s)?, CudaStatus::new(s)?);
+        let inputs = DevicePolicyLossInputs {
+            shape: c.shape,
+            logp: lp.slice(0..n),
+            old_logp: old.slice(0..n_old),
+            advantages: adv.slice(0..n_adv),
+            mask: mask.as_ref().map(|(m, n)| m.slice(0..*n)),
+            entropy: entropy.as_ref().map(|(e, n)| e.slice(0..*n)),
+        };
+        let out = DevicePolicyLossOutputs {
+            loss: Some(l.slice_mut(0..len)),
+            grad_logp: Some(g.slice_mut(0..len)),
+            grad_entropy: Some(h.slice_mut(0..len)),
+            stats: Some(&mut stats),
+            workspace: None,
+            accumulate: false,
+        };
+        cuda::policy_loss(s, &inputs, out, &mut status, opts)?;
+        status.check(s)?;
+        Ok(PolicyOut {
+            loss: self.dense(&l, c.shape),
+            grad_logp: self.dense(&g, c.shape),
+            grad_entropy: self.dense(&h, c.shape),
+            stats: stats.read(s)?,
+        })
+    }
+
+    fn policy_onto(
+        &self,
+        c: &PolicyCase,
+        opts: &PolicyLossOptions,
+        start: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let s = &self.0;
+        let (lp, old, adv) = (self.up(&c.logp).0, self.up(&c.old_logp).0, self.up(&c.advantages).0);
+        let mask = c.mask.as_ref().map(|m| self.up(m).0);
+        let entropy = c.entropy.as_ref().map(|h| self.up(h).0);
+        let (mut g, mut h) = (self.up(start).0, self.up(start).0);
+        let mut status = CudaStatus::new(s)?;
+        let inputs = DevicePolicyLossInputs {
+            shape: c.shape,
+            logp: lp.as_view(),
+            old_logp: old.as_view(),
+            advantages: adv.as_view(),
+            mask: mask.as_ref().map(|m| m.as_view()),
+            entropy: entropy.as_ref().map(|e| e.as_view()),
+        };
+        let out = DevicePolicyLossOutputs {
+            grad_logp: Some(g.as_view_mut()),
+            grad_entropy: Some(h.as_view_mut()),
+            accumulate: true,
+            ..Default::default()
+        };
+        cuda::policy_loss(s, &inputs, out, &mut status, opts)?;
+        status.check(s)?;
+        Ok((self.dense(&g, c.shape), self.dense(&h, c.shape)))
+    }
+
+    fn value(&self, c: &ValueCase, opts: &ValueLossOptions) -> Result<(Vec<f32>, Vec<f32>, ValueLossStats)> {
+        let s = &self.0;
+        let (v, n) = self.up(&c.values);
+        let (old, n_old) = self.up(&c.old_values);
+        let (ret, n_ret) = self.up(&c.returns);
+        let mask = c.mask.as_ref().map(|m| self.up(m));
+        let len = c.shape.min_len();
+        let nan = vec![f32::NAN; len.max(1)];
+        let (mut l, mut g) = (self.up(&nan).0, self.up(&nan).0);
+        let (mut stats, mut status) = (DeviceValueStats::new(s)?, CudaStatus::new(s)?);
+        let inputs = DeviceValueLossInputs {
+            shape: c.shape,
+            values: v.slice(0..n),
+            old_values: old.slice(0..n_old),
+            returns: ret.slice(0..n_ret),
+            mask: mask.as_ref().map(|(m, n)| m.slice(0..*n)),
+        };
+        let out = DeviceValueLossOutputs {
+            loss: Some(l.slice_mut(0..len)),
+            grad_values: Some(g.slice_mut(0..len)),
+            stats: Some(&mut stats),
+            workspace: None,
+        };
+        cuda::value_loss(s, &inputs, out, &mut status, opts)?;
+        status.check(s)?;
+        Ok((self.dense(&l, c.shape), self.dense(&g, c.shape), stats.read(s)?))
+    }
+
+    fn aggregate(
+        &self,
+        values: &[f32],
+        shape: RowShape,
+        mask: Option<&[u8]>,
+        aggregation: Aggregation,
+        norm: Normaliser,
+    ) -> Result<f64> {
+        let s = &self.0;
+        let v = self.up(values).0;
+        let m = mask.map(|m| self.up(m).0);
+        let (mut out, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
+        let m = m.as_ref().map(|m| m.as_view());
+        cuda::aggregate(s, &v, shape, m.as_ref(), aggregation, norm, &mut out, &mut status)?;
+        status.check(s)?;
+        Ok(out.read(s)?.value)
+    }
+}
+
+impl FusedBackend for Gpu {
+    fn fused<T: Element>(
+        &self,
+        c: &FusedCase<T>,
+        opts: &PolicyLossOptions,
+        in_place: bool,
+    ) -> Result<(Vec<T>, FusedPolicyStats)> {
+        let s = &self.0;
+        let mut logits = s.clone_htod(&c.logits).unwrap();
+        let (targets, mask) = (s.clone_htod(&c.targets).unwrap(), s.clone_htod(&c.mask).unwrap());
+        let (old, adv) = (s.clone_htod(&c.old_logp).unwrap(), s.clone_htod(&c.advantages).unwrap());
+        let ref_logp = c.ref_logp.as_ref().map(|r| s.clone_htod(r).unwrap());
+        let inputs = DeviceFusedPolicyInputs {
+            tokens: DeviceTokens::new(targets.as_view()).with_mask(mask.as_view()),
+            sequences: c.sequences,
+            old_logp: old.as_view(),
+            advantages: adv.as_view(),
+            kl: ref_logp.as_ref().map(|r| (r.as_view(), ppo::fused_kl())),
+        };
+        let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
+        let lp = TokenLogprobsOptions::default();
+        let grad = if in_place {
+            cuda::policy_loss_from_logits_in_place(
+                s,
+                &mut logits,
+                c.shape,
+                &inputs,
+                &mut stats,
+                &mut status,
+                &lp,
+                opts,
+            )?;
+            logits
+        } else {
+            let mut grad = s.clone_htod(&vec![T::from_f32(f32::NAN); c.logits.len()]).unwrap();
+            cuda::policy_loss_from_logits(
+                s,
+                &logits,
+                c.shape,
+                &inputs,
+                &mut grad,
+                &mut stats,
+                &mut status,
+                &lp,
+                opts,
+            )?;
+            grad
+        };
+        status.check(s)?;
+        Ok((s.clone_dtoh(&grad).unwrap(), stats.read(s)?))
+    }
+}

@@ -18,17 +18,31 @@ use rlhf_kernels::{
 
 use super::advantages::{AdvantagesBackend, GaeCase};
 use super::kl::{ExactBackend, ExactCase, ExactOut, SampledBackend, SampledCase};
-use super::ppo::{PolicyCase, PpoBackend, ValueCase};
+use super::ppo::{FusedBackend, FusedCase, PolicyCase, PpoBackend, ValueCase};
 use super::tokens::{Case, TokenBackend};
 use super::{Backward, Forward};
 
 /// Every family trait: what a backend implements to run the hostile bodies.
 pub trait Backend:
-    Forward + Backward + TokenBackend + SampledBackend + ExactBackend + AdvantagesBackend + PpoBackend
+    Forward
+    + Backward
+    + TokenBackend
+    + SampledBackend
+    + ExactBackend
+    + AdvantagesBackend
+    + PpoBackend
+    + FusedBackend
 {
 }
-impl<B: Forward + Backward + TokenBackend + SampledBackend + ExactBackend + AdvantagesBackend + PpoBackend>
-    Backend for B
+impl<B> Backend for B where
+    B: Forward
+        + Backward
+        + TokenBackend
+        + SampledBackend
+        + ExactBackend
+        + AdvantagesBackend
+        + PpoBackend
+        + FusedBackend
 {
 }
 
@@ -362,8 +376,9 @@ pub fn value_options(b: &Batch, cols: usize) -> ValueLossOptions {
         .aggregation(aggregation(b.pick[7], cols))
 }
 
-/// The policy loss (every objective, random clamps, with and without entropies) and the value
-/// loss.
+/// The policy loss (every objective, random clamps, with and without entropies), the value
+/// loss, and the fused path from the logits (the rows as one sequence, with and without the KL
+/// term, out of place and in place).
 pub fn ppo_family(be: &impl Backend, cases: u32) {
     run(cases, |b| {
         let s = b.shape.dense();
@@ -394,6 +409,26 @@ pub fn ppo_family(be: &impl Backend, cases: u32) {
         if let Some((loss, grad, st)) = ok(be.value(&case, &value_options(b, s.cols))) {
             check("value loss", f32s(&loss).chain(f32s(&grad)), Allow::Finite)?;
             check("value stats", [st.loss], Allow::Finite)?;
+        }
+
+        let rows = b.shape.rows;
+        let fused = FusedCase {
+            shape: b.shape,
+            logits: b.a.clone(),
+            targets: b.targets.clone(),
+            mask: b.mask[..rows].to_vec(),
+            sequences: RowShape::new(1, rows),
+            old_logp: b.b[..rows].to_vec(),
+            advantages: b.c[..rows].to_vec(),
+            ref_logp: (b.pick[7] % 2 == 0).then(|| b.scores.clone()),
+        };
+        let opts = policy_options(b, rows);
+        for in_place in [false, true] {
+            if let Some((grad, st)) = ok(be.fused(&fused, &opts, in_place)) {
+                check("fused grad", valid_cells(b.shape, &grad), Allow::Finite)?;
+                let kl = st.kl.map(|k| k.loss);
+                check("fused stats", [st.total_loss(), st.policy.loss].into_iter().chain(kl), Allow::Finite)?;
+            }
         }
         Ok(())
     });

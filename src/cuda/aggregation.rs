@@ -9,11 +9,13 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
 
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, view_ptr};
-use crate::{Aggregation, BatchCounts, Normaliser, Result, RowShape};
+use crate::{Aggregation, BatchCounts, Error, Normaliser, Result, RowShape};
 
 /// The kernels' aggregation code and `max_len`.
 pub(crate) fn aggregation_code(a: Aggregation) -> (i32, f64) {
@@ -56,6 +58,46 @@ fn mask_counts_offset(rows: usize) -> usize {
 /// `records` rounded up to 16 bytes, plus [`mask_count_bytes`].
 pub(crate) fn records_and_count_bytes(records: usize, rows: usize) -> usize {
     records.div_ceil(16) * 16 + mask_count_bytes(rows)
+}
+
+/// A caller's workspace of `len` bytes where `need` are required: a shape error if short.
+pub(crate) fn check_workspace(len: usize, need: usize) -> Result<()> {
+    if len < need {
+        return Err(Error::ShapeMismatch { what: "workspace", min: need, max: usize::MAX, actual: len });
+    }
+    Ok(())
+}
+
+/// The workspace of a loss launch: none when `wanted` is false, the caller's `given` address
+/// when not 0, else `need` fresh bytes on `stream` kept in `owned` until the launches are
+/// enqueued (freed in stream order after them). The address must be 16-byte aligned.
+pub(crate) fn workspace_or_alloc<'a>(
+    stream: &'a Arc<CudaStream>,
+    wanted: bool,
+    given: u64,
+    need: usize,
+    owned: &'a mut Option<CudaSlice<u8>>,
+) -> Result<(u64, Option<SyncOnDrop<'a>>)> {
+    let (p, g) = if !wanted {
+        return Ok((0, None));
+    } else if given != 0 {
+        (given, None)
+    } else {
+        // SAFETY: the kernels write the mask count and every record before anything reads them.
+        let slice =
+            unsafe { stream.alloc::<u8>(need.max(16)) }.map_err(driver_error("allocating a workspace"))?;
+        let s: &CudaStream = stream;
+        let (p, g) = owned.insert(slice).device_ptr_mut(s);
+        (p, Some(g))
+    };
+    if p % 16 != 0 {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("address {p:#x}"),
+            expected: "a 16-byte aligned device address",
+        });
+    }
+    Ok((p, g))
 }
 
 /// When `wanted`, counts the valid tokens of the masked batch `shape` on `stream` (two small
@@ -187,12 +229,113 @@ pub fn aggregate(
     if let Some(m) = mask {
         shape.check_buffer("mask", m.len())?;
     }
-    aggregation.validate()?;
-    norm.validate()?;
     let rows = shape.rows;
     if out.records.len() < 2 * rows {
         out.records =
             stream.alloc_zeros::<f32>(2 * rows).map_err(driver_error("allocating aggregate records"))?;
+    }
+    let s: &CudaStream = stream;
+    let (values, _g1) = values.device_ptr(s);
+    let (mask, _g2) = view_ptr(mask, s);
+    let (workspace, _g3) = out.records.device_ptr_mut(s);
+    let (out, _g4) = out.out.device_ptr_mut(s);
+    let (status, _g5) = status.device_ptr(s);
+    let args = AggregateArgs { shape, values, mask, out, workspace, status };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length was
+    // checked above (the records hold 2·rows f32 from an 8-byte aligned allocation); the guards
+    // keep cudarc's event tracking in order until the launches are enqueued.
+    unsafe { launch_aggregate(stream, &args, aggregation, norm) }
+}
+
+/// Buffers of a raw [`aggregate`](crate::cuda::raw::aggregate) call: device addresses, 0 for an
+/// absent mask or workspace.
+#[derive(Debug, Clone, Copy)]
+pub struct AggregateArgs {
+    /// `[B, T]` of `values` and `mask` (row stride allowed).
+    pub shape: RowShape,
+    /// f32 per-token values.
+    pub values: u64,
+    /// Mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// Four f64 out: `[value, valid tokens, valid sequences, sequences]`.
+    pub out: u64,
+    /// [`aggregate_workspace_bytes`] bytes at an 8-byte aligned address (one record per
+    /// sequence), or 0 to allocate on the stream.
+    pub workspace: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// Bytes of workspace a raw [`aggregate`](crate::cuda::raw::aggregate) uses for `shape`: one
+/// record (sum, count) of two f32 per sequence.
+pub fn aggregate_workspace_bytes(shape: RowShape) -> usize {
+    shape.rows * 8
+}
+
+/// The raw layer of the aggregation (see [`crate::cuda::raw`]).
+pub(crate) mod raw {
+    use super::{AggregateArgs, launch_aggregate};
+    use crate::cuda::{RawStream, non_null};
+    use crate::{Aggregation, Normaliser, Result};
+
+    /// [`cuda::aggregate`](crate::cuda::aggregate) on raw device pointers, enqueued on a stream
+    /// owned by the caller. A NaN value, `+inf` meeting `−inf`, or an f32 row sum that
+    /// overflows is reported in the status word.
+    ///
+    /// # Safety
+    /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+    /// - every non-zero address points to device memory of that context holding what its
+    ///   [`AggregateArgs`] field documents (`values` and `mask`: `shape.min_len()` elements);
+    ///   `out` and the workspace overlap nothing else;
+    /// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
+    pub unsafe fn aggregate(
+        stream: RawStream,
+        args: &AggregateArgs,
+        aggregation: Aggregation,
+        norm: Normaliser,
+    ) -> Result<()> {
+        non_null(&[("values", args.values), ("out", args.out), ("status", args.status)])?;
+        args.shape.validate("aggregate")?;
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        // SAFETY: the caller guarantees every buffer (see # Safety).
+        unsafe { launch_aggregate(&stream, args, aggregation, norm) }
+    }
+}
+
+/// The aggregation's two launches on checked device addresses (the safe and raw entry points
+/// share them); the records are allocated on the stream when the workspace is 0.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`AggregateArgs`] field documents, `out` and the workspace overlap nothing else, and every
+/// buffer stays allocated until the kernels ran.
+unsafe fn launch_aggregate(
+    stream: &Arc<CudaStream>,
+    a: &AggregateArgs,
+    aggregation: Aggregation,
+    norm: Normaliser,
+) -> Result<()> {
+    aggregation.validate()?;
+    norm.validate()?;
+    let shape = a.shape;
+    let rows = shape.rows;
+    let s: &CudaStream = stream;
+    let mut owned: Option<CudaSlice<f32>> = None;
+    let (rec, _g1) = if a.workspace != 0 {
+        (a.workspace, None)
+    } else {
+        let slice =
+            stream.alloc_zeros::<f32>(2 * rows).map_err(driver_error("allocating aggregate records"))?;
+        let (p, g) = owned.insert(slice).device_ptr_mut(s);
+        (p, Some(g))
+    };
+    if rec % 8 != 0 {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("address {rec:#x}"),
+            expected: "an 8-byte aligned device address",
+        });
     }
     let (code, max_len) = aggregation_code(aggregation);
     let (use_global, [tokens, valid_sequences, sequences]) = match norm {
@@ -201,29 +344,23 @@ pub fn aggregate(
             (1, [valid_tokens, valid_sequences, sequences])
         }
     };
-    let s: &CudaStream = stream;
-    let (v, _g1) = values.device_ptr(s);
-    let (m, _g2) = view_ptr(mask, s);
-    let (rec, _g3) = out.records.device_ptr_mut(s);
-    let (o, _g4) = out.out.device_ptr_mut(s);
-    let (st, _g5) = status.device_ptr(s);
     let (ld, rows_i, cols_i) = (shape.row_stride as i64, rows as i32, shape.cols as i32);
     let ctx = stream.context();
 
     let f = function(ctx, Module::Aggregation, "aggregate_rows")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&v).arg(&ld).arg(&m).arg(&rows_i).arg(&cols_i).arg(&rec).arg(&st);
+    l.arg(&a.values).arg(&ld).arg(&a.mask).arg(&rows_i).arg(&cols_i).arg(&rec).arg(&a.status);
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `aggregate_rows(const float*, long long, const unsigned char*, int, int,
     // float2*, unsigned long long*)`; one block of 256 threads per row; `values` (and `mask`,
-    // same layout) cover the checked shape; `records` holds at least 2·rows f32 from a fresh
-    // allocation (8-byte aligned) for the kernel's one float2 per row; `status` is one u64.
+    // same layout) cover the shape (the caller's contract); the records hold 2·rows f32 at an
+    // 8-byte aligned address for the kernel's one float2 per row; `status` is one u64.
     unsafe { l.launch(cfg) }.map_err(driver_error("launching aggregate_rows"))?;
 
     let f = function(ctx, Module::Aggregation, "aggregate_finalize")?;
     let mut l = stream.launch_builder(&f);
     l.arg(&rec).arg(&rows_i).arg(&code).arg(&max_len).arg(&use_global);
-    l.arg(&tokens).arg(&valid_sequences).arg(&sequences).arg(&o).arg(&st);
+    l.arg(&tokens).arg(&valid_sequences).arg(&sequences).arg(&a.out).arg(&a.status);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `aggregate_finalize(const float2*, int, int, double, int, double, double,
     // double, double*, unsigned long long*)`; one block of 256 threads; reads the `rows`

@@ -26,9 +26,10 @@ use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
 
 pub use advantages::{
     DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups, DeviceMoments,
-    DeviceTokenOutput, gae, gae_workspace_bytes, group_advantages, masked_moments, whiten,
+    DeviceTokenOutput, gae, gae_workspace_bytes, group_advantages, masked_moments, moments_workspace_bytes,
+    whiten,
 };
-pub use aggregation::{Aggregated, DeviceAggregate, aggregate};
+pub use aggregation::{Aggregated, DeviceAggregate, aggregate, aggregate_workspace_bytes};
 pub use context::CudaDevice;
 pub(crate) use context::RawStream;
 pub use kl::{
@@ -54,9 +55,12 @@ pub use status::CudaStatus;
 /// The raw layer: device pointers, an ordinal and a `CUstream` (see each function's
 /// contract). The safe functions of [`cuda`](crate::cuda) are built on the same launches.
 pub mod raw {
+    pub use super::advantages::moments_raw::*;
     pub use super::advantages::{
-        GaeArgs, GroupAdvantageArgs, raw_gae as gae, raw_group_advantages as group_advantages,
+        GaeArgs, GroupAdvantageArgs, MomentsArgs, raw_gae as gae, raw_group_advantages as group_advantages,
     };
+    pub use super::aggregation::AggregateArgs;
+    pub use super::aggregation::raw::*;
     pub use super::context::RawStream;
     pub use super::kl::raw::*;
     pub use super::logprobs::raw::*;

@@ -13,9 +13,11 @@ mod gae;
 mod groups;
 mod moments;
 
+pub(crate) use moments::raw as moments_raw;
+
 pub use gae::{DeviceGaeInputs, DeviceGaeOutputs, GaeArgs, gae, gae_workspace_bytes, raw_gae};
 pub use groups::{
     DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput, GroupAdvantageArgs, group_advantages,
     raw_group_advantages,
 };
-pub use moments::{DeviceMoments, masked_moments, whiten};
+pub use moments::{DeviceMoments, MomentsArgs, masked_moments, moments_workspace_bytes, whiten};

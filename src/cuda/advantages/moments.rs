@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
 
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, view_ptr};
-use crate::{Moments, Result, RowShape, WhitenOptions};
+use crate::{Error, Moments, Result, RowShape, WhitenOptions};
 
 /// Bytes of one row record of the moments (`MomentsF64` in the kernel: 5 f64).
 const MOMENT_RECORD_BYTES: usize = 40;
@@ -42,42 +44,123 @@ impl DeviceMoments {
     }
 }
 
-/// The moments' two launches (rows, then one finalising block).
-fn launch_moments(
-    stream: &Arc<CudaStream>,
-    values: u64,
-    shape: RowShape,
-    mask: u64,
-    out: &mut DeviceMoments,
-    status: u64,
-) -> Result<()> {
-    let need = shape.rows * MOMENT_RECORD_BYTES;
-    if out.records.len() < need {
-        out.records = stream.alloc_zeros::<u8>(need).map_err(driver_error("allocating moment records"))?;
-    }
+/// Buffers of a raw [`masked_moments`](crate::cuda::raw::masked_moments) or
+/// [`whiten`](crate::cuda::raw::whiten) call: device addresses, 0 for an absent mask or
+/// workspace.
+#[derive(Debug, Clone, Copy)]
+pub struct MomentsArgs {
+    /// `[B, T]` of `values` and `mask` (row stride allowed).
+    pub shape: RowShape,
+    /// f32 per-token values (whitened in place by `whiten`).
+    pub values: u64,
+    /// Mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// Five f64 out: `[count, mean, unbiased variance, min, max]`.
+    pub out: u64,
+    /// [`moments_workspace_bytes`] bytes at an 8-byte aligned address (one record per
+    /// sequence), or 0 to allocate on the stream.
+    pub workspace: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// Bytes of workspace a raw [`masked_moments`](crate::cuda::raw::masked_moments) or
+/// [`whiten`](crate::cuda::raw::whiten) uses for `shape`: one record of five f64 per sequence.
+pub fn moments_workspace_bytes(shape: RowShape) -> usize {
+    shape.rows * MOMENT_RECORD_BYTES
+}
+
+/// The moments' two launches (rows, then one finalising block) on checked device addresses;
+/// the records are allocated on the stream when the workspace is 0.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`MomentsArgs`] field documents, `out` and the workspace overlap nothing else, and every
+/// buffer stays allocated until the kernels ran.
+pub(super) unsafe fn launch_moments(stream: &Arc<CudaStream>, a: &MomentsArgs) -> Result<()> {
+    let shape = a.shape;
     let s: &CudaStream = stream;
-    let (rec, _g1) = out.records.device_ptr_mut(s);
-    let (o, _g2) = out.out.device_ptr_mut(s);
+    let mut owned: Option<CudaSlice<u8>> = None;
+    let (rec, _g1) = if a.workspace != 0 {
+        (a.workspace, None)
+    } else {
+        let slice = stream
+            .alloc_zeros::<u8>(moments_workspace_bytes(shape))
+            .map_err(driver_error("allocating moment records"))?;
+        let (p, g) = owned.insert(slice).device_ptr_mut(s);
+        (p, Some(g))
+    };
+    if rec % 8 != 0 {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("address {rec:#x}"),
+            expected: "an 8-byte aligned device address",
+        });
+    }
     let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
     let ctx = stream.context();
     let f = function(ctx, Module::Advantages, "moments_rows")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&values).arg(&ld).arg(&mask).arg(&rows).arg(&cols).arg(&rec).arg(&status);
+    l.arg(&a.values).arg(&ld).arg(&a.mask).arg(&rows).arg(&cols).arg(&rec).arg(&a.status);
     let cfg =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `moments_rows(const float*, long long, const unsigned char*, int, int,
     // MomentsF64*, unsigned long long*)`; one block of 256 threads per row; values and mask
-    // cover the checked shape; the records hold rows·40 bytes (8-byte aligned allocation).
+    // cover the shape (the caller's contract); the records hold rows·40 bytes, 8-byte aligned.
     unsafe { l.launch(cfg) }.map_err(driver_error("launching moments_rows"))?;
     let f = function(ctx, Module::Advantages, "moments_finalize")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&rec).arg(&rows).arg(&o);
+    l.arg(&rec).arg(&rows).arg(&a.out);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `moments_finalize(const MomentsF64*, int, double*)`; exactly one block of 256
     // threads (its tree assumes it); reads the records written above on this stream, writes
     // the five f64 of `out`.
     unsafe { l.launch(one) }.map_err(driver_error("launching moments_finalize"))?;
     Ok(())
+}
+
+/// [`launch_moments`], then `x ← x·scale + shift` on the valid tokens (0 on the others).
+///
+/// # Safety
+/// As [`launch_moments`]; `values` is written in place.
+pub(super) unsafe fn launch_whiten(
+    stream: &Arc<CudaStream>,
+    a: &MomentsArgs,
+    opts: &WhitenOptions,
+) -> Result<()> {
+    opts.validate()?;
+    // SAFETY: the caller's contract (see # Safety).
+    unsafe { launch_moments(stream, a) }?;
+    let shape = a.shape;
+    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let (eps, keep) = (opts.eps as f64, i32::from(opts.keep_mean));
+    let f = function(stream.context(), Module::Advantages, "whiten_apply")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&a.values).arg(&ld).arg(&a.mask).arg(&rows).arg(&cols).arg(&a.out).arg(&eps).arg(&keep);
+    let cfg =
+        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches `whiten_apply(float*, long long, const unsigned char*, int, int, const
+    // double*, double, int)`; one block per row; values and mask cover the shape (the caller's
+    // contract); the moments were written by the launches above on this stream.
+    unsafe { l.launch(cfg) }.map_err(driver_error("launching whiten_apply"))?;
+    Ok(())
+}
+
+/// The device addresses of a safe moments call: `out`'s records grown to the batch.
+fn moments_args<'a>(
+    stream: &'a Arc<CudaStream>,
+    shape: RowShape,
+    out: &'a mut DeviceMoments,
+) -> Result<(u64, u64, [SyncOnDrop<'a>; 2])> {
+    if out.records.len() < moments_workspace_bytes(shape) {
+        out.records = stream
+            .alloc_zeros::<u8>(moments_workspace_bytes(shape))
+            .map_err(driver_error("allocating moment records"))?;
+    }
+    let s: &CudaStream = stream;
+    let (workspace, g1) = out.records.device_ptr_mut(s);
+    let (o, g2) = out.out.device_ptr_mut(s);
+    Ok((o, workspace, [g1, g2]))
 }
 
 fn check_values(shape: RowShape, len: usize, mask: Option<&CudaView<'_, u8>>) -> Result<()> {
@@ -116,10 +199,15 @@ pub fn masked_moments(
 ) -> Result<()> {
     check_values(shape, values.len(), mask)?;
     let s: &CudaStream = stream;
-    let (v, _g1) = values.device_ptr(s);
-    let (m, _g2) = view_ptr(mask, s);
-    let (st, _g3) = status.device_ptr(s);
-    launch_moments(stream, v, shape, m, out, st)
+    let (values, _g1) = values.device_ptr(s);
+    let (mask, _g2) = view_ptr(mask, s);
+    let (status, _g3) = status.device_ptr(s);
+    let (out, workspace, _g4) = moments_args(stream, shape, out)?;
+    let args = MomentsArgs { shape, values, mask, out, workspace, status };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (the records were grown to the batch); the guards keep cudarc's event
+    // tracking in order until the launches are enqueued.
+    unsafe { launch_moments(stream, &args) }
 }
 
 /// Whitens the valid tokens of a `[B, T]` batch in place on the GPU (masked tokens become 0),
@@ -148,23 +236,56 @@ pub fn whiten(
     status: &mut CudaStatus,
 ) -> Result<()> {
     check_values(shape, values.len(), mask)?;
-    opts.validate()?;
     let s: &CudaStream = stream;
-    let (v, _g1) = values.device_ptr_mut(s);
-    let (m, _g2) = view_ptr(mask, s);
-    let (st, _g3) = status.device_ptr(s);
-    launch_moments(stream, v, shape, m, moments, st)?;
-    let (mo, _g4) = moments.out.device_ptr(s);
-    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
-    let (eps, keep) = (opts.eps as f64, i32::from(opts.keep_mean));
-    let f = function(stream.context(), Module::Advantages, "whiten_apply")?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&v).arg(&ld).arg(&m).arg(&rows).arg(&cols).arg(&mo).arg(&eps).arg(&keep);
-    let cfg =
-        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `whiten_apply(float*, long long, const unsigned char*, int, int, const
-    // double*, double, int)`; one block per row; values and mask cover the checked shape;
-    // the moments were written by the launches above on this stream.
-    unsafe { l.launch(cfg) }.map_err(driver_error("launching whiten_apply"))?;
-    Ok(())
+    let (values, _g1) = values.device_ptr_mut(s);
+    let (mask, _g2) = view_ptr(mask, s);
+    let (status, _g3) = status.device_ptr(s);
+    let (out, workspace, _g4) = moments_args(stream, shape, moments)?;
+    let args = MomentsArgs { shape, values, mask, out, workspace, status };
+    // SAFETY: as in `masked_moments`; `values` is a distinct mutable borrow.
+    unsafe { launch_whiten(stream, &args, opts) }
+}
+
+/// The raw layer of the moments (see [`crate::cuda::raw`]).
+pub(crate) mod raw {
+    use super::{MomentsArgs, launch_moments, launch_whiten};
+    use crate::cuda::{RawStream, non_null};
+    use crate::{Result, WhitenOptions};
+
+    /// [`cuda::masked_moments`](crate::cuda::masked_moments) on raw device pointers, enqueued on
+    /// a stream owned by the caller: the five f64 of `args.out`. A row with a non-finite valid
+    /// value is reported in the status word.
+    ///
+    /// # Safety
+    /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+    /// - every non-zero address points to device memory of that context holding what its
+    ///   [`MomentsArgs`] field documents (`values` and `mask`: `shape.min_len()` elements);
+    ///   `out` and the workspace overlap nothing else;
+    /// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
+    pub unsafe fn masked_moments(stream: RawStream, args: &MomentsArgs) -> Result<()> {
+        check(args)?;
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        // SAFETY: the caller guarantees every buffer (see # Safety).
+        unsafe { launch_moments(&stream, args) }
+    }
+
+    /// [`cuda::whiten`](crate::cuda::whiten) on raw device pointers: the moments into
+    /// `args.out`, then the valid tokens of `args.values` whitened in place (masked ones 0).
+    ///
+    /// # Safety
+    /// As [`masked_moments`]; `values` is written.
+    pub unsafe fn whiten(stream: RawStream, args: &MomentsArgs, opts: &WhitenOptions) -> Result<()> {
+        check(args)?;
+        opts.validate()?;
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        // SAFETY: the caller guarantees every buffer (see # Safety).
+        unsafe { launch_whiten(&stream, args, opts) }
+    }
+
+    fn check(args: &MomentsArgs) -> Result<()> {
+        non_null(&[("values", args.values), ("out", args.out), ("status", args.status)])?;
+        args.shape.validate("moments")
+    }
 }

@@ -1,12 +1,72 @@
-//! The raw layer of the exact divergences: device addresses, dtypes and shapes, for callers
-//! that own their memory (PyTorch through its data pointers, tch-rs, burn). Same launches as
-//! the safe functions.
+//! The raw layer of the KL family: device addresses, dtypes and shapes, for callers that own
+//! their memory (PyTorch through its data pointers, tch-rs, burn). Same launches as the safe
+//! functions.
 
 use super::exact::launch_forward;
 use super::exact_backward::launch_backward;
+pub use super::sampled::{
+    KlRewardsArgs, SAMPLED_KL_STATS_WORDS, SampledKlArgs, sampled_kl_stats_from_words,
+    sampled_kl_stats_to_words,
+};
+use super::sampled::{launch_rewards, launch_sampled};
 use crate::cuda::{RawStream, non_null};
 use crate::reference::check_pair;
-use crate::{DType, Error, ExactKlOptions, Result, RowShape};
+use crate::{DType, Error, ExactKlOptions, Result, RowShape, SampledKlOptions};
+
+/// [`cuda::sampled_kl`](crate::cuda::sampled_kl) on raw device pointers, enqueued on a stream
+/// owned by the caller: per-token values, `∂loss/∂logp` and the 13 statistics words, each when
+/// its address is not 0. Rows with a NaN or an overflow are reported in the status word (decode
+/// it with [`decode_status`](crate::cuda::raw::decode_status)).
+///
+/// # Safety
+/// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+/// - every non-zero address points to device memory of that context holding what its
+///   [`SampledKlArgs`] field documents for `args.shape` (per-token buffers `shape.min_len()`
+///   elements); the outputs, statistics and workspace overlap nothing else;
+/// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::raw::{self, RawStream, SampledKlArgs};
+/// use rlhf_kernels::{KlEstimator, RowShape, SampledKlOptions};
+/// # let (logp, ref_logp, grad, status, cu_stream) = (0u64, 0u64, 0u64, 0u64, std::ptr::null_mut());
+/// let args = SampledKlArgs { shape: RowShape::new(64, 1024), logp, ref_logp, mask: 0, values: 0,
+///     grad_logp: grad, stats: 0, workspace: 0, status };
+/// let opts = SampledKlOptions::new(KlEstimator::K3).coef(0.05);
+/// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
+/// unsafe { raw::sampled_kl(RawStream { ordinal: 0, stream: cu_stream }, &args, &opts)? };
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub unsafe fn sampled_kl(stream: RawStream, args: &SampledKlArgs, opts: &SampledKlOptions) -> Result<()> {
+    non_null(&[("logp", args.logp), ("ref_logp", args.ref_logp), ("status", args.status)])?;
+    args.shape.validate("sampled KL")?;
+    opts.limits()?;
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_sampled(&stream, args, opts) }
+}
+
+/// [`cuda::kl_rewards`](crate::cuda::kl_rewards) on raw device pointers: `r_t = −β·kl_t` on
+/// valid tokens plus each sequence's score on its last valid token, 0 on padding. A non-finite
+/// KL or score, or an overflowed reward, is reported in the status word.
+///
+/// # Safety
+/// As [`sampled_kl`], for the buffers of [`KlRewardsArgs`]; `rewards` overlaps nothing else.
+pub unsafe fn kl_rewards(stream: RawStream, args: &KlRewardsArgs, beta: f32) -> Result<()> {
+    non_null(&[
+        ("kl", args.kl),
+        ("scores", args.scores),
+        ("rewards", args.rewards),
+        ("status", args.status),
+    ])?;
+    args.shape.validate("kl_rewards")?;
+    let n = args.shape.min_len();
+    crate::kl::check_kl_rewards(n, args.shape, None, args.shape.rows, Some(n), beta)?;
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_rewards(&stream, args, beta) }
+}
 
 /// Buffers of a raw [`exact_kl`] call: device addresses, 0 for an absent optional buffer.
 #[derive(Debug, Clone, Copy)]

@@ -10,7 +10,9 @@ use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
-use crate::cuda::aggregation::{aggregation_code, count_mask, known_counts, records_and_count_bytes};
+use crate::cuda::aggregation::{
+    aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes, workspace_or_alloc,
+};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::{BatchCounts, Error, Result, RowShape, SampledKlOptions, SampledKlStats};
@@ -50,14 +52,7 @@ impl DeviceKlStats {
     /// Synchronises `stream` and returns the statistics of the last call that wrote them.
     pub fn read(&self, stream: &Arc<CudaStream>) -> Result<SampledKlStats> {
         let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading KL statistics"))?;
-        let mut means = [0.0; 8];
-        means.copy_from_slice(&w[1..9]);
-        Ok(SampledKlStats {
-            loss: w[0],
-            means,
-            clamped_fraction: w[9],
-            counts: BatchCounts { valid_tokens: w[10], valid_sequences: w[11], sequences: w[12] },
-        })
+        sampled_kl_stats_from_words(&w)
     }
 }
 
@@ -119,7 +114,111 @@ pub fn sampled_kl(
     for (what, o) in [("values", &out.values), ("grad_logp", &out.grad_logp)] {
         o.as_ref().map_or(Ok(()), |o| shape.check_buffer(what, o.len()))?;
     }
-    if out.values.is_none() && out.grad_logp.is_none() && out.stats.is_none() {
+    if let Some(w) = &out.workspace {
+        check_workspace(w.len(), sampled_kl_workspace_bytes(shape))?;
+    }
+    let s: &CudaStream = stream;
+    let (logp, _g1) = inputs.logp.device_ptr(s);
+    let (ref_logp, _g2) = inputs.ref_logp.device_ptr(s);
+    let (mask, _g3) = opt_ptr(&inputs.mask, s);
+    let (values, _g4) = opt_ptr_mut(&mut out.values, s);
+    let (grad_logp, _g5) = opt_ptr_mut(&mut out.grad_logp, s);
+    let (workspace, _g6) = opt_ptr_mut(&mut out.workspace, s);
+    let (stats, _g7) = match out.stats.take() {
+        Some(st) => {
+            let (p, g) = st.buf.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (status, _g8) = status.device_ptr(s);
+    let args = SampledKlArgs { shape, logp, ref_logp, mask, values, grad_logp, stats, workspace, status };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (the outputs are distinct mutable borrows, the statistics buffer holds
+    // 13 f64); the guards keep cudarc's event tracking in order until the launches are enqueued.
+    unsafe { launch_sampled(stream, &args, opts) }
+}
+
+/// Buffers of a raw [`sampled_kl`](crate::cuda::raw::sampled_kl) call: device addresses, 0 for
+/// an absent optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct SampledKlArgs {
+    /// `[B, T]` of every per-token buffer (row stride allowed).
+    pub shape: RowShape,
+    /// f32 `log π(y_t)`.
+    pub logp: u64,
+    /// f32 `log π_ref(y_t)`.
+    pub ref_logp: u64,
+    /// Mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// f32 estimator value per token out, or 0.
+    pub values: u64,
+    /// f32 `∂loss/∂logp` per token out, or 0.
+    pub grad_logp: u64,
+    /// 13 f64 of statistics out (read them with
+    /// [`sampled_kl_stats_from_words`](crate::cuda::raw::sampled_kl_stats_from_words)), or 0.
+    pub stats: u64,
+    /// [`sampled_kl_workspace_bytes`] bytes at a 16-byte aligned address, or 0 to allocate on
+    /// the stream when needed.
+    pub workspace: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// f64 words of the statistics of a raw [`sampled_kl`](crate::cuda::raw::sampled_kl).
+pub const SAMPLED_KL_STATS_WORDS: usize = STATS_WORDS;
+
+/// The statistics of a raw [`sampled_kl`](crate::cuda::raw::sampled_kl) from its 13 f64 words
+/// (`[loss, the eight means of SampledKlStats::means, clamped fraction, valid tokens, valid
+/// sequences, sequences]`).
+///
+/// ```
+/// use rlhf_kernels::cuda::raw::{SAMPLED_KL_STATS_WORDS, sampled_kl_stats_from_words, sampled_kl_stats_to_words};
+/// let mut w = [0.0f64; SAMPLED_KL_STATS_WORDS];
+/// w.iter_mut().enumerate().for_each(|(i, x)| *x = i as f64);
+/// let stats = sampled_kl_stats_from_words(&w)?;
+/// assert_eq!((stats.loss, stats.clamped_fraction), (0.0, 9.0));
+/// assert_eq!(sampled_kl_stats_to_words(&stats), w);
+/// assert!(sampled_kl_stats_from_words(&w[..3]).is_err());
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn sampled_kl_stats_from_words(w: &[f64]) -> Result<SampledKlStats> {
+    crate::logprobs::check_len("sampled KL statistics words", w.len(), STATS_WORDS)?;
+    let mut means = [0.0; 8];
+    means.copy_from_slice(&w[1..9]);
+    Ok(SampledKlStats {
+        loss: w[0],
+        means,
+        clamped_fraction: w[9],
+        counts: BatchCounts { valid_tokens: w[10], valid_sequences: w[11], sequences: w[12] },
+    })
+}
+
+/// The 13 words of [`sampled_kl_stats_from_words`] from statistics (for callers that hand the
+/// CPU backend's statistics on in the GPU's layout, e.g. the Python module).
+pub fn sampled_kl_stats_to_words(s: &SampledKlStats) -> [f64; STATS_WORDS] {
+    let mut w = [0.0; STATS_WORDS];
+    w[0] = s.loss;
+    w[1..9].copy_from_slice(&s.means);
+    w[9] = s.clamped_fraction;
+    w[10..].copy_from_slice(&[s.counts.valid_tokens, s.counts.valid_sequences, s.counts.sequences]);
+    w
+}
+
+/// The sampled KL's launches on checked device addresses (the safe and raw entry points share
+/// them): row records and the mask count are allocated on the stream when needed and not given.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`SampledKlArgs`] field documents, the outputs overlap nothing else, and every buffer stays
+/// allocated until the kernels ran.
+pub(super) unsafe fn launch_sampled(
+    stream: &Arc<CudaStream>,
+    a: &SampledKlArgs,
+    opts: &SampledKlOptions,
+) -> Result<()> {
+    let shape = a.shape;
+    if a.values == 0 && a.grad_logp == 0 && a.stats == 0 {
         return Err(Error::InvalidOption {
             name: "outputs",
             value: "none requested".into(),
@@ -128,62 +227,20 @@ pub fn sampled_kl(
     }
     let (lr_clamp, v_clamp) = opts.limits()?;
     let (aggregation, max_len) = aggregation_code(opts.aggregation);
-    let global = known_counts(opts.normaliser, shape, inputs.mask.is_some());
-    let want_grad = out.grad_logp.is_some();
+    let global = known_counts(opts.normaliser, shape, a.mask != 0);
     // The batch's own counts under a mask: counted on the device before the one pass.
-    let count_on_device = want_grad && global.is_none();
-    let need_records = out.stats.is_some();
+    let count_on_device = a.grad_logp != 0 && global.is_none();
+    let need_records = a.stats != 0;
+    let mut owned = None;
     let need = sampled_kl_workspace_bytes(shape);
-    if let Some(w) = &out.workspace {
-        if w.len() < need {
-            return Err(Error::InvalidOption {
-                name: "workspace",
-                value: format!("{} bytes", w.len()),
-                expected: "at least sampled_kl_workspace_bytes(shape) bytes",
-            });
-        }
-    }
-
-    let s: &CudaStream = stream;
-    let (lp, _g1) = inputs.logp.device_ptr(s);
-    let (rlp, _g2) = inputs.ref_logp.device_ptr(s);
-    let (mask, _g3) = opt_ptr(&inputs.mask, s);
-    let mut owned_workspace: Option<CudaSlice<u8>> = None;
-    let (values, _g4) = opt_ptr_mut(&mut out.values, s);
-    let (grad, _g5) = opt_ptr_mut(&mut out.grad_logp, s);
-    let (workspace, _g6) = if !(need_records || count_on_device) {
-        (0, None)
-    } else if let Some(w) = out.workspace.as_mut() {
-        let (p, g) = w.device_ptr_mut(s);
-        (p, Some(g))
-    } else {
-        // SAFETY: the kernels write the mask count and every record before anything reads them.
-        let slice = unsafe { stream.alloc::<u8>(need) }
-            .map_err(driver_error("allocating the sampled_kl workspace"))?;
-        let (p, g) = owned_workspace.insert(slice).device_ptr_mut(s);
-        (p, Some(g))
-    };
-    if workspace % 16 != 0 {
-        return Err(Error::InvalidOption {
-            name: "workspace",
-            value: format!("address {workspace:#x}"),
-            expected: "a 16-byte aligned device address",
-        });
-    }
+    let (workspace, _g1) =
+        workspace_or_alloc(stream, need_records || count_on_device, a.workspace, need, &mut owned)?;
     let records = if need_records { workspace } else { 0 };
     // SAFETY: when counting, a mask is present (the counts are not known on the host) and
     // covers the shape (checked, or the raw caller's contract), and the workspace is
     // sampled_kl_workspace_bytes long, 16-byte aligned, alive until this call's kernels ran.
     let device_counts =
-        unsafe { count_mask(count_on_device, stream, mask, shape, workspace, shape.rows * RECORD_BYTES)? };
-    let (stats, _g7) = match out.stats.take() {
-        Some(st) => {
-            let (p, g) = st.buf.device_ptr_mut(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
-    let (st, _g8) = status.device_ptr(s);
+        unsafe { count_mask(count_on_device, stream, a.mask, shape, workspace, shape.rows * RECORD_BYTES)? };
 
     let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
     let (chosen, coef) = (opts.estimator.code(), opts.coef);
@@ -195,24 +252,31 @@ pub fn sampled_kl(
     let func = function(stream.context(), Module::KlSampled, "sampled_kl_rows")?;
     let mut launch = stream.launch_builder(&func);
     launch
-        .arg(&lp)
-        .arg(&rlp)
+        .arg(&a.logp)
+        .arg(&a.ref_logp)
         .arg(&ld)
-        .arg(&mask)
+        .arg(&a.mask)
         .arg(&rows)
         .arg(&cols)
         .arg(&chosen)
         .arg(&lr_clamp)
         .arg(&v_clamp);
     launch.arg(&coef).arg(&aggregation).arg(&max_len).arg(&counts[0]).arg(&counts[1]).arg(&counts[2]);
-    launch.arg(&weights_known).arg(&device_counts).arg(&values).arg(&grad).arg(&records).arg(&st);
+    launch
+        .arg(&weights_known)
+        .arg(&device_counts)
+        .arg(&a.values)
+        .arg(&a.grad_logp)
+        .arg(&records)
+        .arg(&a.status);
     // SAFETY: matches `sampled_kl_rows(const float*, const float*, long long, const unsigned
     // char*, int, int, int, float, float, float, int, double, double, double, double, int, const
     // double*, float*, float*, SampledRow*, unsigned long long*)`; one block of 256 threads per
-    // sequence (rows ≤ i32::MAX, checked by the shape); every buffer was length-checked above
-    // (or is null, which the kernel tests), the records hold one 40-byte record per row and the
-    // counts (when not null) were written by the mask count above on this stream. The gradient
-    // is written only with known denominators, which it has whenever it is requested.
+    // sequence (rows ≤ i32::MAX, checked by the shape); every buffer covers the shape (the
+    // caller's contract) or is null, which the kernel tests; the records hold one 40-byte record
+    // per row and the counts (when not null) were written by the mask count above on this
+    // stream. The gradient is written only with known denominators, which it has whenever it is
+    // requested.
     unsafe { launch.launch(per_row) }.map_err(driver_error("launching sampled_kl_rows"))?;
 
     if need_records {
@@ -220,7 +284,7 @@ pub fn sampled_kl(
         let func = function(stream.context(), Module::KlSampled, "sampled_kl_finalize")?;
         let mut launch = stream.launch_builder(&func);
         launch.arg(&records).arg(&rows).arg(&chosen).arg(&coef).arg(&aggregation).arg(&max_len);
-        launch.arg(&use_global).arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&stats);
+        launch.arg(&use_global).arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&a.stats);
         let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: matches `sampled_kl_finalize(const SampledRow*, int, int, float, int, double,
         // int, double, double, double, double*)`; exactly one block of 256 threads (the kernel's
@@ -270,21 +334,54 @@ pub fn kl_rewards(
         beta,
     )?;
     let s: &CudaStream = stream;
-    let (k, _g1) = kl.device_ptr(s);
-    let (m, _g2) = view_ptr(mask, s);
-    let (sc, _g3) = scores.device_ptr(s);
-    let (r, _g4) = rewards.device_ptr_mut(s);
-    let (st, _g5) = status.device_ptr(s);
+    let (kl, _g1) = kl.device_ptr(s);
+    let (mask, _g2) = view_ptr(mask, s);
+    let (scores, _g3) = scores.device_ptr(s);
+    let (rewards, _g4) = rewards.device_ptr_mut(s);
+    let (status, _g5) = status.device_ptr(s);
+    let args = KlRewardsArgs { shape, kl, mask, scores, rewards, status };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length was
+    // checked above; the guards keep cudarc's event tracking in order until the launch.
+    unsafe { launch_rewards(stream, &args, beta) }
+}
+
+/// Buffers of a raw [`kl_rewards`](crate::cuda::raw::kl_rewards) call: device addresses, 0 for
+/// an absent mask.
+#[derive(Debug, Clone, Copy)]
+pub struct KlRewardsArgs {
+    /// `[B, T]` of `kl`, `mask` and `rewards` (row stride allowed).
+    pub shape: RowShape,
+    /// f32 per-token KL estimate.
+    pub kl: u64,
+    /// Mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// f32 score per sequence (`shape.rows` of them).
+    pub scores: u64,
+    /// f32 per-token reward out.
+    pub rewards: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// The `kl_rewards` launch on checked device addresses (the safe and raw entry points share it).
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`KlRewardsArgs`] field documents, `rewards` overlaps nothing else, and every buffer stays
+/// allocated until the kernel ran.
+pub(super) unsafe fn launch_rewards(stream: &Arc<CudaStream>, a: &KlRewardsArgs, beta: f32) -> Result<()> {
+    let shape = a.shape;
     let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
     let func = function(stream.context(), Module::KlSampled, "kl_rewards")?;
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&k).arg(&ld).arg(&m).arg(&rows).arg(&cols).arg(&sc).arg(&beta).arg(&r).arg(&st);
+    launch.arg(&a.kl).arg(&ld).arg(&a.mask).arg(&rows).arg(&cols).arg(&a.scores).arg(&beta);
+    launch.arg(&a.rewards).arg(&a.status);
     let cfg =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `kl_rewards(const float*, long long, const unsigned char*, int, int, const
     // float*, float, float*, unsigned long long*)`; one block of 256 threads per sequence; `kl`,
-    // `mask` and `rewards` cover the shape, `scores` holds one value per row (checked above) and
-    // `status` is the stream's one u64 status word.
+    // `mask` and `rewards` cover the shape, `scores` holds one value per row (the caller's
+    // contract) and `status` is one u64 status word.
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching kl_rewards"))?;
     Ok(())
 }

@@ -11,10 +11,12 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use crate::cuda::aggregation::{aggregation_code, count_mask, known_counts, records_and_count_bytes};
+use crate::cuda::aggregation::{
+    aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes, workspace_or_alloc,
+};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
-use crate::{BatchCounts, Error, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result, RowShape};
+use crate::{BatchCounts, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result, RowShape};
 
 /// Bytes per sequence of the policy row records (`PolicyRow`: 12 f32).
 const POLICY_RECORD_BYTES: usize = 48;
@@ -127,38 +129,6 @@ struct PolicyParams {
 // doubles and a pointer, in that order on both sides (160 bytes).
 unsafe impl DeviceRepr for PolicyParams {}
 
-/// A workspace pointer: the lent one (checked), or a fresh allocation kept in `owned`.
-pub(super) fn workspace_ptr<'a>(
-    stream: &'a Arc<CudaStream>,
-    lent: &'a mut Option<CudaViewMut<'_, u8>>,
-    owned: &'a mut Option<CudaSlice<u8>>,
-    need: usize,
-    what: &'static str,
-) -> Result<(u64, Option<cudarc::driver::SyncOnDrop<'a>>)> {
-    let s: &CudaStream = stream;
-    let (p, g) = match lent {
-        Some(w) if w.len() < need => {
-            return Err(Error::ShapeMismatch { what, min: need, max: usize::MAX, actual: w.len() });
-        }
-        Some(w) => w.device_ptr_mut(s),
-        None => {
-            // SAFETY: the kernels write the mask count and every record before anything reads
-            // them.
-            let slice = unsafe { stream.alloc::<u8>(need.max(16)) }
-                .map_err(driver_error("allocating a workspace"))?;
-            owned.insert(slice).device_ptr_mut(s)
-        }
-    };
-    if p % 16 != 0 {
-        return Err(Error::InvalidOption {
-            name: "workspace",
-            value: format!("address {p:#x}"),
-            expected: "a 16-byte aligned device address",
-        });
-    }
-    Ok((p, Some(g)))
-}
-
 /// The launches shared by the two losses (kernels/ppo.cu): `{kernel}_rows(Params, Row*,
 /// status)` with one block of 256 threads per sequence, then, when records are needed, the
 /// one-block `{kernel}_finalize(const Row*, int rows, int aggregation, double max_len, int
@@ -259,15 +229,8 @@ pub fn policy_loss(
         }
     }
     opts.validate()?;
-    if let Some(w) = &out.workspace
-        && w.len() < policy_loss_workspace_bytes(shape)
-    {
-        return Err(Error::ShapeMismatch {
-            what: "workspace",
-            min: policy_loss_workspace_bytes(shape),
-            max: usize::MAX,
-            actual: w.len(),
-        });
+    if let Some(w) = &out.workspace {
+        check_workspace(w.len(), policy_loss_workspace_bytes(shape))?;
     }
     let s: &CudaStream = stream;
     let (logp, _g1) = inputs.logp.device_ptr(s);
@@ -425,26 +388,10 @@ pub(crate) unsafe fn launch_policy(
     // The batch's own counts under a mask: counted on the device before the one pass.
     let count_on_device = want_grad && global.is_none();
     let need_records = a.stats != 0;
-    let s: &CudaStream = stream;
-    let mut owned_workspace: Option<CudaSlice<u8>> = None;
-    let (workspace, _g1) = if !(need_records || count_on_device) {
-        (0, None)
-    } else if a.workspace != 0 {
-        (a.workspace, None)
-    } else {
-        // SAFETY: the kernels write the mask count and every record before anything reads them.
-        let slice = unsafe { stream.alloc::<u8>(policy_loss_workspace_bytes(shape)) }
-            .map_err(driver_error("allocating the policy-loss workspace"))?;
-        let (p, g) = owned_workspace.insert(slice).device_ptr_mut(s);
-        (p, Some(g))
-    };
-    if workspace % 16 != 0 {
-        return Err(Error::InvalidOption {
-            name: "workspace",
-            value: format!("address {workspace:#x}"),
-            expected: "a 16-byte aligned device address",
-        });
-    }
+    let mut owned = None;
+    let need = policy_loss_workspace_bytes(shape);
+    let (workspace, _g1) =
+        workspace_or_alloc(stream, need_records || count_on_device, a.workspace, need, &mut owned)?;
     let records = if need_records { workspace } else { 0 };
     // SAFETY: when counting, a mask is present (the counts are not known on the host) and
     // covers the shape (checked, or the raw caller's contract), and the workspace is

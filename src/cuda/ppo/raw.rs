@@ -1,10 +1,12 @@
-//! The raw layer of the policy loss: device addresses and a caller-owned stream, for callers
+//! The raw layer of the PPO losses: device addresses and a caller-owned stream, for callers
 //! that own their memory (PyTorch through its data pointers, tch-rs, burn). Same launches as
-//! the safe function.
+//! the safe functions.
 
 use super::loss::{PolicyLossArgs, launch_policy};
+use super::value::launch_value;
+pub use super::value::{VALUE_STATS_WORDS, ValueLossArgs, value_stats_from_words, value_stats_to_words};
 use crate::cuda::{RawStream, non_null};
-use crate::{PolicyLossOptions, Result};
+use crate::{PolicyLossOptions, Result, ValueLossOptions};
 
 /// [`cuda::policy_loss`](crate::cuda::policy_loss) on raw device pointers, enqueued on a
 /// stream owned by the caller. Rows with non-finite inputs are reported in the status word
@@ -40,4 +42,25 @@ pub unsafe fn policy_loss(stream: RawStream, args: &PolicyLossArgs, opts: &Polic
     let stream = unsafe { stream.borrow() }?;
     // SAFETY: the caller guarantees every buffer (see # Safety).
     unsafe { launch_policy(&stream, args, opts) }
+}
+
+/// [`cuda::value_loss`](crate::cuda::value_loss) on raw device pointers, enqueued on a stream
+/// owned by the caller. Rows with a non-finite input or an overflow are reported in the status
+/// word.
+///
+/// # Safety
+/// As [`policy_loss`], for the buffers of [`ValueLossArgs`].
+pub unsafe fn value_loss(stream: RawStream, args: &ValueLossArgs, opts: &ValueLossOptions) -> Result<()> {
+    non_null(&[
+        ("values", args.values),
+        ("old_values", args.old_values),
+        ("returns", args.returns),
+        ("status", args.status),
+    ])?;
+    args.shape.validate("value loss")?;
+    opts.validate()?;
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_value(&stream, args, opts) }
 }

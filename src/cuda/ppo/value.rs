@@ -5,15 +5,18 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::loss::{LossLaunch, workspace_ptr};
-use crate::cuda::aggregation::{aggregation_code, count_mask, known_counts, records_and_count_bytes};
+use super::loss::LossLaunch;
+use crate::cuda::aggregation::{
+    aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes, workspace_or_alloc,
+};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::{BatchCounts, Result, RowShape, ValueLossOptions, ValueLossStats};
 
 /// Bytes per sequence of the value row records (`ValueRow`: 4 f32).
 const VALUE_RECORD_BYTES: usize = 16;
-/// f64 words of the value statistics (`ValueStat`).
-const VALUE_STATS_WORDS: usize = 5;
+/// f64 words of the statistics of a raw [`value_loss`](crate::cuda::raw::value_loss):
+/// `[loss, clip fraction, valid tokens, valid sequences, sequences]`.
+pub const VALUE_STATS_WORDS: usize = 5;
 
 /// The device inputs of [`value_loss`], each laid out as `shape`.
 #[derive(Debug)]
@@ -47,11 +50,7 @@ impl DeviceValueStats {
     /// Synchronises `stream` and returns the statistics of the last call that wrote them.
     pub fn read(&self, stream: &Arc<CudaStream>) -> Result<ValueLossStats> {
         let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading value statistics"))?;
-        Ok(ValueLossStats {
-            loss: w[0],
-            clip_fraction: w[1],
-            counts: BatchCounts { valid_tokens: w[2], valid_sequences: w[3], sequences: w[4] },
-        })
+        value_stats_from_words(&w)
     }
 }
 
@@ -144,37 +143,17 @@ pub fn value_loss(
         }
     }
     opts.validate()?;
-    let global = known_counts(opts.normaliser, shape, inputs.mask.is_some());
-    let want_grad = out.grad_values.is_some();
-    // The batch's own counts under a mask: counted on the device before the one pass.
-    let count_on_device = want_grad && global.is_none();
-    let need_records = out.stats.is_some();
+    if let Some(w) = &out.workspace {
+        check_workspace(w.len(), value_loss_workspace_bytes(shape))?;
+    }
     let s: &CudaStream = stream;
     let (values, _g1) = inputs.values.device_ptr(s);
-    let (old, _g2) = inputs.old_values.device_ptr(s);
-    let (ret, _g3) = inputs.returns.device_ptr(s);
+    let (old_values, _g2) = inputs.old_values.device_ptr(s);
+    let (returns, _g3) = inputs.returns.device_ptr(s);
     let (mask, _g4) = opt_ptr(&inputs.mask, s);
     let (loss, _g5) = opt_ptr_mut(&mut out.loss, s);
-    let (grad, _g6) = opt_ptr_mut(&mut out.grad_values, s);
-    let mut owned_workspace = None;
-    let (workspace, _g7) = if need_records || count_on_device {
-        workspace_ptr(
-            stream,
-            &mut out.workspace,
-            &mut owned_workspace,
-            value_loss_workspace_bytes(shape),
-            "workspace",
-        )?
-    } else {
-        (0, None)
-    };
-    let records = if need_records { workspace } else { 0 };
-    // SAFETY: when counting, a mask is present (the counts are not known on the host) and
-    // covers the shape (checked, or the raw caller's contract), and the workspace is
-    // value_loss_workspace_bytes long, 16-byte aligned, alive until this call's kernels ran.
-    let device_counts = unsafe {
-        count_mask(count_on_device, stream, mask, shape, workspace, shape.rows * VALUE_RECORD_BYTES)?
-    };
+    let (grad_values, _g6) = opt_ptr_mut(&mut out.grad_values, s);
+    let (workspace, _g7) = opt_ptr_mut(&mut out.workspace, s);
     let (stats, _g8) = match out.stats.take() {
         Some(st) => {
             let (p, g) = st.buf.device_ptr_mut(s);
@@ -182,16 +161,119 @@ pub fn value_loss(
         }
         None => (0, None),
     };
-    let (st, _g9) = status.device_ptr(s);
+    let (status, _g9) = status.device_ptr(s);
+    let args = ValueLossArgs {
+        shape,
+        values,
+        old_values,
+        returns,
+        mask,
+        loss,
+        grad_values,
+        stats,
+        workspace,
+        status,
+    };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (the outputs are distinct mutable borrows, the statistics buffer holds
+    // five f64); the guards keep cudarc's event tracking in order until the launches are
+    // enqueued.
+    unsafe { launch_value(stream, &args, opts) }
+}
+
+/// Buffers of a raw [`value_loss`](crate::cuda::raw::value_loss) call: device addresses, 0 for
+/// an absent optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct ValueLossArgs {
+    /// `[B, T]` of every per-token buffer (row stride allowed).
+    pub shape: RowShape,
+    /// f32 current values `v`.
+    pub values: u64,
+    /// f32 rollout-time values.
+    pub old_values: u64,
+    /// f32 value targets.
+    pub returns: u64,
+    /// Mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// f32 per-token loss out, or 0.
+    pub loss: u64,
+    /// f32 `coef·w·∂L_v/∂v` out, or 0.
+    pub grad_values: u64,
+    /// [`VALUE_STATS_WORDS`] f64 of statistics out (read them with [`value_stats_from_words`]),
+    /// or 0.
+    pub stats: u64,
+    /// [`value_loss_workspace_bytes`] bytes at a 16-byte aligned address, or 0 to allocate on
+    /// the stream when needed.
+    pub workspace: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// The statistics of a raw [`value_loss`](crate::cuda::raw::value_loss) from its five f64
+/// words.
+///
+/// ```
+/// use rlhf_kernels::cuda::raw::{VALUE_STATS_WORDS, value_stats_from_words, value_stats_to_words};
+/// let w = [0.5, 0.25, 10.0, 2.0, 3.0];
+/// let stats = value_stats_from_words(&w)?;
+/// assert_eq!((stats.loss, stats.counts.sequences), (0.5, 3.0));
+/// assert_eq!(value_stats_to_words(&stats), w);
+/// assert!(value_stats_from_words(&w[..VALUE_STATS_WORDS - 1]).is_err());
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn value_stats_from_words(w: &[f64]) -> Result<ValueLossStats> {
+    crate::logprobs::check_len("value statistics words", w.len(), VALUE_STATS_WORDS)?;
+    Ok(ValueLossStats {
+        loss: w[0],
+        clip_fraction: w[1],
+        counts: BatchCounts { valid_tokens: w[2], valid_sequences: w[3], sequences: w[4] },
+    })
+}
+
+/// The five words of [`value_stats_from_words`] from statistics (for callers that hand the CPU
+/// backend's statistics on in the GPU's layout, e.g. the Python module).
+pub fn value_stats_to_words(s: &ValueLossStats) -> [f64; VALUE_STATS_WORDS] {
+    [s.loss, s.clip_fraction, s.counts.valid_tokens, s.counts.valid_sequences, s.counts.sequences]
+}
+
+/// The value loss's launches on checked device addresses (the safe and raw entry points share
+/// them): row records and the mask count are allocated on the stream when needed and not given.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`ValueLossArgs`] field documents, the outputs overlap nothing else, and every buffer stays
+/// allocated until the kernels ran.
+pub(crate) unsafe fn launch_value(
+    stream: &Arc<CudaStream>,
+    a: &ValueLossArgs,
+    opts: &ValueLossOptions,
+) -> Result<()> {
+    let shape = a.shape;
+    opts.validate()?;
+    let global = known_counts(opts.normaliser, shape, a.mask != 0);
+    // The batch's own counts under a mask: counted on the device before the one pass.
+    let count_on_device = a.grad_values != 0 && global.is_none();
+    let need_records = a.stats != 0;
+    let mut owned = None;
+    let need = value_loss_workspace_bytes(shape);
+    let (workspace, _g1) =
+        workspace_or_alloc(stream, need_records || count_on_device, a.workspace, need, &mut owned)?;
+    let records = if need_records { workspace } else { 0 };
+    // SAFETY: when counting, a mask is present (the counts are not known on the host) and
+    // covers the shape (checked, or the raw caller's contract), and the workspace is
+    // value_loss_workspace_bytes long, 16-byte aligned, alive until this call's kernels ran.
+    let device_counts = unsafe {
+        count_mask(count_on_device, stream, a.mask, shape, workspace, shape.rows * VALUE_RECORD_BYTES)?
+    };
     let (aggregation, max_len) = aggregation_code(opts.aggregation);
     let counts = global.unwrap_or([0.0; 3]);
     let params = ValueParams {
-        values,
-        old_values: old,
-        returns: ret,
-        mask,
-        loss,
-        grad_values: grad,
+        values: a.values,
+        old_values: a.old_values,
+        returns: a.returns,
+        mask: a.mask,
+        loss: a.loss,
+        grad_values: a.grad_values,
         ld: shape.row_stride as i64,
         rows: shape.rows as i32,
         cols: shape.cols as i32,
@@ -209,8 +291,8 @@ pub fn value_loss(
         kernel: "value_loss",
         rows: shape.rows,
         records,
-        stats,
-        status: st,
+        stats: a.stats,
+        status: a.status,
         aggregation,
         max_len,
         global,
@@ -218,7 +300,7 @@ pub fn value_loss(
         need_records,
     };
     // SAFETY: `params` is the kernels' `ValueParams`: every pointer in it is null or covers
-    // the checked shape; the records hold one 16-byte `ValueRow` per row and the statistics
-    // five f64.
+    // the shape (the caller's contract); the records hold one 16-byte `ValueRow` per row and
+    // the statistics five f64.
     unsafe { launch.run(stream, &params) }
 }

@@ -1,0 +1,293 @@
+//! The raw layer of the ops the Python module and other pointer-owning callers reach (sampled
+//! KL, KL-in-reward shaping, the aggregation, moments and whitening, the value loss), each held
+//! bitwise to its safe twin on the same inputs, with its status word and a refused null pointer.
+//! Skips visibly without a GPU; `RLHF_KERNELS_REQUIRE_GPU=1` makes that a failure.
+
+#[macro_use]
+mod common;
+
+use rlhf_kernels::cuda_or_skip;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::sync::Arc;
+
+    use super::common::advantages::AdvantagesBackend;
+    use super::common::gpu::Gpu;
+    use super::common::kl::{SampledBackend, SampledCase};
+    use super::common::ppo::{PpoBackend, ValueCase};
+    use rlhf_kernels::cuda::raw::{self, RawStream};
+    use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+    use rlhf_kernels::{
+        Aggregation, Error, KlEstimator, Normaliser, RowProblem, RowShape, SampledKlOptions,
+        ValueLossOptions, WhitenOptions,
+    };
+
+    const SHAPE: RowShape = RowShape::new(6, 70).with_row_stride(73);
+
+    fn stream(s: &Arc<CudaStream>) -> RawStream {
+        RawStream { ordinal: s.context().ordinal(), stream: s.cu_stream() }
+    }
+
+    fn same(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    fn up<T: DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> CudaSlice<T> {
+        s.clone_htod(v).unwrap()
+    }
+
+    fn clear_status(s: &Arc<CudaStream>) -> CudaSlice<u64> {
+        up(s, &[raw::STATUS_CLEAR])
+    }
+
+    fn status_of(s: &Arc<CudaStream>, st: &CudaSlice<u64>) -> rlhf_kernels::Result<()> {
+        raw::decode_status(s.clone_dtoh(st).unwrap()[0])
+    }
+
+    pub fn sampled_kl(gpu: &Gpu) {
+        let s = &gpu.0;
+        let mut c = SampledCase::random(SHAPE, 61);
+        c.opts = SampledKlOptions::new(KlEstimator::K2).coef(0.05).log_ratio_clamp(Some(10.0));
+        let (values, grad, stats) = gpu.sampled(&c).unwrap();
+        let n = SHAPE.rows * SHAPE.row_stride;
+        let (lp, rlp, mask) = (up(s, &c.logp), up(s, &c.ref_logp), up(s, c.mask.as_ref().unwrap()));
+        let (mut v, mut g) = (up(s, &vec![f32::NAN; n]), up(s, &vec![f32::NAN; n]));
+        let mut words = s.alloc_zeros::<f64>(raw::SAMPLED_KL_STATS_WORDS).unwrap();
+        let mut st = clear_status(s);
+        {
+            let (a, _a) = lp.device_ptr(s);
+            let (b, _b) = rlp.device_ptr(s);
+            let (m, _c) = mask.device_ptr(s);
+            let (vp, _d) = v.device_ptr_mut(s);
+            let (gp, _e) = g.device_ptr_mut(s);
+            let (sp, _f) = words.device_ptr_mut(s);
+            let (stp, _g) = st.device_ptr_mut(s);
+            let args = raw::SampledKlArgs {
+                shape: SHAPE,
+                logp: a,
+                ref_logp: b,
+                mask: m,
+                values: vp,
+                grad_logp: gp,
+                stats: sp,
+                workspace: 0,
+                status: stp,
+            };
+            // SAFETY: the buffers were allocated above on this context, cover the shape, and
+            // live until the synchronising copies below.
+            unsafe { raw::sampled_kl(stream(s), &args, &c.opts) }.unwrap();
+            let null = raw::SampledKlArgs { ref_logp: 0, ..args };
+            // SAFETY: refused before any launch.
+            let err = unsafe { raw::sampled_kl(stream(s), &null, &c.opts) }.unwrap_err();
+            assert!(matches!(err, Error::InvalidOption { name: "ref_logp", .. }), "{err}");
+            let none = raw::SampledKlArgs { values: 0, grad_logp: 0, stats: 0, ..args };
+            // SAFETY: refused before any launch (no output).
+            assert!(unsafe { raw::sampled_kl(stream(s), &none, &c.opts) }.is_err());
+        }
+        status_of(s, &st).unwrap();
+        assert!(same(&s.clone_dtoh(&v).unwrap(), &values), "raw values differ from the safe path");
+        assert!(same(&s.clone_dtoh(&g).unwrap(), &grad), "raw grad differs from the safe path");
+        assert_eq!(raw::sampled_kl_stats_from_words(&s.clone_dtoh(&words).unwrap()).unwrap(), stats);
+    }
+
+    pub fn kl_rewards(gpu: &Gpu) {
+        let s = &gpu.0;
+        let c = SampledCase::random(SHAPE, 62);
+        let scores: Vec<f32> = (0..SHAPE.rows).map(|i| i as f32 - 2.5).collect();
+        let expected = gpu.rewards(&c.logp, SHAPE, c.mask.as_deref(), &scores, 0.1).unwrap();
+        let n = SHAPE.rows * SHAPE.row_stride;
+        let (kl, mask, sc) = (up(s, &c.logp), up(s, c.mask.as_ref().unwrap()), up(s, &scores));
+        let mut r = up(s, &vec![f32::NAN; n]);
+        let mut st = clear_status(s);
+        {
+            let (k, _a) = kl.device_ptr(s);
+            let (m, _b) = mask.device_ptr(s);
+            let (scp, _c) = sc.device_ptr(s);
+            let (rp, _d) = r.device_ptr_mut(s);
+            let (stp, _e) = st.device_ptr_mut(s);
+            let args =
+                raw::KlRewardsArgs { shape: SHAPE, kl: k, mask: m, scores: scp, rewards: rp, status: stp };
+            // SAFETY: as in `sampled_kl`.
+            unsafe { raw::kl_rewards(stream(s), &args, 0.1) }.unwrap();
+            // SAFETY: refused before any launch.
+            assert!(
+                unsafe { raw::kl_rewards(stream(s), &raw::KlRewardsArgs { scores: 0, ..args }, 0.1) }
+                    .is_err()
+            );
+            // SAFETY: refused before any launch (β must be finite).
+            assert!(unsafe { raw::kl_rewards(stream(s), &args, f32::NAN) }.is_err());
+        }
+        status_of(s, &st).unwrap();
+        assert!(same(&s.clone_dtoh(&r).unwrap(), &expected), "raw rewards differ from the safe path");
+    }
+
+    pub fn aggregate(gpu: &Gpu) {
+        let s = &gpu.0;
+        let c = SampledCase::random(SHAPE, 63);
+        let mask = c.mask.as_deref();
+        let mut values = c.logp.clone();
+        for (mode, norm) in [
+            (Aggregation::SeqMeanTokenMean, Normaliser::Local),
+            (
+                Aggregation::TokenMean,
+                Normaliser::Global { valid_tokens: 500.0, valid_sequences: 9.0, sequences: 12.0 },
+            ),
+        ] {
+            let expected = gpu.aggregate(&values, SHAPE, mask, mode, norm).unwrap();
+            let (v, m) = (up(s, &values), up(s, c.mask.as_ref().unwrap()));
+            let mut out = s.alloc_zeros::<f64>(4).unwrap();
+            let mut work = s.alloc_zeros::<u8>(rlhf_kernels::cuda::aggregate_workspace_bytes(SHAPE)).unwrap();
+            let mut st = clear_status(s);
+            {
+                let (vp, _a) = v.device_ptr(s);
+                let (mp, _b) = m.device_ptr(s);
+                let (op, _c) = out.device_ptr_mut(s);
+                let (wp, _d) = work.device_ptr_mut(s);
+                let (stp, _e) = st.device_ptr_mut(s);
+                let args = raw::AggregateArgs {
+                    shape: SHAPE,
+                    values: vp,
+                    mask: mp,
+                    out: op,
+                    workspace: wp,
+                    status: stp,
+                };
+                // SAFETY: as in `sampled_kl`; the workspace holds aggregate_workspace_bytes.
+                unsafe { raw::aggregate(stream(s), &args, mode, norm) }.unwrap();
+                // SAFETY: refused before any launch.
+                assert!(
+                    unsafe { raw::aggregate(stream(s), &raw::AggregateArgs { out: 0, ..args }, mode, norm) }
+                        .is_err()
+                );
+            }
+            status_of(s, &st).unwrap();
+            assert_eq!(s.clone_dtoh(&out).unwrap()[0].to_bits(), expected.to_bits(), "{mode:?}");
+        }
+        // A NaN at a valid token is reported in the status word.
+        let t = SHAPE.row_start(2);
+        values[t] = f32::NAN;
+        let (v, mut out, mut st) = (up(s, &values), s.alloc_zeros::<f64>(4).unwrap(), clear_status(s));
+        {
+            let (vp, _a) = v.device_ptr(s);
+            let (op, _b) = out.device_ptr_mut(s);
+            let (stp, _c) = st.device_ptr_mut(s);
+            let args =
+                raw::AggregateArgs { shape: SHAPE, values: vp, mask: 0, out: op, workspace: 0, status: stp };
+            // SAFETY: as in `sampled_kl`.
+            unsafe { raw::aggregate(stream(s), &args, Aggregation::TokenMean, Normaliser::Local) }.unwrap();
+        }
+        let err = status_of(s, &st).unwrap_err();
+        assert_eq!(err, Error::InvalidRow { op: "aggregate", row: 2, problem: RowProblem::NonFinite });
+    }
+
+    pub fn moments_and_whiten(gpu: &Gpu) {
+        let s = &gpu.0;
+        let c = SampledCase::random(SHAPE, 64);
+        let mask = c.mask.as_deref();
+        let expected = gpu.moments(&c.logp, SHAPE, mask).unwrap();
+        let opts = WhitenOptions::default().keep_mean(true);
+        let (whitened, _) = gpu.whiten(&c.logp, SHAPE, mask, &opts).unwrap();
+        for whiten in [false, true] {
+            let (mut v, m) = (up(s, &c.logp[..SHAPE.min_len()]), up(s, c.mask.as_ref().unwrap()));
+            let mut out = s.alloc_zeros::<f64>(5).unwrap();
+            let mut st = clear_status(s);
+            {
+                let (vp, _a) = v.device_ptr_mut(s);
+                let (mp, _b) = m.device_ptr(s);
+                let (op, _c) = out.device_ptr_mut(s);
+                let (stp, _d) = st.device_ptr_mut(s);
+                let args = raw::MomentsArgs {
+                    shape: SHAPE,
+                    values: vp,
+                    mask: mp,
+                    out: op,
+                    workspace: 0,
+                    status: stp,
+                };
+                // SAFETY: as in `sampled_kl`.
+                let r = unsafe {
+                    if whiten {
+                        raw::whiten(stream(s), &args, &opts)
+                    } else {
+                        raw::masked_moments(stream(s), &args)
+                    }
+                };
+                r.unwrap();
+                // SAFETY: refused before any launch.
+                assert!(
+                    unsafe { raw::masked_moments(stream(s), &raw::MomentsArgs { values: 0, ..args }) }
+                        .is_err()
+                );
+            }
+            status_of(s, &st).unwrap();
+            let w = s.clone_dtoh(&out).unwrap();
+            assert_eq!(
+                [w[0], w[1], w[2], w[3], w[4]],
+                [expected.count, expected.mean, expected.var, expected.min, expected.max]
+            );
+            if whiten {
+                let got = s.clone_dtoh(&v).unwrap();
+                let valid = |v: &[f32]| -> Vec<f32> {
+                    (0..SHAPE.rows).flat_map(|r| v[SHAPE.row_range(r)].to_vec()).collect()
+                };
+                assert!(same(&valid(&got), &valid(&whitened)), "raw whitening differs from the safe path");
+            }
+        }
+    }
+
+    pub fn value_loss(gpu: &Gpu) {
+        let s = &gpu.0;
+        let c = ValueCase::random(SHAPE, 65);
+        let opts = ValueLossOptions::default().clip(Some(0.2)).aggregation(Aggregation::SeqMeanTokenSum);
+        let (loss, grad, stats) = gpu.value(&c, &opts).unwrap();
+        let n = SHAPE.min_len();
+        let (v, old, ret, m) =
+            (up(s, &c.values), up(s, &c.old_values), up(s, &c.returns), up(s, c.mask.as_ref().unwrap()));
+        let (mut l, mut g) = (s.alloc_zeros::<f32>(n).unwrap(), s.alloc_zeros::<f32>(n).unwrap());
+        let mut words = s.alloc_zeros::<f64>(raw::VALUE_STATS_WORDS).unwrap();
+        let mut st = clear_status(s);
+        {
+            let (vp, _a) = v.device_ptr(s);
+            let (op, _b) = old.device_ptr(s);
+            let (rp, _c) = ret.device_ptr(s);
+            let (mp, _d) = m.device_ptr(s);
+            let (lp, _e) = l.device_ptr_mut(s);
+            let (gp, _f) = g.device_ptr_mut(s);
+            let (sp, _g) = words.device_ptr_mut(s);
+            let (stp, _h) = st.device_ptr_mut(s);
+            let args = raw::ValueLossArgs {
+                shape: SHAPE,
+                values: vp,
+                old_values: op,
+                returns: rp,
+                mask: mp,
+                loss: lp,
+                grad_values: gp,
+                stats: sp,
+                workspace: 0,
+                status: stp,
+            };
+            // SAFETY: as in `sampled_kl`.
+            unsafe { raw::value_loss(stream(s), &args, &opts) }.unwrap();
+            // SAFETY: refused before any launch.
+            assert!(
+                unsafe { raw::value_loss(stream(s), &raw::ValueLossArgs { returns: 0, ..args }, &opts) }
+                    .is_err()
+            );
+        }
+        status_of(s, &st).unwrap();
+        let dense = |v: &[f32]| -> Vec<f32> {
+            (0..SHAPE.rows).flat_map(|r| v[SHAPE.row_range(r)].to_vec()).collect()
+        };
+        assert!(same(&dense(&s.clone_dtoh(&l).unwrap()), &loss), "raw loss differs from the safe path");
+        assert!(same(&dense(&s.clone_dtoh(&g).unwrap()), &grad), "raw grad differs from the safe path");
+        assert_eq!(raw::value_stats_from_words(&s.clone_dtoh(&words).unwrap()).unwrap(), stats);
+    }
+}
+
+gpu_test!(sampled_kl);
+gpu_test!(kl_rewards);
+gpu_test!(aggregate);
+gpu_test!(moments_and_whiten);
+gpu_test!(value_loss);

@@ -58,12 +58,7 @@ pub fn policy_loss(
             )));
         }
     };
-    let normaliser = match global_counts {
-        Some((valid_tokens, valid_sequences, sequences)) => {
-            Normaliser::Global { valid_tokens, valid_sequences, sequences }
-        }
-        None => Normaliser::Local,
-    };
+    let normaliser = parse_normaliser(global_counts);
     let opts = PolicyLossOptions::new(objective)
         .clip(clip_low, clip_high)
         .dual_clip(dual_clip)
@@ -137,7 +132,19 @@ pub fn policy_loss(
     }
 }
 
-fn parse_aggregation(name: &str, max_len: usize) -> PyResult<Aggregation> {
+/// The normaliser of `global_counts` (`(valid tokens, valid sequences, sequences)` of the whole
+/// batch when this is a micro-batch), or the batch's own counts.
+pub(crate) fn parse_normaliser(global_counts: Option<(f64, f64, f64)>) -> Normaliser {
+    match global_counts {
+        Some((valid_tokens, valid_sequences, sequences)) => {
+            Normaliser::Global { valid_tokens, valid_sequences, sequences }
+        }
+        None => Normaliser::Local,
+    }
+}
+
+/// An aggregation mode by its Python name.
+pub(crate) fn parse_aggregation(name: &str, max_len: usize) -> PyResult<Aggregation> {
     match name {
         "token_mean" => Ok(Aggregation::TokenMean),
         "seq_mean_token_sum" => Ok(Aggregation::SeqMeanTokenSum),
@@ -149,7 +156,8 @@ fn parse_aggregation(name: &str, max_len: usize) -> PyResult<Aggregation> {
     }
 }
 
-fn batch_dims(t: &Dl) -> PyResult<Vec<usize>> {
+/// The `[B, T]` dims of a batch tensor.
+pub(crate) fn batch_dims(t: &Dl) -> PyResult<Vec<usize>> {
     if t.dims.len() != 2 {
         return Err(PyValueError::new_err(format!("{}: shape {:?}, expected [B, T]", t.what, t.dims)));
     }

@@ -4,13 +4,15 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::cuda::raw::{
-    self, ExactKlArgs, ExactKlBackwardArgs, GaeArgs, GroupAdvantageArgs, PolicyLossArgs, RawStream,
-    TokenLogprobsArgs, TokenLogprobsBackwardArgs,
+    self, AggregateArgs, ExactKlArgs, ExactKlBackwardArgs, GaeArgs, GroupAdvantageArgs, KlRewardsArgs,
+    MomentsArgs, PolicyLossArgs, RawStream, SampledKlArgs, TokenLogprobsArgs, TokenLogprobsBackwardArgs,
+    ValueLossArgs,
 };
 use rlhf_kernels::cudarc::driver::sys::CUstream;
 use rlhf_kernels::{
-    ExactKlOptions, GaeOptions, GroupAdvantageOptions, Groups, IndexType, PolicyLossOptions, RowBlocks,
-    RowShape, TokenLogprobsOptions,
+    Aggregation, ExactKlOptions, GaeOptions, GroupAdvantageOptions, Groups, IndexType, Normaliser,
+    PolicyLossOptions, RowBlocks, RowShape, SampledKlOptions, TokenLogprobsOptions, ValueLossOptions,
+    WhitenOptions,
 };
 
 use crate::dl::{Dl, Kind, err};
@@ -343,4 +345,152 @@ pub fn group_advantages(
     };
     // SAFETY: as in `token_logprobs`.
     unsafe { raw::group_advantages(raw_stream, groups, &args, opts) }.map_err(err)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn sampled_kl(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    shape: RowShape,
+    [logp, ref_logp]: [&Dl; 2],
+    mask: Option<&Dl>,
+    [values, grad_logp, stats]: [Option<&Dl>; 3],
+    opts: &SampledKlOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(
+        ordinal,
+        stream,
+        status,
+        &[Some(logp), Some(ref_logp), mask, values, grad_logp, stats],
+    )?;
+    let args = SampledKlArgs {
+        shape,
+        logp: logp.ptr,
+        ref_logp: ref_logp.ptr,
+        mask: row_ptr(mask, 0),
+        values: row_ptr(values, 0),
+        grad_logp: row_ptr(grad_logp, 0),
+        stats: row_ptr(stats, 0),
+        workspace: 0,
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`; `stats` holds the 13 words (checked).
+    unsafe { raw::sampled_kl(raw_stream, &args, opts) }.map_err(err)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn kl_rewards(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    shape: RowShape,
+    [kl, scores]: [&Dl; 2],
+    mask: Option<&Dl>,
+    rewards: &Dl,
+    beta: f32,
+) -> PyResult<()> {
+    let (raw_stream, status) =
+        launch_context(ordinal, stream, status, &[Some(kl), Some(scores), mask, Some(rewards)])?;
+    let args = KlRewardsArgs {
+        shape,
+        kl: kl.ptr,
+        mask: row_ptr(mask, 0),
+        scores: scores.ptr,
+        rewards: rewards.ptr,
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`.
+    unsafe { raw::kl_rewards(raw_stream, &args, beta) }.map_err(err)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn value_loss(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    shape: RowShape,
+    [values, old_values, returns]: [&Dl; 3],
+    mask: Option<&Dl>,
+    [loss, grad_values]: [Option<&Dl>; 2],
+    stats: &Dl,
+    opts: &ValueLossOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(
+        ordinal,
+        stream,
+        status,
+        &[Some(values), Some(old_values), Some(returns), mask, loss, grad_values, Some(stats)],
+    )?;
+    let args = ValueLossArgs {
+        shape,
+        values: values.ptr,
+        old_values: old_values.ptr,
+        returns: returns.ptr,
+        mask: row_ptr(mask, 0),
+        loss: row_ptr(loss, 0),
+        grad_values: row_ptr(grad_values, 0),
+        stats: stats.ptr,
+        workspace: 0,
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`; `stats` holds the five words (checked).
+    unsafe { raw::value_loss(raw_stream, &args, opts) }.map_err(err)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn aggregate(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    shape: RowShape,
+    values: &Dl,
+    mask: Option<&Dl>,
+    out: &Dl,
+    aggregation: Aggregation,
+    norm: Normaliser,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status, &[Some(values), mask, Some(out)])?;
+    let args = AggregateArgs {
+        shape,
+        values: values.ptr,
+        mask: row_ptr(mask, 0),
+        out: out.ptr,
+        workspace: 0,
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`; `out` holds the four words (checked).
+    unsafe { raw::aggregate(raw_stream, &args, aggregation, norm) }.map_err(err)
+}
+
+/// The masked moments of `values` into `out`, and with `whiten` the values whitened in place.
+#[allow(clippy::too_many_arguments)]
+pub fn moments(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    shape: RowShape,
+    values: &Dl,
+    mask: Option<&Dl>,
+    out: &Dl,
+    whiten: Option<&WhitenOptions>,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status, &[Some(values), mask, Some(out)])?;
+    let args = MomentsArgs {
+        shape,
+        values: values.ptr,
+        mask: row_ptr(mask, 0),
+        out: out.ptr,
+        workspace: 0,
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`; `out` holds the five words (checked); for whitening
+    // `values` is writable and overlaps nothing (checked by the caller).
+    let r = unsafe {
+        match whiten {
+            Some(opts) => raw::whiten(raw_stream, &args, opts),
+            None => raw::masked_moments(raw_stream, &args),
+        }
+    };
+    r.map_err(err)
 }

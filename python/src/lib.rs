@@ -16,6 +16,8 @@ mod batch;
 mod cuda;
 mod dl;
 mod logits;
+mod losses;
+mod reduce;
 
 /// Runs `$body` with `$T` the Rust type of a logits dtype.
 #[macro_export]
@@ -91,8 +93,16 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(batch::policy_loss, m)?)?;
     m.add_function(wrap_pyfunction!(batch::gae, m)?)?;
     m.add_function(wrap_pyfunction!(batch::group_advantages, m)?)?;
+    m.add_function(wrap_pyfunction!(losses::sampled_kl, m)?)?;
+    m.add_function(wrap_pyfunction!(losses::kl_rewards, m)?)?;
+    m.add_function(wrap_pyfunction!(losses::value_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(reduce::aggregate, m)?)?;
+    m.add_function(wrap_pyfunction!(reduce::masked_moments, m)?)?;
+    m.add_function(wrap_pyfunction!(reduce::whiten, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::check_status, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add("POLICY_STATS_WORDS", batch::STATS_WORDS)?;
+    m.add("KL_STATS_WORDS", losses::KL_STATS_WORDS)?;
+    m.add("VALUE_STATS_WORDS", losses::VALUE_STATS_WORDS)?;
     Ok(())
 }

@@ -126,7 +126,9 @@ mod gpu {
             Error::InvalidRow { op: "aggregate", row, problem } => (row, problem),
             e => panic!("{e}"),
         };
-        let cases: [(&[(usize, f32)], Option<(usize, RowProblem)>); 5] = [
+        // (planted values, the error: its row and problem, or None for a +inf aggregate)
+        type Case<'a> = (&'a [(usize, f32)], Option<(usize, RowProblem)>);
+        let cases: [Case; 5] = [
             (&[(7, f32::NAN)], Some((2, RowProblem::NonFinite))),
             (&[(1, f32::INFINITY), (10, f32::NEG_INFINITY)], Some((0, RowProblem::NonFinite))),
             (&[(4, f32::INFINITY), (5, f32::NEG_INFINITY)], Some((1, RowProblem::NonFinite))),

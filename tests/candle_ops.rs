@@ -4,7 +4,10 @@
 //! without a GPU).
 #![cfg(feature = "candle")]
 
-use candle_core::{D, DType, Device, IndexOp, Result, Tensor, Var};
+mod common;
+
+use candle_core::{D, DType, IndexOp, Result, Tensor, Var};
+use common::candle::{devices, f32s, f64s, ids, normals};
 use rlhf_kernels::candle::{
     GaeTensors, PolicyTensors, exact_kl, gae, group_advantages, policy_loss, token_logprobs,
 };
@@ -13,39 +16,6 @@ use rlhf_kernels::{
     ExactDivergence, ExactKlOptions, GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, PolicyLossOptions,
     PolicyObjective, RowShape, TokenLogprobsOptions, reference,
 };
-
-/// The CPU, and with `candle-cuda` the first GPU (a visible skip without one).
-fn devices(test: &str) -> Vec<Device> {
-    #[allow(unused_mut)] // only the CUDA build pushes
-    let mut out = vec![Device::Cpu];
-    #[cfg(feature = "candle-cuda")]
-    match Device::new_cuda(0) {
-        Ok(d) => out.push(d),
-        Err(e) => rlhf_kernels::testing::skip(test, &format!("no CUDA device for candle: {e}")),
-    }
-    #[cfg(not(feature = "candle-cuda"))]
-    let _ = test;
-    out
-}
-
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn normals(rng: &mut Rng, dims: &[usize], scale: f64, dev: &Device) -> Tensor {
-    let n = dims.iter().product();
-    Tensor::from_vec(rng.normals(n, scale), dims, dev).unwrap()
-}
-
-fn ids(rng: &mut Rng, dims: &[usize], v: usize, dev: &Device) -> Tensor {
-    let n: usize = dims.iter().product();
-    let t: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
-    Tensor::from_vec(t, dims, dev).unwrap()
-}
 
 /// `log softmax(z/τ)[y]` and `H` by candle's primitives.
 fn composed_tokens(logits: &Tensor, targets: &Tensor, tau: f64) -> Result<(Tensor, Tensor)> {

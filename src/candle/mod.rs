@@ -6,10 +6,14 @@
 //! | [`token_logprobs`] | the logits | `log p(y)` and the entropy per row |
 //! | [`exact_kl`] | the policy's logits | the full-vocabulary divergence per row |
 //! | [`policy_loss`] | `logp` (and the entropies) | the scalar loss, plus the statistics |
+//! | [`sampled_kl`] | `logp` (the reference is a constant) | the scalar KL loss, per-token values, statistics |
+//! | [`value_loss`] | the values | the scalar loss, plus the statistics |
+//! | [`aggregate`] | the values | the aggregated scalar |
+//! | [`kl_rewards`], [`whiten`], [`masked_moments`] | — (rewards and advantages are constants) | shaped rewards, whitened values, moments |
 //! | [`gae`], [`group_advantages`] | — (advantages are constants) | advantages (and returns) |
 //!
-//! The differentiable ops are [`CustomOp2`](candle_core::CustomOp2)s: their outputs carry the
-//! op, so `loss.backward()` runs this crate's backward kernels. Each op reads the tensors where
+//! The differentiable ops are candle custom ops ([`CustomOp1`](candle_core::CustomOp1) /
+//! [`CustomOp2`](candle_core::CustomOp2)): their outputs carry the op, so `loss.backward()` runs this crate's backward kernels. Each op reads the tensors where
 //! they lie, honouring candle's layouts: a logits tensor `[..., V]` needs a unit stride on its
 //! last dimension (anything else is an error that says so) and may otherwise be any view,
 //! e.g. `logits.narrow(1, 0, T - 1)` of a `[B, T, V]` tensor or a vocabulary-padded
@@ -39,13 +43,17 @@
 mod advantages;
 mod kl;
 mod logprobs;
+mod losses;
 mod ppo;
+mod reduce;
 mod storage;
 
 pub use advantages::{GaeAdvantages, GaeTensors, GroupAdvantages, gae, group_advantages};
 pub use kl::exact_kl;
 pub use logprobs::{TokenLogprobs, token_logprobs};
+pub use losses::{SampledKl, ValueLoss, ValueTensors, kl_rewards, sampled_kl, value_loss};
 pub use ppo::{PolicyLoss, PolicyTensors, policy_loss};
+pub use reduce::{aggregate, masked_moments, whiten};
 
 /// Turns this crate's error into candle's (the message is kept).
 pub(crate) fn to_candle(e: crate::Error) -> candle_core::Error {

@@ -215,6 +215,7 @@ impl DeviceAggregate {
 /// assert_eq!(mean.read(s)?.value, 0.5); // (0.5 + 0.25 + 1.0) / 3 valid tokens
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
+#[allow(clippy::too_many_arguments)] // issue 15 gives every op one inputs struct
 pub fn aggregate(
     stream: &Arc<CudaStream>,
     values: &impl DevicePtr<f32>,

@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test file uses part of this module
 
 pub mod advantages;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod gpu;

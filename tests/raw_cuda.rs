@@ -1,5 +1,6 @@
 //! The raw layer of the ops the Python module and other pointer-owning callers reach (sampled
-//! KL, KL-in-reward shaping, the aggregation, moments and whitening, the value loss), each held
+//! KL, KL-in-reward shaping, the aggregation, moments and whitening, the value loss, the fused
+//! path from the logits with a caller's workspace), each held
 //! bitwise to its safe twin on the same inputs, with its status word and a refused null pointer.
 //! Skips visibly without a GPU; `RLHF_KERNELS_REQUIRE_GPU=1` makes that a failure.
 
@@ -15,12 +16,12 @@ mod gpu {
     use super::common::advantages::AdvantagesBackend;
     use super::common::gpu::Gpu;
     use super::common::kl::{SampledBackend, SampledCase};
-    use super::common::ppo::{PpoBackend, ValueCase};
+    use super::common::ppo::{self, FusedBackend, FusedCase, PpoBackend, ValueCase};
     use rlhf_kernels::cuda::raw::{self, RawStream};
     use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
     use rlhf_kernels::{
-        Aggregation, Error, KlEstimator, Normaliser, RowProblem, RowShape, SampledKlOptions,
-        ValueLossOptions, WhitenOptions,
+        Aggregation, DType, Error, IndexType, KlEstimator, Normaliser, PolicyLossOptions, RowProblem,
+        RowShape, SampledKlOptions, TokenLogprobsOptions, ValueLossOptions, WhitenOptions, bf16,
     };
 
     const SHAPE: RowShape = RowShape::new(6, 70).with_row_stride(73);
@@ -284,8 +285,81 @@ mod gpu {
         assert!(same(&dense(&s.clone_dtoh(&g).unwrap()), &grad), "raw grad differs from the safe path");
         assert_eq!(raw::value_stats_from_words(&s.clone_dtoh(&words).unwrap()).unwrap(), stats);
     }
+
+    /// The fused path on raw pointers with a caller's workspace, out of place and in place,
+    /// with and without the KL term: bitwise the safe path's gradient and statistics.
+    pub fn fused_path(gpu: &Gpu) {
+        let s = &gpu.0;
+        for (with_kl, in_place) in [(false, false), (true, false), (true, true)] {
+            let c = FusedCase::<bf16>::random(3, 7, 1000, 1003, with_kl, 66);
+            let opts = PolicyLossOptions::default().entropy_coef(0.01);
+            let (expected, stats) = gpu.fused(&c, &opts, in_place).unwrap();
+            let need = raw::fused_workspace_bytes(c.shape, DType::BF16, c.sequences);
+            let mut logits = up(s, &c.logits);
+            let mut grad = up(s, &vec![bf16::from_f32(f32::NAN); c.logits.len()]);
+            let (targets, mask) = (up(s, &c.targets), up(s, &c.mask));
+            let (old, adv) = (up(s, &c.old_logp), up(s, &c.advantages));
+            let ref_logp = up(s, c.ref_logp.as_deref().unwrap_or(&[0.0]));
+            let mut words =
+                s.alloc_zeros::<f64>(raw::POLICY_STATS_WORDS + raw::SAMPLED_KL_STATS_WORDS).unwrap();
+            let mut work = s.alloc_zeros::<u8>(need).unwrap();
+            let mut st = clear_status(s);
+            let kl = ppo::fused_kl();
+            {
+                let (lp, _a) = logits.device_ptr_mut(s);
+                let (gp, _b) = grad.device_ptr_mut(s);
+                let (tp, _c) = targets.device_ptr(s);
+                let (mp, _d) = mask.device_ptr(s);
+                let (op, _e) = old.device_ptr(s);
+                let (ap, _f) = adv.device_ptr(s);
+                let (rp, _g) = ref_logp.device_ptr(s);
+                let (sp, _h) = words.device_ptr_mut(s);
+                let (wp, _i) = work.device_ptr_mut(s);
+                let (stp, _j) = st.device_ptr_mut(s);
+                let args = raw::FusedPolicyArgs {
+                    logits: lp,
+                    dtype: DType::BF16,
+                    shape: c.shape,
+                    targets: tp,
+                    index_type: IndexType::I64,
+                    mask: mp,
+                    sequences: c.sequences,
+                    old_logp: op,
+                    advantages: ap,
+                    ref_logp: if with_kl { rp } else { 0 },
+                    grad_logits: if in_place { lp } else { gp },
+                    policy_stats: sp,
+                    kl_stats: if with_kl { sp + 8 * raw::POLICY_STATS_WORDS as u64 } else { 0 },
+                    workspace: wp,
+                    status: stp,
+                };
+                let lpo = TokenLogprobsOptions::default();
+                let kl_opts = with_kl.then_some(&kl);
+                // SAFETY: the buffers were allocated above on this context, cover the shapes, the
+                // workspace holds fused_workspace_bytes, and all live until the copies below.
+                unsafe { raw::policy_loss_from_logits(stream(s), &args, &lpo, &opts, kl_opts) }.unwrap();
+                // SAFETY: refused before any launch: KL options without the reference.
+                let mismatched = raw::FusedPolicyArgs { ref_logp: 0, ..args };
+                assert!(
+                    unsafe { raw::policy_loss_from_logits(stream(s), &mismatched, &lpo, &opts, Some(&kl)) }
+                        .is_err()
+                );
+            }
+            status_of(s, &st).unwrap();
+            let got = s.clone_dtoh(if in_place { &logits } else { &grad }).unwrap();
+            let same_bits = got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same_bits, "raw fused gradient differs (kl {with_kl}, in place {in_place})");
+            let w = s.clone_dtoh(&words).unwrap();
+            assert_eq!(raw::policy_stats_from_words(&w[..raw::POLICY_STATS_WORDS]).unwrap(), stats.policy);
+            if with_kl {
+                let kl_stats = raw::sampled_kl_stats_from_words(&w[raw::POLICY_STATS_WORDS..]).unwrap();
+                assert_eq!(Some(kl_stats), stats.kl);
+            }
+        }
+    }
 }
 
+gpu_test!(fused_path);
 gpu_test!(sampled_kl);
 gpu_test!(kl_rewards);
 gpu_test!(aggregate);

@@ -46,9 +46,9 @@ pub use logprobs::{
 pub use module::kernels_built;
 pub use ppo::{
     DeviceFusedPolicyInputs, DeviceFusedStats, DevicePolicyLossInputs, DevicePolicyLossOutputs,
-    DevicePolicyStats, DeviceValueLossInputs, DeviceValueLossOutputs, DeviceValueStats, policy_loss,
-    policy_loss_from_logits, policy_loss_from_logits_in_place, policy_loss_workspace_bytes, value_loss,
-    value_loss_workspace_bytes,
+    DevicePolicyStats, DeviceValueLossInputs, DeviceValueLossOutputs, DeviceValueStats,
+    fused_workspace_bytes, policy_loss, policy_loss_from_logits, policy_loss_from_logits_in_place,
+    policy_loss_workspace_bytes, value_loss, value_loss_workspace_bytes,
 };
 pub use status::CudaStatus;
 

@@ -12,6 +12,7 @@ pub use exact::{
     DeviceExactKlGrads, DeviceExactKlOutputs, DeviceReferenceRows, exact_kl, exact_kl_workspace_bytes,
 };
 pub use exact_backward::{exact_kl_backward, exact_kl_backward_in_place};
+pub(crate) use sampled::launch_sampled;
 pub use sampled::{
     DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs, kl_rewards, sampled_kl,
     sampled_kl_workspace_bytes,

@@ -38,7 +38,7 @@ pub struct SampledKlInputs<'a> {
 /// (synchronising the stream once).
 #[derive(Debug)]
 pub struct DeviceKlStats {
-    buf: CudaSlice<f64>,
+    pub(crate) buf: CudaSlice<f64>,
 }
 
 impl DeviceKlStats {
@@ -212,7 +212,7 @@ pub fn sampled_kl_stats_to_words(s: &SampledKlStats) -> [f64; STATS_WORDS] {
 /// Every non-zero address of `a` is device memory of `stream`'s context of the size its
 /// [`SampledKlArgs`] field documents, the outputs overlap nothing else, and every buffer stays
 /// allocated until the kernels ran.
-pub(super) unsafe fn launch_sampled(
+pub(crate) unsafe fn launch_sampled(
     stream: &Arc<CudaStream>,
     a: &SampledKlArgs,
     opts: &SampledKlOptions,

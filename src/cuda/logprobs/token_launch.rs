@@ -294,6 +294,21 @@ pub mod raw {
         args: &TokenLogprobsArgs,
         opts: &TokenLogprobsOptions,
     ) -> Result<()> {
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        // SAFETY: the caller guarantees every buffer (see # Safety).
+        unsafe { forward_on(&stream, args, opts) }
+    }
+
+    /// [`token_logprobs`] on a stream of this crate: checks the arguments, then launches.
+    ///
+    /// # Safety
+    /// As [`token_logprobs`], for `stream`.
+    pub(crate) unsafe fn forward_on(
+        stream: &Arc<CudaStream>,
+        args: &TokenLogprobsArgs,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
         args.shape.validate("logits")?;
         non_null(&[("logits", args.logits), ("targets", args.targets), ("status", args.status)])?;
         if args.logp == 0 && args.entropy == 0 && args.lse == 0 {
@@ -304,8 +319,6 @@ pub mod raw {
             });
         }
         let inv_tau = opts.inv_temperature()?;
-        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
-        let stream = unsafe { stream.borrow() }?;
         let sel = RowSelect::new(args.targets, args.index_type, args.mask, opts);
         let launch = ForwardArgs {
             logits: args.logits,
@@ -317,7 +330,7 @@ pub mod raw {
             status: args.status,
         };
         // SAFETY: the caller guarantees every buffer (see # Safety).
-        unsafe { launch_forward(&stream, &launch, args.workspace) }
+        unsafe { launch_forward(stream, &launch, args.workspace) }
     }
 
     /// Buffers of a raw [`token_logprobs_backward`] call; 0 for an absent optional buffer.
@@ -360,6 +373,22 @@ pub mod raw {
         args: &TokenLogprobsBackwardArgs,
         opts: &TokenLogprobsOptions,
     ) -> Result<()> {
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        // SAFETY: the caller guarantees every buffer (see # Safety).
+        unsafe { backward_on(&stream, args, opts) }
+    }
+
+    /// [`token_logprobs_backward`] on a stream of this crate: checks the arguments, then
+    /// launches.
+    ///
+    /// # Safety
+    /// As [`token_logprobs_backward`], for `stream`.
+    pub(crate) unsafe fn backward_on(
+        stream: &Arc<CudaStream>,
+        args: &TokenLogprobsBackwardArgs,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
         args.shape.validate("logits")?;
         let required = [
             ("logits", args.logits),
@@ -371,8 +400,6 @@ pub mod raw {
         non_null(&required)?;
         check_grads_present(args.grad_logp != 0, args.grad_entropy != 0, args.entropy != 0)?;
         let inv_tau = opts.inv_temperature()?;
-        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
-        let stream = unsafe { stream.borrow() }?;
         let launch = BackwardArgs {
             dtype: args.dtype,
             shape: args.shape,
@@ -385,6 +412,6 @@ pub mod raw {
             status: args.status,
         };
         // SAFETY: the caller guarantees every buffer (see # Safety).
-        unsafe { launch_backward(&stream, &launch) }
+        unsafe { launch_backward(stream, &launch) }
     }
 }

@@ -145,8 +145,8 @@ fn check_outputs(out: &DeviceTokenOutputs<'_>, rows: usize) -> Result<()> {
 /// [`token_logprobs_workspace_bytes`] on the stream (stream-ordered with no host
 /// synchronisation on GPUs with memory pools; cudarc synchronises on older ones).
 ///
-/// `lse` overflows to `+inf` when `max logit / τ` is beyond f32's range; `logp` and `H`, computed
-/// from differences, stay exact.
+/// A row whose finite logits put `max logit / τ` beyond f32's range has no f32 `lse`: it gets
+/// NaN and is reported as [`RowProblem::Overflow`](crate::RowProblem::Overflow), as on the CPU.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceTokenOutputs, DeviceTokens};

@@ -1,26 +1,28 @@
 //! The fused path from logits on the GPU: the twin of
 //! [`cpu::policy_loss_from_logits`](crate::cpu::policy_loss_from_logits). Two passes over the
 //! logits (the token forward, then the backward, optionally in place) and `O(N)` kernels in
-//! between (the KL term, the policy loss), all on the caller's stream; five `f32` per token of
-//! stream-ordered temporaries.
+//! between (the KL term, the policy loss), all on the caller's stream. The five `f32` per token
+//! of temporaries and the stages' scratch live in one workspace ([`fused_workspace_bytes`]):
+//! the caller's on the raw layer, the one [`DeviceFusedStats`] keeps on the safe one (allocated
+//! once, reused by every call of the same size or smaller).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
-use crate::cuda::kl::{DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs, sampled_kl};
-use crate::cuda::logprobs::{
-    DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens, token_logprobs, token_logprobs_backward,
-    token_logprobs_backward_in_place,
-};
-use crate::cuda::{CudaStatus, driver_error};
+use crate::cuda::aggregation::workspace_or_alloc;
+use crate::cuda::kl::raw::SampledKlArgs;
+use crate::cuda::kl::{DeviceKlStats, launch_sampled, sampled_kl_workspace_bytes};
+use crate::cuda::logprobs::raw::{TokenLogprobsArgs, TokenLogprobsBackwardArgs, backward_on, forward_on};
+use crate::cuda::logprobs::{DeviceTokens, token_logprobs_workspace_bytes};
+use crate::cuda::{CudaStatus, driver_error, non_null, opt_ptr};
 use crate::logprobs::check_len;
 use crate::{
-    Element, Error, FusedPolicyStats, PolicyLossOptions, Result, RowShape, SampledKlOptions, TargetIndex,
-    TokenLogprobsOptions,
+    DType, Element, Error, FusedPolicyStats, IndexType, PolicyLossOptions, Result, RowShape,
+    SampledKlOptions, TargetIndex, TokenLogprobsOptions,
 };
 
-use super::loss::{DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats, policy_loss};
+use super::loss::{DevicePolicyStats, PolicyLossArgs, launch_policy, policy_loss_workspace_bytes};
 
 /// The device inputs of the fused path besides the logits (see
 /// [`FusedPolicyInputs`](crate::FusedPolicyInputs): padding from the tokens' mask only).
@@ -38,21 +40,25 @@ pub struct DeviceFusedPolicyInputs<'a, I> {
     pub kl: Option<(CudaView<'a, f32>, SampledKlOptions)>,
 }
 
-/// The statistics of the fused path on the device.
+/// The statistics of the fused path on the device, and the workspace its calls reuse (the
+/// per-token temporaries and the stages' scratch: [`fused_workspace_bytes`], grown when a batch
+/// needs more).
 #[derive(Debug)]
 pub struct DeviceFusedStats {
     policy: DevicePolicyStats,
     kl: DeviceKlStats,
     with_kl: bool,
+    workspace: Option<CudaSlice<u8>>,
 }
 
 impl DeviceFusedStats {
-    /// Allocates both statistics buffers on `stream`'s device.
+    /// Allocates both statistics buffers on `stream`'s device (the workspace on first use).
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
         Ok(DeviceFusedStats {
             policy: DevicePolicyStats::new(stream)?,
             kl: DeviceKlStats::new(stream)?,
             with_kl: false,
+            workspace: None,
         })
     }
 
@@ -65,89 +71,253 @@ impl DeviceFusedStats {
     }
 }
 
-/// The per-token temporaries the backward reads.
-struct Forward {
-    lse: CudaSlice<f32>,
-    entropy: CudaSlice<f32>,
-    grad_logp: CudaSlice<f32>,
-    grad_entropy: CudaSlice<f32>,
-}
-
-impl Forward {
-    fn grads(&self) -> DeviceTokenGrads<'_> {
-        DeviceTokenGrads::new(self.lse.as_view())
-            .grad_logp(self.grad_logp.as_view())
-            .grad_entropy(self.grad_entropy.as_view(), self.entropy.as_view())
-    }
-}
-
 /// The token options of the fused path: padding from the mask only.
 fn token_options(logprobs: &TokenLogprobsOptions) -> TokenLogprobsOptions {
     TokenLogprobsOptions { ignore_index: None, ..*logprobs }
 }
 
-/// The forward, the KL term and the policy loss, enqueued on `stream`.
-#[allow(clippy::too_many_arguments)]
-fn forward<T: Element, I: TargetIndex>(
+/// Bytes of one per-token f32 temporary, rounded up to 16.
+fn temporary_bytes(rows: usize) -> usize {
+    (rows * 4).div_ceil(16) * 16
+}
+
+/// Bytes of workspace the fused path uses for logits of `shape` and `dtype` over `sequences`:
+/// five per-token f32 temporaries (logp, entropy, lse and the two upstream gradients), then
+/// the scratch the stages take in turn (the split token forward's partials, the KL term's and
+/// the loss's row records and mask count).
+pub fn fused_workspace_bytes(shape: RowShape, dtype: DType, sequences: RowShape) -> usize {
+    let scratch = token_logprobs_workspace_bytes(shape, dtype)
+        .max(sampled_kl_workspace_bytes(sequences))
+        .max(policy_loss_workspace_bytes(sequences));
+    5 * temporary_bytes(shape.rows) + scratch
+}
+
+/// Buffers of a raw [`policy_loss_from_logits`](crate::cuda::raw::policy_loss_from_logits)
+/// call: device addresses, 0 for an absent optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct FusedPolicyArgs {
+    /// Policy logits, `dtype`, laid out as `shape` (one row per token).
+    pub logits: u64,
+    /// Dtype of the logits and of the gradient.
+    pub dtype: DType,
+    /// Shape of the logits (row stride ≥ cols).
+    pub shape: RowShape,
+    /// `rows` sampled token ids of type `index_type`.
+    pub targets: u64,
+    /// Type of the token ids.
+    pub index_type: IndexType,
+    /// `rows` mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// The dense `[B, T]` view of the token rows (`B·T = rows`).
+    pub sequences: RowShape,
+    /// `rows` f32 `log π_old(y_t)`.
+    pub old_logp: u64,
+    /// `rows` f32 advantages.
+    pub advantages: u64,
+    /// `rows` f32 reference log-probs for the KL term, or 0 for none (then no KL options).
+    pub ref_logp: u64,
+    /// The gradient w.r.t. the logits, laid out as `shape`; equal to `logits` in place.
+    pub grad_logits: u64,
+    /// 15 f64 of policy statistics out
+    /// ([`policy_stats_from_words`](crate::cuda::raw::policy_stats_from_words)), or 0.
+    pub policy_stats: u64,
+    /// 13 f64 of KL statistics out
+    /// ([`sampled_kl_stats_from_words`](crate::cuda::raw::sampled_kl_stats_from_words)), or 0.
+    pub kl_stats: u64,
+    /// [`fused_workspace_bytes`] bytes at a 16-byte aligned address, or 0 to allocate on the
+    /// stream.
+    pub workspace: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// The fused path's launches on device addresses (the safe and raw entry points share them):
+/// the token forward into the workspace's temporaries, the KL term, the policy loss (its
+/// gradient accumulated onto the KL term's), then the backward into `grad_logits`.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context of the size its
+/// [`FusedPolicyArgs`] field documents; `grad_logits` equals `logits` or overlaps nothing
+/// else; the workspace and statistics overlap nothing else; every buffer stays allocated until
+/// the kernels ran.
+pub(crate) unsafe fn launch_fused(
     stream: &Arc<CudaStream>,
-    logits: &impl DevicePtr<T>,
+    a: &FusedPolicyArgs,
+    logprobs: &TokenLogprobsOptions,
+    opts: &PolicyLossOptions,
+    kl: Option<&SampledKlOptions>,
+) -> Result<()> {
+    let n = a.shape.rows;
+    let seqs = a.sequences;
+    a.shape.validate("logits")?;
+    seqs.validate("sequences")?;
+    if seqs.row_stride != seqs.cols || seqs.len() != n {
+        return Err(Error::ShapeMismatch { what: "sequences", min: n, max: n, actual: seqs.len() });
+    }
+    non_null(&[
+        ("old_logp", a.old_logp),
+        ("advantages", a.advantages),
+        ("grad_logits", a.grad_logits),
+        ("status", a.status),
+    ])?;
+    if (a.ref_logp != 0) != kl.is_some() {
+        return Err(Error::InvalidOption {
+            name: "kl",
+            value: format!("ref_logp {}, KL options {}", a.ref_logp != 0, kl.is_some()),
+            expected: "the reference log-probs and the KL options together, or neither",
+        });
+    }
+    opts.validate()?;
+    if let Some(k) = kl {
+        k.limits()?;
+    }
+    let t = token_options(logprobs);
+    t.inv_temperature()?;
+    let mut owned = None;
+    let need = fused_workspace_bytes(a.shape, a.dtype, seqs);
+    let (ws, _g) = workspace_or_alloc(stream, true, a.workspace, need, &mut owned)?;
+    let stride = temporary_bytes(n) as u64;
+    let [logp, entropy, lse, grad_logp, grad_entropy] = [0, 1, 2, 3, 4].map(|k| ws + k * stride);
+    let scratch = ws + 5 * stride;
+    let tokens = |logits| (logits, a.dtype, a.shape, a.targets, a.index_type, a.mask);
+    let (logits, dtype, shape, targets, index_type, mask) = tokens(a.logits);
+    let fwd = TokenLogprobsArgs {
+        logits,
+        dtype,
+        shape,
+        targets,
+        index_type,
+        mask,
+        logp,
+        entropy,
+        lse,
+        workspace: scratch,
+        status: a.status,
+    };
+    // SAFETY: the caller's contract; the temporaries are `rows` f32 each inside the workspace
+    // and the scratch holds the split forward's partials (fused_workspace_bytes).
+    unsafe { forward_on(stream, &fwd, &t) }?;
+    if let Some(k) = kl {
+        let args = SampledKlArgs {
+            shape: seqs,
+            logp,
+            ref_logp: a.ref_logp,
+            mask,
+            values: 0,
+            grad_logp,
+            stats: a.kl_stats,
+            workspace: scratch,
+            status: a.status,
+        };
+        // SAFETY: as above; the token mask is the dense [B, T] mask of the sequences.
+        unsafe { launch_sampled(stream, &args, k) }?;
+    }
+    let loss = PolicyLossArgs {
+        shape: seqs,
+        logp,
+        old_logp: a.old_logp,
+        advantages: a.advantages,
+        mask,
+        entropy,
+        loss: 0,
+        grad_logp,
+        grad_entropy,
+        accumulate: kl.is_some(),
+        stats: a.policy_stats,
+        workspace: scratch,
+        status: a.status,
+    };
+    // SAFETY: as above; the scratch is free again (the KL term's kernels are ordered before).
+    unsafe { launch_policy(stream, &loss, opts) }?;
+    let bwd = TokenLogprobsBackwardArgs {
+        logits,
+        dtype,
+        shape,
+        targets,
+        index_type,
+        mask,
+        lse,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        grad_logits: a.grad_logits,
+        status: a.status,
+    };
+    // SAFETY: as above; the saved lse, entropy and upstream gradients were written by the
+    // launches before, on this stream.
+    unsafe { backward_on(stream, &bwd, &t) }
+}
+
+/// Checks the safe path's buffers, grows the workspace and runs [`launch_fused`] with
+/// `grad_logits` (the logits' own address for the in-place path).
+#[allow(clippy::too_many_arguments)]
+fn run<T: Element, I: TargetIndex>(
+    stream: &Arc<CudaStream>,
+    logits: u64,
     shape: RowShape,
     inputs: &DeviceFusedPolicyInputs<'_, I>,
+    grad_logits: u64,
     stats: &mut DeviceFusedStats,
     status: &mut CudaStatus,
     logprobs: &TokenLogprobsOptions,
     opts: &PolicyLossOptions,
-) -> Result<Forward> {
-    shape.check_buffer("logits", logits.len())?;
+) -> Result<()> {
     let n = shape.rows;
-    let seqs = inputs.sequences;
-    seqs.validate("sequences")?;
-    if seqs.row_stride != seqs.cols || seqs.len() != n {
-        return Err(Error::ShapeMismatch { what: "sequences", min: n, max: n, actual: seqs.len() });
+    check_len("targets", inputs.tokens.targets.len(), n)?;
+    if let Some(m) = &inputs.tokens.mask {
+        check_len("mask", m.len(), n)?;
     }
     check_len("old_logp", inputs.old_logp.len(), n)?;
     check_len("advantages", inputs.advantages.len(), n)?;
     if let Some((r, _)) = &inputs.kl {
         check_len("ref_logp", r.len(), n)?;
     }
-    opts.validate()?;
-    let alloc = || stream.alloc_zeros::<f32>(n).map_err(driver_error("allocating fused-path temporaries"));
-    let mut f = Forward { lse: alloc()?, entropy: alloc()?, grad_logp: alloc()?, grad_entropy: alloc()? };
-    let mut logp = alloc()?;
-    let out = DeviceTokenOutputs::default()
-        .logp(logp.as_view_mut())
-        .entropy(f.entropy.as_view_mut())
-        .lse(f.lse.as_view_mut());
-    token_logprobs(stream, logits, shape, &inputs.tokens, out, status, &token_options(logprobs))?;
-    let mask = || inputs.tokens.mask.as_ref().map(|m| m.slice(0..m.len()));
-    stats.with_kl = inputs.kl.is_some();
-    if let Some((ref_logp, kl_opts)) = &inputs.kl {
-        let kl_in = SampledKlInputs { logp: logp.as_view(), ref_logp: ref_logp.slice(0..n), mask: mask() };
-        let out = DeviceSampledKlOutputs {
-            values: None,
-            grad_logp: Some(f.grad_logp.as_view_mut()),
-            stats: Some(&mut stats.kl),
-            workspace: None,
-        };
-        sampled_kl(stream, &kl_in, seqs, out, status, kl_opts)?;
+    let need = fused_workspace_bytes(shape, T::DTYPE, inputs.sequences);
+    if stats.workspace.as_ref().is_none_or(|w| w.len() < need) {
+        // SAFETY: the stages write every temporary and record before reading it.
+        let w = unsafe { stream.alloc::<u8>(need.max(16)) }
+            .map_err(driver_error("allocating the fused workspace"))?;
+        stats.workspace = Some(w);
     }
-    let loss_in = DevicePolicyLossInputs {
-        shape: seqs,
-        logp: logp.as_view(),
-        old_logp: inputs.old_logp.slice(0..n),
-        advantages: inputs.advantages.slice(0..n),
-        mask: mask(),
-        entropy: Some(f.entropy.as_view()),
+    stats.with_kl = inputs.kl.is_some();
+    let s: &CudaStream = stream;
+    let (targets, _g1) = inputs.tokens.targets.device_ptr(s);
+    let (mask, _g2) = opt_ptr(&inputs.tokens.mask, s);
+    let (old_logp, _g3) = inputs.old_logp.device_ptr(s);
+    let (advantages, _g4) = inputs.advantages.device_ptr(s);
+    let (ref_logp, _g5) = match &inputs.kl {
+        Some((r, _)) => {
+            let (p, g) = r.device_ptr(s);
+            (p, Some(g))
+        }
+        None => (0, None),
     };
-    let out = DevicePolicyLossOutputs {
-        grad_logp: Some(f.grad_logp.as_view_mut()),
-        grad_entropy: Some(f.grad_entropy.as_view_mut()),
-        stats: Some(&mut stats.policy),
-        accumulate: inputs.kl.is_some(),
-        ..Default::default()
+    let (policy_stats, _g6) = stats.policy.buf.device_ptr_mut(s);
+    let (kl_stats, _g7) = stats.kl.buf.device_ptr_mut(s);
+    let (workspace, _g8) = stats.workspace.as_mut().expect("allocated above").device_ptr_mut(s);
+    let (status, _g9) = status.device_ptr(s);
+    let args = FusedPolicyArgs {
+        logits,
+        dtype: T::DTYPE,
+        shape,
+        targets,
+        index_type: I::INDEX_TYPE,
+        mask,
+        sequences: inputs.sequences,
+        old_logp,
+        advantages,
+        ref_logp,
+        grad_logits,
+        policy_stats,
+        kl_stats: if inputs.kl.is_some() { kl_stats } else { 0 },
+        workspace,
+        status,
     };
-    policy_loss(stream, &loss_in, out, status, opts)?;
-    Ok(f)
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked here or by the callers (logits and gradient cover the shape); the workspace
+    // holds fused_workspace_bytes; the guards keep cudarc's event tracking in order until the
+    // launches are enqueued.
+    unsafe { launch_fused(stream, &args, logprobs, opts, inputs.kl.as_ref().map(|k| &k.1)) }
 }
 
 /// The policy loss straight from the policy logits on the GPU, the twin of
@@ -187,10 +357,12 @@ pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
     logprobs: &TokenLogprobsOptions,
     opts: &PolicyLossOptions,
 ) -> Result<()> {
+    shape.check_buffer("logits", logits.len())?;
     shape.check_buffer("grad_logits", grad_logits.len())?;
-    let f = forward(stream, logits, shape, inputs, stats, status, logprobs, opts)?;
-    let t = token_options(logprobs);
-    token_logprobs_backward(stream, logits, shape, &inputs.tokens, &f.grads(), grad_logits, status, &t)
+    let s: &CudaStream = stream;
+    let (x, _g1) = logits.device_ptr(s);
+    let (g, _g2) = grad_logits.device_ptr_mut(s);
+    run::<T, I>(stream, x, shape, inputs, g, stats, status, logprobs, opts)
 }
 
 /// [`policy_loss_from_logits`] writing the gradient over the logits.
@@ -222,7 +394,7 @@ pub fn policy_loss_from_logits_in_place<T: Element, I: TargetIndex>(
     logprobs: &TokenLogprobsOptions,
     opts: &PolicyLossOptions,
 ) -> Result<()> {
-    let f = forward(stream, &*logits, shape, inputs, stats, status, logprobs, opts)?;
-    let t = token_options(logprobs);
-    token_logprobs_backward_in_place(stream, logits, shape, &inputs.tokens, &f.grads(), status, &t)
+    shape.check_buffer("logits", logits.len())?;
+    let (x, _g) = logits.device_ptr_mut(stream);
+    run::<T, I>(stream, x, shape, inputs, x, stats, status, logprobs, opts)
 }

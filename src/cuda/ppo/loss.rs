@@ -45,7 +45,7 @@ pub struct DevicePolicyLossInputs<'a> {
 /// (synchronising the stream once).
 #[derive(Debug)]
 pub struct DevicePolicyStats {
-    buf: CudaSlice<f64>,
+    pub(crate) buf: CudaSlice<f64>,
 }
 
 impl DevicePolicyStats {

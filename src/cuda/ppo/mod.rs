@@ -8,7 +8,8 @@ pub mod raw;
 mod value;
 
 pub use fused::{
-    DeviceFusedPolicyInputs, DeviceFusedStats, policy_loss_from_logits, policy_loss_from_logits_in_place,
+    DeviceFusedPolicyInputs, DeviceFusedStats, fused_workspace_bytes, policy_loss_from_logits,
+    policy_loss_from_logits_in_place,
 };
 pub use loss::{
     DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats, POLICY_STATS_WORDS, PolicyLossArgs,

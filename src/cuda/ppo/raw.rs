@@ -2,11 +2,13 @@
 //! that own their memory (PyTorch through its data pointers, tch-rs, burn). Same launches as
 //! the safe functions.
 
+use super::fused::launch_fused;
+pub use super::fused::{FusedPolicyArgs, fused_workspace_bytes};
 use super::loss::{PolicyLossArgs, launch_policy};
 use super::value::launch_value;
 pub use super::value::{VALUE_STATS_WORDS, ValueLossArgs, value_stats_from_words, value_stats_to_words};
 use crate::cuda::{RawStream, non_null};
-use crate::{PolicyLossOptions, Result, ValueLossOptions};
+use crate::{PolicyLossOptions, Result, SampledKlOptions, TokenLogprobsOptions, ValueLossOptions};
 
 /// [`cuda::policy_loss`](crate::cuda::policy_loss) on raw device pointers, enqueued on a
 /// stream owned by the caller. Rows with non-finite inputs are reported in the status word
@@ -63,4 +65,31 @@ pub unsafe fn value_loss(stream: RawStream, args: &ValueLossArgs, opts: &ValueLo
     let stream = unsafe { stream.borrow() }?;
     // SAFETY: the caller guarantees every buffer (see # Safety).
     unsafe { launch_value(&stream, args, opts) }
+}
+
+/// [`cuda::policy_loss_from_logits`](crate::cuda::policy_loss_from_logits) on raw device
+/// pointers, enqueued on a stream owned by the caller: the token forward, the KL term (when
+/// `args.ref_logp` is not 0, with `kl`'s options), the policy loss with the entropy bonus and
+/// the backward into `args.grad_logits` (in place when it equals `args.logits`), the
+/// temporaries in `args.workspace`. Row problems are reported in the status word.
+///
+/// # Safety
+/// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+/// - every non-zero address points to device memory of that context holding what its
+///   [`FusedPolicyArgs`] field documents (`logits` and `grad_logits`: `shape.min_len()`
+///   elements of `dtype`; the per-token buffers `shape.rows` elements); `grad_logits` equals
+///   `logits` or overlaps nothing else; the workspace and statistics overlap nothing else;
+/// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
+pub unsafe fn policy_loss_from_logits(
+    stream: RawStream,
+    args: &FusedPolicyArgs,
+    logprobs: &TokenLogprobsOptions,
+    opts: &PolicyLossOptions,
+    kl: Option<&SampledKlOptions>,
+) -> Result<()> {
+    non_null(&[("logits", args.logits), ("targets", args.targets)])?;
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_fused(&stream, args, logprobs, opts, kl) }
 }

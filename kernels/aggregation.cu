@@ -7,12 +7,17 @@ using namespace rk;
 
 constexpr unsigned OP_AGGREGATE = 15;
 
+// A sequence's record: the sum of its valid values and its valid count.
+struct AggregateRow {
+  float sum, valid;
+};
+
 // One block of 256 threads per sequence: the sum of its valid values and its valid count. A NaN
 // at a valid token is PROBLEM_NON_FINITE; a row of finite values whose f32 sum overflows is
 // PROBLEM_OVERFLOW.
 extern "C" __global__ void __launch_bounds__(256)
 aggregate_rows(const float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows,
-               int cols, float2* __restrict__ records, unsigned long long* __restrict__ status) {
+               int cols, AggregateRow* __restrict__ records, unsigned long long* __restrict__ status) {
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   if (row >= rows) return;
@@ -34,44 +39,33 @@ aggregate_rows(const float* __restrict__ values, long long ld, const unsigned ch
   if (threadIdx.x == 0) {
     if (any_nan) report(status, row, OP_AGGREGATE, PROBLEM_NON_FINITE);
     else if (!isfinite(sum) && !any_inf) report(status, row, OP_AGGREGATE, PROBLEM_OVERFLOW);
-    records[row] = make_float2(sum, valid);
+    records[row] = AggregateRow{sum, valid};
   }
 }
 
 // One block of 256 threads: out = [Σ_rows weight(row)·sum(row), valid tokens, valid
 // sequences, sequences] in f64, thread i taking rows i, i + 256, ... then a fixed tree.
-// Without `use_global` the denominators are this batch's counts.
 extern "C" __global__ void __launch_bounds__(256)
-aggregate_finalize(const float2* __restrict__ records, int rows, int aggregation, double max_len, int use_global,
-                   double global_tokens, double global_sequences_valid, double global_sequences,
-                   double* __restrict__ out, unsigned long long* __restrict__ status) {
+aggregate_finalize(const AggregateRow* __restrict__ records, int rows, AggregationParams p, double* __restrict__ out,
+                   unsigned long long* __restrict__ status) {
   __shared__ double sh[256];
-  double tokens = 0.0, seqs = 0.0;
-  for (long long r = threadIdx.x; r < rows; r += 256) {
-    tokens += records[r].y;
-    seqs += records[r].y > 0.0f ? 1.0 : 0.0;
-  }
-  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
-  const double c0 = use_global ? global_tokens : local_tokens;
-  const double c1 = use_global ? global_sequences_valid : local_seqs;
-  const double c2 = use_global ? global_sequences : static_cast<double>(rows);
+  __shared__ double denominators[3];
+  const double2 local = finalize_counts(records, rows, p, sh, denominators);
   double acc = 0.0;
 #pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
-  for (long long r = threadIdx.x; r < rows; r += 256) {
-    const float2 rec = records[r];
-    acc += token_weight(aggregation, max_len, c0, c1, c2, rec.y) * static_cast<double>(rec.x);
-  }
+  for (long long r = threadIdx.x; r < rows; r += 256)
+    acc += weight_of(p, denominators, records[r].valid) * static_cast<double>(records[r].sum);
   const double total = block_sum_f64(acc, sh);
   if (threadIdx.x == 0) {
     out[0] = total;
-    out[1] = local_tokens;
-    out[2] = local_seqs;
+    out[1] = local.x;
+    out[2] = local.y;
     out[3] = static_cast<double>(rows);
     // With nothing reported yet (no NaN value, no overflow), a NaN total is +inf meeting -inf,
     // within a row or across rows: the host names the first row holding an infinity.
     if (isnan(total) && *status == STATUS_CLEAR) {
       long long r = 0;
-      while (r < rows && isfinite(records[r].x)) ++r;
+      while (r < rows && isfinite(records[r].sum)) ++r;
       report(status, r < rows ? r : 0, OP_AGGREGATE, PROBLEM_NON_FINITE);
     }
   }

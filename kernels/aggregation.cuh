@@ -2,6 +2,8 @@
 // values to a scalar: the per-token weight of each mode and deterministic f64 block sums.
 #pragma once
 
+#include <stddef.h>
+
 #include "common.cuh"
 
 namespace rk {
@@ -51,6 +53,22 @@ __device__ __forceinline__ float token_weight_f(int aggregation, float max_len, 
   return d > 0.0f ? __frcp_rn(d) : 0.0f;
 }
 
+// The aggregation a finalize kernel applies, one parameter block built on the host from an
+// `Aggregation` and the known denominators (src/cuda/aggregation.rs `AggregationParams`: the
+// same fields at the same offsets, asserted on both sides).
+struct AggregationParams {
+  int aggregation;  // token_weight's code
+  int use_global;   // 1: divide by the three counts below, 0: by the batch's own
+  double max_len;   // seq-mean-token-sum-norm's constant
+  double tokens;
+  double valid_sequences;
+  double sequences;
+};
+static_assert(sizeof(AggregationParams) == 40, "AggregationParams: 40 bytes, as on the host");
+static_assert(offsetof(AggregationParams, use_global) == 4 && offsetof(AggregationParams, max_len) == 8 &&
+                  offsetof(AggregationParams, tokens) == 16 && offsetof(AggregationParams, sequences) == 32,
+              "AggregationParams: field offsets as on the host");
+
 __device__ __forceinline__ bool token_valid(const unsigned char* mask, long long t) {
   return mask == nullptr || mask[t] != 0;
 }
@@ -66,6 +84,33 @@ __device__ __forceinline__ double block_sum_f64(double v, double* sh) {
   const double total = sh[0];
   __syncthreads();
   return total;
+}
+
+// The prologue every finalize kernel shares (one block of 256 threads): this batch's own
+// valid tokens and valid sequences from its row records (`Row::valid`, f32 per sequence),
+// returned in every thread, and the denominators the weights divide by — `p`'s counts or the
+// batch's own — parked in the shared `denominators[3]` (rather than kept live in registers).
+template <typename Row>
+__device__ __forceinline__ double2 finalize_counts(const Row* __restrict__ records, int rows,
+                                                   const AggregationParams& p, double* sh, double* denominators) {
+  double tokens = 0.0, seqs = 0.0;
+  for (long long r = threadIdx.x; r < rows; r += 256) {
+    tokens += records[r].valid;
+    seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
+  }
+  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
+  if (threadIdx.x == 0) {
+    denominators[0] = p.use_global ? p.tokens : local_tokens;
+    denominators[1] = p.use_global ? p.valid_sequences : local_seqs;
+    denominators[2] = p.use_global ? p.sequences : static_cast<double>(rows);
+  }
+  __syncthreads();
+  return make_double2(local_tokens, local_seqs);
+}
+
+// token_weight of `p` over the finalize prologue's denominators.
+__device__ __forceinline__ double weight_of(const AggregationParams& p, const double* d, double row_valid) {
+  return token_weight(p.aggregation, p.max_len, d[0], d[1], d[2], row_valid);
 }
 
 // Valid tokens of one row, identical in every thread.

@@ -177,26 +177,17 @@ sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_lo
 // order (thread i takes rows i, i + 256, ...; then a fixed tree). Without `use_global` the
 // denominators are this batch's own.
 extern "C" __global__ void __launch_bounds__(256)
-sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen, float coef, int aggregation,
-                    double max_len, int use_global, double global_tokens, double global_sequences_valid,
-                    double global_sequences, double* __restrict__ stats) {
+sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen, float coef, AggregationParams p,
+                    double* __restrict__ stats) {
   __shared__ double sh[256];
   // The denominators, then this batch's own token and sequence counts: parked in shared memory
   // rather than kept live through the loop below.
   __shared__ double counts[5];
-  double tokens = 0.0, seqs = 0.0;
-  for (long long r = threadIdx.x; r < rows; r += 256) {
-    tokens += records[r].valid;
-    seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
-  }
   {
-    const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
+    const double2 local = finalize_counts(records, rows, p, sh, counts);
     if (threadIdx.x == 0) {
-      counts[0] = use_global ? global_tokens : local_tokens;
-      counts[1] = use_global ? global_sequences_valid : local_seqs;
-      counts[2] = use_global ? global_sequences : static_cast<double>(rows);
-      counts[3] = local_tokens;
-      counts[4] = local_seqs;
+      counts[3] = local.x;
+      counts[4] = local.y;
     }
   }
   __syncthreads();
@@ -206,7 +197,7 @@ sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen
     double acc = 0.0;
 #pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
     for (long long r = threadIdx.x; r < rows; r += 256)
-      acc += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].sums[k];
+      acc += weight_of(p, counts, records[r].valid) * records[r].sums[k];
     const double m = block_sum_f64(acc, sh);
     if (threadIdx.x == 0) stats[STAT_MEANS + k] = m;
   }

@@ -225,33 +225,19 @@ policy_loss_rows(PolicyParams P, PolicyRow* __restrict__ records, unsigned long 
 // One block of 256 threads: the statistics from the row records, f64, fixed order (thread i
 // takes rows i, i + 256, …; then a fixed tree).
 extern "C" __global__ void __launch_bounds__(256)
-policy_loss_finalize(const PolicyRow* __restrict__ records, int rows, int aggregation, double max_len, int use_global,
-                     double global_tokens, double global_sequences_valid, double global_sequences, float entropy_coef,
+policy_loss_finalize(const PolicyRow* __restrict__ records, int rows, AggregationParams p, float entropy_coef,
                      double* __restrict__ stats) {
   __shared__ double sh[256];
   __shared__ double counts[3];
-  double tokens = 0.0, seqs = 0.0;
-  for (long long r = threadIdx.x; r < rows; r += 256) {
-    tokens += records[r].valid;
-    seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
-  }
-  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
-  if (threadIdx.x == 0) {
-    counts[0] = use_global ? global_tokens : local_tokens;
-    counts[1] = use_global ? global_sequences_valid : local_seqs;
-    counts[2] = use_global ? global_sequences : static_cast<double>(rows);
-  }
-  __syncthreads();
+  const double2 local = finalize_counts(records, rows, p, sh, counts);
+  const double local_tokens = local.x, local_seqs = local.y;
   double pol = 0.0;
 #pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
-  for (long long r = threadIdx.x; r < rows; r += 256)
-    pol += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].loss;
+  for (long long r = threadIdx.x; r < rows; r += 256) pol += weight_of(p, counts, records[r].valid) * records[r].loss;
   const double policy = block_sum_f64(pol, sh);
   double ent = 0.0;
 #pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
-  for (long long r = threadIdx.x; r < rows; r += 256)
-    ent += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) *
-           records[r].entropy;
+  for (long long r = threadIdx.x; r < rows; r += 256) ent += weight_of(p, counts, records[r].valid) * records[r].entropy;
   const double entropy = block_sum_f64(ent, sh);
   if (threadIdx.x == 0) {  // written now: fewer values live through the loops below
     stats[PS_POLICY] = policy;
@@ -408,27 +394,15 @@ value_loss_rows(ValueParams P, ValueRow* __restrict__ records, unsigned long lon
 // One block of 256 threads: [coef·loss, clip fraction, valid tokens, valid sequences,
 // sequences] in f64, fixed order.
 extern "C" __global__ void __launch_bounds__(256)
-value_loss_finalize(const ValueRow* __restrict__ records, int rows, int aggregation, double max_len, int use_global,
-                    double global_tokens, double global_sequences_valid, double global_sequences, float coef,
+value_loss_finalize(const ValueRow* __restrict__ records, int rows, AggregationParams p, float coef,
                     double* __restrict__ stats) {
   __shared__ double sh[256];
   __shared__ double counts[3];
-  double tokens = 0.0, seqs = 0.0;
-  for (long long r = threadIdx.x; r < rows; r += 256) {
-    tokens += records[r].valid;
-    seqs += records[r].valid > 0.0f ? 1.0 : 0.0;
-  }
-  const double local_tokens = block_sum_f64(tokens, sh), local_seqs = block_sum_f64(seqs, sh);
-  if (threadIdx.x == 0) {
-    counts[0] = use_global ? global_tokens : local_tokens;
-    counts[1] = use_global ? global_sequences_valid : local_seqs;
-    counts[2] = use_global ? global_sequences : static_cast<double>(rows);
-  }
-  __syncthreads();
+  const double2 local = finalize_counts(records, rows, p, sh, counts);
+  const double local_tokens = local.x, local_seqs = local.y;
   double acc = 0.0;
 #pragma unroll 1  // one reciprocal at a time: unrolled, the refinement spills
-  for (long long r = threadIdx.x; r < rows; r += 256)
-    acc += token_weight(aggregation, max_len, counts[0], counts[1], counts[2], records[r].valid) * records[r].loss;
+  for (long long r = threadIdx.x; r < rows; r += 256) acc += weight_of(p, counts, records[r].valid) * records[r].loss;
   const double loss = block_sum_f64(acc, sh);
   double clipped = 0.0;
   for (long long r = threadIdx.x; r < rows; r += 256) clipped += records[r].clipped;

@@ -10,7 +10,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
 };
 
 use crate::cuda::module::{Module, function};
@@ -24,6 +25,48 @@ pub(crate) fn aggregation_code(a: Aggregation) -> (i32, f64) {
         Aggregation::SeqMeanTokenSum => (1, 0.0),
         Aggregation::SeqMeanTokenMean => (2, 0.0),
         Aggregation::SeqMeanTokenSumNorm { max_len } => (3, max_len as f64),
+    }
+}
+
+/// The aggregation a finalize kernel applies (kernels/aggregation.cuh `AggregationParams`): one
+/// parameter block, the same fields at the same offsets on both sides (asserted on both), built
+/// from an [`Aggregation`] and the denominators when the host knows them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AggregationParams {
+    aggregation: i32,
+    use_global: i32,
+    max_len: f64,
+    tokens: f64,
+    valid_sequences: f64,
+    sequences: f64,
+}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<AggregationParams>() == 40);
+    assert!(offset_of!(AggregationParams, use_global) == 4 && offset_of!(AggregationParams, max_len) == 8);
+    assert!(offset_of!(AggregationParams, tokens) == 16 && offset_of!(AggregationParams, sequences) == 32);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct AggregationParams` (asserted above and
+// by static_asserts in kernels/aggregation.cuh): two ints, then four doubles.
+unsafe impl DeviceRepr for AggregationParams {}
+
+impl AggregationParams {
+    /// `aggregation` over `counts` (`[valid tokens, valid sequences, sequences]`) when known,
+    /// else over the batch's own counts, which the finalize kernel sums from its records.
+    pub(crate) fn new(aggregation: Aggregation, counts: Option<[f64; 3]>) -> Self {
+        let (code, max_len) = aggregation_code(aggregation);
+        let [tokens, valid_sequences, sequences] = counts.unwrap_or([0.0; 3]);
+        AggregationParams {
+            aggregation: code,
+            use_global: i32::from(counts.is_some()),
+            max_len,
+            tokens,
+            valid_sequences,
+            sequences,
+        }
     }
 }
 
@@ -338,13 +381,15 @@ unsafe fn launch_aggregate(
             expected: "an 8-byte aligned device address",
         });
     }
-    let (code, max_len) = aggregation_code(aggregation);
-    let (use_global, [tokens, valid_sequences, sequences]) = match norm {
-        Normaliser::Local => (0i32, [0.0; 3]),
-        Normaliser::Global { valid_tokens, valid_sequences, sequences } => {
-            (1, [valid_tokens, valid_sequences, sequences])
-        }
-    };
+    let params = AggregationParams::new(
+        aggregation,
+        match norm {
+            Normaliser::Local => None,
+            Normaliser::Global { valid_tokens, valid_sequences, sequences } => {
+                Some([valid_tokens, valid_sequences, sequences])
+            }
+        },
+    );
     let (ld, rows_i, cols_i) = (shape.row_stride as i64, rows as i32, shape.cols as i32);
     let ctx = stream.context();
 
@@ -353,20 +398,20 @@ unsafe fn launch_aggregate(
     l.arg(&a.values).arg(&ld).arg(&a.mask).arg(&rows_i).arg(&cols_i).arg(&rec).arg(&a.status);
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches `aggregate_rows(const float*, long long, const unsigned char*, int, int,
-    // float2*, unsigned long long*)`; one block of 256 threads per row; `values` (and `mask`,
-    // same layout) cover the shape (the caller's contract); the records hold 2·rows f32 at an
-    // 8-byte aligned address for the kernel's one float2 per row; `status` is one u64.
+    // AggregateRow*, unsigned long long*)`; one block of 256 threads per row; `values` (and
+    // `mask`, same layout) cover the shape (the caller's contract); the records hold 2·rows f32
+    // at an 8-byte aligned address for the kernel's one two-f32 record per row; `status` is one
+    // u64.
     unsafe { l.launch(cfg) }.map_err(driver_error("launching aggregate_rows"))?;
 
     let f = function(ctx, Module::Aggregation, "aggregate_finalize")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&rec).arg(&rows_i).arg(&code).arg(&max_len).arg(&use_global);
-    l.arg(&tokens).arg(&valid_sequences).arg(&sequences).arg(&a.out).arg(&a.status);
+    l.arg(&rec).arg(&rows_i).arg(&params).arg(&a.out).arg(&a.status);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `aggregate_finalize(const float2*, int, int, double, int, double, double,
-    // double, double*, unsigned long long*)`; one block of 256 threads; reads the `rows`
-    // records the launch above wrote on this stream, writes the four f64 of `out` and may
-    // report into the one u64 of `status`.
+    // SAFETY: matches `aggregate_finalize(const AggregateRow*, int, AggregationParams, double*,
+    // unsigned long long*)`; one block of 256 threads; reads the `rows` records the launch above
+    // wrote on this stream, writes the four f64 of `out` and may report into the one u64 of
+    // `status`.
     unsafe { l.launch(one) }.map_err(driver_error("launching aggregate_finalize"))?;
     Ok(())
 }

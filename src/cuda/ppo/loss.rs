@@ -12,7 +12,8 @@ use cudarc::driver::{
 };
 
 use crate::cuda::aggregation::{
-    aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes, workspace_or_alloc,
+    AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
+    workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
@@ -129,20 +130,19 @@ struct PolicyParams {
 // doubles and a pointer, in that order on both sides (160 bytes).
 unsafe impl DeviceRepr for PolicyParams {}
 
-/// The launches shared by the two losses (kernels/ppo.cu): `{kernel}_rows(Params, Row*,
-/// status)` with one block of 256 threads per sequence, then, when records are needed, the
-/// one-block `{kernel}_finalize(const Row*, int rows, int aggregation, double max_len, int
-/// use_global, double ×3 counts, float coef, double* stats)`. (The mask count a gradient under
-/// the batch's own denominators needs runs before, from the caller.)
+/// The launches shared by the two losses (kernels/ppo.cu): `{loss}_rows(Params, Row*, status)`
+/// with one block of 256 threads per sequence, then, when records are needed, the one-block
+/// `{loss}_finalize(const Row*, int rows, AggregationParams, float coef, double* stats)`. (The
+/// mask count a gradient under the batch's own denominators needs runs before, from the
+/// caller.)
 pub(super) struct LossLaunch {
-    pub(super) kernel: &'static str,
+    /// The rows kernel and the finalize kernel of the loss.
+    pub(super) kernels: [&'static str; 2],
     pub(super) rows: usize,
     pub(super) records: u64,
     pub(super) stats: u64,
     pub(super) status: u64,
-    pub(super) aggregation: i32,
-    pub(super) max_len: f64,
-    pub(super) global: Option<[f64; 3]>,
+    pub(super) aggregation: AggregationParams,
     pub(super) coef: f32,
     pub(super) need_records: bool,
 }
@@ -152,17 +152,16 @@ impl LossLaunch {
     /// statistics are wanted, the finalize kernel.
     ///
     /// # Safety
-    /// `params` is the `Params` struct of `self.kernel`'s kernels, whose pointers are null or
+    /// `params` is the `Params` struct of `self.kernels`, whose pointers are null or
     /// cover the launch's shape; `records` (when records are needed) holds one row record per
     /// sequence and `stats` the kernel's statistics words, all device memory of `stream`'s
     /// context that stays allocated until the kernels ran.
     pub(super) unsafe fn run<P: DeviceRepr>(&self, stream: &Arc<CudaStream>, params: &P) -> Result<()> {
         let ctx = stream.context();
-        let name = |suffix: &str| format!("{}_{suffix}", self.kernel);
         let rows = self.rows as i32;
         let per_row =
             LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let f = function(ctx, Module::Ppo, &name("rows"))?;
+        let f = function(ctx, Module::Ppo, self.kernels[0])?;
         let mut l = stream.launch_builder(&f);
         l.arg(params).arg(&self.records).arg(&self.status);
         // SAFETY: the caller's contract; the signature is `(Params, Row*, unsigned long long*)`,
@@ -171,16 +170,13 @@ impl LossLaunch {
         if !self.need_records {
             return Ok(());
         }
-        let counts = self.global.unwrap_or([0.0; 3]);
-        let use_global = i32::from(self.global.is_some());
-        let f = function(ctx, Module::Ppo, &name("finalize"))?;
+        let f = function(ctx, Module::Ppo, self.kernels[1])?;
         let mut l = stream.launch_builder(&f);
-        l.arg(&self.records).arg(&rows).arg(&self.aggregation).arg(&self.max_len).arg(&use_global);
-        l.arg(&counts[0]).arg(&counts[1]).arg(&counts[2]).arg(&self.coef).arg(&self.stats);
+        l.arg(&self.records).arg(&rows).arg(&self.aggregation).arg(&self.coef).arg(&self.stats);
         let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: matches `(const Row*, int, int, double, int, double, double, double, float,
-        // double*)`; exactly one block of 256 threads (its trees assume it); reads the records
-        // written above on this stream and writes the statistics.
+        // SAFETY: matches `(const Row*, int, AggregationParams, float, double*)`; exactly one
+        // block of 256 threads (its trees assume it); reads the records written above on this
+        // stream and writes the statistics.
         unsafe { l.launch(one) }.map_err(driver_error("launching a loss's finalize kernel"))?;
         Ok(())
     }
@@ -437,14 +433,12 @@ pub(crate) unsafe fn launch_policy(
         counts: device_counts,
     };
     let launch = LossLaunch {
-        kernel: "policy_loss",
+        kernels: ["policy_loss_rows", "policy_loss_finalize"],
         rows: shape.rows,
         records,
         stats,
         status: a.status,
-        aggregation,
-        max_len,
-        global,
+        aggregation: AggregationParams::new(opts.aggregation, global),
         coef: opts.entropy_coef,
         need_records,
     };

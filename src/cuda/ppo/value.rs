@@ -7,7 +7,8 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, De
 
 use super::loss::LossLaunch;
 use crate::cuda::aggregation::{
-    aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes, workspace_or_alloc,
+    AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
+    workspace_or_alloc,
 };
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::{BatchCounts, Result, RowShape, ValueLossOptions, ValueLossStats};
@@ -288,14 +289,12 @@ pub(crate) unsafe fn launch_value(
         counts: device_counts,
     };
     let launch = LossLaunch {
-        kernel: "value_loss",
+        kernels: ["value_loss_rows", "value_loss_finalize"],
         rows: shape.rows,
         records,
         stats: a.stats,
         status: a.status,
-        aggregation,
-        max_len,
-        global,
+        aggregation: AggregationParams::new(opts.aggregation, global),
         coef: opts.coef,
         need_records,
     };

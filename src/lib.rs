@@ -21,17 +21,52 @@
 //! DLPack tensor with PyTorch autograd. Both read framework views in place through
 //! [`RowBlocks`].
 //!
+//! # From logits to a PPO loss, in three steps
+//!
+//! The path a trainer follows on every micro-batch: the log-probabilities of the sampled tokens
+//! (and their entropies) from the policy's logits, the policy loss and its gradient with
+//! respect to those log-probabilities, then the backward into the logits, which never passes
+//! through an `[N, V]` log-softmax. The same three calls exist on the GPU in `cuda` (with device
+//! buffers, the caller's stream and a [`CudaStatus`](crate::cuda::CudaStatus) word), and
+//! [`cpu::policy_loss_from_logits`] fuses them.
+//!
 //! ```
-//! use rlhf_kernels::{cpu, reference, LogSoftmaxOptions, RowShape};
-//! let shape = RowShape::new(2, 3);
-//! let logits = [1.0f32, 2.0, 3.0, 0.0, f32::NEG_INFINITY, 0.0];
-//! let opts = LogSoftmaxOptions::default().temperature(0.5);
-//! let mut out = vec![0.0f32; 6];
-//! cpu::log_softmax(&logits, shape, &mut out, &opts)?;
-//! let exact = reference::log_softmax(&logits, shape, &opts)?;
-//! assert!(out.iter().zip(&exact).all(|(&a, &e)| a as f64 == e || (a as f64 - e).abs() < 1e-6));
+//! use rlhf_kernels::{cpu, PolicyLossInputs, PolicyLossOptions, RowShape, TokenGrads,
+//!                    TokenLogprobsOptions, TokenOutputs, Tokens};
+//! // Two sequences of two tokens over a vocabulary of 3: one logits row per token.
+//! let (logits, shape) = ([1.0f32, 2.0, 0.5, 0.0, 0.0, 3.0, 2.0, 1.0, 0.0, 0.5, 0.5, 0.5], RowShape::new(4, 3));
+//! let (targets, mask) = ([1i64, 2, 0, 1], [1u8, 1, 1, 0]);
+//! let tokens = Tokens::new(&targets).with_mask(&mask);
+//! let lp_opts = TokenLogprobsOptions::default();
+//!
+//! // 1. Token log-probabilities, entropies and log-sum-exps (for the backward), one pass.
+//! let (mut logp, mut entropy, mut lse) = ([0.0f32; 4], [0.0f32; 4], [0.0f32; 4]);
+//! let out = TokenOutputs::default().logp(&mut logp).entropy(&mut entropy).lse(&mut lse);
+//! cpu::token_logprobs(&logits, shape, &tokens, out, &lp_opts)?;
+//!
+//! // 2. The clipped surrogate over the [B, T] batch, with an entropy bonus: the loss, its
+//! //    gradient in logp and in the entropies, and the statistics, one pass.
+//! let (old_logp, advantages) = ([-1.0f32, -2.0, -0.5, 0.0], [1.0f32, 1.0, -1.0, 0.0]);
+//! let inputs = PolicyLossInputs::new(RowShape::new(2, 2), &logp, &old_logp, &advantages)
+//!     .mask(&mask)
+//!     .entropy(&entropy);
+//! let (mut grad_logp, mut grad_entropy) = ([0.0f32; 4], [0.0f32; 4]);
+//! let out = cpu::PolicyLossOutputs::default().grad_logp(&mut grad_logp).grad_entropy(&mut grad_entropy);
+//! let stats = cpu::policy_loss(&inputs, out, &PolicyLossOptions::default().entropy_coef(0.01))?;
+//!
+//! // 3. The backward into the logits (here in place: the logits become their gradient).
+//! let grads = TokenGrads::new(&lse).grad_logp(&grad_logp).grad_entropy(&grad_entropy, &entropy);
+//! let mut grad_logits = logits;
+//! cpu::token_logprobs_backward_in_place(&mut grad_logits, shape, &tokens, &grads, &lp_opts)?;
+//! assert!(stats.loss.is_finite() && grad_logits[9..].iter().all(|&g| g == 0.0)); // padding: no gradient
 //! # Ok::<(), rlhf_kernels::Error>(())
 //! ```
+//!
+//! What a user learns on the way: [`RowShape`] (rows, columns and the row stride of every
+//! buffer), [`Tokens`] (targets and the mask), [`TokenOutputs`] and [`TokenGrads`],
+//! [`PolicyLossInputs`] and the loss's outputs, and an options struct per op
+//! ([`TokenLogprobsOptions`], [`PolicyLossOptions`]) with builder methods and defaults that
+//! match verl.
 #![warn(missing_docs)]
 
 mod advantages;

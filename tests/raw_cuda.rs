@@ -146,7 +146,7 @@ mod gpu {
                 let (op, _c) = out.device_ptr_mut(s);
                 let (wp, _d) = work.device_ptr_mut(s);
                 let (stp, _e) = st.device_ptr_mut(s);
-                let args = raw::AggregateArgs {
+                let args = raw::ReductionArgs {
                     shape: SHAPE,
                     values: vp,
                     mask: mp,
@@ -158,7 +158,7 @@ mod gpu {
                 unsafe { raw::aggregate(stream(s), &args, mode, norm) }.unwrap();
                 // SAFETY: refused before any launch.
                 assert!(
-                    unsafe { raw::aggregate(stream(s), &raw::AggregateArgs { out: 0, ..args }, mode, norm) }
+                    unsafe { raw::aggregate(stream(s), &raw::ReductionArgs { out: 0, ..args }, mode, norm) }
                         .is_err()
                 );
             }
@@ -174,7 +174,7 @@ mod gpu {
             let (op, _b) = out.device_ptr_mut(s);
             let (stp, _c) = st.device_ptr_mut(s);
             let args =
-                raw::AggregateArgs { shape: SHAPE, values: vp, mask: 0, out: op, workspace: 0, status: stp };
+                raw::ReductionArgs { shape: SHAPE, values: vp, mask: 0, out: op, workspace: 0, status: stp };
             // SAFETY: as in `sampled_kl`.
             unsafe { raw::aggregate(stream(s), &args, Aggregation::TokenMean, Normaliser::Local) }.unwrap();
         }
@@ -198,7 +198,7 @@ mod gpu {
                 let (mp, _b) = m.device_ptr(s);
                 let (op, _c) = out.device_ptr_mut(s);
                 let (stp, _d) = st.device_ptr_mut(s);
-                let args = raw::MomentsArgs {
+                let args = raw::ReductionArgs {
                     shape: SHAPE,
                     values: vp,
                     mask: mp,
@@ -217,7 +217,7 @@ mod gpu {
                 r.unwrap();
                 // SAFETY: refused before any launch.
                 assert!(
-                    unsafe { raw::masked_moments(stream(s), &raw::MomentsArgs { values: 0, ..args }) }
+                    unsafe { raw::masked_moments(stream(s), &raw::ReductionArgs { values: 0, ..args }) }
                         .is_err()
                 );
             }

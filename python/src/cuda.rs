@@ -4,9 +4,8 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::cuda::raw::{
-    self, AggregateArgs, ExactKlArgs, ExactKlBackwardArgs, GaeArgs, GroupAdvantageArgs, KlRewardsArgs,
-    MomentsArgs, PolicyLossArgs, RawStream, SampledKlArgs, TokenLogprobsArgs, TokenLogprobsBackwardArgs,
-    ValueLossArgs,
+    self, ExactKlArgs, ExactKlBackwardArgs, GaeArgs, GroupAdvantageArgs, KlRewardsArgs, PolicyLossArgs,
+    RawStream, ReductionArgs, SampledKlArgs, TokenLogprobsArgs, TokenLogprobsBackwardArgs, ValueLossArgs,
 };
 use rlhf_kernels::cudarc::driver::sys::CUstream;
 use rlhf_kernels::{
@@ -438,34 +437,18 @@ pub fn value_loss(
     unsafe { raw::value_loss(raw_stream, &args, opts) }.map_err(err)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn aggregate(
-    ordinal: usize,
-    stream: usize,
-    status: Option<&Bound<'_, PyAny>>,
-    shape: RowShape,
-    values: &Dl,
-    mask: Option<&Dl>,
-    out: &Dl,
-    aggregation: Aggregation,
-    norm: Normaliser,
-) -> PyResult<()> {
-    let (raw_stream, status) = launch_context(ordinal, stream, status, &[Some(values), mask, Some(out)])?;
-    let args = AggregateArgs {
-        shape,
-        values: values.ptr,
-        mask: row_ptr(mask, 0),
-        out: out.ptr,
-        workspace: 0,
-        status: status.ptr,
-    };
-    // SAFETY: as in `token_logprobs`; `out` holds the four words (checked).
-    unsafe { raw::aggregate(raw_stream, &args, aggregation, norm) }.map_err(err)
+/// A batch reduction of the Python module over `values` into `out`.
+pub enum Reduction<'a> {
+    /// The loss aggregation (four f64 out).
+    Aggregate(Aggregation, Normaliser),
+    /// The masked moments (five f64 out).
+    Moments,
+    /// The moments, then `values` whitened in place.
+    Whiten(&'a WhitenOptions),
 }
 
-/// The masked moments of `values` into `out`, and with `whiten` the values whitened in place.
 #[allow(clippy::too_many_arguments)]
-pub fn moments(
+pub fn reduction(
     ordinal: usize,
     stream: usize,
     status: Option<&Bound<'_, PyAny>>,
@@ -473,10 +456,10 @@ pub fn moments(
     values: &Dl,
     mask: Option<&Dl>,
     out: &Dl,
-    whiten: Option<&WhitenOptions>,
+    op: Reduction<'_>,
 ) -> PyResult<()> {
     let (raw_stream, status) = launch_context(ordinal, stream, status, &[Some(values), mask, Some(out)])?;
-    let args = MomentsArgs {
+    let args = ReductionArgs {
         shape,
         values: values.ptr,
         mask: row_ptr(mask, 0),
@@ -484,12 +467,13 @@ pub fn moments(
         workspace: 0,
         status: status.ptr,
     };
-    // SAFETY: as in `token_logprobs`; `out` holds the five words (checked); for whitening
-    // `values` is writable and overlaps nothing (checked by the caller).
+    // SAFETY: as in `token_logprobs`; `out` holds the reduction's words (checked by the
+    // caller); for whitening `values` is writable and overlaps nothing (checked by the caller).
     let r = unsafe {
-        match whiten {
-            Some(opts) => raw::whiten(raw_stream, &args, opts),
-            None => raw::masked_moments(raw_stream, &args),
+        match op {
+            Reduction::Aggregate(aggregation, norm) => raw::aggregate(raw_stream, &args, aggregation, norm),
+            Reduction::Moments => raw::masked_moments(raw_stream, &args),
+            Reduction::Whiten(opts) => raw::whiten(raw_stream, &args, opts),
         }
     };
     r.map_err(err)

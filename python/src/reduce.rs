@@ -61,7 +61,8 @@ pub fn aggregate(
             Ok(())
         }
         Place::Cuda(ordinal) => {
-            cuda::aggregate(ordinal, stream, status, shape, &values, mask.as_ref(), &out, agg, norm)
+            let op = cuda::Reduction::Aggregate(agg, norm);
+            cuda::reduction(ordinal, stream, status, shape, &values, mask.as_ref(), &out, op)
         }
     }
 }
@@ -89,9 +90,16 @@ pub fn masked_moments(
             o.copy_from_slice(&[mo.count, mo.mean, mo.var, mo.min, mo.max]);
             Ok(())
         }
-        Place::Cuda(ordinal) => {
-            cuda::moments(ordinal, stream, status, shape, &values, mask.as_ref(), &out, None)
-        }
+        Place::Cuda(ordinal) => cuda::reduction(
+            ordinal,
+            stream,
+            status,
+            shape,
+            &values,
+            mask.as_ref(),
+            &out,
+            cuda::Reduction::Moments,
+        ),
     }
 }
 
@@ -126,7 +134,8 @@ pub fn whiten(
             Ok(())
         }
         Place::Cuda(ordinal) => {
-            cuda::moments(ordinal, stream, status, shape, &values, mask.as_ref(), &out, Some(&opts))
+            let op = cuda::Reduction::Whiten(&opts);
+            cuda::reduction(ordinal, stream, status, shape, &values, mask.as_ref(), &out, op)
         }
     }
 }

@@ -284,27 +284,30 @@ pub fn aggregate(
     let (workspace, _g3) = out.records.device_ptr_mut(s);
     let (out, _g4) = out.out.device_ptr_mut(s);
     let (status, _g5) = status.device_ptr(s);
-    let args = AggregateArgs { shape, values, mask, out, workspace, status };
+    let args = ReductionArgs { shape, values, mask, out, workspace, status };
     // SAFETY: every address comes from a cudarc buffer of this stream's context whose length was
     // checked above (the records hold 2·rows f32 from an 8-byte aligned allocation); the guards
     // keep cudarc's event tracking in order until the launches are enqueued.
     unsafe { launch_aggregate(stream, &args, aggregation, norm) }
 }
 
-/// Buffers of a raw [`aggregate`](crate::cuda::raw::aggregate) call: device addresses, 0 for an
-/// absent mask or workspace.
+/// Buffers of a raw batch reduction: [`aggregate`](crate::cuda::raw::aggregate),
+/// [`masked_moments`](crate::cuda::raw::masked_moments) or [`whiten`](crate::cuda::raw::whiten).
+/// Device addresses, 0 for an absent mask or workspace.
 #[derive(Debug, Clone, Copy)]
-pub struct AggregateArgs {
+pub struct ReductionArgs {
     /// `[B, T]` of `values` and `mask` (row stride allowed).
     pub shape: RowShape,
-    /// f32 per-token values.
+    /// f32 per-token values (whitened in place by `whiten`).
     pub values: u64,
     /// Mask bytes (0 = padding), or 0.
     pub mask: u64,
-    /// Four f64 out: `[value, valid tokens, valid sequences, sequences]`.
+    /// The f64 result: four for the aggregation (`[value, valid tokens, valid sequences,
+    /// sequences]`), five for the moments (`[count, mean, unbiased variance, min, max]`).
     pub out: u64,
-    /// [`aggregate_workspace_bytes`] bytes at an 8-byte aligned address (one record per
-    /// sequence), or 0 to allocate on the stream.
+    /// The reduction's row records ([`aggregate_workspace_bytes`] or
+    /// [`moments_workspace_bytes`](crate::cuda::moments_workspace_bytes)) at a 16-byte aligned
+    /// address, or 0 to allocate on the stream.
     pub workspace: u64,
     /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
     pub status: u64,
@@ -318,7 +321,7 @@ pub fn aggregate_workspace_bytes(shape: RowShape) -> usize {
 
 /// The raw layer of the aggregation (see [`crate::cuda::raw`]).
 pub(crate) mod raw {
-    use super::{AggregateArgs, launch_aggregate};
+    use super::{ReductionArgs, launch_aggregate};
     use crate::cuda::{RawStream, non_null};
     use crate::{Aggregation, Normaliser, Result};
 
@@ -329,12 +332,12 @@ pub(crate) mod raw {
     /// # Safety
     /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
     /// - every non-zero address points to device memory of that context holding what its
-    ///   [`AggregateArgs`] field documents (`values` and `mask`: `shape.min_len()` elements);
+    ///   [`ReductionArgs`] field documents (`values` and `mask`: `shape.min_len()` elements);
     ///   `out` and the workspace overlap nothing else;
     /// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
     pub unsafe fn aggregate(
         stream: RawStream,
-        args: &AggregateArgs,
+        args: &ReductionArgs,
         aggregation: Aggregation,
         norm: Normaliser,
     ) -> Result<()> {
@@ -352,11 +355,11 @@ pub(crate) mod raw {
 ///
 /// # Safety
 /// Every non-zero address of `a` is device memory of `stream`'s context of the size its
-/// [`AggregateArgs`] field documents, `out` and the workspace overlap nothing else, and every
+/// [`ReductionArgs`] field documents, `out` and the workspace overlap nothing else, and every
 /// buffer stays allocated until the kernels ran.
 unsafe fn launch_aggregate(
     stream: &Arc<CudaStream>,
-    a: &AggregateArgs,
+    a: &ReductionArgs,
     aggregation: Aggregation,
     norm: Normaliser,
 ) -> Result<()> {
@@ -364,23 +367,9 @@ unsafe fn launch_aggregate(
     norm.validate()?;
     let shape = a.shape;
     let rows = shape.rows;
-    let s: &CudaStream = stream;
-    let mut owned: Option<CudaSlice<f32>> = None;
-    let (rec, _g1) = if a.workspace != 0 {
-        (a.workspace, None)
-    } else {
-        let slice =
-            stream.alloc_zeros::<f32>(2 * rows).map_err(driver_error("allocating aggregate records"))?;
-        let (p, g) = owned.insert(slice).device_ptr_mut(s);
-        (p, Some(g))
-    };
-    if rec % 8 != 0 {
-        return Err(Error::InvalidOption {
-            name: "workspace",
-            value: format!("address {rec:#x}"),
-            expected: "an 8-byte aligned device address",
-        });
-    }
+    let mut owned = None;
+    let (rec, _g1) =
+        workspace_or_alloc(stream, true, a.workspace, aggregate_workspace_bytes(shape), &mut owned)?;
     let params = AggregationParams::new(
         aggregation,
         match norm {

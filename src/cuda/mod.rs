@@ -57,9 +57,9 @@ pub use status::CudaStatus;
 pub mod raw {
     pub use super::advantages::moments_raw::*;
     pub use super::advantages::{
-        GaeArgs, GroupAdvantageArgs, MomentsArgs, raw_gae as gae, raw_group_advantages as group_advantages,
+        GaeArgs, GroupAdvantageArgs, raw_gae as gae, raw_group_advantages as group_advantages,
     };
-    pub use super::aggregation::AggregateArgs;
+    pub use super::aggregation::ReductionArgs;
     pub use super::aggregation::raw::*;
     pub use super::context::RawStream;
     pub use super::kl::raw::*;

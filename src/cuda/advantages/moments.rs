@@ -6,9 +6,10 @@ use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
+use crate::cuda::aggregation::{ReductionArgs, workspace_or_alloc};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, view_ptr};
-use crate::{Error, Moments, Result, RowShape, WhitenOptions};
+use crate::{Moments, Result, RowShape, WhitenOptions};
 
 /// Bytes of one row record of the moments (`MomentsF64` in the kernel: 5 f64).
 const MOMENT_RECORD_BYTES: usize = 40;
@@ -44,26 +45,6 @@ impl DeviceMoments {
     }
 }
 
-/// Buffers of a raw [`masked_moments`](crate::cuda::raw::masked_moments) or
-/// [`whiten`](crate::cuda::raw::whiten) call: device addresses, 0 for an absent mask or
-/// workspace.
-#[derive(Debug, Clone, Copy)]
-pub struct MomentsArgs {
-    /// `[B, T]` of `values` and `mask` (row stride allowed).
-    pub shape: RowShape,
-    /// f32 per-token values (whitened in place by `whiten`).
-    pub values: u64,
-    /// Mask bytes (0 = padding), or 0.
-    pub mask: u64,
-    /// Five f64 out: `[count, mean, unbiased variance, min, max]`.
-    pub out: u64,
-    /// [`moments_workspace_bytes`] bytes at an 8-byte aligned address (one record per
-    /// sequence), or 0 to allocate on the stream.
-    pub workspace: u64,
-    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
-    pub status: u64,
-}
-
 /// Bytes of workspace a raw [`masked_moments`](crate::cuda::raw::masked_moments) or
 /// [`whiten`](crate::cuda::raw::whiten) uses for `shape`: one record of five f64 per sequence.
 pub fn moments_workspace_bytes(shape: RowShape) -> usize {
@@ -75,28 +56,13 @@ pub fn moments_workspace_bytes(shape: RowShape) -> usize {
 ///
 /// # Safety
 /// Every non-zero address of `a` is device memory of `stream`'s context of the size its
-/// [`MomentsArgs`] field documents, `out` and the workspace overlap nothing else, and every
+/// [`ReductionArgs`] field documents, `out` and the workspace overlap nothing else, and every
 /// buffer stays allocated until the kernels ran.
-pub(super) unsafe fn launch_moments(stream: &Arc<CudaStream>, a: &MomentsArgs) -> Result<()> {
+pub(super) unsafe fn launch_moments(stream: &Arc<CudaStream>, a: &ReductionArgs) -> Result<()> {
     let shape = a.shape;
-    let s: &CudaStream = stream;
-    let mut owned: Option<CudaSlice<u8>> = None;
-    let (rec, _g1) = if a.workspace != 0 {
-        (a.workspace, None)
-    } else {
-        let slice = stream
-            .alloc_zeros::<u8>(moments_workspace_bytes(shape))
-            .map_err(driver_error("allocating moment records"))?;
-        let (p, g) = owned.insert(slice).device_ptr_mut(s);
-        (p, Some(g))
-    };
-    if rec % 8 != 0 {
-        return Err(Error::InvalidOption {
-            name: "workspace",
-            value: format!("address {rec:#x}"),
-            expected: "an 8-byte aligned device address",
-        });
-    }
+    let mut owned = None;
+    let (rec, _g1) =
+        workspace_or_alloc(stream, true, a.workspace, moments_workspace_bytes(shape), &mut owned)?;
     let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
     let ctx = stream.context();
     let f = function(ctx, Module::Advantages, "moments_rows")?;
@@ -125,7 +91,7 @@ pub(super) unsafe fn launch_moments(stream: &Arc<CudaStream>, a: &MomentsArgs) -
 /// As [`launch_moments`]; `values` is written in place.
 pub(super) unsafe fn launch_whiten(
     stream: &Arc<CudaStream>,
-    a: &MomentsArgs,
+    a: &ReductionArgs,
     opts: &WhitenOptions,
 ) -> Result<()> {
     opts.validate()?;
@@ -203,7 +169,7 @@ pub fn masked_moments(
     let (mask, _g2) = view_ptr(mask, s);
     let (status, _g3) = status.device_ptr(s);
     let (out, workspace, _g4) = moments_args(stream, shape, out)?;
-    let args = MomentsArgs { shape, values, mask, out, workspace, status };
+    let args = ReductionArgs { shape, values, mask, out, workspace, status };
     // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
     // was checked above (the records were grown to the batch); the guards keep cudarc's event
     // tracking in order until the launches are enqueued.
@@ -241,14 +207,14 @@ pub fn whiten(
     let (mask, _g2) = view_ptr(mask, s);
     let (status, _g3) = status.device_ptr(s);
     let (out, workspace, _g4) = moments_args(stream, shape, moments)?;
-    let args = MomentsArgs { shape, values, mask, out, workspace, status };
+    let args = ReductionArgs { shape, values, mask, out, workspace, status };
     // SAFETY: as in `masked_moments`; `values` is a distinct mutable borrow.
     unsafe { launch_whiten(stream, &args, opts) }
 }
 
 /// The raw layer of the moments (see [`crate::cuda::raw`]).
 pub(crate) mod raw {
-    use super::{MomentsArgs, launch_moments, launch_whiten};
+    use super::{ReductionArgs, launch_moments, launch_whiten};
     use crate::cuda::{RawStream, non_null};
     use crate::{Result, WhitenOptions};
 
@@ -259,10 +225,10 @@ pub(crate) mod raw {
     /// # Safety
     /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
     /// - every non-zero address points to device memory of that context holding what its
-    ///   [`MomentsArgs`] field documents (`values` and `mask`: `shape.min_len()` elements);
+    ///   [`ReductionArgs`] field documents (`values` and `mask`: `shape.min_len()` elements);
     ///   `out` and the workspace overlap nothing else;
     /// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
-    pub unsafe fn masked_moments(stream: RawStream, args: &MomentsArgs) -> Result<()> {
+    pub unsafe fn masked_moments(stream: RawStream, args: &ReductionArgs) -> Result<()> {
         check(args)?;
         // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
         let stream = unsafe { stream.borrow() }?;
@@ -275,7 +241,7 @@ pub(crate) mod raw {
     ///
     /// # Safety
     /// As [`masked_moments`]; `values` is written.
-    pub unsafe fn whiten(stream: RawStream, args: &MomentsArgs, opts: &WhitenOptions) -> Result<()> {
+    pub unsafe fn whiten(stream: RawStream, args: &ReductionArgs, opts: &WhitenOptions) -> Result<()> {
         check(args)?;
         opts.validate()?;
         // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
@@ -284,7 +250,7 @@ pub(crate) mod raw {
         unsafe { launch_whiten(&stream, args, opts) }
     }
 
-    fn check(args: &MomentsArgs) -> Result<()> {
+    fn check(args: &ReductionArgs) -> Result<()> {
         non_null(&[("values", args.values), ("out", args.out), ("status", args.status)])?;
         args.shape.validate("moments")
     }

@@ -73,7 +73,7 @@ fn bench_cpu(c: &mut Criterion) {
         grp.bench_function(id("cpu", shape, DType::F32), |b| {
             b.iter(|| {
                 let out = cpu::GroupAdvantageOutputs::default().per_sequence(&mut a);
-                cpu::group_advantages(&scores, &groups, &GroupAdvantageOptions::grpo(), out).unwrap()
+                cpu::group_advantages(&scores, &groups, out, &GroupAdvantageOptions::grpo()).unwrap()
             })
         });
         grp.finish();
@@ -120,7 +120,7 @@ mod gpu {
             bench_events(c, "grpo", shape, DType::F32, grpo_bytes(shape.rows), &s, || {
                 let out = DeviceGroupAdvantageOutputs::default().per_sequence(a.as_view_mut());
                 let opts = GroupAdvantageOptions::grpo();
-                cuda::group_advantages(&s, &sc.as_view(), &dg, &opts, out, &mut status).unwrap()
+                cuda::group_advantages(&s, &sc.as_view(), &dg, out, &mut status, &opts).unwrap()
             });
         }
         status.check(&s).unwrap();

@@ -639,7 +639,7 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
             }
             Estimator::Grpo => {
                 let out = cpu::GroupAdvantageOutputs::default().per_token(&mut advantages, seqs, mask);
-                cpu::group_advantages(&batch.scores, &batch.groups, &GroupAdvantageOptions::grpo(), out)?;
+                cpu::group_advantages(&batch.scores, &batch.groups, out, &GroupAdvantageOptions::grpo())?;
             }
         }
         timed(&mut times, 3, t);
@@ -806,7 +806,7 @@ fn run_cuda<T: Element>(
                 s.memcpy_dtod(&advantages, &mut whitened).map_err(drv("copying the advantages"))?;
                 let m = mask.as_view();
                 let white = WhitenOptions::default();
-                cuda::whiten(s, &mut whitened, seqs, Some(&m), &white, &mut moments, &mut status)?;
+                cuda::whiten(s, &mut whitened, seqs, Some(&m), &mut moments, &mut status, &white)?;
             }
             Estimator::Grpo => {
                 let out = DeviceGroupAdvantageOutputs::default().per_token(
@@ -815,7 +815,7 @@ fn run_cuda<T: Element>(
                     Some(mask.as_view()),
                 );
                 let opts = GroupAdvantageOptions::grpo();
-                cuda::group_advantages(s, &scores.as_view(), &groups, &opts, out, &mut status)?;
+                cuda::group_advantages(s, &scores.as_view(), &groups, out, &mut status, &opts)?;
             }
         }
         let e4 = event()?;

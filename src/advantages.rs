@@ -88,6 +88,7 @@ pub enum MaskedSteps {
 /// # let _ = (verl, openrlhf);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct GaeOptions {
     /// Discount γ ∈ [0, 1].
     pub gamma: f32,
@@ -326,6 +327,7 @@ impl Moments {
 
 /// Options of whitening.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct WhitenOptions {
     /// Add the mean back after scaling (verl's `shift_mean = False`).
     pub keep_mean: bool,

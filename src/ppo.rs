@@ -68,6 +68,7 @@ pub enum PolicyObjective {
 /// # let _ = (dapo, gspo, global);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct PolicyLossOptions {
     /// The objective.
     pub objective: PolicyObjective,
@@ -77,8 +78,9 @@ pub struct PolicyLossOptions {
     pub clip_high: f32,
     /// Dual clip `c > 1` (only where `A < 0`; `Clip` only).
     pub dual_clip: Option<f32>,
-    /// Clamp of `logp − old_logp` before the exp (default 20).
-    pub log_ratio_clamp: f32,
+    /// Clamp of `logp − old_logp` before the exp, in (0, 80] (default `Some(20)`, verl's);
+    /// `None`: no clamp (a ratio beyond f32 is then [`RowProblem::Overflow`](crate::RowProblem::Overflow)).
+    pub log_ratio_clamp: Option<f32>,
     /// Entropy-bonus coefficient `c_H` (default 0): the loss gains `−c_H·H`.
     pub entropy_coef: f32,
     /// How per-token losses become one scalar.
@@ -102,11 +104,15 @@ impl PolicyLossOptions {
             clip_low: 0.2,
             clip_high: 0.2,
             dual_clip: None,
-            log_ratio_clamp: 20.0,
+            log_ratio_clamp: Some(20.0),
             entropy_coef: 0.0,
             aggregation: Aggregation::TokenMean,
             normaliser: Normaliser::Local,
         }
+    }
+    /// Sets the objective.
+    pub fn objective(self, objective: PolicyObjective) -> Self {
+        PolicyLossOptions { objective, ..self }
     }
     /// Sets ε_low and ε_high.
     pub fn clip(self, low: f32, high: f32) -> Self {
@@ -117,8 +123,13 @@ impl PolicyLossOptions {
         PolicyLossOptions { dual_clip: c, ..self }
     }
     /// Sets the log-ratio clamp.
-    pub fn log_ratio_clamp(self, c: f32) -> Self {
+    pub fn log_ratio_clamp(self, c: Option<f32>) -> Self {
         PolicyLossOptions { log_ratio_clamp: c, ..self }
+    }
+
+    /// The clamp the backends apply: `+inf` without one.
+    pub(crate) fn lr_clamp(&self) -> f32 {
+        self.log_ratio_clamp.unwrap_or(f32::INFINITY)
     }
     /// Sets the entropy coefficient `c_H`.
     pub fn entropy_coef(self, c: f32) -> Self {
@@ -156,8 +167,10 @@ impl PolicyLossOptions {
         {
             return bad("dual_clip", c, "a finite c > 1 + ε_high");
         }
-        if !(self.log_ratio_clamp.is_finite() && self.log_ratio_clamp > 0.0 && self.log_ratio_clamp <= 80.0) {
-            return bad("log_ratio_clamp", self.log_ratio_clamp, "a clamp in (0, 80] (exp must stay finite)");
+        if let Some(c) = self.log_ratio_clamp
+            && !(c.is_finite() && c > 0.0 && c <= 80.0)
+        {
+            return bad("log_ratio_clamp", c, "a clamp in (0, 80] (exp must stay finite), or None");
         }
         if !self.entropy_coef.is_finite() {
             return bad("entropy_coef", self.entropy_coef, "a finite c_H");
@@ -213,6 +226,7 @@ pub struct PolicyLossStats {
 /// # let _ = verl;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct ValueLossOptions {
     /// ε_v of the value clip around the old values; `None`: no clip.
     pub clip: Option<f32>,

@@ -89,7 +89,7 @@ fn reinforce_plus_plus_recipes() {
     let scores = c.scores.clone().unwrap();
     let mut tokens = vec![0.0f32; shape.len()];
     let out = cpu::GroupAdvantageOutputs::default().per_token(&mut tokens, shape, Some(&mask));
-    cpu::group_advantages(&scores, &groups, &GroupAdvantageOptions::group_mean(), out).unwrap();
+    cpu::group_advantages(&scores, &groups, out, &GroupAdvantageOptions::group_mean()).unwrap();
     cpu::whiten(&mut tokens, shape, Some(&mask), &WhitenOptions::default()).unwrap();
     let base =
         rlhf_kernels::reference::group_advantages(&scores, &groups, &GroupAdvantageOptions::group_mean())

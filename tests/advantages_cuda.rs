@@ -121,7 +121,7 @@ mod gpu {
                 shape,
                 Some(&mask),
             );
-            cpu::group_advantages(&scores, &groups, &opts, out).unwrap();
+            cpu::group_advantages(&scores, &groups, out, &opts).unwrap();
             let mut packed = vec![9.0f32; 3];
             packed.extend_from_slice(&scores);
             let inputs = s.clone_htod(&packed).unwrap();

@@ -213,7 +213,7 @@ fn host_named_cases() {
     // policy_loss with log_ratio_clamp(80) and |A| = 1e4.
     let (logp, old, adv) = ([0.0f32, 100.0], [0.0f32, 0.0], [1.0f32, -1e4]);
     let inputs = PolicyLossInputs::new(RowShape::new(1, 2), &logp, &old, &adv);
-    let opts = PolicyLossOptions::new(PolicyObjective::KlPenalty { beta: 0.1 }).log_ratio_clamp(80.0);
+    let opts = PolicyLossOptions::new(PolicyObjective::KlPenalty { beta: 0.1 }).log_ratio_clamp(Some(80.0));
     assert_eq!(reference::policy_loss(&inputs, &opts).map(|_| ()), Err(row("policy_loss", 0, Overflow)));
     // value_loss with ½·(v − R)² > 3.4e38.
     let vin = ValueLossInputs {

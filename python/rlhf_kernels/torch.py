@@ -238,7 +238,7 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: Optional[float] = None,
-    log_ratio_clamp: float = 20.0,
+    log_ratio_clamp: Optional[float] = 20.0,
     entropy_coef: float = 0.0,
     aggregation: str = "token_mean",
     max_len: int = 0,
@@ -258,7 +258,8 @@ def policy_loss(
     """
     options = dict(
         objective=objective, beta=float(beta), clip_low=float(clip_low), clip_high=float(clip_high),
-        dual_clip=dual_clip, log_ratio_clamp=float(log_ratio_clamp), entropy_coef=float(entropy_coef),
+        dual_clip=dual_clip, log_ratio_clamp=None if log_ratio_clamp is None else float(log_ratio_clamp),
+        entropy_coef=float(entropy_coef),
         aggregation=aggregation, max_len=int(max_len),
         global_counts=None if global_counts is None else tuple(float(c) for c in global_counts),
     )

@@ -39,7 +39,7 @@ pub fn policy_loss(
     clip_low: f32,
     clip_high: f32,
     dual_clip: Option<f32>,
-    log_ratio_clamp: f32,
+    log_ratio_clamp: Option<f32>,
     entropy_coef: f32,
     aggregation: &str,
     max_len: usize,
@@ -186,8 +186,11 @@ pub fn gae(
     status: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let mut opts = GaeOptions::new(gamma, lam);
-    opts.masked = if reset_masked { MaskedSteps::Reset } else { MaskedSteps::PassThrough };
+    let opts = GaeOptions::new(gamma, lam).masked_steps(if reset_masked {
+        MaskedSteps::Reset
+    } else {
+        MaskedSteps::PassThrough
+    });
     let names = ["rewards", "kl", "values", "mask", "advantages", "returns"];
     let tensors: Vec<Option<Dl>> = [rewards, kl, values, mask, advantages, returns]
         .into_iter()
@@ -310,7 +313,7 @@ pub fn group_advantages(
             )));
         }
     };
-    let opts = GroupAdvantageOptions { estimator, ..GroupAdvantageOptions::grpo() };
+    let opts = GroupAdvantageOptions::new(estimator);
     let group_ids = host_ids(group_ids)?;
     let groups = Groups::new(&group_ids, num_groups).map_err(err)?;
     let b = group_ids.len();
@@ -353,7 +356,7 @@ pub fn group_advantages(
                 if let Some(o) = tok {
                     out = out.per_token(o, token_shape, m);
                 }
-                cpu::group_advantages(s, &groups, &opts, out)
+                cpu::group_advantages(s, &groups, out, &opts)
             })
             .map_err(err)
         }

@@ -50,6 +50,7 @@ pub enum SingletonGroups {
 /// # let _ = (verl, biased, dr_grpo, strict_rloo);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct GroupAdvantageOptions {
     /// The estimator.
     pub estimator: GroupEstimator,
@@ -58,6 +59,14 @@ pub struct GroupAdvantageOptions {
 }
 
 impl GroupAdvantageOptions {
+    /// `estimator`, singletons neutral.
+    pub fn new(estimator: GroupEstimator) -> Self {
+        GroupAdvantageOptions { estimator, singletons: SingletonGroups::Neutral }
+    }
+    /// Sets the estimator.
+    pub fn estimator(self, estimator: GroupEstimator) -> Self {
+        GroupAdvantageOptions { estimator, ..self }
+    }
     /// GRPO as verl: unbiased std, ε = 1e-6, singletons neutral.
     pub fn grpo() -> Self {
         GroupAdvantageOptions {

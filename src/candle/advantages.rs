@@ -145,7 +145,7 @@ pub fn group_advantages(
             if let Some(shape) = shape {
                 out = out.per_token(&mut tok, shape, mask);
             }
-            cpu::group_advantages(scores, groups, opts, out).map_err(to_candle)?;
+            cpu::group_advantages(scores, groups, out, opts).map_err(to_candle)?;
             let per_token = shape.map(|s| tensor(Storage::Cpu(CpuStorage::F32(tok)), (s.rows, s.cols)));
             (tensor(Storage::Cpu(CpuStorage::F32(seq)), b), per_token)
         }
@@ -231,7 +231,7 @@ mod gpu {
             });
         }
         let scores = flat_view::<f32>(scores, sl, b, "scores")?;
-        cuda::group_advantages(&stream, &scores, &device_groups, opts, out, &mut status)
+        cuda::group_advantages(&stream, &scores, &device_groups, out, &mut status, opts)
             .map_err(to_candle)?;
         check(&stream, status)?;
         let per_token = mask.zip(tok).map(|((_, s), tok)| {

@@ -223,7 +223,7 @@ mod gpu {
                 let mut out = stream
                     .clone_dtod(&view)
                     .map_err(|e| candle_core::Error::msg(format!("whiten: copying the values: {e:?}")))?;
-                cuda::whiten(&stream, &mut out, shape, mask.as_ref(), opts, &mut m, &mut status)
+                cuda::whiten(&stream, &mut out, shape, mask.as_ref(), &mut m, &mut status, opts)
                     .map_err(to_candle)?;
                 Some(out)
             }

@@ -160,7 +160,8 @@ impl<'a> GroupAdvantageOutputs<'a> {
 /// let groups = Groups::new(&[0, 1, 0, 1, 1], 2)?;
 /// let scores = [1.0f32, 0.0, 0.0, 1.0, 2.0];
 /// let mut a = [0.0f32; 5];
-/// cpu::group_advantages(&scores, &groups, &GroupAdvantageOptions::grpo(), cpu::GroupAdvantageOutputs::default().per_sequence(&mut a))?;
+/// let out = cpu::GroupAdvantageOutputs::default().per_sequence(&mut a);
+/// cpu::group_advantages(&scores, &groups, out, &GroupAdvantageOptions::grpo())?;
 /// // Group 0: mean 0.5, unbiased std 0.7071; group 1: mean 1, std 1.
 /// assert!((a[0] - 0.7071).abs() < 1e-4 && (a[1] + 1.0).abs() < 1e-5 && a[3].abs() < 1e-6);
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -168,8 +169,8 @@ impl<'a> GroupAdvantageOutputs<'a> {
 pub fn group_advantages(
     scores: &[f32],
     groups: &Groups,
-    opts: &GroupAdvantageOptions,
     out: GroupAdvantageOutputs<'_>,
+    opts: &GroupAdvantageOptions,
 ) -> Result<()> {
     let b = groups.sequences();
     crate::logprobs::check_len("scores", scores.len(), b)?;

@@ -87,7 +87,7 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, opts: &PolicyLossOptions) -> R
     }
     let local = BatchCounts::of(shape, mask);
     let counts = opts.normaliser.counts(local);
-    let clamp = opts.log_ratio_clamp as f64;
+    let clamp = opts.lr_clamp() as f64;
     let mut out = PolicyLoss {
         loss: vec![0.0; shape.len()],
         grad_logp: vec![0.0; shape.len()],

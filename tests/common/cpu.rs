@@ -209,7 +209,7 @@ impl AdvantagesBackend for Cpu {
         if let (Some(buf), Some((shape, mask))) = (tok.as_mut(), tokens) {
             out = out.per_token(buf, shape, mask);
         }
-        cpu::group_advantages(scores, groups, opts, out)?;
+        cpu::group_advantages(scores, groups, out, opts)?;
         Ok((per_seq, tok))
     }
 

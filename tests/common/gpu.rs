@@ -424,7 +424,7 @@ impl AdvantagesBackend for Gpu {
         if let Some(((buf, n), shape, m)) = tok.as_mut() {
             out = out.per_token(buf.slice_mut(0..*n), *shape, m.as_ref().map(|(m, n)| m.slice(0..*n)));
         }
-        cuda::group_advantages(s, &sc.slice(0..n_sc), &dg, opts, out, &mut status)?;
+        cuda::group_advantages(s, &sc.slice(0..n_sc), &dg, out, &mut status, opts)?;
         status.check(s)?;
         let tokens = tok.map(|((buf, n), _, _)| s.clone_dtoh(&buf).unwrap()[..n].to_vec());
         Ok((s.clone_dtoh(&per_seq).unwrap(), tokens))
@@ -457,7 +457,7 @@ impl AdvantagesBackend for Gpu {
         let m = mask.map(|m| self.up(m));
         let (mut out, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
         let mask_view = m.as_ref().map(|(m, n)| m.slice(0..*n));
-        cuda::whiten(s, &mut v.slice_mut(0..n), shape, mask_view.as_ref(), opts, &mut out, &mut status)?;
+        cuda::whiten(s, &mut v.slice_mut(0..n), shape, mask_view.as_ref(), &mut out, &mut status, opts)?;
         status.check(s)?;
         Ok((s.clone_dtoh(&v).unwrap()[..n].to_vec(), out.read(s)?))
     }

@@ -360,7 +360,11 @@ pub fn policy_options(b: &Batch, cols: usize) -> PolicyLossOptions {
         2 => PolicyObjective::Gspo,
         _ => PolicyObjective::Cispo,
     };
-    let clamp = if b.pick[1] % 2 == 0 { 20.0 } else { b.scalars[1].abs().clamp(1e-3, 80.0) };
+    let clamp = match b.pick[1] % 3 {
+        0 => Some(20.0),
+        1 => Some(b.scalars[1].abs().clamp(1e-3, 80.0)),
+        _ => None,
+    };
     PolicyLossOptions::new(objective)
         .log_ratio_clamp(clamp)
         .dual_clip(if b.pick[2] % 2 == 0 { None } else { Some(3.0) })
@@ -473,7 +477,7 @@ pub fn named_cases(be: &impl Backend) {
         mask: None,
         entropy: None,
     };
-    let opts = PolicyLossOptions::new(PolicyObjective::KlPenalty { beta: 0.1 }).log_ratio_clamp(80.0);
+    let opts = PolicyLossOptions::new(PolicyObjective::KlPenalty { beta: 0.1 }).log_ratio_clamp(Some(80.0));
     assert_eq!(err_of(be.policy(&case, &opts)), row("policy_loss", 0, Overflow));
     // value_loss with ½·(v − R)² > 3.4e38 (|v − R| > 2.6e19; 2e19 fits).
     let case = ValueCase {

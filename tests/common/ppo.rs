@@ -355,7 +355,7 @@ pub fn policy_errors(b: &impl PpoBackend) {
         opts.clip(1.5, 0.2),
         opts.clip(0.2, f32::NAN),
         opts.dual_clip(Some(1.1)),
-        opts.log_ratio_clamp(100.0),
+        opts.log_ratio_clamp(Some(100.0)),
         PolicyLossOptions::new(PolicyObjective::KlPenalty { beta: f32::INFINITY }),
         opts.aggregation(Aggregation::SeqMeanTokenSumNorm { max_len: 0 }),
     ] {

@@ -287,7 +287,7 @@ pub fn policy_loss(
                 lo: 1.0 - opts.clip_low,
                 hi: 1.0 + opts.clip_high,
                 dual: opts.dual_bound(),
-                clamp: opts.log_ratio_clamp,
+                clamp: opts.lr_clamp(),
                 beta,
                 w: w as f32,
                 grad_h: (-(opts.entropy_coef as f64) * w) as f32,

@@ -97,8 +97,8 @@ fn estimator_code(opts: &GroupAdvantageOptions) -> (i32, f64) {
 /// let scores = s.clone_htod(&[1.0f32, 0.0, 0.5, 0.5]).unwrap();
 /// let mut adv = s.alloc_zeros::<f32>(4).unwrap();
 /// let mut status = CudaStatus::new(s)?;
-/// cuda::group_advantages(s, &scores.as_view(), &groups, &GroupAdvantageOptions::grpo(),
-///     DeviceGroupAdvantageOutputs::default().per_sequence(adv.as_view_mut()), &mut status)?;
+/// let out = DeviceGroupAdvantageOutputs::default().per_sequence(adv.as_view_mut());
+/// cuda::group_advantages(s, &scores.as_view(), &groups, out, &mut status, &GroupAdvantageOptions::grpo())?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
@@ -106,9 +106,9 @@ pub fn group_advantages(
     stream: &Arc<CudaStream>,
     scores: &CudaView<'_, f32>,
     groups: &DeviceGroups,
-    opts: &GroupAdvantageOptions,
     mut out: DeviceGroupAdvantageOutputs<'_>,
     status: &mut CudaStatus,
+    opts: &GroupAdvantageOptions,
 ) -> Result<()> {
     let b = groups.host.sequences();
     check_len("scores", scores.len(), b)?;

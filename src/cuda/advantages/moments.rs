@@ -188,7 +188,7 @@ pub fn masked_moments(
 /// let s = device.stream();
 /// let mut adv = s.clone_htod(&[1.0f32, 3.0]).unwrap();
 /// let (mut m, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
-/// cuda::whiten(s, &mut adv, RowShape::new(1, 2), None, &WhitenOptions::default(), &mut m, &mut status)?;
+/// cuda::whiten(s, &mut adv, RowShape::new(1, 2), None, &mut m, &mut status, &WhitenOptions::default())?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
@@ -197,9 +197,9 @@ pub fn whiten(
     values: &mut impl DevicePtrMut<f32>,
     shape: RowShape,
     mask: Option<&CudaView<'_, u8>>,
-    opts: &WhitenOptions,
     moments: &mut DeviceMoments,
     status: &mut CudaStatus,
+    opts: &WhitenOptions,
 ) -> Result<()> {
     check_values(shape, values.len(), mask)?;
     let s: &CudaStream = stream;

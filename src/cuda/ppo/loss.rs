@@ -420,7 +420,7 @@ pub(crate) unsafe fn launch_policy(
         clip_low: opts.clip_low,
         clip_high: opts.clip_high,
         dual: opts.dual_bound(),
-        lr_clamp: opts.log_ratio_clamp,
+        lr_clamp: opts.lr_clamp(),
         beta: if let PolicyObjective::KlPenalty { beta } = opts.objective { beta } else { 0.0 },
         entropy_coef: opts.entropy_coef,
         aggregation,

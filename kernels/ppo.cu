@@ -54,7 +54,7 @@ struct TokenTerms {
   bool low, high, dual;
 };
 
-// One token's loss and ∂L/∂logp (src/cpu/ppo/loss.rs `policy_row`, in the same f32 operations).
+// One token's loss and ∂L/∂logp (src/cpu/ppo/policy.rs `policy_row`, in the same f32 operations).
 __device__ __forceinline__ TokenTerms policy_token(const PolicyParams& P, float logp, float lr, bool clamped, float a) {
   const float r = expf(lr);
   const float lo = __fsub_rn(1.0f, P.clip_low), hi = __fadd_rn(1.0f, P.clip_high);
@@ -320,7 +320,7 @@ struct ValueTerms {
   bool clipped;
 };
 
-// src/cpu/ppo/loss.rs `value_token`, in the same f32 operations: errors compared by magnitude,
+// src/cpu/ppo/value.rs `value_token`, in the same f32 operations: errors compared by magnitude,
 // the loss as (½·d)·d, which overflows only when ½·d² does.
 __device__ __forceinline__ ValueTerms value_token(float clip, float v, float old, float ret) {
   const float d = __fsub_rn(v, ret);

@@ -1,7 +1,10 @@
-//! The CPU PPO family: the per-token losses (`loss`) and the fused path from logits (`fused`).
+//! The CPU PPO family: the policy loss (`policy`), the value loss (`value`) and the fused path
+//! from logits (`fused`).
 
 mod fused;
-mod loss;
+mod policy;
+mod value;
 
 pub use fused::{policy_loss_from_logits, policy_loss_from_logits_in_place};
-pub use loss::{PolicyLossOutputs, ValueLossOutputs, policy_loss, value_loss};
+pub use policy::{PolicyLossOutputs, policy_loss};
+pub use value::{ValueLossOutputs, value_loss};

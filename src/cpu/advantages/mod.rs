@@ -1,0 +1,10 @@
+//! CPU advantage estimation (MATH.md §3): GAE, the group estimators, masked moments and
+//! whitening. Deterministic for any thread count.
+
+mod gae;
+mod groups;
+mod moments;
+
+pub use gae::{GaeOutputs, gae};
+pub use groups::{GroupAdvantageOutputs, TokenOutput, group_advantages};
+pub use moments::{masked_moments, whiten};

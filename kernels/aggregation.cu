@@ -7,14 +7,17 @@ using namespace rk;
 
 constexpr unsigned OP_AGGREGATE = 15;
 
-// A sequence's record: the sum of its valid values and its valid count.
+// A sequence's record: the sum of its valid values, the sum of the finite ones, its valid
+// count, and whether the row kernel reported it (src/cuda/aggregation.rs
+// `aggregate_workspace_bytes`: 16 bytes).
 struct AggregateRow {
-  float sum, valid;
+  float sum, finite_sum, valid;
+  unsigned reported;
 };
 
-// One block of 256 threads per sequence: the sum of its valid values and its valid count. A NaN
-// at a valid token is PROBLEM_NON_FINITE; a row of finite values whose f32 sum overflows is
-// PROBLEM_OVERFLOW.
+// One block of 256 threads per sequence: its record. A NaN at a valid token is
+// PROBLEM_NON_FINITE; finite values whose f32 sum overflows are PROBLEM_OVERFLOW (the host sums
+// in f64). A null `status` reports nothing (an op aggregating rows it reported itself).
 extern "C" __global__ void __launch_bounds__(256)
 aggregate_rows(const float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows,
                int cols, AggregateRow* __restrict__ records, unsigned long long* __restrict__ status) {
@@ -22,24 +25,25 @@ aggregate_rows(const float* __restrict__ values, long long ld, const unsigned ch
   const long long row = blockIdx.x;
   if (row >= rows) return;
   const long long base = row * ld;
-  float sum = 0.0f, valid = 0.0f;
-  bool has_nan = false, has_inf = false;
+  float sum = 0.0f, finite_sum = 0.0f, valid = 0.0f;
+  bool has_nan = false;
   for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
     if (token_valid(mask, base + t)) {
       const float v = values[base + t];
       sum = __fadd_rn(sum, v);
+      if (isfinite(v)) finite_sum = __fadd_rn(finite_sum, v);
       has_nan |= isnan(v);
-      has_inf |= isinf(v);
       valid += 1.0f;
     }
   }
   sum = block_sum(sum, scratch);
+  finite_sum = block_sum(finite_sum, scratch);
   valid = block_sum(valid, scratch);
-  const bool any_nan = __syncthreads_or(has_nan), any_inf = __syncthreads_or(has_inf);
+  const bool any_nan = __syncthreads_or(has_nan);
   if (threadIdx.x == 0) {
-    if (any_nan) report(status, row, OP_AGGREGATE, PROBLEM_NON_FINITE);
-    else if (!isfinite(sum) && !any_inf) report(status, row, OP_AGGREGATE, PROBLEM_OVERFLOW);
-    records[row] = AggregateRow{sum, valid};
+    const unsigned problem = any_nan ? PROBLEM_NON_FINITE : !isfinite(finite_sum) ? PROBLEM_OVERFLOW : 0u;
+    if (problem != 0 && status != nullptr) report(status, row, OP_AGGREGATE, problem);
+    records[row] = AggregateRow{sum, finite_sum, valid, problem};
   }
 }
 
@@ -61,12 +65,16 @@ aggregate_finalize(const AggregateRow* __restrict__ records, int rows, Aggregati
     out[1] = local.x;
     out[2] = local.y;
     out[3] = static_cast<double>(rows);
-    // With nothing reported yet (no NaN value, no overflow), a NaN total is +inf meeting -inf,
-    // within a row or across rows: the host names the first row holding an infinity.
-    if (isnan(total) && *status == STATUS_CLEAR) {
-      long long r = 0;
-      while (r < rows && isfinite(records[r].sum)) ++r;
-      report(status, r < rows ? r : 0, OP_AGGREGATE, PROBLEM_NON_FINITE);
+    // With no row reported, a NaN total is +inf meeting -inf, within a row or across rows: the
+    // host names the first row holding an infinity.
+    if (isnan(total) && status != nullptr) {
+      long long first_inf = -1;
+      bool any_reported = false;
+      for (long long r = 0; r < rows; ++r) {
+        any_reported |= records[r].reported != 0;
+        if (first_inf < 0 && !isfinite(records[r].sum)) first_inf = r;
+      }
+      if (!any_reported && first_inf >= 0) report(status, first_inf, OP_AGGREGATE, PROBLEM_NON_FINITE);
     }
   }
 }

@@ -242,7 +242,7 @@ __device__ __forceinline__ Partial block_merge_partial(Partial p, float inv_tau,
 }
 
 // ---- input problems ---------------------------------------------------------------------
-// Problem codes shared with src/status.rs (RowProblem). Lower code wins within a row.
+// Problem codes shared with src/error.rs (RowProblem). Lower code wins within a row.
 enum Problem : unsigned {
   PROBLEM_NAN = 1,
   PROBLEM_POS_INF = 2,
@@ -253,9 +253,6 @@ enum Problem : unsigned {
   PROBLEM_NON_FINITE = 7,
   PROBLEM_OVERFLOW = 8,
 };
-
-// The status word holding no report (src/cuda/status.rs STATUS_CLEAR).
-constexpr unsigned long long STATUS_CLEAR = ~0ull;
 
 // Records the lowest (row, op, problem) seen into the status word. Integer atomicMin:
 // the surviving value does not depend on the order in which blocks run.

@@ -174,8 +174,8 @@ sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_lo
 }
 
 // One block of 256 threads: the batch statistics from the row records, in f64, in a fixed
-// order (thread i takes rows i, i + 256, ...; then a fixed tree). Without `use_global` the
-// denominators are this batch's own.
+// order (thread i takes rows i, i + 256, ...; then a fixed tree), over `p`'s denominators
+// (finalize_counts: the host's counts, or this batch's own).
 extern "C" __global__ void __launch_bounds__(256)
 sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen, float coef, AggregationParams p,
                     double* __restrict__ stats) {

@@ -14,10 +14,10 @@ namespace {
 constexpr unsigned OP_POLICY_LOSS = 12;
 constexpr unsigned OP_VALUE_LOSS = 13;
 
-// Objective codes (src/cuda/ppo.rs): clip, PPO-KL, GSPO, CISPO.
+// Objective codes (src/cuda/ppo/loss.rs): clip, PPO-KL, GSPO, CISPO.
 enum Objective : int { CLIP = 0, KL_PENALTY = 1, GSPO = 2, CISPO = 3 };
 
-// The policy kernels' parameters (src/cuda/ppo.rs `PolicyParams`, same layout).
+// The policy kernels' parameters (src/cuda/ppo/loss.rs `PolicyParams`, same layout).
 struct PolicyParams {
   const float* logp;
   const float* old_logp;
@@ -43,7 +43,7 @@ struct PolicyRow {
   float loss, entropy, low, high, dual, k1, k3, ratio, ratio_min, ratio_max, valid, pad;
 };
 
-// Statistics layout (f64; src/cuda/ppo.rs `DevicePolicyStats`).
+// Statistics layout (f64; src/cuda/ppo/loss.rs `policy_stats_from_words`).
 enum PolicyStat : int {
   PS_LOSS = 0, PS_POLICY, PS_ENTROPY, PS_LOW, PS_HIGH, PS_DUAL, PS_K1, PS_K3, PS_RATIO_MEAN, PS_RATIO_MIN,
   PS_RATIO_MAX, PS_ENTROPY_MEAN, PS_COUNTS  // three counts: valid tokens, valid sequences, sequences
@@ -289,7 +289,7 @@ policy_loss_finalize(const PolicyRow* __restrict__ records, int rows, Aggregatio
 // ---- value loss ---------------------------------------------------------------------------
 namespace {
 
-// The value kernels' parameters (src/cuda/ppo.rs `ValueParams`, same layout).
+// The value kernels' parameters (src/cuda/ppo/value.rs `ValueParams`, same layout).
 struct ValueParams {
   const float* values;
   const float* old_values;

@@ -183,9 +183,10 @@ pub enum RowProblem {
     InfiniteKl,
     /// A NaN or infinite input (reward, value, KL, score) at a valid position.
     NonFinite,
-    /// Every input is finite, but a result of the row does not fit f32 (|x| > 3.4e38): a loss,
-    /// a gradient, a reward or a log-sum-exp overflowed. The inputs' scale (advantages, rewards,
-    /// values, β, 1/τ) is out of any trainable range.
+    /// Every input is finite, but a result of the row does not fit its type: a loss, a reward
+    /// or a log-sum-exp beyond f32 (|x| > 3.4e38), or a gradient beyond the logits' dtype (f32,
+    /// f16 from 65520, bf16 from 0x7F7F8000). The inputs' scale (advantages, rewards, values,
+    /// β, 1/τ) is out of any trainable range.
     Overflow,
 }
 

@@ -135,7 +135,9 @@ mod gpu {
         let dense = |v: &[f32]| -> Vec<f32> {
             (0..c.shape.rows).flat_map(|r| v[c.shape.row_range(r)].to_vec()).collect()
         };
-        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let same = |a: &[f32], b: &[f32]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
         assert!(same(&dense(&g[..n]), &safe.grad_logp), "raw grad_logp differs from the safe path");
         assert!(same(&dense(&g[n..]), &safe.grad_entropy), "raw grad_entropy differs from the safe path");
         let stats = raw::policy_stats_from_words(&s.clone_dtoh(&stats).unwrap()).unwrap();
@@ -190,7 +192,8 @@ mod gpu {
         cuda::policy_loss(s, &inputs, out, &mut status, &opts.normaliser(global)).unwrap();
         status.check(s).unwrap();
         let got = s.clone_dtoh(&g).unwrap();
-        let same = got.iter().zip(&local.grad_logp).all(|(a, b)| (a - b).abs() <= 1e-7 * b.abs().max(1e-3));
+        let same = got.len() == local.grad_logp.len()
+            && got.iter().zip(&local.grad_logp).all(|(a, b)| (a - b).abs() <= 1e-7 * b.abs().max(1e-3));
         assert!(same, "global-count gradients differ from the local path's");
     }
 }

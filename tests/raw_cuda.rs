@@ -338,8 +338,8 @@ mod gpu {
                 // SAFETY: the buffers were allocated above on this context, cover the shapes, the
                 // workspace holds fused_workspace_bytes, and all live until the copies below.
                 unsafe { raw::policy_loss_from_logits(stream(s), &args, &lpo, &opts, kl_opts) }.unwrap();
-                // SAFETY: refused before any launch: KL options without the reference.
                 let mismatched = raw::FusedPolicyArgs { ref_logp: 0, ..args };
+                // SAFETY: refused before any launch: KL options without the reference.
                 assert!(
                     unsafe { raw::policy_loss_from_logits(stream(s), &mismatched, &lpo, &opts, Some(&kl)) }
                         .is_err()
@@ -347,7 +347,8 @@ mod gpu {
             }
             status_of(s, &st).unwrap();
             let got = s.clone_dtoh(if in_place { &logits } else { &grad }).unwrap();
-            let same_bits = got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same_bits = got.len() == expected.len()
+                && got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same_bits, "raw fused gradient differs (kl {with_kl}, in place {in_place})");
             let w = s.clone_dtoh(&words).unwrap();
             assert_eq!(raw::policy_stats_from_words(&w[..raw::POLICY_STATS_WORDS]).unwrap(), stats.policy);

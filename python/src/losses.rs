@@ -65,7 +65,7 @@ fn parse_estimator(name: &str) -> PyResult<KlEstimator> {
 /// `∂(coef·aggregate(k))/∂logp` into `grad_logp` and the statistics (float64,
 /// [`KL_STATS_WORDS`]) into `stats`, each when given, in one pass on the tensors' device.
 #[pyfunction]
-#[pyo3(signature = (logp, ref_logp, *, mask=None, values=None, grad_logp=None, stats=None, estimator="k3", coef=1.0, log_ratio_clamp=None, value_clamp=None, aggregation="token_mean", max_len=0, global_counts=None, status=None, stream=0))]
+#[pyo3(signature = (logp, ref_logp, *, mask=None, values=None, grad_logp=None, stats=None, estimator="k3", coef=1.0, log_ratio_clamp=Some(20.0), value_clamp=Some(10.0), aggregation="token_mean", max_len=0, global_counts=None, status=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn sampled_kl(
     py: Python<'_>,

@@ -202,7 +202,7 @@ pub struct Aggregated {
 #[derive(Debug)]
 pub struct DeviceAggregate {
     out: CudaSlice<f64>,
-    records: CudaSlice<f32>,
+    records: CudaSlice<u8>,
 }
 
 impl DeviceAggregate {
@@ -211,7 +211,7 @@ impl DeviceAggregate {
         let alloc = |n| stream.alloc_zeros::<f64>(n).map_err(driver_error("allocating an aggregate"));
         Ok(DeviceAggregate {
             out: alloc(4)?,
-            records: stream.alloc_zeros::<f32>(2).map_err(driver_error("allocating an aggregate"))?,
+            records: stream.alloc_zeros::<u8>(16).map_err(driver_error("allocating an aggregate"))?,
         })
     }
 
@@ -240,8 +240,8 @@ impl DeviceAggregate {
 /// Reported through `status` (as [`Aggregation::aggregate`] returns them): a NaN at a valid
 /// token, or `+inf` and `−inf` that meet, is [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
 /// for the first row holding it; finite values whose f32 sum within a sequence overflows are
-/// [`RowProblem::Overflow`](crate::RowProblem::Overflow) (the host sums in f64 and does not
-/// overflow there).
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow), also beside an infinity of the other
+/// sign (the host sums in f64 and does not overflow there).
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceAggregate};
@@ -269,25 +269,48 @@ pub fn aggregate(
     out: &mut DeviceAggregate,
     status: &mut CudaStatus,
 ) -> Result<()> {
+    aggregate_with(stream, values, shape, mask, aggregation, norm, out, Some(status))
+}
+
+/// [`aggregate`], reporting into `status` or, with `None`, nowhere: for the ops that
+/// aggregate their own per-row values, whose problems they reported themselves (the NaN they
+/// leave in a failed row must not be reported again, as an aggregation problem).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn aggregate_with(
+    stream: &Arc<CudaStream>,
+    values: &impl DevicePtr<f32>,
+    shape: RowShape,
+    mask: Option<&CudaView<'_, u8>>,
+    aggregation: Aggregation,
+    norm: Normaliser,
+    out: &mut DeviceAggregate,
+    status: Option<&mut CudaStatus>,
+) -> Result<()> {
     shape.check_buffer("values", values.len())?;
     if let Some(m) = mask {
         shape.check_buffer("mask", m.len())?;
     }
-    let rows = shape.rows;
-    if out.records.len() < 2 * rows {
-        out.records =
-            stream.alloc_zeros::<f32>(2 * rows).map_err(driver_error("allocating aggregate records"))?;
+    let need = aggregate_workspace_bytes(shape);
+    if out.records.len() < need {
+        out.records = stream.alloc_zeros::<u8>(need).map_err(driver_error("allocating aggregate records"))?;
     }
     let s: &CudaStream = stream;
     let (values, _g1) = values.device_ptr(s);
     let (mask, _g2) = view_ptr(mask, s);
     let (workspace, _g3) = out.records.device_ptr_mut(s);
     let (out, _g4) = out.out.device_ptr_mut(s);
-    let (status, _g5) = status.device_ptr(s);
+    let (status, _g5) = match status {
+        Some(st) => {
+            let (p, g) = st.device_ptr(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
     let args = ReductionArgs { shape, values, mask, out, workspace, status };
     // SAFETY: every address comes from a cudarc buffer of this stream's context whose length was
-    // checked above (the records hold 2·rows f32 from an 8-byte aligned allocation); the guards
-    // keep cudarc's event tracking in order until the launches are enqueued.
+    // checked above (the records hold aggregate_workspace_bytes from a fresh, 256-byte aligned
+    // allocation); a null status makes the kernels report nothing; the guards keep cudarc's
+    // event tracking in order until the launches are enqueued.
     unsafe { launch_aggregate(stream, &args, aggregation, norm) }
 }
 
@@ -314,9 +337,10 @@ pub struct ReductionArgs {
 }
 
 /// Bytes of workspace a raw [`aggregate`](crate::cuda::raw::aggregate) uses for `shape`: one
-/// record (sum, count) of two f32 per sequence.
+/// 16-byte record per sequence (its sum, the sum of its finite values, its valid count and
+/// whether the row was reported).
 pub fn aggregate_workspace_bytes(shape: RowShape) -> usize {
-    shape.rows * 8
+    shape.rows * 16
 }
 
 /// The raw layer of the aggregation (see [`crate::cuda::raw`]).

@@ -10,10 +10,10 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rlhf_kernels::{
-    Aggregation, Error, ExactDivergence, ExactKlOptions, GaeOptions, GroupAdvantageOptions, GroupStd, Groups,
-    KlEstimator, LogSoftmaxOptions, MaskedSteps, Normaliser, PolicyLossOptions, PolicyObjective, Result,
-    RowProblem, RowShape, SampledKlOptions, SingletonGroups, TokenGrads, TokenLogprobsOptions,
-    ValueLossOptions, WhitenOptions,
+    Aggregation, Error, ExactDivergence, ExactKlOptions, ExactKlStatistic, GaeOptions, GroupAdvantageOptions,
+    GroupStd, Groups, KlEstimator, LogSoftmaxOptions, MaskedSteps, Normaliser, PolicyLossOptions,
+    PolicyObjective, Result, RowProblem, RowShape, SampledKlOptions, SingletonGroups, TokenGrads,
+    TokenLogprobsOptions, ValueLossOptions, WhitenOptions,
 };
 
 use super::advantages::{AdvantagesBackend, GaeCase};
@@ -539,6 +539,21 @@ pub fn named_cases(be: &impl Backend) {
                 "{divergence:?} in place: {in_place}"
             );
         }
+    }
+    // The exact KL's batch statistic over a row without a divergence names that row and the
+    // exact KL (not the aggregation of the NaN it leaves there).
+    let case = ExactCase {
+        policy: vec![0.0f32, 1.0, f32::NAN, 0.0, 1.0, 2.0],
+        policy_shape: RowShape::new(3, 2),
+        reference: vec![0.0f32; 6],
+        ref_shape: RowShape::new(3, 2),
+        mask: None,
+        opts: ExactKlOptions::new(ExactDivergence::PolicyRef),
+    };
+    let stat = ExactKlStatistic::masked_mean(RowShape::new(1, 3));
+    for with_value in [false, true] {
+        let r = ExactBackend::forward_with_statistic(be, &case, stat, with_value);
+        assert_eq!(err_of(r), row("exact_kl", 1, RowProblem::NaN), "with the values: {with_value}");
     }
     // A NaN score in a group names the sequence that holds it, not the group's first member.
     let groups = Groups::new(&[0, 1, 0, 1], 2).unwrap();

@@ -14,7 +14,7 @@ use cudarc::driver::{
 };
 
 use super::raw::ExactKlArgs;
-use crate::cuda::aggregation::{DeviceAggregate, aggregate};
+use crate::cuda::aggregation::{DeviceAggregate, aggregate_with, check_workspace};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
@@ -169,7 +169,11 @@ pub(super) fn check_outputs(out: &DeviceExactKlOutputs<'_>, rows: Option<usize>)
 
 /// The GPU twin of [`cpu::exact_kl`](crate::cpu::exact_kl) (same divergences, dtypes may
 /// differ per side), enqueued on `stream`. Rows without a defined result (NaN, `+inf`, only
-/// `-inf` on either side, or an infinite `KL[π‖π_ref]`) get NaN and are reported in `status`.
+/// `-inf` on either side, or finite logits whose `max/τ` is beyond f32:
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow)) get NaN and are reported in `status`;
+/// an infinite `KL[π‖π_ref]` gets `+inf` and is reported as
+/// [`RowProblem::InfiniteKl`](crate::RowProblem::InfiniteKl). The statistic aggregates the
+/// values as they are (a failed row's NaN makes it NaN; only the row's own report is made).
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceExactKlOutputs, DeviceReferenceRows};
@@ -213,13 +217,7 @@ pub fn exact_kl<P: Element, Q: Element>(
     opts.inv_temperature()?;
     let need = exact_kl_workspace_bytes(policy_shape, opts.divergence);
     if let Some(w) = &out.workspace {
-        if w.len() < need {
-            return Err(Error::InvalidOption {
-                name: "workspace",
-                value: format!("{} bytes", w.len()),
-                expected: "at least exact_kl_workspace_bytes(shape, divergence) bytes",
-            });
-        }
+        check_workspace(w.len(), need)?;
     }
     {
         let s: &CudaStream = stream;
@@ -262,8 +260,9 @@ pub fn exact_kl<P: Element, Q: Element>(
         let mask = reference.mask.as_ref();
         let (a, n) = (stat.aggregation, stat.normaliser);
         match (&own_values, &out.value) {
-            (Some(v), _) => aggregate(stream, v, stat.sequences, mask, a, n, agg, status)?,
-            (None, Some(v)) => aggregate(stream, v, stat.sequences, mask, a, n, agg, status)?,
+            // A failed row was reported by the forward: its NaN is not reported again.
+            (Some(v), _) => aggregate_with(stream, v, stat.sequences, mask, a, n, agg, None)?,
+            (None, Some(v)) => aggregate_with(stream, v, stat.sequences, mask, a, n, agg, None)?,
             (None, None) => unreachable!("the statistic has its own values when none are requested"),
         }
     }

@@ -179,13 +179,7 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
     let inv_tau = opts.inv_temperature()?;
     let need = token_logprobs_workspace_bytes(shape, T::DTYPE);
     if let Some(w) = &out.workspace {
-        if w.len() < need {
-            return Err(Error::InvalidOption {
-                name: "workspace",
-                value: format!("{} bytes", w.len()),
-                expected: "at least token_logprobs_workspace_bytes(shape, dtype) bytes",
-            });
-        }
+        crate::cuda::aggregation::check_workspace(w.len(), need)?;
     }
     let s: &CudaStream = stream;
     let (x, _gx) = logits.device_ptr(s);

@@ -149,11 +149,7 @@ pub(crate) unsafe fn launch_fused(
 ) -> Result<()> {
     let n = a.shape.rows;
     let seqs = a.sequences;
-    a.shape.validate("logits")?;
-    seqs.validate("sequences")?;
-    if seqs.row_stride != seqs.cols || seqs.len() != n {
-        return Err(Error::ShapeMismatch { what: "sequences", min: n, max: n, actual: seqs.len() });
-    }
+    check_sequences(a.shape, seqs)?;
     non_null(&[
         ("old_logp", a.old_logp),
         ("advantages", a.advantages),
@@ -248,6 +244,17 @@ pub(crate) unsafe fn launch_fused(
     unsafe { backward_on(stream, &bwd, &t) }
 }
 
+/// The logits' shape, and `sequences` as the dense `[B, T]` view of its rows.
+fn check_sequences(shape: RowShape, sequences: RowShape) -> Result<()> {
+    shape.validate("logits")?;
+    sequences.validate("sequences")?;
+    let n = shape.rows;
+    if sequences.row_stride != sequences.cols || sequences.len() != n {
+        return Err(Error::ShapeMismatch { what: "sequences", min: n, max: n, actual: sequences.len() });
+    }
+    Ok(())
+}
+
 /// Checks the safe path's buffers, grows the workspace and runs [`launch_fused`] with
 /// `grad_logits` (the logits' own address for the in-place path).
 #[allow(clippy::too_many_arguments)]
@@ -262,6 +269,7 @@ fn run<T: Element, I: TargetIndex>(
     logprobs: &TokenLogprobsOptions,
     opts: &PolicyLossOptions,
 ) -> Result<()> {
+    check_sequences(shape, inputs.sequences)?;
     let n = shape.rows;
     check_len("targets", inputs.tokens.targets.len(), n)?;
     if let Some(m) = &inputs.tokens.mask {
@@ -279,7 +287,7 @@ fn run<T: Element, I: TargetIndex>(
             .map_err(driver_error("allocating the fused workspace"))?;
         stats.workspace = Some(w);
     }
-    stats.with_kl = inputs.kl.is_some();
+    let with_kl = inputs.kl.is_some();
     let s: &CudaStream = stream;
     let (targets, _g1) = inputs.tokens.targets.device_ptr(s);
     let (mask, _g2) = opt_ptr(&inputs.tokens.mask, s);
@@ -317,7 +325,9 @@ fn run<T: Element, I: TargetIndex>(
     // was checked here or by the callers (logits and gradient cover the shape); the workspace
     // holds fused_workspace_bytes; the guards keep cudarc's event tracking in order until the
     // launches are enqueued.
-    unsafe { launch_fused(stream, &args, logprobs, opts, inputs.kl.as_ref().map(|k| &k.1)) }
+    unsafe { launch_fused(stream, &args, logprobs, opts, inputs.kl.as_ref().map(|k| &k.1)) }?;
+    stats.with_kl = with_kl;
+    Ok(())
 }
 
 /// The policy loss straight from the policy logits on the GPU, the twin of

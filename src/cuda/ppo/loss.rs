@@ -184,7 +184,11 @@ impl LossLaunch {
 
 /// The policy loss on the GPU, the twin of [`cpu::policy_loss`](crate::cpu::policy_loss)
 /// (same objectives, aggregation, gradients and statistics; f32 row sums combined in f64 in a
-/// fixed order). A sequence with a non-finite input at a valid token is reported to `status`.
+/// fixed order). A sequence with a non-finite input at a valid token is reported to `status`
+/// ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)), one whose finite inputs give a
+/// loss or a gradient beyond f32, or (with statistics) an f32 row sum beyond it, as
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow), as the CPU, whose row sums are f32
+/// too.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats};

@@ -106,7 +106,11 @@ struct ValueParams {
 unsafe impl DeviceRepr for ValueParams {}
 
 /// The clipped value loss on the GPU, the twin of [`cpu::value_loss`](crate::cpu::value_loss).
-/// A sequence with a non-finite input at a valid token is reported to `status`.
+/// A sequence with a non-finite input at a valid token is reported to `status`
+/// ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)); one whose finite inputs give a
+/// loss or gradient beyond f32 as [`RowProblem::Overflow`](crate::RowProblem::Overflow). With
+/// statistics the kernels also sum each row's losses in f32, and a row sum beyond f32 is
+/// `Overflow` too: there the CPU, which sums in f64, can still return a (huge) finite loss.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceValueLossInputs, DeviceValueLossOutputs};

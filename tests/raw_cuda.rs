@@ -358,9 +358,84 @@ mod gpu {
             }
         }
     }
+
+    /// Two vocabulary shards of the same rows through the raw shard ops: the merged log-probs,
+    /// entropies and lse match the whole-row forward (f32 rounding apart), and a null buffer
+    /// is refused.
+    pub fn vocab_shards(gpu: &Gpu) {
+        use super::common::tokens::{Case, TokenBackend};
+        let s = &gpu.0;
+        let (rows, v, half) = (5usize, 1000usize, 381usize);
+        let case = Case::<f32>::random(RowShape::new(rows, v), 1.0, 67);
+        let whole = TokenBackend::forward(gpu, &case, true).unwrap();
+        let (logits, targets) = (up(s, &case.logits), up(s, &case.targets));
+        let mask = up(s, case.mask.as_deref().unwrap_or(&vec![1u8; rows]));
+        let mut partials =
+            s.alloc_zeros::<u8>(2 * rows * std::mem::size_of::<rlhf_kernels::VocabPartial>()).unwrap();
+        let mut outs = s.alloc_zeros::<f32>(3 * rows).unwrap();
+        let mut st = clear_status(s);
+        let opts = TokenLogprobsOptions::default();
+        {
+            let (x, _a) = logits.device_ptr(s);
+            let (t, _b) = targets.device_ptr(s);
+            let (m, _c) = mask.device_ptr(s);
+            let (p, _d) = partials.device_ptr_mut(s);
+            let (o, _e) = outs.device_ptr_mut(s);
+            let (stp, _f) = st.device_ptr_mut(s);
+            let record = std::mem::size_of::<rlhf_kernels::VocabPartial>() as u64;
+            for (k, (lo, width)) in [(0usize, half), (half, v - half)].into_iter().enumerate() {
+                let args = raw::VocabShardArgs {
+                    logits: x + 4 * lo as u64,
+                    dtype: DType::F32,
+                    shape: RowShape::new(rows, width).with_row_stride(v),
+                    targets: t,
+                    index_type: IndexType::I64,
+                    mask: m,
+                    vocab_offset: lo,
+                    partials: p + k as u64 * rows as u64 * record,
+                };
+                // SAFETY: the buffers were allocated above on this context and cover the shard's
+                // rows and records; they live until the copies below.
+                unsafe { raw::vocab_shard_partials(stream(s), &args, &opts) }.unwrap();
+            }
+            let args = raw::FinishVocabArgs {
+                partials: p,
+                shards: 2,
+                rows,
+                targets: t,
+                index_type: IndexType::I64,
+                mask: m,
+                logp: o,
+                entropy: o + 4 * rows as u64,
+                lse: o + 8 * rows as u64,
+                status: stp,
+            };
+            // SAFETY: as above; `partials` holds the two shards' records [shards][rows].
+            unsafe { raw::finish_vocab_partials(stream(s), &args, &opts) }.unwrap();
+            // SAFETY: refused before any launch.
+            assert!(
+                unsafe {
+                    raw::finish_vocab_partials(
+                        stream(s),
+                        &raw::FinishVocabArgs { partials: 0, ..args },
+                        &opts,
+                    )
+                }
+                .is_err()
+            );
+        }
+        status_of(s, &st).unwrap();
+        let o = s.clone_dtoh(&outs).unwrap();
+        let close =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+        assert!(close(&o[..rows], &whole.logp), "sharded logp {:?} vs {:?}", &o[..rows], whole.logp);
+        assert!(close(&o[rows..2 * rows], &whole.entropy), "sharded entropy");
+        assert!(close(&o[2 * rows..], &whole.lse), "sharded lse");
+    }
 }
 
 gpu_test!(fused_path);
+gpu_test!(vocab_shards);
 gpu_test!(sampled_kl);
 gpu_test!(kl_rewards);
 gpu_test!(aggregate);

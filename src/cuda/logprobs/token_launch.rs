@@ -414,4 +414,154 @@ pub mod raw {
         // SAFETY: the caller guarantees every buffer (see # Safety).
         unsafe { launch_backward(stream, &launch) }
     }
+
+    /// Buffers of a raw [`vocab_shard_partials`]: this rank's vocabulary slice of the logits;
+    /// 0 for an absent mask.
+    #[derive(Debug, Clone, Copy)]
+    pub struct VocabShardArgs {
+        /// Logits of this shard, `dtype`, laid out as `shape` (`cols` = the shard's width).
+        pub logits: u64,
+        /// Dtype of the logits.
+        pub dtype: DType,
+        /// Shape of the shard's logits (row stride ≥ cols).
+        pub shape: RowShape,
+        /// `rows` global target ids of type `index_type`.
+        pub targets: u64,
+        /// Type of the target ids.
+        pub index_type: IndexType,
+        /// `rows` mask bytes, or 0.
+        pub mask: u64,
+        /// The global token id of the shard's first column.
+        pub vocab_offset: usize,
+        /// `rows` [`VocabPartial`] records out.
+        pub partials: u64,
+    }
+
+    /// [`cuda::vocab_shard_partials`](crate::cuda::vocab_shard_partials) on raw device pointers:
+    /// one [`VocabPartial`] per row over this shard, to be gathered `[shards][rows]` and merged
+    /// by [`finish_vocab_partials`].
+    ///
+    /// # Safety
+    /// As [`token_logprobs`], for the buffers of [`VocabShardArgs`]; `partials` overlaps nothing
+    /// else.
+    pub unsafe fn vocab_shard_partials(
+        stream: RawStream,
+        args: &VocabShardArgs,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        // SAFETY: the caller guarantees every buffer (see # Safety).
+        unsafe { shard_partials_on(&stream, args, opts) }
+    }
+
+    /// [`vocab_shard_partials`] on a stream of this crate: checks the arguments, then launches.
+    ///
+    /// # Safety
+    /// As [`vocab_shard_partials`], for `stream`.
+    pub(crate) unsafe fn shard_partials_on(
+        stream: &Arc<CudaStream>,
+        args: &VocabShardArgs,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        args.shape.validate("logits")?;
+        non_null(&[("logits", args.logits), ("targets", args.targets), ("partials", args.partials)])?;
+        let offset = crate::logprobs::check_vocab_offset(args.vocab_offset, args.shape.cols)?;
+        let inv_tau = opts.inv_temperature()?;
+        let sel = RowSelect::new(args.targets, args.index_type, args.mask, opts);
+        let func = function(stream.context(), Module::Logprobs, forward_name(args.dtype, true, false))?;
+        let shape = args.shape;
+        let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+        let null = 0u64;
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&args.logits).arg(&ld).arg(&rows).arg(&cols).arg(&sel).arg(&inv_tau).arg(&offset);
+        launch.arg(&null).arg(&null).arg(&null).arg(&args.partials).arg(&null);
+        let cfg = LaunchConfig {
+            grid_dim: (shape.rows as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Kernel: token_logprobs_entropy_rows_<dtype>(const T*, long long, int, int, RowSelect,
+        // float, long long, float*, float*, float*, VocabPartial*, unsigned long long*); a block
+        // a row. SAFETY: the arguments match, with null outputs and status (the partial mode
+        // never reports); the logits cover the shape and `partials` holds `rows` records (the
+        // caller's contract).
+        unsafe { launch.launch(cfg) }.map_err(driver_error("launching vocab_shard_partials"))?;
+        Ok(())
+    }
+
+    /// Buffers of a raw [`finish_vocab_partials`]; 0 for an absent optional buffer.
+    #[derive(Debug, Clone, Copy)]
+    pub struct FinishVocabArgs {
+        /// `shards · rows` [`VocabPartial`] records, laid out `[shards][rows]` (shard order).
+        pub partials: u64,
+        /// Number of shards.
+        pub shards: usize,
+        /// Number of rows.
+        pub rows: usize,
+        /// `rows` global target ids of type `index_type`.
+        pub targets: u64,
+        /// Type of the target ids.
+        pub index_type: IndexType,
+        /// `rows` mask bytes, or 0.
+        pub mask: u64,
+        /// `rows` f32 outputs each, or 0 (at least one non-zero).
+        pub logp: u64,
+        /// See `logp`.
+        pub entropy: u64,
+        /// See `logp`.
+        pub lse: u64,
+        /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+        pub status: u64,
+    }
+
+    /// [`cuda::finish_vocab_partials`](crate::cuda::finish_vocab_partials) on raw device
+    /// pointers: the shards' partials merged in shard order and the requested outputs written,
+    /// as [`token_logprobs`] would for the whole vocabulary.
+    ///
+    /// # Safety
+    /// As [`token_logprobs`], for the buffers of [`FinishVocabArgs`].
+    pub unsafe fn finish_vocab_partials(
+        stream: RawStream,
+        args: &FinishVocabArgs,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+        let stream = unsafe { stream.borrow() }?;
+        // SAFETY: the caller guarantees every buffer (see # Safety).
+        unsafe { finish_partials_on(&stream, args, opts) }
+    }
+
+    /// [`finish_vocab_partials`] on a stream of this crate: checks the arguments, then
+    /// launches.
+    ///
+    /// # Safety
+    /// As [`finish_vocab_partials`], for `stream`.
+    pub(crate) unsafe fn finish_partials_on(
+        stream: &Arc<CudaStream>,
+        args: &FinishVocabArgs,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        // One row per merge thread and `shards` records per row: the same 32-bit limits as a
+        // [rows, shards] batch.
+        RowShape::new(args.rows, args.shards).validate("partials")?;
+        non_null(&[("partials", args.partials), ("targets", args.targets), ("status", args.status)])?;
+        if args.logp == 0 && args.entropy == 0 && args.lse == 0 {
+            return Err(Error::InvalidOption {
+                name: "outputs",
+                value: "none requested".into(),
+                expected: "at least one of logp, entropy, lse",
+            });
+        }
+        let inv_tau = opts.inv_temperature()?;
+        let sel = RowSelect::new(args.targets, args.index_type, args.mask, opts);
+        let outputs = [args.logp, args.entropy, args.lse];
+        let (p, rows) = (args.partials, args.rows);
+        // SAFETY: `partials` holds shards·rows records laid out [shards][rows]: record (row, k)
+        // at row·1 + k·rows; outputs hold `rows` f32 each; status one u64 (the caller's
+        // contract).
+        unsafe {
+            launch_merge(stream, p, (1, rows as i64), args.shards, rows, sel, inv_tau, outputs, args.status)
+        }
+    }
 }

@@ -10,16 +10,13 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
+use super::token_launch::raw::{FinishVocabArgs, VocabShardArgs, finish_partials_on, shard_partials_on};
 use super::token_launch::{
-    BLOCK, BackwardArgs, ForwardArgs, RowSelect, chunks, forward_name, launch_backward, launch_forward,
-    launch_merge, split,
+    BackwardArgs, ForwardArgs, RowSelect, chunks, launch_backward, launch_forward, split,
 };
-use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
+use crate::cuda::{CudaStatus, opt_ptr, opt_ptr_mut};
 use crate::logprobs::{check_grads_present, check_len};
 use crate::{DType, Element, Error, Result, RowShape, TargetIndex, TokenLogprobsOptions, VocabPartial};
 
@@ -350,28 +347,24 @@ pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
     shape.check_buffer("logits", logits.len())?;
     check_tokens(tokens, shape.rows)?;
     check_len("partials", partials.len(), shape.rows)?;
-    let offset = crate::logprobs::check_vocab_offset(vocab_offset, shape.cols)?;
-    let inv_tau = opts.inv_temperature()?;
     let s: &CudaStream = stream;
     let (x, _gx) = logits.device_ptr(s);
     let (targets, _gt) = tokens.targets.device_ptr(s);
     let (mask, _gm) = opt_ptr(&tokens.mask, s);
     let (p, _gp) = partials.device_ptr_mut(s);
-    let sel = RowSelect::new(targets, I::INDEX_TYPE, mask, opts);
-    let func = function(stream.context(), Module::Logprobs, forward_name(T::DTYPE, true, false))?;
-    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
-    let null = 0u64;
-    let mut launch = stream.launch_builder(&func);
-    launch.arg(&x).arg(&ld).arg(&rows).arg(&cols).arg(&sel).arg(&inv_tau).arg(&offset);
-    launch.arg(&null).arg(&null).arg(&null).arg(&p).arg(&null);
-    let cfg =
-        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // Kernel: token_logprobs_entropy_rows_<dtype>(const T*, long long, int, int, RowSelect, float,
-    // long long, float*, float*, float*, VocabPartial*, unsigned long long*); a block a row.
-    // SAFETY: the arguments match, null outputs and status (partial mode never reports); the
-    // logits cover the shape and `partials` holds `rows` records (checked above).
-    unsafe { launch.launch(cfg) }.map_err(driver_error("launching vocab_shard_partials"))?;
-    Ok(())
+    let args = VocabShardArgs {
+        logits: x,
+        dtype: T::DTYPE,
+        shape,
+        targets,
+        index_type: I::INDEX_TYPE,
+        mask,
+        vocab_offset,
+        partials: p,
+    };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above; the guards keep cudarc's event tracking in order until the launch.
+    unsafe { shard_partials_on(stream, &args, opts) }
 }
 
 /// Merges the [`VocabPartial`]s of `shards` vocabulary shards (`[shards][rows]`, shard order)
@@ -388,13 +381,9 @@ pub fn finish_vocab_partials<I: TargetIndex>(
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
     let rows = tokens.targets.len();
-    // One row per merge thread and `shards` records per row: the same 32-bit limits as a
-    // [rows, shards] batch.
-    RowShape::new(rows, shards).validate("partials")?;
     check_tokens(tokens, rows)?;
     check_outputs(&out, rows)?;
-    check_len("partials", partials.len(), shards * rows)?;
-    let inv_tau = opts.inv_temperature()?;
+    check_len("partials", partials.len(), shards.saturating_mul(rows))?;
     let s: &CudaStream = stream;
     let (p, _gp) = partials.device_ptr(s);
     let (targets, _gt) = tokens.targets.device_ptr(s);
@@ -402,9 +391,21 @@ pub fn finish_vocab_partials<I: TargetIndex>(
     let (logp, _g1) = opt_ptr_mut(&mut out.logp, s);
     let (entropy, _g2) = opt_ptr_mut(&mut out.entropy, s);
     let (lse, _g3) = opt_ptr_mut(&mut out.lse, s);
-    let (st, _g5) = status.device_ptr(s);
-    let sel = RowSelect::new(targets, I::INDEX_TYPE, mask, opts);
-    // SAFETY: `p` holds shards·rows records (checked), laid out [shards][rows]: record
-    // (row, k) at row·1 + k·rows; outputs hold `rows` f32 each; status one u64.
-    unsafe { launch_merge(stream, p, (1, rows as i64), shards, rows, sel, inv_tau, [logp, entropy, lse], st) }
+    let (status, _g5) = status.device_ptr(s);
+    let args = FinishVocabArgs {
+        partials: p,
+        shards,
+        rows,
+        targets,
+        index_type: I::INDEX_TYPE,
+        mask,
+        logp,
+        entropy,
+        lse,
+        status,
+    };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (partials: shards·rows records); the guards keep cudarc's event
+    // tracking in order until the launch.
+    unsafe { finish_partials_on(stream, &args, opts) }
 }

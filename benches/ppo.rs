@@ -115,11 +115,12 @@ fn bench_fused_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
+    use rlhf_kernels::Tokens;
     use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceFusedPolicyInputs, DeviceFusedStats, DevicePolicyLossInputs,
-        DevicePolicyLossOutputs, DevicePolicyStats, DeviceTokens,
+        self, CudaStatus, DeviceFusedStats, DevicePolicyLossOutputs, DevicePolicyStats,
     };
     use rlhf_kernels::cudarc::driver::CudaStream;
+    use rlhf_kernels::{FusedPolicyInputs, PolicyLossInputs};
     use std::sync::Arc;
 
     pub fn bench_cuda(c: &mut Criterion) {
@@ -135,7 +136,7 @@ mod gpu {
                 (s.alloc_zeros::<f32>(shape.len()).unwrap(), s.alloc_zeros::<f32>(shape.len()).unwrap());
             let mut ws = s.alloc_zeros::<u8>(cuda::policy_loss_workspace_bytes(shape)).unwrap();
             let mut stats = DevicePolicyStats::new(&s).unwrap();
-            let inputs = DevicePolicyLossInputs {
+            let inputs = PolicyLossInputs {
                 shape,
                 logp: lp.as_view(),
                 old_logp: old.as_view(),
@@ -171,8 +172,8 @@ mod gpu {
         let (old, adv) = (s.clone_htod(&d.old).unwrap(), s.clone_htod(&d.adv).unwrap());
         let mut grad = s.alloc_zeros::<T>(shape.len()).unwrap();
         let (mut stats, mut status) = (DeviceFusedStats::new(s).unwrap(), CudaStatus::new(s).unwrap());
-        let inputs = DeviceFusedPolicyInputs {
-            tokens: DeviceTokens::new(targets.as_view()).with_mask(mask.as_view()),
+        let inputs = FusedPolicyInputs {
+            tokens: Tokens::new(targets.as_view()).with_mask(mask.as_view()),
             sequences: sequences(shape),
             old_logp: old.as_view(),
             advantages: adv.as_view(),

@@ -102,8 +102,9 @@ fn bench_cpu_typed<T: Element>(c: &mut Criterion, shape: RowShape) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens};
+    use rlhf_kernels::cuda::{self, CudaStatus};
     use rlhf_kernels::cudarc::driver::CudaStream;
+    use rlhf_kernels::{TokenGrads, TokenOutputs, Tokens};
     use std::sync::Arc;
 
     pub fn bench_cuda(c: &mut Criterion) {
@@ -133,17 +134,16 @@ mod gpu {
         let mut workspace =
             s.alloc_zeros::<u8>(cuda::token_logprobs_workspace_bytes(shape, T::DTYPE).max(1)).unwrap();
         let mut status = CudaStatus::new(s).unwrap();
-        let tokens = DeviceTokens::new(targets.as_view());
+        let tokens = Tokens::new(targets.as_view());
         let opts = TokenLogprobsOptions::default();
         let [fwd, fwd_h, bwd] = bytes(shape, T::DTYPE);
 
         bench_events(c, "token_logprobs_fwd", shape, T::DTYPE, fwd, s, || {
-            let out =
-                DeviceTokenOutputs::default().logp(logp.as_view_mut()).workspace(workspace.as_view_mut());
+            let out = TokenOutputs::default().logp(logp.as_view_mut()).workspace(workspace.as_view_mut());
             cuda::token_logprobs(s, &x, shape, &tokens, out, &mut status, &opts).unwrap()
         });
         bench_events(c, "token_logprobs_entropy_fwd", shape, T::DTYPE, fwd_h, s, || {
-            let out = DeviceTokenOutputs::default()
+            let out = TokenOutputs::default()
                 .logp(logp.as_view_mut())
                 .entropy(entropy.as_view_mut())
                 .lse(lse.as_view_mut())
@@ -151,7 +151,7 @@ mod gpu {
             cuda::token_logprobs(s, &x, shape, &tokens, out, &mut status, &opts).unwrap()
         });
 
-        let grads = DeviceTokenGrads::new(lse.as_view())
+        let grads = TokenGrads::new(lse.as_view())
             .grad_logp(gl.as_view())
             .grad_entropy(gh.as_view(), entropy.as_view());
         bench_events(c, "token_logprobs_bwd", shape, T::DTYPE, bwd, s, || {

@@ -414,11 +414,8 @@ fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<
     ));
     if let Some(vs) = &p.value_stats {
         let inputs = ValueLossInputs {
-            shape: seqs,
-            values: &batch.values,
-            old_values: &batch.old_values,
-            returns: &p.returns,
             mask: seq_mask,
+            ..ValueLossInputs::new(seqs, &batch.values, &batch.old_values, &p.returns)
         };
         let exp = reference::value_loss(&inputs, &value_options())?;
         checks
@@ -654,11 +651,8 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
         policy_stats = cpu::policy_loss(&inputs, out, &policy_options())?;
         if batch.estimator == Estimator::Gae {
             let inputs = ValueLossInputs {
-                shape: seqs,
-                values: &batch.values,
-                old_values: &batch.old_values,
-                returns: &returns,
                 mask,
+                ..ValueLossInputs::new(seqs, &batch.values, &batch.old_values, &returns)
             };
             let out = cpu::ValueLossOutputs::default().grad_values(&mut grad_values);
             value_stats = Some(cpu::value_loss(&inputs, out, &value_options())?);
@@ -702,12 +696,13 @@ fn run_cuda<T: Element>(
 ) -> Result<Produced<T>, Error> {
     use rlhf_kernels::cuda::{
         self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups,
-        DeviceKlStats, DeviceMoments, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats,
-        DeviceSampledKlOutputs, DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens, DeviceValueLossInputs,
+        DeviceKlStats, DeviceMoments, DevicePolicyLossOutputs, DevicePolicyStats, DeviceSampledKlOutputs,
         DeviceValueLossOutputs, DeviceValueStats, SampledKlInputs,
     };
     use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
     use rlhf_kernels::cudarc::driver::{CudaSlice, DriverError};
+    use rlhf_kernels::{PolicyLossInputs, ValueLossInputs};
+    use rlhf_kernels::{TokenGrads, TokenOutputs, Tokens};
 
     let s = device.stream();
     let shape = batch.shape;
@@ -750,7 +745,7 @@ fn run_cuda<T: Element>(
     let mut moments = DeviceMoments::new(s)?;
     let (mut policy_stats, mut value_stats) = (DevicePolicyStats::new(s)?, DeviceValueStats::new(s)?);
     let groups = DeviceGroups::new(s, &batch.groups)?;
-    let tokens = DeviceTokens::new(targets.as_view()).with_mask(mask.as_view());
+    let tokens = Tokens::new(targets.as_view()).with_mask(mask.as_view());
     let opts = &batch.opts;
     let kl_opts = batch.kl.options();
     let event = || s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
@@ -760,7 +755,7 @@ fn run_cuda<T: Element>(
     for i in 0..=iters {
         s.memcpy_dtod(&policy, &mut grad).map_err(drv("copying the logits"))?; // the in-place target
         let e0 = event()?;
-        let out = DeviceTokenOutputs::default()
+        let out = TokenOutputs::default()
             .logp(logp.as_view_mut())
             .entropy(entropy.as_view_mut())
             .lse(lse.as_view_mut())
@@ -772,8 +767,7 @@ fn run_cuda<T: Element>(
             s.memcpy_htod(&batch.old_logp(&host), &mut old_logp).map_err(drv("uploading old logp"))?;
         }
         let e1b = event()?;
-        let out =
-            DeviceTokenOutputs::default().logp(ref_logp.as_view_mut()).workspace(workspace.as_view_mut());
+        let out = TokenOutputs::default().logp(ref_logp.as_view_mut()).workspace(workspace.as_view_mut());
         cuda::token_logprobs(s, &reference, shape, &tokens, out, &mut status, opts)?;
         let e2 = event()?;
         let inputs = SampledKlInputs {
@@ -820,7 +814,7 @@ fn run_cuda<T: Element>(
         }
         let e4 = event()?;
         let adv: &CudaSlice<f32> = if batch.estimator == Estimator::Gae { &whitened } else { &advantages };
-        let inputs = DevicePolicyLossInputs {
+        let inputs = PolicyLossInputs {
             shape: seqs,
             logp: logp.as_view(),
             old_logp: old_logp.as_view(),
@@ -838,7 +832,7 @@ fn run_cuda<T: Element>(
         };
         cuda::policy_loss(s, &inputs, out, &mut status, &policy_options())?;
         if batch.estimator == Estimator::Gae {
-            let inputs = DeviceValueLossInputs {
+            let inputs = ValueLossInputs {
                 shape: seqs,
                 values: values.as_view(),
                 old_values: old_values.as_view(),
@@ -854,7 +848,7 @@ fn run_cuda<T: Element>(
             cuda::value_loss(s, &inputs, out, &mut status, &value_options())?;
         }
         let e5 = event()?;
-        let grads = DeviceTokenGrads::new(lse.as_view())
+        let grads = TokenGrads::new(lse.as_view())
             .grad_logp(grad_logp.as_view())
             .grad_entropy(grad_entropy.as_view(), entropy.as_view());
         cuda::token_logprobs_backward_in_place(s, &mut grad, shape, &tokens, &grads, &mut status, opts)?;

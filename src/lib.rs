@@ -81,6 +81,7 @@ mod dtype;
 mod error;
 mod kl;
 mod logprobs;
+mod memory;
 mod ppo;
 pub mod reference;
 mod shape;
@@ -105,6 +106,9 @@ pub use logprobs::{
     LogSoftmaxOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, TokenStats, Tokens, VocabPartial,
     merge_vocab_partials,
 };
+#[cfg(feature = "cuda")]
+pub use memory::Cuda;
+pub use memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
 pub use ppo::{
     FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, PolicyLossStats,
     PolicyObjective, ValueLossInputs, ValueLossOptions, ValueLossStats,

@@ -1,6 +1,7 @@
 //! Options, buffers and the vocabulary-shard merge shared by the three backends of the
 //! logprobs family (MATH.md §1).
 
+use crate::memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
 use crate::{Error, Result, RowProblem, TargetIndex};
 
 /// Checks a temperature and returns 1/τ.
@@ -94,7 +95,9 @@ impl TokenLogprobsOptions {
 }
 
 /// The sampled token of every row, and which rows are real: a row is padding when its mask
-/// byte is 0 or its target equals the ignore index.
+/// byte is 0 or its target equals the ignore index. `M` is where the buffers live
+/// ([`Host`](crate::Host) by default; `Cuda` for device views): the same struct serves every
+/// backend.
 ///
 /// ```
 /// use rlhf_kernels::Tokens;
@@ -104,30 +107,32 @@ impl TokenLogprobsOptions {
 /// assert_eq!(tokens.targets.len(), 3);
 /// ```
 #[derive(Debug, Clone, Copy)]
-pub struct Tokens<'a, I> {
+pub struct Tokens<'a, I: 'a, M: Memory = Host> {
     /// One target id per row (`i32`, `u32` or `i64`).
-    pub targets: &'a [I],
+    pub targets: M::View<'a, I>,
     /// Optional mask, one byte per row (0 = padding; a `bool` tensor's bytes).
-    pub mask: Option<&'a [u8]>,
+    pub mask: Option<M::View<'a, u8>>,
 }
 
-impl<'a, I: TargetIndex> Tokens<'a, I> {
-    /// Targets without a mask.
-    pub fn new(targets: &'a [I]) -> Self {
-        Tokens { targets, mask: None }
+impl<'a, I: TargetIndex, M: Memory> Tokens<'a, I, M> {
+    /// Targets without a mask (`&[I]`, `&Vec<I>`, a `CudaView`, …).
+    pub fn new(targets: impl IntoView<'a, I, Memory = M>) -> Self {
+        Tokens { targets: targets.into_view(), mask: None }
     }
 
-    /// Adds a mask.
-    pub fn with_mask(self, mask: &'a [u8]) -> Self {
-        Tokens { mask: Some(mask), ..self }
+    /// Adds a mask, in the targets' memory.
+    pub fn with_mask(self, mask: impl IntoView<'a, u8, Memory = M>) -> Self {
+        Tokens { mask: Some(mask.into_view()), ..self }
     }
 
     /// Checks the lengths against `rows`.
     pub(crate) fn check(&self, rows: usize) -> Result<()> {
         check_len("targets", self.targets.len(), rows)?;
-        self.mask.map_or(Ok(()), |m| check_len("mask", m.len(), rows))
+        self.mask.as_ref().map_or(Ok(()), |m| check_len("mask", m.len(), rows))
     }
+}
 
+impl<I: TargetIndex> Tokens<'_, I> {
     /// True when row `r` is padding.
     #[inline]
     pub(crate) fn masked(&self, r: usize, ignore_index: Option<i64>) -> bool {
@@ -166,7 +171,7 @@ pub(crate) fn check_len(what: &'static str, len: usize, rows: usize) -> Result<(
 
 /// Where the forward writes: any subset of the per-row log-probability of the target, the
 /// entropy and the log-sum-exp (each `rows` f32; at least one). Asking for `logp` alone skips
-/// the entropy's extra arithmetic.
+/// the entropy's extra arithmetic. `M` is where the buffers live, as for [`Tokens`].
 ///
 /// ```
 /// use rlhf_kernels::TokenOutputs;
@@ -174,34 +179,63 @@ pub(crate) fn check_len(what: &'static str, len: usize, rows: usize) -> Result<(
 /// let out = TokenOutputs::default().logp(&mut logp).entropy(&mut entropy);
 /// assert!(out.lse.is_none());
 /// ```
-#[derive(Debug, Default)]
-pub struct TokenOutputs<'a> {
+#[derive(Debug)]
+pub struct TokenOutputs<'a, M: Memory = Host> {
     /// `log softmax(z)[y]` in nats (≤ 0; `-inf` when the target's logit is `-inf`).
-    pub logp: Option<&'a mut [f32]>,
+    pub logp: Option<M::ViewMut<'a, f32>>,
     /// `H = lse − Σ_v p_v·z_v` in nats.
-    pub entropy: Option<&'a mut [f32]>,
+    pub entropy: Option<M::ViewMut<'a, f32>>,
     /// `lse = ln Σ_v exp(z_v)` (the backward needs it).
-    pub lse: Option<&'a mut [f32]>,
+    pub lse: Option<M::ViewMut<'a, f32>>,
+    /// Scratch of the CUDA backend's split path for few long rows
+    /// (`cuda::token_logprobs_workspace_bytes`, 16-byte aligned; allocated on the stream when
+    /// needed and absent). The host backends need none and leave it untouched.
+    pub workspace: Option<M::ViewMut<'a, u8>>,
 }
 
-impl<'a> TokenOutputs<'a> {
+impl<M: Memory> Default for TokenOutputs<'_, M> {
+    fn default() -> Self {
+        TokenOutputs { logp: None, entropy: None, lse: None, workspace: None }
+    }
+}
+
+impl<'a, M: Memory> TokenOutputs<'a, M> {
     /// Requests the target's log-probability.
-    pub fn logp(self, logp: &'a mut [f32]) -> Self {
-        TokenOutputs { logp: Some(logp), ..self }
+    pub fn logp(self, logp: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        TokenOutputs { logp: Some(logp.into_view_mut()), ..self }
     }
     /// Requests the entropy.
-    pub fn entropy(self, entropy: &'a mut [f32]) -> Self {
-        TokenOutputs { entropy: Some(entropy), ..self }
+    pub fn entropy(self, entropy: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        TokenOutputs { entropy: Some(entropy.into_view_mut()), ..self }
     }
     /// Requests the log-sum-exp.
-    pub fn lse(self, lse: &'a mut [f32]) -> Self {
-        TokenOutputs { lse: Some(lse), ..self }
+    pub fn lse(self, lse: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        TokenOutputs { lse: Some(lse.into_view_mut()), ..self }
+    }
+    /// Provides the CUDA split path's workspace.
+    pub fn workspace(self, workspace: impl IntoViewMut<'a, u8, Memory = M>) -> Self {
+        TokenOutputs { workspace: Some(workspace.into_view_mut()), ..self }
+    }
+
+    /// At least one output, each of `rows` elements.
+    pub(crate) fn check(&self, rows: usize) -> Result<()> {
+        if self.logp.is_none() && self.entropy.is_none() && self.lse.is_none() {
+            return Err(Error::InvalidOption {
+                name: "outputs",
+                value: "none requested".into(),
+                expected: "at least one of logp, entropy, lse",
+            });
+        }
+        for (what, v) in [("logp", &self.logp), ("entropy", &self.entropy), ("lse", &self.lse)] {
+            v.as_ref().map_or(Ok(()), |v| check_len(what, v.len(), rows))?;
+        }
+        Ok(())
     }
 }
 
 /// What the backward needs: the forward's saved `lse` (and `entropy` when there is an entropy
 /// gradient) and the upstream gradients of `logp` and/or `entropy` (each `rows` f32; at least
-/// one of the two).
+/// one of the two). `M` is where the buffers live, as for [`Tokens`].
 ///
 /// ```
 /// use rlhf_kernels::TokenGrads;
@@ -210,38 +244,46 @@ impl<'a> TokenOutputs<'a> {
 /// assert!(grads.grad_entropy.is_some());
 /// ```
 #[derive(Debug, Clone, Copy)]
-pub struct TokenGrads<'a> {
+pub struct TokenGrads<'a, M: Memory = Host> {
     /// `lse` from the forward.
-    pub lse: &'a [f32],
+    pub lse: M::View<'a, f32>,
     /// `entropy` from the forward (needed with `grad_entropy`).
-    pub entropy: Option<&'a [f32]>,
+    pub entropy: Option<M::View<'a, f32>>,
     /// Upstream gradient of `logp`.
-    pub grad_logp: Option<&'a [f32]>,
+    pub grad_logp: Option<M::View<'a, f32>>,
     /// Upstream gradient of `entropy`.
-    pub grad_entropy: Option<&'a [f32]>,
+    pub grad_entropy: Option<M::View<'a, f32>>,
 }
 
-impl<'a> TokenGrads<'a> {
+impl<'a, M: Memory> TokenGrads<'a, M> {
     /// Starts from the saved `lse`.
-    pub fn new(lse: &'a [f32]) -> Self {
-        TokenGrads { lse, entropy: None, grad_logp: None, grad_entropy: None }
+    pub fn new(lse: impl IntoView<'a, f32, Memory = M>) -> Self {
+        TokenGrads { lse: lse.into_view(), entropy: None, grad_logp: None, grad_entropy: None }
     }
     /// Adds the upstream gradient of `logp`.
-    pub fn grad_logp(self, grad_logp: &'a [f32]) -> Self {
-        TokenGrads { grad_logp: Some(grad_logp), ..self }
+    pub fn grad_logp(self, grad_logp: impl IntoView<'a, f32, Memory = M>) -> Self {
+        TokenGrads { grad_logp: Some(grad_logp.into_view()), ..self }
     }
     /// Adds the upstream gradient of the entropy, with the forward's entropy.
-    pub fn grad_entropy(self, grad_entropy: &'a [f32], entropy: &'a [f32]) -> Self {
-        TokenGrads { grad_entropy: Some(grad_entropy), entropy: Some(entropy), ..self }
+    pub fn grad_entropy(
+        self,
+        grad_entropy: impl IntoView<'a, f32, Memory = M>,
+        entropy: impl IntoView<'a, f32, Memory = M>,
+    ) -> Self {
+        TokenGrads {
+            grad_entropy: Some(grad_entropy.into_view()),
+            entropy: Some(entropy.into_view()),
+            ..self
+        }
     }
 
     pub(crate) fn check(&self, rows: usize) -> Result<()> {
         check_len("lse", self.lse.len(), rows)?;
         check_grads_present(self.grad_logp.is_some(), self.grad_entropy.is_some(), self.entropy.is_some())?;
         for (what, b) in
-            [("entropy", self.entropy), ("grad_logp", self.grad_logp), ("grad_entropy", self.grad_entropy)]
+            [("entropy", &self.entropy), ("grad_logp", &self.grad_logp), ("grad_entropy", &self.grad_entropy)]
         {
-            b.map_or(Ok(()), |b| check_len(what, b.len(), rows))?;
+            b.as_ref().map_or(Ok(()), |b| check_len(what, b.len(), rows))?;
         }
         Ok(())
     }

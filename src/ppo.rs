@@ -34,6 +34,7 @@
 //! `∂L_v/∂v = (v − R)` where the unclipped error is the larger, else `(v_clip − R)` inside the
 //! clip band and 0 outside.
 
+use crate::memory::{Buffer, Host, IntoView, Memory};
 use crate::{
     Aggregation, BatchCounts, Error, Normaliser, Result, RowShape, SampledKlOptions, SampledKlStats,
     TargetIndex, Tokens,
@@ -309,33 +310,45 @@ pub struct ValueLossStats {
 /// # let _ = inputs;
 /// ```
 #[derive(Debug, Clone, Copy)]
-pub struct PolicyLossInputs<'a> {
+pub struct PolicyLossInputs<'a, M: Memory = Host> {
     /// `[B, T]` of every array.
     pub shape: RowShape,
     /// `log π(y_t)` under the current policy.
-    pub logp: &'a [f32],
+    pub logp: M::View<'a, f32>,
     /// `log π_old(y_t)` from the rollout.
-    pub old_logp: &'a [f32],
+    pub old_logp: M::View<'a, f32>,
     /// Advantages per token.
-    pub advantages: &'a [f32],
+    pub advantages: M::View<'a, f32>,
     /// Response mask, one byte per token; `None`: all valid.
-    pub mask: Option<&'a [u8]>,
+    pub mask: Option<M::View<'a, u8>>,
     /// Per-token entropy `H` (for the bonus and the statistics).
-    pub entropy: Option<&'a [f32]>,
+    pub entropy: Option<M::View<'a, f32>>,
 }
 
-impl<'a> PolicyLossInputs<'a> {
-    /// The three required arrays.
-    pub fn new(shape: RowShape, logp: &'a [f32], old_logp: &'a [f32], advantages: &'a [f32]) -> Self {
-        PolicyLossInputs { shape, logp, old_logp, advantages, mask: None, entropy: None }
+impl<'a, M: Memory> PolicyLossInputs<'a, M> {
+    /// The three required arrays (host slices or device views, all in one memory).
+    pub fn new(
+        shape: RowShape,
+        logp: impl IntoView<'a, f32, Memory = M>,
+        old_logp: impl IntoView<'a, f32, Memory = M>,
+        advantages: impl IntoView<'a, f32, Memory = M>,
+    ) -> Self {
+        PolicyLossInputs {
+            shape,
+            logp: logp.into_view(),
+            old_logp: old_logp.into_view(),
+            advantages: advantages.into_view(),
+            mask: None,
+            entropy: None,
+        }
     }
     /// Adds the mask.
-    pub fn mask(self, m: &'a [u8]) -> Self {
-        PolicyLossInputs { mask: Some(m), ..self }
+    pub fn mask(self, m: impl IntoView<'a, u8, Memory = M>) -> Self {
+        PolicyLossInputs { mask: Some(m.into_view()), ..self }
     }
     /// Adds the entropies.
-    pub fn entropy(self, h: &'a [f32]) -> Self {
-        PolicyLossInputs { entropy: Some(h), ..self }
+    pub fn entropy(self, h: impl IntoView<'a, f32, Memory = M>) -> Self {
+        PolicyLossInputs { entropy: Some(h.into_view()), ..self }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -343,10 +356,10 @@ impl<'a> PolicyLossInputs<'a> {
         s.check_buffer("logp", self.logp.len())?;
         s.check_buffer("old_logp", self.old_logp.len())?;
         s.check_buffer("advantages", self.advantages.len())?;
-        if let Some(m) = self.mask {
+        if let Some(m) = &self.mask {
             s.check_buffer("mask", m.len())?;
         }
-        if let Some(h) = self.entropy {
+        if let Some(h) = &self.entropy {
             s.check_buffer("entropy", h.len())?;
         }
         Ok(())
@@ -355,26 +368,46 @@ impl<'a> PolicyLossInputs<'a> {
 
 /// The per-token inputs of the value loss, laid out as `shape`.
 #[derive(Debug, Clone, Copy)]
-pub struct ValueLossInputs<'a> {
+pub struct ValueLossInputs<'a, M: Memory = Host> {
     /// `[B, T]` of every array.
     pub shape: RowShape,
     /// Current value predictions `v`.
-    pub values: &'a [f32],
+    pub values: M::View<'a, f32>,
     /// Rollout-time values `old_v`.
-    pub old_values: &'a [f32],
+    pub old_values: M::View<'a, f32>,
     /// Value targets `R` (returns).
-    pub returns: &'a [f32],
+    pub returns: M::View<'a, f32>,
     /// Response mask; `None`: all valid.
-    pub mask: Option<&'a [u8]>,
+    pub mask: Option<M::View<'a, u8>>,
 }
 
-impl ValueLossInputs<'_> {
+impl<'a, M: Memory> ValueLossInputs<'a, M> {
+    /// The three required arrays (host slices or device views, all in one memory).
+    pub fn new(
+        shape: RowShape,
+        values: impl IntoView<'a, f32, Memory = M>,
+        old_values: impl IntoView<'a, f32, Memory = M>,
+        returns: impl IntoView<'a, f32, Memory = M>,
+    ) -> Self {
+        ValueLossInputs {
+            shape,
+            values: values.into_view(),
+            old_values: old_values.into_view(),
+            returns: returns.into_view(),
+            mask: None,
+        }
+    }
+    /// Adds the mask.
+    pub fn mask(self, m: impl IntoView<'a, u8, Memory = M>) -> Self {
+        ValueLossInputs { mask: Some(m.into_view()), ..self }
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let s = self.shape;
         s.check_buffer("values", self.values.len())?;
         s.check_buffer("old_values", self.old_values.len())?;
         s.check_buffer("returns", self.returns.len())?;
-        if let Some(m) = self.mask {
+        if let Some(m) = &self.mask {
             s.check_buffer("mask", m.len())?;
         }
         Ok(())
@@ -393,34 +426,64 @@ impl ValueLossInputs<'_> {
 /// let inputs = FusedPolicyInputs::new(Tokens::new(&targets).with_mask(&mask), RowShape::new(1, 2), &old, &adv);
 /// # let _ = inputs;
 /// ```
-#[derive(Debug, Clone, Copy)]
-pub struct FusedPolicyInputs<'a, I> {
+pub struct FusedPolicyInputs<'a, I: 'a, M: Memory = Host> {
     /// Sampled tokens and the token mask.
-    pub tokens: Tokens<'a, I>,
-    /// The `[B, T]` view of the token rows.
+    pub tokens: Tokens<'a, I, M>,
+    /// The `[B, T]` view of the token rows (dense, `B·T` = the logits' rows).
     pub sequences: RowShape,
     /// `log π_old(y_t)`.
-    pub old_logp: &'a [f32],
+    pub old_logp: M::View<'a, f32>,
     /// Advantages per token.
-    pub advantages: &'a [f32],
+    pub advantages: M::View<'a, f32>,
     /// A KL loss term to the reference policy: its per-token log-probs and estimator options
     /// (the gradient joins the policy loss's; no importance ratio).
-    pub kl: Option<(&'a [f32], SampledKlOptions)>,
+    pub kl: Option<(M::View<'a, f32>, SampledKlOptions)>,
 }
 
-impl<'a, I: TargetIndex> FusedPolicyInputs<'a, I> {
-    /// The required inputs.
+// By hand: a derive would not see through the tokens' views.
+impl<'a, I, M: Memory> std::fmt::Debug for FusedPolicyInputs<'a, I, M>
+where
+    Tokens<'a, I, M>: std::fmt::Debug,
+    M::View<'a, f32>: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusedPolicyInputs")
+            .field("tokens", &self.tokens)
+            .field("sequences", &self.sequences)
+            .field("old_logp", &self.old_logp)
+            .field("advantages", &self.advantages)
+            .field("kl", &self.kl)
+            .finish()
+    }
+}
+
+impl<I: Copy> Clone for FusedPolicyInputs<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<I: Copy> Copy for FusedPolicyInputs<'_, I> {}
+
+impl<'a, I: TargetIndex, M: Memory> FusedPolicyInputs<'a, I, M> {
+    /// The required inputs (host slices or device views, all in the tokens' memory).
     pub fn new(
-        tokens: Tokens<'a, I>,
+        tokens: Tokens<'a, I, M>,
         sequences: RowShape,
-        old_logp: &'a [f32],
-        advantages: &'a [f32],
+        old_logp: impl IntoView<'a, f32, Memory = M>,
+        advantages: impl IntoView<'a, f32, Memory = M>,
     ) -> Self {
-        FusedPolicyInputs { tokens, sequences, old_logp, advantages, kl: None }
+        FusedPolicyInputs {
+            tokens,
+            sequences,
+            old_logp: old_logp.into_view(),
+            advantages: advantages.into_view(),
+            kl: None,
+        }
     }
     /// Adds a KL loss term from the reference log-probs.
-    pub fn kl(self, ref_logp: &'a [f32], opts: SampledKlOptions) -> Self {
-        FusedPolicyInputs { kl: Some((ref_logp, opts)), ..self }
+    pub fn kl(self, ref_logp: impl IntoView<'a, f32, Memory = M>, opts: SampledKlOptions) -> Self {
+        FusedPolicyInputs { kl: Some((ref_logp.into_view(), opts)), ..self }
     }
 
     /// Checks that `sequences` views `rows` token rows densely.

@@ -216,13 +216,7 @@ fn host_named_cases() {
     let opts = PolicyLossOptions::new(PolicyObjective::KlPenalty { beta: 0.1 }).log_ratio_clamp(Some(80.0));
     assert_eq!(reference::policy_loss(&inputs, &opts).map(|_| ()), Err(row("policy_loss", 0, Overflow)));
     // value_loss with ½·(v − R)² > 3.4e38.
-    let vin = ValueLossInputs {
-        shape,
-        values: &[0.0, 0.0, 3e19, 0.0],
-        old_values: &[0.0; 4],
-        returns: &[0.0; 4],
-        mask: None,
-    };
+    let vin = ValueLossInputs::new(shape, &[0.0, 0.0, 3e19, 0.0], &[0.0; 4], &[0.0; 4]);
     let r = reference::value_loss(&vin, &rlhf_kernels::ValueLossOptions::default());
     assert_eq!(r.map(|_| ()), Err(row("value_loss", 1, Overflow)));
     // token_logprobs with logits 1e30 and τ = 1e-9.

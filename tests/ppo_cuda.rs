@@ -13,10 +13,8 @@ mod gpu {
     use super::common::gpu::Gpu;
 
     use super::common::ppo::{self, PolicyCase, PpoBackend, ValueCase};
-    use rlhf_kernels::cuda::{
-        self, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DeviceValueLossInputs,
-        DeviceValueLossOutputs,
-    };
+    use rlhf_kernels::cuda::{self, CudaStatus, DevicePolicyLossOutputs, DeviceValueLossOutputs};
+    use rlhf_kernels::{PolicyLossInputs, ValueLossInputs};
 
     use rlhf_kernels::{PolicyLossOptions, RowShape, ValueLossOptions, bf16};
 
@@ -34,7 +32,7 @@ mod gpu {
         let (lp, old, adv) = (gpu.up(&c.logp).0, gpu.up(&c.old_logp).0, gpu.up(&c.advantages).0);
         let mut g = s.alloc_zeros::<f32>(36).unwrap();
         let mut status = CudaStatus::new(s).unwrap();
-        let inputs = DevicePolicyLossInputs {
+        let inputs = PolicyLossInputs {
             shape: c.shape,
             logp: lp.as_view(),
             old_logp: old.as_view(),
@@ -62,7 +60,7 @@ mod gpu {
         let (values, old_v, ret) = (gpu.up(&v.values).0, gpu.up(&v.old_values).0, gpu.up(&v.returns).0);
         let mask = gpu.up(v.mask.as_ref().unwrap()).0;
         let mut loss = s.alloc_zeros::<f32>(v.shape.len()).unwrap();
-        let inputs = DeviceValueLossInputs {
+        let inputs = ValueLossInputs {
             shape: v.shape,
             values: values.as_view(),
             old_values: old_v.as_view(),
@@ -180,7 +178,7 @@ mod gpu {
         let (mask, entropy) = (gpu.up(c.mask.as_ref().unwrap()).0, gpu.up(c.entropy.as_ref().unwrap()).0);
         let mut g = s.alloc_zeros::<f32>(c.shape.len()).unwrap();
         let mut status = CudaStatus::new(s).unwrap();
-        let inputs = DevicePolicyLossInputs {
+        let inputs = PolicyLossInputs {
             shape: c.shape,
             logp: lp.as_view(),
             old_logp: old.as_view(),

@@ -256,7 +256,7 @@ fn errors() {
         bwd(&TokenGrads::new(&lse), &mut grad),
         Err(Error::InvalidOption { name: "grads", .. })
     ));
-    let no_entropy = TokenGrads { grad_entropy: Some(&[1.0, 1.0]), ..TokenGrads::new(&lse) };
+    let no_entropy = TokenGrads { grad_entropy: Some(&[1.0f32, 1.0][..]), ..TokenGrads::new(&lse) };
     assert!(matches!(bwd(&no_entropy, &mut grad), Err(Error::InvalidOption { name: "grads.entropy", .. })));
     let err = bwd(&TokenGrads::new(&[1.0, f32::NAN]).grad_logp(&[1.0, 1.0]), &mut grad).unwrap_err();
     assert_eq!(err, Error::InvalidRow { op: "token_logprobs_backward", row: 1, problem: RowProblem::NaN });

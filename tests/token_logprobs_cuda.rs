@@ -13,8 +13,9 @@ mod gpu {
     use super::common::gpu::Gpu;
 
     use super::common::tokens::{self, Case, Fwd, TokenBackend, bits_equal};
+    use rlhf_kernels::TokenOutputs;
     use rlhf_kernels::cuda::raw::{self, RawStream, TokenLogprobsArgs, TokenLogprobsBackwardArgs};
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceTokenOutputs};
+    use rlhf_kernels::cuda::{self, CudaStatus};
     use rlhf_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
     use rlhf_kernels::testing::{Tolerance, assert_close};
     use rlhf_kernels::{
@@ -71,7 +72,7 @@ mod gpu {
         }
         let (mut logp, mut entropy) = (s.alloc_zeros::<f32>(16).unwrap(), s.alloc_zeros::<f32>(16).unwrap());
         let mut status = CudaStatus::new(s).unwrap();
-        let out = DeviceTokenOutputs::default().logp(logp.as_view_mut()).entropy(entropy.as_view_mut());
+        let out = TokenOutputs::default().logp(logp.as_view_mut()).entropy(entropy.as_view_mut());
         cuda::finish_vocab_partials(s, &partials, shards, &up.tokens(), out, &mut status, &case.opts)
             .unwrap();
         status.check(s).unwrap();

@@ -76,6 +76,7 @@ pub fn token_logprobs(
                             logp: logp.as_deref_mut().map(|s| &mut s[r.clone()]),
                             entropy: entropy.as_deref_mut().map(|s| &mut s[r.clone()]),
                             lse: lse.as_deref_mut().map(|s| &mut s[r.clone()]),
+                            workspace: None,
                         };
                         cpu::token_logprobs(&l[rows.block_range(k)], rows.shape, &tokens, out, &opts).map_err(|e| rows.block_error(k, e))?;
                     }

@@ -93,11 +93,10 @@ impl CustomOp2 for TokenLogprobsOp {
             for k in 0..rows.offsets.len() {
                 let r = rows.block_rows(k);
                 let tokens = Tokens { targets: &targets[r.clone()], mask: mask.map(|m| &m[r.clone()]) };
-                let outs = TokenOutputs {
-                    logp: Some(&mut logp[r.clone()]),
-                    entropy: Some(&mut entropy[r.clone()]),
-                    lse: Some(&mut lse[r]),
-                };
+                let outs = TokenOutputs::default()
+                    .logp(&mut logp[r.clone()])
+                    .entropy(&mut entropy[r.clone()])
+                    .lse(&mut lse[r]);
                 cpu::token_logprobs(&logits[rows.block_range(k)], rows.shape, &tokens, outs, &self.opts)
                     .map_err(|e| to_candle(rows.block_error(k, e)))?;
             }
@@ -183,7 +182,8 @@ mod gpu {
     use super::super::to_candle;
     use super::TokenLogprobsOp;
     use crate::RowBlocks;
-    use crate::cuda::{self, DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens};
+    use crate::cuda::{self};
+    use crate::{TokenGrads, TokenOutputs, Tokens};
 
     pub(super) fn forward(
         op: &TokenLogprobsOp,
@@ -204,13 +204,13 @@ mod gpu {
             let targets = flat_view::<I>(s2, l2, n, "targets")?;
             for k in 0..rows.offsets.len() {
                 let r = rows.block_rows(k);
-                let tokens = DeviceTokens {
+                let tokens = Tokens {
                     targets: targets.slice(r.clone()),
                     mask: mask.as_ref().map(|m| m.slice(r.clone())),
                 };
                 let (mut logp, mut rest) = out.split_at_mut(n);
                 let (mut entropy, mut lse) = rest.split_at_mut(n);
-                let outs = DeviceTokenOutputs {
+                let outs = TokenOutputs {
                     logp: Some(logp.slice_mut(r.clone())),
                     entropy: Some(entropy.slice_mut(r.clone())),
                     lse: Some(lse.slice_mut(r)),
@@ -254,11 +254,11 @@ mod gpu {
                 let r = rows.block_rows(k);
                 let at = |base: usize| saved.slice(base * n + r.start..base * n + r.end);
                 let g_at = |base: usize| grad.slice(base * n + r.start..base * n + r.end);
-                let tokens = DeviceTokens {
+                let tokens = Tokens {
                     targets: targets.slice(r.clone()),
                     mask: mask.as_ref().map(|m| m.slice(r.clone())),
                 };
-                let grads = DeviceTokenGrads {
+                let grads = TokenGrads {
                     lse: at(2),
                     entropy: Some(at(1)),
                     grad_logp: Some(g_at(0)),

@@ -334,9 +334,10 @@ mod gpu {
     use super::super::storage::{Guard, check, cuda_side, flat_view, guard, stream_of, tensor};
     use super::super::to_candle;
     use super::{SampledKlOp, ValueLossOp, put};
+    use crate::ValueLossInputs;
     use crate::cuda::{
-        self, DeviceKlStats, DeviceSampledKlOutputs, DeviceValueLossInputs, DeviceValueLossOutputs,
-        DeviceValueStats, SampledKlInputs,
+        self, DeviceKlStats, DeviceSampledKlOutputs, DeviceValueLossOutputs, DeviceValueStats,
+        SampledKlInputs,
     };
     use crate::{RowShape, SampledKlStats, ValueLossStats};
 
@@ -429,7 +430,7 @@ mod gpu {
         };
         let mask =
             cuda_side(&guards[2], "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
-        let inputs = DeviceValueLossInputs {
+        let inputs = ValueLossInputs {
             shape: op.shape,
             values: flat_view::<f32>(values, vl, n, "values")?,
             old_values: flat_view::<f32>(o, ol, n, "old_values")?,

@@ -283,8 +283,9 @@ mod gpu {
     use super::super::storage::{check, cuda_side, flat_view, guard, stream_of, tensor};
     use super::super::to_candle;
     use super::Core;
+    use crate::PolicyLossInputs;
     use crate::PolicyLossStats;
-    use crate::cuda::{self, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats};
+    use crate::cuda::{self, DevicePolicyLossOutputs, DevicePolicyStats};
 
     /// Runs the loss on the GPU; with `grads`, writes `∂loss/∂logp` (and `∂loss/∂H`).
     fn run(
@@ -303,7 +304,7 @@ mod gpu {
         };
         let mask =
             cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
-        let inputs = DevicePolicyLossInputs {
+        let inputs = PolicyLossInputs {
             shape: core.shape,
             logp: flat_view::<f32>(logp, ll, n, "logp")?,
             old_logp: flat_view::<f32>(old, ol, n, "old_logp")?,

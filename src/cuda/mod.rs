@@ -39,14 +39,12 @@ pub use kl::{
     sampled_kl, sampled_kl_workspace_bytes,
 };
 pub use logprobs::{
-    DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens, finish_vocab_partials, log_softmax,
-    log_softmax_backward, token_logprobs, token_logprobs_backward, token_logprobs_backward_in_place,
-    token_logprobs_workspace_bytes, vocab_shard_partials,
+    finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
+    token_logprobs_backward_in_place, token_logprobs_workspace_bytes, vocab_shard_partials,
 };
 pub use module::kernels_built;
 pub use ppo::{
-    DeviceFusedPolicyInputs, DeviceFusedStats, DevicePolicyLossInputs, DevicePolicyLossOutputs,
-    DevicePolicyStats, DeviceValueLossInputs, DeviceValueLossOutputs, DeviceValueStats,
+    DeviceFusedStats, DevicePolicyLossOutputs, DevicePolicyStats, DeviceValueLossOutputs, DeviceValueStats,
     fused_workspace_bytes, policy_loss, policy_loss_from_logits, policy_loss_from_logits_in_place,
     policy_loss_workspace_bytes, value_loss, value_loss_workspace_bytes,
 };

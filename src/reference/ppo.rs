@@ -167,7 +167,7 @@ pub struct ValueLoss {
 ///
 /// ```
 /// use rlhf_kernels::{reference, RowShape, ValueLossInputs, ValueLossOptions};
-/// let inputs = ValueLossInputs { shape: RowShape::new(1, 1), values: &[1.0], old_values: &[0.0], returns: &[2.0], mask: None };
+/// let inputs = ValueLossInputs::new(RowShape::new(1, 1), &[1.0], &[0.0], &[2.0]);
 /// let out = reference::value_loss(&inputs, &ValueLossOptions::default().clip(Some(0.5)))?;
 /// // v_clip = 0.5: ½·max(1², 1.5²) = 1.125; the clipped error wins and the clip is active.
 /// assert_eq!((out.loss[0], out.grad_values[0], out.stats.clip_fraction), (1.125, 0.0, 1.0));

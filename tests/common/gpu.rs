@@ -80,8 +80,8 @@ pub struct Uploaded<T> {
 }
 
 impl<T> Uploaded<T> {
-    pub fn tokens(&self) -> DeviceTokens<'_, i64> {
-        let t = DeviceTokens::new(self.targets.as_view());
+    pub fn tokens(&self) -> Tokens<'_, i64, Cuda> {
+        let t = Tokens::new(self.targets.as_view());
         match &self.mask {
             Some(m) => t.with_mask(m.as_view()),
             None => t,
@@ -101,7 +101,7 @@ impl TokenBackend for Gpu {
         );
         let mut status = CudaStatus::new(s)?;
         {
-            let out = DeviceTokenOutputs::default().logp(logp.as_view_mut()).lse(lse.as_view_mut());
+            let out = TokenOutputs::default().logp(logp.as_view_mut()).lse(lse.as_view_mut());
             let out = if with_entropy { out.entropy(entropy.as_view_mut()) } else { out };
             cuda::token_logprobs(s, &up.x, case.shape, &up.tokens(), out, &mut status, &case.opts)?;
         }
@@ -119,7 +119,7 @@ impl TokenBackend for Gpu {
         let lse = s.clone_htod(grads.lse).unwrap();
         let opt = |v: Option<&[f32]>| v.map(|v| s.clone_htod(v).unwrap());
         let (entropy, gl, gh) = (opt(grads.entropy), opt(grads.grad_logp), opt(grads.grad_entropy));
-        let dg = DeviceTokenGrads {
+        let dg = TokenGrads {
             lse: lse.as_view(),
             entropy: entropy.as_ref().map(|v| v.as_view()),
             grad_logp: gl.as_ref().map(|v| v.as_view()),
@@ -128,7 +128,7 @@ impl TokenBackend for Gpu {
         let mut status = CudaStatus::new(s)?;
         let targets = up.targets.clone();
         let mask = up.mask.clone();
-        let tokens = DeviceTokens { targets: targets.as_view(), mask: mask.as_ref().map(|m| m.as_view()) };
+        let tokens = Tokens { targets: targets.as_view(), mask: mask.as_ref().map(|m| m.as_view()) };
         if in_place {
             cuda::token_logprobs_backward_in_place(
                 s,
@@ -475,7 +475,7 @@ impl PpoBackend for Gpu {
         let nan = vec![f32::NAN; len.max(1)];
         let (mut l, mut g, mut h) = (self.up(&nan).0, self.up(&nan).0, self.up(&nan).0);
         let (mut stats, mut status) = (DevicePolicyStats::new(s)?, CudaStatus::new(s)?);
-        let inputs = DevicePolicyLossInputs {
+        let inputs = PolicyLossInputs {
             shape: c.shape,
             logp: lp.slice(0..n),
             old_logp: old.slice(0..n_old),
@@ -513,7 +513,7 @@ impl PpoBackend for Gpu {
         let entropy = c.entropy.as_ref().map(|h| self.up(h).0);
         let (mut g, mut h) = (self.up(start).0, self.up(start).0);
         let mut status = CudaStatus::new(s)?;
-        let inputs = DevicePolicyLossInputs {
+        let inputs = PolicyLossInputs {
             shape: c.shape,
             logp: lp.as_view(),
             old_logp: old.as_view(),
@@ -542,7 +542,7 @@ impl PpoBackend for Gpu {
         let nan = vec![f32::NAN; len.max(1)];
         let (mut l, mut g) = (self.up(&nan).0, self.up(&nan).0);
         let (mut stats, mut status) = (DeviceValueStats::new(s)?, CudaStatus::new(s)?);
-        let inputs = DeviceValueLossInputs {
+        let inputs = ValueLossInputs {
             shape: c.shape,
             values: v.slice(0..n),
             old_values: old.slice(0..n_old),
@@ -591,8 +591,8 @@ impl FusedBackend for Gpu {
         let (targets, mask) = (s.clone_htod(&c.targets).unwrap(), s.clone_htod(&c.mask).unwrap());
         let (old, adv) = (s.clone_htod(&c.old_logp).unwrap(), s.clone_htod(&c.advantages).unwrap());
         let ref_logp = c.ref_logp.as_ref().map(|r| s.clone_htod(r).unwrap());
-        let inputs = DeviceFusedPolicyInputs {
-            tokens: DeviceTokens::new(targets.as_view()).with_mask(mask.as_view()),
+        let inputs = FusedPolicyInputs {
+            tokens: Tokens::new(targets.as_view()).with_mask(mask.as_view()),
             sequences: c.sequences,
             old_logp: old.as_view(),
             advantages: adv.as_view(),

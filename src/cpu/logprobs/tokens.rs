@@ -424,13 +424,7 @@ struct RowWriters<'a> {
 
 impl<'a> RowWriters<'a> {
     fn new(out: TokenOutputs<'a>, rows: usize) -> Result<Self> {
-        if out.logp.is_none() && out.entropy.is_none() && out.lse.is_none() {
-            return Err(Error::InvalidOption {
-                name: "outputs",
-                value: "none requested".into(),
-                expected: "at least one of logp, entropy, lse",
-            });
-        }
+        out.check(rows)?;
         let wrap = |what, o: Option<&'a mut [f32]>| o.map(|s| RowWriter::new(what, s, rows)).transpose();
         Ok(RowWriters {
             logp: wrap("logp", out.logp)?,

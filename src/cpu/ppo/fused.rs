@@ -53,11 +53,11 @@ fn forward<T: Element, I: TargetIndex>(
     let mut grad_entropy = vec![0.0f32; n];
     let loss_inputs = PolicyLossInputs {
         shape: seqs,
-        logp: &logp,
+        logp: &logp[..],
         old_logp: inputs.old_logp,
         advantages: inputs.advantages,
         mask,
-        entropy: Some(&entropy),
+        entropy: Some(&entropy[..]),
     };
     let out = PolicyLossOutputs::default()
         .grad_logp(&mut grad_logp)

@@ -63,7 +63,7 @@ pub(crate) fn value_token(clip: Option<f32>, v: f32, old: f32, ret: f32) -> (f32
 ///
 /// ```
 /// use rlhf_kernels::{cpu, RowShape, ValueLossInputs, ValueLossOptions};
-/// let inputs = ValueLossInputs { shape: RowShape::new(1, 2), values: &[1.0, 0.1], old_values: &[0.0, 0.0], returns: &[2.0, 0.0], mask: None };
+/// let inputs = ValueLossInputs::new(RowShape::new(1, 2), &[1.0, 0.1], &[0.0, 0.0], &[2.0, 0.0]);
 /// let mut grad = [0.0f32; 2];
 /// let stats = cpu::value_loss(&inputs, cpu::ValueLossOutputs::default().grad_values(&mut grad), &ValueLossOptions::default().clip(Some(0.5)))?;
 /// assert_eq!(grad, [0.0, 0.05]); // token 0 clipped (no gradient); token 1: (v − R)/2 tokens

@@ -7,9 +7,8 @@ mod tokens;
 
 pub use log_softmax::{log_softmax, log_softmax_backward};
 pub use tokens::{
-    DeviceTokenGrads, DeviceTokenOutputs, DeviceTokens, finish_vocab_partials, token_logprobs,
-    token_logprobs_backward, token_logprobs_backward_in_place, token_logprobs_workspace_bytes,
-    vocab_shard_partials,
+    finish_vocab_partials, token_logprobs, token_logprobs_backward, token_logprobs_backward_in_place,
+    token_logprobs_workspace_bytes, vocab_shard_partials,
 };
 
 /// Raw-pointer entry points of the family.

@@ -10,123 +10,23 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
 use super::token_launch::raw::{FinishVocabArgs, VocabShardArgs, finish_partials_on, shard_partials_on};
 use super::token_launch::{
     BackwardArgs, ForwardArgs, RowSelect, chunks, launch_backward, launch_forward, split,
 };
 use crate::cuda::{CudaStatus, opt_ptr, opt_ptr_mut};
-use crate::logprobs::{check_grads_present, check_len};
-use crate::{DType, Element, Error, Result, RowShape, TargetIndex, TokenLogprobsOptions, VocabPartial};
+use crate::logprobs::check_len;
+use crate::{
+    Cuda, DType, Element, Result, RowShape, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs,
+    Tokens, VocabPartial,
+};
 
 /// Bytes of workspace [`token_logprobs`] uses for `shape` and `dtype`: 0 when each row is
 /// walked by one block, else one [`VocabPartial`] per (row, chunk).
 pub fn token_logprobs_workspace_bytes(shape: RowShape, dtype: DType) -> usize {
     if split(shape, dtype) { shape.rows * chunks(shape, dtype) * size_of::<VocabPartial>() } else { 0 }
-}
-
-/// Targets and the optional mask on the device (see [`Tokens`](crate::Tokens)).
-#[derive(Debug)]
-pub struct DeviceTokens<'a, I> {
-    /// One target id per row.
-    pub targets: CudaView<'a, I>,
-    /// Optional mask, one byte per row (0 = padding).
-    pub mask: Option<CudaView<'a, u8>>,
-}
-
-impl<'a, I: TargetIndex> DeviceTokens<'a, I> {
-    /// Targets without a mask.
-    pub fn new(targets: CudaView<'a, I>) -> Self {
-        DeviceTokens { targets, mask: None }
-    }
-
-    /// Adds a mask.
-    pub fn with_mask(self, mask: CudaView<'a, u8>) -> Self {
-        DeviceTokens { mask: Some(mask), ..self }
-    }
-}
-
-/// Where the forward writes on the device (see [`TokenOutputs`](crate::TokenOutputs)), and
-/// optionally the workspace of the split path
-/// ([`token_logprobs_workspace_bytes`] bytes, 16-byte aligned; allocated on the stream when
-/// needed and absent).
-#[derive(Debug, Default)]
-pub struct DeviceTokenOutputs<'a> {
-    /// `log softmax(z)[y]` per row.
-    pub logp: Option<CudaViewMut<'a, f32>>,
-    /// Entropy per row.
-    pub entropy: Option<CudaViewMut<'a, f32>>,
-    /// Log-sum-exp per row.
-    pub lse: Option<CudaViewMut<'a, f32>>,
-    /// Scratch for few long rows.
-    pub workspace: Option<CudaViewMut<'a, u8>>,
-}
-
-impl<'a> DeviceTokenOutputs<'a> {
-    /// Requests the target's log-probability.
-    pub fn logp(self, v: CudaViewMut<'a, f32>) -> Self {
-        DeviceTokenOutputs { logp: Some(v), ..self }
-    }
-    /// Requests the entropy.
-    pub fn entropy(self, v: CudaViewMut<'a, f32>) -> Self {
-        DeviceTokenOutputs { entropy: Some(v), ..self }
-    }
-    /// Requests the log-sum-exp.
-    pub fn lse(self, v: CudaViewMut<'a, f32>) -> Self {
-        DeviceTokenOutputs { lse: Some(v), ..self }
-    }
-    /// Provides the workspace.
-    pub fn workspace(self, v: CudaViewMut<'a, u8>) -> Self {
-        DeviceTokenOutputs { workspace: Some(v), ..self }
-    }
-}
-
-/// What the backward needs on the device (see [`TokenGrads`](crate::TokenGrads)).
-#[derive(Debug)]
-pub struct DeviceTokenGrads<'a> {
-    /// `lse` from the forward.
-    pub lse: CudaView<'a, f32>,
-    /// `entropy` from the forward (needed with `grad_entropy`).
-    pub entropy: Option<CudaView<'a, f32>>,
-    /// Upstream gradient of `logp`.
-    pub grad_logp: Option<CudaView<'a, f32>>,
-    /// Upstream gradient of the entropy.
-    pub grad_entropy: Option<CudaView<'a, f32>>,
-}
-
-impl<'a> DeviceTokenGrads<'a> {
-    /// Starts from the saved `lse`.
-    pub fn new(lse: CudaView<'a, f32>) -> Self {
-        DeviceTokenGrads { lse, entropy: None, grad_logp: None, grad_entropy: None }
-    }
-    /// Adds the upstream gradient of `logp`.
-    pub fn grad_logp(self, g: CudaView<'a, f32>) -> Self {
-        DeviceTokenGrads { grad_logp: Some(g), ..self }
-    }
-    /// Adds the upstream gradient of the entropy, with the forward's entropy.
-    pub fn grad_entropy(self, g: CudaView<'a, f32>, entropy: CudaView<'a, f32>) -> Self {
-        DeviceTokenGrads { grad_entropy: Some(g), entropy: Some(entropy), ..self }
-    }
-}
-
-fn check_tokens<I>(tokens: &DeviceTokens<'_, I>, rows: usize) -> Result<()> {
-    check_len("targets", tokens.targets.len(), rows)?;
-    tokens.mask.as_ref().map_or(Ok(()), |m| check_len("mask", m.len(), rows))
-}
-
-fn check_outputs(out: &DeviceTokenOutputs<'_>, rows: usize) -> Result<()> {
-    if out.logp.is_none() && out.entropy.is_none() && out.lse.is_none() {
-        return Err(Error::InvalidOption {
-            name: "outputs",
-            value: "none requested".into(),
-            expected: "at least one of logp, entropy, lse",
-        });
-    }
-    for (what, v) in [("logp", &out.logp), ("entropy", &out.entropy), ("lse", &out.lse)] {
-        v.as_ref().map_or(Ok(()), |v| check_len(what, v.len(), rows))?;
-    }
-    Ok(())
 }
 
 /// Log-probability of each row's target, the row's entropy and its log-sum-exp, for any subset
@@ -146,7 +46,8 @@ fn check_outputs(out: &DeviceTokenOutputs<'_>, rows: usize) -> Result<()> {
 /// NaN and is reported as [`RowProblem::Overflow`](crate::RowProblem::Overflow), as on the CPU.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceTokenOutputs, DeviceTokens};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::{TokenOutputs, Tokens};
 /// use rlhf_kernels::{bf16, RowShape, TokenLogprobsOptions};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -155,8 +56,8 @@ fn check_outputs(out: &DeviceTokenOutputs<'_>, rows: usize) -> Result<()> {
 /// let targets = s.clone_htod(&[3i64, 0]).unwrap();
 /// let mut logp = s.alloc_zeros::<f32>(2).unwrap();
 /// let mut status = CudaStatus::new(s)?;
-/// cuda::token_logprobs(s, &logits, shape, &DeviceTokens::new(targets.as_view()),
-///                      DeviceTokenOutputs::default().logp(logp.as_view_mut()), &mut status,
+/// cuda::token_logprobs(s, &logits, shape, &Tokens::new(targets.as_view()),
+///                      TokenOutputs::default().logp(logp.as_view_mut()), &mut status,
 ///                      &TokenLogprobsOptions::default())?;
 /// status.check(s)?; // logp = [ln 1/4, ln 1/4]
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -165,14 +66,14 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
     stream: &Arc<CudaStream>,
     logits: &impl DevicePtr<T>,
     shape: RowShape,
-    tokens: &DeviceTokens<'_, I>,
-    mut out: DeviceTokenOutputs<'_>,
+    tokens: &Tokens<'_, I, Cuda>,
+    mut out: TokenOutputs<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
     shape.check_buffer("logits", logits.len())?;
-    check_tokens(tokens, shape.rows)?;
-    check_outputs(&out, shape.rows)?;
+    tokens.check(shape.rows)?;
+    out.check(shape.rows)?;
     let inv_tau = opts.inv_temperature()?;
     let need = token_logprobs_workspace_bytes(shape, T::DTYPE);
     if let Some(w) = &out.workspace {
@@ -214,7 +115,8 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
 /// NaN and are reported in `status`.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceTokenGrads, DeviceTokens};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::{TokenGrads, Tokens};
 /// use rlhf_kernels::{RowShape, TokenLogprobsOptions};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -224,8 +126,8 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
 /// let g = s.clone_htod(&[1.0f32]).unwrap();
 /// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
 /// let mut status = CudaStatus::new(s)?;
-/// cuda::token_logprobs_backward(s, &logits, RowShape::new(1, 2), &DeviceTokens::new(targets.as_view()),
-///                               &DeviceTokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
+/// cuda::token_logprobs_backward(s, &logits, RowShape::new(1, 2), &Tokens::new(targets.as_view()),
+///                               &TokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
 ///                               &mut grad, &mut status, &TokenLogprobsOptions::default())?;
 /// status.check(s)?; // grad = [0.5, -0.5]
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -235,8 +137,8 @@ pub fn token_logprobs_backward<T: Element, I: TargetIndex>(
     stream: &Arc<CudaStream>,
     logits: &impl DevicePtr<T>,
     shape: RowShape,
-    tokens: &DeviceTokens<'_, I>,
-    grads: &DeviceTokenGrads<'_>,
+    tokens: &Tokens<'_, I, Cuda>,
+    grads: &TokenGrads<'_, Cuda>,
     grad_logits: &mut impl DevicePtrMut<T>,
     status: &mut CudaStatus,
     opts: &TokenLogprobsOptions,
@@ -254,7 +156,8 @@ pub fn token_logprobs_backward<T: Element, I: TargetIndex>(
 /// the out-of-place backward bit for bit.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceTokenGrads, DeviceTokens};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::{TokenGrads, Tokens};
 /// use rlhf_kernels::{RowShape, TokenLogprobsOptions};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -264,7 +167,7 @@ pub fn token_logprobs_backward<T: Element, I: TargetIndex>(
 /// let g = s.clone_htod(&[1.0f32]).unwrap();
 /// let mut status = CudaStatus::new(s)?;
 /// cuda::token_logprobs_backward_in_place(s, &mut logits, RowShape::new(1, 2),
-///     &DeviceTokens::new(targets.as_view()), &DeviceTokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
+///     &Tokens::new(targets.as_view()), &TokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
 ///     &mut status, &TokenLogprobsOptions::default())?;
 /// status.check(s)?; // logits now hold the gradient [0.5, -0.5]
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -273,8 +176,8 @@ pub fn token_logprobs_backward_in_place<T: Element, I: TargetIndex>(
     stream: &Arc<CudaStream>,
     logits: &mut impl DevicePtrMut<T>,
     shape: RowShape,
-    tokens: &DeviceTokens<'_, I>,
-    grads: &DeviceTokenGrads<'_>,
+    tokens: &Tokens<'_, I, Cuda>,
+    grads: &TokenGrads<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
@@ -290,20 +193,14 @@ fn backward_common<I: TargetIndex>(
     x: u64,
     dx: u64,
     shape: RowShape,
-    tokens: &DeviceTokens<'_, I>,
-    grads: &DeviceTokenGrads<'_>,
+    tokens: &Tokens<'_, I, Cuda>,
+    grads: &TokenGrads<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &TokenLogprobsOptions,
     dtype: DType,
 ) -> Result<()> {
-    check_tokens(tokens, shape.rows)?;
-    check_len("lse", grads.lse.len(), shape.rows)?;
-    check_grads_present(grads.grad_logp.is_some(), grads.grad_entropy.is_some(), grads.entropy.is_some())?;
-    for (what, v) in
-        [("entropy", &grads.entropy), ("grad_logp", &grads.grad_logp), ("grad_entropy", &grads.grad_entropy)]
-    {
-        v.as_ref().map_or(Ok(()), |v| check_len(what, v.len(), shape.rows))?;
-    }
+    tokens.check(shape.rows)?;
+    grads.check(shape.rows)?;
     let inv_tau = opts.inv_temperature()?;
     let s: &CudaStream = stream;
     let (targets, _gt) = tokens.targets.device_ptr(s);
@@ -339,13 +236,13 @@ pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
     stream: &Arc<CudaStream>,
     logits: &impl DevicePtr<T>,
     shape: RowShape,
-    tokens: &DeviceTokens<'_, I>,
+    tokens: &Tokens<'_, I, Cuda>,
     vocab_offset: usize,
     partials: &mut impl DevicePtrMut<VocabPartial>,
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
     shape.check_buffer("logits", logits.len())?;
-    check_tokens(tokens, shape.rows)?;
+    tokens.check(shape.rows)?;
     check_len("partials", partials.len(), shape.rows)?;
     let s: &CudaStream = stream;
     let (x, _gx) = logits.device_ptr(s);
@@ -375,14 +272,14 @@ pub fn finish_vocab_partials<I: TargetIndex>(
     stream: &Arc<CudaStream>,
     partials: &impl DevicePtr<VocabPartial>,
     shards: usize,
-    tokens: &DeviceTokens<'_, I>,
-    mut out: DeviceTokenOutputs<'_>,
+    tokens: &Tokens<'_, I, Cuda>,
+    mut out: TokenOutputs<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
     let rows = tokens.targets.len();
-    check_tokens(tokens, rows)?;
-    check_outputs(&out, rows)?;
+    tokens.check(rows)?;
+    out.check(rows)?;
     check_len("partials", partials.len(), shards.saturating_mul(rows))?;
     let s: &CudaStream = stream;
     let (p, _gp) = partials.device_ptr(s);

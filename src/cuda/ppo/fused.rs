@@ -8,37 +8,22 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::cuda::aggregation::workspace_or_alloc;
 use crate::cuda::kl::raw::SampledKlArgs;
 use crate::cuda::kl::{DeviceKlStats, launch_sampled, sampled_kl_workspace_bytes};
 use crate::cuda::logprobs::raw::{TokenLogprobsArgs, TokenLogprobsBackwardArgs, backward_on, forward_on};
-use crate::cuda::logprobs::{DeviceTokens, token_logprobs_workspace_bytes};
+use crate::cuda::logprobs::token_logprobs_workspace_bytes;
 use crate::cuda::{CudaStatus, driver_error, non_null, opt_ptr};
 use crate::logprobs::check_len;
+use crate::{Cuda, FusedPolicyInputs};
 use crate::{
     DType, Element, Error, FusedPolicyStats, IndexType, PolicyLossOptions, Result, RowShape,
     SampledKlOptions, TargetIndex, TokenLogprobsOptions,
 };
 
 use super::loss::{DevicePolicyStats, PolicyLossArgs, launch_policy, policy_loss_workspace_bytes};
-
-/// The device inputs of the fused path besides the logits (see
-/// [`FusedPolicyInputs`](crate::FusedPolicyInputs): padding from the tokens' mask only).
-#[derive(Debug)]
-pub struct DeviceFusedPolicyInputs<'a, I> {
-    /// Sampled tokens and the token mask.
-    pub tokens: DeviceTokens<'a, I>,
-    /// The `[B, T]` view of the token rows (dense, `B·T` = the logits' rows).
-    pub sequences: RowShape,
-    /// `log π_old(y_t)`.
-    pub old_logp: CudaView<'a, f32>,
-    /// Advantages per token.
-    pub advantages: CudaView<'a, f32>,
-    /// A KL loss term: the reference log-probs and the estimator options.
-    pub kl: Option<(CudaView<'a, f32>, SampledKlOptions)>,
-}
 
 /// The statistics of the fused path on the device, and the workspace its calls reuse (the
 /// per-token temporaries and the stages' scratch: [`fused_workspace_bytes`], grown when a batch
@@ -262,7 +247,7 @@ fn run<T: Element, I: TargetIndex>(
     stream: &Arc<CudaStream>,
     logits: u64,
     shape: RowShape,
-    inputs: &DeviceFusedPolicyInputs<'_, I>,
+    inputs: &FusedPolicyInputs<'_, I, Cuda>,
     grad_logits: u64,
     stats: &mut DeviceFusedStats,
     status: &mut CudaStatus,
@@ -337,7 +322,9 @@ fn run<T: Element, I: TargetIndex>(
 /// `status`.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceFusedPolicyInputs, DeviceFusedStats, DeviceTokens};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceFusedStats};
+/// use rlhf_kernels::{FusedPolicyInputs};
+/// use rlhf_kernels::{Tokens};
 /// use rlhf_kernels::{PolicyLossOptions, RowShape, TokenLogprobsOptions};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -347,7 +334,7 @@ fn run<T: Element, I: TargetIndex>(
 /// let (old, adv) = (s.clone_htod(&[-1.0f32, -0.5]).unwrap(), s.clone_htod(&[1.0f32, -1.0]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(8).unwrap();
 /// let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
-/// let inputs = DeviceFusedPolicyInputs { tokens: DeviceTokens::new(targets.as_view()), sequences: RowShape::new(1, 2),
+/// let inputs = FusedPolicyInputs { tokens: Tokens::new(targets.as_view()), sequences: RowShape::new(1, 2),
 ///     old_logp: old.as_view(), advantages: adv.as_view(), kl: None };
 /// cuda::policy_loss_from_logits(s, &logits, shape, &inputs, &mut grad, &mut stats, &mut status,
 ///                               &TokenLogprobsOptions::default(), &PolicyLossOptions::default())?;
@@ -360,7 +347,7 @@ pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
     stream: &Arc<CudaStream>,
     logits: &impl DevicePtr<T>,
     shape: RowShape,
-    inputs: &DeviceFusedPolicyInputs<'_, I>,
+    inputs: &FusedPolicyInputs<'_, I, Cuda>,
     grad_logits: &mut impl DevicePtrMut<T>,
     stats: &mut DeviceFusedStats,
     status: &mut CudaStatus,
@@ -378,7 +365,9 @@ pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
 /// [`policy_loss_from_logits`] writing the gradient over the logits.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceFusedPolicyInputs, DeviceFusedStats, DeviceTokens};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceFusedStats};
+/// use rlhf_kernels::{FusedPolicyInputs};
+/// use rlhf_kernels::{Tokens};
 /// use rlhf_kernels::{PolicyLossOptions, RowShape, TokenLogprobsOptions};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -386,7 +375,7 @@ pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
 /// let targets = s.clone_htod(&[2i64]).unwrap();
 /// let (old, adv) = (s.clone_htod(&[-0.5f32]).unwrap(), s.clone_htod(&[1.0f32]).unwrap());
 /// let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
-/// let inputs = DeviceFusedPolicyInputs { tokens: DeviceTokens::new(targets.as_view()), sequences: RowShape::new(1, 1),
+/// let inputs = FusedPolicyInputs { tokens: Tokens::new(targets.as_view()), sequences: RowShape::new(1, 1),
 ///     old_logp: old.as_view(), advantages: adv.as_view(), kl: None };
 /// cuda::policy_loss_from_logits_in_place(s, &mut logits, RowShape::new(1, 3), &inputs, &mut stats, &mut status,
 ///                                        &TokenLogprobsOptions::default(), &PolicyLossOptions::default())?;
@@ -398,7 +387,7 @@ pub fn policy_loss_from_logits_in_place<T: Element, I: TargetIndex>(
     stream: &Arc<CudaStream>,
     logits: &mut (impl DevicePtr<T> + DevicePtrMut<T>),
     shape: RowShape,
-    inputs: &DeviceFusedPolicyInputs<'_, I>,
+    inputs: &FusedPolicyInputs<'_, I, Cuda>,
     stats: &mut DeviceFusedStats,
     status: &mut CudaStatus,
     logprobs: &TokenLogprobsOptions,

@@ -7,8 +7,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 use crate::cuda::aggregation::{
@@ -17,30 +16,15 @@ use crate::cuda::aggregation::{
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
-use crate::{BatchCounts, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result, RowShape};
+use crate::{
+    BatchCounts, Cuda, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result,
+    RowShape,
+};
 
 /// Bytes per sequence of the policy row records (`PolicyRow`: 12 f32).
 const POLICY_RECORD_BYTES: usize = 48;
 /// f64 words of the policy statistics (`PolicyStat` in the kernel).
 pub const POLICY_STATS_WORDS: usize = 15;
-
-/// The device inputs of [`policy_loss`], each laid out as `shape` (see
-/// [`PolicyLossInputs`](crate::PolicyLossInputs)).
-#[derive(Debug)]
-pub struct DevicePolicyLossInputs<'a> {
-    /// `[B, T]` of every array.
-    pub shape: RowShape,
-    /// `log π(y_t)`.
-    pub logp: CudaView<'a, f32>,
-    /// `log π_old(y_t)`.
-    pub old_logp: CudaView<'a, f32>,
-    /// Advantages.
-    pub advantages: CudaView<'a, f32>,
-    /// Response mask; `None`: all valid.
-    pub mask: Option<CudaView<'a, u8>>,
-    /// Per-token entropy.
-    pub entropy: Option<CudaView<'a, f32>>,
-}
 
 /// Device-side statistics of [`policy_loss`]; [`read`](Self::read) copies them to the host
 /// (synchronising the stream once).
@@ -191,14 +175,15 @@ impl LossLaunch {
 /// too.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DevicePolicyLossOutputs, DevicePolicyStats};
+/// use rlhf_kernels::{PolicyLossInputs};
 /// use rlhf_kernels::{PolicyLossOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let (logp, old, adv) = (s.clone_htod(&[-1.0f32, -0.5]).unwrap(), s.clone_htod(&[-1.0f32, -1.0]).unwrap(), s.clone_htod(&[1.0f32, 1.0]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
 /// let (mut stats, mut status) = (DevicePolicyStats::new(s)?, CudaStatus::new(s)?);
-/// let inputs = DevicePolicyLossInputs { shape: RowShape::new(1, 2), logp: logp.as_view(), old_logp: old.as_view(),
+/// let inputs = PolicyLossInputs { shape: RowShape::new(1, 2), logp: logp.as_view(), old_logp: old.as_view(),
 ///     advantages: adv.as_view(), mask: None, entropy: None };
 /// let out = DevicePolicyLossOutputs { grad_logp: Some(grad.as_view_mut()), stats: Some(&mut stats), ..Default::default() };
 /// cuda::policy_loss(s, &inputs, out, &mut status, &PolicyLossOptions::default())?;
@@ -208,7 +193,7 @@ impl LossLaunch {
 /// ```
 pub fn policy_loss(
     stream: &Arc<CudaStream>,
-    inputs: &DevicePolicyLossInputs<'_>,
+    inputs: &PolicyLossInputs<'_, Cuda>,
     mut out: DevicePolicyLossOutputs<'_>,
     status: &mut CudaStatus,
     opts: &PolicyLossOptions,

@@ -8,13 +8,10 @@ pub mod raw;
 mod value;
 
 pub use fused::{
-    DeviceFusedPolicyInputs, DeviceFusedStats, fused_workspace_bytes, policy_loss_from_logits,
-    policy_loss_from_logits_in_place,
+    DeviceFusedStats, fused_workspace_bytes, policy_loss_from_logits, policy_loss_from_logits_in_place,
 };
 pub use loss::{
-    DevicePolicyLossInputs, DevicePolicyLossOutputs, DevicePolicyStats, POLICY_STATS_WORDS, PolicyLossArgs,
-    policy_loss, policy_loss_workspace_bytes, policy_stats_from_words, policy_stats_to_words,
+    DevicePolicyLossOutputs, DevicePolicyStats, POLICY_STATS_WORDS, PolicyLossArgs, policy_loss,
+    policy_loss_workspace_bytes, policy_stats_from_words, policy_stats_to_words,
 };
-pub use value::{
-    DeviceValueLossInputs, DeviceValueLossOutputs, DeviceValueStats, value_loss, value_loss_workspace_bytes,
-};
+pub use value::{DeviceValueLossOutputs, DeviceValueStats, value_loss, value_loss_workspace_bytes};

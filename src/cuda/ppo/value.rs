@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::loss::LossLaunch;
 use crate::cuda::aggregation::{
@@ -11,28 +11,13 @@ use crate::cuda::aggregation::{
     workspace_or_alloc,
 };
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
-use crate::{BatchCounts, Result, RowShape, ValueLossOptions, ValueLossStats};
+use crate::{BatchCounts, Cuda, Result, RowShape, ValueLossInputs, ValueLossOptions, ValueLossStats};
 
 /// Bytes per sequence of the value row records (`ValueRow`: 4 f32).
 const VALUE_RECORD_BYTES: usize = 16;
 /// f64 words of the statistics of a raw [`value_loss`](crate::cuda::raw::value_loss):
 /// `[loss, clip fraction, valid tokens, valid sequences, sequences]`.
 pub const VALUE_STATS_WORDS: usize = 5;
-
-/// The device inputs of [`value_loss`], each laid out as `shape`.
-#[derive(Debug)]
-pub struct DeviceValueLossInputs<'a> {
-    /// `[B, T]` of every array.
-    pub shape: RowShape,
-    /// Current values `v`.
-    pub values: CudaView<'a, f32>,
-    /// Rollout-time values.
-    pub old_values: CudaView<'a, f32>,
-    /// Value targets.
-    pub returns: CudaView<'a, f32>,
-    /// Response mask; `None`: all valid.
-    pub mask: Option<CudaView<'a, u8>>,
-}
 
 /// Device-side statistics of [`value_loss`].
 #[derive(Debug)]
@@ -113,14 +98,15 @@ unsafe impl DeviceRepr for ValueParams {}
 /// `Overflow` too: there the CPU, which sums in f64, can still return a (huge) finite loss.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceValueLossInputs, DeviceValueLossOutputs};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceValueLossOutputs};
+/// use rlhf_kernels::{ValueLossInputs};
 /// use rlhf_kernels::{RowShape, ValueLossOptions};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let (v, old, ret) = (s.clone_htod(&[1.0f32]).unwrap(), s.clone_htod(&[0.0f32]).unwrap(), s.clone_htod(&[2.0f32]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(1).unwrap();
 /// let mut status = CudaStatus::new(s)?;
-/// let inputs = DeviceValueLossInputs { shape: RowShape::new(1, 1), values: v.as_view(), old_values: old.as_view(),
+/// let inputs = ValueLossInputs { shape: RowShape::new(1, 1), values: v.as_view(), old_values: old.as_view(),
 ///     returns: ret.as_view(), mask: None };
 /// let out = DeviceValueLossOutputs { grad_values: Some(grad.as_view_mut()), ..Default::default() };
 /// cuda::value_loss(s, &inputs, out, &mut status, &ValueLossOptions::default())?;
@@ -129,7 +115,7 @@ unsafe impl DeviceRepr for ValueParams {}
 /// ```
 pub fn value_loss(
     stream: &Arc<CudaStream>,
-    inputs: &DeviceValueLossInputs<'_>,
+    inputs: &ValueLossInputs<'_, Cuda>,
     mut out: DeviceValueLossOutputs<'_>,
     status: &mut CudaStatus,
     opts: &ValueLossOptions,

@@ -11,6 +11,7 @@ use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
     DType, Element, ExactDivergence, ExactKlOptions, KlEstimator, RowShape, SampledKlOptions, bf16, cpu, f16,
 };
+use rlhf_kernels::{ExactKlGrads, ReferenceRows};
 
 /// Sampled: logp, ref_logp and mask read; values and gradient written.
 fn sampled_bytes(shape: RowShape) -> u64 {
@@ -74,20 +75,14 @@ fn bench_exact_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
     let (mut value, mut lp, mut lq) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
     let mut grad = vec![T::default(); shape.len()];
     let g = vec![1.0f32 / n as f32; n];
-    let reference = cpu::ReferenceRows::new(&q, shape);
+    let reference = ReferenceRows::new(&q, shape);
     let mut grp = c.benchmark_group("exact_kl_fwd_bwd");
     grp.throughput(Throughput::Bytes(exact_bytes(shape, T::DTYPE)));
     grp.bench_function(id("cpu", shape, T::DTYPE), |b| {
         b.iter(|| {
             let out = cpu::ExactKlOutputs::default().value(&mut value).lse(&mut lp, &mut lq);
             cpu::exact_kl(&p, shape, &reference, out, &opts).unwrap();
-            let grads = cpu::ExactKlGrads {
-                grad: &g,
-                policy_lse: &lp,
-                ref_lse: &lq,
-                value: Some(&value),
-                policy_term: None,
-            };
+            let grads = ExactKlGrads::new(&g, &lp, &lq).value(&value);
             cpu::exact_kl_backward(&p, shape, &reference, &grads, &mut grad, &opts).unwrap();
         })
     });
@@ -99,10 +94,10 @@ mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
     use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats, DeviceReferenceRows,
-        DeviceSampledKlOutputs, SampledKlInputs,
+        self, CudaStatus, DeviceExactKlOutputs, DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs,
     };
     use rlhf_kernels::cudarc::driver::CudaStream;
+    use rlhf_kernels::{ExactKlGrads, ReferenceRows};
     use std::sync::Arc;
 
     pub fn bench_cuda(c: &mut Criterion) {
@@ -161,7 +156,7 @@ mod gpu {
         let mut ws =
             s.alloc_zeros::<u8>(cuda::exact_kl_workspace_bytes(shape, opts.divergence).max(16)).unwrap();
         let mut status = CudaStatus::new(s).unwrap();
-        let r = DeviceReferenceRows { logits: q.as_view(), shape, mask: None };
+        let r = ReferenceRows { logits: q.as_view(), shape, mask: None };
         bench_events(c, "exact_kl_fwd_bwd", shape, T::DTYPE, exact_bytes(shape, T::DTYPE), s, || {
             let out = DeviceExactKlOutputs {
                 value: Some(value.as_view_mut()),
@@ -172,7 +167,7 @@ mod gpu {
                 statistic: None,
             };
             cuda::exact_kl(s, &p, shape, &r, out, &mut status, &opts).unwrap();
-            let grads = DeviceExactKlGrads {
+            let grads = ExactKlGrads {
                 grad: g.as_view(),
                 policy_lse: lp.as_view(),
                 ref_lse: lq.as_view(),

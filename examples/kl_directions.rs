@@ -21,6 +21,7 @@ use std::error::Error;
 
 use plotters::prelude::*;
 use plotters::style::FontStyle;
+use rlhf_kernels::ReferenceRows;
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
     Aggregation, ExactDivergence, ExactKlOptions, KlEstimator, RowShape, SampledKlOptions, cpu,
@@ -63,7 +64,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let exact = |divergence| -> Result<Vec<f32>, rlhf_kernels::Error> {
         let mut kl = vec![0.0f32; VOCAB];
-        let reference_rows = cpu::ReferenceRows::new(&references, shape);
+        let reference_rows = ReferenceRows::new(&references, shape);
         let out = cpu::ExactKlOutputs::default().value(&mut kl);
         cpu::exact_kl(&policies, shape, &reference_rows, out, &ExactKlOptions::new(divergence))?;
         Ok(kl)

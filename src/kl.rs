@@ -64,7 +64,8 @@
 //! statistics; on the GPU two small kernels over the `B·T` values, after the pass over the
 //! `B·T·V` logits).
 
-use crate::{Aggregation, Error, Normaliser, Result, RowProblem, RowShape};
+use crate::memory::{Host, IntoView, Memory};
+use crate::{Aggregation, Element, Error, Normaliser, Result, RowProblem, RowShape};
 
 mod controller;
 pub use controller::KlController;
@@ -255,14 +256,14 @@ impl SampledKlStats {
 /// the token mask. [`Aggregation::TokenMean`] with [`Normaliser::Local`] is the masked mean.
 ///
 /// ```
-/// use rlhf_kernels::{cpu, ExactDivergence, ExactKlOptions, ExactKlStatistic, RowShape};
+/// use rlhf_kernels::{cpu, ExactDivergence, ExactKlOptions, ExactKlStatistic, ReferenceRows, RowShape};
 /// let (policy, reference) = ([1.0f32, 0.0, 0.0, 0.0], [0.0f32, 0.0, 0.0, 0.0]);
 /// let shape = RowShape::new(2, 2); // two tokens of one sequence
 /// let (mut kl, mut mean) = ([0.0f32; 2], 0.0f64);
 /// let stat = ExactKlStatistic::masked_mean(RowShape::new(1, 2));
 /// let out = cpu::ExactKlOutputs::default().value(&mut kl).statistic(&mut mean, stat);
 /// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
-/// cpu::exact_kl(&policy, shape, &cpu::ReferenceRows::new(&reference, shape), out, &opts)?;
+/// cpu::exact_kl(&policy, shape, &ReferenceRows::new(&reference, shape), out, &opts)?;
 /// assert!((mean - (kl[0] + kl[1]) as f64 / 2.0).abs() < 1e-7);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
@@ -360,6 +361,87 @@ impl ExactKlOptions {
     }
 }
 
+/// The reference side of an exact divergence: the reference policy's logits rows (their own
+/// dtype and row stride; same rows and cols as the policy's) and the row mask that applies to
+/// both sides (0 = padding row). `M` is where the buffers live ([`Host`] by default, `Cuda`
+/// for device views).
+///
+/// ```
+/// use rlhf_kernels::{ReferenceRows, RowShape};
+/// let logits = [0.0f32; 6];
+/// let reference = ReferenceRows::new(&logits, RowShape::new(2, 3)).with_mask(&[1, 0]);
+/// assert_eq!(reference.shape.rows, 2);
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ReferenceRows<'a, Q: 'a, M: Memory = Host> {
+    /// Reference logits.
+    pub logits: M::View<'a, Q>,
+    /// Their shape.
+    pub shape: RowShape,
+    /// One byte per row, or `None` (every row real).
+    pub mask: Option<M::View<'a, u8>>,
+}
+
+impl<'a, Q: Element, M: Memory> ReferenceRows<'a, Q, M> {
+    /// The reference logits, every row real.
+    pub fn new(logits: impl IntoView<'a, Q, Memory = M>, shape: RowShape) -> Self {
+        ReferenceRows { logits: logits.into_view(), shape, mask: None }
+    }
+    /// Adds the row mask, in the logits' memory.
+    pub fn with_mask(self, mask: impl IntoView<'a, u8, Memory = M>) -> Self {
+        ReferenceRows { mask: Some(mask.into_view()), ..self }
+    }
+}
+
+/// What the exact divergences' backward needs: the upstream gradient of each row's divergence
+/// and the forward's saved statistics (each `rows` f32). `M` is where the buffers live, as for
+/// [`ReferenceRows`].
+///
+/// ```
+/// use rlhf_kernels::ExactKlGrads;
+/// let (g, lse_p, lse_q, kl) = ([1.0f32; 2], [0.5f32; 2], [0.7f32; 2], [0.1f32; 2]);
+/// let grads = ExactKlGrads::new(&g, &lse_p, &lse_q).value(&kl);
+/// assert!(grads.policy_term.is_none());
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ExactKlGrads<'a, M: Memory = Host> {
+    /// Upstream gradient per row.
+    pub grad: M::View<'a, f32>,
+    /// `ln Σ exp(z_policy)` from the forward.
+    pub policy_lse: M::View<'a, f32>,
+    /// `ln Σ exp(z_ref)` from the forward.
+    pub ref_lse: M::View<'a, f32>,
+    /// The forward's value (needed for `KL[π‖π_ref]`).
+    pub value: Option<M::View<'a, f32>>,
+    /// The forward's policy term (needed for the JSD).
+    pub policy_term: Option<M::View<'a, f32>>,
+}
+
+impl<'a, M: Memory> ExactKlGrads<'a, M> {
+    /// The upstream gradient and both saved log-sum-exps.
+    pub fn new(
+        grad: impl IntoView<'a, f32, Memory = M>,
+        policy_lse: impl IntoView<'a, f32, Memory = M>,
+        ref_lse: impl IntoView<'a, f32, Memory = M>,
+    ) -> Self {
+        ExactKlGrads {
+            grad: grad.into_view(),
+            policy_lse: policy_lse.into_view(),
+            ref_lse: ref_lse.into_view(),
+            value: None,
+            policy_term: None,
+        }
+    }
+    /// Adds the forward's value (`KL[π‖π_ref]` needs it).
+    pub fn value(self, value: impl IntoView<'a, f32, Memory = M>) -> Self {
+        ExactKlGrads { value: Some(value.into_view()), ..self }
+    }
+    /// Adds the forward's policy term (the JSD needs it).
+    pub fn policy_term(self, policy_term: impl IntoView<'a, f32, Memory = M>) -> Self {
+        ExactKlGrads { policy_term: Some(policy_term.into_view()), ..self }
+    }
+}
+
 /// Per-row statistics of a vocabulary slice of both logits rows (a tensor-parallel shard):
 /// enough to finish `KL[π‖π_ref]`, `KL[π_ref‖π]` and both log-sum-exps once the slices are
 /// merged — the exact-KL counterpart of [`VocabPartial`](crate::VocabPartial).
@@ -378,7 +460,7 @@ impl ExactKlOptions {
 /// and `cuda::finish_jsd_sums`, over partials gathered as `[shards][rows]`.
 ///
 /// ```
-/// use rlhf_kernels::{cpu, merge_exact_kl_partials, ExactDivergence, ExactKlOptions, ExactKlPartial, RowShape};
+/// use rlhf_kernels::{cpu, merge_exact_kl_partials, ExactDivergence, ExactKlOptions, ExactKlPartial, ReferenceRows, RowShape};
 /// let p: Vec<f32> = (0..600).map(|v| (v as f32 * 0.37).sin() * 3.0).collect();
 /// let q: Vec<f32> = (0..600).map(|v| (v as f32 * 0.37).sin() * 3.0 + (v as f32 * 0.11).cos()).collect();
 /// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
@@ -387,13 +469,13 @@ impl ExactKlOptions {
 ///     let cols = s * 200..(s + 1) * 200;
 ///     let shape = RowShape::new(1, 200);
 ///     let mut part = [ExactKlPartial::EMPTY];
-///     cpu::exact_kl_shard_partials(&p[cols.clone()], shape, &cpu::ReferenceRows::new(&q[cols], shape), &mut part, &opts)?;
+///     cpu::exact_kl_shard_partials(&p[cols.clone()], shape, &ReferenceRows::new(&q[cols], shape), &mut part, &opts)?;
 ///     parts.push(part[0]); // ... all-gather across ranks here ...
 /// }
 /// let kl = merge_exact_kl_partials(&parts, &opts)?.finish(&opts).unwrap().value;
 /// let mut whole = [0.0f32];
 /// let shape = RowShape::new(1, 600);
-/// cpu::exact_kl(&p, shape, &cpu::ReferenceRows::new(&q, shape), cpu::ExactKlOutputs::default().value(&mut whole), &opts)?;
+/// cpu::exact_kl(&p, shape, &ReferenceRows::new(&q, shape), cpu::ExactKlOutputs::default().value(&mut whole), &opts)?;
 /// assert!((kl - whole[0]).abs() < 1e-5);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```

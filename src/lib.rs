@@ -99,8 +99,9 @@ pub use dtype::{DType, Element, IndexType, TargetIndex, validate_targets};
 pub use error::{Error, Result, RowProblem};
 pub use half::{bf16, f16};
 pub use kl::{
-    ExactDivergence, ExactKlOptions, ExactKlPartial, ExactKlStatistic, ExactKlStats, KlController,
-    KlDirection, KlEstimator, SampledKlOptions, SampledKlStats, merge_exact_kl_partials,
+    ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlPartial, ExactKlStatistic, ExactKlStats,
+    KlController, KlDirection, KlEstimator, ReferenceRows, SampledKlOptions, SampledKlStats,
+    merge_exact_kl_partials,
 };
 pub use logprobs::{
     LogSoftmaxOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, TokenStats, Tokens, VocabPartial,

@@ -11,6 +11,7 @@ use rlhf_kernels::{
     Aggregation, DType, Error, ExactDivergence, ExactKlOptions, KlController, KlDirection, KlEstimator,
     Normaliser, RowProblem, RowShape, SampledKlOptions, bf16, cpu, f16, reference,
 };
+use rlhf_kernels::{ExactKlGrads, ReferenceRows};
 
 #[test]
 fn sampled_estimators_match_the_reference() {
@@ -386,18 +387,12 @@ fn errors() {
     kl::exact_errors(&Cpu);
     // Exact backward needs the saved value for KL[π‖ref].
     let p = [0.0f32; 4];
-    let grads = cpu::ExactKlGrads {
-        grad: &[1.0, 1.0],
-        policy_lse: &[1.0, 1.0],
-        ref_lse: &[1.0, 1.0],
-        value: None,
-        policy_term: None,
-    };
+    let grads = ExactKlGrads::new(&[1.0, 1.0], &[1.0, 1.0], &[1.0, 1.0]);
     let mut dx = [0.0f32; 4];
     let err = cpu::exact_kl_backward(
         &p,
         shape,
-        &cpu::ReferenceRows::new(&p, shape),
+        &ReferenceRows::new(&p, shape),
         &grads,
         &mut dx,
         &ExactKlOptions::new(ExactDivergence::PolicyRef),

@@ -3,10 +3,11 @@
 //! read in place, one launch (or CPU call) per block of evenly spaced rows.
 
 use pyo3::prelude::*;
-use rlhf_kernels::cpu::{self, ExactKlGrads, ExactKlOutputs, ReferenceRows};
+use rlhf_kernels::cpu::{self, ExactKlOutputs};
 use rlhf_kernels::{
     ExactDivergence, ExactKlOptions, RowBlocks, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens,
 };
+use rlhf_kernels::{ExactKlGrads, ReferenceRows};
 
 use crate::cuda;
 use crate::dl::{Dl, Kind, Place, check_together, err};

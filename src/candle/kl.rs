@@ -5,7 +5,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, 
 
 use super::storage::{cpu_side, flat, guard, per_row, row_blocks, storage_slice, tensor, unpack, with_float};
 use super::to_candle;
-use crate::cpu::{self, ExactKlGrads, ExactKlOutputs, ReferenceRows};
+use crate::cpu::{self, ExactKlOutputs};
+use crate::{ExactKlGrads, ReferenceRows};
 use crate::{ExactKlOptions, RowBlocks};
 
 /// The exact divergence between the policy's and the reference's next-token distributions
@@ -199,7 +200,8 @@ mod gpu {
     use super::super::to_candle;
     use super::{ExactKlOp, SAVED};
     use crate::RowBlocks;
-    use crate::cuda::{self, DeviceExactKlGrads, DeviceExactKlOutputs, DeviceReferenceRows};
+    use crate::cuda::{self, DeviceExactKlOutputs};
+    use crate::{ExactKlGrads, ReferenceRows};
 
     pub(super) fn forward(
         op: &ExactKlOp,
@@ -220,7 +222,7 @@ mod gpu {
             let (policy, reference) = (s1.as_cuda_slice::<P>()?, s2.as_cuda_slice::<Q>()?);
             for k in 0..p_rows.offsets.len() {
                 let r = p_rows.block_rows(k);
-                let reference = DeviceReferenceRows {
+                let reference = ReferenceRows {
                     logits: reference.slice(q_rows.block_range(k)),
                     shape: q_rows.shape,
                     mask: mask.as_ref().map(|m| m.slice(r.clone())),
@@ -263,12 +265,12 @@ mod gpu {
             for k in 0..p_rows.offsets.len() {
                 let r = p_rows.block_rows(k);
                 let at = |base: usize| saved.slice(base * n + r.start..base * n + r.end);
-                let reference = DeviceReferenceRows {
+                let reference = ReferenceRows {
                     logits: ref_src.slice(q_rows.block_range(k)),
                     shape: q_rows.shape,
                     mask: mask.as_ref().map(|m| m.slice(r.clone())),
                 };
-                let grads = DeviceExactKlGrads {
+                let grads = ExactKlGrads {
                     grad: grad.slice(r.clone()),
                     policy_lse: at(1),
                     ref_lse: at(2),

@@ -20,8 +20,8 @@ pub use advantages::{
     GaeOutputs, GroupAdvantageOutputs, TokenOutput, gae, group_advantages, masked_moments, whiten,
 };
 pub use kl::{
-    ExactKlGrads, ExactKlOutputs, ReferenceRows, SampledKlOutputs, exact_kl, exact_kl_backward,
-    exact_kl_backward_in_place, exact_kl_shard_partials, jsd_shard_sums, kl_rewards, sampled_kl,
+    ExactKlOutputs, SampledKlOutputs, exact_kl, exact_kl_backward, exact_kl_backward_in_place,
+    exact_kl_shard_partials, jsd_shard_sums, kl_rewards, sampled_kl,
 };
 pub use logprobs::{
     finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,

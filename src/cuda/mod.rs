@@ -33,10 +33,10 @@ pub use aggregation::{Aggregated, DeviceAggregate, aggregate, aggregate_workspac
 pub use context::CudaDevice;
 pub(crate) use context::RawStream;
 pub use kl::{
-    DeviceExactKlGrads, DeviceExactKlOutputs, DeviceKlStats, DeviceReferenceRows, DeviceSampledKlOutputs,
-    SampledKlInputs, exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials,
-    exact_kl_workspace_bytes, finish_exact_kl_partials, finish_jsd_sums, jsd_shard_sums, kl_rewards,
-    sampled_kl, sampled_kl_workspace_bytes,
+    DeviceExactKlOutputs, DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs, exact_kl,
+    exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials, exact_kl_workspace_bytes,
+    finish_exact_kl_partials, finish_jsd_sums, jsd_shard_sums, kl_rewards, sampled_kl,
+    sampled_kl_workspace_bytes,
 };
 pub use logprobs::{
     finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,

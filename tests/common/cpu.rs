@@ -134,7 +134,7 @@ impl ExactBackend for Cpu {
         let mask = c.mask.as_deref();
         let mut parts = vec![vec![ExactKlPartial::EMPTY; rows]; shards.len()];
         for (s, part) in shards.iter().zip(&mut parts) {
-            let r = cpu::ReferenceRows { logits: &s.reference, shape: s.shape, mask };
+            let r = ReferenceRows { mask, ..ReferenceRows::new(&s.reference, s.shape) };
             cpu::exact_kl_shard_partials(&s.policy, s.shape, &r, part, &c.opts)?;
         }
         let mut o = kl::ExactOut::zeros(rows);
@@ -148,7 +148,7 @@ impl ExactBackend for Cpu {
         if let ExactDivergence::Jsd { beta } = c.opts.divergence {
             let mut total = vec![[0.0f32; 2]; rows];
             for s in shards {
-                let r = cpu::ReferenceRows { logits: &s.reference, shape: s.shape, mask };
+                let r = ReferenceRows { mask, ..ReferenceRows::new(&s.reference, s.shape) };
                 let mut sums = vec![[0.0f32; 2]; rows];
                 cpu::jsd_shard_sums(&s.policy, s.shape, &r, &o.policy_lse, &o.ref_lse, &mut sums, &c.opts)?;
                 for (t, s) in total.iter_mut().zip(&sums) {
@@ -170,13 +170,8 @@ impl ExactBackend for Cpu {
         g: &[f32],
         in_place: bool,
     ) -> rlhf_kernels::Result<Vec<P>> {
-        let grads = cpu::ExactKlGrads {
-            grad: g,
-            policy_lse: &f.policy_lse,
-            ref_lse: &f.ref_lse,
-            value: Some(&f.value),
-            policy_term: Some(&f.policy_term),
-        };
+        let grads =
+            ExactKlGrads::new(g, &f.policy_lse, &f.ref_lse).value(&f.value).policy_term(&f.policy_term);
         if in_place {
             let mut x = c.policy.clone();
             cpu::exact_kl_backward_in_place(&mut x, c.policy_shape, &c.reference_rows(), &grads, &c.opts)?;

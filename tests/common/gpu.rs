@@ -222,7 +222,7 @@ impl ExactBackend for Gpu {
         let mut status = CudaStatus::new(s)?;
         {
             let [v, pl, ql, t] = bufs.as_mut_slice() else { unreachable!() };
-            let r = DeviceReferenceRows {
+            let r = ReferenceRows {
                 logits: q.as_view(),
                 shape: c.ref_shape,
                 mask: mask.as_ref().map(|m| m.as_view()),
@@ -260,7 +260,7 @@ impl ExactBackend for Gpu {
         let mut v = s.alloc_zeros::<f32>(n).unwrap();
         let (mut agg, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
         {
-            let r = DeviceReferenceRows {
+            let r = ReferenceRows {
                 logits: q.as_view(),
                 shape: c.ref_shape,
                 mask: mask.as_ref().map(|m| m.as_view()),
@@ -291,7 +291,7 @@ impl ExactBackend for Gpu {
         let mut gathered = s.alloc_zeros::<ExactKlPartial>(shards.len() * rows).unwrap();
         for (k, sh) in shards.iter().enumerate() {
             let (p, q) = up(sh);
-            let r = DeviceReferenceRows { logits: q.as_view(), shape: sh.shape, mask: mask_view() };
+            let r = ReferenceRows { logits: q.as_view(), shape: sh.shape, mask: mask_view() };
             let mut mine = gathered.slice_mut(k * rows..(k + 1) * rows);
             cuda::exact_kl_shard_partials(s, &p, sh.shape, &r, &mut mine, &c.opts)?;
         }
@@ -314,7 +314,7 @@ impl ExactBackend for Gpu {
             let mut sums = s.alloc_zeros::<f32>(2 * shards.len() * rows).unwrap();
             for (k, sh) in shards.iter().enumerate() {
                 let (p, q) = up(sh);
-                let r = DeviceReferenceRows { logits: q.as_view(), shape: sh.shape, mask: mask_view() };
+                let r = ReferenceRows { logits: q.as_view(), shape: sh.shape, mask: mask_view() };
                 let mut mine = sums.slice_mut(2 * k * rows..2 * (k + 1) * rows);
                 let (pl, ql) = (bufs[1].as_view(), bufs[2].as_view());
                 cuda::jsd_shard_sums(s, &p, sh.shape, &r, &pl, &ql, &mut mine, &c.opts)?;
@@ -354,14 +354,14 @@ impl ExactBackend for Gpu {
         let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
         let up = |v: &[f32]| s.clone_htod(v).unwrap();
         let (gd, pl, ql, v, t) = (up(g), up(&f.policy_lse), up(&f.ref_lse), up(&f.value), up(&f.policy_term));
-        let grads = DeviceExactKlGrads {
+        let grads = ExactKlGrads {
             grad: gd.as_view(),
             policy_lse: pl.as_view(),
             ref_lse: ql.as_view(),
             value: Some(v.as_view()),
             policy_term: Some(t.as_view()),
         };
-        let r = DeviceReferenceRows {
+        let r = ReferenceRows {
             logits: q.as_view(),
             shape: c.ref_shape,
             mask: mask.as_ref().map(|m| m.as_view()),

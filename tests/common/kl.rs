@@ -270,8 +270,8 @@ impl<P: Element, Q: Element> ExactCase<P, Q> {
         }
     }
 
-    pub fn reference_rows(&self) -> rlhf_kernels::cpu::ReferenceRows<'_, Q> {
-        rlhf_kernels::cpu::ReferenceRows {
+    pub fn reference_rows(&self) -> rlhf_kernels::ReferenceRows<'_, Q> {
+        rlhf_kernels::ReferenceRows {
             logits: &self.reference,
             shape: self.ref_shape,
             mask: self.mask.as_deref(),

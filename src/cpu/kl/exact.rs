@@ -10,7 +10,8 @@ use crate::error::Op;
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
 use crate::{
-    Element, Error, ExactDivergence, ExactKlOptions, ExactKlStatistic, Result, RowProblem, RowShape,
+    Element, Error, ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlStatistic, ReferenceRows, Result,
+    RowProblem, RowShape,
 };
 
 /// Where [`exact_kl`] writes, per row (any subset, at least one), and the batch statistic if
@@ -47,46 +48,6 @@ impl<'a> ExactKlOutputs<'a> {
     pub fn statistic(self, out: &'a mut f64, stat: ExactKlStatistic) -> Self {
         ExactKlOutputs { statistic: Some((out, stat)), ..self }
     }
-}
-
-/// The reference side of an exact divergence: the reference policy's logits rows (their own
-/// dtype and row stride; same rows and cols as the policy's) and the row mask that applies to
-/// both sides (0 = padding row).
-#[derive(Debug, Clone, Copy)]
-pub struct ReferenceRows<'a, Q> {
-    /// Reference logits.
-    pub logits: &'a [Q],
-    /// Their shape.
-    pub shape: RowShape,
-    /// One byte per row, or `None` (every row real).
-    pub mask: Option<&'a [u8]>,
-}
-
-impl<'a, Q: Element> ReferenceRows<'a, Q> {
-    /// The reference logits, every row real.
-    pub fn new(logits: &'a [Q], shape: RowShape) -> Self {
-        ReferenceRows { logits, shape, mask: None }
-    }
-    /// Adds the row mask.
-    pub fn with_mask(self, mask: &'a [u8]) -> Self {
-        ReferenceRows { mask: Some(mask), ..self }
-    }
-}
-
-/// What [`exact_kl_backward`] needs: the upstream gradient of each row's divergence and the
-/// forward's saved statistics.
-#[derive(Debug, Clone, Copy)]
-pub struct ExactKlGrads<'a> {
-    /// Upstream gradient per row.
-    pub grad: &'a [f32],
-    /// `ln Σ exp(z_policy)` from the forward.
-    pub policy_lse: &'a [f32],
-    /// `ln Σ exp(z_ref)` from the forward.
-    pub ref_lse: &'a [f32],
-    /// The forward's value (needed for `KL[π‖π_ref]`).
-    pub value: Option<&'a [f32]>,
-    /// The forward's policy term (needed for the JSD).
-    pub policy_term: Option<&'a [f32]>,
 }
 
 /// One row's statistics of both sides: running max (raw units) and `Σ exp((x − m)/τ)`, and
@@ -130,12 +91,12 @@ impl PairStats {
 /// `KL[π_ref‖π]` may be `+inf` (returned; its gradient stays finite).
 ///
 /// ```
-/// use rlhf_kernels::{cpu, ExactDivergence, ExactKlOptions, RowShape, bf16, f16};
+/// use rlhf_kernels::{cpu, ExactDivergence, ExactKlOptions, ReferenceRows, RowShape, bf16, f16};
 /// let policy = [bf16::from_f32(1.0), bf16::from_f32(0.0)];
 /// let reference = [f16::from_f32(0.0), f16::from_f32(0.0)];
 /// let shape = RowShape::new(1, 2);
 /// let mut kl = [0.0f32];
-/// cpu::exact_kl(&policy, shape, &cpu::ReferenceRows::new(&reference, shape),
+/// cpu::exact_kl(&policy, shape, &ReferenceRows::new(&reference, shape),
 ///               cpu::ExactKlOutputs::default().value(&mut kl), &ExactKlOptions::new(ExactDivergence::PolicyRef))?;
 /// assert!((kl[0] - 0.1109).abs() < 1e-4); // 0.731·ln(0.731/0.5) + 0.269·ln(0.269/0.5)
 /// # Ok::<(), rlhf_kernels::Error>(())

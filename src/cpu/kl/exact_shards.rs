@@ -9,7 +9,8 @@ use crate::logprobs::check_len;
 use crate::reference::check_pair;
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowProblem, RowShape};
 
-use super::exact::{ReferenceRows, Saved, classify, jsd_terms, pair_stats_row};
+use super::exact::{Saved, classify, jsd_terms, pair_stats_row};
+use crate::ReferenceRows;
 
 /// Per-row [`ExactKlPartial`]s of a vocabulary shard: `policy` and `reference.logits` hold the
 /// same columns of the full vocabulary. Padding rows give [`ExactKlPartial::EMPTY`]; row

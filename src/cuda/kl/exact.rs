@@ -9,8 +9,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 use super::raw::ExactKlArgs;
@@ -19,6 +18,7 @@ use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
+use crate::{Cuda, ReferenceRows};
 use crate::{
     DType, Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, ExactKlStatistic, Result,
     RowShape,
@@ -29,18 +29,6 @@ const CHUNK: usize = 8192;
 const SPLIT_ROWS: usize = 1024;
 /// `PairPartial` in the kernel: the layout of [`ExactKlPartial`].
 const PARTIAL_BYTES: usize = size_of::<ExactKlPartial>();
-
-/// The reference side on the device: its logits (own dtype and row stride, same rows and cols
-/// as the policy's) and the row mask that applies to both sides.
-#[derive(Debug)]
-pub struct DeviceReferenceRows<'a, Q> {
-    /// Reference logits.
-    pub logits: CudaView<'a, Q>,
-    /// Their shape.
-    pub shape: RowShape,
-    /// One byte per row (0 = padding), or `None`.
-    pub mask: Option<CudaView<'a, u8>>,
-}
 
 /// Where [`exact_kl`] writes (each optional, at least one of the four rows; see
 /// [`cpu::ExactKlOutputs`](crate::cpu::ExactKlOutputs)), and optionally its workspace
@@ -61,22 +49,6 @@ pub struct DeviceExactKlOutputs<'a> {
     /// The batch statistic of the values (two aggregation kernels after the divergence; the
     /// values go to a temporary when `value` is not requested). [`exact_kl`] only.
     pub statistic: Option<(&'a mut DeviceAggregate, ExactKlStatistic)>,
-}
-
-/// What [`exact_kl_backward`](crate::cuda::exact_kl_backward) needs on the device (see
-/// [`cpu::ExactKlGrads`](crate::cpu::ExactKlGrads)).
-#[derive(Debug)]
-pub struct DeviceExactKlGrads<'a> {
-    /// Upstream gradient per row.
-    pub grad: CudaView<'a, f32>,
-    /// Saved `ln Σ exp(z_policy)`.
-    pub policy_lse: CudaView<'a, f32>,
-    /// Saved `ln Σ exp(z_ref)`.
-    pub ref_lse: CudaView<'a, f32>,
-    /// Saved value (needed for `KL[π‖π_ref]`).
-    pub value: Option<CudaView<'a, f32>>,
-    /// Saved policy term (needed for the JSD).
-    pub policy_term: Option<CudaView<'a, f32>>,
 }
 
 pub(super) fn chunks(shape: RowShape) -> usize {
@@ -143,7 +115,7 @@ unsafe impl DeviceRepr for ExactOut {}
 pub(super) fn check_reference<Q>(
     policy_len: usize,
     policy_shape: RowShape,
-    r: &DeviceReferenceRows<'_, Q>,
+    r: &ReferenceRows<'_, Q, Cuda>,
 ) -> Result<()> {
     check_pair(policy_len, policy_shape, r.logits.len(), r.shape, None)?;
     r.mask.as_ref().map_or(Ok(()), |m| check_len("mask", m.len(), policy_shape.rows))
@@ -176,7 +148,8 @@ pub(super) fn check_outputs(out: &DeviceExactKlOutputs<'_>, rows: Option<usize>)
 /// values as they are (a failed row's NaN makes it NaN; only the row's own report is made).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceExactKlOutputs, DeviceReferenceRows};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceExactKlOutputs};
+/// use rlhf_kernels::{ReferenceRows};
 /// use rlhf_kernels::{bf16, f16, ExactDivergence, ExactKlOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -185,7 +158,7 @@ pub(super) fn check_outputs(out: &DeviceExactKlOutputs<'_>, rows: Option<usize>)
 /// let reference = s.clone_htod(&[f16::from_f32(0.0), f16::from_f32(0.0)]).unwrap();
 /// let mut kl = s.alloc_zeros::<f32>(1).unwrap();
 /// let mut status = CudaStatus::new(s)?;
-/// let r = DeviceReferenceRows { logits: reference.as_view(), shape, mask: None };
+/// let r = ReferenceRows { logits: reference.as_view(), shape, mask: None };
 /// let out = DeviceExactKlOutputs { value: Some(kl.as_view_mut()), ..Default::default() };
 /// cuda::exact_kl(s, &policy, shape, &r, out, &mut status, &ExactKlOptions::new(ExactDivergence::PolicyRef))?;
 /// status.check(s)?;
@@ -195,7 +168,7 @@ pub fn exact_kl<P: Element, Q: Element>(
     stream: &Arc<CudaStream>,
     policy: &impl DevicePtr<P>,
     policy_shape: RowShape,
-    reference: &DeviceReferenceRows<'_, Q>,
+    reference: &ReferenceRows<'_, Q, Cuda>,
     mut out: DeviceExactKlOutputs<'_>,
     status: &mut CudaStatus,
     opts: &ExactKlOptions,

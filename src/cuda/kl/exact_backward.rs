@@ -5,14 +5,12 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::exact::{
-    BLOCK, DeviceExactKlGrads, DeviceReferenceRows, check_reference, chunks, divergence_code, grid_blocks,
-    kernel,
-};
+use super::exact::{BLOCK, check_reference, chunks, divergence_code, grid_blocks, kernel};
 use super::raw::ExactKlBackwardArgs;
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr};
 use crate::logprobs::check_len;
+use crate::{Cuda, ExactKlGrads, ReferenceRows};
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, Result, RowShape};
 
 /// The GPU twin of [`cpu::exact_kl_backward`](crate::cpu::exact_kl_backward), enqueued on
@@ -24,8 +22,8 @@ pub fn exact_kl_backward<P: Element, Q: Element>(
     stream: &Arc<CudaStream>,
     policy: &impl DevicePtr<P>,
     policy_shape: RowShape,
-    reference: &DeviceReferenceRows<'_, Q>,
-    grads: &DeviceExactKlGrads<'_>,
+    reference: &ReferenceRows<'_, Q, Cuda>,
+    grads: &ExactKlGrads<'_, Cuda>,
     grad_policy: &mut impl DevicePtrMut<P>,
     status: &mut CudaStatus,
     opts: &ExactKlOptions,
@@ -42,8 +40,8 @@ pub fn exact_kl_backward_in_place<P: Element, Q: Element>(
     stream: &Arc<CudaStream>,
     policy: &mut impl DevicePtrMut<P>,
     policy_shape: RowShape,
-    reference: &DeviceReferenceRows<'_, Q>,
-    grads: &DeviceExactKlGrads<'_>,
+    reference: &ReferenceRows<'_, Q, Cuda>,
+    grads: &ExactKlGrads<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {
@@ -59,8 +57,8 @@ fn backward<P: Element, Q: Element>(
     [p, dx]: [u64; 2],
     policy_len: usize,
     policy_shape: RowShape,
-    reference: &DeviceReferenceRows<'_, Q>,
-    grads: &DeviceExactKlGrads<'_>,
+    reference: &ReferenceRows<'_, Q, Cuda>,
+    grads: &ExactKlGrads<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {

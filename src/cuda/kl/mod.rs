@@ -8,9 +8,7 @@ pub mod raw;
 mod sampled;
 mod shards;
 
-pub use exact::{
-    DeviceExactKlGrads, DeviceExactKlOutputs, DeviceReferenceRows, exact_kl, exact_kl_workspace_bytes,
-};
+pub use exact::{DeviceExactKlOutputs, exact_kl, exact_kl_workspace_bytes};
 pub use exact_backward::{exact_kl_backward, exact_kl_backward_in_place};
 pub(crate) use sampled::launch_sampled;
 pub use sampled::{

@@ -13,12 +13,13 @@ use cudarc::driver::{
 };
 
 use super::exact::{
-    BLOCK, DeviceExactKlOutputs, DeviceReferenceRows, ExactOut, NULL, check_outputs, check_reference,
-    divergence_code, kernel, merge_jsd_sums, merge_partials,
+    BLOCK, DeviceExactKlOutputs, ExactOut, NULL, check_outputs, check_reference, divergence_code, kernel,
+    merge_jsd_sums, merge_partials,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
+use crate::{Cuda, ReferenceRows};
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
 
 // SAFETY: ExactKlPartial is repr(C) plain old data (six f32 and a u32), the layout of the
@@ -62,7 +63,8 @@ fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
 /// shards as `[shards][rows]` and finish with [`finish_exact_kl_partials`].
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceExactKlOutputs, DeviceReferenceRows};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceExactKlOutputs};
+/// use rlhf_kernels::{ReferenceRows};
 /// use rlhf_kernels::{ExactDivergence, ExactKlOptions, ExactKlPartial, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -74,7 +76,7 @@ fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
 ///     // On rank k: its slice of both rows (here the same numbers on every rank).
 ///     let p = s.clone_htod(&[0.5f32, 1.0, -1.0].repeat(rows)).unwrap();
 ///     let q = s.clone_htod(&[0.0f32, 1.0, 0.0].repeat(rows)).unwrap();
-///     let r = DeviceReferenceRows { logits: q.as_view(), shape, mask: None };
+///     let r = ReferenceRows { logits: q.as_view(), shape, mask: None };
 ///     let mut mine = gathered.slice_mut(k * rows..(k + 1) * rows); // all-gather in practice
 ///     cuda::exact_kl_shard_partials(s, &p, shape, &r, &mut mine, &opts)?;
 /// }
@@ -89,7 +91,7 @@ pub fn exact_kl_shard_partials<P: Element, Q: Element>(
     stream: &Arc<CudaStream>,
     policy: &impl DevicePtr<P>,
     policy_shape: RowShape,
-    reference: &DeviceReferenceRows<'_, Q>,
+    reference: &ReferenceRows<'_, Q, Cuda>,
     partials: &mut impl DevicePtrMut<ExactKlPartial>,
     opts: &ExactKlOptions,
 ) -> Result<()> {
@@ -179,7 +181,7 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
     stream: &Arc<CudaStream>,
     policy: &impl DevicePtr<P>,
     policy_shape: RowShape,
-    reference: &DeviceReferenceRows<'_, Q>,
+    reference: &ReferenceRows<'_, Q, Cuda>,
     policy_lse: &CudaView<'_, f32>,
     ref_lse: &CudaView<'_, f32>,
     sums: &mut CudaViewMut<'_, f32>,

@@ -93,8 +93,9 @@ fn bench_exact_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
+    use rlhf_kernels::SampledKlStats;
     use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceExactKlOutputs, DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs,
+        self, CudaStatus, DeviceExactKlOutputs, DeviceSampledKlOutputs, DeviceStats, SampledKlInputs,
     };
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::{ExactKlGrads, ReferenceRows};
@@ -125,7 +126,8 @@ mod gpu {
         let (mut v, mut g) =
             (s.alloc_zeros::<f32>(shape.len()).unwrap(), s.alloc_zeros::<f32>(shape.len()).unwrap());
         let mut ws = s.alloc_zeros::<u8>(cuda::sampled_kl_workspace_bytes(shape)).unwrap();
-        let (mut stats, mut status) = (DeviceKlStats::new(s).unwrap(), CudaStatus::new(s).unwrap());
+        let (mut stats, mut status) =
+            (DeviceStats::<SampledKlStats>::new(s).unwrap(), CudaStatus::new(s).unwrap());
         let opts = SampledKlOptions::new(KlEstimator::K3);
         let inputs =
             SampledKlInputs { logp: lp.as_view(), ref_logp: rlp.as_view(), mask: Some(mask.as_view()) };

@@ -115,10 +115,9 @@ fn bench_fused_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
+    use rlhf_kernels::PolicyLossStats;
     use rlhf_kernels::Tokens;
-    use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceFusedStats, DevicePolicyLossOutputs, DevicePolicyStats,
-    };
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceFusedStats, DevicePolicyLossOutputs, DeviceStats};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::{FusedPolicyInputs, PolicyLossInputs};
     use std::sync::Arc;
@@ -135,7 +134,7 @@ mod gpu {
             let (mut g, mut h) =
                 (s.alloc_zeros::<f32>(shape.len()).unwrap(), s.alloc_zeros::<f32>(shape.len()).unwrap());
             let mut ws = s.alloc_zeros::<u8>(cuda::policy_loss_workspace_bytes(shape)).unwrap();
-            let mut stats = DevicePolicyStats::new(&s).unwrap();
+            let mut stats = DeviceStats::<PolicyLossStats>::new(&s).unwrap();
             let inputs = PolicyLossInputs {
                 shape,
                 logp: lp.as_view(),

@@ -696,11 +696,12 @@ fn run_cuda<T: Element>(
 ) -> Result<Produced<T>, Error> {
     use rlhf_kernels::cuda::{
         self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups,
-        DeviceKlStats, DeviceMoments, DevicePolicyLossOutputs, DevicePolicyStats, DeviceSampledKlOutputs,
-        DeviceValueLossOutputs, DeviceValueStats, SampledKlInputs,
+        DevicePolicyLossOutputs, DeviceSampledKlOutputs, DeviceStats, DeviceValueLossOutputs,
+        SampledKlInputs,
     };
     use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
     use rlhf_kernels::cudarc::driver::{CudaSlice, DriverError};
+    use rlhf_kernels::{Moments, PolicyLossStats, SampledKlStats, ValueLossStats};
     use rlhf_kernels::{PolicyLossInputs, ValueLossInputs};
     use rlhf_kernels::{TokenGrads, TokenOutputs, Tokens};
 
@@ -741,9 +742,10 @@ fn run_cuda<T: Element>(
         .alloc_zeros::<u8>(cuda::value_loss_workspace_bytes(seqs))
         .map_err(drv("allocating the loss workspace"))?;
     let mut status = CudaStatus::new(s)?;
-    let mut kl_stats = DeviceKlStats::new(s)?;
-    let mut moments = DeviceMoments::new(s)?;
-    let (mut policy_stats, mut value_stats) = (DevicePolicyStats::new(s)?, DeviceValueStats::new(s)?);
+    let mut kl_stats = DeviceStats::<SampledKlStats>::new(s)?;
+    let mut moments = DeviceStats::<Moments>::new(s)?;
+    let (mut policy_stats, mut value_stats) =
+        (DeviceStats::<PolicyLossStats>::new(s)?, DeviceStats::<ValueLossStats>::new(s)?);
     let groups = DeviceGroups::new(s, &batch.groups)?;
     let tokens = Tokens::new(targets.as_view()).with_mask(mask.as_view());
     let opts = &batch.opts;

@@ -12,7 +12,7 @@ mod gpu {
     use super::common::gpu::Gpu;
     use std::sync::Arc;
 
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceAggregate};
+    use rlhf_kernels::cuda::{self, Aggregated, CudaStatus, DeviceStats};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::testing::Rng;
     use rlhf_kernels::{Aggregation, BatchCounts, Error, Normaliser, RowProblem, RowShape};
@@ -34,7 +34,7 @@ mod gpu {
     ) -> rlhf_kernels::Result<(f64, BatchCounts)> {
         let v = s.clone_htod(values).unwrap();
         let m = mask.map(|m| s.clone_htod(m).unwrap());
-        let (mut out, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
+        let (mut out, mut status) = (DeviceStats::<Aggregated>::new(s)?, CudaStatus::new(s)?);
         let m = m.as_ref().map(|m| m.as_view());
         cuda::aggregate(s, &v, shape, m.as_ref(), mode, norm, &mut out, &mut status)?;
         status.check(s)?;

@@ -335,11 +335,9 @@ mod gpu {
     use super::super::to_candle;
     use super::{SampledKlOp, ValueLossOp, put};
     use crate::ValueLossInputs;
-    use crate::cuda::{
-        self, DeviceKlStats, DeviceSampledKlOutputs, DeviceValueLossOutputs, DeviceValueStats,
-        SampledKlInputs,
-    };
+    use crate::cuda::{self, DeviceSampledKlOutputs, DeviceStats, DeviceValueLossOutputs, SampledKlInputs};
     use crate::{RowShape, SampledKlStats, ValueLossStats};
+    use crate::{SampledKlStats, ValueLossStats};
 
     fn sampled_run(
         op: &SampledKlOp,
@@ -358,7 +356,7 @@ mod gpu {
             ref_logp: flat_view::<f32>(r, rl, n, "ref_logp")?,
             mask,
         };
-        let mut stats = DeviceKlStats::new(&stream).map_err(to_candle)?;
+        let mut stats = DeviceStats::<SampledKlStats>::new(&stream).map_err(to_candle)?;
         let out = DeviceSampledKlOutputs {
             values: values.map(|v| v.slice_mut(..)),
             grad_logp: grad.map(|g| g.slice_mut(..)),
@@ -437,7 +435,7 @@ mod gpu {
             returns: flat_view::<f32>(r, rl, n, "returns")?,
             mask,
         };
-        let mut stats = DeviceValueStats::new(&stream).map_err(to_candle)?;
+        let mut stats = DeviceStats::<ValueLossStats>::new(&stream).map_err(to_candle)?;
         let out = DeviceValueLossOutputs {
             grad_values: grad.map(|g| g.slice_mut(..)),
             stats: Some(&mut stats),

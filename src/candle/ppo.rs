@@ -285,7 +285,8 @@ mod gpu {
     use super::Core;
     use crate::PolicyLossInputs;
     use crate::PolicyLossStats;
-    use crate::cuda::{self, DevicePolicyLossOutputs, DevicePolicyStats};
+    use crate::PolicyLossStats;
+    use crate::cuda::{self, DevicePolicyLossOutputs, DeviceStats};
 
     /// Runs the loss on the GPU; with `grads`, writes `∂loss/∂logp` (and `∂loss/∂H`).
     fn run(
@@ -312,7 +313,7 @@ mod gpu {
             mask,
             entropy: entropy.map(|(h, hl)| flat_view::<f32>(h, hl, n, "entropy")).transpose()?,
         };
-        let mut stats = DevicePolicyStats::new(&stream).map_err(to_candle)?;
+        let mut stats = DeviceStats::<PolicyLossStats>::new(&stream).map_err(to_candle)?;
         let (grad_logp, grad_entropy) = match grads {
             Some((gl, gh)) => (Some(gl.slice_mut(..)), gh.map(|g| g.slice_mut(..))),
             None => (None, None),

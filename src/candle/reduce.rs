@@ -182,7 +182,8 @@ mod gpu {
     use super::super::storage::{Guard, check, cuda_side, flat_view, guard, stream_of, tensor};
     use super::super::to_candle;
     use super::AggregateOp;
-    use crate::cuda::{self, DeviceAggregate, DeviceMoments};
+    use crate::Moments;
+    use crate::cuda::{self, DeviceStats};
     use crate::{Moments, RowShape, WhitenOptions};
 
     pub(super) fn aggregate(op: &AggregateOp, (values, vl): (&CudaStorage, &Layout)) -> Result<CudaStorage> {
@@ -192,7 +193,7 @@ mod gpu {
         let mask =
             cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let v = flat_view::<f32>(values, vl, n, "values")?;
-        let mut out = DeviceAggregate::new(&stream).map_err(to_candle)?;
+        let mut out = DeviceStats::<Aggregated>::new(&stream).map_err(to_candle)?;
         cuda::aggregate(&stream, &v, op.shape, mask.as_ref(), op.aggregation, op.norm, &mut out, &mut status)
             .map_err(to_candle)?;
         check(&stream, status)?;
@@ -217,7 +218,7 @@ mod gpu {
             cuda_side(&guards[1], "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let (stream, mut status) = stream_of(v)?;
         let view = flat_view::<f32>(v, vl, n, "values")?;
-        let mut m = DeviceMoments::new(&stream).map_err(to_candle)?;
+        let mut m = DeviceStats::<Moments>::new(&stream).map_err(to_candle)?;
         let whitened = match whiten {
             Some(opts) => {
                 let mut out = stream

@@ -14,6 +14,7 @@ use cudarc::driver::{
     SyncOnDrop,
 };
 
+use crate::cuda::DeviceStats;
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, view_ptr};
 use crate::{Aggregation, BatchCounts, Error, Normaliser, Result, RowShape};
@@ -188,47 +189,14 @@ pub(crate) unsafe fn count_mask(
     Ok(counts)
 }
 
-/// An aggregated value and the batch's own counts, as read from a [`DeviceAggregate`].
+/// An aggregated value and the batch's own counts, as read from a
+/// [`DeviceStats<Aggregated>`](crate::cuda::DeviceStats).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Aggregated {
     /// The aggregated value (the loss, or the masked mean for [`Aggregation::TokenMean`]).
     pub value: f64,
     /// This batch's counts (whatever the normaliser divided by).
     pub counts: BatchCounts,
-}
-
-/// The device buffers of [`aggregate`]: its result (four f64) and one record per sequence,
-/// reused across calls (grown when a batch has more sequences).
-#[derive(Debug)]
-pub struct DeviceAggregate {
-    out: CudaSlice<f64>,
-    records: CudaSlice<u8>,
-}
-
-impl DeviceAggregate {
-    /// Allocates the result on `stream`'s device.
-    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        let alloc = |n| stream.alloc_zeros::<f64>(n).map_err(driver_error("allocating an aggregate"));
-        Ok(DeviceAggregate {
-            out: alloc(4)?,
-            records: stream.alloc_zeros::<u8>(16).map_err(driver_error("allocating an aggregate"))?,
-        })
-    }
-
-    /// Synchronises `stream` and returns the result of the last [`aggregate`] into `self`.
-    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<Aggregated> {
-        let w = stream.clone_dtoh(&self.out).map_err(driver_error("reading an aggregate"))?;
-        Ok(Aggregated {
-            value: w[0],
-            counts: BatchCounts { valid_tokens: w[1], valid_sequences: w[2], sequences: w[3] },
-        })
-    }
-
-    /// The result on the device: `[value, valid tokens, valid sequences, sequences]` (f64), for
-    /// callers that feed it to their own kernels without a host round trip.
-    pub fn as_view(&self) -> CudaView<'_, f64> {
-        self.out.as_view()
-    }
 }
 
 /// Aggregates the masked `[B, T]` `values` of `shape` (`mask`, one byte per token in the same
@@ -244,13 +212,13 @@ impl DeviceAggregate {
 /// sign (the host sums in f64 and does not overflow there).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceAggregate};
+/// use rlhf_kernels::cuda::{self, Aggregated, CudaDevice, CudaStatus, DeviceStats};
 /// use rlhf_kernels::{Aggregation, Normaliser, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let kl = s.clone_htod(&[0.5f32, 0.25, 0.0, 1.0]).unwrap();
 /// let mask = s.clone_htod(&[1u8, 1, 0, 1]).unwrap();
-/// let (mut mean, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
+/// let (mut mean, mut status) = (DeviceStats::<Aggregated>::new(s)?, CudaStatus::new(s)?);
 /// let shape = RowShape::new(2, 2);
 /// let (agg, norm) = (Aggregation::TokenMean, Normaliser::Local);
 /// cuda::aggregate(s, &kl, shape, Some(&mask.as_view()), agg, norm, &mut mean, &mut status)?;
@@ -266,7 +234,7 @@ pub fn aggregate(
     mask: Option<&CudaView<'_, u8>>,
     aggregation: Aggregation,
     norm: Normaliser,
-    out: &mut DeviceAggregate,
+    out: &mut DeviceStats<Aggregated>,
     status: &mut CudaStatus,
 ) -> Result<()> {
     aggregate_with(stream, values, shape, mask, aggregation, norm, out, Some(status))
@@ -283,22 +251,17 @@ pub(crate) fn aggregate_with(
     mask: Option<&CudaView<'_, u8>>,
     aggregation: Aggregation,
     norm: Normaliser,
-    out: &mut DeviceAggregate,
+    out: &mut DeviceStats<Aggregated>,
     status: Option<&mut CudaStatus>,
 ) -> Result<()> {
     shape.check_buffer("values", values.len())?;
     if let Some(m) = mask {
         shape.check_buffer("mask", m.len())?;
     }
-    let need = aggregate_workspace_bytes(shape);
-    if out.records.len() < need {
-        out.records = stream.alloc_zeros::<u8>(need).map_err(driver_error("allocating aggregate records"))?;
-    }
+    let ((out, _g4), (workspace, _g3)) = out.with_records(stream, aggregate_workspace_bytes(shape))?;
     let s: &CudaStream = stream;
     let (values, _g1) = values.device_ptr(s);
     let (mask, _g2) = view_ptr(mask, s);
-    let (workspace, _g3) = out.records.device_ptr_mut(s);
-    let (out, _g4) = out.out.device_ptr_mut(s);
     let (status, _g5) = match status {
         Some(st) => {
             let (p, g) = st.device_ptr(s);

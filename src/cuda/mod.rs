@@ -20,23 +20,22 @@ mod kl;
 mod logprobs;
 mod module;
 mod ppo;
+mod stats;
 mod status;
 
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
 
 pub use advantages::{
-    DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups, DeviceMoments,
-    DeviceTokenOutput, gae, gae_workspace_bytes, group_advantages, masked_moments, moments_workspace_bytes,
-    whiten,
+    DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput, gae,
+    gae_workspace_bytes, group_advantages, masked_moments, moments_workspace_bytes, whiten,
 };
-pub use aggregation::{Aggregated, DeviceAggregate, aggregate, aggregate_workspace_bytes};
+pub use aggregation::{Aggregated, aggregate, aggregate_workspace_bytes};
 pub use context::CudaDevice;
 pub(crate) use context::RawStream;
 pub use kl::{
-    DeviceExactKlOutputs, DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs, exact_kl,
-    exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials, exact_kl_workspace_bytes,
-    finish_exact_kl_partials, finish_jsd_sums, jsd_shard_sums, kl_rewards, sampled_kl,
-    sampled_kl_workspace_bytes,
+    DeviceExactKlOutputs, DeviceSampledKlOutputs, SampledKlInputs, exact_kl, exact_kl_backward,
+    exact_kl_backward_in_place, exact_kl_shard_partials, exact_kl_workspace_bytes, finish_exact_kl_partials,
+    finish_jsd_sums, jsd_shard_sums, kl_rewards, sampled_kl, sampled_kl_workspace_bytes,
 };
 pub use logprobs::{
     finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
@@ -44,10 +43,11 @@ pub use logprobs::{
 };
 pub use module::kernels_built;
 pub use ppo::{
-    DeviceFusedStats, DevicePolicyLossOutputs, DevicePolicyStats, DeviceValueLossOutputs, DeviceValueStats,
-    fused_workspace_bytes, policy_loss, policy_loss_from_logits, policy_loss_from_logits_in_place,
-    policy_loss_workspace_bytes, value_loss, value_loss_workspace_bytes,
+    DeviceFusedStats, DevicePolicyLossOutputs, DeviceValueLossOutputs, fused_workspace_bytes, policy_loss,
+    policy_loss_from_logits, policy_loss_from_logits_in_place, policy_loss_workspace_bytes, value_loss,
+    value_loss_workspace_bytes,
 };
+pub use stats::{DeviceStatistic, DeviceStats};
 pub use status::CudaStatus;
 
 /// The raw layer: device pointers, an ordinal and a `CUstream` (see each function's

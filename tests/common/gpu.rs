@@ -166,7 +166,7 @@ impl SampledBackend for Gpu {
         let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
         let mut v = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
         let mut g = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
-        let (mut stats, mut status) = (DeviceKlStats::new(s)?, CudaStatus::new(s)?);
+        let (mut stats, mut status) = (DeviceStats::<SampledKlStats>::new(s)?, CudaStatus::new(s)?);
         let inputs = SampledKlInputs {
             logp: lp.as_view(),
             ref_logp: rlp.as_view(),
@@ -258,7 +258,7 @@ impl ExactBackend for Gpu {
         let (p, q) = (s.clone_htod(&c.policy).unwrap(), s.clone_htod(&c.reference).unwrap());
         let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
         let mut v = s.alloc_zeros::<f32>(n).unwrap();
-        let (mut agg, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
+        let (mut agg, mut status) = (DeviceStats::<Aggregated>::new(s)?, CudaStatus::new(s)?);
         {
             let r = ReferenceRows {
                 logits: q.as_view(),
@@ -434,7 +434,7 @@ impl AdvantagesBackend for Gpu {
         let s = &self.0;
         let (v, n) = self.up(values);
         let m = mask.map(|m| self.up(m));
-        let (mut out, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
+        let (mut out, mut status) = (DeviceStats::<Moments>::new(s)?, CudaStatus::new(s)?);
         let mask_view = m.as_ref().map(|(m, n)| m.slice(0..*n));
         cuda::masked_moments(s, &v.slice(0..n), shape, mask_view.as_ref(), &mut out, &mut status)?;
         status.check(s)?;
@@ -455,7 +455,7 @@ impl AdvantagesBackend for Gpu {
         }
         let (mut v, n) = self.up(&host);
         let m = mask.map(|m| self.up(m));
-        let (mut out, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
+        let (mut out, mut status) = (DeviceStats::<Moments>::new(s)?, CudaStatus::new(s)?);
         let mask_view = m.as_ref().map(|(m, n)| m.slice(0..*n));
         cuda::whiten(s, &mut v.slice_mut(0..n), shape, mask_view.as_ref(), &mut out, &mut status, opts)?;
         status.check(s)?;
@@ -474,7 +474,7 @@ impl PpoBackend for Gpu {
         let len = c.shape.min_len();
         let nan = vec![f32::NAN; len.max(1)];
         let (mut l, mut g, mut h) = (self.up(&nan).0, self.up(&nan).0, self.up(&nan).0);
-        let (mut stats, mut status) = (DevicePolicyStats::new(s)?, CudaStatus::new(s)?);
+        let (mut stats, mut status) = (DeviceStats::<PolicyLossStats>::new(s)?, CudaStatus::new(s)?);
         let inputs = PolicyLossInputs {
             shape: c.shape,
             logp: lp.slice(0..n),
@@ -541,7 +541,7 @@ impl PpoBackend for Gpu {
         let len = c.shape.min_len();
         let nan = vec![f32::NAN; len.max(1)];
         let (mut l, mut g) = (self.up(&nan).0, self.up(&nan).0);
-        let (mut stats, mut status) = (DeviceValueStats::new(s)?, CudaStatus::new(s)?);
+        let (mut stats, mut status) = (DeviceStats::<ValueLossStats>::new(s)?, CudaStatus::new(s)?);
         let inputs = ValueLossInputs {
             shape: c.shape,
             values: v.slice(0..n),
@@ -571,7 +571,7 @@ impl PpoBackend for Gpu {
         let s = &self.0;
         let v = self.up(values).0;
         let m = mask.map(|m| self.up(m).0);
-        let (mut out, mut status) = (DeviceAggregate::new(s)?, CudaStatus::new(s)?);
+        let (mut out, mut status) = (DeviceStats::<Aggregated>::new(s)?, CudaStatus::new(s)?);
         let m = m.as_ref().map(|m| m.as_view());
         cuda::aggregate(s, &v, shape, m.as_ref(), aggregation, norm, &mut out, &mut status)?;
         status.check(s)?;

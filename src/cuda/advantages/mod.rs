@@ -20,4 +20,4 @@ pub use groups::{
     DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput, GroupAdvantageArgs, group_advantages,
     raw_group_advantages,
 };
-pub use moments::{DeviceMoments, masked_moments, moments_workspace_bytes, whiten};
+pub use moments::{masked_moments, moments_workspace_bytes, whiten};

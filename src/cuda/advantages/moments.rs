@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
+use crate::cuda::DeviceStats;
 use crate::cuda::aggregation::{ReductionArgs, workspace_or_alloc};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, view_ptr};
@@ -13,37 +14,6 @@ use crate::{Moments, Result, RowShape, WhitenOptions};
 
 /// Bytes of one row record of the moments (`MomentsF64` in the kernel: 5 f64).
 const MOMENT_RECORD_BYTES: usize = 40;
-
-/// The device buffers of [`masked_moments`] and [`whiten`]: the result (five f64) and one
-/// record per sequence, reused across calls (grown for larger batches).
-#[derive(Debug)]
-pub struct DeviceMoments {
-    out: CudaSlice<f64>,
-    records: CudaSlice<u8>,
-}
-
-impl DeviceMoments {
-    /// Allocates the result on `stream`'s device.
-    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        Ok(DeviceMoments {
-            out: stream.alloc_zeros::<f64>(5).map_err(driver_error("allocating moments"))?,
-            records: stream
-                .alloc_zeros::<u8>(MOMENT_RECORD_BYTES)
-                .map_err(driver_error("allocating moments"))?,
-        })
-    }
-
-    /// Synchronises `stream` and returns the moments of the last call into `self`.
-    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<Moments> {
-        let w = stream.clone_dtoh(&self.out).map_err(driver_error("reading moments"))?;
-        Ok(Moments { count: w[0], mean: w[1], var: w[2], min: w[3], max: w[4] })
-    }
-
-    /// The result on the device: `[count, mean, unbiased variance, min, max]` (f64).
-    pub fn as_view(&self) -> CudaView<'_, f64> {
-        self.out.as_view()
-    }
-}
 
 /// Bytes of workspace a raw [`masked_moments`](crate::cuda::raw::masked_moments) or
 /// [`whiten`](crate::cuda::raw::whiten) uses for `shape`: one record of five f64 per sequence.
@@ -116,16 +86,9 @@ pub(super) unsafe fn launch_whiten(
 fn moments_args<'a>(
     stream: &'a Arc<CudaStream>,
     shape: RowShape,
-    out: &'a mut DeviceMoments,
+    out: &'a mut DeviceStats<Moments>,
 ) -> Result<(u64, u64, [SyncOnDrop<'a>; 2])> {
-    if out.records.len() < moments_workspace_bytes(shape) {
-        out.records = stream
-            .alloc_zeros::<u8>(moments_workspace_bytes(shape))
-            .map_err(driver_error("allocating moment records"))?;
-    }
-    let s: &CudaStream = stream;
-    let (workspace, g1) = out.records.device_ptr_mut(s);
-    let (o, g2) = out.out.device_ptr_mut(s);
+    let ((o, g2), (workspace, g1)) = out.with_records(stream, moments_workspace_bytes(shape))?;
     Ok((o, workspace, [g1, g2]))
 }
 
@@ -138,18 +101,19 @@ fn check_values(shape: RowShape, len: usize, mask: Option<&CudaView<'_, u8>>) ->
 }
 
 /// Count, mean, unbiased variance, min and max of the valid tokens of a `[B, T]` batch on the
-/// GPU, into `out` (read it with [`DeviceMoments::read`] or use it on the device): the twin of
+/// GPU, into `out` (read it with [`DeviceStats::read`](crate::cuda::DeviceStats::read) or use it on the device): the twin of
 /// [`cpu::masked_moments`](crate::cpu::masked_moments): two f64 passes per row (count and
 /// sum, then squared deviations), Chan merges across rows in f64, fixed orders:
 /// deterministic. A row with a non-finite valid value is reported to `status`.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceMoments};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::{Moments};
 /// use rlhf_kernels::RowShape;
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let x = s.clone_htod(&[1.0f32, 3.0]).unwrap();
-/// let (mut m, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
+/// let (mut m, mut status) = (DeviceStats::<Moments>::new(s)?, CudaStatus::new(s)?);
 /// cuda::masked_moments(s, &x, RowShape::new(1, 2), None, &mut m, &mut status)?;
 /// status.check(s)?;
 /// assert_eq!(m.read(s)?.mean, 2.0);
@@ -160,7 +124,7 @@ pub fn masked_moments(
     values: &impl DevicePtr<f32>,
     shape: RowShape,
     mask: Option<&CudaView<'_, u8>>,
-    out: &mut DeviceMoments,
+    out: &mut DeviceStats<Moments>,
     status: &mut CudaStatus,
 ) -> Result<()> {
     check_values(shape, values.len(), mask)?;
@@ -182,12 +146,13 @@ pub fn masked_moments(
 /// with `keep_mean`), three launches, no host round trip.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceMoments};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::{Moments};
 /// use rlhf_kernels::{RowShape, WhitenOptions};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let mut adv = s.clone_htod(&[1.0f32, 3.0]).unwrap();
-/// let (mut m, mut status) = (DeviceMoments::new(s)?, CudaStatus::new(s)?);
+/// let (mut m, mut status) = (DeviceStats::<Moments>::new(s)?, CudaStatus::new(s)?);
 /// cuda::whiten(s, &mut adv, RowShape::new(1, 2), None, &mut m, &mut status, &WhitenOptions::default())?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -197,7 +162,7 @@ pub fn whiten(
     values: &mut impl DevicePtrMut<f32>,
     shape: RowShape,
     mask: Option<&CudaView<'_, u8>>,
-    moments: &mut DeviceMoments,
+    moments: &mut DeviceStats<Moments>,
     status: &mut CudaStatus,
     opts: &WhitenOptions,
 ) -> Result<()> {

@@ -13,7 +13,8 @@ use cudarc::driver::{
 };
 
 use super::raw::ExactKlArgs;
-use crate::cuda::aggregation::{DeviceAggregate, aggregate_with, check_workspace};
+use crate::cuda::DeviceStats;
+use crate::cuda::aggregation::{Aggregated, aggregate_with, check_workspace};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
@@ -48,7 +49,7 @@ pub struct DeviceExactKlOutputs<'a> {
     pub workspace: Option<CudaViewMut<'a, u8>>,
     /// The batch statistic of the values (two aggregation kernels after the divergence; the
     /// values go to a temporary when `value` is not requested). [`exact_kl`] only.
-    pub statistic: Option<(&'a mut DeviceAggregate, ExactKlStatistic)>,
+    pub statistic: Option<(&'a mut DeviceStats<Aggregated>, ExactKlStatistic)>,
 }
 
 pub(super) fn chunks(shape: RowShape) -> usize {

@@ -7,9 +7,10 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
+use crate::cuda::DeviceStats;
 use crate::cuda::aggregation::{
     AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
     workspace_or_alloc,
@@ -35,28 +36,6 @@ pub struct SampledKlInputs<'a> {
     pub mask: Option<CudaView<'a, u8>>,
 }
 
-/// Device-side batch statistics of [`sampled_kl`]; [`read`](Self::read) copies them to the host
-/// (synchronising the stream once).
-#[derive(Debug)]
-pub struct DeviceKlStats {
-    pub(crate) buf: CudaSlice<f64>,
-}
-
-impl DeviceKlStats {
-    /// Allocates the statistics buffer on `stream`'s device.
-    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        Ok(DeviceKlStats {
-            buf: stream.alloc_zeros(STATS_WORDS).map_err(driver_error("allocating KL statistics"))?,
-        })
-    }
-
-    /// Synchronises `stream` and returns the statistics of the last call that wrote them.
-    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<SampledKlStats> {
-        let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading KL statistics"))?;
-        sampled_kl_stats_from_words(&w)
-    }
-}
-
 /// Where [`sampled_kl`] writes (each optional; at least one).
 #[derive(Debug, Default)]
 pub struct DeviceSampledKlOutputs<'a> {
@@ -65,7 +44,7 @@ pub struct DeviceSampledKlOutputs<'a> {
     /// `∂loss/∂logp` per token.
     pub grad_logp: Option<CudaViewMut<'a, f32>>,
     /// The batch statistics.
-    pub stats: Option<&'a mut DeviceKlStats>,
+    pub stats: Option<&'a mut DeviceStats<SampledKlStats>>,
     /// [`sampled_kl_workspace_bytes`] bytes (16-byte aligned) for the row records and the mask
     /// count; allocated on the stream when needed and absent.
     pub workspace: Option<CudaViewMut<'a, u8>>,
@@ -85,13 +64,14 @@ pub fn sampled_kl_workspace_bytes(shape: RowShape) -> usize {
 /// `out.stats`. A NaN in a valid token is reported in `status` (row = sequence).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceKlStats, DeviceSampledKlOutputs, SampledKlInputs};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceSampledKlOutputs, SampledKlInputs, DeviceStats};
+/// use rlhf_kernels::{SampledKlStats};
 /// use rlhf_kernels::{KlEstimator, RowShape, SampledKlOptions};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let (logp, ref_logp) = (s.clone_htod(&[-1.0f32, -2.0]).unwrap(), s.clone_htod(&[-1.5f32, -2.0]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
-/// let (mut stats, mut status) = (DeviceKlStats::new(s)?, CudaStatus::new(s)?);
+/// let (mut stats, mut status) = (DeviceStats::<SampledKlStats>::new(s)?, CudaStatus::new(s)?);
 /// let inputs = SampledKlInputs { logp: logp.as_view(), ref_logp: ref_logp.as_view(), mask: None };
 /// let out = DeviceSampledKlOutputs { grad_logp: Some(grad.as_view_mut()), stats: Some(&mut stats), ..Default::default() };
 /// cuda::sampled_kl(s, &inputs, RowShape::new(1, 2), out, &mut status, &SampledKlOptions::new(KlEstimator::K3))?;
@@ -127,7 +107,7 @@ pub fn sampled_kl(
     let (workspace, _g6) = opt_ptr_mut(&mut out.workspace, s);
     let (stats, _g7) = match out.stats.take() {
         Some(st) => {
-            let (p, g) = st.buf.device_ptr_mut(s);
+            let (p, g) = st.words_ptr(s);
             (p, Some(g))
         }
         None => (0, None),

@@ -10,9 +10,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
+use crate::SampledKlStats;
+use crate::cuda::DeviceStats;
 use crate::cuda::aggregation::workspace_or_alloc;
 use crate::cuda::kl::raw::SampledKlArgs;
-use crate::cuda::kl::{DeviceKlStats, launch_sampled, sampled_kl_workspace_bytes};
+use crate::cuda::kl::{launch_sampled, sampled_kl_workspace_bytes};
 use crate::cuda::logprobs::raw::{TokenLogprobsArgs, TokenLogprobsBackwardArgs, backward_on, forward_on};
 use crate::cuda::logprobs::token_logprobs_workspace_bytes;
 use crate::cuda::{CudaStatus, driver_error, non_null, opt_ptr};
@@ -23,15 +25,16 @@ use crate::{
     SampledKlOptions, TargetIndex, TokenLogprobsOptions,
 };
 
-use super::loss::{DevicePolicyStats, PolicyLossArgs, launch_policy, policy_loss_workspace_bytes};
+use super::loss::{PolicyLossArgs, launch_policy, policy_loss_workspace_bytes};
+use crate::PolicyLossStats;
 
 /// The statistics of the fused path on the device, and the workspace its calls reuse (the
 /// per-token temporaries and the stages' scratch: [`fused_workspace_bytes`], grown when a batch
 /// needs more).
 #[derive(Debug)]
 pub struct DeviceFusedStats {
-    policy: DevicePolicyStats,
-    kl: DeviceKlStats,
+    policy: DeviceStats<PolicyLossStats>,
+    kl: DeviceStats<SampledKlStats>,
     with_kl: bool,
     workspace: Option<CudaSlice<u8>>,
 }
@@ -40,8 +43,8 @@ impl DeviceFusedStats {
     /// Allocates both statistics buffers on `stream`'s device (the workspace on first use).
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
         Ok(DeviceFusedStats {
-            policy: DevicePolicyStats::new(stream)?,
-            kl: DeviceKlStats::new(stream)?,
+            policy: DeviceStats::<PolicyLossStats>::new(stream)?,
+            kl: DeviceStats::<SampledKlStats>::new(stream)?,
             with_kl: false,
             workspace: None,
         })
@@ -285,8 +288,8 @@ fn run<T: Element, I: TargetIndex>(
         }
         None => (0, None),
     };
-    let (policy_stats, _g6) = stats.policy.buf.device_ptr_mut(s);
-    let (kl_stats, _g7) = stats.kl.buf.device_ptr_mut(s);
+    let (policy_stats, _g6) = stats.policy.words_ptr(s);
+    let (kl_stats, _g7) = stats.kl.words_ptr(s);
     let (workspace, _g8) = stats.workspace.as_mut().expect("allocated above").device_ptr_mut(s);
     let (status, _g9) = status.device_ptr(s);
     let args = FusedPolicyArgs {

@@ -6,10 +6,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use crate::cuda::DeviceStats;
 use crate::cuda::aggregation::{
     AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
     workspace_or_alloc,
@@ -26,28 +25,6 @@ const POLICY_RECORD_BYTES: usize = 48;
 /// f64 words of the policy statistics (`PolicyStat` in the kernel).
 pub const POLICY_STATS_WORDS: usize = 15;
 
-/// Device-side statistics of [`policy_loss`]; [`read`](Self::read) copies them to the host
-/// (synchronising the stream once).
-#[derive(Debug)]
-pub struct DevicePolicyStats {
-    pub(crate) buf: CudaSlice<f64>,
-}
-
-impl DevicePolicyStats {
-    /// Allocates the statistics on `stream`'s device.
-    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        let buf =
-            stream.alloc_zeros(POLICY_STATS_WORDS).map_err(driver_error("allocating policy statistics"))?;
-        Ok(DevicePolicyStats { buf })
-    }
-
-    /// Synchronises `stream` and returns the statistics of the last call that wrote them.
-    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<PolicyLossStats> {
-        let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading policy statistics"))?;
-        policy_stats_from_words(&w)
-    }
-}
-
 /// Where [`policy_loss`] writes (each optional; see
 /// [`cpu::PolicyLossOutputs`](crate::cpu::PolicyLossOutputs)), the statistics, and workspace
 /// ([`policy_loss_workspace_bytes`], 16-byte aligned; allocated on the stream when needed and
@@ -61,7 +38,7 @@ pub struct DevicePolicyLossOutputs<'a> {
     /// `−c_H·w`.
     pub grad_entropy: Option<CudaViewMut<'a, f32>>,
     /// The statistics.
-    pub stats: Option<&'a mut DevicePolicyStats>,
+    pub stats: Option<&'a mut DeviceStats<PolicyLossStats>>,
     /// Scratch for the row records and the mask count.
     pub workspace: Option<CudaViewMut<'a, u8>>,
     /// Add `∂loss/∂logp` to `grad_logp`'s contents at valid tokens instead of overwriting them
@@ -175,14 +152,15 @@ impl LossLaunch {
 /// too.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DevicePolicyLossOutputs, DevicePolicyStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DevicePolicyLossOutputs, DeviceStats};
+/// use rlhf_kernels::{PolicyLossStats};
 /// use rlhf_kernels::{PolicyLossInputs};
 /// use rlhf_kernels::{PolicyLossOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let (logp, old, adv) = (s.clone_htod(&[-1.0f32, -0.5]).unwrap(), s.clone_htod(&[-1.0f32, -1.0]).unwrap(), s.clone_htod(&[1.0f32, 1.0]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
-/// let (mut stats, mut status) = (DevicePolicyStats::new(s)?, CudaStatus::new(s)?);
+/// let (mut stats, mut status) = (DeviceStats::<PolicyLossStats>::new(s)?, CudaStatus::new(s)?);
 /// let inputs = PolicyLossInputs { shape: RowShape::new(1, 2), logp: logp.as_view(), old_logp: old.as_view(),
 ///     advantages: adv.as_view(), mask: None, entropy: None };
 /// let out = DevicePolicyLossOutputs { grad_logp: Some(grad.as_view_mut()), stats: Some(&mut stats), ..Default::default() };
@@ -229,7 +207,7 @@ pub fn policy_loss(
     let (workspace, _g9) = opt_ptr_mut(&mut out.workspace, s);
     let (stats, _g10) = match out.stats.take() {
         Some(st) => {
-            let (p, g) = st.buf.device_ptr_mut(s);
+            let (p, g) = st.words_ptr(s);
             (p, Some(g))
         }
         None => (0, None),

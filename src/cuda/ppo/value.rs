@@ -3,14 +3,15 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DeviceRepr};
 
 use super::loss::LossLaunch;
+use crate::cuda::DeviceStats;
 use crate::cuda::aggregation::{
     AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
     workspace_or_alloc,
 };
-use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
+use crate::cuda::{CudaStatus, opt_ptr, opt_ptr_mut};
 use crate::{BatchCounts, Cuda, Result, RowShape, ValueLossInputs, ValueLossOptions, ValueLossStats};
 
 /// Bytes per sequence of the value row records (`ValueRow`: 4 f32).
@@ -18,27 +19,6 @@ const VALUE_RECORD_BYTES: usize = 16;
 /// f64 words of the statistics of a raw [`value_loss`](crate::cuda::raw::value_loss):
 /// `[loss, clip fraction, valid tokens, valid sequences, sequences]`.
 pub const VALUE_STATS_WORDS: usize = 5;
-
-/// Device-side statistics of [`value_loss`].
-#[derive(Debug)]
-pub struct DeviceValueStats {
-    buf: CudaSlice<f64>,
-}
-
-impl DeviceValueStats {
-    /// Allocates the statistics on `stream`'s device.
-    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        let buf =
-            stream.alloc_zeros(VALUE_STATS_WORDS).map_err(driver_error("allocating value statistics"))?;
-        Ok(DeviceValueStats { buf })
-    }
-
-    /// Synchronises `stream` and returns the statistics of the last call that wrote them.
-    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<ValueLossStats> {
-        let w = stream.clone_dtoh(&self.buf).map_err(driver_error("reading value statistics"))?;
-        value_stats_from_words(&w)
-    }
-}
 
 /// Where [`value_loss`] writes (each optional), the statistics and workspace
 /// ([`value_loss_workspace_bytes`]).
@@ -49,7 +29,7 @@ pub struct DeviceValueLossOutputs<'a> {
     /// `coef·w·∂L_v/∂v`.
     pub grad_values: Option<CudaViewMut<'a, f32>>,
     /// The statistics.
-    pub stats: Option<&'a mut DeviceValueStats>,
+    pub stats: Option<&'a mut DeviceStats<ValueLossStats>>,
     /// Scratch for the row records and the mask count.
     pub workspace: Option<CudaViewMut<'a, u8>>,
 }
@@ -147,7 +127,7 @@ pub fn value_loss(
     let (workspace, _g7) = opt_ptr_mut(&mut out.workspace, s);
     let (stats, _g8) = match out.stats.take() {
         Some(st) => {
-            let (p, g) = st.buf.device_ptr_mut(s);
+            let (p, g) = st.words_ptr(s);
             (p, Some(g))
         }
         None => (0, None),

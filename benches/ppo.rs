@@ -6,6 +6,7 @@ mod common;
 
 use common::{config, id};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rlhf_kernels::PolicyLossOutputs;
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
     DType, Element, FusedPolicyInputs, PolicyLossInputs, PolicyLossOptions, RowShape, TokenLogprobsOptions,
@@ -82,7 +83,7 @@ fn bench_cpu(c: &mut Criterion) {
         grp.throughput(Throughput::Bytes(loss_bytes(shape)));
         grp.bench_function(id("cpu", shape, DType::F32), |b| {
             b.iter(|| {
-                let out = cpu::PolicyLossOutputs::default().grad_logp(&mut g).grad_entropy(&mut h);
+                let out = PolicyLossOutputs::default().grad_logp(&mut g).grad_entropy(&mut h);
                 cpu::policy_loss(&inputs, out, &opts()).unwrap()
             })
         });
@@ -115,9 +116,10 @@ fn bench_fused_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
+    use rlhf_kernels::PolicyLossOutputs;
     use rlhf_kernels::PolicyLossStats;
     use rlhf_kernels::Tokens;
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceFusedStats, DevicePolicyLossOutputs, DeviceStats};
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceFusedStats, DeviceStats};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::{FusedPolicyInputs, PolicyLossInputs};
     use std::sync::Arc;
@@ -144,7 +146,7 @@ mod gpu {
                 entropy: Some(ent.as_view()),
             };
             bench_events(c, "ppo_loss", shape, DType::F32, loss_bytes(shape), &s, || {
-                let out = DevicePolicyLossOutputs {
+                let out = PolicyLossOutputs {
                     grad_logp: Some(g.as_view_mut()),
                     grad_entropy: Some(h.as_view_mut()),
                     stats: Some(&mut stats),

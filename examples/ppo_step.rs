@@ -31,9 +31,10 @@ use std::time::Instant;
 use rlhf_kernels::testing::{Rng, Tolerance, check_close};
 use rlhf_kernels::{
     Backend, DType, Element, Error, GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, KlDirection,
-    KlEstimator, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, RowShape, SampledKlOptions,
-    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
-    ValueLossStats, WhitenOptions, bf16, cpu, f16, gae_error_bound_factor, gae_error_scale, reference,
+    KlEstimator, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, RowShape,
+    SampledKlOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs,
+    ValueLossOptions, ValueLossOutputs, ValueLossStats, WhitenOptions, bf16, cpu, f16,
+    gae_error_bound_factor, gae_error_scale, reference,
 };
 
 /// Entropy-bonus coefficient c_H: the upstream gradient of H is −c_H.
@@ -644,7 +645,7 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
         let t = Instant::now();
         let adv = if batch.estimator == Estimator::Gae { &whitened } else { &advantages };
         let inputs = PolicyLossInputs::new(seqs, &logp, &old_logp, adv).mask(&batch.mask).entropy(&entropy);
-        let out = cpu::PolicyLossOutputs::default()
+        let out = PolicyLossOutputs::default()
             .grad_logp(&mut grad_logp)
             .grad_entropy(&mut grad_entropy)
             .accumulate(batch.kl == KlPlacement::Loss);
@@ -654,7 +655,7 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
                 mask,
                 ..ValueLossInputs::new(seqs, &batch.values, &batch.old_values, &returns)
             };
-            let out = cpu::ValueLossOutputs::default().grad_values(&mut grad_values);
+            let out = ValueLossOutputs::default().grad_values(&mut grad_values);
             value_stats = Some(cpu::value_loss(&inputs, out, &value_options())?);
         }
         timed(&mut times, 4, t);
@@ -696,13 +697,13 @@ fn run_cuda<T: Element>(
 ) -> Result<Produced<T>, Error> {
     use rlhf_kernels::cuda::{
         self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups,
-        DevicePolicyLossOutputs, DeviceSampledKlOutputs, DeviceStats, DeviceValueLossOutputs,
-        SampledKlInputs,
+        DeviceSampledKlOutputs, DeviceStats, SampledKlInputs,
     };
     use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
     use rlhf_kernels::cudarc::driver::{CudaSlice, DriverError};
     use rlhf_kernels::{Moments, PolicyLossStats, SampledKlStats, ValueLossStats};
     use rlhf_kernels::{PolicyLossInputs, ValueLossInputs};
+    use rlhf_kernels::{PolicyLossOutputs, ValueLossOutputs};
     use rlhf_kernels::{TokenGrads, TokenOutputs, Tokens};
 
     let s = device.stream();
@@ -824,7 +825,7 @@ fn run_cuda<T: Element>(
             mask: Some(mask.as_view()),
             entropy: Some(entropy.as_view()),
         };
-        let out = DevicePolicyLossOutputs {
+        let out = PolicyLossOutputs {
             grad_logp: Some(grad_logp.as_view_mut()),
             grad_entropy: Some(grad_entropy.as_view_mut()),
             stats: Some(&mut policy_stats),
@@ -841,7 +842,7 @@ fn run_cuda<T: Element>(
                 returns: returns.as_view(),
                 mask: Some(mask.as_view()),
             };
-            let out = DeviceValueLossOutputs {
+            let out = ValueLossOutputs {
                 grad_values: Some(grad_values.as_view_mut()),
                 stats: Some(&mut value_stats),
                 workspace: Some(value_workspace.as_view_mut()),

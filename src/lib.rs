@@ -31,8 +31,8 @@
 //! [`cpu::policy_loss_from_logits`] fuses them.
 //!
 //! ```
-//! use rlhf_kernels::{cpu, PolicyLossInputs, PolicyLossOptions, RowShape, TokenGrads,
-//!                    TokenLogprobsOptions, TokenOutputs, Tokens};
+//! use rlhf_kernels::{cpu, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, RowShape,
+//!                    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens};
 //! // Two sequences of two tokens over a vocabulary of 3: one logits row per token.
 //! let (logits, shape) = ([1.0f32, 2.0, 0.5, 0.0, 0.0, 3.0, 2.0, 1.0, 0.0, 0.5, 0.5, 0.5], RowShape::new(4, 3));
 //! let (targets, mask) = ([1i64, 2, 0, 1], [1u8, 1, 1, 0]);
@@ -51,7 +51,7 @@
 //!     .mask(&mask)
 //!     .entropy(&entropy);
 //! let (mut grad_logp, mut grad_entropy) = ([0.0f32; 4], [0.0f32; 4]);
-//! let out = cpu::PolicyLossOutputs::default().grad_logp(&mut grad_logp).grad_entropy(&mut grad_entropy);
+//! let out = PolicyLossOutputs::default().grad_logp(&mut grad_logp).grad_entropy(&mut grad_entropy);
 //! let stats = cpu::policy_loss(&inputs, out, &PolicyLossOptions::default().entropy_coef(0.01))?;
 //!
 //! // 3. The backward into the logits (here in place: the logits become their gradient).
@@ -111,8 +111,8 @@ pub use logprobs::{
 pub use memory::Cuda;
 pub use memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
 pub use ppo::{
-    FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, PolicyLossStats,
-    PolicyObjective, ValueLossInputs, ValueLossOptions, ValueLossStats,
+    FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
+    PolicyLossStats, PolicyObjective, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats,
 };
 pub use shape::{MAX_DIM, RowBlocks, RowShape};
 

@@ -32,6 +32,10 @@ pub trait Memory: sealed::Sealed + Sized + 'static {
     type View<'a, T: 'a>: Buffer;
     /// A writable buffer of `T` in this memory.
     type ViewMut<'a, T: 'a>: Buffer;
+    /// Where an op writes a batch statistic `S` of this memory: `&mut S` on the host (the
+    /// host ops also return it), `&mut cuda::DeviceStats<S>` on the device (written on the
+    /// stream, read when the caller chooses).
+    type Stats<'a, S: 'a>;
 }
 
 /// Host memory: views are `&[T]`, writable views `&mut [T]`. The default memory of every
@@ -42,6 +46,7 @@ pub enum Host {}
 impl Memory for Host {
     type View<'a, T: 'a> = &'a [T];
     type ViewMut<'a, T: 'a> = &'a mut [T];
+    type Stats<'a, S: 'a> = &'a mut S;
 }
 
 /// CUDA device memory: views are cudarc's `CudaView`, writable views `CudaViewMut`.
@@ -53,6 +58,7 @@ pub enum Cuda {}
 impl Memory for Cuda {
     type View<'a, T: 'a> = cudarc::driver::CudaView<'a, T>;
     type ViewMut<'a, T: 'a> = cudarc::driver::CudaViewMut<'a, T>;
+    type Stats<'a, S: 'a> = &'a mut crate::cuda::DeviceStats<S>;
 }
 
 mod sealed {

@@ -34,7 +34,7 @@
 //! `∂L_v/∂v = (v − R)` where the unclipped error is the larger, else `(v_clip − R)` inside the
 //! clip band and 0 outside.
 
-use crate::memory::{Buffer, Host, IntoView, Memory};
+use crate::memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
 use crate::{
     Aggregation, BatchCounts, Error, Normaliser, Result, RowShape, SampledKlOptions, SampledKlStats,
     TargetIndex, Tokens,
@@ -409,6 +409,146 @@ impl<'a, M: Memory> ValueLossInputs<'a, M> {
         s.check_buffer("returns", self.returns.len())?;
         if let Some(m) = &self.mask {
             s.check_buffer("mask", m.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Where [`policy_loss`](crate::cpu::policy_loss) writes (each optional, laid out as the
+/// inputs; masked tokens get 0): the per-token loss `L`, `∂loss/∂logp` and `∂loss/∂H` (the
+/// upstream gradients of the logprobs backward), and the statistics. `M` is where the buffers
+/// live ([`Host`] by default, `Cuda` for device views).
+///
+/// ```
+/// use rlhf_kernels::PolicyLossOutputs;
+/// let mut grad = [0.0f32; 4];
+/// let out = PolicyLossOutputs::default().grad_logp(&mut grad).accumulate(true);
+/// assert!(out.loss.is_none() && out.accumulate);
+/// ```
+#[derive(Debug)]
+pub struct PolicyLossOutputs<'a, M: Memory = Host> {
+    /// Per-token `L` (unweighted, without the entropy bonus).
+    pub loss: Option<M::ViewMut<'a, f32>>,
+    /// `w·∂L/∂logp`.
+    pub grad_logp: Option<M::ViewMut<'a, f32>>,
+    /// `−c_H·w`.
+    pub grad_entropy: Option<M::ViewMut<'a, f32>>,
+    /// The batch statistics (the host op also returns them).
+    pub stats: Option<M::Stats<'a, PolicyLossStats>>,
+    /// Scratch of the CUDA kernels (`cuda::policy_loss_workspace_bytes`, 16-byte aligned;
+    /// allocated on the stream when needed and absent). The host backends need none.
+    pub workspace: Option<M::ViewMut<'a, u8>>,
+    /// Add `∂loss/∂logp` to what `grad_logp` holds (at valid tokens; masked ones keep their
+    /// value) instead of overwriting it: several loss terms (e.g. a KL term from
+    /// `sampled_kl`) into one upstream gradient. `grad_entropy` is always overwritten (the
+    /// entropy bonus lives here).
+    pub accumulate: bool,
+}
+
+impl<M: Memory> Default for PolicyLossOutputs<'_, M> {
+    fn default() -> Self {
+        PolicyLossOutputs {
+            loss: None,
+            grad_logp: None,
+            grad_entropy: None,
+            stats: None,
+            workspace: None,
+            accumulate: false,
+        }
+    }
+}
+
+impl<'a, M: Memory> PolicyLossOutputs<'a, M> {
+    /// Adds `∂loss/∂logp` to `grad_logp`'s contents instead of overwriting them.
+    pub fn accumulate(self, accumulate: bool) -> Self {
+        PolicyLossOutputs { accumulate, ..self }
+    }
+    /// Requests the per-token loss.
+    pub fn loss(self, l: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        PolicyLossOutputs { loss: Some(l.into_view_mut()), ..self }
+    }
+    /// Requests `∂loss/∂logp`.
+    pub fn grad_logp(self, g: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        PolicyLossOutputs { grad_logp: Some(g.into_view_mut()), ..self }
+    }
+    /// Requests `∂loss/∂H`.
+    pub fn grad_entropy(self, g: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        PolicyLossOutputs { grad_entropy: Some(g.into_view_mut()), ..self }
+    }
+    /// Requests the statistics into `stats`.
+    pub fn stats(self, stats: M::Stats<'a, PolicyLossStats>) -> Self {
+        PolicyLossOutputs { stats: Some(stats), ..self }
+    }
+    /// Provides the CUDA kernels' workspace.
+    pub fn workspace(self, w: impl IntoViewMut<'a, u8, Memory = M>) -> Self {
+        PolicyLossOutputs { workspace: Some(w.into_view_mut()), ..self }
+    }
+
+    /// Each requested per-token output holds the inputs' `shape`.
+    pub(crate) fn check(&self, shape: RowShape) -> Result<()> {
+        for (what, o) in
+            [("loss", &self.loss), ("grad_logp", &self.grad_logp), ("grad_entropy", &self.grad_entropy)]
+        {
+            if let Some(o) = o {
+                shape.check_buffer(what, o.len())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where [`value_loss`](crate::cpu::value_loss) writes (each optional, laid out as the inputs;
+/// masked tokens get 0), and the statistics. `M` as for [`PolicyLossOutputs`].
+///
+/// ```
+/// use rlhf_kernels::ValueLossOutputs;
+/// let mut grad = [0.0f32; 4];
+/// let out = ValueLossOutputs::default().grad_values(&mut grad);
+/// assert!(out.loss.is_none());
+/// ```
+#[derive(Debug)]
+pub struct ValueLossOutputs<'a, M: Memory = Host> {
+    /// Per-token `½·max((v − R)², (v_clip − R)²)`.
+    pub loss: Option<M::ViewMut<'a, f32>>,
+    /// `coef·w·∂L_v/∂v`.
+    pub grad_values: Option<M::ViewMut<'a, f32>>,
+    /// The batch statistics (the host op also returns them).
+    pub stats: Option<M::Stats<'a, ValueLossStats>>,
+    /// Scratch of the CUDA kernels (`cuda::value_loss_workspace_bytes`; allocated on the
+    /// stream when needed and absent). The host backends need none.
+    pub workspace: Option<M::ViewMut<'a, u8>>,
+}
+
+impl<M: Memory> Default for ValueLossOutputs<'_, M> {
+    fn default() -> Self {
+        ValueLossOutputs { loss: None, grad_values: None, stats: None, workspace: None }
+    }
+}
+
+impl<'a, M: Memory> ValueLossOutputs<'a, M> {
+    /// Requests the per-token loss.
+    pub fn loss(self, l: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        ValueLossOutputs { loss: Some(l.into_view_mut()), ..self }
+    }
+    /// Requests `∂loss/∂v`.
+    pub fn grad_values(self, g: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        ValueLossOutputs { grad_values: Some(g.into_view_mut()), ..self }
+    }
+    /// Requests the statistics into `stats`.
+    pub fn stats(self, stats: M::Stats<'a, ValueLossStats>) -> Self {
+        ValueLossOutputs { stats: Some(stats), ..self }
+    }
+    /// Provides the CUDA kernels' workspace.
+    pub fn workspace(self, w: impl IntoViewMut<'a, u8, Memory = M>) -> Self {
+        ValueLossOutputs { workspace: Some(w.into_view_mut()), ..self }
+    }
+
+    /// Each requested per-token output holds the inputs' `shape`.
+    pub(crate) fn check(&self, shape: RowShape) -> Result<()> {
+        for (what, o) in [("loss", &self.loss), ("grad_values", &self.grad_values)] {
+            if let Some(o) = o {
+                shape.check_buffer(what, o.len())?;
+            }
         }
         Ok(())
     }

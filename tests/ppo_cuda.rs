@@ -13,8 +13,9 @@ mod gpu {
     use super::common::gpu::Gpu;
 
     use super::common::ppo::{self, PolicyCase, PpoBackend, ValueCase};
-    use rlhf_kernels::cuda::{self, CudaStatus, DevicePolicyLossOutputs, DeviceValueLossOutputs};
+    use rlhf_kernels::cuda::{self, CudaStatus};
     use rlhf_kernels::{PolicyLossInputs, ValueLossInputs};
+    use rlhf_kernels::{PolicyLossOutputs, ValueLossOutputs};
 
     use rlhf_kernels::{PolicyLossOptions, RowShape, ValueLossOptions, bf16};
 
@@ -42,7 +43,7 @@ mod gpu {
         };
         let global =
             rlhf_kernels::Normaliser::Global { valid_tokens: 36.0, valid_sequences: 4.0, sequences: 4.0 };
-        let out = DevicePolicyLossOutputs { grad_logp: Some(g.as_view_mut()), ..Default::default() };
+        let out = PolicyLossOutputs { grad_logp: Some(g.as_view_mut()), ..Default::default() };
         cuda::policy_loss(s, &inputs, out, &mut status, &PolicyLossOptions::default().normaliser(global))
             .unwrap();
         let err = status.check(s).unwrap_err();
@@ -67,7 +68,7 @@ mod gpu {
             returns: ret.as_view(),
             mask: Some(mask.as_view()),
         };
-        let out = DeviceValueLossOutputs { loss: Some(loss.as_view_mut()), ..Default::default() };
+        let out = ValueLossOutputs { loss: Some(loss.as_view_mut()), ..Default::default() };
         cuda::value_loss(s, &inputs, out, &mut status, &opts).unwrap();
         status.check(s).unwrap();
         let tol = rlhf_kernels::testing::Tolerance::for_dtype(rlhf_kernels::DType::F32).scaled(10.0);
@@ -186,7 +187,7 @@ mod gpu {
             mask: Some(mask.as_view()),
             entropy: Some(entropy.as_view()),
         };
-        let out = DevicePolicyLossOutputs { grad_logp: Some(g.as_view_mut()), ..Default::default() };
+        let out = PolicyLossOutputs { grad_logp: Some(g.as_view_mut()), ..Default::default() };
         cuda::policy_loss(s, &inputs, out, &mut status, &opts.normaliser(global)).unwrap();
         status.check(s).unwrap();
         let got = s.clone_dtoh(&g).unwrap();

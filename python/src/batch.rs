@@ -3,7 +3,8 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use rlhf_kernels::cpu::{self, GaeOutputs, GroupAdvantageOutputs, PolicyLossOutputs};
+use rlhf_kernels::PolicyLossOutputs;
+use rlhf_kernels::cpu::{self, GaeOutputs, GroupAdvantageOutputs};
 use rlhf_kernels::cuda::raw;
 use rlhf_kernels::{
     Aggregation, GaeInputs, GaeOptions, GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, MaskedSteps,

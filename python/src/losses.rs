@@ -4,7 +4,8 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use rlhf_kernels::cpu::{self, SampledKlOutputs, ValueLossOutputs};
+use rlhf_kernels::ValueLossOutputs;
+use rlhf_kernels::cpu::{self, SampledKlOutputs};
 use rlhf_kernels::cuda::raw;
 use rlhf_kernels::{KlEstimator, RowShape, SampledKlOptions, ValueLossInputs, ValueLossOptions};
 
@@ -262,7 +263,11 @@ pub fn value_loss(
             let st = py
                 .detach(move || {
                     let inputs = ValueLossInputs { shape, values: v, old_values: o, returns: r, mask: m };
-                    cpu::value_loss(&inputs, ValueLossOutputs { loss: l, grad_values: g }, &opts)
+                    cpu::value_loss(
+                        &inputs,
+                        ValueLossOutputs { loss: l, grad_values: g, ..Default::default() },
+                        &opts,
+                    )
                 })
                 .map_err(err)?;
             words.copy_from_slice(&raw::value_stats_to_words(&st));

@@ -7,7 +7,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, S
 
 use super::storage::{cpu_side, flat, guard, per_row, tensor};
 use super::to_candle;
-use crate::cpu::{self, SampledKlOutputs, ValueLossOutputs};
+use crate::ValueLossOutputs;
+use crate::cpu::{self, SampledKlOutputs};
 use crate::{RowShape, SampledKlOptions, SampledKlStats, ValueLossInputs, ValueLossOptions, ValueLossStats};
 
 /// The `[B, T]` dims of a batch tensor.
@@ -282,7 +283,7 @@ impl ValueLossOp {
             returns: ret,
             mask: cpu_side::<u8>(&guards[2], n, "mask")?,
         };
-        let out = ValueLossOutputs { loss: None, grad_values: grad };
+        let out = ValueLossOutputs { grad_values: grad, ..Default::default() };
         cpu::value_loss(&inputs, out, &self.opts).map_err(to_candle)
     }
 }
@@ -335,7 +336,8 @@ mod gpu {
     use super::super::to_candle;
     use super::{SampledKlOp, ValueLossOp, put};
     use crate::ValueLossInputs;
-    use crate::cuda::{self, DeviceSampledKlOutputs, DeviceStats, DeviceValueLossOutputs, SampledKlInputs};
+    use crate::ValueLossOutputs;
+    use crate::cuda::{self, DeviceSampledKlOutputs, DeviceStats, SampledKlInputs};
     use crate::{RowShape, SampledKlStats, ValueLossStats};
     use crate::{SampledKlStats, ValueLossStats};
 
@@ -436,7 +438,7 @@ mod gpu {
             mask,
         };
         let mut stats = DeviceStats::<ValueLossStats>::new(&stream).map_err(to_candle)?;
-        let out = DeviceValueLossOutputs {
+        let out = ValueLossOutputs {
             grad_values: grad.map(|g| g.slice_mut(..)),
             stats: Some(&mut stats),
             ..Default::default()

@@ -6,7 +6,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 
 use super::storage::{cpu_side, flat, guard, per_row, tensor};
 use super::to_candle;
-use crate::cpu::{self, PolicyLossOutputs};
+use crate::PolicyLossOutputs;
+use crate::cpu::{self};
 use crate::{PolicyLossInputs, PolicyLossOptions, PolicyLossStats, RowShape};
 
 /// The constant inputs of [`policy_loss`], each `[B, T]` like `logp` (f32; the mask `u8`).
@@ -284,9 +285,10 @@ mod gpu {
     use super::super::to_candle;
     use super::Core;
     use crate::PolicyLossInputs;
+    use crate::PolicyLossOutputs;
     use crate::PolicyLossStats;
     use crate::PolicyLossStats;
-    use crate::cuda::{self, DevicePolicyLossOutputs, DeviceStats};
+    use crate::cuda::{self, DeviceStats};
 
     /// Runs the loss on the GPU; with `grads`, writes `∂loss/∂logp` (and `∂loss/∂H`).
     fn run(
@@ -318,12 +320,8 @@ mod gpu {
             Some((gl, gh)) => (Some(gl.slice_mut(..)), gh.map(|g| g.slice_mut(..))),
             None => (None, None),
         };
-        let out = DevicePolicyLossOutputs {
-            grad_logp,
-            grad_entropy,
-            stats: Some(&mut stats),
-            ..Default::default()
-        };
+        let out =
+            PolicyLossOutputs { grad_logp, grad_entropy, stats: Some(&mut stats), ..Default::default() };
         cuda::policy_loss(&stream, &inputs, out, &mut status, &core.opts).map_err(to_candle)?;
         check(&stream, status)?;
         stats.read(&stream).map_err(to_candle)

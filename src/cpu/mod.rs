@@ -27,10 +27,7 @@ pub use logprobs::{
     finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,
     token_logprobs_backward_in_place, vocab_shard_partials,
 };
-pub use ppo::{
-    PolicyLossOutputs, ValueLossOutputs, policy_loss, policy_loss_from_logits,
-    policy_loss_from_logits_in_place, value_loss,
-};
+pub use ppo::{policy_loss, policy_loss_from_logits, policy_loss_from_logits_in_place, value_loss};
 
 /// A short description of the CPU backend: worker threads and vector instruction set.
 pub fn describe() -> String {

@@ -43,9 +43,8 @@ pub use logprobs::{
 };
 pub use module::kernels_built;
 pub use ppo::{
-    DeviceFusedStats, DevicePolicyLossOutputs, DeviceValueLossOutputs, fused_workspace_bytes, policy_loss,
-    policy_loss_from_logits, policy_loss_from_logits_in_place, policy_loss_workspace_bytes, value_loss,
-    value_loss_workspace_bytes,
+    DeviceFusedStats, fused_workspace_bytes, policy_loss, policy_loss_from_logits,
+    policy_loss_from_logits_in_place, policy_loss_workspace_bytes, value_loss, value_loss_workspace_bytes,
 };
 pub use stats::{DeviceStatistic, DeviceStats};
 pub use status::CudaStatus;

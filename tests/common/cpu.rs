@@ -237,7 +237,7 @@ impl PpoBackend for Cpu {
     fn policy(&self, c: &PolicyCase, opts: &PolicyLossOptions) -> Result<PolicyOut> {
         let n = c.shape.min_len();
         let (mut l, mut g, mut h) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
-        let out = cpu::PolicyLossOutputs::default().loss(&mut l).grad_logp(&mut g).grad_entropy(&mut h);
+        let out = PolicyLossOutputs::default().loss(&mut l).grad_logp(&mut g).grad_entropy(&mut h);
         let stats = cpu::policy_loss(&c.inputs(), out, opts)?;
         Ok(PolicyOut {
             loss: dense(&l, c.shape),
@@ -254,7 +254,7 @@ impl PpoBackend for Cpu {
         start: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut g, mut h) = (start.to_vec(), start.to_vec());
-        let out = cpu::PolicyLossOutputs::default().grad_logp(&mut g).grad_entropy(&mut h).accumulate(true);
+        let out = PolicyLossOutputs::default().grad_logp(&mut g).grad_entropy(&mut h).accumulate(true);
         cpu::policy_loss(&c.inputs(), out, opts)?;
         Ok((dense(&g, c.shape), dense(&h, c.shape)))
     }
@@ -262,11 +262,8 @@ impl PpoBackend for Cpu {
     fn value(&self, c: &ValueCase, opts: &ValueLossOptions) -> Result<(Vec<f32>, Vec<f32>, ValueLossStats)> {
         let n = c.shape.min_len();
         let (mut l, mut g) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-        let stats = cpu::value_loss(
-            &c.inputs(),
-            cpu::ValueLossOutputs::default().loss(&mut l).grad_values(&mut g),
-            opts,
-        )?;
+        let stats =
+            cpu::value_loss(&c.inputs(), ValueLossOutputs::default().loss(&mut l).grad_values(&mut g), opts)?;
         Ok((dense(&l, c.shape), dense(&g, c.shape), stats))
     }
 

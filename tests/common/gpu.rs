@@ -483,7 +483,7 @@ impl PpoBackend for Gpu {
             mask: mask.as_ref().map(|(m, n)| m.slice(0..*n)),
             entropy: entropy.as_ref().map(|(e, n)| e.slice(0..*n)),
         };
-        let out = DevicePolicyLossOutputs {
+        let out = PolicyLossOutputs {
             loss: Some(l.slice_mut(0..len)),
             grad_logp: Some(g.slice_mut(0..len)),
             grad_entropy: Some(h.slice_mut(0..len)),
@@ -521,7 +521,7 @@ impl PpoBackend for Gpu {
             mask: mask.as_ref().map(|m| m.as_view()),
             entropy: entropy.as_ref().map(|e| e.as_view()),
         };
-        let out = DevicePolicyLossOutputs {
+        let out = PolicyLossOutputs {
             grad_logp: Some(g.as_view_mut()),
             grad_entropy: Some(h.as_view_mut()),
             accumulate: true,
@@ -549,7 +549,7 @@ impl PpoBackend for Gpu {
             returns: ret.slice(0..n_ret),
             mask: mask.as_ref().map(|(m, n)| m.slice(0..*n)),
         };
-        let out = DeviceValueLossOutputs {
+        let out = ValueLossOutputs {
             loss: Some(l.slice_mut(0..len)),
             grad_values: Some(g.slice_mut(0..len)),
             stats: Some(&mut stats),

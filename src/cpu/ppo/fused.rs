@@ -6,11 +6,11 @@
 use crate::cpu::{sampled_kl, token_logprobs, token_logprobs_backward, token_logprobs_backward_in_place};
 use crate::logprobs::check_len;
 use crate::{
-    Element, FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, Result, RowShape,
-    TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs,
+    Element, FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
+    Result, RowShape, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs,
 };
 
-use super::{PolicyLossOutputs, policy_loss};
+use super::policy_loss;
 
 /// The forward and the losses: per-token temporaries the backward reads.
 struct Forward {

@@ -6,5 +6,5 @@ mod policy;
 mod value;
 
 pub use fused::{policy_loss_from_logits, policy_loss_from_logits_in_place};
-pub use policy::{PolicyLossOutputs, policy_loss};
-pub use value::{ValueLossOutputs, value_loss};
+pub use policy::policy_loss;
+pub use value::value_loss;

@@ -9,46 +9,9 @@ use crate::cpu::rows_mut;
 use crate::cpu::simd::{self, LANES, LOG2E, dispatch};
 use crate::error::Op;
 use crate::{
-    BatchCounts, Element, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result,
-    RowProblem,
+    BatchCounts, Element, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, PolicyLossStats,
+    PolicyObjective, Result, RowProblem,
 };
-
-/// Where [`policy_loss`] writes (each optional, laid out as the inputs; masked tokens get 0):
-/// the per-token loss `L`, `∂loss/∂logp` and `∂loss/∂H` (the upstream gradients of the
-/// logprobs backward).
-#[derive(Debug, Default)]
-pub struct PolicyLossOutputs<'a> {
-    /// Per-token `L` (unweighted, without the entropy bonus).
-    pub loss: Option<&'a mut [f32]>,
-    /// `w·∂L/∂logp`.
-    pub grad_logp: Option<&'a mut [f32]>,
-    /// `−c_H·w`.
-    pub grad_entropy: Option<&'a mut [f32]>,
-    /// Add `∂loss/∂logp` to what `grad_logp` holds (at valid tokens; masked ones keep their
-    /// value) instead of overwriting it: several loss terms (e.g. a KL term from
-    /// `sampled_kl`) into one upstream gradient. `grad_entropy` is always overwritten (the
-    /// entropy bonus lives here).
-    pub accumulate: bool,
-}
-
-impl<'a> PolicyLossOutputs<'a> {
-    /// Adds `∂loss/∂logp` to `grad_logp`'s contents instead of overwriting them.
-    pub fn accumulate(self, accumulate: bool) -> Self {
-        PolicyLossOutputs { accumulate, ..self }
-    }
-    /// Requests the per-token loss.
-    pub fn loss(self, l: &'a mut [f32]) -> Self {
-        PolicyLossOutputs { loss: Some(l), ..self }
-    }
-    /// Requests `∂loss/∂logp`.
-    pub fn grad_logp(self, g: &'a mut [f32]) -> Self {
-        PolicyLossOutputs { grad_logp: Some(g), ..self }
-    }
-    /// Requests `∂loss/∂H`.
-    pub fn grad_entropy(self, g: &'a mut [f32]) -> Self {
-        PolicyLossOutputs { grad_entropy: Some(g), ..self }
-    }
-}
 
 /// The per-row constants of the policy kernel.
 #[derive(Debug, Clone, Copy)]
@@ -230,11 +193,11 @@ dispatch!(fn policy_row<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: Row
 /// > 3.4e38; outputs are then partly written). An all-masked batch has loss 0.
 ///
 /// ```
-/// use rlhf_kernels::{cpu, PolicyLossInputs, PolicyLossOptions, RowShape};
+/// use rlhf_kernels::{cpu, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, RowShape};
 /// let (logp, old, adv) = ([-1.0f32, -0.5], [-1.0f32, -1.0], [1.0f32, 1.0]);
 /// let inputs = PolicyLossInputs::new(RowShape::new(1, 2), &logp, &old, &adv);
 /// let mut grad = [0.0f32; 2];
-/// let stats = cpu::policy_loss(&inputs, cpu::PolicyLossOutputs::default().grad_logp(&mut grad), &PolicyLossOptions::default())?;
+/// let stats = cpu::policy_loss(&inputs, PolicyLossOutputs::default().grad_logp(&mut grad), &PolicyLossOptions::default())?;
 /// // Token 0: ratio 1, unclipped, ∂/∂logp = −A·r / 2 tokens; token 1: ratio 1.65 clipped at 1.2.
 /// assert_eq!(grad, [-0.5, 0.0]);
 /// assert!((stats.loss - (-1.0 - 1.2) / 2.0).abs() < 1e-6 && stats.clip_fraction_high == 0.5);
@@ -248,12 +211,8 @@ pub fn policy_loss(
     inputs.validate()?;
     opts.validate()?;
     let (shape, mask) = (inputs.shape, inputs.mask);
-    for (what, o) in [("loss", &out.loss), ("grad_logp", &out.grad_logp), ("grad_entropy", &out.grad_entropy)]
-    {
-        if let Some(o) = o {
-            shape.check_buffer(what, o.len())?;
-        }
-    }
+    out.check(shape)?;
+    let PolicyLossOutputs { loss, grad_logp, grad_entropy, stats, accumulate, .. } = out;
     let local = BatchCounts::of(shape, mask);
     let counts = opts.normaliser.counts(local);
     let objective = match opts.objective {
@@ -263,9 +222,9 @@ pub fn policy_loss(
         PolicyObjective::Cispo => 3,
     };
     let beta = if let PolicyObjective::KlPenalty { beta } = opts.objective { beta } else { 0.0 };
-    let rows: Vec<(f64, RowSums)> = rows_mut(out.loss, shape)
-        .zip(rows_mut(out.grad_logp, shape))
-        .zip(rows_mut(out.grad_entropy, shape))
+    let rows: Vec<(f64, RowSums)> = rows_mut(loss, shape)
+        .zip(rows_mut(grad_logp, shape))
+        .zip(rows_mut(grad_entropy, shape))
         .enumerate()
         .map(|(i, ((loss, grad), grad_h))| {
             let range = shape.row_range(i);
@@ -292,7 +251,7 @@ pub fn policy_loss(
                 w: w as f32,
                 grad_h: (-(opts.entropy_coef as f64) * w) as f32,
                 seq_lr,
-                accumulate: out.accumulate,
+                accumulate,
             };
             let ent = inputs.entropy.map(|h| &h[range.clone()]);
             let adv = &inputs.advantages[range];
@@ -323,5 +282,8 @@ pub fn policy_loss(
     (st.approx_kl_k1, st.approx_kl_k3, st.ratio_mean, st.entropy_mean) =
         (mean(k1), mean(k3), mean(ratio), mean(h));
     st.counts = local;
+    if let Some(slot) = stats {
+        *slot = st;
+    }
     Ok(st)
 }

@@ -7,27 +7,9 @@ use rayon::prelude::*;
 use crate::aggregation::valid_in_row;
 use crate::cpu::rows_mut;
 use crate::error::Op;
-use crate::{BatchCounts, Result, RowProblem, ValueLossInputs, ValueLossOptions, ValueLossStats};
-
-/// Where [`value_loss`] writes (each optional, laid out as the inputs; masked tokens get 0).
-#[derive(Debug, Default)]
-pub struct ValueLossOutputs<'a> {
-    /// Per-token `½·max((v − R)², (v_clip − R)²)`.
-    pub loss: Option<&'a mut [f32]>,
-    /// `coef·w·∂L_v/∂v`.
-    pub grad_values: Option<&'a mut [f32]>,
-}
-
-impl<'a> ValueLossOutputs<'a> {
-    /// Requests the per-token loss.
-    pub fn loss(self, l: &'a mut [f32]) -> Self {
-        ValueLossOutputs { loss: Some(l), ..self }
-    }
-    /// Requests `∂loss/∂v`.
-    pub fn grad_values(self, g: &'a mut [f32]) -> Self {
-        ValueLossOutputs { grad_values: Some(g), ..self }
-    }
-}
+use crate::{
+    BatchCounts, Result, RowProblem, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats,
+};
 
 /// One token's value loss, `∂L_v/∂v` and whether the clipped error is the larger, in f32. The
 /// errors are compared by magnitude and halved before they are squared, `(½·d)·d`, so the loss
@@ -62,10 +44,10 @@ pub(crate) fn value_token(clip: Option<f32>, v: f32, old: f32, ret: f32) -> (f32
 /// `|v − R| > 2.6e19`).
 ///
 /// ```
-/// use rlhf_kernels::{cpu, RowShape, ValueLossInputs, ValueLossOptions};
+/// use rlhf_kernels::{cpu, RowShape, ValueLossInputs, ValueLossOptions, ValueLossOutputs};
 /// let inputs = ValueLossInputs::new(RowShape::new(1, 2), &[1.0, 0.1], &[0.0, 0.0], &[2.0, 0.0]);
 /// let mut grad = [0.0f32; 2];
-/// let stats = cpu::value_loss(&inputs, cpu::ValueLossOutputs::default().grad_values(&mut grad), &ValueLossOptions::default().clip(Some(0.5)))?;
+/// let stats = cpu::value_loss(&inputs, ValueLossOutputs::default().grad_values(&mut grad), &ValueLossOptions::default().clip(Some(0.5)))?;
 /// assert_eq!(grad, [0.0, 0.05]); // token 0 clipped (no gradient); token 1: (v − R)/2 tokens
 /// assert_eq!(stats.clip_fraction, 0.5);
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -78,16 +60,13 @@ pub fn value_loss(
     inputs.validate()?;
     opts.validate()?;
     let (shape, mask) = (inputs.shape, inputs.mask);
-    for (what, o) in [("loss", &out.loss), ("grad_values", &out.grad_values)] {
-        if let Some(o) = o {
-            shape.check_buffer(what, o.len())?;
-        }
-    }
+    out.check(shape)?;
+    let ValueLossOutputs { loss, grad_values, stats, .. } = out;
     let local = BatchCounts::of(shape, mask);
     let counts = opts.normaliser.counts(local);
     let coef = opts.coef as f64;
-    let rows: Vec<(f64, f64, f64, Option<RowProblem>)> = rows_mut(out.loss, shape)
-        .zip(rows_mut(out.grad_values, shape))
+    let rows: Vec<(f64, f64, f64, Option<RowProblem>)> = rows_mut(loss, shape)
+        .zip(rows_mut(grad_values, shape))
         .enumerate()
         .map(|(i, (mut loss, mut grad))| {
             let w = coef * opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i));
@@ -121,5 +100,9 @@ pub fn value_loss(
     let loss = rows.iter().map(|r| r.0 * r.1).sum();
     let clipped: f64 = rows.iter().map(|r| r.2).sum();
     let n = local.valid_tokens;
-    Ok(ValueLossStats { loss, clip_fraction: if n > 0.0 { clipped / n } else { 0.0 }, counts: local })
+    let st = ValueLossStats { loss, clip_fraction: if n > 0.0 { clipped / n } else { 0.0 }, counts: local };
+    if let Some(slot) = stats {
+        *slot = st;
+    }
+    Ok(st)
 }

@@ -6,9 +6,8 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use crate::cuda::DeviceStats;
 use crate::cuda::aggregation::{
     AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
     workspace_or_alloc,
@@ -16,35 +15,14 @@ use crate::cuda::aggregation::{
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::{
-    BatchCounts, Cuda, PolicyLossInputs, PolicyLossOptions, PolicyLossStats, PolicyObjective, Result,
-    RowShape,
+    BatchCounts, Cuda, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, PolicyLossStats,
+    PolicyObjective, Result, RowShape,
 };
 
 /// Bytes per sequence of the policy row records (`PolicyRow`: 12 f32).
 const POLICY_RECORD_BYTES: usize = 48;
 /// f64 words of the policy statistics (`PolicyStat` in the kernel).
 pub const POLICY_STATS_WORDS: usize = 15;
-
-/// Where [`policy_loss`] writes (each optional; see
-/// [`cpu::PolicyLossOutputs`](crate::cpu::PolicyLossOutputs)), the statistics, and workspace
-/// ([`policy_loss_workspace_bytes`], 16-byte aligned; allocated on the stream when needed and
-/// absent).
-#[derive(Debug, Default)]
-pub struct DevicePolicyLossOutputs<'a> {
-    /// Per-token `L`.
-    pub loss: Option<CudaViewMut<'a, f32>>,
-    /// `w·∂L/∂logp`.
-    pub grad_logp: Option<CudaViewMut<'a, f32>>,
-    /// `−c_H·w`.
-    pub grad_entropy: Option<CudaViewMut<'a, f32>>,
-    /// The statistics.
-    pub stats: Option<&'a mut DeviceStats<PolicyLossStats>>,
-    /// Scratch for the row records and the mask count.
-    pub workspace: Option<CudaViewMut<'a, u8>>,
-    /// Add `∂loss/∂logp` to `grad_logp`'s contents at valid tokens instead of overwriting them
-    /// (see [`cpu::PolicyLossOutputs::accumulate`](crate::cpu::PolicyLossOutputs)).
-    pub accumulate: bool,
-}
 
 /// Bytes of workspace [`policy_loss`] may use for `shape`: one record per sequence (for the
 /// statistics), and the valid-token counts a gradient under the batch's own denominators needs
@@ -152,7 +130,8 @@ impl LossLaunch {
 /// too.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DevicePolicyLossOutputs, DeviceStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::{PolicyLossOutputs};
 /// use rlhf_kernels::{PolicyLossStats};
 /// use rlhf_kernels::{PolicyLossInputs};
 /// use rlhf_kernels::{PolicyLossOptions, RowShape};
@@ -163,7 +142,7 @@ impl LossLaunch {
 /// let (mut stats, mut status) = (DeviceStats::<PolicyLossStats>::new(s)?, CudaStatus::new(s)?);
 /// let inputs = PolicyLossInputs { shape: RowShape::new(1, 2), logp: logp.as_view(), old_logp: old.as_view(),
 ///     advantages: adv.as_view(), mask: None, entropy: None };
-/// let out = DevicePolicyLossOutputs { grad_logp: Some(grad.as_view_mut()), stats: Some(&mut stats), ..Default::default() };
+/// let out = PolicyLossOutputs { grad_logp: Some(grad.as_view_mut()), stats: Some(&mut stats), ..Default::default() };
 /// cuda::policy_loss(s, &inputs, out, &mut status, &PolicyLossOptions::default())?;
 /// status.check(s)?;
 /// assert_eq!(stats.read(s)?.clip_fraction_high, 0.5);
@@ -172,25 +151,13 @@ impl LossLaunch {
 pub fn policy_loss(
     stream: &Arc<CudaStream>,
     inputs: &PolicyLossInputs<'_, Cuda>,
-    mut out: DevicePolicyLossOutputs<'_>,
+    mut out: PolicyLossOutputs<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &PolicyLossOptions,
 ) -> Result<()> {
     let shape = inputs.shape;
-    shape.check_buffer("logp", inputs.logp.len())?;
-    shape.check_buffer("old_logp", inputs.old_logp.len())?;
-    shape.check_buffer("advantages", inputs.advantages.len())?;
-    for (what, len) in [
-        ("mask", inputs.mask.as_ref().map(|m| m.len())),
-        ("entropy", inputs.entropy.as_ref().map(|m| m.len())),
-        ("loss", out.loss.as_ref().map(|m| m.len())),
-        ("grad_logp", out.grad_logp.as_ref().map(|m| m.len())),
-        ("grad_entropy", out.grad_entropy.as_ref().map(|m| m.len())),
-    ] {
-        if let Some(len) = len {
-            shape.check_buffer(what, len)?;
-        }
-    }
+    inputs.validate()?;
+    out.check(shape)?;
     opts.validate()?;
     if let Some(w) = &out.workspace {
         check_workspace(w.len(), policy_loss_workspace_bytes(shape))?;

@@ -11,7 +11,7 @@ pub use fused::{
     DeviceFusedStats, fused_workspace_bytes, policy_loss_from_logits, policy_loss_from_logits_in_place,
 };
 pub use loss::{
-    DevicePolicyLossOutputs, POLICY_STATS_WORDS, PolicyLossArgs, policy_loss, policy_loss_workspace_bytes,
-    policy_stats_from_words, policy_stats_to_words,
+    POLICY_STATS_WORDS, PolicyLossArgs, policy_loss, policy_loss_workspace_bytes, policy_stats_from_words,
+    policy_stats_to_words,
 };
-pub use value::{DeviceValueLossOutputs, value_loss, value_loss_workspace_bytes};
+pub use value::{value_loss, value_loss_workspace_bytes};

@@ -3,36 +3,23 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaViewMut, DevicePtr, DeviceRepr};
+use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr};
 
 use super::loss::LossLaunch;
-use crate::cuda::DeviceStats;
 use crate::cuda::aggregation::{
     AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
     workspace_or_alloc,
 };
 use crate::cuda::{CudaStatus, opt_ptr, opt_ptr_mut};
-use crate::{BatchCounts, Cuda, Result, RowShape, ValueLossInputs, ValueLossOptions, ValueLossStats};
+use crate::{
+    BatchCounts, Cuda, Result, RowShape, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats,
+};
 
 /// Bytes per sequence of the value row records (`ValueRow`: 4 f32).
 const VALUE_RECORD_BYTES: usize = 16;
 /// f64 words of the statistics of a raw [`value_loss`](crate::cuda::raw::value_loss):
 /// `[loss, clip fraction, valid tokens, valid sequences, sequences]`.
 pub const VALUE_STATS_WORDS: usize = 5;
-
-/// Where [`value_loss`] writes (each optional), the statistics and workspace
-/// ([`value_loss_workspace_bytes`]).
-#[derive(Debug, Default)]
-pub struct DeviceValueLossOutputs<'a> {
-    /// Per-token `L_v`.
-    pub loss: Option<CudaViewMut<'a, f32>>,
-    /// `coef·w·∂L_v/∂v`.
-    pub grad_values: Option<CudaViewMut<'a, f32>>,
-    /// The statistics.
-    pub stats: Option<&'a mut DeviceStats<ValueLossStats>>,
-    /// Scratch for the row records and the mask count.
-    pub workspace: Option<CudaViewMut<'a, u8>>,
-}
 
 /// Bytes of workspace [`value_loss`] may use for `shape`: one record per sequence (for the
 /// statistics), and the valid-token counts a gradient under the batch's own denominators needs
@@ -78,7 +65,8 @@ unsafe impl DeviceRepr for ValueParams {}
 /// `Overflow` too: there the CPU, which sums in f64, can still return a (huge) finite loss.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceValueLossOutputs};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::{ValueLossOutputs};
 /// use rlhf_kernels::{ValueLossInputs};
 /// use rlhf_kernels::{RowShape, ValueLossOptions};
 /// let device = CudaDevice::new(0)?;
@@ -88,7 +76,7 @@ unsafe impl DeviceRepr for ValueParams {}
 /// let mut status = CudaStatus::new(s)?;
 /// let inputs = ValueLossInputs { shape: RowShape::new(1, 1), values: v.as_view(), old_values: old.as_view(),
 ///     returns: ret.as_view(), mask: None };
-/// let out = DeviceValueLossOutputs { grad_values: Some(grad.as_view_mut()), ..Default::default() };
+/// let out = ValueLossOutputs { grad_values: Some(grad.as_view_mut()), ..Default::default() };
 /// cuda::value_loss(s, &inputs, out, &mut status, &ValueLossOptions::default())?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -96,23 +84,13 @@ unsafe impl DeviceRepr for ValueParams {}
 pub fn value_loss(
     stream: &Arc<CudaStream>,
     inputs: &ValueLossInputs<'_, Cuda>,
-    mut out: DeviceValueLossOutputs<'_>,
+    mut out: ValueLossOutputs<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &ValueLossOptions,
 ) -> Result<()> {
     let shape = inputs.shape;
-    shape.check_buffer("values", inputs.values.len())?;
-    shape.check_buffer("old_values", inputs.old_values.len())?;
-    shape.check_buffer("returns", inputs.returns.len())?;
-    for (what, len) in [
-        ("mask", inputs.mask.as_ref().map(|m| m.len())),
-        ("loss", out.loss.as_ref().map(|m| m.len())),
-        ("grad_values", out.grad_values.as_ref().map(|m| m.len())),
-    ] {
-        if let Some(len) = len {
-            shape.check_buffer(what, len)?;
-        }
-    }
+    inputs.validate()?;
+    out.check(shape)?;
     opts.validate()?;
     if let Some(w) = &out.workspace {
         check_workspace(w.len(), value_loss_workspace_bytes(shape))?;

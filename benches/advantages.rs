@@ -9,6 +9,7 @@ use common::{config, id};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{DType, GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, RowShape, cpu};
+use rlhf_kernels::{GaeOutputs, GroupAdvantageOutputs};
 
 /// Groups of the GRPO bench.
 const GROUP_SIZE: usize = 16;
@@ -59,8 +60,7 @@ fn bench_cpu(c: &mut Criterion) {
         grp.throughput(Throughput::Bytes(gae_bytes(shape)));
         grp.bench_function(id("cpu", shape, DType::F32), |b| {
             b.iter(|| {
-                cpu::gae(&inputs, cpu::GaeOutputs::default().advantages(&mut a).returns(&mut r), &opts())
-                    .unwrap()
+                cpu::gae(&inputs, GaeOutputs::default().advantages(&mut a).returns(&mut r), &opts()).unwrap()
             })
         });
         grp.finish();
@@ -72,7 +72,7 @@ fn bench_cpu(c: &mut Criterion) {
         grp.throughput(Throughput::Bytes(grpo_bytes(shape.rows)));
         grp.bench_function(id("cpu", shape, DType::F32), |b| {
             b.iter(|| {
-                let out = cpu::GroupAdvantageOutputs::default().per_sequence(&mut a);
+                let out = GroupAdvantageOutputs::default().per_sequence(&mut a);
                 cpu::group_advantages(&scores, &groups, out, &GroupAdvantageOptions::grpo()).unwrap()
             })
         });
@@ -84,9 +84,8 @@ fn bench_cpu(c: &mut Criterion) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
-    use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups,
-    };
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceGroups};
+    use rlhf_kernels::{GaeInputs, GaeOutputs, GroupAdvantageOutputs};
 
     pub fn bench_cuda(c: &mut Criterion) {
         let Some(device) = device() else { return };
@@ -102,10 +101,9 @@ mod gpu {
             let (mut a, mut r) =
                 (s.alloc_zeros::<f32>(shape.len()).unwrap(), s.alloc_zeros::<f32>(shape.len()).unwrap());
             let mut ws = s.alloc_zeros::<u8>(cuda::gae_workspace_bytes(shape).max(16)).unwrap();
-            let inputs =
-                DeviceGaeInputs::new(shape).rewards(rw.as_view()).values(v.as_view()).mask(m.as_view());
+            let inputs = GaeInputs::new(shape).rewards(rw.as_view()).values(v.as_view()).mask(m.as_view());
             bench_events(c, "gae", shape, DType::F32, gae_bytes(shape), &s, || {
-                let out = DeviceGaeOutputs::default()
+                let out = GaeOutputs::default()
                     .advantages(a.as_view_mut())
                     .returns(r.as_view_mut())
                     .workspace(ws.as_view_mut());
@@ -118,7 +116,7 @@ mod gpu {
             let dg = DeviceGroups::new(&s, &groups).unwrap();
             let mut a = s.alloc_zeros::<f32>(shape.rows).unwrap();
             bench_events(c, "grpo", shape, DType::F32, grpo_bytes(shape.rows), &s, || {
-                let out = DeviceGroupAdvantageOutputs::default().per_sequence(a.as_view_mut());
+                let out = GroupAdvantageOutputs::default().per_sequence(a.as_view_mut());
                 let opts = GroupAdvantageOptions::grpo();
                 cuda::group_advantages(&s, &sc.as_view(), &dg, out, &mut status, &opts).unwrap()
             });

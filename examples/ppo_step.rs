@@ -30,11 +30,11 @@ use std::time::Instant;
 
 use rlhf_kernels::testing::{Rng, Tolerance, check_close};
 use rlhf_kernels::{
-    Backend, DType, Element, Error, GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, KlDirection,
-    KlEstimator, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, RowShape,
-    SampledKlOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs,
-    ValueLossOptions, ValueLossOutputs, ValueLossStats, WhitenOptions, bf16, cpu, f16,
-    gae_error_bound_factor, gae_error_scale, reference,
+    Backend, DType, Element, Error, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions,
+    GroupAdvantageOutputs, Groups, KlDirection, KlEstimator, PolicyLossInputs, PolicyLossOptions,
+    PolicyLossOutputs, PolicyLossStats, RowShape, SampledKlOptions, TokenGrads, TokenLogprobsOptions,
+    TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats, WhitenOptions,
+    bf16, cpu, f16, gae_error_bound_factor, gae_error_scale, reference,
 };
 
 /// Entropy-bonus coefficient c_H: the upstream gradient of H is −c_H.
@@ -630,13 +630,13 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
         let t = Instant::now();
         match batch.estimator {
             Estimator::Gae => {
-                let out = cpu::GaeOutputs::default().advantages(&mut advantages).returns(&mut returns);
+                let out = GaeOutputs::default().advantages(&mut advantages).returns(&mut returns);
                 cpu::gae(&batch.gae_inputs(&kl), out, &gae_options())?;
                 whitened.copy_from_slice(&advantages);
                 cpu::whiten(&mut whitened, seqs, mask, &WhitenOptions::default())?;
             }
             Estimator::Grpo => {
-                let out = cpu::GroupAdvantageOutputs::default().per_token(&mut advantages, seqs, mask);
+                let out = GroupAdvantageOutputs::default().per_token(&mut advantages, seqs, mask);
                 cpu::group_advantages(&batch.scores, &batch.groups, out, &GroupAdvantageOptions::grpo())?;
             }
         }
@@ -696,11 +696,11 @@ fn run_cuda<T: Element>(
     iters: usize,
 ) -> Result<Produced<T>, Error> {
     use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups,
-        DeviceSampledKlOutputs, DeviceStats, SampledKlInputs,
+        self, CudaStatus, DeviceGroups, DeviceSampledKlOutputs, DeviceStats, SampledKlInputs,
     };
     use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
     use rlhf_kernels::cudarc::driver::{CudaSlice, DriverError};
+    use rlhf_kernels::{GaeInputs, GaeOutputs, GroupAdvantageOutputs};
     use rlhf_kernels::{Moments, PolicyLossStats, SampledKlStats, ValueLossStats};
     use rlhf_kernels::{PolicyLossInputs, ValueLossInputs};
     use rlhf_kernels::{PolicyLossOutputs, ValueLossOutputs};
@@ -788,14 +788,14 @@ fn run_cuda<T: Element>(
         let e3 = event()?;
         match batch.estimator {
             Estimator::Gae => {
-                let mut inputs = DeviceGaeInputs::new(seqs)
+                let mut inputs = GaeInputs::new(seqs)
                     .scores(scores.as_view())
                     .values(values.as_view())
                     .mask(mask.as_view());
                 if batch.kl == KlPlacement::Reward {
                     inputs = inputs.kl_penalty(kl.as_view(), KL_COEF);
                 }
-                let out = DeviceGaeOutputs::default()
+                let out = GaeOutputs::default()
                     .advantages(advantages.as_view_mut())
                     .returns(returns.as_view_mut())
                     .workspace(gae_workspace.as_view_mut());
@@ -806,7 +806,7 @@ fn run_cuda<T: Element>(
                 cuda::whiten(s, &mut whitened, seqs, Some(&m), &mut moments, &mut status, &white)?;
             }
             Estimator::Grpo => {
-                let out = DeviceGroupAdvantageOutputs::default().per_token(
+                let out = GroupAdvantageOutputs::default().per_token(
                     advantages.as_view_mut(),
                     seqs,
                     Some(mask.as_view()),

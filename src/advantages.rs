@@ -58,10 +58,14 @@
 //! [`WhitenOptions::keep_mean`] adds the mean back. [`Moments`] are the reduction it uses:
 //! count, mean, variance, min and max over valid tokens, in a fixed order (deterministic).
 
+use crate::memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
 use crate::{Error, Result, RowProblem, RowShape};
 
 mod groups;
-pub use groups::{GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, SingletonGroups};
+pub use groups::{
+    GroupAdvantageOptions, GroupAdvantageOutputs, GroupEstimator, GroupStd, Groups, SingletonGroups,
+    TokenOutput,
+};
 
 /// What a masked position inside a sequence does to the GAE recurrence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -141,66 +145,128 @@ impl GaeOptions {
 /// # let _ = inputs;
 /// ```
 #[derive(Debug, Clone, Copy)]
-pub struct GaeInputs<'a> {
+pub struct GaeInputs<'a, M: Memory = Host> {
     /// `[B, T]` (row stride allowed) of every per-token array.
     pub shape: RowShape,
     /// Dense per-token rewards.
-    pub rewards: Option<&'a [f32]>,
+    pub rewards: Option<M::View<'a, f32>>,
     /// Per-token KL estimates and β: adds `−β·kl_t`.
-    pub kl_penalty: Option<(&'a [f32], f32)>,
+    pub kl_penalty: Option<(M::View<'a, f32>, f32)>,
     /// One score per sequence, added to its last valid token.
-    pub scores: Option<&'a [f32]>,
+    pub scores: Option<M::View<'a, f32>>,
     /// Value estimates `V_t`; `None` means 0 (discounted returns).
-    pub values: Option<&'a [f32]>,
+    pub values: Option<M::View<'a, f32>>,
     /// Response mask, one byte per token (0 = padding or prompt); `None`: all valid.
-    pub mask: Option<&'a [u8]>,
+    pub mask: Option<M::View<'a, u8>>,
 }
 
-impl<'a> GaeInputs<'a> {
+impl<'a, M: Memory> GaeInputs<'a, M> {
     /// No input yet, for a batch of `shape`.
     pub fn new(shape: RowShape) -> Self {
         GaeInputs { shape, rewards: None, kl_penalty: None, scores: None, values: None, mask: None }
     }
     /// Adds dense per-token rewards.
-    pub fn rewards(self, r: &'a [f32]) -> Self {
-        GaeInputs { rewards: Some(r), ..self }
+    pub fn rewards(self, r: impl IntoView<'a, f32, Memory = M>) -> Self {
+        GaeInputs { rewards: Some(r.into_view()), ..self }
     }
     /// Adds the KL penalty `−β·kl_t` to every valid token.
-    pub fn kl_penalty(self, kl: &'a [f32], beta: f32) -> Self {
-        GaeInputs { kl_penalty: Some((kl, beta)), ..self }
+    pub fn kl_penalty(self, kl: impl IntoView<'a, f32, Memory = M>, beta: f32) -> Self {
+        GaeInputs { kl_penalty: Some((kl.into_view(), beta)), ..self }
     }
     /// Adds each sequence's score to its last valid token.
-    pub fn scores(self, s: &'a [f32]) -> Self {
-        GaeInputs { scores: Some(s), ..self }
+    pub fn scores(self, s: impl IntoView<'a, f32, Memory = M>) -> Self {
+        GaeInputs { scores: Some(s.into_view()), ..self }
     }
     /// Adds the value estimates.
-    pub fn values(self, v: &'a [f32]) -> Self {
-        GaeInputs { values: Some(v), ..self }
+    pub fn values(self, v: impl IntoView<'a, f32, Memory = M>) -> Self {
+        GaeInputs { values: Some(v.into_view()), ..self }
     }
     /// Adds the response mask.
-    pub fn mask(self, m: &'a [u8]) -> Self {
-        GaeInputs { mask: Some(m), ..self }
+    pub fn mask(self, m: impl IntoView<'a, u8, Memory = M>) -> Self {
+        GaeInputs { mask: Some(m.into_view()), ..self }
     }
 
     /// Checks lengths, β and that some reward is given.
     pub(crate) fn validate(&self) -> Result<()> {
         let shape = self.shape;
-        for (what, buf) in
-            [("rewards", self.rewards), ("kl", self.kl_penalty.map(|k| k.0)), ("values", self.values)]
+        let kl = self.kl_penalty.as_ref().map(|k| &k.0);
+        for (what, buf) in [("rewards", self.rewards.as_ref()), ("kl", kl), ("values", self.values.as_ref())]
         {
             if let Some(b) = buf {
                 shape.check_buffer(what, b.len())?;
             }
         }
-        if let Some(m) = self.mask {
+        if let Some(m) = &self.mask {
             shape.check_buffer("mask", m.len())?;
         }
-        if let Some(s) = self.scores {
+        if let Some(s) = &self.scores {
             crate::logprobs::check_len("scores", s.len(), shape.rows)?;
         }
-        check_gae_sources(shape, self.rewards.is_some(), self.kl_penalty.map(|k| k.1), self.scores.is_some())
+        let beta = self.kl_penalty.as_ref().map(|k| k.1);
+        check_gae_sources(shape, self.rewards.is_some(), beta, self.scores.is_some())
+    }
+}
+
+/// Where GAE writes: advantages and/or returns (at least one), laid out as the inputs
+/// (`[B, T]`, same row stride; masked positions get 0), and the CUDA kernels' workspace. `M`
+/// as for [`GaeInputs`].
+///
+/// ```
+/// use rlhf_kernels::GaeOutputs;
+/// let (mut adv, mut ret) = ([0.0f32; 3], [0.0f32; 3]);
+/// let out = GaeOutputs::default().advantages(&mut adv).returns(&mut ret);
+/// assert!(out.workspace.is_none());
+/// ```
+#[derive(Debug)]
+pub struct GaeOutputs<'a, M: Memory = Host> {
+    /// `A_t`.
+    pub advantages: Option<M::ViewMut<'a, f32>>,
+    /// `R_t = A_t + V_t`.
+    pub returns: Option<M::ViewMut<'a, f32>>,
+    /// Scratch of the CUDA scan for long sequences (`cuda::gae_workspace_bytes`, 16-byte
+    /// aligned; allocated on the stream when needed and absent). The host backends need none.
+    pub workspace: Option<M::ViewMut<'a, u8>>,
+}
+
+impl<M: Memory> Default for GaeOutputs<'_, M> {
+    fn default() -> Self {
+        GaeOutputs { advantages: None, returns: None, workspace: None }
+    }
+}
+
+impl<'a, M: Memory> GaeOutputs<'a, M> {
+    /// Requests the advantages.
+    pub fn advantages(self, a: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        GaeOutputs { advantages: Some(a.into_view_mut()), ..self }
+    }
+    /// Requests the returns.
+    pub fn returns(self, r: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        GaeOutputs { returns: Some(r.into_view_mut()), ..self }
+    }
+    /// Provides the CUDA scan's workspace.
+    pub fn workspace(self, w: impl IntoViewMut<'a, u8, Memory = M>) -> Self {
+        GaeOutputs { workspace: Some(w.into_view_mut()), ..self }
     }
 
+    /// At least one output, each of the inputs' `shape`.
+    pub(crate) fn check(&self, shape: RowShape) -> Result<()> {
+        for (what, b) in [("advantages", &self.advantages), ("returns", &self.returns)] {
+            if let Some(b) = b {
+                shape.check_buffer(what, b.len())?;
+            }
+        }
+        if self.advantages.is_none() && self.returns.is_none() {
+            return Err(Error::InvalidOption {
+                name: "outputs",
+                value: "none".into(),
+                expected: "advantages and/or returns",
+            });
+        }
+        Ok(())
+    }
+}
+
+impl GaeInputs<'_> {
     /// Whether sequence `row` has a NaN or infinite input at a valid position (its score counts
     /// whether or not it has a valid token).
     pub(crate) fn row_has_non_finite(&self, row: usize) -> bool {

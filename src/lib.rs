@@ -88,8 +88,9 @@ mod shape;
 pub mod testing;
 
 pub use advantages::{
-    GaeInputs, GaeOptions, GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, MaskedSteps, Moments,
-    SingletonGroups, WhitenOptions, gae_error_bound_factor, gae_error_scale,
+    GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs, GroupEstimator,
+    GroupStd, Groups, MaskedSteps, Moments, SingletonGroups, TokenOutput, WhitenOptions,
+    gae_error_bound_factor, gae_error_scale,
 };
 pub use aggregation::{Aggregation, BatchCounts, Normaliser};
 pub use backend::{Backend, CudaUnavailable};

@@ -7,6 +7,7 @@ mod common;
 use common::advantages::{self as adv, AdvantagesBackend, GaeCase};
 use common::cpu::Cpu;
 use rlhf_kernels::{GaeOptions, GroupAdvantageOptions, Groups, RowShape, WhitenOptions, cpu};
+use rlhf_kernels::{GaeOutputs, GroupAdvantageOutputs};
 
 #[test]
 fn gae_sweep() {
@@ -77,7 +78,7 @@ fn reinforce_plus_plus_recipes() {
     let opts = GaeOptions::discounted_returns(0.99).masked_steps(rlhf_kernels::MaskedSteps::Reset);
     let returns_only = GaeCase { values: None, ..c.clone() };
     let mut g = vec![0.0f32; shape.len()];
-    cpu::gae(&returns_only.inputs(), cpu::GaeOutputs::default().advantages(&mut g), &opts).unwrap();
+    cpu::gae(&returns_only.inputs(), GaeOutputs::default().advantages(&mut g), &opts).unwrap();
     let exp = rlhf_kernels::reference::gae(&returns_only.inputs(), &opts).unwrap().advantages;
     let exp: Vec<f32> = exp.iter().map(|&x| x as f32).collect();
     let want = rlhf_kernels::reference::whiten(&exp, shape, Some(&mask), &WhitenOptions::default()).unwrap();
@@ -88,7 +89,7 @@ fn reinforce_plus_plus_recipes() {
     let groups = Groups::new(&[0, 1, 0, 1, 2, 2], 3).unwrap();
     let scores = c.scores.clone().unwrap();
     let mut tokens = vec![0.0f32; shape.len()];
-    let out = cpu::GroupAdvantageOutputs::default().per_token(&mut tokens, shape, Some(&mask));
+    let out = GroupAdvantageOutputs::default().per_token(&mut tokens, shape, Some(&mask));
     cpu::group_advantages(&scores, &groups, out, &GroupAdvantageOptions::group_mean()).unwrap();
     cpu::whiten(&mut tokens, shape, Some(&mask), &WhitenOptions::default()).unwrap();
     let base =

@@ -13,7 +13,8 @@ mod gpu {
     use super::common::gpu::Gpu;
 
     use super::common::advantages::{self as adv, AdvantagesBackend, GaeCase};
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs};
+    use rlhf_kernels::cuda::{self, CudaStatus};
+    use rlhf_kernels::{GaeInputs, GaeOutputs, GroupAdvantageOutputs};
 
     use rlhf_kernels::{GaeOptions, RowShape};
 
@@ -116,7 +117,7 @@ mod gpu {
         let mask: Vec<u8> = (0..b * t).map(|i| u8::from(i % 4 != 1)).collect();
         for opts in [GroupAdvantageOptions::grpo(), GroupAdvantageOptions::rloo()] {
             let (mut want_seq, mut want_tok) = (vec![0f32; b], vec![0f32; b * t]);
-            let out = cpu::GroupAdvantageOutputs::default().per_sequence(&mut want_seq).per_token(
+            let out = GroupAdvantageOutputs::default().per_sequence(&mut want_seq).per_token(
                 &mut want_tok,
                 shape,
                 Some(&mask),
@@ -175,19 +176,19 @@ mod gpu {
         let mut a = s.alloc_zeros::<f32>(c.shape.len()).unwrap();
         let mut ws = s.alloc_zeros::<u8>(cuda::gae_workspace_bytes(c.shape)).unwrap();
         let mut status = CudaStatus::new(s).unwrap();
-        let inputs = DeviceGaeInputs::new(c.shape)
+        let inputs = GaeInputs::new(c.shape)
             .rewards(rewards.as_view())
             .kl_penalty(kl.as_view(), c.beta)
             .scores(scores.as_view())
             .values(values.as_view())
             .mask(mask.as_view());
-        let out = DeviceGaeOutputs::default().advantages(a.as_view_mut()).workspace(ws.as_view_mut());
+        let out = GaeOutputs::default().advantages(a.as_view_mut()).workspace(ws.as_view_mut());
         cuda::gae(s, &inputs, out, &mut status, &opts).unwrap();
         status.check(s).unwrap();
         let got = s.clone_dtoh(&a).unwrap();
         assert!(got.iter().zip(&expected).all(|(x, y)| x.to_bits() == y.to_bits()));
         let mut small = s.alloc_zeros::<u8>(16).unwrap();
-        let out = DeviceGaeOutputs::default().advantages(a.as_view_mut()).workspace(small.as_view_mut());
+        let out = GaeOutputs::default().advantages(a.as_view_mut()).workspace(small.as_view_mut());
         assert!(cuda::gae(s, &inputs, out, &mut status, &opts).is_err());
     }
 }

@@ -4,12 +4,12 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::PolicyLossOutputs;
-use rlhf_kernels::cpu::{self, GaeOutputs, GroupAdvantageOutputs};
 use rlhf_kernels::cuda::raw;
 use rlhf_kernels::{
     Aggregation, GaeInputs, GaeOptions, GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, MaskedSteps,
     Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyObjective, RowShape,
 };
+use rlhf_kernels::{GaeOutputs, GroupAdvantageOutputs, cpu};
 
 use crate::cuda;
 use crate::dl::{Dl, Kind, Place, check_together, err};
@@ -229,7 +229,11 @@ pub fn gae(
             };
             // SAFETY: as above; each output is one mutable slice.
             let out = unsafe {
-                GaeOutputs { advantages: a.map(|t| t.elems_mut()), returns: ret.map(|t| t.elems_mut()) }
+                GaeOutputs {
+                    advantages: a.map(|t| t.elems_mut()),
+                    returns: ret.map(|t| t.elems_mut()),
+                    workspace: None,
+                }
             };
             py.detach(move || {
                 let mut inputs = GaeInputs::new(shape);

@@ -1,6 +1,7 @@
 //! Outcome estimators over groups of responses (module docs of [`crate::advantages`]).
 
-use crate::{Error, Result};
+use crate::memory::{Buffer, Host, IntoViewMut, Memory};
+use crate::{Error, Result, RowShape};
 
 /// The standard deviation GRPO divides by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,5 +236,101 @@ impl Groups {
             });
         }
         Ok(())
+    }
+}
+
+/// A `[B, T]` per-token output (rows = sequences) and its mask (masked tokens get 0). `M` is
+/// where the buffers live ([`Host`] by default, `Cuda` for device views).
+#[derive(Debug)]
+pub struct TokenOutput<'a, M: Memory = Host> {
+    /// The buffer.
+    pub out: M::ViewMut<'a, f32>,
+    /// Its shape.
+    pub shape: RowShape,
+    /// One byte per token (0 = padding), or `None`.
+    pub mask: Option<M::View<'a, u8>>,
+}
+
+/// Where the group estimators write: one value per sequence and/or every valid token of each
+/// sequence's response (at least one). `M` as for [`TokenOutput`].
+///
+/// ```
+/// use rlhf_kernels::{GroupAdvantageOutputs, RowShape};
+/// let (mut per_seq, mut per_token) = ([0.0f32; 2], [0.0f32; 6]);
+/// let out = GroupAdvantageOutputs::default()
+///     .per_sequence(&mut per_seq)
+///     .per_token(&mut per_token, RowShape::new(2, 3), Some(&[1u8, 1, 0, 1, 0, 0][..]));
+/// assert!(out.per_token.is_some());
+/// ```
+pub struct GroupAdvantageOutputs<'a, M: Memory = Host> {
+    /// One advantage per sequence.
+    pub per_sequence: Option<M::ViewMut<'a, f32>>,
+    /// The advantage broadcast to the tokens.
+    pub per_token: Option<TokenOutput<'a, M>>,
+}
+
+// By hand: a derive would not see through the token output's views.
+impl<'a, M: Memory> std::fmt::Debug for GroupAdvantageOutputs<'a, M>
+where
+    TokenOutput<'a, M>: std::fmt::Debug,
+    M::ViewMut<'a, f32>: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupAdvantageOutputs")
+            .field("per_sequence", &self.per_sequence)
+            .field("per_token", &self.per_token)
+            .finish()
+    }
+}
+
+impl<M: Memory> Default for GroupAdvantageOutputs<'_, M> {
+    fn default() -> Self {
+        GroupAdvantageOutputs { per_sequence: None, per_token: None }
+    }
+}
+
+impl<'a, M: Memory> GroupAdvantageOutputs<'a, M> {
+    /// Requests one advantage per sequence.
+    pub fn per_sequence(self, out: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        GroupAdvantageOutputs { per_sequence: Some(out.into_view_mut()), ..self }
+    }
+    /// Requests the advantage on every valid token of `shape` (mask: one byte per token).
+    pub fn per_token(
+        self,
+        out: impl IntoViewMut<'a, f32, Memory = M>,
+        shape: RowShape,
+        mask: Option<M::View<'a, u8>>,
+    ) -> Self {
+        GroupAdvantageOutputs {
+            per_token: Some(TokenOutput { out: out.into_view_mut(), shape, mask }),
+            ..self
+        }
+    }
+
+    /// At least one output, sized for `sequences`; returns the token shape (`[B, 1]` without
+    /// a per-token output).
+    pub(crate) fn check(&self, sequences: usize) -> Result<RowShape> {
+        if let Some(o) = &self.per_sequence {
+            crate::logprobs::check_len("per-sequence advantages", o.len(), sequences)?;
+        }
+        let token_shape = match &self.per_token {
+            Some(TokenOutput { out, shape, mask }) => {
+                shape.check_buffer("per-token advantages", out.len())?;
+                crate::logprobs::check_len("per-token advantage rows", shape.rows, sequences)?;
+                if let Some(m) = mask {
+                    shape.check_buffer("mask", m.len())?;
+                }
+                *shape
+            }
+            None => RowShape::new(sequences, 1),
+        };
+        if self.per_sequence.is_none() && self.per_token.is_none() {
+            return Err(Error::InvalidOption {
+                name: "outputs",
+                value: "none".into(),
+                expected: "per-sequence and/or per-token advantages",
+            });
+        }
+        Ok(token_shape)
     }
 }

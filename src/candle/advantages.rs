@@ -4,8 +4,9 @@ use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, bail};
 
 use super::storage::{cpu_side, flat, guard, per_row, tensor};
 use super::to_candle;
-use crate::cpu::{self, GaeOutputs, GroupAdvantageOutputs};
+use crate::cpu::{self};
 use crate::{GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, RowShape};
+use crate::{GaeOutputs, GroupAdvantageOutputs};
 
 /// The inputs of [`gae`]: `[B, T]` tensors (f32; the mask `u8`) and per-sequence scores
 /// (`[B]`, f32). At least one of `rewards`, `kl_penalty` and `scores` gives the reward.
@@ -77,7 +78,7 @@ pub fn gae(inputs: &GaeTensors<'_>, opts: &GaeOptions) -> Result<GaeAdvantages> 
             gae_inputs.mask = cpu_side::<u8>(m, n, "mask")?;
             gae_inputs.scores = cpu_side::<f32>(s, shape.rows, "scores")?;
             let (mut adv, mut ret) = (vec![0f32; n], vec![0f32; n]);
-            let out = GaeOutputs { advantages: Some(&mut adv), returns: Some(&mut ret) };
+            let out = GaeOutputs::default().advantages(&mut adv).returns(&mut ret);
             cpu::gae(&gae_inputs, out, opts).map_err(to_candle)?;
             let wrap = |x| tensor(Storage::Cpu(CpuStorage::F32(x)), (shape.rows, shape.cols));
             (wrap(adv), wrap(ret))
@@ -163,9 +164,8 @@ mod gpu {
 
     use super::super::storage::{check, cuda_side, flat_view, stream_of, tensor};
     use super::super::to_candle;
-    use crate::cuda::{
-        self, DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput,
-    };
+    use crate::cuda::{self, DeviceGroups};
+    use crate::{GaeInputs, GaeOutputs, GroupAdvantageOutputs, TokenOutput};
     use crate::{GaeOptions, GroupAdvantageOptions, Groups, RowShape};
 
     /// `guards`: rewards, kl, values, mask, scores.
@@ -186,7 +186,7 @@ mod gpu {
         let view = |i: usize, len: usize| {
             storages[i].map(|(s, l)| flat_view::<f32>(s, l, len, names[i])).transpose()
         };
-        let inputs = DeviceGaeInputs {
+        let inputs = GaeInputs {
             shape,
             rewards: view(0, n)?,
             kl_penalty: view(1, n)?.zip(beta),
@@ -196,7 +196,7 @@ mod gpu {
         };
         let dev = &first.device;
         let (mut adv, mut ret) = (dev.alloc_zeros::<f32>(n)?, dev.alloc_zeros::<f32>(n)?);
-        let out = DeviceGaeOutputs {
+        let out = GaeOutputs {
             advantages: Some(adv.slice_mut(..)),
             returns: Some(ret.slice_mut(..)),
             workspace: None,
@@ -221,10 +221,10 @@ mod gpu {
         let mut seq = dev.alloc_zeros::<f32>(b)?;
         // Only with a mask: a zero-length device allocation is an error.
         let mut tok = mask.map(|(_, s)| dev.alloc_zeros::<f32>(s.len())).transpose()?;
-        let mut out = DeviceGroupAdvantageOutputs { per_sequence: Some(seq.slice_mut(..)), per_token: None };
+        let mut out = GroupAdvantageOutputs { per_sequence: Some(seq.slice_mut(..)), per_token: None };
         if let (Some(((guard, layout), shape)), Some(tok)) = (mask, tok.as_mut()) {
             let Storage::Cuda(m) = &**guard else { bail!("mask: on another device than the scores") };
-            out.per_token = Some(DeviceTokenOutput {
+            out.per_token = Some(TokenOutput {
                 out: tok.slice_mut(..),
                 shape,
                 mask: Some(flat_view::<u8>(m, layout, shape.len(), "mask")?),

@@ -16,9 +16,7 @@ use rayon::prelude::*;
 
 use crate::RowShape;
 
-pub use advantages::{
-    GaeOutputs, GroupAdvantageOutputs, TokenOutput, gae, group_advantages, masked_moments, whiten,
-};
+pub use advantages::{gae, group_advantages, masked_moments, whiten};
 pub use kl::{
     ExactKlOutputs, SampledKlOutputs, exact_kl, exact_kl_backward, exact_kl_backward_in_place,
     exact_kl_shard_partials, jsd_shard_sums, kl_rewards, sampled_kl,

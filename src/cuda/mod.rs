@@ -26,8 +26,7 @@ mod status;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
 
 pub use advantages::{
-    DeviceGaeInputs, DeviceGaeOutputs, DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput, gae,
-    gae_workspace_bytes, group_advantages, masked_moments, moments_workspace_bytes, whiten,
+    DeviceGroups, gae, gae_workspace_bytes, group_advantages, masked_moments, moments_workspace_bytes, whiten,
 };
 pub use aggregation::{Aggregated, aggregate, aggregate_workspace_bytes};
 pub use context::CudaDevice;

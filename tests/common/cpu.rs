@@ -187,7 +187,7 @@ impl ExactBackend for Cpu {
 impl AdvantagesBackend for Cpu {
     fn gae(&self, c: &GaeCase, opts: &GaeOptions) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut a, mut r) = (out_buffer(c.shape), out_buffer(c.shape));
-        cpu::gae(&c.inputs(), cpu::GaeOutputs::default().advantages(&mut a).returns(&mut r), opts)?;
+        cpu::gae(&c.inputs(), GaeOutputs::default().advantages(&mut a).returns(&mut r), opts)?;
         Ok((a, r))
     }
 
@@ -200,7 +200,7 @@ impl AdvantagesBackend for Cpu {
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let mut per_seq = vec![f32::NAN; groups.sequences()];
         let mut tok = tokens.map(|(shape, _)| out_buffer(shape));
-        let mut out = cpu::GroupAdvantageOutputs::default().per_sequence(&mut per_seq);
+        let mut out = GroupAdvantageOutputs::default().per_sequence(&mut per_seq);
         if let (Some(buf), Some((shape, mask))) = (tok.as_mut(), tokens) {
             out = out.per_token(buf, shape, mask);
         }

@@ -392,14 +392,14 @@ impl AdvantagesBackend for Gpu {
         fn view(b: &Option<(CudaSlice<f32>, usize)>) -> Option<CudaView<'_, f32>> {
             b.as_ref().map(|(b, n)| b.slice(0..*n))
         }
-        let mut inputs = DeviceGaeInputs::new(c.shape);
+        let mut inputs = GaeInputs::new(c.shape);
         inputs.rewards = view(&rewards);
         inputs.kl_penalty = view(&kl).map(|k| (k, c.beta));
         inputs.scores = view(&scores);
         inputs.values = view(&values);
         inputs.mask = mask.as_ref().map(|(m, n)| m.slice(0..*n));
         let n = c.shape.min_len();
-        let out = DeviceGaeOutputs::default().advantages(a.slice_mut(0..n)).returns(r.slice_mut(0..n));
+        let out = GaeOutputs::default().advantages(a.slice_mut(0..n)).returns(r.slice_mut(0..n));
         cuda::gae(s, &inputs, out, &mut status, opts)?;
         status.check(s)?;
         let d = |b: &CudaSlice<f32>| s.clone_dtoh(b).unwrap()[..n].to_vec();
@@ -419,8 +419,7 @@ impl AdvantagesBackend for Gpu {
         let (mut per_seq, _) = self.up(&vec![f32::NAN; groups.sequences()]);
         let mut tok = tokens.map(|(shape, m)| (self.up(&out_buffer(shape)), shape, m.map(|m| self.up(m))));
         let mut status = CudaStatus::new(s)?;
-        let mut out =
-            DeviceGroupAdvantageOutputs::default().per_sequence(per_seq.slice_mut(0..groups.sequences()));
+        let mut out = GroupAdvantageOutputs::default().per_sequence(per_seq.slice_mut(0..groups.sequences()));
         if let Some(((buf, n), shape, m)) = tok.as_mut() {
             out = out.per_token(buf.slice_mut(0..*n), *shape, m.as_ref().map(|(m, n)| m.slice(0..*n)));
         }

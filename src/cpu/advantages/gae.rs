@@ -3,28 +3,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::rows_mut;
-use crate::{GaeInputs, GaeOptions, MaskedSteps, Result};
-
-/// Where [`gae`] writes: advantages and/or returns, laid out as the inputs (`[B, T]`, same
-/// row stride). Masked positions get 0.
-#[derive(Debug, Default)]
-pub struct GaeOutputs<'a> {
-    /// `A_t`.
-    pub advantages: Option<&'a mut [f32]>,
-    /// `R_t = A_t + V_t`.
-    pub returns: Option<&'a mut [f32]>,
-}
-
-impl<'a> GaeOutputs<'a> {
-    /// Requests the advantages.
-    pub fn advantages(self, a: &'a mut [f32]) -> Self {
-        GaeOutputs { advantages: Some(a), ..self }
-    }
-    /// Requests the returns.
-    pub fn returns(self, r: &'a mut [f32]) -> Self {
-        GaeOutputs { returns: Some(r), ..self }
-    }
-}
+use crate::{GaeInputs, GaeOptions, GaeOutputs, MaskedSteps, Result};
 
 /// GAE advantages and returns (MATH.md §3) for a `[B, T]` batch: per-token rewards from
 /// [`GaeInputs`] (dense rewards, `−β·kl_t`, the score on the last valid token), `V_t` (0 when
@@ -39,12 +18,12 @@ impl<'a> GaeOutputs<'a> {
 /// sequences are just masks.
 ///
 /// ```
-/// use rlhf_kernels::{cpu, GaeInputs, GaeOptions, RowShape};
+/// use rlhf_kernels::{cpu, GaeInputs, GaeOptions, GaeOutputs, RowShape};
 /// // One sequence, right-padded: score 1 on the last valid token, values from a critic.
 /// let (values, scores, mask) = ([0.5f32, 0.5, 0.0], [1.0f32], [1u8, 1, 0]);
 /// let inputs = GaeInputs::new(RowShape::new(1, 3)).scores(&scores).values(&values).mask(&mask);
 /// let (mut adv, mut ret) = ([0.0f32; 3], [0.0f32; 3]);
-/// cpu::gae(&inputs, cpu::GaeOutputs::default().advantages(&mut adv).returns(&mut ret), &GaeOptions::new(1.0, 1.0))?;
+/// cpu::gae(&inputs, GaeOutputs::default().advantages(&mut adv).returns(&mut ret), &GaeOptions::new(1.0, 1.0))?;
 /// assert_eq!(adv, [0.5, 0.5, 0.0]); // A_1 = 1 − 0.5; A_0 = 0 + 0.5 − 0.5 + A_1
 /// assert_eq!(ret, [1.0, 1.0, 0.0]);
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -53,18 +32,7 @@ pub fn gae(inputs: &GaeInputs<'_>, out: GaeOutputs<'_>, opts: &GaeOptions) -> Re
     inputs.validate()?;
     opts.validate()?;
     let shape = inputs.shape;
-    for (what, b) in [("advantages", &out.advantages), ("returns", &out.returns)] {
-        if let Some(b) = b {
-            shape.check_buffer(what, b.len())?;
-        }
-    }
-    if out.advantages.is_none() && out.returns.is_none() {
-        return Err(crate::Error::InvalidOption {
-            name: "outputs",
-            value: "none".into(),
-            expected: "advantages and/or returns",
-        });
-    }
+    out.check(shape)?;
     let (gamma, gl) = (opts.gamma as f64, opts.gamma as f64 * opts.lambda as f64);
     let problem = rows_mut(out.advantages, shape)
         .zip(rows_mut(out.returns, shape))

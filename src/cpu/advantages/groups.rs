@@ -4,39 +4,7 @@
 use rayon::prelude::*;
 
 use crate::error::Op;
-use crate::{GroupAdvantageOptions, Groups, Result, RowShape};
-
-/// A `[B, T]` per-token output (rows = sequences) and its mask (masked tokens get 0).
-#[derive(Debug)]
-pub struct TokenOutput<'a> {
-    /// The buffer.
-    pub out: &'a mut [f32],
-    /// Its shape.
-    pub shape: RowShape,
-    /// One byte per token (0 = padding), or `None`.
-    pub mask: Option<&'a [u8]>,
-}
-
-/// Where [`group_advantages`] writes: one value per sequence and/or every valid token of each
-/// sequence's response.
-#[derive(Debug, Default)]
-pub struct GroupAdvantageOutputs<'a> {
-    /// One advantage per sequence.
-    pub per_sequence: Option<&'a mut [f32]>,
-    /// The advantage broadcast to the tokens.
-    pub per_token: Option<TokenOutput<'a>>,
-}
-
-impl<'a> GroupAdvantageOutputs<'a> {
-    /// Requests one advantage per sequence.
-    pub fn per_sequence(self, out: &'a mut [f32]) -> Self {
-        GroupAdvantageOutputs { per_sequence: Some(out), ..self }
-    }
-    /// Requests the advantage on every valid token of `shape` (mask: one byte per token).
-    pub fn per_token(self, out: &'a mut [f32], shape: RowShape, mask: Option<&'a [u8]>) -> Self {
-        GroupAdvantageOutputs { per_token: Some(TokenOutput { out, shape, mask }), ..self }
-    }
-}
+use crate::{GroupAdvantageOptions, GroupAdvantageOutputs, Groups, Result, TokenOutput};
 
 /// Outcome advantages over groups of responses (GRPO, Dr. GRPO, RLOO, the group mean of
 /// REINFORCE++-baseline; formulas in the crate-level docs of [`GroupEstimator`](crate::GroupEstimator)):
@@ -49,12 +17,12 @@ impl<'a> GroupAdvantageOutputs<'a> {
 /// non-finite score or advantage.
 ///
 /// ```
-/// use rlhf_kernels::{cpu, GroupAdvantageOptions, Groups, RowShape};
+/// use rlhf_kernels::{cpu, GroupAdvantageOptions, GroupAdvantageOutputs, Groups, RowShape};
 /// // Two prompts, groups out of order and of unequal sizes.
 /// let groups = Groups::new(&[0, 1, 0, 1, 1], 2)?;
 /// let scores = [1.0f32, 0.0, 0.0, 1.0, 2.0];
 /// let mut a = [0.0f32; 5];
-/// let out = cpu::GroupAdvantageOutputs::default().per_sequence(&mut a);
+/// let out = GroupAdvantageOutputs::default().per_sequence(&mut a);
 /// cpu::group_advantages(&scores, &groups, out, &GroupAdvantageOptions::grpo())?;
 /// // Group 0: mean 0.5, unbiased std 0.7071; group 1: mean 1, std 1.
 /// assert!((a[0] - 0.7071).abs() < 1e-4 && (a[1] + 1.0).abs() < 1e-5 && a[3].abs() < 1e-6);
@@ -70,23 +38,7 @@ pub fn group_advantages(
     crate::logprobs::check_len("scores", scores.len(), b)?;
     opts.validate()?;
     groups.check_singletons(opts)?;
-    if let Some(o) = &out.per_sequence {
-        crate::logprobs::check_len("per-sequence advantages", o.len(), b)?;
-    }
-    if let Some(TokenOutput { out: o, shape, mask }) = &out.per_token {
-        shape.check_buffer("per-token advantages", o.len())?;
-        crate::logprobs::check_len("per-token advantage rows", shape.rows, b)?;
-        if let Some(m) = mask {
-            shape.check_buffer("mask", m.len())?;
-        }
-    }
-    if out.per_sequence.is_none() && out.per_token.is_none() {
-        return Err(crate::Error::InvalidOption {
-            name: "outputs",
-            value: "none".into(),
-            expected: "per-sequence and/or per-token advantages",
-        });
-    }
+    out.check(b)?;
     let mut owned = Vec::new();
     let per_seq: &mut [f32] = match out.per_sequence {
         Some(o) => o,

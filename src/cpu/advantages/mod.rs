@@ -5,6 +5,6 @@ mod gae;
 mod groups;
 mod moments;
 
-pub use gae::{GaeOutputs, gae};
-pub use groups::{GroupAdvantageOutputs, TokenOutput, group_advantages};
+pub use gae::gae;
+pub use groups::group_advantages;
 pub use moments::{masked_moments, whiten};

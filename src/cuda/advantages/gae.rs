@@ -2,15 +2,12 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::advantages::check_gae_sources;
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, RawStream, driver_error, non_null, opt_ptr, opt_ptr_mut, view_ptr};
-use crate::logprobs::check_len;
-use crate::{Error, GaeOptions, MaskedSteps, Result, RowShape};
+use crate::{Cuda, Error, GaeInputs, GaeOptions, GaeOutputs, MaskedSteps, Result, RowShape};
 
 /// Positions per GAE block (`GAE_CHUNK` in the kernel).
 const GAE_CHUNK: usize = 1024;
@@ -24,78 +21,6 @@ const GAE_SEQUENCE_CHUNKS: usize = 4;
 const MAP_BYTES: usize = 32;
 /// Bytes of one entering state (`GaeState`: 3 f32), rounded up so the maps stay aligned.
 const STATE_BYTES: usize = 16;
-
-/// The device inputs of [`gae`], all per-token arrays laid out as `shape` (see
-/// [`GaeInputs`](crate::GaeInputs) for the reward sources; at least one is needed).
-#[derive(Debug)]
-pub struct DeviceGaeInputs<'a> {
-    /// `[B, T]` of every per-token array.
-    pub shape: RowShape,
-    /// Dense per-token rewards.
-    pub rewards: Option<CudaView<'a, f32>>,
-    /// Per-token KL estimates and β (adds `−β·kl_t`).
-    pub kl_penalty: Option<(CudaView<'a, f32>, f32)>,
-    /// One score per sequence, added to its last valid token.
-    pub scores: Option<CudaView<'a, f32>>,
-    /// `V_t`; `None` means 0.
-    pub values: Option<CudaView<'a, f32>>,
-    /// One byte per token (0 = padding); `None`: all valid.
-    pub mask: Option<CudaView<'a, u8>>,
-}
-
-impl<'a> DeviceGaeInputs<'a> {
-    /// No input yet, for a batch of `shape`.
-    pub fn new(shape: RowShape) -> Self {
-        DeviceGaeInputs { shape, rewards: None, kl_penalty: None, scores: None, values: None, mask: None }
-    }
-    /// Adds dense per-token rewards.
-    pub fn rewards(self, r: CudaView<'a, f32>) -> Self {
-        DeviceGaeInputs { rewards: Some(r), ..self }
-    }
-    /// Adds the KL penalty `−β·kl_t`.
-    pub fn kl_penalty(self, kl: CudaView<'a, f32>, beta: f32) -> Self {
-        DeviceGaeInputs { kl_penalty: Some((kl, beta)), ..self }
-    }
-    /// Adds the sequence scores.
-    pub fn scores(self, s: CudaView<'a, f32>) -> Self {
-        DeviceGaeInputs { scores: Some(s), ..self }
-    }
-    /// Adds the values.
-    pub fn values(self, v: CudaView<'a, f32>) -> Self {
-        DeviceGaeInputs { values: Some(v), ..self }
-    }
-    /// Adds the mask.
-    pub fn mask(self, m: CudaView<'a, u8>) -> Self {
-        DeviceGaeInputs { mask: Some(m), ..self }
-    }
-}
-
-/// Where [`gae`] writes (laid out as the inputs; at least one), and optional workspace.
-#[derive(Debug, Default)]
-pub struct DeviceGaeOutputs<'a> {
-    /// `A_t`.
-    pub advantages: Option<CudaViewMut<'a, f32>>,
-    /// `R_t = A_t + V_t`.
-    pub returns: Option<CudaViewMut<'a, f32>>,
-    /// [`gae_workspace_bytes`] bytes (16-byte aligned) for the chunk maps of long sequences;
-    /// allocated on the stream when needed and absent.
-    pub workspace: Option<CudaViewMut<'a, u8>>,
-}
-
-impl<'a> DeviceGaeOutputs<'a> {
-    /// Requests the advantages.
-    pub fn advantages(self, a: CudaViewMut<'a, f32>) -> Self {
-        DeviceGaeOutputs { advantages: Some(a), ..self }
-    }
-    /// Requests the returns.
-    pub fn returns(self, r: CudaViewMut<'a, f32>) -> Self {
-        DeviceGaeOutputs { returns: Some(r), ..self }
-    }
-    /// Lends the workspace.
-    pub fn workspace(self, w: CudaViewMut<'a, u8>) -> Self {
-        DeviceGaeOutputs { workspace: Some(w), ..self }
-    }
-}
 
 /// Bytes of workspace [`gae`] may use for `shape`: per 1024-position chunk a 32-byte map and
 /// a 16-byte entering state when a sequence is longer than 4096 positions, else 0.
@@ -136,7 +61,8 @@ unsafe impl DeviceRepr for GaeParams {}
 /// is reported to `status` ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceGaeInputs, DeviceGaeOutputs};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::{GaeInputs, GaeOutputs};
 /// use rlhf_kernels::{GaeOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -145,35 +71,22 @@ unsafe impl DeviceRepr for GaeParams {}
 /// let (scores, mask) = (s.clone_htod(&[1.0f32]).unwrap(), s.clone_htod(&[1u8, 1, 0]).unwrap());
 /// let mut adv = s.alloc_zeros::<f32>(3).unwrap();
 /// let mut status = CudaStatus::new(s)?;
-/// let inputs = DeviceGaeInputs::new(shape).kl_penalty(kl.as_view(), 0.05).scores(scores.as_view())
+/// let inputs = GaeInputs::new(shape).kl_penalty(kl.as_view(), 0.05).scores(scores.as_view())
 ///     .values(values.as_view()).mask(mask.as_view());
-/// cuda::gae(s, &inputs, DeviceGaeOutputs::default().advantages(adv.as_view_mut()), &mut status, &GaeOptions::new(1.0, 0.95))?;
+/// cuda::gae(s, &inputs, GaeOutputs::default().advantages(adv.as_view_mut()), &mut status, &GaeOptions::new(1.0, 0.95))?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn gae(
     stream: &Arc<CudaStream>,
-    inputs: &DeviceGaeInputs<'_>,
-    mut out: DeviceGaeOutputs<'_>,
+    inputs: &GaeInputs<'_, Cuda>,
+    mut out: GaeOutputs<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &GaeOptions,
 ) -> Result<()> {
     let shape = inputs.shape;
-    for (what, len) in [
-        ("rewards", inputs.rewards.as_ref().map(|v| v.len())),
-        ("kl", inputs.kl_penalty.as_ref().map(|k| k.0.len())),
-        ("values", inputs.values.as_ref().map(|v| v.len())),
-        ("mask", inputs.mask.as_ref().map(|v| v.len())),
-        ("advantages", out.advantages.as_ref().map(|v| v.len())),
-        ("returns", out.returns.as_ref().map(|v| v.len())),
-    ] {
-        if let Some(len) = len {
-            shape.check_buffer(what, len)?;
-        }
-    }
-    if let Some(s) = &inputs.scores {
-        check_len("scores", s.len(), shape.rows)?;
-    }
+    inputs.validate()?;
+    out.check(shape)?;
     shape.validate("gae inputs")?;
     let need = gae_workspace_bytes(shape);
     if let Some(w) = &out.workspace

@@ -2,14 +2,15 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
-use crate::{Error, GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, Result, RowShape};
+use crate::{
+    Cuda, Error, GroupAdvantageOptions, GroupAdvantageOutputs, GroupEstimator, GroupStd, Groups, Result,
+    RowShape, TokenOutput,
+};
 
 /// [`Groups`] on the device: the member lists (CSR) uploaded once, reusable for every call on
 /// batches with the same grouping.
@@ -34,44 +35,6 @@ impl DeviceGroups {
     }
 }
 
-/// A `[B, T]` per-token output on the device (rows = sequences) and its mask (masked tokens
-/// get 0).
-#[derive(Debug)]
-pub struct DeviceTokenOutput<'a> {
-    /// The buffer.
-    pub out: CudaViewMut<'a, f32>,
-    /// Its shape.
-    pub shape: RowShape,
-    /// One byte per token (0 = padding), or `None`.
-    pub mask: Option<CudaView<'a, u8>>,
-}
-
-/// Where [`group_advantages`] writes (at least one): one value per sequence, and/or every
-/// valid token of each sequence's row.
-#[derive(Debug, Default)]
-pub struct DeviceGroupAdvantageOutputs<'a> {
-    /// One advantage per sequence.
-    pub per_sequence: Option<CudaViewMut<'a, f32>>,
-    /// The advantage on every valid token.
-    pub per_token: Option<DeviceTokenOutput<'a>>,
-}
-
-impl<'a> DeviceGroupAdvantageOutputs<'a> {
-    /// Requests one advantage per sequence.
-    pub fn per_sequence(self, out: CudaViewMut<'a, f32>) -> Self {
-        DeviceGroupAdvantageOutputs { per_sequence: Some(out), ..self }
-    }
-    /// Requests the advantage on every valid token of `shape`.
-    pub fn per_token(
-        self,
-        out: CudaViewMut<'a, f32>,
-        shape: RowShape,
-        mask: Option<CudaView<'a, u8>>,
-    ) -> Self {
-        DeviceGroupAdvantageOutputs { per_token: Some(DeviceTokenOutput { out, shape, mask }), ..self }
-    }
-}
-
 /// The kernel's estimator code and ε.
 fn estimator_code(opts: &GroupAdvantageOptions) -> (i32, f64) {
     match opts.estimator {
@@ -89,7 +52,8 @@ fn estimator_code(opts: &GroupAdvantageOptions) -> (i32, f64) {
 /// refused by the options is an error before the launch.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceGroupAdvantageOutputs, DeviceGroups};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceGroups};
+/// use rlhf_kernels::{GroupAdvantageOutputs};
 /// use rlhf_kernels::{GroupAdvantageOptions, Groups};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -97,7 +61,7 @@ fn estimator_code(opts: &GroupAdvantageOptions) -> (i32, f64) {
 /// let scores = s.clone_htod(&[1.0f32, 0.0, 0.5, 0.5]).unwrap();
 /// let mut adv = s.alloc_zeros::<f32>(4).unwrap();
 /// let mut status = CudaStatus::new(s)?;
-/// let out = DeviceGroupAdvantageOutputs::default().per_sequence(adv.as_view_mut());
+/// let out = GroupAdvantageOutputs::default().per_sequence(adv.as_view_mut());
 /// cuda::group_advantages(s, &scores.as_view(), &groups, out, &mut status, &GroupAdvantageOptions::grpo())?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -106,7 +70,7 @@ pub fn group_advantages(
     stream: &Arc<CudaStream>,
     scores: &CudaView<'_, f32>,
     groups: &DeviceGroups,
-    mut out: DeviceGroupAdvantageOutputs<'_>,
+    mut out: GroupAdvantageOutputs<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &GroupAdvantageOptions,
 ) -> Result<()> {
@@ -114,32 +78,12 @@ pub fn group_advantages(
     check_len("scores", scores.len(), b)?;
     opts.validate()?;
     groups.host.check_singletons(opts)?;
-    if let Some(o) = &out.per_sequence {
-        check_len("per-sequence advantages", o.len(), b)?;
-    }
-    let token_shape = match &out.per_token {
-        Some(DeviceTokenOutput { out: o, shape, mask }) => {
-            shape.check_buffer("per-token advantages", o.len())?;
-            check_len("per-token advantage rows", shape.rows, b)?;
-            if let Some(m) = mask {
-                shape.check_buffer("mask", m.len())?;
-            }
-            *shape
-        }
-        None => RowShape::new(b, 1),
-    };
-    if out.per_sequence.is_none() && out.per_token.is_none() {
-        return Err(Error::InvalidOption {
-            name: "outputs",
-            value: "none".into(),
-            expected: "per-sequence and/or per-token advantages",
-        });
-    }
+    let token_shape = out.check(b)?;
     let s: &CudaStream = stream;
     let (sc, _g1) = scores.device_ptr(s);
     let (per_seq, _g4) = opt_ptr_mut(&mut out.per_sequence, s);
     let (tokens, mask, _g5, _g6) = match &mut out.per_token {
-        Some(DeviceTokenOutput { out: o, mask: m, .. }) => {
+        Some(TokenOutput { out: o, mask: m, .. }) => {
             let (t, g) = o.device_ptr_mut(s);
             let (mp, gm) = view_ptr(m.as_ref(), s);
             (t, mp, Some(g), gm)

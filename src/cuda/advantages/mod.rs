@@ -15,9 +15,6 @@ mod moments;
 
 pub(crate) use moments::raw as moments_raw;
 
-pub use gae::{DeviceGaeInputs, DeviceGaeOutputs, GaeArgs, gae, gae_workspace_bytes, raw_gae};
-pub use groups::{
-    DeviceGroupAdvantageOutputs, DeviceGroups, DeviceTokenOutput, GroupAdvantageArgs, group_advantages,
-    raw_group_advantages,
-};
+pub use gae::{GaeArgs, gae, gae_workspace_bytes, raw_gae};
+pub use groups::{DeviceGroups, GroupAdvantageArgs, group_advantages, raw_group_advantages};
 pub use moments::{masked_moments, moments_workspace_bytes, whiten};

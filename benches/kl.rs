@@ -11,7 +11,7 @@ use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
     DType, Element, ExactDivergence, ExactKlOptions, KlEstimator, RowShape, SampledKlOptions, bf16, cpu, f16,
 };
-use rlhf_kernels::{ExactKlGrads, ReferenceRows};
+use rlhf_kernels::{ExactKlGrads, ExactKlOutputs, ReferenceRows, SampledKlInputs, SampledKlOutputs};
 
 /// Sampled: logp, ref_logp and mask read; values and gradient written.
 fn sampled_bytes(shape: RowShape) -> u64 {
@@ -46,8 +46,13 @@ fn bench_cpu(c: &mut Criterion) {
         grp.throughput(Throughput::Bytes(sampled_bytes(shape)));
         grp.bench_function(id("cpu", shape, DType::F32), |b| {
             b.iter(|| {
-                let out = cpu::SampledKlOutputs::default().values(&mut v).grad_logp(&mut g);
-                cpu::sampled_kl(&inp.logp, &inp.ref_logp, shape, Some(&inp.mask), out, &opts).unwrap()
+                let out = SampledKlOutputs::default().values(&mut v).grad_logp(&mut g);
+                cpu::sampled_kl(
+                    &SampledKlInputs::new(shape, &inp.logp, &inp.ref_logp).mask(&inp.mask),
+                    out,
+                    &opts,
+                )
+                .unwrap()
             })
         });
         grp.finish();
@@ -80,7 +85,7 @@ fn bench_exact_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
     grp.throughput(Throughput::Bytes(exact_bytes(shape, T::DTYPE)));
     grp.bench_function(id("cpu", shape, T::DTYPE), |b| {
         b.iter(|| {
-            let out = cpu::ExactKlOutputs::default().value(&mut value).lse(&mut lp, &mut lq);
+            let out = ExactKlOutputs::default().value(&mut value).lse(&mut lp, &mut lq);
             cpu::exact_kl(&p, shape, &reference, out, &opts).unwrap();
             let grads = ExactKlGrads::new(&g, &lp, &lq).value(&value);
             cpu::exact_kl_backward(&p, shape, &reference, &grads, &mut grad, &opts).unwrap();
@@ -94,11 +99,10 @@ mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
     use rlhf_kernels::SampledKlStats;
-    use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceExactKlOutputs, DeviceSampledKlOutputs, DeviceStats, SampledKlInputs,
-    };
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceStats};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::{ExactKlGrads, ReferenceRows};
+    use rlhf_kernels::{ExactKlOutputs, SampledKlInputs, SampledKlOutputs};
     use std::sync::Arc;
 
     pub fn bench_cuda(c: &mut Criterion) {
@@ -129,16 +133,20 @@ mod gpu {
         let (mut stats, mut status) =
             (DeviceStats::<SampledKlStats>::new(s).unwrap(), CudaStatus::new(s).unwrap());
         let opts = SampledKlOptions::new(KlEstimator::K3);
-        let inputs =
-            SampledKlInputs { logp: lp.as_view(), ref_logp: rlp.as_view(), mask: Some(mask.as_view()) };
+        let inputs = SampledKlInputs {
+            shape,
+            logp: lp.as_view(),
+            ref_logp: rlp.as_view(),
+            mask: Some(mask.as_view()),
+        };
         bench_events(c, "sampled_kl", shape, DType::F32, sampled_bytes(shape), s, || {
-            let out = DeviceSampledKlOutputs {
+            let out = SampledKlOutputs {
                 values: Some(v.as_view_mut()),
                 grad_logp: Some(g.as_view_mut()),
                 stats: Some(&mut stats),
                 workspace: Some(ws.as_view_mut()),
             };
-            cuda::sampled_kl(s, &inputs, shape, out, &mut status, &opts).unwrap()
+            cuda::sampled_kl(s, &inputs, out, &mut status, &opts).unwrap()
         });
         status.check(s).unwrap();
     }
@@ -160,7 +168,7 @@ mod gpu {
         let mut status = CudaStatus::new(s).unwrap();
         let r = ReferenceRows { logits: q.as_view(), shape, mask: None };
         bench_events(c, "exact_kl_fwd_bwd", shape, T::DTYPE, exact_bytes(shape, T::DTYPE), s, || {
-            let out = DeviceExactKlOutputs {
+            let out = ExactKlOutputs {
                 value: Some(value.as_view_mut()),
                 policy_lse: Some(lp.as_view_mut()),
                 ref_lse: Some(lq.as_view_mut()),

@@ -26,6 +26,7 @@ use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
     Aggregation, ExactDivergence, ExactKlOptions, KlEstimator, RowShape, SampledKlOptions, cpu,
 };
+use rlhf_kernels::{ExactKlOutputs, SampledKlInputs, SampledKlOutputs};
 
 const VOCAB: usize = 64;
 const SAMPLES: usize = 4000;
@@ -65,7 +66,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let exact = |divergence| -> Result<Vec<f32>, rlhf_kernels::Error> {
         let mut kl = vec![0.0f32; VOCAB];
         let reference_rows = ReferenceRows::new(&references, shape);
-        let out = cpu::ExactKlOutputs::default().value(&mut kl);
+        let out = ExactKlOutputs::default().value(&mut kl);
         cpu::exact_kl(&policies, shape, &reference_rows, out, &ExactKlOptions::new(divergence))?;
         Ok(kl)
     };
@@ -94,11 +95,8 @@ fn main() -> Result<(), Box<dyn Error>> {
                 .log_ratio_clamp(None)
                 .value_clamp(None);
             let stats = cpu::sampled_kl(
-                &lp,
-                &rlp,
-                RowShape::new(1, SAMPLES),
-                None,
-                cpu::SampledKlOutputs::default().values(&mut values),
+                &SampledKlInputs::new(RowShape::new(1, SAMPLES), &lp, &rlp),
+                SampledKlOutputs::default().values(&mut values),
                 &opts,
             )?;
             let mean = stats.mean(e);

@@ -32,9 +32,10 @@ use rlhf_kernels::testing::{Rng, Tolerance, check_close};
 use rlhf_kernels::{
     Backend, DType, Element, Error, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions,
     GroupAdvantageOutputs, Groups, KlDirection, KlEstimator, PolicyLossInputs, PolicyLossOptions,
-    PolicyLossOutputs, PolicyLossStats, RowShape, SampledKlOptions, TokenGrads, TokenLogprobsOptions,
-    TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats, WhitenOptions,
-    bf16, cpu, f16, gae_error_bound_factor, gae_error_scale, reference,
+    PolicyLossOutputs, PolicyLossStats, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
+    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
+    ValueLossOutputs, ValueLossStats, WhitenOptions, bf16, cpu, f16, gae_error_bound_factor, gae_error_scale,
+    reference,
 };
 
 /// Entropy-bonus coefficient c_H: the upstream gradient of H is −c_H.
@@ -385,7 +386,10 @@ fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Result<
     )?;
     let (seqs, seq_mask) = (batch.seq_shape, Some(batch.mask.as_slice()));
     let kl_opts = batch.kl.options();
-    let exp_kl = reference::sampled_kl(&p.logp, &p.ref_logp, seqs, seq_mask, &kl_opts)?;
+    let exp_kl = reference::sampled_kl(
+        &SampledKlInputs { mask: seq_mask, ..SampledKlInputs::new(seqs, &p.logp, &p.ref_logp) },
+        &kl_opts,
+    )?;
     let mut checks = advantage_checks(batch, p)?;
     // Losses, from this backend's log-probs, entropies and advantages.
     let inputs = PolicyLossInputs::new(seqs, &p.logp, &p.old_logp, p.loss_advantages())
@@ -621,10 +625,14 @@ fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Er
 
         let t = Instant::now();
         let out = match batch.kl {
-            KlPlacement::Loss => cpu::SampledKlOutputs::default().values(&mut kl).grad_logp(&mut grad_logp),
-            KlPlacement::Reward => cpu::SampledKlOutputs::default().values(&mut kl),
+            KlPlacement::Loss => SampledKlOutputs::default().values(&mut kl).grad_logp(&mut grad_logp),
+            KlPlacement::Reward => SampledKlOutputs::default().values(&mut kl),
         };
-        cpu::sampled_kl(&logp, &ref_logp, seqs, mask, out, &kl_opts)?;
+        cpu::sampled_kl(
+            &SampledKlInputs { mask, ..SampledKlInputs::new(seqs, &logp, &ref_logp) },
+            out,
+            &kl_opts,
+        )?;
         timed(&mut times, 2, t);
 
         let t = Instant::now();
@@ -695,15 +703,14 @@ fn run_cuda<T: Element>(
     batch: &Batch<T>,
     iters: usize,
 ) -> Result<Produced<T>, Error> {
-    use rlhf_kernels::cuda::{
-        self, CudaStatus, DeviceGroups, DeviceSampledKlOutputs, DeviceStats, SampledKlInputs,
-    };
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceGroups, DeviceStats};
     use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
     use rlhf_kernels::cudarc::driver::{CudaSlice, DriverError};
     use rlhf_kernels::{GaeInputs, GaeOutputs, GroupAdvantageOutputs};
     use rlhf_kernels::{Moments, PolicyLossStats, SampledKlStats, ValueLossStats};
     use rlhf_kernels::{PolicyLossInputs, ValueLossInputs};
     use rlhf_kernels::{PolicyLossOutputs, ValueLossOutputs};
+    use rlhf_kernels::{SampledKlInputs, SampledKlOutputs};
     use rlhf_kernels::{TokenGrads, TokenOutputs, Tokens};
 
     let s = device.stream();
@@ -774,17 +781,18 @@ fn run_cuda<T: Element>(
         cuda::token_logprobs(s, &reference, shape, &tokens, out, &mut status, opts)?;
         let e2 = event()?;
         let inputs = SampledKlInputs {
+            shape: seqs,
             logp: logp.as_view(),
             ref_logp: ref_logp.as_view(),
             mask: Some(mask.as_view()),
         };
-        let out = DeviceSampledKlOutputs {
+        let out = SampledKlOutputs {
             values: Some(kl.as_view_mut()),
             grad_logp: (batch.kl == KlPlacement::Loss).then(|| grad_logp.as_view_mut()),
             stats: Some(&mut kl_stats),
             workspace: Some(kl_workspace.as_view_mut()),
         };
-        cuda::sampled_kl(s, &inputs, seqs, out, &mut status, &kl_opts)?;
+        cuda::sampled_kl(s, &inputs, out, &mut status, &kl_opts)?;
         let e3 = event()?;
         match batch.estimator {
             Estimator::Gae => {

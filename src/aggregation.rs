@@ -58,6 +58,16 @@ pub enum Normaliser {
     },
 }
 
+/// An aggregated value and the batch's own counts: the batch statistic of
+/// [`ExactKlOutputs::statistic`](crate::ExactKlOutputs) and of the CUDA `aggregate`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Aggregated {
+    /// The aggregated value (the loss, or the masked mean for [`Aggregation::TokenMean`]).
+    pub value: f64,
+    /// This batch's own counts (what [`Normaliser::Local`] divides by).
+    pub counts: BatchCounts,
+}
+
 /// Counts of one batch: what [`Normaliser::Local`] divides by.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct BatchCounts {

@@ -64,8 +64,8 @@
 //! statistics; on the GPU two small kernels over the `B·T` values, after the pass over the
 //! `B·T·V` logits).
 
-use crate::memory::{Host, IntoView, Memory};
-use crate::{Aggregation, Element, Error, Normaliser, Result, RowProblem, RowShape};
+use crate::memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
+use crate::{Aggregated, Aggregation, Element, Error, Normaliser, Result, RowProblem, RowShape};
 
 mod controller;
 pub use controller::KlController;
@@ -256,15 +256,17 @@ impl SampledKlStats {
 /// the token mask. [`Aggregation::TokenMean`] with [`Normaliser::Local`] is the masked mean.
 ///
 /// ```
-/// use rlhf_kernels::{cpu, ExactDivergence, ExactKlOptions, ExactKlStatistic, ReferenceRows, RowShape};
+/// use rlhf_kernels::{cpu, Aggregated, ExactDivergence, ExactKlOptions, ExactKlOutputs, ExactKlStatistic,
+///                    ReferenceRows, RowShape};
 /// let (policy, reference) = ([1.0f32, 0.0, 0.0, 0.0], [0.0f32, 0.0, 0.0, 0.0]);
 /// let shape = RowShape::new(2, 2); // two tokens of one sequence
-/// let (mut kl, mut mean) = ([0.0f32; 2], 0.0f64);
+/// let (mut kl, mut mean) = ([0.0f32; 2], Aggregated::default());
 /// let stat = ExactKlStatistic::masked_mean(RowShape::new(1, 2));
-/// let out = cpu::ExactKlOutputs::default().value(&mut kl).statistic(&mut mean, stat);
+/// let out = ExactKlOutputs::default().value(&mut kl).statistic(&mut mean, stat);
 /// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
 /// cpu::exact_kl(&policy, shape, &ReferenceRows::new(&reference, shape), out, &opts)?;
-/// assert!((mean - (kl[0] + kl[1]) as f64 / 2.0).abs() < 1e-7);
+/// assert!((mean.value - (kl[0] + kl[1]) as f64 / 2.0).abs() < 1e-7);
+/// assert_eq!(mean.counts.valid_tokens, 2.0);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -393,6 +395,184 @@ impl<'a, Q: Element, M: Memory> ReferenceRows<'a, Q, M> {
     }
 }
 
+/// The per-token inputs of the sampled KL estimators, laid out as `shape` (`[B, T]`, rows =
+/// sequences): the sampled tokens' log-probs under the policy and the reference, and the
+/// optional token mask. `M` is where the buffers live ([`Host`] by default, `Cuda` for device
+/// views).
+///
+/// ```
+/// use rlhf_kernels::{RowShape, SampledKlInputs};
+/// let (logp, ref_logp) = ([-1.0f32, -2.0], [-1.5f32, -2.0]);
+/// let inputs = SampledKlInputs::new(RowShape::new(1, 2), &logp, &ref_logp).mask(&[1, 1]);
+/// assert!(inputs.mask.is_some());
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct SampledKlInputs<'a, M: Memory = Host> {
+    /// `[B, T]` of every array.
+    pub shape: RowShape,
+    /// `log π(y_t)`.
+    pub logp: M::View<'a, f32>,
+    /// `log π_ref(y_t)`.
+    pub ref_logp: M::View<'a, f32>,
+    /// One byte per token (0 = padding), or `None`.
+    pub mask: Option<M::View<'a, u8>>,
+}
+
+impl<'a, M: Memory> SampledKlInputs<'a, M> {
+    /// Both log-probs, every token valid.
+    pub fn new(
+        shape: RowShape,
+        logp: impl IntoView<'a, f32, Memory = M>,
+        ref_logp: impl IntoView<'a, f32, Memory = M>,
+    ) -> Self {
+        SampledKlInputs { shape, logp: logp.into_view(), ref_logp: ref_logp.into_view(), mask: None }
+    }
+    /// Adds the token mask.
+    pub fn mask(self, m: impl IntoView<'a, u8, Memory = M>) -> Self {
+        SampledKlInputs { mask: Some(m.into_view()), ..self }
+    }
+
+    /// Every buffer holds `shape`.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let s = self.shape;
+        s.check_buffer("logp", self.logp.len())?;
+        s.check_buffer("ref_logp", self.ref_logp.len())?;
+        if let Some(m) = &self.mask {
+            s.check_buffer("mask", m.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the sampled KL writes per token (`[B, T]` laid out as the inputs; each optional, 0
+/// where masked), the batch statistics and the CUDA kernels' workspace. `M` as for
+/// [`SampledKlInputs`].
+///
+/// ```
+/// use rlhf_kernels::SampledKlOutputs;
+/// let mut grad = [0.0f32; 2];
+/// let out = SampledKlOutputs::default().grad_logp(&mut grad);
+/// assert!(out.values.is_none());
+/// ```
+#[derive(Debug)]
+pub struct SampledKlOutputs<'a, M: Memory = Host> {
+    /// The chosen estimator's value per token.
+    pub values: Option<M::ViewMut<'a, f32>>,
+    /// `∂loss/∂logp` per token with `loss = β·aggregate(k)`.
+    pub grad_logp: Option<M::ViewMut<'a, f32>>,
+    /// The batch statistics (the host op also returns them).
+    pub stats: Option<M::Stats<'a, SampledKlStats>>,
+    /// Scratch of the CUDA kernels (`cuda::sampled_kl_workspace_bytes`, 16-byte aligned;
+    /// allocated on the stream when needed and absent). The host backends need none.
+    pub workspace: Option<M::ViewMut<'a, u8>>,
+}
+
+impl<M: Memory> Default for SampledKlOutputs<'_, M> {
+    fn default() -> Self {
+        SampledKlOutputs { values: None, grad_logp: None, stats: None, workspace: None }
+    }
+}
+
+impl<'a, M: Memory> SampledKlOutputs<'a, M> {
+    /// Requests the per-token values.
+    pub fn values(self, v: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        SampledKlOutputs { values: Some(v.into_view_mut()), ..self }
+    }
+    /// Requests the gradient with respect to `logp`.
+    pub fn grad_logp(self, g: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        SampledKlOutputs { grad_logp: Some(g.into_view_mut()), ..self }
+    }
+    /// Requests the statistics into `stats`.
+    pub fn stats(self, stats: M::Stats<'a, SampledKlStats>) -> Self {
+        SampledKlOutputs { stats: Some(stats), ..self }
+    }
+    /// Provides the CUDA kernels' workspace.
+    pub fn workspace(self, w: impl IntoViewMut<'a, u8, Memory = M>) -> Self {
+        SampledKlOutputs { workspace: Some(w.into_view_mut()), ..self }
+    }
+
+    /// Each requested per-token output holds `shape`.
+    pub(crate) fn check(&self, shape: RowShape) -> Result<()> {
+        for (what, o) in [("values", &self.values), ("grad_logp", &self.grad_logp)] {
+            o.as_ref().map_or(Ok(()), |o| shape.check_buffer(what, o.len()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the exact divergences write, per row (any subset, at least one), the batch statistic
+/// if asked, and the CUDA kernels' workspace. The backward needs `policy_lse` and `ref_lse`,
+/// plus `value` for `KL[π‖π_ref]` and `policy_term` for the JSD. `M` as for
+/// [`ReferenceRows`].
+///
+/// ```
+/// use rlhf_kernels::ExactKlOutputs;
+/// let (mut kl, mut lse_p, mut lse_q) = ([0.0f32; 2], [0.0f32; 2], [0.0f32; 2]);
+/// let out = ExactKlOutputs::default().value(&mut kl).lse(&mut lse_p, &mut lse_q);
+/// assert!(out.policy_term.is_none());
+/// ```
+#[derive(Debug)]
+pub struct ExactKlOutputs<'a, M: Memory = Host> {
+    /// The divergence (nats).
+    pub value: Option<M::ViewMut<'a, f32>>,
+    /// `ln Σ exp(z_policy)`.
+    pub policy_lse: Option<M::ViewMut<'a, f32>>,
+    /// `ln Σ exp(z_ref)`.
+    pub ref_lse: Option<M::ViewMut<'a, f32>>,
+    /// For the JSD, `KL[p ‖ m]`; for the two KLs, the value again.
+    pub policy_term: Option<M::ViewMut<'a, f32>>,
+    /// The batch statistic of the values and where it goes (computed from them in the same
+    /// call; the values go to a temporary when `value` is not requested).
+    pub statistic: Option<(M::Stats<'a, Aggregated>, ExactKlStatistic)>,
+    /// Scratch of the CUDA kernels (`cuda::exact_kl_workspace_bytes`, 16-byte aligned;
+    /// allocated on the stream when needed and absent). The host backends need none.
+    pub workspace: Option<M::ViewMut<'a, u8>>,
+}
+
+impl<M: Memory> Default for ExactKlOutputs<'_, M> {
+    fn default() -> Self {
+        ExactKlOutputs {
+            value: None,
+            policy_lse: None,
+            ref_lse: None,
+            policy_term: None,
+            statistic: None,
+            workspace: None,
+        }
+    }
+}
+
+impl<'a, M: Memory> ExactKlOutputs<'a, M> {
+    /// Requests the divergence.
+    pub fn value(self, v: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        ExactKlOutputs { value: Some(v.into_view_mut()), ..self }
+    }
+    /// Requests both log-sum-exps.
+    pub fn lse(
+        self,
+        policy: impl IntoViewMut<'a, f32, Memory = M>,
+        reference: impl IntoViewMut<'a, f32, Memory = M>,
+    ) -> Self {
+        ExactKlOutputs {
+            policy_lse: Some(policy.into_view_mut()),
+            ref_lse: Some(reference.into_view_mut()),
+            ..self
+        }
+    }
+    /// Requests the JSD's policy term.
+    pub fn policy_term(self, v: impl IntoViewMut<'a, f32, Memory = M>) -> Self {
+        ExactKlOutputs { policy_term: Some(v.into_view_mut()), ..self }
+    }
+    /// Requests the batch statistic of the values into `out`.
+    pub fn statistic(self, out: M::Stats<'a, Aggregated>, stat: ExactKlStatistic) -> Self {
+        ExactKlOutputs { statistic: Some((out, stat)), ..self }
+    }
+    /// Provides the CUDA kernels' workspace.
+    pub fn workspace(self, w: impl IntoViewMut<'a, u8, Memory = M>) -> Self {
+        ExactKlOutputs { workspace: Some(w.into_view_mut()), ..self }
+    }
+}
+
 /// What the exact divergences' backward needs: the upstream gradient of each row's divergence
 /// and the forward's saved statistics (each `rows` f32). `M` is where the buffers live, as for
 /// [`ReferenceRows`].
@@ -460,7 +640,8 @@ impl<'a, M: Memory> ExactKlGrads<'a, M> {
 /// and `cuda::finish_jsd_sums`, over partials gathered as `[shards][rows]`.
 ///
 /// ```
-/// use rlhf_kernels::{cpu, merge_exact_kl_partials, ExactDivergence, ExactKlOptions, ExactKlPartial, ReferenceRows, RowShape};
+/// use rlhf_kernels::{cpu, merge_exact_kl_partials, ExactDivergence, ExactKlOptions, ExactKlOutputs, ExactKlPartial,
+///                    ReferenceRows, RowShape};
 /// let p: Vec<f32> = (0..600).map(|v| (v as f32 * 0.37).sin() * 3.0).collect();
 /// let q: Vec<f32> = (0..600).map(|v| (v as f32 * 0.37).sin() * 3.0 + (v as f32 * 0.11).cos()).collect();
 /// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
@@ -475,7 +656,7 @@ impl<'a, M: Memory> ExactKlGrads<'a, M> {
 /// let kl = merge_exact_kl_partials(&parts, &opts)?.finish(&opts).unwrap().value;
 /// let mut whole = [0.0f32];
 /// let shape = RowShape::new(1, 600);
-/// cpu::exact_kl(&p, shape, &ReferenceRows::new(&q, shape), cpu::ExactKlOutputs::default().value(&mut whole), &opts)?;
+/// cpu::exact_kl(&p, shape, &ReferenceRows::new(&q, shape), ExactKlOutputs::default().value(&mut whole), &opts)?;
 /// assert!((kl - whole[0]).abs() < 1e-5);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```

@@ -92,7 +92,7 @@ pub use advantages::{
     GroupStd, Groups, MaskedSteps, Moments, SingletonGroups, TokenOutput, WhitenOptions,
     gae_error_bound_factor, gae_error_scale,
 };
-pub use aggregation::{Aggregation, BatchCounts, Normaliser};
+pub use aggregation::{Aggregated, Aggregation, BatchCounts, Normaliser};
 pub use backend::{Backend, CudaUnavailable};
 #[cfg(feature = "cuda")]
 pub use cudarc;
@@ -100,9 +100,9 @@ pub use dtype::{DType, Element, IndexType, TargetIndex, validate_targets};
 pub use error::{Error, Result, RowProblem};
 pub use half::{bf16, f16};
 pub use kl::{
-    ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlPartial, ExactKlStatistic, ExactKlStats,
-    KlController, KlDirection, KlEstimator, ReferenceRows, SampledKlOptions, SampledKlStats,
-    merge_exact_kl_partials,
+    ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs, ExactKlPartial, ExactKlStatistic,
+    ExactKlStats, KlController, KlDirection, KlEstimator, ReferenceRows, SampledKlInputs, SampledKlOptions,
+    SampledKlOutputs, SampledKlStats, merge_exact_kl_partials,
 };
 pub use logprobs::{
     LogSoftmaxOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, TokenStats, Tokens, VocabPartial,

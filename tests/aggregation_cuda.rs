@@ -12,7 +12,8 @@ mod gpu {
     use super::common::gpu::Gpu;
     use std::sync::Arc;
 
-    use rlhf_kernels::cuda::{self, Aggregated, CudaStatus, DeviceStats};
+    use rlhf_kernels::Aggregated;
+    use rlhf_kernels::cuda::{self, CudaStatus, DeviceStats};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::testing::Rng;
     use rlhf_kernels::{Aggregation, BatchCounts, Error, Normaliser, RowProblem, RowShape};

@@ -11,6 +11,7 @@ use common::hostile::{
     policy_options, run, temperature, value_options,
 };
 use proptest::prelude::*;
+use rlhf_kernels::SampledKlInputs;
 use rlhf_kernels::{
     Error, ExactKlOptions, GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, KlController,
     LogSoftmaxOptions, PolicyLossInputs, PolicyLossOptions, PolicyObjective, RowProblem, RowShape,
@@ -118,7 +119,7 @@ fn reference_backend() {
             .log_ratio_clamp(clamp(b.scalars[2]))
             .value_clamp(clamp(b.scalars[3]))
             .aggregation(aggregation(b.pick[4], s.cols));
-        if let Some(r) = ok(reference::sampled_kl(&b.a, &b.b, s, Some(mask), &kopts)) {
+        if let Some(r) = ok(reference::sampled_kl(&SampledKlInputs::new(s, &b.a, &b.b).mask(mask), &kopts)) {
             check("sampled_kl", r.values.into_iter().chain(r.grad_logp), Allow::Finite)?;
             check("sampled_kl loss", [r.stats.loss], Allow::Finite)?;
         }
@@ -225,7 +226,7 @@ fn host_named_cases() {
     assert_eq!(r.map(|_| ()), Err(row("token_logprobs", 0, Overflow)));
     // sampled_kl with β = 3e38.
     let opts = SampledKlOptions::new(rlhf_kernels::KlEstimator::K2).coef(3e38);
-    let r = reference::sampled_kl(&[-3.0], &[-1.0], RowShape::new(1, 1), None, &opts);
+    let r = reference::sampled_kl(&SampledKlInputs::new(RowShape::new(1, 1), &[-3.0], &[-1.0]), &opts);
     assert_eq!(r.map(|_| ()), Err(row("sampled_kl", 0, Overflow)));
     // vocab_shard_partials with vocab_offset = usize::MAX.
     let mut partials = [<VocabPartial as bytemuck::Zeroable>::zeroed(); 1];

@@ -12,6 +12,7 @@ use rlhf_kernels::{
     Normaliser, RowProblem, RowShape, SampledKlOptions, bf16, cpu, f16, reference,
 };
 use rlhf_kernels::{ExactKlGrads, ReferenceRows};
+use rlhf_kernels::{SampledKlInputs, SampledKlOutputs};
 
 #[test]
 fn sampled_estimators_match_the_reference() {
@@ -68,13 +69,18 @@ fn estimator_gradients_match_finite_differences() {
                 continue; // abs has a kink at 0
             }
             let opts = SampledKlOptions::new(e).aggregation(Aggregation::SeqMeanTokenSum);
-            let at =
-                |lp: f32| reference::sampled_kl(&[lp], &[rlp], RowShape::new(1, 1), None, &opts).unwrap();
+            let at = |lp: f32| {
+                reference::sampled_kl(&SampledKlInputs::new(RowShape::new(1, 1), &[lp], &[rlp]), &opts)
+                    .unwrap()
+            };
             let h = 1e-3f32;
             let value_of = |e: KlEstimator, lp: f32| {
-                reference::sampled_kl(&[lp], &[rlp], RowShape::new(1, 1), None, &opts.clone_with(e))
-                    .unwrap()
-                    .values[0]
+                reference::sampled_kl(
+                    &SampledKlInputs::new(RowShape::new(1, 1), &[lp], &[rlp]),
+                    &opts.clone_with(e),
+                )
+                .unwrap()
+                .values[0]
             };
             // The straight-through estimators differentiate another estimator's value.
             let grad_source = match e {
@@ -123,17 +129,18 @@ fn unbiased_estimators_average_to_the_exact_kl() {
         (KlEstimator::K3Rev, exact_rp),
     ] {
         let opts = SampledKlOptions::new(e).log_ratio_clamp(None).value_clamp(None);
-        let r = reference::sampled_kl(&logp, &ref_logp, RowShape::new(1, logp.len()), None, &opts).unwrap();
+        let r = reference::sampled_kl(
+            &SampledKlInputs::new(RowShape::new(1, logp.len()), &logp, &ref_logp),
+            &opts,
+        )
+        .unwrap();
         let (mean, se) = kl::mean_and_standard_error(&r.values);
         assert!((mean - exact).abs() < 5.0 * se, "{e:?}: mean {mean} vs exact {exact} (se {se})");
         // The CPU backend's statistics say the same.
         let mut v = vec![0.0f32; logp.len()];
         let stats = cpu::sampled_kl(
-            &logp,
-            &ref_logp,
-            RowShape::new(1, logp.len()),
-            None,
-            cpu::SampledKlOutputs::default().values(&mut v),
+            &SampledKlInputs::new(RowShape::new(1, logp.len()), &logp, &ref_logp),
+            SampledKlOutputs::default().values(&mut v),
             &opts,
         )
         .unwrap();
@@ -155,10 +162,11 @@ fn bias_where_the_supports_differ() {
         (0..3)
             .map(|y| {
                 let r = reference::sampled_kl(
-                    &[pi[y].ln() as f32],
-                    &[reference[y].ln() as f32],
-                    RowShape::new(1, 1),
-                    None,
+                    &SampledKlInputs::new(
+                        RowShape::new(1, 1),
+                        &[pi[y].ln() as f32],
+                        &[reference[y].ln() as f32],
+                    ),
                     &opts,
                 )
                 .unwrap();
@@ -219,7 +227,9 @@ fn loss_gradients_follow_the_claimed_objectives() {
         let logp: Vec<f32> = p.iter().map(|x| x.ln() as f32).collect();
         let ref_logp: Vec<f32> = q.iter().map(|x| x.ln() as f32).collect();
         // One token per sequence: the gradient is ∂k/∂logp of each vocabulary entry.
-        let g = reference::sampled_kl(&logp, &ref_logp, RowShape::new(5, 1), None, &opts).unwrap().grad_logp;
+        let g = reference::sampled_kl(&SampledKlInputs::new(RowShape::new(5, 1), &logp, &ref_logp), &opts)
+            .unwrap()
+            .grad_logp;
         let g: Vec<f64> = g.iter().map(|x| x * 5.0).collect(); // undo the 1/B_valid weight
         for j in 0..5 {
             let expected_grad: f64 = (0..5).map(|y| p[y] * g[y] * (f64::from(u8::from(y == j)) - p[j])).sum();
@@ -243,11 +253,8 @@ fn clamps_zero_the_gradient_and_are_counted() {
     let opts = SampledKlOptions::new(KlEstimator::K3).aggregation(Aggregation::SeqMeanTokenSum);
     let mut g = [0.0f32; 3];
     let stats = cpu::sampled_kl(
-        &logp,
-        &ref_logp,
-        RowShape::new(1, 3),
-        None,
-        cpu::SampledKlOutputs::default().grad_logp(&mut g),
+        &SampledKlInputs::new(RowShape::new(1, 3), &logp, &ref_logp),
+        SampledKlOutputs::default().grad_logp(&mut g),
         &opts,
     )
     .unwrap();
@@ -255,8 +262,11 @@ fn clamps_zero_the_gradient_and_are_counted() {
     assert!((stats.clamped_fraction - 2.0 / 3.0).abs() < 1e-12);
     assert!(stats.mean(KlEstimator::K3) <= 20.0 + 1e-6, "values clamped to ±10 each");
     let unclamped = SampledKlOptions::new(KlEstimator::K1Rev).log_ratio_clamp(None).value_clamp(None);
-    let r =
-        reference::sampled_kl(&[-1.0], &[f32::NEG_INFINITY], RowShape::new(1, 1), None, &unclamped).unwrap();
+    let r = reference::sampled_kl(
+        &SampledKlInputs::new(RowShape::new(1, 1), &[-1.0], &[f32::NEG_INFINITY]),
+        &unclamped,
+    )
+    .unwrap();
     assert_eq!(r.values[0], 0.0, "r = 0 gives k1_rev = 0");
 }
 
@@ -271,9 +281,14 @@ fn global_normalisers_make_micro_batches_add_up() {
         Aggregation::SeqMeanTokenSumNorm { max_len: 64 },
     ] {
         let base = SampledKlOptions::new(KlEstimator::K3).aggregation(aggregation).coef(0.1);
-        let whole =
-            reference::sampled_kl(&full.logp, &full.ref_logp, full.shape, full.mask.as_deref(), &base)
-                .unwrap();
+        let whole = reference::sampled_kl(
+            &SampledKlInputs {
+                mask: full.mask.as_deref(),
+                ..SampledKlInputs::new(full.shape, &full.logp, &full.ref_logp)
+            },
+            &base,
+        )
+        .unwrap();
         let c = whole.stats.counts;
         let global = base.normaliser(Normaliser::Global {
             valid_tokens: c.valid_tokens,
@@ -285,11 +300,15 @@ fn global_normalisers_make_micro_batches_add_up() {
             let mask = full.mask.as_ref().map(|m| &m[half.clone()]);
             let mut g = vec![0.0f32; 150];
             let stats = cpu::sampled_kl(
-                &full.logp[half.clone()],
-                &full.ref_logp[half],
-                RowShape::new(3, 50),
-                mask,
-                cpu::SampledKlOutputs::default().grad_logp(&mut g),
+                &SampledKlInputs {
+                    mask,
+                    ..SampledKlInputs::new(
+                        RowShape::new(3, 50),
+                        &full.logp[half.clone()],
+                        &full.ref_logp[half],
+                    )
+                },
+                SampledKlOutputs::default().grad_logp(&mut g),
                 &global,
             )
             .unwrap();
@@ -349,7 +368,7 @@ fn errors() {
     let mut nan = ok;
     nan[3] = f32::NAN;
     let run = |a: &[f32], b: &[f32], opts: &SampledKlOptions| {
-        cpu::sampled_kl(a, b, shape, None, cpu::SampledKlOutputs::default(), opts)
+        cpu::sampled_kl(&SampledKlInputs::new(shape, a, b), SampledKlOutputs::default(), opts)
     };
     let k3 = SampledKlOptions::new(KlEstimator::K3);
     assert_eq!(
@@ -358,7 +377,12 @@ fn errors() {
     );
     // A NaN under the mask is padding, not an error.
     assert!(
-        cpu::sampled_kl(&ok, &nan, shape, Some(&[1, 1, 1, 0]), cpu::SampledKlOutputs::default(), &k3).is_ok()
+        cpu::sampled_kl(
+            &SampledKlInputs::new(shape, &ok, &nan).mask(&[1, 1, 1, 0]),
+            SampledKlOutputs::default(),
+            &k3
+        )
+        .is_ok()
     );
     assert!(matches!(run(&ok[..3], &ok, &k3), Err(Error::ShapeMismatch { what: "logp", .. })));
     assert!(matches!(

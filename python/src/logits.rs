@@ -3,11 +3,11 @@
 //! read in place, one launch (or CPU call) per block of evenly spaced rows.
 
 use pyo3::prelude::*;
-use rlhf_kernels::cpu::{self, ExactKlOutputs};
 use rlhf_kernels::{
     ExactDivergence, ExactKlOptions, RowBlocks, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens,
 };
 use rlhf_kernels::{ExactKlGrads, ReferenceRows};
+use rlhf_kernels::{ExactKlOutputs, cpu};
 
 use crate::cuda;
 use crate::dl::{Dl, Kind, Place, check_together, err};
@@ -268,7 +268,7 @@ pub fn exact_kl(
                             policy_lse: pl.as_deref_mut().map(|s| &mut s[r.clone()]),
                             ref_lse: rl.as_deref_mut().map(|s| &mut s[r.clone()]),
                             policy_term: term.as_deref_mut().map(|s| &mut s[r.clone()]),
-                            statistic: None,
+                            ..Default::default()
                         };
                         cpu::exact_kl(&p[p_rows.block_range(k)], p_rows.shape, &reference, out, &opts).map_err(|e| p_rows.block_error(k, e))?;
                     }

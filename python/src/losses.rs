@@ -5,9 +5,9 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::ValueLossOutputs;
-use rlhf_kernels::cpu::{self, SampledKlOutputs};
 use rlhf_kernels::cuda::raw;
 use rlhf_kernels::{KlEstimator, RowShape, SampledKlOptions, ValueLossInputs, ValueLossOptions};
+use rlhf_kernels::{SampledKlInputs, SampledKlOutputs, cpu};
 
 use crate::batch::{batch_dims, parse_aggregation, parse_normaliser};
 use crate::cuda;
@@ -129,8 +129,12 @@ pub fn sampled_kl(
             };
             let st = py
                 .detach(move || {
-                    let out = SampledKlOutputs { values: v, grad_logp: g };
-                    cpu::sampled_kl(lp, rlp, shape, m, out, &opts)
+                    let out = SampledKlOutputs { values: v, grad_logp: g, ..Default::default() };
+                    cpu::sampled_kl(
+                        &SampledKlInputs { mask: m, ..SampledKlInputs::new(shape, lp, rlp) },
+                        out,
+                        &opts,
+                    )
                 })
                 .map_err(err)?;
             if let Some(w) = words {

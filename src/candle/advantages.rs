@@ -165,8 +165,10 @@ mod gpu {
     use super::super::storage::{check, cuda_side, flat_view, stream_of, tensor};
     use super::super::to_candle;
     use crate::cuda::{self, DeviceGroups};
-    use crate::{GaeInputs, GaeOutputs, GroupAdvantageOutputs, TokenOutput};
-    use crate::{GaeOptions, GroupAdvantageOptions, Groups, RowShape};
+    use crate::{
+        GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs, Groups, RowShape,
+        TokenOutput,
+    };
 
     /// `guards`: rewards, kl, values, mask, scores.
     pub(super) fn gae(

@@ -5,7 +5,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, 
 
 use super::storage::{cpu_side, flat, guard, per_row, row_blocks, storage_slice, tensor, unpack, with_float};
 use super::to_candle;
-use crate::cpu::{self, ExactKlOutputs};
+use crate::ExactKlOutputs;
+use crate::cpu::{self};
 use crate::{ExactKlGrads, ReferenceRows};
 use crate::{ExactKlOptions, RowBlocks};
 
@@ -102,7 +103,7 @@ impl CustomOp2 for ExactKlOp {
                     policy_lse: Some(&mut policy_lse[r.clone()]),
                     ref_lse: Some(&mut ref_lse[r.clone()]),
                     policy_term: Some(&mut policy_term[r]),
-                    statistic: None,
+                    ..Default::default()
                 };
                 cpu::exact_kl(&policy[p_rows.block_range(k)], p_rows.shape, &reference, outs, &self.opts)
                     .map_err(|e| to_candle(p_rows.block_error(k, e)))?;
@@ -199,9 +200,9 @@ mod gpu {
     };
     use super::super::to_candle;
     use super::{ExactKlOp, SAVED};
-    use crate::RowBlocks;
-    use crate::cuda::{self, DeviceExactKlOutputs};
-    use crate::{ExactKlGrads, ReferenceRows};
+    use crate::ExactKlOutputs;
+    use crate::cuda::{self};
+    use crate::{ExactKlGrads, ReferenceRows, RowBlocks};
 
     pub(super) fn forward(
         op: &ExactKlOp,
@@ -230,7 +231,7 @@ mod gpu {
                 let (mut value, mut rest) = out.split_at_mut(n);
                 let (mut policy_lse, mut rest) = rest.split_at_mut(n);
                 let (mut ref_lse, mut policy_term) = rest.split_at_mut(n);
-                let outs = DeviceExactKlOutputs {
+                let outs = ExactKlOutputs {
                     value: Some(value.slice_mut(r.clone())),
                     policy_lse: Some(policy_lse.slice_mut(r.clone())),
                     ref_lse: Some(ref_lse.slice_mut(r.clone())),

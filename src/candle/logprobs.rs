@@ -181,9 +181,8 @@ mod gpu {
     };
     use super::super::to_candle;
     use super::TokenLogprobsOp;
-    use crate::RowBlocks;
-    use crate::cuda::{self};
-    use crate::{TokenGrads, TokenOutputs, Tokens};
+    use crate::cuda;
+    use crate::{RowBlocks, TokenGrads, TokenOutputs, Tokens};
 
     pub(super) fn forward(
         op: &TokenLogprobsOp,

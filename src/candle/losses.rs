@@ -7,8 +7,10 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, S
 
 use super::storage::{cpu_side, flat, guard, per_row, tensor};
 use super::to_candle;
+use crate::SampledKlInputs;
+use crate::SampledKlOutputs;
 use crate::ValueLossOutputs;
-use crate::cpu::{self, SampledKlOutputs};
+use crate::cpu::{self};
 use crate::{RowShape, SampledKlOptions, SampledKlStats, ValueLossInputs, ValueLossOptions, ValueLossStats};
 
 /// The `[B, T]` dims of a batch tensor.
@@ -107,8 +109,16 @@ impl SampledKlOp {
         let (ref_guard, mask_guard) = (guard(Some(&self.ref_logp)), guard(self.mask.as_ref()));
         let Some(r) = cpu_side::<f32>(&ref_guard, n, "ref_logp")? else { bail!("ref_logp: missing") };
         let m = cpu_side::<u8>(&mask_guard, n, "mask")?;
-        let out = SampledKlOutputs { values, grad_logp };
-        cpu::sampled_kl(flat::<f32>(lp, ll, n, "logp")?, r, self.shape, m, out, &self.opts).map_err(to_candle)
+        let out = SampledKlOutputs { values, grad_logp, ..Default::default() };
+        cpu::sampled_kl(
+            &SampledKlInputs {
+                mask: m,
+                ..SampledKlInputs::new(self.shape, flat::<f32>(lp, ll, n, "logp")?, r)
+            },
+            out,
+            &self.opts,
+        )
+        .map_err(to_candle)
     }
 
     fn dims(&self) -> (usize, usize) {
@@ -335,11 +345,9 @@ mod gpu {
     use super::super::storage::{Guard, check, cuda_side, flat_view, guard, stream_of, tensor};
     use super::super::to_candle;
     use super::{SampledKlOp, ValueLossOp, put};
-    use crate::ValueLossInputs;
-    use crate::ValueLossOutputs;
-    use crate::cuda::{self, DeviceSampledKlOutputs, DeviceStats, SampledKlInputs};
-    use crate::{RowShape, SampledKlStats, ValueLossStats};
-    use crate::{SampledKlStats, ValueLossStats};
+    use crate::cuda::{self, DeviceStats};
+    use crate::{RowShape, SampledKlStats, ValueLossInputs, ValueLossOutputs, ValueLossStats};
+    use crate::{SampledKlInputs, SampledKlOutputs};
 
     fn sampled_run(
         op: &SampledKlOp,
@@ -354,18 +362,19 @@ mod gpu {
         let mask =
             cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let inputs = SampledKlInputs {
+            shape: op.shape,
             logp: flat_view::<f32>(logp, ll, n, "logp")?,
             ref_logp: flat_view::<f32>(r, rl, n, "ref_logp")?,
             mask,
         };
         let mut stats = DeviceStats::<SampledKlStats>::new(&stream).map_err(to_candle)?;
-        let out = DeviceSampledKlOutputs {
+        let out = SampledKlOutputs {
             values: values.map(|v| v.slice_mut(..)),
             grad_logp: grad.map(|g| g.slice_mut(..)),
             stats: Some(&mut stats),
             workspace: None,
         };
-        cuda::sampled_kl(&stream, &inputs, op.shape, out, &mut status, &op.opts).map_err(to_candle)?;
+        cuda::sampled_kl(&stream, &inputs, out, &mut status, &op.opts).map_err(to_candle)?;
         check(&stream, status)?;
         stats.read(&stream).map_err(to_candle)
     }

@@ -284,11 +284,8 @@ mod gpu {
     use super::super::storage::{check, cuda_side, flat_view, guard, stream_of, tensor};
     use super::super::to_candle;
     use super::Core;
-    use crate::PolicyLossInputs;
-    use crate::PolicyLossOutputs;
-    use crate::PolicyLossStats;
-    use crate::PolicyLossStats;
     use crate::cuda::{self, DeviceStats};
+    use crate::{PolicyLossInputs, PolicyLossOutputs, PolicyLossStats};
 
     /// Runs the loss on the GPU; with `grads`, writes `∂loss/∂logp` (and `∂loss/∂H`).
     fn run(

@@ -182,9 +182,8 @@ mod gpu {
     use super::super::storage::{Guard, check, cuda_side, flat_view, guard, stream_of, tensor};
     use super::super::to_candle;
     use super::AggregateOp;
-    use crate::Moments;
     use crate::cuda::{self, DeviceStats};
-    use crate::{Moments, RowShape, WhitenOptions};
+    use crate::{Aggregated, Moments, RowShape, WhitenOptions};
 
     pub(super) fn aggregate(op: &AggregateOp, (values, vl): (&CudaStorage, &Layout)) -> Result<CudaStorage> {
         let n = op.shape.len();

@@ -17,7 +17,7 @@ use cudarc::driver::{
 use crate::cuda::DeviceStats;
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, view_ptr};
-use crate::{Aggregation, BatchCounts, Error, Normaliser, Result, RowShape};
+use crate::{Aggregated, Aggregation, BatchCounts, Error, Normaliser, Result, RowShape};
 
 /// The kernels' aggregation code and `max_len`.
 pub(crate) fn aggregation_code(a: Aggregation) -> (i32, f64) {
@@ -189,16 +189,6 @@ pub(crate) unsafe fn count_mask(
     Ok(counts)
 }
 
-/// An aggregated value and the batch's own counts, as read from a
-/// [`DeviceStats<Aggregated>`](crate::cuda::DeviceStats).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Aggregated {
-    /// The aggregated value (the loss, or the masked mean for [`Aggregation::TokenMean`]).
-    pub value: f64,
-    /// This batch's counts (whatever the normaliser divided by).
-    pub counts: BatchCounts,
-}
-
 /// Aggregates the masked `[B, T]` `values` of `shape` (`mask`, one byte per token in the same
 /// layout, 0 = padding, or `None`) on `stream` into `out`:
 /// `Σ_{i,t} mask·w_i·L[i, t]` with the per-token weight `w_i` of `aggregation` under `norm`
@@ -212,7 +202,8 @@ pub struct Aggregated {
 /// sign (the host sums in f64 and does not overflow there).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, Aggregated, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::Aggregated;
 /// use rlhf_kernels::{Aggregation, Normaliser, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();

@@ -28,13 +28,13 @@ use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
 pub use advantages::{
     DeviceGroups, gae, gae_workspace_bytes, group_advantages, masked_moments, moments_workspace_bytes, whiten,
 };
-pub use aggregation::{Aggregated, aggregate, aggregate_workspace_bytes};
+pub use aggregation::{aggregate, aggregate_workspace_bytes};
 pub use context::CudaDevice;
 pub(crate) use context::RawStream;
 pub use kl::{
-    DeviceExactKlOutputs, DeviceSampledKlOutputs, SampledKlInputs, exact_kl, exact_kl_backward,
-    exact_kl_backward_in_place, exact_kl_shard_partials, exact_kl_workspace_bytes, finish_exact_kl_partials,
-    finish_jsd_sums, jsd_shard_sums, kl_rewards, sampled_kl, sampled_kl_workspace_bytes,
+    exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials,
+    exact_kl_workspace_bytes, finish_exact_kl_partials, finish_jsd_sums, jsd_shard_sums, kl_rewards,
+    sampled_kl, sampled_kl_workspace_bytes,
 };
 pub use logprobs::{
     finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,

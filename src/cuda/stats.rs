@@ -7,13 +7,12 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut, SyncOnDrop};
 
-use crate::cuda::aggregation::Aggregated;
 use crate::cuda::driver_error;
 use crate::cuda::raw::{
     POLICY_STATS_WORDS, SAMPLED_KL_STATS_WORDS, VALUE_STATS_WORDS, policy_stats_from_words,
     sampled_kl_stats_from_words, value_stats_from_words,
 };
-use crate::{BatchCounts, Moments, PolicyLossStats, Result, SampledKlStats, ValueLossStats};
+use crate::{Aggregated, BatchCounts, Moments, PolicyLossStats, Result, SampledKlStats, ValueLossStats};
 
 /// A batch statistic the kernels write as `WORDS` f64 words: [`SampledKlStats`],
 /// [`PolicyLossStats`], [`ValueLossStats`], [`Moments`] and [`Aggregated`]. Sealed.

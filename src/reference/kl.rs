@@ -5,8 +5,8 @@ use crate::aggregation::{BatchCounts, valid_in_row};
 use crate::error::Op;
 use crate::logprobs::check_len;
 use crate::{
-    Element, ExactDivergence, ExactKlOptions, KlEstimator, Result, RowProblem, RowShape, SampledKlOptions,
-    SampledKlStats,
+    Element, ExactDivergence, ExactKlOptions, KlEstimator, Result, RowProblem, RowShape, SampledKlInputs,
+    SampledKlOptions, SampledKlStats,
 };
 
 /// Per-token values of a sampled estimator, the gradient of the loss, and the statistics.
@@ -58,25 +58,16 @@ fn estimate(e: KlEstimator, log_r: f64, lr_clamp: f64, v_clamp: f64) -> (f64, f6
 /// estimator (as [`cpu::sampled_kl`](crate::cpu::sampled_kl)).
 ///
 /// ```
-/// use rlhf_kernels::{reference, KlEstimator, RowShape, SampledKlOptions};
-/// let r = reference::sampled_kl(&[-1.0, -2.0], &[-1.5, -2.0], RowShape::new(1, 2), None,
-///                               &SampledKlOptions::new(KlEstimator::K1))?;
+/// use rlhf_kernels::{reference, KlEstimator, RowShape, SampledKlInputs, SampledKlOptions};
+/// let inputs = SampledKlInputs::new(RowShape::new(1, 2), &[-1.0, -2.0], &[-1.5, -2.0]);
+/// let r = reference::sampled_kl(&inputs, &SampledKlOptions::new(KlEstimator::K1))?;
 /// assert_eq!(r.values, vec![0.5, 0.0]);
 /// assert_eq!(r.stats.loss, 0.25); // token-mean
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
-pub fn sampled_kl(
-    logp: &[f32],
-    ref_logp: &[f32],
-    shape: RowShape,
-    mask: Option<&[u8]>,
-    opts: &SampledKlOptions,
-) -> Result<SampledKl> {
-    shape.check_buffer("logp", logp.len())?;
-    shape.check_buffer("ref_logp", ref_logp.len())?;
-    if let Some(m) = mask {
-        shape.check_buffer("mask", m.len())?;
-    }
+pub fn sampled_kl(inputs: &SampledKlInputs<'_>, opts: &SampledKlOptions) -> Result<SampledKl> {
+    inputs.validate()?;
+    let SampledKlInputs { shape, logp, ref_logp, mask } = *inputs;
     let (lr_clamp, v_clamp) = opts.limits()?;
     let (lr_clamp, v_clamp) = (lr_clamp as f64, v_clamp as f64);
     let local = BatchCounts::of(shape, mask);

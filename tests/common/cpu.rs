@@ -75,8 +75,15 @@ impl kl::SampledBackend for Cpu {
     ) -> rlhf_kernels::Result<(Vec<f32>, Vec<f32>, rlhf_kernels::SampledKlStats)> {
         let n = c.logp.len();
         let (mut v, mut g) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-        let out = cpu::SampledKlOutputs::default().values(&mut v).grad_logp(&mut g);
-        let stats = cpu::sampled_kl(&c.logp, &c.ref_logp, c.shape, c.mask.as_deref(), out, &c.opts)?;
+        let out = SampledKlOutputs::default().values(&mut v).grad_logp(&mut g);
+        let stats = cpu::sampled_kl(
+            &SampledKlInputs {
+                mask: c.mask.as_deref(),
+                ..SampledKlInputs::new(c.shape, &c.logp, &c.ref_logp)
+            },
+            out,
+            &c.opts,
+        )?;
         Ok((v, g, stats))
     }
 
@@ -101,7 +108,7 @@ impl ExactBackend for Cpu {
     ) -> rlhf_kernels::Result<kl::ExactOut> {
         let n = c.policy_shape.rows;
         let mut o = kl::ExactOut::zeros(n);
-        let out = cpu::ExactKlOutputs::default()
+        let out = ExactKlOutputs::default()
             .value(&mut o.value)
             .lse(&mut o.policy_lse, &mut o.ref_lse)
             .policy_term(&mut o.policy_term);
@@ -114,10 +121,10 @@ impl ExactBackend for Cpu {
         c: &ExactCase<P, Q>,
         stat: rlhf_kernels::ExactKlStatistic,
         with_value: bool,
-    ) -> rlhf_kernels::Result<(Vec<f32>, f64)> {
+    ) -> rlhf_kernels::Result<(Vec<f32>, Aggregated)> {
         let mut value = vec![f32::NAN; if with_value { c.policy_shape.rows } else { 0 }];
-        let mut statistic = f64::NAN;
-        let mut out = cpu::ExactKlOutputs::default().statistic(&mut statistic, stat);
+        let mut statistic = Aggregated { value: f64::NAN, ..Default::default() };
+        let mut out = ExactKlOutputs::default().statistic(&mut statistic, stat);
         if with_value {
             out = out.value(&mut value);
         }

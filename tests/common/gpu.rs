@@ -168,17 +168,18 @@ impl SampledBackend for Gpu {
         let mut g = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
         let (mut stats, mut status) = (DeviceStats::<SampledKlStats>::new(s)?, CudaStatus::new(s)?);
         let inputs = SampledKlInputs {
+            shape: c.shape,
             logp: lp.as_view(),
             ref_logp: rlp.as_view(),
             mask: mask.as_ref().map(|m| m.as_view()),
         };
-        let out = DeviceSampledKlOutputs {
+        let out = SampledKlOutputs {
             values: Some(v.as_view_mut()),
             grad_logp: Some(g.as_view_mut()),
             stats: Some(&mut stats),
             workspace: None,
         };
-        cuda::sampled_kl(s, &inputs, c.shape, out, &mut status, &c.opts)?;
+        cuda::sampled_kl(s, &inputs, out, &mut status, &c.opts)?;
         status.check(s)?;
         Ok((s.clone_dtoh(&v).unwrap(), s.clone_dtoh(&g).unwrap(), stats.read(s)?))
     }
@@ -227,7 +228,7 @@ impl ExactBackend for Gpu {
                 shape: c.ref_shape,
                 mask: mask.as_ref().map(|m| m.as_view()),
             };
-            let out = DeviceExactKlOutputs {
+            let out = ExactKlOutputs {
                 value: Some(v.as_view_mut()),
                 policy_lse: Some(pl.as_view_mut()),
                 ref_lse: Some(ql.as_view_mut()),
@@ -252,7 +253,7 @@ impl ExactBackend for Gpu {
         c: &ExactCase<P, Q>,
         stat: ExactKlStatistic,
         with_value: bool,
-    ) -> Result<(Vec<f32>, f64)> {
+    ) -> Result<(Vec<f32>, Aggregated)> {
         let s = &self.0;
         let n = c.policy_shape.rows;
         let (p, q) = (s.clone_htod(&c.policy).unwrap(), s.clone_htod(&c.reference).unwrap());
@@ -265,7 +266,7 @@ impl ExactBackend for Gpu {
                 shape: c.ref_shape,
                 mask: mask.as_ref().map(|m| m.as_view()),
             };
-            let out = DeviceExactKlOutputs {
+            let out = ExactKlOutputs {
                 value: with_value.then(|| v.as_view_mut()),
                 statistic: Some((&mut agg, stat)),
                 ..Default::default()
@@ -274,7 +275,7 @@ impl ExactBackend for Gpu {
         }
         status.check(s)?;
         let value = if with_value { s.clone_dtoh(&v).unwrap() } else { Vec::new() };
-        Ok((value, agg.read(s)?.value))
+        Ok((value, agg.read(s)?))
     }
 
     fn forward_sharded<P: Element, Q: Element>(
@@ -300,7 +301,7 @@ impl ExactBackend for Gpu {
         let mut status = CudaStatus::new(s)?;
         {
             let [v, pl, ql] = bufs.as_mut_slice() else { unreachable!() };
-            let out = DeviceExactKlOutputs {
+            let out = ExactKlOutputs {
                 value: (!jsd).then(|| v.as_view_mut()),
                 policy_lse: Some(pl.as_view_mut()),
                 ref_lse: Some(ql.as_view_mut()),

@@ -2,6 +2,7 @@
 //! f64 reference.
 
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
+use rlhf_kernels::{Aggregated, BatchCounts, SampledKlInputs};
 use rlhf_kernels::{
     Aggregation, DType, Element, Error, ExactDivergence, ExactKlOptions, ExactKlStatistic, KlEstimator,
     Normaliser, Result, RowProblem, RowShape, SampledKlOptions, SampledKlStats, bf16, f16, reference,
@@ -97,7 +98,11 @@ pub fn sampled_sweep(b: &impl SampledBackend) {
 
 pub fn check_sampled(b: &impl SampledBackend, c: &SampledCase) {
     let what = format!("{:?} {:?}", c.opts, c.shape);
-    let expected = reference::sampled_kl(&c.logp, &c.ref_logp, c.shape, c.mask.as_deref(), &c.opts).unwrap();
+    let expected = reference::sampled_kl(
+        &SampledKlInputs { mask: c.mask.as_deref(), ..SampledKlInputs::new(c.shape, &c.logp, &c.ref_logp) },
+        &c.opts,
+    )
+    .unwrap();
     let (v, g, stats) = b.sampled(c).unwrap();
     // Values up to 0.5·30² for k2 far from the reference: f32 relative tolerance.
     let tol = Tolerance::for_dtype(DType::F32).scaled(1.0);
@@ -295,14 +300,14 @@ pub trait ExactBackend {
         c: &ExactCase<P, Q>,
         shards: &[Shard<P, Q>],
     ) -> Result<ExactOut>;
-    /// The value (empty when `with_value` is false) and the batch statistic `stat`, from one
-    /// call.
+    /// The value (empty when `with_value` is false) and the batch statistic `stat` with the
+    /// batch's counts, from one call.
     fn forward_with_statistic<P: Element, Q: Element>(
         &self,
         c: &ExactCase<P, Q>,
         stat: ExactKlStatistic,
         with_value: bool,
-    ) -> Result<(Vec<f32>, f64)>;
+    ) -> Result<(Vec<f32>, Aggregated)>;
     /// The full gradient buffer (the policy's layout).
     fn backward<P: Element, Q: Element>(
         &self,
@@ -613,6 +618,12 @@ pub fn exact_statistic(b: &impl ExactBackend) {
             let exact: Vec<f32> = e.value.iter().map(|&v| v as f32).collect();
             let want = aggregation.aggregate(&exact, sequences, mask, normaliser).unwrap();
             let (value, got) = b.forward_with_statistic(&c, stat, true).unwrap();
+            assert_eq!(
+                got.counts,
+                BatchCounts::of(sequences, mask),
+                "{divergence:?}: the batch's own counts"
+            );
+            let got = got.value;
             let scale = e.value.iter().filter(|v| v.is_finite()).fold(1.0f64, |m, v| m.max(v.abs())) * 24.0;
             let tol = Tolerance::for_dtype(DType::F32).scaled(scale);
             assert_close(&[got as f32], &[want], tol, &format!("{divergence:?} {aggregation:?}"));
@@ -622,6 +633,7 @@ pub fn exact_statistic(b: &impl ExactBackend) {
                 "statistic of its own values: {got} vs {from_values} ({divergence:?} {aggregation:?})"
             );
             let (_, alone) = b.forward_with_statistic(&c, stat, false).unwrap();
+            let alone = alone.value;
             assert_eq!(
                 alone.to_bits(),
                 got.to_bits(),

@@ -3,6 +3,7 @@
 //! random sweeps against the reference, micro-batches that add up to the full batch under the
 //! global normaliser, and every error path.
 
+use rlhf_kernels::SampledKlInputs;
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
     Aggregation, DType, Error, Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossStats,
@@ -544,7 +545,11 @@ pub fn fused_path<T: rlhf_kernels::Element>(b: &impl FusedBackend) {
         let mut g = loss.grad_logp.clone();
         let mut kl_loss = None;
         if let Some(r) = &c.ref_logp {
-            let kl = reference::sampled_kl(&logp, r, c.sequences, Some(&c.mask), &fused_kl()).unwrap();
+            let kl = reference::sampled_kl(
+                &SampledKlInputs::new(c.sequences, &logp, r).mask(&c.mask),
+                &fused_kl(),
+            )
+            .unwrap();
             g.iter_mut().zip(&kl.grad_logp).for_each(|(a, b)| *a += b);
             kl_loss = Some(kl.stats.loss);
         }

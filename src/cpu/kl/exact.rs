@@ -10,45 +10,9 @@ use crate::error::Op;
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
 use crate::{
-    Element, Error, ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlStatistic, ReferenceRows, Result,
-    RowProblem, RowShape,
+    Aggregated, BatchCounts, Element, Error, ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs,
+    ReferenceRows, Result, RowProblem, RowShape,
 };
-
-/// Where [`exact_kl`] writes, per row (any subset, at least one), and the batch statistic if
-/// asked. The backward needs `policy_lse` and `ref_lse`, plus `value` for `KL[π‖π_ref]` and
-/// `policy_term` for the JSD.
-#[derive(Debug, Default)]
-pub struct ExactKlOutputs<'a> {
-    /// The divergence (nats).
-    pub value: Option<&'a mut [f32]>,
-    /// `ln Σ exp(z_policy)`.
-    pub policy_lse: Option<&'a mut [f32]>,
-    /// `ln Σ exp(z_ref)`.
-    pub ref_lse: Option<&'a mut [f32]>,
-    /// For the JSD, `KL[p ‖ m]`; for the two KLs, the value again.
-    pub policy_term: Option<&'a mut [f32]>,
-    /// The batch statistic of the values, and where it goes.
-    pub statistic: Option<(&'a mut f64, ExactKlStatistic)>,
-}
-
-impl<'a> ExactKlOutputs<'a> {
-    /// Requests the divergence.
-    pub fn value(self, v: &'a mut [f32]) -> Self {
-        ExactKlOutputs { value: Some(v), ..self }
-    }
-    /// Requests both log-sum-exps.
-    pub fn lse(self, policy: &'a mut [f32], reference: &'a mut [f32]) -> Self {
-        ExactKlOutputs { policy_lse: Some(policy), ref_lse: Some(reference), ..self }
-    }
-    /// Requests the JSD's policy term.
-    pub fn policy_term(self, v: &'a mut [f32]) -> Self {
-        ExactKlOutputs { policy_term: Some(v), ..self }
-    }
-    /// Requests the batch statistic of the values (computed from them, in the same call).
-    pub fn statistic(self, out: &'a mut f64, stat: ExactKlStatistic) -> Self {
-        ExactKlOutputs { statistic: Some((out, stat)), ..self }
-    }
-}
 
 /// One row's statistics of both sides: running max (raw units) and `Σ exp((x − m)/τ)`, and
 /// `a_pr = Σ e_p·(z_p − z_q)`, `a_rp = Σ e_q·(z_q − z_p)` scaled like the sums they ride on.
@@ -91,13 +55,13 @@ impl PairStats {
 /// `KL[π_ref‖π]` may be `+inf` (returned; its gradient stays finite).
 ///
 /// ```
-/// use rlhf_kernels::{cpu, ExactDivergence, ExactKlOptions, ReferenceRows, RowShape, bf16, f16};
+/// use rlhf_kernels::{cpu, ExactDivergence, ExactKlOptions, ExactKlOutputs, ReferenceRows, RowShape, bf16, f16};
 /// let policy = [bf16::from_f32(1.0), bf16::from_f32(0.0)];
 /// let reference = [f16::from_f32(0.0), f16::from_f32(0.0)];
 /// let shape = RowShape::new(1, 2);
 /// let mut kl = [0.0f32];
 /// cpu::exact_kl(&policy, shape, &ReferenceRows::new(&reference, shape),
-///               cpu::ExactKlOutputs::default().value(&mut kl), &ExactKlOptions::new(ExactDivergence::PolicyRef))?;
+///               ExactKlOutputs::default().value(&mut kl), &ExactKlOptions::new(ExactDivergence::PolicyRef))?;
 /// assert!((kl[0] - 0.1109).abs() < 1e-4); // 0.731·ln(0.731/0.5) + 0.269·ln(0.269/0.5)
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
@@ -111,7 +75,7 @@ pub fn exact_kl<P: Element, Q: Element>(
     let ReferenceRows { logits: reference, shape: ref_shape, mask } = *reference;
     check_pair(policy.len(), policy_shape, reference.len(), ref_shape, mask)?;
     let rows = policy_shape.rows;
-    let ExactKlOutputs { value, policy_lse, ref_lse, policy_term, statistic } = out;
+    let ExactKlOutputs { value, policy_lse, ref_lse, policy_term, statistic, .. } = out;
     let mut own_values = Vec::new();
     let value = match (value, &statistic) {
         (Some(v), _) => Some(v),
@@ -188,7 +152,8 @@ pub fn exact_kl<P: Element, Q: Element>(
         return Err(Op::ExactKl.invalid_row(r, p));
     }
     if let (Some((out, stat)), [Some(values), ..]) = (statistic, &outs) {
-        *out = stat.aggregation.aggregate(values, stat.sequences, mask, stat.normaliser)?;
+        let value = stat.aggregation.aggregate(values, stat.sequences, mask, stat.normaliser)?;
+        *out = Aggregated { value, counts: BatchCounts::of(stat.sequences, mask) };
     }
     Ok(())
 }

@@ -7,28 +7,10 @@ use crate::aggregation::{BatchCounts, valid_in_row};
 use crate::cpu::first_problem;
 use crate::cpu::simd::{self, LANES, LOG2E, dispatch};
 use crate::error::Op;
-use crate::{KlEstimator, Result, RowProblem, RowShape, SampledKlOptions, SampledKlStats};
-
-/// Where [`sampled_kl`] writes per token (`[B, T]` laid out as the inputs; either may be
-/// absent: the statistics are always returned).
-#[derive(Debug, Default)]
-pub struct SampledKlOutputs<'a> {
-    /// The chosen estimator's value per token (0 where masked).
-    pub values: Option<&'a mut [f32]>,
-    /// `∂loss/∂logp` per token with `loss = β·aggregate(k)` (0 where masked).
-    pub grad_logp: Option<&'a mut [f32]>,
-}
-
-impl<'a> SampledKlOutputs<'a> {
-    /// Requests the per-token values.
-    pub fn values(self, v: &'a mut [f32]) -> Self {
-        SampledKlOutputs { values: Some(v), ..self }
-    }
-    /// Requests the gradient with respect to `logp`.
-    pub fn grad_logp(self, g: &'a mut [f32]) -> Self {
-        SampledKlOutputs { grad_logp: Some(g), ..self }
-    }
-}
+use crate::{
+    KlEstimator, Result, RowProblem, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
+    SampledKlStats,
+};
 
 /// The chosen estimator as a type, so that each row kernel is compiled for one estimator and
 /// its inner loop has no branch on it (and vectorises).
@@ -198,34 +180,26 @@ fn row_slices(o: Option<&mut [f32]>, shape: RowShape) -> Vec<Option<&mut [f32]>>
 /// of `|log r| > 1.8e19`, or a β so large that `β·w·∂k` overflows).
 ///
 /// ```
-/// use rlhf_kernels::{cpu, Aggregation, KlEstimator, RowShape, SampledKlOptions};
+/// use rlhf_kernels::{cpu, Aggregation, KlEstimator, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs};
 /// let (logp, ref_logp) = ([-1.0f32, -2.0, -0.5, 0.0], [-1.2f32, -1.9, -0.5, 0.0]);
 /// let mask = [1u8, 1, 1, 0];
 /// let mut grad = [0.0f32; 4];
 /// let opts = SampledKlOptions::new(KlEstimator::gradient_of(rlhf_kernels::KlDirection::PolicyRef))
 ///     .coef(0.01)
 ///     .aggregation(Aggregation::SeqMeanTokenMean);
-/// let stats = cpu::sampled_kl(&logp, &ref_logp, RowShape::new(2, 2), Some(&mask),
-///                             cpu::SampledKlOutputs::default().grad_logp(&mut grad), &opts)?;
+/// let inputs = SampledKlInputs::new(RowShape::new(2, 2), &logp, &ref_logp).mask(&mask);
+/// let stats = cpu::sampled_kl(&inputs, SampledKlOutputs::default().grad_logp(&mut grad), &opts)?;
 /// assert!(stats.loss > 0.0 && grad[3] == 0.0);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn sampled_kl(
-    logp: &[f32],
-    ref_logp: &[f32],
-    shape: RowShape,
-    mask: Option<&[u8]>,
+    inputs: &SampledKlInputs<'_>,
     mut out: SampledKlOutputs<'_>,
     opts: &SampledKlOptions,
 ) -> Result<SampledKlStats> {
-    shape.check_buffer("logp", logp.len())?;
-    shape.check_buffer("ref_logp", ref_logp.len())?;
-    if let Some(m) = mask {
-        shape.check_buffer("mask", m.len())?;
-    }
-    for (what, o) in [("values", out.values.as_deref()), ("grad_logp", out.grad_logp.as_deref())] {
-        o.map_or(Ok(()), |o| shape.check_buffer(what, o.len()))?;
-    }
+    inputs.validate()?;
+    let SampledKlInputs { shape, logp, ref_logp, mask } = *inputs;
+    out.check(shape)?;
     let (lr_clamp, v_clamp) = opts.limits()?;
     // Valid tokens per sequence, counted once (the weights and the counts need them).
     let row_valid: Vec<usize> =
@@ -294,6 +268,9 @@ pub fn sampled_kl(
     }
     stats.loss = coef as f64 * stats.mean(chosen);
     stats.clamped_fraction = if local.valid_tokens > 0.0 { clamped / local.valid_tokens } else { 0.0 };
+    if let Some(slot) = out.stats {
+        *slot = stats;
+    }
     Ok(stats)
 }
 

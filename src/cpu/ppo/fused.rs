@@ -3,6 +3,7 @@
 //! (the forward's log-probs, entropy and lse; then the backward, optionally in place) with
 //! `O(N)` temporaries and never an `[N, V]` one.
 
+use crate::SampledKlInputs;
 use crate::cpu::{sampled_kl, token_logprobs, token_logprobs_backward, token_logprobs_backward_in_place};
 use crate::logprobs::check_len;
 use crate::{
@@ -45,8 +46,12 @@ fn forward<T: Element, I: TargetIndex>(
     let mut grad_logp = vec![0.0f32; n];
     let kl = match inputs.kl {
         Some((ref_logp, kl_opts)) => {
-            let out = crate::cpu::SampledKlOutputs::default().grad_logp(&mut grad_logp);
-            Some(sampled_kl(&logp, ref_logp, seqs, mask, out, &kl_opts)?)
+            let out = crate::SampledKlOutputs::default().grad_logp(&mut grad_logp);
+            Some(sampled_kl(
+                &SampledKlInputs { mask, ..SampledKlInputs::new(seqs, &logp, ref_logp) },
+                out,
+                &kl_opts,
+            )?)
         }
         None => None,
     };

@@ -9,48 +9,23 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 use super::raw::ExactKlArgs;
-use crate::cuda::DeviceStats;
-use crate::cuda::aggregation::{Aggregated, aggregate_with, check_workspace};
+use crate::cuda::aggregation::{aggregate_with, check_workspace};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
-use crate::{Cuda, ReferenceRows};
-use crate::{
-    DType, Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, ExactKlStatistic, Result,
-    RowShape,
-};
+use crate::{Cuda, ExactKlOutputs, ReferenceRows};
+use crate::{DType, Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
 
 pub(super) const BLOCK: u32 = 256;
 const CHUNK: usize = 8192;
 const SPLIT_ROWS: usize = 1024;
 /// `PairPartial` in the kernel: the layout of [`ExactKlPartial`].
 const PARTIAL_BYTES: usize = size_of::<ExactKlPartial>();
-
-/// Where [`exact_kl`] writes (each optional, at least one of the four rows; see
-/// [`cpu::ExactKlOutputs`](crate::cpu::ExactKlOutputs)), and optionally its workspace
-/// ([`exact_kl_workspace_bytes`], 16-byte aligned; allocated on the stream when needed and
-/// absent).
-#[derive(Debug, Default)]
-pub struct DeviceExactKlOutputs<'a> {
-    /// The divergence.
-    pub value: Option<CudaViewMut<'a, f32>>,
-    /// `ln Σ exp(z_policy)`.
-    pub policy_lse: Option<CudaViewMut<'a, f32>>,
-    /// `ln Σ exp(z_ref)`.
-    pub ref_lse: Option<CudaViewMut<'a, f32>>,
-    /// The JSD's `KL[p ‖ m]` (the value for the two KLs).
-    pub policy_term: Option<CudaViewMut<'a, f32>>,
-    /// Scratch.
-    pub workspace: Option<CudaViewMut<'a, u8>>,
-    /// The batch statistic of the values (two aggregation kernels after the divergence; the
-    /// values go to a temporary when `value` is not requested). [`exact_kl`] only.
-    pub statistic: Option<(&'a mut DeviceStats<Aggregated>, ExactKlStatistic)>,
-}
 
 pub(super) fn chunks(shape: RowShape) -> usize {
     shape.cols.div_ceil(CHUNK)
@@ -124,7 +99,7 @@ pub(super) fn check_reference<Q>(
 
 /// Checks that at least one output is requested and that each holds `rows` f32 (`None`: as
 /// many as the first output present); returns `rows`.
-pub(super) fn check_outputs(out: &DeviceExactKlOutputs<'_>, rows: Option<usize>) -> Result<usize> {
+pub(super) fn check_outputs(out: &ExactKlOutputs<'_, Cuda>, rows: Option<usize>) -> Result<usize> {
     let outs = [&out.value, &out.policy_lse, &out.ref_lse, &out.policy_term];
     let Some(first) = outs.iter().find_map(|o| o.as_ref()) else {
         return Err(Error::InvalidOption {
@@ -149,7 +124,8 @@ pub(super) fn check_outputs(out: &DeviceExactKlOutputs<'_>, rows: Option<usize>)
 /// values as they are (a failed row's NaN makes it NaN; only the row's own report is made).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceExactKlOutputs};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::{ExactKlOutputs};
 /// use rlhf_kernels::{ReferenceRows};
 /// use rlhf_kernels::{bf16, f16, ExactDivergence, ExactKlOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
@@ -160,7 +136,7 @@ pub(super) fn check_outputs(out: &DeviceExactKlOutputs<'_>, rows: Option<usize>)
 /// let mut kl = s.alloc_zeros::<f32>(1).unwrap();
 /// let mut status = CudaStatus::new(s)?;
 /// let r = ReferenceRows { logits: reference.as_view(), shape, mask: None };
-/// let out = DeviceExactKlOutputs { value: Some(kl.as_view_mut()), ..Default::default() };
+/// let out = ExactKlOutputs { value: Some(kl.as_view_mut()), ..Default::default() };
 /// cuda::exact_kl(s, &policy, shape, &r, out, &mut status, &ExactKlOptions::new(ExactDivergence::PolicyRef))?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -170,7 +146,7 @@ pub fn exact_kl<P: Element, Q: Element>(
     policy: &impl DevicePtr<P>,
     policy_shape: RowShape,
     reference: &ReferenceRows<'_, Q, Cuda>,
-    mut out: DeviceExactKlOutputs<'_>,
+    mut out: ExactKlOutputs<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {

@@ -6,49 +6,23 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use crate::cuda::DeviceStats;
 use crate::cuda::aggregation::{
     AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
     workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
-use crate::{BatchCounts, Error, Result, RowShape, SampledKlOptions, SampledKlStats};
+use crate::{
+    BatchCounts, Cuda, Error, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
+    SampledKlStats,
+};
 
 /// Bytes per sequence of the row records (`SampledRow` in the kernel: 10 f32).
 const RECORD_BYTES: usize = 40;
 /// f64 words of the statistics buffer.
 const STATS_WORDS: usize = 13;
-
-/// The inputs of [`sampled_kl`]: per-token log-probs of the sampled tokens under the policy and
-/// the reference, and the optional token mask, all laid out as the call's `[B, T]` shape.
-#[derive(Debug)]
-pub struct SampledKlInputs<'a> {
-    /// `log π(y_t)`.
-    pub logp: CudaView<'a, f32>,
-    /// `log π_ref(y_t)`.
-    pub ref_logp: CudaView<'a, f32>,
-    /// One byte per token (0 = padding), or `None`.
-    pub mask: Option<CudaView<'a, u8>>,
-}
-
-/// Where [`sampled_kl`] writes (each optional; at least one).
-#[derive(Debug, Default)]
-pub struct DeviceSampledKlOutputs<'a> {
-    /// The chosen estimator's value per token.
-    pub values: Option<CudaViewMut<'a, f32>>,
-    /// `∂loss/∂logp` per token.
-    pub grad_logp: Option<CudaViewMut<'a, f32>>,
-    /// The batch statistics.
-    pub stats: Option<&'a mut DeviceStats<SampledKlStats>>,
-    /// [`sampled_kl_workspace_bytes`] bytes (16-byte aligned) for the row records and the mask
-    /// count; allocated on the stream when needed and absent.
-    pub workspace: Option<CudaViewMut<'a, u8>>,
-}
 
 /// Bytes of workspace [`sampled_kl`] may use for `shape`: one record per sequence (for the
 /// statistics), and the valid-token counts a gradient under the batch's own denominators needs
@@ -64,37 +38,30 @@ pub fn sampled_kl_workspace_bytes(shape: RowShape) -> usize {
 /// `out.stats`. A NaN in a valid token is reported in `status` (row = sequence).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceSampledKlOutputs, SampledKlInputs, DeviceStats};
-/// use rlhf_kernels::{SampledKlStats};
-/// use rlhf_kernels::{KlEstimator, RowShape, SampledKlOptions};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::{KlEstimator, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, SampledKlStats};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let (logp, ref_logp) = (s.clone_htod(&[-1.0f32, -2.0]).unwrap(), s.clone_htod(&[-1.5f32, -2.0]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
 /// let (mut stats, mut status) = (DeviceStats::<SampledKlStats>::new(s)?, CudaStatus::new(s)?);
-/// let inputs = SampledKlInputs { logp: logp.as_view(), ref_logp: ref_logp.as_view(), mask: None };
-/// let out = DeviceSampledKlOutputs { grad_logp: Some(grad.as_view_mut()), stats: Some(&mut stats), ..Default::default() };
-/// cuda::sampled_kl(s, &inputs, RowShape::new(1, 2), out, &mut status, &SampledKlOptions::new(KlEstimator::K3))?;
+/// let inputs = SampledKlInputs::new(RowShape::new(1, 2), &logp, &ref_logp);
+/// let out = SampledKlOutputs::default().grad_logp(&mut grad).stats(&mut stats);
+/// cuda::sampled_kl(s, &inputs, out, &mut status, &SampledKlOptions::new(KlEstimator::K3))?;
 /// status.check(s)?;
 /// println!("KL loss {}", stats.read(s)?.loss);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn sampled_kl(
     stream: &Arc<CudaStream>,
-    inputs: &SampledKlInputs<'_>,
-    shape: RowShape,
-    mut out: DeviceSampledKlOutputs<'_>,
+    inputs: &SampledKlInputs<'_, Cuda>,
+    mut out: SampledKlOutputs<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &SampledKlOptions,
 ) -> Result<()> {
-    shape.check_buffer("logp", inputs.logp.len())?;
-    shape.check_buffer("ref_logp", inputs.ref_logp.len())?;
-    if let Some(m) = &inputs.mask {
-        shape.check_buffer("mask", m.len())?;
-    }
-    for (what, o) in [("values", &out.values), ("grad_logp", &out.grad_logp)] {
-        o.as_ref().map_or(Ok(()), |o| shape.check_buffer(what, o.len()))?;
-    }
+    inputs.validate()?;
+    let shape = inputs.shape;
+    out.check(shape)?;
     if let Some(w) = &out.workspace {
         check_workspace(w.len(), sampled_kl_workspace_bytes(shape))?;
     }

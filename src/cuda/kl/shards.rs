@@ -13,13 +13,13 @@ use cudarc::driver::{
 };
 
 use super::exact::{
-    BLOCK, DeviceExactKlOutputs, ExactOut, NULL, check_outputs, check_reference, divergence_code, kernel,
-    merge_jsd_sums, merge_partials,
+    BLOCK, ExactOut, NULL, check_outputs, check_reference, divergence_code, kernel, merge_jsd_sums,
+    merge_partials,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
-use crate::{Cuda, ReferenceRows};
+use crate::{Cuda, ExactKlOutputs, ReferenceRows};
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
 
 // SAFETY: ExactKlPartial is repr(C) plain old data (six f32 and a u32), the layout of the
@@ -63,7 +63,8 @@ fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
 /// shards as `[shards][rows]` and finish with [`finish_exact_kl_partials`].
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceExactKlOutputs};
+/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::{ExactKlOutputs};
 /// use rlhf_kernels::{ReferenceRows};
 /// use rlhf_kernels::{ExactDivergence, ExactKlOptions, ExactKlPartial, RowShape};
 /// let device = CudaDevice::new(0)?;
@@ -82,7 +83,7 @@ fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
 /// }
 /// let mut kl = s.alloc_zeros::<f32>(rows).unwrap();
 /// let mut status = CudaStatus::new(s)?;
-/// let out = DeviceExactKlOutputs { value: Some(kl.as_view_mut()), ..Default::default() };
+/// let out = ExactKlOutputs { value: Some(kl.as_view_mut()), ..Default::default() };
 /// cuda::finish_exact_kl_partials(s, &gathered, None, out, &mut status, &opts)?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -129,7 +130,7 @@ pub fn finish_exact_kl_partials(
     stream: &Arc<CudaStream>,
     partials: &impl DevicePtr<ExactKlPartial>,
     mask: Option<&CudaView<'_, u8>>,
-    mut out: DeviceExactKlOutputs<'_>,
+    mut out: ExactKlOutputs<'_, Cuda>,
     status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {

@@ -379,6 +379,13 @@ pub struct Moments {
     pub max: f64,
 }
 
+impl Default for Moments {
+    /// [`Moments::EMPTY`].
+    fn default() -> Self {
+        Moments::EMPTY
+    }
+}
+
 impl Moments {
     /// The moments of no value.
     pub const EMPTY: Moments =

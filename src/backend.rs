@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::Job;
+
 /// Where an op runs.
 ///
 /// ```
@@ -97,6 +99,36 @@ impl Backend {
     /// True when the backend is a GPU.
     pub fn is_cuda(&self) -> bool {
         !matches!(self, Backend::Cpu)
+    }
+
+    /// Runs `job` here: on a [`CpuExecutor`](crate::cpu::CpuExecutor), or on a
+    /// `cuda::CudaExecutor` over the device's stream (checked with
+    /// [`finish`](crate::Executor::finish) after the job returns).
+    ///
+    /// ```
+    /// use rlhf_kernels::{Backend, Executor, Job, Result};
+    /// struct Roundtrip;
+    /// impl Job for Roundtrip {
+    ///     type Output = Vec<f32>;
+    ///     fn run<E: Executor>(self, e: &mut E) -> Result<Vec<f32>> {
+    ///         let buf = e.upload(&[1.0f32, 2.0])?;
+    ///         e.download(&buf)
+    ///     }
+    /// }
+    /// assert_eq!(Backend::Cpu.run(Roundtrip)?, [1.0, 2.0]);
+    /// # Ok::<(), rlhf_kernels::Error>(())
+    /// ```
+    pub fn run<J: Job>(&self, job: J) -> crate::Result<J::Output> {
+        match self {
+            Backend::Cpu => job.run(&mut crate::cpu::CpuExecutor),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(device) => {
+                let mut e = crate::cuda::CudaExecutor::new(device)?;
+                let out = job.run(&mut e)?;
+                crate::Executor::finish(&mut e)?;
+                Ok(out)
+            }
+        }
     }
 }
 

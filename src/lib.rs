@@ -79,6 +79,7 @@ pub mod cpu;
 pub mod cuda;
 mod dtype;
 mod error;
+mod executor;
 mod kl;
 mod logprobs;
 mod memory;
@@ -98,6 +99,7 @@ pub use backend::{Backend, CudaUnavailable};
 pub use cudarc;
 pub use dtype::{DType, Element, IndexType, TargetIndex, validate_targets};
 pub use error::{Error, Result, RowProblem};
+pub use executor::{Executor, Job, Scalar, Statistic, ViewMutOf, ViewOf, Workspace};
 pub use half::{bf16, f16};
 pub use kl::{
     ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs, ExactKlPartial, ExactKlStatistic,

@@ -29,9 +29,9 @@ pub trait Buffer {
 /// (feature `cuda`) `Cuda`; sealed.
 pub trait Memory: sealed::Sealed + Sized + 'static {
     /// A read-only buffer of `T` in this memory.
-    type View<'a, T: 'a>: Buffer;
+    type View<'a, T: 'a>: Buffer + IntoView<'a, T, Memory = Self>;
     /// A writable buffer of `T` in this memory.
-    type ViewMut<'a, T: 'a>: Buffer;
+    type ViewMut<'a, T: 'a>: Buffer + IntoViewMut<'a, T, Memory = Self>;
     /// Where an op writes a batch statistic `S` of this memory: `&mut S` on the host (the
     /// host ops also return it), `&mut cuda::DeviceStats<S>` on the device (written on the
     /// stream, read when the caller chooses).

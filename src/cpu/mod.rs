@@ -6,6 +6,7 @@
 //! or the CPU's vector width.
 
 mod advantages;
+mod executor;
 mod kl;
 mod logprobs;
 mod ppo;
@@ -17,6 +18,7 @@ use rayon::prelude::*;
 use crate::RowShape;
 
 pub use advantages::{gae, group_advantages, masked_moments, whiten};
+pub use executor::CpuExecutor;
 pub use kl::{
     exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials, jsd_shard_sums,
     kl_rewards, sampled_kl,

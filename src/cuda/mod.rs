@@ -16,6 +16,7 @@
 mod advantages;
 mod aggregation;
 mod context;
+mod executor;
 mod kl;
 mod logprobs;
 mod module;
@@ -31,6 +32,7 @@ pub use advantages::{
 pub use aggregation::{aggregate, aggregate_workspace_bytes};
 pub use context::CudaDevice;
 pub(crate) use context::RawStream;
+pub use executor::CudaExecutor;
 pub use kl::{
     exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials,
     exact_kl_workspace_bytes, finish_exact_kl_partials, finish_jsd_sums, jsd_shard_sums, kl_rewards,
@@ -45,7 +47,7 @@ pub use ppo::{
     DeviceFusedStats, fused_workspace_bytes, policy_loss, policy_loss_from_logits,
     policy_loss_from_logits_in_place, policy_loss_workspace_bytes, value_loss, value_loss_workspace_bytes,
 };
-pub use stats::{DeviceStatistic, DeviceStats};
+pub use stats::DeviceStats;
 pub use status::CudaStatus;
 
 /// The raw layer: device pointers, an ordinal and a `CUstream` (see each function's

@@ -8,56 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtrMut, SyncOnDrop};
 
 use crate::cuda::driver_error;
-use crate::cuda::raw::{
-    POLICY_STATS_WORDS, SAMPLED_KL_STATS_WORDS, VALUE_STATS_WORDS, policy_stats_from_words,
-    sampled_kl_stats_from_words, value_stats_from_words,
-};
-use crate::{Aggregated, BatchCounts, Moments, PolicyLossStats, Result, SampledKlStats, ValueLossStats};
-
-/// A batch statistic the kernels write as `WORDS` f64 words: [`SampledKlStats`],
-/// [`PolicyLossStats`], [`ValueLossStats`], [`Moments`] and [`Aggregated`]. Sealed.
-pub trait DeviceStatistic: Sized + sealed::Sealed {
-    /// Number of f64 words on the device.
-    const WORDS: usize;
-    /// What the words hold, for error messages.
-    const WHAT: &'static str;
-    /// Decodes the words.
-    fn from_words(words: &[f64]) -> Result<Self>;
-}
-
-mod sealed {
-    pub trait Sealed {}
-}
-
-macro_rules! statistic {
-    ($($ty:ty => $words:expr, $what:literal, $decode:expr;)*) => {$(
-        impl sealed::Sealed for $ty {}
-        impl DeviceStatistic for $ty {
-            const WORDS: usize = $words;
-            const WHAT: &'static str = $what;
-            fn from_words(words: &[f64]) -> Result<Self> {
-                $decode(words)
-            }
-        }
-    )*};
-}
-
-statistic! {
-    SampledKlStats => SAMPLED_KL_STATS_WORDS, "sampled KL statistics", sampled_kl_stats_from_words;
-    PolicyLossStats => POLICY_STATS_WORDS, "policy statistics", policy_stats_from_words;
-    ValueLossStats => VALUE_STATS_WORDS, "value statistics", value_stats_from_words;
-    Moments => 5, "moments", |w: &[f64]| {
-        crate::logprobs::check_len("moments words", w.len(), 5)?;
-        Ok(Moments { count: w[0], mean: w[1], var: w[2], min: w[3], max: w[4] })
-    };
-    Aggregated => 4, "an aggregate", |w: &[f64]| {
-        crate::logprobs::check_len("aggregate words", w.len(), 4)?;
-        Ok(Aggregated {
-            value: w[0],
-            counts: BatchCounts { valid_tokens: w[1], valid_sequences: w[2], sequences: w[3] },
-        })
-    };
-}
+use crate::{Result, Statistic};
 
 /// The device buffer of a batch statistic `S` — what the CPU op returns, written by the
 /// kernels on the stream and read with [`read`](Self::read) when the caller chooses. Reused
@@ -80,7 +31,7 @@ pub struct DeviceStats<S> {
     marker: PhantomData<fn() -> S>,
 }
 
-impl<S: DeviceStatistic> DeviceStats<S> {
+impl<S: Statistic> DeviceStats<S> {
     /// Allocates the statistic's words on `stream`'s device.
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
         let words =

@@ -1,0 +1,166 @@
+//! The CPU backend as an [`Executor`]: host vectors, the `cpu` ops, the wall clock.
+
+use std::time::Instant;
+
+use crate::executor::{Scalar, Statistic, ViewMutOf, ViewOf, Workspace};
+use crate::{
+    Element, Executor, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs,
+    Groups, Host, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, Result, RowShape, SampledKlInputs,
+    SampledKlOptions, SampledKlOutputs, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens,
+    ValueLossInputs, ValueLossOptions, ValueLossOutputs, WhitenOptions, cpu,
+};
+
+/// The CPU backend as an [`Executor`] (rayon over rows, the calling thread waits for each op).
+///
+/// ```
+/// use rlhf_kernels::{cpu::CpuExecutor, Executor};
+/// let e = CpuExecutor;
+/// let buf = e.upload(&[1.0f32, 2.0])?;
+/// assert_eq!(e.download(&buf)?, [1.0, 2.0]);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuExecutor;
+
+impl Executor for CpuExecutor {
+    type Memory = Host;
+    type Buffer<T: Scalar> = Vec<T>;
+    type Stats<S: Statistic> = S;
+    type Groups = Groups;
+    type Mark = Instant;
+
+    fn describe(&self) -> String {
+        cpu::describe()
+    }
+
+    fn zeros<T: Scalar>(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); len])
+    }
+
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+
+    fn download<T: Scalar>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
+        Ok(buf.clone())
+    }
+
+    fn copy<T: Scalar>(&self, from: &Vec<T>, to: &mut Vec<T>) -> Result<()> {
+        crate::logprobs::check_len("copy destination", to.len(), from.len())?;
+        to.copy_from_slice(from);
+        Ok(())
+    }
+
+    fn view<T: Scalar>(buf: &Vec<T>) -> &[T] {
+        buf
+    }
+
+    fn view_mut<T: Scalar>(buf: &mut Vec<T>) -> &mut [T] {
+        buf
+    }
+
+    fn stats<S: Statistic>(&self) -> Result<S> {
+        Ok(S::default())
+    }
+
+    fn stats_out<S: Statistic>(stats: &mut S) -> &mut S {
+        stats
+    }
+
+    fn read<S: Statistic>(&self, stats: &S) -> Result<S> {
+        Ok(*stats)
+    }
+
+    fn groups(&self, groups: &Groups) -> Result<Groups> {
+        Ok(groups.clone())
+    }
+
+    fn mark(&self) -> Result<Instant> {
+        Ok(Instant::now())
+    }
+
+    fn elapsed_ms(&self, start: &Instant, end: &Instant) -> Result<f64> {
+        Ok(end.saturating_duration_since(*start).as_secs_f64() * 1e3)
+    }
+
+    fn workspace_bytes(&self, _op: Workspace) -> usize {
+        0
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn token_logprobs<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: ViewOf<'_, Self, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I>,
+        out: TokenOutputs<'_>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        cpu::token_logprobs(logits, shape, tokens, out, opts)
+    }
+
+    fn token_logprobs_backward_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: ViewMutOf<'_, Self, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I>,
+        grads: &TokenGrads<'_>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        cpu::token_logprobs_backward_in_place(logits, shape, tokens, grads, opts)
+    }
+
+    fn sampled_kl(
+        &mut self,
+        inputs: &SampledKlInputs<'_>,
+        out: SampledKlOutputs<'_>,
+        opts: &SampledKlOptions,
+    ) -> Result<()> {
+        cpu::sampled_kl(inputs, out, opts).map(|_| ())
+    }
+
+    fn gae(&mut self, inputs: &GaeInputs<'_>, out: GaeOutputs<'_>, opts: &GaeOptions) -> Result<()> {
+        cpu::gae(inputs, out, opts)
+    }
+
+    fn whiten(
+        &mut self,
+        values: &mut [f32],
+        shape: RowShape,
+        mask: Option<&[u8]>,
+        opts: &WhitenOptions,
+    ) -> Result<()> {
+        cpu::whiten(values, shape, mask, opts).map(|_| ())
+    }
+
+    fn group_advantages(
+        &mut self,
+        scores: &[f32],
+        groups: &Groups,
+        out: GroupAdvantageOutputs<'_>,
+        opts: &GroupAdvantageOptions,
+    ) -> Result<()> {
+        cpu::group_advantages(scores, groups, out, opts)
+    }
+
+    fn policy_loss(
+        &mut self,
+        inputs: &PolicyLossInputs<'_>,
+        out: PolicyLossOutputs<'_>,
+        opts: &PolicyLossOptions,
+    ) -> Result<()> {
+        cpu::policy_loss(inputs, out, opts).map(|_| ())
+    }
+
+    fn value_loss(
+        &mut self,
+        inputs: &ValueLossInputs<'_>,
+        out: ValueLossOutputs<'_>,
+        opts: &ValueLossOptions,
+    ) -> Result<()> {
+        cpu::value_loss(inputs, out, opts).map(|_| ())
+    }
+}

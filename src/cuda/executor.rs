@@ -1,0 +1,219 @@
+//! The CUDA backend as an [`Executor`]: device buffers, the kernels on one stream, one status
+//! word, CUDA events for the timeline.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut};
+
+use crate::cuda::{self, CudaDevice, CudaStatus, DeviceGroups, DeviceStats, driver_error};
+use crate::executor::{Scalar, Statistic, Workspace};
+use crate::{
+    Cuda, Element, Executor, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs,
+    Groups, Moments, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, Result, RowShape,
+    SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex, TokenGrads, TokenLogprobsOptions,
+    TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions, ValueLossOutputs, WhitenOptions,
+};
+
+/// The CUDA backend as an [`Executor`]: every op is enqueued on the device's stream and
+/// reports row problems into one [`CudaStatus`], checked by [`finish`](Executor::finish).
+/// Nothing synchronises the host except `finish`, downloads, statistic reads and timings.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{CudaDevice, CudaExecutor};
+/// use rlhf_kernels::Executor;
+/// let mut e = CudaExecutor::new(&CudaDevice::new(0)?)?;
+/// let buf = e.upload(&[1.0f32, 2.0])?;
+/// e.finish()?;
+/// assert_eq!(e.download(&buf)?, [1.0, 2.0]);
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct CudaExecutor {
+    stream: Arc<CudaStream>,
+    status: CudaStatus,
+    /// The moments behind [`Executor::whiten`], allocated on first use.
+    moments: Option<DeviceStats<Moments>>,
+    label: String,
+}
+
+impl CudaExecutor {
+    /// An executor on `device`'s stream, with a fresh status word.
+    pub fn new(device: &CudaDevice) -> Result<Self> {
+        let stream = device.stream().clone();
+        let status = CudaStatus::new(&stream)?;
+        Ok(CudaExecutor { stream, status, moments: None, label: device.describe() })
+    }
+
+    /// The stream every op is enqueued on (for the caller's own work around them).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl Executor for CudaExecutor {
+    type Memory = Cuda;
+    type Buffer<T: Scalar> = CudaSlice<T>;
+    type Stats<S: Statistic> = DeviceStats<S>;
+    type Groups = DeviceGroups;
+    type Mark = CudaEvent;
+
+    fn describe(&self) -> String {
+        self.label.clone()
+    }
+
+    fn zeros<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(len).map_err(driver_error("allocating a buffer"))
+    }
+
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(driver_error("uploading a buffer"))
+    }
+
+    fn download<T: Scalar>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(buf).map_err(driver_error("downloading a buffer"))
+    }
+
+    fn copy<T: Scalar>(&self, from: &CudaSlice<T>, to: &mut CudaSlice<T>) -> Result<()> {
+        crate::logprobs::check_len("copy destination", to.len(), from.len())?;
+        self.stream.memcpy_dtod(from, to).map_err(driver_error("copying a buffer"))
+    }
+
+    fn view<T: Scalar>(buf: &CudaSlice<T>) -> CudaView<'_, T> {
+        buf.as_view()
+    }
+
+    fn view_mut<T: Scalar>(buf: &mut CudaSlice<T>) -> CudaViewMut<'_, T> {
+        buf.as_view_mut()
+    }
+
+    fn stats<S: Statistic>(&self) -> Result<DeviceStats<S>> {
+        DeviceStats::new(&self.stream)
+    }
+
+    fn stats_out<S: Statistic>(stats: &mut DeviceStats<S>) -> &mut DeviceStats<S> {
+        stats
+    }
+
+    fn read<S: Statistic>(&self, stats: &DeviceStats<S>) -> Result<S> {
+        stats.read(&self.stream)
+    }
+
+    fn groups(&self, groups: &Groups) -> Result<DeviceGroups> {
+        DeviceGroups::new(&self.stream, groups)
+    }
+
+    fn mark(&self) -> Result<CudaEvent> {
+        self.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(driver_error("recording an event"))
+    }
+
+    fn elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+        start.elapsed_ms(end).map(f64::from).map_err(driver_error("timing between events"))
+    }
+
+    fn workspace_bytes(&self, op: Workspace) -> usize {
+        match op {
+            Workspace::TokenLogprobs(shape, dtype) => cuda::token_logprobs_workspace_bytes(shape, dtype),
+            Workspace::SampledKl(shape) => cuda::sampled_kl_workspace_bytes(shape),
+            Workspace::Gae(shape) => cuda::gae_workspace_bytes(shape),
+            Workspace::PolicyLoss(shape) => cuda::policy_loss_workspace_bytes(shape),
+            Workspace::ValueLoss(shape) => cuda::value_loss_workspace_bytes(shape),
+        }
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.status.check(&self.stream)
+    }
+
+    fn token_logprobs<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: CudaView<'_, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I, Cuda>,
+        out: TokenOutputs<'_, Cuda>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        cuda::token_logprobs(&self.stream, &logits, shape, tokens, out, &mut self.status, opts)
+    }
+
+    fn token_logprobs_backward_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        mut logits: CudaViewMut<'_, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I, Cuda>,
+        grads: &TokenGrads<'_, Cuda>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        cuda::token_logprobs_backward_in_place(
+            &self.stream,
+            &mut logits,
+            shape,
+            tokens,
+            grads,
+            &mut self.status,
+            opts,
+        )
+    }
+
+    fn sampled_kl(
+        &mut self,
+        inputs: &SampledKlInputs<'_, Cuda>,
+        out: SampledKlOutputs<'_, Cuda>,
+        opts: &SampledKlOptions,
+    ) -> Result<()> {
+        cuda::sampled_kl(&self.stream, inputs, out, &mut self.status, opts)
+    }
+
+    fn gae(
+        &mut self,
+        inputs: &GaeInputs<'_, Cuda>,
+        out: GaeOutputs<'_, Cuda>,
+        opts: &GaeOptions,
+    ) -> Result<()> {
+        cuda::gae(&self.stream, inputs, out, &mut self.status, opts)
+    }
+
+    fn whiten(
+        &mut self,
+        mut values: CudaViewMut<'_, f32>,
+        shape: RowShape,
+        mask: Option<CudaView<'_, u8>>,
+        opts: &WhitenOptions,
+    ) -> Result<()> {
+        let moments = match &mut self.moments {
+            Some(m) => m,
+            slot => slot.insert(DeviceStats::new(&self.stream)?),
+        };
+        cuda::whiten(&self.stream, &mut values, shape, mask.as_ref(), moments, &mut self.status, opts)
+    }
+
+    fn group_advantages(
+        &mut self,
+        scores: CudaView<'_, f32>,
+        groups: &DeviceGroups,
+        out: GroupAdvantageOutputs<'_, Cuda>,
+        opts: &GroupAdvantageOptions,
+    ) -> Result<()> {
+        cuda::group_advantages(&self.stream, &scores, groups, out, &mut self.status, opts)
+    }
+
+    fn policy_loss(
+        &mut self,
+        inputs: &PolicyLossInputs<'_, Cuda>,
+        out: PolicyLossOutputs<'_, Cuda>,
+        opts: &PolicyLossOptions,
+    ) -> Result<()> {
+        cuda::policy_loss(&self.stream, inputs, out, &mut self.status, opts)
+    }
+
+    fn value_loss(
+        &mut self,
+        inputs: &ValueLossInputs<'_, Cuda>,
+        out: ValueLossOutputs<'_, Cuda>,
+        opts: &ValueLossOptions,
+    ) -> Result<()> {
+        cuda::value_loss(&self.stream, inputs, out, &mut self.status, opts)
+    }
+}

@@ -1,0 +1,255 @@
+//! Code written once for every backend. An [`Executor`] owns where buffers live and how ops
+//! run: [`cpu::CpuExecutor`](crate::cpu::CpuExecutor) (host memory, the CPU ops) and, with the
+//! `cuda` feature, `cuda::CudaExecutor` (device memory, the kernels on one stream, one status
+//! word). A pipeline generic over `E: Executor` — allocate, upload, run the ops with the op
+//! structs of `E::Memory`, read the statistics, [`finish`](Executor::finish) — runs on either;
+//! [`Backend::run`](crate::Backend::run) hands it the best one.
+//!
+//! ```
+//! use rlhf_kernels::{cpu::CpuExecutor, Executor, Result, RowShape, TokenLogprobsOptions, TokenOutputs, Tokens};
+//!
+//! /// The mean log-probability of the targets, on any backend.
+//! fn mean_logp<E: Executor>(e: &mut E, logits: &[f32], shape: RowShape, targets: &[i64]) -> Result<f32> {
+//!     let (logits, targets) = (e.upload(logits)?, e.upload(targets)?);
+//!     let mut logp = e.zeros::<f32>(shape.rows)?;
+//!     let tokens = Tokens::new(E::view(&targets));
+//!     let out = TokenOutputs::default().logp(E::view_mut(&mut logp));
+//!     e.token_logprobs(E::view(&logits), shape, &tokens, out, &TokenLogprobsOptions::default())?;
+//!     e.finish()?; // on a GPU: wait, and report what the kernels found
+//!     let logp = e.download(&logp)?;
+//!     Ok(logp.iter().sum::<f32>() / logp.len() as f32)
+//! }
+//!
+//! let m = mean_logp(&mut CpuExecutor, &[0.0, 0.0, 0.0, 0.0], RowShape::new(2, 2), &[0, 1])?;
+//! assert!((m - 0.5f32.ln()).abs() < 1e-6);
+//! # Ok::<(), rlhf_kernels::Error>(())
+//! ```
+
+use crate::memory::Memory;
+use crate::{
+    Aggregated, DType, Element, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions,
+    GroupAdvantageOutputs, Groups, Moments, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
+    PolicyLossStats, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, SampledKlStats,
+    TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
+    ValueLossOutputs, ValueLossStats, WhitenOptions,
+};
+
+/// An element an [`Executor`] can allocate, upload and download: the logits' dtypes
+/// (`f32`, `f16`, `bf16`), the target ids (`i32`, `u32`, `i64`), mask bytes (`u8`) and `f64`.
+/// Sealed.
+pub trait Scalar: Copy + Default + Send + Sync + 'static + sealed::Sealed + device::DeviceScalar {}
+
+/// A batch statistic of an op: [`SampledKlStats`], [`PolicyLossStats`], [`ValueLossStats`],
+/// [`Moments`] and [`Aggregated`]. The host ops return it; the kernels write it as f64 words
+/// into a `cuda::DeviceStats`. Sealed.
+pub trait Statistic: Copy + Default + std::fmt::Debug + sealed::Sealed + 'static {
+    /// Number of f64 words the kernels write.
+    #[cfg(feature = "cuda")]
+    const WORDS: usize;
+    /// Decodes the kernels' words.
+    #[cfg(feature = "cuda")]
+    fn from_words(words: &[f64]) -> Result<Self>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    /// The cudarc bounds of an element that lives on the device.
+    pub trait DeviceScalar: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+    impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceScalar for T {}
+}
+
+#[cfg(not(feature = "cuda"))]
+mod device {
+    /// No device: no extra bound.
+    pub trait DeviceScalar {}
+    impl<T> DeviceScalar for T {}
+}
+
+macro_rules! scalars {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Scalar for $t {}
+    )*};
+}
+scalars!(f32, f64, half::f16, half::bf16, u8, i32, u32, i64);
+
+macro_rules! statistics {
+    ($($t:ty => $words:expr, $decode:expr;)*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Statistic for $t {
+            #[cfg(feature = "cuda")]
+            const WORDS: usize = $words;
+            #[cfg(feature = "cuda")]
+            fn from_words(words: &[f64]) -> Result<Self> {
+                $decode(words)
+            }
+        }
+    )*};
+}
+
+statistics! {
+    SampledKlStats => crate::cuda::raw::SAMPLED_KL_STATS_WORDS, crate::cuda::raw::sampled_kl_stats_from_words;
+    PolicyLossStats => crate::cuda::raw::POLICY_STATS_WORDS, crate::cuda::raw::policy_stats_from_words;
+    ValueLossStats => crate::cuda::raw::VALUE_STATS_WORDS, crate::cuda::raw::value_stats_from_words;
+    Moments => 5, |w: &[f64]| {
+        crate::logprobs::check_len("moments words", w.len(), 5)?;
+        Ok(Moments { count: w[0], mean: w[1], var: w[2], min: w[3], max: w[4] })
+    };
+    Aggregated => 4, |w: &[f64]| {
+        crate::logprobs::check_len("aggregate words", w.len(), 4)?;
+        Ok(Aggregated {
+            value: w[0],
+            counts: crate::BatchCounts { valid_tokens: w[1], valid_sequences: w[2], sequences: w[3] },
+        })
+    };
+}
+
+/// An op whose scratch an executor can size ([`Executor::workspace_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Workspace {
+    /// [`Executor::token_logprobs`] on logits of this shape and dtype.
+    TokenLogprobs(RowShape, DType),
+    /// [`Executor::sampled_kl`] on a `[B, T]` batch.
+    SampledKl(RowShape),
+    /// [`Executor::gae`] on a `[B, T]` batch.
+    Gae(RowShape),
+    /// [`Executor::policy_loss`] on a `[B, T]` batch.
+    PolicyLoss(RowShape),
+    /// [`Executor::value_loss`] on a `[B, T]` batch.
+    ValueLoss(RowShape),
+}
+
+/// A read-only view of `T` in `E`'s memory.
+pub type ViewOf<'a, E, T> = <<E as Executor>::Memory as Memory>::View<'a, T>;
+/// A writable view of `T` in `E`'s memory.
+pub type ViewMutOf<'a, E, T> = <<E as Executor>::Memory as Memory>::ViewMut<'a, T>;
+
+/// A backend that runs the crate's ops on buffers of its own memory — the same ops, options and
+/// input/output structs as the per-backend modules (each method's docs are those of
+/// [`cpu`](crate::cpu)'s function of the same name), so a pipeline is written once. Ops are
+/// asynchronous on a GPU: statistics and outputs are ready after [`finish`](Self::finish) (or a
+/// download), and row problems the kernels find are reported by `finish`.
+pub trait Executor {
+    /// Where the buffers live.
+    type Memory: Memory;
+    /// An owned buffer of `T` (`Vec<T>` on the host, a `CudaSlice<T>` on the device).
+    type Buffer<T: Scalar>;
+    /// An owned batch statistic (`S` itself on the host, a `DeviceStats<S>` on the device).
+    type Stats<S: Statistic>;
+    /// Groups of sequences prepared for the group estimators (uploaded once on a device).
+    type Groups;
+    /// A point in the executor's timeline ([`mark`](Self::mark)).
+    type Mark;
+
+    /// One line for logs: "cpu (2 threads, avx512)" or "cuda:0 NVIDIA H100 (sm_90)".
+    fn describe(&self) -> String;
+    /// A buffer of `len` zeros.
+    fn zeros<T: Scalar>(&self, len: usize) -> Result<Self::Buffer<T>>;
+    /// A copy of `host` in this memory.
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buffer<T>>;
+    /// A host copy of `buf` (waits for the work that writes it).
+    fn download<T: Scalar>(&self, buf: &Self::Buffer<T>) -> Result<Vec<T>>;
+    /// Copies `from` into `to` (same length).
+    fn copy<T: Scalar>(&self, from: &Self::Buffer<T>, to: &mut Self::Buffer<T>) -> Result<()>;
+    /// A view of the whole buffer, for the op structs.
+    fn view<T: Scalar>(buf: &Self::Buffer<T>) -> ViewOf<'_, Self, T>;
+    /// A writable view of the whole buffer.
+    fn view_mut<T: Scalar>(buf: &mut Self::Buffer<T>) -> ViewMutOf<'_, Self, T>;
+    /// A statistic holder, for an op's outputs ([`stats_out`](Self::stats_out)).
+    fn stats<S: Statistic>(&self) -> Result<Self::Stats<S>>;
+    /// Where an op writes into `stats` (the `stats` field of its outputs).
+    fn stats_out<S: Statistic>(stats: &mut Self::Stats<S>) -> <Self::Memory as Memory>::Stats<'_, S>;
+    /// The statistic of the last op that wrote `stats` (waits for it on a GPU).
+    fn read<S: Statistic>(&self, stats: &Self::Stats<S>) -> Result<S>;
+    /// `groups` ready for [`group_advantages`](Self::group_advantages).
+    fn groups(&self, groups: &Groups) -> Result<Self::Groups>;
+    /// The current point of the timeline (an event on a GPU stream, the clock on the host).
+    fn mark(&self) -> Result<Self::Mark>;
+    /// Milliseconds between two marks (waits for `end` on a GPU).
+    fn elapsed_ms(&self, start: &Self::Mark, end: &Self::Mark) -> Result<f64>;
+    /// Bytes of scratch `op` uses (0 on the host); ops allocate it themselves when not given.
+    fn workspace_bytes(&self, op: Workspace) -> usize;
+    /// Waits for the queued work and returns the first row problem it found (a no-op on the
+    /// host, whose ops return their errors directly).
+    fn finish(&mut self) -> Result<()>;
+
+    /// Token log-probabilities, entropy and log-sum-exp ([`cpu::token_logprobs`](crate::cpu::token_logprobs)).
+    fn token_logprobs<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: ViewOf<'_, Self, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I, Self::Memory>,
+        out: TokenOutputs<'_, Self::Memory>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()>;
+    /// The backward of [`token_logprobs`](Self::token_logprobs) over the logits themselves
+    /// ([`cpu::token_logprobs_backward_in_place`](crate::cpu::token_logprobs_backward_in_place)).
+    fn token_logprobs_backward_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: ViewMutOf<'_, Self, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I, Self::Memory>,
+        grads: &TokenGrads<'_, Self::Memory>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()>;
+    /// The sampled KL estimators ([`cpu::sampled_kl`](crate::cpu::sampled_kl)); the
+    /// statistics go to `out.stats`.
+    fn sampled_kl(
+        &mut self,
+        inputs: &SampledKlInputs<'_, Self::Memory>,
+        out: SampledKlOutputs<'_, Self::Memory>,
+        opts: &SampledKlOptions,
+    ) -> Result<()>;
+    /// GAE ([`cpu::gae`](crate::cpu::gae)).
+    fn gae(
+        &mut self,
+        inputs: &GaeInputs<'_, Self::Memory>,
+        out: GaeOutputs<'_, Self::Memory>,
+        opts: &GaeOptions,
+    ) -> Result<()>;
+    /// Whitening in place ([`cpu::whiten`](crate::cpu::whiten)).
+    fn whiten(
+        &mut self,
+        values: ViewMutOf<'_, Self, f32>,
+        shape: RowShape,
+        mask: Option<ViewOf<'_, Self, u8>>,
+        opts: &WhitenOptions,
+    ) -> Result<()>;
+    /// The group estimators ([`cpu::group_advantages`](crate::cpu::group_advantages)).
+    fn group_advantages(
+        &mut self,
+        scores: ViewOf<'_, Self, f32>,
+        groups: &Self::Groups,
+        out: GroupAdvantageOutputs<'_, Self::Memory>,
+        opts: &GroupAdvantageOptions,
+    ) -> Result<()>;
+    /// The policy loss and its gradients ([`cpu::policy_loss`](crate::cpu::policy_loss)); the
+    /// statistics go to `out.stats`.
+    fn policy_loss(
+        &mut self,
+        inputs: &PolicyLossInputs<'_, Self::Memory>,
+        out: PolicyLossOutputs<'_, Self::Memory>,
+        opts: &PolicyLossOptions,
+    ) -> Result<()>;
+    /// The value loss and its gradient ([`cpu::value_loss`](crate::cpu::value_loss)); the
+    /// statistics go to `out.stats`.
+    fn value_loss(
+        &mut self,
+        inputs: &ValueLossInputs<'_, Self::Memory>,
+        out: ValueLossOutputs<'_, Self::Memory>,
+        opts: &ValueLossOptions,
+    ) -> Result<()>;
+}
+
+/// A pipeline to run on whichever backend [`Backend::run`](crate::Backend::run) picks.
+pub trait Job {
+    /// What the pipeline returns.
+    type Output;
+    /// Runs the pipeline on `e`.
+    fn run<E: Executor>(self, e: &mut E) -> Result<Self::Output>;
+}

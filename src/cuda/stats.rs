@@ -56,6 +56,20 @@ impl<S: Statistic> DeviceStats<S> {
         self.words.device_ptr_mut(s)
     }
 
+    /// [`words_ptr`](Self::words_ptr) of an optional statistics output (0 when absent).
+    pub(crate) fn opt_words_ptr<'a>(
+        stats: Option<&'a mut Self>,
+        s: &'a CudaStream,
+    ) -> (u64, Option<SyncOnDrop<'a>>) {
+        match stats {
+            Some(st) => {
+                let (p, g) = st.words_ptr(s);
+                (p, Some(g))
+            }
+            None => (0, None),
+        }
+    }
+
     /// The words' and the per-sequence records' addresses, the records grown to `bytes`
     /// (at least 16).
     pub(crate) fn with_records<'a>(

@@ -13,7 +13,7 @@ use crate::cuda::aggregation::{
     workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::cuda::{CudaStatus, DeviceStats, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::{
     BatchCounts, Cuda, Error, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
     SampledKlStats,
@@ -72,13 +72,7 @@ pub fn sampled_kl(
     let (values, _g4) = opt_ptr_mut(&mut out.values, s);
     let (grad_logp, _g5) = opt_ptr_mut(&mut out.grad_logp, s);
     let (workspace, _g6) = opt_ptr_mut(&mut out.workspace, s);
-    let (stats, _g7) = match out.stats.take() {
-        Some(st) => {
-            let (p, g) = st.words_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
+    let (stats, _g7) = DeviceStats::opt_words_ptr(out.stats.take(), s);
     let (status, _g8) = status.device_ptr(s);
     let args = SampledKlArgs { shape, logp, ref_logp, mask, values, grad_logp, stats, workspace, status };
     // SAFETY: every address comes from a cudarc buffer of this stream's context whose length

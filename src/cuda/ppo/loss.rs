@@ -13,7 +13,7 @@ use crate::cuda::aggregation::{
     workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
+use crate::cuda::{CudaStatus, DeviceStats, driver_error, opt_ptr, opt_ptr_mut};
 use crate::{
     BatchCounts, Cuda, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, PolicyLossStats,
     PolicyObjective, Result, RowShape,
@@ -172,13 +172,7 @@ pub fn policy_loss(
     let (grad_logp, _g7) = opt_ptr_mut(&mut out.grad_logp, s);
     let (grad_entropy, _g8) = opt_ptr_mut(&mut out.grad_entropy, s);
     let (workspace, _g9) = opt_ptr_mut(&mut out.workspace, s);
-    let (stats, _g10) = match out.stats.take() {
-        Some(st) => {
-            let (p, g) = st.words_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
+    let (stats, _g10) = DeviceStats::opt_words_ptr(out.stats.take(), s);
     let (status, _g11) = status.device_ptr(s);
     let args = PolicyLossArgs {
         shape,

@@ -10,7 +10,7 @@ use crate::cuda::aggregation::{
     AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
     workspace_or_alloc,
 };
-use crate::cuda::{CudaStatus, opt_ptr, opt_ptr_mut};
+use crate::cuda::{CudaStatus, DeviceStats, opt_ptr, opt_ptr_mut};
 use crate::{
     BatchCounts, Cuda, Result, RowShape, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats,
 };
@@ -103,13 +103,7 @@ pub fn value_loss(
     let (loss, _g5) = opt_ptr_mut(&mut out.loss, s);
     let (grad_values, _g6) = opt_ptr_mut(&mut out.grad_values, s);
     let (workspace, _g7) = opt_ptr_mut(&mut out.workspace, s);
-    let (stats, _g8) = match out.stats.take() {
-        Some(st) => {
-            let (p, g) = st.words_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
+    let (stats, _g8) = DeviceStats::opt_words_ptr(out.stats.take(), s);
     let (status, _g9) = status.device_ptr(s);
     let args = ValueLossArgs {
         shape,

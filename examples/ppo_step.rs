@@ -1,5 +1,7 @@
 //! The main job: the kernels of one PPO / GRPO training step on a synthetic batch, on the best
-//! backend, each stage checked against the f64 reference, with timings.
+//! backend, each stage checked against the f64 reference, with timings. The step is written
+//! once, over [`Executor`](rlhf_kernels::Executor) (`step` below): [`Backend::run`] runs it on
+//! the CPU or on the GPU's stream.
 //!
 //! Stages:
 //! 1. policy forward: per-token log-prob of the sampled tokens, entropy and lse from the
@@ -30,12 +32,12 @@ use std::time::Instant;
 
 use rlhf_kernels::testing::{Rng, Tolerance, check_close};
 use rlhf_kernels::{
-    Backend, DType, Element, Error, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions,
-    GroupAdvantageOutputs, Groups, KlDirection, KlEstimator, PolicyLossInputs, PolicyLossOptions,
+    Backend, DType, Element, Error, Executor, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions,
+    GroupAdvantageOutputs, Groups, Job, KlDirection, KlEstimator, PolicyLossInputs, PolicyLossOptions,
     PolicyLossOutputs, PolicyLossStats, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
-    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
-    ValueLossOutputs, ValueLossStats, WhitenOptions, bf16, cpu, f16, gae_error_bound_factor, gae_error_scale,
-    reference,
+    Scalar, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
+    ValueLossOutputs, ValueLossStats, WhitenOptions, Workspace, bf16, f16, gae_error_bound_factor,
+    gae_error_scale, reference,
 };
 
 /// Entropy-bonus coefficient c_H: the upstream gradient of H is −c_H.
@@ -273,10 +275,6 @@ impl<T: Element> Batch<T> {
         }
     }
 
-    fn tokens(&self) -> Tokens<'_, i64> {
-        Tokens::new(&self.targets).with_mask(&self.mask)
-    }
-
     /// The old log-probs from this run's log-probs.
     fn old_logp(&self, logp: &[f32]) -> Vec<f32> {
         logp.iter().zip(&self.old_logp_noise).map(|(l, n)| l + n).collect()
@@ -333,7 +331,7 @@ struct Stage {
     extra_bytes: usize,
 }
 
-fn run<T: Element>(args: &Args) -> Result<bool, Error> {
+fn run<T: Element + Scalar>(args: &Args) -> Result<bool, Error> {
     let backend = choose_backend(&args.backend)?;
     let batch = Batch::<T>::new(args);
     println!("backend: {}", backend.describe());
@@ -347,13 +345,7 @@ fn run<T: Element>(args: &Args) -> Result<bool, Error> {
         args.kl,
         args.estimator
     );
-    let produced = match &backend {
-        Backend::Cpu => run_cpu(&batch, args.iters)?,
-        #[cfg(feature = "cuda")]
-        Backend::Cuda(device) => run_cuda(device, &batch, args.iters)?,
-        #[allow(unreachable_patterns)]
-        _ => unreachable!("no other backend in this build"),
-    };
+    let produced = backend.run(PpoStep { batch: &batch, iters: args.iters })?;
     check(&batch, &produced, args.iters)
 }
 
@@ -589,319 +581,158 @@ fn stages<T: Element>(
         .collect()
 }
 
-fn run_cpu<T: Element>(batch: &Batch<T>, iters: usize) -> Result<Produced<T>, Error> {
-    let (shape, opts, tokens) = (batch.shape, &batch.opts, batch.tokens());
-    let n = shape.rows;
-    let (seqs, mask) = (batch.seq_shape, Some(batch.mask.as_slice()));
-    let zeros = || vec![0.0f32; n];
-    let (mut logp, mut entropy, mut lse, mut ref_logp) = (zeros(), zeros(), zeros(), zeros());
-    let (mut kl, mut grad_logp, mut grad_entropy, mut grad_values) = (zeros(), zeros(), zeros(), zeros());
-    let (mut advantages, mut returns, mut whitened) = (zeros(), zeros(), zeros());
-    let mut old_logp = Vec::new();
-    let (mut policy_stats, mut value_stats) = (PolicyLossStats::default(), None);
-    let mut times: [Vec<f64>; 6] = Default::default();
-    let mut grad = Vec::new();
-    let kl_opts = batch.kl.options();
-    let timed =
-        |times: &mut [Vec<f64>; 6], k: usize, t: Instant| times[k].push(t.elapsed().as_secs_f64() * 1e3);
-    for _ in 0..iters {
-        let t = Instant::now();
-        let out = TokenOutputs::default().logp(&mut logp).entropy(&mut entropy).lse(&mut lse);
-        cpu::token_logprobs(&batch.policy, shape, &tokens, out, opts)?;
-        timed(&mut times, 0, t);
-        if old_logp.is_empty() {
-            old_logp = batch.old_logp(&logp);
-        }
-
-        let t = Instant::now();
-        cpu::token_logprobs(
-            &batch.reference,
-            shape,
-            &tokens,
-            TokenOutputs::default().logp(&mut ref_logp),
-            opts,
-        )?;
-        timed(&mut times, 1, t);
-
-        let t = Instant::now();
-        let out = match batch.kl {
-            KlPlacement::Loss => SampledKlOutputs::default().values(&mut kl).grad_logp(&mut grad_logp),
-            KlPlacement::Reward => SampledKlOutputs::default().values(&mut kl),
-        };
-        cpu::sampled_kl(
-            &SampledKlInputs { mask, ..SampledKlInputs::new(seqs, &logp, &ref_logp) },
-            out,
-            &kl_opts,
-        )?;
-        timed(&mut times, 2, t);
-
-        let t = Instant::now();
-        match batch.estimator {
-            Estimator::Gae => {
-                let out = GaeOutputs::default().advantages(&mut advantages).returns(&mut returns);
-                cpu::gae(&batch.gae_inputs(&kl), out, &gae_options())?;
-                whitened.copy_from_slice(&advantages);
-                cpu::whiten(&mut whitened, seqs, mask, &WhitenOptions::default())?;
-            }
-            Estimator::Grpo => {
-                let out = GroupAdvantageOutputs::default().per_token(&mut advantages, seqs, mask);
-                cpu::group_advantages(&batch.scores, &batch.groups, out, &GroupAdvantageOptions::grpo())?;
-            }
-        }
-        timed(&mut times, 3, t);
-
-        let t = Instant::now();
-        let adv = if batch.estimator == Estimator::Gae { &whitened } else { &advantages };
-        let inputs = PolicyLossInputs::new(seqs, &logp, &old_logp, adv).mask(&batch.mask).entropy(&entropy);
-        let out = PolicyLossOutputs::default()
-            .grad_logp(&mut grad_logp)
-            .grad_entropy(&mut grad_entropy)
-            .accumulate(batch.kl == KlPlacement::Loss);
-        policy_stats = cpu::policy_loss(&inputs, out, &policy_options())?;
-        if batch.estimator == Estimator::Gae {
-            let inputs = ValueLossInputs {
-                mask,
-                ..ValueLossInputs::new(seqs, &batch.values, &batch.old_values, &returns)
-            };
-            let out = ValueLossOutputs::default().grad_values(&mut grad_values);
-            value_stats = Some(cpu::value_loss(&inputs, out, &value_options())?);
-        }
-        timed(&mut times, 4, t);
-
-        // In place over a copy of the logits (a trainer would overwrite its own buffer).
-        grad = batch.policy.clone();
-        let grads = TokenGrads::new(&lse).grad_logp(&grad_logp).grad_entropy(&grad_entropy, &entropy);
-        let t = Instant::now();
-        cpu::token_logprobs_backward_in_place(&mut grad, shape, &tokens, &grads, opts)?;
-        timed(&mut times, 5, t);
-    }
-    if batch.estimator == Estimator::Grpo {
-        (returns, whitened, grad_values) = (Vec::new(), Vec::new(), Vec::new());
-    }
-    Ok(Produced {
-        logp,
-        entropy,
-        ref_logp,
-        old_logp,
-        kl,
-        advantages,
-        returns,
-        whitened,
-        grad_logp,
-        grad_entropy,
-        policy_stats,
-        grad_values,
-        value_stats,
-        grad,
-        stages: stages::<T>(shape, batch.kl, batch.estimator, times, [0; 6]),
-    })
+/// The training step as a [`Job`]: [`Backend::run`] hands it the executor of the chosen
+/// backend, so the CPU and the GPU run this one definition.
+struct PpoStep<'a, T> {
+    batch: &'a Batch<T>,
+    iters: usize,
 }
 
-#[cfg(feature = "cuda")]
-fn run_cuda<T: Element>(
-    device: &rlhf_kernels::cuda::CudaDevice,
+impl<T: Element + Scalar> Job for PpoStep<'_, T> {
+    type Output = Produced<T>;
+
+    fn run<E: Executor>(self, e: &mut E) -> Result<Produced<T>, Error> {
+        step(e, self.batch, self.iters)
+    }
+}
+
+/// One untimed warm-up, then `iters` timed runs of each stage: buffers live in the executor's
+/// memory, every op is queued on it (on a GPU: one stream, no host sync between stages, the
+/// timeline read from events). The warm-up's log-probs make the old log-probs.
+fn step<E: Executor, T: Element + Scalar>(
+    e: &mut E,
     batch: &Batch<T>,
     iters: usize,
 ) -> Result<Produced<T>, Error> {
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceGroups, DeviceStats};
-    use rlhf_kernels::cudarc::driver::sys::CUevent_flags;
-    use rlhf_kernels::cudarc::driver::{CudaSlice, DriverError};
-    use rlhf_kernels::{GaeInputs, GaeOutputs, GroupAdvantageOutputs};
-    use rlhf_kernels::{Moments, PolicyLossStats, SampledKlStats, ValueLossStats};
-    use rlhf_kernels::{PolicyLossInputs, ValueLossInputs};
-    use rlhf_kernels::{PolicyLossOutputs, ValueLossOutputs};
-    use rlhf_kernels::{SampledKlInputs, SampledKlOutputs};
-    use rlhf_kernels::{TokenGrads, TokenOutputs, Tokens};
-
-    let s = device.stream();
-    let shape = batch.shape;
-    let n = shape.rows;
-    let seqs = batch.seq_shape;
-    let drv =
-        |during: &'static str| move |e: DriverError| Error::Driver { during, message: format!("{e:?}") };
-    let up = |v: &[f32], what: &'static str| s.clone_htod(v).map_err(drv(what));
-    let policy = s.clone_htod(&batch.policy).map_err(drv("uploading policy logits"))?;
-    let reference = s.clone_htod(&batch.reference).map_err(drv("uploading reference logits"))?;
-    let targets = s.clone_htod(&batch.targets).map_err(drv("uploading targets"))?;
-    let mask = s.clone_htod(&batch.mask).map_err(drv("uploading the mask"))?;
-    let scores = up(&batch.scores, "uploading scores")?;
-    let values = up(&batch.values, "uploading values")?;
-    let old_values = up(&batch.old_values, "uploading old values")?;
-    let alloc = || s.alloc_zeros::<f32>(n).map_err(drv("allocating per-token outputs"));
-    let (mut logp, mut entropy, mut lse, mut ref_logp) = (alloc()?, alloc()?, alloc()?, alloc()?);
-    let (mut kl, mut grad_logp, mut grad_entropy, mut grad_values) = (alloc()?, alloc()?, alloc()?, alloc()?);
-    let (mut advantages, mut returns, mut whitened, mut old_logp) = (alloc()?, alloc()?, alloc()?, alloc()?);
-    let mut grad = s.alloc_zeros::<T>(shape.len()).map_err(drv("allocating the gradient"))?;
-    let workspace_bytes = cuda::token_logprobs_workspace_bytes(shape, T::DTYPE);
-    let mut workspace =
-        s.alloc_zeros::<u8>(workspace_bytes.max(1)).map_err(drv("allocating the workspace"))?;
-    let kl_workspace_bytes = cuda::sampled_kl_workspace_bytes(seqs);
-    let mut kl_workspace =
-        s.alloc_zeros::<u8>(kl_workspace_bytes).map_err(drv("allocating the KL workspace"))?;
-    let gae_workspace_bytes = cuda::gae_workspace_bytes(seqs);
-    let mut gae_workspace =
-        s.alloc_zeros::<u8>(gae_workspace_bytes.max(16)).map_err(drv("allocating the GAE workspace"))?;
-    let loss_workspace_bytes =
-        cuda::policy_loss_workspace_bytes(seqs) + cuda::value_loss_workspace_bytes(seqs);
-    let mut policy_workspace = s
-        .alloc_zeros::<u8>(cuda::policy_loss_workspace_bytes(seqs))
-        .map_err(drv("allocating the loss workspace"))?;
-    let mut value_workspace = s
-        .alloc_zeros::<u8>(cuda::value_loss_workspace_bytes(seqs))
-        .map_err(drv("allocating the loss workspace"))?;
-    let mut status = CudaStatus::new(s)?;
-    let mut kl_stats = DeviceStats::<SampledKlStats>::new(s)?;
-    let mut moments = DeviceStats::<Moments>::new(s)?;
-    let (mut policy_stats, mut value_stats) =
-        (DeviceStats::<PolicyLossStats>::new(s)?, DeviceStats::<ValueLossStats>::new(s)?);
-    let groups = DeviceGroups::new(s, &batch.groups)?;
-    let tokens = Tokens::new(targets.as_view()).with_mask(mask.as_view());
-    let opts = &batch.opts;
+    let (shape, seqs, opts) = (batch.shape, batch.seq_shape, &batch.opts);
+    let (gae, kl_loss) = (batch.estimator == Estimator::Gae, batch.kl == KlPlacement::Loss);
+    let (policy, reference) = (e.upload(&batch.policy)?, e.upload(&batch.reference)?);
+    let (targets, mask) = (e.upload(&batch.targets)?, e.upload(&batch.mask)?);
+    let (scores, values) = (e.upload(&batch.scores)?, e.upload(&batch.values)?);
+    let old_values = e.upload(&batch.old_values)?;
+    let zeros = || e.zeros::<f32>(shape.rows);
+    let (mut logp, mut entropy, mut lse, mut ref_logp) = (zeros()?, zeros()?, zeros()?, zeros()?);
+    let (mut kl, mut grad_logp, mut grad_entropy, mut grad_values) = (zeros()?, zeros()?, zeros()?, zeros()?);
+    let (mut advantages, mut returns, mut whitened, mut old_logp) = (zeros()?, zeros()?, zeros()?, zeros()?);
+    let mut grad = e.zeros::<T>(shape.len())?;
+    // Each op's scratch, allocated once (the host needs none: 0 bytes).
+    let ws = [
+        Workspace::TokenLogprobs(shape, T::DTYPE),
+        Workspace::SampledKl(seqs),
+        Workspace::Gae(seqs),
+        Workspace::PolicyLoss(seqs),
+        Workspace::ValueLoss(seqs),
+    ]
+    .map(|op| e.workspace_bytes(op));
+    let scratch = |bytes: usize| e.zeros::<u8>(bytes.max(1));
+    let (mut token_ws, mut kl_ws, mut gae_ws) = (scratch(ws[0])?, scratch(ws[1])?, scratch(ws[2])?);
+    let (mut policy_ws, mut value_ws) = (scratch(ws[3])?, scratch(ws[4])?);
+    let mut policy_stats = e.stats::<PolicyLossStats>()?;
+    let mut value_stats = e.stats::<ValueLossStats>()?;
+    let groups = e.groups(&batch.groups)?;
+    let tokens = Tokens::new(E::view(&targets)).with_mask(E::view(&mask));
     let kl_opts = batch.kl.options();
-    let event = || s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
     let mut times: [Vec<f64>; 6] = Default::default();
-    // One untimed warm-up, then `iters` timed runs of each stage (CUDA events, no host sync
-    // between stages). The warm-up's log-probs make the old log-probs.
     for i in 0..=iters {
-        s.memcpy_dtod(&policy, &mut grad).map_err(drv("copying the logits"))?; // the in-place target
-        let e0 = event()?;
+        e.copy(&policy, &mut grad)?; // the in-place backward's target
+        let m0 = e.mark()?;
         let out = TokenOutputs::default()
-            .logp(logp.as_view_mut())
-            .entropy(entropy.as_view_mut())
-            .lse(lse.as_view_mut())
-            .workspace(workspace.as_view_mut());
-        cuda::token_logprobs(s, &policy, shape, &tokens, out, &mut status, opts)?;
-        let e1 = event()?;
+            .logp(E::view_mut(&mut logp))
+            .entropy(E::view_mut(&mut entropy))
+            .lse(E::view_mut(&mut lse))
+            .workspace(E::view_mut(&mut token_ws));
+        e.token_logprobs(E::view(&policy), shape, &tokens, out, opts)?;
+        let m1 = e.mark()?;
         if i == 0 {
-            let host = s.clone_dtoh(&logp).map_err(drv("downloading logp"))?;
-            s.memcpy_htod(&batch.old_logp(&host), &mut old_logp).map_err(drv("uploading old logp"))?;
+            old_logp = e.upload(&batch.old_logp(&e.download(&logp)?))?;
         }
-        let e1b = event()?;
-        let out = TokenOutputs::default().logp(ref_logp.as_view_mut()).workspace(workspace.as_view_mut());
-        cuda::token_logprobs(s, &reference, shape, &tokens, out, &mut status, opts)?;
-        let e2 = event()?;
-        let inputs = SampledKlInputs {
-            shape: seqs,
-            logp: logp.as_view(),
-            ref_logp: ref_logp.as_view(),
-            mask: Some(mask.as_view()),
-        };
-        let out = SampledKlOutputs {
-            values: Some(kl.as_view_mut()),
-            grad_logp: (batch.kl == KlPlacement::Loss).then(|| grad_logp.as_view_mut()),
-            stats: Some(&mut kl_stats),
-            workspace: Some(kl_workspace.as_view_mut()),
-        };
-        cuda::sampled_kl(s, &inputs, out, &mut status, &kl_opts)?;
-        let e3 = event()?;
-        match batch.estimator {
-            Estimator::Gae => {
-                let mut inputs = GaeInputs::new(seqs)
-                    .scores(scores.as_view())
-                    .values(values.as_view())
-                    .mask(mask.as_view());
-                if batch.kl == KlPlacement::Reward {
-                    inputs = inputs.kl_penalty(kl.as_view(), KL_COEF);
-                }
-                let out = GaeOutputs::default()
-                    .advantages(advantages.as_view_mut())
-                    .returns(returns.as_view_mut())
-                    .workspace(gae_workspace.as_view_mut());
-                cuda::gae(s, &inputs, out, &mut status, &gae_options())?;
-                s.memcpy_dtod(&advantages, &mut whitened).map_err(drv("copying the advantages"))?;
-                let m = mask.as_view();
-                let white = WhitenOptions::default();
-                cuda::whiten(s, &mut whitened, seqs, Some(&m), &mut moments, &mut status, &white)?;
-            }
-            Estimator::Grpo => {
-                let out = GroupAdvantageOutputs::default().per_token(
-                    advantages.as_view_mut(),
-                    seqs,
-                    Some(mask.as_view()),
-                );
-                let opts = GroupAdvantageOptions::grpo();
-                cuda::group_advantages(s, &scores.as_view(), &groups, out, &mut status, &opts)?;
-            }
+        let m1b = e.mark()?;
+        let out =
+            TokenOutputs::default().logp(E::view_mut(&mut ref_logp)).workspace(E::view_mut(&mut token_ws));
+        e.token_logprobs(E::view(&reference), shape, &tokens, out, opts)?;
+        let m2 = e.mark()?;
+        let inputs = SampledKlInputs::new(seqs, E::view(&logp), E::view(&ref_logp)).mask(E::view(&mask));
+        let out = SampledKlOutputs::default().values(E::view_mut(&mut kl)).workspace(E::view_mut(&mut kl_ws));
+        let out = if kl_loss { out.grad_logp(E::view_mut(&mut grad_logp)) } else { out };
+        e.sampled_kl(&inputs, out, &kl_opts)?;
+        let m3 = e.mark()?;
+        if gae {
+            let inputs =
+                GaeInputs::new(seqs).scores(E::view(&scores)).values(E::view(&values)).mask(E::view(&mask));
+            let inputs = if kl_loss { inputs } else { inputs.kl_penalty(E::view(&kl), KL_COEF) };
+            let out = GaeOutputs::default()
+                .advantages(E::view_mut(&mut advantages))
+                .returns(E::view_mut(&mut returns))
+                .workspace(E::view_mut(&mut gae_ws));
+            e.gae(&inputs, out, &gae_options())?;
+            e.copy(&advantages, &mut whitened)?;
+            e.whiten(E::view_mut(&mut whitened), seqs, Some(E::view(&mask)), &WhitenOptions::default())?;
+        } else {
+            let out = GroupAdvantageOutputs::default().per_token(
+                E::view_mut(&mut advantages),
+                seqs,
+                Some(E::view(&mask)),
+            );
+            e.group_advantages(E::view(&scores), &groups, out, &GroupAdvantageOptions::grpo())?;
         }
-        let e4 = event()?;
-        let adv: &CudaSlice<f32> = if batch.estimator == Estimator::Gae { &whitened } else { &advantages };
-        let inputs = PolicyLossInputs {
-            shape: seqs,
-            logp: logp.as_view(),
-            old_logp: old_logp.as_view(),
-            advantages: adv.as_view(),
-            mask: Some(mask.as_view()),
-            entropy: Some(entropy.as_view()),
-        };
-        let out = PolicyLossOutputs {
-            grad_logp: Some(grad_logp.as_view_mut()),
-            grad_entropy: Some(grad_entropy.as_view_mut()),
-            stats: Some(&mut policy_stats),
-            workspace: Some(policy_workspace.as_view_mut()),
-            accumulate: batch.kl == KlPlacement::Loss,
-            ..Default::default()
-        };
-        cuda::policy_loss(s, &inputs, out, &mut status, &policy_options())?;
-        if batch.estimator == Estimator::Gae {
-            let inputs = ValueLossInputs {
-                shape: seqs,
-                values: values.as_view(),
-                old_values: old_values.as_view(),
-                returns: returns.as_view(),
-                mask: Some(mask.as_view()),
-            };
-            let out = ValueLossOutputs {
-                grad_values: Some(grad_values.as_view_mut()),
-                stats: Some(&mut value_stats),
-                workspace: Some(value_workspace.as_view_mut()),
-                ..Default::default()
-            };
-            cuda::value_loss(s, &inputs, out, &mut status, &value_options())?;
+        let m4 = e.mark()?;
+        let adv = if gae { &whitened } else { &advantages };
+        let inputs = PolicyLossInputs::new(seqs, E::view(&logp), E::view(&old_logp), E::view(adv))
+            .mask(E::view(&mask))
+            .entropy(E::view(&entropy));
+        let out = PolicyLossOutputs::default()
+            .grad_logp(E::view_mut(&mut grad_logp))
+            .grad_entropy(E::view_mut(&mut grad_entropy))
+            .accumulate(kl_loss)
+            .stats(E::stats_out(&mut policy_stats))
+            .workspace(E::view_mut(&mut policy_ws));
+        e.policy_loss(&inputs, out, &policy_options())?;
+        if gae {
+            let inputs =
+                ValueLossInputs::new(seqs, E::view(&values), E::view(&old_values), E::view(&returns))
+                    .mask(E::view(&mask));
+            let out = ValueLossOutputs::default()
+                .grad_values(E::view_mut(&mut grad_values))
+                .stats(E::stats_out(&mut value_stats))
+                .workspace(E::view_mut(&mut value_ws));
+            e.value_loss(&inputs, out, &value_options())?;
         }
-        let e5 = event()?;
-        let grads = TokenGrads::new(lse.as_view())
-            .grad_logp(grad_logp.as_view())
-            .grad_entropy(grad_entropy.as_view(), entropy.as_view());
-        cuda::token_logprobs_backward_in_place(s, &mut grad, shape, &tokens, &grads, &mut status, opts)?;
-        let e6 = event()?;
+        let m5 = e.mark()?;
+        let grads = TokenGrads::new(E::view(&lse))
+            .grad_logp(E::view(&grad_logp))
+            .grad_entropy(E::view(&grad_entropy), E::view(&entropy));
+        e.token_logprobs_backward_in_place(E::view_mut(&mut grad), shape, &tokens, &grads, opts)?;
+        let m6 = e.mark()?;
         if i > 0 {
-            let spans = [(&e0, &e1), (&e1b, &e2), (&e2, &e3), (&e3, &e4), (&e4, &e5), (&e5, &e6)];
-            for (k, (a, b)) in spans.into_iter().enumerate() {
-                times[k].push(a.elapsed_ms(b).map_err(drv("timing"))? as f64);
+            let spans = [(&m0, &m1), (&m1b, &m2), (&m2, &m3), (&m3, &m4), (&m4, &m5), (&m5, &m6)];
+            for (k, (start, end)) in spans.into_iter().enumerate() {
+                times[k].push(e.elapsed_ms(start, end)?);
             }
         }
     }
-    status.check(s)?;
-    let down = |v: &CudaSlice<f32>| s.clone_dtoh(v).map_err(drv("downloading"));
-    let gae = batch.estimator == Estimator::Gae;
+    e.finish()?;
+    let gae_only = |buf: &E::Buffer<f32>| if gae { e.download(buf) } else { Ok(Vec::new()) };
     Ok(Produced {
-        logp: down(&logp)?,
-        entropy: down(&entropy)?,
-        ref_logp: down(&ref_logp)?,
-        old_logp: down(&old_logp)?,
-        kl: down(&kl)?,
-        advantages: down(&advantages)?,
-        returns: if gae { down(&returns)? } else { Vec::new() },
-        whitened: if gae { down(&whitened)? } else { Vec::new() },
-        grad_logp: down(&grad_logp)?,
-        grad_entropy: down(&grad_entropy)?,
-        policy_stats: policy_stats.read(s)?,
-        grad_values: if gae { down(&grad_values)? } else { Vec::new() },
-        value_stats: if gae { Some(value_stats.read(s)?) } else { None },
-        grad: s.clone_dtoh(&grad).map_err(drv("downloading the gradient"))?,
+        logp: e.download(&logp)?,
+        entropy: e.download(&entropy)?,
+        ref_logp: e.download(&ref_logp)?,
+        old_logp: e.download(&old_logp)?,
+        kl: e.download(&kl)?,
+        advantages: e.download(&advantages)?,
+        returns: gae_only(&returns)?,
+        whitened: gae_only(&whitened)?,
+        grad_logp: e.download(&grad_logp)?,
+        grad_entropy: e.download(&grad_entropy)?,
+        policy_stats: e.read(&policy_stats)?,
+        grad_values: gae_only(&grad_values)?,
+        value_stats: if gae { Some(e.read(&value_stats)?) } else { None },
+        grad: e.download(&grad)?,
         stages: stages::<T>(
             shape,
             batch.kl,
             batch.estimator,
             times,
-            [
-                workspace_bytes,
-                workspace_bytes,
-                kl_workspace_bytes,
-                gae_workspace_bytes,
-                loss_workspace_bytes,
-                0,
-            ],
+            [ws[0], ws[0], ws[1], ws[2], ws[3] + ws[4], 0],
         ),
     })
 }

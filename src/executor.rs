@@ -28,10 +28,10 @@
 use crate::memory::Memory;
 use crate::{
     Aggregated, DType, Element, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions,
-    GroupAdvantageOutputs, Groups, Moments, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
-    PolicyLossStats, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, SampledKlStats,
-    TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
-    ValueLossOutputs, ValueLossStats, WhitenOptions,
+    GroupAdvantageOutputs, Groups, KlRewardsInputs, KlRewardsOptions, Moments, PolicyLossInputs,
+    PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, Result, RowShape, SampledKlInputs,
+    SampledKlOptions, SampledKlOutputs, SampledKlStats, TargetIndex, TokenGrads, TokenLogprobsOptions,
+    TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats, WhitenOptions,
 };
 
 /// An element an [`Executor`] can allocate, upload and download: the logits' dtypes
@@ -204,6 +204,13 @@ pub trait Executor {
         inputs: &SampledKlInputs<'_, Self::Memory>,
         out: SampledKlOutputs<'_, Self::Memory>,
         opts: &SampledKlOptions,
+    ) -> Result<()>;
+    /// The KL folded into per-token rewards ([`cpu::kl_rewards`](crate::cpu::kl_rewards)).
+    fn kl_rewards(
+        &mut self,
+        inputs: &KlRewardsInputs<'_, Self::Memory>,
+        rewards: ViewMutOf<'_, Self, f32>,
+        opts: &KlRewardsOptions,
     ) -> Result<()>;
     /// GAE ([`cpu::gae`](crate::cpu::gae)).
     fn gae(

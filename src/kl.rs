@@ -72,6 +72,9 @@ pub use buffers::{ExactKlGrads, ExactKlOutputs, ReferenceRows, SampledKlInputs, 
 mod controller;
 pub use controller::KlController;
 
+mod rewards;
+pub use rewards::{KlRewardsInputs, KlRewardsOptions};
+
 /// A KL divergence, named by argument order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KlDirection {
@@ -533,30 +536,6 @@ impl ExactKlPartial {
 pub fn merge_exact_kl_partials(parts: &[ExactKlPartial], opts: &ExactKlOptions) -> Result<ExactKlPartial> {
     let inv_tau = opts.inv_temperature()?;
     Ok(parts.iter().fold(ExactKlPartial::EMPTY, |acc, p| acc.merge(p, inv_tau)))
-}
-
-/// The checks every backend's `kl_rewards` makes before it writes anything: `kl`, `rewards`
-/// (when given) and `mask` cover `shape`, one score per sequence, a finite β.
-pub(crate) fn check_kl_rewards(
-    kl_len: usize,
-    shape: RowShape,
-    mask_len: Option<usize>,
-    scores_len: usize,
-    rewards_len: Option<usize>,
-    beta: f32,
-) -> Result<()> {
-    shape.check_buffer("kl", kl_len)?;
-    if let Some(n) = rewards_len {
-        shape.check_buffer("rewards", n)?;
-    }
-    if let Some(n) = mask_len {
-        shape.check_buffer("mask", n)?;
-    }
-    crate::logprobs::check_len("scores", scores_len, shape.rows)?;
-    if !beta.is_finite() {
-        return Err(Error::InvalidOption { name: "beta", value: beta.to_string(), expected: "a finite β" });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -103,8 +103,8 @@ pub use executor::{Executor, Job, Scalar, Statistic, ViewMutOf, ViewOf, Workspac
 pub use half::{bf16, f16};
 pub use kl::{
     ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs, ExactKlPartial, ExactKlStatistic,
-    ExactKlStats, KlController, KlDirection, KlEstimator, ReferenceRows, SampledKlInputs, SampledKlOptions,
-    SampledKlOutputs, SampledKlStats, merge_exact_kl_partials,
+    ExactKlStats, KlController, KlDirection, KlEstimator, KlRewardsInputs, KlRewardsOptions, ReferenceRows,
+    SampledKlInputs, SampledKlOptions, SampledKlOutputs, SampledKlStats, merge_exact_kl_partials,
 };
 pub use logprobs::{
     LogSoftmaxOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, TokenStats, Tokens, VocabPartial,

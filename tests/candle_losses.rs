@@ -13,8 +13,8 @@ use rlhf_kernels::candle::{
 };
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
-    Aggregation, KlEstimator, Normaliser, RowShape, SampledKlOptions, ValueLossOptions, WhitenOptions,
-    reference,
+    Aggregation, KlEstimator, KlRewardsInputs, KlRewardsOptions, Normaliser, RowShape, SampledKlOptions,
+    ValueLossOptions, WhitenOptions, reference,
 };
 
 const MODES: [Aggregation; 4] = [
@@ -208,8 +208,10 @@ fn rewards_moments_and_whitening_match_the_reference() {
         let host = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
         let tol = Tolerance::for_dtype(rlhf_kernels::DType::F32).scaled(4.0);
 
-        let r = kl_rewards(&x, &scores, Some(&mask), 0.1).unwrap();
-        let expected = reference::kl_rewards(&host(&x), shape, Some(&m), &host(&scores), 0.1).unwrap();
+        let opts = KlRewardsOptions::new(0.1);
+        let r = kl_rewards(&x, &scores, Some(&mask), &opts).unwrap();
+        let (hx, hs) = (host(&x), host(&scores));
+        let expected = reference::kl_rewards(&KlRewardsInputs::new(shape, &hx, &hs).mask(&m), &opts).unwrap();
         assert_close(&f32s(&r), &expected, tol, "kl_rewards");
 
         let moments = masked_moments(&x, Some(&mask)).unwrap();
@@ -224,6 +226,6 @@ fn rewards_moments_and_whitening_match_the_reference() {
             assert_close(&f32s(&w), &expected, tol, &format!("whiten keep_mean={keep_mean}"));
             assert_eq!(used.count, e.count);
         }
-        assert!(kl_rewards(&x, &x, None, 0.1).is_err(), "scores must be [B]");
+        assert!(kl_rewards(&x, &x, None, &opts).is_err(), "scores must be [B]");
     }
 }

@@ -11,13 +11,13 @@ use common::hostile::{
     policy_options, run, temperature, value_options,
 };
 use proptest::prelude::*;
-use rlhf_kernels::SampledKlInputs;
 use rlhf_kernels::{
     Error, ExactKlOptions, GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, KlController,
     LogSoftmaxOptions, PolicyLossInputs, PolicyLossOptions, PolicyObjective, RowProblem, RowShape,
     SampledKlOptions, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, VocabPartial,
     WhitenOptions, cpu, reference,
 };
+use rlhf_kernels::{KlRewardsInputs, KlRewardsOptions, SampledKlInputs};
 
 #[test]
 fn logprobs_family() {
@@ -123,7 +123,10 @@ fn reference_backend() {
             check("sampled_kl", r.values.into_iter().chain(r.grad_logp), Allow::Finite)?;
             check("sampled_kl loss", [r.stats.loss], Allow::Finite)?;
         }
-        if let Some(r) = ok(reference::kl_rewards(&b.a, s, Some(mask), &b.scores, b.scalars[4])) {
+        if let Some(r) = ok(reference::kl_rewards(
+            &KlRewardsInputs::new(s, &b.a, &b.scores).mask(mask),
+            &KlRewardsOptions::new(b.scalars[4]),
+        )) {
             check("kl_rewards", r, Allow::Finite)?;
         }
         let (divergence, value_allow) = divergence(b.pick[5]);
@@ -202,7 +205,8 @@ fn host_named_cases() {
     let row = |op: &'static str, row: usize, problem| Error::InvalidRow { op, row, problem };
     let shape = RowShape::new(2, 2);
     let kl = [0.1f32, 0.2, f32::NAN, 0.3];
-    let r = reference::kl_rewards(&kl, shape, None, &[1.0, 1.0], 0.1);
+    let r =
+        reference::kl_rewards(&KlRewardsInputs::new(shape, &kl, &[1.0, 1.0]), &KlRewardsOptions::new(0.1));
     assert_eq!(r, Err(row("kl_rewards", 1, NonFinite)));
     // KlController::adaptive with a NaN target.
     assert!(matches!(KlController::adaptive(0.1, f64::NAN, 1e4), Err(Error::InvalidOption { .. })));

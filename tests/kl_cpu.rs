@@ -12,7 +12,7 @@ use rlhf_kernels::{
     Normaliser, RowProblem, RowShape, SampledKlOptions, bf16, cpu, f16, reference,
 };
 use rlhf_kernels::{ExactKlGrads, ReferenceRows};
-use rlhf_kernels::{SampledKlInputs, SampledKlOutputs};
+use rlhf_kernels::{KlRewardsInputs, KlRewardsOptions, SampledKlInputs, SampledKlOutputs};
 
 #[test]
 fn sampled_estimators_match_the_reference() {
@@ -401,11 +401,15 @@ fn errors() {
     ));
     let mut r = [0.0f32; 4];
     assert!(matches!(
-        cpu::kl_rewards(&ok, shape, None, &[1.0], 0.1, &mut r),
+        cpu::kl_rewards(&KlRewardsInputs::new(shape, &ok, &[1.0]), &mut r, &KlRewardsOptions::new(0.1)),
         Err(Error::ShapeMismatch { what: "scores", .. })
     ));
     assert!(matches!(
-        cpu::kl_rewards(&ok, shape, None, &[1.0, 1.0], f32::INFINITY, &mut r),
+        cpu::kl_rewards(
+            &KlRewardsInputs::new(shape, &ok, &[1.0, 1.0]),
+            &mut r,
+            &KlRewardsOptions::new(f32::INFINITY)
+        ),
         Err(Error::InvalidOption { name: "beta", .. })
     ));
     kl::exact_errors(&Cpu);

@@ -20,8 +20,9 @@ mod gpu {
     use rlhf_kernels::cuda::raw::{self, RawStream};
     use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
     use rlhf_kernels::{
-        Aggregation, DType, Error, IndexType, KlEstimator, Normaliser, PolicyLossOptions, RowProblem,
-        RowShape, SampledKlOptions, TokenLogprobsOptions, ValueLossOptions, WhitenOptions, bf16,
+        Aggregation, DType, Error, IndexType, KlEstimator, KlRewardsInputs, KlRewardsOptions, Normaliser,
+        PolicyLossOptions, RowProblem, RowShape, SampledKlOptions, TokenLogprobsOptions, ValueLossOptions,
+        WhitenOptions, bf16,
     };
 
     const SHAPE: RowShape = RowShape::new(6, 70).with_row_stride(73);
@@ -96,7 +97,12 @@ mod gpu {
         let s = &gpu.0;
         let c = SampledCase::random(SHAPE, 62);
         let scores: Vec<f32> = (0..SHAPE.rows).map(|i| i as f32 - 2.5).collect();
-        let expected = gpu.rewards(&c.logp, SHAPE, c.mask.as_deref(), &scores, 0.1).unwrap();
+        let expected = gpu
+            .rewards(
+                &KlRewardsInputs { mask: c.mask.as_deref(), ..KlRewardsInputs::new(SHAPE, &c.logp, &scores) },
+                &KlRewardsOptions::new(0.1),
+            )
+            .unwrap();
         let n = SHAPE.rows * SHAPE.row_stride;
         let (kl, mask, sc) = (up(s, &c.logp), up(s, c.mask.as_ref().unwrap()), up(s, &scores));
         let mut r = up(s, &vec![f32::NAN; n]);
@@ -110,14 +116,20 @@ mod gpu {
             let args =
                 raw::KlRewardsArgs { shape: SHAPE, kl: k, mask: m, scores: scp, rewards: rp, status: stp };
             // SAFETY: as in `sampled_kl`.
-            unsafe { raw::kl_rewards(stream(s), &args, 0.1) }.unwrap();
+            unsafe { raw::kl_rewards(stream(s), &args, &KlRewardsOptions::new(0.1)) }.unwrap();
             // SAFETY: refused before any launch.
             assert!(
-                unsafe { raw::kl_rewards(stream(s), &raw::KlRewardsArgs { scores: 0, ..args }, 0.1) }
-                    .is_err()
+                unsafe {
+                    raw::kl_rewards(
+                        stream(s),
+                        &raw::KlRewardsArgs { scores: 0, ..args },
+                        &KlRewardsOptions::new(0.1),
+                    )
+                }
+                .is_err()
             );
             // SAFETY: refused before any launch (β must be finite).
-            assert!(unsafe { raw::kl_rewards(stream(s), &args, f32::NAN) }.is_err());
+            assert!(unsafe { raw::kl_rewards(stream(s), &args, &KlRewardsOptions::new(f32::NAN)) }.is_err());
         }
         status_of(s, &st).unwrap();
         assert!(same(&s.clone_dtoh(&r).unwrap(), &expected), "raw rewards differ from the safe path");

@@ -9,7 +9,7 @@ use rlhf_kernels::cuda::raw::{
 };
 use rlhf_kernels::cudarc::driver::sys::CUstream;
 use rlhf_kernels::{
-    Aggregation, ExactKlOptions, GaeOptions, GroupAdvantageOptions, Groups, IndexType, Normaliser,
+    Aggregation, ExactKlOptions, GaeOptions, GroupAdvantageOptions, Groups, IndexType, KlRewardsOptions, Normaliser,
     PolicyLossOptions, RowBlocks, RowShape, SampledKlOptions, TokenLogprobsOptions, ValueLossOptions,
     WhitenOptions,
 };
@@ -400,7 +400,7 @@ pub fn kl_rewards(
         status: status.ptr,
     };
     // SAFETY: as in `token_logprobs`.
-    unsafe { raw::kl_rewards(raw_stream, &args, beta) }.map_err(err)
+    unsafe { raw::kl_rewards(raw_stream, &args, &KlRewardsOptions::new(beta)) }.map_err(err)
 }
 
 #[allow(clippy::too_many_arguments)]

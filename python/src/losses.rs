@@ -4,10 +4,11 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use rlhf_kernels::ValueLossOutputs;
 use rlhf_kernels::cuda::raw;
-use rlhf_kernels::{KlEstimator, RowShape, SampledKlOptions, ValueLossInputs, ValueLossOptions};
-use rlhf_kernels::{SampledKlInputs, SampledKlOutputs, cpu};
+use rlhf_kernels::{
+    KlEstimator, KlRewardsInputs, KlRewardsOptions, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
+    ValueLossInputs, ValueLossOptions, ValueLossOutputs, cpu,
+};
 
 use crate::batch::{batch_dims, parse_aggregation, parse_normaliser};
 use crate::cuda;
@@ -188,7 +189,8 @@ pub fn kl_rewards(
                     rewards.elems_mut(),
                 )
             };
-            py.detach(move || cpu::kl_rewards(k, shape, m, sc, beta, r)).map_err(err)
+            let inputs = KlRewardsInputs { mask: m, ..KlRewardsInputs::new(shape, k, sc) };
+            py.detach(move || cpu::kl_rewards(&inputs, r, &KlRewardsOptions::new(beta))).map_err(err)
         }
         Place::Cuda(ordinal) => {
             cuda::kl_rewards(ordinal, stream, status, shape, [&kl, &scores], mask.as_ref(), &rewards, beta)

@@ -7,11 +7,11 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, S
 
 use super::storage::{cpu_side, flat, guard, per_row, tensor};
 use super::to_candle;
-use crate::SampledKlInputs;
-use crate::SampledKlOutputs;
-use crate::ValueLossOutputs;
-use crate::cpu::{self};
-use crate::{RowShape, SampledKlOptions, SampledKlStats, ValueLossInputs, ValueLossOptions, ValueLossStats};
+use crate::cpu;
+use crate::{
+    KlRewardsInputs, KlRewardsOptions, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
+    SampledKlStats, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats,
+};
 
 /// The `[B, T]` dims of a batch tensor.
 pub(super) fn batch_dims(t: &Tensor, what: &'static str) -> Result<Vec<usize>> {
@@ -172,11 +172,16 @@ impl CustomOp1 for SampledKlOp {
 /// use candle_core::{Device, Tensor};
 /// let kl = Tensor::new(&[[0.5f32, 0.25]], &Device::Cpu)?;
 /// let scores = Tensor::new(&[2.0f32], &Device::Cpu)?;
-/// let r = rlhf_kernels::candle::kl_rewards(&kl, &scores, None, 0.1)?;
+/// let r = rlhf_kernels::candle::kl_rewards(&kl, &scores, None, &rlhf_kernels::KlRewardsOptions::new(0.1))?;
 /// assert_eq!(r.to_vec2::<f32>()?, vec![vec![-0.05, 1.975]]);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
-pub fn kl_rewards(kl: &Tensor, scores: &Tensor, mask: Option<&Tensor>, beta: f32) -> Result<Tensor> {
+pub fn kl_rewards(
+    kl: &Tensor,
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    opts: &KlRewardsOptions,
+) -> Result<Tensor> {
     let dims = batch_dims(kl, "kl")?;
     let kl = per_row(kl, &dims, kl, &[DType::F32], "kl")?;
     let scores = per_row(scores, &dims[..1], &kl, &[DType::F32], "scores")?;
@@ -193,11 +198,12 @@ pub fn kl_rewards(kl: &Tensor, scores: &Tensor, mask: Option<&Tensor>, beta: f32
             };
             let m = cpu_side::<u8>(&guards[2], n, "mask")?;
             let mut r = vec![0f32; n];
-            cpu::kl_rewards(k, shape, m, s, beta, &mut r).map_err(to_candle)?;
+            let inputs = KlRewardsInputs { mask: m, ..KlRewardsInputs::new(shape, k, s) };
+            cpu::kl_rewards(&inputs, &mut r, opts).map_err(to_candle)?;
             Ok(tensor(Storage::Cpu(CpuStorage::F32(r)), (shape.rows, shape.cols)))
         }
         #[cfg(feature = "candle-cuda")]
-        Device::Cuda(_) => gpu::kl_rewards(&guards, shape, beta),
+        Device::Cuda(_) => gpu::kl_rewards(&guards, shape, opts),
         other => bail!("kl_rewards: unsupported device {:?}", other.location()),
     }
 }
@@ -346,8 +352,10 @@ mod gpu {
     use super::super::to_candle;
     use super::{SampledKlOp, ValueLossOp, put};
     use crate::cuda::{self, DeviceStats};
-    use crate::{RowShape, SampledKlStats, ValueLossInputs, ValueLossOutputs, ValueLossStats};
-    use crate::{SampledKlInputs, SampledKlOutputs};
+    use crate::{
+        KlRewardsInputs, KlRewardsOptions, RowShape, SampledKlInputs, SampledKlOutputs, SampledKlStats,
+        ValueLossInputs, ValueLossOutputs, ValueLossStats,
+    };
 
     fn sampled_run(
         op: &SampledKlOp,
@@ -406,7 +414,11 @@ mod gpu {
         Ok(wrap(g, dev, op.shape))
     }
 
-    pub(super) fn kl_rewards(guards: &[Guard<'_>; 3], shape: RowShape, beta: f32) -> Result<Tensor> {
+    pub(super) fn kl_rewards(
+        guards: &[Guard<'_>; 3],
+        shape: RowShape,
+        opts: &KlRewardsOptions,
+    ) -> Result<Tensor> {
         let n = shape.len();
         let (Some((k, kl)), Some((s, sl))) = (cuda_side(&guards[0], "kl")?, cuda_side(&guards[1], "scores")?)
         else {
@@ -418,8 +430,8 @@ mod gpu {
         let dev = &k.device;
         let mut r = dev.alloc_zeros::<f32>(n)?;
         let (kv, sv) = (flat_view::<f32>(k, kl, n, "kl")?, flat_view::<f32>(s, sl, shape.rows, "scores")?);
-        cuda::kl_rewards(&stream, &kv, shape, mask.as_ref(), &sv, beta, &mut r, &mut status)
-            .map_err(to_candle)?;
+        let inputs = KlRewardsInputs { mask, ..KlRewardsInputs::new(shape, kv, sv) };
+        cuda::kl_rewards(&stream, &inputs, &mut r, &mut status, opts).map_err(to_candle)?;
         check(&stream, status)?;
         Ok(wrap(r, dev, shape))
     }

@@ -5,9 +5,10 @@ use std::time::Instant;
 use crate::executor::{Scalar, Statistic, ViewMutOf, ViewOf, Workspace};
 use crate::{
     Element, Executor, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs,
-    Groups, Host, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, Result, RowShape, SampledKlInputs,
-    SampledKlOptions, SampledKlOutputs, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens,
-    ValueLossInputs, ValueLossOptions, ValueLossOutputs, WhitenOptions, cpu,
+    Groups, Host, KlRewardsInputs, KlRewardsOptions, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
+    Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex, TokenGrads,
+    TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions, ValueLossOutputs,
+    WhitenOptions, cpu,
 };
 
 /// The CPU backend as an [`Executor`] (rayon over rows, the calling thread waits for each op).
@@ -120,6 +121,15 @@ impl Executor for CpuExecutor {
         opts: &SampledKlOptions,
     ) -> Result<()> {
         cpu::sampled_kl(inputs, out, opts).map(|_| ())
+    }
+
+    fn kl_rewards(
+        &mut self,
+        inputs: &KlRewardsInputs<'_>,
+        rewards: &mut [f32],
+        opts: &KlRewardsOptions,
+    ) -> Result<()> {
+        cpu::kl_rewards(inputs, rewards, opts)
     }
 
     fn gae(&mut self, inputs: &GaeInputs<'_>, out: GaeOutputs<'_>, opts: &GaeOptions) -> Result<()> {

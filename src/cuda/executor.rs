@@ -10,9 +10,10 @@ use crate::cuda::{self, CudaDevice, CudaStatus, DeviceGroups, DeviceStats, drive
 use crate::executor::{Scalar, Statistic, Workspace};
 use crate::{
     Cuda, Element, Executor, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs,
-    Groups, Moments, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, Result, RowShape,
-    SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex, TokenGrads, TokenLogprobsOptions,
-    TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions, ValueLossOutputs, WhitenOptions,
+    Groups, KlRewardsInputs, KlRewardsOptions, Moments, PolicyLossInputs, PolicyLossOptions,
+    PolicyLossOutputs, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex,
+    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
+    ValueLossOutputs, WhitenOptions,
 };
 
 /// The CUDA backend as an [`Executor`]: every op is enqueued on the device's stream and
@@ -164,6 +165,15 @@ impl Executor for CudaExecutor {
         opts: &SampledKlOptions,
     ) -> Result<()> {
         cuda::sampled_kl(&self.stream, inputs, out, &mut self.status, opts)
+    }
+
+    fn kl_rewards(
+        &mut self,
+        inputs: &KlRewardsInputs<'_, Cuda>,
+        rewards: CudaViewMut<'_, f32>,
+        opts: &KlRewardsOptions,
+    ) -> Result<()> {
+        cuda::kl_rewards(&self.stream, inputs, rewards, &mut self.status, opts)
     }
 
     fn gae(

@@ -5,8 +5,8 @@ use crate::aggregation::{BatchCounts, valid_in_row};
 use crate::error::Op;
 use crate::logprobs::check_len;
 use crate::{
-    Element, ExactDivergence, ExactKlOptions, KlEstimator, Result, RowProblem, RowShape, SampledKlInputs,
-    SampledKlOptions, SampledKlStats,
+    Element, ExactDivergence, ExactKlOptions, KlEstimator, KlRewardsInputs, KlRewardsOptions, Result,
+    RowProblem, RowShape, SampledKlInputs, SampledKlOptions, SampledKlStats,
 };
 
 /// Per-token values of a sampled estimator, the gradient of the loss, and the statistics.
@@ -123,19 +123,17 @@ pub fn sampled_kl(inputs: &SampledKlInputs<'_>, opts: &SampledKlOptions) -> Resu
 /// lowest sequence with a reward beyond f32's range.
 ///
 /// ```
-/// use rlhf_kernels::{reference, RowShape};
-/// let r = reference::kl_rewards(&[0.5, 0.25, 9.0], RowShape::new(1, 3), Some(&[1, 1, 0]), &[2.0], 0.5)?;
+/// use rlhf_kernels::{reference, KlRewardsInputs, KlRewardsOptions, RowShape};
+/// let (kl, scores) = ([0.5f32, 0.25, 9.0], [2.0f32]);
+/// let inputs = KlRewardsInputs::new(RowShape::new(1, 3), &kl, &scores).mask(&[1, 1, 0]);
+/// let r = reference::kl_rewards(&inputs, &KlRewardsOptions::new(0.5))?;
 /// assert_eq!(r, vec![-0.25, 2.0 - 0.125, 0.0]);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
-pub fn kl_rewards(
-    kl: &[f32],
-    shape: RowShape,
-    mask: Option<&[u8]>,
-    scores: &[f32],
-    beta: f32,
-) -> Result<Vec<f64>> {
-    crate::kl::check_kl_rewards(kl.len(), shape, mask.map(<[u8]>::len), scores.len(), None, beta)?;
+pub fn kl_rewards(inputs: &KlRewardsInputs<'_>, opts: &KlRewardsOptions) -> Result<Vec<f64>> {
+    inputs.validate(None, opts)?;
+    let KlRewardsInputs { shape, kl, scores, mask } = *inputs;
+    let beta = opts.beta;
     let mut out = Vec::with_capacity(shape.len());
     let mut problem = None;
     for (i, &score) in scores.iter().enumerate() {

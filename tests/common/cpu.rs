@@ -89,14 +89,11 @@ impl kl::SampledBackend for Cpu {
 
     fn rewards(
         &self,
-        kl: &[f32],
-        shape: RowShape,
-        mask: Option<&[u8]>,
-        scores: &[f32],
-        beta: f32,
+        inputs: &KlRewardsInputs<'_>,
+        opts: &KlRewardsOptions,
     ) -> rlhf_kernels::Result<Vec<f32>> {
-        let mut r = vec![f32::NAN; kl.len()];
-        cpu::kl_rewards(kl, shape, mask, scores, beta, &mut r)?;
+        let mut r = vec![f32::NAN; inputs.kl.len()];
+        cpu::kl_rewards(inputs, &mut r, opts)?;
         Ok(r)
     }
 }

@@ -184,30 +184,18 @@ impl SampledBackend for Gpu {
         Ok((s.clone_dtoh(&v).unwrap(), s.clone_dtoh(&g).unwrap(), stats.read(s)?))
     }
 
-    fn rewards(
-        &self,
-        kl: &[f32],
-        shape: RowShape,
-        mask: Option<&[u8]>,
-        scores: &[f32],
-        beta: f32,
-    ) -> Result<Vec<f32>> {
+    fn rewards(&self, inputs: &KlRewardsInputs<'_>, opts: &KlRewardsOptions) -> Result<Vec<f32>> {
         let s = &self.0;
-        let k = s.clone_htod(kl).unwrap();
-        let m = mask.map(|m| s.clone_htod(m).unwrap());
-        let sc = s.clone_htod(scores).unwrap();
-        let mut r = s.clone_htod(&vec![f32::NAN; kl.len()]).unwrap();
+        let (k, sc) = (s.clone_htod(inputs.kl).unwrap(), s.clone_htod(inputs.scores).unwrap());
+        let m = inputs.mask.map(|m| s.clone_htod(m).unwrap());
+        let mut r = s.clone_htod(&vec![f32::NAN; inputs.kl.len()]).unwrap();
         let mut status = CudaStatus::new(s)?;
-        cuda::kl_rewards(
-            s,
-            &k,
-            shape,
-            m.as_ref().map(|m| m.as_view()).as_ref(),
-            &sc,
-            beta,
-            &mut r,
-            &mut status,
-        )?;
+        let device = KlRewardsInputs::new(inputs.shape, &k, &sc);
+        let device = match &m {
+            Some(m) => device.mask(m),
+            None => device,
+        };
+        cuda::kl_rewards(s, &device, &mut r, &mut status, opts)?;
         status.check(s)?;
         Ok(s.clone_dtoh(&r).unwrap())
     }

@@ -11,9 +11,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rlhf_kernels::{
     Aggregation, Error, ExactDivergence, ExactKlOptions, ExactKlStatistic, GaeOptions, GroupAdvantageOptions,
-    GroupStd, Groups, KlEstimator, LogSoftmaxOptions, MaskedSteps, Normaliser, PolicyLossOptions,
-    PolicyObjective, Result, RowProblem, RowShape, SampledKlOptions, SingletonGroups, TokenGrads,
-    TokenLogprobsOptions, ValueLossOptions, WhitenOptions,
+    GroupStd, Groups, KlEstimator, KlRewardsInputs, KlRewardsOptions, LogSoftmaxOptions, MaskedSteps,
+    Normaliser, PolicyLossOptions, PolicyObjective, Result, RowProblem, RowShape, SampledKlOptions,
+    SingletonGroups, TokenGrads, TokenLogprobsOptions, ValueLossOptions, WhitenOptions,
 };
 
 use super::advantages::{AdvantagesBackend, GaeCase};
@@ -256,7 +256,10 @@ pub fn kl_family(be: &impl Backend, cases: u32) {
                 Allow::Finite,
             )?;
         }
-        if let Some(r) = ok(be.rewards(&b.a, s, Some(mask), &b.scores, b.scalars[4])) {
+        if let Some(r) = ok(be.rewards(
+            &KlRewardsInputs::new(s, &b.a, &b.scores).mask(mask),
+            &KlRewardsOptions::new(b.scalars[4]),
+        )) {
             check("kl_rewards", valid_cells(s, &r), Allow::Finite)?;
         }
 
@@ -455,8 +458,12 @@ pub fn named_cases(be: &impl Backend) {
     let shape = RowShape::new(2, 2);
     // kl_rewards with a NaN KL or score.
     let kl = [0.1f32, 0.2, f32::NAN, 0.3];
-    assert_eq!(err_of(be.rewards(&kl, shape, None, &[1.0, 1.0], 0.1)), row("kl_rewards", 1, NonFinite));
-    let r = be.rewards(&[0.1; 4], shape, None, &[f32::NAN, 1.0], 0.1);
+    assert_eq!(
+        err_of(be.rewards(&KlRewardsInputs::new(shape, &kl, &[1.0, 1.0]), &KlRewardsOptions::new(0.1))),
+        row("kl_rewards", 1, NonFinite)
+    );
+    let r =
+        be.rewards(&KlRewardsInputs::new(shape, &[0.1; 4], &[f32::NAN, 1.0]), &KlRewardsOptions::new(0.1));
     assert_eq!(err_of(r), row("kl_rewards", 0, NonFinite));
     // The aggregate of a NaN (a masked one is not read), of +inf, and of +inf with -inf.
     let (agg, local) = (Aggregation::TokenMean, Normaliser::Local);

@@ -2,7 +2,7 @@
 //! f64 reference.
 
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
-use rlhf_kernels::{Aggregated, BatchCounts, SampledKlInputs};
+use rlhf_kernels::{Aggregated, BatchCounts, KlRewardsInputs, KlRewardsOptions, SampledKlInputs};
 use rlhf_kernels::{
     Aggregation, DType, Element, Error, ExactDivergence, ExactKlOptions, ExactKlStatistic, KlEstimator,
     Normaliser, Result, RowProblem, RowShape, SampledKlOptions, SampledKlStats, bf16, f16, reference,
@@ -48,14 +48,8 @@ impl SampledCase {
 pub trait SampledBackend {
     /// (values, grad_logp, stats), buffers laid out as the inputs.
     fn sampled(&self, c: &SampledCase) -> Result<(Vec<f32>, Vec<f32>, SampledKlStats)>;
-    fn rewards(
-        &self,
-        kl: &[f32],
-        shape: RowShape,
-        mask: Option<&[u8]>,
-        scores: &[f32],
-        beta: f32,
-    ) -> Result<Vec<f32>>;
+    /// The rewards, laid out as the inputs.
+    fn rewards(&self, inputs: &KlRewardsInputs<'_>, opts: &KlRewardsOptions) -> Result<Vec<f32>>;
 }
 
 fn dense(v: &[f32], shape: RowShape) -> Vec<f32> {
@@ -164,8 +158,10 @@ pub fn rewards_sweep(b: &impl SampledBackend) {
         let kl: Vec<f32> =
             c.logp.iter().zip(&c.ref_logp).map(|(a, b)| if b.is_finite() { a - b } else { 30.0 }).collect();
         let scores: Vec<f32> = (0..shape.rows).map(|i| i as f32 - 3.5).collect();
-        let expected = reference::kl_rewards(&kl, shape, c.mask.as_deref(), &scores, 0.05).unwrap();
-        let r = b.rewards(&kl, shape, c.mask.as_deref(), &scores, 0.05).unwrap();
+        let inputs = KlRewardsInputs { mask: c.mask.as_deref(), ..KlRewardsInputs::new(shape, &kl, &scores) };
+        let opts = KlRewardsOptions::new(0.05);
+        let expected = reference::kl_rewards(&inputs, &opts).unwrap();
+        let r = b.rewards(&inputs, &opts).unwrap();
         assert_close(
             &dense(&r, shape),
             &expected,
@@ -183,12 +179,15 @@ pub fn rewards_problems(b: &impl SampledBackend) {
     let mask = [1u8, 1, 1, 0, 1, 1];
     let kl = [0.5f32, 0.25, 0.5, f32::NAN, 0.5, 0.25];
     let scores = [1.0f32, 2.0, 3.0];
-    let expected = reference::kl_rewards(&kl, shape, Some(&mask), &scores, 0.1).unwrap();
-    let r = b.rewards(&kl, shape, Some(&mask), &scores, 0.1).unwrap();
+    let (inputs, opts) = (KlRewardsInputs::new(shape, &kl, &scores).mask(&mask), KlRewardsOptions::new(0.1));
+    let expected = reference::kl_rewards(&inputs, &opts).unwrap();
+    let r = b.rewards(&inputs, &opts).unwrap();
     assert_close(&r, &expected, Tolerance::for_dtype(DType::F32), "masked NaN");
     let rewards_err = |kl: &[f32], scores: &[f32], beta: f32| {
-        let want = reference::kl_rewards(kl, shape, Some(&mask), scores, beta).unwrap_err();
-        let got = b.rewards(kl, shape, Some(&mask), scores, beta).unwrap_err();
+        let (inputs, opts) =
+            (KlRewardsInputs::new(shape, kl, scores).mask(&mask), KlRewardsOptions::new(beta));
+        let want = reference::kl_rewards(&inputs, &opts).unwrap_err();
+        let got = b.rewards(&inputs, &opts).unwrap_err();
         assert_eq!(got, want);
         got
     };

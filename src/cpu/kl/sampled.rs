@@ -8,8 +8,8 @@ use crate::cpu::first_problem;
 use crate::cpu::simd::{self, LANES, LOG2E, dispatch};
 use crate::error::Op;
 use crate::{
-    KlEstimator, Result, RowProblem, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
-    SampledKlStats,
+    KlEstimator, KlRewardsInputs, KlRewardsOptions, Result, RowProblem, RowShape, SampledKlInputs,
+    SampledKlOptions, SampledKlOutputs, SampledKlStats,
 };
 
 /// The chosen estimator as a type, so that each row kernel is compiled for one estimator and
@@ -285,28 +285,17 @@ pub fn sampled_kl(
 /// lowest sequence whose reward overflows f32 (`rewards` is then partly written).
 ///
 /// ```
-/// use rlhf_kernels::{cpu, RowShape};
-/// let mut rewards = [0.0f32; 3];
-/// cpu::kl_rewards(&[0.5, 0.25, 9.0], RowShape::new(1, 3), Some(&[1, 1, 0]), &[2.0], 0.1, &mut rewards)?;
+/// use rlhf_kernels::{cpu, KlRewardsInputs, KlRewardsOptions, RowShape};
+/// let (kl, scores, mut rewards) = ([0.5f32, 0.25, 9.0], [2.0f32], [0.0f32; 3]);
+/// let inputs = KlRewardsInputs::new(RowShape::new(1, 3), &kl, &scores).mask(&[1, 1, 0]);
+/// cpu::kl_rewards(&inputs, &mut rewards, &KlRewardsOptions::new(0.1))?;
 /// assert_eq!(rewards, [-0.05, 2.0 - 0.025, 0.0]);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
-pub fn kl_rewards(
-    kl: &[f32],
-    shape: RowShape,
-    mask: Option<&[u8]>,
-    scores: &[f32],
-    beta: f32,
-    rewards: &mut [f32],
-) -> Result<()> {
-    crate::kl::check_kl_rewards(
-        kl.len(),
-        shape,
-        mask.map(<[u8]>::len),
-        scores.len(),
-        Some(rewards.len()),
-        beta,
-    )?;
+pub fn kl_rewards(inputs: &KlRewardsInputs<'_>, rewards: &mut [f32], opts: &KlRewardsOptions) -> Result<()> {
+    inputs.validate(Some(rewards.len()), opts)?;
+    let KlRewardsInputs { shape, kl, scores, mask } = *inputs;
+    let beta = opts.beta;
     let problem = rewards
         .par_chunks_mut(shape.row_stride)
         .enumerate()

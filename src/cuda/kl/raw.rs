@@ -11,7 +11,7 @@ pub use super::sampled::{
 use super::sampled::{launch_rewards, launch_sampled};
 use crate::cuda::{RawStream, non_null};
 use crate::reference::check_pair;
-use crate::{DType, Error, ExactKlOptions, Result, RowShape, SampledKlOptions};
+use crate::{DType, Error, ExactKlOptions, KlRewardsOptions, Result, RowShape, SampledKlOptions};
 
 /// [`cuda::sampled_kl`](crate::cuda::sampled_kl) on raw device pointers, enqueued on a stream
 /// owned by the caller: per-token values, `∂loss/∂logp` and the 13 statistics words, each when
@@ -52,7 +52,7 @@ pub unsafe fn sampled_kl(stream: RawStream, args: &SampledKlArgs, opts: &Sampled
 ///
 /// # Safety
 /// As [`sampled_kl`], for the buffers of [`KlRewardsArgs`]; `rewards` overlaps nothing else.
-pub unsafe fn kl_rewards(stream: RawStream, args: &KlRewardsArgs, beta: f32) -> Result<()> {
+pub unsafe fn kl_rewards(stream: RawStream, args: &KlRewardsArgs, opts: &KlRewardsOptions) -> Result<()> {
     non_null(&[
         ("kl", args.kl),
         ("scores", args.scores),
@@ -60,12 +60,11 @@ pub unsafe fn kl_rewards(stream: RawStream, args: &KlRewardsArgs, beta: f32) -> 
         ("status", args.status),
     ])?;
     args.shape.validate("kl_rewards")?;
-    let n = args.shape.min_len();
-    crate::kl::check_kl_rewards(n, args.shape, None, args.shape.rows, Some(n), beta)?;
+    opts.validate()?;
     // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
     let stream = unsafe { stream.borrow() }?;
     // SAFETY: the caller guarantees every buffer (see # Safety).
-    unsafe { launch_rewards(&stream, args, beta) }
+    unsafe { launch_rewards(&stream, args, opts) }
 }
 
 /// Buffers of a raw [`exact_kl`] call: device addresses, 0 for an absent optional buffer.

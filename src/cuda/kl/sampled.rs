@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use crate::cuda::aggregation::{
     AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
@@ -14,9 +14,10 @@ use crate::cuda::aggregation::{
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, DeviceStats, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::memory::IntoViewMut;
 use crate::{
-    BatchCounts, Cuda, Error, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
-    SampledKlStats,
+    BatchCounts, Cuda, Error, KlRewardsInputs, KlRewardsOptions, Result, RowShape, SampledKlInputs,
+    SampledKlOptions, SampledKlOutputs, SampledKlStats,
 };
 
 /// Bytes per sequence of the row records (`SampledRow` in the kernel: 10 f32).
@@ -244,46 +245,37 @@ pub(crate) unsafe fn launch_sampled(
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
-/// use rlhf_kernels::RowShape;
+/// use rlhf_kernels::{KlRewardsInputs, KlRewardsOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let kl = s.clone_htod(&[0.5f32, 0.25]).unwrap();
 /// let scores = s.clone_htod(&[2.0f32]).unwrap();
 /// let mut rewards = s.alloc_zeros::<f32>(2).unwrap();
 /// let mut status = CudaStatus::new(s)?;
-/// cuda::kl_rewards(s, &kl, RowShape::new(1, 2), None, &scores, 0.1, &mut rewards, &mut status)?;
+/// let inputs = KlRewardsInputs::new(RowShape::new(1, 2), &kl, &scores);
+/// cuda::kl_rewards(s, &inputs, &mut rewards, &mut status, &KlRewardsOptions::new(0.1))?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
-#[allow(clippy::too_many_arguments)] // issue 15 gives every op one inputs struct
-pub fn kl_rewards(
+pub fn kl_rewards<'a>(
     stream: &Arc<CudaStream>,
-    kl: &impl DevicePtr<f32>,
-    shape: RowShape,
-    mask: Option<&CudaView<'_, u8>>,
-    scores: &impl DevicePtr<f32>,
-    beta: f32,
-    rewards: &mut impl DevicePtrMut<f32>,
+    inputs: &KlRewardsInputs<'_, Cuda>,
+    rewards: impl IntoViewMut<'a, f32, Memory = Cuda>,
     status: &mut CudaStatus,
+    opts: &KlRewardsOptions,
 ) -> Result<()> {
-    crate::kl::check_kl_rewards(
-        kl.len(),
-        shape,
-        mask.map(|m| m.len()),
-        scores.len(),
-        Some(rewards.len()),
-        beta,
-    )?;
+    let mut rewards = rewards.into_view_mut();
+    inputs.validate(Some(rewards.len()), opts)?;
     let s: &CudaStream = stream;
-    let (kl, _g1) = kl.device_ptr(s);
-    let (mask, _g2) = view_ptr(mask, s);
-    let (scores, _g3) = scores.device_ptr(s);
+    let (kl, _g1) = inputs.kl.device_ptr(s);
+    let (mask, _g2) = view_ptr(inputs.mask.as_ref(), s);
+    let (scores, _g3) = inputs.scores.device_ptr(s);
     let (rewards, _g4) = rewards.device_ptr_mut(s);
     let (status, _g5) = status.device_ptr(s);
-    let args = KlRewardsArgs { shape, kl, mask, scores, rewards, status };
+    let args = KlRewardsArgs { shape: inputs.shape, kl, mask, scores, rewards, status };
     // SAFETY: every address comes from a cudarc buffer of this stream's context whose length was
     // checked above; the guards keep cudarc's event tracking in order until the launch.
-    unsafe { launch_rewards(stream, &args, beta) }
+    unsafe { launch_rewards(stream, &args, opts) }
 }
 
 /// Buffers of a raw [`kl_rewards`](crate::cuda::raw::kl_rewards) call: device addresses, 0 for
@@ -310,8 +302,12 @@ pub struct KlRewardsArgs {
 /// Every non-zero address of `a` is device memory of `stream`'s context of the size its
 /// [`KlRewardsArgs`] field documents, `rewards` overlaps nothing else, and every buffer stays
 /// allocated until the kernel ran.
-pub(super) unsafe fn launch_rewards(stream: &Arc<CudaStream>, a: &KlRewardsArgs, beta: f32) -> Result<()> {
-    let shape = a.shape;
+pub(super) unsafe fn launch_rewards(
+    stream: &Arc<CudaStream>,
+    a: &KlRewardsArgs,
+    opts: &KlRewardsOptions,
+) -> Result<()> {
+    let (shape, beta) = (a.shape, opts.beta);
     let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
     let func = function(stream.context(), Module::KlSampled, "kl_rewards")?;
     let mut launch = stream.launch_builder(&func);

@@ -6,11 +6,10 @@ mod common;
 
 use common::{config, id};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rlhf_kernels::PolicyLossOutputs;
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
-    DType, Element, FusedPolicyInputs, PolicyLossInputs, PolicyLossOptions, RowShape, TokenLogprobsOptions,
-    Tokens, bf16, cpu, f16,
+    DType, Element, FusedPolicyInputs, FusedPolicyOptions, PolicyLossInputs, PolicyLossOptions,
+    PolicyLossOutputs, RowShape, Tokens, bf16, cpu, f16,
 };
 
 /// Tokens per sequence of the fused-path bench.
@@ -103,11 +102,11 @@ fn bench_fused_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
     let mut grad = vec![T::default(); shape.len()];
     let tokens = Tokens::new(&d.targets).with_mask(&d.mask);
     let inputs = FusedPolicyInputs::new(tokens, sequences(shape), &d.old, &d.adv);
-    let lp = TokenLogprobsOptions::default();
+    let fused = FusedPolicyOptions::new(opts());
     let mut grp = c.benchmark_group("ppo_fused");
     grp.throughput(Throughput::Bytes(fused_bytes(shape, T::DTYPE)));
     grp.bench_function(id("cpu", shape, T::DTYPE), |b| {
-        b.iter(|| cpu::policy_loss_from_logits(&d.logits, shape, &inputs, &mut grad, &lp, &opts()).unwrap())
+        b.iter(|| cpu::policy_loss_from_logits(&d.logits, shape, &inputs, &mut grad, &fused).unwrap())
     });
     grp.finish();
 }
@@ -116,12 +115,9 @@ fn bench_fused_cpu<T: Element>(c: &mut Criterion, shape: RowShape) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
-    use rlhf_kernels::PolicyLossOutputs;
     use rlhf_kernels::PolicyLossStats;
-    use rlhf_kernels::Tokens;
     use rlhf_kernels::cuda::{self, CudaStatus, DeviceFusedStats, DeviceStats};
     use rlhf_kernels::cudarc::driver::CudaStream;
-    use rlhf_kernels::{FusedPolicyInputs, PolicyLossInputs};
     use std::sync::Arc;
 
     pub fn bench_cuda(c: &mut Criterion) {
@@ -173,14 +169,9 @@ mod gpu {
         let (old, adv) = (s.clone_htod(&d.old).unwrap(), s.clone_htod(&d.adv).unwrap());
         let mut grad = s.alloc_zeros::<T>(shape.len()).unwrap();
         let (mut stats, mut status) = (DeviceFusedStats::new(s).unwrap(), CudaStatus::new(s).unwrap());
-        let inputs = FusedPolicyInputs {
-            tokens: Tokens::new(targets.as_view()).with_mask(mask.as_view()),
-            sequences: sequences(shape),
-            old_logp: old.as_view(),
-            advantages: adv.as_view(),
-            kl: None,
-        };
-        let lp = TokenLogprobsOptions::default();
+        let inputs =
+            FusedPolicyInputs::new(Tokens::new(&targets).with_mask(&mask), sequences(shape), &old, &adv);
+        let fused = FusedPolicyOptions::new(opts());
         bench_events(c, "ppo_fused", shape, T::DTYPE, fused_bytes(shape, T::DTYPE), s, || {
             cuda::policy_loss_from_logits(
                 s,
@@ -190,8 +181,7 @@ mod gpu {
                 &mut grad,
                 &mut stats,
                 &mut status,
-                &lp,
-                &opts(),
+                &fused,
             )
             .unwrap()
         });

@@ -488,9 +488,10 @@ moments_finalize(const MomentsF64* __restrict__ records, int rows, double* __res
   }
 }
 
-// x ← x·scale + shift at valid tokens (0 at masked ones), in f64 and rounded once as on the
-// CPU: scale = 1/sqrt(var + ε) (0 if that is not finite), shift = −mean·scale (+ mean with
-// keep_mean). One block per row.
+// x ← (x − mean)·scale + offset at valid tokens (0 at masked ones), in f64 and rounded once as
+// on the CPU: scale = 1/sqrt(var + ε) (0 if that is not finite), offset = mean with keep_mean,
+// else 0. The deviation comes first: x·scale − mean·scale cancels catastrophically when the
+// scale is large (and can overflow f32 from a finite batch). One block per row.
 extern "C" __global__ void __launch_bounds__(256)
 whiten_apply(float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows, int cols,
              const double* __restrict__ moments, double eps, int keep_mean) {
@@ -499,10 +500,10 @@ whiten_apply(float* __restrict__ values, long long ld, const unsigned char* __re
   const double mean = moments[1];
   double scale = 1.0 / sqrt(moments[2] + eps);
   if (!isfinite(scale)) scale = 0.0;
-  const double shift = -mean * scale + (keep_mean ? mean : 0.0);
+  const double offset = keep_mean ? mean : 0.0;
   const long long base = row * ld;
   for (long long t = threadIdx.x; t < cols; t += 256) {
     const double x = static_cast<double>(values[base + t]);
-    values[base + t] = token_valid(mask, base + t) ? static_cast<float>(fma(x, scale, shift)) : 0.0f;
+    values[base + t] = token_valid(mask, base + t) ? static_cast<float>(fma(x - mean, scale, offset)) : 0.0f;
   }
 }

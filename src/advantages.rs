@@ -435,12 +435,13 @@ impl WhitenOptions {
         Ok(())
     }
 
-    /// `(scale, shift)` such that the whitened value is `x·scale + shift`.
-    pub(crate) fn affine(&self, m: &Moments) -> (f64, f64) {
+    /// `(center, scale, offset)` such that the whitened value is `(x − center)·scale + offset`
+    /// (the deviation first: `x·scale − mean·scale` would cancel catastrophically when the
+    /// scale is large, and overflow f32 from a finite batch).
+    pub(crate) fn affine(&self, m: &Moments) -> (f64, f64, f64) {
         let scale = 1.0 / (m.var + self.eps as f64).sqrt();
         let scale = if scale.is_finite() { scale } else { 0.0 };
-        let shift = -m.mean * scale + if self.keep_mean { m.mean } else { 0.0 };
-        (scale, shift)
+        (m.mean, scale, if self.keep_mean { m.mean } else { 0.0 })
     }
 }
 

@@ -114,8 +114,9 @@ pub use logprobs::{
 pub use memory::Cuda;
 pub use memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
 pub use ppo::{
-    FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
-    PolicyLossStats, PolicyObjective, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats,
+    FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions,
+    PolicyLossOutputs, PolicyLossStats, PolicyObjective, ValueLossInputs, ValueLossOptions, ValueLossOutputs,
+    ValueLossStats,
 };
 pub use shape::{MAX_DIM, RowBlocks, RowShape};
 

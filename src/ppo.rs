@@ -34,7 +34,7 @@
 //! `∂L_v/∂v = (v − R)` where the unclipped error is the larger, else `(v_clip − R)` inside the
 //! clip band and 0 outside.
 
-use crate::{Aggregation, BatchCounts, Error, Normaliser, Result, SampledKlStats};
+use crate::{Aggregation, BatchCounts, Error, Normaliser, Result, SampledKlOptions, SampledKlStats};
 
 mod buffers;
 pub use buffers::{
@@ -317,5 +317,75 @@ impl FusedPolicyStats {
     /// plus the KL term.
     pub fn total_loss(&self) -> f64 {
         self.policy.loss + self.kl.map_or(0.0, |k| k.loss)
+    }
+}
+
+/// Options of the fused path from logits (`policy_loss_from_logits`): the sampling
+/// temperature τ of the token log-probs (the logits are divided by it), the policy loss's
+/// options, and the KL term's estimator when the inputs carry reference log-probs. Padding
+/// comes from the tokens' mask only: the fused path has no ignore index.
+///
+/// ```
+/// use rlhf_kernels::{FusedPolicyOptions, KlDirection, KlEstimator, PolicyLossOptions, SampledKlOptions};
+/// let kl = SampledKlOptions::new(KlEstimator::gradient_of(KlDirection::PolicyRef)).coef(0.05);
+/// let opts = FusedPolicyOptions::new(PolicyLossOptions::default().entropy_coef(0.01)).temperature(0.7).kl(kl);
+/// assert_eq!(opts.temperature, 0.7);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct FusedPolicyOptions {
+    /// Sampling temperature τ > 0 (1 by default).
+    pub temperature: f32,
+    /// The policy loss.
+    pub loss: PolicyLossOptions,
+    /// The KL loss term's estimator, coefficient and aggregation; required exactly when the
+    /// inputs carry `ref_logp`.
+    pub kl: Option<SampledKlOptions>,
+}
+
+impl Default for FusedPolicyOptions {
+    fn default() -> Self {
+        FusedPolicyOptions::new(PolicyLossOptions::default())
+    }
+}
+
+impl FusedPolicyOptions {
+    /// The policy loss `loss` at temperature 1, without a KL term.
+    pub fn new(loss: PolicyLossOptions) -> Self {
+        FusedPolicyOptions { temperature: 1.0, loss, kl: None }
+    }
+    /// Sets the sampling temperature.
+    pub fn temperature(self, temperature: f32) -> Self {
+        FusedPolicyOptions { temperature, ..self }
+    }
+    /// Adds the KL loss term's options (the inputs then carry `ref_logp`).
+    pub fn kl(self, kl: SampledKlOptions) -> Self {
+        FusedPolicyOptions { kl: Some(kl), ..self }
+    }
+
+    /// The token log-probs' options: this temperature, no ignore index.
+    pub fn logprobs(&self) -> crate::TokenLogprobsOptions {
+        crate::TokenLogprobsOptions::default().temperature(self.temperature)
+    }
+
+    /// Checks the options, and that a KL term has both its options and `ref_logp`
+    /// (`has_ref_logp`); returns the KL options when there is a term.
+    pub(crate) fn validate(&self, has_ref_logp: bool) -> Result<Option<&SampledKlOptions>> {
+        self.logprobs().inv_temperature()?;
+        self.loss.validate()?;
+        match (&self.kl, has_ref_logp) {
+            (Some(kl), true) => Ok(Some(kl)),
+            (None, false) => Ok(None),
+            (kl, _) => Err(Error::InvalidOption {
+                name: "kl",
+                value: if kl.is_some() {
+                    "KL options without ref_logp"
+                } else {
+                    "ref_logp without KL options"
+                }
+                .into(),
+                expected: "FusedPolicyOptions::kl exactly when the inputs carry ref_logp",
+            }),
+        }
     }
 }

@@ -20,9 +20,9 @@ mod gpu {
     use rlhf_kernels::cuda::raw::{self, RawStream};
     use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
     use rlhf_kernels::{
-        Aggregation, DType, Error, IndexType, KlEstimator, KlRewardsInputs, KlRewardsOptions, Normaliser,
-        PolicyLossOptions, RowProblem, RowShape, SampledKlOptions, TokenLogprobsOptions, ValueLossOptions,
-        WhitenOptions, bf16,
+        Aggregation, DType, Error, FusedPolicyOptions, IndexType, KlEstimator, KlRewardsInputs,
+        KlRewardsOptions, Normaliser, PolicyLossOptions, RowProblem, RowShape, SampledKlOptions,
+        TokenLogprobsOptions, ValueLossOptions, WhitenOptions, bf16,
     };
 
     const SHAPE: RowShape = RowShape::new(6, 70).with_row_stride(73);
@@ -305,7 +305,7 @@ mod gpu {
         for (with_kl, in_place) in [(false, false), (true, false), (true, true)] {
             let c = FusedCase::<bf16>::random(3, 7, 1000, 1003, with_kl, 66);
             let opts = PolicyLossOptions::default().entropy_coef(0.01);
-            let (expected, stats) = gpu.fused(&c, &opts, in_place).unwrap();
+            let (expected, stats) = gpu.fused(&c, &c.options(&opts), in_place).unwrap();
             let need = raw::fused_workspace_bytes(c.shape, DType::BF16, c.sequences);
             let mut logits = up(s, &c.logits);
             let mut grad = up(s, &vec![bf16::from_f32(f32::NAN); c.logits.len()]);
@@ -316,7 +316,6 @@ mod gpu {
                 s.alloc_zeros::<f64>(raw::POLICY_STATS_WORDS + raw::SAMPLED_KL_STATS_WORDS).unwrap();
             let mut work = s.alloc_zeros::<u8>(need).unwrap();
             let mut st = clear_status(s);
-            let kl = ppo::fused_kl();
             {
                 let (lp, _a) = logits.device_ptr_mut(s);
                 let (gp, _b) = grad.device_ptr_mut(s);
@@ -345,16 +344,15 @@ mod gpu {
                     workspace: wp,
                     status: stp,
                 };
-                let lpo = TokenLogprobsOptions::default();
-                let kl_opts = with_kl.then_some(&kl);
+                let fused = c.options(&opts);
                 // SAFETY: the buffers were allocated above on this context, cover the shapes, the
                 // workspace holds fused_workspace_bytes, and all live until the copies below.
-                unsafe { raw::policy_loss_from_logits(stream(s), &args, &lpo, &opts, kl_opts) }.unwrap();
+                unsafe { raw::policy_loss_from_logits(stream(s), &args, &fused) }.unwrap();
                 let mismatched = raw::FusedPolicyArgs { ref_logp: 0, ..args };
+                let with_kl_opts = FusedPolicyOptions::new(opts).kl(ppo::fused_kl());
                 // SAFETY: refused before any launch: KL options without the reference.
                 assert!(
-                    unsafe { raw::policy_loss_from_logits(stream(s), &mismatched, &lpo, &opts, Some(&kl)) }
-                        .is_err()
+                    unsafe { raw::policy_loss_from_logits(stream(s), &mismatched, &with_kl_opts) }.is_err()
                 );
             }
             status_of(s, &st).unwrap();

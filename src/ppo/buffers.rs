@@ -1,9 +1,7 @@
 //! The PPO family's op inputs and outputs, generic over the memory (host or device).
 
 use crate::memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
-use crate::{
-    Error, PolicyLossStats, Result, RowShape, SampledKlOptions, TargetIndex, Tokens, ValueLossStats,
-};
+use crate::{Error, PolicyLossStats, Result, RowShape, TargetIndex, Tokens, ValueLossStats};
 
 /// The per-token inputs of the policy loss, laid out as `shape` (`[B, T]`, rows = sequences).
 ///
@@ -279,9 +277,10 @@ pub struct FusedPolicyInputs<'a, I: 'a, M: Memory = Host> {
     pub old_logp: M::View<'a, f32>,
     /// Advantages per token.
     pub advantages: M::View<'a, f32>,
-    /// A KL loss term to the reference policy: its per-token log-probs and estimator options
-    /// (the gradient joins the policy loss's; no importance ratio).
-    pub kl: Option<(M::View<'a, f32>, SampledKlOptions)>,
+    /// `log π_ref(y_t)` for a KL loss term to the reference policy (its estimator in
+    /// [`FusedPolicyOptions::kl`](crate::FusedPolicyOptions::kl); the gradient joins the policy
+    /// loss's, with no importance ratio).
+    pub ref_logp: Option<M::View<'a, f32>>,
 }
 
 // By hand: a derive would not see through the tokens' views.
@@ -296,7 +295,7 @@ where
             .field("sequences", &self.sequences)
             .field("old_logp", &self.old_logp)
             .field("advantages", &self.advantages)
-            .field("kl", &self.kl)
+            .field("ref_logp", &self.ref_logp)
             .finish()
     }
 }
@@ -322,12 +321,12 @@ impl<'a, I: TargetIndex, M: Memory> FusedPolicyInputs<'a, I, M> {
             sequences,
             old_logp: old_logp.into_view(),
             advantages: advantages.into_view(),
-            kl: None,
+            ref_logp: None,
         }
     }
-    /// Adds a KL loss term from the reference log-probs.
-    pub fn kl(self, ref_logp: impl IntoView<'a, f32, Memory = M>, opts: SampledKlOptions) -> Self {
-        FusedPolicyInputs { kl: Some((ref_logp.into_view(), opts)), ..self }
+    /// Adds the reference log-probs of a KL loss term (with [`FusedPolicyOptions::kl`](crate::FusedPolicyOptions::kl)).
+    pub fn ref_logp(self, ref_logp: impl IntoView<'a, f32, Memory = M>) -> Self {
+        FusedPolicyInputs { ref_logp: Some(ref_logp.into_view()), ..self }
     }
 
     /// Checks that `sequences` views `rows` token rows densely.

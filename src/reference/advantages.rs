@@ -167,12 +167,12 @@ pub fn whiten(
 ) -> Result<Vec<f64>> {
     opts.validate()?;
     let m = masked_moments(values, shape, mask)?;
-    let (scale, shift) = opts.affine(&m);
+    let (center, scale, offset) = opts.affine(&m);
     let mut out = vec![0.0; shape.len()];
     for i in 0..shape.rows {
         for (j, t) in shape.row_range(i).enumerate() {
             if mask.is_none_or(|mk| mk[t] != 0) {
-                out[i * shape.cols + j] = values[t] as f64 * scale + shift;
+                out[i * shape.cols + j] = (values[t] as f64 - center) * scale + offset;
             }
         }
     }

@@ -5,7 +5,7 @@ use super::advantages::{AdvantagesBackend, GaeCase, out_buffer};
 use super::kl::{self, ExactBackend, ExactCase};
 use super::ppo::{FusedBackend, FusedCase, PolicyCase, PolicyOut, PpoBackend, ValueCase};
 use super::tokens::{Case, Fwd, TokenBackend};
-use super::{Backward, Forward, advantages as adv, ppo};
+use super::{Backward, Forward, advantages as adv};
 use rlhf_kernels::*;
 
 /// The CPU backend.
@@ -287,18 +287,17 @@ impl FusedBackend for Cpu {
     fn fused<T: Element>(
         &self,
         c: &FusedCase<T>,
-        opts: &PolicyLossOptions,
+        opts: &FusedPolicyOptions,
         in_place: bool,
     ) -> Result<(Vec<T>, FusedPolicyStats)> {
-        let inputs = c.inputs(ppo::fused_kl());
-        let lp = TokenLogprobsOptions::default();
+        let inputs = c.inputs();
         if in_place {
             let mut logits = c.logits.clone();
-            let stats = cpu::policy_loss_from_logits_in_place(&mut logits, c.shape, &inputs, &lp, opts)?;
+            let stats = cpu::policy_loss_from_logits_in_place(&mut logits, c.shape, &inputs, opts)?;
             Ok((logits, stats))
         } else {
             let mut grad = vec![T::from_f32(f32::NAN); c.logits.len()];
-            let stats = cpu::policy_loss_from_logits(&c.logits, c.shape, &inputs, &mut grad, &lp, opts)?;
+            let stats = cpu::policy_loss_from_logits(&c.logits, c.shape, &inputs, &mut grad, opts)?;
             Ok((grad, stats))
         }
     }

@@ -7,7 +7,7 @@ use super::advantages::{AdvantagesBackend, GaeCase, out_buffer};
 use super::kl::{ExactBackend, ExactCase, ExactOut, SampledBackend, SampledCase, Shard};
 use super::ppo::{FusedBackend, FusedCase, PolicyCase, PolicyOut, PpoBackend, ValueCase};
 use super::tokens::{Case, Fwd, TokenBackend};
-use super::{Backward, Forward, advantages as adv, ppo};
+use super::{Backward, Forward, advantages as adv};
 use rlhf_kernels::cuda::*;
 use rlhf_kernels::cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, ValidAsZeroBits};
 use rlhf_kernels::*;
@@ -571,7 +571,7 @@ impl FusedBackend for Gpu {
     fn fused<T: Element>(
         &self,
         c: &FusedCase<T>,
-        opts: &PolicyLossOptions,
+        opts: &FusedPolicyOptions,
         in_place: bool,
     ) -> Result<(Vec<T>, FusedPolicyStats)> {
         let s = &self.0;
@@ -580,14 +580,10 @@ impl FusedBackend for Gpu {
         let (old, adv) = (s.clone_htod(&c.old_logp).unwrap(), s.clone_htod(&c.advantages).unwrap());
         let ref_logp = c.ref_logp.as_ref().map(|r| s.clone_htod(r).unwrap());
         let inputs = FusedPolicyInputs {
-            tokens: Tokens::new(targets.as_view()).with_mask(mask.as_view()),
-            sequences: c.sequences,
-            old_logp: old.as_view(),
-            advantages: adv.as_view(),
-            kl: ref_logp.as_ref().map(|r| (r.as_view(), ppo::fused_kl())),
+            ref_logp: ref_logp.as_ref().map(|r| r.as_view()),
+            ..FusedPolicyInputs::new(Tokens::new(&targets).with_mask(&mask), c.sequences, &old, &adv)
         };
         let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
-        let lp = TokenLogprobsOptions::default();
         let grad = if in_place {
             cuda::policy_loss_from_logits_in_place(
                 s,
@@ -596,7 +592,6 @@ impl FusedBackend for Gpu {
                 &inputs,
                 &mut stats,
                 &mut status,
-                &lp,
                 opts,
             )?;
             logits
@@ -610,7 +605,6 @@ impl FusedBackend for Gpu {
                 &mut grad,
                 &mut stats,
                 &mut status,
-                &lp,
                 opts,
             )?;
             grad

@@ -431,7 +431,7 @@ pub fn ppo_family(be: &impl Backend, cases: u32) {
         };
         let opts = policy_options(b, rows);
         for in_place in [false, true] {
-            if let Some((grad, st)) = ok(be.fused(&fused, &opts, in_place)) {
+            if let Some((grad, st)) = ok(be.fused(&fused, &fused.options(&opts), in_place)) {
                 check("fused grad", valid_cells(b.shape, &grad), Allow::Finite)?;
                 let kl = st.kl.map(|k| k.loss);
                 check("fused stats", [st.total_loss(), st.policy.loss].into_iter().chain(kl), Allow::Finite)?;
@@ -474,6 +474,11 @@ pub fn named_cases(be: &impl Backend) {
     assert_eq!(be.aggregate(&inf, shape, None, agg, local).unwrap(), f64::INFINITY);
     let both = [1.0f32, f32::INFINITY, f32::NEG_INFINITY, 0.0];
     assert_eq!(err_of(be.aggregate(&both, shape, None, agg, local)), row("aggregate", 0, NonFinite));
+    // Whitening that keeps the mean of one f32::MAX under a tiny ε: x·scale − mean·scale would
+    // cancel at 1e54 and round past f32::MAX; the deviation first gives the value back.
+    let keep = WhitenOptions::default().keep_mean(true).eps(1.2e-32);
+    let (w, m) = be.whiten(&[f32::MAX], RowShape::new(1, 1), Some(&[1]), &keep).unwrap();
+    assert_eq!((w, m.var), (vec![f32::MAX], 0.0));
     // policy_loss with log_ratio_clamp(80) and |A| = 1e4: e^80·1e4 > 3.4e38.
     let one_by_two = RowShape::new(1, 2);
     let case = PolicyCase {

@@ -497,14 +497,20 @@ impl<T: rlhf_kernels::Element> FusedCase<T> {
         }
     }
 
-    pub fn inputs(&self, kl: rlhf_kernels::SampledKlOptions) -> rlhf_kernels::FusedPolicyInputs<'_, i64> {
+    pub fn inputs(&self) -> rlhf_kernels::FusedPolicyInputs<'_, i64> {
         let tokens = rlhf_kernels::Tokens::new(&self.targets).with_mask(&self.mask);
         let inputs =
             rlhf_kernels::FusedPolicyInputs::new(tokens, self.sequences, &self.old_logp, &self.advantages);
         match &self.ref_logp {
-            Some(r) => inputs.kl(r, kl),
+            Some(r) => inputs.ref_logp(r),
             None => inputs,
         }
+    }
+
+    /// The fused path's options for `loss`, with the KL term's when the case has one.
+    pub fn options(&self, loss: &PolicyLossOptions) -> rlhf_kernels::FusedPolicyOptions {
+        let opts = rlhf_kernels::FusedPolicyOptions::new(*loss);
+        if self.ref_logp.is_some() { opts.kl(fused_kl()) } else { opts }
     }
 }
 
@@ -521,7 +527,7 @@ pub trait FusedBackend {
     fn fused<T: rlhf_kernels::Element>(
         &self,
         c: &FusedCase<T>,
-        opts: &PolicyLossOptions,
+        opts: &rlhf_kernels::FusedPolicyOptions,
         in_place: bool,
     ) -> Result<(Vec<T>, rlhf_kernels::FusedPolicyStats)>;
 }
@@ -566,7 +572,7 @@ pub fn fused_path<T: rlhf_kernels::Element>(b: &impl FusedBackend) {
         .unwrap();
         for in_place in [false, true] {
             let what = format!("{} V={v} in_place={in_place}", T::DTYPE);
-            let (grad, stats) = b.fused(&c, &opts, in_place).unwrap();
+            let (grad, stats) = b.fused(&c, &c.options(&opts), in_place).unwrap();
             let dense: Vec<T> =
                 (0..c.shape.rows).flat_map(|r| grad[c.shape.row_range(r)].iter().copied()).collect();
             let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
@@ -588,7 +594,17 @@ pub fn fused_path<T: rlhf_kernels::Element>(b: &impl FusedBackend) {
     let mut c = FusedCase::<T>::random(2, 3, 20, 20, false, 9);
     c.sequences = RowShape::new(2, 2);
     assert!(matches!(
-        b.fused(&c, &PolicyLossOptions::default(), false),
+        b.fused(&c, &c.options(&PolicyLossOptions::default()), false),
         Err(Error::ShapeMismatch { what: "sequences", .. })
     ));
+    // The KL term needs both its options and the reference log-probs.
+    let loss = rlhf_kernels::FusedPolicyOptions::default();
+    for (with_kl, opts) in [(true, loss), (false, loss.kl(fused_kl()))] {
+        let c = FusedCase::<T>::random(2, 3, 20, 20, with_kl, 10);
+        assert!(
+            matches!(b.fused(&c, &opts, false), Err(Error::InvalidOption { name: "kl", .. })),
+            "ref_logp {with_kl} with KL options {}",
+            opts.kl.is_some()
+        );
+    }
 }

@@ -112,12 +112,12 @@ pub fn whiten(
 ) -> Result<Moments> {
     opts.validate()?;
     let m = masked_moments(values, shape, mask)?;
-    let (scale, shift) = opts.affine(&m);
+    let (center, scale, offset) = opts.affine(&m);
     values.par_chunks_mut(shape.row_stride).enumerate().for_each(|(i, row)| {
         let start = shape.row_start(i);
         for (j, x) in row[..shape.cols].iter_mut().enumerate() {
-            *x =
-                if mask.is_none_or(|m| m[start + j] != 0) { (*x as f64 * scale + shift) as f32 } else { 0.0 };
+            let valid = mask.is_none_or(|m| m[start + j] != 0);
+            *x = if valid { ((*x as f64 - center) * scale + offset) as f32 } else { 0.0 };
         }
     });
     Ok(m)

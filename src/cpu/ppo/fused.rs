@@ -7,8 +7,8 @@ use crate::SampledKlInputs;
 use crate::cpu::{sampled_kl, token_logprobs, token_logprobs_backward, token_logprobs_backward_in_place};
 use crate::logprobs::check_len;
 use crate::{
-    Element, FusedPolicyInputs, FusedPolicyStats, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
-    Result, RowShape, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs,
+    Element, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, PolicyLossInputs, PolicyLossOutputs,
+    Result, RowShape, TargetIndex, TokenGrads, TokenOutputs,
 };
 
 use super::policy_loss;
@@ -26,34 +26,33 @@ fn forward<T: Element, I: TargetIndex>(
     logits: &[T],
     shape: RowShape,
     inputs: &FusedPolicyInputs<'_, I>,
-    logprobs: &TokenLogprobsOptions,
-    opts: &PolicyLossOptions,
+    opts: &FusedPolicyOptions,
 ) -> Result<Forward> {
     shape.check_buffer("logits", logits.len())?;
     let n = shape.rows;
     inputs.check_sequences(n)?;
     check_len("old_logp", inputs.old_logp.len(), n)?;
     check_len("advantages", inputs.advantages.len(), n)?;
-    if let Some((r, _)) = inputs.kl {
+    if let Some(r) = inputs.ref_logp {
         check_len("ref_logp", r.len(), n)?;
     }
-    opts.validate()?;
-    let lp_opts = TokenLogprobsOptions { ignore_index: None, ..*logprobs };
+    let kl_opts = opts.validate(inputs.ref_logp.is_some())?;
+    let lp_opts = opts.logprobs();
     let (mut logp, mut entropy, mut lse) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
     let out = TokenOutputs::default().logp(&mut logp).entropy(&mut entropy).lse(&mut lse);
     token_logprobs(logits, shape, &inputs.tokens, out, &lp_opts)?;
     let (seqs, mask) = (inputs.sequences, inputs.tokens.mask);
     let mut grad_logp = vec![0.0f32; n];
-    let kl = match inputs.kl {
-        Some((ref_logp, kl_opts)) => {
+    let kl = match (inputs.ref_logp, kl_opts) {
+        (Some(ref_logp), Some(kl_opts)) => {
             let out = crate::SampledKlOutputs::default().grad_logp(&mut grad_logp);
             Some(sampled_kl(
                 &SampledKlInputs { mask, ..SampledKlInputs::new(seqs, &logp, ref_logp) },
                 out,
-                &kl_opts,
+                kl_opts,
             )?)
         }
-        None => None,
+        _ => None,
     };
     let mut grad_entropy = vec![0.0f32; n];
     let loss_inputs = PolicyLossInputs {
@@ -68,7 +67,7 @@ fn forward<T: Element, I: TargetIndex>(
         .grad_logp(&mut grad_logp)
         .grad_entropy(&mut grad_entropy)
         .accumulate(kl.is_some());
-    let policy = policy_loss(&loss_inputs, out, opts)?;
+    let policy = policy_loss(&loss_inputs, out, &opts.loss)?;
     Ok(Forward { lse, entropy, grad_logp, grad_entropy, stats: FusedPolicyStats { policy, kl } })
 }
 
@@ -84,14 +83,13 @@ fn forward<T: Element, I: TargetIndex>(
 /// `grad_logits` when a stage before the backward fails.
 ///
 /// ```
-/// use rlhf_kernels::{cpu, FusedPolicyInputs, PolicyLossOptions, RowShape, TokenLogprobsOptions, Tokens};
+/// use rlhf_kernels::{cpu, FusedPolicyInputs, FusedPolicyOptions, RowShape, Tokens};
 /// let shape = RowShape::new(2, 4); // two tokens of one response, vocabulary 4
 /// let logits = [0.5f32, 1.0, -1.0, 0.0, 2.0, 0.0, 0.0, 0.0];
 /// let (targets, mask, old, adv) = ([1i64, 0], [1u8, 1], [-1.0f32, -0.5], [1.0f32, -1.0]);
 /// let inputs = FusedPolicyInputs::new(Tokens::new(&targets).with_mask(&mask), RowShape::new(1, 2), &old, &adv);
 /// let mut grad = [0.0f32; 8];
-/// let stats = cpu::policy_loss_from_logits(&logits, shape, &inputs, &mut grad, &TokenLogprobsOptions::default(),
-///                                          &PolicyLossOptions::default())?;
+/// let stats = cpu::policy_loss_from_logits(&logits, shape, &inputs, &mut grad, &FusedPolicyOptions::default())?;
 /// assert!(stats.total_loss().is_finite() && grad.iter().any(|&g| g != 0.0));
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
@@ -100,14 +98,12 @@ pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
     shape: RowShape,
     inputs: &FusedPolicyInputs<'_, I>,
     grad_logits: &mut [T],
-    logprobs: &TokenLogprobsOptions,
-    opts: &PolicyLossOptions,
+    opts: &FusedPolicyOptions,
 ) -> Result<FusedPolicyStats> {
     shape.check_buffer("grad_logits", grad_logits.len())?;
-    let f = forward(logits, shape, inputs, logprobs, opts)?;
+    let f = forward(logits, shape, inputs, opts)?;
     let grads = TokenGrads::new(&f.lse).grad_logp(&f.grad_logp).grad_entropy(&f.grad_entropy, &f.entropy);
-    let lp_opts = TokenLogprobsOptions { ignore_index: None, ..*logprobs };
-    token_logprobs_backward(logits, shape, &inputs.tokens, &grads, grad_logits, &lp_opts)?;
+    token_logprobs_backward(logits, shape, &inputs.tokens, &grads, grad_logits, &opts.logprobs())?;
     Ok(f.stats)
 }
 
@@ -115,12 +111,11 @@ pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
 /// all, as Liger's fused losses do).
 ///
 /// ```
-/// use rlhf_kernels::{cpu, FusedPolicyInputs, PolicyLossOptions, RowShape, TokenLogprobsOptions, Tokens};
+/// use rlhf_kernels::{cpu, FusedPolicyInputs, FusedPolicyOptions, RowShape, Tokens};
 /// let shape = RowShape::new(1, 3);
 /// let mut logits = [0.0f32, 1.0, 2.0];
 /// let inputs = FusedPolicyInputs::new(Tokens::new(&[2i64]), RowShape::new(1, 1), &[-0.5], &[1.0]);
-/// cpu::policy_loss_from_logits_in_place(&mut logits, shape, &inputs, &TokenLogprobsOptions::default(),
-///                                        &PolicyLossOptions::default())?;
+/// cpu::policy_loss_from_logits_in_place(&mut logits, shape, &inputs, &FusedPolicyOptions::default())?;
 /// assert!(logits[2] < 0.0); // raising the sampled token's logit lowers the loss
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
@@ -128,12 +123,10 @@ pub fn policy_loss_from_logits_in_place<T: Element, I: TargetIndex>(
     logits: &mut [T],
     shape: RowShape,
     inputs: &FusedPolicyInputs<'_, I>,
-    logprobs: &TokenLogprobsOptions,
-    opts: &PolicyLossOptions,
+    opts: &FusedPolicyOptions,
 ) -> Result<FusedPolicyStats> {
-    let f = forward(logits, shape, inputs, logprobs, opts)?;
+    let f = forward(logits, shape, inputs, opts)?;
     let grads = TokenGrads::new(&f.lse).grad_logp(&f.grad_logp).grad_entropy(&f.grad_entropy, &f.entropy);
-    let lp_opts = TokenLogprobsOptions { ignore_index: None, ..*logprobs };
-    token_logprobs_backward_in_place(logits, shape, &inputs.tokens, &grads, &lp_opts)?;
+    token_logprobs_backward_in_place(logits, shape, &inputs.tokens, &grads, &opts.logprobs())?;
     Ok(f.stats)
 }

@@ -19,10 +19,9 @@ use crate::cuda::logprobs::raw::{TokenLogprobsArgs, TokenLogprobsBackwardArgs, b
 use crate::cuda::logprobs::token_logprobs_workspace_bytes;
 use crate::cuda::{CudaStatus, driver_error, non_null, opt_ptr};
 use crate::logprobs::check_len;
-use crate::{Cuda, FusedPolicyInputs};
 use crate::{
-    DType, Element, Error, FusedPolicyStats, IndexType, PolicyLossOptions, Result, RowShape,
-    SampledKlOptions, TargetIndex, TokenLogprobsOptions,
+    Cuda, DType, Element, Error, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, IndexType, Result,
+    RowShape, TargetIndex,
 };
 
 use super::loss::{PolicyLossArgs, launch_policy, policy_loss_workspace_bytes};
@@ -60,10 +59,6 @@ impl DeviceFusedStats {
 }
 
 /// The token options of the fused path: padding from the mask only.
-fn token_options(logprobs: &TokenLogprobsOptions) -> TokenLogprobsOptions {
-    TokenLogprobsOptions { ignore_index: None, ..*logprobs }
-}
-
 /// Bytes of one per-token f32 temporary, rounded up to 16.
 fn temporary_bytes(rows: usize) -> usize {
     (rows * 4).div_ceil(16) * 16
@@ -131,9 +126,7 @@ pub struct FusedPolicyArgs {
 pub(crate) unsafe fn launch_fused(
     stream: &Arc<CudaStream>,
     a: &FusedPolicyArgs,
-    logprobs: &TokenLogprobsOptions,
-    opts: &PolicyLossOptions,
-    kl: Option<&SampledKlOptions>,
+    opts: &FusedPolicyOptions,
 ) -> Result<()> {
     let n = a.shape.rows;
     let seqs = a.sequences;
@@ -144,19 +137,11 @@ pub(crate) unsafe fn launch_fused(
         ("grad_logits", a.grad_logits),
         ("status", a.status),
     ])?;
-    if (a.ref_logp != 0) != kl.is_some() {
-        return Err(Error::InvalidOption {
-            name: "kl",
-            value: format!("ref_logp {}, KL options {}", a.ref_logp != 0, kl.is_some()),
-            expected: "the reference log-probs and the KL options together, or neither",
-        });
-    }
-    opts.validate()?;
+    let kl = opts.validate(a.ref_logp != 0)?;
     if let Some(k) = kl {
         k.limits()?;
     }
-    let t = token_options(logprobs);
-    t.inv_temperature()?;
+    let t = opts.logprobs();
     let mut owned = None;
     let need = fused_workspace_bytes(a.shape, a.dtype, seqs);
     let (ws, _g) = workspace_or_alloc(stream, true, a.workspace, need, &mut owned)?;
@@ -212,7 +197,7 @@ pub(crate) unsafe fn launch_fused(
         status: a.status,
     };
     // SAFETY: as above; the scratch is free again (the KL term's kernels are ordered before).
-    unsafe { launch_policy(stream, &loss, opts) }?;
+    unsafe { launch_policy(stream, &loss, &opts.loss) }?;
     let bwd = TokenLogprobsBackwardArgs {
         logits,
         dtype,
@@ -254,8 +239,7 @@ fn run<T: Element, I: TargetIndex>(
     grad_logits: u64,
     stats: &mut DeviceFusedStats,
     status: &mut CudaStatus,
-    logprobs: &TokenLogprobsOptions,
-    opts: &PolicyLossOptions,
+    opts: &FusedPolicyOptions,
 ) -> Result<()> {
     check_sequences(shape, inputs.sequences)?;
     let n = shape.rows;
@@ -265,9 +249,10 @@ fn run<T: Element, I: TargetIndex>(
     }
     check_len("old_logp", inputs.old_logp.len(), n)?;
     check_len("advantages", inputs.advantages.len(), n)?;
-    if let Some((r, _)) = &inputs.kl {
+    if let Some(r) = &inputs.ref_logp {
         check_len("ref_logp", r.len(), n)?;
     }
+    opts.validate(inputs.ref_logp.is_some())?;
     let need = fused_workspace_bytes(shape, T::DTYPE, inputs.sequences);
     if stats.workspace.as_ref().is_none_or(|w| w.len() < need) {
         // SAFETY: the stages write every temporary and record before reading it.
@@ -275,19 +260,13 @@ fn run<T: Element, I: TargetIndex>(
             .map_err(driver_error("allocating the fused workspace"))?;
         stats.workspace = Some(w);
     }
-    let with_kl = inputs.kl.is_some();
+    let with_kl = inputs.ref_logp.is_some();
     let s: &CudaStream = stream;
     let (targets, _g1) = inputs.tokens.targets.device_ptr(s);
     let (mask, _g2) = opt_ptr(&inputs.tokens.mask, s);
     let (old_logp, _g3) = inputs.old_logp.device_ptr(s);
     let (advantages, _g4) = inputs.advantages.device_ptr(s);
-    let (ref_logp, _g5) = match &inputs.kl {
-        Some((r, _)) => {
-            let (p, g) = r.device_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
+    let (ref_logp, _g5) = opt_ptr(&inputs.ref_logp, s);
     let (policy_stats, _g6) = stats.policy.words_ptr(s);
     let (kl_stats, _g7) = stats.kl.words_ptr(s);
     let (workspace, _g8) = stats.workspace.as_mut().expect("allocated above").device_ptr_mut(s);
@@ -305,7 +284,7 @@ fn run<T: Element, I: TargetIndex>(
         ref_logp,
         grad_logits,
         policy_stats,
-        kl_stats: if inputs.kl.is_some() { kl_stats } else { 0 },
+        kl_stats: if with_kl { kl_stats } else { 0 },
         workspace,
         status,
     };
@@ -313,7 +292,7 @@ fn run<T: Element, I: TargetIndex>(
     // was checked here or by the callers (logits and gradient cover the shape); the workspace
     // holds fused_workspace_bytes; the guards keep cudarc's event tracking in order until the
     // launches are enqueued.
-    unsafe { launch_fused(stream, &args, logprobs, opts, inputs.kl.as_ref().map(|k| &k.1)) }?;
+    unsafe { launch_fused(stream, &args, opts) }?;
     stats.with_kl = with_kl;
     Ok(())
 }
@@ -326,9 +305,7 @@ fn run<T: Element, I: TargetIndex>(
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceFusedStats};
-/// use rlhf_kernels::{FusedPolicyInputs};
-/// use rlhf_kernels::{Tokens};
-/// use rlhf_kernels::{PolicyLossOptions, RowShape, TokenLogprobsOptions};
+/// use rlhf_kernels::{FusedPolicyInputs, FusedPolicyOptions, RowShape, Tokens};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let shape = RowShape::new(2, 4);
@@ -337,10 +314,9 @@ fn run<T: Element, I: TargetIndex>(
 /// let (old, adv) = (s.clone_htod(&[-1.0f32, -0.5]).unwrap(), s.clone_htod(&[1.0f32, -1.0]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(8).unwrap();
 /// let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
-/// let inputs = FusedPolicyInputs { tokens: Tokens::new(targets.as_view()), sequences: RowShape::new(1, 2),
-///     old_logp: old.as_view(), advantages: adv.as_view(), kl: None };
+/// let inputs = FusedPolicyInputs::new(Tokens::new(&targets), RowShape::new(1, 2), &old, &adv);
 /// cuda::policy_loss_from_logits(s, &logits, shape, &inputs, &mut grad, &mut stats, &mut status,
-///                               &TokenLogprobsOptions::default(), &PolicyLossOptions::default())?;
+///                               &FusedPolicyOptions::default())?;
 /// status.check(s)?;
 /// println!("loss {}", stats.read(s)?.total_loss());
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -354,34 +330,30 @@ pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
     grad_logits: &mut impl DevicePtrMut<T>,
     stats: &mut DeviceFusedStats,
     status: &mut CudaStatus,
-    logprobs: &TokenLogprobsOptions,
-    opts: &PolicyLossOptions,
+    opts: &FusedPolicyOptions,
 ) -> Result<()> {
     shape.check_buffer("logits", logits.len())?;
     shape.check_buffer("grad_logits", grad_logits.len())?;
     let s: &CudaStream = stream;
     let (x, _g1) = logits.device_ptr(s);
     let (g, _g2) = grad_logits.device_ptr_mut(s);
-    run::<T, I>(stream, x, shape, inputs, g, stats, status, logprobs, opts)
+    run::<T, I>(stream, x, shape, inputs, g, stats, status, opts)
 }
 
 /// [`policy_loss_from_logits`] writing the gradient over the logits.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceFusedStats};
-/// use rlhf_kernels::{FusedPolicyInputs};
-/// use rlhf_kernels::{Tokens};
-/// use rlhf_kernels::{PolicyLossOptions, RowShape, TokenLogprobsOptions};
+/// use rlhf_kernels::{FusedPolicyInputs, FusedPolicyOptions, RowShape, Tokens};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let mut logits = s.clone_htod(&[0.0f32, 1.0, 2.0]).unwrap();
 /// let targets = s.clone_htod(&[2i64]).unwrap();
 /// let (old, adv) = (s.clone_htod(&[-0.5f32]).unwrap(), s.clone_htod(&[1.0f32]).unwrap());
 /// let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
-/// let inputs = FusedPolicyInputs { tokens: Tokens::new(targets.as_view()), sequences: RowShape::new(1, 1),
-///     old_logp: old.as_view(), advantages: adv.as_view(), kl: None };
+/// let inputs = FusedPolicyInputs::new(Tokens::new(&targets), RowShape::new(1, 1), &old, &adv);
 /// cuda::policy_loss_from_logits_in_place(s, &mut logits, RowShape::new(1, 3), &inputs, &mut stats, &mut status,
-///                                        &TokenLogprobsOptions::default(), &PolicyLossOptions::default())?;
+///                                        &FusedPolicyOptions::default())?;
 /// status.check(s)?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
@@ -393,10 +365,9 @@ pub fn policy_loss_from_logits_in_place<T: Element, I: TargetIndex>(
     inputs: &FusedPolicyInputs<'_, I, Cuda>,
     stats: &mut DeviceFusedStats,
     status: &mut CudaStatus,
-    logprobs: &TokenLogprobsOptions,
-    opts: &PolicyLossOptions,
+    opts: &FusedPolicyOptions,
 ) -> Result<()> {
     shape.check_buffer("logits", logits.len())?;
     let (x, _g) = logits.device_ptr_mut(stream);
-    run::<T, I>(stream, x, shape, inputs, x, stats, status, logprobs, opts)
+    run::<T, I>(stream, x, shape, inputs, x, stats, status, opts)
 }

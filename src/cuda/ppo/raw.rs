@@ -8,7 +8,7 @@ use super::loss::{PolicyLossArgs, launch_policy};
 use super::value::launch_value;
 pub use super::value::{VALUE_STATS_WORDS, ValueLossArgs, value_stats_from_words, value_stats_to_words};
 use crate::cuda::{RawStream, non_null};
-use crate::{PolicyLossOptions, Result, SampledKlOptions, TokenLogprobsOptions, ValueLossOptions};
+use crate::{FusedPolicyOptions, PolicyLossOptions, Result, ValueLossOptions};
 
 /// [`cuda::policy_loss`](crate::cuda::policy_loss) on raw device pointers, enqueued on a
 /// stream owned by the caller. Rows with non-finite inputs are reported in the status word
@@ -69,7 +69,7 @@ pub unsafe fn value_loss(stream: RawStream, args: &ValueLossArgs, opts: &ValueLo
 
 /// [`cuda::policy_loss_from_logits`](crate::cuda::policy_loss_from_logits) on raw device
 /// pointers, enqueued on a stream owned by the caller: the token forward, the KL term (when
-/// `args.ref_logp` is not 0, with `kl`'s options), the policy loss with the entropy bonus and
+/// `args.ref_logp` is not 0, with the options' KL estimator), the policy loss with the entropy bonus and
 /// the backward into `args.grad_logits` (in place when it equals `args.logits`), the
 /// temporaries in `args.workspace`. Row problems are reported in the status word.
 ///
@@ -83,13 +83,11 @@ pub unsafe fn value_loss(stream: RawStream, args: &ValueLossArgs, opts: &ValueLo
 pub unsafe fn policy_loss_from_logits(
     stream: RawStream,
     args: &FusedPolicyArgs,
-    logprobs: &TokenLogprobsOptions,
-    opts: &PolicyLossOptions,
-    kl: Option<&SampledKlOptions>,
+    opts: &FusedPolicyOptions,
 ) -> Result<()> {
     non_null(&[("logits", args.logits), ("targets", args.targets)])?;
     // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
     let stream = unsafe { stream.borrow() }?;
     // SAFETY: the caller guarantees every buffer (see # Safety).
-    unsafe { launch_fused(&stream, args, logprobs, opts, kl) }
+    unsafe { launch_fused(&stream, args, opts) }
 }

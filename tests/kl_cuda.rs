@@ -68,6 +68,36 @@ mod gpu {
         kl::exact_shard_problems(gpu);
     }
 
+    /// The JSD's last step writes the value or the policy term: no outputs at all, or the
+    /// log-sum-exps (its inputs) or a statistic asked of it, are refused before any launch.
+    pub fn jsd_sums_outputs(gpu: &Gpu) {
+        use rlhf_kernels::{Aggregated, ExactKlOptions, ExactKlOutputs, ExactKlStatistic, cuda};
+        let s = &gpu.0;
+        let rows = 3;
+        let sums = s.alloc_zeros::<f32>(2 * 2 * rows).unwrap();
+        let lse = s.alloc_zeros::<f32>(rows).unwrap();
+        let zeros = || s.alloc_zeros::<f32>(rows).unwrap();
+        let (mut value, mut other, mut other2) = (zeros(), zeros(), zeros());
+        let mut stat = cuda::DeviceStats::<Aggregated>::new(s).unwrap();
+        let opts = ExactKlOptions::new(ExactDivergence::Jsd { beta: 0.5 });
+        let (sv, lv) = (sums.as_view(), lse.as_view());
+        macro_rules! finish {
+            ($out:expr) => {
+                cuda::finish_jsd_sums(s, &sv, None, [&lv, &lv], $out, &opts)
+            };
+        }
+        let refused =
+            |r: rlhf_kernels::Result<()>| matches!(r, Err(Error::InvalidOption { name: "outputs", .. }));
+        assert!(refused(finish!(ExactKlOutputs::default())));
+        assert!(refused(finish!(ExactKlOutputs::default().value(&mut value).lse(&mut other, &mut other2))));
+        let statistic = ExactKlStatistic::masked_mean(RowShape::new(1, rows));
+        assert!(refused(finish!(
+            ExactKlOutputs::default().value(&mut value).statistic(&mut stat, statistic)
+        )));
+        finish!(ExactKlOutputs::default().value(&mut value).policy_term(&mut other)).unwrap();
+        assert_eq!(s.clone_dtoh(&value).unwrap(), vec![0.0; rows], "zero sums: zero JSD");
+    }
+
     /// The raw layer (device addresses at byte offsets, the caller's stream): forward, then
     /// the backward in place, held to the reference; null and missing buffers refused.
     pub fn exact_raw_layer(gpu: &Gpu) {
@@ -213,3 +243,4 @@ gpu_test!(exact_batch_invariance);
 gpu_test!(exact_shards);
 gpu_test!(exact_raw_layer);
 gpu_test!(exact_shard_problems);
+gpu_test!(jsd_sums_outputs);

@@ -311,16 +311,8 @@ impl ExactBackend for Gpu {
             let [v, pl, ql] = bufs.as_mut_slice() else { unreachable!() };
             let (pl, ql) = (pl.as_view(), ql.as_view());
             let m = mask_view();
-            cuda::finish_jsd_sums(
-                s,
-                &sums.as_view(),
-                m.as_ref(),
-                &pl,
-                &ql,
-                Some(v.as_view_mut()),
-                None,
-                &c.opts,
-            )?;
+            let out = ExactKlOutputs::default().value(v.as_view_mut());
+            cuda::finish_jsd_sums(s, &sums.as_view(), m.as_ref(), [&pl, &ql], out, &c.opts)?;
         }
         let d = |b: &rlhf_kernels::cudarc::driver::CudaSlice<f32>| s.clone_dtoh(b).unwrap();
         Ok(ExactOut {

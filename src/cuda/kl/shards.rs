@@ -219,18 +219,17 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
 }
 
 /// Sums the JSD's shard sums (`[shards][rows][2]` f32, shard order) and writes
-/// `value = max(0, β·Σ s_p + (1 − β)·Σ s_q)` and `policy_term = max(0, Σ s_p)` (each optional,
-/// `rows` f32). Padding rows get 0; rows with non-finite log-sum-exps (refused by the merge,
-/// which reported them) get NaN.
-#[allow(clippy::too_many_arguments)] // stream, sums, mask, both normalisers, two outputs, options
+/// `out.value = max(0, β·Σ s_p + (1 − β)·Σ s_q)` and `out.policy_term = max(0, Σ s_p)` (at
+/// least one of them, `rows` f32 each), given the rows' full log-sum-exps from
+/// [`finish_exact_kl_partials`]. Padding rows get 0; rows with non-finite log-sum-exps (refused
+/// by the merge, which reported them) get NaN. The outputs' log-sum-exps, statistic and
+/// workspace are not written: asking for them is an error.
 pub fn finish_jsd_sums(
     stream: &Arc<CudaStream>,
     sums: &CudaView<'_, f32>,
     mask: Option<&CudaView<'_, u8>>,
-    policy_lse: &CudaView<'_, f32>,
-    ref_lse: &CudaView<'_, f32>,
-    mut value: Option<CudaViewMut<'_, f32>>,
-    mut policy_term: Option<CudaViewMut<'_, f32>>,
+    [policy_lse, ref_lse]: [&CudaView<'_, f32>; 2],
+    out: ExactKlOutputs<'_, Cuda>,
     opts: &ExactKlOptions,
 ) -> Result<()> {
     let rows = policy_lse.len();
@@ -238,13 +237,18 @@ pub fn finish_jsd_sums(
     let shards = check_records("sums", sums.len() / 2, rows)?;
     check_len("sums", sums.len(), 2 * shards * rows)?;
     mask.map_or(Ok(()), |m| check_len("mask", m.len(), rows))?;
+    let ExactKlOutputs { mut value, mut policy_term, .. } = out;
     value.as_ref().map_or(Ok(()), |v| check_len("value", v.len(), rows))?;
     policy_term.as_ref().map_or(Ok(()), |v| check_len("policy_term", v.len(), rows))?;
-    if value.is_none() && policy_term.is_none() {
+    if (value.is_none() && policy_term.is_none())
+        || out.policy_lse.is_some()
+        || out.ref_lse.is_some()
+        || out.statistic.is_some()
+    {
         return Err(Error::InvalidOption {
             name: "outputs",
-            value: "none requested".into(),
-            expected: "value, policy_term or both",
+            value: "none of value and policy_term, or a log-sum-exp or statistic".into(),
+            expected: "value, policy_term or both (the log-sum-exps are inputs here)",
         });
     }
     let beta = jsd_beta(opts)?;

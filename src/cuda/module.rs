@@ -53,7 +53,8 @@ pub fn kernels_built() -> bool {
 struct Loaded {
     ctx: Arc<CudaContext>,
     modules: HashMap<Module, Arc<CudaModule>>,
-    functions: HashMap<String, CudaFunction>,
+    /// Keyed by the kernel's static name: no allocation on the launch path.
+    functions: HashMap<&'static str, CudaFunction>,
 }
 
 /// Contexts seen so far, keyed by their `CUcontext`. Each entry keeps its context alive, so a
@@ -89,7 +90,7 @@ pub(crate) fn load_all(ctx: &Arc<CudaContext>) -> Result<()> {
 }
 
 /// The kernel `name` of `module` in `ctx`, loading the module on first use.
-pub(crate) fn function(ctx: &Arc<CudaContext>, module: Module, name: &str) -> Result<CudaFunction> {
+pub(crate) fn function(ctx: &Arc<CudaContext>, module: Module, name: &'static str) -> Result<CudaFunction> {
     with_loaded(ctx, |loaded| {
         if let Some(f) = loaded.functions.get(name) {
             return Ok(f.clone());
@@ -97,7 +98,7 @@ pub(crate) fn function(ctx: &Arc<CudaContext>, module: Module, name: &str) -> Re
         let f = load(loaded, module)?
             .load_function(name)
             .map_err(super::driver_error("looking up a kernel in the loaded module"))?;
-        loaded.functions.insert(name.to_string(), f.clone());
+        loaded.functions.insert(name, f.clone());
         Ok(f)
     })
 }

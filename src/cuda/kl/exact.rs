@@ -68,8 +68,47 @@ pub(super) fn divergence_code(d: ExactDivergence) -> (i32, f32) {
     }
 }
 
-pub(super) fn kernel(prefix: &str, p: DType, q: DType) -> String {
-    format!("{prefix}_{}_{}", p.name(), q.name())
+/// The exact-divergence kernels, each instantiated for every (policy, reference) dtype pair
+/// (`RK_EXACT` in kernels/kl_exact.cu).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum ExactKernel {
+    Chunks,
+    Rows,
+    JsdChunks,
+    JsdRows,
+    Backward,
+}
+
+/// The name of `k` for policy dtype `p` and reference dtype `q`: `<kernel>_<p>_<q>`, from a
+/// static table (no formatting on the launch path).
+pub(super) fn kernel(k: ExactKernel, p: DType, q: DType) -> &'static str {
+    macro_rules! names {
+        ($base:literal) => {
+            [
+                [concat!($base, "_f32_f32"), concat!($base, "_f32_f16"), concat!($base, "_f32_bf16")],
+                [concat!($base, "_f16_f32"), concat!($base, "_f16_f16"), concat!($base, "_f16_bf16")],
+                [concat!($base, "_bf16_f32"), concat!($base, "_bf16_f16"), concat!($base, "_bf16_bf16")],
+            ]
+        };
+    }
+    const CHUNKS: [[&str; 3]; 3] = names!("exact_kl_chunks");
+    const ROWS: [[&str; 3]; 3] = names!("exact_kl_rows");
+    const JSD_CHUNKS: [[&str; 3]; 3] = names!("jsd_chunks");
+    const JSD_ROWS: [[&str; 3]; 3] = names!("jsd_rows");
+    const BACKWARD: [[&str; 3]; 3] = names!("exact_kl_backward");
+    let table = match k {
+        ExactKernel::Chunks => &CHUNKS,
+        ExactKernel::Rows => &ROWS,
+        ExactKernel::JsdChunks => &JSD_CHUNKS,
+        ExactKernel::JsdRows => &JSD_ROWS,
+        ExactKernel::Backward => &BACKWARD,
+    };
+    let index = |d: DType| match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    };
+    table[index(p)][index(q)]
 }
 
 /// The kernels' `ExactOut` (six nullable pointers).
@@ -286,7 +325,7 @@ pub(super) unsafe fn launch_forward(
 
     // Pass 1: both log-sum-exps and, for the two KLs, the value.
     if split(policy_shape) {
-        let f = function(ctx, Module::KlExact, &kernel("exact_kl_chunks", pt, qt))?;
+        let f = function(ctx, Module::KlExact, kernel(ExactKernel::Chunks, pt, qt))?;
         let mut l = stream.launch_builder(&f);
         l.arg(&p)
             .arg(&ldp)
@@ -305,7 +344,7 @@ pub(super) unsafe fn launch_forward(
         // Record (row, chunk) at row·chunks + chunk.
         merge_partials(stream, partials, [chunks as i64, 1], chunks, rows, mask, div, inv_tau, o, st)?;
     } else {
-        let f = function(ctx, Module::KlExact, &kernel("exact_kl_rows", pt, qt))?;
+        let f = function(ctx, Module::KlExact, kernel(ExactKernel::Rows, pt, qt))?;
         let mut l = stream.launch_builder(&f);
         l.arg(&p)
             .arg(&ldp)
@@ -330,7 +369,7 @@ pub(super) unsafe fn launch_forward(
     }
     // Pass 2 (JSD): Σ p·log(p/m) and Σ q·log(q/m) from the saved normalisers.
     if split(policy_shape) {
-        let f = function(ctx, Module::KlExact, &kernel("jsd_chunks", pt, qt))?;
+        let f = function(ctx, Module::KlExact, kernel(ExactKernel::JsdChunks, pt, qt))?;
         let mut l = stream.launch_builder(&f);
         l.arg(&p)
             .arg(&ldp)
@@ -352,7 +391,7 @@ pub(super) unsafe fn launch_forward(
         let lse = [jsd_lse_p, jsd_lse_q];
         merge_jsd_sums(stream, sums, [chunks as i64, 1], chunks, rows, mask, beta, lse, [value, term])?;
     } else {
-        let f = function(ctx, Module::KlExact, &kernel("jsd_rows", pt, qt))?;
+        let f = function(ctx, Module::KlExact, kernel(ExactKernel::JsdRows, pt, qt))?;
         let mut l = stream.launch_builder(&f);
         l.arg(&p)
             .arg(&ldp)

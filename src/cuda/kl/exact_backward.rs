@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::exact::{BLOCK, check_reference, chunks, divergence_code, grid_blocks, kernel};
+use super::exact::{BLOCK, ExactKernel, check_reference, chunks, divergence_code, grid_blocks, kernel};
 use super::raw::ExactKlBackwardArgs;
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr};
@@ -132,7 +132,7 @@ pub(super) unsafe fn launch_backward(
     let f = function(
         stream.context(),
         Module::KlExact,
-        &kernel("exact_kl_backward", a.policy_dtype, a.ref_dtype),
+        kernel(ExactKernel::Backward, a.policy_dtype, a.ref_dtype),
     )?;
     let mut l = stream.launch_builder(&f);
     l.arg(&a.policy).arg(&ldp).arg(&a.reference).arg(&ldq).arg(&a.grad_policy).arg(&rows_i).arg(&cols_i);

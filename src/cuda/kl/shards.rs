@@ -13,8 +13,8 @@ use cudarc::driver::{
 };
 
 use super::exact::{
-    BLOCK, ExactOut, NULL, check_outputs, check_reference, divergence_code, kernel, merge_jsd_sums,
-    merge_partials,
+    BLOCK, ExactKernel, ExactOut, NULL, check_outputs, check_reference, divergence_code, kernel,
+    merge_jsd_sums, merge_partials,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
@@ -107,7 +107,7 @@ pub fn exact_kl_shard_partials<P: Element, Q: Element>(
     let (out, _g4) = partials.device_ptr_mut(s);
     let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
     let (rows_i, cols_i, div) = (rows as i32, policy_shape.cols as i32, 0i32);
-    let f = function(stream.context(), Module::KlExact, &kernel("exact_kl_rows", P::DTYPE, Q::DTYPE))?;
+    let f = function(stream.context(), Module::KlExact, kernel(ExactKernel::Rows, P::DTYPE, Q::DTYPE))?;
     let mut l = stream.launch_builder(&f);
     l.arg(&p).arg(&ldp).arg(&q).arg(&ldq).arg(&rows_i).arg(&cols_i).arg(&mask).arg(&div).arg(&inv_tau);
     let no_outputs = ExactOut::default();
@@ -205,7 +205,7 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
     check_float2_aligned(out)?;
     let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
     let (rows_i, cols_i) = (rows as i32, policy_shape.cols as i32);
-    let f = function(stream.context(), Module::KlExact, &kernel("jsd_rows", P::DTYPE, Q::DTYPE))?;
+    let f = function(stream.context(), Module::KlExact, kernel(ExactKernel::JsdRows, P::DTYPE, Q::DTYPE))?;
     let mut l = stream.launch_builder(&f);
     l.arg(&p).arg(&ldp).arg(&q).arg(&ldq).arg(&rows_i).arg(&cols_i).arg(&mask).arg(&beta).arg(&inv_tau);
     l.arg(&lse_p).arg(&lse_q).arg(&NULL).arg(&NULL).arg(&out);

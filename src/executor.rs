@@ -27,11 +27,13 @@
 
 use crate::memory::Memory;
 use crate::{
-    Aggregated, DType, Element, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions,
-    GroupAdvantageOutputs, Groups, KlRewardsInputs, KlRewardsOptions, Moments, PolicyLossInputs,
-    PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, Result, RowShape, SampledKlInputs,
-    SampledKlOptions, SampledKlOutputs, SampledKlStats, TargetIndex, TokenGrads, TokenLogprobsOptions,
-    TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats, WhitenOptions,
+    Aggregated, Aggregation, DType, Element, ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs,
+    FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions, GaeOutputs,
+    GroupAdvantageOptions, GroupAdvantageOutputs, Groups, KlRewardsInputs, KlRewardsOptions,
+    LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
+    PolicyLossStats, ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
+    SampledKlStats, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs,
+    ValueLossOptions, ValueLossOutputs, ValueLossStats, WhitenOptions,
 };
 
 /// An element an [`Executor`] can allocate, upload and download: the logits' dtypes
@@ -114,6 +116,8 @@ statistics! {
 pub enum Workspace {
     /// [`Executor::token_logprobs`] on logits of this shape and dtype.
     TokenLogprobs(RowShape, DType),
+    /// [`Executor::exact_kl`] on logits rows of this shape, for this divergence.
+    ExactKl(RowShape, ExactDivergence),
     /// [`Executor::sampled_kl`] on a `[B, T]` batch.
     SampledKl(RowShape),
     /// [`Executor::gae`] on a `[B, T]` batch.
@@ -145,6 +149,9 @@ pub trait Executor {
     type Groups;
     /// A point in the executor's timeline ([`mark`](Self::mark)).
     type Mark;
+    /// The statistics of the fused path ([`policy_loss_from_logits`](Self::policy_loss_from_logits)),
+    /// with its scratch on a device.
+    type FusedStats;
 
     /// One line for logs: "cpu (2 threads, avx512)" or "cuda:0 NVIDIA H100 (sm_90)".
     fn describe(&self) -> String;
@@ -162,6 +169,10 @@ pub trait Executor {
     fn view_mut<T: Scalar>(buf: &mut Self::Buffer<T>) -> ViewMutOf<'_, Self, T>;
     /// A statistic holder, for an op's outputs ([`stats_out`](Self::stats_out)).
     fn stats<S: Statistic>(&self) -> Result<Self::Stats<S>>;
+    /// A holder for the fused path's statistics.
+    fn fused_stats(&self) -> Result<Self::FusedStats>;
+    /// The statistics of the last fused call that wrote `stats` (waits for it on a GPU).
+    fn read_fused(&self, stats: &Self::FusedStats) -> Result<FusedPolicyStats>;
     /// Where an op writes into `stats` (the `stats` field of its outputs).
     fn stats_out<S: Statistic>(stats: &mut Self::Stats<S>) -> <Self::Memory as Memory>::Stats<'_, S>;
     /// The statistic of the last op that wrote `stats` (waits for it on a GPU).
@@ -178,6 +189,23 @@ pub trait Executor {
     /// host, whose ops return their errors directly).
     fn finish(&mut self) -> Result<()>;
 
+    /// The full log-softmax, `[N, V]` f32 out ([`cpu::log_softmax`](crate::cpu::log_softmax)).
+    fn log_softmax<T: Element + Scalar>(
+        &mut self,
+        logits: ViewOf<'_, Self, T>,
+        shape: RowShape,
+        out: ViewMutOf<'_, Self, f32>,
+        opts: &LogSoftmaxOptions,
+    ) -> Result<()>;
+    /// Its backward ([`cpu::log_softmax_backward`](crate::cpu::log_softmax_backward)).
+    fn log_softmax_backward<T: Element + Scalar>(
+        &mut self,
+        out: ViewOf<'_, Self, f32>,
+        grad_out: ViewOf<'_, Self, f32>,
+        shape: RowShape,
+        grad_logits: ViewMutOf<'_, Self, T>,
+        opts: &LogSoftmaxOptions,
+    ) -> Result<()>;
     /// Token log-probabilities, entropy and log-sum-exp ([`cpu::token_logprobs`](crate::cpu::token_logprobs)).
     fn token_logprobs<T: Element + Scalar, I: TargetIndex + Scalar>(
         &mut self,
@@ -185,6 +213,17 @@ pub trait Executor {
         shape: RowShape,
         tokens: &Tokens<'_, I, Self::Memory>,
         out: TokenOutputs<'_, Self::Memory>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()>;
+    /// The backward of [`token_logprobs`](Self::token_logprobs) into `grad_logits`
+    /// ([`cpu::token_logprobs_backward`](crate::cpu::token_logprobs_backward)).
+    fn token_logprobs_backward<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: ViewOf<'_, Self, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I, Self::Memory>,
+        grads: &TokenGrads<'_, Self::Memory>,
+        grad_logits: ViewMutOf<'_, Self, T>,
         opts: &TokenLogprobsOptions,
     ) -> Result<()>;
     /// The backward of [`token_logprobs`](Self::token_logprobs) over the logits themselves
@@ -205,6 +244,36 @@ pub trait Executor {
         out: SampledKlOutputs<'_, Self::Memory>,
         opts: &SampledKlOptions,
     ) -> Result<()>;
+    /// The exact divergence between two logits rows ([`cpu::exact_kl`](crate::cpu::exact_kl));
+    /// its statistic goes to `out.statistic`.
+    fn exact_kl<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: ViewOf<'_, Self, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Self::Memory>,
+        out: ExactKlOutputs<'_, Self::Memory>,
+        opts: &ExactKlOptions,
+    ) -> Result<()>;
+    /// Its backward into `grad_policy` ([`cpu::exact_kl_backward`](crate::cpu::exact_kl_backward)).
+    fn exact_kl_backward<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: ViewOf<'_, Self, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Self::Memory>,
+        grads: &ExactKlGrads<'_, Self::Memory>,
+        grad_policy: ViewMutOf<'_, Self, P>,
+        opts: &ExactKlOptions,
+    ) -> Result<()>;
+    /// Its backward over the policy logits themselves
+    /// ([`cpu::exact_kl_backward_in_place`](crate::cpu::exact_kl_backward_in_place)).
+    fn exact_kl_backward_in_place<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: ViewMutOf<'_, Self, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Self::Memory>,
+        grads: &ExactKlGrads<'_, Self::Memory>,
+        opts: &ExactKlOptions,
+    ) -> Result<()>;
     /// The KL folded into per-token rewards ([`cpu::kl_rewards`](crate::cpu::kl_rewards)).
     fn kl_rewards(
         &mut self,
@@ -218,6 +287,15 @@ pub trait Executor {
         inputs: &GaeInputs<'_, Self::Memory>,
         out: GaeOutputs<'_, Self::Memory>,
         opts: &GaeOptions,
+    ) -> Result<()>;
+    /// Count, mean, variance, min and max over the valid values
+    /// ([`cpu::masked_moments`](crate::cpu::masked_moments)), into `out`.
+    fn masked_moments(
+        &mut self,
+        values: ViewOf<'_, Self, f32>,
+        shape: RowShape,
+        mask: Option<ViewOf<'_, Self, u8>>,
+        out: <Self::Memory as Memory>::Stats<'_, Moments>,
     ) -> Result<()>;
     /// Whitening in place ([`cpu::whiten`](crate::cpu::whiten)).
     fn whiten(
@@ -250,6 +328,38 @@ pub trait Executor {
         inputs: &ValueLossInputs<'_, Self::Memory>,
         out: ValueLossOutputs<'_, Self::Memory>,
         opts: &ValueLossOptions,
+    ) -> Result<()>;
+    /// The policy loss straight from the logits, with the gradient into `grad_logits`
+    /// ([`cpu::policy_loss_from_logits`](crate::cpu::policy_loss_from_logits)).
+    fn policy_loss_from_logits<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: ViewOf<'_, Self, T>,
+        shape: RowShape,
+        inputs: &FusedPolicyInputs<'_, I, Self::Memory>,
+        grad_logits: ViewMutOf<'_, Self, T>,
+        stats: &mut Self::FusedStats,
+        opts: &FusedPolicyOptions,
+    ) -> Result<()>;
+    /// The same, the gradient over the logits themselves
+    /// ([`cpu::policy_loss_from_logits_in_place`](crate::cpu::policy_loss_from_logits_in_place)).
+    fn policy_loss_from_logits_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: ViewMutOf<'_, Self, T>,
+        shape: RowShape,
+        inputs: &FusedPolicyInputs<'_, I, Self::Memory>,
+        stats: &mut Self::FusedStats,
+        opts: &FusedPolicyOptions,
+    ) -> Result<()>;
+    /// A masked batch of per-token values to one scalar
+    /// ([`Aggregation::aggregate`](crate::Aggregation::aggregate)), with the batch's counts, into `out`.
+    fn aggregate(
+        &mut self,
+        values: ViewOf<'_, Self, f32>,
+        shape: RowShape,
+        mask: Option<ViewOf<'_, Self, u8>>,
+        aggregation: Aggregation,
+        norm: Normaliser,
+        out: <Self::Memory as Memory>::Stats<'_, Aggregated>,
     ) -> Result<()>;
 }
 

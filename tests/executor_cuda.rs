@@ -1,16 +1,24 @@
-//! One pipeline written once over `Executor` (token log-probs, the policy loss with its
-//! statistics, the backward in place), run on the CPU executor and, when a GPU (or the emulated
-//! device) is there, on the CUDA executor: both held to the CPU ops called directly.
+//! Pipelines written once over `Executor`, run on the CPU executor and, when a GPU (or the
+//! emulated device) is there, on the CUDA executor: the three steps of a PPO update (token
+//! log-probs, the policy loss with its statistics, the backward in place) held to the CPU ops
+//! called directly, and every other op of the executor (log-softmax and its backward, the
+//! out-of-place token backward, the exact KL and its backward, moments, aggregate, the KL
+//! rewards, the fused path) held across the two executors.
 
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
-    Backend, Executor, Job, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, Result,
-    RowShape, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, cpu,
+    Aggregated, Aggregation, Backend, ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs,
+    Executor, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, Job, KlRewardsInputs,
+    KlRewardsOptions, LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions,
+    PolicyLossOutputs, PolicyLossStats, ReferenceRows, Result, RowShape, TokenGrads, TokenLogprobsOptions,
+    TokenOutputs, Tokens, cpu,
 };
 
 /// `[B, T] = [3, 5]` tokens over a vocabulary of 37, the last two tokens of each row padding.
 struct Batch {
     logits: Vec<f32>,
+    /// The reference policy's logits: the policy's, perturbed.
+    reference: Vec<f32>,
     targets: Vec<i64>,
     mask: Vec<u8>,
     old_logp: Vec<f32>,
@@ -22,8 +30,10 @@ const SHAPE: RowShape = RowShape { rows: 15, cols: 37, row_stride: 37 };
 
 fn batch() -> Batch {
     let mut rng = Rng::new(7);
+    let logits = rng.normals(SHAPE.len(), 3.0);
     Batch {
-        logits: rng.normals(SHAPE.len(), 3.0),
+        reference: logits.iter().map(|&x| x + 0.5 * rng.normal() as f32).collect(),
+        logits,
         targets: (0..15).map(|i| (i * 5 % 37) as i64).collect(),
         mask: (0..15).map(|i| u8::from(i % 5 < 3)).collect(),
         old_logp: (0..15).map(|_| (-3.0 - rng.uniform()) as f32).collect(),
@@ -130,6 +140,176 @@ fn cuda_executor_matches_the_cpu_functions() {
     }
     #[cfg(not(feature = "cuda"))]
     rlhf_kernels::testing::skip("executor::cuda_executor_matches_the_cpu_functions", "built without `cuda`");
+}
+
+/// Every other op of the executor, once: what each produced.
+struct Others<'a>(&'a Batch);
+
+#[derive(Debug, Clone, PartialEq)]
+struct OthersOut {
+    log_softmax: Vec<f32>,
+    log_softmax_grad: Vec<f32>,
+    token_grad: Vec<f32>,
+    exact: Vec<f32>,
+    exact_grad: Vec<f32>,
+    moments: Moments,
+    aggregated: Aggregated,
+    rewards: Vec<f32>,
+    fused_grad: Vec<f32>,
+    fused: FusedPolicyStats,
+}
+
+impl Job for Others<'_> {
+    type Output = OthersOut;
+
+    fn run<E: Executor>(self, e: &mut E) -> Result<OthersOut> {
+        let b = self.0;
+        let (logits, reference) = (e.upload(&b.logits)?, e.upload(&b.reference)?);
+        let (targets, mask) = (e.upload(&b.targets)?, e.upload(&b.mask)?);
+        let (old_logp, advantages) = (e.upload(&b.old_logp)?, e.upload(&b.advantages)?);
+        let n = SHAPE.len();
+        let ls_opts = LogSoftmaxOptions::default().temperature(0.8);
+        let (mut ls, mut ls_grad, upstream) =
+            (e.zeros::<f32>(n)?, e.zeros::<f32>(n)?, e.upload(&vec![0.25f32; n])?);
+        e.log_softmax(E::view(&logits), SHAPE, E::view_mut(&mut ls), &ls_opts)?;
+        e.log_softmax_backward(E::view(&ls), E::view(&upstream), SHAPE, E::view_mut(&mut ls_grad), &ls_opts)?;
+
+        let tokens = Tokens::new(E::view(&targets)).with_mask(E::view(&mask));
+        let opts = TokenLogprobsOptions::default();
+        let (mut logp, mut lse, mut token_grad) =
+            (e.zeros::<f32>(15)?, e.zeros::<f32>(15)?, e.zeros::<f32>(n)?);
+        let out = TokenOutputs::default().logp(E::view_mut(&mut logp)).lse(E::view_mut(&mut lse));
+        e.token_logprobs(E::view(&logits), SHAPE, &tokens, out, &opts)?;
+        let grads = TokenGrads::new(E::view(&lse)).grad_logp(E::view(&advantages));
+        e.token_logprobs_backward(
+            E::view(&logits),
+            SHAPE,
+            &tokens,
+            &grads,
+            E::view_mut(&mut token_grad),
+            &opts,
+        )?;
+
+        let rows = ReferenceRows::new(E::view(&reference), SHAPE).with_mask(E::view(&mask));
+        let kl_opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
+        let (mut exact, mut p_lse, mut q_lse) =
+            (e.zeros::<f32>(15)?, e.zeros::<f32>(15)?, e.zeros::<f32>(15)?);
+        let out = ExactKlOutputs::default()
+            .value(E::view_mut(&mut exact))
+            .lse(E::view_mut(&mut p_lse), E::view_mut(&mut q_lse));
+        e.exact_kl(E::view(&logits), SHAPE, &rows, out, &kl_opts)?;
+        let mut exact_grad = e.upload(&b.logits)?;
+        let grads =
+            ExactKlGrads::new(E::view(&advantages), E::view(&p_lse), E::view(&q_lse)).value(E::view(&exact));
+        e.exact_kl_backward_in_place(E::view_mut(&mut exact_grad), SHAPE, &rows, &grads, &kl_opts)?;
+        let mut exact_grad_out = e.zeros::<f32>(n)?;
+        e.exact_kl_backward(
+            E::view(&logits),
+            SHAPE,
+            &rows,
+            &grads,
+            E::view_mut(&mut exact_grad_out),
+            &kl_opts,
+        )?;
+
+        let mut moments = e.stats::<Moments>()?;
+        e.masked_moments(E::view(&advantages), SEQS, Some(E::view(&mask)), E::stats_out(&mut moments))?;
+        let mut aggregated = e.stats::<Aggregated>()?;
+        let (agg, norm) = (Aggregation::SeqMeanTokenMean, Normaliser::Local);
+        e.aggregate(E::view(&logp), SEQS, Some(E::view(&mask)), agg, norm, E::stats_out(&mut aggregated))?;
+        let (scores, mut rewards) = (e.upload(&[1.0f32, -0.5, 2.0])?, e.zeros::<f32>(15)?);
+        let inputs = KlRewardsInputs::new(SEQS, E::view(&exact), E::view(&scores)).mask(E::view(&mask));
+        e.kl_rewards(&inputs, E::view_mut(&mut rewards), &KlRewardsOptions::new(0.05))?;
+
+        let inputs = FusedPolicyInputs::new(tokens, SEQS, E::view(&old_logp), E::view(&advantages));
+        let (mut fused_grad, mut fused) = (e.zeros::<f32>(n)?, e.fused_stats()?);
+        let fused_opts = FusedPolicyOptions::new(PolicyLossOptions::default().entropy_coef(0.01));
+        e.policy_loss_from_logits(
+            E::view(&logits),
+            SHAPE,
+            &inputs,
+            E::view_mut(&mut fused_grad),
+            &mut fused,
+            &fused_opts,
+        )?;
+        let mut in_place = e.upload(&b.logits)?;
+        let mut fused_in_place = e.fused_stats()?;
+        e.policy_loss_from_logits_in_place(
+            E::view_mut(&mut in_place),
+            SHAPE,
+            &inputs,
+            &mut fused_in_place,
+            &fused_opts,
+        )?;
+        e.finish()?;
+        let exact_grad = e.download(&exact_grad)?;
+        assert_eq!(exact_grad, e.download(&exact_grad_out)?, "exact backward: in place == out of place");
+        let fused_grad = e.download(&fused_grad)?;
+        assert_eq!(fused_grad, e.download(&in_place)?, "fused: in place == out of place");
+        assert_eq!(e.read_fused(&fused)?, e.read_fused(&fused_in_place)?);
+        Ok(OthersOut {
+            log_softmax: e.download(&ls)?,
+            log_softmax_grad: e.download(&ls_grad)?,
+            token_grad: e.download(&token_grad)?,
+            exact: e.download(&exact)?,
+            exact_grad,
+            moments: e.read(&moments)?,
+            aggregated: e.read(&aggregated)?,
+            rewards: e.download(&rewards)?,
+            fused_grad,
+            fused: e.read_fused(&fused)?,
+        })
+    }
+}
+
+#[test]
+fn cpu_executor_runs_every_op() {
+    let b = batch();
+    let got = Backend::Cpu.run(Others(&b)).unwrap();
+    // Spot checks against the CPU functions (the rest forward the same way).
+    let mut ls = vec![0.0f32; SHAPE.len()];
+    cpu::log_softmax(&b.logits, SHAPE, &mut ls, &LogSoftmaxOptions::default().temperature(0.8)).unwrap();
+    assert_eq!(got.log_softmax, ls);
+    assert_eq!(got.moments, cpu::masked_moments(&b.advantages, SEQS, Some(&b.mask)).unwrap());
+    assert_eq!(got.aggregated.counts, rlhf_kernels::BatchCounts::of(SEQS, Some(&b.mask)));
+    assert!(got.fused.total_loss().is_finite() && got.exact.iter().all(|&v| v >= 0.0));
+}
+
+#[test]
+fn cuda_executor_runs_every_op_as_the_cpu() {
+    #[cfg(feature = "cuda")]
+    {
+        use rlhf_kernels::testing::{Tolerance, assert_close};
+        let device = rlhf_kernels::cuda_or_skip!();
+        let b = batch();
+        let (got, want) =
+            (Backend::Cuda(device).run(Others(&b)).unwrap(), Backend::Cpu.run(Others(&b)).unwrap());
+        let tol = Tolerance::for_dtype(rlhf_kernels::DType::F32).scaled(8.0);
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        for (what, g, w) in [
+            ("log_softmax", &got.log_softmax, &want.log_softmax),
+            ("log_softmax backward", &got.log_softmax_grad, &want.log_softmax_grad),
+            ("token backward", &got.token_grad, &want.token_grad),
+            ("exact KL", &got.exact, &want.exact),
+            ("exact KL backward", &got.exact_grad, &want.exact_grad),
+            ("kl rewards", &got.rewards, &want.rewards),
+            ("fused gradient", &got.fused_grad, &want.fused_grad),
+        ] {
+            assert_close(g, &f64s(w), tol, what);
+        }
+        let close = |a: f64, b: f64, what: &str| {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{what}: {a} vs {b}")
+        };
+        close(got.moments.mean, want.moments.mean, "moments mean");
+        close(got.moments.var, want.moments.var, "moments var");
+        assert_eq!(got.moments.count, want.moments.count);
+        close(got.aggregated.value, want.aggregated.value, "aggregate");
+        assert_eq!(got.aggregated.counts, want.aggregated.counts);
+        close(got.fused.total_loss(), want.fused.total_loss(), "fused loss");
+        assert_eq!(got.fused.policy.counts, want.fused.policy.counts);
+    }
+    #[cfg(not(feature = "cuda"))]
+    rlhf_kernels::testing::skip("executor::cuda_executor_runs_every_op_as_the_cpu", "built without `cuda`");
 }
 
 #[test]

@@ -4,11 +4,13 @@ use std::time::Instant;
 
 use crate::executor::{Scalar, Statistic, ViewMutOf, ViewOf, Workspace};
 use crate::{
-    Element, Executor, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs,
-    Groups, Host, KlRewardsInputs, KlRewardsOptions, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
-    Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex, TokenGrads,
-    TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions, ValueLossOutputs,
-    WhitenOptions, cpu,
+    Aggregated, Aggregation, BatchCounts, Element, ExactKlGrads, ExactKlOptions, ExactKlOutputs, Executor,
+    FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions, GaeOutputs,
+    GroupAdvantageOptions, GroupAdvantageOutputs, Groups, Host, KlRewardsInputs, KlRewardsOptions,
+    LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
+    ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex,
+    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
+    ValueLossOutputs, WhitenOptions, cpu,
 };
 
 /// The CPU backend as an [`Executor`] (rayon over rows, the calling thread waits for each op).
@@ -29,6 +31,7 @@ impl Executor for CpuExecutor {
     type Stats<S: Statistic> = S;
     type Groups = Groups;
     type Mark = Instant;
+    type FusedStats = FusedPolicyStats;
 
     fn describe(&self) -> String {
         cpu::describe()
@@ -64,6 +67,14 @@ impl Executor for CpuExecutor {
         Ok(S::default())
     }
 
+    fn fused_stats(&self) -> Result<FusedPolicyStats> {
+        Ok(FusedPolicyStats::default())
+    }
+
+    fn read_fused(&self, stats: &FusedPolicyStats) -> Result<FusedPolicyStats> {
+        Ok(*stats)
+    }
+
     fn stats_out<S: Statistic>(stats: &mut S) -> &mut S {
         stats
     }
@@ -92,6 +103,27 @@ impl Executor for CpuExecutor {
         Ok(())
     }
 
+    fn log_softmax<T: Element + Scalar>(
+        &mut self,
+        logits: &[T],
+        shape: RowShape,
+        out: &mut [f32],
+        opts: &LogSoftmaxOptions,
+    ) -> Result<()> {
+        cpu::log_softmax(logits, shape, out, opts)
+    }
+
+    fn log_softmax_backward<T: Element + Scalar>(
+        &mut self,
+        out: &[f32],
+        grad_out: &[f32],
+        shape: RowShape,
+        grad_logits: &mut [T],
+        opts: &LogSoftmaxOptions,
+    ) -> Result<()> {
+        cpu::log_softmax_backward(out, grad_out, shape, grad_logits, opts)
+    }
+
     fn token_logprobs<T: Element + Scalar, I: TargetIndex + Scalar>(
         &mut self,
         logits: ViewOf<'_, Self, T>,
@@ -101,6 +133,18 @@ impl Executor for CpuExecutor {
         opts: &TokenLogprobsOptions,
     ) -> Result<()> {
         cpu::token_logprobs(logits, shape, tokens, out, opts)
+    }
+
+    fn token_logprobs_backward<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: &[T],
+        shape: RowShape,
+        tokens: &Tokens<'_, I>,
+        grads: &TokenGrads<'_>,
+        grad_logits: &mut [T],
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        cpu::token_logprobs_backward(logits, shape, tokens, grads, grad_logits, opts)
     }
 
     fn token_logprobs_backward_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
@@ -123,6 +167,40 @@ impl Executor for CpuExecutor {
         cpu::sampled_kl(inputs, out, opts).map(|_| ())
     }
 
+    fn exact_kl<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: &[P],
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q>,
+        out: ExactKlOutputs<'_>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cpu::exact_kl(policy, shape, reference, out, opts)
+    }
+
+    fn exact_kl_backward<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: &[P],
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q>,
+        grads: &ExactKlGrads<'_>,
+        grad_policy: &mut [P],
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cpu::exact_kl_backward(policy, shape, reference, grads, grad_policy, opts)
+    }
+
+    fn exact_kl_backward_in_place<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: &mut [P],
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q>,
+        grads: &ExactKlGrads<'_>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cpu::exact_kl_backward_in_place(policy, shape, reference, grads, opts)
+    }
+
     fn kl_rewards(
         &mut self,
         inputs: &KlRewardsInputs<'_>,
@@ -134,6 +212,17 @@ impl Executor for CpuExecutor {
 
     fn gae(&mut self, inputs: &GaeInputs<'_>, out: GaeOutputs<'_>, opts: &GaeOptions) -> Result<()> {
         cpu::gae(inputs, out, opts)
+    }
+
+    fn masked_moments(
+        &mut self,
+        values: &[f32],
+        shape: RowShape,
+        mask: Option<&[u8]>,
+        out: &mut Moments,
+    ) -> Result<()> {
+        *out = cpu::masked_moments(values, shape, mask)?;
+        Ok(())
     }
 
     fn whiten(
@@ -172,5 +261,44 @@ impl Executor for CpuExecutor {
         opts: &ValueLossOptions,
     ) -> Result<()> {
         cpu::value_loss(inputs, out, opts).map(|_| ())
+    }
+
+    fn policy_loss_from_logits<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: &[T],
+        shape: RowShape,
+        inputs: &FusedPolicyInputs<'_, I>,
+        grad_logits: &mut [T],
+        stats: &mut FusedPolicyStats,
+        opts: &FusedPolicyOptions,
+    ) -> Result<()> {
+        *stats = cpu::policy_loss_from_logits(logits, shape, inputs, grad_logits, opts)?;
+        Ok(())
+    }
+
+    fn policy_loss_from_logits_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: &mut [T],
+        shape: RowShape,
+        inputs: &FusedPolicyInputs<'_, I>,
+        stats: &mut FusedPolicyStats,
+        opts: &FusedPolicyOptions,
+    ) -> Result<()> {
+        *stats = cpu::policy_loss_from_logits_in_place(logits, shape, inputs, opts)?;
+        Ok(())
+    }
+
+    fn aggregate(
+        &mut self,
+        values: &[f32],
+        shape: RowShape,
+        mask: Option<&[u8]>,
+        aggregation: Aggregation,
+        norm: Normaliser,
+        out: &mut Aggregated,
+    ) -> Result<()> {
+        let value = aggregation.aggregate(values, shape, mask, norm)?;
+        *out = Aggregated { value, counts: BatchCounts::of(shape, mask) };
+        Ok(())
     }
 }

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut};
 
-use crate::cuda::{self, CudaDevice, CudaStatus, DeviceGroups, DeviceStats, driver_error};
+use crate::cuda::{self, CudaDevice, CudaStatus, DeviceFusedStats, DeviceGroups, DeviceStats, driver_error};
 use crate::executor::{Scalar, Statistic, Workspace};
 use crate::{
-    Cuda, Element, Executor, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs,
-    Groups, KlRewardsInputs, KlRewardsOptions, Moments, PolicyLossInputs, PolicyLossOptions,
-    PolicyLossOutputs, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex,
+    Aggregated, Aggregation, Cuda, Element, ExactKlGrads, ExactKlOptions, ExactKlOutputs, Executor,
+    FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions, GaeOutputs,
+    GroupAdvantageOptions, GroupAdvantageOutputs, Groups, KlRewardsInputs, KlRewardsOptions,
+    LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
+    ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex,
     TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
     ValueLossOutputs, WhitenOptions,
 };
@@ -58,6 +60,7 @@ impl Executor for CudaExecutor {
     type Stats<S: Statistic> = DeviceStats<S>;
     type Groups = DeviceGroups;
     type Mark = CudaEvent;
+    type FusedStats = DeviceFusedStats;
 
     fn describe(&self) -> String {
         self.label.clone()
@@ -92,6 +95,14 @@ impl Executor for CudaExecutor {
         DeviceStats::new(&self.stream)
     }
 
+    fn fused_stats(&self) -> Result<DeviceFusedStats> {
+        DeviceFusedStats::new(&self.stream)
+    }
+
+    fn read_fused(&self, stats: &DeviceFusedStats) -> Result<FusedPolicyStats> {
+        stats.read(&self.stream)
+    }
+
     fn stats_out<S: Statistic>(stats: &mut DeviceStats<S>) -> &mut DeviceStats<S> {
         stats
     }
@@ -117,6 +128,7 @@ impl Executor for CudaExecutor {
     fn workspace_bytes(&self, op: Workspace) -> usize {
         match op {
             Workspace::TokenLogprobs(shape, dtype) => cuda::token_logprobs_workspace_bytes(shape, dtype),
+            Workspace::ExactKl(shape, divergence) => cuda::exact_kl_workspace_bytes(shape, divergence),
             Workspace::SampledKl(shape) => cuda::sampled_kl_workspace_bytes(shape),
             Workspace::Gae(shape) => cuda::gae_workspace_bytes(shape),
             Workspace::PolicyLoss(shape) => cuda::policy_loss_workspace_bytes(shape),
@@ -128,6 +140,35 @@ impl Executor for CudaExecutor {
         self.status.check(&self.stream)
     }
 
+    fn log_softmax<T: Element + Scalar>(
+        &mut self,
+        logits: CudaView<'_, T>,
+        shape: RowShape,
+        mut out: CudaViewMut<'_, f32>,
+        opts: &LogSoftmaxOptions,
+    ) -> Result<()> {
+        cuda::log_softmax(&self.stream, &logits, shape, &mut out, &mut self.status, opts)
+    }
+
+    fn log_softmax_backward<T: Element + Scalar>(
+        &mut self,
+        out: CudaView<'_, f32>,
+        grad_out: CudaView<'_, f32>,
+        shape: RowShape,
+        mut grad_logits: CudaViewMut<'_, T>,
+        opts: &LogSoftmaxOptions,
+    ) -> Result<()> {
+        cuda::log_softmax_backward(
+            &self.stream,
+            &out,
+            &grad_out,
+            shape,
+            &mut grad_logits,
+            &mut self.status,
+            opts,
+        )
+    }
+
     fn token_logprobs<T: Element + Scalar, I: TargetIndex + Scalar>(
         &mut self,
         logits: CudaView<'_, T>,
@@ -137,6 +178,28 @@ impl Executor for CudaExecutor {
         opts: &TokenLogprobsOptions,
     ) -> Result<()> {
         cuda::token_logprobs(&self.stream, &logits, shape, tokens, out, &mut self.status, opts)
+    }
+
+    fn token_logprobs_backward<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: CudaView<'_, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I, Cuda>,
+        grads: &TokenGrads<'_, Cuda>,
+        mut grad_logits: CudaViewMut<'_, T>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        let status = &mut self.status;
+        cuda::token_logprobs_backward(
+            &self.stream,
+            &logits,
+            shape,
+            tokens,
+            grads,
+            &mut grad_logits,
+            status,
+            opts,
+        )
     }
 
     fn token_logprobs_backward_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
@@ -167,6 +230,58 @@ impl Executor for CudaExecutor {
         cuda::sampled_kl(&self.stream, inputs, out, &mut self.status, opts)
     }
 
+    fn exact_kl<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: CudaView<'_, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Cuda>,
+        out: ExactKlOutputs<'_, Cuda>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cuda::exact_kl(&self.stream, &policy, shape, reference, out, &mut self.status, opts)
+    }
+
+    fn exact_kl_backward<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: CudaView<'_, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Cuda>,
+        grads: &ExactKlGrads<'_, Cuda>,
+        mut grad_policy: CudaViewMut<'_, P>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        let status = &mut self.status;
+        cuda::exact_kl_backward(
+            &self.stream,
+            &policy,
+            shape,
+            reference,
+            grads,
+            &mut grad_policy,
+            status,
+            opts,
+        )
+    }
+
+    fn exact_kl_backward_in_place<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        mut policy: CudaViewMut<'_, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Cuda>,
+        grads: &ExactKlGrads<'_, Cuda>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cuda::exact_kl_backward_in_place(
+            &self.stream,
+            &mut policy,
+            shape,
+            reference,
+            grads,
+            &mut self.status,
+            opts,
+        )
+    }
+
     fn kl_rewards(
         &mut self,
         inputs: &KlRewardsInputs<'_, Cuda>,
@@ -183,6 +298,16 @@ impl Executor for CudaExecutor {
         opts: &GaeOptions,
     ) -> Result<()> {
         cuda::gae(&self.stream, inputs, out, &mut self.status, opts)
+    }
+
+    fn masked_moments(
+        &mut self,
+        values: CudaView<'_, f32>,
+        shape: RowShape,
+        mask: Option<CudaView<'_, u8>>,
+        out: &mut DeviceStats<Moments>,
+    ) -> Result<()> {
+        cuda::masked_moments(&self.stream, &values, shape, mask.as_ref(), out, &mut self.status)
     }
 
     fn whiten(
@@ -225,5 +350,42 @@ impl Executor for CudaExecutor {
         opts: &ValueLossOptions,
     ) -> Result<()> {
         cuda::value_loss(&self.stream, inputs, out, &mut self.status, opts)
+    }
+
+    fn policy_loss_from_logits<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: CudaView<'_, T>,
+        shape: RowShape,
+        inputs: &FusedPolicyInputs<'_, I, Cuda>,
+        mut grad_logits: CudaViewMut<'_, T>,
+        stats: &mut DeviceFusedStats,
+        opts: &FusedPolicyOptions,
+    ) -> Result<()> {
+        let (s, status) = (&self.stream, &mut self.status);
+        cuda::policy_loss_from_logits(s, &logits, shape, inputs, &mut grad_logits, stats, status, opts)
+    }
+
+    fn policy_loss_from_logits_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        mut logits: CudaViewMut<'_, T>,
+        shape: RowShape,
+        inputs: &FusedPolicyInputs<'_, I, Cuda>,
+        stats: &mut DeviceFusedStats,
+        opts: &FusedPolicyOptions,
+    ) -> Result<()> {
+        let (s, status) = (&self.stream, &mut self.status);
+        cuda::policy_loss_from_logits_in_place(s, &mut logits, shape, inputs, stats, status, opts)
+    }
+
+    fn aggregate(
+        &mut self,
+        values: CudaView<'_, f32>,
+        shape: RowShape,
+        mask: Option<CudaView<'_, u8>>,
+        aggregation: Aggregation,
+        norm: Normaliser,
+        out: &mut DeviceStats<Aggregated>,
+    ) -> Result<()> {
+        cuda::aggregate(&self.stream, &values, shape, mask.as_ref(), aggregation, norm, out, &mut self.status)
     }
 }

@@ -17,7 +17,7 @@ use rlhf_kernels::{
     SampledKlOptions, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, VocabPartial,
     WhitenOptions, cpu, reference,
 };
-use rlhf_kernels::{KlRewardsInputs, KlRewardsOptions, SampledKlInputs};
+use rlhf_kernels::{KlRewardsInputs, KlRewardsOptions, ReferenceRows, SampledKlInputs};
 
 #[test]
 fn logprobs_family() {
@@ -131,7 +131,12 @@ fn reference_backend() {
         }
         let (divergence, value_allow) = divergence(b.pick[5]);
         let xopts = ExactKlOptions::new(divergence).temperature(tau);
-        if let Some(r) = ok(reference::exact_kl(&b.a, s, &b.b, s, Some(&b.mask[..s.rows]), &xopts)) {
+        if let Some(r) = ok(reference::exact_kl(
+            &b.a,
+            s,
+            &ReferenceRows::new(&b.b, s).with_mask(&b.mask[..s.rows]),
+            &xopts,
+        )) {
             check("exact_kl", r.value, value_allow)?;
             check("exact_kl lse", r.policy_lse.into_iter().chain(r.ref_lse), Allow::Finite)?;
         }

@@ -103,9 +103,8 @@ mod gpu {
     pub fn exact_raw_layer(gpu: &Gpu) {
         let s = &gpu.0;
         let c = ExactCase::<bf16, f16>::random(9, 3000, ExactDivergence::PolicyRef, 0.9, 12);
-        let (rows, mask) = (c.policy_shape.rows, c.mask.as_deref());
-        let expected =
-            reference::exact_kl(&c.policy, c.policy_shape, &c.reference, c.ref_shape, mask, &c.opts).unwrap();
+        let rows = c.policy_shape.rows;
+        let expected = reference::exact_kl(&c.policy, c.policy_shape, &c.reference_rows(), &c.opts).unwrap();
         // The policy starts 3 elements into its buffer (6 bytes: not 16-byte aligned).
         let mut padded = vec![bf16::ZERO; 3];
         padded.extend_from_slice(&c.policy);
@@ -175,16 +174,8 @@ mod gpu {
         assert_close(&o[rows..2 * rows], &expected.policy_lse, tol, "raw policy lse");
         assert_close(&o[2 * rows..], &expected.ref_lse, tol, "raw ref lse");
         let g: Vec<f32> = o[..rows].to_vec();
-        let grad = reference::exact_kl_backward(
-            &c.policy,
-            c.policy_shape,
-            &c.reference,
-            c.ref_shape,
-            mask,
-            &g,
-            &c.opts,
-        )
-        .unwrap();
+        let grad = reference::exact_kl_backward(&c.policy, c.policy_shape, &c.reference_rows(), &g, &c.opts)
+            .unwrap();
         let got = s.clone_dtoh(&p).unwrap();
         let shape = c.policy_shape;
         let dense: Vec<bf16> = (0..rows).flat_map(|r| got[3..][shape.row_range(r)].iter().copied()).collect();

@@ -5,8 +5,8 @@ use crate::aggregation::{BatchCounts, valid_in_row};
 use crate::error::Op;
 use crate::logprobs::check_len;
 use crate::{
-    Element, ExactDivergence, ExactKlOptions, KlEstimator, KlRewardsInputs, KlRewardsOptions, Result,
-    RowProblem, RowShape, SampledKlInputs, SampledKlOptions, SampledKlStats,
+    Element, ExactDivergence, ExactKlOptions, KlEstimator, KlRewardsInputs, KlRewardsOptions, ReferenceRows,
+    Result, RowProblem, RowShape, SampledKlInputs, SampledKlOptions, SampledKlStats,
 };
 
 /// Per-token values of a sampled estimator, the gradient of the loss, and the statistics.
@@ -220,21 +220,19 @@ impl Pair {
 /// `KL[π ‖ π_ref]` is infinite. `KL[π_ref ‖ π]` may be `+inf` (returned as such).
 ///
 /// ```
-/// use rlhf_kernels::{reference, ExactDivergence, ExactKlOptions, RowShape};
-/// let p = [0.0f32, 0.0];
-/// let q = [0.0f32, f32::NEG_INFINITY];
+/// use rlhf_kernels::{reference, ExactDivergence, ExactKlOptions, ReferenceRows, RowShape};
+/// let (p, q, shape) = ([0.0f32, 0.0], [0.0f32, f32::NEG_INFINITY], RowShape::new(1, 2));
 /// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
-/// assert!(reference::exact_kl(&q, RowShape::new(1, 2), &p, RowShape::new(1, 2), None, &opts)?.value[0] > 0.69);
+/// assert!(reference::exact_kl(&q, shape, &ReferenceRows::new(&p, shape), &opts)?.value[0] > 0.69);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn exact_kl<P: Element, Q: Element>(
     policy: &[P],
     policy_shape: RowShape,
-    reference: &[Q],
-    ref_shape: RowShape,
-    mask: Option<&[u8]>,
+    reference: &ReferenceRows<'_, Q>,
     opts: &ExactKlOptions,
 ) -> Result<ExactKl> {
+    let ReferenceRows { logits: reference, shape: ref_shape, mask } = *reference;
     check_pair(policy.len(), policy_shape, reference.len(), ref_shape, mask)?;
     let tau = opts.inv_temperature().map(|_| opts.temperature as f64)?;
     let mut out = ExactKl::default();
@@ -289,12 +287,11 @@ pub fn exact_kl<P: Element, Q: Element>(
 pub fn exact_kl_backward<P: Element, Q: Element>(
     policy: &[P],
     policy_shape: RowShape,
-    reference: &[Q],
-    ref_shape: RowShape,
-    mask: Option<&[u8]>,
+    reference: &ReferenceRows<'_, Q>,
     grad: &[f32],
     opts: &ExactKlOptions,
 ) -> Result<Vec<f64>> {
+    let ReferenceRows { logits: reference, shape: ref_shape, mask } = *reference;
     check_pair(policy.len(), policy_shape, reference.len(), ref_shape, mask)?;
     check_len("grad", grad.len(), policy_shape.rows)?;
     let tau = opts.inv_temperature().map(|_| opts.temperature as f64)?;

@@ -268,6 +268,87 @@ def policy_loss(
     )
 
 
+class _PolicyLossFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, old_logp, advantages, mask, ref_logp, options):
+        stats = torch.zeros(_native.FUSED_STATS_WORDS, dtype=torch.float64, device=logits.device)
+        grad = torch.empty_strided(logits.size(), logits.stride(), dtype=logits.dtype, device=logits.device)
+        workspace = None
+        if logits.is_cuda:
+            dtype = str(logits.dtype).removeprefix("torch.")
+            need = _native.fused_workspace_bytes(targets.numel(), logits.shape[-1], dtype, tuple(targets.shape))
+            workspace = torch.empty(max(need, 16), dtype=torch.uint8, device=logits.device)
+        _native.policy_loss_from_logits(
+            logits.detach(), targets, old_logp, advantages, grad, stats, mask=mask, ref_logp=ref_logp,
+            workspace=workspace, status=_status(logits), stream=_stream(logits), **options,
+        )
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(stats)
+        total = stats[0] + stats[_native.POLICY_STATS_WORDS]  # the KL words are 0 without a term
+        return total.to(torch.float32), stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+
+
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    ref_logp: Optional[torch.Tensor] = None,
+    kl_estimator: str = "grad_policy_ref",
+    kl_coef: float = 1.0,
+    kl_log_ratio_clamp: Optional[float] = 20.0,
+    kl_value_clamp: Optional[float] = 10.0,
+    temperature: float = 1.0,
+    objective: str = "clip",
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    log_ratio_clamp: Optional[float] = 20.0,
+    entropy_coef: float = 0.0,
+    aggregation: str = "token_mean",
+    max_len: int = 0,
+    global_counts: Optional[Sequence[float]] = None,
+):
+    """The policy loss straight from the policy logits ``[B, T, V]``: :func:`token_logprobs`,
+    :func:`policy_loss` (with the entropy bonus) and, with ``ref_logp``, a :func:`sampled_kl`
+    loss term (``kl_estimator``, ``kl_coef``, aggregated as the policy loss) fused, the gradient
+    w.r.t. the logits computed in the forward (two passes over the logits, no ``[N, V]``
+    softmax) and scaled in the backward. ``targets``, ``old_logp``, ``advantages``, ``mask`` and
+    ``ref_logp`` are ``[B, T]``; padding comes from ``mask`` only (no ignore index). Logits that
+    are not one block of evenly spaced rows (``logits[:, :-1]`` of a ``[B, T + 1, V]`` tensor)
+    are copied first.
+
+    Returns ``(loss, stats)``: the total loss (differentiable in ``logits``) and a float64
+    tensor on the device: ``stats[:POLICY_STATS_WORDS]`` reads with :func:`policy_stats`,
+    ``stats[POLICY_STATS_WORDS:]`` with :func:`kl_stats` (zeros without a KL term).
+    """
+    b, t, v = logits.shape
+    if logits.stride(2) != 1 or logits.stride(0) != t * logits.stride(1):
+        logits = logits.contiguous()
+    options = dict(
+        temperature=float(temperature), objective=objective, beta=float(beta), clip_low=float(clip_low),
+        clip_high=float(clip_high), dual_clip=dual_clip,
+        log_ratio_clamp=None if log_ratio_clamp is None else float(log_ratio_clamp),
+        entropy_coef=float(entropy_coef), kl_estimator=kl_estimator, kl_coef=float(kl_coef),
+        kl_log_ratio_clamp=None if kl_log_ratio_clamp is None else float(kl_log_ratio_clamp),
+        kl_value_clamp=None if kl_value_clamp is None else float(kl_value_clamp),
+        **_counts_options(aggregation, max_len, global_counts),
+    )
+    return _PolicyLossFromLogits.apply(
+        logits, targets.detach().contiguous(), _f32(old_logp, "old_logp"), _f32(advantages, "advantages"),
+        _mask(mask), None if ref_logp is None else _f32(ref_logp, "ref_logp"), options,
+    )
+
+
 _STAT_NAMES = (
     "loss", "policy_loss", "entropy_loss", "clip_fraction_low", "clip_fraction_high",
     "dual_clip_fraction", "approx_kl_k1", "approx_kl_k3", "ratio_mean", "ratio_min", "ratio_max",

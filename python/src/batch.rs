@@ -48,25 +48,16 @@ pub fn policy_loss(
     status: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
-    let objective = match objective {
-        "clip" => PolicyObjective::Clip,
-        "kl_penalty" => PolicyObjective::KlPenalty { beta },
-        "gspo" => PolicyObjective::Gspo,
-        "cispo" => PolicyObjective::Cispo,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "objective: {other:?}, expected \"clip\", \"kl_penalty\", \"gspo\" or \"cispo\""
-            )));
-        }
-    };
-    let normaliser = parse_normaliser(global_counts);
-    let opts = PolicyLossOptions::new(objective)
-        .clip(clip_low, clip_high)
-        .dual_clip(dual_clip)
-        .log_ratio_clamp(log_ratio_clamp)
-        .entropy_coef(entropy_coef)
-        .aggregation(parse_aggregation(aggregation, max_len)?)
-        .normaliser(normaliser);
+    let opts = policy_options(
+        objective,
+        beta,
+        [clip_low, clip_high],
+        dual_clip,
+        log_ratio_clamp,
+        entropy_coef,
+        parse_aggregation(aggregation, max_len)?,
+        parse_normaliser(global_counts),
+    )?;
     let logp = Dl::import(logp, stream, "logp")?;
     let dims = batch_dims(&logp)?;
     let shape = RowShape::new(dims[0], dims[1]);
@@ -131,6 +122,39 @@ pub fn policy_loss(
             &opts,
         ),
     }
+}
+
+/// The policy loss's options from the Python arguments (shared by `policy_loss` and the fused
+/// path).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn policy_options(
+    objective: &str,
+    beta: f32,
+    [clip_low, clip_high]: [f32; 2],
+    dual_clip: Option<f32>,
+    log_ratio_clamp: Option<f32>,
+    entropy_coef: f32,
+    aggregation: Aggregation,
+    normaliser: Normaliser,
+) -> PyResult<PolicyLossOptions> {
+    let objective = match objective {
+        "clip" => PolicyObjective::Clip,
+        "kl_penalty" => PolicyObjective::KlPenalty { beta },
+        "gspo" => PolicyObjective::Gspo,
+        "cispo" => PolicyObjective::Cispo,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "objective: {other:?}, expected \"clip\", \"kl_penalty\", \"gspo\" or \"cispo\""
+            )));
+        }
+    };
+    Ok(PolicyLossOptions::new(objective)
+        .clip(clip_low, clip_high)
+        .dual_clip(dual_clip)
+        .log_ratio_clamp(log_ratio_clamp)
+        .entropy_coef(entropy_coef)
+        .aggregation(aggregation)
+        .normaliser(normaliser))
 }
 
 /// The normaliser of `global_counts` (`(valid tokens, valid sequences, sequences)` of the whole

@@ -4,14 +4,15 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::cuda::raw::{
-    self, ExactKlArgs, ExactKlBackwardArgs, GaeArgs, GroupAdvantageArgs, KlRewardsArgs, PolicyLossArgs,
-    RawStream, ReductionArgs, SampledKlArgs, TokenLogprobsArgs, TokenLogprobsBackwardArgs, ValueLossArgs,
+    self, ExactKlArgs, ExactKlBackwardArgs, FusedPolicyArgs, GaeArgs, GroupAdvantageArgs, KlRewardsArgs,
+    PolicyLossArgs, RawStream, ReductionArgs, SampledKlArgs, TokenLogprobsArgs, TokenLogprobsBackwardArgs,
+    ValueLossArgs,
 };
 use rlhf_kernels::cudarc::driver::sys::CUstream;
 use rlhf_kernels::{
-    Aggregation, ExactKlOptions, GaeOptions, GroupAdvantageOptions, Groups, IndexType, KlRewardsOptions, Normaliser,
-    PolicyLossOptions, RowBlocks, RowShape, SampledKlOptions, TokenLogprobsOptions, ValueLossOptions,
-    WhitenOptions,
+    Aggregation, ExactKlOptions, FusedPolicyOptions, GaeOptions, GroupAdvantageOptions, Groups, IndexType,
+    KlRewardsOptions, Normaliser, PolicyLossOptions, RowBlocks, RowShape, SampledKlOptions,
+    TokenLogprobsOptions, ValueLossOptions, WhitenOptions,
 };
 
 use crate::dl::{Dl, Kind, err};
@@ -477,4 +478,66 @@ pub fn reduction(
         }
     };
     r.map_err(err)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn policy_loss_from_logits(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    [logits, grad]: [&Dl; 2],
+    shape: RowShape,
+    sequences: RowShape,
+    [targets, old, adv]: [&Dl; 3],
+    [mask, ref_logp, workspace]: [Option<&Dl>; 3],
+    stats: &Dl,
+    opts: &FusedPolicyOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(
+        ordinal,
+        stream,
+        status,
+        &[
+            Some(logits),
+            Some(grad),
+            Some(targets),
+            Some(old),
+            Some(adv),
+            mask,
+            ref_logp,
+            workspace,
+            Some(stats),
+        ],
+    )?;
+    let dtype = logits.kind.float("logits")?;
+    if let Some(w) = workspace {
+        let need = raw::fused_workspace_bytes(shape, dtype, sequences);
+        if w.span() < need || w.ptr % 16 != 0 {
+            return Err(PyValueError::new_err(format!(
+                "workspace: {} bytes at {:#x}, expected at least {need} bytes at a 16-byte aligned address",
+                w.span(),
+                w.ptr
+            )));
+        }
+    }
+    let args = FusedPolicyArgs {
+        logits: logits.ptr,
+        dtype,
+        shape,
+        targets: targets.ptr,
+        index_type: index_type(targets.kind),
+        mask: row_ptr(mask, 0),
+        sequences,
+        old_logp: old.ptr,
+        advantages: adv.ptr,
+        ref_logp: row_ptr(ref_logp, 0),
+        grad_logits: grad.ptr,
+        policy_stats: stats.ptr,
+        kl_stats: if ref_logp.is_some() { stats.at(raw::POLICY_STATS_WORDS) } else { 0 },
+        workspace: row_ptr(workspace, 0),
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`; `grad` has the logits' layout (checked), `stats` holds the
+    // policy and KL words (checked), the workspace its bytes (checked above).
+    unsafe { raw::policy_loss_from_logits(raw_stream, &args, opts) }.map_err(err)
 }

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 mod batch;
 mod cuda;
 mod dl;
+mod fused;
 mod logits;
 mod losses;
 mod reduce;
@@ -91,6 +92,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logits::exact_kl, m)?)?;
     m.add_function(wrap_pyfunction!(logits::exact_kl_backward, m)?)?;
     m.add_function(wrap_pyfunction!(batch::policy_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(fused::policy_loss_from_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(fused::fused_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(batch::gae, m)?)?;
     m.add_function(wrap_pyfunction!(batch::group_advantages, m)?)?;
     m.add_function(wrap_pyfunction!(losses::sampled_kl, m)?)?;
@@ -104,5 +107,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POLICY_STATS_WORDS", batch::STATS_WORDS)?;
     m.add("KL_STATS_WORDS", losses::KL_STATS_WORDS)?;
     m.add("VALUE_STATS_WORDS", losses::VALUE_STATS_WORDS)?;
+    m.add("FUSED_STATS_WORDS", fused::FUSED_STATS_WORDS)?;
     Ok(())
 }

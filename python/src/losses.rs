@@ -6,8 +6,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::cuda::raw;
 use rlhf_kernels::{
-    KlEstimator, KlRewardsInputs, KlRewardsOptions, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
-    ValueLossInputs, ValueLossOptions, ValueLossOutputs, cpu,
+    KlEstimator, KlRewardsInputs, KlRewardsOptions, RowShape, SampledKlInputs, SampledKlOptions,
+    SampledKlOutputs, ValueLossInputs, ValueLossOptions, ValueLossOutputs, cpu,
 };
 
 use crate::batch::{batch_dims, parse_aggregation, parse_normaliser};
@@ -43,7 +43,7 @@ fn stats_output(stats: Option<&Bound<'_, PyAny>>, stream: usize, words: usize) -
     Ok(stats)
 }
 
-fn parse_estimator(name: &str) -> PyResult<KlEstimator> {
+pub(crate) fn parse_estimator(name: &str) -> PyResult<KlEstimator> {
     Ok(match name {
         "k1" => KlEstimator::K1,
         "k2" => KlEstimator::K2,

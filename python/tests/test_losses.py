@@ -1,7 +1,8 @@
 """The per-token loss terms and batch reductions of rlhf_kernels.torch (sampled KL, KL-in-reward
 shaping, the value loss, aggregation, masked moments, whitening) against plain PyTorch formulas
-in float64: values, gradients through autograd, statistics and error paths. Runs on the CPU,
-and again on CUDA when a GPU is present."""
+in float64: values, gradients through autograd, statistics and error paths; the fused path from
+logits against the composition of the package's own ops. Runs on the CPU, and again on CUDA
+when a GPU is present."""
 
 import pytest
 import torch
@@ -13,7 +14,11 @@ from rlhf_kernels.torch import (
     kl_rewards,
     kl_stats,
     masked_moments,
+    policy_loss,
+    policy_loss_from_logits,
+    policy_stats,
     sampled_kl,
+    token_logprobs,
     value_loss,
     value_stats,
     whiten,
@@ -203,3 +208,66 @@ def test_moments_and_whiten(device, keep_mean):
     assert not torch.equal(w, logp), "whiten returns a new tensor, the input is kept"
     with pytest.raises(TypeError, match="values"):
         masked_moments(logp.double(), mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_kl", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_loss_from_logits_equals_the_composition(device, with_kl, dtype):
+    """The fused path's loss, gradient w.r.t. the logits and statistics equal token_logprobs →
+    policy_loss (+ sampled_kl) → autograd, on the same logits; a causal-shift view is copied."""
+    torch.manual_seed(3)
+    b, t, v = 3, 6, 77
+    base = (torch.randn(b, t + 1, v) * 2).to(device=device, dtype=dtype)
+    logp_ref, ref, mask = batch(b, t, device, seed=4)
+    targets = torch.randint(0, v, (b, t), device=device)
+    old = logp_ref - 1.0
+    adv = torch.randn(b, t, device=device)
+    options = dict(entropy_coef=0.01, dual_clip=3.0, aggregation="seq_mean_token_mean")
+    kl = dict(ref_logp=ref, kl_estimator="grad_policy_ref", kl_coef=0.1) if with_kl else {}
+
+    fused_logits = base.clone().requires_grad_(True)
+    loss, stats = policy_loss_from_logits(
+        fused_logits[:, :-1], targets, old, adv, mask, temperature=0.9, **kl, **options
+    )
+    loss.backward()
+
+    composed_logits = base.clone().requires_grad_(True)
+    logp, entropy = token_logprobs(composed_logits[:, :-1], targets, mask, temperature=0.9)
+    expected, expected_stats = policy_loss(logp, old, adv, mask, entropy=entropy, **options)
+    if with_kl:
+        kl_loss, _, expected_kl = sampled_kl(
+            logp, ref, mask, estimator="grad_policy_ref", coef=0.1, aggregation="seq_mean_token_mean"
+        )
+        expected = expected + kl_loss
+    expected.backward()
+    check_status(device)
+
+    close(loss, expected, 1e-5)
+    scale = composed_logits.grad.abs().max().item()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    close(fused_logits.grad / scale, composed_logits.grad / scale, tol)
+    words = rlhf_kernels.POLICY_STATS_WORDS
+    got, want = policy_stats(stats[:words]), policy_stats(expected_stats)
+    assert got["valid_tokens"] == want["valid_tokens"] and got["sequences"] == want["sequences"]
+    close(got["clip_fraction_high"], want["clip_fraction_high"])
+    if with_kl:
+        close(kl_stats(stats[words:])["loss"], kl_stats(expected_kl)["loss"])
+    else:
+        assert stats[words:].abs().sum().item() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_policy_loss_from_logits_bad_input_raises(device):
+    logits = torch.randn(2, 3, 10, device=device)
+    targets = torch.randint(0, 10, (2, 3), device=device)
+    old, adv = torch.zeros(2, 3, device=device), torch.ones(2, 3, device=device)
+    with pytest.raises(ValueError, match="old_logp"):
+        policy_loss_from_logits(logits, targets, old[:, :2], adv)
+    with pytest.raises(ValueError, match="rows"):
+        policy_loss_from_logits(logits[:1], targets, old, adv)
+    bad = targets.clone()
+    bad[1, 2] = 10
+    with pytest.raises(Exception, match="target"):
+        policy_loss_from_logits(logits, bad, old, adv)
+        check_status(device)

@@ -488,8 +488,8 @@ moments_finalize(const MomentsF64* __restrict__ records, int rows, double* __res
   }
 }
 
-// x ← (x − mean)·scale + offset at valid tokens (0 at masked ones), in f64 and rounded once as
-// on the CPU: scale = 1/sqrt(var + ε) (0 if that is not finite), offset = mean with keep_mean,
+// x ← (x − mean)·scale + offset at valid tokens (0 at masked ones), in f64 with the CPU's
+// roundings (no fma: build.rs compiles with --fmad=false), then to f32: scale = 1/sqrt(var + ε) (0 if that is not finite), offset = mean with keep_mean,
 // else 0. The deviation comes first: x·scale − mean·scale cancels catastrophically when the
 // scale is large (and can overflow f32 from a finite batch). One block per row.
 extern "C" __global__ void __launch_bounds__(256)
@@ -504,6 +504,6 @@ whiten_apply(float* __restrict__ values, long long ld, const unsigned char* __re
   const long long base = row * ld;
   for (long long t = threadIdx.x; t < cols; t += 256) {
     const double x = static_cast<double>(values[base + t]);
-    values[base + t] = token_valid(mask, base + t) ? static_cast<float>(fma(x - mean, scale, offset)) : 0.0f;
+    values[base + t] = token_valid(mask, base + t) ? static_cast<float>((x - mean) * scale + offset) : 0.0f;
   }
 }

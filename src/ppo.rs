@@ -363,9 +363,16 @@ impl FusedPolicyOptions {
         FusedPolicyOptions { kl: Some(kl), ..self }
     }
 
-    /// The token log-probs' options: this temperature, no ignore index.
+    /// The token log-probs' options: this temperature and no ignore index (padding is the
+    /// mask's; an unmasked target outside the vocabulary is an error).
+    ///
+    /// ```
+    /// use rlhf_kernels::FusedPolicyOptions;
+    /// let lp = FusedPolicyOptions::default().temperature(0.7).logprobs();
+    /// assert_eq!((lp.temperature, lp.ignore_index), (0.7, None));
+    /// ```
     pub fn logprobs(&self) -> crate::TokenLogprobsOptions {
-        crate::TokenLogprobsOptions::default().temperature(self.temperature)
+        crate::TokenLogprobsOptions::default().temperature(self.temperature).ignore_index(None)
     }
 
     /// Checks the options, and that a KL term has both its options and `ref_logp`

@@ -8,10 +8,10 @@
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
     Aggregated, Aggregation, Backend, ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs,
-    Executor, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, Job, KlRewardsInputs,
-    KlRewardsOptions, LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions,
-    PolicyLossOutputs, PolicyLossStats, ReferenceRows, Result, RowShape, TokenGrads, TokenLogprobsOptions,
-    TokenOutputs, Tokens, cpu,
+    Executor, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, Job, KlDirection, KlEstimator,
+    KlRewardsInputs, KlRewardsOptions, LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs,
+    PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, ReferenceRows, Result, RowShape, SampledKlOptions,
+    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, cpu,
 };
 
 /// `[B, T] = [3, 5]` tokens over a vocabulary of 37, the last two tokens of each row padding.
@@ -157,6 +157,8 @@ struct OthersOut {
     rewards: Vec<f32>,
     fused_grad: Vec<f32>,
     fused: FusedPolicyStats,
+    fused_kl_grad: Vec<f32>,
+    fused_kl: FusedPolicyStats,
 }
 
 impl Job for Others<'_> {
@@ -241,12 +243,21 @@ impl Job for Others<'_> {
             &mut fused_in_place,
             &fused_opts,
         )?;
+        // With a KL term to the reference's log-probs (here: the old ones).
+        let (mut fused_kl_grad, mut fused_kl) = (e.zeros::<f32>(n)?, e.fused_stats()?);
+        let inputs = inputs.ref_logp(E::view(&old_logp));
+        let kl_term = SampledKlOptions::new(KlEstimator::gradient_of(KlDirection::PolicyRef)).coef(0.1);
+        let kl_opts = fused_opts.kl(kl_term);
+        let grad = E::view_mut(&mut fused_kl_grad);
+        e.policy_loss_from_logits(E::view(&logits), SHAPE, &inputs, grad, &mut fused_kl, &kl_opts)?;
         e.finish()?;
         let exact_grad = e.download(&exact_grad)?;
         assert_eq!(exact_grad, e.download(&exact_grad_out)?, "exact backward: in place == out of place");
         let fused_grad = e.download(&fused_grad)?;
         assert_eq!(fused_grad, e.download(&in_place)?, "fused: in place == out of place");
         assert_eq!(e.read_fused(&fused)?, e.read_fused(&fused_in_place)?);
+        let fused_kl = e.read_fused(&fused_kl)?;
+        assert!(fused_kl.kl.is_some_and(|k| k.loss.is_finite()), "fused with a KL term: {fused_kl:?}");
         Ok(OthersOut {
             log_softmax: e.download(&ls)?,
             log_softmax_grad: e.download(&ls_grad)?,
@@ -258,6 +269,8 @@ impl Job for Others<'_> {
             rewards: e.download(&rewards)?,
             fused_grad,
             fused: e.read_fused(&fused)?,
+            fused_kl_grad: e.download(&fused_kl_grad)?,
+            fused_kl,
         })
     }
 }
@@ -294,6 +307,7 @@ fn cuda_executor_runs_every_op_as_the_cpu() {
             ("exact KL backward", &got.exact_grad, &want.exact_grad),
             ("kl rewards", &got.rewards, &want.rewards),
             ("fused gradient", &got.fused_grad, &want.fused_grad),
+            ("fused gradient with a KL term", &got.fused_kl_grad, &want.fused_kl_grad),
         ] {
             assert_close(g, &f64s(w), tol, what);
         }
@@ -306,6 +320,7 @@ fn cuda_executor_runs_every_op_as_the_cpu() {
         close(got.aggregated.value, want.aggregated.value, "aggregate");
         assert_eq!(got.aggregated.counts, want.aggregated.counts);
         close(got.fused.total_loss(), want.fused.total_loss(), "fused loss");
+        close(got.fused_kl.total_loss(), want.fused_kl.total_loss(), "fused loss with a KL term");
         assert_eq!(got.fused.policy.counts, want.fused.policy.counts);
     }
     #[cfg(not(feature = "cuda"))]

@@ -94,6 +94,8 @@ mod gpu {
         assert!(refused(finish!(
             ExactKlOutputs::default().value(&mut value).statistic(&mut stat, statistic)
         )));
+        let mut bytes = s.alloc_zeros::<u8>(16).unwrap();
+        assert!(refused(finish!(ExactKlOutputs::default().value(&mut value).workspace(&mut bytes))));
         finish!(ExactKlOutputs::default().value(&mut value).policy_term(&mut other)).unwrap();
         assert_eq!(s.clone_dtoh(&value).unwrap(), vec![0.0; rows], "zero sums: zero JSD");
     }

@@ -331,8 +331,13 @@ def policy_loss_from_logits(
     tensor on the device: ``stats[:POLICY_STATS_WORDS]`` reads with :func:`policy_stats`,
     ``stats[POLICY_STATS_WORDS:]`` with :func:`kl_stats` (zeros without a KL term).
     """
-    b, t, v = logits.shape
-    if logits.stride(2) != 1 or logits.stride(0) != t * logits.stride(1):
+    if logits.dim() != 3 or targets.dim() != 2 or tuple(targets.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected [B, T, V] and [B, T]"
+        )
+    b, t, _ = logits.shape
+    one_block = b == 1 or t == 1 or logits.stride(0) == t * logits.stride(1)
+    if logits.stride(2) != 1 or not one_block:
         logits = logits.contiguous()
     options = dict(
         temperature=float(temperature), objective=objective, beta=float(beta), clip_low=float(clip_low),

@@ -36,8 +36,12 @@ pub fn fused_workspace_bytes(
             )));
         }
     };
-    let seqs = RowShape::new(sequences.0, sequences.1);
-    Ok(raw::fused_workspace_bytes(RowShape::new(rows, vocab), dtype, seqs))
+    let (shape, seqs) = (RowShape::new(rows, vocab), RowShape::new(sequences.0, sequences.1));
+    shape.validate("logits").and(seqs.validate("sequences")).map_err(err)?;
+    if seqs.len() != rows {
+        return Err(PyValueError::new_err(format!("sequences: {sequences:?} for {rows} logits rows")));
+    }
+    Ok(raw::fused_workspace_bytes(shape, dtype, seqs))
 }
 
 /// The policy loss straight from the policy logits (`[B, T, V]` float32 / bfloat16 / float16,
@@ -45,9 +49,10 @@ pub fn fused_workspace_bytes(
 /// `old_logp`, `advantages` (and the optional byte `mask`, float32 `ref_logp`) `[B, T]`: the
 /// gradient of the total loss w.r.t. the logits into `grad_logits` (the logits' dtype and
 /// layout) and the statistics into `stats` (float64, [`FUSED_STATS_WORDS`]: the policy loss's,
-/// then the KL term's). With `ref_logp` a sampled KL loss term (`kl_estimator`, `kl_coef`,
+/// then the KL term's, written only with a KL term). With `ref_logp` a sampled KL loss term (`kl_estimator`, `kl_coef`,
 /// aggregated as the policy loss) joins the loss. On the GPU `workspace` (uint8, at least
-/// `fused_workspace_bytes`) holds the temporaries; without it they are allocated per call.
+/// `fused_workspace_bytes`, 1-D contiguous, 16-byte aligned) holds the temporaries; without it
+/// they are allocated per call.
 #[pyfunction]
 #[pyo3(signature = (logits, targets, old_logp, advantages, grad_logits, stats, *, mask=None, ref_logp=None, workspace=None, temperature=1.0, objective="clip", beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, log_ratio_clamp=20.0, entropy_coef=0.0, aggregation="token_mean", max_len=0, global_counts=None, kl_estimator="grad_policy_ref", kl_coef=1.0, kl_log_ratio_clamp=Some(20.0), kl_value_clamp=Some(10.0), status=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
@@ -119,17 +124,18 @@ pub fn policy_loss_from_logits(
         }
         Ok(t)
     };
-    let (old, adv) =
-        (import(Some(old_logp), "old_logp", Kind::F32)?, import(Some(advantages), "advantages", Kind::F32)?);
-    let (old, adv) = (old.expect("required"), adv.expect("required"));
+    let old = Dl::import(old_logp, stream, "old_logp")?;
+    old.per_row(&dims)?.expect(&[Kind::F32])?;
+    let adv = Dl::import(advantages, stream, "advantages")?;
+    adv.per_row(&dims)?.expect(&[Kind::F32])?;
     let (mask, ref_logp) = (import(mask, "mask", Kind::Byte)?, import(ref_logp, "ref_logp", Kind::F32)?);
+    let kl = SampledKlOptions::new(parse_estimator(kl_estimator)?)
+        .coef(kl_coef)
+        .log_ratio_clamp(kl_log_ratio_clamp)
+        .value_clamp(kl_value_clamp)
+        .aggregation(aggregation)
+        .normaliser(normaliser);
     if ref_logp.is_some() {
-        let kl = SampledKlOptions::new(parse_estimator(kl_estimator)?)
-            .coef(kl_coef)
-            .log_ratio_clamp(kl_log_ratio_clamp)
-            .value_clamp(kl_value_clamp)
-            .aggregation(aggregation)
-            .normaliser(normaliser);
         opts = opts.kl(kl);
     }
     let grad = Dl::import(grad_logits, stream, "grad_logits")?;
@@ -143,7 +149,10 @@ pub fn policy_loss_from_logits(
     stats.per_row(&[FUSED_STATS_WORDS])?.expect(&[Kind::F64])?;
     let workspace = Dl::maybe(workspace, stream, "workspace")?;
     if let Some(w) = &workspace {
-        w.expect(&[Kind::Byte])?.output()?;
+        if w.dims.len() != 1 {
+            return Err(PyValueError::new_err(format!("workspace: shape {:?}, expected 1-D", w.dims)));
+        }
+        w.per_row(&w.dims.clone())?.expect(&[Kind::Byte])?.output()?;
     }
     let place = check_together(
         &[Some(&logits), Some(&targets), Some(&old), Some(&adv), mask.as_ref(), ref_logp.as_ref()],
@@ -174,9 +183,8 @@ pub fn policy_loss_from_logits(
                 .map_err(err)?;
             let (policy, kl) = words.split_at_mut(raw::POLICY_STATS_WORDS);
             policy.copy_from_slice(&raw::policy_stats_to_words(&s.policy));
-            match s.kl {
-                Some(k) => kl.copy_from_slice(&raw::sampled_kl_stats_to_words(&k)),
-                None => kl.fill(0.0),
+            if let Some(k) = s.kl {
+                kl.copy_from_slice(&raw::sampled_kl_stats_to_words(&k));
             }
             Ok(())
         }

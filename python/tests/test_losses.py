@@ -264,10 +264,42 @@ def test_policy_loss_from_logits_bad_input_raises(device):
     old, adv = torch.zeros(2, 3, device=device), torch.ones(2, 3, device=device)
     with pytest.raises(ValueError, match="old_logp"):
         policy_loss_from_logits(logits, targets, old[:, :2], adv)
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ValueError, match="expected"):
         policy_loss_from_logits(logits[:1], targets, old, adv)
-    bad = targets.clone()
-    bad[1, 2] = 10
-    with pytest.raises(Exception, match="target"):
-        policy_loss_from_logits(logits, bad, old, adv)
-        check_status(device)
+    with pytest.raises(ValueError, match="expected"):
+        policy_loss_from_logits(logits[0], targets[0], old[0], adv[0])
+    # No ignore index: an unmasked -100 is out of range (on the GPU, reported by the status).
+    for bad_id in (10, -100):
+        bad = targets.clone()
+        bad[1, 2] = bad_id
+        with pytest.raises(ValueError, match="target"):
+            policy_loss_from_logits(logits, bad, old, adv)
+            check_status(device)
+
+
+def test_native_fused_path_checks_its_outputs():
+    """The native layer refuses a gradient of another layout, a statistics tensor of the wrong
+    size and a workspace that is not one contiguous run of bytes; a bad KL estimator name is an
+    error even without a KL term."""
+    from rlhf_kernels import _native
+
+    logits = torch.randn(2, 3, 10)
+    targets = torch.randint(0, 10, (2, 3))
+    old, adv = torch.zeros(2, 3), torch.ones(2, 3)
+    stats = torch.zeros(_native.FUSED_STATS_WORDS, dtype=torch.float64)
+    grad = torch.empty_like(logits)
+    _native.policy_loss_from_logits(logits, targets, old, adv, grad, stats)
+    assert stats[_native.POLICY_STATS_WORDS:].abs().sum().item() == 0  # written only with a KL term
+    with pytest.raises(ValueError, match="grad_logits"):
+        _native.policy_loss_from_logits(logits, targets, old, adv, torch.empty(2, 3, 12)[..., :10], stats)
+    with pytest.raises(ValueError, match="stats"):
+        _native.policy_loss_from_logits(logits, targets, old, adv, grad, stats[:-1])
+    with pytest.raises(ValueError, match="rows"):
+        _native.policy_loss_from_logits(logits[:1], targets, old, adv, grad[:1], stats)
+    with pytest.raises(ValueError, match="workspace"):
+        strided = torch.empty(4096, dtype=torch.uint8)[::2]
+        _native.policy_loss_from_logits(logits, targets, old, adv, grad, stats, workspace=strided)
+    with pytest.raises(ValueError, match="estimator"):
+        _native.policy_loss_from_logits(logits, targets, old, adv, grad, stats, kl_estimator="k4")
+    with pytest.raises(ValueError, match="sequences"):
+        _native.fused_workspace_bytes(6, 10, "float32", (2, 4))

@@ -597,6 +597,24 @@ pub fn fused_path<T: rlhf_kernels::Element>(b: &impl FusedBackend) {
         b.fused(&c, &c.options(&PolicyLossOptions::default()), false),
         Err(Error::ShapeMismatch { what: "sequences", .. })
     ));
+    // No ignore index: an unmasked -100 (the usual padding id) is an out-of-range target, not
+    // padding the loss would still count. On the GPU the stages share one status word, whose
+    // lowest row wins: the loss's report of the NaN log-prob in that token's sequence (row 1)
+    // comes before the token's own (row 4).
+    let mut c = FusedCase::<T>::random(2, 3, 20, 20, false, 11);
+    c.mask.fill(1);
+    c.targets[4] = -100;
+    let r = b.fused(&c, &c.options(&PolicyLossOptions::default()), false);
+    use rlhf_kernels::RowProblem::{NonFinite, TargetOutOfRange};
+    assert!(
+        matches!(
+            r,
+            Err(Error::TargetOutOfRange { row: 4, .. }
+                | Error::InvalidRow { op: "token_logprobs", row: 4, problem: TargetOutOfRange }
+                | Error::InvalidRow { op: "policy_loss", row: 1, problem: NonFinite })
+        ),
+        "{r:?}"
+    );
     // The KL term needs both its options and the reference log-probs.
     let loss = rlhf_kernels::FusedPolicyOptions::default();
     for (with_kl, opts) in [(true, loss), (false, loss.kl(fused_kl()))] {

@@ -72,7 +72,7 @@ fn forward<T: Element, I: TargetIndex>(
 }
 
 /// The policy loss straight from the policy logits (one row per token, any of f32/f16/bf16,
-/// temperature from `logprobs`): the forward's `logp`, entropy and lse, the KL term if given
+/// temperature `opts.temperature`): the forward's `logp`, entropy and lse, the KL term if given
 /// (its gradient w.r.t. `logp` first), the policy loss with the entropy bonus accumulated onto
 /// it, then the backward of the total into `grad_logits` (the logits' shape and dtype).
 /// Temporaries are five `f32` per token. Returns the statistics; the scalar loss is

@@ -55,7 +55,8 @@ pub(super) unsafe fn launch_moments(stream: &Arc<CudaStream>, a: &ReductionArgs)
     Ok(())
 }
 
-/// [`launch_moments`], then `x ← x·scale + shift` on the valid tokens (0 on the others).
+/// [`launch_moments`], then `x ← (x − mean)·scale + offset` on the valid tokens (0 on the
+/// others).
 ///
 /// # Safety
 /// As [`launch_moments`]; `values` is written in place.
@@ -142,8 +143,8 @@ pub fn masked_moments(
 
 /// Whitens the valid tokens of a `[B, T]` batch in place on the GPU (masked tokens become 0),
 /// the twin of [`cpu::whiten`](crate::cpu::whiten): [`masked_moments`] into `moments`, then
-/// `x ← x·scale + shift` with `scale = 1/sqrt(var + ε)` and `shift = −mean·scale` (+ mean
-/// with `keep_mean`), three launches, no host round trip.
+/// `x ← (x − mean)·scale + offset` with `scale = 1/sqrt(var + ε)` and `offset = mean` with
+/// `keep_mean` (else 0), three launches, no host round trip.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};

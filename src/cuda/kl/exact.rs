@@ -478,3 +478,30 @@ pub(super) fn merge_jsd_sums(
     unsafe { l.launch(per_thread(rows)) }.map_err(driver_error("launching jsd_merge"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{ExactKernel, kernel};
+    use crate::DType;
+
+    /// The static table spells each instantiation as `RK_EXACT` does: `<kernel>_<p>_<q>`.
+    #[test]
+    fn kernel_names_follow_the_instantiations() {
+        let kernels = [
+            (ExactKernel::Chunks, "exact_kl_chunks"),
+            (ExactKernel::Rows, "exact_kl_rows"),
+            (ExactKernel::JsdChunks, "jsd_chunks"),
+            (ExactKernel::JsdRows, "jsd_rows"),
+            (ExactKernel::Backward, "exact_kl_backward"),
+        ];
+        let source = include_str!("../../../kernels/kl_exact.cu");
+        for (k, base) in kernels {
+            for p in [DType::F32, DType::F16, DType::BF16] {
+                for q in [DType::F32, DType::F16, DType::BF16] {
+                    assert_eq!(kernel(k, p, q), format!("{base}_{}_{}", p.name(), q.name()));
+                }
+            }
+            assert!(source.contains(&format!("{base}_##PS##_##QS")), "kernels/kl_exact.cu lacks {base}");
+        }
+    }
+}

@@ -223,7 +223,7 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
 /// least one of them, `rows` f32 each), given the rows' full log-sum-exps from
 /// [`finish_exact_kl_partials`]. Padding rows get 0; rows with non-finite log-sum-exps (refused
 /// by the merge, which reported them) get NaN. The outputs' log-sum-exps, statistic and
-/// workspace are not written: asking for them is an error.
+/// workspace are not used: passing them is an error.
 pub fn finish_jsd_sums(
     stream: &Arc<CudaStream>,
     sums: &CudaView<'_, f32>,
@@ -244,10 +244,11 @@ pub fn finish_jsd_sums(
         || out.policy_lse.is_some()
         || out.ref_lse.is_some()
         || out.statistic.is_some()
+        || out.workspace.is_some()
     {
         return Err(Error::InvalidOption {
             name: "outputs",
-            value: "none of value and policy_term, or a log-sum-exp or statistic".into(),
+            value: "none of value and policy_term, or a log-sum-exp, statistic or workspace".into(),
             expected: "value, policy_term or both (the log-sum-exps are inputs here)",
         });
     }

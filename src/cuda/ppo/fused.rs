@@ -58,7 +58,6 @@ impl DeviceFusedStats {
     }
 }
 
-/// The token options of the fused path: padding from the mask only.
 /// Bytes of one per-token f32 temporary, rounded up to 16.
 fn temporary_bytes(rows: usize) -> usize {
     (rows * 4).div_ceil(16) * 16
@@ -301,7 +300,9 @@ fn run<T: Element, I: TargetIndex>(
 /// [`cpu::policy_loss_from_logits`](crate::cpu::policy_loss_from_logits): token forward, KL
 /// term, policy loss with the entropy bonus, backward into `grad_logits`, all enqueued on
 /// `stream` (read the statistics with [`DeviceFusedStats::read`]). Input problems go to
-/// `status`.
+/// `status`, which the stages share and where the lowest row wins: a bad token (an
+/// out-of-range target, a row without a defined log-softmax) may be reported as the policy
+/// loss's `NonFinite` at the token's sequence, whose index is lower.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceFusedStats};

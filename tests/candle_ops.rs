@@ -391,3 +391,75 @@ fn group_advantages_match_candle_composition() {
         assert!(no_tokens.per_token.is_none());
     }
 }
+
+#[test]
+fn fused_path_equals_the_adapters_composition() {
+    use rlhf_kernels::candle::{FusedTensors, policy_loss_from_logits, sampled_kl};
+    use rlhf_kernels::{
+        Aggregation, FusedPolicyOptions, KlDirection, KlEstimator, SampledKlOptions, TokenLogprobsOptions,
+    };
+    for dev in devices("fused_path_equals_the_adapters_composition") {
+        let mut rng = Rng::new(31);
+        let (b, t, v) = (3, 5, 41);
+        // A causal-shift view of [B, T + 1, V]: copied to one block of rows by the fused path.
+        let base = Var::from_tensor(&normals(&mut rng, &[b, t + 1, v], 2.0, &dev)).unwrap();
+        let logits = base.as_tensor().narrow(1, 0, t).unwrap();
+        let targets = common::candle::ids(&mut rng, &[b, t], v, &dev);
+        let mask_host: Vec<u8> = (0..b * t).map(|i| u8::from(i % t < 4 - i / t)).collect();
+        let mask = Tensor::from_vec(mask_host, (b, t), &dev).unwrap();
+        let (old, adv) = (
+            normals(&mut rng, &[b, t], 0.3, &dev).affine(1.0, -4.0).unwrap(),
+            normals(&mut rng, &[b, t], 1.0, &dev),
+        );
+        let ref_logp = normals(&mut rng, &[b, t], 0.3, &dev).affine(1.0, -4.0).unwrap();
+        let loss_opts =
+            PolicyLossOptions::default().entropy_coef(0.01).aggregation(Aggregation::SeqMeanTokenMean);
+        let kl_opts = SampledKlOptions::new(KlEstimator::gradient_of(KlDirection::PolicyRef))
+            .coef(0.1)
+            .aggregation(Aggregation::SeqMeanTokenMean);
+        for with_kl in [false, true] {
+            let mut inputs = FusedTensors::new(&old, &adv).mask(&mask);
+            let mut opts = FusedPolicyOptions::new(loss_opts).temperature(0.8);
+            if with_kl {
+                (inputs, opts) = (inputs.ref_logp(&ref_logp), opts.kl(kl_opts));
+            }
+            let fused = policy_loss_from_logits(&logits, &targets, &inputs, &opts).unwrap();
+            let fused_grad = fused.loss.backward().unwrap().get(base.as_tensor()).unwrap().clone();
+
+            let lp_opts = TokenLogprobsOptions::default().temperature(0.8);
+            let tokens = token_logprobs(&logits, &targets, Some(&mask), &lp_opts).unwrap();
+            let policy = PolicyTensors::new(&old, &adv).mask(&mask).entropy(&tokens.entropy);
+            let mut total = policy_loss(&tokens.logp, &policy, &loss_opts).unwrap().loss;
+            if with_kl {
+                total = (total + sampled_kl(&tokens.logp, &ref_logp, Some(&mask), &kl_opts).unwrap().loss)
+                    .unwrap();
+            }
+            let composed_grad = total.backward().unwrap().get(base.as_tensor()).unwrap().clone();
+
+            let what = format!("{dev:?} kl={with_kl}");
+            let (got, want) = (fused.loss.to_scalar::<f32>().unwrap(), total.to_scalar::<f32>().unwrap());
+            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{what}: loss {got} vs {want}");
+            assert_eq!(fused.stats.kl.is_some(), with_kl, "{what}");
+            let want = f64s(&composed_grad);
+            let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let tol = Tolerance::for_dtype(rlhf_kernels::DType::F32).scaled(8.0 * scale);
+            assert_close(&f32s(&fused_grad), &want, tol, &format!("{what}: gradient"));
+        }
+        // A KL term needs both its options and the reference log-probs.
+        let only_ref = FusedTensors::new(&old, &adv).ref_logp(&ref_logp);
+        assert!(
+            policy_loss_from_logits(&logits, &targets, &only_ref, &FusedPolicyOptions::default()).is_err()
+        );
+        let flat = logits.flatten_to(1).unwrap();
+        assert!(
+            policy_loss_from_logits(
+                &flat,
+                &targets,
+                &FusedTensors::new(&old, &adv),
+                &FusedPolicyOptions::default()
+            )
+            .is_err(),
+            "logits must be [B, T, V]"
+        );
+    }
+}

@@ -6,6 +6,7 @@
 //! | [`token_logprobs`] | the logits | `log p(y)` and the entropy per row |
 //! | [`exact_kl`] | the policy's logits | the full-vocabulary divergence per row |
 //! | [`policy_loss`] | `logp` (and the entropies) | the scalar loss, plus the statistics |
+//! | [`policy_loss_from_logits`] | the logits | the scalar policy loss (+ KL term), plus the statistics |
 //! | [`sampled_kl`] | `logp` (the reference is a constant) | the scalar KL loss, per-token values, statistics |
 //! | [`value_loss`] | the values | the scalar loss, plus the statistics |
 //! | [`aggregate`] | the values | the aggregated scalar |
@@ -41,6 +42,7 @@
 //! ```
 
 mod advantages;
+mod fused;
 mod kl;
 mod logprobs;
 mod losses;
@@ -49,6 +51,7 @@ mod reduce;
 mod storage;
 
 pub use advantages::{GaeAdvantages, GaeTensors, GroupAdvantages, gae, group_advantages};
+pub use fused::{FusedPolicyLoss, FusedTensors, policy_loss_from_logits};
 pub use kl::exact_kl;
 pub use logprobs::{TokenLogprobs, token_logprobs};
 pub use losses::{SampledKl, ValueLoss, ValueTensors, kl_rewards, sampled_kl, value_loss};

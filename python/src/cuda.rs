@@ -15,8 +15,7 @@ use rlhf_kernels::{
     TokenLogprobsOptions, ValueLossOptions, WhitenOptions,
 };
 
-use crate::dl::{Dl, Kind, err};
-use crate::logits::Pair;
+use crate::dl::{Dl, Kind, Pair, err};
 
 pub fn available() -> bool {
     rlhf_kernels::cuda::kernels_built()

@@ -309,3 +309,37 @@ pub fn err(e: rlhf_kernels::Error) -> PyErr {
         _ => PyValueError::new_err(e.to_string()),
     }
 }
+
+/// The policy and reference logits with their row blocks cut alike.
+pub(crate) struct Pair {
+    pub policy: Dl,
+    pub reference: Dl,
+    pub p_rows: RowBlocks,
+    pub q_rows: RowBlocks,
+}
+
+/// Imports both logits tensors (same shape, float dtypes) with their row blocks cut alike, and
+/// the optional row mask.
+pub(crate) fn import_pair(
+    policy: &Bound<'_, PyAny>,
+    reference: &Bound<'_, PyAny>,
+    mask: Option<&Bound<'_, PyAny>>,
+    stream: usize,
+) -> PyResult<(Pair, Option<Dl>)> {
+    let policy = Dl::import(policy, stream, "policy")?;
+    let reference = Dl::import(reference, stream, "reference")?;
+    if policy.dims != reference.dims {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "reference: shape {:?}, expected the policy's {:?}",
+            reference.dims, policy.dims
+        )));
+    }
+    policy.kind.float("policy")?;
+    reference.kind.float("reference")?;
+    let (p_rows, q_rows) = RowBlocks::aligned(policy.rows()?, reference.rows()?);
+    let mask = Dl::maybe(mask, stream, "mask")?;
+    for t in mask.iter() {
+        t.per_row(crate::lead(&policy))?.expect(&[Kind::Byte])?;
+    }
+    Ok((Pair { policy, reference, p_rows, q_rows }, mask))
+}

@@ -3,14 +3,12 @@
 //! read in place, one launch (or CPU call) per block of evenly spaced rows.
 
 use pyo3::prelude::*;
-use rlhf_kernels::{
-    ExactDivergence, ExactKlOptions, RowBlocks, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens,
-};
+use rlhf_kernels::{ExactDivergence, ExactKlOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens};
 use rlhf_kernels::{ExactKlGrads, ReferenceRows};
 use rlhf_kernels::{ExactKlOutputs, cpu};
 
 use crate::cuda;
-use crate::dl::{Dl, Kind, Place, check_together, err};
+use crate::dl::{Dl, Kind, Place, check_together, err, import_pair};
 use crate::{bytemuck_cast, bytemuck_cast_mut, float_type, index_type, lead};
 
 const INDEX: [Kind; 3] = [Kind::I64, Kind::I32, Kind::U32];
@@ -365,38 +363,6 @@ pub fn exact_kl_backward(
             cuda::exact_kl_backward(ordinal, stream, status, &pair, mask.as_ref(), &saved, &out, &opts)
         }
     }
-}
-
-/// The policy and reference logits with their row blocks cut alike.
-pub(crate) struct Pair {
-    pub policy: Dl,
-    pub reference: Dl,
-    pub p_rows: RowBlocks,
-    pub q_rows: RowBlocks,
-}
-
-fn import_pair(
-    policy: &Bound<'_, PyAny>,
-    reference: &Bound<'_, PyAny>,
-    mask: Option<&Bound<'_, PyAny>>,
-    stream: usize,
-) -> PyResult<(Pair, Option<Dl>)> {
-    let policy = Dl::import(policy, stream, "policy")?;
-    let reference = Dl::import(reference, stream, "reference")?;
-    if policy.dims != reference.dims {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "reference: shape {:?}, expected the policy's {:?}",
-            reference.dims, policy.dims
-        )));
-    }
-    policy.kind.float("policy")?;
-    reference.kind.float("reference")?;
-    let (p_rows, q_rows) = RowBlocks::aligned(policy.rows()?, reference.rows()?);
-    let mask = Dl::maybe(mask, stream, "mask")?;
-    for t in mask.iter() {
-        t.per_row(lead(&policy))?.expect(&[Kind::Byte])?;
-    }
-    Ok((Pair { policy, reference, p_rows, q_rows }, mask))
 }
 
 fn parse_divergence(name: &str, beta: f32) -> PyResult<ExactDivergence> {

@@ -12,7 +12,6 @@ use cudarc::driver::{
     CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
-use super::raw::ExactKlArgs;
 use crate::cuda::aggregation::{aggregate_with, check_workspace};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
@@ -109,6 +108,40 @@ pub(super) fn kernel(k: ExactKernel, p: DType, q: DType) -> &'static str {
         DType::BF16 => 2,
     };
     table[index(p)][index(q)]
+}
+
+/// Buffers of a raw [`exact_kl`](crate::cuda::raw::exact_kl) call: device addresses, 0 for an
+/// absent optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct ExactKlArgs {
+    /// Policy logits, `policy_dtype`, laid out as `policy_shape`.
+    pub policy: u64,
+    /// Dtype of the policy logits.
+    pub policy_dtype: DType,
+    /// Shape of the policy logits (row stride ≥ cols).
+    pub policy_shape: RowShape,
+    /// Reference logits, `ref_dtype`, laid out as `ref_shape`.
+    pub reference: u64,
+    /// Dtype of the reference logits.
+    pub ref_dtype: DType,
+    /// Shape of the reference logits: the policy's rows and cols, its own row stride.
+    pub ref_shape: RowShape,
+    /// `rows` mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// `rows` f32: the divergence, or 0.
+    pub value: u64,
+    /// `rows` f32: `ln Σ exp(z_policy)`, or 0.
+    pub policy_lse: u64,
+    /// `rows` f32: `ln Σ exp(z_ref)`, or 0.
+    pub ref_lse: u64,
+    /// `rows` f32: the JSD's `KL[p ‖ m]` (the value for the two KLs), or 0.
+    pub policy_term: u64,
+    /// [`exact_kl_workspace_bytes`](crate::cuda::exact_kl_workspace_bytes) bytes at a 16-byte
+    /// aligned address (the size is not checked: the caller's promise), or 0 to allocate on
+    /// the stream when needed.
+    pub workspace: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
 }
 
 /// The kernels' `ExactOut` (six nullable pointers).

@@ -6,12 +6,48 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::exact::{BLOCK, ExactKernel, check_reference, chunks, divergence_code, grid_blocks, kernel};
-use super::raw::ExactKlBackwardArgs;
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr};
 use crate::logprobs::check_len;
-use crate::{Cuda, ExactKlGrads, ReferenceRows};
-use crate::{Element, Error, ExactDivergence, ExactKlOptions, Result, RowShape};
+use crate::{
+    Cuda, DType, Element, Error, ExactDivergence, ExactKlGrads, ExactKlOptions, ReferenceRows, Result,
+    RowShape,
+};
+
+/// Buffers of a raw [`exact_kl_backward`](crate::cuda::raw::exact_kl_backward) call: device
+/// addresses, 0 for an absent optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct ExactKlBackwardArgs {
+    /// Policy logits, `policy_dtype`, laid out as `policy_shape`.
+    pub policy: u64,
+    /// Dtype of the policy logits and of the gradient.
+    pub policy_dtype: DType,
+    /// Shape of the policy logits and of the gradient.
+    pub policy_shape: RowShape,
+    /// Reference logits, `ref_dtype`, laid out as `ref_shape`.
+    pub reference: u64,
+    /// Dtype of the reference logits.
+    pub ref_dtype: DType,
+    /// Shape of the reference logits (the policy's rows and cols).
+    pub ref_shape: RowShape,
+    /// `rows` mask bytes, or 0.
+    pub mask: u64,
+    /// `rows` f32: the upstream gradient `g[n]` of each row's divergence.
+    pub grad: u64,
+    /// `rows` f32: the forward's policy log-sum-exp.
+    pub policy_lse: u64,
+    /// `rows` f32: the forward's reference log-sum-exp.
+    pub ref_lse: u64,
+    /// `rows` f32: the forward's value (required for `KL[π‖π_ref]`), or 0.
+    pub value: u64,
+    /// `rows` f32: the forward's policy term (required for the JSD), or 0.
+    pub policy_term: u64,
+    /// The gradient w.r.t. the policy logits, laid out as `policy_shape`; equal to `policy`
+    /// for the in-place backward.
+    pub grad_policy: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
 
 /// The GPU twin of [`cpu::exact_kl_backward`](crate::cpu::exact_kl_backward), enqueued on
 /// `stream`: the gradient of `Σ_n g[n]·D[n]` with respect to the policy logits, written into

@@ -2,7 +2,9 @@
 //! their memory (PyTorch through its data pointers, tch-rs, burn). Same launches as the safe
 //! functions.
 
+pub use super::exact::ExactKlArgs;
 use super::exact::launch_forward;
+pub use super::exact_backward::ExactKlBackwardArgs;
 use super::exact_backward::launch_backward;
 pub use super::sampled::{
     KlRewardsArgs, SAMPLED_KL_STATS_WORDS, SampledKlArgs, sampled_kl_stats_from_words,
@@ -11,7 +13,7 @@ pub use super::sampled::{
 use super::sampled::{launch_rewards, launch_sampled};
 use crate::cuda::{RawStream, non_null};
 use crate::reference::check_pair;
-use crate::{DType, Error, ExactKlOptions, KlRewardsOptions, Result, RowShape, SampledKlOptions};
+use crate::{Error, ExactKlOptions, KlRewardsOptions, Result, RowShape, SampledKlOptions};
 
 /// [`cuda::sampled_kl`](crate::cuda::sampled_kl) on raw device pointers, enqueued on a stream
 /// owned by the caller: per-token values, `∂loss/∂logp` and the 13 statistics words, each when
@@ -67,39 +69,6 @@ pub unsafe fn kl_rewards(stream: RawStream, args: &KlRewardsArgs, opts: &KlRewar
     unsafe { launch_rewards(&stream, args, opts) }
 }
 
-/// Buffers of a raw [`exact_kl`] call: device addresses, 0 for an absent optional buffer.
-#[derive(Debug, Clone, Copy)]
-pub struct ExactKlArgs {
-    /// Policy logits, `policy_dtype`, laid out as `policy_shape`.
-    pub policy: u64,
-    /// Dtype of the policy logits.
-    pub policy_dtype: DType,
-    /// Shape of the policy logits (row stride ≥ cols).
-    pub policy_shape: RowShape,
-    /// Reference logits, `ref_dtype`, laid out as `ref_shape`.
-    pub reference: u64,
-    /// Dtype of the reference logits.
-    pub ref_dtype: DType,
-    /// Shape of the reference logits: the policy's rows and cols, its own row stride.
-    pub ref_shape: RowShape,
-    /// `rows` mask bytes (0 = padding), or 0.
-    pub mask: u64,
-    /// `rows` f32: the divergence, or 0.
-    pub value: u64,
-    /// `rows` f32: `ln Σ exp(z_policy)`, or 0.
-    pub policy_lse: u64,
-    /// `rows` f32: `ln Σ exp(z_ref)`, or 0.
-    pub ref_lse: u64,
-    /// `rows` f32: the JSD's `KL[p ‖ m]` (the value for the two KLs), or 0.
-    pub policy_term: u64,
-    /// [`exact_kl_workspace_bytes`](crate::cuda::exact_kl_workspace_bytes) bytes at a 16-byte
-    /// aligned address (the size is not checked: the caller's promise), or 0 to allocate on
-    /// the stream when needed.
-    pub workspace: u64,
-    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
-    pub status: u64,
-}
-
 /// [`cuda::exact_kl`](crate::cuda::exact_kl) on raw device pointers, enqueued on a stream
 /// owned by the caller. Row problems are reported in the status word (decode it with
 /// [`decode_status`](crate::cuda::raw::decode_status)).
@@ -125,41 +94,6 @@ pub unsafe fn exact_kl(stream: RawStream, args: &ExactKlArgs, opts: &ExactKlOpti
     let stream = unsafe { stream.borrow() }?;
     // SAFETY: the caller guarantees every buffer (see # Safety).
     unsafe { launch_forward(&stream, args, opts) }
-}
-
-/// Buffers of a raw [`exact_kl_backward`] call: device addresses, 0 for an absent optional
-/// buffer.
-#[derive(Debug, Clone, Copy)]
-pub struct ExactKlBackwardArgs {
-    /// Policy logits, `policy_dtype`, laid out as `policy_shape`.
-    pub policy: u64,
-    /// Dtype of the policy logits and of the gradient.
-    pub policy_dtype: DType,
-    /// Shape of the policy logits and of the gradient.
-    pub policy_shape: RowShape,
-    /// Reference logits, `ref_dtype`, laid out as `ref_shape`.
-    pub reference: u64,
-    /// Dtype of the reference logits.
-    pub ref_dtype: DType,
-    /// Shape of the reference logits (the policy's rows and cols).
-    pub ref_shape: RowShape,
-    /// `rows` mask bytes, or 0.
-    pub mask: u64,
-    /// `rows` f32: the upstream gradient `g[n]` of each row's divergence.
-    pub grad: u64,
-    /// `rows` f32: the forward's policy log-sum-exp.
-    pub policy_lse: u64,
-    /// `rows` f32: the forward's reference log-sum-exp.
-    pub ref_lse: u64,
-    /// `rows` f32: the forward's value (required for `KL[π‖π_ref]`), or 0.
-    pub value: u64,
-    /// `rows` f32: the forward's policy term (required for the JSD), or 0.
-    pub policy_term: u64,
-    /// The gradient w.r.t. the policy logits, laid out as `policy_shape`; equal to `policy`
-    /// for the in-place backward.
-    pub grad_policy: u64,
-    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
-    pub status: u64,
 }
 
 /// [`cuda::exact_kl_backward`](crate::cuda::exact_kl_backward) on raw device pointers, in

@@ -1,5 +1,5 @@
-//! CUDA log-softmax: safe wrappers over cudarc buffers and the raw pointer layer, both ending
-//! in the same launches of `kernels/logprobs.cu`.
+//! CUDA log-softmax: the safe wrappers over cudarc buffers and the launches of
+//! `kernels/logprobs.cu` they share with the raw layer (raw.rs).
 
 use std::sync::Arc;
 
@@ -112,12 +112,17 @@ pub fn log_softmax_backward<T: Element>(
     unsafe { launch_backward(stream, T::DTYPE, shape, [y, g, dx], st, inv_tau) }
 }
 
-fn check_forward(shape: RowShape, logits_len: usize, out_len: usize) -> Result<()> {
+pub(super) fn check_forward(shape: RowShape, logits_len: usize, out_len: usize) -> Result<()> {
     shape.check_buffer("logits", logits_len)?;
     shape.dense().check_buffer("out", out_len)
 }
 
-fn check_backward(shape: RowShape, out_len: usize, grad_out_len: usize, grad_len: usize) -> Result<()> {
+pub(super) fn check_backward(
+    shape: RowShape,
+    out_len: usize,
+    grad_out_len: usize,
+    grad_len: usize,
+) -> Result<()> {
     shape.dense().check_buffer("out", out_len)?;
     shape.dense().check_buffer("grad_out", grad_out_len)?;
     shape.check_buffer("grad_logits", grad_len)
@@ -126,7 +131,7 @@ fn check_backward(shape: RowShape, out_len: usize, grad_out_len: usize, grad_len
 /// # Safety
 /// `logits` covers `shape` (dtype `dtype`), `out` covers `rows·cols` f32 and does not overlap
 /// `logits`, `status` is one u64; all are device memory of `stream`'s context.
-unsafe fn launch_forward(
+pub(super) unsafe fn launch_forward(
     stream: &CudaStream,
     dtype: DType,
     shape: RowShape,
@@ -156,7 +161,7 @@ unsafe fn launch_forward(
 /// # Safety
 /// `[out, grad_out]` cover `rows·cols` f32 each, `grad` covers `shape` (dtype `dtype`) and
 /// overlaps neither, `status` is one u64; all device memory of `stream`'s context.
-unsafe fn launch_backward(
+pub(super) unsafe fn launch_backward(
     stream: &CudaStream,
     dtype: DType,
     shape: RowShape,
@@ -180,121 +185,4 @@ unsafe fn launch_backward(
     // shape as in `launch_forward`; the caller guarantees the pointers cover the shape.
     unsafe { launch.launch(row_launch(shape)) }.map_err(driver_error("launching log_softmax_backward"))?;
     Ok(())
-}
-
-pub mod raw {
-    //! Raw-pointer entry points (see [`crate::cuda::raw`]).
-
-    use super::*;
-    use crate::cuda::{RawStream, non_null};
-
-    /// Buffers of a raw [`log_softmax`] call: device addresses (byte offsets included).
-    #[derive(Debug, Clone, Copy)]
-    pub struct LogSoftmaxArgs {
-        /// Logits, `dtype`, laid out as `shape`.
-        pub logits: u64,
-        /// Dtype of the logits.
-        pub dtype: DType,
-        /// Shape of the logits (row stride ≥ cols).
-        pub shape: RowShape,
-        /// Output, dense `[rows, cols]` f32.
-        pub out: u64,
-        /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
-        pub status: u64,
-    }
-
-    /// Buffers of a raw [`log_softmax_backward`] call.
-    #[derive(Debug, Clone, Copy)]
-    pub struct LogSoftmaxBackwardArgs {
-        /// Forward output, dense `[rows, cols]` f32.
-        pub out: u64,
-        /// Upstream gradient, dense `[rows, cols]` f32.
-        pub grad_out: u64,
-        /// Gradient with respect to the logits, `dtype`, laid out as `shape`.
-        pub grad_logits: u64,
-        /// Dtype of `grad_logits`.
-        pub dtype: DType,
-        /// Shape of `grad_logits` (row stride ≥ cols).
-        pub shape: RowShape,
-        /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
-        pub status: u64,
-    }
-
-    /// [`cuda::log_softmax`](crate::cuda::log_softmax) on raw device pointers, enqueued on a
-    /// stream owned by the caller (PyTorch's current stream, a burn/cubecl stream, …).
-    /// Returns once the kernel is enqueued; problems in the data land in `args.status`
-    /// (read it back and pass it to [`decode_status`](crate::cuda::raw::decode_status)).
-    ///
-    /// # Safety
-    /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or
-    ///   null for the legacy default stream);
-    /// - `args.logits` points to device memory of that context holding at least
-    ///   `args.shape.min_len()` elements of `args.dtype`; `args.out` to `rows·cols` f32 that
-    ///   overlap nothing else; `args.status` to one u64;
-    /// - every buffer stays allocated and untouched by other streams until the kernel has
-    ///   run (order with the stream's owner as usual).
-    ///
-    /// ```no_run
-    /// use rlhf_kernels::cuda::raw::{self, LogSoftmaxArgs, RawStream};
-    /// use rlhf_kernels::{DType, LogSoftmaxOptions, RowShape};
-    /// # let (logits_ptr, out_ptr, status_ptr, cu_stream) = (0u64, 0u64, 0u64, std::ptr::null_mut());
-    /// let args = LogSoftmaxArgs { logits: logits_ptr, dtype: DType::BF16,
-    ///     shape: RowShape::new(8, 151936), out: out_ptr, status: status_ptr };
-    /// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
-    /// unsafe { raw::log_softmax(RawStream { ordinal: 0, stream: cu_stream }, &args,
-    ///                           &LogSoftmaxOptions::default())? };
-    /// # Ok::<(), rlhf_kernels::Error>(())
-    /// ```
-    pub unsafe fn log_softmax(
-        stream: RawStream,
-        args: &LogSoftmaxArgs,
-        opts: &LogSoftmaxOptions,
-    ) -> Result<()> {
-        let shape = args.shape;
-        check_forward(shape, shape.min_len(), shape.len())?;
-        non_null(&[("logits", args.logits), ("out", args.out), ("status", args.status)])?;
-        let inv_tau = opts.inv_temperature()?;
-        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
-        let stream = unsafe { stream.borrow() }?;
-        // SAFETY: the caller guarantees what `launch_forward` needs (see # Safety).
-        unsafe { launch_forward(&stream, args.dtype, shape, args.logits, args.out, args.status, inv_tau) }
-    }
-
-    /// [`cuda::log_softmax_backward`](crate::cuda::log_softmax_backward) on raw device
-    /// pointers, enqueued on a stream owned by the caller.
-    ///
-    /// # Safety
-    /// As [`log_softmax`]: a live stream of the ordinal's primary context; `args.out` and
-    /// `args.grad_out` hold `rows·cols` f32; `args.grad_logits` holds `shape.min_len()`
-    /// elements of `args.dtype` and overlaps neither input; `args.status` is one u64; all
-    /// stay allocated until the kernel has run.
-    ///
-    /// ```no_run
-    /// use rlhf_kernels::cuda::raw::{self, LogSoftmaxBackwardArgs, RawStream};
-    /// use rlhf_kernels::{DType, LogSoftmaxOptions, RowShape};
-    /// # let (out, grad_out, grad, status, cu_stream) = (0u64, 0u64, 0u64, 0u64, std::ptr::null_mut());
-    /// let args = LogSoftmaxBackwardArgs { out, grad_out, grad_logits: grad, dtype: DType::F32,
-    ///     shape: RowShape::new(8, 1000), status };
-    /// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
-    /// unsafe { raw::log_softmax_backward(RawStream { ordinal: 0, stream: cu_stream }, &args,
-    ///                                    &LogSoftmaxOptions::default())? };
-    /// # Ok::<(), rlhf_kernels::Error>(())
-    /// ```
-    pub unsafe fn log_softmax_backward(
-        stream: RawStream,
-        args: &LogSoftmaxBackwardArgs,
-        opts: &LogSoftmaxOptions,
-    ) -> Result<()> {
-        let shape = args.shape;
-        check_backward(shape, shape.len(), shape.len(), shape.min_len())?;
-        let ptrs = [("out", args.out), ("grad_out", args.grad_out), ("grad_logits", args.grad_logits)];
-        non_null(&ptrs)?;
-        non_null(&[("status", args.status)])?;
-        let inv_tau = opts.inv_temperature()?;
-        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
-        let stream = unsafe { stream.borrow() }?;
-        let ptrs = [args.out, args.grad_out, args.grad_logits];
-        // SAFETY: the caller guarantees what `launch_backward` needs (see # Safety).
-        unsafe { launch_backward(&stream, args.dtype, shape, ptrs, args.status, inv_tau) }
-    }
 }

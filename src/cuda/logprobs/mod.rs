@@ -2,6 +2,7 @@
 //! log-probabilities with entropy and lse that never materialise the `[N, V]` log-softmax.
 
 mod log_softmax;
+pub mod raw;
 mod token_launch;
 mod tokens;
 
@@ -10,9 +11,3 @@ pub use tokens::{
     finish_vocab_partials, token_logprobs, token_logprobs_backward, token_logprobs_backward_in_place,
     token_logprobs_workspace_bytes, vocab_shard_partials,
 };
-
-/// Raw-pointer entry points of the family.
-pub mod raw {
-    pub use super::log_softmax::raw::*;
-    pub use super::token_launch::raw::*;
-}

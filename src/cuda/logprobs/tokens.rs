@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use super::token_launch::raw::{FinishVocabArgs, VocabShardArgs, finish_partials_on, shard_partials_on};
+use super::raw::{FinishVocabArgs, VocabShardArgs, finish_partials_on, shard_partials_on};
 use super::token_launch::{
     BackwardArgs, ForwardArgs, RowSelect, chunks, launch_backward, launch_forward, split,
 };

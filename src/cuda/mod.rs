@@ -53,10 +53,7 @@ pub use status::CudaStatus;
 /// The raw layer: device pointers, an ordinal and a `CUstream` (see each function's
 /// contract). The safe functions of [`cuda`](crate::cuda) are built on the same launches.
 pub mod raw {
-    pub use super::advantages::moments_raw::*;
-    pub use super::advantages::{
-        GaeArgs, GroupAdvantageArgs, raw_gae as gae, raw_group_advantages as group_advantages,
-    };
+    pub use super::advantages::raw::*;
     pub use super::aggregation::ReductionArgs;
     pub use super::aggregation::raw::*;
     pub use super::context::RawStream;

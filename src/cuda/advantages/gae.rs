@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, LaunchConf
 
 use crate::advantages::check_gae_sources;
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, RawStream, driver_error, non_null, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::{Cuda, Error, GaeInputs, GaeOptions, GaeOutputs, MaskedSteps, Result, RowShape};
 
 /// Positions per GAE block (`GAE_CHUNK` in the kernel).
@@ -286,33 +286,4 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
     // stream; `params` pointers are null or cover the shape (the caller's contract).
     unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_block"))?;
     Ok(())
-}
-
-/// The raw layer of GAE: [`gae`] on device addresses, enqueued on a stream owned by the
-/// caller. Sequences with non-finite advantages are reported in the status word (decode it with
-/// [`decode_status`](crate::cuda::raw::decode_status)).
-///
-/// # Safety
-/// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
-/// - every non-zero address points to device memory of that context holding what its
-///   [`GaeArgs`] field documents for `args.shape` (per-token buffers `shape.min_len()` f32 or
-///   mask bytes, `scores` one f32 per row); the outputs and workspace overlap nothing else;
-/// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
-///
-/// ```no_run
-/// use rlhf_kernels::cuda::raw::{self, GaeArgs, RawStream};
-/// use rlhf_kernels::{GaeOptions, RowShape};
-/// # let (rewards, values, adv, status, cu_stream) = (0u64, 0u64, 0u64, 0u64, std::ptr::null_mut());
-/// let args = GaeArgs { shape: RowShape::new(512, 4096), rewards, kl: 0, beta: 0.0, scores: 0, values, mask: 0,
-///     advantages: adv, returns: 0, workspace: 0, status };
-/// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
-/// unsafe { raw::gae(RawStream { ordinal: 0, stream: cu_stream }, &args, &GaeOptions::new(1.0, 0.95))? };
-/// # Ok::<(), rlhf_kernels::Error>(())
-/// ```
-pub unsafe fn raw_gae(stream: RawStream, args: &GaeArgs, opts: &GaeOptions) -> Result<()> {
-    non_null(&[("status", args.status)])?;
-    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
-    let stream = unsafe { stream.borrow() }?;
-    // SAFETY: the caller guarantees every buffer (see # Safety).
-    unsafe { launch_gae(&stream, args, opts) }
 }

@@ -8,8 +8,8 @@ use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
 use crate::{
-    Cuda, Error, GroupAdvantageOptions, GroupAdvantageOutputs, GroupEstimator, GroupStd, Groups, Result,
-    RowShape, TokenOutput,
+    Cuda, GroupAdvantageOptions, GroupAdvantageOutputs, GroupEstimator, GroupStd, Groups, Result, RowShape,
+    TokenOutput,
 };
 
 /// [`Groups`] on the device: the member lists (CSR) uploaded once, reusable for every call on
@@ -98,12 +98,12 @@ pub fn group_advantages(
 }
 
 /// Device addresses of one group-advantage launch (0 for an absent output or mask).
-struct GroupPtrs {
-    scores: u64,
-    per_sequence: u64,
-    per_token: u64,
-    mask: u64,
-    status: u64,
+pub(super) struct GroupPtrs {
+    pub(super) scores: u64,
+    pub(super) per_sequence: u64,
+    pub(super) per_token: u64,
+    pub(super) mask: u64,
+    pub(super) status: u64,
 }
 
 /// The group kernel's launch (the safe and raw entry points share it).
@@ -112,7 +112,7 @@ struct GroupPtrs {
 /// `scores` and a non-zero `per_sequence` hold B f32, a non-zero `per_token` (and `mask`)
 /// cover `token_shape` (B rows), `status` one u64, all in `stream`'s context and alive until
 /// the kernel ran.
-unsafe fn launch_groups(
+pub(super) unsafe fn launch_groups(
     stream: &Arc<CudaStream>,
     groups: &DeviceGroups,
     opts: &GroupAdvantageOptions,
@@ -142,7 +142,8 @@ unsafe fn launch_groups(
     Ok(())
 }
 
-/// Buffers of a raw [`raw_group_advantages`] call: device addresses, 0 for an absent output.
+/// Buffers of a raw [`group_advantages`](crate::cuda::raw::group_advantages) call: device
+/// addresses, 0 for an absent output.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupAdvantageArgs {
     /// B f32 scores, one per sequence.
@@ -157,52 +158,4 @@ pub struct GroupAdvantageArgs {
     pub mask: u64,
     /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
     pub status: u64,
-}
-
-/// [`group_advantages`] on raw device pointers, enqueued on a stream owned by the caller; the
-/// groups' member lists are uploaded on that stream first. Non-finite scores are reported in
-/// the status word.
-///
-/// # Safety
-/// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
-/// - every non-zero address points to device memory of that context holding what its
-///   [`GroupAdvantageArgs`] field documents for `groups.sequences()` = B sequences; the
-///   outputs overlap nothing else;
-/// - every buffer stays allocated, and untouched by other streams, until the kernel ran.
-pub unsafe fn raw_group_advantages(
-    stream: crate::cuda::RawStream,
-    groups: &Groups,
-    args: &GroupAdvantageArgs,
-    opts: &GroupAdvantageOptions,
-) -> Result<()> {
-    crate::cuda::non_null(&[("scores", args.scores), ("status", args.status)])?;
-    opts.validate()?;
-    groups.check_singletons(opts)?;
-    if args.per_sequence == 0 && args.per_token == 0 {
-        return Err(Error::InvalidOption {
-            name: "outputs",
-            value: "none".into(),
-            expected: "per-sequence and/or per-token advantages",
-        });
-    }
-    let token_shape = if args.per_token != 0 {
-        args.token_shape.validate("per-token advantages")?;
-        check_len("per-token advantage rows", args.token_shape.rows, groups.sequences())?;
-        args.token_shape
-    } else {
-        RowShape::new(groups.sequences(), 1)
-    };
-    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
-    let stream = unsafe { stream.borrow() }?;
-    let device_groups = DeviceGroups::new(&stream, groups)?;
-    let ptrs = GroupPtrs {
-        scores: args.scores,
-        per_sequence: args.per_sequence,
-        per_token: args.per_token,
-        mask: if args.per_token != 0 { args.mask } else { 0 },
-        status: args.status,
-    };
-    // SAFETY: the caller guarantees every buffer (see # Safety); the groups live on this
-    // stream until dropped after the enqueue (cudarc frees them in stream order).
-    unsafe { launch_groups(&stream, &device_groups, opts, &ptrs, token_shape) }
 }

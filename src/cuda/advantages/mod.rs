@@ -12,9 +12,8 @@
 mod gae;
 mod groups;
 mod moments;
+pub mod raw;
 
-pub(crate) use moments::raw as moments_raw;
-
-pub use gae::{GaeArgs, gae, gae_workspace_bytes, raw_gae};
-pub use groups::{DeviceGroups, GroupAdvantageArgs, group_advantages, raw_group_advantages};
+pub use gae::{gae, gae_workspace_bytes};
+pub use groups::{DeviceGroups, group_advantages};
 pub use moments::{masked_moments, moments_workspace_bytes, whiten};

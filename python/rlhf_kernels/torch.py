@@ -157,6 +157,18 @@ def exact_kl(
     )
 
 
+def _policy_options(
+    objective, beta, clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef, aggregation, max_len,
+    global_counts,
+) -> dict:
+    """The native policy-loss keywords (shared by :func:`policy_loss` and the fused path)."""
+    return dict(
+        objective=objective, beta=float(beta), clip_low=float(clip_low), clip_high=float(clip_high),
+        dual_clip=dual_clip, log_ratio_clamp=None if log_ratio_clamp is None else float(log_ratio_clamp),
+        entropy_coef=float(entropy_coef), **_counts_options(aggregation, max_len, global_counts),
+    )
+
+
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, entropy, old_logp, advantages, mask, options):
@@ -215,12 +227,9 @@ def policy_loss(
     Returns ``(loss, stats)``: the scalar loss (differentiable in ``logp`` and ``entropy``) and
     a float64 tensor of statistics on the device; :func:`policy_stats` reads it.
     """
-    options = dict(
-        objective=objective, beta=float(beta), clip_low=float(clip_low), clip_high=float(clip_high),
-        dual_clip=dual_clip, log_ratio_clamp=None if log_ratio_clamp is None else float(log_ratio_clamp),
-        entropy_coef=float(entropy_coef),
-        aggregation=aggregation, max_len=int(max_len),
-        global_counts=None if global_counts is None else tuple(float(c) for c in global_counts),
+    options = _policy_options(
+        objective, beta, clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef,
+        aggregation, max_len, global_counts,
     )
     return _PolicyLoss.apply(
         logp, entropy, _f32(old_logp, "old_logp"), _f32(advantages, "advantages"), _mask(mask), options
@@ -299,13 +308,13 @@ def policy_loss_from_logits(
     if logits.stride(2) != 1 or not one_block:
         logits = logits.contiguous()
     options = dict(
-        temperature=float(temperature), objective=objective, beta=float(beta), clip_low=float(clip_low),
-        clip_high=float(clip_high), dual_clip=dual_clip,
-        log_ratio_clamp=None if log_ratio_clamp is None else float(log_ratio_clamp),
-        entropy_coef=float(entropy_coef), kl_estimator=kl_estimator, kl_coef=float(kl_coef),
+        temperature=float(temperature), kl_estimator=kl_estimator, kl_coef=float(kl_coef),
         kl_log_ratio_clamp=None if kl_log_ratio_clamp is None else float(kl_log_ratio_clamp),
         kl_value_clamp=None if kl_value_clamp is None else float(kl_value_clamp),
-        **_counts_options(aggregation, max_len, global_counts),
+        **_policy_options(
+            objective, beta, clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef,
+            aggregation, max_len, global_counts,
+        ),
     )
     return _PolicyLossFromLogits.apply(
         logits, targets.detach().contiguous(), _f32(old_logp, "old_logp"), _f32(advantages, "advantages"),

@@ -91,44 +91,61 @@ constexpr int STAT_LOSS = 0, STAT_MEANS = 1, STAT_CLAMPED = 9, STAT_COUNTS = 10;
 
 }  // namespace
 
+// The parameters of `sampled_kl_rows` (src/cuda/kl/sampled.rs `SampledParams`: the same fields
+// at the same offsets, asserted on both sides).
+struct SampledParams {
+  const float* logp;
+  const float* ref_logp;
+  const unsigned char* mask;  // may be null
+  const double* counts;       // the denominators on the device (the mask count), or null
+  float* values;              // each output may be null
+  float* grad;
+  long long ld;
+  int rows, cols, chosen;
+  float lr_clamp, v_clamp, coef;
+  int aggregation;
+  int weights_known;  // the three counts below are the denominators (given by the host)
+  double max_len;
+  double tokens, valid_sequences, sequences;
+};
+static_assert(sizeof(SampledParams) == 120, "SampledParams: 120 bytes, as on the host");
+static_assert(offsetof(SampledParams, ld) == 48 && offsetof(SampledParams, chosen) == 64 &&
+                  offsetof(SampledParams, coef) == 76 && offsetof(SampledParams, weights_known) == 84 &&
+                  offsetof(SampledParams, max_len) == 88 && offsetof(SampledParams, sequences) == 112,
+              "SampledParams: field offsets as on the host");
+
 // One block per sequence (row of the [B, T] batch). Writes the chosen estimator's values, the
-// loss gradient when the denominators are known (`device_counts`, the mask count on the device,
-// or with `weights_known` the three counts given by the host), and the row's record.
+// loss gradient when the denominators are known (`P.counts`, the mask count on the device, or
+// with `P.weights_known` the three counts given by the host), and the row's record.
 // A NaN in a valid token is reported (the row's outputs are then meaningless).
 extern "C" __global__ void __launch_bounds__(256)
-sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_logp, long long ld,
-                const unsigned char* __restrict__ mask, int rows, int cols, int chosen, float lr_clamp,
-                float v_clamp, float coef, int aggregation, double max_len, double count_tokens,
-                double count_sequences_valid, double count_sequences, int weights_known,
-                const double* __restrict__ device_counts, float* __restrict__ values, float* __restrict__ grad,
-                SampledRow* __restrict__ records, unsigned long long* __restrict__ status) {
+sampled_kl_rows(SampledParams P, SampledRow* __restrict__ records, unsigned long long* __restrict__ status) {
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
-  if (row >= rows) return;
-  const long long base = row * ld;
-  const float valid = row_valid_count(mask, base, cols, scratch);
-  if (device_counts != nullptr) {
-    weights_known = 1;
-    count_tokens = device_counts[0];
-    count_sequences_valid = device_counts[1];
-    count_sequences = device_counts[2];
-  }
-  const float w = weights_known ? __fmul_rn(coef, token_weight_f(aggregation, static_cast<float>(max_len),
-                                                                 static_cast<float>(count_tokens),
-                                                                 static_cast<float>(count_sequences_valid),
-                                                                 static_cast<float>(count_sequences), valid))
+  if (row >= P.rows) return;
+  const long long base = row * P.ld;
+  const unsigned char* __restrict__ mask = P.mask;
+  const float valid = row_valid_count(mask, base, P.cols, scratch);
+  const bool weights_known = P.counts != nullptr || P.weights_known;
+  const double* c = P.counts;
+  const double tokens = c ? c[0] : P.tokens, valid_sequences = c ? c[1] : P.valid_sequences;
+  const double sequences = c ? c[2] : P.sequences;
+  const float w = weights_known ? __fmul_rn(P.coef, token_weight_f(P.aggregation, static_cast<float>(P.max_len),
+                                                                   static_cast<float>(tokens),
+                                                                   static_cast<float>(valid_sequences),
+                                                                   static_cast<float>(sequences), valid))
                                 : 0.0f;
   float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   float clamped = 0.0f;
   // bit 0: NaN input or estimate; bit 1: infinite estimate or gradient from an infinite input;
   // bit 2: an infinite input; bit 3: finite inputs whose estimates or gradient overflow f32.
   unsigned bad = 0;
-  for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
+  for (long long t = threadIdx.x; t < P.cols; t += blockDim.x) {
     const long long i = base + t;
     float value = 0.0f, g = 0.0f;
     if (token_valid(mask, i)) {
-      const float lp = logp[i], rlp = ref_logp[i];
-      const Estimates e = estimates(chosen, __fsub_rn(rlp, lp), lr_clamp, v_clamp);
+      const float lp = P.logp[i], rlp = P.ref_logp[i];
+      const Estimates e = estimates(P.chosen, __fsub_rn(rlp, lp), P.lr_clamp, P.v_clamp);
       const bool finite_in = isfinite(lp) && isfinite(rlp);
       bad |= (lp != lp || rlp != rlp || e.value != e.value || e.grad != e.grad) ? 1u : 0u;
       bad |= (!finite_in && (fabsf(e.value) == pos_inf() || fabsf(e.grad) == pos_inf())) ? 2u : 0u;
@@ -145,8 +162,8 @@ sampled_kl_rows(const float* __restrict__ logp, const float* __restrict__ ref_lo
       // The weighted gradient is checked only where it is written (the weights are known).
       bad |= (finite_in && !(fits && isfinite(e.grad) && (!weights_known || isfinite(g)))) ? 8u : 0u;
     }
-    if (values) values[i] = value;
-    if (grad && weights_known) grad[i] = g;
+    if (P.values) P.values[i] = value;
+    if (P.grad && weights_known) P.grad[i] = g;
   }
   const bool any_nan = __syncthreads_or(bad & 1u), any_inf = __syncthreads_or(bad & 2u);
   const bool inf_input = __syncthreads_or(bad & 4u), overflow = __syncthreads_or(bad & 8u);

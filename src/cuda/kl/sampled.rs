@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::cuda::aggregation::{
     AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
@@ -148,6 +148,45 @@ pub fn sampled_kl_stats_to_words(s: &SampledKlStats) -> [f64; STATS_WORDS] {
     w
 }
 
+/// The kernels' `SampledParams` (kernels/kl_sampled.cu), field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct SampledParams {
+    logp: u64,
+    ref_logp: u64,
+    mask: u64,
+    counts: u64,
+    values: u64,
+    grad: u64,
+    ld: i64,
+    rows: i32,
+    cols: i32,
+    chosen: i32,
+    lr_clamp: f32,
+    v_clamp: f32,
+    coef: f32,
+    aggregation: i32,
+    weights_known: i32,
+    max_len: f64,
+    tokens: f64,
+    valid_sequences: f64,
+    sequences: f64,
+}
+
+// The layout the kernel asserts (`static_assert` in kernels/kl_sampled.cu): a mismatch is a
+// build error on either side.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<SampledParams>() == 120);
+    assert!(offset_of!(SampledParams, ld) == 48 && offset_of!(SampledParams, chosen) == 64);
+    assert!(offset_of!(SampledParams, coef) == 76 && offset_of!(SampledParams, weights_known) == 84);
+    assert!(offset_of!(SampledParams, max_len) == 88 && offset_of!(SampledParams, sequences) == 112);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct SampledParams` (asserted above and in
+// the kernel), passed by value; plain old data.
+unsafe impl DeviceRepr for SampledParams {}
+
 /// The sampled KL's launches on checked device addresses (the safe and raw entry points share
 /// them): row records and the mask count are allocated on the stream when needed and not given.
 ///
@@ -185,41 +224,42 @@ pub(crate) unsafe fn launch_sampled(
     let device_counts =
         unsafe { count_mask(count_on_device, stream, a.mask, shape, workspace, shape.rows * RECORD_BYTES)? };
 
-    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let rows = shape.rows as i32;
     let (chosen, coef) = (opts.estimator.code(), opts.coef);
     let counts = global.unwrap_or([0.0; 3]);
-    let weights_known = i32::from(global.is_some());
+    let params = SampledParams {
+        logp: a.logp,
+        ref_logp: a.ref_logp,
+        mask: a.mask,
+        counts: device_counts,
+        values: a.values,
+        grad: a.grad_logp,
+        ld: shape.row_stride as i64,
+        rows,
+        cols: shape.cols as i32,
+        chosen,
+        lr_clamp,
+        v_clamp,
+        coef,
+        aggregation,
+        weights_known: i32::from(global.is_some()),
+        max_len,
+        tokens: counts[0],
+        valid_sequences: counts[1],
+        sequences: counts[2],
+    };
     let per_row =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
 
     let func = function(stream.context(), Module::KlSampled, "sampled_kl_rows")?;
     let mut launch = stream.launch_builder(&func);
-    launch
-        .arg(&a.logp)
-        .arg(&a.ref_logp)
-        .arg(&ld)
-        .arg(&a.mask)
-        .arg(&rows)
-        .arg(&cols)
-        .arg(&chosen)
-        .arg(&lr_clamp)
-        .arg(&v_clamp);
-    launch.arg(&coef).arg(&aggregation).arg(&max_len).arg(&counts[0]).arg(&counts[1]).arg(&counts[2]);
-    launch
-        .arg(&weights_known)
-        .arg(&device_counts)
-        .arg(&a.values)
-        .arg(&a.grad_logp)
-        .arg(&records)
-        .arg(&a.status);
-    // SAFETY: matches `sampled_kl_rows(const float*, const float*, long long, const unsigned
-    // char*, int, int, int, float, float, float, int, double, double, double, double, int, const
-    // double*, float*, float*, SampledRow*, unsigned long long*)`; one block of 256 threads per
-    // sequence (rows ≤ i32::MAX, checked by the shape); every buffer covers the shape (the
-    // caller's contract) or is null, which the kernel tests; the records hold one 40-byte record
-    // per row and the counts (when not null) were written by the mask count above on this
-    // stream. The gradient is written only with known denominators, which it has whenever it is
-    // requested.
+    launch.arg(&params).arg(&records).arg(&a.status);
+    // SAFETY: matches `sampled_kl_rows(SampledParams, SampledRow*, unsigned long long*)` (the
+    // struct's layout is asserted on both sides); one block of 256 threads per sequence (rows ≤
+    // i32::MAX, checked by the shape); every buffer covers the shape (the caller's contract) or
+    // is null, which the kernel tests; the records hold one 40-byte record per row and the
+    // counts (when not null) were written by the mask count above on this stream. The gradient
+    // is written only with known denominators, which it has whenever it is requested.
     unsafe { launch.launch(per_row) }.map_err(driver_error("launching sampled_kl_rows"))?;
 
     if need_records {

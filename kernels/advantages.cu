@@ -47,6 +47,10 @@ struct GaeParams {
   float gamma, gamma_lambda, beta;
   int reset;
 };
+static_assert(sizeof(GaeParams) == 96, "GaeParams: 96 bytes, as on the host (src/cuda/advantages/gae.rs)");
+static_assert(offsetof(GaeParams, ld) == 56 && offsetof(GaeParams, nchunks) == 72 &&
+                  offsetof(GaeParams, beta) == 84 && offsetof(GaeParams, reset) == 88,
+              "GaeParams: field offsets as on the host");
 
 __device__ __forceinline__ Affine identity_map() { return {1.0f, 0.0f, 0.0f, 1.0f, 1.0f, 0.0f, 0.0f, 0.0f}; }
 

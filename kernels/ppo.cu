@@ -37,6 +37,11 @@ struct PolicyParams {
   double tokens, valid_sequences, sequences;
   const double* counts;  // or the denominators on the device (the mask count); else null
 };
+static_assert(sizeof(PolicyParams) == 160, "PolicyParams: 160 bytes, as on the host (src/cuda/ppo/loss.rs)");
+static_assert(offsetof(PolicyParams, ld) == 64 && offsetof(PolicyParams, objective) == 80 &&
+                  offsetof(PolicyParams, entropy_coef) == 104 && offsetof(PolicyParams, max_len) == 112 &&
+                  offsetof(PolicyParams, accumulate) == 124 && offsetof(PolicyParams, counts) == 152,
+              "PolicyParams: field offsets as on the host");
 
 // One sequence's sums over its valid tokens (f32 within the row, f64 across rows).
 struct PolicyRow {
@@ -307,6 +312,11 @@ struct ValueParams {
   double tokens, valid_sequences, sequences;
   const double* counts;  // or the denominators on the device (the mask count); else null
 };
+static_assert(sizeof(ValueParams) == 128, "ValueParams: 128 bytes, as on the host (src/cuda/ppo/value.rs)");
+static_assert(offsetof(ValueParams, ld) == 48 && offsetof(ValueParams, aggregation) == 72 &&
+                  offsetof(ValueParams, max_len) == 80 && offsetof(ValueParams, weights_known) == 88 &&
+                  offsetof(ValueParams, tokens) == 96 && offsetof(ValueParams, counts) == 120,
+              "ValueParams: field offsets as on the host");
 
 // Loss sum, clipped count, valid count (and padding).
 struct ValueRow {

@@ -50,8 +50,17 @@ struct GaeParams {
     reset: i32,
 }
 
-// SAFETY: repr(C) with the layout of the kernels' `struct GaeParams` (seven 8-byte pointers, a
-// 64-bit stride, three ints, three floats, an int: 92 bytes padded to 96 on both sides).
+// The layout the kernel asserts (`static_assert` in kernels/advantages.cu).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<GaeParams>() == 96);
+    assert!(offset_of!(GaeParams, ld) == 56 && offset_of!(GaeParams, nchunks) == 72);
+    assert!(offset_of!(GaeParams, beta) == 84 && offset_of!(GaeParams, reset) == 88);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct GaeParams` (asserted above and in the
+// kernel): seven 8-byte pointers, a 64-bit stride, three ints, three floats, an int: 92 bytes
+// padded to 96 on both sides.
 unsafe impl DeviceRepr for GaeParams {}
 
 /// GAE advantages and returns on the GPU: the twin of [`cpu::gae`](crate::cpu::gae) (same

@@ -64,9 +64,19 @@ struct PolicyParams {
     counts: u64,
 }
 
-// SAFETY: repr(C) with the layout of the kernels' `struct PolicyParams`: eight 8-byte
-// pointers, a 64-bit stride, three ints, six floats, an int, a double, two ints, three
-// doubles and a pointer, in that order on both sides (160 bytes).
+// The layout the kernel asserts (`static_assert` in kernels/ppo.cu): a mismatch is a build
+// error on either side.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<PolicyParams>() == 160);
+    assert!(offset_of!(PolicyParams, ld) == 64 && offset_of!(PolicyParams, objective) == 80);
+    assert!(offset_of!(PolicyParams, entropy_coef) == 104 && offset_of!(PolicyParams, max_len) == 112);
+    assert!(offset_of!(PolicyParams, accumulate) == 124 && offset_of!(PolicyParams, counts) == 152);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct PolicyParams` (asserted above and in
+// the kernel): eight 8-byte pointers, a 64-bit stride, three ints, six floats, an int, a
+// double, two ints, three doubles and a pointer, in that order on both sides (160 bytes).
 unsafe impl DeviceRepr for PolicyParams {}
 
 /// The launches shared by the two losses (kernels/ppo.cu): `{loss}_rows(Params, Row*, status)`

@@ -52,7 +52,17 @@ struct ValueParams {
     counts: u64,
 }
 
-// SAFETY: repr(C) with the layout of the kernels' `struct ValueParams`: six 8-byte pointers,
+// The layout the kernel asserts (`static_assert` in kernels/ppo.cu).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<ValueParams>() == 128);
+    assert!(offset_of!(ValueParams, ld) == 48 && offset_of!(ValueParams, aggregation) == 72);
+    assert!(offset_of!(ValueParams, max_len) == 80 && offset_of!(ValueParams, weights_known) == 88);
+    assert!(offset_of!(ValueParams, tokens) == 96 && offset_of!(ValueParams, counts) == 120);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct ValueParams` (asserted above and in
+// the kernel): six 8-byte pointers,
 // a 64-bit stride, two ints, two floats, an int (padded to 8), a double, an int (padded to 8),
 // three doubles and a pointer.
 unsafe impl DeviceRepr for ValueParams {}

@@ -205,6 +205,7 @@ struct ExactOut {
   float* jsd_lse_p;  // rows f32 each: the normalisers the JSD's second pass reads, else null
   float* jsd_lse_q;
 };
+static_assert(sizeof(ExactOut) == 48, "ExactOut: six pointers, as on the host (src/cuda/kl/exact.rs)");
 
 __device__ __forceinline__ void write_row(const ExactOut& o, long long row, float v, float lp, float lq, float term) {
   if (o.value) o.value[row] = v;

@@ -5,6 +5,8 @@
 //   from `cols` and the dtype only; 0 < rows, 0 < cols <= 2^31 - 1; every row pointer
 //   `base + row * ld` is valid for `cols` elements; `status` points to one u64.
 // Formulas: MATH.md §1. z = x / τ; lse = max(z) + ln Σ exp(z - max z); out = z - lse.
+#include <stddef.h>
+
 #include "common.cuh"
 
 using namespace rk;
@@ -205,6 +207,9 @@ struct RowSelect {
     return (mask != nullptr && mask[row] == 0) || (has_ignore && target == ignore_index);
   }
 };
+static_assert(sizeof(RowSelect) == 40 && offsetof(RowSelect, mask) == 16 &&
+                  offsetof(RowSelect, ignore_index) == 32,
+              "RowSelect: the layout of src/cuda/logprobs/token_launch.rs");
 
 template <typename T>
 __device__ __forceinline__ long long token_chunk_len() {

@@ -156,6 +156,9 @@ pub(super) struct ExactOut {
     pub(super) jsd_lse_q: u64,
 }
 
+// The layout the kernel asserts (`static_assert` in kernels/kl_exact.cu).
+const _: () = assert!(std::mem::size_of::<ExactOut>() == 48);
+
 // SAFETY: repr(C) with the layout of the kernels' `struct ExactOut` (six 8-byte pointers),
 // passed by value.
 unsafe impl DeviceRepr for ExactOut {}

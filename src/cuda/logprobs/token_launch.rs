@@ -49,6 +49,13 @@ pub(super) struct RowSelect {
     ignore_index: i64,
 }
 
+// The layout the kernel asserts (`static_assert` in kernels/logprobs.cu).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<RowSelect>() == 40);
+    assert!(offset_of!(RowSelect, mask) == 16 && offset_of!(RowSelect, ignore_index) == 32);
+};
+
 // SAFETY: repr(C) with the field types and order of the kernels' `struct RowSelect`
 // {const void*, int, const unsigned char*, int, long long}; passed by value as a kernel
 // parameter.

@@ -306,6 +306,23 @@ __device__ __forceinline__ double warp_sum_f64(double v) {
   return v;
 }
 
+// The parameters of `group_advantages` (src/cuda/advantages/groups.rs `GroupParams`: the same
+// fields at the same offsets, asserted on both sides).
+struct GroupParams {
+  const float* scores;      // one per sequence
+  const unsigned* offsets;  // groups + 1: where each group's members start in `members`
+  const unsigned* members;  // the sequences of every group, group after group
+  float* per_sequence;      // each output may be null
+  float* tokens;            // [B, T] per-token advantages (row stride `ld`, `cols` columns)
+  const unsigned char* mask;  // of `tokens`, may be null
+  long long ld;
+  int groups, estimator, cols;
+  double eps;
+};
+static_assert(sizeof(GroupParams) == 80 && offsetof(GroupParams, ld) == 48 &&
+                  offsetof(GroupParams, cols) == 64 && offsetof(GroupParams, eps) == 72,
+              "GroupParams: the layout of src/cuda/advantages/groups.rs");
+
 // Estimator codes (src/cuda/advantages.rs): GRPO unbiased std, GRPO biased std, s − mean
 // (Dr. GRPO and the group-mean baseline), RLOO. Each is A = (s − center)·scale with one
 // (center, scale) per group (RLOO: s − (sum − s)/(n − 1) = (s − mean)·n/(n − 1)); a group of
@@ -336,10 +353,16 @@ __device__ __forceinline__ void group_affine(int estimator, double eps, unsigned
 // every lane), each member's advantage, written per sequence and/or to every valid token of
 // its row. Reports a member with a non-finite score or advantage.
 extern "C" __global__ void __launch_bounds__(256)
-group_advantages(const float* __restrict__ scores, const unsigned* __restrict__ offsets,
-                 const unsigned* __restrict__ members, int groups, int estimator, double eps,
-                 float* __restrict__ per_sequence, float* __restrict__ tokens, long long ld, int cols,
-                 const unsigned char* __restrict__ mask, unsigned long long* status) {
+group_advantages(GroupParams P, unsigned long long* status) {
+  const float* __restrict__ scores = P.scores;
+  const unsigned* __restrict__ offsets = P.offsets;
+  const unsigned* __restrict__ members = P.members;
+  float* __restrict__ per_sequence = P.per_sequence;
+  float* __restrict__ tokens = P.tokens;
+  const unsigned char* __restrict__ mask = P.mask;
+  const long long ld = P.ld;
+  const int groups = P.groups, estimator = P.estimator, cols = P.cols;
+  const double eps = P.eps;
   const long long g = static_cast<long long>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (g >= groups) return;  // whole warps

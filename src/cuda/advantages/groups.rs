@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr_mut, view_ptr};
@@ -106,6 +108,34 @@ pub(super) struct GroupPtrs {
     pub(super) status: u64,
 }
 
+/// The kernels' `GroupParams` (kernels/advantages.cu), field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GroupParams {
+    scores: u64,
+    offsets: u64,
+    members: u64,
+    per_sequence: u64,
+    tokens: u64,
+    mask: u64,
+    ld: i64,
+    groups: i32,
+    estimator: i32,
+    cols: i32,
+    eps: f64,
+}
+
+// The layout the kernel asserts (`static_assert` in kernels/advantages.cu).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<GroupParams>() == 80 && offset_of!(GroupParams, ld) == 48);
+    assert!(offset_of!(GroupParams, cols) == 64 && offset_of!(GroupParams, eps) == 72);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct GroupParams` (asserted above and in
+// the kernel), passed by value; plain old data.
+unsafe impl DeviceRepr for GroupParams {}
+
 /// The group kernel's launch (the safe and raw entry points share it).
 ///
 /// # Safety
@@ -124,19 +154,29 @@ pub(super) unsafe fn launch_groups(
     let (mem, _g3) = groups.members.device_ptr(s);
     let count = groups.host.count();
     let (code, eps) = estimator_code(opts);
-    let (n_groups, ld, cols) = (count as i32, token_shape.row_stride as i64, token_shape.cols as i32);
+    let params = GroupParams {
+        scores: p.scores,
+        offsets: off,
+        members: mem,
+        per_sequence: p.per_sequence,
+        tokens: p.per_token,
+        mask: p.mask,
+        ld: token_shape.row_stride as i64,
+        groups: count as i32,
+        estimator: code,
+        cols: token_shape.cols as i32,
+        eps,
+    };
     let f = function(stream.context(), Module::Advantages, "group_advantages")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&p.scores).arg(&off).arg(&mem).arg(&n_groups).arg(&code).arg(&eps);
-    l.arg(&p.per_sequence).arg(&p.per_token).arg(&ld).arg(&cols).arg(&p.mask).arg(&p.status);
+    l.arg(&params).arg(&p.status);
     let cfg = LaunchConfig {
         grid_dim: (count.div_ceil(8) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // Kernel: group_advantages(const float*, const unsigned*, const unsigned*, int, int, double,
-    // float*, float*, long long, int, const unsigned char*, unsigned long long*); a warp a group.
-    // SAFETY: the arguments match that signature; `offsets` has count + 1 entries, `members` is a
+    // Kernel: group_advantages(GroupParams, unsigned long long*); a warp a group.
+    // SAFETY: the arguments match that signature (the struct's layout is asserted on both sides); `offsets` has count + 1 entries, `members` is a
     // permutation of 0..B (built by `Groups`); scores, outputs and mask cover B rows (caller).
     unsafe { l.launch(cfg) }.map_err(driver_error("launching group_advantages"))?;
     Ok(())

@@ -231,13 +231,33 @@ sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen
   }
 }
 
+// The parameters of `kl_rewards` (src/cuda/kl/sampled.rs `RewardsParams`: the same fields at
+// the same offsets, asserted on both sides).
+struct RewardsParams {
+  const float* kl;
+  const unsigned char* mask;  // may be null
+  const float* scores;        // one per sequence
+  float* rewards;
+  long long ld;
+  int rows, cols;
+  float beta;
+};
+static_assert(sizeof(RewardsParams) == 56 && offsetof(RewardsParams, ld) == 32 &&
+                  offsetof(RewardsParams, beta) == 48,
+              "RewardsParams: the layout of src/cuda/kl/sampled.rs");
+
 // r_t = −β·kl_t on valid tokens, plus the sequence's score on its last valid token; 0 on
 // padding. One block per sequence. Reports a sequence with a non-finite KL at a valid token or a
 // non-finite score (PROBLEM_NON_FINITE), else one whose reward overflows f32 (PROBLEM_OVERFLOW).
 extern "C" __global__ void __launch_bounds__(256)
-kl_rewards(const float* __restrict__ kl, long long ld, const unsigned char* __restrict__ mask, int rows, int cols,
-           const float* __restrict__ scores, float beta, float* __restrict__ rewards,
-           unsigned long long* __restrict__ status) {
+kl_rewards(RewardsParams P, unsigned long long* __restrict__ status) {
+  const float* __restrict__ kl = P.kl;
+  const unsigned char* __restrict__ mask = P.mask;
+  const float* __restrict__ scores = P.scores;
+  float* __restrict__ rewards = P.rewards;
+  const long long ld = P.ld;
+  const int rows = P.rows, cols = P.cols;
+  const float beta = P.beta;
   __shared__ int last_valid[32];
   const long long row = blockIdx.x;
   if (row >= rows) return;

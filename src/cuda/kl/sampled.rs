@@ -336,6 +336,31 @@ pub struct KlRewardsArgs {
     pub status: u64,
 }
 
+/// The kernels' `RewardsParams` (kernels/kl_sampled.cu), field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RewardsParams {
+    kl: u64,
+    mask: u64,
+    scores: u64,
+    rewards: u64,
+    ld: i64,
+    rows: i32,
+    cols: i32,
+    beta: f32,
+}
+
+// The layout the kernel asserts (`static_assert` in kernels/kl_sampled.cu).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<RewardsParams>() == 56);
+    assert!(offset_of!(RewardsParams, ld) == 32 && offset_of!(RewardsParams, beta) == 48);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct RewardsParams` (asserted above and
+// in the kernel), passed by value; plain old data.
+unsafe impl DeviceRepr for RewardsParams {}
+
 /// The `kl_rewards` launch on checked device addresses (the safe and raw entry points share it).
 ///
 /// # Safety
@@ -347,16 +372,24 @@ pub(super) unsafe fn launch_rewards(
     a: &KlRewardsArgs,
     opts: &KlRewardsOptions,
 ) -> Result<()> {
-    let (shape, beta) = (a.shape, opts.beta);
-    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let shape = a.shape;
+    let params = RewardsParams {
+        kl: a.kl,
+        mask: a.mask,
+        scores: a.scores,
+        rewards: a.rewards,
+        ld: shape.row_stride as i64,
+        rows: shape.rows as i32,
+        cols: shape.cols as i32,
+        beta: opts.beta,
+    };
     let func = function(stream.context(), Module::KlSampled, "kl_rewards")?;
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&a.kl).arg(&ld).arg(&a.mask).arg(&rows).arg(&cols).arg(&a.scores).arg(&beta);
-    launch.arg(&a.rewards).arg(&a.status);
+    launch.arg(&params).arg(&a.status);
     let cfg =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `kl_rewards(const float*, long long, const unsigned char*, int, int, const
-    // float*, float, float*, unsigned long long*)`; one block of 256 threads per sequence; `kl`,
+    // SAFETY: matches `kl_rewards(RewardsParams, unsigned long long*)` (the struct's layout is
+    // asserted on both sides); one block of 256 threads per sequence; `kl`,
     // `mask` and `rewards` cover the shape, `scores` holds one value per row (the caller's
     // contract) and `status` is one u64 status word.
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching kl_rewards"))?;

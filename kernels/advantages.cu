@@ -22,7 +22,7 @@ constexpr unsigned OP_MASKED_MOMENTS = 11;
 // with g the part to the right (applied first).
 constexpr int GAE_ITEMS = 4;                  // consecutive positions per thread
 constexpr int GAE_BLOCK = 256;                // threads per block
-constexpr int GAE_CHUNK = GAE_BLOCK * GAE_ITEMS;  // positions per block (src/cuda/advantages.rs)
+constexpr int GAE_CHUNK = GAE_BLOCK * GAE_ITEMS;  // positions per block (src/cuda/advantages/gae.rs)
 // Sequences of at most 32·GAE_ITEMS = 128 positions take one warp each (gae_warp).
 
 struct Affine {
@@ -33,7 +33,7 @@ struct GaeState {
   float a, w, y;
 };
 
-// The kernels' parameters (src/cuda/advantages.rs `GaeParams`, same layout).
+// The kernels' parameters (src/cuda/advantages/gae.rs `GaeParams`, same layout).
 struct GaeParams {
   const float* rewards;  // each of these five may be null
   const float* kl;
@@ -323,7 +323,7 @@ static_assert(sizeof(GroupParams) == 80 && offsetof(GroupParams, ld) == 48 &&
                   offsetof(GroupParams, cols) == 64 && offsetof(GroupParams, eps) == 72,
               "GroupParams: the layout of src/cuda/advantages/groups.rs");
 
-// Estimator codes (src/cuda/advantages.rs): GRPO unbiased std, GRPO biased std, s − mean
+// Estimator codes (src/cuda/advantages/groups.rs): GRPO unbiased std, GRPO biased std, s − mean
 // (Dr. GRPO and the group-mean baseline), RLOO. Each is A = (s − center)·scale with one
 // (center, scale) per group (RLOO: s − (sum − s)/(n − 1) = (s − mean)·n/(n − 1)); a group of
 // one: mean 0 and std 1, RLOO 0.

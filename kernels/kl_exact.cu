@@ -34,6 +34,7 @@ struct PairPartial {
   float mq, sq, arp;  // reference: max (raw), Σ e_q, Σ e_q·(z_q − z_p)
   unsigned flags;
 };
+static_assert(sizeof(PairPartial) == 28, "PairPartial: the 28 bytes of ExactKlPartial (src/kl.rs)");
 
 __device__ __forceinline__ PairPartial empty_pair() { return PairPartial{neg_inf(), 0.0f, 0.0f, neg_inf(), 0.0f, 0.0f, 0u}; }
 

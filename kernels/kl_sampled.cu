@@ -84,6 +84,7 @@ struct SampledRow {
   float valid;
   float clamped;
 };
+static_assert(sizeof(SampledRow) == 40, "SampledRow: RECORD_BYTES of src/cuda/kl/sampled.rs");
 
 // Statistics layout (f64): loss, means[8], clamped fraction, valid tokens, valid sequences,
 // sequences (src/cuda/kl/sampled.rs `DeviceKlStats`).
@@ -124,7 +125,11 @@ sampled_kl_rows(SampledParams P, SampledRow* __restrict__ records, unsigned long
   const long long row = blockIdx.x;
   if (row >= P.rows) return;
   const long long base = row * P.ld;
+  const float* __restrict__ logp = P.logp;
+  const float* __restrict__ ref_logp = P.ref_logp;
   const unsigned char* __restrict__ mask = P.mask;
+  float* __restrict__ values = P.values;
+  float* __restrict__ grad = P.grad;
   const float valid = row_valid_count(mask, base, P.cols, scratch);
   const bool weights_known = P.counts != nullptr || P.weights_known;
   const double* c = P.counts;
@@ -144,7 +149,7 @@ sampled_kl_rows(SampledParams P, SampledRow* __restrict__ records, unsigned long
     const long long i = base + t;
     float value = 0.0f, g = 0.0f;
     if (token_valid(mask, i)) {
-      const float lp = P.logp[i], rlp = P.ref_logp[i];
+      const float lp = logp[i], rlp = ref_logp[i];
       const Estimates e = estimates(P.chosen, __fsub_rn(rlp, lp), P.lr_clamp, P.v_clamp);
       const bool finite_in = isfinite(lp) && isfinite(rlp);
       bad |= (lp != lp || rlp != rlp || e.value != e.value || e.grad != e.grad) ? 1u : 0u;
@@ -162,8 +167,8 @@ sampled_kl_rows(SampledParams P, SampledRow* __restrict__ records, unsigned long
       // The weighted gradient is checked only where it is written (the weights are known).
       bad |= (finite_in && !(fits && isfinite(e.grad) && (!weights_known || isfinite(g)))) ? 8u : 0u;
     }
-    if (P.values) P.values[i] = value;
-    if (P.grad && weights_known) P.grad[i] = g;
+    if (values) values[i] = value;
+    if (grad && weights_known) grad[i] = g;
   }
   const bool any_nan = __syncthreads_or(bad & 1u), any_inf = __syncthreads_or(bad & 2u);
   const bool inf_input = __syncthreads_or(bad & 4u), overflow = __syncthreads_or(bad & 8u);

@@ -185,6 +185,7 @@ struct VocabPartial {
   float max_logit, sum_exp, sum_exp_d, target_logit;
   unsigned flags;
 };
+static_assert(sizeof(VocabPartial) == 20, "VocabPartial: the 20 bytes of src/logprobs.rs");
 constexpr unsigned PART_NAN = 1, PART_POS_INF = 2, PART_HAS_TARGET = 4;
 
 // Target ids arrive as i32 (kind 0), u32 (1) or i64 (2).

@@ -365,6 +365,9 @@ pub struct VocabPartial {
     pub flags: u32,
 }
 
+// The kernels' `VocabPartial` (kernels/logprobs.cu asserts the same size).
+const _: () = assert!(std::mem::size_of::<VocabPartial>() == 20);
+
 /// Logp, entropy and lse of one row.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TokenStats {

@@ -401,9 +401,14 @@ fn fused_path_equals_the_adapters_composition() {
     for dev in devices("fused_path_equals_the_adapters_composition") {
         let mut rng = Rng::new(31);
         let (b, t, v) = (3, 5, 41);
-        // A causal-shift view of [B, T + 1, V]: copied to one block of rows by the fused path.
-        let base = Var::from_tensor(&normals(&mut rng, &[b, t + 1, v], 2.0, &dev)).unwrap();
-        let logits = base.as_tensor().narrow(1, 0, t).unwrap();
+        // The views the fused path meets: one contiguous block, rows padded to a stride (read in
+        // place), and the causal shift of [B, T + 1, V] (rows of two strides: copied first).
+        type View = fn(&Tensor, usize, usize) -> Tensor;
+        let views: [(&str, Vec<usize>, View); 3] = [
+            ("contiguous", vec![b, t, v], |x, _, _| x.clone()),
+            ("padded vocabulary", vec![b, t, v + 3], |x, _, v| x.narrow(2, 0, v).unwrap()),
+            ("causal shift", vec![b, t + 1, v], |x, t, _| x.narrow(1, 0, t).unwrap()),
+        ];
         let targets = common::candle::ids(&mut rng, &[b, t], v, &dev);
         let mask_host: Vec<u8> = (0..b * t).map(|i| u8::from(i % t < 4 - i / t)).collect();
         let mask = Tensor::from_vec(mask_host, (b, t), &dev).unwrap();
@@ -417,34 +422,48 @@ fn fused_path_equals_the_adapters_composition() {
         let kl_opts = SampledKlOptions::new(KlEstimator::gradient_of(KlDirection::PolicyRef))
             .coef(0.1)
             .aggregation(Aggregation::SeqMeanTokenMean);
-        for with_kl in [false, true] {
-            let mut inputs = FusedTensors::new(&old, &adv).mask(&mask);
-            let mut opts = FusedPolicyOptions::new(loss_opts).temperature(0.8);
-            if with_kl {
-                (inputs, opts) = (inputs.ref_logp(&ref_logp), opts.kl(kl_opts));
-            }
-            let fused = policy_loss_from_logits(&logits, &targets, &inputs, &opts).unwrap();
-            let fused_grad = fused.loss.backward().unwrap().get(base.as_tensor()).unwrap().clone();
+        for ((name, dims, view), dtype) in
+            views.into_iter().flat_map(|w| [(w.clone(), DType::F32), (w, DType::BF16)])
+        {
+            let base =
+                Var::from_tensor(&normals(&mut rng, &dims, 2.0, &dev).to_dtype(dtype).unwrap()).unwrap();
+            let logits = view(base.as_tensor(), t, v);
+            for with_kl in [false, true] {
+                let mut inputs = FusedTensors::new(&old, &adv).mask(&mask);
+                let mut opts = FusedPolicyOptions::new(loss_opts).temperature(0.8);
+                if with_kl {
+                    (inputs, opts) = (inputs.ref_logp(&ref_logp), opts.kl(kl_opts));
+                }
+                // An upstream gradient of 3: the backward scales the saved gradient by it.
+                let fused = policy_loss_from_logits(&logits, &targets, &inputs, &opts).unwrap();
+                let grads = fused.loss.affine(3.0, 0.0).unwrap().backward().unwrap();
+                let fused_grad = grads.get(base.as_tensor()).unwrap().clone();
 
-            let lp_opts = TokenLogprobsOptions::default().temperature(0.8);
-            let tokens = token_logprobs(&logits, &targets, Some(&mask), &lp_opts).unwrap();
-            let policy = PolicyTensors::new(&old, &adv).mask(&mask).entropy(&tokens.entropy);
-            let mut total = policy_loss(&tokens.logp, &policy, &loss_opts).unwrap().loss;
-            if with_kl {
-                total = (total + sampled_kl(&tokens.logp, &ref_logp, Some(&mask), &kl_opts).unwrap().loss)
-                    .unwrap();
-            }
-            let composed_grad = total.backward().unwrap().get(base.as_tensor()).unwrap().clone();
+                let lp_opts = TokenLogprobsOptions::default().temperature(0.8);
+                let tokens = token_logprobs(&logits, &targets, Some(&mask), &lp_opts).unwrap();
+                let policy = PolicyTensors::new(&old, &adv).mask(&mask).entropy(&tokens.entropy);
+                let mut total = policy_loss(&tokens.logp, &policy, &loss_opts).unwrap().loss;
+                if with_kl {
+                    let kl = sampled_kl(&tokens.logp, &ref_logp, Some(&mask), &kl_opts).unwrap().loss;
+                    total = (total + kl).unwrap();
+                }
+                let grads = total.affine(3.0, 0.0).unwrap().backward().unwrap();
+                let composed_grad = grads.get(base.as_tensor()).unwrap().clone();
 
-            let what = format!("{dev:?} kl={with_kl}");
-            let (got, want) = (fused.loss.to_scalar::<f32>().unwrap(), total.to_scalar::<f32>().unwrap());
-            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{what}: loss {got} vs {want}");
-            assert_eq!(fused.stats.kl.is_some(), with_kl, "{what}");
-            let want = f64s(&composed_grad);
-            let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-            let tol = Tolerance::for_dtype(rlhf_kernels::DType::F32).scaled(8.0 * scale);
-            assert_close(&f32s(&fused_grad), &want, tol, &format!("{what}: gradient"));
+                let what = format!("{dev:?} {name} {dtype:?} kl={with_kl}");
+                let (got, want) = (fused.loss.to_scalar::<f32>().unwrap(), total.to_scalar::<f32>().unwrap());
+                assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{what}: loss {got} vs {want}");
+                assert_eq!(fused.stats.kl.is_some(), with_kl, "{what}");
+                assert_eq!(fused_grad.dims(), base.as_tensor().dims(), "{what}");
+                let want = f64s(&composed_grad);
+                let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let dt =
+                    if dtype == DType::F32 { rlhf_kernels::DType::F32 } else { rlhf_kernels::DType::BF16 };
+                let tol = Tolerance::for_dtype(dt).scaled(8.0 * scale);
+                assert_close(&f32s(&fused_grad), &want, tol, &format!("{what}: gradient"));
+            }
         }
+        let logits = normals(&mut rng, &[b, t, v], 2.0, &dev);
         // A KL term needs both its options and the reference log-probs.
         let only_ref = FusedTensors::new(&old, &adv).ref_logp(&ref_logp);
         assert!(

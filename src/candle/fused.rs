@@ -58,8 +58,8 @@ pub struct FusedPolicyLoss {
 /// sampled `targets` `[B, T]` (`u32`, `i64` or `i32`): the token log-probs and entropies at
 /// `opts.temperature`, the KL term `opts.kl` to `inputs.ref_logp` (when given; no importance
 /// ratio), the policy loss `opts.loss` with its entropy bonus, and the backward of the total
-/// into the logits — computed in the forward and kept (one gradient the size of the logits)
-/// until `loss.backward()` scales it by the upstream gradient. The logits' rows must share one
+/// into the logits — computed in the forward and kept with the graph (one gradient the size of
+/// the logits) for `loss.backward()` to scale by the upstream gradient. The logits' rows must share one
 /// stride (a contiguous tensor, or rows padded to a stride); other views are copied first.
 ///
 /// Errors: shapes, dtypes or devices that do not match, a KL term with only one of its options
@@ -74,7 +74,8 @@ pub struct FusedPolicyLoss {
 /// let logits = Var::new(&[[[1.0f32, 2.0, 0.5], [0.0, 0.0, 3.0]]], &dev)?; // [B, T, V] = [1, 2, 3]
 /// let targets = Tensor::new(&[[1u32, 2]], &dev)?;
 /// let (old, adv) = (Tensor::new(&[[-0.5f32, -0.2]], &dev)?, Tensor::new(&[[1.0f32, -1.0]], &dev)?);
-/// let out = policy_loss_from_logits(&logits, &targets, &FusedTensors::new(&old, &adv), &FusedPolicyOptions::default())?;
+/// let inputs = FusedTensors::new(&old, &adv);
+/// let out = policy_loss_from_logits(&logits, &targets, &inputs, &FusedPolicyOptions::default())?;
 /// let grads = out.loss.backward()?;
 /// assert_eq!(grads.get(&logits).unwrap().dims(), &[1, 2, 3]);
 /// assert!(out.stats.kl.is_none());
@@ -88,10 +89,11 @@ pub fn policy_loss_from_logits(
 ) -> Result<FusedPolicyLoss> {
     let &[b, t, _] = logits.dims() else { bail!("logits: shape {:?}, expected [B, T, V]", logits.dims()) };
     let dims = [b, t];
-    let logits = if row_blocks(logits.layout(), "logits")?.offsets.len() == 1 {
-        logits.clone()
-    } else {
-        logits.contiguous()?
+    // One block of evenly spaced rows is read in place; any other view (rows of several strides,
+    // a last dimension without unit stride) is copied, which autograd records.
+    let logits = match row_blocks(logits.layout(), "logits") {
+        Ok(rows) if rows.offsets.len() == 1 => logits.clone(),
+        _ => logits.contiguous()?,
     };
     let per = |x: &Tensor, dtypes: &[DType], what| per_row(x, &dims, &logits, dtypes, what);
     let op = FusedOp {
@@ -162,9 +164,11 @@ impl CustomOp1 for FusedOp {
         let (packed, stats) = with_float!(s.dtype(), "logits", T => with_index!(t.dtype(), "targets", I => {
             let logits = storage_slice::<T>(s, "logits")?;
             let tokens = Tokens { targets: flat::<I>(t, tl, n, "targets")?, mask };
-            let inputs = FusedPolicyInputs { ref_logp, ..FusedPolicyInputs::new(tokens, self.sequences, old, adv) };
+            let inputs = FusedPolicyInputs::new(tokens, self.sequences, old, adv);
+            let inputs = FusedPolicyInputs { ref_logp, ..inputs };
             let mut grad = vec![T::from_f64(0.0); n * rows.shape.row_stride];
-            let stats = cpu::policy_loss_from_logits(&logits[rows.block_range(0)], rows.shape, &inputs, &mut grad, &self.opts)
+            let logits = &logits[rows.block_range(0)];
+            let stats = cpu::policy_loss_from_logits(logits, rows.shape, &inputs, &mut grad, &self.opts)
                 .map_err(to_candle)?;
             (tensor(Storage::Cpu(T::to_cpu_storage_owned(grad)), (n, rows.shape.row_stride)), stats)
         }));
@@ -234,7 +238,8 @@ mod gpu {
         let packed = with_float!(s.dtype(), "logits", T => with_index!(t.dtype(), "targets", I => {
             let logits = s.as_cuda_slice::<T>()?;
             let tokens = Tokens { targets: flat_view::<I>(t, tl, n, "targets")?, mask };
-            let inputs = FusedPolicyInputs { ref_logp, ..FusedPolicyInputs::new(tokens, op.sequences, old, adv) };
+            let inputs = FusedPolicyInputs::new(tokens, op.sequences, old, adv);
+            let inputs = FusedPolicyInputs { ref_logp, ..inputs };
             let mut grad = s.device.alloc_zeros::<T>(n * rows.shape.row_stride)?;
             cuda::policy_loss_from_logits(
                 &stream,
@@ -247,7 +252,8 @@ mod gpu {
                 &op.opts,
             )
             .map_err(to_candle)?;
-            tensor(Storage::Cuda(CudaStorage::wrap_cuda_slice(grad, s.device.clone())), (n, rows.shape.row_stride))
+            let grad = CudaStorage::wrap_cuda_slice(grad, s.device.clone());
+            tensor(Storage::Cuda(grad), (n, rows.shape.row_stride))
         }));
         check(&stream, status)?;
         Ok((packed, stats.read(&stream).map_err(to_candle)?))

@@ -18,7 +18,8 @@
 //! they lie, honouring candle's layouts: a logits tensor `[..., V]` needs a unit stride on its
 //! last dimension (anything else is an error that says so) and may otherwise be any view,
 //! e.g. `logits.narrow(1, 0, T - 1)` of a `[B, T, V]` tensor or a vocabulary-padded
-//! `[N, V_padded]` narrowed to `V`: no copy is made. Rows that do not share one stride run as
+//! `[N, V_padded]` narrowed to `V`: no copy is made (except by the fused path, which reads one
+//! block of evenly spaced rows and copies other views). Rows that do not share one stride run as
 //! one launch per block of evenly spaced rows. The per-row tensors (targets, masks, `logp`, …)
 //! are made contiguous first (a no-op when they already are).
 //!

@@ -4,7 +4,8 @@
 
 pub use super::gae::GaeArgs;
 use super::gae::launch_gae;
-pub use super::groups::{DeviceGroups, GroupAdvantageArgs};
+use super::groups::DeviceGroups;
+pub use super::groups::GroupAdvantageArgs;
 use super::groups::{GroupPtrs, launch_groups};
 use super::moments::{launch_moments, launch_whiten};
 use crate::cuda::aggregation::ReductionArgs;
@@ -27,8 +28,8 @@ use crate::{Error, GaeOptions, GroupAdvantageOptions, Groups, Result, RowShape, 
 /// use rlhf_kernels::cuda::raw::{self, GaeArgs, RawStream};
 /// use rlhf_kernels::{GaeOptions, RowShape};
 /// # let (rewards, values, adv, status, cu_stream) = (0u64, 0u64, 0u64, 0u64, std::ptr::null_mut());
-/// let args = GaeArgs { shape: RowShape::new(512, 4096), rewards, kl: 0, beta: 0.0, scores: 0, values, mask: 0,
-///     advantages: adv, returns: 0, workspace: 0, status };
+/// let args = GaeArgs { shape: RowShape::new(512, 4096), rewards, kl: 0, beta: 0.0, scores: 0, values,
+///     mask: 0, advantages: adv, returns: 0, workspace: 0, status };
 /// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
 /// unsafe { raw::gae(RawStream { ordinal: 0, stream: cu_stream }, &args, &GaeOptions::new(1.0, 0.95))? };
 /// # Ok::<(), rlhf_kernels::Error>(())
@@ -41,9 +42,9 @@ pub unsafe fn gae(stream: RawStream, args: &GaeArgs, opts: &GaeOptions) -> Resul
     unsafe { launch_gae(&stream, args, opts) }
 }
 
-/// [`cuda::group_advantages`](crate::cuda::group_advantages) on raw device pointers, enqueued on a stream owned by the caller; the
-/// groups' member lists are uploaded on that stream first. Non-finite scores are reported in
-/// the status word.
+/// [`cuda::group_advantages`](crate::cuda::group_advantages) on raw device pointers, enqueued
+/// on a stream owned by the caller; the groups' member lists are uploaded on that stream first.
+/// Non-finite scores are reported in the status word.
 ///
 /// # Safety
 /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);

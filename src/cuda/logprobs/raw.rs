@@ -308,7 +308,8 @@ pub struct VocabShardArgs {
 }
 
 /// [`cuda::vocab_shard_partials`](crate::cuda::vocab_shard_partials) on raw device pointers:
-/// one [`VocabPartial`](crate::VocabPartial) per row over this shard, to be gathered `[shards][rows]` and merged
+/// one [`VocabPartial`](crate::VocabPartial) per row over this shard, to be gathered
+/// `[shards][rows]` and merged
 /// by [`finish_vocab_partials`].
 ///
 /// # Safety
@@ -360,7 +361,8 @@ pub(crate) unsafe fn shard_partials_on(
 /// Buffers of a raw [`finish_vocab_partials`]; 0 for an absent optional buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct FinishVocabArgs {
-    /// `shards · rows` [`VocabPartial`](crate::VocabPartial) records, laid out `[shards][rows]` (shard order).
+    /// `shards · rows` [`VocabPartial`](crate::VocabPartial) records, laid out `[shards][rows]`
+    /// (shard order).
     pub partials: u64,
     /// Number of shards.
     pub shards: usize,

@@ -62,9 +62,8 @@ const _: () = {
 };
 
 // SAFETY: repr(C) with the layout of the kernels' `struct ValueParams` (asserted above and in
-// the kernel): six 8-byte pointers,
-// a 64-bit stride, two ints, two floats, an int (padded to 8), a double, an int (padded to 8),
-// three doubles and a pointer.
+// the kernel): six 8-byte pointers, a 64-bit stride, two ints, two floats, an int (padded to 8),
+// a double, an int (padded to 8), three doubles and a pointer.
 unsafe impl DeviceRepr for ValueParams {}
 
 /// The clipped value loss on the GPU, the twin of [`cpu::value_loss`](crate::cpu::value_loss).

@@ -466,13 +466,48 @@ __device__ void token_backward(const T* logits, long long ld, T* grad, long long
                             inv_tau, status);                                                  \
   }
 
+// The parameters of the token rows kernels and of the token backward (src/cuda/logprobs/
+// token_launch.rs `TokenRowsParams`, `TokenBackwardParams`: the same fields at the same offsets,
+// asserted on both sides). The logits (and the gradient) are in the kernel's dtype.
+struct TokenRowsParams {
+  const void* logits;
+  float* logp;  // each output may be null
+  float* entropy;
+  float* lse;
+  VocabPartial* partials;  // the shard mode's records, or null
+  RowSelect sel;
+  long long ld;
+  long long vocab_offset;  // the shard's first column (shard mode)
+  int rows, cols;
+  float inv_tau;
+};
+static_assert(sizeof(TokenRowsParams) == 112 && offsetof(TokenRowsParams, sel) == 40 &&
+                  offsetof(TokenRowsParams, ld) == 80 && offsetof(TokenRowsParams, rows) == 96 &&
+                  offsetof(TokenRowsParams, inv_tau) == 104,
+              "TokenRowsParams: the layout of src/cuda/logprobs/token_launch.rs");
+
+struct TokenBackwardParams {
+  const void* logits;
+  void* grad;  // equal to logits in place
+  const float* lse;
+  const float* entropy;    // null without g_entropy
+  const float* g_logp;     // each upstream gradient may be null
+  const float* g_entropy;
+  RowSelect sel;
+  long long ld, ld_grad;
+  int rows, cols;
+  float inv_tau;
+};
+static_assert(sizeof(TokenBackwardParams) == 120 && offsetof(TokenBackwardParams, sel) == 48 &&
+                  offsetof(TokenBackwardParams, ld_grad) == 96 && offsetof(TokenBackwardParams, rows) == 104 &&
+                  offsetof(TokenBackwardParams, inv_tau) == 112,
+              "TokenBackwardParams: the layout of src/cuda/logprobs/token_launch.rs");
+
 #define RK_TOKEN_FORWARD(NAME, SUFFIX, T, ENTROPY)                                                     \
-  extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK) NAME##_rows_##SUFFIX(                        \
-      const T* logits, long long ld, int rows, int cols, RowSelect sel, float inv_tau,                  \
-      long long vocab_offset, float* logp, float* entropy, float* lse, VocabPartial* partials,           \
-      unsigned long long* status) {                                                                      \
-    token_rows<T, ENTROPY>(logits, ld, rows, cols, sel, inv_tau, vocab_offset, logp, entropy, lse,       \
-                           partials, status);                                                            \
+  extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK)                                              \
+      NAME##_rows_##SUFFIX(TokenRowsParams P, unsigned long long* status) {                              \
+    token_rows<T, ENTROPY>(static_cast<const T*>(P.logits), P.ld, P.rows, P.cols, P.sel, P.inv_tau,      \
+                           P.vocab_offset, P.logp, P.entropy, P.lse, P.partials, status);                \
   }                                                                                                      \
   extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK) NAME##_chunks_##SUFFIX(                      \
       const T* logits, long long ld, int rows, int cols, RowSelect sel, float inv_tau,                  \
@@ -483,12 +518,10 @@ __device__ void token_backward(const T* logits, long long ld, T* grad, long long
 #define RK_TOKEN(SUFFIX, T)                                                                              \
   RK_TOKEN_FORWARD(token_logprobs, SUFFIX, T, false)                                                     \
   RK_TOKEN_FORWARD(token_logprobs_entropy, SUFFIX, T, true)                                              \
-  extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK) token_logprobs_backward_##SUFFIX(            \
-      const T* logits, long long ld, T* grad, long long ld_grad, int rows, int cols, RowSelect sel,       \
-      const float* lse, const float* entropy, const float* g_logp, const float* g_entropy,              \
-      float inv_tau, unsigned long long* status) {                                                       \
-    token_backward<T>(logits, ld, grad, ld_grad, rows, cols, sel, lse, entropy, g_logp, g_entropy,       \
-                      inv_tau, status);                                                                  \
+  extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK)                                              \
+      token_logprobs_backward_##SUFFIX(TokenBackwardParams P, unsigned long long* status) {              \
+    token_backward<T>(static_cast<const T*>(P.logits), P.ld, static_cast<T*>(P.grad), P.ld_grad, P.rows, \
+                      P.cols, P.sel, P.lse, P.entropy, P.g_logp, P.g_entropy, P.inv_tau, status);        \
   }
 
 RK_LOG_SOFTMAX(f32, float)

@@ -342,17 +342,27 @@ pub(crate) unsafe fn shard_partials_on(
     let sel = RowSelect::new(args.targets, args.index_type, args.mask, opts);
     let func = function(stream.context(), Module::Logprobs, forward_name(args.dtype, true, false))?;
     let shape = args.shape;
-    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let params = TokenRowsParams {
+        logits: args.logits,
+        logp: 0,
+        entropy: 0,
+        lse: 0,
+        partials: args.partials,
+        sel,
+        ld: shape.row_stride as i64,
+        vocab_offset: offset,
+        rows: shape.rows as i32,
+        cols: shape.cols as i32,
+        inv_tau,
+    };
     let null = 0u64;
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&args.logits).arg(&ld).arg(&rows).arg(&cols).arg(&sel).arg(&inv_tau).arg(&offset);
-    launch.arg(&null).arg(&null).arg(&null).arg(&args.partials).arg(&null);
+    launch.arg(&params).arg(&null);
     let cfg =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // Kernel: token_logprobs_entropy_rows_<dtype>(const T*, long long, int, int, RowSelect,
-    // float, long long, float*, float*, float*, VocabPartial*, unsigned long long*); a block
-    // a row. SAFETY: the arguments match, with null outputs and status (the partial mode
-    // never reports); the logits cover the shape and `partials` holds `rows` records (the
+    // Kernel: token_logprobs_entropy_rows_<dtype>(TokenRowsParams, unsigned long long*); a block
+    // a row. SAFETY: the arguments match (the struct's layout is asserted on both sides), with
+    // null outputs and status (the partial mode never reports); the logits cover the shape and `partials` holds `rows` records (the
     // caller's contract).
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching vocab_shard_partials"))?;
     Ok(())

@@ -88,6 +88,59 @@ pub(super) struct ForwardArgs {
     pub(super) status: u64,
 }
 
+/// The kernels' `TokenRowsParams` (kernels/logprobs.cu), field for field: the rows kernels of
+/// the forward (outputs) and of the shard mode (`partials`, `vocab_offset`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TokenRowsParams {
+    pub(super) logits: u64,
+    pub(super) logp: u64,
+    pub(super) entropy: u64,
+    pub(super) lse: u64,
+    pub(super) partials: u64,
+    pub(super) sel: RowSelect,
+    pub(super) ld: i64,
+    pub(super) vocab_offset: i64,
+    pub(super) rows: i32,
+    pub(super) cols: i32,
+    pub(super) inv_tau: f32,
+}
+
+/// The kernels' `TokenBackwardParams` (kernels/logprobs.cu), field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct TokenBackwardParams {
+    logits: u64,
+    grad: u64,
+    lse: u64,
+    entropy: u64,
+    g_logp: u64,
+    g_entropy: u64,
+    sel: RowSelect,
+    ld: i64,
+    ld_grad: i64,
+    rows: i32,
+    cols: i32,
+    inv_tau: f32,
+}
+
+// The layouts the kernels assert (`static_assert` in kernels/logprobs.cu).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<TokenRowsParams>() == 112 && offset_of!(TokenRowsParams, sel) == 40);
+    assert!(offset_of!(TokenRowsParams, ld) == 80 && offset_of!(TokenRowsParams, rows) == 96);
+    assert!(offset_of!(TokenRowsParams, inv_tau) == 104);
+    assert!(size_of::<TokenBackwardParams>() == 120 && offset_of!(TokenBackwardParams, sel) == 48);
+    assert!(offset_of!(TokenBackwardParams, ld_grad) == 96 && offset_of!(TokenBackwardParams, rows) == 104);
+    assert!(offset_of!(TokenBackwardParams, inv_tau) == 112);
+};
+
+// SAFETY: repr(C) with the layouts of the kernels' structs (asserted above and in the kernel),
+// passed by value; plain old data (RowSelect is DeviceRepr itself).
+unsafe impl DeviceRepr for TokenRowsParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for TokenBackwardParams {}
+
 pub(super) fn forward_name(dtype: DType, entropy: bool, chunked: bool) -> &'static str {
     match (entropy, chunked, dtype) {
         (false, false, DType::F32) => "token_logprobs_rows_f32",
@@ -120,18 +173,28 @@ pub(super) unsafe fn launch_forward(
     let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
     if !split(shape, dtype) {
         let func = function(stream.context(), Module::Logprobs, forward_name(dtype, entropy, false))?;
-        let (offset, null) = (0i64, 0u64);
+        let params = TokenRowsParams {
+            logits,
+            logp: outputs[0],
+            entropy: outputs[1],
+            lse: outputs[2],
+            partials: 0,
+            sel,
+            ld,
+            vocab_offset: 0,
+            rows,
+            cols,
+            inv_tau,
+        };
         let mut launch = stream.launch_builder(&func);
-        launch.arg(&logits).arg(&ld).arg(&rows).arg(&cols).arg(&sel).arg(&inv_tau).arg(&offset);
-        launch.arg(&outputs[0]).arg(&outputs[1]).arg(&outputs[2]).arg(&null).arg(&status);
+        launch.arg(&params).arg(&status);
         let cfg = LaunchConfig {
             grid_dim: (shape.rows as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        // Kernel: `token_logprobs[_entropy]_rows_<dtype>(const T*, long long, int, int, RowSelect, float,
-        // long long, float*, float*, float*, VocabPartial*, unsigned long long*)`.
-        // SAFETY: the arguments match that signature; one block of 256 threads per row (rows ≤ i32::MAX);
+        // Kernel: `token_logprobs[_entropy]_rows_<dtype>(TokenRowsParams, unsigned long long*)`.
+        // SAFETY: the arguments match that signature (the struct's layout is asserted on both sides); one block of 256 threads per row (rows ≤ i32::MAX);
         // the caller guarantees the buffers, touched only within `row * ld + [0, cols)` and `[row]`.
         unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_logprobs"))?;
         return Ok(());
@@ -238,14 +301,26 @@ pub(super) unsafe fn launch_backward(stream: &Arc<CudaStream>, args: &BackwardAr
     };
     let func = function(stream.context(), Module::Logprobs, name)?;
     let blocks = grid_blocks(shape.rows, chunks(shape, dtype))?;
-    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let ld = shape.row_stride as i64;
+    let params = TokenBackwardParams {
+        logits,
+        grad,
+        lse: saved[0],
+        entropy: saved[1],
+        g_logp: upstream[0],
+        g_entropy: upstream[1],
+        sel,
+        ld,
+        ld_grad: ld,
+        rows: shape.rows as i32,
+        cols: shape.cols as i32,
+        inv_tau,
+    };
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&logits).arg(&ld).arg(&grad).arg(&ld).arg(&rows).arg(&cols).arg(&sel);
-    launch.arg(&saved[0]).arg(&saved[1]).arg(&upstream[0]).arg(&upstream[1]).arg(&inv_tau).arg(&status);
+    launch.arg(&params).arg(&status);
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // Kernel: `token_logprobs_backward_<dtype>(const T*, long long, T*, long long, int, int, RowSelect,
-    // const float*, const float*, const float*, const float*, float, unsigned long long*)`.
-    // SAFETY: the arguments match that signature; one block of 256 threads per (row, chunk), rows·chunks
+    // Kernel: `token_logprobs_backward_<dtype>(TokenBackwardParams, unsigned long long*)`.
+    // SAFETY: the arguments match that signature (the struct's layout is asserted on both sides); one block of 256 threads per (row, chunk), rows·chunks
     // ≤ i32::MAX; each element is read and written by one thread within `row * ld + [0, cols)`.
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_logprobs_backward"))?;
     Ok(())

@@ -441,10 +441,14 @@ __device__ __forceinline__ double block_sum_d(double v, double* scratch) {
 
 // One block of 256 threads per row, two passes in f64 (exact counts, no cancellation): the
 // count and sum, then the squared deviations from the row mean; min and max. Reports a row
-// with a non-finite valid value.
-extern "C" __global__ void __launch_bounds__(256)
-moments_rows(const float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows,
-             int cols, MomentsF64* __restrict__ records, unsigned long long* status) {
+// with a non-finite valid value. Reads values, mask, ld, rows, cols; writes `rows` MomentsF64
+// records.
+extern "C" __global__ void __launch_bounds__(256) moments_rows(ReductionParams P, unsigned long long* status) {
+  const float* __restrict__ values = P.values;
+  const unsigned char* __restrict__ mask = P.mask;
+  MomentsF64* __restrict__ records = static_cast<MomentsF64*>(P.records);
+  const int rows = P.rows, cols = P.cols;
+  const long long ld = P.ld;
   __shared__ double dscratch[32];
   __shared__ float fscratch[32];
   const long long row = blockIdx.x;
@@ -493,9 +497,11 @@ moments_rows(const float* __restrict__ values, long long ld, const unsigned char
 }
 
 // One block of 256 threads: thread k merges rows k, k + 256, … in f64, then a fixed tree.
-// out = [count, mean, unbiased variance (0 for count ≤ 1), min, max].
-extern "C" __global__ void __launch_bounds__(256)
-moments_finalize(const MomentsF64* __restrict__ records, int rows, double* __restrict__ out) {
+// out = [count, mean, unbiased variance (0 for count ≤ 1), min, max]. Reads rows, records.
+extern "C" __global__ void __launch_bounds__(256) moments_finalize(ReductionParams P) {
+  const MomentsF64* __restrict__ records = static_cast<const MomentsF64*>(P.records);
+  double* __restrict__ out = P.out;
+  const int rows = P.rows;
   __shared__ MomentsF64 sh[256];
   MomentsF64 m{0.0, 0.0, 0.0, static_cast<double>(pos_inf()), static_cast<double>(neg_inf())};
   for (long long r = threadIdx.x; r < rows; r += 256) m = merge_f64(m, records[r]);
@@ -518,17 +524,20 @@ moments_finalize(const MomentsF64* __restrict__ records, int rows, double* __res
 // x ← (x − mean)·scale + offset at valid tokens (0 at masked ones), in f64 with the CPU's
 // roundings (no fma: build.rs compiles with --fmad=false), then to f32: scale = 1/sqrt(var + ε) (0 if that is not finite), offset = mean with keep_mean,
 // else 0. The deviation comes first: x·scale − mean·scale cancels catastrophically when the
-// scale is large (and can overflow f32 from a finite batch). One block per row.
-extern "C" __global__ void __launch_bounds__(256)
-whiten_apply(float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows, int cols,
-             const double* __restrict__ moments, double eps, int keep_mean) {
+// scale is large (and can overflow f32 from a finite batch). One block per row. Reads the
+// moments from `out`, eps and keep_mean; writes values.
+extern "C" __global__ void __launch_bounds__(256) whiten_apply(ReductionParams P) {
+  float* __restrict__ values = P.values;
+  const unsigned char* __restrict__ mask = P.mask;
+  const double* __restrict__ moments = P.out;
+  const int cols = P.cols;
   const long long row = blockIdx.x;
-  if (row >= rows) return;
+  if (row >= P.rows) return;
   const double mean = moments[1];
-  double scale = 1.0 / sqrt(moments[2] + eps);
+  double scale = 1.0 / sqrt(moments[2] + P.eps);
   if (!isfinite(scale)) scale = 0.0;
-  const double offset = keep_mean ? mean : 0.0;
-  const long long base = row * ld;
+  const double offset = P.keep_mean ? mean : 0.0;
+  const long long base = row * P.ld;
   for (long long t = threadIdx.x; t < cols; t += 256) {
     const double x = static_cast<double>(values[base + t]);
     values[base + t] = token_valid(mask, base + t) ? static_cast<float>((x - mean) * scale + offset) : 0.0f;

@@ -17,14 +17,17 @@ struct AggregateRow {
 
 // One block of 256 threads per sequence: its record. A NaN at a valid token is
 // PROBLEM_NON_FINITE; finite values whose f32 sum overflows are PROBLEM_OVERFLOW (the host sums
-// in f64). A null `status` reports nothing (an op aggregating rows it reported itself).
-extern "C" __global__ void __launch_bounds__(256)
-aggregate_rows(const float* __restrict__ values, long long ld, const unsigned char* __restrict__ mask, int rows,
-               int cols, AggregateRow* __restrict__ records, unsigned long long* __restrict__ status) {
+// in f64). A null `status` reports nothing (an op aggregating rows it reported itself). Reads
+// values, mask, ld, rows, cols; writes `rows` AggregateRow records.
+extern "C" __global__ void __launch_bounds__(256) aggregate_rows(ReductionParams P, unsigned long long* status) {
+  const float* __restrict__ values = P.values;
+  const unsigned char* __restrict__ mask = P.mask;
+  AggregateRow* __restrict__ records = static_cast<AggregateRow*>(P.records);
+  const int rows = P.rows, cols = P.cols;
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   if (row >= rows) return;
-  const long long base = row * ld;
+  const long long base = row * P.ld;
   float sum = 0.0f, finite_sum = 0.0f, valid = 0.0f;
   bool has_nan = false;
   for (long long t = threadIdx.x; t < cols; t += blockDim.x) {
@@ -48,10 +51,13 @@ aggregate_rows(const float* __restrict__ values, long long ld, const unsigned ch
 }
 
 // One block of 256 threads: out = [Σ_rows weight(row)·sum(row), valid tokens, valid
-// sequences, sequences] in f64, thread i taking rows i, i + 256, ... then a fixed tree.
-extern "C" __global__ void __launch_bounds__(256)
-aggregate_finalize(const AggregateRow* __restrict__ records, int rows, AggregationParams p, double* __restrict__ out,
-                   unsigned long long* __restrict__ status) {
+// sequences, sequences] in f64, thread i taking rows i, i + 256, ... then a fixed tree. Reads
+// rows, records, aggregation; writes the four f64 of out.
+extern "C" __global__ void __launch_bounds__(256) aggregate_finalize(ReductionParams P, unsigned long long* status) {
+  const AggregateRow* __restrict__ records = static_cast<const AggregateRow*>(P.records);
+  double* __restrict__ out = P.out;
+  const int rows = P.rows;
+  const AggregationParams& p = P.aggregation;
   __shared__ double sh[256];
   __shared__ double denominators[3];
   const double2 local = finalize_counts(records, rows, p, sh, denominators);
@@ -83,22 +89,24 @@ aggregate_finalize(const AggregateRow* __restrict__ records, int rows, Aggregati
 // The batch's own denominators, counted from the mask before an op's one pass when its
 // gradients need them (a local normaliser with a mask): the valid tokens of every row, then
 // counts = [valid tokens, valid sequences, sequences] (f64) as the ops' finalize kernels count
-// them (the same f32 row counts, summed in the same order).
+// them (the same f32 row counts, summed in the same order). Both read mask, ld, rows, cols;
+// the records are the rows' f32 valid counts, `out` the three counts.
 
 // One block of 256 threads per row.
-extern "C" __global__ void __launch_bounds__(256)
-mask_counts_rows(const unsigned char* __restrict__ mask, long long ld, int rows, int cols,
-                 float* __restrict__ row_valid) {
+extern "C" __global__ void __launch_bounds__(256) mask_counts_rows(ReductionParams P) {
+  float* __restrict__ row_valid = static_cast<float*>(P.records);
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
-  if (row >= rows) return;
-  const float valid = row_valid_count(mask, row * ld, cols, scratch);
+  if (row >= P.rows) return;
+  const float valid = row_valid_count(P.mask, row * P.ld, P.cols, scratch);
   if (threadIdx.x == 0) row_valid[row] = valid;
 }
 
 // One block of 256 threads: thread i takes rows i, i + 256, ..., then a fixed tree.
-extern "C" __global__ void __launch_bounds__(256)
-mask_counts_finalize(const float* __restrict__ row_valid, int rows, double* __restrict__ counts) {
+extern "C" __global__ void __launch_bounds__(256) mask_counts_finalize(ReductionParams P) {
+  const float* __restrict__ row_valid = static_cast<const float*>(P.records);
+  double* __restrict__ counts = P.out;
+  const int rows = P.rows;
   __shared__ double sh[256];
   double tokens = 0.0, seqs = 0.0;
   for (long long r = threadIdx.x; r < rows; r += 256) {

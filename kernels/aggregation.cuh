@@ -69,6 +69,27 @@ static_assert(offsetof(AggregationParams, use_global) == 4 && offsetof(Aggregati
                   offsetof(AggregationParams, tokens) == 16 && offsetof(AggregationParams, sequences) == 32,
               "AggregationParams: field offsets as on the host");
 
+// A masked [B, T] batch reduced to a few f64 (the aggregation, the moments, whitening, the
+// mask count): one parameter block for their kernels (src/cuda/aggregation/launch.rs
+// `ReductionParams`: the same fields at the same offsets, asserted on both sides). Each kernel
+// says which fields it reads; the others may be anything.
+struct ReductionParams {
+  float* values;              // f32 per-token values, row stride `ld` (whitening writes them)
+  const unsigned char* mask;  // one byte per token in the same layout, 0 = padding; may be null
+  void* records;              // the row records (the workspace)
+  double* out;                // the f64 result
+  long long ld;
+  int rows, cols;
+  AggregationParams aggregation;  // the aggregation's mode and denominators
+  double eps;                     // whitening's ε
+  int keep_mean;                  // whitening adds the mean back
+};
+static_assert(sizeof(ReductionParams) == 104, "ReductionParams: 104 bytes, as on the host");
+static_assert(offsetof(ReductionParams, ld) == 32 && offsetof(ReductionParams, cols) == 44 &&
+                  offsetof(ReductionParams, aggregation) == 48 && offsetof(ReductionParams, eps) == 88 &&
+                  offsetof(ReductionParams, keep_mean) == 96,
+              "ReductionParams: field offsets as on the host");
+
 __device__ __forceinline__ bool token_valid(const unsigned char* mask, long long t) {
   return mask == nullptr || mask[t] != 0;
 }

@@ -180,6 +180,11 @@ constexpr int TOKEN_VPT = 4;
 constexpr unsigned OP_TOKEN_LOGPROBS = 3;
 constexpr unsigned OP_TOKEN_LOGPROBS_BACKWARD = 4;
 
+}  // namespace
+
+// The record types below appear in the kernels' parameter blocks, so they have external
+// linkage (outside the anonymous namespace).
+
 // Mirrors src/logprobs.rs `VocabPartial` (repr(C), 20 bytes).
 struct VocabPartial {
   float max_logit, sum_exp, sum_exp_d, target_logit;
@@ -211,6 +216,8 @@ struct RowSelect {
 static_assert(sizeof(RowSelect) == 40 && offsetof(RowSelect, mask) == 16 &&
                   offsetof(RowSelect, ignore_index) == 32,
               "RowSelect: the layout of src/cuda/logprobs/token_launch.rs");
+
+namespace {
 
 template <typename T>
 __device__ __forceinline__ long long token_chunk_len() {

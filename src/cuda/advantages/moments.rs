@@ -2,12 +2,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
-};
+use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut, PushKernelArg, SyncOnDrop};
 
 use crate::cuda::DeviceStats;
-use crate::cuda::aggregation::{ReductionArgs, workspace_or_alloc};
+use crate::cuda::aggregation::{ONE_BLOCK, ReductionArgs, ReductionParams, per_row, workspace_or_alloc};
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, view_ptr};
 use crate::{Moments, Result, RowShape, WhitenOptions};
@@ -33,25 +31,22 @@ pub(super) unsafe fn launch_moments(stream: &Arc<CudaStream>, a: &ReductionArgs)
     let mut owned = None;
     let (rec, _g1) =
         workspace_or_alloc(stream, true, a.workspace, moments_workspace_bytes(shape), &mut owned)?;
-    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let params = ReductionParams::new(a, rec);
     let ctx = stream.context();
     let f = function(ctx, Module::Advantages, "moments_rows")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&a.values).arg(&ld).arg(&a.mask).arg(&rows).arg(&cols).arg(&rec).arg(&a.status);
-    let cfg =
-        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `moments_rows(const float*, long long, const unsigned char*, int, int,
-    // MomentsF64*, unsigned long long*)`; one block of 256 threads per row; values and mask
-    // cover the shape (the caller's contract); the records hold rows·40 bytes, 8-byte aligned.
-    unsafe { l.launch(cfg) }.map_err(driver_error("launching moments_rows"))?;
+    l.arg(&params).arg(&a.status);
+    // SAFETY: matches `moments_rows(ReductionParams, unsigned long long*)` (the layout asserted on
+    // both sides); one block of 256 threads per row; values and mask cover the shape (the
+    // caller's contract); the records hold rows·40 bytes, 16-byte aligned.
+    unsafe { l.launch(per_row(shape)) }.map_err(driver_error("launching moments_rows"))?;
     let f = function(ctx, Module::Advantages, "moments_finalize")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&rec).arg(&rows).arg(&a.out);
-    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `moments_finalize(const MomentsF64*, int, double*)`; exactly one block of 256
-    // threads (its tree assumes it); reads the records written above on this stream, writes
-    // the five f64 of `out`.
-    unsafe { l.launch(one) }.map_err(driver_error("launching moments_finalize"))?;
+    l.arg(&params);
+    // SAFETY: matches `moments_finalize(ReductionParams)`; exactly one block of 256 threads (its
+    // tree assumes it); reads the records written above on this stream, writes the five f64 of
+    // `out`.
+    unsafe { l.launch(ONE_BLOCK) }.map_err(driver_error("launching moments_finalize"))?;
     Ok(())
 }
 
@@ -68,18 +63,15 @@ pub(super) unsafe fn launch_whiten(
     opts.validate()?;
     // SAFETY: the caller's contract (see # Safety).
     unsafe { launch_moments(stream, a) }?;
-    let shape = a.shape;
-    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
-    let (eps, keep) = (opts.eps as f64, i32::from(opts.keep_mean));
+    // The records are not read: the moments are in `out`.
+    let params = ReductionParams::new(a, 0).whitening(opts);
     let f = function(stream.context(), Module::Advantages, "whiten_apply")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&a.values).arg(&ld).arg(&a.mask).arg(&rows).arg(&cols).arg(&a.out).arg(&eps).arg(&keep);
-    let cfg =
-        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `whiten_apply(float*, long long, const unsigned char*, int, int, const
-    // double*, double, int)`; one block per row; values and mask cover the shape (the caller's
-    // contract); the moments were written by the launches above on this stream.
-    unsafe { l.launch(cfg) }.map_err(driver_error("launching whiten_apply"))?;
+    l.arg(&params);
+    // SAFETY: matches `whiten_apply(ReductionParams)`; one block per row; values and mask cover
+    // the shape (the caller's contract); the moments in `out` were written by the launches above
+    // on this stream.
+    unsafe { l.launch(per_row(a.shape)) }.map_err(driver_error("launching whiten_apply"))?;
     Ok(())
 }
 

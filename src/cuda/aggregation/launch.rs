@@ -1,23 +1,16 @@
-//! Loss aggregation on the GPU: a `[B, T]` batch of masked per-token values reduced to one
-//! scalar with an [`Aggregation`] mode and a [`Normaliser`], the twin of
-//! [`Aggregation::aggregate`] (f32 sums within a sequence, f64 across sequences, fixed
-//! orders: bitwise deterministic). Two small kernels, nothing synchronises the host.
-//!
-//! Use it for the batch statistics of ops that write per-token values, e.g. the masked mean of
-//! the exact KL from [`exact_kl`](super::exact_kl)'s `value` (rows = tokens, `[B·T]` viewed as
-//! `[B, T]`).
+//! The launches of the batch reductions (kernels/aggregation.cu, and the moments of
+//! kernels/advantages.cu), their parameter blocks, and the helpers every loss shares: the
+//! denominators the host knows, the workspace, the mask count on the device.
 
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    SyncOnDrop,
+    CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
-use crate::cuda::DeviceStats;
+use crate::cuda::driver_error;
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, view_ptr};
-use crate::{Aggregated, Aggregation, BatchCounts, Error, Normaliser, Result, RowShape};
+use crate::{Aggregation, BatchCounts, Error, Normaliser, Result, RowShape, WhitenOptions};
 
 /// The kernels' aggregation code and `max_len`.
 pub(crate) fn aggregation_code(a: Aggregation) -> (i32, f64) {
@@ -71,6 +64,69 @@ impl AggregationParams {
     }
 }
 
+/// A masked batch reduction's parameter block (kernels/aggregation.cuh `ReductionParams`), the
+/// one argument of the aggregation, moments, whitening and mask-count kernels besides the
+/// status word: the same fields at the same offsets on both sides (asserted on both).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReductionParams {
+    values: u64,
+    mask: u64,
+    records: u64,
+    out: u64,
+    ld: i64,
+    rows: i32,
+    cols: i32,
+    aggregation: AggregationParams,
+    eps: f64,
+    keep_mean: i32,
+}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<ReductionParams>() == 104);
+    assert!(offset_of!(ReductionParams, ld) == 32 && offset_of!(ReductionParams, cols) == 44);
+    assert!(offset_of!(ReductionParams, aggregation) == 48 && offset_of!(ReductionParams, eps) == 88);
+    assert!(offset_of!(ReductionParams, keep_mean) == 96);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct ReductionParams` (asserted above and
+// by static_asserts in kernels/aggregation.cuh), passed by value; plain old data.
+unsafe impl DeviceRepr for ReductionParams {}
+
+impl ReductionParams {
+    /// The batch of `a` with its records at `records`, no aggregation and no whitening.
+    pub(crate) fn new(a: &ReductionArgs, records: u64) -> Self {
+        let shape = a.shape;
+        ReductionParams {
+            values: a.values,
+            mask: a.mask,
+            records,
+            out: a.out,
+            ld: shape.row_stride as i64,
+            rows: shape.rows as i32,
+            cols: shape.cols as i32,
+            aggregation: AggregationParams::new(Aggregation::TokenMean, None),
+            eps: 0.0,
+            keep_mean: 0,
+        }
+    }
+
+    /// These parameters with whitening's ε and `keep_mean` of `opts`.
+    pub(crate) fn whitening(self, opts: &WhitenOptions) -> Self {
+        ReductionParams { eps: opts.eps as f64, keep_mean: i32::from(opts.keep_mean), ..self }
+    }
+}
+
+/// One block of 256 threads per row of `shape`.
+pub(crate) fn per_row(shape: RowShape) -> LaunchConfig {
+    LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Exactly one block of 256 threads (the finalize kernels' trees assume it).
+pub(crate) const ONE_BLOCK: LaunchConfig =
+    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+
 /// The denominators when the host knows them without a pass over the data: the global
 /// normaliser's, or this batch's own when there is no mask (every token valid). Otherwise the
 /// ops count the mask on the device first ([`count_mask`]); either way their gradients are
@@ -90,7 +146,7 @@ pub(crate) fn known_counts(normaliser: Normaliser, shape: RowShape, masked: bool
 
 /// Bytes of the mask count's device scratch for `rows` sequences ([`count_mask`]): the rows'
 /// valid counts (f32), then the three f64 counts at a 16-byte aligned offset.
-pub(crate) fn mask_count_bytes(rows: usize) -> usize {
+fn mask_count_bytes(rows: usize) -> usize {
     mask_counts_offset(rows) + 3 * 8
 }
 
@@ -167,105 +223,24 @@ pub(crate) unsafe fn count_mask(
         return Ok(0);
     }
     let scratch = workspace + records.div_ceil(16) as u64 * 16;
-    let (rows, cols, ld) = (shape.rows as i32, shape.cols as i32, shape.row_stride as i64);
     let counts = scratch + mask_counts_offset(shape.rows) as u64;
+    let args = ReductionArgs { shape, values: 0, mask, out: counts, workspace: scratch, status: 0 };
+    let params = ReductionParams::new(&args, scratch);
     let f = function(stream.context(), Module::Aggregation, "mask_counts_rows")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&mask).arg(&ld).arg(&rows).arg(&cols).arg(&scratch);
-    let per_row =
-        LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `mask_counts_rows(const unsigned char*, long long, int, int, float*)`; one
-    // block of 256 threads per row (rows ≤ i32::MAX by the callers' shape checks); the mask
-    // covers the shape and the scratch its `rows` f32 (the caller's contract).
-    unsafe { l.launch(per_row) }.map_err(driver_error("launching mask_counts_rows"))?;
+    l.arg(&params);
+    // SAFETY: matches `mask_counts_rows(ReductionParams)` (its layout asserted on both sides);
+    // one block of 256 threads per row (rows ≤ i32::MAX by the callers' shape checks); the mask
+    // covers the shape and the records (the scratch) its `rows` f32 (the caller's contract).
+    unsafe { l.launch(per_row(shape)) }.map_err(driver_error("launching mask_counts_rows"))?;
     let f = function(stream.context(), Module::Aggregation, "mask_counts_finalize")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&scratch).arg(&rows).arg(&counts);
-    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `mask_counts_finalize(const float*, int, double*)`; exactly one block of
-    // 256 threads (its tree assumes it); reads the row counts written above on this stream and
-    // writes 3 f64 at a 16-byte aligned address inside the scratch.
-    unsafe { l.launch(one) }.map_err(driver_error("launching mask_counts_finalize"))?;
+    l.arg(&params);
+    // SAFETY: matches `mask_counts_finalize(ReductionParams)`; exactly one block of 256 threads
+    // (its tree assumes it); reads the row counts written above on this stream and writes 3 f64
+    // at `out`, a 16-byte aligned address inside the scratch.
+    unsafe { l.launch(ONE_BLOCK) }.map_err(driver_error("launching mask_counts_finalize"))?;
     Ok(counts)
-}
-
-/// Aggregates the masked `[B, T]` `values` of `shape` (`mask`, one byte per token in the same
-/// layout, 0 = padding, or `None`) on `stream` into `out`:
-/// `Σ_{i,t} mask·w_i·L[i, t]` with the per-token weight `w_i` of `aggregation` under `norm`
-/// (MATH.md §4; see [`Aggregation::token_weight`]). An empty batch (every token masked)
-/// aggregates to 0; infinities of one sign give that infinite aggregate.
-///
-/// Reported through `status` (as [`Aggregation::aggregate`] returns them): a NaN at a valid
-/// token, or `+inf` and `−inf` that meet, is [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
-/// for the first row holding it; finite values whose f32 sum within a sequence overflows are
-/// [`RowProblem::Overflow`](crate::RowProblem::Overflow), also beside an infinity of the other
-/// sign (the host sums in f64 and does not overflow there).
-///
-/// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
-/// use rlhf_kernels::Aggregated;
-/// use rlhf_kernels::{Aggregation, Normaliser, RowShape};
-/// let device = CudaDevice::new(0)?;
-/// let s = device.stream();
-/// let kl = s.clone_htod(&[0.5f32, 0.25, 0.0, 1.0]).unwrap();
-/// let mask = s.clone_htod(&[1u8, 1, 0, 1]).unwrap();
-/// let (mut mean, mut status) = (DeviceStats::<Aggregated>::new(s)?, CudaStatus::new(s)?);
-/// let shape = RowShape::new(2, 2);
-/// let (agg, norm) = (Aggregation::TokenMean, Normaliser::Local);
-/// cuda::aggregate(s, &kl, shape, Some(&mask.as_view()), agg, norm, &mut mean, &mut status)?;
-/// status.check(s)?;
-/// assert_eq!(mean.read(s)?.value, 0.5); // (0.5 + 0.25 + 1.0) / 3 valid tokens
-/// # Ok::<(), rlhf_kernels::Error>(())
-/// ```
-#[allow(clippy::too_many_arguments)] // issue 15 gives every op one inputs struct
-pub fn aggregate(
-    stream: &Arc<CudaStream>,
-    values: &impl DevicePtr<f32>,
-    shape: RowShape,
-    mask: Option<&CudaView<'_, u8>>,
-    aggregation: Aggregation,
-    norm: Normaliser,
-    out: &mut DeviceStats<Aggregated>,
-    status: &mut CudaStatus,
-) -> Result<()> {
-    aggregate_with(stream, values, shape, mask, aggregation, norm, out, Some(status))
-}
-
-/// [`aggregate`], reporting into `status` or, with `None`, nowhere: for the ops that
-/// aggregate their own per-row values, whose problems they reported themselves (the NaN they
-/// leave in a failed row must not be reported again, as an aggregation problem).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn aggregate_with(
-    stream: &Arc<CudaStream>,
-    values: &impl DevicePtr<f32>,
-    shape: RowShape,
-    mask: Option<&CudaView<'_, u8>>,
-    aggregation: Aggregation,
-    norm: Normaliser,
-    out: &mut DeviceStats<Aggregated>,
-    status: Option<&mut CudaStatus>,
-) -> Result<()> {
-    shape.check_buffer("values", values.len())?;
-    if let Some(m) = mask {
-        shape.check_buffer("mask", m.len())?;
-    }
-    let ((out, _g4), (workspace, _g3)) = out.with_records(stream, aggregate_workspace_bytes(shape))?;
-    let s: &CudaStream = stream;
-    let (values, _g1) = values.device_ptr(s);
-    let (mask, _g2) = view_ptr(mask, s);
-    let (status, _g5) = match status {
-        Some(st) => {
-            let (p, g) = st.device_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
-    let args = ReductionArgs { shape, values, mask, out, workspace, status };
-    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length was
-    // checked above (the records hold aggregate_workspace_bytes from a fresh, 256-byte aligned
-    // allocation); a null status makes the kernels report nothing; the guards keep cudarc's
-    // event tracking in order until the launches are enqueued.
-    unsafe { launch_aggregate(stream, &args, aggregation, norm) }
 }
 
 /// Buffers of a raw batch reduction: [`aggregate`](crate::cuda::raw::aggregate),
@@ -297,37 +272,6 @@ pub fn aggregate_workspace_bytes(shape: RowShape) -> usize {
     shape.rows * 16
 }
 
-/// The raw layer of the aggregation (see [`crate::cuda::raw`]).
-pub(crate) mod raw {
-    use super::{ReductionArgs, launch_aggregate};
-    use crate::cuda::{RawStream, non_null};
-    use crate::{Aggregation, Normaliser, Result};
-
-    /// [`cuda::aggregate`](crate::cuda::aggregate) on raw device pointers, enqueued on a stream
-    /// owned by the caller. A NaN value, `+inf` meeting `−inf`, or an f32 row sum that
-    /// overflows is reported in the status word.
-    ///
-    /// # Safety
-    /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
-    /// - every non-zero address points to device memory of that context holding what its
-    ///   [`ReductionArgs`] field documents (`values` and `mask`: `shape.min_len()` elements);
-    ///   `out` and the workspace overlap nothing else;
-    /// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
-    pub unsafe fn aggregate(
-        stream: RawStream,
-        args: &ReductionArgs,
-        aggregation: Aggregation,
-        norm: Normaliser,
-    ) -> Result<()> {
-        non_null(&[("values", args.values), ("out", args.out), ("status", args.status)])?;
-        args.shape.validate("aggregate")?;
-        // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
-        let stream = unsafe { stream.borrow() }?;
-        // SAFETY: the caller guarantees every buffer (see # Safety).
-        unsafe { launch_aggregate(&stream, args, aggregation, norm) }
-    }
-}
-
 /// The aggregation's two launches on checked device addresses (the safe and raw entry points
 /// share them); the records are allocated on the stream when the workspace is 0.
 ///
@@ -335,7 +279,7 @@ pub(crate) mod raw {
 /// Every non-zero address of `a` is device memory of `stream`'s context of the size its
 /// [`ReductionArgs`] field documents, `out` and the workspace overlap nothing else, and every
 /// buffer stays allocated until the kernels ran.
-unsafe fn launch_aggregate(
+pub(super) unsafe fn launch_aggregate(
     stream: &Arc<CudaStream>,
     a: &ReductionArgs,
     aggregation: Aggregation,
@@ -344,11 +288,11 @@ unsafe fn launch_aggregate(
     aggregation.validate()?;
     norm.validate()?;
     let shape = a.shape;
-    let rows = shape.rows;
     let mut owned = None;
     let (rec, _g1) =
         workspace_or_alloc(stream, true, a.workspace, aggregate_workspace_bytes(shape), &mut owned)?;
-    let params = AggregationParams::new(
+    let mut params = ReductionParams::new(a, rec);
+    params.aggregation = AggregationParams::new(
         aggregation,
         match norm {
             Normaliser::Local => None,
@@ -357,28 +301,23 @@ unsafe fn launch_aggregate(
             }
         },
     );
-    let (ld, rows_i, cols_i) = (shape.row_stride as i64, rows as i32, shape.cols as i32);
     let ctx = stream.context();
 
     let f = function(ctx, Module::Aggregation, "aggregate_rows")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&a.values).arg(&ld).arg(&a.mask).arg(&rows_i).arg(&cols_i).arg(&rec).arg(&a.status);
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `aggregate_rows(const float*, long long, const unsigned char*, int, int,
-    // AggregateRow*, unsigned long long*)`; one block of 256 threads per row; `values` (and
-    // `mask`, same layout) cover the shape (the caller's contract); the records hold 2·rows f32
-    // at an 8-byte aligned address for the kernel's one two-f32 record per row; `status` is one
-    // u64.
-    unsafe { l.launch(cfg) }.map_err(driver_error("launching aggregate_rows"))?;
+    l.arg(&params).arg(&a.status);
+    // SAFETY: matches `aggregate_rows(ReductionParams, unsigned long long*)` (the layout asserted
+    // on both sides); one block of 256 threads per row; `values` (and `mask`, same layout) cover
+    // the shape (the caller's contract); the records hold one 16-byte `AggregateRow` per row at
+    // a 16-byte aligned address; `status` is one u64 or null (nothing reported).
+    unsafe { l.launch(per_row(shape)) }.map_err(driver_error("launching aggregate_rows"))?;
 
     let f = function(ctx, Module::Aggregation, "aggregate_finalize")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&rec).arg(&rows_i).arg(&params).arg(&a.out).arg(&a.status);
-    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `aggregate_finalize(const AggregateRow*, int, AggregationParams, double*,
-    // unsigned long long*)`; one block of 256 threads; reads the `rows` records the launch above
-    // wrote on this stream, writes the four f64 of `out` and may report into the one u64 of
-    // `status`.
-    unsafe { l.launch(one) }.map_err(driver_error("launching aggregate_finalize"))?;
+    l.arg(&params).arg(&a.status);
+    // SAFETY: matches `aggregate_finalize(ReductionParams, unsigned long long*)`; one block of 256
+    // threads; reads the `rows` records the launch above wrote on this stream, writes the four
+    // f64 of `out` and may report into the one u64 of `status`.
+    unsafe { l.launch(ONE_BLOCK) }.map_err(driver_error("launching aggregate_finalize"))?;
     Ok(())
 }

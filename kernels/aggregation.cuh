@@ -69,6 +69,22 @@ static_assert(offsetof(AggregationParams, use_global) == 4 && offsetof(Aggregati
                   offsetof(AggregationParams, tokens) == 16 && offsetof(AggregationParams, sequences) == 32,
               "AggregationParams: field offsets as on the host");
 
+// The one parameter block of a loss's finalize kernel (policy, value, sampled KL): its row
+// records, its statistics and the aggregation (src/cuda/aggregation/launch.rs
+// `FinalizeParams`: the same fields at the same offsets, asserted on both sides).
+struct FinalizeParams {
+  const void* records;  // one record per sequence, written by the loss's rows kernel
+  double* stats;        // the loss's statistics words
+  int rows;
+  float coef;   // the loss's coefficient (entropy, value or KL)
+  int chosen;   // the sampled KL's estimator code (unused by the others)
+  AggregationParams aggregation;
+};
+static_assert(sizeof(FinalizeParams) == 72, "FinalizeParams: 72 bytes, as on the host");
+static_assert(offsetof(FinalizeParams, rows) == 16 && offsetof(FinalizeParams, chosen) == 24 &&
+                  offsetof(FinalizeParams, aggregation) == 32,
+              "FinalizeParams: field offsets as on the host");
+
 // A masked [B, T] batch reduced to a few f64 (the aggregation, the moments, whitening, the
 // mask count): one parameter block for their kernels (src/cuda/aggregation/launch.rs
 // `ReductionParams`: the same fields at the same offsets, asserted on both sides). Each kernel

@@ -198,9 +198,12 @@ sampled_kl_rows(SampledParams P, SampledRow* __restrict__ records, unsigned long
 // One block of 256 threads: the batch statistics from the row records, in f64, in a fixed
 // order (thread i takes rows i, i + 256, ...; then a fixed tree), over `p`'s denominators
 // (finalize_counts: the host's counts, or this batch's own).
-extern "C" __global__ void __launch_bounds__(256)
-sampled_kl_finalize(const SampledRow* __restrict__ records, int rows, int chosen, float coef, AggregationParams p,
-                    double* __restrict__ stats) {
+extern "C" __global__ void __launch_bounds__(256) sampled_kl_finalize(FinalizeParams F) {
+  const SampledRow* __restrict__ records = static_cast<const SampledRow*>(F.records);
+  double* __restrict__ stats = F.stats;
+  const int rows = F.rows, chosen = F.chosen;
+  const float coef = F.coef;
+  const AggregationParams& p = F.aggregation;
   __shared__ double sh[256];
   // The denominators, then this batch's own token and sequence counts: parked in shared memory
   // rather than kept live through the loop below.

@@ -229,9 +229,12 @@ policy_loss_rows(PolicyParams P, PolicyRow* __restrict__ records, unsigned long 
 
 // One block of 256 threads: the statistics from the row records, f64, fixed order (thread i
 // takes rows i, i + 256, …; then a fixed tree).
-extern "C" __global__ void __launch_bounds__(256)
-policy_loss_finalize(const PolicyRow* __restrict__ records, int rows, AggregationParams p, float entropy_coef,
-                     double* __restrict__ stats) {
+extern "C" __global__ void __launch_bounds__(256) policy_loss_finalize(FinalizeParams F) {
+  const PolicyRow* __restrict__ records = static_cast<const PolicyRow*>(F.records);
+  double* __restrict__ stats = F.stats;
+  const int rows = F.rows;
+  const float entropy_coef = F.coef;
+  const AggregationParams& p = F.aggregation;
   __shared__ double sh[256];
   __shared__ double counts[3];
   const double2 local = finalize_counts(records, rows, p, sh, counts);
@@ -403,9 +406,12 @@ value_loss_rows(ValueParams P, ValueRow* __restrict__ records, unsigned long lon
 
 // One block of 256 threads: [coef·loss, clip fraction, valid tokens, valid sequences,
 // sequences] in f64, fixed order.
-extern "C" __global__ void __launch_bounds__(256)
-value_loss_finalize(const ValueRow* __restrict__ records, int rows, AggregationParams p, float coef,
-                    double* __restrict__ stats) {
+extern "C" __global__ void __launch_bounds__(256) value_loss_finalize(FinalizeParams F) {
+  const ValueRow* __restrict__ records = static_cast<const ValueRow*>(F.records);
+  double* __restrict__ stats = F.stats;
+  const int rows = F.rows;
+  const float coef = F.coef;
+  const AggregationParams& p = F.aggregation;
   __shared__ double sh[256];
   __shared__ double counts[3];
   const double2 local = finalize_counts(records, rows, p, sh, counts);

@@ -64,6 +64,35 @@ impl AggregationParams {
     }
 }
 
+/// A loss's finalize parameter block (kernels/aggregation.cuh `FinalizeParams`), the one
+/// argument of `policy_loss_finalize`, `value_loss_finalize` and `sampled_kl_finalize`: the same
+/// fields at the same offsets on both sides (asserted on both).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FinalizeParams {
+    /// The row records the loss's rows kernel wrote.
+    pub(crate) records: u64,
+    /// The loss's statistics words.
+    pub(crate) stats: u64,
+    pub(crate) rows: i32,
+    /// The loss's coefficient (entropy, value or KL).
+    pub(crate) coef: f32,
+    /// The sampled KL's estimator code (0 for the others).
+    pub(crate) chosen: i32,
+    pub(crate) aggregation: AggregationParams,
+}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<FinalizeParams>() == 72);
+    assert!(offset_of!(FinalizeParams, rows) == 16 && offset_of!(FinalizeParams, chosen) == 24);
+    assert!(offset_of!(FinalizeParams, aggregation) == 32);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct FinalizeParams` (asserted above and
+// by static_asserts in kernels/aggregation.cuh), passed by value; plain old data.
+unsafe impl DeviceRepr for FinalizeParams {}
+
 /// A masked batch reduction's parameter block (kernels/aggregation.cuh `ReductionParams`), the
 /// one argument of the aggregation, moments, whitening and mask-count kernels besides the
 /// status word: the same fields at the same offsets on both sides (asserted on both).

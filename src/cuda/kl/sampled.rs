@@ -9,8 +9,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::cuda::aggregation::{
-    AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
-    workspace_or_alloc,
+    AggregationParams, FinalizeParams, ONE_BLOCK, aggregation_code, check_workspace, count_mask,
+    known_counts, records_and_count_bytes, workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, DeviceStats, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
@@ -263,16 +263,21 @@ pub(crate) unsafe fn launch_sampled(
     unsafe { launch.launch(per_row) }.map_err(driver_error("launching sampled_kl_rows"))?;
 
     if need_records {
-        let params = AggregationParams::new(opts.aggregation, global);
+        let params = FinalizeParams {
+            records,
+            stats: a.stats,
+            rows,
+            coef,
+            chosen,
+            aggregation: AggregationParams::new(opts.aggregation, global),
+        };
         let func = function(stream.context(), Module::KlSampled, "sampled_kl_finalize")?;
         let mut launch = stream.launch_builder(&func);
-        launch.arg(&records).arg(&rows).arg(&chosen).arg(&coef).arg(&params).arg(&a.stats);
-        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: matches `sampled_kl_finalize(const SampledRow*, int, int, float,
-        // AggregationParams, double*)`; exactly one block of 256 threads (the kernel's tree
-        // assumes it); the records were written by the launch above on this stream and the
-        // statistics buffer holds 13 f64.
-        unsafe { launch.launch(one) }.map_err(driver_error("launching sampled_kl_finalize"))?;
+        launch.arg(&params);
+        // SAFETY: matches `sampled_kl_finalize(FinalizeParams)` (the layout asserted on both
+        // sides); exactly one block of 256 threads (the kernel's tree assumes it); the records
+        // were written by the launch above on this stream and the statistics buffer holds 13 f64.
+        unsafe { launch.launch(ONE_BLOCK) }.map_err(driver_error("launching sampled_kl_finalize"))?;
     }
     Ok(())
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::cuda::aggregation::{
-    AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
-    workspace_or_alloc,
+    AggregationParams, FinalizeParams, ONE_BLOCK, aggregation_code, check_workspace, count_mask,
+    known_counts, records_and_count_bytes, workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, DeviceStats, driver_error, opt_ptr, opt_ptr_mut};
@@ -81,18 +81,15 @@ unsafe impl DeviceRepr for PolicyParams {}
 
 /// The launches shared by the two losses (kernels/ppo.cu): `{loss}_rows(Params, Row*, status)`
 /// with one block of 256 threads per sequence, then, when records are needed, the one-block
-/// `{loss}_finalize(const Row*, int rows, AggregationParams, float coef, double* stats)`. (The
-/// mask count a gradient under the batch's own denominators needs runs before, from the
-/// caller.)
+/// `{loss}_finalize(FinalizeParams)`. (The mask count a gradient under the batch's own
+/// denominators needs runs before, from the caller.)
 pub(super) struct LossLaunch {
     /// The rows kernel and the finalize kernel of the loss.
     pub(super) kernels: [&'static str; 2],
     pub(super) rows: usize,
-    pub(super) records: u64,
-    pub(super) stats: u64,
     pub(super) status: u64,
-    pub(super) aggregation: AggregationParams,
-    pub(super) coef: f32,
+    /// The finalize kernel's block (its records: the rows kernel's too).
+    pub(super) finalize: FinalizeParams,
     pub(super) need_records: bool,
 }
 
@@ -102,17 +99,16 @@ impl LossLaunch {
     ///
     /// # Safety
     /// `params` is the `Params` struct of `self.kernels`, whose pointers are null or
-    /// cover the launch's shape; `records` (when records are needed) holds one row record per
-    /// sequence and `stats` the kernel's statistics words, all device memory of `stream`'s
-    /// context that stays allocated until the kernels ran.
+    /// cover the launch's shape; `finalize.records` (when records are needed) holds one row
+    /// record per sequence and `finalize.stats` the kernel's statistics words, all device
+    /// memory of `stream`'s context that stays allocated until the kernels ran.
     pub(super) unsafe fn run<P: DeviceRepr>(&self, stream: &Arc<CudaStream>, params: &P) -> Result<()> {
         let ctx = stream.context();
-        let rows = self.rows as i32;
         let per_row =
             LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let f = function(ctx, Module::Ppo, self.kernels[0])?;
         let mut l = stream.launch_builder(&f);
-        l.arg(params).arg(&self.records).arg(&self.status);
+        l.arg(params).arg(&self.finalize.records).arg(&self.status);
         // SAFETY: the caller's contract; the signature is `(Params, Row*, unsigned long long*)`,
         // one block of 256 threads per sequence (rows ≤ i32::MAX by the shape check).
         unsafe { l.launch(per_row) }.map_err(driver_error("launching a loss's rows kernel"))?;
@@ -121,12 +117,11 @@ impl LossLaunch {
         }
         let f = function(ctx, Module::Ppo, self.kernels[1])?;
         let mut l = stream.launch_builder(&f);
-        l.arg(&self.records).arg(&rows).arg(&self.aggregation).arg(&self.coef).arg(&self.stats);
-        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: matches `(const Row*, int, AggregationParams, float, double*)`; exactly one
-        // block of 256 threads (its trees assume it); reads the records written above on this
-        // stream and writes the statistics.
-        unsafe { l.launch(one) }.map_err(driver_error("launching a loss's finalize kernel"))?;
+        l.arg(&self.finalize);
+        // SAFETY: matches `{loss}_finalize(FinalizeParams)` (the layout asserted on both sides);
+        // exactly one block of 256 threads (its trees assume it); reads the records written above
+        // on this stream and writes the statistics.
+        unsafe { l.launch(ONE_BLOCK) }.map_err(driver_error("launching a loss's finalize kernel"))?;
         Ok(())
     }
 }
@@ -373,11 +368,15 @@ pub(crate) unsafe fn launch_policy(
     let launch = LossLaunch {
         kernels: ["policy_loss_rows", "policy_loss_finalize"],
         rows: shape.rows,
-        records,
-        stats,
         status: a.status,
-        aggregation: AggregationParams::new(opts.aggregation, global),
-        coef: opts.entropy_coef,
+        finalize: FinalizeParams {
+            records,
+            stats,
+            rows: shape.rows as i32,
+            coef: opts.entropy_coef,
+            chosen: 0,
+            aggregation: AggregationParams::new(opts.aggregation, global),
+        },
         need_records,
     };
     // SAFETY: `params` is the kernels' `PolicyParams`, every pointer in it null or covering the

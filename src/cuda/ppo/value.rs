@@ -7,8 +7,8 @@ use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr};
 
 use super::loss::LossLaunch;
 use crate::cuda::aggregation::{
-    AggregationParams, aggregation_code, check_workspace, count_mask, known_counts, records_and_count_bytes,
-    workspace_or_alloc,
+    AggregationParams, FinalizeParams, aggregation_code, check_workspace, count_mask, known_counts,
+    records_and_count_bytes, workspace_or_alloc,
 };
 use crate::cuda::{CudaStatus, DeviceStats, opt_ptr, opt_ptr_mut};
 use crate::{
@@ -242,11 +242,15 @@ pub(crate) unsafe fn launch_value(
     let launch = LossLaunch {
         kernels: ["value_loss_rows", "value_loss_finalize"],
         rows: shape.rows,
-        records,
-        stats: a.stats,
         status: a.status,
-        aggregation: AggregationParams::new(opts.aggregation, global),
-        coef: opts.coef,
+        finalize: FinalizeParams {
+            records,
+            stats: a.stats,
+            rows: shape.rows as i32,
+            coef: opts.coef,
+            chosen: 0,
+            aggregation: AggregationParams::new(opts.aggregation, global),
+        },
         need_records,
     };
     // SAFETY: `params` is the kernels' `ValueParams`: every pointer in it is null or covers

@@ -360,13 +360,33 @@ __device__ void token_chunks(const T* __restrict__ logits, long long ld, int row
 
 }  // namespace
 
-// Folds `parts` VocabPartials per row, in order (record (row, k) at
-// partials[row * row_stride + k * part_stride]), and finishes the rows: the second half of
-// the split forward, and the merge of vocabulary shards from a tensor-parallel all-gather.
-extern "C" __global__ void __launch_bounds__(256)
-token_merge(const VocabPartial* __restrict__ partials, long long row_stride, long long part_stride, int parts,
-            int rows, RowSelect sel, float inv_tau, float* logp, float* entropy, float* lse,
-            unsigned long long* status) {
+// The parameters of token_merge (src/cuda/logprobs/token_launch.rs `TokenMergeParams`: the
+// same fields at the same offsets, asserted on both sides).
+struct TokenMergeParams {
+  const VocabPartial* partials;  // record (row, k) at partials[row * row_stride + k * part_stride]
+  float* logp;                   // each output may be null
+  float* entropy;
+  float* lse;
+  RowSelect sel;
+  long long row_stride, part_stride;
+  int parts, rows;
+  float inv_tau;
+};
+static_assert(sizeof(TokenMergeParams) == 104 && offsetof(TokenMergeParams, sel) == 32 &&
+                  offsetof(TokenMergeParams, row_stride) == 72 && offsetof(TokenMergeParams, parts) == 88 &&
+                  offsetof(TokenMergeParams, inv_tau) == 96,
+              "TokenMergeParams: the layout of src/cuda/logprobs/token_launch.rs");
+
+// Folds `parts` VocabPartials per row, in order, and finishes the rows: the second half of the
+// split forward, and the merge of vocabulary shards from a tensor-parallel all-gather. One
+// thread per row.
+extern "C" __global__ void __launch_bounds__(256) token_merge(TokenMergeParams P, unsigned long long* status) {
+  const VocabPartial* __restrict__ partials = P.partials;
+  float *logp = P.logp, *entropy = P.entropy, *lse = P.lse;
+  const RowSelect& sel = P.sel;
+  const long long row_stride = P.row_stride, part_stride = P.part_stride;
+  const int parts = P.parts, rows = P.rows;
+  const float inv_tau = P.inv_tau;
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
   const long long target = load_target(sel.targets, sel.index_kind, row);
@@ -459,18 +479,33 @@ __device__ void token_backward(const T* logits, long long ld, T* grad, long long
 
 }  // namespace
 
-#define RK_LOG_SOFTMAX(SUFFIX, T)                                                              \
-  extern "C" __global__ void __launch_bounds__(1024) log_softmax_forward_##SUFFIX(            \
-      const T* logits, long long ld_logits, float* out, long long ld_out, int rows, int cols,  \
-      float inv_tau, unsigned long long* status) {                                             \
-    log_softmax_forward<T>(logits, ld_logits, out, ld_out, rows, cols, inv_tau, status);       \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(1024) log_softmax_backward_##SUFFIX(           \
-      const float* out, long long ld_out, const float* grad_out, long long ld_grad_out,        \
-      T* grad, long long ld_grad, int rows, int cols, float inv_tau,                           \
-      unsigned long long* status) {                                                            \
-    log_softmax_backward<T>(out, ld_out, grad_out, ld_grad_out, grad, ld_grad, rows, cols,     \
-                            inv_tau, status);                                                  \
+// The parameters of the log-softmax kernels, forward and backward (src/cuda/logprobs/
+// log_softmax.rs `LogSoftmaxParams`: the same fields at the same offsets, asserted on both
+// sides). The forward reads `logits` and writes `out`; the backward reads `out` and `grad_out`
+// and writes `grad` (in the kernel's dtype, as the logits).
+struct LogSoftmaxParams {
+  const void* logits;
+  float* out;
+  const float* grad_out;
+  void* grad;
+  long long ld_logits, ld_out, ld_grad_out, ld_grad;
+  int rows, cols;
+  float inv_tau;
+};
+static_assert(sizeof(LogSoftmaxParams) == 80 && offsetof(LogSoftmaxParams, ld_logits) == 32 &&
+                  offsetof(LogSoftmaxParams, rows) == 64 && offsetof(LogSoftmaxParams, inv_tau) == 72,
+              "LogSoftmaxParams: the layout of src/cuda/logprobs/log_softmax.rs");
+
+#define RK_LOG_SOFTMAX(SUFFIX, T)                                                                         \
+  extern "C" __global__ void __launch_bounds__(1024)                                                      \
+      log_softmax_forward_##SUFFIX(LogSoftmaxParams P, unsigned long long* status) {                      \
+    log_softmax_forward<T>(static_cast<const T*>(P.logits), P.ld_logits, P.out, P.ld_out, P.rows, P.cols, \
+                           P.inv_tau, status);                                                            \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(1024)                                                      \
+      log_softmax_backward_##SUFFIX(LogSoftmaxParams P, unsigned long long* status) {                     \
+    log_softmax_backward<T>(P.out, P.ld_out, P.grad_out, P.ld_grad_out, static_cast<T*>(P.grad), P.ld_grad, \
+                            P.rows, P.cols, P.inv_tau, status);                                           \
   }
 
 // The parameters of the token rows kernels and of the token backward (src/cuda/logprobs/
@@ -516,10 +551,9 @@ static_assert(sizeof(TokenBackwardParams) == 120 && offsetof(TokenBackwardParams
     token_rows<T, ENTROPY>(static_cast<const T*>(P.logits), P.ld, P.rows, P.cols, P.sel, P.inv_tau,      \
                            P.vocab_offset, P.logp, P.entropy, P.lse, P.partials, status);                \
   }                                                                                                      \
-  extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK) NAME##_chunks_##SUFFIX(                      \
-      const T* logits, long long ld, int rows, int cols, RowSelect sel, float inv_tau,                  \
-      VocabPartial* partials) {                                                                          \
-    token_chunks<T, ENTROPY>(logits, ld, rows, cols, sel, inv_tau, partials);                            \
+  extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK) NAME##_chunks_##SUFFIX(TokenRowsParams P) {  \
+    token_chunks<T, ENTROPY>(static_cast<const T*>(P.logits), P.ld, P.rows, P.cols, P.sel, P.inv_tau,    \
+                             P.partials);                                                                \
   }
 
 #define RK_TOKEN(SUFFIX, T)                                                                              \

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, sys};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, sys};
 
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error};
@@ -117,6 +117,56 @@ pub(super) fn check_forward(shape: RowShape, logits_len: usize, out_len: usize) 
     shape.dense().check_buffer("out", out_len)
 }
 
+/// The kernels' `LogSoftmaxParams` (kernels/logprobs.cu), field for field: the forward reads
+/// `logits` and writes `out`, the backward reads `out` and `grad_out` and writes `grad`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct LogSoftmaxParams {
+    logits: u64,
+    out: u64,
+    grad_out: u64,
+    grad: u64,
+    ld_logits: i64,
+    ld_out: i64,
+    ld_grad_out: i64,
+    ld_grad: i64,
+    rows: i32,
+    cols: i32,
+    inv_tau: f32,
+}
+
+// The layout the kernels assert (`static_assert` in kernels/logprobs.cu).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<LogSoftmaxParams>() == 80 && offset_of!(LogSoftmaxParams, ld_logits) == 32);
+    assert!(offset_of!(LogSoftmaxParams, rows) == 64 && offset_of!(LogSoftmaxParams, inv_tau) == 72);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct LogSoftmaxParams` (asserted above and
+// in the kernel), passed by value; plain old data.
+unsafe impl DeviceRepr for LogSoftmaxParams {}
+
+impl LogSoftmaxParams {
+    /// `shape`'s logits (row stride allowed) and the dense `[rows, cols]` f32 rows of `out` and
+    /// `grad_out`; the addresses 0, to be filled by the launch.
+    fn new(shape: RowShape, inv_tau: f32) -> Self {
+        let (ld, dense) = (shape.row_stride as i64, shape.cols as i64);
+        LogSoftmaxParams {
+            logits: 0,
+            out: 0,
+            grad_out: 0,
+            grad: 0,
+            ld_logits: ld,
+            ld_out: dense,
+            ld_grad_out: dense,
+            ld_grad: ld,
+            rows: shape.rows as i32,
+            cols: shape.cols as i32,
+            inv_tau,
+        }
+    }
+}
+
 pub(super) fn check_backward(
     shape: RowShape,
     out_len: usize,
@@ -146,14 +196,14 @@ pub(super) unsafe fn launch_forward(
         DType::BF16 => "log_softmax_forward_bf16",
     };
     let func = function(stream.context(), Module::Logprobs, name)?;
-    let (ld_x, ld_y) = (shape.row_stride as i64, shape.cols as i64);
-    let (rows, cols) = (shape.rows as i32, shape.cols as i32);
+    let params = LogSoftmaxParams { logits, out, ..LogSoftmaxParams::new(shape, inv_tau) };
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&logits).arg(&ld_x).arg(&out).arg(&ld_y).arg(&rows).arg(&cols).arg(&inv_tau).arg(&status);
-    // Kernel: `log_softmax_forward_<dtype>(const T*, long long, float*, long long, int, int, float,
-    // unsigned long long*)`, one block per row of 32..=1024 threads (a multiple of 32).
-    // SAFETY: arguments and launch shape match it (rows ≤ i32::MAX); the caller guarantees the pointers
-    // cover the shape, which the kernel touches only within `row * ld + [0, cols)`.
+    launch.arg(&params).arg(&status);
+    // Kernel: `log_softmax_forward_<dtype>(LogSoftmaxParams, unsigned long long*)`, one block per
+    // row of 32..=1024 threads (a multiple of 32).
+    // SAFETY: arguments (the struct's layout asserted on both sides) and launch shape match it
+    // (rows ≤ i32::MAX); the caller guarantees the pointers cover the shape, which the kernel
+    // touches only within `row * ld + [0, cols)`.
     unsafe { launch.launch(row_launch(shape)) }.map_err(driver_error("launching log_softmax_forward"))?;
     Ok(())
 }
@@ -175,14 +225,12 @@ pub(super) unsafe fn launch_backward(
         DType::BF16 => "log_softmax_backward_bf16",
     };
     let func = function(stream.context(), Module::Logprobs, name)?;
-    let (ld_dense, ld_grad) = (shape.cols as i64, shape.row_stride as i64);
-    let (rows, cols) = (shape.rows as i32, shape.cols as i32);
+    let params = LogSoftmaxParams { out, grad_out, grad, ..LogSoftmaxParams::new(shape, inv_tau) };
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&out).arg(&ld_dense).arg(&grad_out).arg(&ld_dense).arg(&grad).arg(&ld_grad);
-    launch.arg(&rows).arg(&cols).arg(&inv_tau).arg(&status);
-    // SAFETY: argument list matches `log_softmax_backward_<dtype>(const float*, long long,
-    // const float*, long long, T*, long long, int, int, float, unsigned long long*)`; launch
-    // shape as in `launch_forward`; the caller guarantees the pointers cover the shape.
+    launch.arg(&params).arg(&status);
+    // SAFETY: matches `log_softmax_backward_<dtype>(LogSoftmaxParams, unsigned long long*)` (the
+    // layout asserted on both sides); launch shape as in `launch_forward`; the caller guarantees
+    // the pointers cover the shape.
     unsafe { launch.launch(row_launch(shape)) }.map_err(driver_error("launching log_softmax_backward"))?;
     Ok(())
 }

@@ -434,12 +434,18 @@ pub(crate) unsafe fn finish_partials_on(
     }
     let inv_tau = opts.inv_temperature()?;
     let sel = RowSelect::new(args.targets, args.index_type, args.mask, opts);
-    let outputs = [args.logp, args.entropy, args.lse];
-    let (p, rows) = (args.partials, args.rows);
+    let params = TokenMergeParams {
+        partials: args.partials,
+        outputs: [args.logp, args.entropy, args.lse],
+        sel,
+        row_stride: 1,
+        part_stride: args.rows as i64,
+        parts: args.shards as i32,
+        rows: args.rows as i32,
+        inv_tau,
+    };
     // SAFETY: `partials` holds shards·rows records laid out [shards][rows]: record (row, k)
     // at row·1 + k·rows; outputs hold `rows` f32 each; status one u64 (the caller's
     // contract).
-    unsafe {
-        launch_merge(stream, p, (1, rows as i64), args.shards, rows, sel, inv_tau, outputs, args.status)
-    }
+    unsafe { launch_merge(stream, &params, args.status) }
 }

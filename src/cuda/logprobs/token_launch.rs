@@ -127,6 +127,9 @@ struct TokenBackwardParams {
 // The layouts the kernels assert (`static_assert` in kernels/logprobs.cu).
 const _: () = {
     use std::mem::{offset_of, size_of};
+    assert!(size_of::<TokenMergeParams>() == 104 && offset_of!(TokenMergeParams, sel) == 32);
+    assert!(offset_of!(TokenMergeParams, row_stride) == 72 && offset_of!(TokenMergeParams, parts) == 88);
+    assert!(offset_of!(TokenMergeParams, inv_tau) == 96);
     assert!(size_of::<TokenRowsParams>() == 112 && offset_of!(TokenRowsParams, sel) == 40);
     assert!(offset_of!(TokenRowsParams, ld) == 80 && offset_of!(TokenRowsParams, rows) == 96);
     assert!(offset_of!(TokenRowsParams, inv_tau) == 104);
@@ -140,6 +143,8 @@ const _: () = {
 unsafe impl DeviceRepr for TokenRowsParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for TokenBackwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for TokenMergeParams {}
 
 pub(super) fn forward_name(dtype: DType, entropy: bool, chunked: bool) -> &'static str {
     match (entropy, chunked, dtype) {
@@ -170,22 +175,21 @@ pub(super) unsafe fn launch_forward(
 ) -> Result<()> {
     let ForwardArgs { logits, dtype, shape, sel, inv_tau, outputs, status } = *args;
     let entropy = outputs[1] != 0;
-    let (ld, rows, cols) = (shape.row_stride as i64, shape.rows as i32, shape.cols as i32);
+    let mut params = TokenRowsParams {
+        logits,
+        logp: outputs[0],
+        entropy: outputs[1],
+        lse: outputs[2],
+        partials: 0,
+        sel,
+        ld: shape.row_stride as i64,
+        vocab_offset: 0,
+        rows: shape.rows as i32,
+        cols: shape.cols as i32,
+        inv_tau,
+    };
     if !split(shape, dtype) {
         let func = function(stream.context(), Module::Logprobs, forward_name(dtype, entropy, false))?;
-        let params = TokenRowsParams {
-            logits,
-            logp: outputs[0],
-            entropy: outputs[1],
-            lse: outputs[2],
-            partials: 0,
-            sel,
-            ld,
-            vocab_offset: 0,
-            rows,
-            cols,
-            inv_tau,
-        };
         let mut launch = stream.launch_builder(&func);
         launch.arg(&params).arg(&status);
         let cfg = LaunchConfig {
@@ -219,18 +223,28 @@ pub(super) unsafe fn launch_forward(
         let (p, g) = owned.insert(slice).device_ptr_mut(stream);
         (p, Some(g))
     };
+    params.partials = partials;
     let func = function(stream.context(), Module::Logprobs, forward_name(dtype, entropy, true))?;
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&logits).arg(&ld).arg(&rows).arg(&cols).arg(&sel).arg(&inv_tau).arg(&partials);
+    launch.arg(&params);
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `token_logprobs[_entropy]_chunks_<dtype>(const T*, long long, int, int,
-    // RowSelect, float, VocabPartial*)`; one block per (row, chunk), rows·chunks ≤ i32::MAX;
-    // `partials` holds rows·chunks records (the workspace size, or just allocated).
+    // SAFETY: matches `token_logprobs[_entropy]_chunks_<dtype>(TokenRowsParams)` (the layout
+    // asserted on both sides), which reads the logits, shape, selection and temperature and
+    // writes `partials`; one block per (row, chunk), rows·chunks ≤ i32::MAX; `partials` holds
+    // rows·chunks records (the workspace size, or just allocated).
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_logprobs (chunks)"))?;
+    let merge = TokenMergeParams {
+        partials,
+        outputs,
+        sel,
+        row_stride: chunks as i64,
+        part_stride: 1,
+        parts: chunks as i32,
+        rows: shape.rows as i32,
+        inv_tau,
+    };
     // SAFETY: record (row, c) at row·chunks + c, all written by the launch above.
-    unsafe {
-        launch_merge(stream, partials, (chunks as i64, 1), chunks, shape.rows, sel, inv_tau, outputs, status)
-    }
+    unsafe { launch_merge(stream, &merge, status) }
 }
 
 pub(super) fn grid_blocks(rows: usize, chunks: usize) -> Result<u32> {
@@ -242,34 +256,41 @@ pub(super) fn grid_blocks(rows: usize, chunks: usize) -> Result<u32> {
     })
 }
 
+/// The kernels' `TokenMergeParams` (kernels/logprobs.cu), field for field: `parts` records per
+/// row, record (row, k) at `row * row_stride + k * part_stride`, and the outputs (logp, entropy,
+/// lse: the order of [`ForwardArgs::outputs`], each 0 or `rows` f32).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TokenMergeParams {
+    pub(super) partials: u64,
+    pub(super) outputs: [u64; 3],
+    pub(super) sel: RowSelect,
+    pub(super) row_stride: i64,
+    pub(super) part_stride: i64,
+    pub(super) parts: i32,
+    pub(super) rows: i32,
+    pub(super) inv_tau: f32,
+}
+
 /// # Safety
-/// `partials` holds the records (row, k) at `row * strides.0 + k * strides.1` for k < parts;
-/// `sel`, `outputs` and `status` as in [`launch_forward`].
-#[allow(clippy::too_many_arguments)]
+/// `params.partials` holds the records its strides name for every row and k < parts; `sel`,
+/// `outputs` and `status` as in [`launch_forward`].
 pub(super) unsafe fn launch_merge(
     stream: &Arc<CudaStream>,
-    partials: u64,
-    strides: (i64, i64),
-    parts: usize,
-    rows: usize,
-    sel: RowSelect,
-    inv_tau: f32,
-    outputs: [u64; 3],
+    params: &TokenMergeParams,
     status: u64,
 ) -> Result<()> {
     let func = function(stream.context(), Module::Logprobs, "token_merge")?;
-    let (parts, n) = (parts as i32, rows as i32);
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&partials).arg(&strides.0).arg(&strides.1).arg(&parts).arg(&n).arg(&sel).arg(&inv_tau);
-    launch.arg(&outputs[0]).arg(&outputs[1]).arg(&outputs[2]).arg(&status);
+    launch.arg(params).arg(&status);
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(256) as u32, 1, 1),
+        grid_dim: ((params.rows as usize).div_ceil(256) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: matches `token_merge(const VocabPartial*, long long, long long, int, int,
-    // RowSelect, float, float*, float*, float*, unsigned long long*)`; one thread per row,
-    // guarded by `row < rows`; the caller guarantees the buffers.
+    // SAFETY: matches `token_merge(TokenMergeParams, unsigned long long*)` (the layout asserted
+    // on both sides); one thread per row, guarded by `row < rows`; the caller guarantees the
+    // buffers.
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_merge"))?;
     Ok(())
 }

@@ -208,6 +208,30 @@ struct ExactOut {
 };
 static_assert(sizeof(ExactOut) == 48, "ExactOut: six pointers, as on the host (src/cuda/kl/exact.rs)");
 
+// The one parameter block of every exact-divergence kernel (src/cuda/kl/exact.rs
+// `ExactParams`: the same fields at the same offsets, asserted on both sides). Each kernel reads
+// what its comment names; the rest may be anything.
+struct ExactParams {
+  const void* policy;          // [rows, cols] in P's dtype, row stride ldp
+  const void* reference;       // [rows, cols] in Q's dtype, row stride ldq
+  void* grad;                  // the backward's policy gradient (P's dtype, stride ldp; may be policy)
+  const unsigned char* mask;   // rows bytes, 0 = padding; may be null
+  const float* lse_p;          // rows f32: the JSD's second pass and the backward read these
+  const float* lse_q;          //   normalisers (the policy's and the reference's)
+  const float* saved;          // the backward: the forward's policy term
+  const float* g;              // the backward: the upstream gradient
+  void* partials;              // PairPartial (the KLs) or float2 (the JSD) records, or null
+  ExactOut out;                // the forward's outputs
+  long long ldp, ldq;
+  long long row_stride, part_stride;  // the merges: record (row, k) at row·row_stride + k·part_stride
+  int rows, cols, parts, divergence;
+  float beta, inv_tau;
+};
+static_assert(sizeof(ExactParams) == 176 && offsetof(ExactParams, out) == 72 && offsetof(ExactParams, ldp) == 120 &&
+                  offsetof(ExactParams, rows) == 152 && offsetof(ExactParams, divergence) == 164 &&
+                  offsetof(ExactParams, inv_tau) == 172,
+              "ExactParams: the layout of src/cuda/kl/exact.rs");
+
 __device__ __forceinline__ void write_row(const ExactOut& o, long long row, float v, float lp, float lq, float term) {
   if (o.value) o.value[row] = v;
   if (o.policy_lse) o.policy_lse[row] = lp;
@@ -439,85 +463,84 @@ __device__ void exact_backward(const P* policy, long long ldp, const Q* __restri
 // Folds `parts` records per row in order (record (row, k) at row·row_stride + k·part_stride)
 // and finishes the rows, one thread per row: the second half of the split forward (strides
 // (chunks, 1)) and the merge of tensor-parallel shards gathered as [shards][rows] (1, rows).
-extern "C" __global__ void __launch_bounds__(256)
-exact_kl_merge(const PairPartial* __restrict__ partials, long long row_stride, long long part_stride, int parts,
-               int rows, const unsigned char* __restrict__ mask, int divergence, float inv_tau, ExactOut o,
-               unsigned long long* status) {
+// Reads partials, the strides, parts, rows, mask, divergence, inv_tau; writes `out`.
+extern "C" __global__ void __launch_bounds__(256) exact_kl_merge(ExactParams A, unsigned long long* status) {
+  const PairPartial* __restrict__ partials = static_cast<const PairPartial*>(A.partials);
+  const ExactOut& o = A.out;
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  if (row_masked(mask, row)) {
+  if (row >= A.rows) return;
+  if (row_masked(A.mask, row)) {
     write_row(o, row, 0.0f, 0.0f, 0.0f, 0.0f);
     if (o.jsd_lse_p) o.jsd_lse_p[row] = o.jsd_lse_q[row] = 0.0f;
     return;
   }
-  const float cc = __fmul_rn(inv_tau, LOG2E);
+  const float cc = __fmul_rn(A.inv_tau, LOG2E);
   PairPartial state = empty_pair();
-  for (int k = 0; k < parts; ++k) merge_pair(state, partials[row * row_stride + k * part_stride], cc);
-  finish_pair(row, state, divergence, inv_tau, o, status);
+  for (int k = 0; k < A.parts; ++k) merge_pair(state, partials[row * A.row_stride + k * A.part_stride], cc);
+  finish_pair(row, state, A.divergence, A.inv_tau, o, status);
 }
 
-// Sums the JSD's per-chunk (or per-shard) sums in order, record (row, k) at
-// row·row_stride + k·part_stride, and writes the value and the policy term.
-extern "C" __global__ void __launch_bounds__(256)
-jsd_merge(const float2* __restrict__ sums, long long row_stride, long long part_stride, int parts, int rows,
-          const unsigned char* __restrict__ mask, float beta, const float* __restrict__ lse_p,
-          const float* __restrict__ lse_q, float* value, float* policy_term) {
+// Sums the JSD's per-chunk (or per-shard) float2 sums in order, record (row, k) at
+// row·row_stride + k·part_stride, and writes out.value and out.policy_term (each may be null).
+// Reads partials, the strides, parts, rows, mask, beta, lse_p, lse_q.
+extern "C" __global__ void __launch_bounds__(256) jsd_merge(ExactParams A) {
+  const float2* __restrict__ sums = static_cast<const float2*>(A.partials);
+  float *value = A.out.value, *policy_term = A.out.policy_term;
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  if (row_masked(mask, row)) {
+  if (row >= A.rows) return;
+  if (row_masked(A.mask, row)) {
     if (value) value[row] = 0.0f;
     if (policy_term) policy_term[row] = 0.0f;
     return;
   }
-  if (!(isfinite(lse_p[row]) && isfinite(lse_q[row]))) {
+  if (!(isfinite(A.lse_p[row]) && isfinite(A.lse_q[row]))) {
     // A row the first round refused (and reported): no value.
     if (value) value[row] = quiet_nan();
     if (policy_term) policy_term[row] = quiet_nan();
     return;
   }
   float tp = 0.0f, tq = 0.0f;
-  for (int k = 0; k < parts; ++k) {
-    const float2 v = sums[row * row_stride + k * part_stride];
+  for (int k = 0; k < A.parts; ++k) {
+    const float2 v = sums[row * A.row_stride + k * A.part_stride];
     tp = __fadd_rn(tp, v.x);
     tq = __fadd_rn(tq, v.y);
   }
+  const float beta = A.beta;
   const float v = fmaxf(__fadd_rn(__fmul_rn(beta, tp), __fmul_rn(__fsub_rn(1.0f, beta), tq)), 0.0f);
   if (value) value[row] = v;
   if (policy_term) policy_term[row] = fmaxf(tp, 0.0f);
 }
 
-#define RK_EXACT(PS, P, QS, Q)                                                                                 \
-  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_rows_##PS##_##QS(                         \
-      const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
-      const unsigned char* mask, int divergence, float inv_tau, ExactOut o, PairPartial* partials_out,        \
-      unsigned long long* status) {                                                                            \
-    exact_rows<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, divergence, inv_tau, o, partials_out,      \
-                     status);                                                                                  \
-  }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_chunks_##PS##_##QS(                       \
-      const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
-      const unsigned char* mask, float inv_tau, PairPartial* partials) {                                       \
-    exact_chunks_kernel<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, inv_tau, partials);               \
-  }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) jsd_rows_##PS##_##QS(                              \
-      const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
-      const unsigned char* mask, float beta, float inv_tau, const float* lse_p, const float* lse_q,           \
-      float* value, float* policy_term, float2* sums_out) {                                                    \
-    jsd_rows<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, beta, inv_tau, lse_p, lse_q, value,          \
-                   policy_term, sums_out);                                                                     \
-  }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) jsd_chunks_##PS##_##QS(                            \
-      const P* policy, long long ldp, const Q* reference, long long ldq, int rows, int cols,                  \
-      const unsigned char* mask, float beta, float inv_tau, const float* lse_p, const float* lse_q,           \
-      float2* sums) {                                                                                          \
-    jsd_chunks<P, Q>(policy, ldp, reference, ldq, rows, cols, mask, beta, inv_tau, lse_p, lse_q, sums);        \
-  }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_backward_##PS##_##QS(                     \
-      const P* policy, long long ldp, const Q* reference, long long ldq, P* grad, int rows, int cols,         \
-      const unsigned char* mask, int divergence, float beta, float inv_tau, const float* policy_lse,          \
-      const float* ref_lse, const float* saved, const float* g, unsigned long long* status) {                 \
-    exact_backward<P, Q>(policy, ldp, reference, ldq, grad, rows, cols, mask, divergence, beta, inv_tau,       \
-                         policy_lse, ref_lse, saved, g, status);                                               \
+// The kernels instantiated for every (policy, reference) dtype pair. rows: one block per row,
+// finishing the rows into `out` or, with `partials`, writing one PairPartial per row (the shard
+// mode); chunks: one block per (row, chunk) writing `partials`; jsd_rows / jsd_chunks: the
+// JSD's second pass from lse_p / lse_q (value and policy term, or with `partials` float2 sums);
+// backward: one block per (row, chunk) writing `grad` from lse_p, lse_q, saved and g.
+#define RK_EXACT(PS, P, QS, Q)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK)                                                     \
+      exact_kl_rows_##PS##_##QS(ExactParams A, unsigned long long* status) {                                    \
+    exact_rows<P, Q>(static_cast<const P*>(A.policy), A.ldp, static_cast<const Q*>(A.reference), A.ldq, A.rows, \
+                     A.cols, A.mask, A.divergence, A.inv_tau, A.out, static_cast<PairPartial*>(A.partials),     \
+                     status);                                                                                   \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) exact_kl_chunks_##PS##_##QS(ExactParams A) {        \
+    exact_chunks_kernel<P, Q>(static_cast<const P*>(A.policy), A.ldp, static_cast<const Q*>(A.reference), A.ldq, \
+                              A.rows, A.cols, A.mask, A.inv_tau, static_cast<PairPartial*>(A.partials));       \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) jsd_rows_##PS##_##QS(ExactParams A) {               \
+    jsd_rows<P, Q>(static_cast<const P*>(A.policy), A.ldp, static_cast<const Q*>(A.reference), A.ldq, A.rows,   \
+                   A.cols, A.mask, A.beta, A.inv_tau, A.lse_p, A.lse_q, A.out.value, A.out.policy_term,         \
+                   static_cast<float2*>(A.partials));                                                           \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK) jsd_chunks_##PS##_##QS(ExactParams A) {             \
+    jsd_chunks<P, Q>(static_cast<const P*>(A.policy), A.ldp, static_cast<const Q*>(A.reference), A.ldq, A.rows, \
+                     A.cols, A.mask, A.beta, A.inv_tau, A.lse_p, A.lse_q, static_cast<float2*>(A.partials));    \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(EXACT_BLOCK)                                                     \
+      exact_kl_backward_##PS##_##QS(ExactParams A, unsigned long long* status) {                                \
+    exact_backward<P, Q>(static_cast<const P*>(A.policy), A.ldp, static_cast<const Q*>(A.reference), A.ldq,     \
+                         static_cast<P*>(A.grad), A.rows, A.cols, A.mask, A.divergence, A.beta, A.inv_tau,      \
+                         A.lse_p, A.lse_q, A.saved, A.g, status);                                               \
   }
 
 #define RK_EXACT_Q(PS, P)                 \

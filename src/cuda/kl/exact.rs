@@ -334,184 +334,168 @@ pub(super) unsafe fn launch_forward(
             expected: "a 16-byte aligned device address",
         });
     }
-    let (p, q, mask, st) = (a.policy, a.reference, a.mask, a.status);
-    let [value, term] = [a.value, a.policy_term];
     let (div, beta) = divergence_code(opts.divergence);
     let jsd = div == 2;
     // The JSD's normalisers: rows f32 for the policy, then rows f32 for the reference.
     let (jsd_lse_p, jsd_lse_q) =
         if jsd { (work + lse_at as u64, work + (lse_at + 4 * rows) as u64) } else { (0, 0) };
-    let o = ExactOut {
-        value,
+    let out = ExactOut {
+        value: a.value,
         policy_lse: a.policy_lse,
         ref_lse: a.ref_lse,
-        policy_term: term,
+        policy_term: a.policy_term,
         jsd_lse_p,
         jsd_lse_q,
     };
-    let (ldp, ldq) = (policy_shape.row_stride as i64, a.ref_shape.row_stride as i64);
-    let (rows_i, cols_i) = (rows as i32, policy_shape.cols as i32);
+    let mut params = ExactParams {
+        out,
+        divergence: div,
+        beta,
+        ..ExactParams::pair(a.policy, policy_shape, a.reference, a.ref_shape, a.mask, inv_tau)
+    };
     let (pt, qt) = (a.policy_dtype, a.ref_dtype);
     let per_row =
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let per_chunk = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    let ctx = stream.context();
-    let partials = work + partials_at as u64;
-    let sums = work + sums_at as u64;
+    let st = a.status;
 
-    // Pass 1: both log-sum-exps and, for the two KLs, the value.
+    // Pass 1: both log-sum-exps and, for the two KLs, the value. SAFETY (all four launches): the
+    // rows cover the shapes checked above (or the raw caller's contract); the split path's
+    // records hold rows·chunks PairPartial / float2 in the workspace regions of `layout`, each
+    // written by the kernel before the one that reads it, on this stream; the JSD's
+    // normalisers (rows f32 each) are written by pass 1 before pass 2 reads them.
     if split(policy_shape) {
-        let f = function(ctx, Module::KlExact, kernel(ExactKernel::Chunks, pt, qt))?;
-        let mut l = stream.launch_builder(&f);
-        l.arg(&p)
-            .arg(&ldp)
-            .arg(&q)
-            .arg(&ldq)
-            .arg(&rows_i)
-            .arg(&cols_i)
-            .arg(&mask)
-            .arg(&inv_tau)
-            .arg(&partials);
-        // SAFETY: matches `exact_kl_chunks_<p>_<q>(const P*, long long, const Q*, long long, int,
-        // int, const unsigned char*, float, PairPartial*)`; one block of 256 threads per (row,
-        // chunk), rows·chunks ≤ i32::MAX; both rows cover the shapes checked above and the
-        // workspace region holds rows·chunks records.
-        unsafe { l.launch(per_chunk) }.map_err(driver_error("launching exact_kl (chunks)"))?;
+        params.partials = work + partials_at as u64;
         // Record (row, chunk) at row·chunks + chunk.
-        merge_partials(stream, partials, [chunks as i64, 1], chunks, rows, mask, div, inv_tau, o, st)?;
+        (params.row_stride, params.part_stride, params.parts) = (chunks as i64, 1, chunks as i32);
+        let name = kernel(ExactKernel::Chunks, pt, qt);
+        unsafe { launch_exact(stream, name, per_chunk, &params, None) }?;
+        unsafe { launch_exact(stream, "exact_kl_merge", per_thread(rows), &params, Some(st)) }?;
     } else {
-        let f = function(ctx, Module::KlExact, kernel(ExactKernel::Rows, pt, qt))?;
-        let mut l = stream.launch_builder(&f);
-        l.arg(&p)
-            .arg(&ldp)
-            .arg(&q)
-            .arg(&ldq)
-            .arg(&rows_i)
-            .arg(&cols_i)
-            .arg(&mask)
-            .arg(&div)
-            .arg(&inv_tau)
-            .arg(&o)
-            .arg(&NULL)
-            .arg(&st);
-        // SAFETY: matches `exact_kl_rows_<p>_<q>(const P*, long long, const Q*, long long, int,
-        // int, const unsigned char*, int, float, ExactOut, PairPartial*, unsigned long long*)`;
-        // one block of 256 threads per row; buffers as above; a null `partials_out` makes the
-        // kernel finish the rows.
-        unsafe { l.launch(per_row) }.map_err(driver_error("launching exact_kl"))?;
+        // Null partials: the kernel finishes the rows.
+        let name = kernel(ExactKernel::Rows, pt, qt);
+        unsafe { launch_exact(stream, name, per_row, &params, Some(st)) }?;
     }
     if !jsd {
         return Ok(());
     }
     // Pass 2 (JSD): Σ p·log(p/m) and Σ q·log(q/m) from the saved normalisers.
+    (params.lse_p, params.lse_q) = (jsd_lse_p, jsd_lse_q);
     if split(policy_shape) {
-        let f = function(ctx, Module::KlExact, kernel(ExactKernel::JsdChunks, pt, qt))?;
-        let mut l = stream.launch_builder(&f);
-        l.arg(&p)
-            .arg(&ldp)
-            .arg(&q)
-            .arg(&ldq)
-            .arg(&rows_i)
-            .arg(&cols_i)
-            .arg(&mask)
-            .arg(&beta)
-            .arg(&inv_tau)
-            .arg(&jsd_lse_p)
-            .arg(&jsd_lse_q)
-            .arg(&sums);
-        // SAFETY: matches `jsd_chunks_<p>_<q>(const P*, long long, const Q*, long long, int, int,
-        // const unsigned char*, float, float, const float*, const float*, float2*)`; one block
-        // per (row, chunk); the normalisers were written by pass 1 and the sums region holds
-        // rows·chunks float2.
-        unsafe { l.launch(per_chunk) }.map_err(driver_error("launching jsd (chunks)"))?;
-        let lse = [jsd_lse_p, jsd_lse_q];
-        merge_jsd_sums(stream, sums, [chunks as i64, 1], chunks, rows, mask, beta, lse, [value, term])?;
+        params.partials = work + sums_at as u64;
+        let name = kernel(ExactKernel::JsdChunks, pt, qt);
+        unsafe { launch_exact(stream, name, per_chunk, &params, None) }?;
+        unsafe { launch_exact(stream, "jsd_merge", per_thread(rows), &params, None) }
     } else {
-        let f = function(ctx, Module::KlExact, kernel(ExactKernel::JsdRows, pt, qt))?;
-        let mut l = stream.launch_builder(&f);
-        l.arg(&p)
-            .arg(&ldp)
-            .arg(&q)
-            .arg(&ldq)
-            .arg(&rows_i)
-            .arg(&cols_i)
-            .arg(&mask)
-            .arg(&beta)
-            .arg(&inv_tau)
-            .arg(&jsd_lse_p)
-            .arg(&jsd_lse_q)
-            .arg(&value)
-            .arg(&term)
-            .arg(&NULL);
-        // SAFETY: matches `jsd_rows_<p>_<q>(const P*, long long, const Q*, long long, int, int,
-        // const unsigned char*, float, float, const float*, const float*, float*, float*,
-        // float2*)`; one block per row; the normalisers were written by pass 1; a null
-        // `sums_out` makes the kernel finish the rows.
-        unsafe { l.launch(per_row) }.map_err(driver_error("launching jsd"))?;
+        params.partials = 0;
+        let name = kernel(ExactKernel::JsdRows, pt, qt);
+        unsafe { launch_exact(stream, name, per_row, &params, None) }
     }
-    Ok(())
 }
 
-/// A null device pointer, for the kernels' optional arguments.
-pub(super) const NULL: u64 = 0;
+/// The kernels' `ExactParams` (kernels/kl_exact.cu), field for field: the one parameter block
+/// of every exact-divergence kernel, forward, backward and the merges (each kernel's comment
+/// there names the fields it reads).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ExactParams {
+    pub(super) policy: u64,
+    pub(super) reference: u64,
+    /// The backward's policy gradient (the policy's dtype and stride; may equal `policy`).
+    pub(super) grad: u64,
+    pub(super) mask: u64,
+    /// The normalisers the JSD's second pass and the backward read (`rows` f32 each).
+    pub(super) lse_p: u64,
+    pub(super) lse_q: u64,
+    /// The backward's saved forward term and upstream gradient.
+    pub(super) saved: u64,
+    pub(super) g: u64,
+    /// `PairPartial` (the KLs) or `float2` (the JSD) records, or 0.
+    pub(super) partials: u64,
+    pub(super) out: ExactOut,
+    pub(super) ldp: i64,
+    pub(super) ldq: i64,
+    /// The merges: record (row, k) at `row·row_stride + k·part_stride`, `parts` per row.
+    pub(super) row_stride: i64,
+    pub(super) part_stride: i64,
+    pub(super) rows: i32,
+    pub(super) cols: i32,
+    pub(super) parts: i32,
+    pub(super) divergence: i32,
+    pub(super) beta: f32,
+    pub(super) inv_tau: f32,
+}
+
+// The layout the kernels assert (`static_assert` in kernels/kl_exact.cu).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<ExactParams>() == 176 && offset_of!(ExactParams, out) == 72);
+    assert!(offset_of!(ExactParams, ldp) == 120 && offset_of!(ExactParams, rows) == 152);
+    assert!(offset_of!(ExactParams, divergence) == 164 && offset_of!(ExactParams, inv_tau) == 172);
+};
+
+// SAFETY: repr(C) with the layout of the kernels' `struct ExactParams` (asserted above and in
+// the kernel), passed by value; plain old data.
+unsafe impl DeviceRepr for ExactParams {}
+
+impl ExactParams {
+    /// The row pair `policy` (`policy_shape`) and `reference` (`ref_shape`: the same rows and
+    /// cols, its own stride) with their row mask; every other field empty.
+    pub(super) fn pair(
+        policy: u64,
+        policy_shape: RowShape,
+        reference: u64,
+        ref_shape: RowShape,
+        mask: u64,
+        inv_tau: f32,
+    ) -> Self {
+        ExactParams {
+            policy,
+            reference,
+            mask,
+            ldp: policy_shape.row_stride as i64,
+            ldq: ref_shape.row_stride as i64,
+            rows: policy_shape.rows as i32,
+            cols: policy_shape.cols as i32,
+            inv_tau,
+            ..ExactParams::default()
+        }
+    }
+}
 
 /// One thread per row.
 pub(super) fn per_thread(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Launches `exact_kl_merge`: folds `parts` records per row, record (row, k) at
-/// `row·strides[0] + k·strides[1]`, and finishes the rows into `o`.
-#[allow(clippy::too_many_arguments)] // private: raw device addresses of one launch
-pub(super) fn merge_partials(
+/// Launches the exact-family kernel `name` on `cfg` with `params`, followed by the status word
+/// for the kernels that report (`exact_kl_rows`, `exact_kl_merge`, `exact_kl_backward`; `None`
+/// for the others, whose signature is `(ExactParams)` alone).
+///
+/// # Safety
+/// `name`'s signature is `(ExactParams[, unsigned long long*])` as `status` says (the struct's
+/// layout is asserted on both sides), `cfg` is its launch shape (one block of 256 threads per
+/// row or per (row, chunk), one thread per row for the merges; at most i32::MAX blocks), and
+/// every non-zero address in `params` is device memory of `stream`'s context holding what the
+/// kernel reads or writes for `params`' shape, alive until the kernel ran.
+pub(super) unsafe fn launch_exact(
     stream: &Arc<CudaStream>,
-    partials: u64,
-    strides: [i64; 2],
-    parts: usize,
-    rows: usize,
-    mask: u64,
-    divergence: i32,
-    inv_tau: f32,
-    o: ExactOut,
-    status: u64,
+    name: &'static str,
+    cfg: LaunchConfig,
+    params: &ExactParams,
+    status: Option<u64>,
 ) -> Result<()> {
-    let f = function(stream.context(), Module::KlExact, "exact_kl_merge")?;
-    let (parts_i, rows_i) = (parts as i32, rows as i32);
+    let f = function(stream.context(), Module::KlExact, name)?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&partials).arg(&strides[0]).arg(&strides[1]).arg(&parts_i).arg(&rows_i).arg(&mask);
-    l.arg(&divergence).arg(&inv_tau).arg(&o).arg(&status);
-    // SAFETY: matches `exact_kl_merge(const PairPartial*, long long, long long, int, int, const
-    // unsigned char*, int, float, ExactOut, unsigned long long*)`; one thread per row; the
-    // callers guarantee `partials` holds rows·parts records at those strides, `mask` (or null)
-    // `rows` bytes, every non-null output `rows` f32.
-    unsafe { l.launch(per_thread(rows)) }.map_err(driver_error("launching exact_kl_merge"))?;
-    Ok(())
-}
-
-/// Launches `jsd_merge`: sums `parts` float2 per row (strides as in [`merge_partials`]) and
-/// writes `[value, policy_term]` (each nullable).
-#[allow(clippy::too_many_arguments)] // private: raw device addresses of one launch
-pub(super) fn merge_jsd_sums(
-    stream: &Arc<CudaStream>,
-    sums: u64,
-    strides: [i64; 2],
-    parts: usize,
-    rows: usize,
-    mask: u64,
-    beta: f32,
-    [lse_p, lse_q]: [u64; 2],
-    [value, term]: [u64; 2],
-) -> Result<()> {
-    let f = function(stream.context(), Module::KlExact, "jsd_merge")?;
-    let (parts_i, rows_i) = (parts as i32, rows as i32);
-    let mut l = stream.launch_builder(&f);
-    l.arg(&sums).arg(&strides[0]).arg(&strides[1]).arg(&parts_i).arg(&rows_i).arg(&mask).arg(&beta);
-    l.arg(&lse_p).arg(&lse_q).arg(&value).arg(&term);
-    // SAFETY: matches `jsd_merge(const float2*, long long, long long, int, int, const unsigned
-    // char*, float, const float*, const float*, float*, float*)`; one thread per row; the
-    // callers guarantee `sums` holds rows·parts float2 at those strides and the normalisers
-    // and non-null outputs `rows` f32.
-    unsafe { l.launch(per_thread(rows)) }.map_err(driver_error("launching jsd_merge"))?;
+    l.arg(params);
+    if let Some(st) = &status {
+        l.arg(st);
+    }
+    // SAFETY: the caller's contract (see # Safety).
+    unsafe { l.launch(cfg) }.map_err(|e| Error::Driver {
+        during: "launching an exact-divergence kernel",
+        message: format!("{name}: {e:?}"),
+    })?;
     Ok(())
 }
 

@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::exact::{BLOCK, ExactKernel, check_reference, chunks, divergence_code, grid_blocks, kernel};
-use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr};
+use super::exact::{
+    BLOCK, ExactKernel, ExactParams, check_reference, chunks, divergence_code, grid_blocks, kernel,
+    launch_exact,
+};
+use crate::cuda::{CudaStatus, opt_ptr};
 use crate::logprobs::check_len;
 use crate::{
     Cuda, DType, Element, Error, ExactDivergence, ExactKlGrads, ExactKlOptions, ReferenceRows, Result,
@@ -162,24 +164,21 @@ pub(super) unsafe fn launch_backward(
     let inv_tau = opts.inv_temperature()?;
     let shape = a.policy_shape;
     let blocks = grid_blocks(shape.rows, chunks(shape))?;
-    let (div, beta) = divergence_code(opts.divergence);
-    let (ldp, ldq) = (shape.row_stride as i64, a.ref_shape.row_stride as i64);
-    let (rows_i, cols_i) = (shape.rows as i32, shape.cols as i32);
-    let f = function(
-        stream.context(),
-        Module::KlExact,
-        kernel(ExactKernel::Backward, a.policy_dtype, a.ref_dtype),
-    )?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&a.policy).arg(&ldp).arg(&a.reference).arg(&ldq).arg(&a.grad_policy).arg(&rows_i).arg(&cols_i);
-    l.arg(&a.mask).arg(&div).arg(&beta).arg(&inv_tau).arg(&a.policy_lse).arg(&a.ref_lse).arg(&saved);
-    l.arg(&a.grad).arg(&a.status);
+    let (divergence, beta) = divergence_code(opts.divergence);
+    let params = ExactParams {
+        grad: a.grad_policy,
+        lse_p: a.policy_lse,
+        lse_q: a.ref_lse,
+        saved,
+        g: a.grad,
+        divergence,
+        beta,
+        ..ExactParams::pair(a.policy, shape, a.reference, a.ref_shape, a.mask, inv_tau)
+    };
+    let name = kernel(ExactKernel::Backward, a.policy_dtype, a.ref_dtype);
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: matches `exact_kl_backward_<p>_<q>(const P*, long long, const Q*, long long, P*,
-    // int, int, const unsigned char*, int, float, float, const float*, const float*, const
-    // float*, const float*, unsigned long long*)`; one block of 256 threads per (row, chunk);
-    // the caller guarantees the buffers (see # Safety); for KL[ref‖π] `saved` points at `grad`
-    // and is never read.
-    unsafe { l.launch(cfg) }.map_err(driver_error("launching exact_kl_backward"))?;
-    Ok(())
+    // SAFETY: `exact_kl_backward_<p>_<q>(ExactParams, unsigned long long*)` with one block of 256
+    // threads per (row, chunk); the caller guarantees the buffers (see # Safety); for KL[ref‖π]
+    // `saved` points at `grad` and is never read.
+    unsafe { launch_exact(stream, name, cfg, &params, Some(a.status)) }
 }

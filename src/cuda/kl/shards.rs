@@ -8,16 +8,14 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
 
 use super::exact::{
-    BLOCK, ExactKernel, ExactOut, NULL, check_outputs, check_reference, divergence_code, kernel,
-    merge_jsd_sums, merge_partials,
+    BLOCK, ExactKernel, ExactOut, ExactParams, check_outputs, check_reference, divergence_code, kernel,
+    launch_exact, per_thread,
 };
-use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::cuda::{CudaStatus, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
 use crate::{Cuda, ExactKlOutputs, ReferenceRows};
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
@@ -53,6 +51,9 @@ fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
             expected: "shards x rows records, laid out [shards][rows]",
         });
     }
+    // One row per merge thread and `shards` records per row: the limits of a [rows, shards]
+    // batch (the kernels count both in 32 bits).
+    RowShape::new(rows, len / rows).validate(what)?;
     Ok(len / rows)
 }
 
@@ -105,20 +106,16 @@ pub fn exact_kl_shard_partials<P: Element, Q: Element>(
     let (q, _g2) = reference.logits.device_ptr(s);
     let (mask, _g3) = opt_ptr(&reference.mask, s);
     let (out, _g4) = partials.device_ptr_mut(s);
-    let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
-    let (rows_i, cols_i, div) = (rows as i32, policy_shape.cols as i32, 0i32);
-    let f = function(stream.context(), Module::KlExact, kernel(ExactKernel::Rows, P::DTYPE, Q::DTYPE))?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&p).arg(&ldp).arg(&q).arg(&ldq).arg(&rows_i).arg(&cols_i).arg(&mask).arg(&div).arg(&inv_tau);
-    let no_outputs = ExactOut::default();
-    l.arg(&no_outputs).arg(&out).arg(&NULL);
-    // SAFETY: matches `exact_kl_rows_<p>_<q>(const P*, long long, const Q*, long long, int, int,
-    // const unsigned char*, int, float, ExactOut, PairPartial*, unsigned long long*)`; one
-    // block of 256 threads per row; both rows cover the checked shapes; with `partials_out`
-    // non-null the kernel writes one record per row (`rows` checked) and touches neither the
-    // (null) outputs nor the (null) status.
-    unsafe { l.launch(per_row(rows)) }.map_err(driver_error("launching exact_kl_shard_partials"))?;
-    Ok(())
+    let params = ExactParams {
+        partials: out,
+        ..ExactParams::pair(p, policy_shape, q, reference.shape, mask, inv_tau)
+    };
+    let name = kernel(ExactKernel::Rows, P::DTYPE, Q::DTYPE);
+    // SAFETY: `exact_kl_rows_<p>_<q>(ExactParams, unsigned long long*)` with one block of 256
+    // threads per row; both rows cover the checked shapes; with `partials` non-null the kernel
+    // writes one record per row (`rows` checked) and touches neither the (null) outputs nor the
+    // (null) status.
+    unsafe { launch_exact(stream, name, per_row(rows), &params, Some(0)) }
 }
 
 /// Merges the [`ExactKlPartial`]s of all shards (`[shards][rows]`, shard order; `mask` one byte
@@ -165,10 +162,23 @@ pub fn finish_exact_kl_partials(
     let (ref_lse, _g5) = opt_ptr_mut(&mut out.ref_lse, s);
     let (policy_term, _g6) = opt_ptr_mut(&mut out.policy_term, s);
     let (st, _g7) = status.device_ptr(s);
-    let o = ExactOut { value, policy_lse, ref_lse, policy_term, ..ExactOut::default() };
-    let (div, _) = divergence_code(opts.divergence);
-    // Record (row, shard) at row + shard·rows.
-    merge_partials(stream, parts, [1, rows as i64], shards, rows, mask, div, inv_tau, o, st)
+    let params = ExactParams {
+        partials: parts,
+        out: ExactOut { value, policy_lse, ref_lse, policy_term, ..ExactOut::default() },
+        mask,
+        // Record (row, shard) at row + shard·rows.
+        row_stride: 1,
+        part_stride: rows as i64,
+        rows: rows as i32,
+        parts: shards as i32,
+        divergence: divergence_code(opts.divergence).0,
+        inv_tau,
+        ..ExactParams::default()
+    };
+    // SAFETY: `exact_kl_merge(ExactParams, unsigned long long*)`, one thread per row; the
+    // partials hold shards·rows records (checked), the mask (or null) and every non-null
+    // output `rows` bytes / f32 (checked), the status one u64.
+    unsafe { launch_exact(stream, "exact_kl_merge", per_thread(rows), &params, Some(st)) }
 }
 
 /// The JSD's second round on a vocabulary shard on the GPU: per row the pair
@@ -203,19 +213,19 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
     let (lse_q, _g5) = ref_lse.device_ptr(s);
     let (out, _g6) = sums.device_ptr_mut(s);
     check_float2_aligned(out)?;
-    let (ldp, ldq) = (policy_shape.row_stride as i64, reference.shape.row_stride as i64);
-    let (rows_i, cols_i) = (rows as i32, policy_shape.cols as i32);
-    let f = function(stream.context(), Module::KlExact, kernel(ExactKernel::JsdRows, P::DTYPE, Q::DTYPE))?;
-    let mut l = stream.launch_builder(&f);
-    l.arg(&p).arg(&ldp).arg(&q).arg(&ldq).arg(&rows_i).arg(&cols_i).arg(&mask).arg(&beta).arg(&inv_tau);
-    l.arg(&lse_p).arg(&lse_q).arg(&NULL).arg(&NULL).arg(&out);
-    // SAFETY: matches `jsd_rows_<p>_<q>(const P*, long long, const Q*, long long, int, int,
-    // const unsigned char*, float, float, const float*, const float*, float*, float*, float2*)`;
-    // one block of 256 threads per row; both rows cover the checked shapes, the normalisers
-    // hold `rows` f32 and `sums` 2·rows f32 at an 8-byte aligned address (checked), so the
-    // kernel's one float2 per row fits.
-    unsafe { l.launch(per_row(rows)) }.map_err(driver_error("launching jsd_shard_sums"))?;
-    Ok(())
+    let params = ExactParams {
+        lse_p,
+        lse_q,
+        partials: out,
+        beta,
+        ..ExactParams::pair(p, policy_shape, q, reference.shape, mask, inv_tau)
+    };
+    let name = kernel(ExactKernel::JsdRows, P::DTYPE, Q::DTYPE);
+    // SAFETY: `jsd_rows_<p>_<q>(ExactParams)` with one block of 256 threads per row; both rows
+    // cover the checked shapes, the normalisers hold `rows` f32 and `sums` 2·rows f32 at an
+    // 8-byte aligned address (checked), so the kernel's one float2 per row fits; with
+    // `partials` non-null it writes no value or policy term.
+    unsafe { launch_exact(stream, name, per_row(rows), &params, None) }
 }
 
 /// Sums the JSD's shard sums (`[shards][rows][2]` f32, shard order) and writes
@@ -261,8 +271,24 @@ pub fn finish_jsd_sums(
     let (lse_q, _g4) = ref_lse.device_ptr(s);
     let (v, _g5) = opt_ptr_mut(&mut value, s);
     let (t, _g6) = opt_ptr_mut(&mut policy_term, s);
-    // float2 (row, shard) at row + shard·rows.
-    merge_jsd_sums(stream, sm, [1, rows as i64], shards, rows, mask, beta, [lse_p, lse_q], [v, t])
+    let params = ExactParams {
+        partials: sm,
+        lse_p,
+        lse_q,
+        out: ExactOut { value: v, policy_term: t, ..ExactOut::default() },
+        mask,
+        // float2 (row, shard) at row + shard·rows.
+        row_stride: 1,
+        part_stride: rows as i64,
+        rows: rows as i32,
+        parts: shards as i32,
+        beta,
+        ..ExactParams::default()
+    };
+    // SAFETY: `jsd_merge(ExactParams)`, one thread per row; the sums hold shards·rows float2 at
+    // an 8-byte aligned address (checked), the normalisers, the mask (or null) and every
+    // non-null output `rows` f32 / bytes (checked).
+    unsafe { launch_exact(stream, "jsd_merge", per_thread(rows), &params, None) }
 }
 
 fn check_float2_aligned(address: u64) -> Result<()> {

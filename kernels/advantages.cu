@@ -46,10 +46,13 @@ struct GaeParams {
   int rows, cols, nchunks;
   float gamma, gamma_lambda, beta;
   int reset;
+  Affine* maps;       // the split scan's workspace: rows·nchunks chunk maps, then as many
+  GaeState* carries;  // entering states (null for the one-pass kernels)
 };
-static_assert(sizeof(GaeParams) == 96, "GaeParams: 96 bytes, as on the host (src/cuda/advantages/gae.rs)");
+static_assert(sizeof(GaeParams) == 112, "GaeParams: 112 bytes, as on the host (src/cuda/advantages/gae.rs)");
 static_assert(offsetof(GaeParams, ld) == 56 && offsetof(GaeParams, nchunks) == 72 &&
-                  offsetof(GaeParams, beta) == 84 && offsetof(GaeParams, reset) == 88,
+                  offsetof(GaeParams, beta) == 84 && offsetof(GaeParams, reset) == 88 &&
+                  offsetof(GaeParams, maps) == 96 && offsetof(GaeParams, carries) == 104,
               "GaeParams: field offsets as on the host");
 
 __device__ __forceinline__ Affine identity_map() { return {1.0f, 0.0f, 0.0f, 1.0f, 1.0f, 0.0f, 0.0f, 0.0f}; }
@@ -240,7 +243,8 @@ extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_warp(GaeParams P, un
 
 // Longer sequences, first of two passes when a sequence spans several chunks: the composed
 // map of every chunk but the first, `maps[row·nchunks + chunk]`.
-extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_chunk_maps(GaeParams P, Affine* __restrict__ maps) {
+extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_chunk_maps(GaeParams P) {
+  Affine* __restrict__ maps = P.maps;
   __shared__ Affine totals[GAE_BLOCK / 32];
   const long long row = blockIdx.x / P.nchunks;
   const int chunk = static_cast<int>(blockIdx.x % P.nchunks);
@@ -261,8 +265,9 @@ extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_chunk_maps(GaeParams
 // Second pass when a sequence spans several chunks: one thread per sequence applies the
 // chunk maps right to left from the end state, writing the state entering every chunk,
 // `carries[row·nchunks + chunk]` (O(chunks) per sequence, in a fixed order).
-extern "C" __global__ void __launch_bounds__(GAE_BLOCK)
-gae_carries(GaeParams P, const Affine* __restrict__ maps, GaeState* __restrict__ carries) {
+extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_carries(GaeParams P) {
+  const Affine* __restrict__ maps = P.maps;
+  GaeState* __restrict__ carries = P.carries;
   const long long row = static_cast<long long>(blockIdx.x) * GAE_BLOCK + threadIdx.x;
   if (row >= P.rows) return;
   const long long at = row * P.nchunks;
@@ -276,8 +281,8 @@ gae_carries(GaeParams P, const Affine* __restrict__ maps, GaeState* __restrict__
 
 // Second pass of the long sequences: one block per (sequence, chunk), the block scan entering
 // from the right with the state gae_carries wrote.
-extern "C" __global__ void __launch_bounds__(GAE_BLOCK)
-gae_block(GaeParams P, const GaeState* __restrict__ carries, unsigned long long* status) {
+extern "C" __global__ void __launch_bounds__(GAE_BLOCK) gae_block(GaeParams P, unsigned long long* status) {
+  const GaeState* __restrict__ carries = P.carries;
   __shared__ Affine totals[GAE_BLOCK / 32];
   const long long row = blockIdx.x / P.nchunks;
   const int chunk = static_cast<int>(blockIdx.x % P.nchunks);

@@ -108,11 +108,12 @@ struct SampledParams {
   int weights_known;  // the three counts below are the denominators (given by the host)
   double max_len;
   double tokens, valid_sequences, sequences;
+  void* records;  // one SampledRow per sequence for the statistics, or null
 };
-static_assert(sizeof(SampledParams) == 120, "SampledParams: 120 bytes, as on the host");
+static_assert(sizeof(SampledParams) == 128, "SampledParams: 128 bytes, as on the host");
 static_assert(offsetof(SampledParams, ld) == 48 && offsetof(SampledParams, chosen) == 64 &&
                   offsetof(SampledParams, coef) == 76 && offsetof(SampledParams, weights_known) == 84 &&
-                  offsetof(SampledParams, max_len) == 88 && offsetof(SampledParams, sequences) == 112,
+                  offsetof(SampledParams, max_len) == 88 && offsetof(SampledParams, sequences) == 112 && offsetof(SampledParams, records) == 120,
               "SampledParams: field offsets as on the host");
 
 // One block per sequence (row of the [B, T] batch). Writes the chosen estimator's values, the
@@ -120,7 +121,8 @@ static_assert(offsetof(SampledParams, ld) == 48 && offsetof(SampledParams, chose
 // with `P.weights_known` the three counts given by the host), and the row's record.
 // A NaN in a valid token is reported (the row's outputs are then meaningless).
 extern "C" __global__ void __launch_bounds__(256)
-sampled_kl_rows(SampledParams P, SampledRow* __restrict__ records, unsigned long long* __restrict__ status) {
+sampled_kl_rows(SampledParams P, unsigned long long* __restrict__ status) {
+  SampledRow* __restrict__ records = static_cast<SampledRow*>(P.records);
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   if (row >= P.rows) return;

@@ -36,11 +36,12 @@ struct PolicyParams {
   int accumulate;     // add ∂loss/∂logp to grad_logp at valid tokens
   double tokens, valid_sequences, sequences;
   const double* counts;  // or the denominators on the device (the mask count); else null
+  void* records;         // one PolicyRow per sequence for the statistics, or null
 };
-static_assert(sizeof(PolicyParams) == 160, "PolicyParams: 160 bytes, as on the host (src/cuda/ppo/loss.rs)");
+static_assert(sizeof(PolicyParams) == 168, "PolicyParams: 168 bytes, as on the host (src/cuda/ppo/loss.rs)");
 static_assert(offsetof(PolicyParams, ld) == 64 && offsetof(PolicyParams, objective) == 80 &&
                   offsetof(PolicyParams, entropy_coef) == 104 && offsetof(PolicyParams, max_len) == 112 &&
-                  offsetof(PolicyParams, accumulate) == 124 && offsetof(PolicyParams, counts) == 152,
+                  offsetof(PolicyParams, accumulate) == 124 && offsetof(PolicyParams, counts) == 152 && offsetof(PolicyParams, records) == 160,
               "PolicyParams: field offsets as on the host");
 
 // One sequence's sums over its valid tokens (f32 within the row, f64 across rows).
@@ -215,7 +216,8 @@ __device__ __forceinline__ float policy_weight(const PolicyParams& P, double tok
 // One block of 256 threads per sequence: per-token loss, the gradients when the denominators
 // are known (on the host or counted on the device), and the row record.
 extern "C" __global__ void __launch_bounds__(256)
-policy_loss_rows(PolicyParams P, PolicyRow* __restrict__ records, unsigned long long* __restrict__ status) {
+policy_loss_rows(PolicyParams P, unsigned long long* __restrict__ status) {
+  PolicyRow* __restrict__ records = static_cast<PolicyRow*>(P.records);
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   if (row >= P.rows) return;
@@ -314,11 +316,12 @@ struct ValueParams {
   int weights_known;  // the three counts below are the denominators (given by the host)
   double tokens, valid_sequences, sequences;
   const double* counts;  // or the denominators on the device (the mask count); else null
+  void* records;         // one ValueRow per sequence for the statistics, or null
 };
-static_assert(sizeof(ValueParams) == 128, "ValueParams: 128 bytes, as on the host (src/cuda/ppo/value.rs)");
+static_assert(sizeof(ValueParams) == 136, "ValueParams: 136 bytes, as on the host (src/cuda/ppo/value.rs)");
 static_assert(offsetof(ValueParams, ld) == 48 && offsetof(ValueParams, aggregation) == 72 &&
                   offsetof(ValueParams, max_len) == 80 && offsetof(ValueParams, weights_known) == 88 &&
-                  offsetof(ValueParams, tokens) == 96 && offsetof(ValueParams, counts) == 120,
+                  offsetof(ValueParams, tokens) == 96 && offsetof(ValueParams, counts) == 120 && offsetof(ValueParams, records) == 128,
               "ValueParams: field offsets as on the host");
 
 // Loss sum, clipped count, valid count (and padding).
@@ -392,7 +395,8 @@ __device__ __forceinline__ float value_weight(const ValueParams& P, double token
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(256)
-value_loss_rows(ValueParams P, ValueRow* __restrict__ records, unsigned long long* __restrict__ status) {
+value_loss_rows(ValueParams P, unsigned long long* __restrict__ status) {
+  ValueRow* __restrict__ records = static_cast<ValueRow*>(P.records);
   __shared__ float scratch[32];
   const long long row = blockIdx.x;
   if (row >= P.rows) return;

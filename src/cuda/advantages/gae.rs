@@ -48,19 +48,24 @@ struct GaeParams {
     gamma_lambda: f32,
     beta: f32,
     reset: i32,
+    /// The split scan's workspace: `rows·nchunks` 32-byte chunk maps, then as many entering
+    /// states (0 for the one-pass kernels).
+    maps: u64,
+    carries: u64,
 }
 
 // The layout the kernel asserts (`static_assert` in kernels/advantages.cu).
 const _: () = {
     use std::mem::{offset_of, size_of};
-    assert!(size_of::<GaeParams>() == 96);
+    assert!(size_of::<GaeParams>() == 112);
     assert!(offset_of!(GaeParams, ld) == 56 && offset_of!(GaeParams, nchunks) == 72);
     assert!(offset_of!(GaeParams, beta) == 84 && offset_of!(GaeParams, reset) == 88);
+    assert!(offset_of!(GaeParams, maps) == 96 && offset_of!(GaeParams, carries) == 104);
 };
 
 // SAFETY: repr(C) with the layout of the kernels' `struct GaeParams` (asserted above and in the
-// kernel): seven 8-byte pointers, a 64-bit stride, three ints, three floats, an int: 92 bytes
-// padded to 96 on both sides.
+// kernel): seven 8-byte pointers, a 64-bit stride, three ints, three floats, an int (padded to
+// 96), then two pointers: 112 bytes on both sides.
 unsafe impl DeviceRepr for GaeParams {}
 
 /// GAE advantages and returns on the GPU: the twin of [`cpu::gae`](crate::cpu::gae) (same
@@ -204,7 +209,7 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
     let need = gae_workspace_bytes(shape);
     let s: &CudaStream = stream;
     let st = a.status;
-    let params = GaeParams {
+    let mut params = GaeParams {
         rewards: a.rewards,
         kl: a.kl,
         scores: a.scores,
@@ -220,6 +225,8 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
         gamma_lambda: opts.gamma * opts.lambda,
         beta: if a.kl != 0 { a.beta } else { 0.0 },
         reset: i32::from(opts.masked == MaskedSteps::Reset),
+        maps: 0,
+        carries: 0,
     };
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let ctx = stream.context();
@@ -265,32 +272,33 @@ pub(crate) unsafe fn launch_gae(stream: &Arc<CudaStream>, a: &GaeArgs, opts: &Ga
         });
     }
     // The entering states (12 bytes each) after the maps (32 bytes each, a multiple of 16).
-    let carries = maps + (shape.rows * nchunks * MAP_BYTES) as u64;
+    params.maps = maps;
+    params.carries = maps + (shape.rows * nchunks * MAP_BYTES) as u64;
     {
         let f = function(ctx, Module::Advantages, "gae_chunk_maps")?;
         let mut l = stream.launch_builder(&f);
-        l.arg(&params).arg(&maps);
-        // SAFETY: matches `gae_chunk_maps(GaeParams, Affine*)`; one block of 256 threads per
+        l.arg(&params);
+        // SAFETY: matches `gae_chunk_maps(GaeParams)` (writing `maps`); one block of 256 threads per
         // (row, chunk), rows·chunks ≤ i32::MAX (checked); the workspace holds rows·nchunks
         // 32-byte maps then as many 16-byte states (the caller's contract, or allocated with that size).
         unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_chunk_maps"))?;
         let f = function(ctx, Module::Advantages, "gae_carries")?;
         let mut l = stream.launch_builder(&f);
-        l.arg(&params).arg(&maps).arg(&carries);
+        l.arg(&params);
         let per_row = LaunchConfig {
             grid_dim: (shape.rows.div_ceil(256) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `gae_carries(GaeParams, const Affine*, GaeState*)`; one thread per
+        // SAFETY: matches `gae_carries(GaeParams)` (reading `maps`, writing `carries`); one thread per
         // row (threads past the last row return); reads the maps of chunks 1.. written above
         // on this stream and writes every chunk's entering state inside the workspace.
         unsafe { l.launch(per_row) }.map_err(driver_error("launching gae_carries"))?;
     }
     let f = function(ctx, Module::Advantages, "gae_block")?;
     let mut l = stream.launch_builder(&f);
-    l.arg(&params).arg(&carries).arg(&st);
-    // Kernel: gae_block(GaeParams, const GaeState*, unsigned long long*); a block a (row, chunk).
+    l.arg(&params).arg(&st);
+    // Kernel: gae_block(GaeParams, unsigned long long*) (reading `carries`); a block a (row, chunk).
     // SAFETY: the arguments match; `carries` holds the states the launch above wrote on this
     // stream; `params` pointers are null or cover the shape (the caller's contract).
     unsafe { l.launch(cfg) }.map_err(driver_error("launching gae_block"))?;

@@ -171,13 +171,14 @@ struct SampledParams {
     tokens: f64,
     valid_sequences: f64,
     sequences: f64,
+    records: u64,
 }
 
 // The layout the kernel asserts (`static_assert` in kernels/kl_sampled.cu): a mismatch is a
 // build error on either side.
 const _: () = {
     use std::mem::{offset_of, size_of};
-    assert!(size_of::<SampledParams>() == 120);
+    assert!(size_of::<SampledParams>() == 128 && offset_of!(SampledParams, records) == 120);
     assert!(offset_of!(SampledParams, ld) == 48 && offset_of!(SampledParams, chosen) == 64);
     assert!(offset_of!(SampledParams, coef) == 76 && offset_of!(SampledParams, weights_known) == 84);
     assert!(offset_of!(SampledParams, max_len) == 88 && offset_of!(SampledParams, sequences) == 112);
@@ -247,14 +248,15 @@ pub(crate) unsafe fn launch_sampled(
         tokens: counts[0],
         valid_sequences: counts[1],
         sequences: counts[2],
+        records,
     };
     let per_row =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
 
     let func = function(stream.context(), Module::KlSampled, "sampled_kl_rows")?;
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&params).arg(&records).arg(&a.status);
-    // SAFETY: matches `sampled_kl_rows(SampledParams, SampledRow*, unsigned long long*)` (the
+    launch.arg(&params).arg(&a.status);
+    // SAFETY: matches `sampled_kl_rows(SampledParams, unsigned long long*)` (the
     // struct's layout is asserted on both sides); one block of 256 threads per sequence (rows ≤
     // i32::MAX, checked by the shape); every buffer covers the shape (the caller's contract) or
     // is null, which the kernel tests; the records hold one 40-byte record per row and the

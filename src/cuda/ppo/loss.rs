@@ -62,13 +62,14 @@ struct PolicyParams {
     valid_sequences: f64,
     sequences: f64,
     counts: u64,
+    records: u64,
 }
 
 // The layout the kernel asserts (`static_assert` in kernels/ppo.cu): a mismatch is a build
 // error on either side.
 const _: () = {
     use std::mem::{offset_of, size_of};
-    assert!(size_of::<PolicyParams>() == 160);
+    assert!(size_of::<PolicyParams>() == 168 && offset_of!(PolicyParams, records) == 160);
     assert!(offset_of!(PolicyParams, ld) == 64 && offset_of!(PolicyParams, objective) == 80);
     assert!(offset_of!(PolicyParams, entropy_coef) == 104 && offset_of!(PolicyParams, max_len) == 112);
     assert!(offset_of!(PolicyParams, accumulate) == 124 && offset_of!(PolicyParams, counts) == 152);
@@ -76,10 +77,10 @@ const _: () = {
 
 // SAFETY: repr(C) with the layout of the kernels' `struct PolicyParams` (asserted above and in
 // the kernel): eight 8-byte pointers, a 64-bit stride, three ints, six floats, an int, a
-// double, two ints, three doubles and a pointer, in that order on both sides (160 bytes).
+// double, two ints, three doubles and two pointers, in that order on both sides (168 bytes).
 unsafe impl DeviceRepr for PolicyParams {}
 
-/// The launches shared by the two losses (kernels/ppo.cu): `{loss}_rows(Params, Row*, status)`
+/// The launches shared by the two losses (kernels/ppo.cu): `{loss}_rows(Params, status)`
 /// with one block of 256 threads per sequence, then, when records are needed, the one-block
 /// `{loss}_finalize(FinalizeParams)`. (The mask count a gradient under the batch's own
 /// denominators needs runs before, from the caller.)
@@ -99,8 +100,8 @@ impl LossLaunch {
     ///
     /// # Safety
     /// `params` is the `Params` struct of `self.kernels`, whose pointers are null or
-    /// cover the launch's shape; `finalize.records` (when records are needed) holds one row
-    /// record per sequence and `finalize.stats` the kernel's statistics words, all device
+    /// cover the launch's shape, with the same `records` as `finalize`, which (when records
+    /// are needed) hold one row record per sequence and `finalize.stats` the kernel's statistics words, all device
     /// memory of `stream`'s context that stays allocated until the kernels ran.
     pub(super) unsafe fn run<P: DeviceRepr>(&self, stream: &Arc<CudaStream>, params: &P) -> Result<()> {
         let ctx = stream.context();
@@ -108,8 +109,8 @@ impl LossLaunch {
             LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let f = function(ctx, Module::Ppo, self.kernels[0])?;
         let mut l = stream.launch_builder(&f);
-        l.arg(params).arg(&self.finalize.records).arg(&self.status);
-        // SAFETY: the caller's contract; the signature is `(Params, Row*, unsigned long long*)`,
+        l.arg(params).arg(&self.status);
+        // SAFETY: the caller's contract; the signature is `(Params, unsigned long long*)`,
         // one block of 256 threads per sequence (rows ≤ i32::MAX by the shape check).
         unsafe { l.launch(per_row) }.map_err(driver_error("launching a loss's rows kernel"))?;
         if !self.need_records {
@@ -364,6 +365,7 @@ pub(crate) unsafe fn launch_policy(
         valid_sequences: counts[1],
         sequences: counts[2],
         counts: device_counts,
+        records,
     };
     let launch = LossLaunch {
         kernels: ["policy_loss_rows", "policy_loss_finalize"],

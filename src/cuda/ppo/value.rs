@@ -50,12 +50,13 @@ struct ValueParams {
     valid_sequences: f64,
     sequences: f64,
     counts: u64,
+    records: u64,
 }
 
 // The layout the kernel asserts (`static_assert` in kernels/ppo.cu).
 const _: () = {
     use std::mem::{offset_of, size_of};
-    assert!(size_of::<ValueParams>() == 128);
+    assert!(size_of::<ValueParams>() == 136 && offset_of!(ValueParams, records) == 128);
     assert!(offset_of!(ValueParams, ld) == 48 && offset_of!(ValueParams, aggregation) == 72);
     assert!(offset_of!(ValueParams, max_len) == 80 && offset_of!(ValueParams, weights_known) == 88);
     assert!(offset_of!(ValueParams, tokens) == 96 && offset_of!(ValueParams, counts) == 120);
@@ -63,7 +64,7 @@ const _: () = {
 
 // SAFETY: repr(C) with the layout of the kernels' `struct ValueParams` (asserted above and in
 // the kernel): six 8-byte pointers, a 64-bit stride, two ints, two floats, an int (padded to 8),
-// a double, an int (padded to 8), three doubles and a pointer.
+// a double, an int (padded to 8), three doubles and two pointers (136 bytes).
 unsafe impl DeviceRepr for ValueParams {}
 
 /// The clipped value loss on the GPU, the twin of [`cpu::value_loss`](crate::cpu::value_loss).
@@ -238,6 +239,7 @@ pub(crate) unsafe fn launch_value(
         valid_sequences: counts[1],
         sequences: counts[2],
         counts: device_counts,
+        records,
     };
     let launch = LossLaunch {
         kernels: ["value_loss_rows", "value_loss_finalize"],

@@ -132,6 +132,17 @@ impl Normaliser {
 }
 
 impl Aggregation {
+    /// The kernels' aggregation code and `max_len` (`token_weight` in kernels/aggregation.cuh).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn code(self) -> (i32, f64) {
+        match self {
+            Aggregation::TokenMean => (0, 0.0),
+            Aggregation::SeqMeanTokenSum => (1, 0.0),
+            Aggregation::SeqMeanTokenMean => (2, 0.0),
+            Aggregation::SeqMeanTokenSumNorm { max_len } => (3, max_len as f64),
+        }
+    }
+
     /// The weight `∂loss/∂L[i, t]` of every valid token of a row with `row_valid` valid tokens:
     /// the loss is `Σ_{i,t} mask·weight·L`. A zero denominator gives weight 0 (an empty batch
     /// has loss 0, never a division by zero).

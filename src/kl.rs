@@ -326,6 +326,19 @@ pub enum ExactDivergence {
     },
 }
 
+impl ExactDivergence {
+    /// The kernels' divergence code and the JSD's β (0 for the two KLs; `divergence` in
+    /// kernels/kl_exact.cu).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn code(self) -> (i32, f32) {
+        match self {
+            ExactDivergence::PolicyRef => (0, 0.0),
+            ExactDivergence::RefPolicy => (1, 0.0),
+            ExactDivergence::Jsd { beta } => (2, beta),
+        }
+    }
+}
+
 /// Options of the exact full-vocabulary divergence ops, on every backend.
 ///
 /// ```

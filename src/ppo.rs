@@ -58,6 +58,19 @@ pub enum PolicyObjective {
     Cispo,
 }
 
+impl PolicyObjective {
+    /// The kernels' objective code (`PolicyParams::objective` in kernels/ppo.cu).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            PolicyObjective::Clip => 0,
+            PolicyObjective::KlPenalty { .. } => 1,
+            PolicyObjective::Gspo => 2,
+            PolicyObjective::Cispo => 3,
+        }
+    }
+}
+
 /// Options of the policy loss.
 ///
 /// ```

@@ -30,6 +30,19 @@ pub enum GroupEstimator {
     GroupMean,
 }
 
+impl GroupEstimator {
+    /// The kernel's estimator code and ε (`group_affine` in kernels/advantages.cu).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn code(self) -> (i32, f64) {
+        match self {
+            GroupEstimator::Grpo { std: GroupStd::Unbiased, eps } => (0, eps as f64),
+            GroupEstimator::Grpo { std: GroupStd::Biased, eps } => (1, eps as f64),
+            GroupEstimator::Grpo { std: GroupStd::NoStd, .. } | GroupEstimator::GroupMean => (2, 0.0),
+            GroupEstimator::Rloo => (3, 0.0),
+        }
+    }
+}
+
 /// What a group with a single response gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SingletonGroups {

@@ -9,10 +9,7 @@ use cudarc::driver::{
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, driver_error, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
-use crate::{
-    Cuda, GroupAdvantageOptions, GroupAdvantageOutputs, GroupEstimator, GroupStd, Groups, Result, RowShape,
-    TokenOutput,
-};
+use crate::{Cuda, GroupAdvantageOptions, GroupAdvantageOutputs, Groups, Result, RowShape, TokenOutput};
 
 /// [`Groups`] on the device: the member lists (CSR) uploaded once, reusable for every call on
 /// batches with the same grouping.
@@ -34,16 +31,6 @@ impl DeviceGroups {
     /// The grouping on the host.
     pub fn groups(&self) -> &Groups {
         &self.host
-    }
-}
-
-/// The kernel's estimator code and ε.
-fn estimator_code(opts: &GroupAdvantageOptions) -> (i32, f64) {
-    match opts.estimator {
-        GroupEstimator::Grpo { std: GroupStd::Unbiased, eps } => (0, eps as f64),
-        GroupEstimator::Grpo { std: GroupStd::Biased, eps } => (1, eps as f64),
-        GroupEstimator::Grpo { std: GroupStd::NoStd, .. } | GroupEstimator::GroupMean => (2, 0.0),
-        GroupEstimator::Rloo => (3, 0.0),
     }
 }
 
@@ -153,7 +140,7 @@ pub(super) unsafe fn launch_groups(
     let (off, _g2) = groups.offsets.device_ptr(s);
     let (mem, _g3) = groups.members.device_ptr(s);
     let count = groups.host.count();
-    let (code, eps) = estimator_code(opts);
+    let (code, eps) = opts.estimator.code();
     let params = GroupParams {
         scores: p.scores,
         offsets: off,

@@ -12,16 +12,6 @@ use crate::cuda::driver_error;
 use crate::cuda::module::{Module, function};
 use crate::{Aggregation, BatchCounts, Error, Normaliser, Result, RowShape, WhitenOptions};
 
-/// The kernels' aggregation code and `max_len`.
-pub(crate) fn aggregation_code(a: Aggregation) -> (i32, f64) {
-    match a {
-        Aggregation::TokenMean => (0, 0.0),
-        Aggregation::SeqMeanTokenSum => (1, 0.0),
-        Aggregation::SeqMeanTokenMean => (2, 0.0),
-        Aggregation::SeqMeanTokenSumNorm { max_len } => (3, max_len as f64),
-    }
-}
-
 /// The aggregation a finalize kernel applies (kernels/aggregation.cuh `AggregationParams`): one
 /// parameter block, the same fields at the same offsets on both sides (asserted on both), built
 /// from an [`Aggregation`] and the denominators when the host knows them.
@@ -51,7 +41,7 @@ impl AggregationParams {
     /// `aggregation` over `counts` (`[valid tokens, valid sequences, sequences]`) when known,
     /// else over the batch's own counts, which the finalize kernel sums from its records.
     pub(crate) fn new(aggregation: Aggregation, counts: Option<[f64; 3]>) -> Self {
-        let (code, max_len) = aggregation_code(aggregation);
+        let (code, max_len) = aggregation.code();
         let [tokens, valid_sequences, sequences] = counts.unwrap_or([0.0; 3]);
         AggregationParams {
             aggregation: code,

@@ -19,8 +19,8 @@ use cudarc::driver::{CudaStream, CudaView, DevicePtr};
 
 use launch::launch_aggregate;
 pub(crate) use launch::{
-    AggregationParams, FinalizeParams, ONE_BLOCK, ReductionParams, aggregation_code, check_workspace,
-    count_mask, known_counts, per_row, records_and_count_bytes, workspace_or_alloc,
+    AggregationParams, FinalizeParams, ONE_BLOCK, ReductionParams, check_workspace, count_mask, known_counts,
+    per_row, records_and_count_bytes, workspace_or_alloc,
 };
 pub use launch::{ReductionArgs, aggregate_workspace_bytes};
 

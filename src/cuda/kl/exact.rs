@@ -59,14 +59,6 @@ pub(super) fn grid_blocks(rows: usize, chunks: usize) -> Result<u32> {
     })
 }
 
-pub(super) fn divergence_code(d: ExactDivergence) -> (i32, f32) {
-    match d {
-        ExactDivergence::PolicyRef => (0, 0.0),
-        ExactDivergence::RefPolicy => (1, 0.0),
-        ExactDivergence::Jsd { beta } => (2, beta),
-    }
-}
-
 /// The exact-divergence kernels, each instantiated for every (policy, reference) dtype pair
 /// (`RK_EXACT` in kernels/kl_exact.cu).
 #[derive(Debug, Clone, Copy)]
@@ -334,7 +326,7 @@ pub(super) unsafe fn launch_forward(
             expected: "a 16-byte aligned device address",
         });
     }
-    let (div, beta) = divergence_code(opts.divergence);
+    let (div, beta) = opts.divergence.code();
     let jsd = div == 2;
     // The JSD's normalisers: rows f32 for the policy, then rows f32 for the reference.
     let (jsd_lse_p, jsd_lse_q) =

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::exact::{
-    BLOCK, ExactKernel, ExactParams, check_reference, chunks, divergence_code, grid_blocks, kernel,
-    launch_exact,
+    BLOCK, ExactKernel, ExactParams, check_reference, chunks, grid_blocks, kernel, launch_exact,
 };
 use crate::cuda::{CudaStatus, opt_ptr};
 use crate::logprobs::check_len;
@@ -164,7 +163,7 @@ pub(super) unsafe fn launch_backward(
     let inv_tau = opts.inv_temperature()?;
     let shape = a.policy_shape;
     let blocks = grid_blocks(shape.rows, chunks(shape))?;
-    let (divergence, beta) = divergence_code(opts.divergence);
+    let (divergence, beta) = opts.divergence.code();
     let params = ExactParams {
         grad: a.grad_policy,
         lse_p: a.policy_lse,

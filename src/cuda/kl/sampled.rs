@@ -9,8 +9,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::cuda::aggregation::{
-    AggregationParams, FinalizeParams, ONE_BLOCK, aggregation_code, check_workspace, count_mask,
-    known_counts, records_and_count_bytes, workspace_or_alloc,
+    AggregationParams, FinalizeParams, ONE_BLOCK, check_workspace, count_mask, known_counts,
+    records_and_count_bytes, workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, DeviceStats, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
@@ -209,7 +209,7 @@ pub(crate) unsafe fn launch_sampled(
         });
     }
     let (lr_clamp, v_clamp) = opts.limits()?;
-    let (aggregation, max_len) = aggregation_code(opts.aggregation);
+    let (aggregation, max_len) = opts.aggregation.code();
     let global = known_counts(opts.normaliser, shape, a.mask != 0);
     // The batch's own counts under a mask: counted on the device before the one pass.
     let count_on_device = a.grad_logp != 0 && global.is_none();

@@ -12,8 +12,8 @@ use cudarc::driver::{
 };
 
 use super::exact::{
-    BLOCK, ExactKernel, ExactOut, ExactParams, check_outputs, check_reference, divergence_code, kernel,
-    launch_exact, per_thread,
+    BLOCK, ExactKernel, ExactOut, ExactParams, check_outputs, check_reference, kernel, launch_exact,
+    per_thread,
 };
 use crate::cuda::{CudaStatus, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
@@ -171,7 +171,7 @@ pub fn finish_exact_kl_partials(
         part_stride: rows as i64,
         rows: rows as i32,
         parts: shards as i32,
-        divergence: divergence_code(opts.divergence).0,
+        divergence: opts.divergence.code().0,
         inv_tau,
         ..ExactParams::default()
     };

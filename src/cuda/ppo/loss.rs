@@ -9,8 +9,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::cuda::aggregation::{
-    AggregationParams, FinalizeParams, ONE_BLOCK, aggregation_code, check_workspace, count_mask,
-    known_counts, records_and_count_bytes, workspace_or_alloc,
+    AggregationParams, FinalizeParams, ONE_BLOCK, check_workspace, count_mask, known_counts,
+    records_and_count_bytes, workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
 use crate::cuda::{CudaStatus, DeviceStats, driver_error, opt_ptr, opt_ptr_mut};
@@ -330,13 +330,8 @@ pub(crate) unsafe fn launch_policy(
         count_mask(count_on_device, stream, a.mask, shape, workspace, shape.rows * POLICY_RECORD_BYTES)?
     };
     let stats = a.stats;
-    let (aggregation, max_len) = aggregation_code(opts.aggregation);
-    let objective = match opts.objective {
-        PolicyObjective::Clip => 0,
-        PolicyObjective::KlPenalty { .. } => 1,
-        PolicyObjective::Gspo => 2,
-        PolicyObjective::Cispo => 3,
-    };
+    let (aggregation, max_len) = opts.aggregation.code();
+    let objective = opts.objective.code();
     let counts = global.unwrap_or([0.0; 3]);
     let params = PolicyParams {
         logp: a.logp,

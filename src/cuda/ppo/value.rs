@@ -7,8 +7,8 @@ use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr};
 
 use super::loss::LossLaunch;
 use crate::cuda::aggregation::{
-    AggregationParams, FinalizeParams, aggregation_code, check_workspace, count_mask, known_counts,
-    records_and_count_bytes, workspace_or_alloc,
+    AggregationParams, FinalizeParams, check_workspace, count_mask, known_counts, records_and_count_bytes,
+    workspace_or_alloc,
 };
 use crate::cuda::{CudaStatus, DeviceStats, opt_ptr, opt_ptr_mut};
 use crate::{
@@ -218,7 +218,7 @@ pub(crate) unsafe fn launch_value(
     let device_counts = unsafe {
         count_mask(count_on_device, stream, a.mask, shape, workspace, shape.rows * VALUE_RECORD_BYTES)?
     };
-    let (aggregation, max_len) = aggregation_code(opts.aggregation);
+    let (aggregation, max_len) = opts.aggregation.code();
     let counts = global.unwrap_or([0.0; 3]);
     let params = ValueParams {
         values: a.values,

@@ -84,13 +84,13 @@ fn bench_cpu(c: &mut Criterion) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceGroups};
+    use rlhf_kernels::cuda::{self, DeviceGroups, LaunchContext};
     use rlhf_kernels::{GaeInputs, GaeOutputs, GroupAdvantageOutputs};
 
     pub fn bench_cuda(c: &mut Criterion) {
         let Some(device) = device() else { return };
         let s = device.stream().clone();
-        let mut status = CudaStatus::new(&s).unwrap();
+        let mut ctx = LaunchContext::new(&s).unwrap();
         for (shape, _) in common::shapes("gae", "cuda") {
             let d = gae_data(shape);
             let (rw, v, m) = (
@@ -107,7 +107,7 @@ mod gpu {
                     .advantages(a.as_view_mut())
                     .returns(r.as_view_mut())
                     .workspace(ws.as_view_mut());
-                cuda::gae(&s, &inputs, out, &mut status, &opts()).unwrap()
+                cuda::gae(&mut ctx, &inputs, out, &opts()).unwrap()
             });
         }
         for (shape, _) in common::shapes("grpo", "cuda") {
@@ -118,10 +118,10 @@ mod gpu {
             bench_events(c, "grpo", shape, DType::F32, grpo_bytes(shape.rows), &s, || {
                 let out = GroupAdvantageOutputs::default().per_sequence(a.as_view_mut());
                 let opts = GroupAdvantageOptions::grpo();
-                cuda::group_advantages(&s, &sc.as_view(), &dg, out, &mut status, &opts).unwrap()
+                cuda::group_advantages(&mut ctx, &sc.as_view(), &dg, out, &opts).unwrap()
             });
         }
-        status.check(&s).unwrap();
+        ctx.check().unwrap();
     }
 }
 

@@ -99,7 +99,7 @@ mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
     use rlhf_kernels::SampledKlStats;
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceStats};
+    use rlhf_kernels::cuda::{self, DeviceStats, LaunchContext};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::{ExactKlGrads, ReferenceRows};
     use rlhf_kernels::{ExactKlOutputs, SampledKlInputs, SampledKlOutputs};
@@ -130,8 +130,8 @@ mod gpu {
         let (mut v, mut g) =
             (s.alloc_zeros::<f32>(shape.len()).unwrap(), s.alloc_zeros::<f32>(shape.len()).unwrap());
         let mut ws = s.alloc_zeros::<u8>(cuda::sampled_kl_workspace_bytes(shape)).unwrap();
-        let (mut stats, mut status) =
-            (DeviceStats::<SampledKlStats>::new(s).unwrap(), CudaStatus::new(s).unwrap());
+        let (mut stats, mut ctx) =
+            (DeviceStats::<SampledKlStats>::new(s).unwrap(), LaunchContext::new(s).unwrap());
         let opts = SampledKlOptions::new(KlEstimator::K3);
         let inputs = SampledKlInputs {
             shape,
@@ -146,9 +146,9 @@ mod gpu {
                 stats: Some(&mut stats),
                 workspace: Some(ws.as_view_mut()),
             };
-            cuda::sampled_kl(s, &inputs, out, &mut status, &opts).unwrap()
+            cuda::sampled_kl(&mut ctx, &inputs, out, &opts).unwrap()
         });
-        status.check(s).unwrap();
+        ctx.check().unwrap();
     }
 
     fn bench_exact<T: Element>(c: &mut Criterion, s: &Arc<CudaStream>, shape: RowShape) {
@@ -165,7 +165,7 @@ mod gpu {
         let mut grad = s.alloc_zeros::<T>(shape.len()).unwrap();
         let mut ws =
             s.alloc_zeros::<u8>(cuda::exact_kl_workspace_bytes(shape, opts.divergence).max(16)).unwrap();
-        let mut status = CudaStatus::new(s).unwrap();
+        let mut ctx = LaunchContext::new(s).unwrap();
         let r = ReferenceRows { logits: q.as_view(), shape, mask: None };
         bench_events(c, "exact_kl_fwd_bwd", shape, T::DTYPE, exact_bytes(shape, T::DTYPE), s, || {
             let out = ExactKlOutputs {
@@ -176,7 +176,7 @@ mod gpu {
                 workspace: Some(ws.as_view_mut()),
                 statistic: None,
             };
-            cuda::exact_kl(s, &p, shape, &r, out, &mut status, &opts).unwrap();
+            cuda::exact_kl(&mut ctx, &p, shape, &r, out, &opts).unwrap();
             let grads = ExactKlGrads {
                 grad: g.as_view(),
                 policy_lse: lp.as_view(),
@@ -184,9 +184,9 @@ mod gpu {
                 value: Some(value.as_view()),
                 policy_term: None,
             };
-            cuda::exact_kl_backward(s, &p, shape, &r, &grads, &mut grad, &mut status, &opts).unwrap();
+            cuda::exact_kl_backward(&mut ctx, &p, shape, &r, &grads, &mut grad, &opts).unwrap();
         });
-        status.check(s).unwrap();
+        ctx.check().unwrap();
     }
 }
 

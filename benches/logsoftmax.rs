@@ -61,7 +61,7 @@ fn bench_cpu_typed<T: Element>(c: &mut Criterion, shape: RowShape) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device, time_events};
-    use rlhf_kernels::cuda::{self, CudaStatus};
+    use rlhf_kernels::cuda::{self, LaunchContext};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use std::sync::Arc;
 
@@ -97,17 +97,17 @@ mod gpu {
         let g_out = s.clone_htod(&rng.normals(shape.len(), 1.0)).unwrap();
         let mut y = s.alloc_zeros::<f32>(shape.len()).unwrap();
         let mut dx = s.alloc_zeros::<T>(shape.len()).unwrap();
-        let mut status = CudaStatus::new(s).unwrap();
+        let mut ctx = LaunchContext::new(s).unwrap();
         let opts = LogSoftmaxOptions::default();
         let (fwd_bytes, bwd_bytes) = bytes(shape, T::DTYPE);
 
         bench_events(c, "log_softmax_fwd", shape, T::DTYPE, fwd_bytes, s, || {
-            cuda::log_softmax(s, &x, shape, &mut y, &mut status, &opts).unwrap()
+            cuda::log_softmax(&mut ctx, &x, shape, &mut y, &opts).unwrap()
         });
         bench_events(c, "log_softmax_bwd", shape, T::DTYPE, bwd_bytes, s, || {
-            cuda::log_softmax_backward(s, &y, &g_out, shape, &mut dx, &mut status, &opts).unwrap()
+            cuda::log_softmax_backward(&mut ctx, &y, &g_out, shape, &mut dx, &opts).unwrap()
         });
-        status.check(s).unwrap();
+        ctx.check().unwrap();
     }
 }
 

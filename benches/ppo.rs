@@ -116,14 +116,14 @@ mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
     use rlhf_kernels::PolicyLossStats;
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceFusedStats, DeviceStats};
+    use rlhf_kernels::cuda::{self, DeviceFusedStats, DeviceStats, LaunchContext};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use std::sync::Arc;
 
     pub fn bench_cuda(c: &mut Criterion) {
         let Some(device) = device() else { return };
         let s = device.stream().clone();
-        let mut status = CudaStatus::new(&s).unwrap();
+        let mut ctx = LaunchContext::new(&s).unwrap();
         for (shape, _) in common::shapes("ppo_loss", "cuda") {
             let d = data(shape);
             let up = |v: &[f32]| s.clone_htod(v).unwrap();
@@ -149,7 +149,7 @@ mod gpu {
                     workspace: Some(ws.as_view_mut()),
                     ..Default::default()
                 };
-                cuda::policy_loss(&s, &inputs, out, &mut status, &opts()).unwrap()
+                cuda::policy_loss(&mut ctx, &inputs, out, &opts()).unwrap()
             });
         }
         for (shape, dtype) in common::shapes("ppo_fused", "cuda") {
@@ -159,7 +159,7 @@ mod gpu {
                 DType::BF16 => bench_fused::<bf16>(c, &s, shape),
             }
         }
-        status.check(&s).unwrap();
+        ctx.check().unwrap();
     }
 
     fn bench_fused<T: Element>(c: &mut Criterion, s: &Arc<CudaStream>, shape: RowShape) {
@@ -168,24 +168,15 @@ mod gpu {
         let (targets, mask) = (s.clone_htod(&d.targets).unwrap(), s.clone_htod(&d.mask).unwrap());
         let (old, adv) = (s.clone_htod(&d.old).unwrap(), s.clone_htod(&d.adv).unwrap());
         let mut grad = s.alloc_zeros::<T>(shape.len()).unwrap();
-        let (mut stats, mut status) = (DeviceFusedStats::new(s).unwrap(), CudaStatus::new(s).unwrap());
+        let (mut stats, mut ctx) = (DeviceFusedStats::new(s).unwrap(), LaunchContext::new(s).unwrap());
         let inputs =
             FusedPolicyInputs::new(Tokens::new(&targets).with_mask(&mask), sequences(shape), &old, &adv);
         let fused = FusedPolicyOptions::new(opts());
         bench_events(c, "ppo_fused", shape, T::DTYPE, fused_bytes(shape, T::DTYPE), s, || {
-            cuda::policy_loss_from_logits(
-                s,
-                &logits,
-                shape,
-                &inputs,
-                &mut grad,
-                &mut stats,
-                &mut status,
-                &fused,
-            )
-            .unwrap()
+            cuda::policy_loss_from_logits(&mut ctx, &logits, shape, &inputs, &mut grad, &mut stats, &fused)
+                .unwrap()
         });
-        status.check(s).unwrap();
+        ctx.check().unwrap();
     }
 }
 

@@ -102,7 +102,7 @@ fn bench_cpu_typed<T: Element>(c: &mut Criterion, shape: RowShape) {
 mod gpu {
     use super::*;
     use crate::common::gpu::{bench_events, device};
-    use rlhf_kernels::cuda::{self, CudaStatus};
+    use rlhf_kernels::cuda::{self, LaunchContext};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::{TokenGrads, TokenOutputs, Tokens};
     use std::sync::Arc;
@@ -133,14 +133,14 @@ mod gpu {
         let mut grad = s.alloc_zeros::<T>(shape.len()).unwrap();
         let mut workspace =
             s.alloc_zeros::<u8>(cuda::token_logprobs_workspace_bytes(shape, T::DTYPE).max(1)).unwrap();
-        let mut status = CudaStatus::new(s).unwrap();
+        let mut ctx = LaunchContext::new(s).unwrap();
         let tokens = Tokens::new(targets.as_view());
         let opts = TokenLogprobsOptions::default();
         let [fwd, fwd_h, bwd] = bytes(shape, T::DTYPE);
 
         bench_events(c, "token_logprobs_fwd", shape, T::DTYPE, fwd, s, || {
             let out = TokenOutputs::default().logp(logp.as_view_mut()).workspace(workspace.as_view_mut());
-            cuda::token_logprobs(s, &x, shape, &tokens, out, &mut status, &opts).unwrap()
+            cuda::token_logprobs(&mut ctx, &x, shape, &tokens, out, &opts).unwrap()
         });
         bench_events(c, "token_logprobs_entropy_fwd", shape, T::DTYPE, fwd_h, s, || {
             let out = TokenOutputs::default()
@@ -148,26 +148,24 @@ mod gpu {
                 .entropy(entropy.as_view_mut())
                 .lse(lse.as_view_mut())
                 .workspace(workspace.as_view_mut());
-            cuda::token_logprobs(s, &x, shape, &tokens, out, &mut status, &opts).unwrap()
+            cuda::token_logprobs(&mut ctx, &x, shape, &tokens, out, &opts).unwrap()
         });
 
         let grads = TokenGrads::new(lse.as_view())
             .grad_logp(gl.as_view())
             .grad_entropy(gh.as_view(), entropy.as_view());
         bench_events(c, "token_logprobs_bwd", shape, T::DTYPE, bwd, s, || {
-            cuda::token_logprobs_backward(s, &x, shape, &tokens, &grads, &mut grad, &mut status, &opts)
-                .unwrap()
+            cuda::token_logprobs_backward(&mut ctx, &x, shape, &tokens, &grads, &mut grad, &opts).unwrap()
         });
 
         // In place: the first iteration turns the logits into gradients and later ones read
         // those; the traffic and the arithmetic are the same.
         bench_events(c, "token_logprobs_bwd_inplace", shape, T::DTYPE, bwd, s, || {
-            cuda::token_logprobs_backward_in_place(s, &mut x, shape, &tokens, &grads, &mut status, &opts)
-                .unwrap()
+            cuda::token_logprobs_backward_in_place(&mut ctx, &mut x, shape, &tokens, &grads, &opts).unwrap()
         });
         // The in-place runs fed gradients back in as logits, which may leave non-finite rows:
         // clear the word rather than report them as errors of the benchmark.
-        let _ = status.check(s);
+        let _ = ctx.check();
     }
 }
 

@@ -27,8 +27,8 @@
 //! (and their entropies) from the policy's logits, the policy loss and its gradient with
 //! respect to those log-probabilities, then the backward into the logits, which never passes
 //! through an `[N, V]` log-softmax. The same three calls exist on the GPU in `cuda` (with device
-//! buffers, the caller's stream and a [`CudaStatus`](crate::cuda::CudaStatus) word), and
-//! [`cpu::policy_loss_from_logits`] fuses them.
+//! buffers and a [`LaunchContext`](crate::cuda::LaunchContext): the caller's stream and the
+//! status word the kernels report into), and [`cpu::policy_loss_from_logits`] fuses them.
 //!
 //! ```
 //! use rlhf_kernels::{cpu, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, RowShape,

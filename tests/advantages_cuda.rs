@@ -13,7 +13,7 @@ mod gpu {
     use super::common::gpu::Gpu;
 
     use super::common::advantages::{self as adv, AdvantagesBackend, GaeCase};
-    use rlhf_kernels::cuda::{self, CudaStatus};
+    use rlhf_kernels::cuda::{self, LaunchContext};
     use rlhf_kernels::{GaeInputs, GaeOutputs, GroupAdvantageOutputs};
 
     use rlhf_kernels::{GaeOptions, RowShape};
@@ -175,7 +175,7 @@ mod gpu {
         let mask = s.clone_htod(c.mask.as_ref().unwrap()).unwrap();
         let mut a = s.alloc_zeros::<f32>(c.shape.len()).unwrap();
         let mut ws = s.alloc_zeros::<u8>(cuda::gae_workspace_bytes(c.shape)).unwrap();
-        let mut status = CudaStatus::new(s).unwrap();
+        let mut ctx = LaunchContext::new(s).unwrap();
         let inputs = GaeInputs::new(c.shape)
             .rewards(rewards.as_view())
             .kl_penalty(kl.as_view(), c.beta)
@@ -183,13 +183,13 @@ mod gpu {
             .values(values.as_view())
             .mask(mask.as_view());
         let out = GaeOutputs::default().advantages(a.as_view_mut()).workspace(ws.as_view_mut());
-        cuda::gae(s, &inputs, out, &mut status, &opts).unwrap();
-        status.check(s).unwrap();
+        cuda::gae(&mut ctx, &inputs, out, &opts).unwrap();
+        ctx.check().unwrap();
         let got = s.clone_dtoh(&a).unwrap();
         assert!(got.iter().zip(&expected).all(|(x, y)| x.to_bits() == y.to_bits()));
         let mut small = s.alloc_zeros::<u8>(16).unwrap();
         let out = GaeOutputs::default().advantages(a.as_view_mut()).workspace(small.as_view_mut());
-        assert!(cuda::gae(s, &inputs, out, &mut status, &opts).is_err());
+        assert!(cuda::gae(&mut ctx, &inputs, out, &opts).is_err());
     }
 }
 

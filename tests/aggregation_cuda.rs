@@ -13,7 +13,7 @@ mod gpu {
     use std::sync::Arc;
 
     use rlhf_kernels::Aggregated;
-    use rlhf_kernels::cuda::{self, CudaStatus, DeviceStats};
+    use rlhf_kernels::cuda::{self, DeviceStats, LaunchContext};
     use rlhf_kernels::cudarc::driver::CudaStream;
     use rlhf_kernels::testing::Rng;
     use rlhf_kernels::{Aggregation, BatchCounts, Error, Normaliser, RowProblem, RowShape};
@@ -35,10 +35,10 @@ mod gpu {
     ) -> rlhf_kernels::Result<(f64, BatchCounts)> {
         let v = s.clone_htod(values).unwrap();
         let m = mask.map(|m| s.clone_htod(m).unwrap());
-        let (mut out, mut status) = (DeviceStats::<Aggregated>::new(s)?, CudaStatus::new(s)?);
+        let (mut out, mut ctx) = (DeviceStats::<Aggregated>::new(s)?, LaunchContext::new(s)?);
         let m = m.as_ref().map(|m| m.as_view());
-        cuda::aggregate(s, &v, shape, m.as_ref(), mode, norm, &mut out, &mut status)?;
-        status.check(s)?;
+        cuda::aggregate(&mut ctx, &v, shape, m.as_ref(), mode, norm, &mut out)?;
+        ctx.check()?;
         let a = out.read(s)?;
         Ok((a.value, a.counts))
     }

@@ -81,9 +81,10 @@ mod gpu {
         let mut stat = cuda::DeviceStats::<Aggregated>::new(s).unwrap();
         let opts = ExactKlOptions::new(ExactDivergence::Jsd { beta: 0.5 });
         let (sv, lv) = (sums.as_view(), lse.as_view());
+        let mut ctx = cuda::LaunchContext::new(s).unwrap();
         macro_rules! finish {
             ($out:expr) => {
-                cuda::finish_jsd_sums(s, &sv, None, [&lv, &lv], $out, &opts)
+                cuda::finish_jsd_sums(&mut ctx, &sv, None, [&lv, &lv], $out, &opts)
             };
         }
         let refused =

@@ -13,7 +13,7 @@ mod gpu {
 
     use super::common::{self, Backward, Forward};
     use rlhf_kernels::cuda::raw::{self, LogSoftmaxArgs, LogSoftmaxBackwardArgs, RawStream};
-    use rlhf_kernels::cuda::{self, CudaStatus};
+    use rlhf_kernels::cuda::{self, LaunchContext};
     use rlhf_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
     use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
     use rlhf_kernels::{
@@ -186,14 +186,13 @@ mod gpu {
         let s = &gpu.0;
         let x = s.alloc_zeros::<f32>(10).unwrap();
         let mut y = s.alloc_zeros::<f32>(10).unwrap();
-        let mut status = CudaStatus::new(s).unwrap();
-        let err =
-            cuda::log_softmax(s, &x, RowShape::new(3, 4), &mut y, &mut status, &LogSoftmaxOptions::default());
+        let mut ctx = LaunchContext::new(s).unwrap();
+        let err = cuda::log_softmax(&mut ctx, &x, RowShape::new(3, 4), &mut y, &LogSoftmaxOptions::default());
         assert!(matches!(err, Err(Error::ShapeMismatch { what: "logits", .. })));
         let opts = LogSoftmaxOptions::default().temperature(0.0);
-        let err = cuda::log_softmax(s, &x, RowShape::new(2, 5), &mut y, &mut status, &opts);
+        let err = cuda::log_softmax(&mut ctx, &x, RowShape::new(2, 5), &mut y, &opts);
         assert!(matches!(err, Err(Error::InvalidOption { name: "temperature", .. })));
-        status.check(s).unwrap();
+        ctx.check().unwrap();
         let args =
             LogSoftmaxArgs { logits: 0, dtype: DType::F32, shape: RowShape::new(1, 1), out: 0, status: 0 };
         let stream = RawStream { ordinal: s.context().ordinal(), stream: s.cu_stream() };

@@ -13,7 +13,7 @@ mod gpu {
     use super::common::gpu::Gpu;
 
     use super::common::ppo::{self, PolicyCase, PpoBackend, ValueCase};
-    use rlhf_kernels::cuda::{self, CudaStatus};
+    use rlhf_kernels::cuda::{self, LaunchContext};
     use rlhf_kernels::{PolicyLossInputs, ValueLossInputs};
     use rlhf_kernels::{PolicyLossOutputs, ValueLossOutputs};
 
@@ -32,7 +32,7 @@ mod gpu {
         c.advantages[2 * 9 + 4] = f32::NAN;
         let (lp, old, adv) = (gpu.up(&c.logp).0, gpu.up(&c.old_logp).0, gpu.up(&c.advantages).0);
         let mut g = s.alloc_zeros::<f32>(36).unwrap();
-        let mut status = CudaStatus::new(s).unwrap();
+        let mut ctx = LaunchContext::new(s).unwrap();
         let inputs = PolicyLossInputs {
             shape: c.shape,
             logp: lp.as_view(),
@@ -44,9 +44,8 @@ mod gpu {
         let global =
             rlhf_kernels::Normaliser::Global { valid_tokens: 36.0, valid_sequences: 4.0, sequences: 4.0 };
         let out = PolicyLossOutputs { grad_logp: Some(g.as_view_mut()), ..Default::default() };
-        cuda::policy_loss(s, &inputs, out, &mut status, &PolicyLossOptions::default().normaliser(global))
-            .unwrap();
-        let err = status.check(s).unwrap_err();
+        cuda::policy_loss(&mut ctx, &inputs, out, &PolicyLossOptions::default().normaliser(global)).unwrap();
+        let err = ctx.check().unwrap_err();
         assert_eq!(
             err,
             rlhf_kernels::Error::InvalidRow {
@@ -69,8 +68,8 @@ mod gpu {
             mask: Some(mask.as_view()),
         };
         let out = ValueLossOutputs { loss: Some(loss.as_view_mut()), ..Default::default() };
-        cuda::value_loss(s, &inputs, out, &mut status, &opts).unwrap();
-        status.check(s).unwrap();
+        cuda::value_loss(&mut ctx, &inputs, out, &opts).unwrap();
+        ctx.check().unwrap();
         let tol = rlhf_kernels::testing::Tolerance::for_dtype(rlhf_kernels::DType::F32).scaled(10.0);
         rlhf_kernels::testing::assert_close(
             &gpu.dense(&loss, v.shape),
@@ -178,7 +177,7 @@ mod gpu {
         let (lp, old, adv) = (gpu.up(&c.logp).0, gpu.up(&c.old_logp).0, gpu.up(&c.advantages).0);
         let (mask, entropy) = (gpu.up(c.mask.as_ref().unwrap()).0, gpu.up(c.entropy.as_ref().unwrap()).0);
         let mut g = s.alloc_zeros::<f32>(c.shape.len()).unwrap();
-        let mut status = CudaStatus::new(s).unwrap();
+        let mut ctx = LaunchContext::new(s).unwrap();
         let inputs = PolicyLossInputs {
             shape: c.shape,
             logp: lp.as_view(),
@@ -188,8 +187,8 @@ mod gpu {
             entropy: Some(entropy.as_view()),
         };
         let out = PolicyLossOutputs { grad_logp: Some(g.as_view_mut()), ..Default::default() };
-        cuda::policy_loss(s, &inputs, out, &mut status, &opts.normaliser(global)).unwrap();
-        status.check(s).unwrap();
+        cuda::policy_loss(&mut ctx, &inputs, out, &opts.normaliser(global)).unwrap();
+        ctx.check().unwrap();
         let got = s.clone_dtoh(&g).unwrap();
         let same = got.len() == local.grad_logp.len()
             && got.iter().zip(&local.grad_logp).all(|(a, b)| (a - b).abs() <= 1e-7 * b.abs().max(1e-3));

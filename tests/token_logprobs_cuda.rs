@@ -15,7 +15,7 @@ mod gpu {
     use super::common::tokens::{self, Case, Fwd, TokenBackend, bits_equal};
     use rlhf_kernels::TokenOutputs;
     use rlhf_kernels::cuda::raw::{self, RawStream, TokenLogprobsArgs, TokenLogprobsBackwardArgs};
-    use rlhf_kernels::cuda::{self, CudaStatus};
+    use rlhf_kernels::cuda::{self, LaunchContext};
     use rlhf_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
     use rlhf_kernels::testing::{Tolerance, assert_close};
     use rlhf_kernels::{
@@ -62,20 +62,20 @@ mod gpu {
         let bounds = [0usize, 1, 12_345, 30_000, 49_999, 50_000];
         let shards = bounds.len() - 1;
         let mut partials = s.alloc_zeros::<VocabPartial>(shards * 16).unwrap();
+        let mut ctx = LaunchContext::new(s).unwrap();
         for k in 0..shards {
             let (lo, hi) = (bounds[k], bounds[k + 1]);
             // The shard is a strided view into the full rows: offset lo, stride 50_000.
             let view = up.x.slice(lo..);
             let shape = RowShape::new(16, hi - lo).with_row_stride(50_000);
             let mut dst = partials.slice_mut(k * 16..(k + 1) * 16);
-            cuda::vocab_shard_partials(s, &view, shape, &up.tokens(), lo, &mut dst, &case.opts).unwrap();
+            cuda::vocab_shard_partials(&mut ctx, &view, shape, &up.tokens(), lo, &mut dst, &case.opts)
+                .unwrap();
         }
         let (mut logp, mut entropy) = (s.alloc_zeros::<f32>(16).unwrap(), s.alloc_zeros::<f32>(16).unwrap());
-        let mut status = CudaStatus::new(s).unwrap();
         let out = TokenOutputs::default().logp(logp.as_view_mut()).entropy(entropy.as_view_mut());
-        cuda::finish_vocab_partials(s, &partials, shards, &up.tokens(), out, &mut status, &case.opts)
-            .unwrap();
-        status.check(s).unwrap();
+        cuda::finish_vocab_partials(&mut ctx, &partials, shards, &up.tokens(), out, &case.opts).unwrap();
+        ctx.check().unwrap();
         let tol = Tolerance { rel: 1e-5, abs: 1e-5 * case.scale() };
         let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         assert_close(&s.clone_dtoh(&logp).unwrap(), &as_f64(&whole.logp), tol, "logp from shards");

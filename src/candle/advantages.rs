@@ -184,7 +184,7 @@ mod gpu {
             storages.push(cuda_side(guard, what)?);
         }
         let Some(&(first, _)) = storages.iter().flatten().next() else { bail!("gae: no input") };
-        let (stream, mut status) = stream_of(first)?;
+        let (stream, mut ctx) = stream_of(first)?;
         let view = |i: usize, len: usize| {
             storages[i].map(|(s, l)| flat_view::<f32>(s, l, len, names[i])).transpose()
         };
@@ -203,8 +203,8 @@ mod gpu {
             returns: Some(ret.slice_mut(..)),
             workspace: None,
         };
-        cuda::gae(&stream, &inputs, out, &mut status, opts).map_err(to_candle)?;
-        check(&stream, status)?;
+        cuda::gae(&mut ctx, &inputs, out, opts).map_err(to_candle)?;
+        check(ctx)?;
         let wrap =
             |x| tensor(Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone())), (shape.rows, shape.cols));
         Ok((wrap(adv), wrap(ret)))
@@ -217,7 +217,7 @@ mod gpu {
         opts: &GroupAdvantageOptions,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let b = groups.sequences();
-        let (stream, mut status) = stream_of(scores)?;
+        let (stream, mut ctx) = stream_of(scores)?;
         let device_groups = DeviceGroups::new(&stream, groups).map_err(to_candle)?;
         let dev = &scores.device;
         let mut seq = dev.alloc_zeros::<f32>(b)?;
@@ -233,9 +233,8 @@ mod gpu {
             });
         }
         let scores = flat_view::<f32>(scores, sl, b, "scores")?;
-        cuda::group_advantages(&stream, &scores, &device_groups, out, &mut status, opts)
-            .map_err(to_candle)?;
-        check(&stream, status)?;
+        cuda::group_advantages(&mut ctx, &scores, &device_groups, out, opts).map_err(to_candle)?;
+        check(ctx)?;
         let per_token = mask.zip(tok).map(|((_, s), tok)| {
             tensor(Storage::Cuda(CudaStorage::wrap_cuda_slice(tok, dev.clone())), (s.rows, s.cols))
         });

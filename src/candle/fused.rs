@@ -220,7 +220,7 @@ mod gpu {
         s: &CudaStorage,
     ) -> Result<(Tensor, FusedPolicyStats)> {
         let n = rows.rows();
-        let (stream, mut status) = stream_of(s)?;
+        let (stream, mut ctx) = stream_of(s)?;
         let (ts, tl) = op.targets.storage_and_layout();
         let (os, ol) = op.old_logp.storage_and_layout();
         let (a_s, al) = op.advantages.storage_and_layout();
@@ -242,20 +242,19 @@ mod gpu {
             let inputs = FusedPolicyInputs { ref_logp, ..inputs };
             let mut grad = s.device.alloc_zeros::<T>(n * rows.shape.row_stride)?;
             cuda::policy_loss_from_logits(
-                &stream,
+                &mut ctx,
                 &logits.slice(rows.block_range(0)),
                 rows.shape,
                 &inputs,
                 &mut grad,
                 &mut stats,
-                &mut status,
                 &op.opts,
             )
             .map_err(to_candle)?;
             let grad = CudaStorage::wrap_cuda_slice(grad, s.device.clone());
             tensor(Storage::Cuda(grad), (n, rows.shape.row_stride))
         }));
-        check(&stream, status)?;
+        check(ctx)?;
         Ok((packed, stats.read(&stream).map_err(to_candle)?))
     }
 }

@@ -214,7 +214,7 @@ mod gpu {
         let (p_rows, q_rows) =
             RowBlocks::aligned(row_blocks(l1, "policy logits")?, row_blocks(l2, "reference logits")?);
         let n = p_rows.rows();
-        let (stream, mut status) = stream_of(s1)?;
+        let (stream, mut ctx) = stream_of(s1)?;
         let mask_guard = guard(op.mask.as_ref());
         let mask =
             cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
@@ -239,11 +239,11 @@ mod gpu {
                     workspace: None,
                     statistic: None,
                 };
-                cuda::exact_kl(&stream, &policy.slice(p_rows.block_range(k)), p_rows.shape, &reference, outs, &mut status, &op.opts)
+                cuda::exact_kl(&mut ctx, &policy.slice(p_rows.block_range(k)), p_rows.shape, &reference, outs, &op.opts)
                     .map_err(to_candle)?;
             }
         }));
-        check(&stream, status)?;
+        check(ctx)?;
         Ok((CudaStorage::wrap_cuda_slice(out, s1.device.clone()), Shape::from((SAVED, n))))
     }
 
@@ -256,7 +256,7 @@ mod gpu {
         mask: Option<(&CudaStorage, &Layout)>,
     ) -> Result<Tensor> {
         let n = p_rows.rows();
-        let (stream, mut status) = stream_of(policy)?;
+        let (stream, mut ctx) = stream_of(policy)?;
         let mask = mask.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let saved = flat_view::<f32>(saved, sl, SAVED * n, "saved rows")?;
         let grad = flat_view::<f32>(grad, gl, SAVED * n, "upstream gradient")?;
@@ -279,20 +279,19 @@ mod gpu {
                     policy_term: Some(at(3)),
                 };
                 cuda::exact_kl_backward(
-                    &stream,
+                    &mut ctx,
                     &src.slice(p_rows.block_range(k)),
                     p_rows.shape,
                     &reference,
                     &grads,
                     &mut out.slice_mut(p_rows.packed_range(k)),
-                    &mut status,
                     &op.opts,
                 )
                 .map_err(to_candle)?;
             }
             tensor(Storage::Cuda(CudaStorage::wrap_cuda_slice(out, policy.device.clone())), (n, p_rows.shape.row_stride))
         }));
-        check(&stream, status)?;
+        check(ctx)?;
         Ok(packed)
     }
 }

@@ -193,7 +193,7 @@ mod gpu {
     ) -> Result<(CudaStorage, Shape)> {
         let rows = row_blocks(l1, "logits")?;
         let n = rows.rows();
-        let (stream, mut status) = stream_of(s1)?;
+        let (stream, mut ctx) = stream_of(s1)?;
         let mask_guard = guard(op.mask.as_ref());
         let mask =
             cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
@@ -216,18 +216,17 @@ mod gpu {
                     workspace: None,
                 };
                 cuda::token_logprobs(
-                    &stream,
+                    &mut ctx,
                     &logits.slice(rows.block_range(k)),
                     rows.shape,
                     &tokens,
                     outs,
-                    &mut status,
                     &op.opts,
                 )
                 .map_err(to_candle)?;
             }
         }));
-        check(&stream, status)?;
+        check(ctx)?;
         Ok((CudaStorage::wrap_cuda_slice(out, s1.device.clone()), Shape::from((3, n))))
     }
 
@@ -241,7 +240,7 @@ mod gpu {
         mask: Option<(&CudaStorage, &Layout)>,
     ) -> Result<Tensor> {
         let n = rows.rows();
-        let (stream, mut status) = stream_of(logits)?;
+        let (stream, mut ctx) = stream_of(logits)?;
         let mask = mask.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let saved = flat_view::<f32>(saved, sl, 3 * n, "saved rows")?;
         let grad = flat_view::<f32>(grad, gl, 3 * n, "upstream gradient")?;
@@ -264,20 +263,19 @@ mod gpu {
                     grad_entropy: Some(g_at(1)),
                 };
                 cuda::token_logprobs_backward(
-                    &stream,
+                    &mut ctx,
                     &src.slice(rows.block_range(k)),
                     rows.shape,
                     &tokens,
                     &grads,
                     &mut out.slice_mut(rows.packed_range(k)),
-                    &mut status,
                     &op.opts,
                 )
                 .map_err(to_candle)?;
             }
             tensor(Storage::Cuda(CudaStorage::wrap_cuda_slice(out, logits.device.clone())), (n, rows.shape.row_stride))
         }));
-        check(&stream, status)?;
+        check(ctx)?;
         Ok(packed)
     }
 }

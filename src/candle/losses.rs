@@ -364,7 +364,7 @@ mod gpu {
         grad: Option<&mut CudaSlice<f32>>,
     ) -> Result<SampledKlStats> {
         let n = op.shape.len();
-        let (stream, mut status) = stream_of(logp)?;
+        let (stream, mut ctx) = stream_of(logp)?;
         let (ref_guard, mask_guard) = (guard(Some(&op.ref_logp)), guard(op.mask.as_ref()));
         let Some((r, rl)) = cuda_side(&ref_guard, "ref_logp")? else { bail!("ref_logp: missing") };
         let mask =
@@ -382,8 +382,8 @@ mod gpu {
             stats: Some(&mut stats),
             workspace: None,
         };
-        cuda::sampled_kl(&stream, &inputs, out, &mut status, &op.opts).map_err(to_candle)?;
-        check(&stream, status)?;
+        cuda::sampled_kl(&mut ctx, &inputs, out, &op.opts).map_err(to_candle)?;
+        check(ctx)?;
         stats.read(&stream).map_err(to_candle)
     }
 
@@ -426,13 +426,13 @@ mod gpu {
         };
         let mask =
             cuda_side(&guards[2], "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
-        let (stream, mut status) = stream_of(k)?;
+        let (stream, mut ctx) = stream_of(k)?;
         let dev = &k.device;
         let mut r = dev.alloc_zeros::<f32>(n)?;
         let (kv, sv) = (flat_view::<f32>(k, kl, n, "kl")?, flat_view::<f32>(s, sl, shape.rows, "scores")?);
         let inputs = KlRewardsInputs { mask, ..KlRewardsInputs::new(shape, kv, sv) };
-        cuda::kl_rewards(&stream, &inputs, &mut r, &mut status, opts).map_err(to_candle)?;
-        check(&stream, status)?;
+        cuda::kl_rewards(&mut ctx, &inputs, &mut r, opts).map_err(to_candle)?;
+        check(ctx)?;
         Ok(wrap(r, dev, shape))
     }
 
@@ -442,7 +442,7 @@ mod gpu {
         grad: Option<&mut CudaSlice<f32>>,
     ) -> Result<ValueLossStats> {
         let n = op.shape.len();
-        let (stream, mut status) = stream_of(values)?;
+        let (stream, mut ctx) = stream_of(values)?;
         let guards = [guard(Some(&op.old_values)), guard(Some(&op.returns)), guard(op.mask.as_ref())];
         let (Some((o, ol)), Some((r, rl))) =
             (cuda_side(&guards[0], "old_values")?, cuda_side(&guards[1], "returns")?)
@@ -464,8 +464,8 @@ mod gpu {
             stats: Some(&mut stats),
             ..Default::default()
         };
-        cuda::value_loss(&stream, &inputs, out, &mut status, &op.opts).map_err(to_candle)?;
-        check(&stream, status)?;
+        cuda::value_loss(&mut ctx, &inputs, out, &op.opts).map_err(to_candle)?;
+        check(ctx)?;
         stats.read(&stream).map_err(to_candle)
     }
 

@@ -295,7 +295,7 @@ mod gpu {
         grads: Option<(&mut cudarc::driver::CudaSlice<f32>, Option<&mut cudarc::driver::CudaSlice<f32>>)>,
     ) -> Result<PolicyLossStats> {
         let n = core.shape.len();
-        let (stream, mut status) = stream_of(logp)?;
+        let (stream, mut ctx) = stream_of(logp)?;
         let (og, ol) = core.old_logp.storage_and_layout();
         let (ag, al) = core.advantages.storage_and_layout();
         let mask_guard = guard(core.mask.as_ref());
@@ -319,8 +319,8 @@ mod gpu {
         };
         let out =
             PolicyLossOutputs { grad_logp, grad_entropy, stats: Some(&mut stats), ..Default::default() };
-        cuda::policy_loss(&stream, &inputs, out, &mut status, &core.opts).map_err(to_candle)?;
-        check(&stream, status)?;
+        cuda::policy_loss(&mut ctx, &inputs, out, &core.opts).map_err(to_candle)?;
+        check(ctx)?;
         stats.read(&stream).map_err(to_candle)
     }
 

@@ -187,15 +187,15 @@ mod gpu {
 
     pub(super) fn aggregate(op: &AggregateOp, (values, vl): (&CudaStorage, &Layout)) -> Result<CudaStorage> {
         let n = op.shape.len();
-        let (stream, mut status) = stream_of(values)?;
+        let (stream, mut ctx) = stream_of(values)?;
         let mask_guard = guard(op.mask.as_ref());
         let mask =
             cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let v = flat_view::<f32>(values, vl, n, "values")?;
         let mut out = DeviceStats::<Aggregated>::new(&stream).map_err(to_candle)?;
-        cuda::aggregate(&stream, &v, op.shape, mask.as_ref(), op.aggregation, op.norm, &mut out, &mut status)
+        cuda::aggregate(&mut ctx, &v, op.shape, mask.as_ref(), op.aggregation, op.norm, &mut out)
             .map_err(to_candle)?;
-        check(&stream, status)?;
+        check(ctx)?;
         let a = out.read(&stream).map_err(to_candle)?;
         *op.counts.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.counts);
         let dev = &values.device;
@@ -215,7 +215,7 @@ mod gpu {
         let Some((v, vl)) = cuda_side(&guards[0], "values")? else { bail!("values: missing") };
         let mask =
             cuda_side(&guards[1], "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
-        let (stream, mut status) = stream_of(v)?;
+        let (stream, mut ctx) = stream_of(v)?;
         let view = flat_view::<f32>(v, vl, n, "values")?;
         let mut m = DeviceStats::<Moments>::new(&stream).map_err(to_candle)?;
         let whitened = match whiten {
@@ -223,17 +223,15 @@ mod gpu {
                 let mut out = stream
                     .clone_dtod(&view)
                     .map_err(|e| candle_core::Error::msg(format!("whiten: copying the values: {e:?}")))?;
-                cuda::whiten(&stream, &mut out, shape, mask.as_ref(), &mut m, &mut status, opts)
-                    .map_err(to_candle)?;
+                cuda::whiten(&mut ctx, &mut out, shape, mask.as_ref(), &mut m, opts).map_err(to_candle)?;
                 Some(out)
             }
             None => {
-                cuda::masked_moments(&stream, &view, shape, mask.as_ref(), &mut m, &mut status)
-                    .map_err(to_candle)?;
+                cuda::masked_moments(&mut ctx, &view, shape, mask.as_ref(), &mut m).map_err(to_candle)?;
                 None
             }
         };
-        check(&stream, status)?;
+        check(ctx)?;
         let moments = m.read(&stream).map_err(to_candle)?;
         let dev = &v.device;
         let t = whitened.map(|w| {

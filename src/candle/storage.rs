@@ -174,7 +174,7 @@ mod gpu {
     use cudarc::driver::{CudaStream, CudaView};
 
     use super::{contiguous, to_candle};
-    use crate::cuda::{CudaDevice, CudaStatus};
+    use crate::cuda::{CudaDevice, LaunchContext};
 
     /// The contiguous elements of a per-row array on the GPU.
     pub(crate) fn flat_view<'a, T: CudaDType + candle_core::WithDType>(
@@ -202,17 +202,17 @@ mod gpu {
         }
     }
 
-    /// candle's stream for `storage`, with this crate's kernels loaded into its context, and
-    /// a fresh status word.
-    pub(crate) fn stream_of(storage: &CudaStorage) -> Result<(Arc<CudaStream>, CudaStatus)> {
+    /// candle's stream for `storage`, with this crate's kernels loaded into its context, and a
+    /// launch context on it (a fresh status word).
+    pub(crate) fn stream_of(storage: &CudaStorage) -> Result<(Arc<CudaStream>, LaunchContext)> {
         let stream = storage.device.cuda_stream();
         CudaDevice::from_stream(stream.clone()).map_err(to_candle)?;
-        let status = CudaStatus::new(&stream).map_err(to_candle)?;
-        Ok((stream, status))
+        let ctx = LaunchContext::new(&stream).map_err(to_candle)?;
+        Ok((stream, ctx))
     }
 
     /// Reads the status word of an op (waits for its kernels) and turns a report into an error.
-    pub(crate) fn check(stream: &Arc<CudaStream>, mut status: CudaStatus) -> Result<()> {
-        status.check(stream).map_err(to_candle)
+    pub(crate) fn check(mut ctx: LaunchContext) -> Result<()> {
+        ctx.check().map_err(to_candle)
     }
 }

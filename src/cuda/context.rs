@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaStream, sys};
 
-use super::{driver_error, module};
+use super::{CudaStatus, driver_error, module};
 use crate::{Error, Result};
 
 /// A GPU ready to run the kernels: a context with the modules loaded and a stream.
@@ -58,6 +58,11 @@ impl CudaDevice {
         self.stream.context().compute_capability().map_err(driver_error("querying the compute capability"))
     }
 
+    /// A [`LaunchContext`] on this device's stream, with a clear status word.
+    pub fn launch_context(&self) -> Result<LaunchContext> {
+        LaunchContext::new(&self.stream)
+    }
+
     /// "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)".
     pub fn describe(&self) -> String {
         let ctx = self.stream.context();
@@ -66,6 +71,57 @@ impl CudaDevice {
             Ok((major, minor)) => format!("cuda:{} {name} (sm_{major}{minor})", ctx.ordinal()),
             Err(_) => format!("cuda:{} {name}", ctx.ordinal()),
         }
+    }
+}
+
+/// Where the safe CUDA ops run: a stream, and the status word their kernels report into. Every
+/// op takes one first (`&mut LaunchContext`), enqueues its kernels on the stream and returns;
+/// nothing synchronises until [`check`](Self::check), which waits for the stream and returns
+/// the first input problem a kernel reported since the last check (a row of only `-inf`, a
+/// NaN, an overflow: [`Error::InvalidRow`]), lowest row first. Once per training step is
+/// enough; the outputs of a reported row are NaN.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::{self, CudaDevice};
+/// use rlhf_kernels::{LogSoftmaxOptions, RowShape};
+/// let device = CudaDevice::new(0)?;
+/// let mut ctx = device.launch_context()?;
+/// let s = ctx.stream().clone();
+/// let logits = s.clone_htod(&[0.0f32, f32::NEG_INFINITY]).unwrap();
+/// let mut out = s.alloc_zeros::<f32>(2).unwrap();
+/// cuda::log_softmax(&mut ctx, &logits, RowShape::new(1, 2), &mut out, &LogSoftmaxOptions::default())?;
+/// ctx.check()?; // Ok: one token is allowed
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct LaunchContext {
+    stream: Arc<CudaStream>,
+    status: CudaStatus,
+}
+
+impl LaunchContext {
+    /// A context on `stream` (e.g. candle's `CudaDevice::cuda_stream()`, or
+    /// [`CudaDevice::stream`]) with a clear status word. The kernel modules must be loaded in
+    /// the stream's context: open it with [`CudaDevice::new`] or [`CudaDevice::from_stream`]
+    /// first.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        Ok(LaunchContext { stream: stream.clone(), status: CudaStatus::new(stream)? })
+    }
+
+    /// The stream the ops are enqueued on (allocate their buffers and statistics on it).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Synchronises the stream, reads the status word and clears it: the first problem the
+    /// kernels reported since the last check, as an error.
+    pub fn check(&mut self) -> Result<()> {
+        self.status.check(&self.stream)
+    }
+
+    /// The stream and the status word, for an op's launches.
+    pub(crate) fn parts(&mut self) -> (&Arc<CudaStream>, &mut CudaStatus) {
+        (&self.stream, &mut self.status)
     }
 }
 

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut};
 
-use crate::cuda::{self, CudaDevice, CudaStatus, DeviceFusedStats, DeviceGroups, DeviceStats, driver_error};
+use crate::cuda::{
+    self, CudaDevice, DeviceFusedStats, DeviceGroups, DeviceStats, LaunchContext, driver_error,
+};
 use crate::executor::{Scalar, Statistic, Workspace};
 use crate::{
     Aggregated, Aggregation, Cuda, Element, ExactKlGrads, ExactKlOptions, ExactKlOutputs, Executor,
@@ -19,7 +21,7 @@ use crate::{
 };
 
 /// The CUDA backend as an [`Executor`]: every op is enqueued on the device's stream and
-/// reports row problems into one [`CudaStatus`], checked by [`finish`](Executor::finish).
+/// reports row problems into one [`LaunchContext`], checked by [`finish`](Executor::finish).
 /// Nothing synchronises the host except `finish`, downloads, statistic reads and timings.
 ///
 /// ```no_run
@@ -33,8 +35,7 @@ use crate::{
 /// ```
 #[derive(Debug)]
 pub struct CudaExecutor {
-    stream: Arc<CudaStream>,
-    status: CudaStatus,
+    ctx: LaunchContext,
     /// The moments behind [`Executor::whiten`], allocated on first use.
     moments: Option<DeviceStats<Moments>>,
     label: String,
@@ -43,14 +44,12 @@ pub struct CudaExecutor {
 impl CudaExecutor {
     /// An executor on `device`'s stream, with a fresh status word.
     pub fn new(device: &CudaDevice) -> Result<Self> {
-        let stream = device.stream().clone();
-        let status = CudaStatus::new(&stream)?;
-        Ok(CudaExecutor { stream, status, moments: None, label: device.describe() })
+        Ok(CudaExecutor { ctx: device.launch_context()?, moments: None, label: device.describe() })
     }
 
     /// The stream every op is enqueued on (for the caller's own work around them).
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        self.ctx.stream()
     }
 }
 
@@ -67,20 +66,20 @@ impl Executor for CudaExecutor {
     }
 
     fn zeros<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(len).map_err(driver_error("allocating a buffer"))
+        self.ctx.stream().alloc_zeros::<T>(len).map_err(driver_error("allocating a buffer"))
     }
 
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(driver_error("uploading a buffer"))
+        self.ctx.stream().clone_htod(host).map_err(driver_error("uploading a buffer"))
     }
 
     fn download<T: Scalar>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(buf).map_err(driver_error("downloading a buffer"))
+        self.ctx.stream().clone_dtoh(buf).map_err(driver_error("downloading a buffer"))
     }
 
     fn copy<T: Scalar>(&self, from: &CudaSlice<T>, to: &mut CudaSlice<T>) -> Result<()> {
         crate::logprobs::check_len("copy destination", to.len(), from.len())?;
-        self.stream.memcpy_dtod(from, to).map_err(driver_error("copying a buffer"))
+        self.ctx.stream().memcpy_dtod(from, to).map_err(driver_error("copying a buffer"))
     }
 
     fn view<T: Scalar>(buf: &CudaSlice<T>) -> CudaView<'_, T> {
@@ -92,15 +91,15 @@ impl Executor for CudaExecutor {
     }
 
     fn stats<S: Statistic>(&self) -> Result<DeviceStats<S>> {
-        DeviceStats::new(&self.stream)
+        DeviceStats::new(self.ctx.stream())
     }
 
     fn fused_stats(&self) -> Result<DeviceFusedStats> {
-        DeviceFusedStats::new(&self.stream)
+        DeviceFusedStats::new(self.ctx.stream())
     }
 
     fn read_fused(&self, stats: &DeviceFusedStats) -> Result<FusedPolicyStats> {
-        stats.read(&self.stream)
+        stats.read(self.ctx.stream())
     }
 
     fn stats_out<S: Statistic>(stats: &mut DeviceStats<S>) -> &mut DeviceStats<S> {
@@ -108,15 +107,16 @@ impl Executor for CudaExecutor {
     }
 
     fn read<S: Statistic>(&self, stats: &DeviceStats<S>) -> Result<S> {
-        stats.read(&self.stream)
+        stats.read(self.ctx.stream())
     }
 
     fn groups(&self, groups: &Groups) -> Result<DeviceGroups> {
-        DeviceGroups::new(&self.stream, groups)
+        DeviceGroups::new(self.ctx.stream(), groups)
     }
 
     fn mark(&self) -> Result<CudaEvent> {
-        self.stream
+        self.ctx
+            .stream()
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(driver_error("recording an event"))
     }
@@ -137,7 +137,7 @@ impl Executor for CudaExecutor {
     }
 
     fn finish(&mut self) -> Result<()> {
-        self.status.check(&self.stream)
+        self.ctx.check()
     }
 
     fn log_softmax<T: Element + Scalar>(
@@ -147,7 +147,7 @@ impl Executor for CudaExecutor {
         mut out: CudaViewMut<'_, f32>,
         opts: &LogSoftmaxOptions,
     ) -> Result<()> {
-        cuda::log_softmax(&self.stream, &logits, shape, &mut out, &mut self.status, opts)
+        cuda::log_softmax(&mut self.ctx, &logits, shape, &mut out, opts)
     }
 
     fn log_softmax_backward<T: Element + Scalar>(
@@ -158,15 +158,7 @@ impl Executor for CudaExecutor {
         mut grad_logits: CudaViewMut<'_, T>,
         opts: &LogSoftmaxOptions,
     ) -> Result<()> {
-        cuda::log_softmax_backward(
-            &self.stream,
-            &out,
-            &grad_out,
-            shape,
-            &mut grad_logits,
-            &mut self.status,
-            opts,
-        )
+        cuda::log_softmax_backward(&mut self.ctx, &out, &grad_out, shape, &mut grad_logits, opts)
     }
 
     fn token_logprobs<T: Element + Scalar, I: TargetIndex + Scalar>(
@@ -177,7 +169,7 @@ impl Executor for CudaExecutor {
         out: TokenOutputs<'_, Cuda>,
         opts: &TokenLogprobsOptions,
     ) -> Result<()> {
-        cuda::token_logprobs(&self.stream, &logits, shape, tokens, out, &mut self.status, opts)
+        cuda::token_logprobs(&mut self.ctx, &logits, shape, tokens, out, opts)
     }
 
     fn token_logprobs_backward<T: Element + Scalar, I: TargetIndex + Scalar>(
@@ -189,17 +181,7 @@ impl Executor for CudaExecutor {
         mut grad_logits: CudaViewMut<'_, T>,
         opts: &TokenLogprobsOptions,
     ) -> Result<()> {
-        let status = &mut self.status;
-        cuda::token_logprobs_backward(
-            &self.stream,
-            &logits,
-            shape,
-            tokens,
-            grads,
-            &mut grad_logits,
-            status,
-            opts,
-        )
+        cuda::token_logprobs_backward(&mut self.ctx, &logits, shape, tokens, grads, &mut grad_logits, opts)
     }
 
     fn token_logprobs_backward_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
@@ -210,15 +192,7 @@ impl Executor for CudaExecutor {
         grads: &TokenGrads<'_, Cuda>,
         opts: &TokenLogprobsOptions,
     ) -> Result<()> {
-        cuda::token_logprobs_backward_in_place(
-            &self.stream,
-            &mut logits,
-            shape,
-            tokens,
-            grads,
-            &mut self.status,
-            opts,
-        )
+        cuda::token_logprobs_backward_in_place(&mut self.ctx, &mut logits, shape, tokens, grads, opts)
     }
 
     fn sampled_kl(
@@ -227,7 +201,7 @@ impl Executor for CudaExecutor {
         out: SampledKlOutputs<'_, Cuda>,
         opts: &SampledKlOptions,
     ) -> Result<()> {
-        cuda::sampled_kl(&self.stream, inputs, out, &mut self.status, opts)
+        cuda::sampled_kl(&mut self.ctx, inputs, out, opts)
     }
 
     fn exact_kl<P: Element + Scalar, Q: Element + Scalar>(
@@ -238,7 +212,7 @@ impl Executor for CudaExecutor {
         out: ExactKlOutputs<'_, Cuda>,
         opts: &ExactKlOptions,
     ) -> Result<()> {
-        cuda::exact_kl(&self.stream, &policy, shape, reference, out, &mut self.status, opts)
+        cuda::exact_kl(&mut self.ctx, &policy, shape, reference, out, opts)
     }
 
     fn exact_kl_backward<P: Element + Scalar, Q: Element + Scalar>(
@@ -250,17 +224,7 @@ impl Executor for CudaExecutor {
         mut grad_policy: CudaViewMut<'_, P>,
         opts: &ExactKlOptions,
     ) -> Result<()> {
-        let status = &mut self.status;
-        cuda::exact_kl_backward(
-            &self.stream,
-            &policy,
-            shape,
-            reference,
-            grads,
-            &mut grad_policy,
-            status,
-            opts,
-        )
+        cuda::exact_kl_backward(&mut self.ctx, &policy, shape, reference, grads, &mut grad_policy, opts)
     }
 
     fn exact_kl_backward_in_place<P: Element + Scalar, Q: Element + Scalar>(
@@ -271,15 +235,7 @@ impl Executor for CudaExecutor {
         grads: &ExactKlGrads<'_, Cuda>,
         opts: &ExactKlOptions,
     ) -> Result<()> {
-        cuda::exact_kl_backward_in_place(
-            &self.stream,
-            &mut policy,
-            shape,
-            reference,
-            grads,
-            &mut self.status,
-            opts,
-        )
+        cuda::exact_kl_backward_in_place(&mut self.ctx, &mut policy, shape, reference, grads, opts)
     }
 
     fn kl_rewards(
@@ -288,7 +244,7 @@ impl Executor for CudaExecutor {
         rewards: CudaViewMut<'_, f32>,
         opts: &KlRewardsOptions,
     ) -> Result<()> {
-        cuda::kl_rewards(&self.stream, inputs, rewards, &mut self.status, opts)
+        cuda::kl_rewards(&mut self.ctx, inputs, rewards, opts)
     }
 
     fn gae(
@@ -297,7 +253,7 @@ impl Executor for CudaExecutor {
         out: GaeOutputs<'_, Cuda>,
         opts: &GaeOptions,
     ) -> Result<()> {
-        cuda::gae(&self.stream, inputs, out, &mut self.status, opts)
+        cuda::gae(&mut self.ctx, inputs, out, opts)
     }
 
     fn masked_moments(
@@ -307,7 +263,7 @@ impl Executor for CudaExecutor {
         mask: Option<CudaView<'_, u8>>,
         out: &mut DeviceStats<Moments>,
     ) -> Result<()> {
-        cuda::masked_moments(&self.stream, &values, shape, mask.as_ref(), out, &mut self.status)
+        cuda::masked_moments(&mut self.ctx, &values, shape, mask.as_ref(), out)
     }
 
     fn whiten(
@@ -319,9 +275,9 @@ impl Executor for CudaExecutor {
     ) -> Result<()> {
         let moments = match &mut self.moments {
             Some(m) => m,
-            slot => slot.insert(DeviceStats::new(&self.stream)?),
+            slot => slot.insert(DeviceStats::new(self.ctx.stream())?),
         };
-        cuda::whiten(&self.stream, &mut values, shape, mask.as_ref(), moments, &mut self.status, opts)
+        cuda::whiten(&mut self.ctx, &mut values, shape, mask.as_ref(), moments, opts)
     }
 
     fn group_advantages(
@@ -331,7 +287,7 @@ impl Executor for CudaExecutor {
         out: GroupAdvantageOutputs<'_, Cuda>,
         opts: &GroupAdvantageOptions,
     ) -> Result<()> {
-        cuda::group_advantages(&self.stream, &scores, groups, out, &mut self.status, opts)
+        cuda::group_advantages(&mut self.ctx, &scores, groups, out, opts)
     }
 
     fn policy_loss(
@@ -340,7 +296,7 @@ impl Executor for CudaExecutor {
         out: PolicyLossOutputs<'_, Cuda>,
         opts: &PolicyLossOptions,
     ) -> Result<()> {
-        cuda::policy_loss(&self.stream, inputs, out, &mut self.status, opts)
+        cuda::policy_loss(&mut self.ctx, inputs, out, opts)
     }
 
     fn value_loss(
@@ -349,7 +305,7 @@ impl Executor for CudaExecutor {
         out: ValueLossOutputs<'_, Cuda>,
         opts: &ValueLossOptions,
     ) -> Result<()> {
-        cuda::value_loss(&self.stream, inputs, out, &mut self.status, opts)
+        cuda::value_loss(&mut self.ctx, inputs, out, opts)
     }
 
     fn policy_loss_from_logits<T: Element + Scalar, I: TargetIndex + Scalar>(
@@ -361,8 +317,7 @@ impl Executor for CudaExecutor {
         stats: &mut DeviceFusedStats,
         opts: &FusedPolicyOptions,
     ) -> Result<()> {
-        let (s, status) = (&self.stream, &mut self.status);
-        cuda::policy_loss_from_logits(s, &logits, shape, inputs, &mut grad_logits, stats, status, opts)
+        cuda::policy_loss_from_logits(&mut self.ctx, &logits, shape, inputs, &mut grad_logits, stats, opts)
     }
 
     fn policy_loss_from_logits_in_place<T: Element + Scalar, I: TargetIndex + Scalar>(
@@ -373,8 +328,7 @@ impl Executor for CudaExecutor {
         stats: &mut DeviceFusedStats,
         opts: &FusedPolicyOptions,
     ) -> Result<()> {
-        let (s, status) = (&self.stream, &mut self.status);
-        cuda::policy_loss_from_logits_in_place(s, &mut logits, shape, inputs, stats, status, opts)
+        cuda::policy_loss_from_logits_in_place(&mut self.ctx, &mut logits, shape, inputs, stats, opts)
     }
 
     fn aggregate(
@@ -386,6 +340,6 @@ impl Executor for CudaExecutor {
         norm: Normaliser,
         out: &mut DeviceStats<Aggregated>,
     ) -> Result<()> {
-        cuda::aggregate(&self.stream, &values, shape, mask.as_ref(), aggregation, norm, out, &mut self.status)
+        cuda::aggregate(&mut self.ctx, &values, shape, mask.as_ref(), aggregation, norm, out)
     }
 }

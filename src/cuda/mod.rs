@@ -10,8 +10,9 @@
 //!
 //! Every op is asynchronous: it enqueues kernels on the caller's stream and returns. Nothing
 //! synchronises behind the caller's back. Input problems that only the kernel can see (a NaN
-//! row, a row of only `-inf`) are recorded in a [`CudaStatus`] that the caller checks when it
-//! chooses (once per training step is enough); the outputs of such a row are NaN.
+//! row, a row of only `-inf`) are recorded in the status word of the [`LaunchContext`] every op
+//! takes first, which the caller checks when it chooses (once per training step is enough);
+//! the outputs of such a row are NaN.
 
 mod advantages;
 mod aggregation;
@@ -30,8 +31,8 @@ pub use advantages::{
     DeviceGroups, gae, gae_workspace_bytes, group_advantages, masked_moments, moments_workspace_bytes, whiten,
 };
 pub use aggregation::{aggregate, aggregate_workspace_bytes};
-pub use context::CudaDevice;
 pub(crate) use context::RawStream;
+pub use context::{CudaDevice, LaunchContext};
 pub use executor::CudaExecutor;
 pub use kl::{
     exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials,
@@ -48,7 +49,7 @@ pub use ppo::{
     policy_loss_from_logits_in_place, policy_loss_workspace_bytes, value_loss, value_loss_workspace_bytes,
 };
 pub use stats::DeviceStats;
-pub use status::CudaStatus;
+pub(crate) use status::CudaStatus;
 
 /// The raw layer: device pointers, an ordinal and a `CUstream` (see each function's
 /// contract). The safe functions of [`cuda`](crate::cuda) are built on the same launches.

@@ -12,24 +12,11 @@ use crate::{Error, Result, RowProblem};
 pub const STATUS_CLEAR: u64 = u64::MAX;
 
 /// A device-side record of the first input problem the kernels met (lowest row wins), e.g. a
-/// row of only `-inf`. Ops enqueue their reports without synchronising; [`check`](Self::check)
-/// synchronises the stream once and turns a report into an [`Error::InvalidRow`].
-///
-/// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
-/// use rlhf_kernels::{LogSoftmaxOptions, RowShape};
-/// let device = CudaDevice::new(0)?;
-/// let stream = device.stream();
-/// let logits = stream.clone_htod(&[0.0f32, f32::NEG_INFINITY]).unwrap();
-/// let mut out = stream.alloc_zeros::<f32>(2).unwrap();
-/// let mut status = CudaStatus::new(stream)?;
-/// cuda::log_softmax(stream, &logits, RowShape::new(1, 2), &mut out, &mut status,
-///                   &LogSoftmaxOptions::default())?;
-/// status.check(stream)?; // Ok: one token is allowed
-/// # Ok::<(), rlhf_kernels::Error>(())
-/// ```
+/// row of only `-inf`, held by a [`LaunchContext`](crate::cuda::LaunchContext). Ops enqueue
+/// their reports without synchronising; [`check`](Self::check) synchronises the stream once
+/// and turns a report into an [`Error::InvalidRow`].
 #[derive(Debug)]
-pub struct CudaStatus {
+pub(crate) struct CudaStatus {
     word: CudaSlice<u64>,
 }
 

@@ -50,9 +50,9 @@ impl Forward for Gpu {
         let s = &self.0;
         let x = s.clone_htod(logits).unwrap();
         let mut y = s.alloc_zeros::<f32>(shape.len()).unwrap();
-        let mut status = CudaStatus::new(s)?;
-        cuda::log_softmax(s, &x, shape, &mut y, &mut status, opts)?;
-        status.check(s)?;
+        let mut ctx = LaunchContext::new(s)?;
+        cuda::log_softmax(&mut ctx, &x, shape, &mut y, opts)?;
+        ctx.check()?;
         Ok(s.clone_dtoh(&y).unwrap())
     }
 }
@@ -68,9 +68,9 @@ impl Backward for Gpu {
         let s = &self.0;
         let (y, g) = (s.clone_htod(out).unwrap(), s.clone_htod(g).unwrap());
         let mut dx = s.clone_htod(&vec![T::from_f32(f32::NAN); shape.rows * shape.row_stride]).unwrap();
-        let mut status = CudaStatus::new(s)?;
-        cuda::log_softmax_backward(s, &y, &g, shape, &mut dx, &mut status, opts)?;
-        status.check(s)?;
+        let mut ctx = LaunchContext::new(s)?;
+        cuda::log_softmax_backward(&mut ctx, &y, &g, shape, &mut dx, opts)?;
+        ctx.check()?;
         Ok(s.clone_dtoh(&dx).unwrap())
     }
 }
@@ -101,13 +101,13 @@ impl TokenBackend for Gpu {
             s.alloc_zeros::<f32>(n).unwrap(),
             s.alloc_zeros::<f32>(n).unwrap(),
         );
-        let mut status = CudaStatus::new(s)?;
+        let mut ctx = LaunchContext::new(s)?;
         {
             let out = TokenOutputs::default().logp(logp.as_view_mut()).lse(lse.as_view_mut());
             let out = if with_entropy { out.entropy(entropy.as_view_mut()) } else { out };
-            cuda::token_logprobs(s, &up.x, case.shape, &up.tokens(), out, &mut status, &case.opts)?;
+            cuda::token_logprobs(&mut ctx, &up.x, case.shape, &up.tokens(), out, &case.opts)?;
         }
-        status.check(s)?;
+        ctx.check()?;
         Ok(Fwd {
             logp: s.clone_dtoh(&logp).unwrap(),
             entropy: s.clone_dtoh(&entropy).unwrap(),
@@ -127,35 +127,20 @@ impl TokenBackend for Gpu {
             grad_logp: gl.as_ref().map(|v| v.as_view()),
             grad_entropy: gh.as_ref().map(|v| v.as_view()),
         };
-        let mut status = CudaStatus::new(s)?;
+        let mut ctx = LaunchContext::new(s)?;
         let targets = up.targets.clone();
         let mask = up.mask.clone();
         let tokens = Tokens { targets: targets.as_view(), mask: mask.as_ref().map(|m| m.as_view()) };
         if in_place {
             cuda::token_logprobs_backward_in_place(
-                s,
-                &mut up.x,
-                case.shape,
-                &tokens,
-                &dg,
-                &mut status,
-                &case.opts,
+                &mut ctx, &mut up.x, case.shape, &tokens, &dg, &case.opts,
             )?;
-            status.check(s)?;
+            ctx.check()?;
             Ok(s.clone_dtoh(&up.x).unwrap())
         } else {
             let mut dx = s.clone_htod(&vec![T::from_f32(f32::NAN); case.logits.len()]).unwrap();
-            cuda::token_logprobs_backward(
-                s,
-                &up.x,
-                case.shape,
-                &tokens,
-                &dg,
-                &mut dx,
-                &mut status,
-                &case.opts,
-            )?;
-            status.check(s)?;
+            cuda::token_logprobs_backward(&mut ctx, &up.x, case.shape, &tokens, &dg, &mut dx, &case.opts)?;
+            ctx.check()?;
             Ok(s.clone_dtoh(&dx).unwrap())
         }
     }
@@ -168,7 +153,7 @@ impl SampledBackend for Gpu {
         let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
         let mut v = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
         let mut g = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
-        let (mut stats, mut status) = (DeviceStats::<SampledKlStats>::new(s)?, CudaStatus::new(s)?);
+        let (mut stats, mut ctx) = (DeviceStats::<SampledKlStats>::new(s)?, LaunchContext::new(s)?);
         let inputs = SampledKlInputs {
             shape: c.shape,
             logp: lp.as_view(),
@@ -181,8 +166,8 @@ impl SampledBackend for Gpu {
             stats: Some(&mut stats),
             workspace: None,
         };
-        cuda::sampled_kl(s, &inputs, out, &mut status, &c.opts)?;
-        status.check(s)?;
+        cuda::sampled_kl(&mut ctx, &inputs, out, &c.opts)?;
+        ctx.check()?;
         Ok((s.clone_dtoh(&v).unwrap(), s.clone_dtoh(&g).unwrap(), stats.read(s)?))
     }
 
@@ -191,14 +176,14 @@ impl SampledBackend for Gpu {
         let (k, sc) = (s.clone_htod(inputs.kl).unwrap(), s.clone_htod(inputs.scores).unwrap());
         let m = inputs.mask.map(|m| s.clone_htod(m).unwrap());
         let mut r = s.clone_htod(&vec![f32::NAN; inputs.kl.len()]).unwrap();
-        let mut status = CudaStatus::new(s)?;
+        let mut ctx = LaunchContext::new(s)?;
         let device = KlRewardsInputs::new(inputs.shape, &k, &sc);
         let device = match &m {
             Some(m) => device.mask(m),
             None => device,
         };
-        cuda::kl_rewards(s, &device, &mut r, &mut status, opts)?;
-        status.check(s)?;
+        cuda::kl_rewards(&mut ctx, &device, &mut r, opts)?;
+        ctx.check()?;
         Ok(s.clone_dtoh(&r).unwrap())
     }
 }
@@ -211,7 +196,7 @@ impl AdvantagesBackend for Gpu {
         let mask = c.mask.as_ref().map(|m| self.up(m));
         let (mut a, _) = self.up(&out_buffer(c.shape));
         let (mut r, _) = self.up(&out_buffer(c.shape));
-        let mut status = CudaStatus::new(s)?;
+        let mut ctx = LaunchContext::new(s)?;
         fn view(b: &Option<(CudaSlice<f32>, usize)>) -> Option<CudaView<'_, f32>> {
             b.as_ref().map(|(b, n)| b.slice(0..*n))
         }
@@ -223,8 +208,8 @@ impl AdvantagesBackend for Gpu {
         inputs.mask = mask.as_ref().map(|(m, n)| m.slice(0..*n));
         let n = c.shape.min_len();
         let out = GaeOutputs::default().advantages(a.slice_mut(0..n)).returns(r.slice_mut(0..n));
-        cuda::gae(s, &inputs, out, &mut status, opts)?;
-        status.check(s)?;
+        cuda::gae(&mut ctx, &inputs, out, opts)?;
+        ctx.check()?;
         let d = |b: &CudaSlice<f32>| s.clone_dtoh(b).unwrap()[..n].to_vec();
         Ok((d(&a), d(&r)))
     }
@@ -241,13 +226,13 @@ impl AdvantagesBackend for Gpu {
         let (sc, n_sc) = self.up(scores);
         let (mut per_seq, _) = self.up(&vec![f32::NAN; groups.sequences()]);
         let mut tok = tokens.map(|(shape, m)| (self.up(&out_buffer(shape)), shape, m.map(|m| self.up(m))));
-        let mut status = CudaStatus::new(s)?;
+        let mut ctx = LaunchContext::new(s)?;
         let mut out = GroupAdvantageOutputs::default().per_sequence(per_seq.slice_mut(0..groups.sequences()));
         if let Some(((buf, n), shape, m)) = tok.as_mut() {
             out = out.per_token(buf.slice_mut(0..*n), *shape, m.as_ref().map(|(m, n)| m.slice(0..*n)));
         }
-        cuda::group_advantages(s, &sc.slice(0..n_sc), &dg, out, &mut status, opts)?;
-        status.check(s)?;
+        cuda::group_advantages(&mut ctx, &sc.slice(0..n_sc), &dg, out, opts)?;
+        ctx.check()?;
         let tokens = tok.map(|((buf, n), _, _)| s.clone_dtoh(&buf).unwrap()[..n].to_vec());
         Ok((s.clone_dtoh(&per_seq).unwrap(), tokens))
     }
@@ -256,10 +241,10 @@ impl AdvantagesBackend for Gpu {
         let s = &self.0;
         let (v, n) = self.up(values);
         let m = mask.map(|m| self.up(m));
-        let (mut out, mut status) = (DeviceStats::<Moments>::new(s)?, CudaStatus::new(s)?);
+        let (mut out, mut ctx) = (DeviceStats::<Moments>::new(s)?, LaunchContext::new(s)?);
         let mask_view = m.as_ref().map(|(m, n)| m.slice(0..*n));
-        cuda::masked_moments(s, &v.slice(0..n), shape, mask_view.as_ref(), &mut out, &mut status)?;
-        status.check(s)?;
+        cuda::masked_moments(&mut ctx, &v.slice(0..n), shape, mask_view.as_ref(), &mut out)?;
+        ctx.check()?;
         out.read(s)
     }
 
@@ -277,10 +262,10 @@ impl AdvantagesBackend for Gpu {
         }
         let (mut v, n) = self.up(&host);
         let m = mask.map(|m| self.up(m));
-        let (mut out, mut status) = (DeviceStats::<Moments>::new(s)?, CudaStatus::new(s)?);
+        let (mut out, mut ctx) = (DeviceStats::<Moments>::new(s)?, LaunchContext::new(s)?);
         let mask_view = m.as_ref().map(|(m, n)| m.slice(0..*n));
-        cuda::whiten(s, &mut v.slice_mut(0..n), shape, mask_view.as_ref(), &mut out, &mut status, opts)?;
-        status.check(s)?;
+        cuda::whiten(&mut ctx, &mut v.slice_mut(0..n), shape, mask_view.as_ref(), &mut out, opts)?;
+        ctx.check()?;
         Ok((s.clone_dtoh(&v).unwrap()[..n].to_vec(), out.read(s)?))
     }
 }
@@ -296,7 +281,7 @@ impl PpoBackend for Gpu {
         let len = c.shape.min_len();
         let nan = vec![f32::NAN; len.max(1)];
         let (mut l, mut g, mut h) = (self.up(&nan).0, self.up(&nan).0, self.up(&nan).0);
-        let (mut stats, mut status) = (DeviceStats::<PolicyLossStats>::new(s)?, CudaStatus::new(s)?);
+        let (mut stats, mut ctx) = (DeviceStats::<PolicyLossStats>::new(s)?, LaunchContext::new(s)?);
         let inputs = PolicyLossInputs {
             shape: c.shape,
             logp: lp.slice(0..n),
@@ -313,8 +298,8 @@ impl PpoBackend for Gpu {
             workspace: None,
             accumulate: false,
         };
-        cuda::policy_loss(s, &inputs, out, &mut status, opts)?;
-        status.check(s)?;
+        cuda::policy_loss(&mut ctx, &inputs, out, opts)?;
+        ctx.check()?;
         Ok(PolicyOut {
             loss: self.dense(&l, c.shape),
             grad_logp: self.dense(&g, c.shape),
@@ -334,7 +319,7 @@ impl PpoBackend for Gpu {
         let mask = c.mask.as_ref().map(|m| self.up(m).0);
         let entropy = c.entropy.as_ref().map(|h| self.up(h).0);
         let (mut g, mut h) = (self.up(start).0, self.up(start).0);
-        let mut status = CudaStatus::new(s)?;
+        let mut ctx = LaunchContext::new(s)?;
         let inputs = PolicyLossInputs {
             shape: c.shape,
             logp: lp.as_view(),
@@ -349,8 +334,8 @@ impl PpoBackend for Gpu {
             accumulate: true,
             ..Default::default()
         };
-        cuda::policy_loss(s, &inputs, out, &mut status, opts)?;
-        status.check(s)?;
+        cuda::policy_loss(&mut ctx, &inputs, out, opts)?;
+        ctx.check()?;
         Ok((self.dense(&g, c.shape), self.dense(&h, c.shape)))
     }
 
@@ -363,7 +348,7 @@ impl PpoBackend for Gpu {
         let len = c.shape.min_len();
         let nan = vec![f32::NAN; len.max(1)];
         let (mut l, mut g) = (self.up(&nan).0, self.up(&nan).0);
-        let (mut stats, mut status) = (DeviceStats::<ValueLossStats>::new(s)?, CudaStatus::new(s)?);
+        let (mut stats, mut ctx) = (DeviceStats::<ValueLossStats>::new(s)?, LaunchContext::new(s)?);
         let inputs = ValueLossInputs {
             shape: c.shape,
             values: v.slice(0..n),
@@ -377,8 +362,8 @@ impl PpoBackend for Gpu {
             stats: Some(&mut stats),
             workspace: None,
         };
-        cuda::value_loss(s, &inputs, out, &mut status, opts)?;
-        status.check(s)?;
+        cuda::value_loss(&mut ctx, &inputs, out, opts)?;
+        ctx.check()?;
         Ok((self.dense(&l, c.shape), self.dense(&g, c.shape), stats.read(s)?))
     }
 
@@ -393,10 +378,10 @@ impl PpoBackend for Gpu {
         let s = &self.0;
         let v = self.up(values).0;
         let m = mask.map(|m| self.up(m).0);
-        let (mut out, mut status) = (DeviceStats::<Aggregated>::new(s)?, CudaStatus::new(s)?);
+        let (mut out, mut ctx) = (DeviceStats::<Aggregated>::new(s)?, LaunchContext::new(s)?);
         let m = m.as_ref().map(|m| m.as_view());
-        cuda::aggregate(s, &v, shape, m.as_ref(), aggregation, norm, &mut out, &mut status)?;
-        status.check(s)?;
+        cuda::aggregate(&mut ctx, &v, shape, m.as_ref(), aggregation, norm, &mut out)?;
+        ctx.check()?;
         Ok(out.read(s)?.value)
     }
 }
@@ -417,33 +402,23 @@ impl FusedBackend for Gpu {
             ref_logp: ref_logp.as_ref().map(|r| r.as_view()),
             ..FusedPolicyInputs::new(Tokens::new(&targets).with_mask(&mask), c.sequences, &old, &adv)
         };
-        let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
+        let (mut stats, mut ctx) = (DeviceFusedStats::new(s)?, LaunchContext::new(s)?);
         let grad = if in_place {
             cuda::policy_loss_from_logits_in_place(
-                s,
+                &mut ctx,
                 &mut logits,
                 c.shape,
                 &inputs,
                 &mut stats,
-                &mut status,
                 opts,
             )?;
             logits
         } else {
             let mut grad = s.clone_htod(&vec![T::from_f32(f32::NAN); c.logits.len()]).unwrap();
-            cuda::policy_loss_from_logits(
-                s,
-                &logits,
-                c.shape,
-                &inputs,
-                &mut grad,
-                &mut stats,
-                &mut status,
-                opts,
-            )?;
+            cuda::policy_loss_from_logits(&mut ctx, &logits, c.shape, &inputs, &mut grad, &mut stats, opts)?;
             grad
         };
-        status.check(s)?;
+        ctx.check()?;
         Ok((s.clone_dtoh(&grad).unwrap(), stats.read(s)?))
     }
 }

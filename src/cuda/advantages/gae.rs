@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, LaunchConf
 
 use crate::advantages::check_gae_sources;
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::cuda::{LaunchContext, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::{Cuda, Error, GaeInputs, GaeOptions, GaeOutputs, MaskedSteps, Result, RowShape};
 
 /// Positions per GAE block (`GAE_CHUNK` in the kernel).
@@ -75,7 +75,7 @@ unsafe impl DeviceRepr for GaeParams {}
 /// is reported to `status` ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{GaeInputs, GaeOutputs};
 /// use rlhf_kernels::{GaeOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
@@ -84,20 +84,20 @@ unsafe impl DeviceRepr for GaeParams {}
 /// let (kl, values) = (s.clone_htod(&[0.1f32, 0.2, 0.0]).unwrap(), s.clone_htod(&[0.5f32, 0.4, 0.0]).unwrap());
 /// let (scores, mask) = (s.clone_htod(&[1.0f32]).unwrap(), s.clone_htod(&[1u8, 1, 0]).unwrap());
 /// let mut adv = s.alloc_zeros::<f32>(3).unwrap();
-/// let mut status = CudaStatus::new(s)?;
+/// let mut ctx = LaunchContext::new(s)?;
 /// let inputs = GaeInputs::new(shape).kl_penalty(kl.as_view(), 0.05).scores(scores.as_view())
 ///     .values(values.as_view()).mask(mask.as_view());
-/// cuda::gae(s, &inputs, GaeOutputs::default().advantages(adv.as_view_mut()), &mut status, &GaeOptions::new(1.0, 0.95))?;
-/// status.check(s)?;
+/// cuda::gae(&mut ctx, &inputs, GaeOutputs::default().advantages(adv.as_view_mut()), &GaeOptions::new(1.0, 0.95))?;
+/// ctx.check()?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn gae(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     inputs: &GaeInputs<'_, Cuda>,
     mut out: GaeOutputs<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &GaeOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     let shape = inputs.shape;
     inputs.validate()?;
     out.check(shape)?;

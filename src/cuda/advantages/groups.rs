@@ -7,7 +7,7 @@ use cudarc::driver::{
 };
 
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr_mut, view_ptr};
+use crate::cuda::{LaunchContext, driver_error, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
 use crate::{Cuda, GroupAdvantageOptions, GroupAdvantageOutputs, Groups, Result, RowShape, TokenOutput};
 
@@ -41,7 +41,7 @@ impl DeviceGroups {
 /// refused by the options is an error before the launch.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceGroups};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceGroups};
 /// use rlhf_kernels::{GroupAdvantageOutputs};
 /// use rlhf_kernels::{GroupAdvantageOptions, Groups};
 /// let device = CudaDevice::new(0)?;
@@ -49,20 +49,20 @@ impl DeviceGroups {
 /// let groups = DeviceGroups::new(s, &Groups::new(&[0, 0, 1, 1], 2)?)?;
 /// let scores = s.clone_htod(&[1.0f32, 0.0, 0.5, 0.5]).unwrap();
 /// let mut adv = s.alloc_zeros::<f32>(4).unwrap();
-/// let mut status = CudaStatus::new(s)?;
+/// let mut ctx = LaunchContext::new(s)?;
 /// let out = GroupAdvantageOutputs::default().per_sequence(adv.as_view_mut());
-/// cuda::group_advantages(s, &scores.as_view(), &groups, out, &mut status, &GroupAdvantageOptions::grpo())?;
-/// status.check(s)?;
+/// cuda::group_advantages(&mut ctx, &scores.as_view(), &groups, out, &GroupAdvantageOptions::grpo())?;
+/// ctx.check()?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn group_advantages(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     scores: &CudaView<'_, f32>,
     groups: &DeviceGroups,
     mut out: GroupAdvantageOutputs<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &GroupAdvantageOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     let b = groups.host.sequences();
     check_len("scores", scores.len(), b)?;
     opts.validate()?;

@@ -1,6 +1,6 @@
 //! The advantages family on the GPU (kernels/advantages.cu): GAE as a parallel scan, the group
 //! estimators, masked moments and whitening. Nothing synchronises the host; input problems go
-//! to the caller's [`CudaStatus`].
+//! to the caller's [`LaunchContext`].
 //!
 //! GAE picks its launch by the sequence length alone (so a row's result never depends on the
 //! batch): up to 128 positions one warp per sequence; up to 4096 one block per sequence, which

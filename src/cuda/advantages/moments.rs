@@ -7,7 +7,7 @@ use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut, PushKernelAr
 use crate::cuda::DeviceStats;
 use crate::cuda::aggregation::{ONE_BLOCK, ReductionArgs, ReductionParams, per_row, workspace_or_alloc};
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, view_ptr};
+use crate::cuda::{LaunchContext, driver_error, view_ptr};
 use crate::{Moments, Result, RowShape, WhitenOptions};
 
 /// Bytes of one row record of the moments (`MomentsF64` in the kernel: 5 f64).
@@ -100,26 +100,26 @@ fn check_values(shape: RowShape, len: usize, mask: Option<&CudaView<'_, u8>>) ->
 /// deterministic. A row with a non-finite valid value is reported to `status`.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};
 /// use rlhf_kernels::{Moments};
 /// use rlhf_kernels::RowShape;
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let x = s.clone_htod(&[1.0f32, 3.0]).unwrap();
-/// let (mut m, mut status) = (DeviceStats::<Moments>::new(s)?, CudaStatus::new(s)?);
-/// cuda::masked_moments(s, &x, RowShape::new(1, 2), None, &mut m, &mut status)?;
-/// status.check(s)?;
+/// let (mut m, mut ctx) = (DeviceStats::<Moments>::new(s)?, LaunchContext::new(s)?);
+/// cuda::masked_moments(&mut ctx, &x, RowShape::new(1, 2), None, &mut m)?;
+/// ctx.check()?;
 /// assert_eq!(m.read(s)?.mean, 2.0);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn masked_moments(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     values: &impl DevicePtr<f32>,
     shape: RowShape,
     mask: Option<&CudaView<'_, u8>>,
     out: &mut DeviceStats<Moments>,
-    status: &mut CudaStatus,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     check_values(shape, values.len(), mask)?;
     let s: &CudaStream = stream;
     let (values, _g1) = values.device_ptr(s);
@@ -139,26 +139,26 @@ pub fn masked_moments(
 /// `keep_mean` (else 0), three launches, no host round trip.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};
 /// use rlhf_kernels::{Moments};
 /// use rlhf_kernels::{RowShape, WhitenOptions};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let mut adv = s.clone_htod(&[1.0f32, 3.0]).unwrap();
-/// let (mut m, mut status) = (DeviceStats::<Moments>::new(s)?, CudaStatus::new(s)?);
-/// cuda::whiten(s, &mut adv, RowShape::new(1, 2), None, &mut m, &mut status, &WhitenOptions::default())?;
-/// status.check(s)?;
+/// let (mut m, mut ctx) = (DeviceStats::<Moments>::new(s)?, LaunchContext::new(s)?);
+/// cuda::whiten(&mut ctx, &mut adv, RowShape::new(1, 2), None, &mut m, &WhitenOptions::default())?;
+/// ctx.check()?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn whiten(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     values: &mut impl DevicePtrMut<f32>,
     shape: RowShape,
     mask: Option<&CudaView<'_, u8>>,
     moments: &mut DeviceStats<Moments>,
-    status: &mut CudaStatus,
     opts: &WhitenOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     check_values(shape, values.len(), mask)?;
     let s: &CudaStream = stream;
     let (values, _g1) = values.device_ptr_mut(s);

@@ -25,7 +25,7 @@ pub(crate) use launch::{
 pub use launch::{ReductionArgs, aggregate_workspace_bytes};
 
 use crate::cuda::DeviceStats;
-use crate::cuda::{CudaStatus, view_ptr};
+use crate::cuda::{CudaStatus, LaunchContext, view_ptr};
 use crate::{Aggregated, Aggregation, Normaliser, Result, RowShape};
 
 /// Aggregates the masked `[B, T]` `values` of `shape` (`mask`, one byte per token in the same
@@ -41,32 +41,31 @@ use crate::{Aggregated, Aggregation, Normaliser, Result, RowShape};
 /// sign (the host sums in f64 and does not overflow there).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};
 /// use rlhf_kernels::Aggregated;
 /// use rlhf_kernels::{Aggregation, Normaliser, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let kl = s.clone_htod(&[0.5f32, 0.25, 0.0, 1.0]).unwrap();
 /// let mask = s.clone_htod(&[1u8, 1, 0, 1]).unwrap();
-/// let (mut mean, mut status) = (DeviceStats::<Aggregated>::new(s)?, CudaStatus::new(s)?);
+/// let (mut mean, mut ctx) = (DeviceStats::<Aggregated>::new(s)?, LaunchContext::new(s)?);
 /// let shape = RowShape::new(2, 2);
 /// let (agg, norm) = (Aggregation::TokenMean, Normaliser::Local);
-/// cuda::aggregate(s, &kl, shape, Some(&mask.as_view()), agg, norm, &mut mean, &mut status)?;
-/// status.check(s)?;
+/// cuda::aggregate(&mut ctx, &kl, shape, Some(&mask.as_view()), agg, norm, &mut mean)?;
+/// ctx.check()?;
 /// assert_eq!(mean.read(s)?.value, 0.5); // (0.5 + 0.25 + 1.0) / 3 valid tokens
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
-#[allow(clippy::too_many_arguments)] // issue 15 gives every op one inputs struct
 pub fn aggregate(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     values: &impl DevicePtr<f32>,
     shape: RowShape,
     mask: Option<&CudaView<'_, u8>>,
     aggregation: Aggregation,
     norm: Normaliser,
     out: &mut DeviceStats<Aggregated>,
-    status: &mut CudaStatus,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     aggregate_with(stream, values, shape, mask, aggregation, norm, out, Some(status))
 }
 

@@ -14,7 +14,7 @@ use cudarc::driver::{
 
 use crate::cuda::aggregation::{aggregate_with, check_workspace};
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error, opt_ptr, opt_ptr_mut};
+use crate::cuda::{LaunchContext, driver_error, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
 use crate::{Cuda, ExactKlOutputs, ReferenceRows};
@@ -191,7 +191,7 @@ pub(super) fn check_outputs(out: &ExactKlOutputs<'_, Cuda>, rows: Option<usize>)
 /// values as they are (a failed row's NaN makes it NaN; only the row's own report is made).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{ExactKlOutputs};
 /// use rlhf_kernels::{ReferenceRows};
 /// use rlhf_kernels::{bf16, f16, ExactDivergence, ExactKlOptions, RowShape};
@@ -201,22 +201,22 @@ pub(super) fn check_outputs(out: &ExactKlOutputs<'_, Cuda>, rows: Option<usize>)
 /// let policy = s.clone_htod(&[bf16::from_f32(1.0), bf16::from_f32(0.0)]).unwrap();
 /// let reference = s.clone_htod(&[f16::from_f32(0.0), f16::from_f32(0.0)]).unwrap();
 /// let mut kl = s.alloc_zeros::<f32>(1).unwrap();
-/// let mut status = CudaStatus::new(s)?;
+/// let mut ctx = LaunchContext::new(s)?;
 /// let r = ReferenceRows { logits: reference.as_view(), shape, mask: None };
 /// let out = ExactKlOutputs { value: Some(kl.as_view_mut()), ..Default::default() };
-/// cuda::exact_kl(s, &policy, shape, &r, out, &mut status, &ExactKlOptions::new(ExactDivergence::PolicyRef))?;
-/// status.check(s)?;
+/// cuda::exact_kl(&mut ctx, &policy, shape, &r, out, &ExactKlOptions::new(ExactDivergence::PolicyRef))?;
+/// ctx.check()?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn exact_kl<P: Element, Q: Element>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     policy: &impl DevicePtr<P>,
     policy_shape: RowShape,
     reference: &ReferenceRows<'_, Q, Cuda>,
     mut out: ExactKlOutputs<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     check_reference(policy.len(), policy_shape, reference)?;
     let rows = policy_shape.rows;
     let statistic = out.statistic.take();

@@ -8,7 +8,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use super::exact::{
     BLOCK, ExactKernel, ExactParams, check_reference, chunks, grid_blocks, kernel, launch_exact,
 };
-use crate::cuda::{CudaStatus, opt_ptr};
+use crate::cuda::{CudaStatus, LaunchContext, opt_ptr};
 use crate::logprobs::check_len;
 use crate::{
     Cuda, DType, Element, Error, ExactDivergence, ExactKlGrads, ExactKlOptions, ReferenceRows, Result,
@@ -54,17 +54,16 @@ pub struct ExactKlBackwardArgs {
 /// `stream`: the gradient of `Σ_n g[n]·D[n]` with respect to the policy logits, written into
 /// `grad_policy` (the policy's shape and dtype). Rows with a non-finite saved statistic or
 /// upstream gradient get NaN and are reported in `status`.
-#[allow(clippy::too_many_arguments)] // stream, inputs, output, status, options: grouped already
 pub fn exact_kl_backward<P: Element, Q: Element>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     policy: &impl DevicePtr<P>,
     policy_shape: RowShape,
     reference: &ReferenceRows<'_, Q, Cuda>,
     grads: &ExactKlGrads<'_, Cuda>,
     grad_policy: &mut impl DevicePtrMut<P>,
-    status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     policy_shape.check_buffer("grad_policy", grad_policy.len())?;
     let s: &CudaStream = stream;
     let (p, _gp) = policy.device_ptr(s);
@@ -74,14 +73,14 @@ pub fn exact_kl_backward<P: Element, Q: Element>(
 
 /// [`exact_kl_backward`] written over the policy logits (no gradient buffer).
 pub fn exact_kl_backward_in_place<P: Element, Q: Element>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     policy: &mut impl DevicePtrMut<P>,
     policy_shape: RowShape,
     reference: &ReferenceRows<'_, Q, Cuda>,
     grads: &ExactKlGrads<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     let len = policy.len();
     let s: &CudaStream = stream;
     let (p, _gp) = policy.device_ptr_mut(s);

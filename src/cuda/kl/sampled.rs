@@ -13,7 +13,7 @@ use crate::cuda::aggregation::{
     records_and_count_bytes, workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, DeviceStats, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::cuda::{DeviceStats, LaunchContext, driver_error, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::memory::IntoViewMut;
 use crate::{
     BatchCounts, Cuda, Error, KlRewardsInputs, KlRewardsOptions, Result, RowShape, SampledKlInputs,
@@ -39,27 +39,27 @@ pub fn sampled_kl_workspace_bytes(shape: RowShape) -> usize {
 /// `out.stats`. A NaN in a valid token is reported in `status` (row = sequence).
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};
 /// use rlhf_kernels::{KlEstimator, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, SampledKlStats};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let (logp, ref_logp) = (s.clone_htod(&[-1.0f32, -2.0]).unwrap(), s.clone_htod(&[-1.5f32, -2.0]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
-/// let (mut stats, mut status) = (DeviceStats::<SampledKlStats>::new(s)?, CudaStatus::new(s)?);
+/// let (mut stats, mut ctx) = (DeviceStats::<SampledKlStats>::new(s)?, LaunchContext::new(s)?);
 /// let inputs = SampledKlInputs::new(RowShape::new(1, 2), &logp, &ref_logp);
 /// let out = SampledKlOutputs::default().grad_logp(&mut grad).stats(&mut stats);
-/// cuda::sampled_kl(s, &inputs, out, &mut status, &SampledKlOptions::new(KlEstimator::K3))?;
-/// status.check(s)?;
+/// cuda::sampled_kl(&mut ctx, &inputs, out, &SampledKlOptions::new(KlEstimator::K3))?;
+/// ctx.check()?;
 /// println!("KL loss {}", stats.read(s)?.loss);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn sampled_kl(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     inputs: &SampledKlInputs<'_, Cuda>,
     mut out: SampledKlOutputs<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &SampledKlOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     inputs.validate()?;
     let shape = inputs.shape;
     out.check(shape)?;
@@ -291,26 +291,26 @@ pub(crate) unsafe fn launch_sampled(
 /// ([`RowProblem::Overflow`](crate::RowProblem::Overflow)), is reported in `status`.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{KlRewardsInputs, KlRewardsOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let kl = s.clone_htod(&[0.5f32, 0.25]).unwrap();
 /// let scores = s.clone_htod(&[2.0f32]).unwrap();
 /// let mut rewards = s.alloc_zeros::<f32>(2).unwrap();
-/// let mut status = CudaStatus::new(s)?;
+/// let mut ctx = LaunchContext::new(s)?;
 /// let inputs = KlRewardsInputs::new(RowShape::new(1, 2), &kl, &scores);
-/// cuda::kl_rewards(s, &inputs, &mut rewards, &mut status, &KlRewardsOptions::new(0.1))?;
-/// status.check(s)?;
+/// cuda::kl_rewards(&mut ctx, &inputs, &mut rewards, &KlRewardsOptions::new(0.1))?;
+/// ctx.check()?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn kl_rewards<'a>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     inputs: &KlRewardsInputs<'_, Cuda>,
     rewards: impl IntoViewMut<'a, f32, Memory = Cuda>,
-    status: &mut CudaStatus,
     opts: &KlRewardsOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     let mut rewards = rewards.into_view_mut();
     inputs.validate(Some(rewards.len()), opts)?;
     let s: &CudaStream = stream;

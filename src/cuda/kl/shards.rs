@@ -5,8 +5,6 @@
 //! [`cpu::exact_kl_shard_partials`](crate::cpu::exact_kl_shard_partials), same operations in
 //! the same order as the whole-row kernels.
 
-use std::sync::Arc;
-
 use cudarc::driver::{
     CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
@@ -15,7 +13,7 @@ use super::exact::{
     BLOCK, ExactKernel, ExactOut, ExactParams, check_outputs, check_reference, kernel, launch_exact,
     per_thread,
 };
-use crate::cuda::{CudaStatus, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::cuda::{LaunchContext, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
 use crate::{Cuda, ExactKlOutputs, ReferenceRows};
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
@@ -64,7 +62,7 @@ fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
 /// shards as `[shards][rows]` and finish with [`finish_exact_kl_partials`].
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{ExactKlOutputs};
 /// use rlhf_kernels::{ReferenceRows};
 /// use rlhf_kernels::{ExactDivergence, ExactKlOptions, ExactKlPartial, RowShape};
@@ -74,29 +72,30 @@ fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
 /// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
 /// let shape = RowShape::new(rows, shard_cols);
 /// let mut gathered = s.alloc_zeros::<ExactKlPartial>(shards * rows).unwrap();
+/// let mut ctx = LaunchContext::new(s)?;
 /// for k in 0..shards {
 ///     // On rank k: its slice of both rows (here the same numbers on every rank).
 ///     let p = s.clone_htod(&[0.5f32, 1.0, -1.0].repeat(rows)).unwrap();
 ///     let q = s.clone_htod(&[0.0f32, 1.0, 0.0].repeat(rows)).unwrap();
 ///     let r = ReferenceRows { logits: q.as_view(), shape, mask: None };
 ///     let mut mine = gathered.slice_mut(k * rows..(k + 1) * rows); // all-gather in practice
-///     cuda::exact_kl_shard_partials(s, &p, shape, &r, &mut mine, &opts)?;
+///     cuda::exact_kl_shard_partials(&mut ctx, &p, shape, &r, &mut mine, &opts)?;
 /// }
 /// let mut kl = s.alloc_zeros::<f32>(rows).unwrap();
-/// let mut status = CudaStatus::new(s)?;
 /// let out = ExactKlOutputs { value: Some(kl.as_view_mut()), ..Default::default() };
-/// cuda::finish_exact_kl_partials(s, &gathered, None, out, &mut status, &opts)?;
-/// status.check(s)?;
+/// cuda::finish_exact_kl_partials(&mut ctx, &gathered, None, out, &opts)?;
+/// ctx.check()?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn exact_kl_shard_partials<P: Element, Q: Element>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     policy: &impl DevicePtr<P>,
     policy_shape: RowShape,
     reference: &ReferenceRows<'_, Q, Cuda>,
     partials: &mut impl DevicePtrMut<ExactKlPartial>,
     opts: &ExactKlOptions,
 ) -> Result<()> {
+    let stream = ctx.stream();
     check_reference(policy.len(), policy_shape, reference)?;
     let rows = policy_shape.rows;
     check_len("partials", partials.len(), rows)?;
@@ -124,13 +123,13 @@ pub fn exact_kl_shard_partials<P: Element, Q: Element>(
 /// they feed [`jsd_shard_sums`]). Rows without a defined result get NaN and are reported in
 /// `status`. `out.workspace` is not used.
 pub fn finish_exact_kl_partials(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     partials: &impl DevicePtr<ExactKlPartial>,
     mask: Option<&CudaView<'_, u8>>,
     mut out: ExactKlOutputs<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &ExactKlOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     if out.statistic.is_some() {
         return Err(Error::InvalidOption {
             name: "statistic",
@@ -187,9 +186,9 @@ pub fn finish_exact_kl_partials(
 /// GPU twin of [`cpu::jsd_shard_sums`](crate::cpu::jsd_shard_sums). Padding rows and rows the
 /// merge refused give `[0, 0]` (the merge reported them). Gather as `[shards][rows][2]` and
 /// finish with [`finish_jsd_sums`].
-#[allow(clippy::too_many_arguments)] // stream, the two sides, both normalisers, output, options
+#[allow(clippy::too_many_arguments)] // context, the two sides, both normalisers, output, options
 pub fn jsd_shard_sums<P: Element, Q: Element>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     policy: &impl DevicePtr<P>,
     policy_shape: RowShape,
     reference: &ReferenceRows<'_, Q, Cuda>,
@@ -198,6 +197,7 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
     sums: &mut CudaViewMut<'_, f32>,
     opts: &ExactKlOptions,
 ) -> Result<()> {
+    let stream = ctx.stream();
     check_reference(policy.len(), policy_shape, reference)?;
     let rows = policy_shape.rows;
     check_len("policy_lse", policy_lse.len(), rows)?;
@@ -235,13 +235,14 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
 /// by the merge, which reported them) get NaN. The outputs' log-sum-exps, statistic and
 /// workspace are not used: passing them is an error.
 pub fn finish_jsd_sums(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     sums: &CudaView<'_, f32>,
     mask: Option<&CudaView<'_, u8>>,
     [policy_lse, ref_lse]: [&CudaView<'_, f32>; 2],
     out: ExactKlOutputs<'_, Cuda>,
     opts: &ExactKlOptions,
 ) -> Result<()> {
+    let stream = ctx.stream();
     let rows = policy_lse.len();
     check_len("ref_lse", ref_lse.len(), rows)?;
     let shards = check_records("sums", sums.len() / 2, rows)?;

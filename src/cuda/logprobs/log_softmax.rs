@@ -1,12 +1,10 @@
 //! CUDA log-softmax: the safe wrappers over cudarc buffers and the launches of
 //! `kernels/logprobs.cu` they share with the raw layer (raw.rs).
 
-use std::sync::Arc;
-
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, sys};
 
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, driver_error};
+use crate::cuda::{LaunchContext, driver_error};
 use crate::{DType, Element, LogSoftmaxOptions, Result, RowShape};
 
 /// Threads per block for rows of `cols` elements: the fewest (a power of two, 32 to 1024) that
@@ -40,26 +38,31 @@ fn row_launch(shape: RowShape) -> LaunchConfig {
 /// and is reported in `status`. Shape and option errors are returned at once.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{LogSoftmaxOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let stream = device.stream();
 /// let logits = stream.clone_htod(&[1.0f32, 2.0, 3.0]).unwrap();
 /// let mut out = stream.alloc_zeros::<f32>(3).unwrap();
-/// let mut status = CudaStatus::new(stream)?;
-/// cuda::log_softmax(stream, &logits, RowShape::new(1, 3), &mut out, &mut status,
-///                   &LogSoftmaxOptions::default())?;
-/// status.check(stream)?;
+/// let mut ctx = LaunchContext::new(stream)?;
+/// cuda::log_softmax(
+///     &mut ctx,
+///     &logits,
+///     RowShape::new(1, 3),
+///     &mut out,
+///     &LogSoftmaxOptions::default(),
+/// )?;
+/// ctx.check()?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn log_softmax<T: Element>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     logits: &impl DevicePtr<T>,
     shape: RowShape,
     out: &mut impl DevicePtrMut<f32>,
-    status: &mut CudaStatus,
     opts: &LogSoftmaxOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     check_forward(shape, logits.len(), out.len())?;
     let inv_tau = opts.inv_temperature()?;
     let (x, _read_x) = logits.device_ptr(stream);
@@ -79,28 +82,34 @@ pub fn log_softmax<T: Element>(
 /// `+inf` in `out` (which the forward never produces) is reported too.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{LogSoftmaxOptions, RowShape};
 /// let device = CudaDevice::new(0)?;
 /// let stream = device.stream();
 /// let out = stream.clone_htod(&[0.5f32.ln(), 0.5f32.ln()]).unwrap();
 /// let grad_out = stream.clone_htod(&[1.0f32, 0.0]).unwrap();
 /// let mut grad = stream.alloc_zeros::<f32>(2).unwrap();
-/// let mut status = CudaStatus::new(stream)?;
-/// cuda::log_softmax_backward(stream, &out, &grad_out, RowShape::new(1, 2), &mut grad,
-///                            &mut status, &LogSoftmaxOptions::default())?;
-/// status.check(stream)?; // grad = [0.5, -0.5]
+/// let mut ctx = LaunchContext::new(stream)?;
+/// cuda::log_softmax_backward(
+///     &mut ctx,
+///     &out,
+///     &grad_out,
+///     RowShape::new(1, 2),
+///     &mut grad,
+///     &LogSoftmaxOptions::default(),
+/// )?;
+/// ctx.check()?; // grad = [0.5, -0.5]
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn log_softmax_backward<T: Element>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     out: &impl DevicePtr<f32>,
     grad_out: &impl DevicePtr<f32>,
     shape: RowShape,
     grad_logits: &mut impl DevicePtrMut<T>,
-    status: &mut CudaStatus,
     opts: &LogSoftmaxOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     check_backward(shape, out.len(), grad_out.len(), grad_logits.len())?;
     let inv_tau = opts.inv_temperature()?;
     let (y, _read_y) = out.device_ptr(stream);

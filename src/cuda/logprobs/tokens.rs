@@ -16,7 +16,7 @@ use super::raw::{FinishVocabArgs, VocabShardArgs, finish_partials_on, shard_part
 use super::token_launch::{
     BackwardArgs, ForwardArgs, RowSelect, chunks, launch_backward, launch_forward, split,
 };
-use crate::cuda::{CudaStatus, opt_ptr, opt_ptr_mut};
+use crate::cuda::{CudaStatus, LaunchContext, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
 use crate::{
     Cuda, DType, Element, Result, RowShape, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs,
@@ -46,7 +46,7 @@ pub fn token_logprobs_workspace_bytes(shape: RowShape, dtype: DType) -> usize {
 /// NaN and is reported as [`RowProblem::Overflow`](crate::RowProblem::Overflow), as on the CPU.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{TokenOutputs, Tokens};
 /// use rlhf_kernels::{bf16, RowShape, TokenLogprobsOptions};
 /// let device = CudaDevice::new(0)?;
@@ -55,22 +55,27 @@ pub fn token_logprobs_workspace_bytes(shape: RowShape, dtype: DType) -> usize {
 /// let logits = s.clone_htod(&[bf16::from_f32(1.0); 8]).unwrap();
 /// let targets = s.clone_htod(&[3i64, 0]).unwrap();
 /// let mut logp = s.alloc_zeros::<f32>(2).unwrap();
-/// let mut status = CudaStatus::new(s)?;
-/// cuda::token_logprobs(s, &logits, shape, &Tokens::new(targets.as_view()),
-///                      TokenOutputs::default().logp(logp.as_view_mut()), &mut status,
-///                      &TokenLogprobsOptions::default())?;
-/// status.check(s)?; // logp = [ln 1/4, ln 1/4]
+/// let mut ctx = LaunchContext::new(s)?;
+/// cuda::token_logprobs(
+///     &mut ctx,
+///     &logits,
+///     shape,
+///     &Tokens::new(targets.as_view()),
+///     TokenOutputs::default().logp(logp.as_view_mut()),
+///     &TokenLogprobsOptions::default(),
+/// )?;
+/// ctx.check()?; // logp = [ln 1/4, ln 1/4]
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn token_logprobs<T: Element, I: TargetIndex>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     logits: &impl DevicePtr<T>,
     shape: RowShape,
     tokens: &Tokens<'_, I, Cuda>,
     mut out: TokenOutputs<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     shape.check_buffer("logits", logits.len())?;
     tokens.check(shape.rows)?;
     out.check(shape.rows)?;
@@ -115,7 +120,7 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
 /// NaN and are reported in `status`.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{TokenGrads, Tokens};
 /// use rlhf_kernels::{RowShape, TokenLogprobsOptions};
 /// let device = CudaDevice::new(0)?;
@@ -125,24 +130,29 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
 /// let lse = s.clone_htod(&[2f32.ln()]).unwrap();
 /// let g = s.clone_htod(&[1.0f32]).unwrap();
 /// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
-/// let mut status = CudaStatus::new(s)?;
-/// cuda::token_logprobs_backward(s, &logits, RowShape::new(1, 2), &Tokens::new(targets.as_view()),
-///                               &TokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
-///                               &mut grad, &mut status, &TokenLogprobsOptions::default())?;
-/// status.check(s)?; // grad = [0.5, -0.5]
+/// let mut ctx = LaunchContext::new(s)?;
+/// cuda::token_logprobs_backward(
+///     &mut ctx,
+///     &logits,
+///     RowShape::new(1, 2),
+///     &Tokens::new(targets.as_view()),
+///     &TokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
+///     &mut grad,
+///     &TokenLogprobsOptions::default(),
+/// )?;
+/// ctx.check()?; // grad = [0.5, -0.5]
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
-#[allow(clippy::too_many_arguments)] // stream, inputs, output, status, options: grouped already
 pub fn token_logprobs_backward<T: Element, I: TargetIndex>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     logits: &impl DevicePtr<T>,
     shape: RowShape,
     tokens: &Tokens<'_, I, Cuda>,
     grads: &TokenGrads<'_, Cuda>,
     grad_logits: &mut impl DevicePtrMut<T>,
-    status: &mut CudaStatus,
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     shape.check_buffer("logits", logits.len())?;
     shape.check_buffer("grad_logits", grad_logits.len())?;
     let s: &CudaStream = stream;
@@ -156,7 +166,7 @@ pub fn token_logprobs_backward<T: Element, I: TargetIndex>(
 /// the out-of-place backward bit for bit.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{TokenGrads, Tokens};
 /// use rlhf_kernels::{RowShape, TokenLogprobsOptions};
 /// let device = CudaDevice::new(0)?;
@@ -165,22 +175,27 @@ pub fn token_logprobs_backward<T: Element, I: TargetIndex>(
 /// let targets = s.clone_htod(&[0i32]).unwrap();
 /// let lse = s.clone_htod(&[2f32.ln()]).unwrap();
 /// let g = s.clone_htod(&[1.0f32]).unwrap();
-/// let mut status = CudaStatus::new(s)?;
-/// cuda::token_logprobs_backward_in_place(s, &mut logits, RowShape::new(1, 2),
-///     &Tokens::new(targets.as_view()), &TokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
-///     &mut status, &TokenLogprobsOptions::default())?;
-/// status.check(s)?; // logits now hold the gradient [0.5, -0.5]
+/// let mut ctx = LaunchContext::new(s)?;
+/// cuda::token_logprobs_backward_in_place(
+///     &mut ctx,
+///     &mut logits,
+///     RowShape::new(1, 2),
+///     &Tokens::new(targets.as_view()),
+///     &TokenGrads::new(lse.as_view()).grad_logp(g.as_view()),
+///     &TokenLogprobsOptions::default(),
+/// )?;
+/// ctx.check()?; // logits now hold the gradient [0.5, -0.5]
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn token_logprobs_backward_in_place<T: Element, I: TargetIndex>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     logits: &mut impl DevicePtrMut<T>,
     shape: RowShape,
     tokens: &Tokens<'_, I, Cuda>,
     grads: &TokenGrads<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     shape.check_buffer("logits", logits.len())?;
     let s: &CudaStream = stream;
     let (x, _gx) = logits.device_ptr_mut(s);
@@ -233,7 +248,7 @@ fn backward_common<I: TargetIndex>(
 /// [`VocabPartial::EMPTY`]; row problems travel in the flags. Gather the partials of all
 /// shards as `[shards][rows]` and finish with [`finish_vocab_partials`].
 pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     logits: &impl DevicePtr<T>,
     shape: RowShape,
     tokens: &Tokens<'_, I, Cuda>,
@@ -241,6 +256,7 @@ pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
     partials: &mut impl DevicePtrMut<VocabPartial>,
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
+    let stream = ctx.stream();
     shape.check_buffer("logits", logits.len())?;
     tokens.check(shape.rows)?;
     check_len("partials", partials.len(), shape.rows)?;
@@ -269,14 +285,14 @@ pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
 /// Rows without a defined result (including a target no shard holds) get NaN and are reported
 /// in `status`.
 pub fn finish_vocab_partials<I: TargetIndex>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     partials: &impl DevicePtr<VocabPartial>,
     shards: usize,
     tokens: &Tokens<'_, I, Cuda>,
     mut out: TokenOutputs<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &TokenLogprobsOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     let rows = tokens.targets.len();
     tokens.check(rows)?;
     out.check(rows)?;

@@ -17,7 +17,7 @@ use crate::cuda::kl::raw::SampledKlArgs;
 use crate::cuda::kl::{launch_sampled, sampled_kl_workspace_bytes};
 use crate::cuda::logprobs::raw::{TokenLogprobsArgs, TokenLogprobsBackwardArgs, backward_on, forward_on};
 use crate::cuda::logprobs::token_logprobs_workspace_bytes;
-use crate::cuda::{CudaStatus, driver_error, non_null, opt_ptr};
+use crate::cuda::{CudaStatus, LaunchContext, driver_error, non_null, opt_ptr};
 use crate::logprobs::check_len;
 use crate::{
     Cuda, DType, Element, Error, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, IndexType, Result,
@@ -305,7 +305,7 @@ fn run<T: Element, I: TargetIndex>(
 /// loss's `NonFinite` at the token's sequence, whose index is lower.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceFusedStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceFusedStats};
 /// use rlhf_kernels::{FusedPolicyInputs, FusedPolicyOptions, RowShape, Tokens};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
@@ -314,25 +314,31 @@ fn run<T: Element, I: TargetIndex>(
 /// let targets = s.clone_htod(&[1i64, 0]).unwrap();
 /// let (old, adv) = (s.clone_htod(&[-1.0f32, -0.5]).unwrap(), s.clone_htod(&[1.0f32, -1.0]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(8).unwrap();
-/// let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
+/// let (mut stats, mut ctx) = (DeviceFusedStats::new(s)?, LaunchContext::new(s)?);
 /// let inputs = FusedPolicyInputs::new(Tokens::new(&targets), RowShape::new(1, 2), &old, &adv);
-/// cuda::policy_loss_from_logits(s, &logits, shape, &inputs, &mut grad, &mut stats, &mut status,
-///                               &FusedPolicyOptions::default())?;
-/// status.check(s)?;
+/// cuda::policy_loss_from_logits(
+///     &mut ctx,
+///     &logits,
+///     shape,
+///     &inputs,
+///     &mut grad,
+///     &mut stats,
+///     &FusedPolicyOptions::default(),
+/// )?;
+/// ctx.check()?;
 /// println!("loss {}", stats.read(s)?.total_loss());
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     logits: &impl DevicePtr<T>,
     shape: RowShape,
     inputs: &FusedPolicyInputs<'_, I, Cuda>,
     grad_logits: &mut impl DevicePtrMut<T>,
     stats: &mut DeviceFusedStats,
-    status: &mut CudaStatus,
     opts: &FusedPolicyOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     shape.check_buffer("logits", logits.len())?;
     shape.check_buffer("grad_logits", grad_logits.len())?;
     let s: &CudaStream = stream;
@@ -344,30 +350,35 @@ pub fn policy_loss_from_logits<T: Element, I: TargetIndex>(
 /// [`policy_loss_from_logits`] writing the gradient over the logits.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceFusedStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceFusedStats};
 /// use rlhf_kernels::{FusedPolicyInputs, FusedPolicyOptions, RowShape, Tokens};
 /// let device = CudaDevice::new(0)?;
 /// let s = device.stream();
 /// let mut logits = s.clone_htod(&[0.0f32, 1.0, 2.0]).unwrap();
 /// let targets = s.clone_htod(&[2i64]).unwrap();
 /// let (old, adv) = (s.clone_htod(&[-0.5f32]).unwrap(), s.clone_htod(&[1.0f32]).unwrap());
-/// let (mut stats, mut status) = (DeviceFusedStats::new(s)?, CudaStatus::new(s)?);
+/// let (mut stats, mut ctx) = (DeviceFusedStats::new(s)?, LaunchContext::new(s)?);
 /// let inputs = FusedPolicyInputs::new(Tokens::new(&targets), RowShape::new(1, 1), &old, &adv);
-/// cuda::policy_loss_from_logits_in_place(s, &mut logits, RowShape::new(1, 3), &inputs, &mut stats, &mut status,
-///                                        &FusedPolicyOptions::default())?;
-/// status.check(s)?;
+/// cuda::policy_loss_from_logits_in_place(
+///     &mut ctx,
+///     &mut logits,
+///     RowShape::new(1, 3),
+///     &inputs,
+///     &mut stats,
+///     &FusedPolicyOptions::default(),
+/// )?;
+/// ctx.check()?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn policy_loss_from_logits_in_place<T: Element, I: TargetIndex>(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     logits: &mut (impl DevicePtr<T> + DevicePtrMut<T>),
     shape: RowShape,
     inputs: &FusedPolicyInputs<'_, I, Cuda>,
     stats: &mut DeviceFusedStats,
-    status: &mut CudaStatus,
     opts: &FusedPolicyOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     shape.check_buffer("logits", logits.len())?;
     let (x, _g) = logits.device_ptr_mut(stream);
     run::<T, I>(stream, x, shape, inputs, x, stats, status, opts)

@@ -13,7 +13,7 @@ use crate::cuda::aggregation::{
     records_and_count_bytes, workspace_or_alloc,
 };
 use crate::cuda::module::{Module, function};
-use crate::cuda::{CudaStatus, DeviceStats, driver_error, opt_ptr, opt_ptr_mut};
+use crate::cuda::{DeviceStats, LaunchContext, driver_error, opt_ptr, opt_ptr_mut};
 use crate::{
     BatchCounts, Cuda, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, PolicyLossStats,
     PolicyObjective, Result, RowShape,
@@ -136,7 +136,7 @@ impl LossLaunch {
 /// too.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus, DeviceStats};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};
 /// use rlhf_kernels::{PolicyLossOutputs};
 /// use rlhf_kernels::{PolicyLossStats};
 /// use rlhf_kernels::{PolicyLossInputs};
@@ -145,22 +145,22 @@ impl LossLaunch {
 /// let s = device.stream();
 /// let (logp, old, adv) = (s.clone_htod(&[-1.0f32, -0.5]).unwrap(), s.clone_htod(&[-1.0f32, -1.0]).unwrap(), s.clone_htod(&[1.0f32, 1.0]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(2).unwrap();
-/// let (mut stats, mut status) = (DeviceStats::<PolicyLossStats>::new(s)?, CudaStatus::new(s)?);
+/// let (mut stats, mut ctx) = (DeviceStats::<PolicyLossStats>::new(s)?, LaunchContext::new(s)?);
 /// let inputs = PolicyLossInputs { shape: RowShape::new(1, 2), logp: logp.as_view(), old_logp: old.as_view(),
 ///     advantages: adv.as_view(), mask: None, entropy: None };
 /// let out = PolicyLossOutputs { grad_logp: Some(grad.as_view_mut()), stats: Some(&mut stats), ..Default::default() };
-/// cuda::policy_loss(s, &inputs, out, &mut status, &PolicyLossOptions::default())?;
-/// status.check(s)?;
+/// cuda::policy_loss(&mut ctx, &inputs, out, &PolicyLossOptions::default())?;
+/// ctx.check()?;
 /// assert_eq!(stats.read(s)?.clip_fraction_high, 0.5);
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn policy_loss(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     inputs: &PolicyLossInputs<'_, Cuda>,
     mut out: PolicyLossOutputs<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &PolicyLossOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     let shape = inputs.shape;
     inputs.validate()?;
     out.check(shape)?;

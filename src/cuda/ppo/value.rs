@@ -10,7 +10,7 @@ use crate::cuda::aggregation::{
     AggregationParams, FinalizeParams, check_workspace, count_mask, known_counts, records_and_count_bytes,
     workspace_or_alloc,
 };
-use crate::cuda::{CudaStatus, DeviceStats, opt_ptr, opt_ptr_mut};
+use crate::cuda::{DeviceStats, LaunchContext, opt_ptr, opt_ptr_mut};
 use crate::{
     BatchCounts, Cuda, Result, RowShape, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats,
 };
@@ -75,7 +75,7 @@ unsafe impl DeviceRepr for ValueParams {}
 /// `Overflow` too: there the CPU, which sums in f64, can still return a (huge) finite loss.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::{self, CudaDevice, CudaStatus};
+/// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
 /// use rlhf_kernels::{ValueLossOutputs};
 /// use rlhf_kernels::{ValueLossInputs};
 /// use rlhf_kernels::{RowShape, ValueLossOptions};
@@ -83,21 +83,21 @@ unsafe impl DeviceRepr for ValueParams {}
 /// let s = device.stream();
 /// let (v, old, ret) = (s.clone_htod(&[1.0f32]).unwrap(), s.clone_htod(&[0.0f32]).unwrap(), s.clone_htod(&[2.0f32]).unwrap());
 /// let mut grad = s.alloc_zeros::<f32>(1).unwrap();
-/// let mut status = CudaStatus::new(s)?;
+/// let mut ctx = LaunchContext::new(s)?;
 /// let inputs = ValueLossInputs { shape: RowShape::new(1, 1), values: v.as_view(), old_values: old.as_view(),
 ///     returns: ret.as_view(), mask: None };
 /// let out = ValueLossOutputs { grad_values: Some(grad.as_view_mut()), ..Default::default() };
-/// cuda::value_loss(s, &inputs, out, &mut status, &ValueLossOptions::default())?;
-/// status.check(s)?;
+/// cuda::value_loss(&mut ctx, &inputs, out, &ValueLossOptions::default())?;
+/// ctx.check()?;
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn value_loss(
-    stream: &Arc<CudaStream>,
+    ctx: &mut LaunchContext,
     inputs: &ValueLossInputs<'_, Cuda>,
     mut out: ValueLossOutputs<'_, Cuda>,
-    status: &mut CudaStatus,
     opts: &ValueLossOptions,
 ) -> Result<()> {
+    let (stream, status) = ctx.parts();
     let shape = inputs.shape;
     inputs.validate()?;
     out.check(shape)?;

@@ -184,7 +184,7 @@ mod gpu {
             storages.push(cuda_side(guard, what)?);
         }
         let Some(&(first, _)) = storages.iter().flatten().next() else { bail!("gae: no input") };
-        let (stream, mut ctx) = stream_of(first)?;
+        let (_, mut ctx) = stream_of(first)?;
         let view = |i: usize, len: usize| {
             storages[i].map(|(s, l)| flat_view::<f32>(s, l, len, names[i])).transpose()
         };

@@ -214,7 +214,7 @@ mod gpu {
         let (p_rows, q_rows) =
             RowBlocks::aligned(row_blocks(l1, "policy logits")?, row_blocks(l2, "reference logits")?);
         let n = p_rows.rows();
-        let (stream, mut ctx) = stream_of(s1)?;
+        let (_, mut ctx) = stream_of(s1)?;
         let mask_guard = guard(op.mask.as_ref());
         let mask =
             cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
@@ -256,7 +256,7 @@ mod gpu {
         mask: Option<(&CudaStorage, &Layout)>,
     ) -> Result<Tensor> {
         let n = p_rows.rows();
-        let (stream, mut ctx) = stream_of(policy)?;
+        let (_, mut ctx) = stream_of(policy)?;
         let mask = mask.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let saved = flat_view::<f32>(saved, sl, SAVED * n, "saved rows")?;
         let grad = flat_view::<f32>(grad, gl, SAVED * n, "upstream gradient")?;

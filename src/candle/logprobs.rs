@@ -193,7 +193,7 @@ mod gpu {
     ) -> Result<(CudaStorage, Shape)> {
         let rows = row_blocks(l1, "logits")?;
         let n = rows.rows();
-        let (stream, mut ctx) = stream_of(s1)?;
+        let (_, mut ctx) = stream_of(s1)?;
         let mask_guard = guard(op.mask.as_ref());
         let mask =
             cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
@@ -240,7 +240,7 @@ mod gpu {
         mask: Option<(&CudaStorage, &Layout)>,
     ) -> Result<Tensor> {
         let n = rows.rows();
-        let (stream, mut ctx) = stream_of(logits)?;
+        let (_, mut ctx) = stream_of(logits)?;
         let mask = mask.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
         let saved = flat_view::<f32>(saved, sl, 3 * n, "saved rows")?;
         let grad = flat_view::<f32>(grad, gl, 3 * n, "upstream gradient")?;

@@ -426,7 +426,7 @@ mod gpu {
         };
         let mask =
             cuda_side(&guards[2], "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
-        let (stream, mut ctx) = stream_of(k)?;
+        let (_, mut ctx) = stream_of(k)?;
         let dev = &k.device;
         let mut r = dev.alloc_zeros::<f32>(n)?;
         let (kv, sv) = (flat_view::<f32>(k, kl, n, "kl")?, flat_view::<f32>(s, sl, shape.rows, "scores")?);

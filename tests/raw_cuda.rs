@@ -1,6 +1,7 @@
 //! The raw layer of the ops the Python module and other pointer-owning callers reach (sampled
 //! KL, KL-in-reward shaping, the aggregation, moments and whitening, the value loss, the fused
-//! path from the logits with a caller's workspace), each held
+//! path from the logits with a caller's workspace, the vocabulary shards of the token log-probs
+//! and of the exact divergences), each held
 //! bitwise to its safe twin on the same inputs, with its status word and a refused null pointer.
 //! Skips visibly without a GPU; `RLHF_KERNELS_REQUIRE_GPU=1` makes that a failure.
 
@@ -442,8 +443,146 @@ mod gpu {
         assert!(close(&o[rows..2 * rows], &whole.entropy), "sharded entropy");
         assert!(close(&o[2 * rows..], &whole.lse), "sharded lse");
     }
+    /// The exact divergences over two vocabulary shards through the raw layer (partials, merge;
+    /// for the JSD the second round and its merge) equal the safe sharded path bit for bit, and
+    /// the raw merges refuse a null pointer, a JSD value asked of the first merge and
+    /// misaligned sums before any launch.
+    pub fn exact_shards(gpu: &Gpu) {
+        use super::common::kl::{ExactBackend, ExactCase};
+        use rlhf_kernels::{ExactDivergence, ExactKlOptions, ExactKlPartial};
+        let s = &gpu.0;
+        let (rows, cols) = (5usize, 1000usize);
+        for divergence in [ExactDivergence::PolicyRef, ExactDivergence::Jsd { beta: 0.3 }] {
+            let c = ExactCase::<f32, bf16>::random(rows, cols, divergence, 1.0, 71);
+            let shards = c.shards(&[0, 381, cols]);
+            let want = gpu.forward_sharded(&c, &shards).unwrap();
+            let jsd = matches!(divergence, ExactDivergence::Jsd { .. });
+            let up_shards: Vec<_> =
+                shards.iter().map(|sh| (up(s, &sh.policy), up(s, &sh.reference))).collect();
+            let mask = up(s, c.mask.as_ref().unwrap());
+            let record = std::mem::size_of::<ExactKlPartial>();
+            let mut partials = s.alloc_zeros::<u8>(2 * rows * record).unwrap();
+            let mut sums = s.alloc_zeros::<f32>(2 * 2 * rows).unwrap();
+            let mut outs = up(s, &vec![f32::NAN; 4 * rows]);
+            let mut st = clear_status(s);
+            let opts: &ExactKlOptions = &c.opts;
+            {
+                let (m, _a) = mask.device_ptr(s);
+                let (pp, _b) = partials.device_ptr_mut(s);
+                let (sm, _c) = sums.device_ptr_mut(s);
+                let (o, _d) = outs.device_ptr_mut(s);
+                let (stp, _e) = st.device_ptr_mut(s);
+                let out = |k: u64| o + 4 * k * rows as u64;
+                let ptrs: Vec<_> =
+                    up_shards.iter().map(|(p, q)| (p.device_ptr(s), q.device_ptr(s))).collect();
+                let shard_args = |k: usize| {
+                    let shape = shards[k].shape;
+                    let ((p, _), (q, _)) = &ptrs[k];
+                    (*p, *q, shape)
+                };
+                for k in 0..2 {
+                    let (policy, reference, shape) = shard_args(k);
+                    let args = raw::ExactKlShardArgs {
+                        policy,
+                        policy_dtype: DType::F32,
+                        policy_shape: shape,
+                        reference,
+                        ref_dtype: DType::BF16,
+                        ref_shape: shape,
+                        mask: m,
+                        partials: pp + (k * rows * record) as u64,
+                    };
+                    // SAFETY: the buffers were allocated above on this context and cover the
+                    // shard's rows and records; they live until the copies below.
+                    unsafe { raw::exact_kl_shard_partials(stream(s), &args, opts) }.unwrap();
+                }
+                let (value, term) = if jsd { (0, 0) } else { (out(0), out(3)) };
+                let finish = raw::FinishExactKlArgs {
+                    partials: pp,
+                    shards: 2,
+                    rows,
+                    mask: m,
+                    value,
+                    policy_lse: out(1),
+                    ref_lse: out(2),
+                    policy_term: term,
+                    status: stp,
+                };
+                // SAFETY: as above; the partials hold both shards' records [shards][rows].
+                unsafe { raw::finish_exact_kl_partials(stream(s), &finish, opts) }.unwrap();
+                // SAFETY: refused before any launch.
+                let null = unsafe {
+                    raw::finish_exact_kl_partials(
+                        stream(s),
+                        &raw::FinishExactKlArgs { partials: 0, ..finish },
+                        opts,
+                    )
+                };
+                assert!(matches!(null, Err(Error::InvalidOption { name: "partials", .. })), "{null:?}");
+                if jsd {
+                    // SAFETY: refused before any launch (the JSD's value comes from the second round).
+                    let value = unsafe {
+                        raw::finish_exact_kl_partials(
+                            stream(s),
+                            &raw::FinishExactKlArgs { value: out(0), ..finish },
+                            opts,
+                        )
+                    };
+                    assert!(matches!(value, Err(Error::InvalidOption { name: "outputs", .. })), "{value:?}");
+                    for k in 0..2 {
+                        let (policy, reference, shape) = shard_args(k);
+                        let args = raw::JsdShardArgs {
+                            policy,
+                            policy_dtype: DType::F32,
+                            policy_shape: shape,
+                            reference,
+                            ref_dtype: DType::BF16,
+                            ref_shape: shape,
+                            mask: m,
+                            policy_lse: out(1),
+                            ref_lse: out(2),
+                            sums: sm + (8 * k * rows) as u64,
+                        };
+                        // SAFETY: as above; the sums hold 2·rows f32 per shard, 8-byte aligned.
+                        unsafe { raw::jsd_shard_sums(stream(s), &args, opts) }.unwrap();
+                    }
+                    let finish = raw::FinishJsdArgs {
+                        sums: sm,
+                        shards: 2,
+                        rows,
+                        mask: m,
+                        policy_lse: out(1),
+                        ref_lse: out(2),
+                        value: out(0),
+                        policy_term: out(3),
+                    };
+                    // SAFETY: refused before any launch: the sums must be read as float2.
+                    let misaligned = unsafe {
+                        raw::finish_jsd_sums(stream(s), &raw::FinishJsdArgs { sums: sm + 4, ..finish }, opts)
+                    };
+                    assert!(
+                        matches!(misaligned, Err(Error::InvalidOption { name: "sums", .. })),
+                        "{misaligned:?}"
+                    );
+                    // SAFETY: as above.
+                    unsafe { raw::finish_jsd_sums(stream(s), &finish, opts) }.unwrap();
+                }
+            }
+            status_of(s, &st).unwrap();
+            let o = s.clone_dtoh(&outs).unwrap();
+            let what = format!("{divergence:?}");
+            assert!(same(&o[..rows], &want.value), "{what} value {:?} vs {:?}", &o[..rows], want.value);
+            assert!(same(&o[rows..2 * rows], &want.policy_lse), "{what} policy lse");
+            assert!(same(&o[2 * rows..3 * rows], &want.ref_lse), "{what} ref lse");
+            if !jsd {
+                // The safe sharded path writes no policy term; for the two KLs it is the value.
+                assert!(same(&o[3 * rows..], &want.value), "{what} policy term");
+            }
+        }
+    }
 }
 
+gpu_test!(exact_shards);
 gpu_test!(fused_path);
 gpu_test!(vocab_shards);
 gpu_test!(sampled_kl);

@@ -11,6 +11,10 @@ pub use super::sampled::{
     sampled_kl_stats_to_words,
 };
 use super::sampled::{launch_rewards, launch_sampled};
+pub use super::shards::{ExactKlShardArgs, FinishExactKlArgs, FinishJsdArgs, JsdShardArgs};
+use super::shards::{
+    launch_finish_jsd, launch_finish_partials, launch_jsd_shard_sums, launch_shard_partials,
+};
 use crate::cuda::{RawStream, non_null};
 use crate::reference::check_pair;
 use crate::{Error, ExactKlOptions, KlRewardsOptions, Result, RowShape, SampledKlOptions};
@@ -123,6 +127,89 @@ pub unsafe fn exact_kl_backward(
     // SAFETY: the caller guarantees every buffer (see # Safety); the launch refuses a missing
     // saved value or policy term before enqueuing anything.
     unsafe { launch_backward(&stream, args, opts) }
+}
+
+/// [`cuda::exact_kl_shard_partials`](crate::cuda::exact_kl_shard_partials) on raw device
+/// pointers: one [`ExactKlPartial`](crate::ExactKlPartial) per row over this rank's slice of
+/// both rows, to be gathered `[shards][rows]` and merged by [`finish_exact_kl_partials`].
+/// Row problems travel in the records' flags (the merge reports them).
+///
+/// # Safety
+/// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+/// - every non-zero address points to device memory of that context holding what its
+///   [`ExactKlShardArgs`] field documents (`policy`: `policy_shape.min_len()` elements of
+///   `policy_dtype`, `reference` likewise); `partials` overlaps nothing else;
+/// - every buffer stays allocated, and untouched by other streams, until the kernel ran.
+///
+/// ```no_run
+/// use rlhf_kernels::cuda::raw::{self, ExactKlShardArgs, RawStream};
+/// use rlhf_kernels::{DType, ExactDivergence, ExactKlOptions, RowShape};
+/// # let (policy, reference, partials, cu_stream) = (0u64, 0u64, 0u64, std::ptr::null_mut());
+/// // This rank holds columns [0, 16000) of a 128000-token vocabulary.
+/// let shape = RowShape::new(64, 16_000).with_row_stride(128_000);
+/// let args = ExactKlShardArgs { policy, policy_dtype: DType::BF16, policy_shape: shape, reference,
+///     ref_dtype: DType::BF16, ref_shape: shape, mask: 0, partials };
+/// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
+/// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
+/// unsafe { raw::exact_kl_shard_partials(RawStream { ordinal: 0, stream: cu_stream }, &args, &opts)? };
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub unsafe fn exact_kl_shard_partials(
+    stream: RawStream,
+    args: &ExactKlShardArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_shard_partials(&stream, args, opts) }
+}
+
+/// [`cuda::finish_exact_kl_partials`](crate::cuda::finish_exact_kl_partials) on raw device
+/// pointers: the shards' partials merged in shard order and the requested outputs written as
+/// [`exact_kl`] would for the whole vocabulary (for the JSD only the two log-sum-exps, both
+/// required). Row problems are reported in the status word.
+///
+/// # Safety
+/// As [`exact_kl_shard_partials`], for the buffers of [`FinishExactKlArgs`]; the outputs
+/// overlap nothing else.
+pub unsafe fn finish_exact_kl_partials(
+    stream: RawStream,
+    args: &FinishExactKlArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_finish_partials(&stream, args, opts) }
+}
+
+/// [`cuda::jsd_shard_sums`](crate::cuda::jsd_shard_sums) on raw device pointers: the JSD's
+/// second round on this rank's slice, given the full rows' log-sum-exps from
+/// [`finish_exact_kl_partials`]; gather the sums `[shards][rows][2]` and finish with
+/// [`finish_jsd_sums`].
+///
+/// # Safety
+/// As [`exact_kl_shard_partials`], for the buffers of [`JsdShardArgs`]; `sums` overlaps
+/// nothing else.
+pub unsafe fn jsd_shard_sums(stream: RawStream, args: &JsdShardArgs, opts: &ExactKlOptions) -> Result<()> {
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_jsd_shard_sums(&stream, args, opts) }
+}
+
+/// [`cuda::finish_jsd_sums`](crate::cuda::finish_jsd_sums) on raw device pointers: the shards'
+/// sums added in shard order into the JSD's value and/or policy term.
+///
+/// # Safety
+/// As [`exact_kl_shard_partials`], for the buffers of [`FinishJsdArgs`]; the outputs overlap
+/// nothing else.
+pub unsafe fn finish_jsd_sums(stream: RawStream, args: &FinishJsdArgs, opts: &ExactKlOptions) -> Result<()> {
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_finish_jsd(&stream, args, opts) }
 }
 
 fn check_shapes(policy: RowShape, reference: RowShape) -> Result<()> {

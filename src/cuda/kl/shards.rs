@@ -5,6 +5,8 @@
 //! [`cpu::exact_kl_shard_partials`](crate::cpu::exact_kl_shard_partials), same operations in
 //! the same order as the whole-row kernels.
 
+use std::sync::Arc;
+
 use cudarc::driver::{
     CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
@@ -13,9 +15,10 @@ use super::exact::{
     BLOCK, ExactKernel, ExactOut, ExactParams, check_outputs, check_reference, kernel, launch_exact,
     per_thread,
 };
-use crate::cuda::{LaunchContext, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::cuda::{LaunchContext, non_null, opt_ptr, opt_ptr_mut, view_ptr};
 use crate::logprobs::check_len;
-use crate::{Cuda, ExactKlOutputs, ReferenceRows};
+use crate::reference::check_pair;
+use crate::{Cuda, DType, ExactKlOutputs, ReferenceRows};
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
 
 // SAFETY: ExactKlPartial is repr(C) plain old data (six f32 and a u32), the layout of the
@@ -39,7 +42,7 @@ fn jsd_beta(opts: &ExactKlOptions) -> Result<f32> {
     }
 }
 
-/// `partials` holds `shards` whole records per row.
+/// `len` records are `shards` whole records per row; returns `shards`.
 fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
     RowShape::new(rows, 1).validate(what)?;
     if len == 0 || len % rows != 0 {
@@ -49,10 +52,14 @@ fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
             expected: "shards x rows records, laid out [shards][rows]",
         });
     }
-    // One row per merge thread and `shards` records per row: the limits of a [rows, shards]
-    // batch (the kernels count both in 32 bits).
-    RowShape::new(rows, len / rows).validate(what)?;
+    check_counts(what, rows, len / rows)?;
     Ok(len / rows)
+}
+
+/// One row per merge thread and `shards` records per row: the limits of a non-empty
+/// `[rows, shards]` batch (the kernels count both in 32 bits).
+fn check_counts(what: &'static str, rows: usize, shards: usize) -> Result<()> {
+    RowShape::new(rows, shards).validate(what)
 }
 
 /// Per-row [`ExactKlPartial`]s of a vocabulary shard on the GPU: `policy` and
@@ -97,24 +104,75 @@ pub fn exact_kl_shard_partials<P: Element, Q: Element>(
 ) -> Result<()> {
     let stream = ctx.stream();
     check_reference(policy.len(), policy_shape, reference)?;
-    let rows = policy_shape.rows;
-    check_len("partials", partials.len(), rows)?;
-    let inv_tau = opts.inv_temperature()?;
+    check_len("partials", partials.len(), policy_shape.rows)?;
     let s: &CudaStream = stream;
-    let (p, _g1) = policy.device_ptr(s);
+    let (policy, _g1) = policy.device_ptr(s);
     let (q, _g2) = reference.logits.device_ptr(s);
     let (mask, _g3) = opt_ptr(&reference.mask, s);
-    let (out, _g4) = partials.device_ptr_mut(s);
-    let params = ExactParams {
-        partials: out,
-        ..ExactParams::pair(p, policy_shape, q, reference.shape, mask, inv_tau)
+    let (partials, _g4) = partials.device_ptr_mut(s);
+    let args = ExactKlShardArgs {
+        policy,
+        policy_dtype: P::DTYPE,
+        policy_shape,
+        reference: q,
+        ref_dtype: Q::DTYPE,
+        ref_shape: reference.shape,
+        mask,
+        partials,
     };
-    let name = kernel(ExactKernel::Rows, P::DTYPE, Q::DTYPE);
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above; the guards keep cudarc's event tracking in order until the launch is
+    // enqueued.
+    unsafe { launch_shard_partials(stream, &args, opts) }
+}
+
+/// Buffers of a raw [`exact_kl_shard_partials`](crate::cuda::raw::exact_kl_shard_partials):
+/// this rank's vocabulary slice of both logits rows; 0 for an absent mask.
+#[derive(Debug, Clone, Copy)]
+pub struct ExactKlShardArgs {
+    /// The shard's policy logits, `policy_dtype`, laid out as `policy_shape`.
+    pub policy: u64,
+    /// Dtype of the policy logits.
+    pub policy_dtype: DType,
+    /// Shape of the shard's policy logits (`cols` = the shard's width, row stride ≥ cols).
+    pub policy_shape: RowShape,
+    /// The same columns of the reference logits, `ref_dtype`, laid out as `ref_shape`.
+    pub reference: u64,
+    /// Dtype of the reference logits.
+    pub ref_dtype: DType,
+    /// Shape of the reference logits: the policy's rows and cols, its own row stride.
+    pub ref_shape: RowShape,
+    /// `rows` mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// `rows` [`ExactKlPartial`] records out.
+    pub partials: u64,
+}
+
+/// The shard partials' launch on device addresses (the safe and raw entry points share it):
+/// checks the shapes, the pointers and the options, then launches.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context holding what its
+/// [`ExactKlShardArgs`] field documents; `partials` overlaps nothing else; every buffer stays
+/// allocated until the kernel ran.
+pub(super) unsafe fn launch_shard_partials(
+    stream: &Arc<CudaStream>,
+    a: &ExactKlShardArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_pair(a.policy_shape.min_len(), a.policy_shape, a.ref_shape.min_len(), a.ref_shape, None)?;
+    non_null(&[("policy", a.policy), ("reference", a.reference), ("partials", a.partials)])?;
+    let inv_tau = opts.inv_temperature()?;
+    let params = ExactParams {
+        partials: a.partials,
+        ..ExactParams::pair(a.policy, a.policy_shape, a.reference, a.ref_shape, a.mask, inv_tau)
+    };
+    let name = kernel(ExactKernel::Rows, a.policy_dtype, a.ref_dtype);
     // SAFETY: `exact_kl_rows_<p>_<q>(ExactParams, unsigned long long*)` with one block of 256
-    // threads per row; both rows cover the checked shapes; with `partials` non-null the kernel
-    // writes one record per row (`rows` checked) and touches neither the (null) outputs nor the
-    // (null) status.
-    unsafe { launch_exact(stream, name, per_row(rows), &params, Some(0)) }
+    // threads per row (rows ≤ i32::MAX: the shape is validated); both rows cover their shapes
+    // (the caller's contract); with `partials` non-null the kernel writes one record per row
+    // and touches neither the (null) outputs nor the (null) status.
+    unsafe { launch_exact(stream, name, per_row(a.policy_shape.rows), &params, Some(0)) }
 }
 
 /// Merges the [`ExactKlPartial`]s of all shards (`[shards][rows]`, shard order; `mask` one byte
@@ -140,11 +198,70 @@ pub fn finish_exact_kl_partials(
     let rows = check_outputs(&out, None)?;
     let shards = check_records("partials", partials.len(), rows)?;
     mask.map_or(Ok(()), |m| check_len("mask", m.len(), rows))?;
+    let s: &CudaStream = stream;
+    let (partials, _g1) = partials.device_ptr(s);
+    let (mask, _g2) = view_ptr(mask, s);
+    let (value, _g3) = opt_ptr_mut(&mut out.value, s);
+    let (policy_lse, _g4) = opt_ptr_mut(&mut out.policy_lse, s);
+    let (ref_lse, _g5) = opt_ptr_mut(&mut out.ref_lse, s);
+    let (policy_term, _g6) = opt_ptr_mut(&mut out.policy_term, s);
+    let (status, _g7) = status.device_ptr(s);
+    let args =
+        FinishExactKlArgs { partials, shards, rows, mask, value, policy_lse, ref_lse, policy_term, status };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (the partials hold shards·rows records); the guards keep cudarc's event
+    // tracking in order until the launch is enqueued.
+    unsafe { launch_finish_partials(stream, &args, opts) }
+}
+
+/// Buffers of a raw [`finish_exact_kl_partials`](crate::cuda::raw::finish_exact_kl_partials);
+/// 0 for an absent optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishExactKlArgs {
+    /// `shards · rows` [`ExactKlPartial`] records, laid out `[shards][rows]` (shard order).
+    pub partials: u64,
+    /// Number of shards.
+    pub shards: usize,
+    /// Number of rows.
+    pub rows: usize,
+    /// `rows` mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// `rows` f32: the divergence, or 0 (0 for the JSD).
+    pub value: u64,
+    /// `rows` f32: `ln Σ exp(z_policy)`, or 0 (required for the JSD).
+    pub policy_lse: u64,
+    /// `rows` f32: `ln Σ exp(z_ref)`, or 0 (required for the JSD).
+    pub ref_lse: u64,
+    /// `rows` f32: the value again for the two KLs, or 0 (0 for the JSD).
+    pub policy_term: u64,
+    /// One u64 status word, initialised to [`STATUS_CLEAR`](crate::cuda::raw::STATUS_CLEAR).
+    pub status: u64,
+}
+
+/// The merge's launch on device addresses (the safe and raw entry points share it): checks
+/// the counts, the pointers and the outputs the divergence allows, then launches.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context holding what its
+/// [`FinishExactKlArgs`] field documents; the outputs overlap nothing else; every buffer
+/// stays allocated until the kernel ran.
+pub(super) unsafe fn launch_finish_partials(
+    stream: &Arc<CudaStream>,
+    a: &FinishExactKlArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_counts("partials", a.rows, a.shards)?;
+    non_null(&[("partials", a.partials), ("status", a.status)])?;
+    let outputs = [a.value, a.policy_lse, a.ref_lse, a.policy_term];
+    if outputs.iter().all(|&p| p == 0) {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none requested".into(),
+            expected: "at least one of value, policy_lse, ref_lse, policy_term",
+        });
+    }
     if matches!(opts.divergence, ExactDivergence::Jsd { .. })
-        && (out.value.is_some()
-            || out.policy_term.is_some()
-            || out.policy_lse.is_none()
-            || out.ref_lse.is_none())
+        && (a.value != 0 || a.policy_term != 0 || a.policy_lse == 0 || a.ref_lse == 0)
     {
         return Err(Error::InvalidOption {
             name: "outputs",
@@ -153,31 +270,30 @@ pub fn finish_exact_kl_partials(
         });
     }
     let inv_tau = opts.inv_temperature()?;
-    let s: &CudaStream = stream;
-    let (parts, _g1) = partials.device_ptr(s);
-    let (mask, _g2) = view_ptr(mask, s);
-    let (value, _g3) = opt_ptr_mut(&mut out.value, s);
-    let (policy_lse, _g4) = opt_ptr_mut(&mut out.policy_lse, s);
-    let (ref_lse, _g5) = opt_ptr_mut(&mut out.ref_lse, s);
-    let (policy_term, _g6) = opt_ptr_mut(&mut out.policy_term, s);
-    let (st, _g7) = status.device_ptr(s);
     let params = ExactParams {
-        partials: parts,
-        out: ExactOut { value, policy_lse, ref_lse, policy_term, ..ExactOut::default() },
-        mask,
+        partials: a.partials,
+        out: ExactOut {
+            value: a.value,
+            policy_lse: a.policy_lse,
+            ref_lse: a.ref_lse,
+            policy_term: a.policy_term,
+            ..ExactOut::default()
+        },
+        mask: a.mask,
         // Record (row, shard) at row + shard·rows.
         row_stride: 1,
-        part_stride: rows as i64,
-        rows: rows as i32,
-        parts: shards as i32,
+        part_stride: a.rows as i64,
+        rows: a.rows as i32,
+        parts: a.shards as i32,
         divergence: opts.divergence.code().0,
         inv_tau,
         ..ExactParams::default()
     };
-    // SAFETY: `exact_kl_merge(ExactParams, unsigned long long*)`, one thread per row; the
-    // partials hold shards·rows records (checked), the mask (or null) and every non-null
-    // output `rows` bytes / f32 (checked), the status one u64.
-    unsafe { launch_exact(stream, "exact_kl_merge", per_thread(rows), &params, Some(st)) }
+    // SAFETY: `exact_kl_merge(ExactParams, unsigned long long*)`, one thread per row (rows and
+    // shards within 32 bits: checked); the partials hold shards·rows records, the mask (or
+    // null) and every non-null output `rows` bytes / f32, the status one u64 (the caller's
+    // contract).
+    unsafe { launch_exact(stream, "exact_kl_merge", per_thread(a.rows), &params, Some(a.status)) }
 }
 
 /// The JSD's second round on a vocabulary shard on the GPU: per row the pair
@@ -203,29 +319,95 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
     check_len("policy_lse", policy_lse.len(), rows)?;
     check_len("ref_lse", ref_lse.len(), rows)?;
     check_len("sums", sums.len(), 2 * rows)?;
-    let beta = jsd_beta(opts)?;
-    let inv_tau = opts.inv_temperature()?;
     let s: &CudaStream = stream;
-    let (p, _g1) = policy.device_ptr(s);
+    let (policy, _g1) = policy.device_ptr(s);
     let (q, _g2) = reference.logits.device_ptr(s);
     let (mask, _g3) = opt_ptr(&reference.mask, s);
-    let (lse_p, _g4) = policy_lse.device_ptr(s);
-    let (lse_q, _g5) = ref_lse.device_ptr(s);
-    let (out, _g6) = sums.device_ptr_mut(s);
-    check_float2_aligned(out)?;
-    let params = ExactParams {
-        lse_p,
-        lse_q,
-        partials: out,
-        beta,
-        ..ExactParams::pair(p, policy_shape, q, reference.shape, mask, inv_tau)
+    let (policy_lse, _g4) = policy_lse.device_ptr(s);
+    let (ref_lse, _g5) = ref_lse.device_ptr(s);
+    let (sums, _g6) = sums.device_ptr_mut(s);
+    let args = JsdShardArgs {
+        policy,
+        policy_dtype: P::DTYPE,
+        policy_shape,
+        reference: q,
+        ref_dtype: Q::DTYPE,
+        ref_shape: reference.shape,
+        mask,
+        policy_lse,
+        ref_lse,
+        sums,
     };
-    let name = kernel(ExactKernel::JsdRows, P::DTYPE, Q::DTYPE);
-    // SAFETY: `jsd_rows_<p>_<q>(ExactParams)` with one block of 256 threads per row; both rows
-    // cover the checked shapes, the normalisers hold `rows` f32 and `sums` 2·rows f32 at an
-    // 8-byte aligned address (checked), so the kernel's one float2 per row fits; with
-    // `partials` non-null it writes no value or policy term.
-    unsafe { launch_exact(stream, name, per_row(rows), &params, None) }
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above; the guards keep cudarc's event tracking in order until the launch is
+    // enqueued.
+    unsafe { launch_jsd_shard_sums(stream, &args, opts) }
+}
+
+/// Buffers of a raw [`jsd_shard_sums`](crate::cuda::raw::jsd_shard_sums): this rank's slice
+/// of both logits rows and the rows' full log-sum-exps; 0 for an absent mask.
+#[derive(Debug, Clone, Copy)]
+pub struct JsdShardArgs {
+    /// The shard's policy logits, `policy_dtype`, laid out as `policy_shape`.
+    pub policy: u64,
+    /// Dtype of the policy logits.
+    pub policy_dtype: DType,
+    /// Shape of the shard's policy logits (`cols` = the shard's width, row stride ≥ cols).
+    pub policy_shape: RowShape,
+    /// The same columns of the reference logits, `ref_dtype`, laid out as `ref_shape`.
+    pub reference: u64,
+    /// Dtype of the reference logits.
+    pub ref_dtype: DType,
+    /// Shape of the reference logits: the policy's rows and cols, its own row stride.
+    pub ref_shape: RowShape,
+    /// `rows` mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// `rows` f32: the full rows' `ln Σ exp(z_policy)` (from the merge).
+    pub policy_lse: u64,
+    /// `rows` f32: the full rows' `ln Σ exp(z_ref)`.
+    pub ref_lse: u64,
+    /// `2·rows` f32 out at an 8-byte aligned address: per row `[Σ p·log(p/m), Σ q·log(q/m)]`.
+    pub sums: u64,
+}
+
+/// The JSD shard round's launch on device addresses (the safe and raw entry points share it):
+/// checks the shapes, the pointers, the alignment and the divergence, then launches.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context holding what its
+/// [`JsdShardArgs`] field documents; `sums` overlaps nothing else; every buffer stays
+/// allocated until the kernel ran.
+pub(super) unsafe fn launch_jsd_shard_sums(
+    stream: &Arc<CudaStream>,
+    a: &JsdShardArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_pair(a.policy_shape.min_len(), a.policy_shape, a.ref_shape.min_len(), a.ref_shape, None)?;
+    let required = [
+        ("policy", a.policy),
+        ("reference", a.reference),
+        ("policy_lse", a.policy_lse),
+        ("ref_lse", a.ref_lse),
+        ("sums", a.sums),
+    ];
+    non_null(&required)?;
+    check_float2_aligned(a.sums)?;
+    let beta = jsd_beta(opts)?;
+    let inv_tau = opts.inv_temperature()?;
+    let params = ExactParams {
+        lse_p: a.policy_lse,
+        lse_q: a.ref_lse,
+        partials: a.sums,
+        beta,
+        ..ExactParams::pair(a.policy, a.policy_shape, a.reference, a.ref_shape, a.mask, inv_tau)
+    };
+    let name = kernel(ExactKernel::JsdRows, a.policy_dtype, a.ref_dtype);
+    // SAFETY: `jsd_rows_<p>_<q>(ExactParams)` with one block of 256 threads per row (rows ≤
+    // i32::MAX: the shape is validated); both rows cover their shapes, the normalisers hold
+    // `rows` f32 and `sums` 2·rows f32 at an 8-byte aligned address (checked), so the kernel's
+    // one float2 per row fits (the caller's contract); with `partials` non-null it writes no
+    // value or policy term.
+    unsafe { launch_exact(stream, name, per_row(a.policy_shape.rows), &params, None) }
 }
 
 /// Sums the JSD's shard sums (`[shards][rows][2]` f32, shard order) and writes
@@ -263,33 +445,84 @@ pub fn finish_jsd_sums(
             expected: "value, policy_term or both (the log-sum-exps are inputs here)",
         });
     }
-    let beta = jsd_beta(opts)?;
     let s: &CudaStream = stream;
-    let (sm, _g1) = sums.device_ptr(s);
-    check_float2_aligned(sm)?;
+    let (sums, _g1) = sums.device_ptr(s);
     let (mask, _g2) = view_ptr(mask, s);
-    let (lse_p, _g3) = policy_lse.device_ptr(s);
-    let (lse_q, _g4) = ref_lse.device_ptr(s);
-    let (v, _g5) = opt_ptr_mut(&mut value, s);
-    let (t, _g6) = opt_ptr_mut(&mut policy_term, s);
+    let (policy_lse, _g3) = policy_lse.device_ptr(s);
+    let (ref_lse, _g4) = ref_lse.device_ptr(s);
+    let (value, _g5) = opt_ptr_mut(&mut value, s);
+    let (policy_term, _g6) = opt_ptr_mut(&mut policy_term, s);
+    let args = FinishJsdArgs { sums, shards, rows, mask, policy_lse, ref_lse, value, policy_term };
+    // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
+    // was checked above (the sums hold 2·shards·rows f32); the guards keep cudarc's event
+    // tracking in order until the launch is enqueued.
+    unsafe { launch_finish_jsd(stream, &args, opts) }
+}
+
+/// Buffers of a raw [`finish_jsd_sums`](crate::cuda::raw::finish_jsd_sums); 0 for an absent
+/// optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishJsdArgs {
+    /// `shards · rows · 2` f32 at an 8-byte aligned address: the shards' sums, laid out
+    /// `[shards][rows][2]` (shard order).
+    pub sums: u64,
+    /// Number of shards.
+    pub shards: usize,
+    /// Number of rows.
+    pub rows: usize,
+    /// `rows` mask bytes (0 = padding), or 0.
+    pub mask: u64,
+    /// `rows` f32: the full rows' `ln Σ exp(z_policy)` (from the merge).
+    pub policy_lse: u64,
+    /// `rows` f32: the full rows' `ln Σ exp(z_ref)`.
+    pub ref_lse: u64,
+    /// `rows` f32 out: `max(0, β·Σ s_p + (1 − β)·Σ s_q)`, or 0.
+    pub value: u64,
+    /// `rows` f32 out: `max(0, Σ s_p)`, or 0 (at least one of the two).
+    pub policy_term: u64,
+}
+
+/// The JSD merge's launch on device addresses (the safe and raw entry points share it):
+/// checks the counts, the pointers, the alignment and the divergence, then launches.
+///
+/// # Safety
+/// Every non-zero address of `a` is device memory of `stream`'s context holding what its
+/// [`FinishJsdArgs`] field documents; the outputs overlap nothing else; every buffer stays
+/// allocated until the kernel ran.
+pub(super) unsafe fn launch_finish_jsd(
+    stream: &Arc<CudaStream>,
+    a: &FinishJsdArgs,
+    opts: &ExactKlOptions,
+) -> Result<()> {
+    check_counts("sums", a.rows, a.shards)?;
+    non_null(&[("sums", a.sums), ("policy_lse", a.policy_lse), ("ref_lse", a.ref_lse)])?;
+    if a.value == 0 && a.policy_term == 0 {
+        return Err(Error::InvalidOption {
+            name: "outputs",
+            value: "none of value and policy_term".into(),
+            expected: "value, policy_term or both (the log-sum-exps are inputs here)",
+        });
+    }
+    check_float2_aligned(a.sums)?;
     let params = ExactParams {
-        partials: sm,
-        lse_p,
-        lse_q,
-        out: ExactOut { value: v, policy_term: t, ..ExactOut::default() },
-        mask,
+        partials: a.sums,
+        lse_p: a.policy_lse,
+        lse_q: a.ref_lse,
+        out: ExactOut { value: a.value, policy_term: a.policy_term, ..ExactOut::default() },
+        mask: a.mask,
         // float2 (row, shard) at row + shard·rows.
         row_stride: 1,
-        part_stride: rows as i64,
-        rows: rows as i32,
-        parts: shards as i32,
-        beta,
+        part_stride: a.rows as i64,
+        rows: a.rows as i32,
+        parts: a.shards as i32,
+        beta: jsd_beta(opts)?,
         ..ExactParams::default()
     };
-    // SAFETY: `jsd_merge(ExactParams)`, one thread per row; the sums hold shards·rows float2 at
-    // an 8-byte aligned address (checked), the normalisers, the mask (or null) and every
-    // non-null output `rows` f32 / bytes (checked).
-    unsafe { launch_exact(stream, "jsd_merge", per_thread(rows), &params, None) }
+    // SAFETY: `jsd_merge(ExactParams)`, one thread per row (rows and shards within 32 bits:
+    // checked); the sums hold shards·rows float2 at an 8-byte aligned address (checked), the
+    // normalisers, the mask (or null) and every non-null output `rows` f32 / bytes (the
+    // caller's contract).
+    unsafe { launch_exact(stream, "jsd_merge", per_thread(a.rows), &params, None) }
 }
 
 fn check_float2_aligned(address: u64) -> Result<()> {

@@ -68,6 +68,7 @@ use crate::{Aggregation, Error, Normaliser, Result, RowProblem, RowShape};
 
 mod buffers;
 pub use buffers::{ExactKlGrads, ExactKlOutputs, ReferenceRows, SampledKlInputs, SampledKlOutputs};
+pub(crate) use buffers::{jsd_beta, shard_count};
 
 mod controller;
 pub use controller::KlController;

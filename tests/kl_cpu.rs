@@ -47,6 +47,69 @@ fn exact_shard_problems_refuse_the_row() {
     kl::exact_shard_problems(&Cpu);
 }
 
+/// The host merges of shard records refuse what their CUDA twins refuse (a statistic, the JSD's
+/// value from the first round, no output, records that are not whole rows, the two KLs given to
+/// the JSD's last step), write 0 on padding rows and the value as the two KLs' policy term, and
+/// refuse a valid row whose log-sum-exps the merge could not give.
+#[test]
+fn exact_shard_merges_check_their_outputs() {
+    use rlhf_kernels::{Aggregated, ExactKlOutputs, ExactKlPartial, ExactKlStatistic};
+    let (rows, cols) = (3, 6);
+    let p: Vec<f32> = (0..rows * cols).map(|i| (i % 5) as f32 * 0.3).collect();
+    let q: Vec<f32> = (0..rows * cols).map(|i| (i % 4) as f32 * 0.2).collect();
+    let mask = [1u8, 0, 1];
+    let shape = RowShape::new(rows, cols);
+    let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
+    let r = ReferenceRows::new(&q, shape).with_mask(&mask);
+    let mut parts = vec![ExactKlPartial::EMPTY; rows];
+    cpu::exact_kl_shard_partials(&p, shape, &r, &mut parts, &opts).unwrap();
+    let (mut v, mut t, mut lp, mut lq) = ([9.0f32; 3], [9.0f32; 3], [9.0f32; 3], [9.0f32; 3]);
+    let out = ExactKlOutputs::default().value(&mut v).policy_term(&mut t).lse(&mut lp, &mut lq);
+    cpu::finish_exact_kl_partials(&parts, Some(&mask), out, &opts).unwrap();
+    let mut whole = [0.0f32; 3];
+    cpu::exact_kl(&p, shape, &r, ExactKlOutputs::default().value(&mut whole), &opts).unwrap();
+    assert_eq!(v, whole, "one shard merges to the whole row");
+    assert_eq!(t, v, "the two KLs' policy term is the value");
+    assert_eq!((v[1], lp[1], lq[1]), (0.0, 0.0, 0.0), "padding row");
+    let refused = |r: rlhf_kernels::Result<()>, name: &str| {
+        assert!(matches!(&r, Err(Error::InvalidOption { name: n, .. }) if *n == name), "{name}: {r:?}")
+    };
+    let mut stat = Aggregated::default();
+    let statistic = ExactKlStatistic::masked_mean(RowShape::new(1, 3));
+    let out = ExactKlOutputs::default().value(&mut v).statistic(&mut stat, statistic);
+    refused(cpu::finish_exact_kl_partials(&parts, None, out, &opts), "statistic");
+    refused(cpu::finish_exact_kl_partials(&parts, None, ExactKlOutputs::default(), &opts), "outputs");
+    refused(
+        cpu::finish_exact_kl_partials(&parts[..2], None, ExactKlOutputs::default().value(&mut v), &opts),
+        "partials",
+    );
+    let jsd = ExactKlOptions::new(ExactDivergence::Jsd { beta: 0.5 });
+    refused(
+        cpu::finish_exact_kl_partials(&parts, None, ExactKlOutputs::default().value(&mut v), &jsd),
+        "outputs",
+    );
+    let sums = [[0.1f32, 0.2]; 3];
+    let lse = [1.0f32, 1.0, f32::NAN];
+    fn value(v: &mut [f32; 3]) -> ExactKlOutputs<'_> {
+        ExactKlOutputs::default().value(v)
+    }
+    refused(cpu::finish_jsd_sums(&sums, None, [&lse, &lse], value(&mut v), &opts), "divergence");
+    refused(cpu::finish_jsd_sums(&sums, None, [&lse, &lse], ExactKlOutputs::default(), &jsd), "outputs");
+    let err = cpu::finish_jsd_sums(&sums, None, [&lse, &lse], value(&mut v), &jsd).unwrap_err();
+    assert!(matches!(err, Error::InvalidRow { row: 2, problem: RowProblem::NaN, .. }), "{err}");
+    let mut v = [9.0f32; 3];
+    cpu::finish_jsd_sums(
+        &sums,
+        Some(&[1, 1, 0]),
+        [&lse, &lse],
+        ExactKlOutputs::default().value(&mut v),
+        &jsd,
+    )
+    .unwrap();
+    let want = (0.5f32 * 0.1 + 0.5 * 0.2).max(0.0);
+    assert_eq!(v, [want, want, 0.0], "β·0.1 + (1 − β)·0.2 per valid row, 0 on padding");
+}
+
 #[test]
 fn exact_statistic_from_the_same_call() {
     kl::exact_statistic(&Cpu);

@@ -20,8 +20,8 @@ use crate::RowShape;
 pub use advantages::{gae, group_advantages, masked_moments, whiten};
 pub use executor::CpuExecutor;
 pub use kl::{
-    exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials, jsd_shard_sums,
-    kl_rewards, sampled_kl,
+    exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials,
+    finish_exact_kl_partials, finish_jsd_sums, jsd_shard_sums, kl_rewards, sampled_kl,
 };
 pub use logprobs::{
     finish_vocab_partials, log_softmax, log_softmax_backward, token_logprobs, token_logprobs_backward,

@@ -1,7 +1,10 @@
 //! The KL family's op inputs and outputs, generic over the memory (host or device).
 
+use crate::logprobs::check_len;
 use crate::memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
-use crate::{Aggregated, Element, ExactKlStatistic, Result, RowShape, SampledKlStats};
+use crate::{
+    Aggregated, Element, Error, ExactDivergence, ExactKlStatistic, Result, RowShape, SampledKlStats,
+};
 
 /// The reference side of an exact divergence: the reference policy's logits rows (their own
 /// dtype and row stride; same rows and cols as the policy's) and the row mask that applies to
@@ -210,6 +213,97 @@ impl<'a, M: Memory> ExactKlOutputs<'a, M> {
     /// Provides the CUDA kernels' workspace.
     pub fn workspace(self, w: impl IntoViewMut<'a, u8, Memory = M>) -> Self {
         ExactKlOutputs { workspace: Some(w.into_view_mut()), ..self }
+    }
+}
+
+impl<M: Memory> ExactKlOutputs<'_, M> {
+    /// At least one per-row output is requested and each holds `rows` f32 (`None`: as many as
+    /// the first one present); returns `rows`.
+    pub(crate) fn check_rows(&self, rows: Option<usize>) -> Result<usize> {
+        let outs = [&self.value, &self.policy_lse, &self.ref_lse, &self.policy_term];
+        let Some(first) = outs.iter().find_map(|o| o.as_ref()) else {
+            return Err(Error::InvalidOption {
+                name: "outputs",
+                value: "none requested".into(),
+                expected: "at least one of value, policy_lse, ref_lse, policy_term",
+            });
+        };
+        let rows = rows.unwrap_or(first.len());
+        for (what, o) in ["value", "policy_lse", "ref_lse", "policy_term"].into_iter().zip(outs) {
+            o.as_ref().map_or(Ok(()), |o| check_len(what, o.len(), rows))?;
+        }
+        Ok(rows)
+    }
+
+    /// The outputs a merge of shard partials may write (`finish_exact_kl_partials`): no
+    /// statistic, and for the JSD both log-sum-exps and nothing else (its value comes from
+    /// `finish_jsd_sums`). Returns `rows`.
+    pub(crate) fn check_merge(&self, divergence: ExactDivergence) -> Result<usize> {
+        if self.statistic.is_some() {
+            return Err(Error::InvalidOption {
+                name: "statistic",
+                value: "requested from finish_exact_kl_partials".into(),
+                expected: "none: aggregate the finished values with aggregate",
+            });
+        }
+        if matches!(divergence, ExactDivergence::Jsd { .. })
+            && (self.value.is_some()
+                || self.policy_term.is_some()
+                || self.policy_lse.is_none()
+                || self.ref_lse.is_none())
+        {
+            return Err(Error::InvalidOption {
+                name: "outputs",
+                value: "value or policy_term, or a missing log-sum-exp, for the JSD".into(),
+                expected: "policy_lse and ref_lse only: the JSD's value comes from finish_jsd_sums",
+            });
+        }
+        self.check_rows(None)
+    }
+
+    /// The outputs of the JSD's last step (`finish_jsd_sums`): the value, the policy term or
+    /// both, each of `rows` f32, and nothing else (the log-sum-exps are its inputs).
+    pub(crate) fn check_jsd_finish(&self, rows: usize) -> Result<()> {
+        if (self.value.is_none() && self.policy_term.is_none())
+            || self.policy_lse.is_some()
+            || self.ref_lse.is_some()
+            || self.statistic.is_some()
+            || self.workspace.is_some()
+        {
+            return Err(Error::InvalidOption {
+                name: "outputs",
+                value: "none of value and policy_term, or a log-sum-exp, statistic or workspace".into(),
+                expected: "value, policy_term or both (the log-sum-exps are inputs here)",
+            });
+        }
+        self.check_rows(Some(rows)).map(|_| ())
+    }
+}
+
+/// `len` shard records are `shards` whole records per row of `rows`, laid out
+/// `[shards][rows]`, within the kernels' 32-bit counts; returns `shards`.
+pub(crate) fn shard_count(what: &'static str, len: usize, rows: usize) -> Result<usize> {
+    RowShape::new(rows, 1).validate(what)?;
+    if len == 0 || len % rows != 0 {
+        return Err(Error::InvalidOption {
+            name: what,
+            value: format!("{len} records for {rows} rows"),
+            expected: "shards x rows records, laid out [shards][rows]",
+        });
+    }
+    RowShape::new(rows, len / rows).validate(what)?;
+    Ok(len / rows)
+}
+
+/// The JSD's β, or an error for the two KLs (which need one round only).
+pub(crate) fn jsd_beta(divergence: ExactDivergence) -> Result<f32> {
+    match divergence {
+        ExactDivergence::Jsd { beta } => Ok(beta),
+        d => Err(Error::InvalidOption {
+            name: "divergence",
+            value: format!("{d:?}"),
+            expected: "ExactDivergence::Jsd (the two KLs need one round only)",
+        }),
     }
 }
 

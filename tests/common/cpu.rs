@@ -136,33 +136,24 @@ impl ExactBackend for Cpu {
     ) -> rlhf_kernels::Result<kl::ExactOut> {
         let rows = c.policy_shape.rows;
         let mask = c.mask.as_deref();
-        let mut parts = vec![vec![ExactKlPartial::EMPTY; rows]; shards.len()];
-        for (s, part) in shards.iter().zip(&mut parts) {
+        let mut parts = vec![ExactKlPartial::EMPTY; rows * shards.len()];
+        for (s, part) in shards.iter().zip(parts.chunks_mut(rows)) {
             let r = ReferenceRows { mask, ..ReferenceRows::new(&s.reference, s.shape) };
             cpu::exact_kl_shard_partials(&s.policy, s.shape, &r, part, &c.opts)?;
         }
         let mut o = kl::ExactOut::zeros(rows);
-        for r in (0..rows).filter(|&r| mask.is_none_or(|m| m[r] != 0)) {
-            let row: Vec<ExactKlPartial> = parts.iter().map(|p| p[r]).collect();
-            let stats = merge_exact_kl_partials(&row, &c.opts)?
-                .finish(&c.opts)
-                .map_err(|problem| Error::InvalidRow { op: "exact_kl", row: r, problem })?;
-            (o.value[r], o.policy_lse[r], o.ref_lse[r]) = (stats.value, stats.policy_lse, stats.ref_lse);
-        }
-        if let ExactDivergence::Jsd { beta } = c.opts.divergence {
-            let mut total = vec![[0.0f32; 2]; rows];
-            for s in shards {
+        let jsd = matches!(c.opts.divergence, ExactDivergence::Jsd { .. });
+        let out = ExactKlOutputs::default().lse(&mut o.policy_lse, &mut o.ref_lse);
+        let out = if jsd { out } else { out.value(&mut o.value) };
+        cpu::finish_exact_kl_partials(&parts, mask, out, &c.opts)?;
+        if jsd {
+            let mut sums = vec![[0.0f32; 2]; rows * shards.len()];
+            for (s, mine) in shards.iter().zip(sums.chunks_mut(rows)) {
                 let r = ReferenceRows { mask, ..ReferenceRows::new(&s.reference, s.shape) };
-                let mut sums = vec![[0.0f32; 2]; rows];
-                cpu::jsd_shard_sums(&s.policy, s.shape, &r, &o.policy_lse, &o.ref_lse, &mut sums, &c.opts)?;
-                for (t, s) in total.iter_mut().zip(&sums) {
-                    t[0] += s[0];
-                    t[1] += s[1];
-                }
+                cpu::jsd_shard_sums(&s.policy, s.shape, &r, &o.policy_lse, &o.ref_lse, mine, &c.opts)?;
             }
-            for (v, t) in o.value.iter_mut().zip(&total) {
-                *v = (beta * t[0] + (1.0 - beta) * t[1]).max(0.0);
-            }
+            let out = ExactKlOutputs::default().value(&mut o.value);
+            cpu::finish_jsd_sums(&sums, mask, [&o.policy_lse, &o.ref_lse], out, &c.opts)?;
         }
         Ok(o)
     }

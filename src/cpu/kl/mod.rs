@@ -6,5 +6,5 @@ mod exact_shards;
 mod sampled;
 
 pub use exact::{exact_kl, exact_kl_backward, exact_kl_backward_in_place};
-pub use exact_shards::{exact_kl_shard_partials, jsd_shard_sums};
+pub use exact_shards::{exact_kl_shard_partials, finish_exact_kl_partials, finish_jsd_sums, jsd_shard_sums};
 pub use sampled::{kl_rewards, sampled_kl};

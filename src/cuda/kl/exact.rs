@@ -164,24 +164,6 @@ pub(super) fn check_reference<Q>(
     r.mask.as_ref().map_or(Ok(()), |m| check_len("mask", m.len(), policy_shape.rows))
 }
 
-/// Checks that at least one output is requested and that each holds `rows` f32 (`None`: as
-/// many as the first output present); returns `rows`.
-pub(super) fn check_outputs(out: &ExactKlOutputs<'_, Cuda>, rows: Option<usize>) -> Result<usize> {
-    let outs = [&out.value, &out.policy_lse, &out.ref_lse, &out.policy_term];
-    let Some(first) = outs.iter().find_map(|o| o.as_ref()) else {
-        return Err(Error::InvalidOption {
-            name: "outputs",
-            value: "none requested".into(),
-            expected: "at least one of value, policy_lse, ref_lse, policy_term",
-        });
-    };
-    let rows = rows.unwrap_or(first.len());
-    for (what, o) in ["value", "policy_lse", "ref_lse", "policy_term"].into_iter().zip(outs) {
-        o.as_ref().map_or(Ok(()), |o| check_len(what, o.len(), rows))?;
-    }
-    Ok(rows)
-}
-
 /// The GPU twin of [`cpu::exact_kl`](crate::cpu::exact_kl) (same divergences, dtypes may
 /// differ per side), enqueued on `stream`. Rows without a defined result (NaN, `+inf`, only
 /// `-inf` on either side, or finite logits whose `max/τ` is beyond f32:
@@ -229,7 +211,7 @@ pub fn exact_kl<P: Element, Q: Element>(
         }
     }
     if own_values.is_none() {
-        check_outputs(&out, Some(rows))?;
+        out.check_rows(Some(rows))?;
     }
     opts.inv_temperature()?;
     let need = exact_kl_workspace_bytes(policy_shape, opts.divergence);

@@ -12,10 +12,10 @@ use cudarc::driver::{
 };
 
 use super::exact::{
-    BLOCK, ExactKernel, ExactOut, ExactParams, check_outputs, check_reference, kernel, launch_exact,
-    per_thread,
+    BLOCK, ExactKernel, ExactOut, ExactParams, check_reference, kernel, launch_exact, per_thread,
 };
 use crate::cuda::{LaunchContext, non_null, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::kl::{jsd_beta, shard_count};
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
 use crate::{Cuda, DType, ExactKlOutputs, ReferenceRows};
@@ -29,31 +29,6 @@ unsafe impl ValidAsZeroBits for ExactKlPartial {}
 
 fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
-}
-
-fn jsd_beta(opts: &ExactKlOptions) -> Result<f32> {
-    match opts.divergence {
-        ExactDivergence::Jsd { beta } => Ok(beta),
-        d => Err(Error::InvalidOption {
-            name: "divergence",
-            value: format!("{d:?}"),
-            expected: "ExactDivergence::Jsd (the two KLs need one round only)",
-        }),
-    }
-}
-
-/// `len` records are `shards` whole records per row; returns `shards`.
-fn check_records(what: &'static str, len: usize, rows: usize) -> Result<usize> {
-    RowShape::new(rows, 1).validate(what)?;
-    if len == 0 || len % rows != 0 {
-        return Err(Error::InvalidOption {
-            name: what,
-            value: format!("{len} records for {rows} rows"),
-            expected: "shards x rows records, laid out [shards][rows]",
-        });
-    }
-    check_counts(what, rows, len / rows)?;
-    Ok(len / rows)
 }
 
 /// One row per merge thread and `shards` records per row: the limits of a non-empty
@@ -188,15 +163,8 @@ pub fn finish_exact_kl_partials(
     opts: &ExactKlOptions,
 ) -> Result<()> {
     let (stream, status) = ctx.parts();
-    if out.statistic.is_some() {
-        return Err(Error::InvalidOption {
-            name: "statistic",
-            value: "requested from finish_exact_kl_partials".into(),
-            expected: "none: aggregate the finished values with cuda::aggregate",
-        });
-    }
-    let rows = check_outputs(&out, None)?;
-    let shards = check_records("partials", partials.len(), rows)?;
+    let rows = out.check_merge(opts.divergence)?;
+    let shards = shard_count("partials", partials.len(), rows)?;
     mask.map_or(Ok(()), |m| check_len("mask", m.len(), rows))?;
     let s: &CudaStream = stream;
     let (partials, _g1) = partials.device_ptr(s);
@@ -392,7 +360,7 @@ pub(super) unsafe fn launch_jsd_shard_sums(
     ];
     non_null(&required)?;
     check_float2_aligned(a.sums)?;
-    let beta = jsd_beta(opts)?;
+    let beta = jsd_beta(opts.divergence)?;
     let inv_tau = opts.inv_temperature()?;
     let params = ExactParams {
         lse_p: a.policy_lse,
@@ -427,24 +395,11 @@ pub fn finish_jsd_sums(
     let stream = ctx.stream();
     let rows = policy_lse.len();
     check_len("ref_lse", ref_lse.len(), rows)?;
-    let shards = check_records("sums", sums.len() / 2, rows)?;
+    let shards = shard_count("sums", sums.len() / 2, rows)?;
     check_len("sums", sums.len(), 2 * shards * rows)?;
     mask.map_or(Ok(()), |m| check_len("mask", m.len(), rows))?;
+    out.check_jsd_finish(rows)?;
     let ExactKlOutputs { mut value, mut policy_term, .. } = out;
-    value.as_ref().map_or(Ok(()), |v| check_len("value", v.len(), rows))?;
-    policy_term.as_ref().map_or(Ok(()), |v| check_len("policy_term", v.len(), rows))?;
-    if (value.is_none() && policy_term.is_none())
-        || out.policy_lse.is_some()
-        || out.ref_lse.is_some()
-        || out.statistic.is_some()
-        || out.workspace.is_some()
-    {
-        return Err(Error::InvalidOption {
-            name: "outputs",
-            value: "none of value and policy_term, or a log-sum-exp, statistic or workspace".into(),
-            expected: "value, policy_term or both (the log-sum-exps are inputs here)",
-        });
-    }
     let s: &CudaStream = stream;
     let (sums, _g1) = sums.device_ptr(s);
     let (mask, _g2) = view_ptr(mask, s);
@@ -515,7 +470,7 @@ pub(super) unsafe fn launch_finish_jsd(
         part_stride: a.rows as i64,
         rows: a.rows as i32,
         parts: a.shards as i32,
-        beta: jsd_beta(opts)?,
+        beta: jsd_beta(opts.divergence)?,
         ..ExactParams::default()
     };
     // SAFETY: `jsd_merge(ExactParams)`, one thread per row (rows and shards within 32 bits:

@@ -25,6 +25,7 @@
 //! # Ok::<(), rlhf_kernels::Error>(())
 //! ```
 
+use crate::ExactKlPartial;
 use crate::memory::Memory;
 use crate::{
     Aggregated, Aggregation, DType, Element, ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs,
@@ -33,11 +34,12 @@ use crate::{
     LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
     PolicyLossStats, ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
     SampledKlStats, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs,
-    ValueLossOptions, ValueLossOutputs, ValueLossStats, WhitenOptions,
+    ValueLossOptions, ValueLossOutputs, ValueLossStats, VocabPartial, WhitenOptions,
 };
 
 /// An element an [`Executor`] can allocate, upload and download: the logits' dtypes
-/// (`f32`, `f16`, `bf16`), the target ids (`i32`, `u32`, `i64`), mask bytes (`u8`) and `f64`.
+/// (`f32`, `f16`, `bf16`), the target ids (`i32`, `u32`, `i64`), mask bytes (`u8`), `f64`,
+/// and the shard records ([`VocabPartial`], [`ExactKlPartial`]).
 /// Sealed.
 pub trait Scalar: Copy + Default + Send + Sync + 'static + sealed::Sealed + device::DeviceScalar {}
 
@@ -77,7 +79,7 @@ macro_rules! scalars {
         impl Scalar for $t {}
     )*};
 }
-scalars!(f32, f64, half::f16, half::bf16, u8, i32, u32, i64);
+scalars!(f32, f64, half::f16, half::bf16, u8, i32, u32, i64, VocabPartial, ExactKlPartial);
 
 macro_rules! statistics {
     ($($t:ty => $words:expr, $decode:expr;)*) => {$(
@@ -272,6 +274,70 @@ pub trait Executor {
         shape: RowShape,
         reference: &ReferenceRows<'_, Q, Self::Memory>,
         grads: &ExactKlGrads<'_, Self::Memory>,
+        opts: &ExactKlOptions,
+    ) -> Result<()>;
+    /// Per-row [`VocabPartial`]s of one vocabulary shard of the logits (global token id of its
+    /// first column `vocab_offset`; [`cpu::vocab_shard_partials`](crate::cpu::vocab_shard_partials)).
+    #[allow(clippy::too_many_arguments)] // the token op's arguments, the shard's offset and records
+    fn vocab_shard_partials<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: ViewOf<'_, Self, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I, Self::Memory>,
+        vocab_offset: usize,
+        partials: ViewMutOf<'_, Self, VocabPartial>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()>;
+    /// The token outputs from the gathered partials of `shards` shards (`[shards][rows]`;
+    /// [`cpu::finish_vocab_partials`](crate::cpu::finish_vocab_partials)).
+    fn finish_vocab_partials<I: TargetIndex + Scalar>(
+        &mut self,
+        partials: ViewOf<'_, Self, VocabPartial>,
+        shards: usize,
+        tokens: &Tokens<'_, I, Self::Memory>,
+        out: TokenOutputs<'_, Self::Memory>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()>;
+    /// Per-row [`ExactKlPartial`]s of one vocabulary shard of both logits rows
+    /// ([`cpu::exact_kl_shard_partials`](crate::cpu::exact_kl_shard_partials)).
+    fn exact_kl_shard_partials<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: ViewOf<'_, Self, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Self::Memory>,
+        partials: ViewMutOf<'_, Self, ExactKlPartial>,
+        opts: &ExactKlOptions,
+    ) -> Result<()>;
+    /// The exact divergence from the gathered partials (`[shards][rows]`;
+    /// [`cpu::finish_exact_kl_partials`](crate::cpu::finish_exact_kl_partials)).
+    fn finish_exact_kl_partials(
+        &mut self,
+        partials: ViewOf<'_, Self, ExactKlPartial>,
+        mask: Option<ViewOf<'_, Self, u8>>,
+        out: ExactKlOutputs<'_, Self::Memory>,
+        opts: &ExactKlOptions,
+    ) -> Result<()>;
+    /// The JSD's second round on one shard: `2·rows` f32 (`[Σ p·log(p/m), Σ q·log(q/m)]` per
+    /// row) from the full rows' log-sum-exps ([`cpu::jsd_shard_sums`](crate::cpu::jsd_shard_sums)).
+    #[allow(clippy::too_many_arguments)] // the two sides, both normalisers, the sums, options
+    fn jsd_shard_sums<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: ViewOf<'_, Self, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Self::Memory>,
+        policy_lse: ViewOf<'_, Self, f32>,
+        ref_lse: ViewOf<'_, Self, f32>,
+        sums: ViewMutOf<'_, Self, f32>,
+        opts: &ExactKlOptions,
+    ) -> Result<()>;
+    /// The JSD's value and/or policy term from the gathered sums (`[shards][rows][2]` f32;
+    /// [`cpu::finish_jsd_sums`](crate::cpu::finish_jsd_sums)).
+    fn finish_jsd_sums(
+        &mut self,
+        sums: ViewOf<'_, Self, f32>,
+        mask: Option<ViewOf<'_, Self, u8>>,
+        lse: [ViewOf<'_, Self, f32>; 2],
+        out: ExactKlOutputs<'_, Self::Memory>,
         opts: &ExactKlOptions,
     ) -> Result<()>;
     /// The KL folded into per-token rewards ([`cpu::kl_rewards`](crate::cpu::kl_rewards)).

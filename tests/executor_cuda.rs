@@ -3,7 +3,8 @@
 //! log-probs, the policy loss with its statistics, the backward in place) held to the CPU ops
 //! called directly, and every other op of the executor (log-softmax and its backward, the
 //! out-of-place token backward, the exact KL and its backward, moments, aggregate, the KL
-//! rewards, the fused path) held across the two executors.
+//! rewards, the fused path) held across the two executors, and the vocabulary shards (token
+//! log-probs, the exact KL and the JSD from two shards) held to the whole rows on both.
 
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
@@ -13,6 +14,7 @@ use rlhf_kernels::{
     PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, ReferenceRows, Result, RowShape, SampledKlOptions,
     TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, cpu,
 };
+use rlhf_kernels::{ExactKlPartial, VocabPartial};
 
 /// `[B, T] = [3, 5]` tokens over a vocabulary of 37, the last two tokens of each row padding.
 struct Batch {
@@ -327,6 +329,146 @@ fn cuda_executor_runs_every_op_as_the_cpu() {
     rlhf_kernels::testing::skip("executor::cuda_executor_runs_every_op_as_the_cpu", "built without `cuda`");
 }
 
+/// The shard pipeline, once: the token outputs, the exact KL and the JSD from two vocabulary
+/// shards (columns `[0, 16)` and `[16, 37)`, each uploaded by its "rank"), and the same from
+/// the whole rows.
+struct Shards<'a>(&'a Batch);
+
+/// `(from the shards, from the whole rows)` per output.
+struct ShardsOut {
+    logp: (Vec<f32>, Vec<f32>),
+    lse: (Vec<f32>, Vec<f32>),
+    kl: (Vec<f32>, Vec<f32>),
+    jsd: (Vec<f32>, Vec<f32>),
+}
+
+impl Job for Shards<'_> {
+    type Output = ShardsOut;
+
+    fn run<E: Executor>(self, e: &mut E) -> Result<ShardsOut> {
+        let b = self.0;
+        const CUT: usize = 16;
+        let cut = |v: &[f32], lo: usize, hi: usize| -> Vec<f32> {
+            (0..SHAPE.rows).flat_map(|r| v[r * SHAPE.cols + lo..r * SHAPE.cols + hi].to_vec()).collect()
+        };
+        let bounds = [(0, CUT), (CUT, SHAPE.cols)];
+        let (targets, mask) = (e.upload(&b.targets)?, e.upload(&b.mask)?);
+        let tokens = Tokens::new(E::view(&targets)).with_mask(E::view(&mask));
+        let rows = SHAPE.rows;
+        let (opts, n) = (TokenLogprobsOptions::default(), rows);
+        let mut vocab = e.upload(&vec![VocabPartial::EMPTY; 2 * n])?;
+        let mut exact = e.upload(&vec![ExactKlPartial::EMPTY; 2 * n])?;
+        let (pairs, kl_opts) = (2 * n, ExactKlOptions::new(ExactDivergence::PolicyRef));
+        let jsd_opts = ExactKlOptions::new(ExactDivergence::Jsd { beta: 0.4 });
+        let mut shards = Vec::new();
+        for (k, &(lo, hi)) in bounds.iter().enumerate() {
+            let shape = RowShape::new(rows, hi - lo);
+            let (p, q) = (e.upload(&cut(&b.logits, lo, hi))?, e.upload(&cut(&b.reference, lo, hi))?);
+            // Each rank writes its records into its own part of the gathered buffer: here, one
+            // shard's records to a buffer of their own, copied in.
+            let mut mine = e.zeros::<VocabPartial>(n)?;
+            e.vocab_shard_partials(E::view(&p), shape, &tokens, lo, E::view_mut(&mut mine), &opts)?;
+            let mut gathered = e.download(&vocab)?;
+            gathered[k * n..(k + 1) * n].copy_from_slice(&e.download(&mine)?);
+            vocab = e.upload(&gathered)?;
+            let mut mine = e.zeros::<ExactKlPartial>(n)?;
+            {
+                let rr = ReferenceRows::new(E::view(&q), shape).with_mask(E::view(&mask));
+                e.exact_kl_shard_partials(E::view(&p), shape, &rr, E::view_mut(&mut mine), &kl_opts)?;
+            }
+            let mut gathered = e.download(&exact)?;
+            gathered[k * n..(k + 1) * n].copy_from_slice(&e.download(&mine)?);
+            exact = e.upload(&gathered)?;
+            shards.push((shape, p, q));
+        }
+        let (mut logp, mut token_lse) = (e.zeros::<f32>(n)?, e.zeros::<f32>(n)?);
+        let out = TokenOutputs::default().logp(E::view_mut(&mut logp)).lse(E::view_mut(&mut token_lse));
+        e.finish_vocab_partials(E::view(&vocab), 2, &tokens, out, &opts)?;
+        let (mut kl, mut p_lse, mut q_lse) = (e.zeros::<f32>(n)?, e.zeros::<f32>(n)?, e.zeros::<f32>(n)?);
+        let out = ExactKlOutputs::default()
+            .value(E::view_mut(&mut kl))
+            .lse(E::view_mut(&mut p_lse), E::view_mut(&mut q_lse));
+        e.finish_exact_kl_partials(E::view(&exact), Some(E::view(&mask)), out, &kl_opts)?;
+        // The JSD's second round from the merged normalisers (the same for every divergence).
+        let mut sums = vec![0.0f32; 2 * pairs];
+        for (k, (shape, p, q)) in shards.iter().enumerate() {
+            let rr = ReferenceRows::new(E::view(q), *shape).with_mask(E::view(&mask));
+            let mut mine = e.zeros::<f32>(pairs)?;
+            let lse = (E::view(&p_lse), E::view(&q_lse));
+            e.jsd_shard_sums(E::view(p), *shape, &rr, lse.0, lse.1, E::view_mut(&mut mine), &jsd_opts)?;
+            sums[k * pairs..(k + 1) * pairs].copy_from_slice(&e.download(&mine)?);
+        }
+        let (sums, mut jsd) = (e.upload(&sums)?, e.zeros::<f32>(n)?);
+        let out = ExactKlOutputs::default().value(E::view_mut(&mut jsd));
+        let lse = [E::view(&p_lse), E::view(&q_lse)];
+        e.finish_jsd_sums(E::view(&sums), Some(E::view(&mask)), lse, out, &jsd_opts)?;
+
+        // The whole rows.
+        let (logits, reference) = (e.upload(&b.logits)?, e.upload(&b.reference)?);
+        let (mut whole_logp, mut whole_lse) = (e.zeros::<f32>(n)?, e.zeros::<f32>(n)?);
+        let out = TokenOutputs::default().logp(E::view_mut(&mut whole_logp)).lse(E::view_mut(&mut whole_lse));
+        e.token_logprobs(E::view(&logits), SHAPE, &tokens, out, &opts)?;
+        let rr = ReferenceRows::new(E::view(&reference), SHAPE).with_mask(E::view(&mask));
+        let (mut whole_kl, mut whole_jsd) = (e.zeros::<f32>(n)?, e.zeros::<f32>(n)?);
+        e.exact_kl(
+            E::view(&logits),
+            SHAPE,
+            &rr,
+            ExactKlOutputs::default().value(E::view_mut(&mut whole_kl)),
+            &kl_opts,
+        )?;
+        let out = ExactKlOutputs::default().value(E::view_mut(&mut whole_jsd));
+        e.exact_kl(E::view(&logits), SHAPE, &rr, out, &jsd_opts)?;
+        e.finish()?;
+        let d = |e: &E, a: &E::Buffer<f32>, b: &E::Buffer<f32>| {
+            Ok::<_, rlhf_kernels::Error>((e.download(a)?, e.download(b)?))
+        };
+        Ok(ShardsOut {
+            logp: d(e, &logp, &whole_logp)?,
+            lse: d(e, &token_lse, &whole_lse)?,
+            kl: d(e, &kl, &whole_kl)?,
+            jsd: d(e, &jsd, &whole_jsd)?,
+        })
+    }
+}
+
+/// The shards' outputs against the whole rows' (a different order of the same f32 sums).
+fn check_shards(got: &ShardsOut, what: &str) {
+    for (name, (shards, whole)) in
+        [("logp", &got.logp), ("lse", &got.lse), ("kl", &got.kl), ("jsd", &got.jsd)]
+    {
+        let close = shards.iter().zip(whole).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+        assert!(close, "{what} {name}: shards {shards:?} vs whole {whole:?}");
+        assert!(shards.iter().all(|x| x.is_finite()), "{what} {name}: {shards:?}");
+    }
+    assert!(got.jsd.0.iter().any(|&v| v > 0.0), "{what}: the JSD is not all 0");
+}
+
+#[test]
+fn shards_merge_to_the_whole_rows_on_every_executor() {
+    let b = batch();
+    let cpu = Backend::Cpu.run(Shards(&b)).unwrap();
+    check_shards(&cpu, "cpu");
+    #[cfg(feature = "cuda")]
+    {
+        let device = rlhf_kernels::cuda_or_skip!();
+        let gpu = Backend::Cuda(device).run(Shards(&b)).unwrap();
+        check_shards(&gpu, "cuda");
+        // The same merges on both: the shard results agree across the executors too.
+        for (name, g, c) in
+            [("kl", &gpu.kl, &cpu.kl), ("jsd", &gpu.jsd, &cpu.jsd), ("logp", &gpu.logp, &cpu.logp)]
+        {
+            let close = g.0.iter().zip(&c.0).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+            assert!(close, "{name}: cuda {:?} vs cpu {:?}", g.0, c.0);
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    rlhf_kernels::testing::skip(
+        "executor::shards_merge_to_the_whole_rows_on_every_executor",
+        "built without `cuda`",
+    );
+}
+
 #[test]
 fn executor_errors_are_typed() {
     // A shape mismatch reaches the caller as the op's error, not a panic.
@@ -348,4 +490,17 @@ fn executor_errors_are_typed() {
         }
     }
     assert!(matches!(Backend::Cpu.run(Bad), Err(rlhf_kernels::Error::ShapeMismatch { what: "targets", .. })));
+    // The JSD's sums are pairs of f32: an odd buffer is a shape error on the host too.
+    struct OddSums;
+    impl Job for OddSums {
+        type Output = ();
+        fn run<E: Executor>(self, e: &mut E) -> Result<()> {
+            let (sums, lse, mut value) =
+                (e.upload(&[0.0f32; 3])?, e.upload(&[0.0f32; 1])?, e.zeros::<f32>(1)?);
+            let out = ExactKlOutputs::default().value(E::view_mut(&mut value));
+            let opts = ExactKlOptions::new(ExactDivergence::Jsd { beta: 0.5 });
+            e.finish_jsd_sums(E::view(&sums), None, [E::view(&lse), E::view(&lse)], out, &opts)
+        }
+    }
+    assert!(matches!(Backend::Cpu.run(OddSums), Err(rlhf_kernels::Error::ShapeMismatch { .. })));
 }

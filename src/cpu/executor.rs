@@ -4,13 +4,13 @@ use std::time::Instant;
 
 use crate::executor::{Scalar, Statistic, ViewMutOf, ViewOf, Workspace};
 use crate::{
-    Aggregated, Aggregation, BatchCounts, Element, ExactKlGrads, ExactKlOptions, ExactKlOutputs, Executor,
-    FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions, GaeOutputs,
-    GroupAdvantageOptions, GroupAdvantageOutputs, Groups, Host, KlRewardsInputs, KlRewardsOptions,
-    LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
-    ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex,
-    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
-    ValueLossOutputs, WhitenOptions, cpu,
+    Aggregated, Aggregation, BatchCounts, Element, Error, ExactKlGrads, ExactKlOptions, ExactKlOutputs,
+    ExactKlPartial, Executor, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions,
+    GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs, Groups, Host, KlRewardsInputs,
+    KlRewardsOptions, LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions,
+    PolicyLossOutputs, ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
+    TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
+    ValueLossOutputs, VocabPartial, WhitenOptions, cpu,
 };
 
 /// The CPU backend as an [`Executor`] (rayon over rows, the calling thread waits for each op).
@@ -201,6 +201,76 @@ impl Executor for CpuExecutor {
         cpu::exact_kl_backward_in_place(policy, shape, reference, grads, opts)
     }
 
+    fn vocab_shard_partials<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: &[T],
+        shape: RowShape,
+        tokens: &Tokens<'_, I>,
+        vocab_offset: usize,
+        partials: &mut [VocabPartial],
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        cpu::vocab_shard_partials(logits, shape, tokens, vocab_offset, partials, opts)
+    }
+
+    fn finish_vocab_partials<I: TargetIndex + Scalar>(
+        &mut self,
+        partials: &[VocabPartial],
+        shards: usize,
+        tokens: &Tokens<'_, I>,
+        out: TokenOutputs<'_>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        cpu::finish_vocab_partials(partials, shards, tokens, out, opts)
+    }
+
+    fn exact_kl_shard_partials<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: &[P],
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q>,
+        partials: &mut [ExactKlPartial],
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cpu::exact_kl_shard_partials(policy, shape, reference, partials, opts)
+    }
+
+    fn finish_exact_kl_partials(
+        &mut self,
+        partials: &[ExactKlPartial],
+        mask: Option<&[u8]>,
+        out: ExactKlOutputs<'_>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cpu::finish_exact_kl_partials(partials, mask, out, opts)
+    }
+
+    fn jsd_shard_sums<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: &[P],
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q>,
+        policy_lse: &[f32],
+        ref_lse: &[f32],
+        sums: &mut [f32],
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        // The device layout (2·rows f32) read as the host's pairs; an odd length is refused.
+        let pairs = as_pairs_mut(sums)?;
+        cpu::jsd_shard_sums(policy, shape, reference, policy_lse, ref_lse, pairs, opts)
+    }
+
+    fn finish_jsd_sums(
+        &mut self,
+        sums: &[f32],
+        mask: Option<&[u8]>,
+        [policy_lse, ref_lse]: [&[f32]; 2],
+        out: ExactKlOutputs<'_>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cpu::finish_jsd_sums(as_pairs(sums)?, mask, [policy_lse, ref_lse], out, opts)
+    }
+
     fn kl_rewards(
         &mut self,
         inputs: &KlRewardsInputs<'_>,
@@ -301,4 +371,28 @@ impl Executor for CpuExecutor {
         *out = Aggregated { value, counts: BatchCounts::of(shape, mask) };
         Ok(())
     }
+}
+
+/// `2·n` f32 as `n` pairs (the JSD's shard sums), or a shape error for an odd length.
+fn as_pairs(v: &[f32]) -> Result<&[[f32; 2]]> {
+    check_even(v.len())?;
+    Ok(bytemuck::cast_slice(v))
+}
+
+/// [`as_pairs`] for a writable buffer.
+fn as_pairs_mut(v: &mut [f32]) -> Result<&mut [[f32; 2]]> {
+    check_even(v.len())?;
+    Ok(bytemuck::cast_slice_mut(v))
+}
+
+fn check_even(len: usize) -> Result<()> {
+    if len % 2 != 0 {
+        return Err(Error::ShapeMismatch {
+            what: "sums (pairs of f32)",
+            min: len + 1,
+            max: len + 1,
+            actual: len,
+        });
+    }
+    Ok(())
 }

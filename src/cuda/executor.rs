@@ -11,13 +11,13 @@ use crate::cuda::{
 };
 use crate::executor::{Scalar, Statistic, Workspace};
 use crate::{
-    Aggregated, Aggregation, Cuda, Element, ExactKlGrads, ExactKlOptions, ExactKlOutputs, Executor,
-    FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions, GaeOutputs,
+    Aggregated, Aggregation, Cuda, Element, ExactKlGrads, ExactKlOptions, ExactKlOutputs, ExactKlPartial,
+    Executor, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions, GaeOutputs,
     GroupAdvantageOptions, GroupAdvantageOutputs, Groups, KlRewardsInputs, KlRewardsOptions,
     LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
     ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex,
     TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
-    ValueLossOutputs, WhitenOptions,
+    ValueLossOutputs, VocabPartial, WhitenOptions,
 };
 
 /// The CUDA backend as an [`Executor`]: every op is enqueued on the device's stream and
@@ -236,6 +236,75 @@ impl Executor for CudaExecutor {
         opts: &ExactKlOptions,
     ) -> Result<()> {
         cuda::exact_kl_backward_in_place(&mut self.ctx, &mut policy, shape, reference, grads, opts)
+    }
+
+    fn vocab_shard_partials<T: Element + Scalar, I: TargetIndex + Scalar>(
+        &mut self,
+        logits: CudaView<'_, T>,
+        shape: RowShape,
+        tokens: &Tokens<'_, I, Cuda>,
+        vocab_offset: usize,
+        mut partials: CudaViewMut<'_, VocabPartial>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        cuda::vocab_shard_partials(&mut self.ctx, &logits, shape, tokens, vocab_offset, &mut partials, opts)
+    }
+
+    fn finish_vocab_partials<I: TargetIndex + Scalar>(
+        &mut self,
+        partials: CudaView<'_, VocabPartial>,
+        shards: usize,
+        tokens: &Tokens<'_, I, Cuda>,
+        out: TokenOutputs<'_, Cuda>,
+        opts: &TokenLogprobsOptions,
+    ) -> Result<()> {
+        cuda::finish_vocab_partials(&mut self.ctx, &partials, shards, tokens, out, opts)
+    }
+
+    fn exact_kl_shard_partials<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: CudaView<'_, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Cuda>,
+        mut partials: CudaViewMut<'_, ExactKlPartial>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cuda::exact_kl_shard_partials(&mut self.ctx, &policy, shape, reference, &mut partials, opts)
+    }
+
+    fn finish_exact_kl_partials(
+        &mut self,
+        partials: CudaView<'_, ExactKlPartial>,
+        mask: Option<CudaView<'_, u8>>,
+        out: ExactKlOutputs<'_, Cuda>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cuda::finish_exact_kl_partials(&mut self.ctx, &partials, mask.as_ref(), out, opts)
+    }
+
+    fn jsd_shard_sums<P: Element + Scalar, Q: Element + Scalar>(
+        &mut self,
+        policy: CudaView<'_, P>,
+        shape: RowShape,
+        reference: &ReferenceRows<'_, Q, Cuda>,
+        policy_lse: CudaView<'_, f32>,
+        ref_lse: CudaView<'_, f32>,
+        mut sums: CudaViewMut<'_, f32>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        let ctx = &mut self.ctx;
+        cuda::jsd_shard_sums(ctx, &policy, shape, reference, &policy_lse, &ref_lse, &mut sums, opts)
+    }
+
+    fn finish_jsd_sums(
+        &mut self,
+        sums: CudaView<'_, f32>,
+        mask: Option<CudaView<'_, u8>>,
+        [policy_lse, ref_lse]: [CudaView<'_, f32>; 2],
+        out: ExactKlOutputs<'_, Cuda>,
+        opts: &ExactKlOptions,
+    ) -> Result<()> {
+        cuda::finish_jsd_sums(&mut self.ctx, &sums, mask.as_ref(), [&policy_lse, &ref_lse], out, opts)
     }
 
     fn kl_rewards(

@@ -49,11 +49,16 @@ struct GaeParams {
   Affine* maps;       // the split scan's workspace: rows·nchunks chunk maps, then as many
   GaeState* carries;  // entering states (null for the one-pass kernels)
 };
-static_assert(sizeof(GaeParams) == 112, "GaeParams: 112 bytes, as on the host (src/cuda/advantages/gae.rs)");
-static_assert(offsetof(GaeParams, ld) == 56 && offsetof(GaeParams, nchunks) == 72 &&
-                  offsetof(GaeParams, beta) == 84 && offsetof(GaeParams, reset) == 88 &&
-                  offsetof(GaeParams, maps) == 96 && offsetof(GaeParams, carries) == 104,
-              "GaeParams: field offsets as on the host");
+static_assert(sizeof(GaeParams) == 112 && offsetof(GaeParams, rewards) == 0 && offsetof(GaeParams, kl) == 8 &&
+                  offsetof(GaeParams, scores) == 16 && offsetof(GaeParams, values) == 24 &&
+                  offsetof(GaeParams, mask) == 32 && offsetof(GaeParams, advantages) == 40 &&
+                  offsetof(GaeParams, returns) == 48 && offsetof(GaeParams, ld) == 56 &&
+                  offsetof(GaeParams, rows) == 64 && offsetof(GaeParams, cols) == 68 &&
+                  offsetof(GaeParams, nchunks) == 72 && offsetof(GaeParams, gamma) == 76 &&
+                  offsetof(GaeParams, gamma_lambda) == 80 && offsetof(GaeParams, beta) == 84 &&
+                  offsetof(GaeParams, reset) == 88 && offsetof(GaeParams, maps) == 96 &&
+                  offsetof(GaeParams, carries) == 104,
+              "GaeParams: every field where src/cuda/advantages/gae.rs `GaeParams` has it");
 
 __device__ __forceinline__ Affine identity_map() { return {1.0f, 0.0f, 0.0f, 1.0f, 1.0f, 0.0f, 0.0f, 0.0f}; }
 
@@ -324,13 +329,17 @@ struct GroupParams {
   int groups, estimator, cols;
   double eps;
 };
-static_assert(sizeof(GroupParams) == 80 && offsetof(GroupParams, ld) == 48 &&
+static_assert(sizeof(GroupParams) == 80 && offsetof(GroupParams, scores) == 0 &&
+                  offsetof(GroupParams, offsets) == 8 && offsetof(GroupParams, members) == 16 &&
+                  offsetof(GroupParams, per_sequence) == 24 && offsetof(GroupParams, tokens) == 32 &&
+                  offsetof(GroupParams, mask) == 40 && offsetof(GroupParams, ld) == 48 &&
+                  offsetof(GroupParams, groups) == 56 && offsetof(GroupParams, estimator) == 60 &&
                   offsetof(GroupParams, cols) == 64 && offsetof(GroupParams, eps) == 72,
-              "GroupParams: the layout of src/cuda/advantages/groups.rs");
+              "GroupParams: every field where src/cuda/advantages/groups.rs `GroupParams` has it");
 
-// Estimator codes (src/cuda/advantages/groups.rs): GRPO unbiased std, GRPO biased std, s − mean
-// (Dr. GRPO and the group-mean baseline), RLOO. Each is A = (s − center)·scale with one
-// (center, scale) per group (RLOO: s − (sum − s)/(n − 1) = (s − mean)·n/(n − 1)); a group of
+// Estimator codes (src/advantages/groups.rs `GroupEstimator::code`): GRPO unbiased std, GRPO biased
+// std, s − mean (Dr. GRPO and the group-mean baseline), RLOO. Each is A = (s − center)·scale with
+// one (center, scale) per group (RLOO: s − (sum − s)/(n − 1) = (s − mean)·n/(n − 1)); a group of
 // one: mean 0 and std 1, RLOO 0.
 __device__ __forceinline__ void group_affine(int estimator, double eps, unsigned n, double mean, double m2,
                                              double& center, double& scale) {
@@ -526,11 +535,11 @@ extern "C" __global__ void __launch_bounds__(256) moments_finalize(ReductionPara
   }
 }
 
-// x ← (x − mean)·scale + offset at valid tokens (0 at masked ones), in f64 with the CPU's
-// roundings (no fma: build.rs compiles with --fmad=false), then to f32: scale = 1/sqrt(var + ε) (0 if that is not finite), offset = mean with keep_mean,
-// else 0. The deviation comes first: x·scale − mean·scale cancels catastrophically when the
-// scale is large (and can overflow f32 from a finite batch). One block per row. Reads the
-// moments from `out`, eps and keep_mean; writes values.
+// x ← (x − mean)·scale + offset at valid tokens (0 at masked ones), in f64 with the CPU's roundings
+// (no fma: build.rs compiles with --fmad=false), then to f32: scale = 1/sqrt(var + ε) (0 if that is
+// not finite), offset = mean with keep_mean, else 0. The deviation comes first: x·scale −
+// mean·scale cancels catastrophically when the scale is large (and can overflow f32 from a finite
+// batch). One block per row. Reads the moments from `out`, eps and keep_mean; writes values.
 extern "C" __global__ void __launch_bounds__(256) whiten_apply(ReductionParams P) {
   float* __restrict__ values = P.values;
   const unsigned char* __restrict__ mask = P.mask;

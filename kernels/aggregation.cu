@@ -8,7 +8,7 @@ using namespace rk;
 constexpr unsigned OP_AGGREGATE = 15;
 
 // A sequence's record: the sum of its valid values, the sum of the finite ones, its valid
-// count, and whether the row kernel reported it (src/cuda/aggregation.rs
+// count, and whether the row kernel reported it (src/cuda/aggregation/launch.rs
 // `aggregate_workspace_bytes`: 16 bytes).
 struct AggregateRow {
   float sum, finite_sum, valid;

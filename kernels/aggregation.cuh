@@ -54,8 +54,8 @@ __device__ __forceinline__ float token_weight_f(int aggregation, float max_len, 
 }
 
 // The aggregation a finalize kernel applies, one parameter block built on the host from an
-// `Aggregation` and the known denominators (src/cuda/aggregation.rs `AggregationParams`: the
-// same fields at the same offsets, asserted on both sides).
+// `Aggregation` and the known denominators (src/cuda/aggregation/launch.rs
+// `AggregationParams`: the same fields at the same offsets, asserted on both sides).
 struct AggregationParams {
   int aggregation;  // token_weight's code
   int use_global;   // 1: divide by the three counts below, 0: by the batch's own
@@ -64,10 +64,11 @@ struct AggregationParams {
   double valid_sequences;
   double sequences;
 };
-static_assert(sizeof(AggregationParams) == 40, "AggregationParams: 40 bytes, as on the host");
-static_assert(offsetof(AggregationParams, use_global) == 4 && offsetof(AggregationParams, max_len) == 8 &&
-                  offsetof(AggregationParams, tokens) == 16 && offsetof(AggregationParams, sequences) == 32,
-              "AggregationParams: field offsets as on the host");
+static_assert(sizeof(AggregationParams) == 40 && offsetof(AggregationParams, aggregation) == 0 &&
+                  offsetof(AggregationParams, use_global) == 4 && offsetof(AggregationParams, max_len) == 8 &&
+                  offsetof(AggregationParams, tokens) == 16 && offsetof(AggregationParams, valid_sequences) == 24 &&
+                  offsetof(AggregationParams, sequences) == 32,
+              "AggregationParams: every field where src/cuda/aggregation/launch.rs `AggregationParams` has it");
 
 // The one parameter block of a loss's finalize kernel (policy, value, sampled KL): its row
 // records, its statistics and the aggregation (src/cuda/aggregation/launch.rs
@@ -80,10 +81,11 @@ struct FinalizeParams {
   int chosen;   // the sampled KL's estimator code (unused by the others)
   AggregationParams aggregation;
 };
-static_assert(sizeof(FinalizeParams) == 72, "FinalizeParams: 72 bytes, as on the host");
-static_assert(offsetof(FinalizeParams, rows) == 16 && offsetof(FinalizeParams, chosen) == 24 &&
+static_assert(sizeof(FinalizeParams) == 72 && offsetof(FinalizeParams, records) == 0 &&
+                  offsetof(FinalizeParams, stats) == 8 && offsetof(FinalizeParams, rows) == 16 &&
+                  offsetof(FinalizeParams, coef) == 20 && offsetof(FinalizeParams, chosen) == 24 &&
                   offsetof(FinalizeParams, aggregation) == 32,
-              "FinalizeParams: field offsets as on the host");
+              "FinalizeParams: every field where src/cuda/aggregation/launch.rs `FinalizeParams` has it");
 
 // A masked [B, T] batch reduced to a few f64 (the aggregation, the moments, whitening, the
 // mask count): one parameter block for their kernels (src/cuda/aggregation/launch.rs
@@ -100,11 +102,13 @@ struct ReductionParams {
   double eps;                     // whitening's ε
   int keep_mean;                  // whitening adds the mean back
 };
-static_assert(sizeof(ReductionParams) == 104, "ReductionParams: 104 bytes, as on the host");
-static_assert(offsetof(ReductionParams, ld) == 32 && offsetof(ReductionParams, cols) == 44 &&
+static_assert(sizeof(ReductionParams) == 104 && offsetof(ReductionParams, values) == 0 &&
+                  offsetof(ReductionParams, mask) == 8 && offsetof(ReductionParams, records) == 16 &&
+                  offsetof(ReductionParams, out) == 24 && offsetof(ReductionParams, ld) == 32 &&
+                  offsetof(ReductionParams, rows) == 40 && offsetof(ReductionParams, cols) == 44 &&
                   offsetof(ReductionParams, aggregation) == 48 && offsetof(ReductionParams, eps) == 88 &&
                   offsetof(ReductionParams, keep_mean) == 96,
-              "ReductionParams: field offsets as on the host");
+              "ReductionParams: every field where src/cuda/aggregation/launch.rs `ReductionParams` has it");
 
 __device__ __forceinline__ bool token_valid(const unsigned char* mask, long long t) {
   return mask == nullptr || mask[t] != 0;

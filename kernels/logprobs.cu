@@ -190,7 +190,10 @@ struct VocabPartial {
   float max_logit, sum_exp, sum_exp_d, target_logit;
   unsigned flags;
 };
-static_assert(sizeof(VocabPartial) == 20, "VocabPartial: the 20 bytes of src/logprobs.rs");
+static_assert(sizeof(VocabPartial) == 20 && offsetof(VocabPartial, max_logit) == 0 &&
+                  offsetof(VocabPartial, sum_exp) == 4 && offsetof(VocabPartial, sum_exp_d) == 8 &&
+                  offsetof(VocabPartial, target_logit) == 12 && offsetof(VocabPartial, flags) == 16,
+              "VocabPartial: every field where src/logprobs.rs `VocabPartial` has it");
 constexpr unsigned PART_NAN = 1, PART_POS_INF = 2, PART_HAS_TARGET = 4;
 
 // Target ids arrive as i32 (kind 0), u32 (1) or i64 (2).
@@ -213,9 +216,10 @@ struct RowSelect {
     return (mask != nullptr && mask[row] == 0) || (has_ignore && target == ignore_index);
   }
 };
-static_assert(sizeof(RowSelect) == 40 && offsetof(RowSelect, mask) == 16 &&
-                  offsetof(RowSelect, ignore_index) == 32,
-              "RowSelect: the layout of src/cuda/logprobs/token_launch.rs");
+static_assert(sizeof(RowSelect) == 40 && offsetof(RowSelect, targets) == 0 &&
+                  offsetof(RowSelect, index_kind) == 8 && offsetof(RowSelect, mask) == 16 &&
+                  offsetof(RowSelect, has_ignore) == 24 && offsetof(RowSelect, ignore_index) == 32,
+              "RowSelect: every field where src/cuda/logprobs/token_launch.rs `RowSelect` has it");
 
 namespace {
 
@@ -372,10 +376,13 @@ struct TokenMergeParams {
   int parts, rows;
   float inv_tau;
 };
-static_assert(sizeof(TokenMergeParams) == 104 && offsetof(TokenMergeParams, sel) == 32 &&
-                  offsetof(TokenMergeParams, row_stride) == 72 && offsetof(TokenMergeParams, parts) == 88 &&
+static_assert(sizeof(TokenMergeParams) == 104 && offsetof(TokenMergeParams, partials) == 0 &&
+                  offsetof(TokenMergeParams, logp) == 8 && offsetof(TokenMergeParams, entropy) == 16 &&
+                  offsetof(TokenMergeParams, lse) == 24 && offsetof(TokenMergeParams, sel) == 32 &&
+                  offsetof(TokenMergeParams, row_stride) == 72 && offsetof(TokenMergeParams, part_stride) == 80 &&
+                  offsetof(TokenMergeParams, parts) == 88 && offsetof(TokenMergeParams, rows) == 92 &&
                   offsetof(TokenMergeParams, inv_tau) == 96,
-              "TokenMergeParams: the layout of src/cuda/logprobs/token_launch.rs");
+              "TokenMergeParams: every field where src/cuda/logprobs/token_launch.rs `TokenMergeParams` has it");
 
 // Folds `parts` VocabPartials per row, in order, and finishes the rows: the second half of the
 // split forward, and the merge of vocabulary shards from a tensor-parallel all-gather. One
@@ -492,9 +499,13 @@ struct LogSoftmaxParams {
   int rows, cols;
   float inv_tau;
 };
-static_assert(sizeof(LogSoftmaxParams) == 80 && offsetof(LogSoftmaxParams, ld_logits) == 32 &&
-                  offsetof(LogSoftmaxParams, rows) == 64 && offsetof(LogSoftmaxParams, inv_tau) == 72,
-              "LogSoftmaxParams: the layout of src/cuda/logprobs/log_softmax.rs");
+static_assert(sizeof(LogSoftmaxParams) == 80 && offsetof(LogSoftmaxParams, logits) == 0 &&
+                  offsetof(LogSoftmaxParams, out) == 8 && offsetof(LogSoftmaxParams, grad_out) == 16 &&
+                  offsetof(LogSoftmaxParams, grad) == 24 && offsetof(LogSoftmaxParams, ld_logits) == 32 &&
+                  offsetof(LogSoftmaxParams, ld_out) == 40 && offsetof(LogSoftmaxParams, ld_grad_out) == 48 &&
+                  offsetof(LogSoftmaxParams, ld_grad) == 56 && offsetof(LogSoftmaxParams, rows) == 64 &&
+                  offsetof(LogSoftmaxParams, cols) == 68 && offsetof(LogSoftmaxParams, inv_tau) == 72,
+              "LogSoftmaxParams: every field where src/cuda/logprobs/log_softmax.rs `LogSoftmaxParams` has it");
 
 #define RK_LOG_SOFTMAX(SUFFIX, T)                                                                         \
   extern "C" __global__ void __launch_bounds__(1024)                                                      \
@@ -523,10 +534,13 @@ struct TokenRowsParams {
   int rows, cols;
   float inv_tau;
 };
-static_assert(sizeof(TokenRowsParams) == 112 && offsetof(TokenRowsParams, sel) == 40 &&
-                  offsetof(TokenRowsParams, ld) == 80 && offsetof(TokenRowsParams, rows) == 96 &&
-                  offsetof(TokenRowsParams, inv_tau) == 104,
-              "TokenRowsParams: the layout of src/cuda/logprobs/token_launch.rs");
+static_assert(sizeof(TokenRowsParams) == 112 && offsetof(TokenRowsParams, logits) == 0 &&
+                  offsetof(TokenRowsParams, logp) == 8 && offsetof(TokenRowsParams, entropy) == 16 &&
+                  offsetof(TokenRowsParams, lse) == 24 && offsetof(TokenRowsParams, partials) == 32 &&
+                  offsetof(TokenRowsParams, sel) == 40 && offsetof(TokenRowsParams, ld) == 80 &&
+                  offsetof(TokenRowsParams, vocab_offset) == 88 && offsetof(TokenRowsParams, rows) == 96 &&
+                  offsetof(TokenRowsParams, cols) == 100 && offsetof(TokenRowsParams, inv_tau) == 104,
+              "TokenRowsParams: every field where src/cuda/logprobs/token_launch.rs `TokenRowsParams` has it");
 
 struct TokenBackwardParams {
   const void* logits;
@@ -540,10 +554,14 @@ struct TokenBackwardParams {
   int rows, cols;
   float inv_tau;
 };
-static_assert(sizeof(TokenBackwardParams) == 120 && offsetof(TokenBackwardParams, sel) == 48 &&
-                  offsetof(TokenBackwardParams, ld_grad) == 96 && offsetof(TokenBackwardParams, rows) == 104 &&
+static_assert(sizeof(TokenBackwardParams) == 120 && offsetof(TokenBackwardParams, logits) == 0 &&
+                  offsetof(TokenBackwardParams, grad) == 8 && offsetof(TokenBackwardParams, lse) == 16 &&
+                  offsetof(TokenBackwardParams, entropy) == 24 && offsetof(TokenBackwardParams, g_logp) == 32 &&
+                  offsetof(TokenBackwardParams, g_entropy) == 40 && offsetof(TokenBackwardParams, sel) == 48 &&
+                  offsetof(TokenBackwardParams, ld) == 88 && offsetof(TokenBackwardParams, ld_grad) == 96 &&
+                  offsetof(TokenBackwardParams, rows) == 104 && offsetof(TokenBackwardParams, cols) == 108 &&
                   offsetof(TokenBackwardParams, inv_tau) == 112,
-              "TokenBackwardParams: the layout of src/cuda/logprobs/token_launch.rs");
+              "TokenBackwardParams: every field where src/cuda/logprobs/token_launch.rs `TokenBackwardParams` has it");
 
 #define RK_TOKEN_FORWARD(NAME, SUFFIX, T, ENTROPY)                                                     \
   extern "C" __global__ void __launch_bounds__(TOKEN_BLOCK)                                              \

@@ -14,7 +14,7 @@ namespace {
 constexpr unsigned OP_POLICY_LOSS = 12;
 constexpr unsigned OP_VALUE_LOSS = 13;
 
-// Objective codes (src/cuda/ppo/loss.rs): clip, PPO-KL, GSPO, CISPO.
+// Objective codes (src/ppo.rs `PolicyObjective::code`): clip, PPO-KL, GSPO, CISPO.
 enum Objective : int { CLIP = 0, KL_PENALTY = 1, GSPO = 2, CISPO = 3 };
 
 // The policy kernels' parameters (src/cuda/ppo/loss.rs `PolicyParams`, same layout).
@@ -38,11 +38,21 @@ struct PolicyParams {
   const double* counts;  // or the denominators on the device (the mask count); else null
   void* records;         // one PolicyRow per sequence for the statistics, or null
 };
-static_assert(sizeof(PolicyParams) == 168, "PolicyParams: 168 bytes, as on the host (src/cuda/ppo/loss.rs)");
-static_assert(offsetof(PolicyParams, ld) == 64 && offsetof(PolicyParams, objective) == 80 &&
-                  offsetof(PolicyParams, entropy_coef) == 104 && offsetof(PolicyParams, max_len) == 112 &&
-                  offsetof(PolicyParams, accumulate) == 124 && offsetof(PolicyParams, counts) == 152 && offsetof(PolicyParams, records) == 160,
-              "PolicyParams: field offsets as on the host");
+static_assert(sizeof(PolicyParams) == 168 && offsetof(PolicyParams, logp) == 0 &&
+                  offsetof(PolicyParams, old_logp) == 8 && offsetof(PolicyParams, advantages) == 16 &&
+                  offsetof(PolicyParams, mask) == 24 && offsetof(PolicyParams, entropy) == 32 &&
+                  offsetof(PolicyParams, loss) == 40 && offsetof(PolicyParams, grad_logp) == 48 &&
+                  offsetof(PolicyParams, grad_entropy) == 56 && offsetof(PolicyParams, ld) == 64 &&
+                  offsetof(PolicyParams, rows) == 72 && offsetof(PolicyParams, cols) == 76 &&
+                  offsetof(PolicyParams, objective) == 80 && offsetof(PolicyParams, clip_low) == 84 &&
+                  offsetof(PolicyParams, clip_high) == 88 && offsetof(PolicyParams, dual) == 92 &&
+                  offsetof(PolicyParams, lr_clamp) == 96 && offsetof(PolicyParams, beta) == 100 &&
+                  offsetof(PolicyParams, entropy_coef) == 104 && offsetof(PolicyParams, aggregation) == 108 &&
+                  offsetof(PolicyParams, max_len) == 112 && offsetof(PolicyParams, weights_known) == 120 &&
+                  offsetof(PolicyParams, accumulate) == 124 && offsetof(PolicyParams, tokens) == 128 &&
+                  offsetof(PolicyParams, valid_sequences) == 136 && offsetof(PolicyParams, sequences) == 144 &&
+                  offsetof(PolicyParams, counts) == 152 && offsetof(PolicyParams, records) == 160,
+              "PolicyParams: every field where src/cuda/ppo/loss.rs `PolicyParams` has it");
 
 // One sequence's sums over its valid tokens (f32 within the row, f64 across rows).
 struct PolicyRow {
@@ -318,11 +328,17 @@ struct ValueParams {
   const double* counts;  // or the denominators on the device (the mask count); else null
   void* records;         // one ValueRow per sequence for the statistics, or null
 };
-static_assert(sizeof(ValueParams) == 136, "ValueParams: 136 bytes, as on the host (src/cuda/ppo/value.rs)");
-static_assert(offsetof(ValueParams, ld) == 48 && offsetof(ValueParams, aggregation) == 72 &&
-                  offsetof(ValueParams, max_len) == 80 && offsetof(ValueParams, weights_known) == 88 &&
-                  offsetof(ValueParams, tokens) == 96 && offsetof(ValueParams, counts) == 120 && offsetof(ValueParams, records) == 128,
-              "ValueParams: field offsets as on the host");
+static_assert(sizeof(ValueParams) == 136 && offsetof(ValueParams, values) == 0 &&
+                  offsetof(ValueParams, old_values) == 8 && offsetof(ValueParams, returns) == 16 &&
+                  offsetof(ValueParams, mask) == 24 && offsetof(ValueParams, loss) == 32 &&
+                  offsetof(ValueParams, grad_values) == 40 && offsetof(ValueParams, ld) == 48 &&
+                  offsetof(ValueParams, rows) == 56 && offsetof(ValueParams, cols) == 60 &&
+                  offsetof(ValueParams, clip) == 64 && offsetof(ValueParams, coef) == 68 &&
+                  offsetof(ValueParams, aggregation) == 72 && offsetof(ValueParams, max_len) == 80 &&
+                  offsetof(ValueParams, weights_known) == 88 && offsetof(ValueParams, tokens) == 96 &&
+                  offsetof(ValueParams, valid_sequences) == 104 && offsetof(ValueParams, sequences) == 112 &&
+                  offsetof(ValueParams, counts) == 120 && offsetof(ValueParams, records) == 128,
+              "ValueParams: every field where src/cuda/ppo/value.rs `ValueParams` has it");
 
 // Loss sum, clipped count, valid count (and padding).
 struct ValueRow {

@@ -41,7 +41,10 @@ use crate::{
 /// (`f32`, `f16`, `bf16`), the target ids (`i32`, `u32`, `i64`), mask bytes (`u8`), `f64`,
 /// and the shard records ([`VocabPartial`], [`ExactKlPartial`]).
 /// Sealed.
-pub trait Scalar: Copy + Default + Send + Sync + 'static + sealed::Sealed + device::DeviceScalar {}
+pub trait Scalar:
+    Copy + bytemuck::Zeroable + Send + Sync + 'static + sealed::Sealed + device::DeviceScalar
+{
+}
 
 /// A batch statistic of an op: [`SampledKlStats`], [`PolicyLossStats`], [`ValueLossStats`],
 /// [`Moments`] and [`Aggregated`]. The host ops return it; the kernels write it as f64 words
@@ -157,7 +160,8 @@ pub trait Executor {
 
     /// One line for logs: "cpu (2 threads, avx512)" or "cuda:0 NVIDIA H100 (sm_90)".
     fn describe(&self) -> String;
-    /// A buffer of `len` zeros.
+    /// A buffer of `len` elements of all-zero bits on every backend (for the shard records
+    /// that is not their `EMPTY` identity: upload `EMPTY` records where a merge needs one).
     fn zeros<T: Scalar>(&self, len: usize) -> Result<Self::Buffer<T>>;
     /// A copy of `host` in this memory.
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buffer<T>>;

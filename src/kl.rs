@@ -450,13 +450,6 @@ pub struct ExactKlStats {
     pub ref_lse: f32,
 }
 
-/// The partial of an empty slice ([`ExactKlPartial::EMPTY`]), e.g. to allocate records.
-impl Default for ExactKlPartial {
-    fn default() -> Self {
-        ExactKlPartial::EMPTY
-    }
-}
-
 impl ExactKlPartial {
     /// A NaN on the policy side.
     pub const POLICY_NAN: u32 = 1;

@@ -379,13 +379,6 @@ pub struct TokenStats {
     pub lse: f32,
 }
 
-/// The partial of an empty slice ([`VocabPartial::EMPTY`]), e.g. to allocate records.
-impl Default for VocabPartial {
-    fn default() -> Self {
-        VocabPartial::EMPTY
-    }
-}
-
 impl VocabPartial {
     /// The slice held a NaN.
     pub const NAN: u32 = 1;

@@ -358,7 +358,7 @@ impl Job for Shards<'_> {
         let (opts, n) = (TokenLogprobsOptions::default(), rows);
         let mut vocab = e.upload(&vec![VocabPartial::EMPTY; 2 * n])?;
         let mut exact = e.upload(&vec![ExactKlPartial::EMPTY; 2 * n])?;
-        let (pairs, kl_opts) = (2 * n, ExactKlOptions::new(ExactDivergence::PolicyRef));
+        let (sum_len, kl_opts) = (2 * n, ExactKlOptions::new(ExactDivergence::PolicyRef));
         let jsd_opts = ExactKlOptions::new(ExactDivergence::Jsd { beta: 0.4 });
         let mut shards = Vec::new();
         for (k, &(lo, hi)) in bounds.iter().enumerate() {
@@ -390,13 +390,13 @@ impl Job for Shards<'_> {
             .lse(E::view_mut(&mut p_lse), E::view_mut(&mut q_lse));
         e.finish_exact_kl_partials(E::view(&exact), Some(E::view(&mask)), out, &kl_opts)?;
         // The JSD's second round from the merged normalisers (the same for every divergence).
-        let mut sums = vec![0.0f32; 2 * pairs];
+        let mut sums = vec![0.0f32; 2 * sum_len];
         for (k, (shape, p, q)) in shards.iter().enumerate() {
             let rr = ReferenceRows::new(E::view(q), *shape).with_mask(E::view(&mask));
-            let mut mine = e.zeros::<f32>(pairs)?;
+            let mut mine = e.zeros::<f32>(sum_len)?;
             let lse = (E::view(&p_lse), E::view(&q_lse));
             e.jsd_shard_sums(E::view(p), *shape, &rr, lse.0, lse.1, E::view_mut(&mut mine), &jsd_opts)?;
-            sums[k * pairs..(k + 1) * pairs].copy_from_slice(&e.download(&mine)?);
+            sums[k * sum_len..(k + 1) * sum_len].copy_from_slice(&e.download(&mine)?);
         }
         let (sums, mut jsd) = (e.upload(&sums)?, e.zeros::<f32>(n)?);
         let out = ExactKlOutputs::default().value(E::view_mut(&mut jsd));

@@ -38,7 +38,7 @@ impl Executor for CpuExecutor {
     }
 
     fn zeros<T: Scalar>(&self, len: usize) -> Result<Vec<T>> {
-        Ok(vec![T::default(); len])
+        Ok(vec![T::zeroed(); len])
     }
 
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<Vec<T>> {
@@ -389,7 +389,7 @@ fn check_even(len: usize) -> Result<()> {
     if len % 2 != 0 {
         return Err(Error::ShapeMismatch {
             what: "sums (pairs of f32)",
-            min: len + 1,
+            min: len - 1,
             max: len + 1,
             actual: len,
         });

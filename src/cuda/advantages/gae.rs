@@ -54,14 +54,12 @@ struct GaeParams {
     carries: u64,
 }
 
-// The layout the kernel asserts (`static_assert` in kernels/advantages.cu).
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<GaeParams>() == 112);
-    assert!(offset_of!(GaeParams, ld) == 56 && offset_of!(GaeParams, nchunks) == 72);
-    assert!(offset_of!(GaeParams, beta) == 84 && offset_of!(GaeParams, reset) == 88);
-    assert!(offset_of!(GaeParams, maps) == 96 && offset_of!(GaeParams, carries) == 104);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(GaeParams, 112, {
+    rewards: 0, kl: 8, scores: 16, values: 24, mask: 32, advantages: 40, returns: 48, ld: 56,
+    rows: 64, cols: 68, nchunks: 72, gamma: 76, gamma_lambda: 80, beta: 84, reset: 88, maps: 96,
+    carries: 104,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct GaeParams` (asserted above and in the
 // kernel): seven 8-byte pointers, a 64-bit stride, three ints, three floats, an int (padded to
@@ -72,7 +70,7 @@ unsafe impl DeviceRepr for GaeParams {}
 /// inputs, conventions and outputs), computed as a parallel scan in f32 — within
 /// [`gae_error_bound_factor`](crate::gae_error_bound_factor)`(T)·2⁻²⁴·Ā_t` of the exact
 /// result (crate docs of the advantages family). A sequence whose advantages are not finite
-/// is reported to `status` ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)).
+/// is reported to `ctx`'s status word ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)).
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};

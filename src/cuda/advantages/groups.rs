@@ -36,8 +36,8 @@ impl DeviceGroups {
 
 /// Outcome advantages over groups on the GPU, the twin of
 /// [`cpu::group_advantages`](crate::cpu::group_advantages): one launch, one warp per group (f64
-/// sums over its members in a fixed order), writing per sequence and/or broadcasting to every
-/// valid token. A non-finite score or advantage is reported to `status`; a singleton group
+/// sums over its members in a fixed order), writing per sequence and/or broadcasting to every valid
+/// token. A non-finite score or advantage is reported to `ctx`'s status word; a singleton group
 /// refused by the options is an error before the launch.
 ///
 /// ```no_run
@@ -112,12 +112,11 @@ struct GroupParams {
     eps: f64,
 }
 
-// The layout the kernel asserts (`static_assert` in kernels/advantages.cu).
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<GroupParams>() == 80 && offset_of!(GroupParams, ld) == 48);
-    assert!(offset_of!(GroupParams, cols) == 64 && offset_of!(GroupParams, eps) == 72);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(GroupParams, 80, {
+    scores: 0, offsets: 8, members: 16, per_sequence: 24, tokens: 32, mask: 40, ld: 48,
+    groups: 56, estimator: 60, cols: 64, eps: 72,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct GroupParams` (asserted above and in
 // the kernel), passed by value; plain old data.

@@ -93,11 +93,11 @@ fn check_values(shape: RowShape, len: usize, mask: Option<&CudaView<'_, u8>>) ->
     Ok(())
 }
 
-/// Count, mean, unbiased variance, min and max of the valid tokens of a `[B, T]` batch on the
-/// GPU, into `out` (read it with [`DeviceStats::read`](crate::cuda::DeviceStats::read) or use it on the device): the twin of
-/// [`cpu::masked_moments`](crate::cpu::masked_moments): two f64 passes per row (count and
-/// sum, then squared deviations), Chan merges across rows in f64, fixed orders:
-/// deterministic. A row with a non-finite valid value is reported to `status`.
+/// Count, mean, unbiased variance, min and max of the valid tokens of a `[B, T]` batch on the GPU,
+/// into `out` (read it with [`DeviceStats::read`](crate::cuda::DeviceStats::read) or use it on the
+/// device): the twin of [`cpu::masked_moments`](crate::cpu::masked_moments): two f64 passes per row
+/// (count and sum, then squared deviations), Chan merges across rows in f64, fixed orders:
+/// deterministic. A row with a non-finite valid value is reported to `ctx`'s status word.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};

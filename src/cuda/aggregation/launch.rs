@@ -26,12 +26,10 @@ pub(crate) struct AggregationParams {
     sequences: f64,
 }
 
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<AggregationParams>() == 40);
-    assert!(offset_of!(AggregationParams, use_global) == 4 && offset_of!(AggregationParams, max_len) == 8);
-    assert!(offset_of!(AggregationParams, tokens) == 16 && offset_of!(AggregationParams, sequences) == 32);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(AggregationParams, 40, {
+    aggregation: 0, use_global: 4, max_len: 8, tokens: 16, valid_sequences: 24, sequences: 32,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct AggregationParams` (asserted above and
 // by static_asserts in kernels/aggregation.cuh): two ints, then four doubles.
@@ -72,12 +70,10 @@ pub(crate) struct FinalizeParams {
     pub(crate) aggregation: AggregationParams,
 }
 
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<FinalizeParams>() == 72);
-    assert!(offset_of!(FinalizeParams, rows) == 16 && offset_of!(FinalizeParams, chosen) == 24);
-    assert!(offset_of!(FinalizeParams, aggregation) == 32);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(FinalizeParams, 72, {
+    records: 0, stats: 8, rows: 16, coef: 20, chosen: 24, aggregation: 32,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct FinalizeParams` (asserted above and
 // by static_asserts in kernels/aggregation.cuh), passed by value; plain old data.
@@ -101,13 +97,11 @@ pub(crate) struct ReductionParams {
     keep_mean: i32,
 }
 
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<ReductionParams>() == 104);
-    assert!(offset_of!(ReductionParams, ld) == 32 && offset_of!(ReductionParams, cols) == 44);
-    assert!(offset_of!(ReductionParams, aggregation) == 48 && offset_of!(ReductionParams, eps) == 88);
-    assert!(offset_of!(ReductionParams, keep_mean) == 96);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(ReductionParams, 104, {
+    values: 0, mask: 8, records: 16, out: 24, ld: 32, rows: 40, cols: 44, aggregation: 48,
+    eps: 88, keep_mean: 96,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct ReductionParams` (asserted above and
 // by static_asserts in kernels/aggregation.cuh), passed by value; plain old data.

@@ -29,16 +29,17 @@ use crate::cuda::{CudaStatus, LaunchContext, view_ptr};
 use crate::{Aggregated, Aggregation, Normaliser, Result, RowShape};
 
 /// Aggregates the masked `[B, T]` `values` of `shape` (`mask`, one byte per token in the same
-/// layout, 0 = padding, or `None`) on `stream` into `out`:
+/// layout, 0 = padding, or `None`) on `ctx`'s stream into `out`:
 /// `Σ_{i,t} mask·w_i·L[i, t]` with the per-token weight `w_i` of `aggregation` under `norm`
 /// (MATH.md §4; see [`Aggregation::token_weight`]). An empty batch (every token masked)
 /// aggregates to 0; infinities of one sign give that infinite aggregate.
 ///
-/// Reported through `status` (as [`Aggregation::aggregate`] returns them): a NaN at a valid
-/// token, or `+inf` and `−inf` that meet, is [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
-/// for the first row holding it; finite values whose f32 sum within a sequence overflows are
-/// [`RowProblem::Overflow`](crate::RowProblem::Overflow), also beside an infinity of the other
-/// sign (the host sums in f64 and does not overflow there).
+/// Reported through `ctx`'s status word (as [`Aggregation::aggregate`] returns them): a NaN at a
+/// valid token, or `+inf` and `−inf` that meet, is
+/// [`RowProblem::NonFinite`](crate::RowProblem::NonFinite) for the first row holding it; finite
+/// values whose f32 sum within a sequence overflows are
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow), also beside an infinity of the other sign
+/// (the host sums in f64 and does not overflow there).
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};

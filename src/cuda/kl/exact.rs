@@ -148,8 +148,10 @@ pub(super) struct ExactOut {
     pub(super) jsd_lse_q: u64,
 }
 
-// The layout the kernel asserts (`static_assert` in kernels/kl_exact.cu).
-const _: () = assert!(std::mem::size_of::<ExactOut>() == 48);
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(ExactOut, 48, {
+    value: 0, policy_lse: 8, ref_lse: 16, policy_term: 24, jsd_lse_p: 32, jsd_lse_q: 40,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct ExactOut` (six 8-byte pointers),
 // passed by value.
@@ -164,13 +166,13 @@ pub(super) fn check_reference<Q>(
     r.mask.as_ref().map_or(Ok(()), |m| check_len("mask", m.len(), policy_shape.rows))
 }
 
-/// The GPU twin of [`cpu::exact_kl`](crate::cpu::exact_kl) (same divergences, dtypes may
-/// differ per side), enqueued on `stream`. Rows without a defined result (NaN, `+inf`, only
-/// `-inf` on either side, or finite logits whose `max/τ` is beyond f32:
-/// [`RowProblem::Overflow`](crate::RowProblem::Overflow)) get NaN and are reported in `status`;
-/// an infinite `KL[π‖π_ref]` gets `+inf` and is reported as
-/// [`RowProblem::InfiniteKl`](crate::RowProblem::InfiniteKl). The statistic aggregates the
-/// values as they are (a failed row's NaN makes it NaN; only the row's own report is made).
+/// The GPU twin of [`cpu::exact_kl`](crate::cpu::exact_kl) (same divergences, dtypes may differ per
+/// side), enqueued on `ctx`'s stream. Rows without a defined result (NaN, `+inf`, only `-inf` on
+/// either side, or finite logits whose `max/τ` is beyond f32:
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow)) get NaN and are reported in `ctx`'s
+/// status word; an infinite `KL[π‖π_ref]` gets `+inf` and is reported as
+/// [`RowProblem::InfiniteKl`](crate::RowProblem::InfiniteKl). The statistic aggregates the values
+/// as they are (a failed row's NaN makes it NaN; only the row's own report is made).
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
@@ -333,36 +335,53 @@ pub(super) unsafe fn launch_forward(
     let per_chunk = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let st = a.status;
 
-    // Pass 1: both log-sum-exps and, for the two KLs, the value. SAFETY (all four launches): the
-    // rows cover the shapes checked above (or the raw caller's contract); the split path's
-    // records hold rows·chunks PairPartial / float2 in the workspace regions of `layout`, each
-    // written by the kernel before the one that reads it, on this stream; the JSD's
-    // normalisers (rows f32 each) are written by pass 1 before pass 2 reads them.
+    // Every launch below reads rows that cover the shapes checked above (or the raw caller's
+    // contract) and writes outputs of `rows` f32 (or null); the split path's records live in
+    // the workspace regions of `layout` (rows·chunks of them), each written by one kernel before
+    // the next reads it, all on this stream.
+
+    // Pass 1: both log-sum-exps and, for the two KLs, the value.
     if split(policy_shape) {
         params.partials = work + partials_at as u64;
         // Record (row, chunk) at row·chunks + chunk.
         (params.row_stride, params.part_stride, params.parts) = (chunks as i64, 1, chunks as i32);
         let name = kernel(ExactKernel::Chunks, pt, qt);
+        // SAFETY: `exact_kl_chunks_<p>_<q>(ExactParams)` (no status), one block of 256 threads
+        // per (row, chunk), rows·chunks ≤ i32::MAX (`grid_blocks`); writes the rows·chunks
+        // PairPartial records at `partials`.
         unsafe { launch_exact(stream, name, per_chunk, &params, None) }?;
+        // SAFETY: `exact_kl_merge(ExactParams, unsigned long long*)`, one thread per row; reads
+        // the records just written at strides (chunks, 1), writes `out` (the JSD's normalisers
+        // included) and may report into the status word `st`.
         unsafe { launch_exact(stream, "exact_kl_merge", per_thread(rows), &params, Some(st)) }?;
     } else {
-        // Null partials: the kernel finishes the rows.
         let name = kernel(ExactKernel::Rows, pt, qt);
+        // SAFETY: `exact_kl_rows_<p>_<q>(ExactParams, unsigned long long*)`, one block of 256
+        // threads per row; with null `partials` it finishes the rows into `out` and may report
+        // into `st`.
         unsafe { launch_exact(stream, name, per_row, &params, Some(st)) }?;
     }
     if !jsd {
         return Ok(());
     }
-    // Pass 2 (JSD): Σ p·log(p/m) and Σ q·log(q/m) from the saved normalisers.
+    // Pass 2 (JSD): Σ p·log(p/m) and Σ q·log(q/m) from the normalisers pass 1 wrote.
     (params.lse_p, params.lse_q) = (jsd_lse_p, jsd_lse_q);
     if split(policy_shape) {
         params.partials = work + sums_at as u64;
         let name = kernel(ExactKernel::JsdChunks, pt, qt);
+        // SAFETY: `jsd_chunks_<p>_<q>(ExactParams)` (no status), one block per (row, chunk);
+        // reads the rows·2 normalisers in the workspace, writes rows·chunks float2 sums at the
+        // 16-byte aligned `partials`.
         unsafe { launch_exact(stream, name, per_chunk, &params, None) }?;
+        // SAFETY: `jsd_merge(ExactParams)` (no status), one thread per row; reads those sums at
+        // strides (chunks, 1) and the normalisers, writes `out.value` and `out.policy_term`.
         unsafe { launch_exact(stream, "jsd_merge", per_thread(rows), &params, None) }
     } else {
         params.partials = 0;
         let name = kernel(ExactKernel::JsdRows, pt, qt);
+        // SAFETY: `jsd_rows_<p>_<q>(ExactParams)` (no status), one block of 256 threads per row;
+        // reads the normalisers, and with null `partials` writes `out.value` and
+        // `out.policy_term`.
         unsafe { launch_exact(stream, name, per_row, &params, None) }
     }
 }
@@ -400,13 +419,12 @@ pub(super) struct ExactParams {
     pub(super) inv_tau: f32,
 }
 
-// The layout the kernels assert (`static_assert` in kernels/kl_exact.cu).
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<ExactParams>() == 176 && offset_of!(ExactParams, out) == 72);
-    assert!(offset_of!(ExactParams, ldp) == 120 && offset_of!(ExactParams, rows) == 152);
-    assert!(offset_of!(ExactParams, divergence) == 164 && offset_of!(ExactParams, inv_tau) == 172);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(ExactParams, 176, {
+    policy: 0, reference: 8, grad: 16, mask: 24, lse_p: 32, lse_q: 40, saved: 48, g: 56,
+    partials: 64, out: 72, ldp: 120, ldq: 128, row_stride: 136, part_stride: 144, rows: 152,
+    cols: 156, parts: 160, divergence: 164, beta: 168, inv_tau: 172,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct ExactParams` (asserted above and in
 // the kernel), passed by value; plain old data.

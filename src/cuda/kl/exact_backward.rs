@@ -51,9 +51,9 @@ pub struct ExactKlBackwardArgs {
 }
 
 /// The GPU twin of [`cpu::exact_kl_backward`](crate::cpu::exact_kl_backward), enqueued on
-/// `stream`: the gradient of `Σ_n g[n]·D[n]` with respect to the policy logits, written into
+/// `ctx`'s stream: the gradient of `Σ_n g[n]·D[n]` with respect to the policy logits, written into
 /// `grad_policy` (the policy's shape and dtype). Rows with a non-finite saved statistic or
-/// upstream gradient get NaN and are reported in `status`.
+/// upstream gradient get NaN and are reported in `ctx`'s status word.
 pub fn exact_kl_backward<P: Element, Q: Element>(
     ctx: &mut LaunchContext,
     policy: &impl DevicePtr<P>,

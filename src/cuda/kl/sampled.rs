@@ -34,9 +34,9 @@ pub fn sampled_kl_workspace_bytes(shape: RowShape) -> usize {
 }
 
 /// The GPU twin of [`cpu::sampled_kl`](crate::cpu::sampled_kl) (same estimators, clamps,
-/// aggregations and normalisers), enqueued on `stream`: per-token values, the gradient of
+/// aggregations and normalisers), enqueued on `ctx`'s stream: per-token values, the gradient of
 /// `loss = β·aggregate(k)` with respect to `logp`, and the batch statistics into
-/// `out.stats`. A NaN in a valid token is reported in `status` (row = sequence).
+/// `out.stats`. A NaN in a valid token is reported in `ctx`'s status word (row = sequence).
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};
@@ -174,15 +174,12 @@ struct SampledParams {
     records: u64,
 }
 
-// The layout the kernel asserts (`static_assert` in kernels/kl_sampled.cu): a mismatch is a
-// build error on either side.
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<SampledParams>() == 128 && offset_of!(SampledParams, records) == 120);
-    assert!(offset_of!(SampledParams, ld) == 48 && offset_of!(SampledParams, chosen) == 64);
-    assert!(offset_of!(SampledParams, coef) == 76 && offset_of!(SampledParams, weights_known) == 84);
-    assert!(offset_of!(SampledParams, max_len) == 88 && offset_of!(SampledParams, sequences) == 112);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(SampledParams, 128, {
+    logp: 0, ref_logp: 8, mask: 16, counts: 24, values: 32, grad: 40, ld: 48, rows: 56, cols: 60,
+    chosen: 64, lr_clamp: 68, v_clamp: 72, coef: 76, aggregation: 80, weights_known: 84,
+    max_len: 88, tokens: 96, valid_sequences: 104, sequences: 112, records: 120,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct SampledParams` (asserted above and in
 // the kernel), passed by value; plain old data.
@@ -288,7 +285,7 @@ pub(crate) unsafe fn launch_sampled(
 /// tokens plus each sequence's score on its last valid token, 0 on padding; one kernel. A
 /// sequence with a non-finite KL at a valid token or a non-finite score
 /// ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)), or whose reward overflows f32
-/// ([`RowProblem::Overflow`](crate::RowProblem::Overflow)), is reported in `status`.
+/// ([`RowProblem::Overflow`](crate::RowProblem::Overflow)), is reported in `ctx`'s status word.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
@@ -357,12 +354,10 @@ struct RewardsParams {
     beta: f32,
 }
 
-// The layout the kernel asserts (`static_assert` in kernels/kl_sampled.cu).
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<RewardsParams>() == 56);
-    assert!(offset_of!(RewardsParams, ld) == 32 && offset_of!(RewardsParams, beta) == 48);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(RewardsParams, 56, {
+    kl: 0, mask: 8, scores: 16, rewards: 24, ld: 32, rows: 40, cols: 44, beta: 48,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct RewardsParams` (asserted above and
 // in the kernel), passed by value; plain old data.

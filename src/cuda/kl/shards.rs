@@ -21,9 +21,17 @@ use crate::reference::check_pair;
 use crate::{Cuda, DType, ExactKlOutputs, ReferenceRows};
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
 
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(ExactKlPartial, 28, {
+    policy_max: 0, policy_sum_exp: 4, policy_term: 8, ref_max: 12, ref_sum_exp: 16, ref_term: 20,
+    flags: 24,
+});
+
 // SAFETY: ExactKlPartial is repr(C) plain old data (six f32 and a u32), the layout of the
 // kernels' `PairPartial`; every bit pattern is a valid value, including all zeros.
 unsafe impl DeviceRepr for ExactKlPartial {}
+
+// The layout the kernels pin (`static_assert` in kernels/).
 // SAFETY: as above: all-zero bits are a valid ExactKlPartial.
 unsafe impl ValidAsZeroBits for ExactKlPartial {}
 
@@ -154,7 +162,7 @@ pub(super) unsafe fn launch_shard_partials(
 /// per row or `None`) and writes the requested outputs as [`exact_kl`](super::exact_kl) would
 /// for the whole vocabulary. For the JSD it writes only the two log-sum-exps (both required:
 /// they feed [`jsd_shard_sums`]). Rows without a defined result get NaN and are reported in
-/// `status`. `out.workspace` is not used.
+/// `ctx`'s status word. `out.workspace` is not used.
 pub fn finish_exact_kl_partials(
     ctx: &mut LaunchContext,
     partials: &impl DevicePtr<ExactKlPartial>,

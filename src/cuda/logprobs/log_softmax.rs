@@ -27,7 +27,7 @@ fn row_launch(shape: RowShape) -> LaunchConfig {
 }
 
 /// Log-softmax of every row of `logits` (f32, f16 or bf16, `shape`, row stride ≥ cols) with
-/// temperature τ into the dense `[rows, cols]` f32 buffer `out`, enqueued on `stream`:
+/// temperature τ into the dense `[rows, cols]` f32 buffer `out`, enqueued on `ctx`'s stream:
 ///
 /// `out_v = (x_v − max x)/τ − ln Σ_u exp((x_u − max x)/τ)` (nats; `-inf` logits give `-inf`).
 ///
@@ -35,7 +35,7 @@ fn row_launch(shape: RowShape) -> LaunchConfig {
 /// and sum and the output, so such rows are read once (the rest of a wider row is read again),
 /// 4 elements per thread and access (16-byte f32 stores, 8- or 16-byte loads) where the row is
 /// aligned. A row with a NaN, a `+inf` or only `-inf` gets NaN outputs
-/// and is reported in `status`. Shape and option errors are returned at once.
+/// and is reported in `ctx`'s status word. Shape and option errors are returned at once.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
@@ -76,10 +76,10 @@ pub fn log_softmax<T: Element>(
 
 /// Backward of [`log_softmax`]: from its output `out` and the upstream gradient `grad_out`
 /// (dense `[rows, cols]` f32) writes `grad_logits_v = (g_v − exp(out_v)·Σ_u g_u) / τ` into
-/// `grad_logits` (the logits' dtype and `shape`), enqueued on `stream`.
+/// `grad_logits` (the logits' dtype and `shape`), enqueued on `ctx`'s stream.
 ///
-/// A row whose `grad_out` is not finite gets NaN outputs and is reported in `status`; a NaN or
-/// `+inf` in `out` (which the forward never produces) is reported too.
+/// A row whose `grad_out` is not finite gets NaN outputs and is reported in `ctx`'s status word; a
+/// NaN or `+inf` in `out` (which the forward never produces) is reported too.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
@@ -144,12 +144,11 @@ struct LogSoftmaxParams {
     inv_tau: f32,
 }
 
-// The layout the kernels assert (`static_assert` in kernels/logprobs.cu).
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<LogSoftmaxParams>() == 80 && offset_of!(LogSoftmaxParams, ld_logits) == 32);
-    assert!(offset_of!(LogSoftmaxParams, rows) == 64 && offset_of!(LogSoftmaxParams, inv_tau) == 72);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(LogSoftmaxParams, 80, {
+    logits: 0, out: 8, grad_out: 16, grad: 24, ld_logits: 32, ld_out: 40, ld_grad_out: 48,
+    ld_grad: 56, rows: 64, cols: 68, inv_tau: 72,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct LogSoftmaxParams` (asserted above and
 // in the kernel), passed by value; plain old data.

@@ -19,6 +19,11 @@ const VECTORS_PER_THREAD: usize = 4;
 /// give the same bits).
 pub(crate) const SPLIT_ROWS: usize = 1024;
 
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(VocabPartial, 20, {
+    max_logit: 0, sum_exp: 4, sum_exp_d: 8, target_logit: 12, flags: 16,
+});
+
 // SAFETY: VocabPartial is repr(C) plain old data (four f32 and a u32), the layout of the
 // kernels' `VocabPartial`; every bit pattern is a valid value, including all zeros.
 unsafe impl DeviceRepr for VocabPartial {}
@@ -49,12 +54,10 @@ pub(super) struct RowSelect {
     ignore_index: i64,
 }
 
-// The layout the kernel asserts (`static_assert` in kernels/logprobs.cu).
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<RowSelect>() == 40);
-    assert!(offset_of!(RowSelect, mask) == 16 && offset_of!(RowSelect, ignore_index) == 32);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(RowSelect, 40, {
+    targets: 0, index_kind: 8, mask: 16, has_ignore: 24, ignore_index: 32,
+});
 
 // SAFETY: repr(C) with the field types and order of the kernels' `struct RowSelect`
 // {const void*, int, const unsigned char*, int, long long}; passed by value as a kernel
@@ -124,19 +127,19 @@ struct TokenBackwardParams {
     inv_tau: f32,
 }
 
-// The layouts the kernels assert (`static_assert` in kernels/logprobs.cu).
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<TokenMergeParams>() == 104 && offset_of!(TokenMergeParams, sel) == 32);
-    assert!(offset_of!(TokenMergeParams, row_stride) == 72 && offset_of!(TokenMergeParams, parts) == 88);
-    assert!(offset_of!(TokenMergeParams, inv_tau) == 96);
-    assert!(size_of::<TokenRowsParams>() == 112 && offset_of!(TokenRowsParams, sel) == 40);
-    assert!(offset_of!(TokenRowsParams, ld) == 80 && offset_of!(TokenRowsParams, rows) == 96);
-    assert!(offset_of!(TokenRowsParams, inv_tau) == 104);
-    assert!(size_of::<TokenBackwardParams>() == 120 && offset_of!(TokenBackwardParams, sel) == 48);
-    assert!(offset_of!(TokenBackwardParams, ld_grad) == 96 && offset_of!(TokenBackwardParams, rows) == 104);
-    assert!(offset_of!(TokenBackwardParams, inv_tau) == 112);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(TokenRowsParams, 112, {
+    logits: 0, logp: 8, entropy: 16, lse: 24, partials: 32, sel: 40, ld: 80, vocab_offset: 88,
+    rows: 96, cols: 100, inv_tau: 104,
+});
+pin_layout!(TokenBackwardParams, 120, {
+    logits: 0, grad: 8, lse: 16, entropy: 24, g_logp: 32, g_entropy: 40, sel: 48, ld: 88,
+    ld_grad: 96, rows: 104, cols: 108, inv_tau: 112,
+});
+pin_layout!(TokenMergeParams, 104, {
+    partials: 0, outputs: 8, sel: 32, row_stride: 72, part_stride: 80, parts: 88, rows: 92,
+    inv_tau: 96,
+});
 
 // SAFETY: repr(C) with the layouts of the kernels' structs (asserted above and in the kernel),
 // passed by value; plain old data (RowSelect is DeviceRepr itself).

@@ -30,17 +30,17 @@ pub fn token_logprobs_workspace_bytes(shape: RowShape, dtype: DType) -> usize {
 }
 
 /// Log-probability of each row's target, the row's entropy and its log-sum-exp, for any subset
-/// requested in `out`, enqueued on `stream` — the GPU twin of
+/// requested in `out`, enqueued on `ctx`'s stream — the GPU twin of
 /// [`cpu::token_logprobs`](crate::cpu::token_logprobs) (same formulas):
 ///
 /// `logp = z_y − lse`, `H = lse − Σ_v p_v·z_v`, `lse = ln Σ_v exp(z_v)`, `z = logits / τ`.
 ///
-/// Reads each logit once (16-byte loads, f32 accumulation) and writes 4 bytes per row and
-/// output; padding rows are not read and give 0. Rows without a defined result (NaN, `+inf`,
-/// only `-inf`, a target outside `[0, V)`) get NaN and are reported in `status`; shape and
-/// option errors are returned at once. Without `out.workspace`, few long rows allocate
-/// [`token_logprobs_workspace_bytes`] on the stream (stream-ordered with no host
-/// synchronisation on GPUs with memory pools; cudarc synchronises on older ones).
+/// Reads each logit once (16-byte loads, f32 accumulation) and writes 4 bytes per row and output;
+/// padding rows are not read and give 0. Rows without a defined result (NaN, `+inf`, only `-inf`, a
+/// target outside `[0, V)`) get NaN and are reported in `ctx`'s status word; shape and option
+/// errors are returned at once. Without `out.workspace`, few long rows allocate
+/// [`token_logprobs_workspace_bytes`] on the stream (stream-ordered with no host synchronisation on
+/// GPUs with memory pools; cudarc synchronises on older ones).
 ///
 /// A row whose finite logits put `max logit / τ` beyond f32's range has no f32 `lse`: it gets
 /// NaN and is reported as [`RowProblem::Overflow`](crate::RowProblem::Overflow), as on the CPU.
@@ -110,14 +110,14 @@ pub fn token_logprobs<T: Element, I: TargetIndex>(
 }
 
 /// Backward of [`token_logprobs`] into `grad_logits` (the logits' shape and dtype), enqueued
-/// on `stream` — the GPU twin of
+/// on `ctx`'s stream — the GPU twin of
 /// [`cpu::token_logprobs_backward`](crate::cpu::token_logprobs_backward):
 ///
 /// `grad_v = (g_logp·(1[v = y] − p_v) − g_H·p_v·((z_v − lse) + H)) / τ`, `p_v = exp(z_v − lse)`.
 ///
 /// One pass: reads each logit once, writes each gradient once. Padding rows get 0. Rows whose
 /// saved `lse`/`H` or upstream gradient is not finite, or whose target is out of range, get
-/// NaN and are reported in `status`.
+/// NaN and are reported in `ctx`'s status word.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext};
@@ -283,7 +283,7 @@ pub fn vocab_shard_partials<T: Element, I: TargetIndex>(
 /// Merges the [`VocabPartial`]s of `shards` vocabulary shards (`[shards][rows]`, shard order)
 /// and writes the requested outputs, as [`token_logprobs`] would for the whole vocabulary.
 /// Rows without a defined result (including a target no shard holds) get NaN and are reported
-/// in `status`.
+/// in `ctx`'s status word.
 pub fn finish_vocab_partials<I: TargetIndex>(
     ctx: &mut LaunchContext,
     partials: &impl DevicePtr<VocabPartial>,

@@ -299,8 +299,8 @@ fn run<T: Element, I: TargetIndex>(
 /// The policy loss straight from the policy logits on the GPU, the twin of
 /// [`cpu::policy_loss_from_logits`](crate::cpu::policy_loss_from_logits): token forward, KL
 /// term, policy loss with the entropy bonus, backward into `grad_logits`, all enqueued on
-/// `stream` (read the statistics with [`DeviceFusedStats::read`]). Input problems go to
-/// `status`, which the stages share and where the lowest row wins: a bad token (an
+/// `ctx`'s stream (read the statistics with [`DeviceFusedStats::read`]). Input problems go to
+/// `ctx`'s status word, which the stages share and where the lowest row wins: a bad token (an
 /// out-of-range target, a row without a defined log-softmax) may be reported as the policy
 /// loss's `NonFinite` at the token's sequence, whose index is lower.
 ///

@@ -65,15 +65,14 @@ struct PolicyParams {
     records: u64,
 }
 
-// The layout the kernel asserts (`static_assert` in kernels/ppo.cu): a mismatch is a build
-// error on either side.
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<PolicyParams>() == 168 && offset_of!(PolicyParams, records) == 160);
-    assert!(offset_of!(PolicyParams, ld) == 64 && offset_of!(PolicyParams, objective) == 80);
-    assert!(offset_of!(PolicyParams, entropy_coef) == 104 && offset_of!(PolicyParams, max_len) == 112);
-    assert!(offset_of!(PolicyParams, accumulate) == 124 && offset_of!(PolicyParams, counts) == 152);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(PolicyParams, 168, {
+    logp: 0, old_logp: 8, advantages: 16, mask: 24, entropy: 32, loss: 40, grad_logp: 48,
+    grad_entropy: 56, ld: 64, rows: 72, cols: 76, objective: 80, clip_low: 84, clip_high: 88,
+    dual: 92, lr_clamp: 96, beta: 100, entropy_coef: 104, aggregation: 108, max_len: 112,
+    weights_known: 120, accumulate: 124, tokens: 128, valid_sequences: 136, sequences: 144,
+    counts: 152, records: 160,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct PolicyParams` (asserted above and in
 // the kernel): eight 8-byte pointers, a 64-bit stride, three ints, six floats, an int, a
@@ -127,13 +126,12 @@ impl LossLaunch {
     }
 }
 
-/// The policy loss on the GPU, the twin of [`cpu::policy_loss`](crate::cpu::policy_loss)
-/// (same objectives, aggregation, gradients and statistics; f32 row sums combined in f64 in a
-/// fixed order). A sequence with a non-finite input at a valid token is reported to `status`
-/// ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)), one whose finite inputs give a
-/// loss or a gradient beyond f32, or (with statistics) an f32 row sum beyond it, as
-/// [`RowProblem::Overflow`](crate::RowProblem::Overflow), as the CPU, whose row sums are f32
-/// too.
+/// The policy loss on the GPU, the twin of [`cpu::policy_loss`](crate::cpu::policy_loss) (same
+/// objectives, aggregation, gradients and statistics; f32 row sums combined in f64 in a fixed
+/// order). A sequence with a non-finite input at a valid token is reported to `ctx`'s status word
+/// ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)), one whose finite inputs give a loss
+/// or a gradient beyond f32, or (with statistics) an f32 row sum beyond it, as
+/// [`RowProblem::Overflow`](crate::RowProblem::Overflow), as the CPU, whose row sums are f32 too.
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};

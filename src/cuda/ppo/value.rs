@@ -53,14 +53,12 @@ struct ValueParams {
     records: u64,
 }
 
-// The layout the kernel asserts (`static_assert` in kernels/ppo.cu).
-const _: () = {
-    use std::mem::{offset_of, size_of};
-    assert!(size_of::<ValueParams>() == 136 && offset_of!(ValueParams, records) == 128);
-    assert!(offset_of!(ValueParams, ld) == 48 && offset_of!(ValueParams, aggregation) == 72);
-    assert!(offset_of!(ValueParams, max_len) == 80 && offset_of!(ValueParams, weights_known) == 88);
-    assert!(offset_of!(ValueParams, tokens) == 96 && offset_of!(ValueParams, counts) == 120);
-};
+// The kernels pin the same size and offsets (`static_assert` in kernels/).
+pin_layout!(ValueParams, 136, {
+    values: 0, old_values: 8, returns: 16, mask: 24, loss: 32, grad_values: 40, ld: 48, rows: 56,
+    cols: 60, clip: 64, coef: 68, aggregation: 72, max_len: 80, weights_known: 88, tokens: 96,
+    valid_sequences: 104, sequences: 112, counts: 120, records: 128,
+});
 
 // SAFETY: repr(C) with the layout of the kernels' `struct ValueParams` (asserted above and in
 // the kernel): six 8-byte pointers, a 64-bit stride, two ints, two floats, an int (padded to 8),
@@ -68,7 +66,7 @@ const _: () = {
 unsafe impl DeviceRepr for ValueParams {}
 
 /// The clipped value loss on the GPU, the twin of [`cpu::value_loss`](crate::cpu::value_loss).
-/// A sequence with a non-finite input at a valid token is reported to `status`
+/// A sequence with a non-finite input at a valid token is reported to `ctx`'s status word
 /// ([`RowProblem::NonFinite`](crate::RowProblem::NonFinite)); one whose finite inputs give a
 /// loss or gradient beyond f32 as [`RowProblem::Overflow`](crate::RowProblem::Overflow). With
 /// statistics the kernels also sum each row's losses in f32, and a row sum beyond f32 is

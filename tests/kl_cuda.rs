@@ -12,7 +12,7 @@ mod gpu {
     use super::common::gpu::Gpu;
 
     use super::common::kl::{self, ExactBackend, ExactCase, SampledBackend, SampledCase};
-    use rlhf_kernels::cuda::raw::{self, ExactKlArgs, ExactKlBackwardArgs, RawStream};
+    use rlhf_kernels::cuda::raw::{self, ExactKlArgs, ExactKlBackwardArgs, PairArgs, RawStream};
 
     use rlhf_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
     use rlhf_kernels::testing::{Tolerance, assert_close};
@@ -124,7 +124,7 @@ mod gpu {
             let (op, _d) = outs.device_ptr_mut(s);
             let (sp, _e) = st.device_ptr_mut(s);
             let (policy, out_at) = (pp + 3 * 2, |k: u64| op + k * 4 * rows as u64);
-            let fwd = ExactKlArgs {
+            let pair = PairArgs {
                 policy,
                 policy_dtype: DType::BF16,
                 policy_shape: c.policy_shape,
@@ -132,6 +132,9 @@ mod gpu {
                 ref_dtype: DType::F16,
                 ref_shape: c.ref_shape,
                 mask: mp,
+            };
+            let fwd = ExactKlArgs {
+                pair,
                 value: out_at(0),
                 policy_lse: out_at(1),
                 ref_lse: out_at(2),
@@ -143,13 +146,7 @@ mod gpu {
             // the shapes, and live until the synchronising copies below.
             unsafe { raw::exact_kl(stream, &fwd, &c.opts) }.unwrap();
             let missing = ExactKlBackwardArgs {
-                policy,
-                policy_dtype: DType::BF16,
-                policy_shape: c.policy_shape,
-                reference: qp,
-                ref_dtype: DType::F16,
-                ref_shape: c.ref_shape,
-                mask: mp,
+                pair,
                 grad: out_at(0),
                 policy_lse: out_at(1),
                 ref_lse: out_at(2),
@@ -165,7 +162,7 @@ mod gpu {
             let args = ExactKlBackwardArgs { value: out_at(0), ..missing };
             // SAFETY: as above; in place over the policy.
             unsafe { raw::exact_kl_backward(stream, &args, &c.opts) }.unwrap();
-            let null = ExactKlArgs { reference: 0, ..fwd };
+            let null = ExactKlArgs { pair: PairArgs { reference: 0, ..pair }, ..fwd };
             // SAFETY: the null pointer is refused before any launch.
             let err = unsafe { raw::exact_kl(stream, &null, &c.opts) }.unwrap_err();
             assert!(matches!(err, Error::InvalidOption { name: "reference", .. }), "{err}");

@@ -475,23 +475,22 @@ mod gpu {
                 let out = |k: u64| o + 4 * k * rows as u64;
                 let ptrs: Vec<_> =
                     up_shards.iter().map(|(p, q)| (p.device_ptr(s), q.device_ptr(s))).collect();
-                let shard_args = |k: usize| {
+                let pair = |k: usize| {
                     let shape = shards[k].shape;
-                    let ((p, _), (q, _)) = &ptrs[k];
-                    (*p, *q, shape)
-                };
-                for k in 0..2 {
-                    let (policy, reference, shape) = shard_args(k);
-                    let args = raw::ExactKlShardArgs {
-                        policy,
+                    let ((policy, _), (reference, _)) = &ptrs[k];
+                    raw::PairArgs {
+                        policy: *policy,
                         policy_dtype: DType::F32,
                         policy_shape: shape,
-                        reference,
+                        reference: *reference,
                         ref_dtype: DType::BF16,
                         ref_shape: shape,
                         mask: m,
-                        partials: pp + (k * rows * record) as u64,
-                    };
+                    }
+                };
+                for k in 0..2 {
+                    let args =
+                        raw::ExactKlShardArgs { pair: pair(k), partials: pp + (k * rows * record) as u64 };
                     // SAFETY: the buffers were allocated above on this context and cover the
                     // shard's rows and records; they live until the copies below.
                     unsafe { raw::exact_kl_shard_partials(stream(s), &args, opts) }.unwrap();
@@ -530,15 +529,8 @@ mod gpu {
                     };
                     assert!(matches!(value, Err(Error::InvalidOption { name: "outputs", .. })), "{value:?}");
                     for k in 0..2 {
-                        let (policy, reference, shape) = shard_args(k);
                         let args = raw::JsdShardArgs {
-                            policy,
-                            policy_dtype: DType::F32,
-                            policy_shape: shape,
-                            reference,
-                            ref_dtype: DType::BF16,
-                            ref_shape: shape,
-                            mask: m,
+                            pair: pair(k),
                             policy_lse: out(1),
                             ref_lse: out(2),
                             sums: sm + (8 * k * rows) as u64,

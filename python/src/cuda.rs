@@ -5,8 +5,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::cuda::raw::{
     self, ExactKlArgs, ExactKlBackwardArgs, FusedPolicyArgs, GaeArgs, GroupAdvantageArgs, KlRewardsArgs,
-    PolicyLossArgs, RawStream, ReductionArgs, SampledKlArgs, TokenLogprobsArgs, TokenLogprobsBackwardArgs,
-    ValueLossArgs,
+    PairArgs, PolicyLossArgs, RawStream, ReductionArgs, SampledKlArgs, TokenLogprobsArgs,
+    TokenLogprobsBackwardArgs, ValueLossArgs,
 };
 use rlhf_kernels::cudarc::driver::sys::CUstream;
 use rlhf_kernels::{
@@ -57,6 +57,20 @@ fn index_type(kind: Kind) -> IndexType {
 /// The address of an optional per-row tensor's row `row` (0 when absent).
 fn row_ptr(t: Option<&Dl>, row: usize) -> u64 {
     t.map_or(0, |t| t.at(row))
+}
+
+/// Row block `k` of both logits tensors of `pair`, with its slice of the row mask.
+fn pair_block(pair: &Pair, k: usize, mask: Option<&Dl>) -> PyResult<PairArgs> {
+    let (p_rows, q_rows) = (&pair.p_rows, &pair.q_rows);
+    Ok(PairArgs {
+        policy: pair.policy.at(p_rows.offsets[k]),
+        policy_dtype: pair.policy.kind.float("policy")?,
+        policy_shape: p_rows.shape,
+        reference: pair.reference.at(q_rows.offsets[k]),
+        ref_dtype: pair.reference.kind.float("reference")?,
+        ref_shape: q_rows.shape,
+        mask: row_ptr(mask, p_rows.block_rows(k).start),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -176,17 +190,11 @@ pub fn exact_kl(
             outs[3].as_ref(),
         ],
     )?;
-    let (p_rows, q_rows) = (&pair.p_rows, &pair.q_rows);
+    let p_rows = &pair.p_rows;
     for k in 0..p_rows.offsets.len() {
         let first = p_rows.block_rows(k).start;
         let args = ExactKlArgs {
-            policy: pair.policy.at(p_rows.offsets[k]),
-            policy_dtype: pair.policy.kind.float("policy")?,
-            policy_shape: p_rows.shape,
-            reference: pair.reference.at(q_rows.offsets[k]),
-            ref_dtype: pair.reference.kind.float("reference")?,
-            ref_shape: q_rows.shape,
-            mask: row_ptr(mask, first),
+            pair: pair_block(pair, k, mask)?,
             value: row_ptr(outs[0].as_ref(), first),
             policy_lse: row_ptr(outs[1].as_ref(), first),
             ref_lse: row_ptr(outs[2].as_ref(), first),
@@ -227,17 +235,11 @@ pub fn exact_kl_backward(
             saved[4].as_ref(),
         ],
     )?;
-    let (p_rows, q_rows) = (&pair.p_rows, &pair.q_rows);
+    let p_rows = &pair.p_rows;
     for k in 0..p_rows.offsets.len() {
         let first = p_rows.block_rows(k).start;
         let args = ExactKlBackwardArgs {
-            policy: pair.policy.at(p_rows.offsets[k]),
-            policy_dtype: pair.policy.kind.float("policy")?,
-            policy_shape: p_rows.shape,
-            reference: pair.reference.at(q_rows.offsets[k]),
-            ref_dtype: pair.reference.kind.float("reference")?,
-            ref_shape: q_rows.shape,
-            mask: row_ptr(mask, first),
+            pair: pair_block(pair, k, mask)?,
             grad: row_ptr(saved[0].as_ref(), first),
             policy_lse: row_ptr(saved[1].as_ref(), first),
             ref_lse: row_ptr(saved[2].as_ref(), first),

@@ -9,12 +9,12 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
 use crate::cuda::aggregation::{aggregate_with, check_workspace};
 use crate::cuda::module::{Module, function};
-use crate::cuda::{LaunchContext, driver_error, opt_ptr, opt_ptr_mut};
+use crate::cuda::{LaunchContext, driver_error, non_null, opt_ptr, opt_ptr_mut};
 use crate::logprobs::check_len;
 use crate::reference::check_pair;
 use crate::{Cuda, ExactKlOutputs, ReferenceRows};
@@ -102,10 +102,12 @@ pub(super) fn kernel(k: ExactKernel, p: DType, q: DType) -> &'static str {
     table[index(p)][index(q)]
 }
 
-/// Buffers of a raw [`exact_kl`](crate::cuda::raw::exact_kl) call: device addresses, 0 for an
-/// absent optional buffer.
+/// The two logits rows of a raw exact divergence (every exact entry point of the raw layer
+/// takes one): device addresses of the policy's and the reference's logits, each with its own
+/// dtype and row stride (the same rows and cols), and the row mask. For a vocabulary shard, the
+/// shard's columns of both.
 #[derive(Debug, Clone, Copy)]
-pub struct ExactKlArgs {
+pub struct PairArgs {
     /// Policy logits, `policy_dtype`, laid out as `policy_shape`.
     pub policy: u64,
     /// Dtype of the policy logits.
@@ -120,6 +122,52 @@ pub struct ExactKlArgs {
     pub ref_shape: RowShape,
     /// `rows` mask bytes (0 = padding), or 0.
     pub mask: u64,
+}
+
+impl PairArgs {
+    /// The pair of the safe layer: `policy` (an address of `policy_shape` in `P`'s dtype) and
+    /// `reference`'s logits and mask on `s`, with the guards that keep cudarc's event tracking
+    /// in order until the launches are enqueued.
+    pub(super) fn of<'a, P: Element, Q: Element>(
+        s: &'a CudaStream,
+        policy: u64,
+        policy_shape: RowShape,
+        reference: &'a ReferenceRows<'_, Q, Cuda>,
+    ) -> (PairArgs, (SyncOnDrop<'a>, Option<SyncOnDrop<'a>>)) {
+        let (q, g1) = reference.logits.device_ptr(s);
+        let (mask, g2) = opt_ptr(&reference.mask, s);
+        let pair = PairArgs {
+            policy,
+            policy_dtype: P::DTYPE,
+            policy_shape,
+            reference: q,
+            ref_dtype: Q::DTYPE,
+            ref_shape: reference.shape,
+            mask,
+        };
+        (pair, (g1, g2))
+    }
+
+    /// The shapes agree (the same rows and cols, valid strides) and neither side is null.
+    pub(super) fn check(&self) -> Result<()> {
+        let (p, q) = (self.policy_shape, self.ref_shape);
+        check_pair(p.min_len(), p, q.min_len(), q, None)?;
+        non_null(&[("policy", self.policy), ("reference", self.reference)])
+    }
+
+    /// The kernels' parameters for this pair at temperature `1/inv_tau`, every other field
+    /// empty.
+    pub(super) fn params(&self, inv_tau: f32) -> ExactParams {
+        ExactParams::pair(self.policy, self.policy_shape, self.reference, self.ref_shape, self.mask, inv_tau)
+    }
+}
+
+/// Buffers of a raw [`exact_kl`](crate::cuda::raw::exact_kl) call: device addresses, 0 for an
+/// absent optional buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct ExactKlArgs {
+    /// The two logits rows and their mask.
+    pub pair: PairArgs,
     /// `rows` f32: the divergence, or 0.
     pub value: u64,
     /// `rows` f32: `ln Σ exp(z_policy)`, or 0.
@@ -223,8 +271,7 @@ pub fn exact_kl<P: Element, Q: Element>(
     {
         let s: &CudaStream = stream;
         let (policy, _g1) = policy.device_ptr(s);
-        let (q, _g2) = reference.logits.device_ptr(s);
-        let (mask, _g3) = opt_ptr(&reference.mask, s);
+        let (pair, _g2) = PairArgs::of::<P, Q>(s, policy, policy_shape, reference);
         let (value, _g4) = match own_values.as_mut() {
             Some(v) => {
                 let (p, g) = v.device_ptr_mut(s);
@@ -237,21 +284,7 @@ pub fn exact_kl<P: Element, Q: Element>(
         let (policy_term, _g7) = opt_ptr_mut(&mut out.policy_term, s);
         let (workspace, _g8) = opt_ptr_mut(&mut out.workspace, s);
         let (st, _g9) = status.device_ptr(s);
-        let args = ExactKlArgs {
-            policy,
-            policy_dtype: P::DTYPE,
-            policy_shape,
-            reference: q,
-            ref_dtype: Q::DTYPE,
-            ref_shape: reference.shape,
-            mask,
-            value,
-            policy_lse,
-            ref_lse,
-            policy_term,
-            workspace,
-            status: st,
-        };
+        let args = ExactKlArgs { pair, value, policy_lse, ref_lse, policy_term, workspace, status: st };
         // SAFETY: every address comes from a cudarc buffer of this stream's context whose
         // length was checked above (the workspace's too; the own values hold `rows` f32); the
         // guards keep cudarc's event tracking in order until the launches are enqueued.
@@ -283,7 +316,7 @@ pub(super) unsafe fn launch_forward(
     opts: &ExactKlOptions,
 ) -> Result<()> {
     let inv_tau = opts.inv_temperature()?;
-    let policy_shape = a.policy_shape;
+    let policy_shape = a.pair.policy_shape;
     let rows = policy_shape.rows;
     let (lse_at, partials_at, sums_at, need) = layout(policy_shape, opts.divergence);
     let chunks = chunks(policy_shape);
@@ -323,13 +356,8 @@ pub(super) unsafe fn launch_forward(
         jsd_lse_p,
         jsd_lse_q,
     };
-    let mut params = ExactParams {
-        out,
-        divergence: div,
-        beta,
-        ..ExactParams::pair(a.policy, policy_shape, a.reference, a.ref_shape, a.mask, inv_tau)
-    };
-    let (pt, qt) = (a.policy_dtype, a.ref_dtype);
+    let mut params = ExactParams { out, divergence: div, beta, ..a.pair.params(inv_tau) };
+    let (pt, qt) = (a.pair.policy_dtype, a.pair.ref_dtype);
     let per_row =
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     let per_chunk = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };

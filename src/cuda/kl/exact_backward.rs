@@ -6,33 +6,20 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::exact::{
-    BLOCK, ExactKernel, ExactParams, check_reference, chunks, grid_blocks, kernel, launch_exact,
+    BLOCK, ExactKernel, ExactParams, PairArgs, check_reference, chunks, grid_blocks, kernel, launch_exact,
 };
 use crate::cuda::{CudaStatus, LaunchContext, opt_ptr};
 use crate::logprobs::check_len;
 use crate::{
-    Cuda, DType, Element, Error, ExactDivergence, ExactKlGrads, ExactKlOptions, ReferenceRows, Result,
-    RowShape,
+    Cuda, Element, Error, ExactDivergence, ExactKlGrads, ExactKlOptions, ReferenceRows, Result, RowShape,
 };
 
 /// Buffers of a raw [`exact_kl_backward`](crate::cuda::raw::exact_kl_backward) call: device
 /// addresses, 0 for an absent optional buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct ExactKlBackwardArgs {
-    /// Policy logits, `policy_dtype`, laid out as `policy_shape`.
-    pub policy: u64,
-    /// Dtype of the policy logits and of the gradient.
-    pub policy_dtype: DType,
-    /// Shape of the policy logits and of the gradient.
-    pub policy_shape: RowShape,
-    /// Reference logits, `ref_dtype`, laid out as `ref_shape`.
-    pub reference: u64,
-    /// Dtype of the reference logits.
-    pub ref_dtype: DType,
-    /// Shape of the reference logits (the policy's rows and cols).
-    pub ref_shape: RowShape,
-    /// `rows` mask bytes, or 0.
-    pub mask: u64,
+    /// The two logits rows and their mask (the gradient has the policy's dtype and shape).
+    pub pair: PairArgs,
     /// `rows` f32: the upstream gradient `g[n]` of each row's divergence.
     pub grad: u64,
     /// `rows` f32: the forward's policy log-sum-exp.
@@ -107,8 +94,7 @@ fn backward<P: Element, Q: Element>(
         v.as_ref().map_or(Ok(()), |v| check_len(what, v.len(), rows))?;
     }
     let s: &CudaStream = stream;
-    let (q, _g1) = reference.logits.device_ptr(s);
-    let (mask, _g2) = opt_ptr(&reference.mask, s);
+    let (pair, _g1) = PairArgs::of::<P, Q>(s, p, policy_shape, reference);
     let (policy_lse, _g3) = grads.policy_lse.device_ptr(s);
     let (ref_lse, _g4) = grads.ref_lse.device_ptr(s);
     let (value, _g5) = opt_ptr(&grads.value, s);
@@ -116,13 +102,7 @@ fn backward<P: Element, Q: Element>(
     let (grad, _g7) = grads.grad.device_ptr(s);
     let (st, _g8) = status.device_ptr(s);
     let args = ExactKlBackwardArgs {
-        policy: p,
-        policy_dtype: P::DTYPE,
-        policy_shape,
-        reference: q,
-        ref_dtype: Q::DTYPE,
-        ref_shape: reference.shape,
-        mask,
+        pair,
         grad,
         policy_lse,
         ref_lse,
@@ -160,7 +140,7 @@ pub(super) unsafe fn launch_backward(
         expected: "the forward's saved value (KL[policy||ref]) or policy_term (JSD)",
     })?;
     let inv_tau = opts.inv_temperature()?;
-    let shape = a.policy_shape;
+    let shape = a.pair.policy_shape;
     let blocks = grid_blocks(shape.rows, chunks(shape))?;
     let (divergence, beta) = opts.divergence.code();
     let params = ExactParams {
@@ -171,9 +151,9 @@ pub(super) unsafe fn launch_backward(
         g: a.grad,
         divergence,
         beta,
-        ..ExactParams::pair(a.policy, shape, a.reference, a.ref_shape, a.mask, inv_tau)
+        ..a.pair.params(inv_tau)
     };
-    let name = kernel(ExactKernel::Backward, a.policy_dtype, a.ref_dtype);
+    let name = kernel(ExactKernel::Backward, a.pair.policy_dtype, a.pair.ref_dtype);
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: `exact_kl_backward_<p>_<q>(ExactParams, unsigned long long*)` with one block of 256
     // threads per (row, chunk); the caller guarantees the buffers (see # Safety); for KL[ref‖π]

@@ -2,8 +2,8 @@
 //! their memory (PyTorch through its data pointers, tch-rs, burn). Same launches as the safe
 //! functions.
 
-pub use super::exact::ExactKlArgs;
 use super::exact::launch_forward;
+pub use super::exact::{ExactKlArgs, PairArgs};
 pub use super::exact_backward::ExactKlBackwardArgs;
 use super::exact_backward::launch_backward;
 pub use super::sampled::{
@@ -16,8 +16,7 @@ use super::shards::{
     launch_finish_jsd, launch_finish_partials, launch_jsd_shard_sums, launch_shard_partials,
 };
 use crate::cuda::{RawStream, non_null};
-use crate::reference::check_pair;
-use crate::{Error, ExactKlOptions, KlRewardsOptions, Result, RowShape, SampledKlOptions};
+use crate::{Error, ExactKlOptions, KlRewardsOptions, Result, SampledKlOptions};
 
 /// [`cuda::sampled_kl`](crate::cuda::sampled_kl) on raw device pointers, enqueued on a stream
 /// owned by the caller: per-token values, `∂loss/∂logp` and the 13 statistics words, each when
@@ -84,8 +83,8 @@ pub unsafe fn kl_rewards(stream: RawStream, args: &KlRewardsArgs, opts: &KlRewar
 ///   likewise); the outputs and the workspace overlap nothing else;
 /// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
 pub unsafe fn exact_kl(stream: RawStream, args: &ExactKlArgs, opts: &ExactKlOptions) -> Result<()> {
-    check_shapes(args.policy_shape, args.ref_shape)?;
-    non_null(&[("policy", args.policy), ("reference", args.reference), ("status", args.status)])?;
+    args.pair.check()?;
+    non_null(&[("status", args.status)])?;
     if [args.value, args.policy_lse, args.ref_lse, args.policy_term].iter().all(|&p| p == 0) {
         return Err(Error::InvalidOption {
             name: "outputs",
@@ -101,7 +100,7 @@ pub unsafe fn exact_kl(stream: RawStream, args: &ExactKlArgs, opts: &ExactKlOpti
 }
 
 /// [`cuda::exact_kl_backward`](crate::cuda::exact_kl_backward) on raw device pointers, in
-/// place when `args.grad_policy == args.policy`.
+/// place when `args.grad_policy == args.pair.policy`.
 ///
 /// # Safety
 /// As [`exact_kl`]; `grad_policy` covers the policy shape and either equals `policy` or
@@ -111,10 +110,8 @@ pub unsafe fn exact_kl_backward(
     args: &ExactKlBackwardArgs,
     opts: &ExactKlOptions,
 ) -> Result<()> {
-    check_shapes(args.policy_shape, args.ref_shape)?;
+    args.pair.check()?;
     let required = [
-        ("policy", args.policy),
-        ("reference", args.reference),
         ("grad", args.grad),
         ("policy_lse", args.policy_lse),
         ("ref_lse", args.ref_lse),
@@ -142,13 +139,14 @@ pub unsafe fn exact_kl_backward(
 /// - every buffer stays allocated, and untouched by other streams, until the kernel ran.
 ///
 /// ```no_run
-/// use rlhf_kernels::cuda::raw::{self, ExactKlShardArgs, RawStream};
+/// use rlhf_kernels::cuda::raw::{self, ExactKlShardArgs, PairArgs, RawStream};
 /// use rlhf_kernels::{DType, ExactDivergence, ExactKlOptions, RowShape};
 /// # let (policy, reference, partials, cu_stream) = (0u64, 0u64, 0u64, std::ptr::null_mut());
 /// // This rank holds columns [0, 16000) of a 128000-token vocabulary.
 /// let shape = RowShape::new(64, 16_000).with_row_stride(128_000);
-/// let args = ExactKlShardArgs { policy, policy_dtype: DType::BF16, policy_shape: shape, reference,
-///     ref_dtype: DType::BF16, ref_shape: shape, mask: 0, partials };
+/// let pair = PairArgs { policy, policy_dtype: DType::BF16, policy_shape: shape, reference,
+///     ref_dtype: DType::BF16, ref_shape: shape, mask: 0 };
+/// let args = ExactKlShardArgs { pair, partials };
 /// let opts = ExactKlOptions::new(ExactDivergence::PolicyRef);
 /// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.
 /// unsafe { raw::exact_kl_shard_partials(RawStream { ordinal: 0, stream: cu_stream }, &args, &opts)? };
@@ -210,8 +208,4 @@ pub unsafe fn finish_jsd_sums(stream: RawStream, args: &FinishJsdArgs, opts: &Ex
     let stream = unsafe { stream.borrow() }?;
     // SAFETY: the caller guarantees every buffer (see # Safety).
     unsafe { launch_finish_jsd(&stream, args, opts) }
-}
-
-fn check_shapes(policy: RowShape, reference: RowShape) -> Result<()> {
-    check_pair(policy.min_len(), policy, reference.min_len(), reference, None)
 }

@@ -12,13 +12,12 @@ use cudarc::driver::{
 };
 
 use super::exact::{
-    BLOCK, ExactKernel, ExactOut, ExactParams, check_reference, kernel, launch_exact, per_thread,
+    BLOCK, ExactKernel, ExactOut, ExactParams, PairArgs, check_reference, kernel, launch_exact, per_thread,
 };
-use crate::cuda::{LaunchContext, non_null, opt_ptr, opt_ptr_mut, view_ptr};
+use crate::cuda::{LaunchContext, non_null, opt_ptr_mut, view_ptr};
 use crate::kl::{jsd_beta, shard_count};
 use crate::logprobs::check_len;
-use crate::reference::check_pair;
-use crate::{Cuda, DType, ExactKlOutputs, ReferenceRows};
+use crate::{Cuda, ExactKlOutputs, ReferenceRows};
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
 
 // The kernels pin the same size and offsets (`static_assert` in kernels/).
@@ -90,19 +89,9 @@ pub fn exact_kl_shard_partials<P: Element, Q: Element>(
     check_len("partials", partials.len(), policy_shape.rows)?;
     let s: &CudaStream = stream;
     let (policy, _g1) = policy.device_ptr(s);
-    let (q, _g2) = reference.logits.device_ptr(s);
-    let (mask, _g3) = opt_ptr(&reference.mask, s);
+    let (pair, _g2) = PairArgs::of::<P, Q>(s, policy, policy_shape, reference);
     let (partials, _g4) = partials.device_ptr_mut(s);
-    let args = ExactKlShardArgs {
-        policy,
-        policy_dtype: P::DTYPE,
-        policy_shape,
-        reference: q,
-        ref_dtype: Q::DTYPE,
-        ref_shape: reference.shape,
-        mask,
-        partials,
-    };
+    let args = ExactKlShardArgs { pair, partials };
     // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
     // was checked above; the guards keep cudarc's event tracking in order until the launch is
     // enqueued.
@@ -113,20 +102,8 @@ pub fn exact_kl_shard_partials<P: Element, Q: Element>(
 /// this rank's vocabulary slice of both logits rows; 0 for an absent mask.
 #[derive(Debug, Clone, Copy)]
 pub struct ExactKlShardArgs {
-    /// The shard's policy logits, `policy_dtype`, laid out as `policy_shape`.
-    pub policy: u64,
-    /// Dtype of the policy logits.
-    pub policy_dtype: DType,
-    /// Shape of the shard's policy logits (`cols` = the shard's width, row stride ≥ cols).
-    pub policy_shape: RowShape,
-    /// The same columns of the reference logits, `ref_dtype`, laid out as `ref_shape`.
-    pub reference: u64,
-    /// Dtype of the reference logits.
-    pub ref_dtype: DType,
-    /// Shape of the reference logits: the policy's rows and cols, its own row stride.
-    pub ref_shape: RowShape,
-    /// `rows` mask bytes (0 = padding), or 0.
-    pub mask: u64,
+    /// The shard's columns of both logits rows (`cols` = the shard's width) and their mask.
+    pub pair: PairArgs,
     /// `rows` [`ExactKlPartial`] records out.
     pub partials: u64,
 }
@@ -143,19 +120,16 @@ pub(super) unsafe fn launch_shard_partials(
     a: &ExactKlShardArgs,
     opts: &ExactKlOptions,
 ) -> Result<()> {
-    check_pair(a.policy_shape.min_len(), a.policy_shape, a.ref_shape.min_len(), a.ref_shape, None)?;
-    non_null(&[("policy", a.policy), ("reference", a.reference), ("partials", a.partials)])?;
+    a.pair.check()?;
+    non_null(&[("partials", a.partials)])?;
     let inv_tau = opts.inv_temperature()?;
-    let params = ExactParams {
-        partials: a.partials,
-        ..ExactParams::pair(a.policy, a.policy_shape, a.reference, a.ref_shape, a.mask, inv_tau)
-    };
-    let name = kernel(ExactKernel::Rows, a.policy_dtype, a.ref_dtype);
+    let params = ExactParams { partials: a.partials, ..a.pair.params(inv_tau) };
+    let name = kernel(ExactKernel::Rows, a.pair.policy_dtype, a.pair.ref_dtype);
     // SAFETY: `exact_kl_rows_<p>_<q>(ExactParams, unsigned long long*)` with one block of 256
     // threads per row (rows ≤ i32::MAX: the shape is validated); both rows cover their shapes
     // (the caller's contract); with `partials` non-null the kernel writes one record per row
     // and touches neither the (null) outputs nor the (null) status.
-    unsafe { launch_exact(stream, name, per_row(a.policy_shape.rows), &params, Some(0)) }
+    unsafe { launch_exact(stream, name, per_row(a.pair.policy_shape.rows), &params, Some(0)) }
 }
 
 /// Merges the [`ExactKlPartial`]s of all shards (`[shards][rows]`, shard order; `mask` one byte
@@ -297,23 +271,11 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
     check_len("sums", sums.len(), 2 * rows)?;
     let s: &CudaStream = stream;
     let (policy, _g1) = policy.device_ptr(s);
-    let (q, _g2) = reference.logits.device_ptr(s);
-    let (mask, _g3) = opt_ptr(&reference.mask, s);
+    let (pair, _g2) = PairArgs::of::<P, Q>(s, policy, policy_shape, reference);
     let (policy_lse, _g4) = policy_lse.device_ptr(s);
     let (ref_lse, _g5) = ref_lse.device_ptr(s);
     let (sums, _g6) = sums.device_ptr_mut(s);
-    let args = JsdShardArgs {
-        policy,
-        policy_dtype: P::DTYPE,
-        policy_shape,
-        reference: q,
-        ref_dtype: Q::DTYPE,
-        ref_shape: reference.shape,
-        mask,
-        policy_lse,
-        ref_lse,
-        sums,
-    };
+    let args = JsdShardArgs { pair, policy_lse, ref_lse, sums };
     // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
     // was checked above; the guards keep cudarc's event tracking in order until the launch is
     // enqueued.
@@ -324,20 +286,8 @@ pub fn jsd_shard_sums<P: Element, Q: Element>(
 /// of both logits rows and the rows' full log-sum-exps; 0 for an absent mask.
 #[derive(Debug, Clone, Copy)]
 pub struct JsdShardArgs {
-    /// The shard's policy logits, `policy_dtype`, laid out as `policy_shape`.
-    pub policy: u64,
-    /// Dtype of the policy logits.
-    pub policy_dtype: DType,
-    /// Shape of the shard's policy logits (`cols` = the shard's width, row stride ≥ cols).
-    pub policy_shape: RowShape,
-    /// The same columns of the reference logits, `ref_dtype`, laid out as `ref_shape`.
-    pub reference: u64,
-    /// Dtype of the reference logits.
-    pub ref_dtype: DType,
-    /// Shape of the reference logits: the policy's rows and cols, its own row stride.
-    pub ref_shape: RowShape,
-    /// `rows` mask bytes (0 = padding), or 0.
-    pub mask: u64,
+    /// The shard's columns of both logits rows (`cols` = the shard's width) and their mask.
+    pub pair: PairArgs,
     /// `rows` f32: the full rows' `ln Σ exp(z_policy)` (from the merge).
     pub policy_lse: u64,
     /// `rows` f32: the full rows' `ln Σ exp(z_ref)`.
@@ -358,15 +308,8 @@ pub(super) unsafe fn launch_jsd_shard_sums(
     a: &JsdShardArgs,
     opts: &ExactKlOptions,
 ) -> Result<()> {
-    check_pair(a.policy_shape.min_len(), a.policy_shape, a.ref_shape.min_len(), a.ref_shape, None)?;
-    let required = [
-        ("policy", a.policy),
-        ("reference", a.reference),
-        ("policy_lse", a.policy_lse),
-        ("ref_lse", a.ref_lse),
-        ("sums", a.sums),
-    ];
-    non_null(&required)?;
+    a.pair.check()?;
+    non_null(&[("policy_lse", a.policy_lse), ("ref_lse", a.ref_lse), ("sums", a.sums)])?;
     check_float2_aligned(a.sums)?;
     let beta = jsd_beta(opts.divergence)?;
     let inv_tau = opts.inv_temperature()?;
@@ -375,15 +318,15 @@ pub(super) unsafe fn launch_jsd_shard_sums(
         lse_q: a.ref_lse,
         partials: a.sums,
         beta,
-        ..ExactParams::pair(a.policy, a.policy_shape, a.reference, a.ref_shape, a.mask, inv_tau)
+        ..a.pair.params(inv_tau)
     };
-    let name = kernel(ExactKernel::JsdRows, a.policy_dtype, a.ref_dtype);
+    let name = kernel(ExactKernel::JsdRows, a.pair.policy_dtype, a.pair.ref_dtype);
     // SAFETY: `jsd_rows_<p>_<q>(ExactParams)` with one block of 256 threads per row (rows ≤
     // i32::MAX: the shape is validated); both rows cover their shapes, the normalisers hold
     // `rows` f32 and `sums` 2·rows f32 at an 8-byte aligned address (checked), so the kernel's
     // one float2 per row fits (the caller's contract); with `partials` non-null it writes no
     // value or policy term.
-    unsafe { launch_exact(stream, name, per_row(a.policy_shape.rows), &params, None) }
+    unsafe { launch_exact(stream, name, per_row(a.pair.policy_shape.rows), &params, None) }
 }
 
 /// Sums the JSD's shard sums (`[shards][rows][2]` f32, shard order) and writes

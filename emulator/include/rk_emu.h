@@ -7,7 +7,7 @@
 //
 // What each built-in becomes:
 // - `threadIdx`, `blockIdx`, `blockDim`, `gridDim`: the running fiber's coordinates, read from
-//   the SIMT runtime (emulator/src/simt.cpp);
+//   the SIMT runtime (emulator/src/builtins.cpp);
 // - `__syncthreads*`, the warp shuffles and votes: calls into the runtime, which switches to
 //   the other fibers of the block until the barrier or the warp collective completes;
 // - `__shared__`: `static thread_local`. A block runs on one OS thread from start to end, so
@@ -75,7 +75,7 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 inline int2 make_int2(int x, int y) { return {x, y}; }
 inline double2 make_double2(double x, double y) { return {x, y}; }
 
-// ---- the SIMT runtime (emulator/src/simt.cpp; not instrumented) -----------------------------
+// ---- the SIMT runtime (emulator/src/builtins.cpp over simt.cpp; not instrumented) ------------
 extern "C" {
 uint3 rk_emu_thread_idx(void);
 uint3 rk_emu_block_idx(void);

@@ -7,7 +7,8 @@
 // device may be reused at once), and streams and events need no queues. Device pointers are
 // host addresses of guarded allocations (memory.cpp). Every call checks its arguments as the
 // real driver does and returns only result codes cudarc's CUresult enum defines; entry points
-// the emulator does not implement return CUDA_ERROR_NOT_SUPPORTED (stubs.cpp, generated).
+// the emulator does not implement return CUDA_ERROR_NOT_SUPPORTED (stubs.cpp, generated); the
+// error names and texts are in errors.cpp.
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -16,36 +17,10 @@
 #include <unordered_set>
 
 #include "../include/rk_emu.h"
+#include "driver.h"
 #include "emu.h"
 
-#define RK_API extern "C" __attribute__((visibility("default")))
-
 namespace {
-
-using CUresult = int;
-using CUdevice = int;
-using CUdeviceptr = unsigned long long;
-
-enum : CUresult {
-  CUDA_SUCCESS = 0,
-  CUDA_ERROR_INVALID_VALUE = 1,
-  CUDA_ERROR_OUT_OF_MEMORY = 2,
-  CUDA_ERROR_NOT_INITIALIZED = 3,
-  CUDA_ERROR_NO_DEVICE = 100,
-  CUDA_ERROR_INVALID_DEVICE = 101,
-  CUDA_ERROR_INVALID_IMAGE = 200,
-  CUDA_ERROR_INVALID_CONTEXT = 201,
-  CUDA_ERROR_INVALID_HANDLE = 400,
-  CUDA_ERROR_NOT_FOUND = 500,
-  CUDA_ERROR_NOT_READY = 600,
-  CUDA_ERROR_ILLEGAL_ADDRESS = 700,
-  CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
-  CUDA_ERROR_ILLEGAL_INSTRUCTION = 715,
-  CUDA_ERROR_MISALIGNED_ADDRESS = 716,
-  CUDA_ERROR_LAUNCH_FAILED = 719,
-  CUDA_ERROR_NOT_SUPPORTED = 801,
-  CUDA_ERROR_UNKNOWN = 999,
-};
 
 constexpr std::size_t kTotalMemory = std::size_t{80} << 30;
 constexpr int kSms = 132;
@@ -546,64 +521,4 @@ RK_API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, u
   if (shared > 232448) return CUDA_ERROR_INVALID_VALUE;
   const rk_emu::LaunchResult r = rk_emu::launch(k, dim3{gx, gy, gz}, dim3{bx, by, bz}, shared, params);
   return r.error;
-}
-
-// ---- errors ----------------------------------------------------------------------------------------
-namespace {
-struct ErrorText {
-  CUresult code;
-  const char* name;
-  const char* text;
-};
-constexpr ErrorText kErrors[] = {
-    {CUDA_SUCCESS, "CUDA_SUCCESS", "no error"},
-    {CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
-    {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
-    {CUDA_ERROR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
-    {CUDA_ERROR_NO_DEVICE, "CUDA_ERROR_NO_DEVICE", "no CUDA-capable device is detected"},
-    {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
-    {CUDA_ERROR_INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
-    {CUDA_ERROR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
-    {CUDA_ERROR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
-    {CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
-    {CUDA_ERROR_NOT_READY, "CUDA_ERROR_NOT_READY", "device not ready"},
-    {CUDA_ERROR_ILLEGAL_ADDRESS, "CUDA_ERROR_ILLEGAL_ADDRESS",
-     "an illegal memory access was encountered (the rk-emu report on stderr says where)"},
-    {CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES", "too many resources requested for launch"},
-    {CUDA_ERROR_ILLEGAL_INSTRUCTION, "CUDA_ERROR_ILLEGAL_INSTRUCTION", "an illegal instruction was encountered"},
-    {CUDA_ERROR_MISALIGNED_ADDRESS, "CUDA_ERROR_MISALIGNED_ADDRESS",
-     "misaligned address (the rk-emu report on stderr says where)"},
-    {CUDA_ERROR_LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED",
-     "unspecified launch failure (the rk-emu report on stderr says what)"},
-    {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported by the emulated driver"},
-    {CUDA_ERROR_UNKNOWN, "CUDA_ERROR_UNKNOWN", "unknown error"},
-};
-const ErrorText* error_text(CUresult e) {
-  for (const ErrorText& t : kErrors)
-    if (t.code == e) return &t;
-  return nullptr;
-}
-}  // namespace
-
-RK_API CUresult cuGetErrorString(CUresult e, const char** s) {
-  if (!s) return CUDA_ERROR_INVALID_VALUE;
-  const ErrorText* t = error_text(e);
-  *s = t ? t->text : nullptr;
-  return t ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
-}
-
-RK_API CUresult cuGetErrorName(CUresult e, const char** s) {
-  if (!s) return CUDA_ERROR_INVALID_VALUE;
-  const ErrorText* t = error_text(e);
-  *s = t ? t->name : nullptr;
-  return t ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
-}
-
-// Entry points without an implementation (stubs.cpp) say so once and return NOT_SUPPORTED.
-extern "C" int rk_emu_unsupported(const char* name) {
-  static std::mutex m;
-  static std::unordered_set<std::string> said;
-  std::lock_guard<std::mutex> l(m);
-  if (said.insert(name).second) std::fprintf(stderr, "rk-emu: %s is not emulated (CUDA_ERROR_NOT_SUPPORTED)\n", name);
-  return CUDA_ERROR_NOT_SUPPORTED;
 }

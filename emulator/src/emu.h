@@ -35,6 +35,7 @@ const char* checker_name(Checker c);
 // prepended, and counts it against the current launch. `pc` (a code address in the kernel, or
 // null) is turned into a source line.
 void report(Checker c, const void* pc, const std::string& message);
+std::string hex(uintptr_t a);  // "0x…", for findings
 // file:line (function) of a code address, or "" when unknown.
 std::string source_line(const void* pc);
 // True when two code addresses are the same source construct (the same inlining chain of
@@ -140,6 +141,7 @@ struct Worker {
 
 Worker& worker();
 Worker* current_worker();  // null outside a kernel
+void yield(Worker& w);      // from the running fiber back to the block's scheduler
 
 // Hands control back to the scheduler from a fiber after a fatal finding; never returns.
 [[noreturn]] void abort_fiber(int cuda_error);

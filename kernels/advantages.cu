@@ -28,10 +28,12 @@ constexpr int GAE_CHUNK = GAE_BLOCK * GAE_ITEMS;  // positions per block (src/cu
 struct Affine {
   float p, q, s, w, z, c0, c1, c2;
 };
+static_assert(sizeof(Affine) == 32, "Affine: MAP_BYTES of src/cuda/advantages/gae.rs");
 
 struct GaeState {
   float a, w, y;
 };
+static_assert(sizeof(GaeState) <= 16, "GaeState: within STATE_BYTES of src/cuda/advantages/gae.rs");
 
 // The kernels' parameters (src/cuda/advantages/gae.rs `GaeParams`, same layout).
 struct GaeParams {
@@ -49,7 +51,8 @@ struct GaeParams {
   Affine* maps;       // the split scan's workspace: rows·nchunks chunk maps, then as many
   GaeState* carries;  // entering states (null for the one-pass kernels)
 };
-static_assert(sizeof(GaeParams) == 112 && offsetof(GaeParams, rewards) == 0 && offsetof(GaeParams, kl) == 8 &&
+static_assert(RK_FIELDS(GaeParams, 17) && sizeof(GaeParams) == 112 &&
+                  offsetof(GaeParams, rewards) == 0 && offsetof(GaeParams, kl) == 8 &&
                   offsetof(GaeParams, scores) == 16 && offsetof(GaeParams, values) == 24 &&
                   offsetof(GaeParams, mask) == 32 && offsetof(GaeParams, advantages) == 40 &&
                   offsetof(GaeParams, returns) == 48 && offsetof(GaeParams, ld) == 56 &&
@@ -329,12 +332,13 @@ struct GroupParams {
   int groups, estimator, cols;
   double eps;
 };
-static_assert(sizeof(GroupParams) == 80 && offsetof(GroupParams, scores) == 0 &&
-                  offsetof(GroupParams, offsets) == 8 && offsetof(GroupParams, members) == 16 &&
-                  offsetof(GroupParams, per_sequence) == 24 && offsetof(GroupParams, tokens) == 32 &&
-                  offsetof(GroupParams, mask) == 40 && offsetof(GroupParams, ld) == 48 &&
-                  offsetof(GroupParams, groups) == 56 && offsetof(GroupParams, estimator) == 60 &&
-                  offsetof(GroupParams, cols) == 64 && offsetof(GroupParams, eps) == 72,
+static_assert(RK_FIELDS(GroupParams, 11) && sizeof(GroupParams) == 80 &&
+                  offsetof(GroupParams, scores) == 0 && offsetof(GroupParams, offsets) == 8 &&
+                  offsetof(GroupParams, members) == 16 && offsetof(GroupParams, per_sequence) == 24 &&
+                  offsetof(GroupParams, tokens) == 32 && offsetof(GroupParams, mask) == 40 &&
+                  offsetof(GroupParams, ld) == 48 && offsetof(GroupParams, groups) == 56 &&
+                  offsetof(GroupParams, estimator) == 60 && offsetof(GroupParams, cols) == 64 &&
+                  offsetof(GroupParams, eps) == 72,
               "GroupParams: every field where src/cuda/advantages/groups.rs `GroupParams` has it");
 
 // Estimator codes (src/advantages/groups.rs `GroupEstimator::code`): GRPO unbiased std, GRPO biased
@@ -432,6 +436,7 @@ namespace {
 struct MomentsF64 {
   double n, mean, m2, lo, hi;
 };
+static_assert(sizeof(MomentsF64) == 40, "MomentsF64: MOMENT_RECORD_BYTES of src/cuda/advantages/moments.rs");
 
 __device__ __forceinline__ MomentsF64 merge_f64(const MomentsF64& a, const MomentsF64& b) {
   if (b.n == 0.0) return a;

@@ -14,6 +14,7 @@ struct AggregateRow {
   float sum, finite_sum, valid;
   unsigned reported;
 };
+static_assert(sizeof(AggregateRow) == 16, "AggregateRow: aggregate_workspace_bytes of src/cuda/aggregation/launch.rs");
 
 // One block of 256 threads per sequence: its record. A NaN at a valid token is
 // PROBLEM_NON_FINITE; finite values whose f32 sum overflows are PROBLEM_OVERFLOW (the host sums

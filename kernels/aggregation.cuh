@@ -64,9 +64,10 @@ struct AggregationParams {
   double valid_sequences;
   double sequences;
 };
-static_assert(sizeof(AggregationParams) == 40 && offsetof(AggregationParams, aggregation) == 0 &&
-                  offsetof(AggregationParams, use_global) == 4 && offsetof(AggregationParams, max_len) == 8 &&
-                  offsetof(AggregationParams, tokens) == 16 && offsetof(AggregationParams, valid_sequences) == 24 &&
+static_assert(RK_FIELDS(AggregationParams, 6) && sizeof(AggregationParams) == 40 &&
+                  offsetof(AggregationParams, aggregation) == 0 && offsetof(AggregationParams, use_global) == 4 &&
+                  offsetof(AggregationParams, max_len) == 8 && offsetof(AggregationParams, tokens) == 16 &&
+                  offsetof(AggregationParams, valid_sequences) == 24 &&
                   offsetof(AggregationParams, sequences) == 32,
               "AggregationParams: every field where src/cuda/aggregation/launch.rs `AggregationParams` has it");
 
@@ -81,10 +82,10 @@ struct FinalizeParams {
   int chosen;   // the sampled KL's estimator code (unused by the others)
   AggregationParams aggregation;
 };
-static_assert(sizeof(FinalizeParams) == 72 && offsetof(FinalizeParams, records) == 0 &&
-                  offsetof(FinalizeParams, stats) == 8 && offsetof(FinalizeParams, rows) == 16 &&
-                  offsetof(FinalizeParams, coef) == 20 && offsetof(FinalizeParams, chosen) == 24 &&
-                  offsetof(FinalizeParams, aggregation) == 32,
+static_assert(RK_FIELDS(FinalizeParams, 6) && sizeof(FinalizeParams) == 72 &&
+                  offsetof(FinalizeParams, records) == 0 && offsetof(FinalizeParams, stats) == 8 &&
+                  offsetof(FinalizeParams, rows) == 16 && offsetof(FinalizeParams, coef) == 20 &&
+                  offsetof(FinalizeParams, chosen) == 24 && offsetof(FinalizeParams, aggregation) == 32,
               "FinalizeParams: every field where src/cuda/aggregation/launch.rs `FinalizeParams` has it");
 
 // A masked [B, T] batch reduced to a few f64 (the aggregation, the moments, whitening, the
@@ -102,12 +103,12 @@ struct ReductionParams {
   double eps;                     // whitening's ε
   int keep_mean;                  // whitening adds the mean back
 };
-static_assert(sizeof(ReductionParams) == 104 && offsetof(ReductionParams, values) == 0 &&
-                  offsetof(ReductionParams, mask) == 8 && offsetof(ReductionParams, records) == 16 &&
-                  offsetof(ReductionParams, out) == 24 && offsetof(ReductionParams, ld) == 32 &&
-                  offsetof(ReductionParams, rows) == 40 && offsetof(ReductionParams, cols) == 44 &&
-                  offsetof(ReductionParams, aggregation) == 48 && offsetof(ReductionParams, eps) == 88 &&
-                  offsetof(ReductionParams, keep_mean) == 96,
+static_assert(RK_FIELDS(ReductionParams, 10) && sizeof(ReductionParams) == 104 &&
+                  offsetof(ReductionParams, values) == 0 && offsetof(ReductionParams, mask) == 8 &&
+                  offsetof(ReductionParams, records) == 16 && offsetof(ReductionParams, out) == 24 &&
+                  offsetof(ReductionParams, ld) == 32 && offsetof(ReductionParams, rows) == 40 &&
+                  offsetof(ReductionParams, cols) == 44 && offsetof(ReductionParams, aggregation) == 48 &&
+                  offsetof(ReductionParams, eps) == 88 && offsetof(ReductionParams, keep_mean) == 96,
               "ReductionParams: every field where src/cuda/aggregation/launch.rs `ReductionParams` has it");
 
 __device__ __forceinline__ bool token_valid(const unsigned char* mask, long long t) {

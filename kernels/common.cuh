@@ -19,6 +19,29 @@
 
 namespace rk {
 
+// The number of fields of an aggregate: the most initialisers `T{...}` takes, each converting
+// to whatever its field is. Pinned beside every struct the host shares (with its size and
+// offsets), so a field added on one side only, even into padding, is a build error. nvcc's front
+// end cannot evaluate it (it crashes), so the count is checked where the kernels are built as
+// plain C++: the emulated device, which CI builds; sizes and offsets are checked everywhere.
+#ifdef __CUDACC__
+#define RK_FIELDS(T, n) true
+#else
+#define RK_FIELDS(T, n) (::rk::field_count<T>(0) == (n))
+struct AnyField {
+  template <typename T>
+  operator T() const;
+};
+template <typename T, typename... A>
+constexpr int field_count(long) {  // T{A{}...} is the longest initialiser list that compiles
+  return sizeof...(A);
+}
+template <typename T, typename... A>
+constexpr auto field_count(int) -> decltype(T{A{}..., AnyField{}}, int()) {
+  return field_count<T, A..., AnyField>(0);
+}
+#endif
+
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }

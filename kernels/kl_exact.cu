@@ -28,16 +28,17 @@ enum Divergence : int { POLICY_REF = 0, REF_POLICY = 1, JSD = 2 };
 constexpr unsigned PAIR_P_NAN = 1, PAIR_P_POS_INF = 2, PAIR_Q_NAN = 4, PAIR_Q_POS_INF = 8;
 
 // One chunk's (or row's, or shard's) statistics of both sides: 28 bytes, the layout of
-// `ExactKlPartial` (src/kl.rs, whose test checks the flags above).
+// `ExactKlPartial` (src/kl.rs, whose test checks the flags above), field for field: mp, sp, apr
+// are policy_max, policy_sum_exp, policy_term; mq, sq, arp are ref_max, ref_sum_exp, ref_term.
 struct PairPartial {
   float mp, sp, apr;  // policy: max (raw), Σ e_p, Σ e_p·(z_p − z_q)
   float mq, sq, arp;  // reference: max (raw), Σ e_q, Σ e_q·(z_q − z_p)
   unsigned flags;
 };
-static_assert(sizeof(PairPartial) == 28 && offsetof(PairPartial, mp) == 0 && offsetof(PairPartial, sp) == 4 &&
-                  offsetof(PairPartial, apr) == 8 && offsetof(PairPartial, mq) == 12 &&
-                  offsetof(PairPartial, sq) == 16 && offsetof(PairPartial, arp) == 20 &&
-                  offsetof(PairPartial, flags) == 24,
+static_assert(RK_FIELDS(PairPartial, 7) && sizeof(PairPartial) == 28 && offsetof(PairPartial, mp) == 0 &&
+                  offsetof(PairPartial, sp) == 4 && offsetof(PairPartial, apr) == 8 &&
+                  offsetof(PairPartial, mq) == 12 && offsetof(PairPartial, sq) == 16 &&
+                  offsetof(PairPartial, arp) == 20 && offsetof(PairPartial, flags) == 24,
               "PairPartial: every field where src/kl.rs `ExactKlPartial` has it");
 
 __device__ __forceinline__ PairPartial empty_pair() { return PairPartial{neg_inf(), 0.0f, 0.0f, neg_inf(), 0.0f, 0.0f, 0u}; }
@@ -210,9 +211,10 @@ struct ExactOut {
   float* jsd_lse_p;  // rows f32 each: the normalisers the JSD's second pass reads, else null
   float* jsd_lse_q;
 };
-static_assert(sizeof(ExactOut) == 48 && offsetof(ExactOut, value) == 0 && offsetof(ExactOut, policy_lse) == 8 &&
-                  offsetof(ExactOut, ref_lse) == 16 && offsetof(ExactOut, policy_term) == 24 &&
-                  offsetof(ExactOut, jsd_lse_p) == 32 && offsetof(ExactOut, jsd_lse_q) == 40,
+static_assert(RK_FIELDS(ExactOut, 6) && sizeof(ExactOut) == 48 && offsetof(ExactOut, value) == 0 &&
+                  offsetof(ExactOut, policy_lse) == 8 && offsetof(ExactOut, ref_lse) == 16 &&
+                  offsetof(ExactOut, policy_term) == 24 && offsetof(ExactOut, jsd_lse_p) == 32 &&
+                  offsetof(ExactOut, jsd_lse_q) == 40,
               "ExactOut: every field where src/cuda/kl/exact.rs `ExactOut` has it");
 
 // The one parameter block of every exact-divergence kernel (src/cuda/kl/exact.rs
@@ -234,17 +236,17 @@ struct ExactParams {
   int rows, cols, parts, divergence;
   float beta, inv_tau;
 };
-static_assert(sizeof(ExactParams) == 176 && offsetof(ExactParams, policy) == 0 &&
-                  offsetof(ExactParams, reference) == 8 && offsetof(ExactParams, grad) == 16 &&
-                  offsetof(ExactParams, mask) == 24 && offsetof(ExactParams, lse_p) == 32 &&
-                  offsetof(ExactParams, lse_q) == 40 && offsetof(ExactParams, saved) == 48 &&
-                  offsetof(ExactParams, g) == 56 && offsetof(ExactParams, partials) == 64 &&
-                  offsetof(ExactParams, out) == 72 && offsetof(ExactParams, ldp) == 120 &&
-                  offsetof(ExactParams, ldq) == 128 && offsetof(ExactParams, row_stride) == 136 &&
-                  offsetof(ExactParams, part_stride) == 144 && offsetof(ExactParams, rows) == 152 &&
-                  offsetof(ExactParams, cols) == 156 && offsetof(ExactParams, parts) == 160 &&
-                  offsetof(ExactParams, divergence) == 164 && offsetof(ExactParams, beta) == 168 &&
-                  offsetof(ExactParams, inv_tau) == 172,
+static_assert(RK_FIELDS(ExactParams, 20) && sizeof(ExactParams) == 176 &&
+                  offsetof(ExactParams, policy) == 0 && offsetof(ExactParams, reference) == 8 &&
+                  offsetof(ExactParams, grad) == 16 && offsetof(ExactParams, mask) == 24 &&
+                  offsetof(ExactParams, lse_p) == 32 && offsetof(ExactParams, lse_q) == 40 &&
+                  offsetof(ExactParams, saved) == 48 && offsetof(ExactParams, g) == 56 &&
+                  offsetof(ExactParams, partials) == 64 && offsetof(ExactParams, out) == 72 &&
+                  offsetof(ExactParams, ldp) == 120 && offsetof(ExactParams, ldq) == 128 &&
+                  offsetof(ExactParams, row_stride) == 136 && offsetof(ExactParams, part_stride) == 144 &&
+                  offsetof(ExactParams, rows) == 152 && offsetof(ExactParams, cols) == 156 &&
+                  offsetof(ExactParams, parts) == 160 && offsetof(ExactParams, divergence) == 164 &&
+                  offsetof(ExactParams, beta) == 168 && offsetof(ExactParams, inv_tau) == 172,
               "ExactParams: every field where src/cuda/kl/exact.rs `ExactParams` has it");
 
 __device__ __forceinline__ void write_row(const ExactOut& o, long long row, float v, float lp, float lq, float term) {

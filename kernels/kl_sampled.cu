@@ -110,17 +110,17 @@ struct SampledParams {
   double tokens, valid_sequences, sequences;
   void* records;  // one SampledRow per sequence for the statistics, or null
 };
-static_assert(sizeof(SampledParams) == 128 && offsetof(SampledParams, logp) == 0 &&
-                  offsetof(SampledParams, ref_logp) == 8 && offsetof(SampledParams, mask) == 16 &&
-                  offsetof(SampledParams, counts) == 24 && offsetof(SampledParams, values) == 32 &&
-                  offsetof(SampledParams, grad) == 40 && offsetof(SampledParams, ld) == 48 &&
-                  offsetof(SampledParams, rows) == 56 && offsetof(SampledParams, cols) == 60 &&
-                  offsetof(SampledParams, chosen) == 64 && offsetof(SampledParams, lr_clamp) == 68 &&
-                  offsetof(SampledParams, v_clamp) == 72 && offsetof(SampledParams, coef) == 76 &&
-                  offsetof(SampledParams, aggregation) == 80 && offsetof(SampledParams, weights_known) == 84 &&
-                  offsetof(SampledParams, max_len) == 88 && offsetof(SampledParams, tokens) == 96 &&
-                  offsetof(SampledParams, valid_sequences) == 104 && offsetof(SampledParams, sequences) == 112 &&
-                  offsetof(SampledParams, records) == 120,
+static_assert(RK_FIELDS(SampledParams, 20) && sizeof(SampledParams) == 128 &&
+                  offsetof(SampledParams, logp) == 0 && offsetof(SampledParams, ref_logp) == 8 &&
+                  offsetof(SampledParams, mask) == 16 && offsetof(SampledParams, counts) == 24 &&
+                  offsetof(SampledParams, values) == 32 && offsetof(SampledParams, grad) == 40 &&
+                  offsetof(SampledParams, ld) == 48 && offsetof(SampledParams, rows) == 56 &&
+                  offsetof(SampledParams, cols) == 60 && offsetof(SampledParams, chosen) == 64 &&
+                  offsetof(SampledParams, lr_clamp) == 68 && offsetof(SampledParams, v_clamp) == 72 &&
+                  offsetof(SampledParams, coef) == 76 && offsetof(SampledParams, aggregation) == 80 &&
+                  offsetof(SampledParams, weights_known) == 84 && offsetof(SampledParams, max_len) == 88 &&
+                  offsetof(SampledParams, tokens) == 96 && offsetof(SampledParams, valid_sequences) == 104 &&
+                  offsetof(SampledParams, sequences) == 112 && offsetof(SampledParams, records) == 120,
               "SampledParams: every field where src/cuda/kl/sampled.rs `SampledParams` has it");
 
 // One block per sequence (row of the [B, T] batch). Writes the chosen estimator's values, the
@@ -259,11 +259,11 @@ struct RewardsParams {
   int rows, cols;
   float beta;
 };
-static_assert(sizeof(RewardsParams) == 56 && offsetof(RewardsParams, kl) == 0 &&
-                  offsetof(RewardsParams, mask) == 8 && offsetof(RewardsParams, scores) == 16 &&
-                  offsetof(RewardsParams, rewards) == 24 && offsetof(RewardsParams, ld) == 32 &&
-                  offsetof(RewardsParams, rows) == 40 && offsetof(RewardsParams, cols) == 44 &&
-                  offsetof(RewardsParams, beta) == 48,
+static_assert(RK_FIELDS(RewardsParams, 8) && sizeof(RewardsParams) == 56 &&
+                  offsetof(RewardsParams, kl) == 0 && offsetof(RewardsParams, mask) == 8 &&
+                  offsetof(RewardsParams, scores) == 16 && offsetof(RewardsParams, rewards) == 24 &&
+                  offsetof(RewardsParams, ld) == 32 && offsetof(RewardsParams, rows) == 40 &&
+                  offsetof(RewardsParams, cols) == 44 && offsetof(RewardsParams, beta) == 48,
               "RewardsParams: every field where src/cuda/kl/sampled.rs `RewardsParams` has it");
 
 // r_t = −β·kl_t on valid tokens, plus the sequence's score on its last valid token; 0 on

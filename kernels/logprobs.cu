@@ -190,9 +190,10 @@ struct VocabPartial {
   float max_logit, sum_exp, sum_exp_d, target_logit;
   unsigned flags;
 };
-static_assert(sizeof(VocabPartial) == 20 && offsetof(VocabPartial, max_logit) == 0 &&
-                  offsetof(VocabPartial, sum_exp) == 4 && offsetof(VocabPartial, sum_exp_d) == 8 &&
-                  offsetof(VocabPartial, target_logit) == 12 && offsetof(VocabPartial, flags) == 16,
+static_assert(RK_FIELDS(VocabPartial, 5) && sizeof(VocabPartial) == 20 &&
+                  offsetof(VocabPartial, max_logit) == 0 && offsetof(VocabPartial, sum_exp) == 4 &&
+                  offsetof(VocabPartial, sum_exp_d) == 8 && offsetof(VocabPartial, target_logit) == 12 &&
+                  offsetof(VocabPartial, flags) == 16,
               "VocabPartial: every field where src/logprobs.rs `VocabPartial` has it");
 constexpr unsigned PART_NAN = 1, PART_POS_INF = 2, PART_HAS_TARGET = 4;
 
@@ -216,7 +217,7 @@ struct RowSelect {
     return (mask != nullptr && mask[row] == 0) || (has_ignore && target == ignore_index);
   }
 };
-static_assert(sizeof(RowSelect) == 40 && offsetof(RowSelect, targets) == 0 &&
+static_assert(RK_FIELDS(RowSelect, 5) && sizeof(RowSelect) == 40 && offsetof(RowSelect, targets) == 0 &&
                   offsetof(RowSelect, index_kind) == 8 && offsetof(RowSelect, mask) == 16 &&
                   offsetof(RowSelect, has_ignore) == 24 && offsetof(RowSelect, ignore_index) == 32,
               "RowSelect: every field where src/cuda/logprobs/token_launch.rs `RowSelect` has it");
@@ -376,12 +377,12 @@ struct TokenMergeParams {
   int parts, rows;
   float inv_tau;
 };
-static_assert(sizeof(TokenMergeParams) == 104 && offsetof(TokenMergeParams, partials) == 0 &&
-                  offsetof(TokenMergeParams, logp) == 8 && offsetof(TokenMergeParams, entropy) == 16 &&
-                  offsetof(TokenMergeParams, lse) == 24 && offsetof(TokenMergeParams, sel) == 32 &&
-                  offsetof(TokenMergeParams, row_stride) == 72 && offsetof(TokenMergeParams, part_stride) == 80 &&
-                  offsetof(TokenMergeParams, parts) == 88 && offsetof(TokenMergeParams, rows) == 92 &&
-                  offsetof(TokenMergeParams, inv_tau) == 96,
+static_assert(RK_FIELDS(TokenMergeParams, 10) && sizeof(TokenMergeParams) == 104 &&
+                  offsetof(TokenMergeParams, partials) == 0 && offsetof(TokenMergeParams, logp) == 8 &&
+                  offsetof(TokenMergeParams, entropy) == 16 && offsetof(TokenMergeParams, lse) == 24 &&
+                  offsetof(TokenMergeParams, sel) == 32 && offsetof(TokenMergeParams, row_stride) == 72 &&
+                  offsetof(TokenMergeParams, part_stride) == 80 && offsetof(TokenMergeParams, parts) == 88 &&
+                  offsetof(TokenMergeParams, rows) == 92 && offsetof(TokenMergeParams, inv_tau) == 96,
               "TokenMergeParams: every field where src/cuda/logprobs/token_launch.rs `TokenMergeParams` has it");
 
 // Folds `parts` VocabPartials per row, in order, and finishes the rows: the second half of the
@@ -499,12 +500,13 @@ struct LogSoftmaxParams {
   int rows, cols;
   float inv_tau;
 };
-static_assert(sizeof(LogSoftmaxParams) == 80 && offsetof(LogSoftmaxParams, logits) == 0 &&
-                  offsetof(LogSoftmaxParams, out) == 8 && offsetof(LogSoftmaxParams, grad_out) == 16 &&
-                  offsetof(LogSoftmaxParams, grad) == 24 && offsetof(LogSoftmaxParams, ld_logits) == 32 &&
-                  offsetof(LogSoftmaxParams, ld_out) == 40 && offsetof(LogSoftmaxParams, ld_grad_out) == 48 &&
-                  offsetof(LogSoftmaxParams, ld_grad) == 56 && offsetof(LogSoftmaxParams, rows) == 64 &&
-                  offsetof(LogSoftmaxParams, cols) == 68 && offsetof(LogSoftmaxParams, inv_tau) == 72,
+static_assert(RK_FIELDS(LogSoftmaxParams, 11) && sizeof(LogSoftmaxParams) == 80 &&
+                  offsetof(LogSoftmaxParams, logits) == 0 && offsetof(LogSoftmaxParams, out) == 8 &&
+                  offsetof(LogSoftmaxParams, grad_out) == 16 && offsetof(LogSoftmaxParams, grad) == 24 &&
+                  offsetof(LogSoftmaxParams, ld_logits) == 32 && offsetof(LogSoftmaxParams, ld_out) == 40 &&
+                  offsetof(LogSoftmaxParams, ld_grad_out) == 48 && offsetof(LogSoftmaxParams, ld_grad) == 56 &&
+                  offsetof(LogSoftmaxParams, rows) == 64 && offsetof(LogSoftmaxParams, cols) == 68 &&
+                  offsetof(LogSoftmaxParams, inv_tau) == 72,
               "LogSoftmaxParams: every field where src/cuda/logprobs/log_softmax.rs `LogSoftmaxParams` has it");
 
 #define RK_LOG_SOFTMAX(SUFFIX, T)                                                                         \
@@ -534,12 +536,13 @@ struct TokenRowsParams {
   int rows, cols;
   float inv_tau;
 };
-static_assert(sizeof(TokenRowsParams) == 112 && offsetof(TokenRowsParams, logits) == 0 &&
-                  offsetof(TokenRowsParams, logp) == 8 && offsetof(TokenRowsParams, entropy) == 16 &&
-                  offsetof(TokenRowsParams, lse) == 24 && offsetof(TokenRowsParams, partials) == 32 &&
-                  offsetof(TokenRowsParams, sel) == 40 && offsetof(TokenRowsParams, ld) == 80 &&
-                  offsetof(TokenRowsParams, vocab_offset) == 88 && offsetof(TokenRowsParams, rows) == 96 &&
-                  offsetof(TokenRowsParams, cols) == 100 && offsetof(TokenRowsParams, inv_tau) == 104,
+static_assert(RK_FIELDS(TokenRowsParams, 11) && sizeof(TokenRowsParams) == 112 &&
+                  offsetof(TokenRowsParams, logits) == 0 && offsetof(TokenRowsParams, logp) == 8 &&
+                  offsetof(TokenRowsParams, entropy) == 16 && offsetof(TokenRowsParams, lse) == 24 &&
+                  offsetof(TokenRowsParams, partials) == 32 && offsetof(TokenRowsParams, sel) == 40 &&
+                  offsetof(TokenRowsParams, ld) == 80 && offsetof(TokenRowsParams, vocab_offset) == 88 &&
+                  offsetof(TokenRowsParams, rows) == 96 && offsetof(TokenRowsParams, cols) == 100 &&
+                  offsetof(TokenRowsParams, inv_tau) == 104,
               "TokenRowsParams: every field where src/cuda/logprobs/token_launch.rs `TokenRowsParams` has it");
 
 struct TokenBackwardParams {
@@ -554,13 +557,13 @@ struct TokenBackwardParams {
   int rows, cols;
   float inv_tau;
 };
-static_assert(sizeof(TokenBackwardParams) == 120 && offsetof(TokenBackwardParams, logits) == 0 &&
-                  offsetof(TokenBackwardParams, grad) == 8 && offsetof(TokenBackwardParams, lse) == 16 &&
-                  offsetof(TokenBackwardParams, entropy) == 24 && offsetof(TokenBackwardParams, g_logp) == 32 &&
-                  offsetof(TokenBackwardParams, g_entropy) == 40 && offsetof(TokenBackwardParams, sel) == 48 &&
-                  offsetof(TokenBackwardParams, ld) == 88 && offsetof(TokenBackwardParams, ld_grad) == 96 &&
-                  offsetof(TokenBackwardParams, rows) == 104 && offsetof(TokenBackwardParams, cols) == 108 &&
-                  offsetof(TokenBackwardParams, inv_tau) == 112,
+static_assert(RK_FIELDS(TokenBackwardParams, 12) && sizeof(TokenBackwardParams) == 120 &&
+                  offsetof(TokenBackwardParams, logits) == 0 && offsetof(TokenBackwardParams, grad) == 8 &&
+                  offsetof(TokenBackwardParams, lse) == 16 && offsetof(TokenBackwardParams, entropy) == 24 &&
+                  offsetof(TokenBackwardParams, g_logp) == 32 && offsetof(TokenBackwardParams, g_entropy) == 40 &&
+                  offsetof(TokenBackwardParams, sel) == 48 && offsetof(TokenBackwardParams, ld) == 88 &&
+                  offsetof(TokenBackwardParams, ld_grad) == 96 && offsetof(TokenBackwardParams, rows) == 104 &&
+                  offsetof(TokenBackwardParams, cols) == 108 && offsetof(TokenBackwardParams, inv_tau) == 112,
               "TokenBackwardParams: every field where src/cuda/logprobs/token_launch.rs `TokenBackwardParams` has it");
 
 #define RK_TOKEN_FORWARD(NAME, SUFFIX, T, ENTROPY)                                                     \

@@ -38,26 +38,28 @@ struct PolicyParams {
   const double* counts;  // or the denominators on the device (the mask count); else null
   void* records;         // one PolicyRow per sequence for the statistics, or null
 };
-static_assert(sizeof(PolicyParams) == 168 && offsetof(PolicyParams, logp) == 0 &&
-                  offsetof(PolicyParams, old_logp) == 8 && offsetof(PolicyParams, advantages) == 16 &&
-                  offsetof(PolicyParams, mask) == 24 && offsetof(PolicyParams, entropy) == 32 &&
-                  offsetof(PolicyParams, loss) == 40 && offsetof(PolicyParams, grad_logp) == 48 &&
-                  offsetof(PolicyParams, grad_entropy) == 56 && offsetof(PolicyParams, ld) == 64 &&
-                  offsetof(PolicyParams, rows) == 72 && offsetof(PolicyParams, cols) == 76 &&
-                  offsetof(PolicyParams, objective) == 80 && offsetof(PolicyParams, clip_low) == 84 &&
-                  offsetof(PolicyParams, clip_high) == 88 && offsetof(PolicyParams, dual) == 92 &&
-                  offsetof(PolicyParams, lr_clamp) == 96 && offsetof(PolicyParams, beta) == 100 &&
-                  offsetof(PolicyParams, entropy_coef) == 104 && offsetof(PolicyParams, aggregation) == 108 &&
-                  offsetof(PolicyParams, max_len) == 112 && offsetof(PolicyParams, weights_known) == 120 &&
-                  offsetof(PolicyParams, accumulate) == 124 && offsetof(PolicyParams, tokens) == 128 &&
-                  offsetof(PolicyParams, valid_sequences) == 136 && offsetof(PolicyParams, sequences) == 144 &&
-                  offsetof(PolicyParams, counts) == 152 && offsetof(PolicyParams, records) == 160,
+static_assert(RK_FIELDS(PolicyParams, 27) && sizeof(PolicyParams) == 168 &&
+                  offsetof(PolicyParams, logp) == 0 && offsetof(PolicyParams, old_logp) == 8 &&
+                  offsetof(PolicyParams, advantages) == 16 && offsetof(PolicyParams, mask) == 24 &&
+                  offsetof(PolicyParams, entropy) == 32 && offsetof(PolicyParams, loss) == 40 &&
+                  offsetof(PolicyParams, grad_logp) == 48 && offsetof(PolicyParams, grad_entropy) == 56 &&
+                  offsetof(PolicyParams, ld) == 64 && offsetof(PolicyParams, rows) == 72 &&
+                  offsetof(PolicyParams, cols) == 76 && offsetof(PolicyParams, objective) == 80 &&
+                  offsetof(PolicyParams, clip_low) == 84 && offsetof(PolicyParams, clip_high) == 88 &&
+                  offsetof(PolicyParams, dual) == 92 && offsetof(PolicyParams, lr_clamp) == 96 &&
+                  offsetof(PolicyParams, beta) == 100 && offsetof(PolicyParams, entropy_coef) == 104 &&
+                  offsetof(PolicyParams, aggregation) == 108 && offsetof(PolicyParams, max_len) == 112 &&
+                  offsetof(PolicyParams, weights_known) == 120 && offsetof(PolicyParams, accumulate) == 124 &&
+                  offsetof(PolicyParams, tokens) == 128 && offsetof(PolicyParams, valid_sequences) == 136 &&
+                  offsetof(PolicyParams, sequences) == 144 && offsetof(PolicyParams, counts) == 152 &&
+                  offsetof(PolicyParams, records) == 160,
               "PolicyParams: every field where src/cuda/ppo/loss.rs `PolicyParams` has it");
 
 // One sequence's sums over its valid tokens (f32 within the row, f64 across rows).
 struct PolicyRow {
   float loss, entropy, low, high, dual, k1, k3, ratio, ratio_min, ratio_max, valid, pad;
 };
+static_assert(sizeof(PolicyRow) == 48, "PolicyRow: POLICY_RECORD_BYTES of src/cuda/ppo/loss.rs");
 
 // Statistics layout (f64; src/cuda/ppo/loss.rs `policy_stats_from_words`).
 enum PolicyStat : int {
@@ -328,22 +330,24 @@ struct ValueParams {
   const double* counts;  // or the denominators on the device (the mask count); else null
   void* records;         // one ValueRow per sequence for the statistics, or null
 };
-static_assert(sizeof(ValueParams) == 136 && offsetof(ValueParams, values) == 0 &&
-                  offsetof(ValueParams, old_values) == 8 && offsetof(ValueParams, returns) == 16 &&
-                  offsetof(ValueParams, mask) == 24 && offsetof(ValueParams, loss) == 32 &&
-                  offsetof(ValueParams, grad_values) == 40 && offsetof(ValueParams, ld) == 48 &&
-                  offsetof(ValueParams, rows) == 56 && offsetof(ValueParams, cols) == 60 &&
-                  offsetof(ValueParams, clip) == 64 && offsetof(ValueParams, coef) == 68 &&
-                  offsetof(ValueParams, aggregation) == 72 && offsetof(ValueParams, max_len) == 80 &&
-                  offsetof(ValueParams, weights_known) == 88 && offsetof(ValueParams, tokens) == 96 &&
-                  offsetof(ValueParams, valid_sequences) == 104 && offsetof(ValueParams, sequences) == 112 &&
-                  offsetof(ValueParams, counts) == 120 && offsetof(ValueParams, records) == 128,
+static_assert(RK_FIELDS(ValueParams, 19) && sizeof(ValueParams) == 136 &&
+                  offsetof(ValueParams, values) == 0 && offsetof(ValueParams, old_values) == 8 &&
+                  offsetof(ValueParams, returns) == 16 && offsetof(ValueParams, mask) == 24 &&
+                  offsetof(ValueParams, loss) == 32 && offsetof(ValueParams, grad_values) == 40 &&
+                  offsetof(ValueParams, ld) == 48 && offsetof(ValueParams, rows) == 56 &&
+                  offsetof(ValueParams, cols) == 60 && offsetof(ValueParams, clip) == 64 &&
+                  offsetof(ValueParams, coef) == 68 && offsetof(ValueParams, aggregation) == 72 &&
+                  offsetof(ValueParams, max_len) == 80 && offsetof(ValueParams, weights_known) == 88 &&
+                  offsetof(ValueParams, tokens) == 96 && offsetof(ValueParams, valid_sequences) == 104 &&
+                  offsetof(ValueParams, sequences) == 112 && offsetof(ValueParams, counts) == 120 &&
+                  offsetof(ValueParams, records) == 128,
               "ValueParams: every field where src/cuda/ppo/value.rs `ValueParams` has it");
 
 // Loss sum, clipped count, valid count (and padding).
 struct ValueRow {
   float loss, clipped, valid, pad;
 };
+static_assert(sizeof(ValueRow) == 16, "ValueRow: VALUE_RECORD_BYTES of src/cuda/ppo/value.rs");
 
 enum ValueStat : int { VS_LOSS = 0, VS_CLIP, VS_COUNTS };
 

@@ -439,6 +439,13 @@ pub struct ExactKlPartial {
     pub flags: u32,
 }
 
+// The layout the kernels write and every shard gathers (`PairPartial` in kernels/kl_exact.cu pins
+// the same): on every build, with or without the `cuda` feature.
+pin_layout!(ExactKlPartial, 28, {
+    policy_max: 0, policy_sum_exp: 4, policy_term: 8, ref_max: 12, ref_sum_exp: 16, ref_term: 20,
+    flags: 24,
+});
+
 /// Both log-sum-exps of a row and one exact divergence.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ExactKlStats {

@@ -69,6 +69,23 @@
 //! match verl.
 #![warn(missing_docs)]
 
+/// Pins the layout of a struct the kernels share (a parameter block or a record): its size, the
+/// byte offset of every field, and that the list names every field (a pattern that must
+/// mention them all). The kernel side pins the same size and offsets, and the field count, in
+/// one `static_assert` beside its declaration, so any difference between the two declarations
+/// (a field swapped, added, or put into padding on one side) is a build error.
+macro_rules! pin_layout {
+    ($t:ident, $size:expr, { $($field:ident: $offset:expr),* $(,)? }) => {
+        const _: () = {
+            assert!(::std::mem::size_of::<$t>() == $size);
+            $(assert!(::std::mem::offset_of!($t, $field) == $offset);)*
+        };
+        const _: fn($t) = |v| {
+            let $t { $($field: _),* } = v;
+        };
+    };
+}
+
 mod advantages;
 mod aggregation;
 mod backend;

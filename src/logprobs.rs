@@ -365,8 +365,11 @@ pub struct VocabPartial {
     pub flags: u32,
 }
 
-// The kernels' `VocabPartial` (kernels/logprobs.cu asserts the same size).
-const _: () = assert!(std::mem::size_of::<VocabPartial>() == 20);
+// The layout the kernels write and every shard gathers (kernels/logprobs.cu pins the same): on
+// every build, with or without the `cuda` feature.
+pin_layout!(VocabPartial, 20, {
+    max_logit: 0, sum_exp: 4, sum_exp_d: 8, target_logit: 12, flags: 16,
+});
 
 /// Logp, entropy and lse of one row.
 #[derive(Debug, Clone, Copy, PartialEq)]

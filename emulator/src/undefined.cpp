@@ -1,8 +1,9 @@
 // The undefined-behaviour checks of the kernel code: the entry points of GCC's
 // -fsanitize=alignment,bounds,... instrumentation (no sanitizer runtime is linked). A null or
 // misaligned pointer, an access through a pointer too small for its type and a local array
-// indexed out of range are memcheck findings that stop the launch; signed overflow, a shift out
-// of range and a load of an invalid value are reported and the kernel goes on.
+// indexed out of range are memcheck findings that stop the launch, as do unreachable code and a
+// variable-length array bound that is not positive; signed overflow, a division by zero, a
+// shift out of range and a load of an invalid value are reported and the kernel goes on.
 #include <cstdint>
 #include <string>
 

@@ -14,19 +14,6 @@
 //! takes first, which the caller checks when it chooses (once per training step is enough);
 //! the outputs of such a row are NaN.
 
-/// Pins the layout of a struct the kernels share (a parameter block or a record): its size and
-/// the byte offset of every field. The kernel side pins the same numbers in one `static_assert`
-/// beside its declaration, so any difference between the two declarations, even two fields of
-/// one size swapped, is a build error on both sides.
-macro_rules! pin_layout {
-    ($t:ty, $size:expr, { $($field:ident: $offset:expr),* $(,)? }) => {
-        const _: () = {
-            assert!(::std::mem::size_of::<$t>() == $size);
-            $(assert!(::std::mem::offset_of!($t, $field) == $offset);)*
-        };
-    };
-}
-
 mod advantages;
 mod aggregation;
 mod context;

@@ -79,8 +79,8 @@ pub unsafe fn kl_rewards(stream: RawStream, args: &KlRewardsArgs, opts: &KlRewar
 /// # Safety
 /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
 /// - every non-zero address points to device memory of that context of the size its field
-///   documents (`policy`: `policy_shape.min_len()` elements of `policy_dtype`, `reference`
-///   likewise); the outputs and the workspace overlap nothing else;
+///   documents (`pair.policy`: `pair.policy_shape.min_len()` elements of `pair.policy_dtype`,
+///   `pair.reference` likewise); the outputs and the workspace overlap nothing else;
 /// - every buffer stays allocated, and untouched by other streams, until the kernels ran.
 pub unsafe fn exact_kl(stream: RawStream, args: &ExactKlArgs, opts: &ExactKlOptions) -> Result<()> {
     args.pair.check()?;
@@ -134,8 +134,8 @@ pub unsafe fn exact_kl_backward(
 /// # Safety
 /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
 /// - every non-zero address points to device memory of that context holding what its
-///   [`ExactKlShardArgs`] field documents (`policy`: `policy_shape.min_len()` elements of
-///   `policy_dtype`, `reference` likewise); `partials` overlaps nothing else;
+///   [`ExactKlShardArgs`] field documents (`pair.policy`: `pair.policy_shape.min_len()` elements
+///   of `pair.policy_dtype`, `pair.reference` likewise); `partials` overlaps nothing else;
 /// - every buffer stays allocated, and untouched by other streams, until the kernel ran.
 ///
 /// ```no_run

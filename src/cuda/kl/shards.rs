@@ -20,17 +20,10 @@ use crate::logprobs::check_len;
 use crate::{Cuda, ExactKlOutputs, ReferenceRows};
 use crate::{Element, Error, ExactDivergence, ExactKlOptions, ExactKlPartial, Result, RowShape};
 
-// The kernels pin the same size and offsets (`static_assert` in kernels/).
-pin_layout!(ExactKlPartial, 28, {
-    policy_max: 0, policy_sum_exp: 4, policy_term: 8, ref_max: 12, ref_sum_exp: 16, ref_term: 20,
-    flags: 24,
-});
-
 // SAFETY: ExactKlPartial is repr(C) plain old data (six f32 and a u32), the layout of the
-// kernels' `PairPartial`; every bit pattern is a valid value, including all zeros.
+// kernels' `PairPartial` (pinned beside its declaration in src/kl.rs); every bit pattern is a valid value, including all zeros.
 unsafe impl DeviceRepr for ExactKlPartial {}
 
-// The layout the kernels pin (`static_assert` in kernels/).
 // SAFETY: as above: all-zero bits are a valid ExactKlPartial.
 unsafe impl ValidAsZeroBits for ExactKlPartial {}
 

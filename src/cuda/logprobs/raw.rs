@@ -436,7 +436,9 @@ pub(crate) unsafe fn finish_partials_on(
     let sel = RowSelect::new(args.targets, args.index_type, args.mask, opts);
     let params = TokenMergeParams {
         partials: args.partials,
-        outputs: [args.logp, args.entropy, args.lse],
+        logp: args.logp,
+        entropy: args.entropy,
+        lse: args.lse,
         sel,
         row_stride: 1,
         part_stride: args.rows as i64,

@@ -19,11 +19,6 @@ const VECTORS_PER_THREAD: usize = 4;
 /// give the same bits).
 pub(crate) const SPLIT_ROWS: usize = 1024;
 
-// The kernels pin the same size and offsets (`static_assert` in kernels/).
-pin_layout!(VocabPartial, 20, {
-    max_logit: 0, sum_exp: 4, sum_exp_d: 8, target_logit: 12, flags: 16,
-});
-
 // SAFETY: VocabPartial is repr(C) plain old data (four f32 and a u32), the layout of the
 // kernels' `VocabPartial`; every bit pattern is a valid value, including all zeros.
 unsafe impl DeviceRepr for VocabPartial {}
@@ -137,7 +132,7 @@ pin_layout!(TokenBackwardParams, 120, {
     ld_grad: 96, rows: 104, cols: 108, inv_tau: 112,
 });
 pin_layout!(TokenMergeParams, 104, {
-    partials: 0, outputs: 8, sel: 32, row_stride: 72, part_stride: 80, parts: 88, rows: 92,
+    partials: 0, logp: 8, entropy: 16, lse: 24, sel: 32, row_stride: 72, part_stride: 80, parts: 88, rows: 92,
     inv_tau: 96,
 });
 
@@ -238,7 +233,9 @@ pub(super) unsafe fn launch_forward(
     unsafe { launch.launch(cfg) }.map_err(driver_error("launching token_logprobs (chunks)"))?;
     let merge = TokenMergeParams {
         partials,
-        outputs,
+        logp: outputs[0],
+        entropy: outputs[1],
+        lse: outputs[2],
         sel,
         row_stride: chunks as i64,
         part_stride: 1,
@@ -260,13 +257,15 @@ pub(super) fn grid_blocks(rows: usize, chunks: usize) -> Result<u32> {
 }
 
 /// The kernels' `TokenMergeParams` (kernels/logprobs.cu), field for field: `parts` records per
-/// row, record (row, k) at `row * row_stride + k * part_stride`, and the outputs (logp, entropy,
-/// lse: the order of [`ForwardArgs::outputs`], each 0 or `rows` f32).
+/// row, record (row, k) at `row * row_stride + k * part_stride`, and the outputs (each 0 or
+/// `rows` f32).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TokenMergeParams {
     pub(super) partials: u64,
-    pub(super) outputs: [u64; 3],
+    pub(super) logp: u64,
+    pub(super) entropy: u64,
+    pub(super) lse: u64,
     pub(super) sel: RowSelect,
     pub(super) row_stride: i64,
     pub(super) part_stride: i64,

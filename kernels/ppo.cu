@@ -1,5 +1,5 @@
 // ppo family: the policy loss (clipped surrogate with asymmetric and dual clip, PPO-KL,
-// GSPO-token, CISPO) and the clipped value loss, per token with their aggregation weights,
+// GSPO-token, CISPO, SAPO, GMPO) and the clipped value loss, per token with their aggregation weights,
 // gradients and statistics (MATH.md §4). One block per sequence writes the per-token outputs,
 // the gradients and a row record in one pass; one block reduces the records in a fixed order
 // (f64). The gradients' denominators are the caller's (global normaliser), or the batch's own:
@@ -14,8 +14,8 @@ namespace {
 constexpr unsigned OP_POLICY_LOSS = 12;
 constexpr unsigned OP_VALUE_LOSS = 13;
 
-// Objective codes (src/ppo.rs `PolicyObjective::code`): clip, PPO-KL, GSPO, CISPO.
-enum Objective : int { CLIP = 0, KL_PENALTY = 1, GSPO = 2, CISPO = 3 };
+// Objective codes (src/ppo.rs `PolicyObjective::code`): clip, PPO-KL, GSPO, CISPO, SAPO, GMPO.
+enum Objective : int { CLIP = 0, KL_PENALTY = 1, GSPO = 2, CISPO = 3, SAPO = 4, GMPO = 5 };
 
 // The policy kernels' parameters (src/cuda/ppo/loss.rs `PolicyParams`, same layout).
 struct PolicyParams {
@@ -37,8 +37,9 @@ struct PolicyParams {
   double tokens, valid_sequences, sequences;
   const double* counts;  // or the denominators on the device (the mask count); else null
   void* records;         // one PolicyRow per sequence for the statistics, or null
+  float tau_pos, tau_neg;  // SAPO's temperatures (1 for the other objectives)
 };
-static_assert(RK_FIELDS(PolicyParams, 27) && sizeof(PolicyParams) == 168 &&
+static_assert(RK_FIELDS(PolicyParams, 29) && sizeof(PolicyParams) == 176 &&
                   offsetof(PolicyParams, logp) == 0 && offsetof(PolicyParams, old_logp) == 8 &&
                   offsetof(PolicyParams, advantages) == 16 && offsetof(PolicyParams, mask) == 24 &&
                   offsetof(PolicyParams, entropy) == 32 && offsetof(PolicyParams, loss) == 40 &&
@@ -52,7 +53,8 @@ static_assert(RK_FIELDS(PolicyParams, 27) && sizeof(PolicyParams) == 168 &&
                   offsetof(PolicyParams, weights_known) == 120 && offsetof(PolicyParams, accumulate) == 124 &&
                   offsetof(PolicyParams, tokens) == 128 && offsetof(PolicyParams, valid_sequences) == 136 &&
                   offsetof(PolicyParams, sequences) == 144 && offsetof(PolicyParams, counts) == 152 &&
-                  offsetof(PolicyParams, records) == 160,
+                  offsetof(PolicyParams, records) == 160 && offsetof(PolicyParams, tau_pos) == 168 &&
+                  offsetof(PolicyParams, tau_neg) == 172,
               "PolicyParams: every field where src/cuda/ppo/loss.rs `PolicyParams` has it");
 
 // One sequence's sums over its valid tokens (f32 within the row, f64 across rows).
@@ -72,8 +74,10 @@ struct TokenTerms {
   bool low, high, dual;
 };
 
-// One token's loss and ∂L/∂logp (src/cpu/ppo/policy.rs `policy_row`, in the same f32 operations).
-__device__ __forceinline__ TokenTerms policy_token(const PolicyParams& P, float logp, float lr, bool clamped, float a) {
+// One token's loss and ∂L/∂logp (src/cpu/ppo/policy.rs `policy_row`, in the same f32 operations);
+// `seq_loss` is GMPO's row loss.
+__device__ __forceinline__ TokenTerms policy_token(const PolicyParams& P, float logp, float lr, bool clamped, float a,
+                                                   float seq_loss) {
   const float r = expf(lr);
   const float lo = __fsub_rn(1.0f, P.clip_low), hi = __fadd_rn(1.0f, P.clip_high);
   const float clip = fminf(fmaxf(r, lo), hi);
@@ -91,6 +95,27 @@ __device__ __forceinline__ TokenTerms policy_token(const PolicyParams& P, float 
       t.low = r < lo;
       t.high = r > hi;
       break;
+    case SAPO: {  // σ(x) and σ(x)·σ(−x)·r from e = e^{−|x|} (r·e is 0 where e underflows)
+      const bool pos = a > 0.0f;
+      const float tau = pos ? P.tau_pos : P.tau_neg;
+      const float x = __fmul_rn(tau, __fsub_rn(r, 1.0f));
+      const float e = expf(-fabsf(x));
+      const float inv = __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
+      const float sigmoid = x >= 0.0f ? inv : __fmul_rn(e, inv);
+      t.loss = __fmul_rn(__fmul_rn(-a, __fdiv_rn(4.0f, tau)), sigmoid);
+      const float re = e > 0.0f ? __fmul_rn(r, e) : 0.0f;
+      t.grad = clamped ? 0.0f : __fmul_rn(__fmul_rn(__fmul_rn(__fmul_rn(-a, 4.0f), re), inv), inv);
+      break;
+    }
+    case GMPO: {  // one-sided log-space clip of the token's log-ratio
+      const bool low = a < 0.0f && lr < -P.clip_low, high = a > 0.0f && lr > P.clip_high;
+      const bool free = (a > 0.0f && lr <= P.clip_high) || (a < 0.0f && lr >= -P.clip_low);
+      t.loss = seq_loss;
+      t.grad = (free && !clamped) ? seq_loss : 0.0f;
+      t.low = low;
+      t.high = high;
+      break;
+    }
     default: {  // CLIP, GSPO (P.dual is +inf unless CLIP with a dual clip)
       const float c = P.dual;
       float l = fmaxf(__fmul_rn(-a, r), __fmul_rn(-a, clip));
@@ -122,6 +147,18 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   return -block_min(-v, scratch);
 }
 
+// The block's f64 sum of one value per thread (warp trees, then a tree over ≤ 32 warps), the
+// same at every thread. `dscratch` holds 32 doubles.
+__device__ __forceinline__ double block_sum_f64_32(double s, double* dscratch) {
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if ((threadIdx.x & 31) == 0) dscratch[threadIdx.x >> 5] = s;
+  __syncthreads();
+  double total = (threadIdx.x & 31) < (blockDim.x >> 5) ? dscratch[threadIdx.x & 31] : 0.0;
+  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+  __syncthreads();
+  return total;
+}
+
 // The GSPO sequence log-ratio (f64 sum, one rounding, as the CPU): the clamp is applied by
 // the caller. `dscratch` holds 32 doubles.
 __device__ __forceinline__ float sequence_log_ratio(const PolicyParams& P, long long base, float valid,
@@ -129,13 +166,25 @@ __device__ __forceinline__ float sequence_log_ratio(const PolicyParams& P, long 
   double s = 0.0;
   for (long long t = threadIdx.x; t < P.cols; t += blockDim.x)
     if (token_valid(P.mask, base + t)) s += static_cast<double>(__fsub_rn(P.logp[base + t], P.old_logp[base + t]));
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if ((threadIdx.x & 31) == 0) dscratch[threadIdx.x >> 5] = s;
-  __syncthreads();
-  double total = (threadIdx.x & 31) < (blockDim.x >> 5) ? dscratch[threadIdx.x & 31] : 0.0;
-  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-  __syncthreads();
-  return static_cast<float>(total / static_cast<double>(fmaxf(valid, 1.0f)));
+  return static_cast<float>(block_sum_f64_32(s, dscratch) / static_cast<double>(fmaxf(valid, 1.0f)));
+}
+
+// GMPO's row loss −Ā·exp(mean_t c_t), c_t the token log-ratio clipped one-sided in log space
+// (f64 sums, as the CPU). `dscratch` holds 32 doubles.
+__device__ __forceinline__ float gmpo_sequence_loss(const PolicyParams& P, long long base, float valid,
+                                                    double* dscratch) {
+  double c_sum = 0.0, a_sum = 0.0;
+  for (long long t = threadIdx.x; t < P.cols; t += blockDim.x) {
+    if (!token_valid(P.mask, base + t)) continue;
+    const float lr = clamp_lr(__fsub_rn(P.logp[base + t], P.old_logp[base + t]), P.lr_clamp);
+    const float a = P.advantages[base + t];
+    const float c = a > 0.0f ? fminf(lr, P.clip_high) : a < 0.0f ? fmaxf(lr, -P.clip_low) : 0.0f;
+    c_sum += static_cast<double>(c);
+    a_sum += static_cast<double>(a);
+  }
+  const double n = static_cast<double>(fmaxf(valid, 1.0f));
+  const double c_total = block_sum_f64_32(c_sum, dscratch), a_total = block_sum_f64_32(a_sum, dscratch);
+  return static_cast<float>(-(a_total / n) * exp(c_total / n));
 }
 
 // One pass over a row: per-token outputs (the gradients only with a weight, `w_known`), the
@@ -145,6 +194,7 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
   const long long base = row * P.ld;
   __shared__ double dscratch[32];
   const float seq_lr = P.objective == GSPO ? sequence_log_ratio(P, base, valid, dscratch) : 0.0f;
+  const float seq_loss = P.objective == GMPO ? gmpo_sequence_loss(P, base, valid, dscratch) : 0.0f;
   const float gh = -__fmul_rn(P.entropy_coef, w);
   float loss = 0.0f, ent = 0.0f, low = 0.0f, high = 0.0f, dual = 0.0f, k1 = 0.0f, k3 = 0.0f, ratio = 0.0f;
   float rmin = pos_inf(), rmax = neg_inf();
@@ -160,7 +210,7 @@ __device__ __forceinline__ void policy_row(const PolicyParams& P, long long row,
       const float token_lr = clamp_lr(token_raw, P.lr_clamp);
       const float raw = P.objective == GSPO ? seq_lr : token_raw;
       const float lr = clamp_lr(raw, P.lr_clamp);
-      const TokenTerms terms = policy_token(P, lp, lr, lr != raw, a);
+      const TokenTerms terms = policy_token(P, lp, lr, lr != raw, a, seq_loss);
       l_out = terms.loss;
       g_out = __fmul_rn(w, terms.grad);
       h_out = gh;

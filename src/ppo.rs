@@ -1,6 +1,6 @@
 //! The PPO family's shared vocabulary (MATH.md §4): the policy objectives (clipped surrogate
-//! with asymmetric and dual clip, PPO-KL, GSPO, CISPO), the clipped value loss, their options
-//! and the statistics trainers log.
+//! with asymmetric and dual clip, PPO-KL, GSPO, CISPO, SAPO, GMPO), the clipped value loss,
+//! their options and the statistics trainers log.
 //!
 //! # Per-token policy losses
 //!
@@ -12,12 +12,35 @@
 //! | `KlPenalty { beta }` | `−A·r + β·((r − 1) − lr)` (k3 estimate of `KL[π_old ‖ π]`) | `−A·r + β·(r − 1)` |
 //! | `Gspo` | as `Clip` with the sequence ratio `s = exp(mean_t lr_t)` for `r` (no dual clip) | `−A·s` where unclipped, else 0 |
 //! | `Cispo` | `−sg(clip(r, 1 − ε_low, 1 + ε_high))·A·logp` | `−clip(r, …)·A` |
+//! | `Sapo { τ₊, τ₋ }` | `−A·(4/τ)·σ(τ·(r − 1))`, `τ = τ₊` where `A > 0`, else `τ₋` | `−A·4·σ(x)·σ(−x)·r`, `x = τ·(r − 1)` |
+//! | `Gmpo` | `−Ā·g`, `g = exp(mean_t c_t)`, `c_t` = `lr_t` clipped one-sided in log space | `−Ā·g` where `c_t = lr_t`, else 0 |
 //!
 //! Where the log-ratio clamp is active the gradient is 0 (except CISPO, whose weight carries
 //! no gradient anyway). `Gspo` is the GSPO-token form (verl's): each token's loss uses the
 //! sequence ratio, its gradient flows through its own `logp` only; with a per-sequence
 //! advantage and [`Aggregation::SeqMeanTokenMean`] this is exactly GSPO's sequence-level
 //! gradient `−A_i·s_i/|y_i|`.
+//!
+//! **SAPO** (Gao et al. 2025, arXiv:2511.20347) replaces the hard clip by a soft gate: at
+//! `r = 1` the gate's slope is 1 (the gradient is the plain `−A`), and it decays smoothly as
+//! the ratio leaves 1, faster for negative advantages (`τ₋ > τ₊`; defaults 1 and 1.05, TRL's
+//! and verl's). σ is the logistic function; `σ(x)·σ(−x) = e^{−|x|}/(1 + e^{−|x|})²` is how
+//! the backends evaluate the slope, so it is finite for every ratio. No clip fraction is
+//! counted. TRL applies no log-ratio clamp, verl clamps at ±20 (our default): set
+//! [`PolicyLossOptions::log_ratio_clamp`] to `None` for TRL's values.
+//!
+//! **GMPO** (Zhao et al. 2025, arXiv:2507.20673; verl's `geo_mean`) is a sequence objective on
+//! the geometric mean of the token ratios, clipped per token in log space with `ε_low`,
+//! `ε_high` as *log* bounds: `c_t = min(lr_t, ε_high)` where `A_t > 0`, `max(lr_t, −ε_low)`
+//! where `A_t < 0`, and `0` where `A_t = 0` (verl's `sign(A)·min(sign(A)·lr, …)`). With
+//! `|y|` valid tokens, `g = exp(Σ_t c_t / |y|)` and `Ā = Σ_t A_t / |y|` (the sequence's mean
+//! advantage), every valid token carries the sequence loss `L_t = −Ā·g`; the written
+//! gradient `−Ā·g` at the unclipped tokens is exact for every aggregation, because the
+//! aggregation weight `w` is the same for all tokens of a sequence: `∂(w·Σ_t L_t)/∂logp_t =
+//! w·|y|·(−Ā·g/|y|)`. Under [`Aggregation::SeqMeanTokenMean`] the loss is verl's mean of
+//! `−Ā·g` over sequences. The clip fractions count tokens the one-sided clip moved (`A_t > 0`
+//! with `lr_t > ε_high`, `A_t < 0` with `lr_t < −ε_low`); verl's metric also counts the
+//! untouched side.
 //!
 //! # Aggregation and the global normaliser
 //!
@@ -56,6 +79,18 @@ pub enum PolicyObjective {
     Gspo,
     /// CISPO: the clipped, stop-gradient importance weight times `logp`.
     Cispo,
+    /// SAPO: the soft gate `(4/τ)·σ(τ·(r − 1))` in place of the clipped ratio, `τ₊` for
+    /// positive advantages and `τ₋` otherwise ([`PolicyObjective::SAPO`] has the papers'
+    /// defaults).
+    Sapo {
+        /// τ₊ > 0, the gate's temperature where `A > 0`.
+        tau_pos: f32,
+        /// τ₋ > 0, the gate's temperature where `A ≤ 0`.
+        tau_neg: f32,
+    },
+    /// GMPO: the sequence's geometric-mean ratio, each token's log-ratio clipped one-sided in
+    /// log space (`ε_low`, `ε_high` are log bounds: GMPO's paper uses 0.4).
+    Gmpo,
 }
 
 impl PolicyObjective {
@@ -67,6 +102,19 @@ impl PolicyObjective {
             PolicyObjective::KlPenalty { .. } => 1,
             PolicyObjective::Gspo => 2,
             PolicyObjective::Cispo => 3,
+            PolicyObjective::Sapo { .. } => 4,
+            PolicyObjective::Gmpo => 5,
+        }
+    }
+
+    /// SAPO with TRL's and verl's default temperatures, `τ₊ = 1`, `τ₋ = 1.05`.
+    pub const SAPO: PolicyObjective = PolicyObjective::Sapo { tau_pos: 1.0, tau_neg: 1.05 };
+
+    /// SAPO's temperatures `(τ₊, τ₋)`, `(1, 1)` for the other objectives.
+    pub(crate) fn sapo_taus(self) -> (f32, f32) {
+        match self {
+            PolicyObjective::Sapo { tau_pos, tau_neg } => (tau_pos, tau_neg),
+            _ => (1.0, 1.0),
         }
     }
 }
@@ -79,8 +127,11 @@ impl PolicyObjective {
 /// let dapo = PolicyLossOptions::default().clip(0.2, 0.28).dual_clip(Some(3.0));
 /// let gspo = PolicyLossOptions::new(PolicyObjective::Gspo).clip(3e-4, 4e-4)
 ///     .aggregation(Aggregation::SeqMeanTokenMean);
+/// let sapo = PolicyLossOptions::new(PolicyObjective::SAPO).aggregation(Aggregation::SeqMeanTokenMean);
+/// let gmpo = PolicyLossOptions::new(PolicyObjective::Gmpo).clip(0.4, 0.4)   // log-space bounds
+///     .aggregation(Aggregation::SeqMeanTokenMean);
 /// let global = ppo.normaliser(Normaliser::Global { valid_tokens: 8192.0, valid_sequences: 64.0, sequences: 64.0 });
-/// # let _ = (dapo, gspo, global);
+/// # let _ = (dapo, gspo, sapo, gmpo, global);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
@@ -195,6 +246,13 @@ impl PolicyLossOptions {
         {
             return bad("beta", beta, "a finite β");
         }
+        if let PolicyObjective::Sapo { tau_pos, tau_neg } = self.objective {
+            for (name, tau) in [("tau_pos", tau_pos), ("tau_neg", tau_neg)] {
+                if !(tau.is_finite() && tau > 0.0) {
+                    return bad(name, tau, "a finite SAPO temperature τ > 0");
+                }
+            }
+        }
         self.aggregation.validate()?;
         self.normaliser.validate()
     }
@@ -211,9 +269,10 @@ pub struct PolicyLossStats {
     /// The aggregated entropy (same aggregation; 0 without entropies).
     pub entropy_loss: f64,
     /// Share of valid tokens clipped below (`A < 0`, ratio `< 1 − ε_low`; GSPO: the sequence
-    /// ratio; CISPO: any `A`).
+    /// ratio; CISPO: any `A`; GMPO: `A < 0`, `lr < −ε_low`; SAPO: 0).
     pub clip_fraction_low: f64,
-    /// Share clipped above (`A > 0`, ratio `> 1 + ε_high`; CISPO: any `A`).
+    /// Share clipped above (`A > 0`, ratio `> 1 + ε_high`; CISPO: any `A`; GMPO: `A > 0`,
+    /// `lr > ε_high`; SAPO: 0).
     pub clip_fraction_high: f64,
     /// Share under the dual clip (`A < 0`, ratio `> c`).
     pub dual_clip_fraction: f64,

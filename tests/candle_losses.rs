@@ -1,5 +1,5 @@
-//! The candle adapter's loss terms and reductions (sampled KL, the value loss, the aggregation
-//! with their gradients; KL-in-reward shaping, moments, whitening) against candle's own
+//! The candle adapter's loss terms and reductions (sampled KL, the value loss, the SAPO and
+//! GMPO policy losses, the aggregation with their gradients; KL-in-reward shaping, moments, whitening) against candle's own
 //! composition of primitives in f64 or the crate's f64 reference. Runs on the CPU; with
 //! `candle-cuda`, again on `cuda:0` (skipped visibly without a GPU).
 #![cfg(feature = "candle")]
@@ -9,12 +9,13 @@ mod common;
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use common::candle::{devices, f32s, f64s, normals};
 use rlhf_kernels::candle::{
-    ValueTensors, aggregate, kl_rewards, masked_moments, sampled_kl, value_loss, whiten,
+    PolicyTensors, ValueTensors, aggregate, kl_rewards, masked_moments, policy_loss, sampled_kl, value_loss,
+    whiten,
 };
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
-    Aggregation, KlEstimator, KlRewardsInputs, KlRewardsOptions, Normaliser, RowShape, SampledKlOptions,
-    ValueLossOptions, WhitenOptions, reference,
+    Aggregation, KlEstimator, KlRewardsInputs, KlRewardsOptions, Normaliser, PolicyLossOptions,
+    PolicyObjective, RowShape, SampledKlOptions, ValueLossOptions, WhitenOptions, reference,
 };
 
 const MODES: [Aggregation; 4] = [
@@ -227,5 +228,75 @@ fn rewards_moments_and_whitening_match_the_reference() {
             assert_eq!(used.count, e.count);
         }
         assert!(kl_rewards(&x, &x, None, &opts).is_err(), "scores must be [B]");
+    }
+}
+
+/// SAPO's per-token soft gate and GMPO's per-sequence loss (broadcast to its tokens) by candle's
+/// primitives in f64, from `logp` and the constant inputs.
+fn composed_variant(
+    logp: &Tensor,
+    old: &Tensor,
+    adv: &Tensor,
+    mask: &Tensor,
+    objective: PolicyObjective,
+) -> Result<Tensor> {
+    let lr = (logp - old.to_dtype(DType::F64)?)?;
+    let a = adv.to_dtype(DType::F64)?;
+    match objective {
+        PolicyObjective::Sapo { tau_pos, tau_neg } => {
+            let positive = a.gt(0.0)?.to_dtype(DType::F64)?;
+            let tau = ((&positive * tau_pos as f64)? + ((1.0 - &positive)? * tau_neg as f64)?)?;
+            let x = (&tau * (lr.exp()? - 1.0)?)?;
+            let sigmoid = (x.neg()?.exp()? + 1.0)?.recip()?;
+            ((a.neg()? * 4.0)? / &tau)? * sigmoid
+        }
+        PolicyObjective::Gmpo => {
+            let (lo, hi) = (0.3, 0.25);
+            let sign = a.sign()?;
+            let clipped = lr.clamp(-lo, hi)?;
+            let c = (&sign * (&sign * &lr)?.minimum(&(&sign * clipped)?)?)?;
+            let m = mask.to_dtype(DType::F64)?;
+            let n = m.sum_keepdim(D::Minus1)?.maximum(1.0)?;
+            let ratio = ((c * &m)?.sum_keepdim(D::Minus1)? / &n)?.exp()?;
+            let mean_adv = ((&a * &m)?.sum_keepdim(D::Minus1)? / &n)?;
+            (mean_adv * ratio)?.neg()?.broadcast_as(lr.dims())?.contiguous()
+        }
+        _ => unreachable!("not composed here"),
+    }
+}
+
+#[test]
+fn sapo_and_gmpo_match_candle_compositions() {
+    for dev in devices("sapo_and_gmpo_match_candle_compositions") {
+        let mut rng = Rng::new(21);
+        let (b, t) = (5, 13);
+        let (_, mask) = ragged_mask(b, t, &mut rng, &dev);
+        let old = (normals(&mut rng, &[b, t], 0.5, &dev) - 2.0).unwrap();
+        let logp = Var::from_tensor(&(&old + normals(&mut rng, &[b, t], 0.4, &dev)).unwrap()).unwrap();
+        let adv = normals(&mut rng, &[b, t], 1.0, &dev);
+        let objectives = [
+            PolicyObjective::SAPO,
+            PolicyObjective::Sapo { tau_pos: 0.6, tau_neg: 2.5 },
+            PolicyObjective::Gmpo,
+        ];
+        for objective in objectives {
+            for mode in MODES {
+                let opts = PolicyLossOptions::new(objective).clip(0.3, 0.25).aggregation(mode);
+                let inputs = PolicyTensors::new(&old, &adv).mask(&mask);
+                let ours = policy_loss(logp.as_tensor(), &inputs, &opts).unwrap();
+                let grad = f32s(ours.loss.backward().unwrap().get(&logp).unwrap());
+                let exact = Var::from_tensor(&logp.to_dtype(DType::F64).unwrap()).unwrap();
+                let per_token = composed_variant(exact.as_tensor(), &old, &adv, &mask, objective).unwrap();
+                let expected = composed_aggregate(&per_token, &mask, mode).unwrap();
+                let expected_grad = f64s(expected.backward().unwrap().get(&exact).unwrap());
+                let tol = Tolerance::for_dtype(rlhf_kernels::DType::F32).scaled(4.0);
+                let what = format!("{objective:?} {mode:?}");
+                assert_close(&f32s(&ours.loss), &f64s(&expected), tol, &what);
+                assert_close(&grad, &expected_grad, tol, &what);
+            }
+        }
+        let bad = PolicyLossOptions::new(PolicyObjective::Sapo { tau_pos: -1.0, tau_neg: 1.0 });
+        let err = policy_loss(logp.as_tensor(), &PolicyTensors::new(&old, &adv), &bad).unwrap_err();
+        assert!(err.to_string().contains("tau_pos"), "{err}");
     }
 }

@@ -9,9 +9,7 @@ use rlhf_kernels::{
     ValueLossInputs, WhitenOptions, gae_error_bound_factor, gae_error_scale, reference,
 };
 
-use crate::{
-    Batch, ENTROPY_COEF, Estimator, KlPlacement, Produced, gae_options, policy_options, value_options,
-};
+use crate::{Batch, ENTROPY_COEF, Estimator, KlPlacement, Produced, gae_options, value_options};
 
 /// One row of the report.
 pub struct Stage {
@@ -59,7 +57,7 @@ pub fn check<T: Element>(batch: &Batch<T>, p: &Produced<T>, iters: usize) -> Res
     let inputs = PolicyLossInputs::new(seqs, &p.logp, &p.old_logp, p.loss_advantages())
         .mask(&batch.mask)
         .entropy(&p.entropy);
-    let exp_loss = reference::policy_loss(&inputs, &policy_options())?;
+    let exp_loss = reference::policy_loss(&inputs, &batch.loss)?;
     let exp_grad_logp: Vec<f64> = match batch.kl {
         KlPlacement::Loss => exp_loss.grad_logp.iter().zip(&exp_kl.grad_logp).map(|(a, b)| a + b).collect(),
         KlPlacement::Reward => exp_loss.grad_logp.clone(),

@@ -14,8 +14,9 @@
 //!    the KL penalty `−β·k1_t` fused into the scan in the reward placement, the score on the
 //!    last valid token), then whitened over the batch's valid tokens; or GRPO over groups of
 //!    4 responses (the critic-free path), broadcast to every valid token;
-//! 5. losses: the clipped PPO surrogate (ε = 0.2, dual clip 3) with the entropy bonus, token-mean,
-//!    its statistics, and `∂loss/∂logp` accumulated onto the KL term's gradient (loss placement)
+//! 5. losses: the policy objective (`--objective`: by default the clipped PPO surrogate, ε = 0.2,
+//!    dual clip 3, token-mean; `sapo`, `gmpo`, `gspo` and `cispo` with their papers' settings,
+//!    sequence-mean-token-mean) with the entropy bonus, its statistics, and `∂loss/∂logp` accumulated onto the KL term's gradient (loss placement)
 //!    and `∂loss/∂H`; on the PPO path also the clipped value loss and its gradient w.r.t. the
 //!    critic's values. Old log-probs are the policy's own plus N(0, 0.15²) noise, as after a
 //!    few optimiser steps on the rollout batch;
@@ -24,7 +25,8 @@
 //!
 //! ```text
 //! cargo run --release --example ppo_step -- [--rows N] [--vocab V] [--seq-len T] [--dtype f32|f16|bf16]
-//!     [--temperature T] [--kl loss|reward] [--estimator gae|grpo] [--backend auto|cpu|cuda] [--iters K]
+//!     [--temperature T] [--kl loss|reward] [--estimator gae|grpo] [--objective clip|sapo|gmpo|gspo|cispo]
+//!     [--backend auto|cpu|cuda] [--iters K]
 //! ```
 
 use std::process::ExitCode;
@@ -33,11 +35,11 @@ mod check;
 use check::{Stage, check, stages};
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
-    Backend, DType, Element, Error, Executor, GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions,
-    GroupAdvantageOutputs, Groups, Job, KlDirection, KlEstimator, PolicyLossInputs, PolicyLossOptions,
-    PolicyLossOutputs, PolicyLossStats, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
-    Scalar, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
-    ValueLossOutputs, ValueLossStats, WhitenOptions, Workspace, bf16, f16,
+    Aggregation, Backend, DType, Element, Error, Executor, GaeInputs, GaeOptions, GaeOutputs,
+    GroupAdvantageOptions, GroupAdvantageOutputs, Groups, Job, KlDirection, KlEstimator, PolicyLossInputs,
+    PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, PolicyObjective, RowShape, SampledKlInputs,
+    SampledKlOptions, SampledKlOutputs, Scalar, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens,
+    ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats, WhitenOptions, Workspace, bf16, f16,
 };
 
 /// Entropy-bonus coefficient c_H: the upstream gradient of H is −c_H.
@@ -47,10 +49,19 @@ const KL_COEF: f32 = 0.05;
 /// Responses per prompt on the GRPO path.
 const GROUP_SIZE: usize = 4;
 
-/// The policy loss of both paths: PPO's clipped surrogate with a dual clip and the entropy
-/// bonus, token-mean over this batch.
-fn policy_options() -> PolicyLossOptions {
-    PolicyLossOptions::default().dual_clip(Some(3.0)).entropy_coef(ENTROPY_COEF)
+/// The policy loss of both paths, with the entropy bonus: PPO's clipped surrogate with a dual
+/// clip, token-mean over this batch; or a variant with its paper's settings, aggregated per
+/// sequence as its authors do (GSPO's ε 3e-4 / 4e-4, GMPO's log-space 0.4).
+fn policy_options(objective: PolicyObjective) -> PolicyLossOptions {
+    let per_sequence = PolicyLossOptions::new(objective).aggregation(Aggregation::SeqMeanTokenMean);
+    match objective {
+        PolicyObjective::Gspo => per_sequence.clip(3e-4, 4e-4),
+        PolicyObjective::Gmpo => per_sequence.clip(0.4, 0.4),
+        PolicyObjective::Sapo { .. } => per_sequence,
+        PolicyObjective::Cispo => per_sequence.clip(1.0, 0.28),
+        _ => PolicyLossOptions::default().dual_clip(Some(3.0)),
+    }
+    .entropy_coef(ENTROPY_COEF)
 }
 
 /// The critic's loss on the PPO path (verl's value clip).
@@ -101,12 +112,14 @@ struct Args {
     temperature: f32,
     kl: KlPlacement,
     estimator: Estimator,
+    objective: PolicyObjective,
     backend: String,
     iters: usize,
 }
 
 const USAGE: &str = "usage: ppo_step [--rows N] [--vocab V] [--seq-len T] [--dtype f32|f16|bf16] [--temperature T] \
-                     [--kl loss|reward] [--estimator gae|grpo] [--backend auto|cpu|cuda] [--iters K]";
+                     [--kl loss|reward] [--estimator gae|grpo] [--objective clip|sapo|gmpo|gspo|cispo] \
+                     [--backend auto|cpu|cuda] [--iters K]";
 
 impl Args {
     fn parse() -> Result<Args, String> {
@@ -118,6 +131,7 @@ impl Args {
             temperature: 1.0,
             kl: KlPlacement::Loss,
             estimator: Estimator::Gae,
+            objective: PolicyObjective::Clip,
             backend: "auto".into(),
             iters: 10,
         };
@@ -144,6 +158,16 @@ impl Args {
                         "gae" => Estimator::Gae,
                         "grpo" => Estimator::Grpo,
                         _ => return Err(bad(&"expected gae or grpo")),
+                    }
+                }
+                "--objective" => {
+                    a.objective = match value.as_str() {
+                        "clip" => PolicyObjective::Clip,
+                        "sapo" => PolicyObjective::SAPO,
+                        "gmpo" => PolicyObjective::Gmpo,
+                        "gspo" => PolicyObjective::Gspo,
+                        "cispo" => PolicyObjective::Cispo,
+                        _ => return Err(bad(&"expected clip, sapo, gmpo, gspo or cispo")),
                     }
                 }
                 "--dtype" => a.dtype = value.parse().map_err(|e: Error| bad(&e))?,
@@ -236,6 +260,8 @@ struct Batch<T> {
     opts: TokenLogprobsOptions,
     kl: KlPlacement,
     estimator: Estimator,
+    /// The policy loss's options.
+    loss: PolicyLossOptions,
 }
 
 impl<T: Element> Batch<T> {
@@ -272,6 +298,7 @@ impl<T: Element> Batch<T> {
             opts,
             kl: args.kl,
             estimator: args.estimator,
+            loss: policy_options(args.objective),
         }
     }
 
@@ -328,14 +355,15 @@ fn run<T: Element + Scalar>(args: &Args) -> Result<bool, Error> {
     let batch = Batch::<T>::new(args);
     println!("backend: {}", backend.describe());
     println!(
-        "batch: {} sequences x {} tokens, vocabulary {}, {} logits, temperature {}, KL as a {:?} term, {:?} advantages",
+        "batch: {} sequences x {} tokens, vocabulary {}, {} logits, temperature {}, KL as a {:?} term, {:?} advantages, {:?} loss",
         batch.seq_shape.rows,
         batch.seq_shape.cols,
         batch.shape.cols,
         T::DTYPE,
         args.temperature,
         args.kl,
-        args.estimator
+        args.estimator,
+        args.objective
     );
     let produced = backend.run(PpoStep { batch: &batch, iters: args.iters })?;
     check(&batch, &produced, args.iters)
@@ -446,7 +474,7 @@ fn step<E: Executor, T: Element + Scalar>(
             .accumulate(kl_loss)
             .stats(E::stats_out(&mut policy_stats))
             .workspace(E::view_mut(&mut policy_ws));
-        e.policy_loss(&inputs, out, &policy_options())?;
+        e.policy_loss(&inputs, out, &batch.loss)?;
         if gae {
             let inputs =
                 ValueLossInputs::new(seqs, E::view(&values), E::view(&old_values), E::view(&returns))

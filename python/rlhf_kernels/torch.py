@@ -158,12 +158,13 @@ def exact_kl(
 
 
 def _policy_options(
-    objective, beta, clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef, aggregation, max_len,
+    objective, beta, tau, clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef, aggregation, max_len,
     global_counts,
 ) -> dict:
     """The native policy-loss keywords (shared by :func:`policy_loss` and the fused path)."""
     return dict(
-        objective=objective, beta=float(beta), clip_low=float(clip_low), clip_high=float(clip_high),
+        objective=objective, beta=float(beta), tau_pos=float(tau[0]), tau_neg=float(tau[1]),
+        clip_low=float(clip_low), clip_high=float(clip_high),
         dual_clip=dual_clip, log_ratio_clamp=None if log_ratio_clamp is None else float(log_ratio_clamp),
         entropy_coef=float(entropy_coef), **_counts_options(aggregation, max_len, global_counts),
     )
@@ -206,6 +207,8 @@ def policy_loss(
     entropy: Optional[torch.Tensor] = None,
     objective: str = "clip",
     beta: float = 0.0,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: Optional[float] = None,
@@ -219,7 +222,10 @@ def policy_loss(
 
     ``objective``: ``"clip"`` (per token ``max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high))``,
     ``r = exp(logp − old_logp)``, optional dual clip), ``"kl_penalty"`` (``−A·r + β·KL[π_old ‖ π]``),
-    ``"gspo"``, ``"cispo"``; ``aggregation``: ``"token_mean"``, ``"seq_mean_token_sum"``,
+    ``"gspo"``, ``"cispo"``, ``"sapo"`` (the soft gate ``−A·(4/τ)·σ(τ·(r − 1))``, ``τ = tau_pos``
+    where ``A > 0``, else ``tau_neg``: TRL's and verl's ``sapo``), ``"gmpo"`` (the geometric-mean
+    ratio of the sequence, each token's log-ratio clipped one-sided in log space by
+    ``clip_low`` / ``clip_high``: verl's ``geo_mean``); ``aggregation``: ``"token_mean"``, ``"seq_mean_token_sum"``,
     ``"seq_mean_token_mean"``, ``"seq_mean_token_sum_norm"`` (with ``max_len``);
     ``global_counts``: ``(valid_tokens, valid_sequences, sequences)`` of the whole batch when
     this is a micro-batch. With ``entropy`` the bonus ``−entropy_coef·H`` is included.
@@ -228,7 +234,7 @@ def policy_loss(
     a float64 tensor of statistics on the device; :func:`policy_stats` reads it.
     """
     options = _policy_options(
-        objective, beta, clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef,
+        objective, beta, (tau_pos, tau_neg), clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef,
         aggregation, max_len, global_counts,
     )
     return _PolicyLoss.apply(
@@ -277,6 +283,8 @@ def policy_loss_from_logits(
     temperature: float = 1.0,
     objective: str = "clip",
     beta: float = 0.0,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: Optional[float] = None,
@@ -312,7 +320,7 @@ def policy_loss_from_logits(
         kl_log_ratio_clamp=None if kl_log_ratio_clamp is None else float(kl_log_ratio_clamp),
         kl_value_clamp=None if kl_value_clamp is None else float(kl_value_clamp),
         **_policy_options(
-            objective, beta, clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef,
+            objective, beta, (tau_pos, tau_neg), clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef,
             aggregation, max_len, global_counts,
         ),
     )

@@ -23,7 +23,7 @@ pub const STATS_WORDS: usize = raw::POLICY_STATS_WORDS;
 /// into `grad_entropy` when given, and the statistics into `stats` (float64, 15 words; the
 /// scalar loss is word 0), all on the tensors' device.
 #[pyfunction]
-#[pyo3(signature = (logp, old_logp, advantages, stats, *, mask=None, entropy=None, grad_logp=None, grad_entropy=None, objective="clip", beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, log_ratio_clamp=20.0, entropy_coef=0.0, aggregation="token_mean", max_len=0, global_counts=None, status=None, stream=0))]
+#[pyo3(signature = (logp, old_logp, advantages, stats, *, mask=None, entropy=None, grad_logp=None, grad_entropy=None, objective="clip", beta=0.0, tau_pos=1.0, tau_neg=1.05, clip_low=0.2, clip_high=0.2, dual_clip=None, log_ratio_clamp=20.0, entropy_coef=0.0, aggregation="token_mean", max_len=0, global_counts=None, status=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_loss(
     py: Python<'_>,
@@ -37,6 +37,8 @@ pub fn policy_loss(
     grad_entropy: Option<&Bound<'_, PyAny>>,
     objective: &str,
     beta: f32,
+    tau_pos: f32,
+    tau_neg: f32,
     clip_low: f32,
     clip_high: f32,
     dual_clip: Option<f32>,
@@ -51,6 +53,7 @@ pub fn policy_loss(
     let opts = policy_options(
         objective,
         beta,
+        [tau_pos, tau_neg],
         [clip_low, clip_high],
         dual_clip,
         log_ratio_clamp,
@@ -130,6 +133,7 @@ pub fn policy_loss(
 pub(crate) fn policy_options(
     objective: &str,
     beta: f32,
+    [tau_pos, tau_neg]: [f32; 2],
     [clip_low, clip_high]: [f32; 2],
     dual_clip: Option<f32>,
     log_ratio_clamp: Option<f32>,
@@ -142,9 +146,11 @@ pub(crate) fn policy_options(
         "kl_penalty" => PolicyObjective::KlPenalty { beta },
         "gspo" => PolicyObjective::Gspo,
         "cispo" => PolicyObjective::Cispo,
+        "sapo" => PolicyObjective::Sapo { tau_pos, tau_neg },
+        "gmpo" => PolicyObjective::Gmpo,
         other => {
             return Err(PyValueError::new_err(format!(
-                "objective: {other:?}, expected \"clip\", \"kl_penalty\", \"gspo\" or \"cispo\""
+                "objective: {other:?}, expected \"clip\", \"kl_penalty\", \"gspo\", \"cispo\", \"sapo\" or \"gmpo\""
             )));
         }
     };

@@ -54,7 +54,7 @@ pub fn fused_workspace_bytes(
 /// `fused_workspace_bytes`, 1-D contiguous, 16-byte aligned) holds the temporaries; without it
 /// they are allocated per call.
 #[pyfunction]
-#[pyo3(signature = (logits, targets, old_logp, advantages, grad_logits, stats, *, mask=None, ref_logp=None, workspace=None, temperature=1.0, objective="clip", beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, log_ratio_clamp=20.0, entropy_coef=0.0, aggregation="token_mean", max_len=0, global_counts=None, kl_estimator="grad_policy_ref", kl_coef=1.0, kl_log_ratio_clamp=Some(20.0), kl_value_clamp=Some(10.0), status=None, stream=0))]
+#[pyo3(signature = (logits, targets, old_logp, advantages, grad_logits, stats, *, mask=None, ref_logp=None, workspace=None, temperature=1.0, objective="clip", beta=0.0, tau_pos=1.0, tau_neg=1.05, clip_low=0.2, clip_high=0.2, dual_clip=None, log_ratio_clamp=20.0, entropy_coef=0.0, aggregation="token_mean", max_len=0, global_counts=None, kl_estimator="grad_policy_ref", kl_coef=1.0, kl_log_ratio_clamp=Some(20.0), kl_value_clamp=Some(10.0), status=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_loss_from_logits(
     py: Python<'_>,
@@ -70,6 +70,8 @@ pub fn policy_loss_from_logits(
     temperature: f32,
     objective: &str,
     beta: f32,
+    tau_pos: f32,
+    tau_neg: f32,
     clip_low: f32,
     clip_high: f32,
     dual_clip: Option<f32>,
@@ -90,6 +92,7 @@ pub fn policy_loss_from_logits(
     let loss = policy_options(
         objective,
         beta,
+        [tau_pos, tau_neg],
         [clip_low, clip_high],
         dual_clip,
         log_ratio_clamp,

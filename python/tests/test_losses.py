@@ -210,12 +210,21 @@ def test_moments_and_whiten(device, keep_mean):
         masked_moments(logp.double(), mask)
 
 
+FUSED_OBJECTIVES = [
+    dict(dual_clip=3.0),
+    dict(objective="sapo", tau_pos=0.8, tau_neg=1.3),
+    dict(objective="gmpo", clip_low=0.3, clip_high=0.4),
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_kl", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_policy_loss_from_logits_equals_the_composition(device, with_kl, dtype):
+@pytest.mark.parametrize("objective", FUSED_OBJECTIVES, ids=["clip", "sapo", "gmpo"])
+def test_policy_loss_from_logits_equals_the_composition(device, with_kl, dtype, objective):
     """The fused path's loss, gradient w.r.t. the logits and statistics equal token_logprobs →
-    policy_loss (+ sampled_kl) → autograd, on the same logits; a causal-shift view is copied."""
+    policy_loss (+ sampled_kl) → autograd, on the same logits, for the clipped surrogate and the
+    sequence (GMPO) and soft-gate (SAPO) variants; a causal-shift view is copied."""
     torch.manual_seed(3)
     b, t, v = 3, 6, 77
     base = (torch.randn(b, t + 1, v) * 2).to(device=device, dtype=dtype)
@@ -223,7 +232,7 @@ def test_policy_loss_from_logits_equals_the_composition(device, with_kl, dtype):
     targets = torch.randint(0, v, (b, t), device=device)
     old = logp_ref - 1.0
     adv = torch.randn(b, t, device=device)
-    options = dict(entropy_coef=0.01, dual_clip=3.0, aggregation="seq_mean_token_mean")
+    options = dict(entropy_coef=0.01, aggregation="seq_mean_token_mean", **objective)
     kl = dict(ref_logp=ref, kl_estimator="grad_policy_ref", kl_coef=0.1) if with_kl else {}
 
     fused_logits = base.clone().requires_grad_(True)

@@ -23,14 +23,16 @@ pub struct PolicyLoss {
     pub stats: PolicyLossStats,
 }
 
-/// One token's loss and `∂L/∂logp` for the ratio `r` of its objective (`ratio_clamped`: the
-/// log-ratio clamp was active), and whether it is clipped low, high or by the dual clip.
+/// One token's loss and `∂L/∂logp` for the log-ratio `lr` of its objective (`ratio_clamped`:
+/// the log-ratio clamp was active), and whether it is clipped low, high or by the dual clip.
+/// `gmpo`: the sequence's GMPO ratio and mean advantage.
 fn token_terms(
     opts: &PolicyLossOptions,
     logp: f64,
     lr: f64,
     ratio_clamped: bool,
     a: f64,
+    gmpo: [f64; 2],
 ) -> (f64, f64, [bool; 3]) {
     let r = lr.exp();
     let (lo, hi) = (1.0 - opts.clip_low as f64, 1.0 + opts.clip_high as f64);
@@ -56,6 +58,35 @@ fn token_terms(
             (l, g, [false; 3])
         }
         PolicyObjective::Cispo => (-clip * a * logp, -clip * a, [r < lo, r > hi, false]),
+        PolicyObjective::Sapo { tau_pos, tau_neg } => {
+            let tau = if a > 0.0 { tau_pos } else { tau_neg } as f64;
+            let x = tau * (r - 1.0);
+            let sigmoid = 1.0 / (1.0 + (-x).exp());
+            // σ(x)·σ(−x)·r = e^{lr − |x|} / (1 + e^{−|x|})²: finite for every ratio.
+            let e = (-x.abs()).exp();
+            let slope = 4.0 * (lr - x.abs()).exp() / ((1.0 + e) * (1.0 + e));
+            (-a * (4.0 / tau) * sigmoid, if ratio_clamped { 0.0 } else { -a * slope }, [false; 3])
+        }
+        PolicyObjective::Gmpo => {
+            let ([ratio, mean_adv], (c, [low, high])) = (gmpo, gmpo_clip(opts, lr, a));
+            let unclipped = a != 0.0 && c == lr && !ratio_clamped;
+            let l = -mean_adv * ratio;
+            (l, if unclipped { l } else { 0.0 }, [low, high, false])
+        }
+    }
+}
+
+/// GMPO's token log-ratio clipped one-sided in log space (`lr` already clamped): `min(lr,
+/// ε_high)` where `A > 0`, `max(lr, −ε_low)` where `A < 0`, 0 where `A = 0`; and whether the
+/// clip moved it below / above.
+fn gmpo_clip(opts: &PolicyLossOptions, lr: f64, a: f64) -> (f64, [bool; 2]) {
+    let (lo, hi) = (-(opts.clip_low as f64), opts.clip_high as f64);
+    if a > 0.0 {
+        (lr.min(hi), [false, lr > hi])
+    } else if a < 0.0 {
+        (lr.max(lo), [lr < lo, false])
+    } else {
+        (0.0, [false; 2])
     }
 }
 
@@ -105,13 +136,21 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, opts: &PolicyLossOptions) -> R
         let valid: Vec<usize> = shape.row_range(i).filter(|&t| mask.is_none_or(|m| m[t] != 0)).collect();
         let w = opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i));
         let lr_of = |t: usize| inputs.logp[t] as f64 - inputs.old_logp[t] as f64;
+        let adv = |t: usize| inputs.advantages[t] as f64;
+        let n_valid = valid.len().max(1) as f64;
         // GSPO: the sequence's mean log-ratio, clamped.
-        let seq_lr = valid.iter().map(|&t| lr_of(t)).sum::<f64>() / valid.len().max(1) as f64;
+        let seq_lr = valid.iter().map(|&t| lr_of(t)).sum::<f64>() / n_valid;
+        // GMPO: the geometric-mean ratio of the clipped log-ratios and the mean advantage.
+        let gmpo_ratio =
+            (valid.iter().map(|&t| gmpo_clip(opts, lr_of(t).clamp(-clamp, clamp), adv(t)).0).sum::<f64>()
+                / n_valid)
+                .exp();
+        let mean_adv = valid.iter().map(|&t| adv(t)).sum::<f64>() / n_valid;
         for &t in &valid {
             let raw = if opts.objective == PolicyObjective::Gspo { seq_lr } else { lr_of(t) };
             let lr = raw.clamp(-clamp, clamp);
             let (l, g, [lo, hi, du]) =
-                token_terms(opts, inputs.logp[t] as f64, lr, lr != raw, inputs.advantages[t] as f64);
+                token_terms(opts, inputs.logp[t] as f64, lr, lr != raw, adv(t), [gmpo_ratio, mean_adv]);
             let j = i * shape.cols + (t - shape.row_start(i));
             out.loss[j] = l;
             out.grad_logp[j] = w * g;

@@ -357,11 +357,16 @@ pub fn group_options(b: &Batch) -> GroupAdvantageOptions {
 
 /// The policy-loss options a batch picks.
 pub fn policy_options(b: &Batch, cols: usize) -> PolicyLossOptions {
-    let objective = match b.pick[0] % 4 {
+    let objective = match b.pick[0] % 6 {
         0 => PolicyObjective::Clip,
         1 => PolicyObjective::KlPenalty { beta: b.scalars[0] },
         2 => PolicyObjective::Gspo,
-        _ => PolicyObjective::Cispo,
+        3 => PolicyObjective::Cispo,
+        4 => PolicyObjective::Sapo {
+            tau_pos: b.scalars[0].abs().max(1e-3),
+            tau_neg: b.scalars[1].abs().max(1e-3),
+        },
+        _ => PolicyObjective::Gmpo,
     };
     let clamp = match b.pick[1] % 3 {
         0 => Some(20.0),

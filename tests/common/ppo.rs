@@ -142,6 +142,10 @@ pub fn objectives() -> Vec<PolicyLossOptions> {
         PolicyLossOptions::new(PolicyObjective::KlPenalty { beta: 0.1 }),
         PolicyLossOptions::new(PolicyObjective::Gspo).clip(0.05, 0.08),
         PolicyLossOptions::new(PolicyObjective::Cispo).clip(1.0, 0.28),
+        PolicyLossOptions::new(PolicyObjective::SAPO),
+        PolicyLossOptions::new(PolicyObjective::Sapo { tau_pos: 0.5, tau_neg: 3.0 }).log_ratio_clamp(None),
+        PolicyLossOptions::new(PolicyObjective::Gmpo).clip(0.4, 0.4),
+        PolicyLossOptions::new(PolicyObjective::Gmpo).clip(0.05, 0.1).log_ratio_clamp(Some(0.5)),
     ]
 }
 
@@ -266,6 +270,49 @@ pub fn policy_branches(b: &impl PpoBackend) {
     }
     let gspo = PolicyLossOptions::new(PolicyObjective::Gspo).aggregation(Aggregation::SeqMeanTokenMean);
     finite_differences(b, &gspo_case, &gspo, &(0..18).collect::<Vec<_>>());
+    sapo_and_gmpo_branches(b);
+}
+
+/// SAPO's gate is smooth: its gradient matches central differences everywhere, far ratios
+/// included, for both temperatures. GMPO's sequence loss, with advantages that vary within a
+/// sequence, has the exact gradient at the tokens its log-space clip leaves alone and 0 at the
+/// others, under every aggregation.
+fn sapo_and_gmpo_branches(b: &impl PpoBackend) {
+    // (log-ratio, advantage), one sequence each of 5 tokens.
+    #[rustfmt::skip]
+    let points: [(f32, f32); 10] = [
+        (-2.0, 1.0), (-0.1, 1.0), (0.0, 1.5), (0.3, 0.5), (2.5, 1.0),     // SAPO τ₊; GMPO: 0.3 > 0.2 clipped
+        (-2.5, -1.0), (-0.3, -0.5), (0.1, -1.0), (1.2, -2.0), (0.05, 0.0), // τ₋; GMPO: −0.3 < −0.2 clipped, A = 0
+    ];
+    let old: Vec<f32> = (0..points.len()).map(|i| -1.5 - 0.05 * i as f32).collect();
+    let c = PolicyCase {
+        shape: RowShape::new(2, 5),
+        logp: points.iter().zip(&old).map(|((lr, _), o)| o + lr).collect(),
+        old_logp: old,
+        advantages: points.iter().map(|p| p.1).collect(),
+        mask: None,
+        entropy: None,
+    };
+    let all: Vec<usize> = (0..points.len()).collect();
+    for aggregation in AGGREGATIONS {
+        for sapo in [PolicyObjective::SAPO, PolicyObjective::Sapo { tau_pos: 2.0, tau_neg: 0.7 }] {
+            let opts = PolicyLossOptions::new(sapo).aggregation(aggregation);
+            finite_differences(b, &c, &opts, &all);
+            let got = b.policy(&c, &opts).unwrap();
+            assert!(got.grad_logp.iter().enumerate().all(|(t, &g)| (g == 0.0) == (points[t].1 == 0.0)));
+        }
+        let gmpo = PolicyLossOptions::new(PolicyObjective::Gmpo).clip(0.2, 0.2).aggregation(aggregation);
+        finite_differences(b, &c, &gmpo, &all);
+        let got = b.policy(&c, &gmpo).unwrap();
+        let zero: Vec<bool> = got.grad_logp.iter().map(|&g| g == 0.0).collect();
+        // Clipped: 0.3 with A > 0 (index 3), 2.5 (4); −2.5 and −0.3 with A < 0 (5, 6); A = 0 (9).
+        assert_eq!(
+            zero,
+            [false, false, false, true, true, true, true, false, false, true],
+            "{aggregation:?}"
+        );
+        assert_eq!((got.stats.clip_fraction_low, got.stats.clip_fraction_high), (0.2, 0.2));
+    }
 }
 
 /// `grad_logp[t]` against the central difference of the reference's aggregated loss.

@@ -16,10 +16,16 @@ use crate::{
 /// The per-row constants of the policy kernel.
 #[derive(Debug, Clone, Copy)]
 struct RowParams {
-    /// 0 clip, 1 PPO-KL, 2 GSPO, 3 CISPO.
+    /// 0 clip, 1 PPO-KL, 2 GSPO, 3 CISPO, 4 SAPO, 5 GMPO (`PolicyObjective::code`).
     objective: u8,
     lo: f32,
     hi: f32,
+    /// GMPO's log-space bounds `−ε_low`, `ε_high`.
+    log_lo: f32,
+    log_hi: f32,
+    /// SAPO's `τ₊`, `τ₋` and gate scales `4/τ₊`, `4/τ₋`.
+    tau: [f32; 2],
+    gate: [f32; 2],
     /// Dual clip bound (`+inf` without one).
     dual: f32,
     clamp: f32,
@@ -29,6 +35,8 @@ struct RowParams {
     grad_h: f32,
     /// GSPO: the row's raw mean log-ratio.
     seq_lr: f32,
+    /// GMPO: the row's loss `−Ā·exp(mean_t c_t)`.
+    seq_loss: f32,
     accumulate: bool,
 }
 
@@ -77,10 +85,11 @@ const SUMS: usize = 10;
 
 /// One row of the policy loss, [`STEP`] tokens at a time in branch-free f32 (every
 /// objective's formula evaluated, the row's chosen by a select), so that it vectorises; the
-/// tail is padded with masked tokens. Per token (MATH.md §4): `r = e^lr`, clip family
-/// `L = max(−A·r, −A·clip(r))` (then `min(·, −A·c)` where `A < 0`), gradient `−A·r` where
-/// unclipped and the log-ratio clamp inactive; PPO-KL `−A·r + β·((r − 1) − lr)`; CISPO
-/// `−clip(r)·A·logp`.
+/// tail is padded with masked tokens. Per token (MATH.md §4, `crate::ppo` docs): `r = e^lr`,
+/// clip family `L = max(−A·r, −A·clip(r))` (then `min(·, −A·c)` where `A < 0`), gradient
+/// `−A·r` where unclipped and the log-ratio clamp inactive; PPO-KL `−A·r + β·((r − 1) − lr)`;
+/// CISPO `−clip(r)·A·logp`; SAPO `−A·(4/τ)·σ(τ(r − 1))`; GMPO the row's loss, its gradient at
+/// the tokens the log-space clip leaves alone.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // parallel lane arrays
 fn policy_row_generic<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOutputs<'_>) -> RowSums {
@@ -123,9 +132,24 @@ fn policy_row_generic<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOu
             let l_kl = neg_a * r + p.beta * ((r - 1.0) - lr);
             let g_kl = if clamped { 0.0 } else { neg_a * r + p.beta * (r - 1.0) };
             let (l_ci, g_ci) = (-clip * a * lpk, -clip * a);
+            // SAPO: σ(x) and σ(x)·σ(−x)·r from e = e^{−|x|} (r·e is 0 where e underflows).
+            let pos = a > 0.0;
+            let x = (if pos { p.tau[0] } else { p.tau[1] }) * (r - 1.0);
+            let e = simd::exp2(-x.abs() * LOG2E);
+            let inv = 1.0 / (1.0 + e);
+            let sigmoid = if x >= 0.0 { inv } else { e * inv };
+            let l_sa = neg_a * (if pos { p.gate[0] } else { p.gate[1] }) * sigmoid;
+            let re = if e > 0.0 { r * e } else { 0.0 };
+            let g_sa = if clamped { 0.0 } else { neg_a * 4.0 * re * inv * inv };
+            // GMPO: one-sided log-space clip of the token's log-ratio.
+            let (gm_low, gm_high) = (a < 0.0 && lr < p.log_lo, pos && lr > p.log_hi);
+            let gm_free = (pos && lr <= p.log_hi) || (a < 0.0 && lr >= p.log_lo);
+            let g_gm = if gm_free && !clamped { p.seq_loss } else { 0.0 };
             let (l, g, low, high, dual) = match p.objective {
                 1 => (l_kl, g_kl, false, false, false),
                 3 => (l_ci, g_ci, r < p.lo, r > p.hi, false),
+                4 => (l_sa, g_sa, false, false, false),
+                5 => (p.seq_loss, g_gm, gm_low, gm_high, false),
                 _ => (l_clip, g_clip, a < 0.0 && r < p.lo, a > 0.0 && r > p.hi, a < 0.0 && r > p.dual),
             };
             let f = |b: bool| if b && m { 1.0 } else { 0.0 };
@@ -220,8 +244,12 @@ pub fn policy_loss(
         PolicyObjective::KlPenalty { .. } => 1,
         PolicyObjective::Gspo => 2,
         PolicyObjective::Cispo => 3,
+        PolicyObjective::Sapo { .. } => 4,
+        PolicyObjective::Gmpo => 5,
     };
     let beta = if let PolicyObjective::KlPenalty { beta } = opts.objective { beta } else { 0.0 };
+    let (tau_pos, tau_neg) = opts.objective.sapo_taus();
+    let clamp = opts.lr_clamp();
     let rows: Vec<(f64, RowSums)> = rows_mut(loss, shape)
         .zip(rows_mut(grad_logp, shape))
         .zip(rows_mut(grad_entropy, shape))
@@ -232,12 +260,29 @@ pub fn policy_loss(
             let n_valid = valid_in_row(shape, mask, i);
             let w = opts.aggregation.token_weight(counts, n_valid);
             let (lp, old) = (&inputs.logp[range.clone()], &inputs.old_logp[range.clone()]);
+            let adv = &inputs.advantages[range.clone()];
+            let valid = || (0..shape.cols).filter(|&j| row_mask.is_none_or(|m| m[j] != 0));
+            let per_valid = n_valid.max(1) as f64;
             let seq_lr = if objective == 2 {
-                let sum: f64 = (0..shape.cols)
-                    .filter(|&j| row_mask.is_none_or(|m| m[j] != 0))
-                    .map(|j| (lp[j] - old[j]) as f64)
-                    .sum();
-                (sum / n_valid.max(1) as f64) as f32
+                let sum: f64 = valid().map(|j| (lp[j] - old[j]) as f64).sum();
+                (sum / per_valid) as f32
+            } else {
+                0.0
+            };
+            let seq_loss = if objective == 5 {
+                let (mut c_sum, mut a_sum) = (0.0f64, 0.0f64);
+                for j in valid() {
+                    let (lr, a) = ((lp[j] - old[j]).clamp(-clamp, clamp), adv[j]);
+                    let c = if a > 0.0 {
+                        lr.min(opts.clip_high)
+                    } else if a < 0.0 {
+                        lr.max(-opts.clip_low)
+                    } else {
+                        0.0
+                    };
+                    (c_sum, a_sum) = (c_sum + c as f64, a_sum + a as f64);
+                }
+                (-(a_sum / per_valid) * (c_sum / per_valid).exp()) as f32
             } else {
                 0.0
             };
@@ -245,16 +290,20 @@ pub fn policy_loss(
                 objective,
                 lo: 1.0 - opts.clip_low,
                 hi: 1.0 + opts.clip_high,
+                log_lo: -opts.clip_low,
+                log_hi: opts.clip_high,
+                tau: [tau_pos, tau_neg],
+                gate: [4.0 / tau_pos, 4.0 / tau_neg],
                 dual: opts.dual_bound(),
-                clamp: opts.lr_clamp(),
+                clamp,
                 beta,
                 w: w as f32,
                 grad_h: (-(opts.entropy_coef as f64) * w) as f32,
                 seq_lr,
+                seq_loss,
                 accumulate,
             };
             let ent = inputs.entropy.map(|h| &h[range.clone()]);
-            let adv = &inputs.advantages[range];
             let x = RowInputs { lp, old, adv, ent, mask: row_mask };
             (w, policy_row(&p, x, RowOutputs { loss, grad, grad_h }))
         })

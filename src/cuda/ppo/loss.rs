@@ -63,20 +63,24 @@ struct PolicyParams {
     sequences: f64,
     counts: u64,
     records: u64,
+    /// SAPO's temperatures τ₊, τ₋ (1 for the other objectives).
+    tau_pos: f32,
+    tau_neg: f32,
 }
 
 // The kernels pin the same size and offsets (`static_assert` in kernels/).
-pin_layout!(PolicyParams, 168, {
+pin_layout!(PolicyParams, 176, {
     logp: 0, old_logp: 8, advantages: 16, mask: 24, entropy: 32, loss: 40, grad_logp: 48,
     grad_entropy: 56, ld: 64, rows: 72, cols: 76, objective: 80, clip_low: 84, clip_high: 88,
     dual: 92, lr_clamp: 96, beta: 100, entropy_coef: 104, aggregation: 108, max_len: 112,
     weights_known: 120, accumulate: 124, tokens: 128, valid_sequences: 136, sequences: 144,
-    counts: 152, records: 160,
+    counts: 152, records: 160, tau_pos: 168, tau_neg: 172,
 });
 
 // SAFETY: repr(C) with the layout of the kernels' `struct PolicyParams` (asserted above and in
 // the kernel): eight 8-byte pointers, a 64-bit stride, three ints, six floats, an int, a
-// double, two ints, three doubles and two pointers, in that order on both sides (168 bytes).
+// double, two ints, three doubles, two pointers and two floats, in that order on both sides
+// (176 bytes).
 unsafe impl DeviceRepr for PolicyParams {}
 
 /// The launches shared by the two losses (kernels/ppo.cu): `{loss}_rows(Params, status)`
@@ -359,6 +363,8 @@ pub(crate) unsafe fn launch_policy(
         sequences: counts[2],
         counts: device_counts,
         records,
+        tau_pos: opts.objective.sapo_taus().0,
+        tau_neg: opts.objective.sapo_taus().1,
     };
     let launch = LossLaunch {
         kernels: ["policy_loss_rows", "policy_loss_finalize"],

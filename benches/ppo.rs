@@ -1,6 +1,7 @@
 //! Criterion benches of the PPO family on the shapes of benches/shapes.txt: the policy loss
-//! (clipped surrogate with dual clip and the entropy bonus, token-mean) writing both upstream
-//! gradients and the statistics, CPU and CUDA. Throughput counts the bytes the op must move.
+//! (clipped surrogate with dual clip and the entropy bonus, token-mean; on the CPU also SAPO
+//! and GMPO, sequence-mean-token-mean) writing both upstream gradients and the statistics, CPU
+//! and CUDA. Throughput counts the bytes the op must move.
 
 mod common;
 
@@ -8,8 +9,8 @@ use common::{config, id};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
-    DType, Element, FusedPolicyInputs, FusedPolicyOptions, PolicyLossInputs, PolicyLossOptions,
-    PolicyLossOutputs, RowShape, Tokens, bf16, cpu, f16,
+    Aggregation, DType, Element, FusedPolicyInputs, FusedPolicyOptions, PolicyLossInputs, PolicyLossOptions,
+    PolicyLossOutputs, PolicyObjective, RowShape, Tokens, bf16, cpu, f16,
 };
 
 /// Tokens per sequence of the fused-path bench.
@@ -73,20 +74,34 @@ fn opts() -> PolicyLossOptions {
     PolicyLossOptions::default().dual_clip(Some(3.0)).entropy_coef(0.01)
 }
 
+/// The variants beside the clipped loss, on its shapes: (bench group, options).
+fn variants() -> [(&'static str, PolicyLossOptions); 3] {
+    let per_sequence = |o: PolicyObjective| {
+        PolicyLossOptions::new(o).entropy_coef(0.01).aggregation(Aggregation::SeqMeanTokenMean)
+    };
+    [
+        ("ppo_loss", opts()),
+        ("ppo_loss_sapo", per_sequence(PolicyObjective::SAPO)),
+        ("ppo_loss_gmpo", per_sequence(PolicyObjective::Gmpo).clip(0.4, 0.4)),
+    ]
+}
+
 fn bench_cpu(c: &mut Criterion) {
     for (shape, _) in common::shapes("ppo_loss", "cpu") {
         let d = data(shape);
         let (mut g, mut h) = (vec![0.0f32; shape.len()], vec![0.0f32; shape.len()]);
         let inputs = PolicyLossInputs::new(shape, &d.logp, &d.old, &d.adv).mask(&d.mask).entropy(&d.entropy);
-        let mut grp = c.benchmark_group("ppo_loss");
-        grp.throughput(Throughput::Bytes(loss_bytes(shape)));
-        grp.bench_function(id("cpu", shape, DType::F32), |b| {
-            b.iter(|| {
-                let out = PolicyLossOutputs::default().grad_logp(&mut g).grad_entropy(&mut h);
-                cpu::policy_loss(&inputs, out, &opts()).unwrap()
-            })
-        });
-        grp.finish();
+        for (name, opts) in variants() {
+            let mut grp = c.benchmark_group(name);
+            grp.throughput(Throughput::Bytes(loss_bytes(shape)));
+            grp.bench_function(id("cpu", shape, DType::F32), |b| {
+                b.iter(|| {
+                    let out = PolicyLossOutputs::default().grad_logp(&mut g).grad_entropy(&mut h);
+                    cpu::policy_loss(&inputs, out, &opts).unwrap()
+                })
+            });
+            grp.finish();
+        }
     }
     for (shape, dtype) in common::shapes("ppo_fused", "cpu") {
         match dtype {

@@ -32,6 +32,10 @@ Ratios of the Rust benches are taken against the faster of alloc and out.
   ppo_loss                    alloc: verl's compute_policy_loss_vanilla (clamp 20, ε = 0.2, dual
                                      clip 3, clip fractions, ppo_kl), token-mean aggregation, the
                                      entropy bonus, autograd.grad w.r.t. logp and the entropy
+  ppo_loss_sapo               alloc: verl's compute_policy_loss_sapo (clamp 20, τ₊ = 1, τ₋ = 1.05,
+                                     ppo_kl), seq-mean-token-mean, the entropy bonus, autograd.grad
+  ppo_loss_gmpo               alloc: verl's compute_policy_loss_geo_mean (log-space clip 0.4, clip
+                                     fractions, ppo_kl), the entropy bonus, autograd.grad
   ppo_fused                   alloc: log_softmax(x.float()).gather (the log-probs), the entropy,
                                      verl's clipped loss with the entropy bonus (token-mean) and
                                      autograd.grad w.r.t. the logits x
@@ -69,6 +73,8 @@ def op_bytes(op, rows, cols, dtype):
         "gae": n * (4 + 4 + 1 + 4 + 4),
         "grpo": rows * (4 + 4 + 4),
         "ppo_loss": n * (4 * 4 + 1 + 8),
+        "ppo_loss_sapo": n * (4 * 4 + 1 + 8),
+        "ppo_loss_gmpo": n * (4 * 4 + 1 + 8),
         "ppo_fused": 3 * n * t + rows * (8 + 1 + 4 + 4),
     }[op]
 
@@ -305,6 +311,56 @@ def cases(op, rows, cols, dtype, device):
             return loss.detach(), stats, torch.autograd.grad(loss, (lp, h))
 
         yield "ppo_loss", ours({"alloc": ppo}, with_grad(ours_ppo))
+
+        def seq_mean_token_mean(x):
+            n = mask.sum(-1)
+            return ((x * mask).sum(-1) / (n + 1e-8)).sum() / (n > 0).float().sum()
+
+        def sapo_graph():  # verl's compute_policy_loss_sapo (clamp 20, τ₊ = 1, τ₋ = 1.05)
+            lp, h = logp.detach().requires_grad_(True), ent.detach().requires_grad_(True)
+            negative_approx_kl = torch.clamp(lp - old, -20.0, 20.0)
+            ratio = torch.exp(negative_approx_kl)
+            taus = torch.where(adv > 0, torch.tensor(1.0), torch.tensor(1.05))
+            gates = torch.sigmoid(taus * (ratio - 1.0)) * (4.0 / taus)
+            ppo_kl = masked_mean(-negative_approx_kl)
+            loss = seq_mean_token_mean(-gates * adv) - 0.01 * seq_mean_token_mean(h)
+            return loss.detach(), ppo_kl.detach(), torch.autograd.grad(loss, (lp, h))
+
+        def ours_sapo():
+            lp, h = logp.detach().requires_grad_(True), ent.detach().requires_grad_(True)
+            loss, stats = rk.policy_loss(
+                lp, old, adv, bool_mask, entropy=h, objective="sapo", entropy_coef=0.01,
+                aggregation="seq_mean_token_mean",
+            )
+            return loss.detach(), stats, torch.autograd.grad(loss, (lp, h))
+
+        yield "ppo_loss_sapo", ours({"alloc": with_grad(sapo_graph)}, with_grad(ours_sapo))
+
+        def gmpo_graph():  # verl's compute_policy_loss_geo_mean (log-space clip 0.4)
+            lp, h = logp.detach().requires_grad_(True), ent.detach().requires_grad_(True)
+            negative_approx_kl = lp - old
+            ppo_kl = masked_mean(-negative_approx_kl)
+            sgn = torch.sign(adv)
+            clamped = torch.clamp(negative_approx_kl, -0.4, 0.4)
+            kl_min = sgn * torch.min(sgn * negative_approx_kl, sgn * clamped)
+            n = mask.sum(-1)
+            ratio = torch.exp((kl_min * mask).sum(-1) / (n + 1e-8))
+            advantage = (adv * mask).sum(-1) / (n + 1e-8)
+            clipped = torch.ne(negative_approx_kl, clamped)
+            clipfrac = masked_mean((clipped * (adv > 0)).float())
+            clipfrac_lower = masked_mean((clipped * (adv < 0)).float())
+            loss = torch.mean(-advantage * ratio) - 0.01 * seq_mean_token_mean(h)
+            return loss.detach(), ppo_kl.detach(), clipfrac, clipfrac_lower, torch.autograd.grad(loss, (lp, h))
+
+        def ours_gmpo():
+            lp, h = logp.detach().requires_grad_(True), ent.detach().requires_grad_(True)
+            loss, stats = rk.policy_loss(
+                lp, old, adv, bool_mask, entropy=h, objective="gmpo", clip_low=0.4, clip_high=0.4,
+                entropy_coef=0.01, aggregation="seq_mean_token_mean",
+            )
+            return loss.detach(), stats, torch.autograd.grad(loss, (lp, h))
+
+        yield "ppo_loss_gmpo", ours({"alloc": with_grad(gmpo_graph)}, with_grad(ours_gmpo))
     elif op == "ppo_fused":
         y = torch.randint(0, cols, (rows, 1), generator=gen).to(device)
         adv = torch.randn(rows, generator=gen).to(device)

@@ -35,8 +35,8 @@ struct RowParams {
     grad_h: f32,
     /// GSPO: the row's raw mean log-ratio.
     seq_lr: f32,
-    /// GMPO: the row's loss `−Ā·exp(mean_t c_t)`.
-    seq_loss: f32,
+    /// The row's valid tokens.
+    n_valid: usize,
     accumulate: bool,
 }
 
@@ -92,7 +92,12 @@ const SUMS: usize = 10;
 /// the tokens the log-space clip leaves alone.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // parallel lane arrays
-fn policy_row_generic<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOutputs<'_>) -> RowSums {
+fn policy_row_generic<T: Element, V: Variant>(
+    p: &RowParams,
+    x: RowInputs<'_, T>,
+    out: RowOutputs<'_>,
+) -> RowSums {
+    let seq_loss = if V::GMPO { gmpo_row_loss(p, &x) } else { 0.0 };
     let RowInputs { lp, old, adv, ent, mask } = x;
     let RowOutputs { mut loss, mut grad, mut grad_h } = out;
     let cols = lp.len();
@@ -132,24 +137,29 @@ fn policy_row_generic<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOu
             let l_kl = neg_a * r + p.beta * ((r - 1.0) - lr);
             let g_kl = if clamped { 0.0 } else { neg_a * r + p.beta * (r - 1.0) };
             let (l_ci, g_ci) = (-clip * a * lpk, -clip * a);
-            // SAPO: σ(x) and σ(x)·σ(−x)·r from e = e^{−|x|} (r·e is 0 where e underflows).
+            // SAPO: σ(x) and σ(x)·σ(−x)·r from e = e^{−|x|} (r·e is 0 where e underflows);
+            // compiled only into the SAPO instance (its exp costs the others ~10 %).
             let pos = a > 0.0;
-            let x = (if pos { p.tau[0] } else { p.tau[1] }) * (r - 1.0);
-            let e = simd::exp2(-x.abs() * LOG2E);
-            let inv = 1.0 / (1.0 + e);
-            let sigmoid = if x >= 0.0 { inv } else { e * inv };
-            let l_sa = neg_a * (if pos { p.gate[0] } else { p.gate[1] }) * sigmoid;
-            let re = if e > 0.0 { r * e } else { 0.0 };
-            let g_sa = if clamped { 0.0 } else { neg_a * 4.0 * re * inv * inv };
+            let (l_sa, g_sa) = if V::SAPO {
+                let x = (if pos { p.tau[0] } else { p.tau[1] }) * (r - 1.0);
+                let e = simd::exp2(-x.abs() * LOG2E);
+                let inv = 1.0 / (1.0 + e);
+                let sigmoid = if x >= 0.0 { inv } else { e * inv };
+                let re = if e > 0.0 { r * e } else { 0.0 };
+                let g = if clamped { 0.0 } else { neg_a * 4.0 * re * inv * inv };
+                (neg_a * (if pos { p.gate[0] } else { p.gate[1] }) * sigmoid, g)
+            } else {
+                (0.0, 0.0)
+            };
             // GMPO: one-sided log-space clip of the token's log-ratio.
             let (gm_low, gm_high) = (a < 0.0 && lr < p.log_lo, pos && lr > p.log_hi);
             let gm_free = (pos && lr <= p.log_hi) || (a < 0.0 && lr >= p.log_lo);
-            let g_gm = if gm_free && !clamped { p.seq_loss } else { 0.0 };
+            let g_gm = if gm_free && !clamped { seq_loss } else { 0.0 };
             let (l, g, low, high, dual) = match p.objective {
                 1 => (l_kl, g_kl, false, false, false),
                 3 => (l_ci, g_ci, r < p.lo, r > p.hi, false),
                 4 => (l_sa, g_sa, false, false, false),
-                5 => (p.seq_loss, g_gm, gm_low, gm_high, false),
+                5 => (seq_loss, g_gm, gm_low, gm_high, false),
                 _ => (l_clip, g_clip, a < 0.0 && r < p.lo, a > 0.0 && r > p.hi, a < 0.0 && r > p.dual),
             };
             let f = |b: bool| if b && m { 1.0 } else { 0.0 };
@@ -203,7 +213,60 @@ fn policy_row_generic<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOu
     }
 }
 
-dispatch!(fn policy_row<T: Element>(p: &RowParams, x: RowInputs<'_, T>, out: RowOutputs<'_>) -> RowSums = policy_row_generic);
+dispatch!(fn policy_row<T: Element, V: Variant>(p: &RowParams, x: RowInputs<'_, T>, out: RowOutputs<'_>) -> RowSums = policy_row_generic);
+
+/// What a row kernel instance evaluates beyond the common objectives: SAPO's gate, GMPO's
+/// pre-pass (types, so that the other instances skip both).
+trait Variant {
+    const SAPO: bool;
+    const GMPO: bool;
+}
+struct Common;
+struct SapoGate;
+struct GmpoRow;
+impl Variant for Common {
+    const SAPO: bool = false;
+    const GMPO: bool = false;
+}
+impl Variant for SapoGate {
+    const SAPO: bool = true;
+    const GMPO: bool = false;
+}
+impl Variant for GmpoRow {
+    const SAPO: bool = false;
+    const GMPO: bool = true;
+}
+
+/// GMPO's row loss `−Ā·exp(Σ c_t / n)` (module docs of `crate::ppo`): `c_t` the clamped token
+/// log-ratio clipped one-sided in log space, `Ā` the mean advantage; f64 sums in [`LANES`]
+/// lanes over the row, combined in a fixed order.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // parallel lane arrays
+fn gmpo_row_loss<T: Element>(p: &RowParams, x: &RowInputs<'_, T>) -> f32 {
+    let RowInputs { lp, old, adv, mask, .. } = *x;
+    let (clamp, lo, hi) = (p.clamp, p.log_lo, p.log_hi);
+    let (mut c_sum, mut a_sum) = ([0.0f64; LANES], [0.0f64; LANES]);
+    for start in (0..lp.len()).step_by(LANES) {
+        let m = LANES.min(lp.len() - start);
+        // Loads first, then branch-free selects (the advantages' signs are data: branches on
+        // them mispredict).
+        let (mut lr, mut a) = ([0.0f32; LANES], [0.0f32; LANES]);
+        for k in 0..m {
+            let t = start + k;
+            let valid = mask.is_none_or(|mk| mk[t] != 0);
+            lr[k] = (lp[t].to_f32() - old[t].to_f32()).clamp(-clamp, clamp);
+            a[k] = if valid { adv[t].to_f32() } else { 0.0 };
+        }
+        for k in 0..LANES {
+            let up = if a[k] > 0.0 { lr[k].min(hi) } else { 0.0 };
+            let c = if a[k] < 0.0 { lr[k].max(lo) } else { up };
+            c_sum[k] += c as f64;
+            a_sum[k] += a[k] as f64;
+        }
+    }
+    let per = p.n_valid.max(1) as f64;
+    (-(a_sum.iter().sum::<f64>() / per) * (c_sum.iter().sum::<f64>() / per).exp()) as f32
+}
 
 /// The policy loss (MATH.md §4, crate docs of [`PolicyObjective`]) of a `[B, T]` batch: per
 /// token `L` and `∂L/∂logp` in f32, the aggregate `Σ mask·w·L − c_H·Σ mask·w·H` under the
@@ -269,23 +332,6 @@ pub fn policy_loss(
             } else {
                 0.0
             };
-            let seq_loss = if objective == 5 {
-                let (mut c_sum, mut a_sum) = (0.0f64, 0.0f64);
-                for j in valid() {
-                    let (lr, a) = ((lp[j] - old[j]).clamp(-clamp, clamp), adv[j]);
-                    let c = if a > 0.0 {
-                        lr.min(opts.clip_high)
-                    } else if a < 0.0 {
-                        lr.max(-opts.clip_low)
-                    } else {
-                        0.0
-                    };
-                    (c_sum, a_sum) = (c_sum + c as f64, a_sum + a as f64);
-                }
-                (-(a_sum / per_valid) * (c_sum / per_valid).exp()) as f32
-            } else {
-                0.0
-            };
             let p = RowParams {
                 objective,
                 lo: 1.0 - opts.clip_low,
@@ -300,12 +346,18 @@ pub fn policy_loss(
                 w: w as f32,
                 grad_h: (-(opts.entropy_coef as f64) * w) as f32,
                 seq_lr,
-                seq_loss,
+                n_valid,
                 accumulate,
             };
             let ent = inputs.entropy.map(|h| &h[range.clone()]);
             let x = RowInputs { lp, old, adv, ent, mask: row_mask };
-            (w, policy_row(&p, x, RowOutputs { loss, grad, grad_h }))
+            let out = RowOutputs { loss, grad, grad_h };
+            let sums = match objective {
+                4 => policy_row::<_, SapoGate>(&p, x, out),
+                5 => policy_row::<_, GmpoRow>(&p, x, out),
+                _ => policy_row::<_, Common>(&p, x, out),
+            };
+            (w, sums)
         })
         .collect();
     if let Some(i) = rows.iter().position(|(_, s)| s.bad || s.overflow) {

@@ -50,14 +50,19 @@ for r in range(1, rounds + 1):
         j = json.loads(line)
         theirs.setdefault((j["op"], j["dtype"], j["shape"]), {}).setdefault(j["variant"], []).append(j["median_ms"])
 print("torch alloc: PyTorch allocates its output (what autograd does); torch out: preallocated output")
-print("ratio: the faster PyTorch variant / ours, median over rounds")
-print(f"{'op':<26} {'dtype':<5} {'shape':<11} {'ours ms':>8} {'torch alloc':>11} {'torch out':>9} {'ratio':>7}")
+print("ratio: the faster PyTorch variant / ours, median over rounds (the baseline's rlhf_kernels")
+print("       variant, this crate's Python module, is shown as 'py module' and left out of it)")
+print(f"{'op':<26} {'dtype':<5} {'shape':<11} {'ours ms':>8} {'torch alloc':>11} {'torch out':>9} "
+      f"{'py module':>9} {'ratio':>7}")
 for key, t in theirs.items():
     if key in ours and filt in key[0]:
         o = ours[key]
-        best = [min(v) for v in zip(*t.values())]
+        # PyTorch's variants only: the baseline also times this crate's Python module when it
+        # is installed ("rlhf_kernels"), which is not a PyTorch time.
+        torch_only = [v for name, v in t.items() if name != "rlhf_kernels"]
+        best = [min(v) for v in zip(*torch_only)]
         ratio = statistics.median(a / b for a, b in zip(best, o))
-        out = f"{statistics.median(t['out']):>9.3f}" if "out" in t else f"{'-':>9}"
+        col = lambda v: f"{statistics.median(t[v]):>9.3f}" if v in t else f"{'-':>9}"  # noqa: E731
         print(f"{key[0]:<26} {key[1]:<5} {key[2]:<11} {statistics.median(o):>8.3f} "
-              f"{statistics.median(t['alloc']):>11.3f} {out} {ratio:>6.2f}x")
+              f"{statistics.median(t['alloc']):>11.3f} {col('out')} {col('rlhf_kernels')} {ratio:>6.2f}x")
 PY

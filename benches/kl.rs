@@ -138,6 +138,7 @@ mod gpu {
             logp: lp.as_view(),
             ref_logp: rlp.as_view(),
             mask: Some(mask.as_view()),
+            old_logp: None,
         };
         bench_events(c, "sampled_kl", shape, DType::F32, sampled_bytes(shape), s, || {
             let out = SampledKlOutputs {

@@ -26,7 +26,10 @@ struct Estimates {
 // Clamp that keeps NaN (fminf/fmaxf would turn it into a bound).
 __device__ __forceinline__ float clamp_keep_nan(float v, float c) { return v != v ? v : fminf(fmaxf(v, -c), c); }
 
-__device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr_clamp, float v_clamp) {
+// With the bias correction every value is ρ·k and the gradient ρ·∂k, plus ρ·k with `score`
+// (ρ = 1 and no score otherwise: the products are exact).
+__device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr_clamp, float v_clamp, float rho,
+                                               bool score) {
   const float lr = clamp_keep_nan(log_r, lr_clamp);
   const bool lr_active = lr != log_r && log_r == log_r;
   const float r = exp2f(__fmul_rn(lr, LOG2E));
@@ -34,15 +37,16 @@ __device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr
   const float k1_rev = r == 0.0f ? 0.0f : __fmul_rn(r, lr);
   const float k3_rev = r == 0.0f ? 1.0f : __fsub_rn(__fmul_rn(r, lr), __fsub_rn(r, 1.0f));
   auto vc = [v_clamp](float v) { return clamp_keep_nan(v, v_clamp); };
+  auto wt = [rho](float v) { return __fmul_rn(rho, v); };
   Estimates e;
-  e.values[K1] = -log_r;
-  e.values[K2] = __fmul_rn(0.5f, __fmul_rn(log_r, log_r));
-  e.values[K3] = vc(k3);
-  e.values[ABS] = fabsf(log_r);
-  e.values[K1_REV] = vc(k1_rev);
-  e.values[K3_REV] = vc(k3_rev);
-  e.values[GRAD_POLICY_REF] = vc(k3);
-  e.values[GRAD_REF_POLICY] = vc(k3_rev);
+  e.values[K1] = wt(-log_r);
+  e.values[K2] = wt(__fmul_rn(0.5f, __fmul_rn(log_r, log_r)));
+  e.values[K3] = wt(vc(k3));
+  e.values[ABS] = wt(fabsf(log_r));
+  e.values[K1_REV] = wt(vc(k1_rev));
+  e.values[K3_REV] = wt(vc(k3_rev));
+  e.values[GRAD_POLICY_REF] = wt(vc(k3));
+  e.values[GRAD_REF_POLICY] = wt(vc(k3_rev));
   // (NaN != NaN: compare through the clamp only for numbers.)
   const bool k3_clamped = lr_active || (k3 == k3 && vc(k3) != k3);
   const bool k1r_clamped = r != 0.0f && (lr_active || (k1_rev == k1_rev && vc(k1_rev) != k1_rev));
@@ -67,13 +71,14 @@ __device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr
   }
   // A switch on named values: indexing the array at run time would put it in local memory.
   switch (chosen) {
-    case K1: e.value = -log_r; break;
+    case K1: e.value = e.values[K1]; break;
     case K2: e.value = e.values[K2]; break;
-    case K3: case GRAD_POLICY_REF: e.value = vc(k3); break;
-    case ABS: e.value = fabsf(log_r); break;
-    case K1_REV: e.value = vc(k1_rev); break;
-    default: e.value = vc(k3_rev); break;  // K3_REV, GRAD_REF_POLICY
+    case K3: case GRAD_POLICY_REF: e.value = e.values[K3]; break;
+    case ABS: e.value = e.values[ABS]; break;
+    case K1_REV: e.value = e.values[K1_REV]; break;
+    default: e.value = e.values[K3_REV]; break;  // K3_REV, GRAD_REF_POLICY
   }
+  e.grad = score ? __fadd_rn(wt(e.grad), e.value) : wt(e.grad);
   return e;
 }
 
@@ -109,8 +114,9 @@ struct SampledParams {
   double max_len;
   double tokens, valid_sequences, sequences;
   void* records;  // one SampledRow per sequence for the statistics, or null
+  const float* old_logp;  // the sampling policy's log-probs: weight by ρ = π/π_old; or null
 };
-static_assert(RK_FIELDS(SampledParams, 20) && sizeof(SampledParams) == 128 &&
+static_assert(RK_FIELDS(SampledParams, 21) && sizeof(SampledParams) == 136 &&
                   offsetof(SampledParams, logp) == 0 && offsetof(SampledParams, ref_logp) == 8 &&
                   offsetof(SampledParams, mask) == 16 && offsetof(SampledParams, counts) == 24 &&
                   offsetof(SampledParams, values) == 32 && offsetof(SampledParams, grad) == 40 &&
@@ -120,7 +126,8 @@ static_assert(RK_FIELDS(SampledParams, 20) && sizeof(SampledParams) == 128 &&
                   offsetof(SampledParams, coef) == 76 && offsetof(SampledParams, aggregation) == 80 &&
                   offsetof(SampledParams, weights_known) == 84 && offsetof(SampledParams, max_len) == 88 &&
                   offsetof(SampledParams, tokens) == 96 && offsetof(SampledParams, valid_sequences) == 104 &&
-                  offsetof(SampledParams, sequences) == 112 && offsetof(SampledParams, records) == 120,
+                  offsetof(SampledParams, sequences) == 112 && offsetof(SampledParams, records) == 120 &&
+                  offsetof(SampledParams, old_logp) == 128,
               "SampledParams: every field where src/cuda/kl/sampled.rs `SampledParams` has it");
 
 // One block per sequence (row of the [B, T] batch). Writes the chosen estimator's values, the
@@ -152,14 +159,26 @@ sampled_kl_rows(SampledParams P, unsigned long long* __restrict__ status) {
   float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   float clamped = 0.0f;
   // bit 0: NaN input or estimate; bit 1: infinite estimate or gradient from an infinite input;
-  // bit 2: an infinite input; bit 3: finite inputs whose estimates or gradient overflow f32.
+  // bit 2: an infinite input; bit 3: finite inputs whose estimates or gradient overflow f32;
+  // bit 4: a non-finite old_logp (bias correction).
+  const float* __restrict__ old_logp = P.old_logp;
   unsigned bad = 0;
   for (long long t = threadIdx.x; t < P.cols; t += blockDim.x) {
     const long long i = base + t;
     float value = 0.0f, g = 0.0f;
     if (token_valid(mask, i)) {
       const float lp = logp[i], rlp = ref_logp[i];
-      const Estimates e = estimates(P.chosen, __fsub_rn(rlp, lp), P.lr_clamp, P.v_clamp);
+      float rho = 1.0f;
+      bool score = false;  // the gradient gains ρ·k (bias correction, ρ's clamp inactive)
+      if (old_logp) {
+        const float old = old_logp[i];
+        bad |= isfinite(old) ? 0u : 16u;
+        const float raw = __fsub_rn(lp, old);
+        const float log_rho = clamp_keep_nan(raw, P.lr_clamp);
+        rho = exp2f(__fmul_rn(log_rho, LOG2E));
+        score = log_rho == raw;
+      }
+      const Estimates e = estimates(P.chosen, __fsub_rn(rlp, lp), P.lr_clamp, P.v_clamp, rho, score);
       const bool finite_in = isfinite(lp) && isfinite(rlp);
       bad |= (lp != lp || rlp != rlp || e.value != e.value || e.grad != e.grad) ? 1u : 0u;
       bad |= (!finite_in && (fabsf(e.value) == pos_inf() || fabsf(e.grad) == pos_inf())) ? 2u : 0u;
@@ -181,8 +200,13 @@ sampled_kl_rows(SampledParams P, unsigned long long* __restrict__ status) {
   }
   const bool any_nan = __syncthreads_or(bad & 1u), any_inf = __syncthreads_or(bad & 2u);
   const bool inf_input = __syncthreads_or(bad & 4u), overflow = __syncthreads_or(bad & 8u);
-  if (threadIdx.x == 0 && (any_nan || any_inf || overflow))
-    report(status, row, OP_SAMPLED_KL, any_nan ? PROBLEM_NAN : any_inf ? PROBLEM_INFINITE_KL : PROBLEM_OVERFLOW);
+  const bool bad_old = __syncthreads_or(bad & 16u);
+  if (threadIdx.x == 0 && (bad_old || any_nan || any_inf || overflow))
+    report(status, row, OP_SAMPLED_KL,
+           bad_old   ? PROBLEM_NON_FINITE
+           : any_nan ? PROBLEM_NAN
+           : any_inf ? PROBLEM_INFINITE_KL
+                     : PROBLEM_OVERFLOW);
   if (records == nullptr) return;
   // The 8 sums: each thread parks its partials in shared memory, then warp k reduces sum k
   // (lanes add 8 partials each in order, then a butterfly): a fixed order, few live registers.

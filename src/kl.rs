@@ -48,6 +48,18 @@
 //! (unbiased for that direction) with the gradient of k3 (`1 − r`, expectation
 //! `∇KL[ref‖π]`).
 //!
+//! **Bias correction** ([`SampledKlOptions::bias_correction`], DeepSeek-V3.2's unbiased KL
+//! estimate, TRL's `use_bias_correction_kl`). The tokens of a PPO mini-batch were sampled by
+//! `π_old` (or the inference engine's μ), not by the current `π`, so `E[k]` over them estimates
+//! the KL at the wrong policy once `π` has moved. Weighting each token by the importance ratio
+//! `ρ = π(y)/π_old(y) = exp(clamp(logp − old_logp, ±log_ratio_clamp))`, *not* detached, gives
+//! `E_{π_old}[ρ·k] = E_π[k]`: the value is the KL of the current policy again, and the gradient
+//! `∂(ρ·k)/∂logp = ρ·(k + ∂k/∂logp)` (the first term is the score-function term that sampling
+//! from `π` would contribute; it is 0 where the clamp on `ρ` is active) is, in expectation, the
+//! full gradient of `E_π[k]` — for k3, `∇KL[π‖ref]`, the penalty's own direction. This is not
+//! PPO's importance weighting of the rewards: `ρ` is exact, never clipped to a trust region,
+//! and it only undoes the sampling. With it every statistic is a mean of `ρ·k`.
+//!
 //! **Clamps.** `log r` is clamped to `±log_ratio_clamp` (default 20, as verl) before any
 //! `exp`, and the exp-based values (k3, k1_rev, k3_rev) to `±value_clamp` (default 10, verl's
 //! k3 clamp); the gradient is 0 where a clamp is active. k1, k2 and abs take `log r` as it is.
@@ -68,7 +80,7 @@ use crate::{Aggregation, Error, Normaliser, Result, RowProblem, RowShape};
 
 mod buffers;
 pub use buffers::{ExactKlGrads, ExactKlOutputs, ReferenceRows, SampledKlInputs, SampledKlOutputs};
-pub(crate) use buffers::{jsd_beta, shard_count};
+pub(crate) use buffers::{check_bias_correction, jsd_beta, shard_count};
 
 mod controller;
 pub use controller::KlController;
@@ -173,10 +185,15 @@ pub struct SampledKlOptions {
     pub aggregation: Aggregation,
     /// Denominators of the aggregation. Default [`Normaliser::Local`].
     pub normaliser: Normaliser,
+    /// Weight each token's estimate by `ρ = π/π_old`, not detached (module docs: the
+    /// bias-corrected KL). The inputs then carry `old_logp`; `log ρ` is clamped with
+    /// `log_ratio_clamp`. Default `false`.
+    pub bias_correction: bool,
 }
 
 impl SampledKlOptions {
-    /// Defaults for `estimator`: clamps 20 and 10, β = 1, token-mean, local denominators.
+    /// Defaults for `estimator`: clamps 20 and 10, β = 1, token-mean, local denominators, no
+    /// bias correction.
     pub fn new(estimator: KlEstimator) -> Self {
         SampledKlOptions {
             estimator,
@@ -185,7 +202,26 @@ impl SampledKlOptions {
             coef: 1.0,
             aggregation: Aggregation::TokenMean,
             normaliser: Normaliser::Local,
+            bias_correction: false,
         }
+    }
+    /// Sets the bias correction (the inputs must then carry `old_logp`).
+    ///
+    /// ```
+    /// use rlhf_kernels::{cpu, KlEstimator, RowShape, SampledKlInputs, SampledKlOptions};
+    /// // TRL's use_bias_correction_kl: k3 times the unclamped ratio π/π_old.
+    /// let opts = SampledKlOptions::new(KlEstimator::K3).bias_correction(true).log_ratio_clamp(None).value_clamp(None);
+    /// let (logp, ref_logp, old) = ([-1.0f32], [-1.5f32], [-1.2f32]);
+    /// let inputs = SampledKlInputs::new(RowShape::new(1, 1), &logp, &ref_logp).old_logp(&old);
+    /// let stats = cpu::sampled_kl(&inputs, Default::default(), &opts)?;
+    /// let k3 = (-0.5f64).exp() - 1.0 + 0.5;
+    /// assert!((stats.loss - 0.2f64.exp() * k3).abs() < 1e-6);
+    /// assert!(cpu::sampled_kl(&SampledKlInputs::new(RowShape::new(1, 1), &logp, &ref_logp), Default::default(), &opts).is_err());
+    /// # Ok::<(), rlhf_kernels::Error>(())
+    /// ```
+    pub fn bias_correction(mut self, on: bool) -> Self {
+        self.bias_correction = on;
+        self
     }
     /// Sets the `|log r|` clamp (`None`: no clamp).
     pub fn log_ratio_clamp(mut self, c: Option<f32>) -> Self {

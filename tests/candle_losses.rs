@@ -9,8 +9,8 @@ mod common;
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use common::candle::{devices, f32s, f64s, normals};
 use rlhf_kernels::candle::{
-    PolicyTensors, ValueTensors, aggregate, kl_rewards, masked_moments, policy_loss, sampled_kl, value_loss,
-    whiten,
+    KlTensors, PolicyTensors, ValueTensors, aggregate, kl_rewards, masked_moments, policy_loss, sampled_kl,
+    value_loss, whiten,
 };
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
@@ -87,7 +87,7 @@ fn sampled_kl_matches_candle_composition_values_and_gradients() {
                     .aggregation(mode)
                     .log_ratio_clamp(None)
                     .value_clamp(None);
-                let out = sampled_kl(&logp, &ref_logp, Some(&mask), &opts).unwrap();
+                let out = sampled_kl(&logp, &KlTensors::new(&ref_logp).mask(&mask), &opts).unwrap();
                 let grads = out.loss.backward().unwrap();
                 let exact = Var::from_tensor(&logp_t.to_dtype(DType::F64).unwrap()).unwrap();
                 let k = composed_k(exact.as_tensor(), &ref_logp, e).unwrap();
@@ -110,16 +110,56 @@ fn sampled_kl_matches_candle_composition_values_and_gradients() {
         }
         // The reference is a constant, and the options are checked.
         let bad = SampledKlOptions::new(KlEstimator::K3).log_ratio_clamp(Some(-1.0));
-        assert!(sampled_kl(&logp_t, &ref_logp, Some(&mask), &bad).is_err());
+        assert!(sampled_kl(&logp_t, &KlTensors::new(&ref_logp).mask(&mask), &bad).is_err());
+        let narrow = ref_logp.narrow(1, 0, 3).unwrap();
         assert!(
-            sampled_kl(
-                &logp_t,
-                &ref_logp.narrow(1, 0, 3).unwrap(),
-                None,
-                &SampledKlOptions::new(KlEstimator::K1)
-            )
-            .is_err()
+            sampled_kl(&logp_t, &KlTensors::new(&narrow), &SampledKlOptions::new(KlEstimator::K1)).is_err()
         );
+    }
+}
+
+/// The bias-corrected k3 (TRL's `use_bias_correction_kl`: `k3·exp(logp − old_logp)`, the
+/// ratio not detached) against candle's composition, value and gradient.
+#[test]
+fn bias_corrected_kl_matches_candle_composition() {
+    for dev in devices("bias_corrected_kl_matches_candle_composition") {
+        let mut rng = Rng::new(8);
+        let (b, t) = (4, 7);
+        let logp_t = (normals(&mut rng, &[b, t], 1.0, &dev).abs().unwrap() * -2.0).unwrap();
+        let ref_logp = (&logp_t + normals(&mut rng, &[b, t], 0.5, &dev)).unwrap();
+        let old_logp = (&logp_t + normals(&mut rng, &[b, t], 0.3, &dev)).unwrap();
+        let (_, mask) = ragged_mask(b, t, &mut rng, &dev);
+        for mode in MODES {
+            let logp = Var::from_tensor(&logp_t).unwrap();
+            let opts = SampledKlOptions::new(KlEstimator::K3)
+                .bias_correction(true)
+                .aggregation(mode)
+                .log_ratio_clamp(None)
+                .value_clamp(None);
+            let inputs = KlTensors::new(&ref_logp).mask(&mask).old_logp(&old_logp);
+            let out = sampled_kl(&logp, &inputs, &opts).unwrap();
+            let grads = out.loss.backward().unwrap();
+            let exact = Var::from_tensor(&logp_t.to_dtype(DType::F64).unwrap()).unwrap();
+            let ratio = (exact.as_tensor() - old_logp.to_dtype(DType::F64).unwrap()).unwrap().exp().unwrap();
+            let k = (composed_k(exact.as_tensor(), &ref_logp, KlEstimator::K3).unwrap() * ratio).unwrap();
+            let loss = composed_aggregate(&k, &mask, mode).unwrap();
+            let exact_grads = loss.backward().unwrap();
+            let tol = Tolerance::for_dtype(rlhf_kernels::DType::F32).scaled(8.0);
+            let what = format!("{mode:?} on {:?}", dev.location());
+            assert_close(
+                &f32s(&out.loss.unsqueeze(0).unwrap()),
+                &f64s(&loss.unsqueeze(0).unwrap()),
+                tol,
+                &what,
+            );
+            let (g, eg) = (grads.get(&logp).unwrap(), exact_grads.get(&exact).unwrap());
+            assert_close(&f32s(g), &f64s(eg), tol, &format!("{what}: gradient"));
+        }
+        // old_logp exactly when the option asks for it.
+        let plain = SampledKlOptions::new(KlEstimator::K3);
+        let with_old = KlTensors::new(&ref_logp).old_logp(&old_logp);
+        assert!(sampled_kl(&logp_t, &with_old, &plain).is_err());
+        assert!(sampled_kl(&logp_t, &KlTensors::new(&ref_logp), &plain.bias_correction(true)).is_err());
     }
 }
 

@@ -9,7 +9,7 @@ mod common;
 use candle_core::{D, DType, IndexOp, Result, Tensor, Var};
 use common::candle::{devices, f32s, f64s, ids, normals};
 use rlhf_kernels::candle::{
-    GaeTensors, PolicyTensors, exact_kl, gae, group_advantages, policy_loss, token_logprobs,
+    GaeTensors, KlTensors, PolicyTensors, exact_kl, gae, group_advantages, policy_loss, token_logprobs,
 };
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
@@ -444,7 +444,8 @@ fn fused_path_equals_the_adapters_composition() {
                 let policy = PolicyTensors::new(&old, &adv).mask(&mask).entropy(&tokens.entropy);
                 let mut total = policy_loss(&tokens.logp, &policy, &loss_opts).unwrap().loss;
                 if with_kl {
-                    let kl = sampled_kl(&tokens.logp, &ref_logp, Some(&mask), &kl_opts).unwrap().loss;
+                    let kl_inputs = KlTensors::new(&ref_logp).mask(&mask);
+                    let kl = sampled_kl(&tokens.logp, &kl_inputs, &kl_opts).unwrap().loss;
                     total = (total + kl).unwrap();
                 }
                 let grads = total.affine(3.0, 0.0).unwrap().backward().unwrap();

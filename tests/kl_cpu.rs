@@ -25,6 +25,61 @@ fn sampled_estimators_at_infinite_log_ratios() {
 }
 
 #[test]
+fn bias_corrected_estimates_have_their_gradient_and_errors() {
+    kl::sampled_bias_correction(&Cpu);
+}
+
+/// The bias correction by exact expectation over a toy vocabulary whose tokens are drawn from
+/// π_old ≠ π: `E_{π_old}[ρ·k]` is the KL of the *current* policy for k1 and k3, and the
+/// expected loss gradient `E_{π_old}[∂(ρ·k)/∂logp · ∇θ log π]` is `∇θ KL[π‖ref]` for both
+/// (k3 alone would give `∇KL[ref‖π]`, k1 alone 0: the score term `ρ·k` restores the sampling
+/// policy's dependence on θ).
+#[test]
+fn bias_correction_estimates_the_current_policy() {
+    let softmax = |t: &[f64]| {
+        let m = t.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = t.iter().map(|x| (x - m).exp()).sum();
+        t.iter().map(|x| (x - m).exp() / s).collect::<Vec<f64>>()
+    };
+    let theta = [0.3f64, -0.2, 0.9, -1.1, 0.0];
+    let (q, old) = (softmax(&[0.0, 0.4, 0.5, -0.6, -0.3]), softmax(&[0.5, 0.1, 0.2, -0.4, 0.3]));
+    let p = softmax(&theta);
+    let kl_pr = |t: &[f64]| kl::kl(&softmax(t), &q);
+    let ln = |v: &[f64]| v.iter().map(|x| x.ln() as f32).collect::<Vec<f32>>();
+    for e in [KlEstimator::K1, KlEstimator::K3] {
+        let opts = SampledKlOptions::new(e)
+            .bias_correction(true)
+            .log_ratio_clamp(None)
+            .value_clamp(None)
+            .aggregation(Aggregation::SeqMeanTokenSum);
+        let (logp, ref_logp, old_logp) = (ln(&p), ln(&q), ln(&old));
+        // One token per sequence: per vocabulary entry, ρ·k and its gradient (undo 1/B).
+        let inputs = SampledKlInputs::new(RowShape::new(5, 1), &logp, &ref_logp).old_logp(&old_logp);
+        let r = reference::sampled_kl(&inputs, &opts).unwrap();
+        let value: f64 = (0..5).map(|y| old[y] * r.values[y]).sum();
+        assert!(
+            (value - kl_pr(&theta)).abs() < 1e-6,
+            "{e:?}: E_old[ρk] {value} vs KL[π‖ref] {}",
+            kl_pr(&theta)
+        );
+        for j in 0..5 {
+            let expected: f64 =
+                (0..5).map(|y| old[y] * 5.0 * r.grad_logp[y] * (f64::from(u8::from(y == j)) - p[j])).sum();
+            let (mut up, mut down) = (theta, theta);
+            up[j] += 1e-5;
+            down[j] -= 1e-5;
+            let numeric = (kl_pr(&up) - kl_pr(&down)) / 2e-5;
+            assert!((expected - numeric).abs() < 2e-4, "{e:?}, θ[{j}]: {expected} vs {numeric}");
+        }
+        // The CPU backend agrees with the reference.
+        let mut g = [0.0f32; 5];
+        let stats = cpu::sampled_kl(&inputs, SampledKlOutputs::default().grad_logp(&mut g), &opts).unwrap();
+        assert!((stats.loss - r.stats.loss).abs() < 1e-6 * (1.0 + r.stats.loss.abs()));
+        assert_close(&g, &r.grad_logp, Tolerance::for_dtype(DType::F32), "bias-corrected gradient");
+    }
+}
+
+#[test]
 fn kl_rewards_match_the_reference() {
     kl::rewards_sweep(&Cpu);
     kl::rewards_problems(&Cpu);

@@ -42,6 +42,10 @@ mod gpu {
         kl::sampled_infinities(gpu);
     }
 
+    pub fn sampled_bias_correction(gpu: &Gpu) {
+        kl::sampled_bias_correction(gpu);
+    }
+
     pub fn rewards(gpu: &Gpu) {
         kl::rewards_sweep(gpu);
         kl::rewards_problems(gpu);
@@ -226,6 +230,7 @@ mod gpu {
 
 gpu_test!(sampled);
 gpu_test!(sampled_infinities);
+gpu_test!(sampled_bias_correction);
 gpu_test!(rewards);
 gpu_test!(exact);
 gpu_test!(exact_statistic);

@@ -71,6 +71,7 @@ mod gpu {
                 logp: a,
                 ref_logp: b,
                 mask: m,
+                old_logp: 0,
                 values: vp,
                 grad_logp: gp,
                 stats: sp,

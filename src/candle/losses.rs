@@ -47,41 +47,69 @@ pub struct SampledKl {
     pub stats: SampledKlStats,
 }
 
+/// The constant inputs of [`sampled_kl`], each `[B, T]` like `logp` (f32; the mask `u8`).
+#[derive(Debug, Clone, Copy)]
+pub struct KlTensors<'a> {
+    /// `log π_ref(y_t)`.
+    pub ref_logp: &'a Tensor,
+    /// Response mask (`u8`, 0 = padding); `None`: every token counts.
+    pub mask: Option<&'a Tensor>,
+    /// `log π_old(y_t)` of the policy that sampled the tokens, for the bias correction
+    /// ([`SampledKlOptions::bias_correction`]: given exactly when it is on).
+    pub old_logp: Option<&'a Tensor>,
+}
+
+impl<'a> KlTensors<'a> {
+    /// The reference's log-probs.
+    pub fn new(ref_logp: &'a Tensor) -> Self {
+        KlTensors { ref_logp, mask: None, old_logp: None }
+    }
+    /// Adds the response mask.
+    pub fn mask(self, mask: &'a Tensor) -> Self {
+        KlTensors { mask: Some(mask), ..self }
+    }
+    /// Adds the sampling policy's log-probs (bias correction).
+    pub fn old_logp(self, old_logp: &'a Tensor) -> Self {
+        KlTensors { old_logp: Some(old_logp), ..self }
+    }
+}
+
 /// A sampled KL estimator over a `[B, T]` batch of the sampled tokens' log-probs under the
-/// policy (`logp`, f32) and the reference (`ref_logp`, f32, a constant), with
+/// policy (`logp`, f32) and the reference (`inputs.ref_logp`, f32, a constant), with
 /// `log r = ref_logp − logp`: `opts.estimator` per token (k1 = `−log r`, k2 = `½(log r)²`,
 /// k3 = `(r − 1) − log r`, … see [`KlEstimator`](crate::KlEstimator): k1, k2, k3 and abs estimate
 /// `KL[π ‖ π_ref]`, k1_rev and k3_rev `KL[π_ref ‖ π]`), clamped as `opts` says, aggregated with
 /// `opts.aggregation` and scaled by `opts.coef`. `loss.backward()` gives `∂loss/∂logp` (0 where
-/// a clamp is active). `mask` (`u8`, `[B, T]`) marks padding. The statistics are read to the
-/// host (on the GPU that waits for the kernels).
+/// a clamp is active). `inputs.mask` (`u8`, `[B, T]`) marks padding. With
+/// [`SampledKlOptions::bias_correction`] each estimate is weighted by `π/π_old` from
+/// `inputs.old_logp`, the weight not detached (its gradient is in `∂loss/∂logp`). The
+/// statistics are read to the host (on the GPU that waits for the kernels).
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
+/// use rlhf_kernels::candle::{KlTensors, sampled_kl};
 /// use rlhf_kernels::{KlEstimator, SampledKlOptions};
 /// let dev = Device::Cpu;
 /// let logp = Var::new(&[[-1.0f32, -2.0]], &dev)?;
 /// let ref_logp = Tensor::new(&[[-1.5f32, -2.0]], &dev)?;
-/// let out = rlhf_kernels::candle::sampled_kl(&logp, &ref_logp, None, &SampledKlOptions::new(KlEstimator::K1))?;
+/// let out = sampled_kl(&logp, &KlTensors::new(&ref_logp), &SampledKlOptions::new(KlEstimator::K1))?;
 /// assert!((out.loss.to_scalar::<f32>()? - 0.25).abs() < 1e-6); // mean of −log r = (0.5 + 0)/2
 /// let grads = out.loss.backward()?;
 /// assert_eq!(grads.get(&logp).unwrap().to_vec2::<f32>()?, vec![vec![0.5, 0.5]]);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
-pub fn sampled_kl(
-    logp: &Tensor,
-    ref_logp: &Tensor,
-    mask: Option<&Tensor>,
-    opts: &SampledKlOptions,
-) -> Result<SampledKl> {
+pub fn sampled_kl(logp: &Tensor, inputs: &KlTensors<'_>, opts: &SampledKlOptions) -> Result<SampledKl> {
     let dims = batch_dims(logp, "logp")?;
     opts.limits().map_err(to_candle)?;
+    crate::kl::check_bias_correction(opts.bias_correction, inputs.old_logp.is_some()).map_err(to_candle)?;
     let logp = per_row(logp, &dims, logp, &[DType::F32], "logp")?;
+    let constant = |t: &Tensor, dt, what| per_row(t, &dims, &logp, &[dt], what);
     let op = SampledKlOp {
         opts: *opts,
         shape: RowShape::new(dims[0], dims[1]),
-        ref_logp: per_row(ref_logp, &dims, &logp, &[DType::F32], "ref_logp")?,
-        mask: mask.map(|m| per_row(m, &dims, &logp, &[DType::U8], "mask")).transpose()?,
+        ref_logp: constant(inputs.ref_logp, DType::F32, "ref_logp")?,
+        mask: inputs.mask.map(|m| constant(m, DType::U8, "mask")).transpose()?,
+        old_logp: inputs.old_logp.map(|o| constant(o, DType::F32, "old_logp")).transpose()?,
         out: Arc::default(),
     };
     let slot = op.out.clone();
@@ -95,6 +123,7 @@ pub(super) struct SampledKlOp {
     shape: RowShape,
     ref_logp: Tensor,
     mask: Option<Tensor>,
+    old_logp: Option<Tensor>,
     out: Slot<(Tensor, SampledKlStats)>,
 }
 
@@ -107,12 +136,15 @@ impl SampledKlOp {
     ) -> Result<SampledKlStats> {
         let n = self.shape.len();
         let (ref_guard, mask_guard) = (guard(Some(&self.ref_logp)), guard(self.mask.as_ref()));
+        let old_guard = guard(self.old_logp.as_ref());
         let Some(r) = cpu_side::<f32>(&ref_guard, n, "ref_logp")? else { bail!("ref_logp: missing") };
         let m = cpu_side::<u8>(&mask_guard, n, "mask")?;
+        let old_logp = cpu_side::<f32>(&old_guard, n, "old_logp")?;
         let out = SampledKlOutputs { values, grad_logp, ..Default::default() };
         cpu::sampled_kl(
             &SampledKlInputs {
                 mask: m,
+                old_logp,
                 ..SampledKlInputs::new(self.shape, flat::<f32>(lp, ll, n, "logp")?, r)
             },
             out,
@@ -369,11 +401,16 @@ mod gpu {
         let Some((r, rl)) = cuda_side(&ref_guard, "ref_logp")? else { bail!("ref_logp: missing") };
         let mask =
             cuda_side(&mask_guard, "mask")?.map(|(m, l)| flat_view::<u8>(m, l, n, "mask")).transpose()?;
+        let old_guard = guard(op.old_logp.as_ref());
+        let old_logp = cuda_side(&old_guard, "old_logp")?
+            .map(|(o, l)| flat_view::<f32>(o, l, n, "old_logp"))
+            .transpose()?;
         let inputs = SampledKlInputs {
             shape: op.shape,
             logp: flat_view::<f32>(logp, ll, n, "logp")?,
             ref_logp: flat_view::<f32>(r, rl, n, "ref_logp")?,
             mask,
+            old_logp,
         };
         let mut stats = DeviceStats::<SampledKlStats>::new(&stream).map_err(to_candle)?;
         let out = SampledKlOutputs {

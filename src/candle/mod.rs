@@ -55,7 +55,7 @@ pub use advantages::{GaeAdvantages, GaeTensors, GroupAdvantages, gae, group_adva
 pub use fused::{FusedPolicyLoss, FusedTensors, policy_loss_from_logits};
 pub use kl::exact_kl;
 pub use logprobs::{TokenLogprobs, token_logprobs};
-pub use losses::{SampledKl, ValueLoss, ValueTensors, kl_rewards, sampled_kl, value_loss};
+pub use losses::{KlTensors, SampledKl, ValueLoss, ValueTensors, kl_rewards, sampled_kl, value_loss};
 pub use ppo::{PolicyLoss, PolicyTensors, policy_loss};
 pub use reduce::{aggregate, masked_moments, whiten};
 

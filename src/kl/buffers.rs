@@ -39,8 +39,10 @@ impl<'a, Q: Element, M: Memory> ReferenceRows<'a, Q, M> {
 }
 
 /// The per-token inputs of the sampled KL estimators, laid out as `shape` (`[B, T]`, rows =
-/// sequences): the sampled tokens' log-probs under the policy and the reference, and the
-/// optional token mask. `M` is where the buffers live ([`Host`] by default, `Cuda` for device
+/// sequences): the sampled tokens' log-probs under the policy and the reference, the optional
+/// token mask, and, for the bias-corrected estimate
+/// ([`SampledKlOptions::bias_correction`](crate::SampledKlOptions::bias_correction)), the
+/// log-probs of the policy that sampled the tokens. `M` is where the buffers live ([`Host`] by default, `Cuda` for device
 /// views).
 ///
 /// ```
@@ -59,6 +61,9 @@ pub struct SampledKlInputs<'a, M: Memory = Host> {
     pub ref_logp: M::View<'a, f32>,
     /// One byte per token (0 = padding), or `None`.
     pub mask: Option<M::View<'a, u8>>,
+    /// `log π_old(y_t)`, the policy that sampled the tokens (the rollout's old policy, or the
+    /// inference engine's μ): present exactly when the options ask for the bias correction.
+    pub old_logp: Option<M::View<'a, f32>>,
 }
 
 impl<'a, M: Memory> SampledKlInputs<'a, M> {
@@ -68,23 +73,49 @@ impl<'a, M: Memory> SampledKlInputs<'a, M> {
         logp: impl IntoView<'a, f32, Memory = M>,
         ref_logp: impl IntoView<'a, f32, Memory = M>,
     ) -> Self {
-        SampledKlInputs { shape, logp: logp.into_view(), ref_logp: ref_logp.into_view(), mask: None }
+        SampledKlInputs {
+            shape,
+            logp: logp.into_view(),
+            ref_logp: ref_logp.into_view(),
+            mask: None,
+            old_logp: None,
+        }
     }
     /// Adds the token mask.
     pub fn mask(self, m: impl IntoView<'a, u8, Memory = M>) -> Self {
         SampledKlInputs { mask: Some(m.into_view()), ..self }
     }
+    /// Adds the sampling policy's log-probs (for the bias-corrected estimate).
+    pub fn old_logp(self, old: impl IntoView<'a, f32, Memory = M>) -> Self {
+        SampledKlInputs { old_logp: Some(old.into_view()), ..self }
+    }
 
-    /// Every buffer holds `shape`.
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Every buffer holds `shape`, and `old_logp` is there exactly when `opts` ask for the
+    /// bias correction.
+    pub(crate) fn validate(&self, opts: &crate::SampledKlOptions) -> Result<()> {
         let s = self.shape;
         s.check_buffer("logp", self.logp.len())?;
         s.check_buffer("ref_logp", self.ref_logp.len())?;
         if let Some(m) = &self.mask {
             s.check_buffer("mask", m.len())?;
         }
-        Ok(())
+        if let Some(o) = &self.old_logp {
+            s.check_buffer("old_logp", o.len())?;
+        }
+        check_bias_correction(opts.bias_correction, self.old_logp.is_some())
     }
+}
+
+/// The bias correction needs the sampling policy's log-probs, and they mean nothing without it.
+pub(crate) fn check_bias_correction(asked: bool, has_old_logp: bool) -> Result<()> {
+    if asked == has_old_logp {
+        return Ok(());
+    }
+    Err(Error::InvalidOption {
+        name: "bias_correction",
+        value: if asked { "true without old_logp" } else { "false with old_logp" }.into(),
+        expected: "SampledKlOptions::bias_correction exactly when the inputs carry old_logp",
+    })
 }
 
 /// Where the sampled KL writes per token (`[B, T]` laid out as the inputs; each optional, 0

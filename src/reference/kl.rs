@@ -50,12 +50,34 @@ fn estimate(e: KlEstimator, log_r: f64, lr_clamp: f64, v_clamp: f64) -> (f64, f6
     }
 }
 
+/// [`estimate`] times the importance ratio `ρ = exp(log_rho)` (`log_rho` already clamped;
+/// `rho_clamped`: the clamp was active), `ρ` not detached: value `ρ·k`, gradient
+/// `ρ·∂k + ρ·k` (the second term 0 under the clamp). `None`: the plain estimate.
+fn weighted(
+    e: KlEstimator,
+    log_r: f64,
+    rho: Option<(f64, bool)>,
+    lr_clamp: f64,
+    v_clamp: f64,
+) -> (f64, f64, bool) {
+    let (v, g, c) = estimate(e, log_r, lr_clamp, v_clamp);
+    match rho {
+        None => (v, g, c),
+        Some((log_rho, clamped)) => {
+            let rho = log_rho.exp();
+            (rho * v, rho * g + if clamped { 0.0 } else { rho * v }, c)
+        }
+    }
+}
+
 /// A sampled KL estimator per token of a `[B, T]` batch (`log r = ref_logp − logp`), the
-/// gradient of `loss = β·aggregate(k)` with respect to `logp`, and the batch statistics.
+/// gradient of `loss = β·aggregate(k)` with respect to `logp`, and the batch statistics; with
+/// the bias correction every estimate weighted by `ρ = π/π_old` (module docs of `kl`).
 ///
 /// Errors: shape and option errors; [`Error::InvalidRow`](crate::Error) (row = sequence) for a
-/// NaN input or estimate on a valid token, or an infinite value or gradient of the chosen
-/// estimator (as [`cpu::sampled_kl`](crate::cpu::sampled_kl)).
+/// non-finite `old_logp` ([`RowProblem::NonFinite`]), a NaN input or estimate on a valid
+/// token, or an infinite value or gradient of the chosen estimator (as
+/// [`cpu::sampled_kl`](crate::cpu::sampled_kl)).
 ///
 /// ```
 /// use rlhf_kernels::{reference, KlEstimator, RowShape, SampledKlInputs, SampledKlOptions};
@@ -66,8 +88,8 @@ fn estimate(e: KlEstimator, log_r: f64, lr_clamp: f64, v_clamp: f64) -> (f64, f6
 /// # Ok::<(), rlhf_kernels::Error>(())
 /// ```
 pub fn sampled_kl(inputs: &SampledKlInputs<'_>, opts: &SampledKlOptions) -> Result<SampledKl> {
-    inputs.validate()?;
-    let SampledKlInputs { shape, logp, ref_logp, mask } = *inputs;
+    inputs.validate(opts)?;
+    let SampledKlInputs { shape, logp, ref_logp, mask, old_logp } = *inputs;
     let (lr_clamp, v_clamp) = opts.limits()?;
     let (lr_clamp, v_clamp) = (lr_clamp as f64, v_clamp as f64);
     let local = BatchCounts::of(shape, mask);
@@ -77,6 +99,12 @@ pub fn sampled_kl(inputs: &SampledKlInputs<'_>, opts: &SampledKlOptions) -> Resu
     let mut clamped = 0.0;
     for i in 0..shape.rows {
         let w = opts.aggregation.token_weight(counts, valid_in_row(shape, mask, i));
+        // A non-finite sampling log-prob at a valid token is the row's first problem.
+        if let Some(o) = old_logp
+            && shape.row_range(i).any(|t| mask.is_none_or(|m| m[t] != 0) && !o[t].is_finite())
+        {
+            return Err(Op::SampledKl.invalid_row(i, RowProblem::NonFinite));
+        }
         for t in shape.row_range(i) {
             if mask.is_some_and(|m| m[t] == 0) {
                 out.values.push(0.0);
@@ -85,7 +113,16 @@ pub fn sampled_kl(inputs: &SampledKlInputs<'_>, opts: &SampledKlOptions) -> Resu
             }
             let (lp, rlp) = (logp[t] as f64, ref_logp[t] as f64);
             let log_r = rlp - lp;
-            let (v, g, _) = estimate(opts.estimator, log_r, lr_clamp, v_clamp);
+            let rho = match old_logp.map(|o| o[t] as f64) {
+                Some(o) => {
+                    let raw = lp - o;
+                    let log_rho = raw.clamp(-lr_clamp, lr_clamp);
+                    Some((log_rho, log_rho != raw))
+                }
+                None => None,
+            };
+            let estimate = |e| weighted(e, log_r, rho, lr_clamp, v_clamp);
+            let (v, g, _) = estimate(opts.estimator);
             if lp.is_nan() || rlp.is_nan() || v.is_nan() || g.is_nan() {
                 return Err(Op::SampledKl.invalid_row(i, RowProblem::NaN));
             }
@@ -94,16 +131,14 @@ pub fn sampled_kl(inputs: &SampledKlInputs<'_>, opts: &SampledKlOptions) -> Resu
                 return Err(Op::SampledKl.invalid_row(i, RowProblem::InfiniteKl));
             }
             // Finite inputs: every estimate and the weighted gradient must fit the backends' f32.
-            let all_fit = KlEstimator::ALL
-                .into_iter()
-                .all(|e| super::fits_f32(estimate(e, log_r, lr_clamp, v_clamp).0));
+            let all_fit = KlEstimator::ALL.into_iter().all(|e| super::fits_f32(estimate(e).0));
             if finite_in && !(all_fit && super::fits_f32(opts.coef as f64 * w * g)) {
                 return Err(Op::SampledKl.invalid_row(i, RowProblem::Overflow));
             }
             for (k, e) in KlEstimator::ALL.into_iter().enumerate() {
-                out.stats.means[k] += w * estimate(e, log_r, lr_clamp, v_clamp).0;
+                out.stats.means[k] += w * estimate(e).0;
             }
-            let (v, g, c) = estimate(opts.estimator, log_r, lr_clamp, v_clamp);
+            let (v, g, c) = estimate(opts.estimator);
             out.values.push(v);
             out.grad_logp.push(opts.coef as f64 * w * g);
             clamped += f64::from(u8::from(c));

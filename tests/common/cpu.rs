@@ -76,14 +76,7 @@ impl kl::SampledBackend for Cpu {
         let n = c.logp.len();
         let (mut v, mut g) = (vec![f32::NAN; n], vec![f32::NAN; n]);
         let out = SampledKlOutputs::default().values(&mut v).grad_logp(&mut g);
-        let stats = cpu::sampled_kl(
-            &SampledKlInputs {
-                mask: c.mask.as_deref(),
-                ..SampledKlInputs::new(c.shape, &c.logp, &c.ref_logp)
-            },
-            out,
-            &c.opts,
-        )?;
+        let stats = cpu::sampled_kl(&c.inputs(), out, &c.opts)?;
         Ok((v, g, stats))
     }
 

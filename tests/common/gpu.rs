@@ -151,6 +151,7 @@ impl SampledBackend for Gpu {
         let s = &self.0;
         let (lp, rlp) = (s.clone_htod(&c.logp).unwrap(), s.clone_htod(&c.ref_logp).unwrap());
         let mask = c.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
+        let old = c.old_logp.as_ref().map(|o| s.clone_htod(o).unwrap());
         let mut v = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
         let mut g = s.clone_htod(&vec![f32::NAN; c.logp.len()]).unwrap();
         let (mut stats, mut ctx) = (DeviceStats::<SampledKlStats>::new(s)?, LaunchContext::new(s)?);
@@ -159,6 +160,7 @@ impl SampledBackend for Gpu {
             logp: lp.as_view(),
             ref_logp: rlp.as_view(),
             mask: mask.as_ref().map(|m| m.as_view()),
+            old_logp: old.as_ref().map(|o| o.as_view()),
         };
         let out = SampledKlOutputs {
             values: Some(v.as_view_mut()),

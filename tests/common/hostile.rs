@@ -239,12 +239,15 @@ pub fn kl_family(be: &impl Backend, cases: u32) {
             .coef(coef)
             .log_ratio_clamp(clamp(b.scalars[2]))
             .value_clamp(clamp(b.scalars[3]))
-            .aggregation(aggregation(b.pick[4], s.cols));
+            .aggregation(aggregation(b.pick[4], s.cols))
+            .bias_correction(b.pick[5] % 2 == 1);
         let case = SampledCase {
             logp: b.a.clone(),
             ref_logp: b.b.clone(),
             shape: s,
             mask: Some(mask.to_vec()),
+            // The bias correction's sampling log-probs: the third wild array.
+            old_logp: opts.bias_correction.then(|| b.c.clone()),
             opts,
         };
         if let Some((values, grad, stats)) = ok(be.sampled(&case)) {
@@ -433,6 +436,7 @@ pub fn ppo_family(be: &impl Backend, cases: u32) {
             old_logp: b.b[..rows].to_vec(),
             advantages: b.c[..rows].to_vec(),
             ref_logp: (b.pick[7] % 2 == 0).then(|| b.scores.clone()),
+            kl_bias_correction: b.pick[6] % 2 == 0,
         };
         let opts = policy_options(b, rows);
         for in_place in [false, true] {
@@ -527,7 +531,8 @@ pub fn named_cases(be: &impl Backend) {
     // sampled_kl with β = 3e38: k2's gradient −log r = −2 times β overflows to −inf (1e38 fits).
     let one = RowShape::new(1, 1);
     let opts = SampledKlOptions::new(KlEstimator::K2).coef(3e38);
-    let case = SampledCase { logp: vec![-3.0], ref_logp: vec![-1.0], shape: one, mask: None, opts };
+    let case =
+        SampledCase { logp: vec![-3.0], ref_logp: vec![-1.0], shape: one, mask: None, old_logp: None, opts };
     assert_eq!(err_of(be.sampled(&case)), row("sampled_kl", 0, Overflow));
     assert!(be.sampled(&SampledCase { opts: opts.coef(1e38), ..case }).is_ok());
     // The exact divergences with logits 1e30 at τ = 1e-9 (lse beyond f32), and a backward whose

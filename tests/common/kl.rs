@@ -18,10 +18,35 @@ pub struct SampledCase {
     pub ref_logp: Vec<f32>,
     pub shape: RowShape,
     pub mask: Option<Vec<u8>>,
+    /// The sampling policy's log-probs, for the bias correction.
+    pub old_logp: Option<Vec<f32>>,
     pub opts: SampledKlOptions,
 }
 
 impl SampledCase {
+    /// The host inputs.
+    pub fn inputs(&self) -> SampledKlInputs<'_> {
+        SampledKlInputs {
+            mask: self.mask.as_deref(),
+            old_logp: self.old_logp.as_deref(),
+            ..SampledKlInputs::new(self.shape, &self.logp, &self.ref_logp)
+        }
+    }
+
+    /// With the bias correction: old log-probs within ±0.3 of the policy's (a few far, to hit
+    /// the ratio's clamp).
+    pub fn bias_corrected(mut self, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let old = self
+            .logp
+            .iter()
+            .map(|&lp| if rng.uniform() < 0.02 { lp + 25.0 } else { lp + (rng.normal() * 0.3) as f32 })
+            .collect();
+        self.old_logp = Some(old);
+        self.opts = self.opts.bias_correction(true);
+        self
+    }
+
     /// Log-probs in (-8, 0), the reference within ±2 of the policy (a few far away, to hit
     /// the clamps), one sequence in four fully masked, ragged lengths. (`-inf` inputs have
     /// tests of their own: k1 and k2 are infinite there.)
@@ -43,7 +68,14 @@ impl SampledCase {
                 mask[t] = u8::from(k < len);
             }
         }
-        SampledCase { logp, ref_logp, shape, mask: Some(mask), opts: SampledKlOptions::new(KlEstimator::K3) }
+        SampledCase {
+            logp,
+            ref_logp,
+            shape,
+            mask: Some(mask),
+            old_logp: None,
+            opts: SampledKlOptions::new(KlEstimator::K3),
+        }
     }
 }
 
@@ -87,6 +119,9 @@ pub fn sampled_sweep(b: &impl SampledBackend) {
                 if seed % 5 == 0 {
                     c.opts = c.opts.log_ratio_clamp(None).value_clamp(None);
                 }
+                if seed % 3 == 0 {
+                    c = c.bias_corrected(seed);
+                }
                 check_sampled(b, &c);
             }
         }
@@ -95,11 +130,7 @@ pub fn sampled_sweep(b: &impl SampledBackend) {
 
 pub fn check_sampled(b: &impl SampledBackend, c: &SampledCase) {
     let what = format!("{:?} {:?}", c.opts, c.shape);
-    let expected = reference::sampled_kl(
-        &SampledKlInputs { mask: c.mask.as_deref(), ..SampledKlInputs::new(c.shape, &c.logp, &c.ref_logp) },
-        &c.opts,
-    )
-    .unwrap();
+    let expected = reference::sampled_kl(&c.inputs(), &c.opts).unwrap();
     let (v, g, stats) = b.sampled(c).unwrap();
     // Values up to 0.5·30² for k2 far from the reference: f32 relative tolerance.
     let tol = Tolerance::for_dtype(DType::F32).scaled(1.0);
@@ -130,6 +161,7 @@ pub fn sampled_infinities(b: &impl SampledBackend) {
         ref_logp: ref_logp.to_vec(),
         shape: RowShape::new(2, 1),
         mask: None,
+        old_logp: None,
         opts: SampledKlOptions::new(e),
     };
     for e in [KlEstimator::K3, KlEstimator::K1Rev, KlEstimator::K3Rev, KlEstimator::GradRefPolicy] {
@@ -244,4 +276,82 @@ pub fn mean_and_standard_error(v: &[f64]) -> (f64, f64) {
     let mean = v.iter().sum::<f64>() / n;
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
     (mean, (var / n).sqrt())
+}
+
+/// The bias-corrected estimate's gradient `ρ·∂k + ρ·k` against central differences of the f64
+/// reference's aggregated loss (every estimator, ρ's clamp inactive and active), and its
+/// errors: `old_logp` without the option or the option without it, a non-finite `old_logp`.
+pub fn sampled_bias_correction(b: &impl SampledBackend) {
+    let shape = RowShape::new(3, 4);
+    let logp: Vec<f32> = (0..12).map(|t| -0.5 - 0.2 * t as f32).collect();
+    let ref_logp: Vec<f32> =
+        logp.iter().enumerate().map(|(t, lp)| lp + [0.4, -0.7, 1.1, -0.2][t % 4]).collect();
+    // log ρ: small, except token 5 (2.8, beyond the clamp of 2 below: no score term there).
+    let old: Vec<f32> = logp
+        .iter()
+        .enumerate()
+        .map(|(t, lp)| lp - [0.3, -0.2, 0.1, 0.25][t % 4] - if t == 5 { 3.0 } else { 0.0 })
+        .collect();
+    for e in KlEstimator::ALL {
+        let opts = SampledKlOptions::new(e)
+            .bias_correction(true)
+            .log_ratio_clamp(Some(2.0))
+            .value_clamp(None)
+            .aggregation(Aggregation::SeqMeanTokenMean)
+            .coef(0.5);
+        let c = SampledCase {
+            logp: logp.clone(),
+            ref_logp: ref_logp.clone(),
+            shape,
+            mask: None,
+            old_logp: Some(old.clone()),
+            opts,
+        };
+        check_sampled(b, &c);
+        let (_, g, _) = b.sampled(&c).unwrap();
+        // The straight-through estimators' gradient is not their value's: the reference holds them.
+        if matches!(e, KlEstimator::GradPolicyRef | KlEstimator::GradRefPolicy) {
+            continue;
+        }
+        let h = 1e-3f32;
+        for t in 0..12 {
+            let at = |d: f32| {
+                let mut p = c.clone();
+                p.logp[t] += d;
+                reference::sampled_kl(&p.inputs(), &p.opts).unwrap().stats.loss
+            };
+            let (hi, lo) = (logp[t] + h, logp[t] - h);
+            let numeric = (at(h) - at(-h)) / (hi as f64 - lo as f64);
+            assert!(
+                (g[t] as f64 - numeric).abs() <= 2e-3 * (1.0 + numeric.abs()),
+                "{e:?} token {t}: {} vs {numeric}",
+                g[t]
+            );
+        }
+    }
+    let plain = SampledCase::random(RowShape::new(2, 5), 3);
+    let with_old = plain.clone().bias_corrected(4);
+    let err = |c: &SampledCase| b.sampled(c).unwrap_err();
+    assert!(matches!(
+        err(&SampledCase { opts: plain.opts.bias_correction(true), ..plain.clone() }),
+        Error::InvalidOption { name: "bias_correction", .. }
+    ));
+    assert!(matches!(
+        err(&SampledCase { opts: plain.opts, ..with_old.clone() }),
+        Error::InvalidOption { name: "bias_correction", .. }
+    ));
+    let mut bad = with_old.clone();
+    let t = bad.mask.as_ref().unwrap().iter().position(|&m| m != 0).unwrap();
+    bad.old_logp.as_mut().unwrap()[t] = f32::NEG_INFINITY;
+    let row = t / bad.shape.row_stride;
+    assert!(
+        matches!(err(&bad), Error::InvalidRow { row: r, problem: RowProblem::NonFinite, .. } if r == row),
+        "{:?}",
+        err(&bad)
+    );
+    // At a masked token it is not read.
+    let mut masked = with_old;
+    let t = masked.mask.as_ref().unwrap().iter().position(|&m| m == 0).unwrap();
+    masked.old_logp.as_mut().unwrap()[t] = f32::NAN;
+    assert!(b.sampled(&masked).is_ok());
 }

@@ -67,6 +67,20 @@ fn estimates<E: Chosen>(log_r: f32, lr_clamp: f32, v_clamp: f32) -> ([f32; 8], f
     (values, grad, clamped)
 }
 
+/// Whether a row kernel instance weights the estimates by `ρ = π/π_old` (a type, so that the
+/// unweighted instance has no trace of it).
+trait Weighting {
+    const ON: bool;
+}
+struct Plain;
+struct BiasCorrected;
+impl Weighting for Plain {
+    const ON: bool = false;
+}
+impl Weighting for BiasCorrected {
+    const ON: bool = true;
+}
+
 /// Scalars of one row.
 #[derive(Clone, Copy)]
 struct RowParams {
@@ -83,28 +97,34 @@ struct RowParams {
 struct RowSums {
     estimators: [f64; 8],
     clamped: f64,
+    /// A non-finite `old_logp` at a valid token (bias correction).
+    bad_old: bool,
     nan: bool,
     inf: bool,
     overflow: bool,
 }
 
-dispatch!(fn sampled_row<E: Chosen>(lp: &[f32], rlp: &[f32], mask: Option<&[u8]>, values: Option<&mut [f32]>, grads: Option<&mut [f32]>, p: RowParams) -> RowSums = sampled_row_generic);
+dispatch!(fn sampled_row<E: Chosen, W: Weighting>(lp: &[f32], rlp: &[f32], old: &[f32], mask: Option<&[u8]>, values: Option<&mut [f32]>, grads: Option<&mut [f32]>, p: RowParams) -> RowSums = sampled_row_generic);
 
 /// One row in pieces of [`LANES`] tokens: masks as 0/1 lanes, every quantity computed for
-/// every lane and selected, sums in [`LANES`] f32 accumulators per estimator.
+/// every lane and selected, sums in [`LANES`] f32 accumulators per estimator. With `W::ON`
+/// every estimate is weighted by `ρ = exp(clamp(logp − old))` and the gradient gains `ρ·k`
+/// (0 where the clamp on `ρ` is active); `old` is not read otherwise.
 #[inline(always)]
-fn sampled_row_generic<E: Chosen>(
+fn sampled_row_generic<E: Chosen, W: Weighting>(
     lp: &[f32],
     rlp: &[f32],
+    old: &[f32],
     mask: Option<&[u8]>,
     mut values: Option<&mut [f32]>,
     mut grads: Option<&mut [f32]>,
     p: RowParams,
 ) -> RowSums {
     let mut acc = [[0.0f32; LANES]; 9];
-    let (mut nan, mut inf, mut overflow, mut inf_input) =
-        ([false; LANES], [false; LANES], [false; LANES], [false; LANES]);
-    let (mut a, mut b, mut valid) = ([0.0f32; LANES], [0.0f32; LANES], [false; LANES]);
+    let (mut nan, mut inf, mut overflow, mut inf_input, mut bad_old) =
+        ([false; LANES], [false; LANES], [false; LANES], [false; LANES], [false; LANES]);
+    let (mut a, mut b, mut c, mut valid) =
+        ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES], [false; LANES]);
     let (mut v_out, mut g_out) = ([0.0f32; LANES], [0.0f32; LANES]);
     let mut start = 0;
     while start < lp.len() {
@@ -112,13 +132,25 @@ fn sampled_row_generic<E: Chosen>(
         let range = start..start + m;
         a[..m].copy_from_slice(&lp[range.clone()]);
         b[..m].copy_from_slice(&rlp[range.clone()]);
+        if W::ON {
+            c[..m].copy_from_slice(&old[range.clone()]);
+        }
         for j in 0..LANES {
             valid[j] = j < m && mask.is_none_or(|mk| mk[start + j] != 0);
         }
         for j in 0..LANES {
-            let (vals, g, clamped) = estimates::<E>(b[j] - a[j], p.lr_clamp, p.v_clamp);
-            let v = vals[E::E as usize];
+            let (mut vals, mut g, clamped) = estimates::<E>(b[j] - a[j], p.lr_clamp, p.v_clamp);
             let ok = valid[j];
+            if W::ON {
+                let raw = a[j] - c[j];
+                let log_rho = raw.clamp(-p.lr_clamp, p.lr_clamp);
+                let rho = simd::exp2(log_rho * LOG2E);
+                let score = if log_rho != raw { 0.0 } else { rho * vals[E::E as usize] };
+                g = rho * g + score;
+                vals = vals.map(|v| rho * v);
+                bad_old[j] |= ok && !c[j].is_finite();
+            }
+            let v = vals[E::E as usize];
             let finite_in = a[j].is_finite() && b[j].is_finite();
             nan[j] |= ok && (a[j].is_nan() || b[j].is_nan() || v.is_nan() || g.is_nan());
             inf[j] |= ok && !finite_in && (v.is_infinite() || g.is_infinite());
@@ -143,7 +175,12 @@ fn sampled_row_generic<E: Chosen>(
         }
         start += m;
     }
-    let mut out = RowSums { nan: nan.contains(&true), inf: inf.contains(&true), ..Default::default() };
+    let mut out = RowSums {
+        bad_old: bad_old.contains(&true),
+        nan: nan.contains(&true),
+        inf: inf.contains(&true),
+        ..Default::default()
+    };
     for (s, lanes) in out.estimators.iter_mut().zip(&acc) {
         *s = simd::sum_lanes(lanes) as f64;
     }
@@ -152,6 +189,30 @@ fn sampled_row_generic<E: Chosen>(
     out.overflow = overflow.contains(&true) || sums_overflow;
     out.clamped = simd::sum_lanes(&acc[8]) as f64;
     out
+}
+
+/// The row kernel of the `chosen` estimator.
+#[allow(clippy::too_many_arguments)]
+fn row_of<W: Weighting>(
+    chosen: KlEstimator,
+    lp: &[f32],
+    rlp: &[f32],
+    old: &[f32],
+    m: Option<&[u8]>,
+    v: Option<&mut [f32]>,
+    g: Option<&mut [f32]>,
+    p: RowParams,
+) -> RowSums {
+    match chosen {
+        KlEstimator::K1 => sampled_row::<EK1, W>(lp, rlp, old, m, v, g, p),
+        KlEstimator::K2 => sampled_row::<EK2, W>(lp, rlp, old, m, v, g, p),
+        KlEstimator::K3 => sampled_row::<EK3, W>(lp, rlp, old, m, v, g, p),
+        KlEstimator::Abs => sampled_row::<EAbs, W>(lp, rlp, old, m, v, g, p),
+        KlEstimator::K1Rev => sampled_row::<EK1Rev, W>(lp, rlp, old, m, v, g, p),
+        KlEstimator::K3Rev => sampled_row::<EK3Rev, W>(lp, rlp, old, m, v, g, p),
+        KlEstimator::GradPolicyRef => sampled_row::<EGradPr, W>(lp, rlp, old, m, v, g, p),
+        KlEstimator::GradRefPolicy => sampled_row::<EGradRp, W>(lp, rlp, old, m, v, g, p),
+    }
 }
 
 /// One mutable slice per row (`None`s when the output is absent).
@@ -197,8 +258,8 @@ pub fn sampled_kl(
     mut out: SampledKlOutputs<'_>,
     opts: &SampledKlOptions,
 ) -> Result<SampledKlStats> {
-    inputs.validate()?;
-    let SampledKlInputs { shape, logp, ref_logp, mask } = *inputs;
+    inputs.validate(opts)?;
+    let SampledKlInputs { shape, logp, ref_logp, mask, old_logp } = *inputs;
     out.check(shape)?;
     let (lr_clamp, v_clamp) = opts.limits()?;
     // Valid tokens per sequence, counted once (the weights and the counts need them).
@@ -225,17 +286,14 @@ pub fn sampled_kl(
             let m = mask.map(|m| &m[row.clone()]);
             let (v_row, g_row) = (v_row.map(|v| &mut v[..shape.cols]), g_row.map(|g| &mut g[..shape.cols]));
             let p = RowParams { w, lr_clamp, v_clamp };
-            let (lp, rlp) = (&logp[row.clone()], &ref_logp[row]);
-            let sums = match chosen {
-                KlEstimator::K1 => sampled_row::<EK1>(lp, rlp, m, v_row, g_row, p),
-                KlEstimator::K2 => sampled_row::<EK2>(lp, rlp, m, v_row, g_row, p),
-                KlEstimator::K3 => sampled_row::<EK3>(lp, rlp, m, v_row, g_row, p),
-                KlEstimator::Abs => sampled_row::<EAbs>(lp, rlp, m, v_row, g_row, p),
-                KlEstimator::K1Rev => sampled_row::<EK1Rev>(lp, rlp, m, v_row, g_row, p),
-                KlEstimator::K3Rev => sampled_row::<EK3Rev>(lp, rlp, m, v_row, g_row, p),
-                KlEstimator::GradPolicyRef => sampled_row::<EGradPr>(lp, rlp, m, v_row, g_row, p),
-                KlEstimator::GradRefPolicy => sampled_row::<EGradRp>(lp, rlp, m, v_row, g_row, p),
+            let (lp, rlp) = (&logp[row.clone()], &ref_logp[row.clone()]);
+            let sums = match old_logp {
+                Some(o) => row_of::<BiasCorrected>(chosen, lp, rlp, &o[row], m, v_row, g_row, p),
+                None => row_of::<Plain>(chosen, lp, rlp, lp, m, v_row, g_row, p),
             };
+            if sums.bad_old {
+                return Err((i, RowProblem::NonFinite));
+            }
             if sums.nan {
                 Err((i, RowProblem::NaN))
             } else if sums.inf {

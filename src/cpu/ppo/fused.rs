@@ -46,8 +46,10 @@ fn forward<T: Element, I: TargetIndex>(
     let kl = match (inputs.ref_logp, kl_opts) {
         (Some(ref_logp), Some(kl_opts)) => {
             let out = crate::SampledKlOutputs::default().grad_logp(&mut grad_logp);
+            // The bias correction weights by π/π_old with the loss's own old log-probs.
+            let old_logp = kl_opts.bias_correction.then_some(inputs.old_logp);
             Some(sampled_kl(
-                &SampledKlInputs { mask, ..SampledKlInputs::new(seqs, &logp, ref_logp) },
+                &SampledKlInputs { mask, old_logp, ..SampledKlInputs::new(seqs, &logp, ref_logp) },
                 out,
                 kl_opts,
             )?)

@@ -34,7 +34,7 @@ use crate::{Error, ExactKlOptions, KlRewardsOptions, Result, SampledKlOptions};
 /// use rlhf_kernels::cuda::raw::{self, RawStream, SampledKlArgs};
 /// use rlhf_kernels::{KlEstimator, RowShape, SampledKlOptions};
 /// # let (logp, ref_logp, grad, status, cu_stream) = (0u64, 0u64, 0u64, 0u64, std::ptr::null_mut());
-/// let args = SampledKlArgs { shape: RowShape::new(64, 1024), logp, ref_logp, mask: 0, values: 0,
+/// let args = SampledKlArgs { shape: RowShape::new(64, 1024), logp, ref_logp, mask: 0, old_logp: 0, values: 0,
 ///     grad_logp: grad, stats: 0, workspace: 0, status };
 /// let opts = SampledKlOptions::new(KlEstimator::K3).coef(0.05);
 /// // SAFETY: pointers from tensors that live on device 0 and outlive the launch.

@@ -60,7 +60,7 @@ pub fn sampled_kl(
     opts: &SampledKlOptions,
 ) -> Result<()> {
     let (stream, status) = ctx.parts();
-    inputs.validate()?;
+    inputs.validate(opts)?;
     let shape = inputs.shape;
     out.check(shape)?;
     if let Some(w) = &out.workspace {
@@ -70,12 +70,14 @@ pub fn sampled_kl(
     let (logp, _g1) = inputs.logp.device_ptr(s);
     let (ref_logp, _g2) = inputs.ref_logp.device_ptr(s);
     let (mask, _g3) = opt_ptr(&inputs.mask, s);
+    let (old_logp, _g9) = opt_ptr(&inputs.old_logp, s);
     let (values, _g4) = opt_ptr_mut(&mut out.values, s);
     let (grad_logp, _g5) = opt_ptr_mut(&mut out.grad_logp, s);
     let (workspace, _g6) = opt_ptr_mut(&mut out.workspace, s);
     let (stats, _g7) = DeviceStats::opt_words_ptr(out.stats.take(), s);
     let (status, _g8) = status.device_ptr(s);
-    let args = SampledKlArgs { shape, logp, ref_logp, mask, values, grad_logp, stats, workspace, status };
+    let args =
+        SampledKlArgs { shape, logp, ref_logp, mask, old_logp, values, grad_logp, stats, workspace, status };
     // SAFETY: every address comes from a cudarc buffer of this stream's context whose length
     // was checked above (the outputs are distinct mutable borrows, the statistics buffer holds
     // 13 f64); the guards keep cudarc's event tracking in order until the launches are enqueued.
@@ -94,6 +96,8 @@ pub struct SampledKlArgs {
     pub ref_logp: u64,
     /// Mask bytes (0 = padding), or 0.
     pub mask: u64,
+    /// f32 `log π_old(y_t)` for the bias correction (exactly when the options ask for it), or 0.
+    pub old_logp: u64,
     /// f32 estimator value per token out, or 0.
     pub values: u64,
     /// f32 `∂loss/∂logp` per token out, or 0.
@@ -172,13 +176,15 @@ struct SampledParams {
     valid_sequences: f64,
     sequences: f64,
     records: u64,
+    /// The sampling policy's log-probs (bias correction), or null.
+    old_logp: u64,
 }
 
 // The kernels pin the same size and offsets (`static_assert` in kernels/).
-pin_layout!(SampledParams, 128, {
+pin_layout!(SampledParams, 136, {
     logp: 0, ref_logp: 8, mask: 16, counts: 24, values: 32, grad: 40, ld: 48, rows: 56, cols: 60,
     chosen: 64, lr_clamp: 68, v_clamp: 72, coef: 76, aggregation: 80, weights_known: 84,
-    max_len: 88, tokens: 96, valid_sequences: 104, sequences: 112, records: 120,
+    max_len: 88, tokens: 96, valid_sequences: 104, sequences: 112, records: 120, old_logp: 128,
 });
 
 // SAFETY: repr(C) with the layout of the kernels' `struct SampledParams` (asserted above and in
@@ -206,6 +212,7 @@ pub(crate) unsafe fn launch_sampled(
         });
     }
     let (lr_clamp, v_clamp) = opts.limits()?;
+    crate::kl::check_bias_correction(opts.bias_correction, a.old_logp != 0)?;
     let (aggregation, max_len) = opts.aggregation.code();
     let global = known_counts(opts.normaliser, shape, a.mask != 0);
     // The batch's own counts under a mask: counted on the device before the one pass.
@@ -246,6 +253,7 @@ pub(crate) unsafe fn launch_sampled(
         valid_sequences: counts[1],
         sequences: counts[2],
         records,
+        old_logp: a.old_logp,
     };
     let per_row =
         LaunchConfig { grid_dim: (shape.rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

@@ -171,6 +171,8 @@ pub(crate) unsafe fn launch_fused(
             logp,
             ref_logp: a.ref_logp,
             mask,
+            // The bias correction weights by π/π_old with the loss's own old log-probs.
+            old_logp: if k.bias_correction { a.old_logp } else { 0 },
             values: 0,
             grad_logp,
             stats: a.kl_stats,

@@ -14,6 +14,8 @@ pub struct FusedCase<T> {
     pub old_logp: Vec<f32>,
     pub advantages: Vec<f32>,
     pub ref_logp: Option<Vec<f32>>,
+    /// The KL term weighted by π/π_old (bias correction).
+    pub kl_bias_correction: bool,
 }
 
 impl<T: rlhf_kernels::Element> FusedCase<T> {
@@ -39,6 +41,7 @@ impl<T: rlhf_kernels::Element> FusedCase<T> {
             old_logp,
             advantages: rng.normals(b * t, 1.0),
             ref_logp,
+            kl_bias_correction: false,
         }
     }
 
@@ -55,7 +58,11 @@ impl<T: rlhf_kernels::Element> FusedCase<T> {
     /// The fused path's options for `loss`, with the KL term's when the case has one.
     pub fn options(&self, loss: &PolicyLossOptions) -> rlhf_kernels::FusedPolicyOptions {
         let opts = rlhf_kernels::FusedPolicyOptions::new(*loss);
-        if self.ref_logp.is_some() { opts.kl(fused_kl()) } else { opts }
+        if self.ref_logp.is_some() {
+            opts.kl(fused_kl().bias_correction(self.kl_bias_correction))
+        } else {
+            opts
+        }
     }
 }
 
@@ -78,14 +85,17 @@ pub trait FusedBackend {
 }
 
 /// The fused path equals the composition of the reference's ops: token forward (f64, rounded
-/// to f32 as the fused path hands it on), KL term, policy loss, backward of the total.
+/// to f32 as the fused path hands it on), KL term (plain, or bias-corrected with the loss's old
+/// log-probs), policy loss (clipped, SAPO, GMPO), backward of the total.
 pub fn fused_path<T: rlhf_kernels::Element>(b: &impl FusedBackend) {
     let lp_opts = rlhf_kernels::TokenLogprobsOptions::default().ignore_index(None);
+    let objectives = [PolicyObjective::Clip, PolicyObjective::SAPO, PolicyObjective::Gmpo];
     for (k, (v, stride, with_kl)) in
         [(50, 50, false), (1000, 1003, true), (129, 130, true)].into_iter().enumerate()
     {
-        let c = FusedCase::<T>::random(3, 7, v, stride, with_kl, 300 + k as u64);
-        let opts = PolicyLossOptions::default().entropy_coef(0.01).aggregation(AGGREGATIONS[k % 4]);
+        let mut c = FusedCase::<T>::random(3, 7, v, stride, with_kl, 300 + k as u64);
+        c.kl_bias_correction = k == 2;
+        let opts = PolicyLossOptions::new(objectives[k]).entropy_coef(0.01).aggregation(AGGREGATIONS[k % 4]);
         let tokens = rlhf_kernels::Tokens::new(&c.targets).with_mask(&c.mask);
         let fwd = reference::token_logprobs(&c.logits, c.shape, &tokens, &lp_opts).unwrap();
         let (logp, ent): (Vec<f32>, Vec<f32>) =
@@ -96,11 +106,12 @@ pub fn fused_path<T: rlhf_kernels::Element>(b: &impl FusedBackend) {
         let mut g = loss.grad_logp.clone();
         let mut kl_loss = None;
         if let Some(r) = &c.ref_logp {
-            let kl = reference::sampled_kl(
-                &SampledKlInputs::new(c.sequences, &logp, r).mask(&c.mask),
-                &fused_kl(),
-            )
-            .unwrap();
+            let kl_inputs = SampledKlInputs::new(c.sequences, &logp, r).mask(&c.mask);
+            let (kl_inputs, kl_opts) = match c.kl_bias_correction {
+                true => (kl_inputs.old_logp(&c.old_logp), fused_kl().bias_correction(true)),
+                false => (kl_inputs, fused_kl()),
+            };
+            let kl = reference::sampled_kl(&kl_inputs, &kl_opts).unwrap();
             g.iter_mut().zip(&kl.grad_logp).for_each(|(a, b)| *a += b);
             kl_loss = Some(kl.stats.loss);
         }
@@ -116,7 +127,7 @@ pub fn fused_path<T: rlhf_kernels::Element>(b: &impl FusedBackend) {
         )
         .unwrap();
         for in_place in [false, true] {
-            let what = format!("{} V={v} in_place={in_place}", T::DTYPE);
+            let what = format!("{} V={v} in_place={in_place} {:?}", T::DTYPE, objectives[k]);
             let (grad, stats) = b.fused(&c, &c.options(&opts), in_place).unwrap();
             let dense: Vec<T> =
                 (0..c.shape.rows).flat_map(|r| grad[c.shape.row_range(r)].iter().copied()).collect();

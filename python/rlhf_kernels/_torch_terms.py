@@ -12,13 +12,13 @@ from ._torch_common import _counts_options, _f32, _f32_keep_grad, _mask, _status
 
 class _SampledKl(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, ref_logp, mask, options):
+    def forward(ctx, logp, ref_logp, mask, old_logp, options):
         values = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
         grad_logp = torch.empty_like(values)
         stats = torch.empty(_native.KL_STATS_WORDS, dtype=torch.float64, device=logp.device)
         _native.sampled_kl(
-            logp.detach().contiguous(), ref_logp, mask=mask, values=values, grad_logp=grad_logp, stats=stats,
-            status=_status(logp), stream=_stream(logp), **options,
+            logp.detach().contiguous(), ref_logp, mask=mask, old_logp=old_logp, values=values,
+            grad_logp=grad_logp, stats=stats, status=_status(logp), stream=_stream(logp), **options,
         )
         ctx.save_for_backward(grad_logp)
         ctx.mark_non_differentiable(values, stats)
@@ -28,7 +28,7 @@ class _SampledKl(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_values, _grad_stats):
         (grad_logp,) = ctx.saved_tensors
-        return grad_logp * grad_loss.to(torch.float32), None, None, None
+        return grad_logp * grad_loss.to(torch.float32), None, None, None, None
 
 
 def sampled_kl(
@@ -43,6 +43,7 @@ def sampled_kl(
     aggregation: str = "token_mean",
     max_len: int = 0,
     global_counts: Optional[Sequence[float]] = None,
+    old_logp: Optional[torch.Tensor] = None,
 ):
     """A sampled KL estimate over a ``[B, T]`` batch of the sampled tokens' log-probs (float32),
     with ``log r = ref_logp − logp``: ``"k1"`` (``−log r``), ``"k2"`` (``½(log r)²``), ``"k3"``
@@ -54,6 +55,12 @@ def sampled_kl(
     ``log r`` as it is; no gradient flows where a clamp is active; ``None`` turns a clamp off
     (the defaults, 20 and 10, are verl's).
 
+    With ``old_logp`` (the log-probs of the policy that sampled the tokens: π_old, or the
+    inference engine's) each estimate is weighted by ``ρ = exp(logp − old_logp)`` (clamped with
+    ``log_ratio_clamp``), ``ρ`` not detached: the bias-corrected KL of DeepSeek-V3.2 and TRL's
+    ``use_bias_correction_kl``, whose value estimates the current policy's KL and whose gradient
+    includes ``ρ``'s (``∂(ρk)/∂logp = ρ·(∂k/∂logp + k)``).
+
     Returns ``(loss, values, stats)``: ``loss = coef·aggregate(k)`` (differentiable in ``logp``;
     ``ref_logp`` is a constant), the per-token values (0 at padding) and a float64 statistics
     tensor on the device (:func:`kl_stats` reads it).
@@ -64,7 +71,8 @@ def sampled_kl(
         value_clamp=None if value_clamp is None else float(value_clamp),
         **_counts_options(aggregation, max_len, global_counts),
     )
-    return _SampledKl.apply(logp, _f32(ref_logp, "ref_logp"), _mask(mask), options)
+    old = None if old_logp is None else _f32(old_logp, "old_logp")
+    return _SampledKl.apply(logp, _f32(ref_logp, "ref_logp"), _mask(mask), old, options)
 
 
 _ESTIMATORS = ("k1", "k2", "k3", "abs", "k1_rev", "k3_rev", "grad_policy_ref", "grad_ref_policy")

@@ -280,6 +280,7 @@ def policy_loss_from_logits(
     kl_coef: float = 1.0,
     kl_log_ratio_clamp: Optional[float] = 20.0,
     kl_value_clamp: Optional[float] = 10.0,
+    kl_bias_correction: bool = False,
     temperature: float = 1.0,
     objective: str = "clip",
     beta: float = 0.0,
@@ -301,7 +302,8 @@ def policy_loss_from_logits(
     softmax) and scaled in the backward. ``targets``, ``old_logp``, ``advantages``, ``mask`` and
     ``ref_logp`` are ``[B, T]``; padding comes from ``mask`` only (no ignore index). Logits that
     are not one block of evenly spaced rows (``logits[:, :-1]`` of a ``[B, T + 1, V]`` tensor)
-    are copied first.
+    are copied first. ``kl_bias_correction`` weights the KL term by ``π/π_old`` with
+    ``old_logp`` (see :func:`sampled_kl`).
 
     Returns ``(loss, stats)``: the total loss (differentiable in ``logits``) and a float64
     tensor on the device: ``stats[:POLICY_STATS_WORDS]`` reads with :func:`policy_stats`,
@@ -319,6 +321,7 @@ def policy_loss_from_logits(
         temperature=float(temperature), kl_estimator=kl_estimator, kl_coef=float(kl_coef),
         kl_log_ratio_clamp=None if kl_log_ratio_clamp is None else float(kl_log_ratio_clamp),
         kl_value_clamp=None if kl_value_clamp is None else float(kl_value_clamp),
+        kl_bias_correction=bool(kl_bias_correction),
         **_policy_options(
             objective, beta, (tau_pos, tau_neg), clip_low, clip_high, dual_clip, log_ratio_clamp, entropy_coef,
             aggregation, max_len, global_counts,

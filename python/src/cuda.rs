@@ -355,7 +355,7 @@ pub fn sampled_kl(
     status: Option<&Bound<'_, PyAny>>,
     shape: RowShape,
     [logp, ref_logp]: [&Dl; 2],
-    mask: Option<&Dl>,
+    [mask, old_logp]: [Option<&Dl>; 2],
     [values, grad_logp, stats]: [Option<&Dl>; 3],
     opts: &SampledKlOptions,
 ) -> PyResult<()> {
@@ -363,13 +363,14 @@ pub fn sampled_kl(
         ordinal,
         stream,
         status,
-        &[Some(logp), Some(ref_logp), mask, values, grad_logp, stats],
+        &[Some(logp), Some(ref_logp), mask, old_logp, values, grad_logp, stats],
     )?;
     let args = SampledKlArgs {
         shape,
         logp: logp.ptr,
         ref_logp: ref_logp.ptr,
         mask: row_ptr(mask, 0),
+        old_logp: row_ptr(old_logp, 0),
         values: row_ptr(values, 0),
         grad_logp: row_ptr(grad_logp, 0),
         stats: row_ptr(stats, 0),

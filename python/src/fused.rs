@@ -50,11 +50,12 @@ pub fn fused_workspace_bytes(
 /// gradient of the total loss w.r.t. the logits into `grad_logits` (the logits' dtype and
 /// layout) and the statistics into `stats` (float64, [`FUSED_STATS_WORDS`]: the policy loss's,
 /// then the KL term's, written only with a KL term). With `ref_logp` a sampled KL loss term (`kl_estimator`, `kl_coef`,
-/// aggregated as the policy loss) joins the loss. On the GPU `workspace` (uint8, at least
+/// aggregated as the policy loss; with `kl_bias_correction` weighted by `π/π_old` from
+/// `old_logp`) joins the loss. On the GPU `workspace` (uint8, at least
 /// `fused_workspace_bytes`, 1-D contiguous, 16-byte aligned) holds the temporaries; without it
 /// they are allocated per call.
 #[pyfunction]
-#[pyo3(signature = (logits, targets, old_logp, advantages, grad_logits, stats, *, mask=None, ref_logp=None, workspace=None, temperature=1.0, objective="clip", beta=0.0, tau_pos=1.0, tau_neg=1.05, clip_low=0.2, clip_high=0.2, dual_clip=None, log_ratio_clamp=20.0, entropy_coef=0.0, aggregation="token_mean", max_len=0, global_counts=None, kl_estimator="grad_policy_ref", kl_coef=1.0, kl_log_ratio_clamp=Some(20.0), kl_value_clamp=Some(10.0), status=None, stream=0))]
+#[pyo3(signature = (logits, targets, old_logp, advantages, grad_logits, stats, *, mask=None, ref_logp=None, workspace=None, temperature=1.0, objective="clip", beta=0.0, tau_pos=1.0, tau_neg=1.05, clip_low=0.2, clip_high=0.2, dual_clip=None, log_ratio_clamp=20.0, entropy_coef=0.0, aggregation="token_mean", max_len=0, global_counts=None, kl_estimator="grad_policy_ref", kl_coef=1.0, kl_log_ratio_clamp=Some(20.0), kl_value_clamp=Some(10.0), kl_bias_correction=false, status=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_loss_from_logits(
     py: Python<'_>,
@@ -84,6 +85,7 @@ pub fn policy_loss_from_logits(
     kl_coef: f32,
     kl_log_ratio_clamp: Option<f32>,
     kl_value_clamp: Option<f32>,
+    kl_bias_correction: bool,
     status: Option<&Bound<'_, PyAny>>,
     stream: usize,
 ) -> PyResult<()> {
@@ -137,7 +139,8 @@ pub fn policy_loss_from_logits(
         .log_ratio_clamp(kl_log_ratio_clamp)
         .value_clamp(kl_value_clamp)
         .aggregation(aggregation)
-        .normaliser(normaliser);
+        .normaliser(normaliser)
+        .bias_correction(kl_bias_correction);
     if ref_logp.is_some() {
         opts = opts.kl(kl);
     }

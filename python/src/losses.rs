@@ -65,15 +65,18 @@ pub(crate) fn parse_estimator(name: &str) -> PyResult<KlEstimator> {
 /// A sampled KL estimator over a `[B, T]` batch of float32 `logp` (policy) and `ref_logp`
 /// (reference) with `log r = ref_logp − logp`: the per-token value into `values`,
 /// `∂(coef·aggregate(k))/∂logp` into `grad_logp` and the statistics (float64,
-/// [`KL_STATS_WORDS`]) into `stats`, each when given, in one pass on the tensors' device.
+/// [`KL_STATS_WORDS`]) into `stats`, each when given, in one pass on the tensors' device. With
+/// float32 `old_logp` (the sampling policy's) each estimate is weighted by `π/π_old`, not
+/// detached (the bias-corrected KL).
 #[pyfunction]
-#[pyo3(signature = (logp, ref_logp, *, mask=None, values=None, grad_logp=None, stats=None, estimator="k3", coef=1.0, log_ratio_clamp=Some(20.0), value_clamp=Some(10.0), aggregation="token_mean", max_len=0, global_counts=None, status=None, stream=0))]
+#[pyo3(signature = (logp, ref_logp, *, mask=None, old_logp=None, values=None, grad_logp=None, stats=None, estimator="k3", coef=1.0, log_ratio_clamp=Some(20.0), value_clamp=Some(10.0), aggregation="token_mean", max_len=0, global_counts=None, status=None, stream=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn sampled_kl(
     py: Python<'_>,
     logp: &Bound<'_, PyAny>,
     ref_logp: &Bound<'_, PyAny>,
     mask: Option<&Bound<'_, PyAny>>,
+    old_logp: Option<&Bound<'_, PyAny>>,
     values: Option<&Bound<'_, PyAny>>,
     grad_logp: Option<&Bound<'_, PyAny>>,
     stats: Option<&Bound<'_, PyAny>>,
@@ -92,17 +95,20 @@ pub fn sampled_kl(
         .log_ratio_clamp(log_ratio_clamp)
         .value_clamp(value_clamp)
         .aggregation(parse_aggregation(aggregation, max_len)?)
-        .normaliser(parse_normaliser(global_counts));
+        .normaliser(parse_normaliser(global_counts))
+        .bias_correction(old_logp.is_some());
     let logp = Dl::import(logp, stream, "logp")?;
     let ref_logp = Dl::import(ref_logp, stream, "ref_logp")?;
-    let [mask, values, grad] = [(mask, "mask"), (values, "values"), (grad_logp, "grad_logp")]
-        .map(|(o, what)| Dl::maybe(o, stream, what));
-    let (mask, values, grad) = (mask?, values?, grad?);
+    let [mask, old, values, grad] =
+        [(mask, "mask"), (old_logp, "old_logp"), (values, "values"), (grad_logp, "grad_logp")]
+            .map(|(o, what)| Dl::maybe(o, stream, what));
+    let (mask, old, values, grad) = (mask?, old?, values?, grad?);
     let shape = batch_shape(
         &logp,
         &[
             (Some(&ref_logp), Kind::F32),
             (mask.as_ref(), Kind::Byte),
+            (old.as_ref(), Kind::F32),
             (values.as_ref(), Kind::F32),
             (grad.as_ref(), Kind::F32),
         ],
@@ -112,14 +118,20 @@ pub fn sampled_kl(
         return Err(PyValueError::new_err("sampled_kl: give at least one of values, grad_logp, stats"));
     }
     let place = check_together(
-        &[Some(&logp), Some(&ref_logp), mask.as_ref()],
+        &[Some(&logp), Some(&ref_logp), mask.as_ref(), old.as_ref()],
         &[values.as_ref(), grad.as_ref(), stats.as_ref()],
     )?;
     match place {
         Place::Cpu => {
             // SAFETY: dtypes and shapes checked above; the outputs overlap no other tensor.
-            let (lp, rlp, m) =
-                unsafe { (logp.elems::<f32>(), ref_logp.elems::<f32>(), mask.as_ref().map(|m| m.bytes())) };
+            let (lp, rlp, m, o) = unsafe {
+                (
+                    logp.elems::<f32>(),
+                    ref_logp.elems::<f32>(),
+                    mask.as_ref().map(|m| m.bytes()),
+                    old.as_ref().map(|o| o.elems::<f32>()),
+                )
+            };
             // SAFETY: as above; each output is one mutable slice.
             let (v, g, words) = unsafe {
                 (
@@ -132,7 +144,7 @@ pub fn sampled_kl(
                 .detach(move || {
                     let out = SampledKlOutputs { values: v, grad_logp: g, ..Default::default() };
                     cpu::sampled_kl(
-                        &SampledKlInputs { mask: m, ..SampledKlInputs::new(shape, lp, rlp) },
+                        &SampledKlInputs { mask: m, old_logp: o, ..SampledKlInputs::new(shape, lp, rlp) },
                         out,
                         &opts,
                     )
@@ -149,7 +161,7 @@ pub fn sampled_kl(
             status,
             shape,
             [&logp, &ref_logp],
-            mask.as_ref(),
+            [mask.as_ref(), old.as_ref()],
             [values.as_ref(), grad.as_ref(), stats.as_ref()],
             &opts,
         ),

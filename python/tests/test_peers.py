@@ -3,7 +3,8 @@ PyTorch (float64, autograd for the gradients) from the sources read:
 
 - TRL ``trl/trainer/grpo_trainer.py`` at f2cd57710ae345ea6428ae95363267fcf38a3dc8
   (``loss_type="sapo"``: no log-ratio clamp, τ₊ where A > 0, per-sequence token means
-  averaged over all B rows);
+  averaged over all B rows; ``use_bias_correction_kl``: the k3 term times the importance
+  ratio ``exp(logp − old_logp)``, neither clamped nor detached);
 - verl ``verl/trainer/ppo/core_algos.py`` at b178a3cd56f58b2d502255daba591e92833930a7
   (``compute_policy_loss_sapo``: log-ratio clamped to ±20, ``agg_loss`` seq-mean-token-mean
   over the non-empty rows; ``compute_policy_loss_geo_mean``: GMPO, one-sided clip of the
@@ -16,7 +17,15 @@ import pytest
 import torch
 
 import rlhf_kernels
-from rlhf_kernels.torch import check_status, policy_loss, policy_stats
+from rlhf_kernels.torch import (
+    check_status,
+    kl_stats,
+    policy_loss,
+    policy_loss_from_logits,
+    policy_stats,
+    sampled_kl,
+    token_logprobs,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and rlhf_kernels.cuda_available() else [])
 
@@ -134,9 +143,67 @@ def test_gmpo_matches_verl_geo_mean(device, clip):
     assert abs(stats["clip_fraction_low"] - low) < 1e-12
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_corrected_kl_matches_trl(device):
+    logp, old, _, mask = batch(device, seed=3)
+    g = torch.Generator().manual_seed(9)
+    ref = (logp.double().cpu() + torch.randn(logp.shape, generator=g, dtype=torch.float64) * 0.5).float().to(device)
+    b, beta = logp.shape[0], 0.04
+    x = logp.clone().requires_grad_(True)
+    # TRL's per_token_kl with use_bias_correction_kl, added as β·kl and aggregated as its "grpo"
+    # loss (seq-mean-token-mean over all B rows).
+    loss, values, stats = sampled_kl(
+        x, ref, mask, estimator="k3", coef=beta, log_ratio_clamp=None, value_clamp=None, old_logp=old,
+        aggregation="seq_mean_token_mean", global_counts=(mask.sum().item(), b, b),
+    )
+    loss.backward()
+    check_status()
+    e, m = exact(logp), mask.cpu().double()
+    r, o = ref.double().cpu(), old.double().cpu()
+    per_token_kl = torch.exp(r - e) - (r - e) - 1
+    per_token_kl = per_token_kl * torch.exp(e - o)
+    expected = ((beta * per_token_kl * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    expected.backward()
+    close(loss, expected)
+    close(x.grad, e.grad)
+    close(values[mask], per_token_kl.detach()[mask.cpu()])
+    # Without old_logp the same call is plain k3, whose gradient lacks the ratio's.
+    plain, _, _ = sampled_kl(logp, ref, mask, estimator="k3", log_ratio_clamp=None, value_clamp=None)
+    assert abs(plain.item() - kl_stats(stats)["loss"] / beta) > 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_bias_corrected_kl_equals_the_composition(device):
+    torch.manual_seed(5)
+    b, t, v = 3, 6, 50
+    base = torch.randn(b, t, v, device=device) * 2
+    targets = torch.randint(0, v, (b, t), device=device)
+    mask = torch.arange(t, device=device)[None, :] < torch.tensor([6, 4, 1], device=device)[:, None]
+    with torch.no_grad():
+        lp = token_logprobs(base, targets)[0]
+    old, ref = lp + 0.2 * torch.randn(b, t, device=device), lp + 0.4 * torch.randn(b, t, device=device)
+    adv = torch.randn(b, t, device=device)
+    kl = dict(kl_estimator="k3", kl_coef=0.1, kl_bias_correction=True)
+    fused = base.clone().requires_grad_(True)
+    loss, stats = policy_loss_from_logits(fused, targets, old, adv, mask, ref_logp=ref, objective="sapo", **kl)
+    loss.backward()
+    composed = base.clone().requires_grad_(True)
+    logp, entropy = token_logprobs(composed, targets, mask)
+    expected, _ = policy_loss(logp, old, adv, mask, entropy=entropy, objective="sapo")
+    kl_loss, _, kl_words = sampled_kl(logp, ref, mask, estimator="k3", coef=0.1, old_logp=old)
+    (expected + kl_loss).backward()
+    check_status()
+    close(loss, expected + kl_loss)
+    close(fused.grad, composed.grad)
+    words = rlhf_kernels.POLICY_STATS_WORDS
+    assert abs(kl_stats(stats[words:])["loss"] - kl_stats(kl_words)["loss"]) < 1e-6
+
+
 def test_variant_options_are_checked():
     logp, old, adv, mask = batch("cpu")
     with pytest.raises(ValueError, match="tau_neg"):
         policy_loss(logp, old, adv, mask, objective="sapo", tau_neg=0.0)
     with pytest.raises(ValueError, match="objective"):
         policy_loss(logp, old, adv, mask, objective="geo_mean")
+    with pytest.raises(ValueError, match="old_logp"):
+        sampled_kl(logp, old, mask, old_logp=old[:, :3])

@@ -27,7 +27,8 @@ struct Estimates {
 __device__ __forceinline__ float clamp_keep_nan(float v, float c) { return v != v ? v : fminf(fmaxf(v, -c), c); }
 
 // With the bias correction every value is ρ·k and the gradient ρ·∂k, plus ρ·k with `score`
-// (ρ = 1 and no score otherwise: the products are exact).
+// for all but the gradient-correct pairs (ρ = 1 and no score otherwise: the products are
+// exact).
 __device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr_clamp, float v_clamp, float rho,
                                                bool score) {
   const float lr = clamp_keep_nan(log_r, lr_clamp);
@@ -78,7 +79,9 @@ __device__ __forceinline__ Estimates estimates(int chosen, float log_r, float lr
     case K1_REV: e.value = e.values[K1_REV]; break;
     default: e.value = e.values[K3_REV]; break;  // K3_REV, GRAD_REF_POLICY
   }
-  e.grad = score ? __fadd_rn(wt(e.grad), e.value) : wt(e.grad);
+  // The gradient-correct pairs keep their expected gradient: no score term (src/kl.rs).
+  const bool straight_through = chosen == GRAD_POLICY_REF || chosen == GRAD_REF_POLICY;
+  e.grad = (score && !straight_through) ? __fadd_rn(wt(e.grad), e.value) : wt(e.grad);
   return e;
 }
 

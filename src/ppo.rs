@@ -27,7 +27,10 @@
 //! and verl's). σ is the logistic function; `σ(x)·σ(−x) = e^{−|x|}/(1 + e^{−|x|})²` is how
 //! the backends evaluate the slope, so it is finite for every ratio. No clip fraction is
 //! counted. TRL applies no log-ratio clamp, verl clamps at ±20 (our default): set
-//! [`PolicyLossOptions::log_ratio_clamp`] to `None` for TRL's values.
+//! [`PolicyLossOptions::log_ratio_clamp`] to `None` for TRL's values. The statistics still
+//! sum the token ratios in f32, so without a clamp a log-ratio past ~88.7 (a ratio beyond
+//! f32) is [`RowProblem::Overflow`](crate::RowProblem::Overflow) on every objective, SAPO's
+//! finite loss notwithstanding.
 //!
 //! **GMPO** (Zhao et al. 2025, arXiv:2507.20673; verl's `geo_mean`) is a sequence objective on
 //! the geometric mean of the token ratios, clipped per token in log space with `ε_low`,
@@ -64,8 +67,10 @@ pub use buffers::{
     FusedPolicyInputs, PolicyLossInputs, PolicyLossOutputs, ValueLossInputs, ValueLossOutputs,
 };
 
-/// Which policy loss (module docs for the formulas).
+/// Which policy loss (module docs for the formulas). More objectives will come: match with a
+/// wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum PolicyObjective {
     /// The clipped surrogate, asymmetric clip and optional dual clip.
     Clip,
@@ -138,9 +143,9 @@ impl PolicyObjective {
 pub struct PolicyLossOptions {
     /// The objective.
     pub objective: PolicyObjective,
-    /// ε_low: the ratio's lower clip is `1 − ε_low`.
+    /// ε_low: the ratio's lower clip is `1 − ε_low` (GMPO: the log-ratio's is `−ε_low`).
     pub clip_low: f32,
-    /// ε_high: the ratio's upper clip is `1 + ε_high`.
+    /// ε_high: the ratio's upper clip is `1 + ε_high` (GMPO: the log-ratio's is `ε_high`).
     pub clip_high: f32,
     /// Dual clip `c > 1` (only where `A < 0`; `Clip` only).
     pub dual_clip: Option<f32>,
@@ -222,7 +227,11 @@ impl PolicyLossOptions {
         let bad = |name: &'static str, v: f32, expected: &'static str| {
             Err(Error::InvalidOption { name, value: v.to_string(), expected })
         };
-        if !(self.clip_low.is_finite() && (0.0..=1.0).contains(&self.clip_low)) {
+        if self.objective == PolicyObjective::Gmpo {
+            if !(self.clip_low.is_finite() && self.clip_low >= 0.0) {
+                return bad("clip_low", self.clip_low, "a finite log-space ε_low ≥ 0 (GMPO)");
+            }
+        } else if !(self.clip_low.is_finite() && (0.0..=1.0).contains(&self.clip_low)) {
             return bad("clip_low", self.clip_low, "ε_low in [0, 1]");
         }
         if !(self.clip_high.is_finite() && self.clip_high >= 0.0) {
@@ -411,7 +420,9 @@ pub struct FusedPolicyOptions {
     /// The policy loss.
     pub loss: PolicyLossOptions,
     /// The KL loss term's estimator, coefficient and aggregation; required exactly when the
-    /// inputs carry `ref_logp`.
+    /// inputs carry `ref_logp`. With [`SampledKlOptions::bias_correction`] the term is weighted
+    /// by `π/π_old` with the loss's `old_logp`, `log(π/π_old)` clamped by the KL options'
+    /// `log_ratio_clamp` (not the loss's).
     pub kl: Option<SampledKlOptions>,
 }
 

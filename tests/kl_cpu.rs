@@ -30,10 +30,11 @@ fn bias_corrected_estimates_have_their_gradient_and_errors() {
 }
 
 /// The bias correction by exact expectation over a toy vocabulary whose tokens are drawn from
-/// π_old ≠ π: `E_{π_old}[ρ·k]` is the KL of the *current* policy for k1 and k3, and the
-/// expected loss gradient `E_{π_old}[∂(ρ·k)/∂logp · ∇θ log π]` is `∇θ KL[π‖ref]` for both
-/// (k3 alone would give `∇KL[ref‖π]`, k1 alone 0: the score term `ρ·k` restores the sampling
-/// policy's dependence on θ).
+/// π_old ≠ π: `E_{π_old}[ρ·k]` is the KL of the *current* policy that each unbiased estimator
+/// estimates, and the expected loss gradient `E_{π_old}[∂(ρ·k)/∂logp · ∇θ log π]` is the
+/// gradient of that KL for the plain estimators (the score term `ρ·k` restores the sampling
+/// policy's dependence on θ: k3 alone would give `∇KL[ref‖π]`, k1 alone 0) and for the
+/// gradient-correct pairs the gradient they promise.
 #[test]
 fn bias_correction_estimates_the_current_policy() {
     let softmax = |t: &[f64]| {
@@ -45,8 +46,19 @@ fn bias_correction_estimates_the_current_policy() {
     let (q, old) = (softmax(&[0.0, 0.4, 0.5, -0.6, -0.3]), softmax(&[0.5, 0.1, 0.2, -0.4, 0.3]));
     let p = softmax(&theta);
     let kl_pr = |t: &[f64]| kl::kl(&softmax(t), &q);
+    let kl_rp = |t: &[f64]| kl::kl(&q, &softmax(t));
     let ln = |v: &[f64]| v.iter().map(|x| x.ln() as f32).collect::<Vec<f32>>();
-    for e in [KlEstimator::K1, KlEstimator::K3] {
+    type Objective<'a> = &'a dyn Fn(&[f64]) -> f64;
+    // Each estimator's KL: its value's expectation, and its expected gradient's objective.
+    let claims: [(KlEstimator, Objective); 6] = [
+        (KlEstimator::K1, &kl_pr),
+        (KlEstimator::K3, &kl_pr),
+        (KlEstimator::K1Rev, &kl_rp),
+        (KlEstimator::K3Rev, &kl_rp),
+        (KlEstimator::GradPolicyRef, &kl_pr),
+        (KlEstimator::GradRefPolicy, &kl_rp),
+    ];
+    for (e, objective) in claims {
         let opts = SampledKlOptions::new(e)
             .bias_correction(true)
             .log_ratio_clamp(None)
@@ -58,9 +70,9 @@ fn bias_correction_estimates_the_current_policy() {
         let r = reference::sampled_kl(&inputs, &opts).unwrap();
         let value: f64 = (0..5).map(|y| old[y] * r.values[y]).sum();
         assert!(
-            (value - kl_pr(&theta)).abs() < 1e-6,
-            "{e:?}: E_old[ρk] {value} vs KL[π‖ref] {}",
-            kl_pr(&theta)
+            (value - objective(&theta)).abs() < 1e-6,
+            "{e:?}: E_old[ρk] {value} vs {}",
+            objective(&theta)
         );
         for j in 0..5 {
             let expected: f64 =
@@ -68,7 +80,7 @@ fn bias_correction_estimates_the_current_policy() {
             let (mut up, mut down) = (theta, theta);
             up[j] += 1e-5;
             down[j] -= 1e-5;
-            let numeric = (kl_pr(&up) - kl_pr(&down)) / 2e-5;
+            let numeric = (objective(&up) - objective(&down)) / 2e-5;
             assert!((expected - numeric).abs() < 2e-4, "{e:?}, θ[{j}]: {expected} vs {numeric}");
         }
         // The CPU backend agrees with the reference.

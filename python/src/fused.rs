@@ -141,6 +141,9 @@ pub fn policy_loss_from_logits(
         .aggregation(aggregation)
         .normaliser(normaliser)
         .bias_correction(kl_bias_correction);
+    if kl_bias_correction && ref_logp.is_none() {
+        return Err(PyValueError::new_err("kl_bias_correction: weights the KL term, which needs ref_logp"));
+    }
     if ref_logp.is_some() {
         opts = opts.kl(kl);
     }

@@ -4,7 +4,8 @@ PyTorch (float64, autograd for the gradients) from the sources read:
 - TRL ``trl/trainer/grpo_trainer.py`` at f2cd57710ae345ea6428ae95363267fcf38a3dc8
   (``loss_type="sapo"``: no log-ratio clamp, τ₊ where A > 0, per-sequence token means
   averaged over all B rows; ``use_bias_correction_kl``: the k3 term times the importance
-  ratio ``exp(logp − old_logp)``, neither clamped nor detached);
+  ratio ``exp(logp − old_logp)``, neither clamped nor detached; ``loss_type="dr_grpo"`` with
+  ``scale_rewards="none"``);
 - verl ``verl/trainer/ppo/core_algos.py`` at b178a3cd56f58b2d502255daba591e92833930a7
   (``compute_policy_loss_sapo``: log-ratio clamped to ±20, ``agg_loss`` seq-mean-token-mean
   over the non-empty rows; ``compute_policy_loss_geo_mean``: GMPO, one-sided clip of the
@@ -19,6 +20,7 @@ import torch
 import rlhf_kernels
 from rlhf_kernels.torch import (
     check_status,
+    group_advantages,
     kl_stats,
     policy_loss,
     policy_loss_from_logits,
@@ -167,9 +169,14 @@ def test_bias_corrected_kl_matches_trl(device):
     close(loss, expected)
     close(x.grad, e.grad)
     close(values[mask], per_token_kl.detach()[mask.cpu()])
-    # Without old_logp the same call is plain k3, whose gradient lacks the ratio's.
-    plain, _, _ = sampled_kl(logp, ref, mask, estimator="k3", log_ratio_clamp=None, value_clamp=None)
-    assert abs(plain.item() - kl_stats(stats)["loss"] / beta) > 1e-4
+    # Without old_logp the same call is plain k3: another value, and a gradient without the
+    # ratio's score term.
+    y = logp.clone().requires_grad_(True)
+    plain, _, _ = sampled_kl(y, ref, mask, estimator="k3", coef=beta, log_ratio_clamp=None, value_clamp=None,
+                             aggregation="seq_mean_token_mean", global_counts=(mask.sum().item(), b, b))
+    plain.backward()
+    assert abs(plain.item() - kl_stats(stats)["loss"]) > 1e-4
+    assert (y.grad - x.grad)[mask].abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -207,3 +214,36 @@ def test_variant_options_are_checked():
         policy_loss(logp, old, adv, mask, objective="geo_mean")
     with pytest.raises(ValueError, match="old_logp"):
         sampled_kl(logp, old, mask, old_logp=old[:, :3])
+    logits, targets = torch.randn(*logp.shape, 7), torch.zeros(logp.shape, dtype=torch.int64)
+    with pytest.raises(ValueError, match="kl_bias_correction"):
+        policy_loss_from_logits(logits, targets, old, adv, mask, kl_bias_correction=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dr_grpo_matches_trl(device):
+    """Dr. GRPO is expressible: TRL's ``scale_rewards="none"`` advantages (``r − group mean``,
+    no std) are ``group_advantages(std="none")``, and its ``loss_type="dr_grpo"`` aggregation,
+    ``(per_token_loss · mask).sum() / (B · max_completion_length)``, is
+    ``aggregation="seq_mean_token_sum_norm"`` with ``max_len = max_completion_length``."""
+    logp, old, _, mask = batch(device, seed=4)
+    b, t = logp.shape
+    g = torch.Generator().manual_seed(11)
+    rewards = torch.randn(b, generator=g).to(device)
+    ids = [0, 0, 1, 1, 1][:b]
+    adv, per_token = group_advantages(rewards, ids, 2, mask, std="none")
+    check_status()
+    r, i = rewards.double().cpu(), torch.tensor(ids)
+    means = torch.stack([r[i == k].mean() for k in range(2)])
+    close(adv, r - means[i])
+    max_completion_length = t + 5
+    loss, grad, _ = ours(
+        logp, old, per_token, mask, aggregation="seq_mean_token_sum_norm", max_len=max_completion_length,
+    )
+    x, a, m = exact(logp), (r - means[i])[:, None].expand(b, t), mask.cpu().double()
+    coef_1 = torch.exp(x - old.double().cpu())
+    coef_2 = torch.clamp(coef_1, 0.8, 1.2)
+    per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
+    expected = (per_token_loss * m).sum() / (b * max_completion_length)
+    expected.backward()
+    close(loss, expected)
+    close(grad, x.grad)

@@ -50,7 +50,7 @@ pub struct PolicyLoss {
 }
 
 /// The policy loss of `opts.objective` (clipped surrogate with asymmetric and dual clip,
-/// PPO-KL, GSPO or CISPO) over a `[B, T]` batch of `logp = log π(y_t)` (f32), aggregated as
+/// PPO-KL, GSPO, CISPO, SAPO or GMPO) over a `[B, T]` batch of `logp = log π(y_t)` (f32), aggregated as
 /// `opts.aggregation` says with `opts.normaliser`, plus the entropy bonus; per token, for the
 /// clipped surrogate, `L = max(−A·r, −A·clip(r, 1 − ε_low, 1 + ε_high))` with
 /// `r = exp(logp − old_logp)`.

@@ -52,7 +52,9 @@ fn estimate(e: KlEstimator, log_r: f64, lr_clamp: f64, v_clamp: f64) -> (f64, f6
 
 /// [`estimate`] times the importance ratio `ρ = exp(log_rho)` (`log_rho` already clamped;
 /// `rho_clamped`: the clamp was active), `ρ` not detached: value `ρ·k`, gradient
-/// `ρ·∂k + ρ·k` (the second term 0 under the clamp). `None`: the plain estimate.
+/// `ρ·∂k + ρ·k` (the second term 0 under the clamp), except for the gradient-correct
+/// estimators, whose gradient `ρ·g` keeps their expected gradient (module docs of `kl`).
+/// `None`: the plain estimate.
 fn weighted(
     e: KlEstimator,
     log_r: f64,
@@ -65,7 +67,8 @@ fn weighted(
         None => (v, g, c),
         Some((log_rho, clamped)) => {
             let rho = log_rho.exp();
-            (rho * v, rho * g + if clamped { 0.0 } else { rho * v }, c)
+            let score = !clamped && !e.is_straight_through();
+            (rho * v, rho * g + if score { rho * v } else { 0.0 }, c)
         }
     }
 }

@@ -96,7 +96,8 @@ fn gmpo_clip(opts: &PolicyLossOptions, lr: f64, a: f64) -> (f64, [bool; 2]) {
 /// Errors: shape and option errors; [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
 /// for the lowest sequence with a non-finite input at a valid token,
 /// [`RowProblem::Overflow`](crate::RowProblem::Overflow) for the lowest one with a per-token
-/// loss or gradient beyond f32 (the backends' output type).
+/// loss or gradient, or a row sum of the loss, entropy, k1, k3 or ratio, beyond f32 (the
+/// backends' accumulators).
 ///
 /// ```
 /// use rlhf_kernels::{reference, PolicyLossInputs, PolicyLossOptions, RowShape};
@@ -146,6 +147,8 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, opts: &PolicyLossOptions) -> R
                 / n_valid)
                 .exp();
         let mean_adv = valid.iter().map(|&t| adv(t)).sum::<f64>() / n_valid;
+        // The row's sums the backends keep in f32 (loss, entropy, k1, k3, ratio).
+        let mut row_sums = [0.0f64; 5];
         for &t in &valid {
             let raw = if opts.objective == PolicyObjective::Gspo { seq_lr } else { lr_of(t) };
             let lr = raw.clamp(-clamp, clamp);
@@ -169,9 +172,15 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, opts: &PolicyLossOptions) -> R
             ratios += r;
             st.ratio_min = st.ratio_min.min(r);
             st.ratio_max = st.ratio_max.max(r);
+            for (sum, x) in row_sums.iter_mut().zip([l, h, -token_lr, (r - 1.0) - token_lr, r]) {
+                *sum += x;
+            }
         }
         let row = i * shape.cols..(i + 1) * shape.cols;
-        if !out.loss[row.clone()].iter().chain(&out.grad_logp[row]).all(|&x| fits_f32(x)) {
+        // A loss or gradient beyond f32, or a row sum of the statistics (a ratio past f32
+        // without the log-ratio clamp, say), as the backends report it.
+        let outputs_fit = out.loss[row.clone()].iter().chain(&out.grad_logp[row]).all(|&x| fits_f32(x));
+        if !(outputs_fit && row_sums.iter().all(|&x| fits_f32(x))) {
             return Err(Op::PolicyLoss.invalid_row(i, RowProblem::Overflow));
         }
     }

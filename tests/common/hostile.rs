@@ -365,10 +365,8 @@ pub fn policy_options(b: &Batch, cols: usize) -> PolicyLossOptions {
         1 => PolicyObjective::KlPenalty { beta: b.scalars[0] },
         2 => PolicyObjective::Gspo,
         3 => PolicyObjective::Cispo,
-        4 => PolicyObjective::Sapo {
-            tau_pos: b.scalars[0].abs().max(1e-3),
-            tau_neg: b.scalars[1].abs().max(1e-3),
-        },
+        // Wild temperatures: non-positive, infinite or NaN ones are option errors.
+        4 => PolicyObjective::Sapo { tau_pos: b.scalars[0], tau_neg: b.scalars[1] },
         _ => PolicyObjective::Gmpo,
     };
     let clamp = match b.pick[1] % 3 {

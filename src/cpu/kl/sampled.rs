@@ -109,7 +109,8 @@ dispatch!(fn sampled_row<E: Chosen, W: Weighting>(lp: &[f32], rlp: &[f32], old: 
 /// One row in pieces of [`LANES`] tokens: masks as 0/1 lanes, every quantity computed for
 /// every lane and selected, sums in [`LANES`] f32 accumulators per estimator. With `W::ON`
 /// every estimate is weighted by `ρ = exp(clamp(logp − old))` and the gradient gains `ρ·k`
-/// (0 where the clamp on `ρ` is active); `old` is not read otherwise.
+/// (0 where the clamp on `ρ` is active, and for the gradient-correct pairs); `old` is not read
+/// otherwise.
 #[inline(always)]
 fn sampled_row_generic<E: Chosen, W: Weighting>(
     lp: &[f32],
@@ -145,7 +146,9 @@ fn sampled_row_generic<E: Chosen, W: Weighting>(
                 let raw = a[j] - c[j];
                 let log_rho = raw.clamp(-p.lr_clamp, p.lr_clamp);
                 let rho = simd::exp2(log_rho * LOG2E);
-                let score = if log_rho != raw { 0.0 } else { rho * vals[E::E as usize] };
+                // The gradient-correct pairs keep their expected gradient: no score term.
+                let score_on = log_rho == raw && !E::E.is_straight_through();
+                let score = if score_on { rho * vals[E::E as usize] } else { 0.0 };
                 g = rho * g + score;
                 vals = vals.map(|v| rho * v);
                 bad_old[j] |= ok && !c[j].is_finite();
@@ -229,11 +232,15 @@ fn row_slices(o: Option<&mut [f32]>, shape: RowShape) -> Vec<Option<&mut [f32]>>
 /// which KL each one's gradient minimises are tabulated in the [`KlEstimator`] docs.
 ///
 /// Use it for the "KL as a loss term" placement: add `stats.loss` to the policy loss and
-/// `grad_logp` to the policy loss's gradient — with no importance ratio applied (the KL is a
-/// property of the current policy). For the reward placement see [`kl_rewards`].
+/// `grad_logp` to the policy loss's gradient — with no PPO ratio applied (the KL is a property
+/// of the current policy). The one weight that belongs there is the exact `π/π_old` of the
+/// bias correction ([`SampledKlOptions::bias_correction`], with `inputs.old_logp`), which only
+/// undoes the sampling by `π_old`. For the reward placement see [`kl_rewards`].
 ///
-/// Errors: shape and option errors; [`Error::InvalidRow`](crate::Error) (row = sequence) for
-/// the lowest sequence with, on a valid token, a NaN input or estimate
+/// Errors: shape and option errors (`old_logp` given exactly with the bias correction);
+/// [`Error::InvalidRow`](crate::Error) (row = sequence) for the lowest sequence with, on a valid
+/// token, a non-finite `old_logp` ([`RowProblem::NonFinite`], before the other problems), a NaN
+/// input or estimate
 /// ([`RowProblem::NaN`]: e.g. `logp = ref_logp = -inf`), or an infinite value or gradient of
 /// the chosen estimator ([`RowProblem::InfiniteKl`]: e.g. k1 or k2 where `ref_logp = -inf`,
 /// a token the reference forbids). The clamps keep k3, k1_rev and k3_rev finite. With finite

@@ -16,7 +16,7 @@ use crate::{
 /// The per-row constants of the policy kernel.
 #[derive(Debug, Clone, Copy)]
 struct RowParams {
-    /// 0 clip, 1 PPO-KL, 2 GSPO, 3 CISPO, 4 SAPO, 5 GMPO (`PolicyObjective::code`).
+    /// 0 clip, 1 PPO-KL, 2 GSPO, 3 CISPO, 4 SAPO, 5 GMPO (the kernels' codes too).
     objective: u8,
     lo: f32,
     hi: f32,

@@ -20,8 +20,9 @@ use crate::{Error, ExactKlOptions, KlRewardsOptions, Result, SampledKlOptions};
 
 /// [`cuda::sampled_kl`](crate::cuda::sampled_kl) on raw device pointers, enqueued on a stream
 /// owned by the caller: per-token values, `∂loss/∂logp` and the 13 statistics words, each when
-/// its address is not 0. Rows with a NaN or an overflow are reported in the status word (decode
-/// it with [`decode_status`](crate::cuda::raw::decode_status)).
+/// its address is not 0 (`old_logp`: the bias correction's weights). Rows with a non-finite
+/// `old_logp`, a NaN, an infinite KL or an overflow are reported in the status word (decode it
+/// with [`decode_status`](crate::cuda::raw::decode_status)).
 ///
 /// # Safety
 /// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);

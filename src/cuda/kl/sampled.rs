@@ -36,7 +36,9 @@ pub fn sampled_kl_workspace_bytes(shape: RowShape) -> usize {
 /// The GPU twin of [`cpu::sampled_kl`](crate::cpu::sampled_kl) (same estimators, clamps,
 /// aggregations and normalisers), enqueued on `ctx`'s stream: per-token values, the gradient of
 /// `loss = β·aggregate(k)` with respect to `logp`, and the batch statistics into
-/// `out.stats`. A NaN in a valid token is reported in `ctx`'s status word (row = sequence).
+/// `out.stats`, with the bias correction when the options ask for it. A valid token's
+/// non-finite `old_logp`, NaN, infinite KL or overflow is reported in `ctx`'s status word as the
+/// CPU returns it (row = sequence).
 ///
 /// ```no_run
 /// use rlhf_kernels::cuda::{self, CudaDevice, LaunchContext, DeviceStats};

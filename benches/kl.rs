@@ -1,5 +1,6 @@
 //! Criterion benches of the KL family on the shapes of benches/shapes.txt: the sampled
-//! estimator (values + gradient + statistics in one call) and the exact `KL[π‖π_ref]`
+//! estimator (values + gradient + statistics in one call; on the CPU also bias-corrected, with
+//! `old_logp`) and the exact `KL[π‖π_ref]`
 //! forward + backward (both logits rows bf16), CPU and CUDA. Throughput counts the bytes each
 //! op must move.
 
@@ -27,6 +28,7 @@ struct SampledInputs {
     logp: Vec<f32>,
     ref_logp: Vec<f32>,
     mask: Vec<u8>,
+    old_logp: Vec<f32>,
 }
 
 fn sampled_inputs(shape: RowShape) -> SampledInputs {
@@ -34,28 +36,36 @@ fn sampled_inputs(shape: RowShape) -> SampledInputs {
     let logp: Vec<f32> = (0..shape.len()).map(|_| -(rng.uniform() * 6.0) as f32).collect();
     let ref_logp = logp.iter().map(|&x| x + (rng.normal() * 0.3) as f32).collect();
     let mask = (0..shape.len()).map(|t| u8::from(t % shape.cols < shape.cols * 7 / 8)).collect();
-    SampledInputs { logp, ref_logp, mask }
+    let old_logp = logp.iter().map(|&x| x + (rng.normal() * 0.2) as f32).collect();
+    SampledInputs { logp, ref_logp, mask, old_logp }
 }
 
 fn bench_cpu(c: &mut Criterion) {
     for (shape, _) in common::shapes("sampled_kl", "cpu") {
         let inp = sampled_inputs(shape);
         let (mut v, mut g) = (vec![0.0f32; shape.len()], vec![0.0f32; shape.len()]);
-        let opts = SampledKlOptions::new(KlEstimator::K3);
-        let mut grp = c.benchmark_group("sampled_kl");
-        grp.throughput(Throughput::Bytes(sampled_bytes(shape)));
-        grp.bench_function(id("cpu", shape, DType::F32), |b| {
-            b.iter(|| {
-                let out = SampledKlOutputs::default().values(&mut v).grad_logp(&mut g);
-                cpu::sampled_kl(
-                    &SampledKlInputs::new(shape, &inp.logp, &inp.ref_logp).mask(&inp.mask),
-                    out,
-                    &opts,
-                )
-                .unwrap()
-            })
-        });
-        grp.finish();
+        let plain = SampledKlInputs::new(shape, &inp.logp, &inp.ref_logp).mask(&inp.mask);
+        let k3 = SampledKlOptions::new(KlEstimator::K3);
+        let extra = shape.len() as u64 * 4; // old_logp read
+        for (name, inputs, opts, bytes) in [
+            ("sampled_kl", plain, k3, sampled_bytes(shape)),
+            (
+                "sampled_kl_bias_corrected",
+                plain.old_logp(&inp.old_logp),
+                k3.bias_correction(true),
+                sampled_bytes(shape) + extra,
+            ),
+        ] {
+            let mut grp = c.benchmark_group(name);
+            grp.throughput(Throughput::Bytes(bytes));
+            grp.bench_function(id("cpu", shape, DType::F32), |b| {
+                b.iter(|| {
+                    let out = SampledKlOutputs::default().values(&mut v).grad_logp(&mut g);
+                    cpu::sampled_kl(&inputs, out, &opts).unwrap()
+                })
+            });
+            grp.finish();
+        }
     }
     for (shape, dtype) in common::shapes("exact_kl", "cpu") {
         match dtype {

@@ -24,6 +24,8 @@ Ratios of the Rust benches are taken against the faster of alloc and out.
                                      (backward only: the graph is built once and retained)
   sampled_kl                  alloc: verl's low_var_kl (k3, clamps 20/10), a masked token-mean
                                      and its gradient w.r.t. logp (forward + backward)
+  sampled_kl_bias_corrected   alloc: the same k3 times exp(logp − old_logp) (TRL's
+                                     use_bias_correction_kl), forward + backward
   exact_kl_fwd_bwd            alloc: F.kl_div(log_softmax(q), log_softmax(p), log_target=True)
                                      summed per row = KL[p‖q], forward + backward into p
   gae                         alloc: verl's compute_gae_advantage_return loop over the T
@@ -69,6 +71,7 @@ def op_bytes(op, rows, cols, dtype):
         "token_logprobs_bwd": 2 * n * t + rows * (8 + 16),
         "token_logprobs_bwd_inplace": 2 * n * t + rows * (8 + 16),
         "sampled_kl": n * (4 + 4 + 1 + 4 + 4),
+        "sampled_kl_bias_corrected": n * (4 + 4 + 4 + 1 + 4 + 4),
         "exact_kl_fwd_bwd": 5 * n * t,
         "gae": n * (4 + 4 + 1 + 4 + 4),
         "grpo": rows * (4 + 4 + 4),
@@ -228,6 +231,19 @@ def cases(op, rows, cols, dtype, device):
             return kld, g
 
         yield "sampled_kl", {"alloc": k3}
+
+        old = logp + torch.randn(rows, cols, generator=gen).to(device) * 0.2
+
+        def k3_bias_corrected():  # TRL's use_bias_correction_kl: k3 · exp(logp − old_logp)
+            with torch.enable_grad():
+                lp = logp.detach().requires_grad_(True)
+                kl = torch.clamp(ref - lp, -20, 20)
+                kld = torch.clamp(torch.exp(kl) - kl - 1, -10, 10) * torch.exp(torch.clamp(lp - old, -20, 20))
+                loss = (kld * mask).sum() / mask.sum()
+                (g,) = torch.autograd.grad(loss, lp)
+                return kld, g
+
+        yield "sampled_kl_bias_corrected", {"alloc": k3_bias_corrected}
     elif op == "exact_kl":
         import torch.nn.functional as F
 

@@ -1,5 +1,5 @@
 // Advantage estimation (MATH.md §3): GAE as a parallel suffix scan of affine maps, the group
-// estimators (one warp per group over its member list), and masked moments / whitening.
+// estimators (one warp per group), masked moments / whitening, DAPO's overlong score shaping.
 // Deterministic: every reduction and composition runs in an order fixed by the shape alone.
 #include "aggregation.cuh"
 
@@ -10,6 +10,7 @@ namespace {
 constexpr unsigned OP_GAE = 9;
 constexpr unsigned OP_GROUP_ADVANTAGES = 10;
 constexpr unsigned OP_MASKED_MOMENTS = 11;
+constexpr unsigned OP_OVERLONG = 16;
 
 // ---- GAE --------------------------------------------------------------------------------
 // The state right of position t is (A, W, Y): the advantage and the value of the first valid
@@ -561,4 +562,39 @@ extern "C" __global__ void __launch_bounds__(256) whiten_apply(ReductionParams P
     const double x = static_cast<double>(values[base + t]);
     values[base + t] = token_valid(mask, base + t) ? static_cast<float>((x - mean) * scale + offset) : 0.0f;
   }
+}
+
+// DAPO's overlong shaping (src/cuda/advantages/overlong.rs `OverlongParams`, same layout): each score
+// plus R_len(L) of its row's valid-token count L, in f64 as `OverlongOptions::reward`, rounded once.
+struct OverlongParams {
+  const float* scores;
+  const unsigned char* mask;  // may be null
+  float* shaped;
+  long long ld, max_len, buffer_len;
+  int rows, cols;
+  float penalty;
+};
+static_assert(RK_FIELDS(OverlongParams, 9) && sizeof(OverlongParams) == 64 && offsetof(OverlongParams, scores) == 0 &&
+                  offsetof(OverlongParams, mask) == 8 && offsetof(OverlongParams, shaped) == 16 &&
+                  offsetof(OverlongParams, ld) == 24 && offsetof(OverlongParams, max_len) == 32 &&
+                  offsetof(OverlongParams, buffer_len) == 40 && offsetof(OverlongParams, rows) == 48 &&
+                  offsetof(OverlongParams, cols) == 52 && offsetof(OverlongParams, penalty) == 56,
+              "OverlongParams: every field where src/cuda/advantages/overlong.rs `OverlongParams` has it");
+
+// One block of 256 threads per sequence. Reports a non-finite score, else an overflowed result.
+extern "C" __global__ void __launch_bounds__(256) overlong_shaping(OverlongParams P, unsigned long long* status) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  if (row >= P.rows) return;
+  const long long len = static_cast<long long>(row_valid_count(P.mask, row * P.ld, P.cols, scratch));
+  if (threadIdx.x != 0) return;
+  const long long start = P.max_len - P.buffer_len;
+  const double penalty = static_cast<double>(P.penalty);
+  const double reward = len <= start      ? 0.0
+                        : len <= P.max_len ? -penalty * static_cast<double>(len - start) / static_cast<double>(P.buffer_len)
+                                           : -penalty;
+  const float s = P.scores[row], out = __fadd_rn(s, static_cast<float>(reward));
+  P.shaped[row] = out;
+  if (!isfinite(s)) report(status, row, OP_OVERLONG, PROBLEM_NON_FINITE);
+  else if (!isfinite(out)) report(status, row, OP_OVERLONG, PROBLEM_OVERFLOW);
 }

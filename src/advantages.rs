@@ -1,5 +1,6 @@
 //! The advantages family's shared vocabulary (MATH.md §3): GAE options and inputs, the
-//! outcome-reward estimators over groups, and masked moments for whitening.
+//! outcome-reward estimators over groups, masked moments for whitening, and DAPO's overlong
+//! shaping of the outcome scores ([`OverlongOptions`]).
 //!
 //! # GAE as a scan
 //!
@@ -60,6 +61,9 @@
 
 use crate::memory::{Buffer, Host, IntoView, IntoViewMut, Memory};
 use crate::{Error, Result, RowProblem, RowShape};
+
+mod overlong;
+pub use overlong::{OverlongInputs, OverlongOptions};
 
 mod groups;
 pub use groups::{

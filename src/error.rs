@@ -272,6 +272,7 @@ pub(crate) enum Op {
     ValueLoss = 13,
     KlRewards = 14,
     Aggregate = 15,
+    Overlong = 16,
 }
 
 impl Op {
@@ -291,6 +292,7 @@ impl Op {
             Op::ValueLoss => "value_loss",
             Op::KlRewards => "kl_rewards",
             Op::Aggregate => "aggregate",
+            Op::Overlong => "overlong_shaping",
         }
     }
 
@@ -311,6 +313,7 @@ impl Op {
             13 => Some(Op::ValueLoss),
             14 => Some(Op::KlRewards),
             15 => Some(Op::Aggregate),
+            16 => Some(Op::Overlong),
             _ => None,
         }
     }

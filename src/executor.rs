@@ -31,10 +31,11 @@ use crate::{
     Aggregated, Aggregation, DType, Element, ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs,
     FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions, GaeOutputs,
     GroupAdvantageOptions, GroupAdvantageOutputs, Groups, KlRewardsInputs, KlRewardsOptions,
-    LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
-    PolicyLossStats, ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
-    SampledKlStats, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs,
-    ValueLossOptions, ValueLossOutputs, ValueLossStats, VocabPartial, WhitenOptions,
+    LogSoftmaxOptions, Moments, Normaliser, OverlongInputs, OverlongOptions, PolicyLossInputs,
+    PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, ReferenceRows, Result, RowShape, SampledKlInputs,
+    SampledKlOptions, SampledKlOutputs, SampledKlStats, TargetIndex, TokenGrads, TokenLogprobsOptions,
+    TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions, ValueLossOutputs, ValueLossStats, VocabPartial,
+    WhitenOptions,
 };
 
 /// An element an [`Executor`] can allocate, upload and download: the logits' dtypes
@@ -350,6 +351,14 @@ pub trait Executor {
         inputs: &KlRewardsInputs<'_, Self::Memory>,
         rewards: ViewMutOf<'_, Self, f32>,
         opts: &KlRewardsOptions,
+    ) -> Result<()>;
+    /// DAPO's overlong shaping of the scores
+    /// ([`cpu::overlong_shaping`](crate::cpu::overlong_shaping)).
+    fn overlong_shaping(
+        &mut self,
+        inputs: &OverlongInputs<'_, Self::Memory>,
+        shaped: ViewMutOf<'_, Self, f32>,
+        opts: &OverlongOptions,
     ) -> Result<()>;
     /// GAE ([`cpu::gae`](crate::cpu::gae)).
     fn gae(

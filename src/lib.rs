@@ -107,8 +107,8 @@ pub mod testing;
 
 pub use advantages::{
     GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs, GroupEstimator,
-    GroupStd, Groups, MaskedSteps, Moments, SingletonGroups, TokenOutput, WhitenOptions,
-    gae_error_bound_factor, gae_error_scale,
+    GroupStd, Groups, MaskedSteps, Moments, OverlongInputs, OverlongOptions, SingletonGroups, TokenOutput,
+    WhitenOptions, gae_error_bound_factor, gae_error_scale,
 };
 pub use aggregation::{Aggregated, Aggregation, BatchCounts, Normaliser};
 pub use backend::{Backend, CudaUnavailable};

@@ -10,6 +10,11 @@ use rlhf_kernels::{GaeOptions, GroupAdvantageOptions, Groups, RowShape, WhitenOp
 use rlhf_kernels::{GaeOutputs, GroupAdvantageOutputs};
 
 #[test]
+fn overlong_shaping() {
+    adv::overlong(&Cpu);
+}
+
+#[test]
 fn gae_sweep() {
     adv::gae_sweep(&Cpu);
 }

@@ -41,6 +41,10 @@ mod gpu {
         adv::group_errors(gpu);
     }
 
+    pub fn overlong(gpu: &Gpu) {
+        adv::overlong(gpu);
+    }
+
     pub fn moments(gpu: &Gpu) {
         adv::moments_and_whitening(gpu);
     }
@@ -202,3 +206,4 @@ gpu_test!(gae_raw_layer);
 gpu_test!(groups);
 gpu_test!(groups_raw_layer);
 gpu_test!(moments);
+gpu_test!(overlong);

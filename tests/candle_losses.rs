@@ -9,8 +9,8 @@ mod common;
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use common::candle::{devices, f32s, f64s, normals};
 use rlhf_kernels::candle::{
-    KlTensors, PolicyTensors, ValueTensors, aggregate, kl_rewards, masked_moments, policy_loss, sampled_kl,
-    value_loss, whiten,
+    KlTensors, PolicyTensors, ValueTensors, aggregate, kl_rewards, masked_moments, overlong_shaping,
+    policy_loss, sampled_kl, value_loss, whiten,
 };
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
@@ -338,5 +338,27 @@ fn sapo_and_gmpo_match_candle_compositions() {
         let bad = PolicyLossOptions::new(PolicyObjective::Sapo { tau_pos: -1.0, tau_neg: 1.0 });
         let err = policy_loss(logp.as_tensor(), &PolicyTensors::new(&old, &adv), &bad).unwrap_err();
         assert!(err.to_string().contains("tau_pos"), "{err}");
+    }
+}
+
+/// DAPO's overlong shaping on candle tensors equals the reference, and its errors surface.
+#[test]
+fn overlong_shaping_matches_the_reference() {
+    for dev in devices("overlong_shaping_matches_the_reference") {
+        let mut rng = Rng::new(23);
+        let (b, t) = (9, 50);
+        let (m, mask) = ragged_mask(b, t, &mut rng, &dev);
+        let hs = rng.normals(b, 1.0);
+        let scores = Tensor::from_vec(hs.clone(), b, &dev).unwrap();
+        let opts = rlhf_kernels::OverlongOptions::new(40, 15).penalty(0.8);
+        let got = overlong_shaping(&scores, &mask, &opts).unwrap();
+        let inputs = rlhf_kernels::OverlongInputs::new(RowShape::new(b, t), &hs).mask(&m);
+        let want = reference::overlong_shaping(&inputs, &opts).unwrap();
+        assert_close(&f32s(&got), &want, Tolerance::for_dtype(rlhf_kernels::DType::F32), "overlong");
+        assert!(overlong_shaping(&scores, &mask, &rlhf_kernels::OverlongOptions::new(10, 20)).is_err());
+        assert!(
+            overlong_shaping(&scores.narrow(0, 0, 3).unwrap(), &mask, &opts).is_err(),
+            "one score per row"
+        );
     }
 }

@@ -10,9 +10,9 @@ use rlhf_kernels::testing::Rng;
 use rlhf_kernels::{
     Aggregated, Aggregation, Backend, ExactDivergence, ExactKlGrads, ExactKlOptions, ExactKlOutputs,
     Executor, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, Job, KlDirection, KlEstimator,
-    KlRewardsInputs, KlRewardsOptions, LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs,
-    PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, ReferenceRows, Result, RowShape, SampledKlOptions,
-    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, cpu,
+    KlRewardsInputs, KlRewardsOptions, LogSoftmaxOptions, Moments, Normaliser, OverlongInputs,
+    OverlongOptions, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, PolicyLossStats, ReferenceRows,
+    Result, RowShape, SampledKlOptions, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, cpu,
 };
 use rlhf_kernels::{ExactKlPartial, VocabPartial};
 
@@ -157,6 +157,7 @@ struct OthersOut {
     moments: Moments,
     aggregated: Aggregated,
     rewards: Vec<f32>,
+    overlong: Vec<f32>,
     fused_grad: Vec<f32>,
     fused: FusedPolicyStats,
     fused_kl_grad: Vec<f32>,
@@ -224,6 +225,9 @@ impl Job for Others<'_> {
         let (scores, mut rewards) = (e.upload(&[1.0f32, -0.5, 2.0])?, e.zeros::<f32>(15)?);
         let inputs = KlRewardsInputs::new(SEQS, E::view(&exact), E::view(&scores)).mask(E::view(&mask));
         e.kl_rewards(&inputs, E::view_mut(&mut rewards), &KlRewardsOptions::new(0.05))?;
+        let mut overlong = e.zeros::<f32>(3)?;
+        let inputs = OverlongInputs::new(SEQS, E::view(&scores)).mask(E::view(&mask));
+        e.overlong_shaping(&inputs, E::view_mut(&mut overlong), &OverlongOptions::new(SEQS.cols, 3))?;
 
         let inputs = FusedPolicyInputs::new(tokens, SEQS, E::view(&old_logp), E::view(&advantages));
         let (mut fused_grad, mut fused) = (e.zeros::<f32>(n)?, e.fused_stats()?);
@@ -269,6 +273,7 @@ impl Job for Others<'_> {
             moments: e.read(&moments)?,
             aggregated: e.read(&aggregated)?,
             rewards: e.download(&rewards)?,
+            overlong: e.download(&overlong)?,
             fused_grad,
             fused: e.read_fused(&fused)?,
             fused_kl_grad: e.download(&fused_kl_grad)?,
@@ -288,6 +293,10 @@ fn cpu_executor_runs_every_op() {
     assert_eq!(got.moments, cpu::masked_moments(&b.advantages, SEQS, Some(&b.mask)).unwrap());
     assert_eq!(got.aggregated.counts, rlhf_kernels::BatchCounts::of(SEQS, Some(&b.mask)));
     assert!(got.fused.total_loss().is_finite() && got.exact.iter().all(|&v| v >= 0.0));
+    let mut shaped = [0.0f32; 3];
+    let inputs = OverlongInputs::new(SEQS, &[1.0, -0.5, 2.0]).mask(&b.mask);
+    cpu::overlong_shaping(&inputs, &mut shaped, &OverlongOptions::new(SEQS.cols, 3)).unwrap();
+    assert_eq!(got.overlong, shaped);
 }
 
 #[test]
@@ -308,6 +317,7 @@ fn cuda_executor_runs_every_op_as_the_cpu() {
             ("exact KL", &got.exact, &want.exact),
             ("exact KL backward", &got.exact_grad, &want.exact_grad),
             ("kl rewards", &got.rewards, &want.rewards),
+            ("overlong shaping", &got.overlong, &want.overlong),
             ("fused gradient", &got.fused_grad, &want.fused_grad),
             ("fused gradient with a KL term", &got.fused_kl_grad, &want.fused_kl_grad),
         ] {

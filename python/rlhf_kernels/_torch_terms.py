@@ -101,6 +101,31 @@ def kl_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tens
     return rewards
 
 
+def overlong_shaping(
+    scores: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    max_len: int,
+    buffer_len: int,
+    penalty: float = 1.0,
+    response_len: Optional[int] = None,
+):
+    """DAPO's overlong reward shaping (verl's ``overlong_buffer``): each sequence's score
+    (``[B]``) plus ``−penalty·(L − (max_len − buffer_len))/buffer_len`` for a response of ``L``
+    valid tokens inside the band ``(max_len − buffer_len, max_len]``, 0 before it and
+    ``−penalty`` beyond. ``L`` is the row's valid tokens of ``mask`` (``[B, T]``), or
+    ``response_len`` for every sequence without one. Returns the shaped ``[B]`` scores (no
+    gradient: scores are constants of the policy update)."""
+    if mask is None and response_len is None:
+        raise ValueError("overlong_shaping: give the response mask, or response_len without one")
+    shaped = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+    _native.overlong_shaping(
+        _f32(scores, "scores"), shaped, mask=_mask(mask), cols=int(response_len or 0), max_len=int(max_len),
+        buffer_len=int(buffer_len), penalty=float(penalty), status=_status(scores), stream=_stream(scores),
+    )
+    return shaped
+
+
 class _ValueLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, old_values, returns, mask, options):

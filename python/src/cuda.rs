@@ -5,13 +5,13 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::cuda::raw::{
     self, ExactKlArgs, ExactKlBackwardArgs, FusedPolicyArgs, GaeArgs, GroupAdvantageArgs, KlRewardsArgs,
-    PairArgs, PolicyLossArgs, RawStream, ReductionArgs, SampledKlArgs, TokenLogprobsArgs,
+    OverlongArgs, PairArgs, PolicyLossArgs, RawStream, ReductionArgs, SampledKlArgs, TokenLogprobsArgs,
     TokenLogprobsBackwardArgs, ValueLossArgs,
 };
 use rlhf_kernels::cudarc::driver::sys::CUstream;
 use rlhf_kernels::{
     Aggregation, ExactKlOptions, FusedPolicyOptions, GaeOptions, GroupAdvantageOptions, Groups, IndexType,
-    KlRewardsOptions, Normaliser, PolicyLossOptions, RowBlocks, RowShape, SampledKlOptions,
+    KlRewardsOptions, Normaliser, OverlongOptions, PolicyLossOptions, RowBlocks, RowShape, SampledKlOptions,
     TokenLogprobsOptions, ValueLossOptions, WhitenOptions,
 };
 
@@ -404,6 +404,29 @@ pub fn kl_rewards(
     };
     // SAFETY: as in `token_logprobs`.
     unsafe { raw::kl_rewards(raw_stream, &args, &KlRewardsOptions::new(beta)) }.map_err(err)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn overlong_shaping(
+    ordinal: usize,
+    stream: usize,
+    status: Option<&Bound<'_, PyAny>>,
+    shape: RowShape,
+    scores: &Dl,
+    mask: Option<&Dl>,
+    shaped: &Dl,
+    opts: &OverlongOptions,
+) -> PyResult<()> {
+    let (raw_stream, status) = launch_context(ordinal, stream, status, &[Some(scores), mask, Some(shaped)])?;
+    let args = OverlongArgs {
+        shape,
+        scores: scores.ptr,
+        mask: row_ptr(mask, 0),
+        shaped: shaped.ptr,
+        status: status.ptr,
+    };
+    // SAFETY: as in `token_logprobs`.
+    unsafe { raw::overlong_shaping(raw_stream, &args, opts) }.map_err(err)
 }
 
 #[allow(clippy::too_many_arguments)]

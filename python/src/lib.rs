@@ -98,6 +98,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(batch::group_advantages, m)?)?;
     m.add_function(wrap_pyfunction!(losses::sampled_kl, m)?)?;
     m.add_function(wrap_pyfunction!(losses::kl_rewards, m)?)?;
+    m.add_function(wrap_pyfunction!(losses::overlong_shaping, m)?)?;
     m.add_function(wrap_pyfunction!(losses::value_loss, m)?)?;
     m.add_function(wrap_pyfunction!(reduce::aggregate, m)?)?;
     m.add_function(wrap_pyfunction!(reduce::masked_moments, m)?)?;

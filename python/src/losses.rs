@@ -6,8 +6,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlhf_kernels::cuda::raw;
 use rlhf_kernels::{
-    KlEstimator, KlRewardsInputs, KlRewardsOptions, RowShape, SampledKlInputs, SampledKlOptions,
-    SampledKlOutputs, ValueLossInputs, ValueLossOptions, ValueLossOutputs, cpu,
+    KlEstimator, KlRewardsInputs, KlRewardsOptions, OverlongInputs, OverlongOptions, RowShape,
+    SampledKlInputs, SampledKlOptions, SampledKlOutputs, ValueLossInputs, ValueLossOptions, ValueLossOutputs,
+    cpu,
 };
 
 use crate::batch::{batch_dims, parse_aggregation, parse_normaliser};
@@ -206,6 +207,56 @@ pub fn kl_rewards(
         }
         Place::Cuda(ordinal) => {
             cuda::kl_rewards(ordinal, stream, status, shape, [&kl, &scores], mask.as_ref(), &rewards, beta)
+        }
+    }
+}
+
+/// DAPO's overlong shaping: each float32 score (`[B]`) plus the length penalty of its
+/// response (the valid tokens of its `mask` row, `[B, T]` bytes; `T` without a mask) with
+/// `L_max = max_len`, `L_buf = buffer_len`, written to `shaped` (`[B]` float32).
+#[pyfunction]
+#[pyo3(signature = (scores, shaped, *, mask=None, cols=0, max_len, buffer_len, penalty=1.0, status=None, stream=0))]
+#[allow(clippy::too_many_arguments)]
+pub fn overlong_shaping(
+    py: Python<'_>,
+    scores: &Bound<'_, PyAny>,
+    shaped: &Bound<'_, PyAny>,
+    mask: Option<&Bound<'_, PyAny>>,
+    cols: usize,
+    max_len: usize,
+    buffer_len: usize,
+    penalty: f32,
+    status: Option<&Bound<'_, PyAny>>,
+    stream: usize,
+) -> PyResult<()> {
+    let opts = OverlongOptions::new(max_len, buffer_len).penalty(penalty);
+    let scores = Dl::import(scores, stream, "scores")?;
+    let shaped = Dl::import(shaped, stream, "shaped")?;
+    let mask = Dl::maybe(mask, stream, "mask")?;
+    let rows = scores.dims.first().copied().unwrap_or(0);
+    scores.per_row(&[rows])?.expect(&[Kind::F32])?;
+    shaped.per_row(&[rows])?.expect(&[Kind::F32])?;
+    // The mask's rows are the sequences; without one every response is `cols` long.
+    let shape = match &mask {
+        Some(m) => {
+            let dims = batch_dims(m)?;
+            m.per_row(&dims)?.expect(&[Kind::Byte])?;
+            RowShape::new(dims[0], dims[1])
+        }
+        None => RowShape::new(rows, cols),
+    };
+    let place = check_together(&[Some(&scores), mask.as_ref()], &[Some(&shaped)])?;
+    match place {
+        Place::Cpu => {
+            // SAFETY: dtypes and shapes checked here and by the op; `shaped` overlaps no other
+            // tensor.
+            let (sc, m, out) =
+                unsafe { (scores.elems::<f32>(), mask.as_ref().map(|m| m.bytes()), shaped.elems_mut()) };
+            let inputs = OverlongInputs { mask: m, ..OverlongInputs::new(shape, sc) };
+            py.detach(move || cpu::overlong_shaping(&inputs, out, &opts)).map_err(err)
+        }
+        Place::Cuda(ordinal) => {
+            cuda::overlong_shaping(ordinal, stream, status, shape, &scores, mask.as_ref(), &shaped, &opts)
         }
     }
 }

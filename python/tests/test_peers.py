@@ -22,6 +22,7 @@ from rlhf_kernels.torch import (
     check_status,
     group_advantages,
     kl_stats,
+    overlong_shaping,
     policy_loss,
     policy_loss_from_logits,
     policy_stats,
@@ -247,3 +248,27 @@ def test_dr_grpo_matches_trl(device):
     expected.backward()
     close(loss, expected)
     close(grad, x.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlong_shaping_matches_verl_dapo(device):
+    """verl's DAPO reward manager (``verl/workers/reward_manager/dapo.py`` at b178a3c):
+    ``expected_len = max_resp_len − overlong_buffer.len``, ``exceed_len = valid_response_length −
+    expected_len``, ``reward += min(−exceed_len / overlong_buffer.len · penalty_factor, 0)``."""
+    b, t, max_resp_len, buffer, factor = 6, 40, 40, 16, 0.7
+    lengths = torch.tensor([0, 10, 24, 25, 33, 40])
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).to(device)
+    scores = torch.tensor([1.0, -1.0, 0.5, 0.0, 1.0, 1.0]).to(device)
+    shaped = overlong_shaping(scores, mask, max_len=max_resp_len, buffer_len=buffer, penalty=factor)
+    check_status()
+    expected_len = max_resp_len - buffer
+    exceed_len = lengths.double() - expected_len
+    overlong_reward = torch.clamp(-exceed_len / buffer * factor, max=0.0)
+    close(shaped, scores.double().cpu() + overlong_reward)
+    # Without a mask every response has response_len tokens.
+    flat = overlong_shaping(scores, max_len=max_resp_len, buffer_len=buffer, response_len=32)
+    close(flat, scores.double().cpu() - 8 / 16 * 1.0)
+    with pytest.raises(ValueError, match="buffer_len"):
+        overlong_shaping(scores, mask, max_len=8, buffer_len=16)
+    with pytest.raises(ValueError, match="response_len"):
+        overlong_shaping(scores, max_len=40, buffer_len=16)

@@ -1,11 +1,14 @@
-//! GAE and the group advantages on candle tensors (constants: no autograd).
+//! GAE, the group advantages and DAPO's overlong shaping on candle tensors (constants: no
+//! autograd).
 
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, bail};
 
 use super::storage::{cpu_side, flat, guard, per_row, tensor};
 use super::to_candle;
 use crate::cpu::{self};
-use crate::{GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, RowShape};
+use crate::{
+    GaeInputs, GaeOptions, GroupAdvantageOptions, Groups, OverlongInputs, OverlongOptions, RowShape,
+};
 use crate::{GaeOutputs, GroupAdvantageOutputs};
 
 /// The inputs of [`gae`]: `[B, T]` tensors (f32; the mask `u8`) and per-sequence scores
@@ -157,6 +160,44 @@ pub fn group_advantages(
     Ok(GroupAdvantages { per_sequence, per_token })
 }
 
+/// DAPO's overlong shaping ([`OverlongOptions`]): each score (`[B]`, f32) plus the length
+/// penalty of its response, the valid tokens of its row of `response_mask` (`[B, T]`, `u8`).
+/// Returns the shaped `[B]` scores.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use rlhf_kernels::OverlongOptions;
+/// let scores = Tensor::new(&[1.0f32, 1.0], &Device::Cpu)?;
+/// let mask = Tensor::new(&[[1u8, 1, 0, 0], [1, 1, 1, 1]], &Device::Cpu)?;
+/// let shaped = rlhf_kernels::candle::overlong_shaping(&scores, &mask, &OverlongOptions::new(4, 2))?;
+/// assert_eq!(shaped.to_vec1::<f32>()?, [1.0, 0.0]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn overlong_shaping(scores: &Tensor, response_mask: &Tensor, opts: &OverlongOptions) -> Result<Tensor> {
+    let dims = response_mask.dims().to_vec();
+    if dims.len() != 2 {
+        bail!("response mask: shape {dims:?}, expected [B, T]")
+    }
+    let scores = per_row(scores, &dims[..1], scores, &[DType::F32], "scores")?;
+    let mask = per_row(response_mask, &dims, &scores, &[DType::U8], "mask")?;
+    let shape = RowShape::new(dims[0], dims[1]);
+    let (sg, sl) = scores.storage_and_layout();
+    let mask_guard = guard(Some(&mask));
+    match &*sg {
+        Storage::Cpu(s) => {
+            let scores = flat::<f32>(s, sl, shape.rows, "scores")?;
+            let mask = cpu_side::<u8>(&mask_guard, shape.len(), "mask")?;
+            let mut shaped = vec![0f32; shape.rows];
+            let inputs = OverlongInputs { mask, ..OverlongInputs::new(shape, scores) };
+            cpu::overlong_shaping(&inputs, &mut shaped, opts).map_err(to_candle)?;
+            Ok(tensor(Storage::Cpu(CpuStorage::F32(shaped)), shape.rows))
+        }
+        #[cfg(feature = "candle-cuda")]
+        Storage::Cuda(s) => gpu::overlong_shaping((s, sl), &mask_guard, shape, opts),
+        _ => bail!("overlong_shaping: unsupported device"),
+    }
+}
+
 #[cfg(feature = "candle-cuda")]
 mod gpu {
     use candle_core::cuda_backend::CudaStorage;
@@ -166,9 +207,28 @@ mod gpu {
     use super::super::to_candle;
     use crate::cuda::{self, DeviceGroups};
     use crate::{
-        GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs, Groups, RowShape,
-        TokenOutput,
+        GaeInputs, GaeOptions, GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs, Groups,
+        OverlongInputs, OverlongOptions, RowShape, TokenOutput,
     };
+
+    pub(super) fn overlong_shaping(
+        (scores, sl): (&CudaStorage, &Layout),
+        mask: &super::super::storage::Guard<'_>,
+        shape: RowShape,
+        opts: &OverlongOptions,
+    ) -> Result<Tensor> {
+        let (_, mut ctx) = stream_of(scores)?;
+        let Some((m, ml)) = cuda_side(mask, "mask")? else { bail!("overlong_shaping: missing mask") };
+        let dev = &scores.device;
+        let mut shaped = dev.alloc_zeros::<f32>(shape.rows)?;
+        let inputs = OverlongInputs {
+            mask: Some(flat_view::<u8>(m, ml, shape.len(), "mask")?),
+            ..OverlongInputs::new(shape, flat_view::<f32>(scores, sl, shape.rows, "scores")?)
+        };
+        cuda::overlong_shaping(&mut ctx, &inputs, &mut shaped, opts).map_err(to_candle)?;
+        check(ctx)?;
+        Ok(tensor(Storage::Cuda(CudaStorage::wrap_cuda_slice(shaped, dev.clone())), shape.rows))
+    }
 
     /// `guards`: rewards, kl, values, mask, scores.
     pub(super) fn gae(

@@ -10,7 +10,7 @@
 //! | [`sampled_kl`] | `logp` (the reference is a constant) | the scalar KL loss, per-token values, statistics |
 //! | [`value_loss`] | the values | the scalar loss, plus the statistics |
 //! | [`aggregate`] | the values | the aggregated scalar |
-//! | [`kl_rewards`], [`whiten`], [`masked_moments`] | — (rewards and advantages are constants) | shaped rewards, whitened values, moments |
+//! | [`kl_rewards`], [`overlong_shaping`], [`whiten`], [`masked_moments`] | — (rewards and advantages are constants) | shaped rewards and scores, whitened values, moments |
 //! | [`gae`], [`group_advantages`] | — (advantages are constants) | advantages (and returns) |
 //!
 //! The differentiable ops are candle custom ops ([`CustomOp1`](candle_core::CustomOp1) /
@@ -51,7 +51,7 @@ mod ppo;
 mod reduce;
 mod storage;
 
-pub use advantages::{GaeAdvantages, GaeTensors, GroupAdvantages, gae, group_advantages};
+pub use advantages::{GaeAdvantages, GaeTensors, GroupAdvantages, gae, group_advantages, overlong_shaping};
 pub use fused::{FusedPolicyLoss, FusedTensors, policy_loss_from_logits};
 pub use kl::exact_kl;
 pub use logprobs::{TokenLogprobs, token_logprobs};

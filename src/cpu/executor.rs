@@ -7,10 +7,10 @@ use crate::{
     Aggregated, Aggregation, BatchCounts, Element, Error, ExactKlGrads, ExactKlOptions, ExactKlOutputs,
     ExactKlPartial, Executor, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions,
     GaeOutputs, GroupAdvantageOptions, GroupAdvantageOutputs, Groups, Host, KlRewardsInputs,
-    KlRewardsOptions, LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions,
-    PolicyLossOutputs, ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs,
-    TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
-    ValueLossOutputs, VocabPartial, WhitenOptions, cpu,
+    KlRewardsOptions, LogSoftmaxOptions, Moments, Normaliser, OverlongInputs, OverlongOptions,
+    PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs, ReferenceRows, Result, RowShape, SampledKlInputs,
+    SampledKlOptions, SampledKlOutputs, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens,
+    ValueLossInputs, ValueLossOptions, ValueLossOutputs, VocabPartial, WhitenOptions, cpu,
 };
 
 /// The CPU backend as an [`Executor`] (rayon over rows, the calling thread waits for each op).
@@ -278,6 +278,15 @@ impl Executor for CpuExecutor {
         opts: &KlRewardsOptions,
     ) -> Result<()> {
         cpu::kl_rewards(inputs, rewards, opts)
+    }
+
+    fn overlong_shaping(
+        &mut self,
+        inputs: &OverlongInputs<'_>,
+        shaped: &mut [f32],
+        opts: &OverlongOptions,
+    ) -> Result<()> {
+        cpu::overlong_shaping(inputs, shaped, opts)
     }
 
     fn gae(&mut self, inputs: &GaeInputs<'_>, out: GaeOutputs<'_>, opts: &GaeOptions) -> Result<()> {

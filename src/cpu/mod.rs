@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::RowShape;
 
-pub use advantages::{gae, group_advantages, masked_moments, whiten};
+pub use advantages::{gae, group_advantages, masked_moments, overlong_shaping, whiten};
 pub use executor::CpuExecutor;
 pub use kl::{
     exact_kl, exact_kl_backward, exact_kl_backward_in_place, exact_kl_shard_partials,

@@ -14,10 +14,10 @@ use crate::{
     Aggregated, Aggregation, Cuda, Element, ExactKlGrads, ExactKlOptions, ExactKlOutputs, ExactKlPartial,
     Executor, FusedPolicyInputs, FusedPolicyOptions, FusedPolicyStats, GaeInputs, GaeOptions, GaeOutputs,
     GroupAdvantageOptions, GroupAdvantageOutputs, Groups, KlRewardsInputs, KlRewardsOptions,
-    LogSoftmaxOptions, Moments, Normaliser, PolicyLossInputs, PolicyLossOptions, PolicyLossOutputs,
-    ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions, SampledKlOutputs, TargetIndex,
-    TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs, ValueLossOptions,
-    ValueLossOutputs, VocabPartial, WhitenOptions,
+    LogSoftmaxOptions, Moments, Normaliser, OverlongInputs, OverlongOptions, PolicyLossInputs,
+    PolicyLossOptions, PolicyLossOutputs, ReferenceRows, Result, RowShape, SampledKlInputs, SampledKlOptions,
+    SampledKlOutputs, TargetIndex, TokenGrads, TokenLogprobsOptions, TokenOutputs, Tokens, ValueLossInputs,
+    ValueLossOptions, ValueLossOutputs, VocabPartial, WhitenOptions,
 };
 
 /// The CUDA backend as an [`Executor`]: every op is enqueued on the device's stream and
@@ -314,6 +314,15 @@ impl Executor for CudaExecutor {
         opts: &KlRewardsOptions,
     ) -> Result<()> {
         cuda::kl_rewards(&mut self.ctx, inputs, rewards, opts)
+    }
+
+    fn overlong_shaping(
+        &mut self,
+        inputs: &OverlongInputs<'_, Cuda>,
+        shaped: CudaViewMut<'_, f32>,
+        opts: &OverlongOptions,
+    ) -> Result<()> {
+        cuda::overlong_shaping(&mut self.ctx, inputs, shaped, opts)
     }
 
     fn gae(

@@ -28,7 +28,8 @@ mod status;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
 
 pub use advantages::{
-    DeviceGroups, gae, gae_workspace_bytes, group_advantages, masked_moments, moments_workspace_bytes, whiten,
+    DeviceGroups, gae, gae_workspace_bytes, group_advantages, masked_moments, moments_workspace_bytes,
+    overlong_shaping, whiten,
 };
 pub use aggregation::{aggregate, aggregate_workspace_bytes};
 pub(crate) use context::RawStream;

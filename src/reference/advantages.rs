@@ -5,7 +5,7 @@ use crate::advantages::non_finite;
 use crate::error::Op;
 use crate::{
     GaeInputs, GaeOptions, GroupAdvantageOptions, GroupEstimator, GroupStd, Groups, MaskedSteps, Moments,
-    Result, RowShape, WhitenOptions,
+    OverlongInputs, OverlongOptions, Result, RowShape, WhitenOptions,
 };
 
 /// GAE advantages and returns in f64, dense `[B·T]` (0 at masked positions).
@@ -122,6 +122,41 @@ pub fn group_advantages(scores: &[f32], groups: &Groups, opts: &GroupAdvantageOp
     }
     if let Some(i) = out.iter().position(|&a| !(a as f32).is_finite()) {
         return Err(Op::GroupAdvantages.invalid_row(i, crate::RowProblem::Overflow));
+    }
+    Ok(out)
+}
+
+/// DAPO's overlong shaping in f64: each score plus
+/// `−penalty·clamp((L − (L_max − L_buf))/L_buf, 0, 1)` for a response of `L` valid tokens (the
+/// piecewise form of [`OverlongOptions`] as one clamp).
+///
+/// Errors: shape and option errors; [`RowProblem::NonFinite`](crate::RowProblem::NonFinite)
+/// for the lowest sequence with a non-finite score, [`RowProblem::Overflow`](crate::RowProblem::Overflow)
+/// for the lowest one whose shaped score is beyond f32.
+///
+/// ```
+/// use rlhf_kernels::{reference, OverlongInputs, OverlongOptions, RowShape};
+/// let inputs = OverlongInputs::new(RowShape::new(2, 4), &[1.0, 1.0]).mask(&[1, 1, 0, 0, 1, 1, 1, 1]);
+/// let shaped = reference::overlong_shaping(&inputs, &OverlongOptions::new(4, 2))?;
+/// assert_eq!(shaped, [1.0, 0.0]); // 2 tokens: inside the limit; 4: the full penalty
+/// # Ok::<(), rlhf_kernels::Error>(())
+/// ```
+pub fn overlong_shaping(inputs: &OverlongInputs<'_>, opts: &OverlongOptions) -> Result<Vec<f64>> {
+    inputs.validate(inputs.shape.rows, opts)?;
+    let (shape, mask) = (inputs.shape, inputs.mask);
+    let (max_len, band) = (opts.max_len as f64, opts.buffer_len as f64);
+    let mut out = Vec::with_capacity(shape.rows);
+    for i in 0..shape.rows {
+        let len = shape.row_range(i).filter(|&t| mask.is_none_or(|m| m[t] != 0)).count() as f64;
+        let s = inputs.scores[i] as f64;
+        if !s.is_finite() {
+            return Err(non_finite(Op::Overlong, i));
+        }
+        let shaped = s - opts.penalty as f64 * ((len - (max_len - band)) / band).clamp(0.0, 1.0);
+        if !(shaped as f32).is_finite() {
+            return Err(Op::Overlong.invalid_row(i, crate::RowProblem::Overflow));
+        }
+        out.push(shaped);
     }
     Ok(out)
 }

@@ -10,7 +10,7 @@ mod kl;
 mod logprobs;
 mod ppo;
 
-pub use advantages::{Gae, gae, group_advantages, masked_moments, whiten};
+pub use advantages::{Gae, gae, group_advantages, masked_moments, overlong_shaping, whiten};
 pub(crate) use kl::check_pair;
 pub use kl::{ExactKl, SampledKl, exact_kl, exact_kl_backward, kl_rewards, sampled_kl};
 pub use logprobs::{

@@ -3,8 +3,9 @@
 
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
-    Error, GaeInputs, GaeOptions, GroupAdvantageOptions, GroupStd, Groups, MaskedSteps, Moments, Result,
-    RowProblem, RowShape, SingletonGroups, WhitenOptions, gae_error_bound_factor, gae_error_scale, reference,
+    Error, GaeInputs, GaeOptions, GroupAdvantageOptions, GroupStd, Groups, MaskedSteps, Moments,
+    OverlongInputs, OverlongOptions, Result, RowProblem, RowShape, SingletonGroups, WhitenOptions,
+    gae_error_bound_factor, gae_error_scale, reference,
 };
 
 /// Marks the elements between `cols` and the row stride: a backend must leave them alone.
@@ -116,6 +117,8 @@ pub trait AdvantagesBackend {
         mask: Option<&[u8]>,
         opts: &WhitenOptions,
     ) -> Result<(Vec<f32>, Moments)>;
+    /// The overlong-shaped scores.
+    fn overlong(&self, inputs: &OverlongInputs<'_>, opts: &OverlongOptions) -> Result<Vec<f32>>;
 }
 
 /// A buffer for outputs of `shape`, with the stride gaps marked.
@@ -460,4 +463,56 @@ pub fn moments_and_whitening(b: &impl AdvantagesBackend) {
     assert!(matches!(b.moments(&[], RowShape::new(0, 2), None), Err(Error::EmptyInput { .. })));
     let bad = WhitenOptions::default().eps(-1.0);
     assert!(matches!(b.whiten(&[1.0; 4], RowShape::new(2, 2), None, &bad), Err(Error::InvalidOption { .. })));
+}
+
+/// DAPO's overlong shaping: by hand at the band's edges (verl's `dapo.py` values: 0 up to
+/// `L_max − L_buf`, `−(L − (L_max − L_buf))/L_buf·factor` inside, the full penalty at `L_max`),
+/// random ragged batches with a row stride against the reference (bitwise: one f64 penalty
+/// rounded once, one f32 addition), and the errors.
+pub fn overlong(b: &impl AdvantagesBackend) {
+    // Lengths 0, 12, 13, 16, 20 with L_max = 20, L_buf = 8, penalty 0.5: 0, 0, −1/16, −1/4, −1/2.
+    let (cols, lengths) = (24, [0usize, 12, 13, 16, 20, 24]);
+    let shape = RowShape::new(lengths.len(), cols);
+    let mask: Vec<u8> = lengths.iter().flat_map(|&l| (0..cols).map(move |t| u8::from(t < l))).collect();
+    let scores = [1.0f32, 1.0, 0.0, 2.0, -1.0, 0.5];
+    let opts = OverlongOptions::new(20, 8).penalty(0.5);
+    let got = b.overlong(&OverlongInputs::new(shape, &scores).mask(&mask), &opts).unwrap();
+    assert_eq!(got, [1.0, 1.0, -0.0625, 1.75, -1.5, 0.0], "beyond L_max: the full penalty");
+    // Without a mask every response is T long.
+    let all = b.overlong(&OverlongInputs::new(RowShape::new(2, 18), &[0.0, 1.0]), &opts).unwrap();
+    assert_eq!(all, [-0.375, 0.625]);
+    let mut rng = Rng::new(5);
+    for (k, shape) in
+        [RowShape::new(1, 1), RowShape::new(37, 300).with_row_stride(301), RowShape::new(5, 4096)]
+            .into_iter()
+            .enumerate()
+    {
+        let mask: Vec<u8> = (0..shape.min_len()).map(|_| u8::from(rng.uniform() < 0.9)).collect();
+        let scores = rng.normals(shape.rows, 1.0);
+        let opts = OverlongOptions::new(shape.cols, 1 + shape.cols / (2 + k)).penalty(1.0 + k as f32);
+        let inputs = OverlongInputs::new(shape, &scores).mask(&mask);
+        let want = reference::overlong_shaping(&inputs, &opts).unwrap();
+        let got = b.overlong(&inputs, &opts).unwrap();
+        assert_close(&got, &want, f32_tol(2.0), &format!("{shape:?}"));
+    }
+    // Errors: options, shapes, a non-finite score, an overflow.
+    let one = RowShape::new(1, 4);
+    let bad = |inputs: &OverlongInputs<'_>, opts: &OverlongOptions| b.overlong(inputs, opts).unwrap_err();
+    let ok_inputs = OverlongInputs::new(one, &[1.0]);
+    for opts in
+        [OverlongOptions::new(4, 0), OverlongOptions::new(4, 5), OverlongOptions::new(4, 2).penalty(-1.0)]
+    {
+        assert!(matches!(bad(&ok_inputs, &opts), Error::InvalidOption { .. }), "{opts:?}");
+    }
+    let opts = OverlongOptions::new(4, 2);
+    assert!(matches!(bad(&OverlongInputs::new(one, &[1.0, 2.0]), &opts), Error::ShapeMismatch { .. }));
+    assert!(matches!(
+        bad(&OverlongInputs::new(one, &[1.0]).mask(&[1, 1]), &opts),
+        Error::ShapeMismatch { .. }
+    ));
+    let two = RowShape::new(2, 4);
+    let nan = bad(&OverlongInputs::new(two, &[1.0, f32::NAN]), &opts);
+    assert_eq!(nan, Error::InvalidRow { op: "overlong_shaping", row: 1, problem: RowProblem::NonFinite });
+    let over = bad(&OverlongInputs::new(two, &[-3.4e38, -3.4e38]), &OverlongOptions::new(4, 2).penalty(1e38));
+    assert_eq!(over, Error::InvalidRow { op: "overlong_shaping", row: 0, problem: RowProblem::Overflow });
 }

@@ -173,6 +173,12 @@ impl ExactBackend for Cpu {
 }
 
 impl AdvantagesBackend for Cpu {
+    fn overlong(&self, inputs: &OverlongInputs<'_>, opts: &OverlongOptions) -> Result<Vec<f32>> {
+        let mut shaped = vec![f32::NAN; inputs.scores.len()];
+        cpu::overlong_shaping(inputs, &mut shaped, opts)?;
+        Ok(shaped)
+    }
+
     fn gae(&self, c: &GaeCase, opts: &GaeOptions) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut a, mut r) = (out_buffer(c.shape), out_buffer(c.shape));
         cpu::gae(&c.inputs(), GaeOutputs::default().advantages(&mut a).returns(&mut r), opts)?;

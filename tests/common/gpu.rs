@@ -191,6 +191,19 @@ impl SampledBackend for Gpu {
 }
 
 impl AdvantagesBackend for Gpu {
+    fn overlong(&self, inputs: &OverlongInputs<'_>, opts: &OverlongOptions) -> Result<Vec<f32>> {
+        let s = &self.0;
+        let (scores, n) = self.up(inputs.scores);
+        let mask = inputs.mask.map(|m| self.up(m));
+        let mut shaped = s.clone_htod(&vec![f32::NAN; n.max(1)]).unwrap();
+        let mut ctx = LaunchContext::new(s)?;
+        let mask_view = mask.as_ref().map(|(m, k)| m.slice(0..*k));
+        let device = OverlongInputs { shape: inputs.shape, scores: scores.slice(0..n), mask: mask_view };
+        cuda::overlong_shaping(&mut ctx, &device, shaped.slice_mut(0..n), opts)?;
+        ctx.check()?;
+        Ok(s.clone_dtoh(&shaped).unwrap()[..n].to_vec())
+    }
+
     fn gae(&self, c: &GaeCase, opts: &GaeOptions) -> Result<(Vec<f32>, Vec<f32>)> {
         let s = &self.0;
         let up = |v: &Option<Vec<f32>>| v.as_ref().map(|v| self.up(v));

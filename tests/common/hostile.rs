@@ -12,8 +12,9 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rlhf_kernels::{
     Aggregation, Error, ExactDivergence, ExactKlOptions, ExactKlStatistic, GaeOptions, GroupAdvantageOptions,
     GroupStd, Groups, KlEstimator, KlRewardsInputs, KlRewardsOptions, LogSoftmaxOptions, MaskedSteps,
-    Normaliser, PolicyLossOptions, PolicyObjective, Result, RowProblem, RowShape, SampledKlOptions,
-    SingletonGroups, TokenGrads, TokenLogprobsOptions, ValueLossOptions, WhitenOptions,
+    Normaliser, OverlongInputs, OverlongOptions, PolicyLossOptions, PolicyObjective, Result, RowProblem,
+    RowShape, SampledKlOptions, SingletonGroups, TokenGrads, TokenLogprobsOptions, ValueLossOptions,
+    WhitenOptions,
 };
 
 use super::advantages::{AdvantagesBackend, GaeCase};
@@ -315,6 +316,13 @@ pub fn advantages_family(be: &impl Backend, cases: u32) {
         let gopts = group_options(b);
         if let Some((a, _)) = ok(be.group(&b.scores, &groups, &gopts, None)) {
             check("group_advantages", f32s(&a), Allow::Finite)?;
+        }
+        // DAPO's overlong shaping with a wild penalty and band (0 or past max_len: errors).
+        let band = (b.pick[6] as usize) % (s.cols + 2);
+        let oopts = OverlongOptions::new(s.cols, band).penalty(b.scalars[5]);
+        let oinputs = OverlongInputs::new(s, &b.scores).mask(&b.mask[..n]);
+        if let Some(shaped) = ok(be.overlong(&oinputs, &oopts)) {
+            check("overlong_shaping", f32s(&shaped), Allow::Finite)?;
         }
 
         let mask = Some(&b.mask[..n]);

@@ -1,5 +1,5 @@
 //! The advantages family on the GPU (kernels/advantages.cu): GAE as a parallel scan, the group
-//! estimators, masked moments and whitening. Nothing synchronises the host; input problems go
+//! estimators, masked moments and whitening, DAPO's overlong shaping of the scores. Nothing synchronises the host; input problems go
 //! to the caller's [`LaunchContext`].
 //!
 //! GAE picks its launch by the sequence length alone (so a row's result never depends on the
@@ -12,8 +12,10 @@
 mod gae;
 mod groups;
 mod moments;
+mod overlong;
 pub mod raw;
 
 pub use gae::{gae, gae_workspace_bytes};
 pub use groups::{DeviceGroups, group_advantages};
 pub use moments::{masked_moments, moments_workspace_bytes, whiten};
+pub use overlong::overlong_shaping;

@@ -1,5 +1,5 @@
 //! The raw layer of the advantages family (see [`crate::cuda::raw`]): GAE, the group
-//! estimators, masked moments and whitening on device addresses, enqueued on a stream owned by
+//! estimators, masked moments, whitening and the overlong shaping on device addresses, enqueued on a stream owned by
 //! the caller. Same launches as the safe functions.
 
 pub use super::gae::GaeArgs;
@@ -8,10 +8,31 @@ use super::groups::DeviceGroups;
 pub use super::groups::GroupAdvantageArgs;
 use super::groups::{GroupPtrs, launch_groups};
 use super::moments::{launch_moments, launch_whiten};
+pub use super::overlong::OverlongArgs;
+use super::overlong::launch_overlong;
 use crate::cuda::aggregation::ReductionArgs;
 use crate::cuda::{RawStream, non_null};
 use crate::logprobs::check_len;
-use crate::{Error, GaeOptions, GroupAdvantageOptions, Groups, Result, RowShape, WhitenOptions};
+use crate::{
+    Error, GaeOptions, GroupAdvantageOptions, Groups, OverlongOptions, Result, RowShape, WhitenOptions,
+};
+
+/// [`cuda::overlong_shaping`](crate::cuda::overlong_shaping) on device addresses, enqueued on
+/// a stream owned by the caller. A non-finite score or an overflowed result is reported in the
+/// status word.
+///
+/// # Safety
+/// - `stream.stream` is a live stream of device `stream.ordinal`'s primary context (or null);
+/// - `scores` and `shaped` hold `args.shape.rows` f32 and a non-zero `mask` covers `args.shape`,
+///   all device memory of that context; `shaped` overlaps nothing else;
+/// - every buffer stays allocated, and untouched by other streams, until the kernel ran.
+pub unsafe fn overlong_shaping(stream: RawStream, args: &OverlongArgs, opts: &OverlongOptions) -> Result<()> {
+    non_null(&[("scores", args.scores), ("shaped", args.shaped), ("status", args.status)])?;
+    // SAFETY: the caller guarantees the stream belongs to the ordinal's primary context.
+    let stream = unsafe { stream.borrow() }?;
+    // SAFETY: the caller guarantees every buffer (see # Safety).
+    unsafe { launch_overlong(&stream, args, opts) }
+}
 
 /// [`cuda::gae`](crate::cuda::gae) on device addresses, enqueued on a stream owned by the
 /// caller. Sequences with non-finite advantages are reported in the status word (decode it with

@@ -177,12 +177,32 @@ __device__ __forceinline__ PairPartial chunk_pair(const P* xp, const Q* xq, long
   return block_merge_pair(t, cc, scratch);
 }
 
+// log m = log(β·p + (1 − β)·q) from log p, log q, log β and log(1 − β), in log space (max +
+// ln(1 + e^{min − max})): finite wherever p or q > 0 (NaN when both are 0, where the JSD's terms
+// are skipped). src/cpu/kl/exact.rs `log_mix`.
+__device__ __forceinline__ float log_mix(float lp, float lq, float log_b, float log_1b) {
+  const float ma = __fadd_rn(lp, log_b), mb = __fadd_rn(lq, log_1b);
+  const float hi = fmaxf(ma, mb), lo = fminf(ma, mb);
+  return __fadd_rn(hi, logf(__fadd_rn(1.0f, exp2f(__fmul_rn(__fsub_rn(lo, hi), LOG2E)))));
+}
+// A log-probability recomputed as z − lse is ≤ 0 up to rounding, which at |z| ~ 1e11 (a tiny
+// temperature) is thousands: capped at 0 so that p ≤ 1 (NaN stays NaN). src/cpu/kl/exact.rs.
+__device__ __forceinline__ float non_positive(float lp) { return lp > 0.0f ? 0.0f : lp; }
+
+// (log β, log(1 − β)), once per block.
+__device__ __forceinline__ float2 mix_weights(float beta) {
+  const double b = static_cast<double>(beta);
+  return make_float2(static_cast<float>(log(b)), static_cast<float>(log(1.0 - b)));
+}
+
 // The JSD's second pass over chunk `c`: (Σ p·log(p/m), Σ q·log(q/m)), m = β·p + (1 − β)·q,
-// identical in every thread. `scratch`: 32 floats.
+// identical in every thread, log m in log space (src/cpu/kl/exact.rs `jsd_terms`: β·p underflows
+// for a tiny p or β, and p·log(p/0) would be +inf). `scratch`: 32 floats.
 template <typename P, typename Q>
 __device__ __forceinline__ float2 chunk_jsd(const P* xp, const Q* xq, long long c, int cols, bool vp, bool vq, float inv_tau,
                                             float lse_p, float lse_q, float beta, float* scratch) {
   float tp = 0.0f, tq = 0.0f;
+  const float2 w = mix_weights(beta);
 #pragma unroll
   for (int j = 0; j < EXACT_SLOTS; ++j) {
     float a[8], b[8];
@@ -190,9 +210,9 @@ __device__ __forceinline__ float2 chunk_jsd(const P* xp, const Q* xq, long long 
     load8(xq, slot_of(c, j), cols, vq, neg_inf(), b);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const float lp = fmaf(a[i], inv_tau, -lse_p), lq = fmaf(b[i], inv_tau, -lse_q);
+      const float lp = non_positive(fmaf(a[i], inv_tau, -lse_p)), lq = non_positive(fmaf(b[i], inv_tau, -lse_q));
       const float p = exp2f(__fmul_rn(lp, LOG2E)), q = exp2f(__fmul_rn(lq, LOG2E));
-      const float lm = logf(fmaf(beta, p, __fmul_rn(__fsub_rn(1.0f, beta), q)));
+      const float lm = log_mix(lp, lq, w.x, w.y);
       tp = __fadd_rn(tp, p > 0.0f ? __fmul_rn(p, __fsub_rn(lp, lm)) : 0.0f);
       tq = __fadd_rn(tq, q > 0.0f ? __fmul_rn(q, __fsub_rn(lq, lm)) : 0.0f);
     }
@@ -433,6 +453,7 @@ __device__ void exact_backward(const P* policy, long long ldp, const Q* __restri
     if (problem != 0 && c == 0 && threadIdx.x == 0) report(status, row, OP_EXACT_KL_BACKWARD, problem);
   }
   const float scale = __fmul_rn(gr, inv_tau);
+  const float2 w = divergence == JSD ? mix_weights(beta) : make_float2(0.0f, 0.0f);
   const P* xp = policy + row * ldp;
   const Q* xq = reference + row * ldq;
   P* dx = grad + row * ldp;
@@ -453,7 +474,7 @@ __device__ void exact_backward(const P* policy, long long ldp, const Q* __restri
       } else if (problem != 0) {
         r[i] = quiet_nan();
       } else {
-        const float lp = fmaf(a[i], inv_tau, -lse_p), lq = fmaf(b[i], inv_tau, -lse_q);
+        const float lp = non_positive(fmaf(a[i], inv_tau, -lse_p)), lq = non_positive(fmaf(b[i], inv_tau, -lse_q));
         const float p = exp2f(__fmul_rn(lp, LOG2E));
         float term;
         if (divergence == POLICY_REF) {
@@ -461,8 +482,7 @@ __device__ void exact_backward(const P* policy, long long ldp, const Q* __restri
         } else if (divergence == REF_POLICY) {
           term = __fsub_rn(p, exp2f(__fmul_rn(lq, LOG2E)));
         } else {
-          const float q = exp2f(__fmul_rn(lq, LOG2E));
-          const float lm = logf(fmaf(beta, p, __fmul_rn(__fsub_rn(1.0f, beta), q)));
+          const float lm = log_mix(lp, lq, w.x, w.y);
           term = p > 0.0f ? __fmul_rn(__fmul_rn(beta, p), __fsub_rn(__fsub_rn(lp, lm), s)) : 0.0f;
         }
         r[i] = __fmul_rn(scale, term);

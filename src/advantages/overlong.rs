@@ -91,9 +91,10 @@ impl OverlongOptions {
         OverlongOptions { penalty, ..self }
     }
 
-    /// `R_len(len)` in f64 (the formula above; the backends round it once to f32).
+    /// `R_len(len)` in f64 (the formula above; the backends round it once to f32). Options the
+    /// ops would refuse (`buffer_len` 0 or past `max_len`) give a meaningless value, not a panic.
     pub fn reward(&self, len: usize) -> f64 {
-        let start = self.max_len - self.buffer_len;
+        let start = self.max_len.saturating_sub(self.buffer_len);
         if len <= start {
             0.0
         } else if len <= self.max_len {

@@ -378,20 +378,45 @@ fn pair_stats_generic<P: Element, Q: Element>(p: &[P], q: &[Q], inv_tau: f32) ->
     }
 }
 
+/// `log m = log(β·p + (1 − β)·q)` from `log p`, `log q` and `[log β, log(1 − β)]`, in log
+/// space (`max + ln(1 + e^{min − max})`): finite wherever `p` or `q` is > 0, however small
+/// (NaN when both are 0, where the JSD's terms are skipped).
+#[inline(always)]
+fn log_mix(lp: f32, lq: f32, [log_b, log_1b]: [f32; 2]) -> f32 {
+    let (a, b) = (lp + log_b, lq + log_1b);
+    let (hi, lo) = (a.max(b), a.min(b));
+    hi + simd::ln(1.0 + simd::exp2((lo - hi) * LOG2E))
+}
+
+/// A log-probability recomputed as `z − lse` is ≤ 0 up to rounding, which at `|z| ~ 1e11` (a
+/// tiny temperature) is thousands: cap it at 0 so that `p ≤ 1` (NaN stays NaN).
+#[inline(always)]
+fn non_positive(lp: f32) -> f32 {
+    if lp > 0.0 { 0.0 } else { lp }
+}
+
+/// `[log β, log(1 − β)]` of the JSD's mixture.
+fn log_weights(beta: f32) -> [f32; 2] {
+    [(beta as f64).ln() as f32, (1.0 - beta as f64).ln() as f32]
+}
+
 dispatch!(pub(super) fn jsd_terms<P: Element, Q: Element>(p: &[P], q: &[Q], saved: Saved) -> [f32; 2] = jsd_terms_generic);
 
-/// The JSD's second pass: `[Σ p·log(p/m), Σ q·log(q/m)]` with `m = β·p + (1 − β)·q`.
+/// The JSD's second pass: `[Σ p·log(p/m), Σ q·log(q/m)]` with `m = β·p + (1 − β)·q`, its log
+/// taken in log space (`log m = logaddexp(log β + log p, log(1 − β) + log q)`): in linear space
+/// `β·p` underflows to 0 for a tiny `p` or `β`, and `p·log(p/0)` would be `+inf`.
 #[inline(always)]
 fn jsd_terms_generic<P: Element, Q: Element>(p: &[P], q: &[Q], s: Saved) -> [f32; 2] {
+    let [log_b, log_1b] = log_weights(s.beta);
     let (mut tp, mut tq) = ([0.0f32; LANES], [0.0f32; LANES]);
     let (mut bp, mut bq) = (Blocks::new(p, f32::NEG_INFINITY), Blocks::new(q, f32::NEG_INFINITY));
     while let (Some(xp), Some(xq)) = (bp.next(), bq.next()) {
         for (vp, vq) in xp.chunks_exact(LANES).zip(xq.chunks_exact(LANES)) {
             for j in 0..LANES {
-                let lp = vp[j].mul_add(s.inv_tau, -s.lse_p);
-                let lq = vq[j].mul_add(s.inv_tau, -s.lse_q);
+                let lp = non_positive(vp[j].mul_add(s.inv_tau, -s.lse_p));
+                let lq = non_positive(vq[j].mul_add(s.inv_tau, -s.lse_q));
                 let (pv, qv) = (simd::exp2(lp * LOG2E), simd::exp2(lq * LOG2E));
-                let lm = simd::ln(s.beta.mul_add(pv, (1.0 - s.beta) * qv));
+                let lm = log_mix(lp, lq, [log_b, log_1b]);
                 tp[j] += if pv > 0.0 { pv * (lp - lm) } else { 0.0 };
                 tq[j] += if qv > 0.0 { qv * (lq - lm) } else { 0.0 };
             }
@@ -409,6 +434,10 @@ dispatch!(fn backward_row<P: Element, Q: Element>(x: Option<&[P]>, y: &[Q], dx: 
 fn backward_row_generic<P: Element, Q: Element>(x: Option<&[P]>, y: &[Q], dx: &mut [P], g: RowGrad) -> bool {
     let (mut zp, mut zq, mut out) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
     let mut fits = true;
+    let jsd_logs = match g.divergence {
+        ExactDivergence::Jsd { beta } => log_weights(beta),
+        _ => [0.0; 2],
+    };
     let mut start = 0;
     while start < dx.len() {
         let n = BLOCK.min(dx.len() - start);
@@ -419,8 +448,8 @@ fn backward_row_generic<P: Element, Q: Element>(x: Option<&[P]>, y: &[Q], dx: &m
         }
         Q::slice_to_f32(&y[range.clone()], &mut zq[..n]);
         for ((o, &a), &b) in out[..n].iter_mut().zip(&zp[..n]).zip(&zq[..n]) {
-            let lp = a.mul_add(g.inv_tau, -g.lse_p);
-            let lq = b.mul_add(g.inv_tau, -g.lse_q);
+            let (lp, lq) =
+                (non_positive(a.mul_add(g.inv_tau, -g.lse_p)), non_positive(b.mul_add(g.inv_tau, -g.lse_q)));
             let pv = simd::exp2(lp * LOG2E);
             let term = match g.divergence {
                 ExactDivergence::PolicyRef => {
@@ -432,7 +461,7 @@ fn backward_row_generic<P: Element, Q: Element>(x: Option<&[P]>, y: &[Q], dx: &m
                 }
                 ExactDivergence::RefPolicy => pv - simd::exp2(lq * LOG2E),
                 ExactDivergence::Jsd { beta } => {
-                    let lm = simd::ln(beta.mul_add(pv, (1.0 - beta) * simd::exp2(lq * LOG2E)));
+                    let lm = log_mix(lp, lq, jsd_logs);
                     if pv > 0.0 { beta * pv * ((lp - lm) - g.saved) } else { 0.0 }
                 }
             };

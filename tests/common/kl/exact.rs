@@ -4,7 +4,7 @@
 use rlhf_kernels::testing::{Rng, Tolerance, assert_close};
 use rlhf_kernels::{
     Aggregated, Aggregation, BatchCounts, DType, Element, Error, ExactDivergence, ExactKlOptions,
-    ExactKlStatistic, Normaliser, Result, RowProblem, RowShape, bf16, f16, reference,
+    ExactKlStatistic, Normaliser, ReferenceRows, Result, RowProblem, RowShape, bf16, f16, reference,
 };
 
 /// The outputs of an exact forward.
@@ -238,6 +238,31 @@ pub fn exact_edge_cases(b: &impl ExactBackend) {
     // KL[π‖ref] stays finite where only the policy bans a token.
     let c = ExactCase { opts: ExactKlOptions::new(ExactDivergence::PolicyRef), ..c };
     assert!(b.forward(&c).unwrap().value[0].is_finite());
+    // The JSD's mixture where β·p underflows in linear space: probabilities of e^-103 (f32
+    // subnormals) on both sides (a hostile batch found `+inf` on the GPU), and a tiny β.
+    let policy = vec![0.0f32, 0.0, -102.18032];
+    let reference = vec![0.0f32, 102.87347, 0.0];
+    let one = RowShape::new(1, 3);
+    for beta in [0.5, 1e-30, 1.0 - 1e-7] {
+        let c = ExactCase {
+            policy: policy.clone(),
+            policy_shape: one,
+            reference: reference.clone(),
+            ref_shape: one,
+            mask: None,
+            opts: ExactKlOptions::new(ExactDivergence::Jsd { beta }),
+        };
+        let rows = ReferenceRows::new(&c.reference[..], one);
+        let want = reference::exact_kl(&c.policy, one, &rows, &c.opts).unwrap().value[0];
+        let f = b.forward(&c).unwrap();
+        assert!(
+            (f.value[0] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "β {beta}: {} vs {want}",
+            f.value[0]
+        );
+        let g = b.backward(&c, &f, &[1.0], false).unwrap();
+        assert!(g.iter().all(|x| x.to_f64().is_finite()), "β {beta}: gradient {g:?}");
+    }
 }
 
 pub fn exact_errors(b: &impl ExactBackend) {

@@ -179,17 +179,18 @@ __device__ __forceinline__ PairPartial chunk_pair(const P* xp, const Q* xq, long
 
 // log m = log(β·p + (1 − β)·q) from log p, log q, log β and log(1 − β), in log space (max +
 // ln(1 + e^{min − max})): finite wherever p or q > 0 (NaN when both are 0, where the JSD's terms
-// are skipped). src/cpu/kl/exact.rs `log_mix`.
+// are skipped, or when either log is NaN). src/cpu/kl/exact.rs `log_mix`.
 __device__ __forceinline__ float log_mix(float lp, float lq, float log_b, float log_1b) {
   const float ma = __fadd_rn(lp, log_b), mb = __fadd_rn(lq, log_1b);
-  const float hi = fmaxf(ma, mb), lo = fminf(ma, mb);
+  const bool a_hi = ma != ma || ma > mb;  // NaN-propagating (fmaxf would return the number)
+  const float hi = a_hi ? ma : mb, lo = a_hi ? mb : ma;
   return __fadd_rn(hi, logf(__fadd_rn(1.0f, exp2f(__fmul_rn(__fsub_rn(lo, hi), LOG2E)))));
 }
 // A log-probability recomputed as z − lse is ≤ 0 up to rounding, which at |z| ~ 1e11 (a tiny
 // temperature) is thousands: capped at 0 so that p ≤ 1 (NaN stays NaN). src/cpu/kl/exact.rs.
 __device__ __forceinline__ float non_positive(float lp) { return lp > 0.0f ? 0.0f : lp; }
 
-// (log β, log(1 − β)), once per block.
+// (log β, log(1 − β)) in f64, rounded once (each call of the JSD's passes computes it).
 __device__ __forceinline__ float2 mix_weights(float beta) {
   const double b = static_cast<double>(beta);
   return make_float2(static_cast<float>(log(b)), static_cast<float>(log(1.0 - b)));

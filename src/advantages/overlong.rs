@@ -4,6 +4,9 @@
 use crate::memory::{Buffer, Host, IntoView, Memory};
 use crate::{Error, Result, RowShape};
 
+/// The longest response the op counts (2^24 tokens: exact in the GPU's f32 count).
+const MAX_RESPONSE: usize = 1 << 24;
+
 /// The inputs of `overlong_shaping`: one outcome score per sequence of a `[B, T]` batch and
 /// the token mask whose valid tokens are each response's length (`T` for every sequence
 /// without a mask). `M` is where the buffers live ([`Host`] by default, `Cuda` for device
@@ -45,6 +48,14 @@ impl<'a, M: Memory> OverlongInputs<'a, M> {
         }
         crate::logprobs::check_len("scores", self.scores.len(), s.rows)?;
         crate::logprobs::check_len("shaped scores", shaped_len, s.rows)?;
+        // The GPU counts a row's valid tokens in f32, exact up to 2^24.
+        if s.cols > MAX_RESPONSE {
+            return Err(Error::InvalidOption {
+                name: "cols",
+                value: s.cols.to_string(),
+                expected: "responses of at most 2^24 tokens",
+            });
+        }
         opts.validate()
     }
 }
@@ -108,6 +119,9 @@ impl OverlongOptions {
         let bad = |name, value: String, expected| Err(Error::InvalidOption { name, value, expected });
         if self.buffer_len == 0 || self.buffer_len > self.max_len {
             return bad("buffer_len", self.buffer_len.to_string(), "1 ≤ buffer_len ≤ max_len");
+        }
+        if self.max_len > i64::MAX as usize {
+            return bad("max_len", self.max_len.to_string(), "max_len ≤ 2^63 − 1");
         }
         if !(self.penalty.is_finite() && self.penalty >= 0.0) {
             return bad("penalty", self.penalty.to_string(), "a finite penalty ≥ 0");

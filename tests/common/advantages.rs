@@ -499,9 +499,12 @@ pub fn overlong(b: &impl AdvantagesBackend) {
     let one = RowShape::new(1, 4);
     let bad = |inputs: &OverlongInputs<'_>, opts: &OverlongOptions| b.overlong(inputs, opts).unwrap_err();
     let ok_inputs = OverlongInputs::new(one, &[1.0]);
-    for opts in
-        [OverlongOptions::new(4, 0), OverlongOptions::new(4, 5), OverlongOptions::new(4, 2).penalty(-1.0)]
-    {
+    for opts in [
+        OverlongOptions::new(4, 0),
+        OverlongOptions::new(4, 5),
+        OverlongOptions::new(4, 2).penalty(-1.0),
+        OverlongOptions::new(usize::MAX, 2),
+    ] {
         assert!(matches!(bad(&ok_inputs, &opts), Error::InvalidOption { .. }), "{opts:?}");
     }
     let opts = OverlongOptions::new(4, 2);

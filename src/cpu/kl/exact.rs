@@ -380,11 +380,12 @@ fn pair_stats_generic<P: Element, Q: Element>(p: &[P], q: &[Q], inv_tau: f32) ->
 
 /// `log m = log(β·p + (1 − β)·q)` from `log p`, `log q` and `[log β, log(1 − β)]`, in log
 /// space (`max + ln(1 + e^{min − max})`): finite wherever `p` or `q` is > 0, however small
-/// (NaN when both are 0, where the JSD's terms are skipped).
+/// (NaN when both are 0, where the JSD's terms are skipped, or when either log is NaN).
 #[inline(always)]
 fn log_mix(lp: f32, lq: f32, [log_b, log_1b]: [f32; 2]) -> f32 {
     let (a, b) = (lp + log_b, lq + log_1b);
-    let (hi, lo) = (a.max(b), a.min(b));
+    // NaN-propagating max (f32::max would return the number).
+    let (hi, lo) = if a.is_nan() || a > b { (a, b) } else { (b, a) };
     hi + simd::ln(1.0 + simd::exp2((lo - hi) * LOG2E))
 }
 
